@@ -1,0 +1,45 @@
+// Small helpers shared by the CPU and CUDA implementations of every op.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+
+namespace hippo {
+
+// All checks raise c10::Error (a RuntimeError in Python) that names the op and argument.
+#define HIPPO_CHECK(cond, op, ...) TORCH_CHECK((cond), op, ": ", __VA_ARGS__)
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name) {
+  HIPPO_CHECK(t.dim() == dim, op, name, " must have ", dim, " dimensions, got shape ", t.sizes());
+}
+
+inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* op, const char* name) {
+  HIPPO_CHECK(t.scalar_type() == dtype, op, name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+// fp32, bf16 or fp16: the dtypes of logits, probabilities and KV caches.
+inline void check_floating(const at::Tensor& t, const char* op, const char* name) {
+  const auto s = t.scalar_type();
+  HIPPO_CHECK(s == at::kFloat || s == at::kBFloat16 || s == at::kHalf, op, name,
+              " must be float32, bfloat16 or float16, got ", s);
+}
+
+inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
+                              const char* name_a, const char* name_b) {
+  HIPPO_CHECK(a.device() == b.device(), op, name_a, " is on ", a.device(), " but ", name_b,
+              " is on ", b.device());
+}
+
+inline void check_contiguous(const at::Tensor& t, const char* op, const char* name) {
+  HIPPO_CHECK(t.is_contiguous(), op, name, " must be contiguous");
+}
+
+inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const char* op,
+                       const char* name) {
+  HIPPO_CHECK(t.size(dim) == expected, op, name, ".size(", dim, ") must be ", expected,
+              ", got shape ", t.sizes());
+}
+
+}  // namespace hippo

@@ -1,0 +1,72 @@
+// Every schema of hippo_ext, in one place. Implementations register themselves per
+// dispatch key from csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu; fakes (meta kernels for
+// torch.compile) are registered from Python in hippo_ext/<family>.py.
+//
+// Conventions shared by all ops:
+//   * outputs have static shapes (a function of input shapes and int arguments only),
+//     so every op can be captured in a CUDA graph;
+//   * no host synchronisation inside an op; index *values* are validated on the CPU
+//     path always and by the Python wrappers on CUDA (opt out with check=False);
+//   * randomness comes in as tensors of uniforms.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing hippo_ext._C loads this library and, with it, the registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(hippo_ext, m) {
+  // ---- token selection (semantic-aware token preservation) -------------------------
+  // queries [layers, Hq, Lq, D]: post-RoPE queries of the last Lq positions of the prompt.
+  // keys    [layers, Hkv, S, D]: post-RoPE cached keys of the whole prompt (GQA: Hq % Hkv == 0);
+  //         strided views of the static cache are accepted (last dim contiguous).
+  // features [T, Hg, Wg, C]: visual features of the grid tokens, in (t, y, x) order.
+  // The visual span is positions [visual_start, visual_start + num_visual) of the prompt;
+  // its first T*Hg*Wg tokens are the grid, the rest (e.g. LLaVA-OV's newline) are always kept.
+  // Returns kept [num_keep + num_visual - T*Hg*Wg] int64 (span-relative, ascending) and the
+  // fused, global, temporal and spatial scores, each [T, Hg, Wg] float32.
+  m.def(
+      "select_visual_tokens(Tensor queries, Tensor keys, Tensor features, int visual_start, "
+      "int num_visual, int num_keep, bool per_frame, float w_global, float w_temporal, "
+      "float w_spatial, float scale) -> (Tensor kept, Tensor fused_score, Tensor global_score, "
+      "Tensor temporal_score, Tensor spatial_score)");
+
+  // ---- verification ----------------------------------------------------------------------
+  // draft_tokens [B, g] int64; target_logits [B, g+1, V] (fp32/bf16/fp16).
+  // Returns num_accepted [B] int64 and next_token [B] int64 (correction or bonus).
+  m.def(
+      "verify_greedy(Tensor draft_tokens, Tensor target_logits) -> (Tensor num_accepted, "
+      "Tensor next_token)");
+  // draft_probs [B, g, V], target_probs [B, g+1, V], uniforms [B, g+1] float32 in [0, 1):
+  // uniforms[:, i] decides the i-th acceptance, uniforms[:, g] draws the emitted token.
+  m.def(
+      "verify_sampling(Tensor draft_tokens, Tensor draft_probs, Tensor target_probs, "
+      "Tensor uniforms) -> (Tensor num_accepted, Tensor next_token)");
+  // tree_tokens [B, N] int64; parents [B, N] int64 with parents[b, i] in [-1, i) (-1: child of
+  // the root, i.e. of the last accepted token); target_logits [B, N+1, V]: row 0 is the target's
+  // prediction at the root, row i+1 the prediction after node i.
+  // Returns num_accepted [B], accepted_nodes [B, N] (root-to-leaf node indices, padded with -1)
+  // and next_token [B].
+  m.def(
+      "verify_tree_greedy(Tensor tree_tokens, Tensor parents, Tensor target_logits) -> "
+      "(Tensor num_accepted, Tensor accepted_nodes, Tensor next_token)");
+
+  // ---- KV compaction -----------------------------------------------------------------------
+  // src [layers, 2, B, Hkv, S, D]; index [B, K] int64 in [0, S); dst [layers, 2, B, Hkv, S2, D]
+  // with S2 >= K: dst[..., b, :, k, :] = src[..., b, :, index[b, k], :] for all layers at once.
+  m.def("kv_gather(Tensor src, Tensor index, Tensor(a!) dst) -> ()");
+  // In place: cache[..., b, :, k, :] = cache[..., b, :, index[b, k], :], index strictly ascending.
+  m.def("kv_compact_(Tensor(a!) cache, Tensor index) -> ()");
+
+  // ---- decode attention ----------------------------------------------------------------------
+  // query [B, Lq, Hq, D]; cache [layers, 2, B, Hkv, S_max, D]; length [B] int32/int64 on the
+  // cache's device: positions [0, length[b]) are valid and the Lq queries are the last Lq of
+  // them. Query i sees [0, length - Lq] + i (causal), or, with tree_mask [Lq, Lq] / [B, Lq, Lq]
+  // bool, the prefix [0, length - Lq) plus block position j where tree_mask[i, j].
+  // Returns [B, Lq, Hq, D] in the query's dtype.
+  m.def(
+      "decode_attention(Tensor query, Tensor cache, int layer, Tensor length, float scale, "
+      "Tensor? tree_mask) -> Tensor");
+}

@@ -1,0 +1,50 @@
+"""hippo_ext: the CUDA/CPU kernels of HIPPO, as torch custom ops (torch.ops.hippo_ext.*).
+
+Each op has one schema (csrc/ops.cpp), a CPU reference and a CUDA kernel, and a fake for
+torch.compile. The functions below are thin typed wrappers; on CUDA they validate index values
+(a host sync) unless called with check=False, which is what code inside CUDA graphs does.
+"""
+from __future__ import annotations
+
+import torch
+
+from hippo_ext import _C  # noqa: F401  (loads the library: registers schemas and kernels)
+from hippo_ext.attention import decode_attention
+from hippo_ext.kv_compaction import kv_compact_, kv_gather
+from hippo_ext.token_selection import SelectedTokens, select_visual_tokens
+from hippo_ext.verification import verify_greedy, verify_sampling, verify_tree_greedy
+
+OP_NAMES = (
+    "select_visual_tokens",
+    "verify_greedy",
+    "verify_sampling",
+    "verify_tree_greedy",
+    "kv_gather",
+    "kv_compact_",
+    "decode_attention",
+)
+
+
+def has_kernel(op_name: str, dispatch_key: str) -> bool:
+    """Whether hippo_ext::op_name has a kernel registered for dispatch_key ("CPU", "CUDA")."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"hippo_ext::{op_name}", dispatch_key)
+
+
+def cuda_kernels_built() -> bool:
+    """True when this build of hippo_ext registered CUDA kernels for every op."""
+    return all(has_kernel(name, "CUDA") for name in OP_NAMES)
+
+
+__all__ = [
+    "OP_NAMES",
+    "SelectedTokens",
+    "cuda_kernels_built",
+    "decode_attention",
+    "has_kernel",
+    "kv_compact_",
+    "kv_gather",
+    "select_visual_tokens",
+    "verify_greedy",
+    "verify_sampling",
+    "verify_tree_greedy",
+]

@@ -1,0 +1,89 @@
+"""Build of hippo_ext (and the pure-Python `hippo` package).
+
+The one description of the build: sources are every csrc/*.cpp, csrc/cpu/*.cpp and, when a
+CUDA torch and nvcc are present, csrc/cuda/*.cu. CMakeLists.txt globs the same folders for
+C++ consumers, so no source list is written twice.
+
+Environment knobs:
+  HIPPO_CPU_ONLY=1          build the CPU kernels only, even with a CUDA torch and nvcc;
+  TORCH_CUDA_ARCH_LIST      CUDA targets (default "8.0;9.0a": sm_80 and Hopper's sm_90a);
+  MAX_JOBS                  parallel compile jobs (ninja).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import site
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+
+# torch finds nvcc through CUDA_HOME; on these machines `nvcc` on PATH is a wrapper script whose
+# parent folder is not the toolkit, so point at the real toolkit when nobody has.
+if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
+    os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+from torch.utils.cpp_extension import (  # noqa: E402  (after CUDA_HOME is settled)
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
+import torch  # noqa: E402
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(str(ROOT / pattern)))
+
+
+def _want_cuda() -> bool:
+    if os.environ.get("HIPPO_CPU_ONLY", "0") == "1":
+        return False
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _pip_cuda_include_dirs() -> list[str]:
+    """Headers (cublas_v2.h, cusparse.h, ...) that torch's CUDA headers include but that a
+    minimal toolkit lacks; the nvidia-* wheels that a CUDA torch pulls in carry them."""
+    roots = site.getsitepackages() + [site.getusersitepackages()]
+    found = []
+    for root in roots:
+        for sub in ("nvidia/cu13/include", "nvidia/cu12/include"):
+            path = os.path.join(root, sub)
+            if os.path.isdir(path):
+                found.append(path)
+    return found
+
+
+def _extension():
+    sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+    cxx_flags = ["-O3"]  # the C++ standard is torch's own choice (C++20 from torch 2.13)
+    include_dirs = [str(ROOT / "csrc")]
+    if not _want_cuda():
+        return CppExtension("hippo_ext._C", sources, include_dirs=include_dirs,
+                            extra_compile_args={"cxx": cxx_flags})
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+    nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo",
+                  "-DHIPPO_WITH_CUDA"]
+    return CUDAExtension(
+        "hippo_ext._C",
+        sources + _sources("csrc/cuda/*.cu"),
+        include_dirs=include_dirs + _pip_cuda_include_dirs(),
+        extra_compile_args={"cxx": cxx_flags + ["-DHIPPO_WITH_CUDA"], "nvcc": nvcc_flags},
+    )
+
+
+setup(
+    name="hippo",
+    version="0.1.0",
+    description="HIPPO: lossless speculative decoding for video LLMs (kernels: hippo_ext)",
+    python_requires=">=3.10",
+    packages=["hippo_ext"],
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension},
+    zip_safe=False,
+)
