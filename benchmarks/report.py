@@ -1,0 +1,35 @@
+"""Turn a pytest-benchmark JSON file into the markdown table kept in benchmarks/RESULTS.md.
+
+    pytest benchmarks --benchmark-only --benchmark-json bench.json
+    python benchmarks/report.py bench.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def rows(report: dict) -> list[str]:
+    lines = ["| benchmark | host median (us) | CUDA-event median (us) | HBM floor (us) | x floor | info |",
+             "|---|---|---|---|---|---|"]
+    skip = {"cuda_event_median_us", "hbm_floor_us", "x_floor"}
+    for bench in report["benchmarks"]:
+        extra = bench.get("extra_info", {})
+        info = ", ".join(f"{k}={v}" for k, v in extra.items() if k not in skip)
+        lines.append(
+            f"| {bench['name']} | {bench['stats']['median'] * 1e6:.1f} "
+            f"| {extra.get('cuda_event_median_us', '-')} | {extra.get('hbm_floor_us', '-')} "
+            f"| {extra.get('x_floor', '-')} | {info} |")
+    return lines
+
+
+def main(path: str) -> None:
+    with open(path) as f:
+        report = json.load(f)
+    machine = report.get("machine_info", {})
+    print(f"<!-- {report.get('datetime', '')} {machine.get('cpu', {}).get('brand_raw', '')} -->")
+    print("\n".join(rows(report)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
