@@ -23,9 +23,11 @@ def _batched(index: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     return index
 
 
-def _checkable(index: torch.Tensor, cache: torch.Tensor) -> bool:
-    """Whether the value checks can run; when not, the op itself reports the bad shape or dtype."""
-    return index.dtype == torch.int64 and index.dim() == 2 and cache.dim() == 6
+def _checkable(index: torch.Tensor, cache: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether the value checks apply: only once the shapes and dtype are right, so that a bad
+    shape is reported by the op itself, with the same message as on the CPU."""
+    return (index.dtype == torch.int64 and index.dim() == 2 and cache.dim() == 6 and out.dim() == 6
+            and index.size(0) == cache.size(2) and index.size(1) <= out.size(4))
 
 
 def kv_gather(src: torch.Tensor, index: torch.Tensor, dst: torch.Tensor, *, check: bool = True) -> torch.Tensor:
@@ -41,7 +43,7 @@ def kv_gather(src: torch.Tensor, index: torch.Tensor, dst: torch.Tensor, *, chec
     The CPU path always checks.
     """
     index = _batched(index, src)
-    if wants_value_check(index, check) and _checkable(index, src):
+    if wants_value_check(index, check) and _checkable(index, src, dst):
         check_index_range(index, src.size(4), "kv_gather", "index")
     torch.ops.hippo_ext.kv_gather(src, index, dst)
     return dst
@@ -60,7 +62,7 @@ def kv_compact_(cache: torch.Tensor, index: torch.Tensor, *, check: bool = True)
     The CPU path always checks.
     """
     index = _batched(index, cache)
-    if wants_value_check(index, check) and _checkable(index, cache):
+    if wants_value_check(index, check) and _checkable(index, cache, cache):
         check_index_range(index, cache.size(4), "kv_compact_", "index")
         check_strictly_ascending(index, "kv_compact_", "index")
     torch.ops.hippo_ext.kv_compact_(cache, index)

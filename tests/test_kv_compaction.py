@@ -98,8 +98,8 @@ def test_gather_unaligned_storage(device, gen):
 
 def overlap_pattern(name: str, positions: int, batch: int, gen: torch.Generator) -> torch.Tensor:
     """[batch, K] strictly ascending index rows of one kind of heavy overlap."""
-    if name == "tail_block":
-        row = torch.arange(positions - positions // 3, positions)
+    if name == "tail_block":  # K = 2/3 S: sources and destinations overlap over 1/3 S
+        row = torch.arange(positions // 3, positions)
         return row.expand(batch, -1).clone()
     if name == "every_other":
         return torch.arange(1, positions, 2).expand(batch, -1).clone()
@@ -318,3 +318,30 @@ def test_unchecked_bad_index_stays_in_bounds(gen):
     expected = src.clone()
     expected[:, :, 1, :, 1] = src[:, :, 1, :, 8]
     assert torch.equal(cache, expected)
+
+
+@pytest.mark.parametrize(
+    "op, index, message",
+    [
+        ("gather", [[0, 2, 9], [1, 3, 5]], r"must lie in \[0, 9\)"),
+        ("compact", [[0, 2, 9], [1, 3, 5]], r"must lie in \[0, 9\)"),
+        ("compact", [[0, 2, 2], [1, 3, 5]], "strictly ascending along its last dimension"),
+        ("compact", [[0, 3, 2], [1, 3, 5]], "strictly ascending along its last dimension"),
+    ],
+)
+def test_wrapper_value_checks(monkeypatch, op, index, message):
+    """The checks the wrappers run for CUDA tensors, exercised on the CPU (where the C++ op would
+    otherwise check first, with different messages)."""
+    import hippo_ext.kv_compaction as module
+
+    monkeypatch.setattr(module, "wants_value_check", lambda index, check: check)
+    cache = torch.randn(cache_shape(2, 2, 2, 9, 8))
+    before = cache.clone()
+    index = torch.tensor(index)
+    with pytest.raises(RuntimeError, match=message):
+        if op == "gather":
+            module.kv_gather(cache, index, torch.zeros(cache_shape(2, 2, 2, 3, 8)))
+        else:
+            module.kv_compact_(cache, index)
+    assert torch.equal(cache, before)
+    module.kv_compact_(cache, torch.tensor([[0, 2, 8], [1, 3, 5]]), check=True)  # valid passes
