@@ -345,3 +345,17 @@ def test_wrapper_value_checks(monkeypatch, op, index, message):
             module.kv_compact_(cache, index)
     assert torch.equal(cache, before)
     module.kv_compact_(cache, torch.tensor([[0, 2, 8], [1, 3, 5]]), check=True)  # valid passes
+
+
+def test_wide_slots(device, gen):
+    """A slot wider than one pass of the CUDA block (8192 fp32 = 2048 vectors of 16 bytes)."""
+    shape = cache_shape(1, 1, 1, 5, 8192)
+    src = random_cache(shape, torch.float32, device, gen)
+    index = torch.tensor([[1, 2, 4]], device=device)
+    dst = torch.full(cache_shape(1, 1, 1, 4, 8192), SENTINEL, device=device)
+    expected = reference_gather(src, index, dst)
+    hippo_ext.kv_gather(src, index, dst)
+    assert torch.equal(dst, expected)
+    expected = reference_compact(src, index)
+    hippo_ext.kv_compact_(src, index)
+    assert torch.equal(src, expected)
