@@ -59,8 +59,10 @@ def random_tree_mask(gen, q_len: int) -> torch.Tensor:
 
 
 def reference(query, cache, layer, length, scale=None, tree_mask=None) -> torch.Tensor:
-    """Float64 softmax attention with the op's visibility rule; rows that see nothing are zero."""
-    query, cache = query.double().cpu(), cache.double().cpu()
+    """Float64 softmax attention with the op's visibility rule; rows that see nothing are zero.
+    Computed on the inputs' device (float64 on a GPU keeps the long CUDA cases quick)."""
+    query, cache = query.double(), cache.double()
+    device = query.device
     batch, q_len, q_heads, head_dim = query.shape
     group = q_heads // cache.size(3)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
@@ -71,12 +73,12 @@ def reference(query, cache, layer, length, scale=None, tree_mask=None) -> torch.
         keys = cache[layer, 0, b, :, :n].repeat_interleave(group, dim=0)  # [Hq, n, D]
         values = cache[layer, 1, b, :, :n].repeat_interleave(group, dim=0)
         scores = query[b].transpose(0, 1) @ keys.transpose(1, 2) * scale  # [Hq, Lq, n]
-        visible = torch.zeros(q_len, n, dtype=torch.bool)
+        visible = torch.zeros(q_len, n, dtype=torch.bool, device=device)
         visible[:, :prefix] = True
         if tree_mask is None:
-            block = torch.ones(q_len, q_len, dtype=torch.bool).tril()
+            block = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
         else:
-            block = tree_mask.cpu() if tree_mask.dim() == 2 else tree_mask[b].cpu()
+            block = (tree_mask if tree_mask.dim() == 2 else tree_mask[b]).to(device)
         visible[:, prefix:] = block
         probs = scores.masked_fill(~visible, -math.inf).softmax(-1).nan_to_num(0.0)
         out[b] = (probs @ values).transpose(0, 1)
