@@ -1,3 +1,62 @@
-"""Placeholder: replaced by the implementation of this op family."""
-def decode_attention(*args, **kwargs):
-    raise NotImplementedError
+"""Decode attention: Lq query tokens against one layer of the static KV cache (flash decoding)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hippo_ext._validation import check_index_range, wants_value_check
+
+__all__ = ["decode_attention"]
+
+
+def decode_attention(
+    query: torch.Tensor,
+    cache: torch.Tensor,
+    layer: int,
+    length: torch.Tensor,
+    *,
+    scale: float | None = None,
+    tree_mask: torch.Tensor | None = None,
+    check: bool = True,
+) -> torch.Tensor:
+    """Attention of the last Lq tokens of each sequence against one layer of the static cache.
+
+    Args:
+        query: [B, Lq, Hq, D] (Lq in 1..64), post-RoPE queries of the newest Lq tokens.
+        cache: [layers, 2, B, Hkv, S_max, D], contiguous; index 0 holds keys, 1 values. The
+            Lq new tokens' keys and values must already be written at positions
+            [length - Lq, length).
+        layer: which layer of the cache to read.
+        length: [B] int32/int64 on the cache's device: positions [0, length[b]) are valid.
+            Read on the device, so one captured CUDA graph serves every length.
+        scale: softmax scale, default 1 / sqrt(D).
+        tree_mask: optional bool [Lq, Lq] or [B, Lq, Lq]. Without it query i sees positions
+            [0, length - Lq + i] (causal); with it, the prefix [0, length - Lq) plus block
+            position length - Lq + j iff tree_mask[..., i, j].
+        check: on CUDA, verify Lq <= length[b] <= S_max first (a host sync); pass False inside
+            CUDA graphs. The kernel clamps lengths whatever their values; a query row that
+            sees no key yields zeros.
+
+    Returns:
+        [B, Lq, Hq, D] in the query's dtype (accumulated in fp32). GQA: Hq % Hkv == 0, query
+        head h uses kv head h // (Hq // Hkv).
+    """
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.size(-1))
+    if wants_value_check(length, check) and _shapes_plausible(query, cache, length):
+        check_index_range(length, cache.size(4) + 1, "decode_attention", "length",
+                          lower=query.size(1))
+    return torch.ops.hippo_ext.decode_attention.default(
+        query, cache, layer, length, float(scale), tree_mask)
+
+
+def _shapes_plausible(query: torch.Tensor, cache: torch.Tensor, length: torch.Tensor) -> bool:
+    """Whether the value check can read its bounds; otherwise the op reports the shape error."""
+    return (query.dim() == 4 and cache.dim() == 6
+            and length.dtype in (torch.int32, torch.int64))
+
+
+@torch.library.register_fake("hippo_ext::decode_attention")
+def _decode_attention_fake(query, cache, layer, length, scale, tree_mask):
+    return query.new_empty(query.shape)

@@ -1,0 +1,676 @@
+// CUDA decode_attention: split-KV flash decoding over one layer of the static cache.
+//
+// Work split. The G * Lq query rows of one kv head (row r = token r / G, q head h * G + r % G)
+// share every key and value they read, so a thread block owns one (batch row, kv head, split of
+// the sequence, group of up to 64 rows) and streams its KV chunk from HBM exactly once for all of
+// them. Each block writes a partial output normalised by its own softmax sum plus the log-sum-exp
+// (base 2) of its scores to a workspace; a second small kernel merges the splits.
+//
+// Graph capture. The number of splits depends on S_max, B * Hkv and the SM count only, never on
+// length values: blocks of splits that start at or beyond length[b] exit at once, and the combine
+// kernel reads only the splits that length[b] reaches. length is clamped to [0, S_max] on the
+// device, so no value can make a kernel read out of bounds.
+//
+// Two split kernels fill the same workspace:
+//   * split_kernel_mma (default): tensor cores (mma.sync m16n8k16, fp32 accumulation) for
+//     S = Q K^T and O += P V, K/V tiles staged in shared memory by a 3-stage cp.async pipeline;
+//   * split_kernel_simple: one warp per query row, plain FMAs; selected with the environment
+//     variable HIPPO_DECODE_ATTENTION_SIMPLE=1 (a cross-check for the fast path).
+// HIPPO_DECODE_ATTENTION_CHUNK=<keys> overrides the split length (tuning; rounded up to 64).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <type_traits>
+
+#include "attention.h"
+
+namespace hippo {
+namespace {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kTileKeys = 64;       // keys per shared-memory stage
+constexpr int kStages = 3;          // cp.async pipeline depth
+constexpr int kRowsPerBlock = 64;   // query rows per block of the MMA kernel: 4 m16 tiles
+constexpr int kSmemPad = 8;         // elements of padding per shared row: conflict-free fragments
+constexpr int kSimpleRowsPerBlock = kWarps;
+constexpr float kNegInf = -__builtin_huge_valf();
+
+struct Params {
+  const void* query;       // [B, Lq, Hq, D], contiguous
+  const void* keys;        // cache[layer, 0]: [B, Hkv, S_max, D]
+  const void* values;      // cache[layer, 1]
+  const void* length;      // [B], int32 or int64
+  const bool* tree_mask;   // [Lq, Lq] or [B, Lq, Lq] contiguous; null: causal
+  float* partial_out;      // [B * Hkv, num_splits, rows, D]: each split's normalised output
+  float* partial_lse;      // [B * Hkv, num_splits, rows]: log2-sum-exp2 of the split's scores
+  void* out;               // [B, Lq, Hq, D]
+  int64_t mask_batch_stride;
+  int batch, q_len, q_heads, kv_heads, group, rows, max_seq;
+  int chunk;               // keys per split, a multiple of kTileKeys
+  int num_splits;
+  float scale_log2;        // softmax scale * log2(e): scores live in the exp2 domain
+  bool length_is_64;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Shared device helpers
+// ---------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ int clamped_length(const Params& p, int b) {
+  const int64_t n = p.length_is_64 ? static_cast<const int64_t*>(p.length)[b]
+                                   : static_cast<const int32_t*>(p.length)[b];
+  return static_cast<int>(n < 0 ? 0 : (n > p.max_seq ? p.max_seq : n));
+}
+
+// Visibility of query row token i as (prefix, block bits): positions < prefix are visible,
+// position prefix + j (0 <= j < Lq) iff bit j. Rows outside [0, rows) see nothing.
+struct RowVisibility {
+  int prefix = 0;
+  uint64_t bits = 0;
+
+  __device__ __forceinline__ bool sees(int pos) const {
+    const int j = pos - prefix;  // pos >= 0 always; pos < length <=> j < Lq (bits above are 0)
+    return j < 0 || (j < 64 && ((bits >> j) & 1));
+  }
+};
+
+__device__ __forceinline__ RowVisibility row_visibility(const Params& p, int b, int length, int r) {
+  RowVisibility v;
+  if (r >= p.rows) return v;
+  const int i = r / p.group;
+  v.prefix = length - p.q_len;
+  if (p.tree_mask == nullptr) {
+    v.bits = causal_block_bits(i);
+  } else {
+    const bool* row = p.tree_mask + b * p.mask_batch_stride + static_cast<int64_t>(i) * p.q_len;
+    for (int j = 0; j < p.q_len; ++j) v.bits |= static_cast<uint64_t>(row[j]) << j;
+  }
+  return v;
+}
+
+// Offset of (batch b, token i, q head of kv head h, row r) in [B, Lq, Hq, D].
+__device__ __forceinline__ int64_t row_offset(const Params& p, int b, int h, int r, int d_size) {
+  const int i = r / p.group;
+  const int head = h * p.group + r % p.group;
+  return ((static_cast<int64_t>(b) * p.q_len + i) * p.q_heads + head) * d_size;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// Base-2 log-sum-exp of a split from its running max and sum (-inf when it saw nothing).
+__device__ __forceinline__ float split_lse(float max_score, float sum) {
+  return sum > 0.f ? max_score + __log2f(sum) : kNegInf;
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(x);
+  else return __half2float(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16(x);
+  else return __float2half(x);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core primitives (sm_80+)
+// ---------------------------------------------------------------------------------------------
+
+// Two floats as a packed pair of T (lo in the low half, as mma operands expect).
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+}
+
+// c += a * b for one m16n8k16 tile: a = 16x16 row-major fragment, b = 16x8 column fragment.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// 16-byte global -> shared copy; with valid == false the 16 bytes are zero-filled (nothing is
+// read), so positions beyond length never bring NaN garbage into P @ V.
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(src_bytes));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split kernel, tensor cores
+// ---------------------------------------------------------------------------------------------
+
+template <int D>
+struct MmaSmem {
+  static constexpr int kStride = D + kSmemPad;  // elements per staged key/value row
+  static constexpr int kStageElems = 2 * kTileKeys * kStride;  // keys then values
+  static constexpr int kStagingBytes = kStages * kStageElems * 2;
+  // Merge area (reuses the staging area after the loop): per warp 16 rows of O, max and sum.
+  static constexpr int kMergeBytes = kWarps * 16 * (D + 2) * 4;
+  static constexpr int kBytes = kStagingBytes > kMergeBytes ? kStagingBytes : kMergeBytes;
+};
+
+// Grid (num_splits, B * Hkv, row groups of 64). Warp w owns m16 tile w % M of the block's rows
+// and key slice w / M of every staged tile (M = 1, 2, 4 row tiles; 4 / M slices), so decode
+// (few rows) still keeps all four warps on the tensor cores. The slices are merged in shared
+// memory at the end.
+template <typename T, int D, int M>
+__global__ void __launch_bounds__(kThreads) split_kernel_mma(const Params p) {
+  static_assert(M == 1 || M == 2 || M == 4, "row tiles per block");
+  constexpr int kSlices = kWarps / M;
+  constexpr int kSliceKeys = kTileKeys / kSlices;  // 16, 32 or 64 keys per warp and tile
+  constexpr int kKeyTiles = kSliceKeys / 8;        // n8 tiles of S per warp
+  constexpr int kDimK = D / 16;                    // k16 steps of Q K^T
+  constexpr int kDimN = D / 8;                     // n8 tiles of O
+  constexpr int kStride = MmaSmem<D>::kStride;
+  constexpr int kChunksPerRow = D * 2 / 16;        // 16-byte pieces per key row
+
+  const int split = blockIdx.x;
+  const int bh = blockIdx.y;
+  const int b = bh / p.kv_heads;
+  const int h = bh % p.kv_heads;
+  const int length = clamped_length(p, b);
+  const int kv_begin = split * p.chunk;
+  if (kv_begin >= length) return;  // the combine kernel never reads this split
+  const int kv_end = min(kv_begin + p.chunk, length);
+  const int num_tiles = (kv_end - kv_begin + kTileKeys - 1) / kTileKeys;
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* staging = reinterpret_cast<T*>(smem_raw);
+
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int tile_row = warp % M;
+  const int slice = warp / M;
+  const int frag_row = lane / 4;  // fragment row (and key / head-dim column) index
+  const int frag_col = lane % 4;  // fragment column pair
+  const int row0 = blockIdx.z * kRowsPerBlock + tile_row * 16 + frag_row;  // and row0 + 8
+
+  const T* keys = static_cast<const T*>(p.keys) + static_cast<int64_t>(bh) * p.max_seq * D;
+  const T* values = static_cast<const T*>(p.values) + static_cast<int64_t>(bh) * p.max_seq * D;
+
+  auto load_tile = [&](int tile) {
+    T* k_smem = staging + (tile % kStages) * MmaSmem<D>::kStageElems;
+    T* v_smem = k_smem + kTileKeys * kStride;
+    const int start = kv_begin + tile * kTileKeys;
+    for (int idx = threadIdx.x; idx < kTileKeys * kChunksPerRow; idx += kThreads) {
+      const int key = idx / kChunksPerRow;
+      const int piece = idx % kChunksPerRow;
+      const bool valid = start + key < kv_end;
+      const int64_t src = static_cast<int64_t>(valid ? start + key : 0) * D + piece * 8;
+      cp_async_16(k_smem + key * kStride + piece * 8, keys + src, valid);
+      cp_async_16(v_smem + key * kStride + piece * 8, values + src, valid);
+    }
+  };
+
+  // Start streaming before the (latency-bound) query and mask reads.
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_tiles) load_tile(s);
+    cp_async_commit();
+  }
+
+  RowVisibility vis[2];
+  uint32_t q_frag[kDimK][4];
+  {
+    const T* q = static_cast<const T*>(p.query);
+    const bool valid[2] = {row0 < p.rows, row0 + 8 < p.rows};
+    const int64_t offset[2] = {valid[0] ? row_offset(p, b, h, row0, D) : 0,
+                               valid[1] ? row_offset(p, b, h, row0 + 8, D) : 0};
+    for (int half = 0; half < 2; ++half) vis[half] = row_visibility(p, b, length, row0 + 8 * half);
+#pragma unroll
+    for (int kd = 0; kd < kDimK; ++kd) {
+      const int d = kd * 16 + 2 * frag_col;
+      auto word = [&](int half, int dd) -> uint32_t {
+        return valid[half] ? *reinterpret_cast<const uint32_t*>(q + offset[half] + dd) : 0u;
+      };
+      q_frag[kd][0] = word(0, d);
+      q_frag[kd][1] = word(1, d);
+      q_frag[kd][2] = word(0, d + 8);
+      q_frag[kd][3] = word(1, d + 8);
+    }
+  }
+
+  float running_max[2] = {kNegInf, kNegInf};
+  float running_sum[2] = {0.f, 0.f};  // this thread's share; summed over the quad at the end
+  float acc[kDimN][4];
+#pragma unroll
+  for (int n = 0; n < kDimN; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+
+  const int slice_key0 = slice * kSliceKeys;
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // tile is visible to all; the stage refilled below is no longer read
+    if (tile + kStages - 1 < num_tiles) load_tile(tile + kStages - 1);
+    cp_async_commit();
+
+    const T* k_smem = staging + (tile % kStages) * MmaSmem<D>::kStageElems;
+    const T* v_smem = k_smem + kTileKeys * kStride;
+
+    // S = Q K^T for this warp's 16 rows x kSliceKeys keys.
+    float score[kKeyTiles][4];
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+      score[n][0] = score[n][1] = score[n][2] = score[n][3] = 0.f;
+      const T* k_row = k_smem + (slice_key0 + n * 8 + frag_row) * kStride + 2 * frag_col;
+#pragma unroll
+      for (int kd = 0; kd < kDimK; ++kd) {
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(k_row + kd * 16);
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(k_row + kd * 16 + 8);
+        mma_16816<T>(score[n], q_frag[kd], b0, b1);
+      }
+    }
+
+    // Mask, scale, and the online softmax update (rows frag_row and frag_row + 8).
+    const int pos0 = kv_begin + tile * kTileKeys + slice_key0 + 2 * frag_col;
+    float tile_max[2] = {kNegInf, kNegInf};
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int half = e / 2;
+        const int pos = pos0 + n * 8 + (e & 1);
+        score[n][e] = vis[half].sees(pos) ? score[n][e] * p.scale_log2 : kNegInf;
+        tile_max[half] = fmaxf(tile_max[half], score[n][e]);
+      }
+    }
+    float shift[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 1));
+      tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 2));
+      const float new_max = fmaxf(running_max[half], tile_max[half]);
+      shift[half] = new_max == kNegInf ? 0.f : new_max;  // nothing seen yet: keep exp2 finite
+      const float rescale = exp2f(running_max[half] - shift[half]);  // 0 when max was -inf
+      running_max[half] = new_max;
+      running_sum[half] *= rescale;
+#pragma unroll
+      for (int n = 0; n < kDimN; ++n) {
+        acc[n][2 * half] *= rescale;
+        acc[n][2 * half + 1] *= rescale;
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        score[n][e] = exp2f(score[n][e] - shift[e / 2]);  // masked: exp2(-inf) = 0
+        running_sum[e / 2] += score[n][e];
+      }
+    }
+
+    // O += P V: the S accumulators of two n8 key tiles are the A fragment of one k16 step.
+    const uint16_t* v_bits = reinterpret_cast<const uint16_t*>(v_smem);
+#pragma unroll
+    for (int kk = 0; kk < kSliceKeys / 16; ++kk) {
+      const uint32_t a[4] = {pack_pair<T>(score[2 * kk][0], score[2 * kk][1]),
+                             pack_pair<T>(score[2 * kk][2], score[2 * kk][3]),
+                             pack_pair<T>(score[2 * kk + 1][0], score[2 * kk + 1][1]),
+                             pack_pair<T>(score[2 * kk + 1][2], score[2 * kk + 1][3])};
+      const uint16_t* v_col = v_bits + (slice_key0 + kk * 16 + 2 * frag_col) * kStride + frag_row;
+#pragma unroll
+      for (int n = 0; n < kDimN; ++n) {
+        const uint16_t* v = v_col + n * 8;
+        const uint32_t b0 = v[0] | (static_cast<uint32_t>(v[kStride]) << 16);
+        const uint32_t b1 = v[8 * kStride] | (static_cast<uint32_t>(v[9 * kStride]) << 16);
+        mma_16816<T>(acc[n], a, b0, b1);
+      }
+    }
+  }
+
+  // Merge the key slices of each row tile through shared memory, then write the split's result.
+  cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the staging area
+  float* merge_acc = reinterpret_cast<float*>(smem_raw);   // [kWarps][16][D]
+  float* merge_max = merge_acc + kWarps * 16 * D;          // [kWarps][16]
+  float* merge_sum = merge_max + kWarps * 16;              // [kWarps][16]
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    float sum = running_sum[half];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const int local_row = frag_row + 8 * half;
+    float* dst = merge_acc + (warp * 16 + local_row) * D + 2 * frag_col;
+#pragma unroll
+    for (int n = 0; n < kDimN; ++n) {
+      dst[n * 8] = acc[n][2 * half];
+      dst[n * 8 + 1] = acc[n][2 * half + 1];
+    }
+    if (frag_col == 0) {
+      merge_max[warp * 16 + local_row] = running_max[half];
+      merge_sum[warp * 16 + local_row] = sum;
+    }
+  }
+  __syncthreads();
+
+  const int64_t split_base = static_cast<int64_t>(bh) * p.num_splits + split;
+  for (int idx = threadIdx.x; idx < M * 16 * D; idx += kThreads) {
+    const int local = idx / D;  // row within the block: tile local / 16, row local % 16
+    const int d = idx % D;
+    const int r = blockIdx.z * kRowsPerBlock + local;
+    if (r >= p.rows) continue;
+    const int t = local / 16;
+    const int rr = local % 16;
+    float max_score = kNegInf;
+#pragma unroll
+    for (int s = 0; s < kSlices; ++s) max_score = fmaxf(max_score, merge_max[(s * M + t) * 16 + rr]);
+    const float shift = max_score == kNegInf ? 0.f : max_score;
+    float sum = 0.f, value = 0.f;
+#pragma unroll
+    for (int s = 0; s < kSlices; ++s) {
+      const int w = s * M + t;
+      const float weight = exp2f(merge_max[w * 16 + rr] - shift);
+      sum += merge_sum[w * 16 + rr] * weight;
+      value += merge_acc[(w * 16 + rr) * D + d] * weight;
+    }
+    const int64_t out_row = split_base * p.rows + r;
+    p.partial_out[out_row * D + d] = sum > 0.f ? value / sum : 0.f;
+    if (d == 0) p.partial_lse[out_row] = split_lse(max_score, sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split kernel, plain FMAs (one warp per query row)
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) split_kernel_simple(const Params p) {
+  constexpr int kPerLane = (D + 31) / 32;
+  const int split = blockIdx.x;
+  const int bh = blockIdx.y;
+  const int r = blockIdx.z * kSimpleRowsPerBlock + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int b = bh / p.kv_heads;
+  const int h = bh % p.kv_heads;
+  const int length = clamped_length(p, b);
+  const int kv_begin = split * p.chunk;
+  if (r >= p.rows || kv_begin >= length) return;
+  const int kv_end = min(kv_begin + p.chunk, length);
+  const RowVisibility vis = row_visibility(p, b, length, r);
+
+  const T* q = static_cast<const T*>(p.query) + row_offset(p, b, h, r, D);
+  const T* keys = static_cast<const T*>(p.keys) + static_cast<int64_t>(bh) * p.max_seq * D;
+  const T* values = static_cast<const T*>(p.values) + static_cast<int64_t>(bh) * p.max_seq * D;
+  float q_reg[kPerLane], acc[kPerLane];
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int d = lane + 32 * k;
+    q_reg[k] = d < D ? to_float(q[d]) : 0.f;
+    acc[k] = 0.f;
+  }
+  float running_max = kNegInf, running_sum = 0.f;
+  for (int pos = kv_begin; pos < kv_end; ++pos) {
+    if (!vis.sees(pos)) continue;  // uniform across the warp
+    float dot = 0.f;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int d = lane + 32 * k;
+      if (d < D) dot += q_reg[k] * to_float(keys[static_cast<int64_t>(pos) * D + d]);
+    }
+    const float score = warp_sum(dot) * p.scale_log2;
+    const float new_max = fmaxf(running_max, score);
+    const float rescale = exp2f(running_max - new_max);
+    const float weight = exp2f(score - new_max);
+    running_max = new_max;
+    running_sum = running_sum * rescale + weight;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int d = lane + 32 * k;
+      const float v = d < D ? to_float(values[static_cast<int64_t>(pos) * D + d]) : 0.f;
+      acc[k] = acc[k] * rescale + weight * v;
+    }
+  }
+  const int64_t out_row = (static_cast<int64_t>(bh) * p.num_splits + split) * p.rows + r;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    const int d = lane + 32 * k;
+    if (d < D) p.partial_out[out_row * D + d] = running_sum > 0.f ? acc[k] / running_sum : 0.f;
+  }
+  if (lane == 0) p.partial_lse[out_row] = split_lse(running_max, running_sum);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combine kernel: one block per (batch row, kv head, query row)
+// ---------------------------------------------------------------------------------------------
+
+// Threads form groups of D / 4 (one float4 of the row each); the groups take the splits in
+// turn, then their sums are added in shared memory.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
+  constexpr int kLanesPerRow = D / 4;
+  constexpr int kGroups = kThreads / kLanesPerRow;
+  __shared__ float block_max[kWarps];
+  __shared__ float4 group_acc[kGroups][kLanesPerRow];
+  __shared__ float group_weight[kGroups];
+
+  const int bh = blockIdx.x / p.rows;
+  const int r = blockIdx.x % p.rows;
+  const int b = bh / p.kv_heads;
+  const int h = bh % p.kv_heads;
+  const int length = clamped_length(p, b);
+  const int active_splits = (length + p.chunk - 1) / p.chunk;  // splits that wrote a partial
+  const float* lse = p.partial_lse + static_cast<int64_t>(bh) * p.num_splits * p.rows + r;
+
+  float max_lse = kNegInf;
+  for (int s = threadIdx.x; s < active_splits; s += kThreads) {
+    max_lse = fmaxf(max_lse, lse[static_cast<int64_t>(s) * p.rows]);
+  }
+  max_lse = warp_max(max_lse);
+  if (threadIdx.x % 32 == 0) block_max[threadIdx.x / 32] = max_lse;
+  __syncthreads();
+  max_lse = fmaxf(fmaxf(block_max[0], block_max[1]), fmaxf(block_max[2], block_max[3]));
+  const float shift = max_lse == kNegInf ? 0.f : max_lse;
+
+  const int group = threadIdx.x / kLanesPerRow;
+  const int lane4 = threadIdx.x % kLanesPerRow;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  float weight_sum = 0.f;
+  if (group < kGroups) {
+    const float* partial =
+        p.partial_out + (static_cast<int64_t>(bh) * p.num_splits * p.rows + r) * D + lane4 * 4;
+#pragma unroll 4
+    for (int s = group; s < active_splits; s += kGroups) {
+      const float w = exp2f(lse[static_cast<int64_t>(s) * p.rows] - shift);  // -inf -> 0
+      const float4 v = *reinterpret_cast<const float4*>(partial + static_cast<int64_t>(s) * p.rows * D);
+      acc.x += w * v.x;
+      acc.y += w * v.y;
+      acc.z += w * v.z;
+      acc.w += w * v.w;
+      weight_sum += w;
+    }
+    group_acc[group][lane4] = acc;
+    if (lane4 == 0) group_weight[group] = weight_sum;
+  }
+  __syncthreads();
+
+  if (threadIdx.x < kLanesPerRow) {
+    float4 total = make_float4(0.f, 0.f, 0.f, 0.f);
+    float total_weight = 0.f;
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) {
+      const float4 v = group_acc[g][threadIdx.x];
+      total.x += v.x;
+      total.y += v.y;
+      total.z += v.z;
+      total.w += v.w;
+      total_weight += group_weight[g];
+    }
+    const float inv = total_weight > 0.f ? 1.f / total_weight : 0.f;  // nothing visible: zeros
+    T* out = static_cast<T*>(p.out) + row_offset(p, b, h, r, D) + threadIdx.x * 4;
+    out[0] = from_float<T>(total.x * inv);
+    out[1] = from_float<T>(total.y * inv);
+    out[2] = from_float<T>(total.z * inv);
+    out[3] = from_float<T>(total.w * inv);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+
+bool env_flag(const char* name) {
+  const char* value = std::getenv(name);
+  return value != nullptr && value[0] != '\0' && value[0] != '0';
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Keys per split: enough splits that the blocks of a full-length sequence fill the GPU about
+// twice, but at least 4 keys per query row so the fp32 workspace stays small against the KV read.
+int64_t choose_chunk(int64_t max_seq, int64_t blocks_per_split, int64_t rows, int64_t sm_count) {
+  if (const char* forced = std::getenv("HIPPO_DECODE_ATTENTION_CHUNK")) {
+    const int64_t keys = std::atoll(forced);
+    if (keys > 0) return ceil_div(keys, kTileKeys) * kTileKeys;
+  }
+  const int64_t target_splits = std::max<int64_t>(1, ceil_div(2 * sm_count, blocks_per_split));
+  int64_t chunk = ceil_div(max_seq, target_splits);
+  chunk = std::max(chunk, 4 * std::min<int64_t>(rows, kRowsPerBlock));
+  return ceil_div(chunk, kTileKeys) * kTileKeys;
+}
+
+template <typename T, int D, int M>
+void launch_mma(const Params& p, dim3 grid, cudaStream_t stream) {
+  auto kernel = split_kernel_mma<T, D, M>;
+  constexpr int kBytes = MmaSmem<D>::kBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+  kernel<<<grid, kThreads, kBytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int D>
+void launch(const Params& p, bool simple, cudaStream_t stream) {
+  const int bh = p.batch * p.kv_heads;
+  if (simple) {
+    const dim3 grid(p.num_splits, bh, ceil_div(p.rows, kSimpleRowsPerBlock));
+    split_kernel_simple<T, D><<<grid, kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    const dim3 grid(p.num_splits, bh, ceil_div(p.rows, kRowsPerBlock));
+    const int row_tiles = static_cast<int>(ceil_div(std::min(p.rows, kRowsPerBlock), 16));
+    if (row_tiles == 1) launch_mma<T, D, 1>(p, grid, stream);
+    else if (row_tiles == 2) launch_mma<T, D, 2>(p, grid, stream);
+    else launch_mma<T, D, 4>(p, grid, stream);
+  }
+  combine_kernel<T, D><<<bh * p.rows, kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_for_head_dim(const Params& p, int64_t head_dim, bool simple, cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: return launch<T, 64>(p, simple, stream);
+    case 80: return launch<T, 80>(p, simple, stream);
+    case 128: return launch<T, 128>(p, simple, stream);
+    default: TORCH_CHECK(false, kDecodeAttentionOp, ": unsupported head dim ", head_dim);
+  }
+}
+
+at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& cache,
+                                 int64_t layer, const at::Tensor& length, double scale,
+                                 const std::optional<at::Tensor>& tree_mask) {
+  const DecodeAttentionShape s =
+      check_decode_attention_inputs(query_in, cache, layer, length, tree_mask);
+  check_decode_attention_cuda_support(query_in, s);
+  const c10::cuda::CUDAGuard guard(cache.device());
+
+  // 32-bit query fragment loads and 16-byte cp.async copies need aligned bases.
+  HIPPO_CHECK(reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0, kDecodeAttentionOp,
+              "cache must start at a 16-byte aligned address on CUDA");
+  at::Tensor query = query_in.contiguous();
+  if (reinterpret_cast<uintptr_t>(query.data_ptr()) % 16 != 0) query = query.clone();
+  const at::Tensor mask = s.has_mask ? tree_mask->contiguous() : at::Tensor();
+  at::Tensor out = at::empty_like(query, at::MemoryFormat::Contiguous);
+
+  const int64_t rows = s.rows_per_kv_head();
+  const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks_per_split = s.batch * s.kv_heads * ceil_div(rows, kRowsPerBlock);
+  const int64_t chunk = choose_chunk(s.max_seq, blocks_per_split, rows, sm_count);
+  const int64_t num_splits = ceil_div(s.max_seq, chunk);
+  const auto f32 = query.options().dtype(at::kFloat);
+  at::Tensor partial_out = at::empty({s.batch * s.kv_heads, num_splits, rows, s.head_dim}, f32);
+  at::Tensor partial_lse = at::empty({s.batch * s.kv_heads, num_splits, rows}, f32);
+
+  const int64_t layer_stride = 2 * s.batch * s.kv_heads * s.max_seq * s.head_dim;
+  Params p;
+  p.query = query.data_ptr();
+  p.keys = static_cast<const char*>(cache.data_ptr()) + layer * layer_stride * cache.element_size();
+  p.values = static_cast<const char*>(p.keys) + layer_stride / 2 * cache.element_size();
+  p.length = length.data_ptr();
+  p.length_is_64 = length.scalar_type() == at::kLong;
+  p.tree_mask = s.has_mask ? mask.data_ptr<bool>() : nullptr;
+  p.mask_batch_stride = s.mask_per_batch ? s.q_len * s.q_len : 0;
+  p.partial_out = partial_out.data_ptr<float>();
+  p.partial_lse = partial_lse.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.batch = static_cast<int>(s.batch);
+  p.q_len = static_cast<int>(s.q_len);
+  p.q_heads = static_cast<int>(s.q_heads);
+  p.kv_heads = static_cast<int>(s.kv_heads);
+  p.group = static_cast<int>(s.group());
+  p.rows = static_cast<int>(rows);
+  p.max_seq = static_cast<int>(s.max_seq);
+  p.chunk = static_cast<int>(chunk);
+  p.num_splits = static_cast<int>(num_splits);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+
+  const bool simple = env_flag("HIPPO_DECODE_ATTENTION_SIMPLE");
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (query.scalar_type() == at::kBFloat16) {
+    launch_for_head_dim<__nv_bfloat16>(p, s.head_dim, simple, stream);
+  } else {
+    launch_for_head_dim<__half>(p, s.head_dim, simple, stream);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hippo_ext, CUDA, m) {
+  m.impl("decode_attention", &decode_attention_cuda);
+}
+
+}  // namespace hippo

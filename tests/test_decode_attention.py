@@ -1,0 +1,411 @@
+"""decode_attention against a float64 softmax-attention reference (CPU always, CUDA when present)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hippo_ext import decode_attention
+
+# Not imported from conftest.py: with tests/ and benchmarks/ collected in one run, the module
+# name `conftest` may resolve to the other folder's file.
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN never passes a < comparison)."""
+    out64, ref64 = out.double().cpu(), ref.double().cpu()
+    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
+
+OP = torch.ops.hippo_ext.decode_attention.default
+SIMPLE_KERNEL_ENV = "HIPPO_DECODE_ATTENTION_SIMPLE"  # CUDA: force the plain SIMT kernel
+
+# Relative error (norm) allowed per dtype: fp32 is the CPU reference path; bf16/fp16 outputs are
+# rounded once and the kernel rounds probabilities to the input dtype before P @ V.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 4e-3}
+
+
+def dtypes_for(device: str) -> list[torch.dtype]:
+    return [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and reference
+# ---------------------------------------------------------------------------------------------
+
+def make_inputs(gen, *, batch, q_len, q_heads, kv_heads, head_dim, lengths, max_seq, layers=2,
+                dtype=torch.float32, device="cpu", length_dtype=torch.int64, poison=0.0):
+    """Random query and cache; cache positions >= length are filled with `poison` (if nonzero)."""
+    query = torch.randn(batch, q_len, q_heads, head_dim, generator=gen)
+    cache = torch.randn(layers, 2, batch, kv_heads, max_seq, head_dim, generator=gen)
+    if poison != 0.0:
+        for b, n in enumerate(lengths):
+            cache[:, :, b, :, n:] = poison
+    length = torch.tensor(lengths, dtype=length_dtype)
+    return query.to(device, dtype), cache.to(device, dtype), length.to(device)
+
+
+def random_tree_mask(gen, q_len: int) -> torch.Tensor:
+    """Ancestor mask (incl. self) of a random tree whose node i has a parent in [-1, i)."""
+    mask = torch.zeros(q_len, q_len, dtype=torch.bool)
+    for i in range(q_len):
+        parent = int(torch.randint(-1, i, (1,), generator=gen)) if i > 0 else -1
+        if parent >= 0:
+            mask[i] = mask[parent]
+        mask[i, i] = True
+    return mask
+
+
+def reference(query, cache, layer, length, scale=None, tree_mask=None) -> torch.Tensor:
+    """Float64 softmax attention with the op's visibility rule; rows that see nothing are zero.
+    Computed on the inputs' device (float64 on a GPU keeps the long CUDA cases quick)."""
+    query, cache = query.double(), cache.double()
+    device = query.device
+    batch, q_len, q_heads, head_dim = query.shape
+    group = q_heads // cache.size(3)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = torch.zeros_like(query)
+    for b in range(batch):
+        n = int(length[b])
+        prefix = n - q_len
+        keys = cache[layer, 0, b, :, :n].repeat_interleave(group, dim=0)  # [Hq, n, D]
+        values = cache[layer, 1, b, :, :n].repeat_interleave(group, dim=0)
+        scores = query[b].transpose(0, 1) @ keys.transpose(1, 2) * scale  # [Hq, Lq, n]
+        visible = torch.zeros(q_len, n, dtype=torch.bool, device=device)
+        visible[:, :prefix] = True
+        if tree_mask is None:
+            block = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril()
+        else:
+            block = (tree_mask if tree_mask.dim() == 2 else tree_mask[b]).to(device)
+        visible[:, prefix:] = block
+        probs = scores.masked_fill(~visible, -math.inf).softmax(-1).nan_to_num(0.0)
+        out[b] = (probs @ values).transpose(0, 1)
+    return out
+
+
+def assert_close_to_reference(out, query, cache, layer, length, scale=None, tree_mask=None):
+    ref = reference(query, cache, layer, length, scale, tree_mask)
+    assert out.shape == query.shape and out.dtype == query.dtype
+    err = rel_error(out, ref)
+    assert err < TOLERANCE[query.dtype], f"relative error {err:.3g}"
+
+
+@pytest.fixture(params=["fast", "simple"])
+def cuda_kernel(request, monkeypatch):
+    """Both CUDA kernels (the tensor-core one and the plain SIMT one); no effect on the CPU."""
+    if request.param == "simple":
+        if "device" in request.fixturenames and request.getfixturevalue("device") == "cpu":
+            pytest.skip("the CPU has one kernel")
+        monkeypatch.setenv(SIMPLE_KERNEL_ENV, "1")
+    else:
+        monkeypatch.delenv(SIMPLE_KERNEL_ENV, raising=False)
+    return request.param
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness
+# ---------------------------------------------------------------------------------------------
+
+# (lengths, Lq, max_seq): every length of the issue, with the query lengths that fit it.
+LENGTH_CASES = [
+    ([1], 1, 16),
+    ([2], 1, 2),
+    ([63], 9, 70),
+    ([64], 17, 64),
+    ([65], 64, 65),
+    ([65], 9, 200),
+    ([4097], 9, 4100),
+    ([4097], 1, 4097),
+    ([300], 17, 300),  # length == S_max
+    ([9, 200, 77], 9, 256),  # batch rows with different lengths
+    ([1, 64, 65], 1, 128),
+]
+
+
+@pytest.mark.parametrize("lengths,q_len,max_seq", LENGTH_CASES)
+def test_lengths_and_query_lengths(device, gen, cuda_kernel, lengths, q_len, max_seq):
+    heads = (7, 1) if max(lengths) > 1000 else (4, 2)
+    for dtype in dtypes_for(device):
+        query, cache, length = make_inputs(
+            gen, batch=len(lengths), q_len=q_len, q_heads=heads[0], kv_heads=heads[1],
+            head_dim=64, lengths=lengths, max_seq=max_seq, dtype=dtype, device=device,
+            poison=1e4)
+        out = decode_attention(query, cache, 1, length)
+        assert_close_to_reference(out, query, cache, 1, length)
+
+
+@pytest.mark.parametrize("head_dim", [64, 80, 128, 33])
+@pytest.mark.parametrize("q_heads,kv_heads", [(3, 3), (4, 2), (14, 2)])
+@pytest.mark.parametrize("q_len", [1, 9])
+def test_head_dims_and_gqa(device, gen, head_dim, q_heads, kv_heads, q_len):
+    if device == "cuda" and head_dim not in (64, 80, 128):
+        pytest.skip("CUDA supports head dims 64, 80 and 128")
+    lengths = [q_len + 70, q_len + 3]
+    for dtype in dtypes_for(device):
+        query, cache, length = make_inputs(
+            gen, batch=2, q_len=q_len, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+            lengths=lengths, max_seq=96, dtype=dtype, device=device, length_dtype=torch.int32)
+        out = decode_attention(query, cache, 0, length, scale=0.3)
+        assert_close_to_reference(out, query, cache, 0, length, scale=0.3)
+
+
+@pytest.mark.parametrize("q_len", [9, 17, 64])
+def test_many_query_rows_per_kv_head(device, gen, cuda_kernel, q_len):
+    """G * Lq > 64 rows per kv head (several row groups on CUDA), GQA ratio 7."""
+    for dtype in dtypes_for(device):
+        query, cache, length = make_inputs(
+            gen, batch=1, q_len=q_len, q_heads=7, kv_heads=1, head_dim=128,
+            lengths=[q_len + 150], max_seq=256, dtype=dtype, device=device)
+        out = decode_attention(query, cache, 1, length)
+        assert_close_to_reference(out, query, cache, 1, length)
+
+
+@pytest.mark.parametrize("per_batch", [False, True])
+@pytest.mark.parametrize("q_len", [9, 64])
+def test_tree_mask(device, gen, cuda_kernel, per_batch, q_len):
+    lengths = [q_len + 40, q_len, q_len + 129]
+    if per_batch:
+        mask = torch.stack([random_tree_mask(gen, q_len) for _ in lengths])
+    else:
+        mask = random_tree_mask(gen, q_len)
+    for dtype in dtypes_for(device):
+        query, cache, length = make_inputs(
+            gen, batch=3, q_len=q_len, q_heads=4, kv_heads=2, head_dim=80 if device == "cuda" else 24,
+            lengths=lengths, max_seq=200, dtype=dtype, device=device, poison=1e4)
+        out = decode_attention(query, cache, 1, length, tree_mask=mask.to(device))
+        assert_close_to_reference(out, query, cache, 1, length, tree_mask=mask)
+
+
+def test_tree_mask_can_hide_everything(device, gen):
+    """A mask row of zeros with no prefix (length == Lq) sees nothing: zeros, not NaN."""
+    q_len = 5
+    mask = random_tree_mask(gen, q_len)
+    mask[2] = False
+    dtype = dtypes_for(device)[0]
+    query, cache, length = make_inputs(
+        gen, batch=1, q_len=q_len, q_heads=2, kv_heads=1, head_dim=64, lengths=[q_len],
+        max_seq=8, dtype=dtype, device=device)
+    out = decode_attention(query, cache, 0, length, tree_mask=mask.to(device))
+    assert torch.isfinite(out).all()
+    assert (out[0, 2] == 0).all()
+    assert_close_to_reference(out, query, cache, 0, length, tree_mask=mask)
+
+
+def test_tree_mask_differs_from_causal(device, gen):
+    """The mask replaces the causal rule (guards against a kernel that ignores it)."""
+    q_len = 9
+    mask = torch.ones(q_len, q_len, dtype=torch.bool)  # every block token sees every other
+    dtype = dtypes_for(device)[0]
+    query, cache, length = make_inputs(
+        gen, batch=1, q_len=q_len, q_heads=2, kv_heads=1, head_dim=64, lengths=[q_len + 3],
+        max_seq=16, dtype=dtype, device=device)
+    causal = decode_attention(query, cache, 0, length)
+    full = decode_attention(query, cache, 0, length, tree_mask=mask.to(device))
+    assert rel_error(full, causal) > 1e-2
+    assert_close_to_reference(full, query, cache, 0, length, tree_mask=mask)
+
+
+@pytest.mark.parametrize("poison", [1e4, float("nan")])
+def test_garbage_beyond_length_is_ignored(device, gen, cuda_kernel, poison):
+    dtype = dtypes_for(device)[0]
+    query, cache, length = make_inputs(
+        gen, batch=3, q_len=9, q_heads=4, kv_heads=2, head_dim=64, lengths=[9, 70, 130],
+        max_seq=256, dtype=dtype, device=device, poison=poison)
+    out = decode_attention(query, cache, 0, length)
+    assert torch.isfinite(out).all()
+    clean = cache.nan_to_num(0.0)
+    assert_close_to_reference(out, query, clean, 0, length)
+
+
+def test_length_dtypes_agree(device, gen):
+    dtype = dtypes_for(device)[0]
+    query, cache, length = make_inputs(
+        gen, batch=2, q_len=1, q_heads=2, kv_heads=2, head_dim=64, lengths=[33, 7],
+        max_seq=40, dtype=dtype, device=device)
+    out64 = decode_attention(query, cache, 1, length.long())
+    out32 = decode_attention(query, cache, 1, length.int())
+    torch.testing.assert_close(out32, out64, rtol=0, atol=0)
+
+
+def test_non_contiguous_query(device, gen):
+    dtype = dtypes_for(device)[0]
+    query, cache, length = make_inputs(
+        gen, batch=2, q_len=3, q_heads=4, kv_heads=2, head_dim=64, lengths=[10, 3],
+        max_seq=16, dtype=dtype, device=device)
+    strided = query.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not strided.is_contiguous()
+    assert_close_to_reference(decode_attention(strided, cache, 0, length), query, cache, 0, length)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA only: realistic sizes (many splits), CPU agreement, graph capture, unchecked lengths
+# ---------------------------------------------------------------------------------------------
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "q_heads,kv_heads,head_dim,lengths,max_seq,q_len",
+    [(28, 4, 128, [12600], 16384, 9), (28, 4, 128, [12600, 5000], 16384, 1),
+     (14, 2, 64, [1300], 16384, 1), (28, 4, 128, [6400], 8192, 9), (16, 16, 80, [4097, 2], 4200, 2)])
+def test_cuda_model_shapes(gen, cuda_kernel, dtype, q_heads, kv_heads, head_dim, lengths, max_seq,
+                           q_len):
+    query, cache, length = make_inputs(
+        gen, batch=len(lengths), q_len=q_len, q_heads=q_heads, kv_heads=kv_heads,
+        head_dim=head_dim, lengths=lengths, max_seq=max_seq, layers=1, dtype=dtype,
+        device="cuda", poison=1e4)
+    out = decode_attention(query, cache, 0, length)
+    assert_close_to_reference(out, query, cache, 0, length)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_matches_cpu(gen):
+    mask = random_tree_mask(gen, 9)
+    query, cache, length = make_inputs(
+        gen, batch=2, q_len=9, q_heads=14, kv_heads=2, head_dim=128, lengths=[500, 9],
+        max_seq=512, dtype=torch.bfloat16)
+    for tree in (None, mask):
+        on_cpu = decode_attention(query, cache, 1, length, tree_mask=tree)
+        on_cuda = decode_attention(query.cuda(), cache.cuda(), 1, length.cuda(),
+                                   tree_mask=None if tree is None else tree.cuda())
+        assert rel_error(on_cuda, on_cpu) < TOLERANCE[torch.bfloat16]
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("q_len", [1, 9])
+def test_cuda_graph_replay_follows_length(gen, cuda_kernel, q_len):
+    """One captured graph serves every length: change the length tensor between replays."""
+    query, cache, length = make_inputs(
+        gen, batch=2, q_len=q_len, q_heads=28, kv_heads=4, head_dim=128, lengths=[3000, 40],
+        max_seq=4096, layers=1, dtype=torch.bfloat16, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        decode_attention(query, cache, 0, length, check=False)  # warm-up outside the capture
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out = decode_attention(query, cache, 0, length, check=False)
+    for lengths in ([3000, 40], [q_len, 4096], [1234, 777]):
+        length.copy_(torch.tensor(lengths))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close_to_reference(out.clone(), query, cache, 0, length)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_unchecked_bad_lengths_stay_in_bounds(gen, cuda_kernel):
+    """check=False with lengths outside [Lq, S_max]: clamped, finite, no fault."""
+    query, cache, length = make_inputs(
+        gen, batch=3, q_len=4, q_heads=4, kv_heads=2, head_dim=64, lengths=[2, 2, 2],
+        max_seq=32, dtype=torch.bfloat16, device="cuda")
+    length.copy_(torch.tensor([-5, 10**6, 2]))
+    out = decode_attention(query, cache, 0, length, check=False)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    assert (out[0] == 0).all()  # nothing visible
+    # length 10**6 behaves like S_max (same shapes, so the same split of the work)
+    valid = torch.tensor([4, 32, 4], device="cuda")
+    same = decode_attention(query, cache, 0, valid)
+    torch.testing.assert_close(out[1], same[1], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck and bad inputs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_opcheck(device, gen, with_mask):
+    dtype = dtypes_for(device)[0]
+    query, cache, length = make_inputs(
+        gen, batch=2, q_len=3, q_heads=4, kv_heads=2, head_dim=64, lengths=[5, 3], max_seq=8,
+        dtype=dtype, device=device)
+    mask = random_tree_mask(gen, 3).to(device) if with_mask else None
+    torch.library.opcheck(OP, (query, cache, 1, length, 0.125, mask))
+
+
+def _good(device):
+    dtype = dtypes_for(device)[0]
+    gen = torch.Generator().manual_seed(0)
+    query, cache, length = make_inputs(
+        gen, batch=2, q_len=3, q_heads=4, kv_heads=2, head_dim=64, lengths=[5, 3], max_seq=8,
+        dtype=dtype, device=device)
+    return dict(query=query, cache=cache, layer=1, length=length)
+
+
+def _call(args):
+    args = dict(args)
+    return decode_attention(args.pop("query"), args.pop("cache"), args.pop("layer"),
+                            args.pop("length"), **args)
+
+
+BAD_INPUTS = {
+    "query_longer_than_length": (lambda a: {**a, "length": a["length"].clone().fill_(2)},
+                                 "length"),
+    "length_beyond_cache": (lambda a: {**a, "length": a["length"].clone().fill_(9)}, "length"),
+    "int_cache": (lambda a: {**a, "cache": a["cache"].long()}, "cache"),
+    "float_length": (lambda a: {**a, "length": a["length"].float()}, "length"),
+    "dtype_mismatch": (lambda a: {**a, "query": a["query"].double()}, "dtype|float"),
+    "non_contiguous_cache": (lambda a: {**a, "cache": a["cache"].transpose(4, 5)}, "contiguous"),
+    "cache_wrong_dims": (lambda a: {**a, "cache": a["cache"][0]}, "cache"),
+    "query_wrong_dims": (lambda a: {**a, "query": a["query"][0]}, "query"),
+    "heads_not_multiple": (lambda a: {**a, "query": a["query"][:, :, :3]}, "multiple"),
+    "head_dim_mismatch": (lambda a: {**a, "query": a["query"][..., :32]}, "head dim"),
+    "layer_out_of_range": (lambda a: {**a, "layer": 2}, "layer"),
+    "negative_layer": (lambda a: {**a, "layer": -1}, "layer"),
+    "batch_mismatch": (lambda a: {**a, "query": a["query"][:1]}, "batch"),
+    "length_batch_mismatch": (lambda a: {**a, "length": a["length"][:1]}, "length"),
+    "too_many_queries": (lambda a: {**a, "query": a["query"].new_zeros(2, 65, 4, 64)},
+                         "query|length"),
+    "mask_wrong_shape": (lambda a: {**a, "tree_mask": a["length"].new_ones(3, 4, dtype=torch.bool)},
+                         "tree_mask"),
+    "mask_wrong_batch": (lambda a: {**a, "tree_mask": a["length"].new_ones(3, 3, 3,
+                                                                           dtype=torch.bool)},
+                         "tree_mask"),
+    "mask_wrong_dtype": (lambda a: {**a, "tree_mask": a["length"].new_ones(3, 3)}, "tree_mask"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs(device, case):
+    make_bad, match = BAD_INPUTS[case]
+    with pytest.raises(RuntimeError, match=match):
+        _call(make_bad(_good(device)))
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("moved", ["query", "length", "tree_mask"])
+def test_device_mix(moved):
+    args = _good("cuda")
+    args["tree_mask"] = torch.ones(3, 3, dtype=torch.bool, device="cuda")
+    args[moved] = args[moved].cpu()
+    with pytest.raises(RuntimeError, match="device|is on"):
+        _call(args)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_unsupported_dtype_and_head_dim():
+    args = _good("cuda")
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        _call({**args, "query": args["query"].float(), "cache": args["cache"].float()})
+    with pytest.raises(RuntimeError, match="head dim"):
+        _call({**args, "query": args["query"][..., :32].contiguous(),
+               "cache": args["cache"][..., :32].contiguous()})
+
+
+def test_cpu_checks_lengths_even_without_wrapper_check():
+    args = _good("cpu")
+    with pytest.raises(RuntimeError, match="length"):
+        _call({**args, "length": args["length"].clone().fill_(9), "check": False})
+
+
+def test_has_no_cuda_without_gpu_is_fine():
+    """Guards the test module itself: CUDA cases must skip, not fail, without a GPU."""
+    assert HAS_CUDA == torch.cuda.is_available()
