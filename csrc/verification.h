@@ -11,7 +11,6 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
-#include <limits>
 
 #include "common.h"
 
@@ -73,8 +72,9 @@ inline void check_prob_rows(const at::Tensor& t, int64_t batch, int64_t rows,
               " rows in dimension 1, got shape ", t.sizes());
   HIPPO_CHECK(t.size(2) >= 1, op, name, " must have a vocabulary of at least one token, got shape ",
               t.sizes());
-  HIPPO_CHECK(t.size(2) <= std::numeric_limits<int32_t>::max(), op, name,
-              " vocabulary must be below 2^31, got ", t.size(2));
+  // Kernels index within a row with 32-bit integers; 2^30 leaves room for their arithmetic.
+  HIPPO_CHECK(t.size(2) <= (int64_t{1} << 30), op, name, " vocabulary must be at most 2^30, got ",
+              t.size(2));
   HIPPO_CHECK(t.size(2) == 1 || t.stride(2) == 1, op, name,
               " must be contiguous in its last (vocabulary) dimension, got strides ", t.strides());
 }
@@ -112,10 +112,10 @@ inline VerifyShape check_verify_sampling_inputs(const at::Tensor& draft_tokens,
               draft_probs.scalar_type(), " and ", target_probs.scalar_type());
   check_dim(uniforms, 2, op, "uniforms");
   check_dtype(uniforms, at::kFloat, op, "uniforms");
-  check_contiguous(uniforms, op, "uniforms");
   check_size(uniforms, 0, batch, op, "uniforms");
   HIPPO_CHECK(uniforms.size(1) == g + 1, op, "uniforms must have g+1 = ", g + 1,
               " columns, got shape ", uniforms.sizes());
+  check_contiguous(uniforms, op, "uniforms");
   check_same_device(draft_tokens, draft_probs, op, "draft_tokens", "draft_probs");
   check_same_device(draft_tokens, target_probs, op, "draft_tokens", "target_probs");
   check_same_device(draft_tokens, uniforms, op, "draft_tokens", "uniforms");

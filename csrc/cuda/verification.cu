@@ -62,8 +62,8 @@ struct ArgmaxOp {
   }
 };
 
-struct Float2Sum {
-  __device__ __forceinline__ float2 operator()(const float2& a, const float2& b) const {
+struct Double2Sum {
+  __device__ __forceinline__ double2 operator()(const double2& a, const double2& b) const {
     return {a.x + b.x, a.y + b.y};
   }
 };
@@ -125,7 +125,7 @@ __device__ __forceinline__ ArgmaxPair reduce_row_partials(const ArgmaxPair* __re
   return best;
 }
 
-// End of chunk `split` of a row of `vocab` tokens (begin + chunk may exceed INT_MAX).
+// End of the chunk that starts at `begin` in a row of `vocab` tokens (begin + chunk may exceed INT_MAX).
 __device__ __forceinline__ int chunk_end(int begin, int chunk, int vocab) {
   return static_cast<int>(static_cast<int64_t>(begin) + chunk < vocab ? begin + chunk : vocab);
 }
@@ -290,11 +290,13 @@ __device__ __forceinline__ float sampling_weight(const T* p_row, const T* q_row,
 
 // Block x handles chunk (x % splits) of batch element (x / splits). partials[x] = (chunk sum of
 // the weights sampled from if the residual has mass: max(0, p_n - q_n), or p_g for the bonus;
-// chunk sum of p_n). Block (b, 0) also writes num_accepted[b].
+// chunk sum of p_n). Weights are fp32 like on the CPU; sums are double, so that the CPU
+// reference and this kernel find the same token except at boundaries ~1e-16 wide.
+// Block (b, 0) also writes num_accepted[b].
 template <typename T>
 __global__ void __launch_bounds__(kBlock)
     sampling_partial_sums_kernel(SamplingArgs<T> args, int chunk, int splits,
-                                 float2* __restrict__ partials, int64_t* __restrict__ num_accepted) {
+                                 double2* __restrict__ partials, int64_t* __restrict__ num_accepted) {
   const int64_t b = blockIdx.x / splits;
   const int split = blockIdx.x % splits;
   __shared__ int accepted_shared;
@@ -309,7 +311,7 @@ __global__ void __launch_bounds__(kBlock)
   const int begin = split * chunk;
   const int end = chunk_end(begin, chunk, args.vocab);
   const T* p_row = args.p_row(b, n);
-  float2 sums{0.f, 0.f};  // (weights, p)
+  double2 sums{0.0, 0.0};  // (weights, p)
   if (n < args.g) {
     for_each_in_chunk<T, true>(p_row, args.q_row(b, n), begin, end, [&](int, float p, float q) {
       sums.x += fmaxf(p - q, 0.f);
@@ -319,9 +321,9 @@ __global__ void __launch_bounds__(kBlock)
     for_each_in_chunk<T, false>(p_row, p_row, begin, end, [&](int, float p, float) { sums.y += p; });
     sums.x = sums.y;
   }
-  using BlockReduce = cub::BlockReduce<float2, kBlock>;
+  using BlockReduce = cub::BlockReduce<double2, kBlock>;
   __shared__ typename BlockReduce::TempStorage temp;
-  const float2 block_sums = BlockReduce(temp).Reduce(sums, Float2Sum{});
+  const double2 block_sums = BlockReduce(temp).Reduce(sums, Double2Sum{});
   if (threadIdx.x == 0) partials[blockIdx.x] = block_sums;
 }
 
@@ -329,62 +331,63 @@ __global__ void __launch_bounds__(kBlock)
 template <typename T>
 __global__ void __launch_bounds__(kBlock)
     sampling_pick_kernel(SamplingArgs<T> args, int chunk, int splits,
-                         const float2* __restrict__ partials,
+                         const double2* __restrict__ partials,
                          const int64_t* __restrict__ num_accepted, int64_t* __restrict__ next_token) {
   const int64_t b = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const float2* batch_partials = partials + b * splits;
+  const double2* batch_partials = partials + b * splits;
   const int n = static_cast<int>(num_accepted[b]);  // written by sampling_partial_sums_kernel
 
-  using Float2Reduce = cub::BlockReduce<float2, kBlock>;
-  using FloatScan = cub::BlockScan<float, kBlock>;
+  using Double2Reduce = cub::BlockReduce<double2, kBlock>;
+  using DoubleScan = cub::BlockScan<double, kBlock>;
   __shared__ union {
-    typename Float2Reduce::TempStorage reduce;
-    typename FloatScan::TempStorage scan;
+    typename Double2Reduce::TempStorage reduce;
+    typename DoubleScan::TempStorage scan;
   } temp;
   __shared__ bool use_residual;
-  __shared__ float threshold;
+  __shared__ double threshold;
   __shared__ int chunk_index;
-  __shared__ float chunk_offset;  // weight of all chunks before chunk_index
+  __shared__ double chunk_offset;  // weight of all chunks before chunk_index
   __shared__ int found_token, last_positive_token;
 
   // 1. Which distribution, and the threshold uniform * total.
-  float2 sums{0.f, 0.f};
+  double2 sums{0.0, 0.0};
   for (int s = threadIdx.x; s < splits; s += kBlock) {
-    const float2 part = batch_partials[s];
+    const double2 part = batch_partials[s];
     sums.x += part.x;
     sums.y += part.y;
   }
-  const float2 total = Float2Reduce(temp.reduce).Reduce(sums, Float2Sum{});
+  const double2 total = Double2Reduce(temp.reduce).Reduce(sums, Double2Sum{});
   if (threadIdx.x == 0) {
-    use_residual = n < args.g && residual_has_mass(total.x, total.y);
-    threshold = args.uniforms[b * (args.g + 1) + args.g] * (use_residual ? total.x : total.y);
+    use_residual = n < args.g && residual_has_mass(static_cast<float>(total.x), static_cast<float>(total.y));
+    threshold = static_cast<double>(args.uniforms[b * (args.g + 1) + args.g]) *
+                (use_residual ? total.x : total.y);
     found_token = INT_MAX;
     last_positive_token = -1;
   }
   __syncthreads();
   const bool residual = use_residual;
-  const float target = threshold;
+  const double target = threshold;
 
   // 2. Warp 0 scans the chunk sums for the first chunk whose running sum exceeds the threshold
   //    (rounding may leave none: then the last chunk with positive weight).
   if (warp == 0) {
-    float carry = 0.f;
+    double carry = 0.0;
     int found = -1, last_positive = -1;
-    float found_offset = 0.f, last_positive_offset = 0.f;
+    double found_offset = 0.0, last_positive_offset = 0.0;
     for (int base = 0; base < splits; base += 32) {
       const int s = base + lane;
-      const float w = s < splits ? (residual ? batch_partials[s].x : batch_partials[s].y) : 0.f;
-      float inclusive = w;
+      const double w = s < splits ? (residual ? batch_partials[s].x : batch_partials[s].y) : 0.0;
+      double inclusive = w;
 #pragma unroll
       for (int offset = 1; offset < 32; offset *= 2) {
-        const float up = __shfl_up_sync(kFullMask, inclusive, offset);
+        const double up = __shfl_up_sync(kFullMask, inclusive, offset);
         if (lane >= offset) inclusive += up;
       }
-      const float previous = __shfl_up_sync(kFullMask, inclusive, 1);  // every lane shuffles
-      const float exclusive = carry + (lane > 0 ? previous : 0.f);
-      const unsigned positive = __ballot_sync(kFullMask, w > 0.f);
-      const unsigned crossed = __ballot_sync(kFullMask, w > 0.f && carry + inclusive > target);
+      const double previous = __shfl_up_sync(kFullMask, inclusive, 1);  // every lane shuffles
+      const double exclusive = carry + (lane > 0 ? previous : 0.0);
+      const unsigned positive = __ballot_sync(kFullMask, w > 0.0);
+      const unsigned crossed = __ballot_sync(kFullMask, w > 0.0 && carry + inclusive > target);
       if (positive != 0) {
         last_positive = base + 31 - __clz(positive);
         last_positive_offset = __shfl_sync(kFullMask, exclusive, 31 - __clz(positive));
@@ -412,20 +415,20 @@ __global__ void __launch_bounds__(kBlock)
   const T* q_row = residual ? args.q_row(b, n) : p_row;
   const int begin = chunk_index * chunk;
   const int end = chunk_end(begin, chunk, args.vocab);
-  const float local_target = target - chunk_offset;
-  float carry = 0.f;
+  const double local_target = target - chunk_offset;
+  double carry = 0.0;
   for (int tile = begin; tile < end; tile += kBlock * kScanItems) {
     const int first = tile + threadIdx.x * kScanItems;
     float w[kScanItems];
-    float thread_sum = 0.f;
+    double thread_sum = 0.0;
 #pragma unroll
     for (int k = 0; k < kScanItems; ++k) {
       w[k] = first + k < end ? sampling_weight(p_row, q_row, residual, first + k) : 0.f;
       thread_sum += w[k];
     }
-    float exclusive, tile_sum;
-    FloatScan(temp.scan).ExclusiveSum(thread_sum, exclusive, tile_sum);
-    float running = carry + exclusive;
+    double exclusive, tile_sum;
+    DoubleScan(temp.scan).ExclusiveSum(thread_sum, exclusive, tile_sum);
+    double running = carry + exclusive;
     int my_found = INT_MAX, my_last_positive = -1;
 #pragma unroll
     for (int k = 0; k < kScanItems; ++k) {
@@ -485,7 +488,7 @@ at::Tensor launch_row_argmax_partials(const at::Tensor& logits, const VerifyShap
   at::Tensor partials = at::empty({rows * plan.splits * 2}, logits.options().dtype(at::kInt));
   auto* out = reinterpret_cast<ArgmaxPair*>(partials.data_ptr<int>());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  HIPPO_DISPATCH_PROB_TYPES(logits.scalar_type(), op, [&] {
+  HIPPO_DISPATCH_PROB_TYPES(logits.scalar_type(), "row_argmax_partials", [&] {
     row_argmax_partials_kernel<scalar_t><<<static_cast<unsigned>(rows * plan.splits), kBlock, 0, stream>>>(
         logits.const_data_ptr<scalar_t>(), logits.stride(0), logits.stride(1),
         static_cast<int>(rows_per_batch), static_cast<int>(shape.vocab), plan.chunk, plan.splits,
@@ -563,8 +566,8 @@ std::tuple<at::Tensor, at::Tensor> verify_sampling_cuda(const at::Tensor& draft_
 
   const SplitPlan plan = plan_splits(shape.batch, shape.vocab, kSamplingMinChunk, kSamplingMaxChunk);
   check_grid(shape.batch * plan.splits, "verify_sampling");
-  at::Tensor partials = at::empty({shape.batch * plan.splits * 2}, uniforms.options());
-  auto* sums = reinterpret_cast<float2*>(partials.data_ptr<float>());
+  at::Tensor partials = at::empty({shape.batch * plan.splits * 2}, uniforms.options().dtype(at::kDouble));
+  auto* sums = reinterpret_cast<double2*>(partials.data_ptr<double>());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   HIPPO_DISPATCH_PROB_TYPES(target_probs.scalar_type(), "verify_sampling", [&] {
     const SamplingArgs<scalar_t> args{draft_tokens.const_data_ptr<int64_t>(),
