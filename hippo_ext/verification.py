@@ -81,8 +81,9 @@ def verify_sampling(
         ``p_i(x_i) > 0`` and ``u_i * q_i(x_i) <= p_i(x_i)``. At the first rejection ``n`` the emitted
         token is drawn from ``max(0, p_n - q_n)`` (from ``p_n`` if that residual has no mass); when all
         ``g`` are accepted, from ``p_g``. Drawing is by inverse CDF: the smallest token whose running
-        sum exceeds ``uniforms[:, g] * total`` (so probabilities need not be normalised). Values are
-        computed in float32.
+        sum exceeds ``uniforms[:, g] * total`` (so probabilities need not be normalised). Element values are
+        float32 and running sums float64 on both devices, so CPU and CUDA agree except at boundaries
+        about 1e-16 wide. A row without positive mass emits token 0.
     """
     _check_tokens(draft_tokens, target_probs, "verify_sampling", "draft_tokens", check)
     return torch.ops.hippo_ext.verify_sampling(draft_tokens, draft_probs, target_probs, uniforms)
