@@ -1,0 +1,114 @@
+// select_visual_tokens: shapes, checks and the device-agnostic stages shared by the CPU and
+// CUDA implementations (csrc/cpu/token_selection.cpp, csrc/cuda/token_selection.cu).
+//
+// The op runs in three stages:
+//   1. global score  — device specific (a kernel per backend): mean over layers, query heads
+//                      and queries of the causal softmax attention mass on each grid column;
+//   2. pair dots     — device specific: per grid token its squared norm and its dot products
+//                      with five "forward" neighbours (see PairDirection); every unordered
+//                      neighbour pair is then computed exactly once;
+//   3. the rest      — shared ATen code (token_selection_topk.cpp): cosines, temporal novelty,
+//                      spatial complexity, per-frame min-max normalisation, fusion, top-k.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+#include "common.h"
+
+namespace hippo {
+
+inline constexpr const char* kSelectOp = "hippo_ext::select_visual_tokens";
+
+// Forward neighbour directions of the pair-dot tensor [T, Hg, Wg, kNumPairDirections]:
+// (dt, dy, dx) offsets such that every unordered pair of a token with a temporal neighbour
+// (t±1) or a spatial 8-neighbour is the forward pair of exactly one of the two tokens.
+inline constexpr int kNumPairDirections = 5;
+inline constexpr int kPairOffsets[kNumPairDirections][3] = {
+    {1, 0, 0},   // next frame, same place (temporal)
+    {0, 0, 1},   // right
+    {0, 1, -1},  // below left
+    {0, 1, 0},   // below
+    {0, 1, 1},   // below right
+};
+
+// Sizes of one call, taken from the inputs once validated.
+struct SelectionShape {
+  int64_t layers, q_heads, kv_heads, num_queries, seq_len, head_dim;
+  int64_t frames, grid_h, grid_w, channels;
+  int64_t visual_start, num_visual, num_keep;
+  int64_t group() const { return q_heads / kv_heads; }  // query heads per KV head
+  int64_t grid_tokens() const { return frames * grid_h * grid_w; }
+  int64_t num_kept() const { return num_keep + num_visual - grid_tokens(); }
+};
+
+// All shape/dtype/device checks of the op, for both backends.
+inline SelectionShape check_selection_inputs(const at::Tensor& queries, const at::Tensor& keys,
+                                             const at::Tensor& features, int64_t visual_start,
+                                             int64_t num_visual, int64_t num_keep) {
+  const char* op = kSelectOp;
+  check_dim(queries, 4, op, "queries");
+  check_dim(keys, 4, op, "keys");
+  check_dim(features, 4, op, "features");
+  check_floating(queries, op, "queries");
+  check_floating(features, op, "features");
+  HIPPO_CHECK(keys.scalar_type() == queries.scalar_type(), op, "keys must have the dtype of queries (",
+              queries.scalar_type(), "), got ", keys.scalar_type());
+  check_same_device(queries, keys, op, "queries", "keys");
+  check_same_device(queries, features, op, "queries", "features");
+  HIPPO_CHECK(keys.stride(3) == 1 || keys.size(3) == 1, op,
+              "keys must be contiguous in its last dimension (a strided view of the cache is fine), "
+              "got strides ", keys.strides());
+
+  SelectionShape s{};
+  s.layers = queries.size(0);
+  s.q_heads = queries.size(1);
+  s.num_queries = queries.size(2);
+  s.head_dim = queries.size(3);
+  s.kv_heads = keys.size(1);
+  s.seq_len = keys.size(2);
+  s.frames = features.size(0);
+  s.grid_h = features.size(1);
+  s.grid_w = features.size(2);
+  s.channels = features.size(3);
+  s.visual_start = visual_start;
+  s.num_visual = num_visual;
+  s.num_keep = num_keep;
+
+  check_size(keys, 0, s.layers, op, "keys");
+  check_size(keys, 3, s.head_dim, op, "keys");
+  HIPPO_CHECK(s.layers > 0 && s.q_heads > 0 && s.num_queries > 0 && s.head_dim > 0, op,
+              "queries must be non-empty, got shape ", queries.sizes());
+  HIPPO_CHECK(s.kv_heads > 0 && s.q_heads % s.kv_heads == 0, op,
+              "the query heads (", s.q_heads, ") must be a multiple of the KV heads (", s.kv_heads,
+              ") (GQA)");
+  HIPPO_CHECK(s.num_queries <= s.seq_len, op, "queries has ", s.num_queries,
+              " positions but keys only ", s.seq_len, " (the queries are the last Lq positions)");
+  HIPPO_CHECK(s.frames > 0 && s.grid_h > 0 && s.grid_w > 0 && s.channels > 0, op,
+              "features must be non-empty, got shape ", features.sizes());
+  HIPPO_CHECK(visual_start >= 0 && num_visual >= 0 && visual_start + num_visual <= s.seq_len, op,
+              "the visual span [", visual_start, ", ", visual_start + num_visual,
+              ") must lie inside the ", s.seq_len, " key positions");
+  HIPPO_CHECK(num_visual >= s.grid_tokens(), op, "num_visual (", num_visual,
+              ") must cover the T*Hg*Wg = ", s.grid_tokens(), " grid tokens of features ",
+              features.sizes());
+  HIPPO_CHECK(num_keep >= 0 && num_keep <= s.grid_tokens(), op, "num_keep must lie in [0, ",
+              s.grid_tokens(), "], got ", num_keep);
+  HIPPO_CHECK(s.grid_tokens() < (int64_t{1} << 31), op, "at most 2^31 - 1 grid tokens are supported");
+  return s;
+}
+
+// Stage 3 inputs -> (temporal novelty, spatial complexity), each float32 [T, Hg, Wg].
+// norms_sq [T, Hg, Wg] and pair_dots [T, Hg, Wg, kNumPairDirections] float32; pair_dots entries
+// whose neighbour does not exist are ignored.
+std::tuple<at::Tensor, at::Tensor> local_scores_from_pair_dots(const at::Tensor& norms_sq,
+                                                                const at::Tensor& pair_dots);
+
+// Normalise, fuse and select: returns the op's five outputs from the three raw scores.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fuse_and_select(
+    const SelectionShape& shape, const at::Tensor& global_score, const at::Tensor& temporal_score,
+    const at::Tensor& spatial_score, bool per_frame, double w_global, double w_temporal,
+    double w_spatial);
+
+}  // namespace hippo
