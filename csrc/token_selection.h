@@ -23,15 +23,20 @@ inline constexpr const char* kSelectOp = "hippo_ext::select_visual_tokens";
 
 // Forward neighbour directions of the pair-dot tensor [T, Hg, Wg, kNumPairDirections]:
 // (dt, dy, dx) offsets such that every unordered pair of a token with a temporal neighbour
-// (t±1) or a spatial 8-neighbour is the forward pair of exactly one of the two tokens.
+// (t+-1) or a spatial 8-neighbour is the forward pair of exactly one of the two tokens.
 inline constexpr int kNumPairDirections = 5;
-inline constexpr int kPairOffsets[kNumPairDirections][3] = {
-    {1, 0, 0},   // next frame, same place (temporal)
-    {0, 0, 1},   // right
-    {0, 1, -1},  // below left
-    {0, 1, 0},   // below
-    {0, 1, 1},   // below right
+struct PairOffset {
+  int dt, dy, dx;
 };
+C10_HOST_DEVICE constexpr PairOffset pair_offset(int direction) {
+  switch (direction) {
+    case 0: return {1, 0, 0};   // next frame, same place (temporal)
+    case 1: return {0, 0, 1};   // right
+    case 2: return {0, 1, -1};  // below left
+    case 3: return {0, 1, 0};   // below
+    default: return {0, 1, 1};  // below right
+  }
+}
 
 // Sizes of one call, taken from the inputs once validated.
 struct SelectionShape {

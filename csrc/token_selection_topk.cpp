@@ -32,8 +32,8 @@ struct DirectionalCosines {
 };
 
 DirectionalCosines directional_cosines(const at::Tensor& norms, const at::Tensor& dots,
-                                       const int* offset) {
-  const int64_t dt = offset[0], dy = offset[1], dx = offset[2];
+                                       PairOffset offset) {
+  const int64_t dt = offset.dt, dy = offset.dy, dx = offset.dx;
   DirectionalCosines c;
   const at::Tensor ones = at::ones_like(norms);
   c.forward_valid = shifted(ones, dt, dy, dx) > 0;
@@ -107,12 +107,12 @@ std::tuple<at::Tensor, at::Tensor> local_scores_from_pair_dots(const at::Tensor&
                                                                 const at::Tensor& pair_dots) {
   const at::Tensor norms = norms_sq.sqrt();
   at::Tensor temporal_sum = at::zeros_like(norms), temporal_count = at::zeros_like(norms);
-  at::Tensor spatial_sum = at::zeros_like(norms), spatial_count = at::zeros_like(norms);
+  at::Tensor spatial_count = at::zeros_like(norms);
   std::vector<at::Tensor> spatial_cos, spatial_valid;
   for (int k = 0; k < kNumPairDirections; ++k) {
     const DirectionalCosines c =
-        directional_cosines(norms, pair_dots.select(3, k), kPairOffsets[k]);
-    const bool temporal = kPairOffsets[k][0] != 0;
+        directional_cosines(norms, pair_dots.select(3, k), pair_offset(k));
+    const bool temporal = pair_offset(k).dt != 0;
     for (const auto& [cos, valid] : {std::pair{c.forward_cos, c.forward_valid},
                                      std::pair{c.backward_cos, c.backward_valid}}) {
       const at::Tensor v = valid.to(at::kFloat);
@@ -120,7 +120,6 @@ std::tuple<at::Tensor, at::Tensor> local_scores_from_pair_dots(const at::Tensor&
         temporal_sum += (1 - cos) * v;
         temporal_count += v;
       } else {
-        spatial_sum += cos * v;
         spatial_count += v;
         spatial_cos.push_back(cos);
         spatial_valid.push_back(v);
@@ -128,11 +127,25 @@ std::tuple<at::Tensor, at::Tensor> local_scores_from_pair_dots(const at::Tensor&
     }
   }
   const at::Tensor temporal = temporal_sum / temporal_count.clamp_min(1);
+
+  // Variance of the spatial cosines, two-pass and shifted by the first existing neighbour's
+  // cosine: identical cosines (a flat region) then give exactly 0 rather than rounding noise,
+  // which the per-frame min-max normalisation would otherwise blow up.
+  at::Tensor shift = at::zeros_like(norms), shift_found = at::zeros_like(norms, at::kBool);
+  for (size_t i = 0; i < spatial_cos.size(); ++i) {
+    const at::Tensor take = spatial_valid[i].to(at::kBool) & shift_found.logical_not();
+    shift = at::where(take, spatial_cos[i], shift);
+    shift_found = shift_found | take;
+  }
   const at::Tensor spatial_divisor = spatial_count.clamp_min(1);
-  const at::Tensor mean = spatial_sum / spatial_divisor;
+  at::Tensor shifted_sum = at::zeros_like(norms);
+  for (size_t i = 0; i < spatial_cos.size(); ++i) {
+    shifted_sum += (spatial_cos[i] - shift) * spatial_valid[i];
+  }
+  const at::Tensor mean = shifted_sum / spatial_divisor;  // mean of (cos - shift)
   at::Tensor squared_deviation = at::zeros_like(norms);
   for (size_t i = 0; i < spatial_cos.size(); ++i) {
-    squared_deviation += (spatial_cos[i] - mean).square() * spatial_valid[i];
+    squared_deviation += (spatial_cos[i] - shift - mean).square() * spatial_valid[i];
   }
   return {temporal, squared_deviation / spatial_divisor};
 }

@@ -5,6 +5,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 OP_NAME = "hippo_ext::select_visual_tokens"
 
@@ -106,3 +107,126 @@ def _select_visual_tokens_fake(queries, keys, features, visual_start, num_visual
     kept = features.new_empty((num_keep + num_visual - frames * grid_h * grid_w,), dtype=torch.int64)
     scores = [features.new_empty((frames, grid_h, grid_w), dtype=torch.float32) for _ in range(4)]
     return (kept, *scores)
+
+
+# ---- eager PyTorch reference (tests and benchmarks) ----------------------------------------------
+
+
+def reference_global_score(queries: torch.Tensor, keys: torch.Tensor, visual_start: int,
+                           grid_shape: tuple[int, int, int], scale: float,
+                           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Global score by materialising one layer's causal attention at a time.
+
+    dtype=None: q.k in the input dtype and softmax in float32 (what eager code does);
+    dtype=torch.float64: everything in float64 (the test reference)."""
+    layers, q_heads, num_queries, _ = queries.shape
+    kv_heads, seq_len = keys.shape[1], keys.shape[2]
+    grid_tokens = grid_shape[0] * grid_shape[1] * grid_shape[2]
+    positions = torch.arange(seq_len, device=keys.device)
+    query_positions = seq_len - num_queries + torch.arange(num_queries, device=keys.device)
+    hidden = positions[None, :] > query_positions[:, None]  # [Lq, S]: causal mask
+    total = torch.zeros(grid_tokens, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                        device=queries.device)
+    for layer in range(layers):
+        q, k = queries[layer], keys[layer]
+        if dtype is not None:
+            q, k = q.to(dtype), k.to(dtype)
+        k = k.repeat_interleave(q_heads // kv_heads, dim=0)
+        scores = (q @ k.transpose(-1, -2)).to(total.dtype) * scale  # [Hq, Lq, S]
+        probs = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+        total += probs[..., visual_start:visual_start + grid_tokens].sum(dim=(0, 1))
+    return (total / (layers * q_heads * num_queries)).view(grid_shape)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # F.cosine_similarity clamps each norm separately; the op clamps their product (same result
+    # for any non-degenerate feature vector).
+    return F.cosine_similarity(a, b, dim=-1, eps=1e-8)
+
+
+def reference_local_scores(features: torch.Tensor,
+                           dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(temporal novelty, spatial complexity) of [T, Hg, Wg, C] features, eagerly."""
+    f = features.to(dtype)
+    frames, grid_h, grid_w, _ = f.shape
+    novelty = torch.zeros(frames, grid_h, grid_w, dtype=dtype, device=f.device)
+    count = torch.zeros_like(novelty)
+    if frames > 1:
+        change = 1 - _cosine(f[1:], f[:-1])
+        novelty[1:] += change
+        novelty[:-1] += change
+        count[1:] += 1
+        count[:-1] += 1
+    temporal = novelty / count.clamp_min(1)
+
+    cosines, valid = [], []
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy == 0 and dx == 0:
+                continue
+            here_y = slice(max(0, -dy), grid_h - max(0, dy))
+            here_x = slice(max(0, -dx), grid_w - max(0, dx))
+            there_y = slice(max(0, dy), grid_h + min(0, dy))
+            there_x = slice(max(0, dx), grid_w + min(0, dx))
+            c, v = torch.zeros_like(novelty), torch.zeros_like(novelty)
+            c[:, here_y, here_x] = _cosine(f[:, here_y, here_x], f[:, there_y, there_x])
+            v[:, here_y, here_x] = 1
+            cosines.append(c)
+            valid.append(v)
+    cos, v = torch.stack(cosines), torch.stack(valid)
+    n = v.sum(0).clamp_min(1)
+    mean = (cos * v).sum(0) / n
+    spatial = (((cos - mean) ** 2) * v).sum(0) / n
+    return temporal, spatial
+
+
+def reference_normalise_per_frame(score: torch.Tensor) -> torch.Tensor:
+    flat = score.flatten(1)
+    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    span = hi - lo
+    normalised = torch.where(span > 0, (flat - lo) / torch.where(span > 0, span, 1), 0)
+    return normalised.view_as(score)
+
+
+def reference_fuse(global_score: torch.Tensor, temporal_score: torch.Tensor,
+                   spatial_score: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
+    w_global, w_temporal, w_spatial = weights
+    return (reference_normalise_per_frame(global_score) * w_global
+            + reference_normalise_per_frame(temporal_score) * w_temporal
+            + reference_normalise_per_frame(spatial_score) * w_spatial)
+
+
+def reference_top_k(fused: torch.Tensor, num_keep: int, num_visual: int,
+                    per_frame: bool) -> torch.Tensor:
+    """kept indices: best fused scores first, ties to the lower index; then the out-of-grid ones."""
+    frames = fused.shape[0]
+    flat = fused.reshape(frames, -1)
+    grid_tokens = flat.numel()
+    if per_frame:
+        chosen = []
+        for t in range(frames):
+            quota = num_keep // frames + (1 if t < num_keep % frames else 0)
+            order = torch.sort(-flat[t], stable=True).indices[:quota]
+            chosen.append(order + t * flat.shape[1])
+        selected = torch.cat(chosen)
+    else:
+        selected = torch.sort(-flat.flatten(), stable=True).indices[:num_keep]
+    out_of_grid = torch.arange(grid_tokens, num_visual, device=fused.device)
+    return torch.cat([selected.sort().values, out_of_grid])
+
+
+def reference_select_visual_tokens(queries: torch.Tensor, keys: torch.Tensor,
+                                   features: torch.Tensor, visual_start: int, num_visual: int,
+                                   num_keep: int, per_frame: bool = False,
+                                   weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3),
+                                   scale: float | None = None,
+                                   dtype: torch.dtype | None = None) -> SelectedTokens:
+    """The whole op in eager PyTorch (dtype=None: eager mixed precision; float64: test reference)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(queries.shape[-1])
+    grid_shape = tuple(features.shape[:3])
+    global_score = reference_global_score(queries, keys, visual_start, grid_shape, scale, dtype)
+    temporal, spatial = reference_local_scores(features, dtype or torch.float32)
+    fused = reference_fuse(global_score, temporal, spatial, weights)
+    kept = reference_top_k(fused, num_keep, num_visual, per_frame)
+    return SelectedTokens(kept, fused, global_score, temporal, spatial)

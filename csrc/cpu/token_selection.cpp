@@ -76,7 +76,7 @@ at::Tensor global_score_cpu(const at::Tensor& queries, const at::Tensor& keys,
   return columns.sum(0).div_(rows).view({s.frames, s.grid_h, s.grid_w});
 }
 
-// Stage 2: squared norm of every grid token and its dots with the kPairOffsets neighbours
+// Stage 2: squared norm of every grid token and its dots with the pair_offset neighbours
 // (0 where the neighbour does not exist).
 template <typename scalar_t>
 void pair_dots_kernel(const at::Tensor& features, const SelectionShape& s, float* norms_sq,
@@ -90,8 +90,8 @@ void pair_dots_kernel(const at::Tensor& features, const SelectionShape& s, float
       const scalar_t* row = f + p * C;
       norms_sq[p] = dot_fp32(row, row, C);
       for (int k = 0; k < kNumPairDirections; ++k) {
-        const int64_t nt = t + kPairOffsets[k][0], ny = y + kPairOffsets[k][1],
-                      nx = x + kPairOffsets[k][2];
+        const PairOffset o = pair_offset(k);
+        const int64_t nt = t + o.dt, ny = y + o.dy, nx = x + o.dx;
         const bool exists = nt < s.frames && ny < s.grid_h && nx >= 0 && nx < s.grid_w;
         const int64_t neighbour = (nt * s.grid_h + ny) * s.grid_w + nx;
         dots[p * kNumPairDirections + k] = exists ? dot_fp32(row, f + neighbour * C, C) : 0.f;
