@@ -7,12 +7,14 @@
 //   2. pair dots     — device specific: per grid token its squared norm and its dot products
 //                      with five "forward" neighbours (see PairDirection); every unordered
 //                      neighbour pair is then computed exactly once;
-//   3. the rest      — shared ATen code (token_selection_topk.cpp): cosines, temporal novelty,
-//                      spatial complexity, per-frame min-max normalisation, fusion, top-k.
+//   3. local scores  — local_scores_at below, per token, called by both backends;
+//   4. the rest      — shared ATen code (token_selection_topk.cpp): per-frame min-max
+//                      normalisation, fusion, top-k.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <tuple>
 
 #include "common.h"
@@ -104,11 +106,72 @@ inline SelectionShape check_selection_inputs(const at::Tensor& queries, const at
   return s;
 }
 
-// Stage 3 inputs -> (temporal novelty, spatial complexity), each float32 [T, Hg, Wg].
-// norms_sq [T, Hg, Wg] and pair_dots [T, Hg, Wg, kNumPairDirections] float32; pair_dots entries
-// whose neighbour does not exist are ignored.
-std::tuple<at::Tensor, at::Tensor> local_scores_from_pair_dots(const at::Tensor& norms_sq,
-                                                                const at::Tensor& pair_dots);
+// Temporal novelty and spatial complexity of one grid token from the pair-dot stage's outputs:
+// norms_sq [N] and dots [N, kNumPairDirections] (float32, (t, y, x) order). The same code runs in
+// the CPU loop and in the CUDA kernel, so both backends share these semantics exactly.
+struct LocalScores {
+  float temporal, spatial;
+};
+
+C10_HOST_DEVICE inline float pair_cosine(float dot, float norm_sq_a, float norm_sq_b) {
+  return dot / fmaxf(sqrtf(norm_sq_a) * sqrtf(norm_sq_b), 1e-8f);
+}
+
+C10_HOST_DEVICE inline LocalScores local_scores_at(int64_t token, const float* norms_sq,
+                                                   const float* dots, int64_t frames,
+                                                   int64_t grid_h, int64_t grid_w) {
+  const int64_t per_frame = grid_h * grid_w;
+  const int64_t t = token / per_frame, y = (token / grid_w) % grid_h, x = token % grid_w;
+
+  // Temporal: 1 - cos with the previous and the next frame, averaged over those that exist.
+  float novelty = 0.f;
+  int temporal_count = 0;
+  if (t + 1 < frames) {  // pair (token, token + per_frame) is token's forward pair 0
+    novelty += 1.f - pair_cosine(dots[token * kNumPairDirections], norms_sq[token],
+                                 norms_sq[token + per_frame]);
+    ++temporal_count;
+  }
+  if (t > 0) {  // ... and the previous frame's forward pair 0
+    const int64_t previous = token - per_frame;
+    novelty += 1.f - pair_cosine(dots[previous * kNumPairDirections], norms_sq[previous],
+                                 norms_sq[token]);
+    ++temporal_count;
+  }
+
+  // Spatial: cosines with the existing 8-neighbours, in a fixed (dy, dx) order.
+  float cosines[8];
+  int count = 0;
+  for (int dy = -1; dy <= 1; ++dy) {
+    for (int dx = -1; dx <= 1; ++dx) {
+      const int64_t ny = y + dy, nx = x + dx;
+      if ((dy == 0 && dx == 0) || ny < 0 || ny >= grid_h || nx < 0 || nx >= grid_w) continue;
+      const int64_t neighbour = token + dy * grid_w + dx;
+      // The pair is the forward pair of whichever token comes first in (y, x) order; forward
+      // directions: (0, 1) -> 1, (1, -1) -> 2, (1, 0) -> 3, (1, 1) -> 4 (see pair_offset).
+      const bool forward = dy > 0 || (dy == 0 && dx > 0);
+      const int64_t origin = forward ? token : neighbour;
+      const int fdy = forward ? dy : -dy, fdx = forward ? dx : -dx;
+      const int direction = fdy == 0 ? 1 : 3 + fdx;
+      cosines[count++] = pair_cosine(dots[origin * kNumPairDirections + direction],
+                                     norms_sq[token], norms_sq[neighbour]);
+    }
+  }
+  // Population variance, two-pass and shifted by the first cosine: identical cosines (a flat
+  // region) give exactly 0 instead of rounding noise, which the per-frame min-max
+  // normalisation would otherwise blow up.
+  float variance = 0.f;
+  if (count > 0) {
+    float shifted_sum = 0.f;
+    for (int i = 0; i < count; ++i) shifted_sum += cosines[i] - cosines[0];
+    const float mean = shifted_sum / count;
+    for (int i = 0; i < count; ++i) {
+      const float deviation = cosines[i] - cosines[0] - mean;
+      variance += deviation * deviation;
+    }
+    variance /= count;
+  }
+  return {temporal_count > 0 ? novelty / temporal_count : 0.f, variance};
+}
 
 // Normalise, fuse and select: returns the op's five outputs from the three raw scores.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fuse_and_select(

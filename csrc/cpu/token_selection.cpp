@@ -1,6 +1,6 @@
 // select_visual_tokens on the CPU: the reference implementation.
-// Stages 1 (global score) and 2 (pair dots) are plain loops here; stage 3 is shared ATen code
-// (csrc/token_selection_topk.cpp). All arithmetic is float32, as on CUDA.
+// Stages 1 (global score), 2 (pair dots) and 3 (local scores, via local_scores_at) are plain
+// loops here; stage 4 is shared ATen code (csrc/token_selection_topk.cpp). All arithmetic is float32, as on CUDA.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -109,7 +109,20 @@ std::tuple<at::Tensor, at::Tensor> local_scores_cpu(const at::Tensor& features,
                                   "select_visual_tokens_local_cpu", [&] {
     pair_dots_kernel<scalar_t>(features, s, norms_sq.data_ptr<float>(), dots.data_ptr<float>());
   });
-  return local_scores_from_pair_dots(norms_sq, dots);
+  at::Tensor temporal = at::empty_like(norms_sq), spatial = at::empty_like(norms_sq);
+  const float* norms_ptr = norms_sq.data_ptr<float>();
+  const float* dots_ptr = dots.data_ptr<float>();
+  float* temporal_ptr = temporal.data_ptr<float>();
+  float* spatial_ptr = spatial.data_ptr<float>();
+  at::parallel_for(0, s.grid_tokens(), 256, [&](int64_t begin, int64_t end) {
+    for (int64_t token = begin; token < end; ++token) {
+      const LocalScores scores =
+          local_scores_at(token, norms_ptr, dots_ptr, s.frames, s.grid_h, s.grid_w);
+      temporal_ptr[token] = scores.temporal;
+      spatial_ptr[token] = scores.spatial;
+    }
+  });
+  return {temporal, spatial};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_visual_tokens_cpu(

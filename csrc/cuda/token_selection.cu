@@ -15,7 +15,8 @@
 //
 // Stage 2, pair dots: one warp per grid token reads its row of features and those of its five
 // forward neighbours (norm + five dots, fp32 accumulation; memory bound).
-// Stage 3 is shared ATen code (csrc/token_selection_topk.cpp).
+// Stage 3, local scores: one thread per token, local_scores_at (shared with the CPU path).
+// Stage 4 is shared ATen code (csrc/token_selection_topk.cpp).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -495,6 +496,17 @@ __global__ void __launch_bounds__(kThreads) pair_dots_kernel(const T* features, 
   }
 }
 
+// Stage 3: one thread per grid token (local_scores_at is shared with the CPU path).
+__global__ void local_scores_kernel(const float* norms_sq, const float* dots, int64_t frames,
+                                    int64_t grid_h, int64_t grid_w, float* temporal,
+                                    float* spatial) {
+  const int64_t token = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (token >= frames * grid_h * grid_w) return;
+  const LocalScores scores = local_scores_at(token, norms_sq, dots, frames, grid_h, grid_w);
+  temporal[token] = scores.temporal;
+  spatial[token] = scores.spatial;
+}
+
 std::tuple<at::Tensor, at::Tensor> local_scores_cuda(const at::Tensor& features,
                                                       const SelectionShape& s) {
   const auto f32 = features.options().dtype(at::kFloat);
@@ -518,7 +530,14 @@ std::tuple<at::Tensor, at::Tensor> local_scores_cuda(const at::Tensor& features,
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return local_scores_from_pair_dots(norms_sq, dots);
+  at::Tensor temporal = at::empty_like(norms_sq), spatial = at::empty_like(norms_sq);
+  constexpr int kScoreThreads = 128;
+  const int64_t score_blocks = (s.grid_tokens() + kScoreThreads - 1) / kScoreThreads;
+  local_scores_kernel<<<score_blocks, kScoreThreads, 0, stream>>>(
+      norms_sq.data_ptr<float>(), dots.data_ptr<float>(), s.frames, s.grid_h, s.grid_w,
+      temporal.data_ptr<float>(), spatial.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {temporal, spatial};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_visual_tokens_cuda(
