@@ -3,8 +3,8 @@
 // Stage 1, the global score, is the heavy part (~11.5 GFLOP per pass at the benchmark shape):
 //   pass 1 (row_stats_kernel):    per (layer, KV head, key tile) block, the max and the sum of
 //                                 exponentials of every query row over the tile's keys;
-//                                 ATen then combines the per-tile partials into each row's
-//                                 softmax statistics (max m, 1 / sum);
+//                                 combine_row_stats_kernel merges the per-tile partials into
+//                                 each row's softmax statistics (max m, 1 / sum);
 //   pass 2 (grid_columns_kernel): per (layer, KV head, grid key tile) block, the sum over the
 //                                 block's query rows of exp(s - m) / sum for each grid column;
 //                                 written per (layer, KV head), then summed in a fixed order.
@@ -342,12 +342,37 @@ __global__ void __launch_bounds__(kThreads) grid_columns_kernel(AttentionParams 
   }
 }
 
+// Between the passes: one warp per (layer, KV head, row) combines the per-tile (max, sum of exp)
+// partials into the row's softmax statistics, in a fixed order. Tile 0 holds key 0, which every
+// row sees, so the max is finite and the sum at least 1.
+__global__ void __launch_bounds__(kThreads) combine_row_stats_kernel(
+    const float* partial_max, const float* partial_sum, int64_t total_rows, int num_tiles,
+    float* row_max, float* row_inv_sum) {
+  const int64_t row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= total_rows) return;  // whole warp
+  const float* tile_max = partial_max + row * num_tiles;
+  const float* tile_sum = partial_sum + row * num_tiles;
+  float m = -INFINITY;
+  for (int t = lane; t < num_tiles; t += 32) m = fmaxf(m, tile_max[t]);
+  m = warp_max(m);
+  float sum = 0.f;
+  for (int t = lane; t < num_tiles; t += 32) {
+    if (tile_max[t] != -INFINITY) sum += tile_sum[t] * expf(tile_max[t] - m);
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) {
+    row_max[row] = m;
+    row_inv_sum[row] = 1.f / sum;
+  }
+}
+
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
 template <typename T, bool kTensorCores>
 void launch_attention_passes(AttentionParams p, const at::Tensor& partial_max,
-                             const at::Tensor& partial_sum, at::Tensor& row_max,
-                             at::Tensor& row_inv_sum, cudaStream_t stream) {
+                             const at::Tensor& partial_sum, const at::Tensor& row_max,
+                             const at::Tensor& row_inv_sum, cudaStream_t stream) {
   const size_t smem = TileLayout<T>(p.head_dim).bytes;
   const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
   HIPPO_CHECK(static_cast<int64_t>(smem) <= optin, kSelectOp, "head dim ", p.head_dim,
@@ -360,11 +385,11 @@ void launch_attention_passes(AttentionParams p, const at::Tensor& partial_max,
   pass1<<<dim3(p.num_key_tiles, lh), kThreads, smem, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 
-  // Combine the per-tile partials into each row's softmax statistics (fixed-order reductions).
-  const at::Tensor max_all = partial_max.amax(-1);
-  const at::Tensor sum_all = (partial_sum * (partial_max - max_all.unsqueeze(-1)).exp()).sum(-1);
-  row_max.copy_(max_all);
-  row_inv_sum.copy_(sum_all.reciprocal());
+  const int64_t total_rows = int64_t(lh) * p.rows;
+  combine_row_stats_kernel<<<(total_rows + kWarps - 1) / kWarps, kThreads, 0, stream>>>(
+      partial_max.data_ptr<float>(), partial_sum.data_ptr<float>(), total_rows, p.num_key_tiles,
+      row_max.data_ptr<float>(), row_inv_sum.data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   auto pass2 = grid_columns_kernel<T, kTensorCores>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(pass2, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -378,6 +403,8 @@ at::Tensor global_score_cuda(const at::Tensor& queries, const at::Tensor& keys,
                              const SelectionShape& s, double scale) {
   HIPPO_CHECK(s.seq_len < (int64_t{1} << 31) && s.layers * s.q_heads * s.num_queries < (int64_t{1} << 31),
               kSelectOp, "sizes beyond int32 are not supported on CUDA");
+  HIPPO_CHECK(s.layers * s.kv_heads <= 65535, kSelectOp,
+              "at most 65535 (layer, KV head) pairs are supported on CUDA");
   const auto f32 = queries.options().dtype(at::kFloat);
   const int64_t lh = s.layers * s.kv_heads, rows = s.group() * s.num_queries;
   const int64_t num_key_tiles = (s.seq_len + kKeyTile - 1) / kKeyTile;
