@@ -498,6 +498,7 @@ __global__ void __launch_bounds__(kThreads) pair_dots_kernel(const T* features, 
   }
 
   float acc[kNumPairDirections + 1] = {};
+#pragma unroll 2  // more loads in flight per lane
   for (int64_t c = int64_t(lane) * kVec; c < channels; c += 32 * kVec) {
     float a[kVec];
     load_floats<T, kVec>(self + c, a);
