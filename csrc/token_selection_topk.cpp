@@ -73,8 +73,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fuse_and_
                                 normalised[2] * w_spatial;
   const at::Tensor fused = fused_flat.view_as(global_score);
   const at::Tensor keys = ranking_keys(fused_flat);
-  const at::Tensor grid_kept = per_frame ? select_per_frame(keys, shape.num_keep)
-                                         : select_global(keys, shape.num_keep);
+  // num_keep == 0 is decided on the host from an int argument: no top-k of size 0 on any backend.
+  const at::Tensor grid_kept = shape.num_keep == 0 ? at::empty({0}, keys.options())
+                               : per_frame        ? select_per_frame(keys, shape.num_keep)
+                                                  : select_global(keys, shape.num_keep);
   const at::Tensor out_of_grid =
       at::arange(shape.grid_tokens(), shape.num_visual, grid_kept.options());
   return {at::cat({grid_kept, out_of_grid}), fused, global_score, temporal_score, spatial_score};

@@ -209,6 +209,7 @@ def test_normalisation_of_a_constant_frame_is_zero(device, gen):
 @pytest.mark.parametrize("per_frame", [False, True])
 @pytest.mark.parametrize("frames,grid_h,grid_w,num_keep", [
     (3, 4, 5, 0), (3, 4, 5, 60), (3, 4, 5, 7), (3, 4, 5, 2), (1, 4, 5, 9), (5, 1, 1, 3),
+    (1, 1, 1, 1), (1, 1, 1, 0),
 ])
 def test_top_k_matches_reference(device, gen, per_frame, frames, grid_h, grid_w, num_keep):
     inputs = make_inputs(gen, frames=frames, grid_h=grid_h, grid_w=grid_w, extra_visual=2,
