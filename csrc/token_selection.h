@@ -1,11 +1,11 @@
 // select_visual_tokens: shapes, checks and the device-agnostic stages shared by the CPU and
 // CUDA implementations (csrc/cpu/token_selection.cpp, csrc/cuda/token_selection.cu).
 //
-// The op runs in three stages:
+// The op runs in four stages:
 //   1. global score  — device specific (a kernel per backend): mean over layers, query heads
 //                      and queries of the causal softmax attention mass on each grid column;
 //   2. pair dots     — device specific: per grid token its squared norm and its dot products
-//                      with five "forward" neighbours (see PairDirection); every unordered
+//                      with five "forward" neighbours (see pair_offset); every unordered
 //                      neighbour pair is then computed exactly once;
 //   3. local scores  — local_scores_at below, per token, called by both backends;
 //   4. the rest      — shared ATen code (token_selection_topk.cpp): per-frame min-max
