@@ -22,8 +22,30 @@ for phase in "$@"; do
       fi
       $PY -c "import hippo_ext; print('cuda kernels built:', hippo_ext.cuda_kernels_built())"
       ;;
+    toolchain)
+      echo "CC=${CC:-} CXX=${CXX:-}"; which -a gcc g++ c++ | tr '\n' ' '; echo
+      for c in $(which -a g++ c++ | sort -u) ${CXX:-}; do echo "$c: $($c --version | head -1)"; done
+      $PY -c "import torch; print(torch.__config__.show())" | grep -iE "gcc|compiler" | head -3
+      ;;
+    probe)
+      # A C++ error raised by an op must reach Python as a RuntimeError (on CPU and on CUDA).
+      $PY - <<'PY' || { echo "PROBE FAILED"; status=1; }
+import torch, hippo_ext
+for dev in ("cpu", "cuda"):
+    try:
+        hippo_ext.kv_compact_(torch.zeros(1, device=dev), torch.zeros(1, dtype=torch.long, device=dev))
+    except RuntimeError as e:
+        print(dev, "raised RuntimeError:", str(e).splitlines()[0][:100])
+PY
+      ;;
     tests)
-      $PYTEST tests -q -rs 2>&1 | tee "$OUT/tests.log" | grep -vE "^\s*$" | tail -40 || status=1
+      # One process per file, so that a crash in one file cannot hide the others' results.
+      for f in tests/test_*.py; do
+        name=$(basename "$f" .py)
+        timeout "${TEST_TIMEOUT:-150}" $PYTEST "$f" -q -rfE -v >"$OUT/$name.log" 2>&1
+        echo "$name exit $?: $(tail -1 "$OUT/$name.log")"
+        grep -E "^(FAILED|ERROR)|Fatal" "$OUT/$name.log" | head -10; grep -B1 "Fatal" "$OUT/$name.log" | head -2
+      done
       ;;
     bench)
       $PYTEST benchmarks --benchmark-only -q --benchmark-json "$OUT/bench.json" \
