@@ -42,7 +42,7 @@ PY
       # One process per file, so that a crash in one file cannot hide the others' results.
       for f in tests/test_*.py; do
         name=$(basename "$f" .py)
-        timeout "${TEST_TIMEOUT:-150}" $PYTEST "$f" -q -rfE -v >"$OUT/$name.log" 2>&1
+        timeout "${TEST_TIMEOUT:-150}" $PYTEST "$f" -rfE -v >"$OUT/$name.log" 2>&1
         echo "$name exit $?: $(tail -1 "$OUT/$name.log")"
         grep -E "^(FAILED|ERROR)|Fatal" "$OUT/$name.log" | head -10; grep -B1 "Fatal" "$OUT/$name.log" | head -2
       done
