@@ -78,7 +78,7 @@ def test_kv_gather(benchmark, measure, device, shape, impl):
 
     fn()
     assert torch.equal(dst[:, :, :, :, :count], cache[:, :, :, :, index[0]])
-    measure(fn, device, bytes_moved=2 * count * slot_bytes(cache), impl=impl, shape=shape.name, K=count)
+    measure(fn, device, bytes_moved=2 * count * slot_bytes(cache), graph=True, impl=impl, shape=shape.name, K=count)
 
 
 @pytest.mark.parametrize("impl", ["hippo", "eager"])
@@ -102,4 +102,4 @@ def test_kv_compact(benchmark, measure, device, shape, impl):
     # Repeated calls keep moving the same number of slots (the contents no longer matter).
     # The text prefix is already in place: hippo skips it, so it is not counted as moved.
     moved = int((index[0] != torch.arange(count, device=device)).sum())
-    measure(fn, device, bytes_moved=2 * moved * slot_bytes(cache), impl=impl, shape=shape.name, K=count)
+    measure(fn, device, bytes_moved=2 * moved * slot_bytes(cache), graph=True, impl=impl, shape=shape.name, K=count)

@@ -68,7 +68,7 @@ def test_select_visual_tokens_op(measure, device):
     args, bytes_moved, info = make_problem(device)
     scale = 1 / math.sqrt(args["queries"].shape[-1])
     measure(lambda: select_visual_tokens(**args, scale=scale), device, bytes_moved=bytes_moved,
-            impl="hippo_ext", **info)
+            graph=True, impl="hippo_ext", **info)
 
 
 @pytest.mark.parametrize("device", bench_devices())

@@ -10,15 +10,17 @@ import sys
 
 
 def rows(report: dict) -> list[str]:
-    lines = ["| benchmark | host median (us) | CUDA-event median (us) | HBM floor (us) | x floor | info |",
-             "|---|---|---|---|---|---|"]
-    skip = {"cuda_event_median_us", "hbm_floor_us", "x_floor"}
+    lines = ["| benchmark | host median (us) | CUDA-event median, one eager call (us) "
+             "| in a CUDA graph, per call (us) | HBM floor (us) | x floor | info |",
+             "|---|---|---|---|---|---|---|"]
+    skip = {"cuda_event_median_us", "cuda_graph_us", "hbm_floor_us", "x_floor", "gpu"}
     for bench in report["benchmarks"]:
         extra = bench.get("extra_info", {})
         info = ", ".join(f"{k}={v}" for k, v in extra.items() if k not in skip)
         lines.append(
             f"| {bench['name']} | {bench['stats']['median'] * 1e6:.1f} "
-            f"| {extra.get('cuda_event_median_us', '-')} | {extra.get('hbm_floor_us', '-')} "
+            f"| {extra.get('cuda_event_median_us', '-')} | {extra.get('cuda_graph_us', '-')} "
+            f"| {extra.get('hbm_floor_us', '-')} "
             f"| {extra.get('x_floor', '-')} | {info} |")
     return lines
 
@@ -27,7 +29,9 @@ def main(path: str) -> None:
     with open(path) as f:
         report = json.load(f)
     machine = report.get("machine_info", {})
-    print(f"<!-- {report.get('datetime', '')} {machine.get('cpu', {}).get('brand_raw', '')} -->")
+    gpus = {b.get("extra_info", {}).get("gpu") for b in report["benchmarks"]} - {None}
+    print(f"<!-- {report.get('datetime', '')} {machine.get('cpu', {}).get('brand_raw', '')} "
+          f"{', '.join(sorted(gpus))} -->")
     print("\n".join(rows(report)))
 
 

@@ -15,6 +15,10 @@ for phase in "$@"; do
   echo "=== $phase $(date -u +%H:%M:%S)"
   case "$phase" in
     build)
+      # Seen on the lent H100/H200 image (2026-11-26): an extension built with its CXX
+      # (/opt/gcc/bin/g++, a wrapper) segfaults whenever an op raises a C++ error; the system
+      # g++ of the same version works. Prefer the system compiler.
+      if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc; fi
       nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
       $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
       if ! $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
