@@ -17,7 +17,7 @@ import site
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CUDA_ARCHS = "8.0;9.0a"
@@ -82,7 +82,8 @@ setup(
     version="0.1.0",
     description="HIPPO: lossless speculative decoding for video LLMs (kernels: hippo_ext)",
     python_requires=">=3.10",
-    packages=["hippo_ext"],
+    packages=["hippo_ext"] + find_packages("python"),
+    package_dir={"hippo": "python/hippo"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     zip_safe=False,
