@@ -1,0 +1,214 @@
+"""Video decoding and frame sampling: a file in, uint8 RGB frames [T, H, W, 3] out.
+
+decord decodes when it is importable (it has no aarch64 / macOS-arm64 wheels); OpenCV is the
+fallback. Every failure a user can cause (missing, empty, corrupt file, too few frames, a bad
+request) raises HippoError with one clear message.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from hippo.models.base import HippoError
+
+BACKENDS = ("decord", "opencv")
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    num_frames: int
+    fps: float  # the container's average frame rate; 0.0 when it reports none
+    height: int
+    width: int
+
+    @property
+    def duration(self) -> float:
+        """Seconds (0.0 when the frame rate is unknown)."""
+        return self.num_frames / self.fps if self.fps > 0 else 0.0
+
+
+class _DecodeFailure(Exception):
+    """A backend could not open or decode the file; the next backend may still succeed."""
+
+
+class _Reader(Protocol):
+    info: VideoInfo
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        """uint8 RGB [len(indices), H, W, 3] in the order given."""
+        ...
+
+
+def probe_video(path: str | Path, backend: str | None = None) -> VideoInfo:
+    """Frame count, frame rate and size of a video, without decoding all of it."""
+    path = _checked_file(path)
+    return _run_with_backends(path, backend, lambda reader: reader.info)
+
+
+def load_video(
+    path: str | Path,
+    num_frames: int | None = None,
+    fps: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Decode sampled frames of a video as a uint8 tensor [T, H, W, 3] (RGB).
+
+    Exactly one of:
+      num_frames: N frames spread uniformly over the whole clip (first and last included);
+        asking for more frames than the clip has is an error.
+      fps: frames at this rate, at times 0, 1/fps, 2/fps, ... < the clip's duration; a rate
+        above the clip's own frame rate gives every frame.
+    backend: "decord" or "opencv" to force one; None tries decord first, then OpenCV.
+    """
+    _check_request(num_frames, fps)
+    path = _checked_file(path)
+
+    def decode(reader: _Reader) -> torch.Tensor:
+        indices = sample_indices(reader.info, num_frames=num_frames, fps=fps)
+        return torch.from_numpy(np.ascontiguousarray(reader.frames(indices)))
+
+    return _run_with_backends(path, backend, decode)
+
+
+def sample_indices(info: VideoInfo, num_frames: int | None = None, fps: float | None = None) -> list[int]:
+    """Frame indices to decode for a request (see load_video), in increasing order."""
+    _check_request(num_frames, fps)
+    total = info.num_frames
+    if total < 1:
+        raise HippoError("video has no frames")
+    if num_frames is not None:
+        if num_frames > total:
+            raise HippoError(f"video has {total} frames, {num_frames} requested")
+        return np.linspace(0, total - 1, num_frames).round().astype(int).tolist()
+    if info.fps <= 0:
+        raise HippoError("video reports no frame rate: sample it with num_frames instead of fps")
+    step = info.fps / min(fps, info.fps)  # source frames per sampled frame, >= 1
+    count = max(1, math.ceil(total / step - 1e-6))
+    # The frame on screen at time k / fps; the epsilon keeps exact multiples from rounding down.
+    return [min(total - 1, int(k * step + 1e-6)) for k in range(count)]
+
+
+def _check_request(num_frames: int | None, fps: float | None) -> None:
+    if (num_frames is None) == (fps is None):
+        raise HippoError("give exactly one of num_frames and fps")
+    if num_frames is not None and (isinstance(num_frames, bool) or not isinstance(num_frames, (int, np.integer))):
+        raise HippoError(f"num_frames must be an integer, got {num_frames!r}")
+    if num_frames is not None and num_frames < 1:
+        raise HippoError(f"num_frames must be at least 1, got {num_frames}")
+    if fps is not None and not (isinstance(fps, (int, float)) and math.isfinite(fps) and fps > 0):
+        raise HippoError(f"fps must be a positive number, got {fps!r}")
+
+
+def _checked_file(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise HippoError(f"video file not found: {path}")
+    if not path.is_file():
+        raise HippoError(f"not a video file (a directory or special file): {path}")
+    if path.stat().st_size == 0:
+        raise HippoError(f"video file is empty: {path}")
+    return path
+
+
+def _backend_order(backend: str | None) -> list[str]:
+    """The backends to try, in order: a forced one alone, else decord (if importable) then OpenCV."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise HippoError(f"unknown video backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if backend == "decord" and not _decord_available():
+            raise HippoError("video backend 'decord' requested but decord is not installed")
+        return [backend]
+    return ["decord", "opencv"] if _decord_available() else ["opencv"]
+
+
+def _run_with_backends(path: Path, backend: str | None, work):
+    # decord fails on some valid files (e.g. frames narrower than 80 px: a row-stride bug), so a
+    # decode failure falls through to the next backend. HippoErrors (bad requests) do not.
+    failures = []
+    for name in _backend_order(backend):
+        try:
+            return work(_OPENERS[name](path))
+        except _DecodeFailure as failure:
+            failures.append(f"{name}: {failure}")
+    raise HippoError(f"cannot decode video {path} (corrupt or not a video?): {'; '.join(failures)}")
+
+
+def _decord_available() -> bool:
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _DecordReader:
+    def __init__(self, path: Path):
+        import decord
+
+        self._errors = (RuntimeError, decord.DECORDError)
+        try:
+            self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+            count = len(self._reader)
+            height, width = self._reader[0].shape[:2] if count else (0, 0)
+            fps = float(self._reader.get_avg_fps())
+        except self._errors as error:
+            raise _DecodeFailure(_first_line(error)) from None
+        self.info = VideoInfo(count, fps if math.isfinite(fps) else 0.0, int(height), int(width))
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        try:
+            return self._reader.get_batch(indices).asnumpy()
+        except self._errors as error:
+            raise _DecodeFailure(_first_line(error)) from None
+
+
+class _OpenCVReader:
+    def __init__(self, path: Path):
+        import cv2
+
+        self._cv2, self._path = cv2, path
+        capture = cv2.VideoCapture(str(path))
+        try:
+            if not capture.isOpened():
+                raise _DecodeFailure("OpenCV cannot open it")
+            count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+            fps = float(capture.get(cv2.CAP_PROP_FPS))
+            height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+            if count <= 0:  # some containers carry no frame count: count by grabbing
+                count = 0
+                while capture.grab():
+                    count += 1
+        finally:
+            capture.release()
+        self.info = VideoInfo(count, fps if math.isfinite(fps) and fps > 0 else 0.0, height, width)
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        # Decode sequentially rather than seek: seeking by frame index is inexact for some codecs.
+        wanted, decoded = set(indices), {}
+        capture = self._cv2.VideoCapture(str(self._path))
+        try:
+            for index in range(max(indices) + 1):
+                if not capture.grab():
+                    raise _DecodeFailure(f"stream ends at frame {index} of {self.info.num_frames}")
+                if index in wanted:
+                    ok, bgr = capture.retrieve()
+                    if not ok:
+                        raise _DecodeFailure(f"cannot decode frame {index}")
+                    decoded[index] = self._cv2.cvtColor(bgr, self._cv2.COLOR_BGR2RGB)
+        finally:
+            capture.release()
+        return np.stack([decoded[index] for index in indices])
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(error).__name__
+
+
+_OPENERS = {"decord": _DecordReader, "opencv": _OpenCVReader}
