@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ import torch
 from hippo.models.base import HippoError
 
 BACKENDS = ("decord", "opencv")
+_Result = TypeVar("_Result")
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def _backend_order(backend: str | None) -> list[str]:
     return ["decord", "opencv"] if _decord_available() else ["opencv"]
 
 
-def _run_with_backends(path: Path, backend: str | None, work):
+def _run_with_backends(path: Path, backend: str | None, work: Callable[[_Reader], _Result]) -> _Result:
     # decord fails on some valid files (e.g. frames narrower than 80 px: a row-stride bug), so a
     # decode failure falls through to the next backend. HippoErrors (bad requests) do not.
     failures = []
