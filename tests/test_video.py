@@ -46,7 +46,8 @@ def decoded_indices(frames: torch.Tensor) -> list[int]:
 
 def test_sample_clip_metadata_and_content(backend):
     path = sample_video_path()
-    assert probe_video(path, backend=backend) == VideoInfo(SAMPLE_FRAMES, SAMPLE_FPS, SAMPLE_HEIGHT, SAMPLE_WIDTH)
+    expected_info = VideoInfo(SAMPLE_FRAMES, SAMPLE_FPS, SAMPLE_HEIGHT, SAMPLE_WIDTH)
+    assert probe_video(path, backend=backend) == expected_info
     frames = load_video(path, num_frames=SAMPLE_FRAMES, backend=backend)
     assert frames.shape == (SAMPLE_FRAMES, SAMPLE_HEIGHT, SAMPLE_WIDTH, 3) and frames.dtype == torch.uint8
     # Close to what was encoded (lossy codec), and the bright square really moves.
@@ -61,7 +62,8 @@ def test_sample_clip_is_cached_and_deterministic(tmp_path):
     mtime = path.stat().st_mtime_ns
     assert sample_video_path() == path and path.stat().st_mtime_ns == mtime
     again = make_synthetic_video(tmp_path / "again.mp4", SAMPLE_FRAMES, SAMPLE_HEIGHT, SAMPLE_WIDTH, SAMPLE_FPS)
-    assert torch.equal(load_video(again, num_frames=SAMPLE_FRAMES), load_video(path, num_frames=SAMPLE_FRAMES))
+    decoded = load_video(path, num_frames=SAMPLE_FRAMES)
+    assert torch.equal(load_video(again, num_frames=SAMPLE_FRAMES), decoded)
 
 
 @requires_decord

@@ -56,10 +56,12 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float) -> Path:
     path = Path(path)
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
-        raise HippoError(f"frames must be a non-empty uint8 array [T, H, W, 3], got {frames.dtype} {frames.shape}")
+        raise HippoError(f"frames must be a non-empty uint8 array [T, H, W, 3], got {frames.dtype} "
+                         f"{frames.shape}")
     codec = {".mp4": "mp4v", ".avi": "MJPG"}.get(path.suffix.lower(), "mp4v")
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")  # keeps the suffix: it picks the container
+    # The partial file keeps the suffix: OpenCV picks the container from it.
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
     height, width = frames.shape[1:3]
     writer = cv2.VideoWriter(str(partial), cv2.VideoWriter_fourcc(*codec), float(fps), (width, height))
     if not writer.isOpened():
