@@ -254,6 +254,8 @@ def test_bad_frames_raise():
         a.prepare(torch.zeros(56, 56, 3, dtype=torch.uint8), PROMPT_IDS)
     with pytest.raises(HippoError, match="token ids"):
         a.prepare(make_frames(2, 56, 56), [10_000])
+    with pytest.raises(HippoError, match="placeholder"):
+        a.prepare(make_frames(2, 56, 56), [1, a.model.config.video_token_id])
 
 
 # -- registry and compatibility ----------------------------------------------------------------------

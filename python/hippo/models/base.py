@@ -152,10 +152,14 @@ class VideoLLMAdapter:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise HippoError(f"{self.family} model has no tokenizer: pass the prompt as token ids")
-            return self.tokenizer.encode(prompt)
-        ids = [int(i) for i in prompt]
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
         if any(i < 0 or i >= self.vocab_size for i in ids):
             raise HippoError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        placeholders = {self.special_token_ids()[k] for k in ("video_token_id", "image_token_id")} - {None}
+        if placeholders.intersection(ids):
+            raise HippoError("the prompt must not contain video or image placeholder tokens; the adapter adds them")
         return ids
 
     def prepare(self, frames: torch.Tensor, prompt: str | list[int]) -> PreparedPrompt:
