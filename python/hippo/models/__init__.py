@@ -1,0 +1,45 @@
+"""Model adapters, one file per family, and the registry that picks one for a preset or a checkpoint."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hippo.models.base import HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible, read_checkpoint_json
+
+# model_type in a checkpoint's config.json -> family (LLaVA-Video checkpoints are llava_onevision too).
+FAMILIES = ("qwen2_5_vl", "llava_onevision")
+
+
+def adapter_class(family: str) -> type[VideoLLMAdapter]:
+    if family == "qwen2_5_vl":
+        from hippo.models.qwen2_5_vl import Qwen2_5_VLAdapter
+
+        return Qwen2_5_VLAdapter
+    if family == "llava_onevision":
+        from hippo.models.llava_onevision import LlavaOnevisionAdapter
+
+        return LlavaOnevisionAdapter
+    raise HippoError(f"unsupported model type {family!r}; supported: {', '.join(FAMILIES)}")
+
+
+def load_adapter(source: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                 seed: int = 0) -> VideoLLMAdapter:
+    """A preset name (tiny random model, fp32 by default, weights drawn from `seed`) or a local checkpoint
+    directory (its config.json's model_type picks the family; bf16 by default; nothing is downloaded)."""
+    from hippo.models.presets import PRESETS
+
+    if source in PRESETS:
+        preset = PRESETS[source]
+        return adapter_class(preset.family).from_preset(source, dtype=dtype or torch.float32, device=device,
+                                                        seed=seed)
+    if not os.path.isdir(source):
+        raise HippoError(f"{source!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a local "
+                         "checkpoint directory")
+    model_type = read_checkpoint_json(source, "config.json").get("model_type")
+    if model_type is None:
+        raise HippoError(f"{source} has no config.json with a model_type")
+    return adapter_class(model_type).from_pretrained(source, dtype=dtype or torch.bfloat16, device=device)
+
+
+__all__ = ["HippoError", "PreparedPrompt", "VideoLLMAdapter", "check_compatible", "load_adapter", "adapter_class"]

@@ -48,3 +48,189 @@ class PreparedPrompt:
         if self.position_ids.dim() == 3:
             return positions[None].expand(self.position_ids.shape[0], 1, count)
         return positions
+
+
+class PromptTokenizer:
+    """The small tokenizer interface hippo needs: text <-> ids and the special ids that must agree
+    between a target and its draft. Wraps an HF tokenizer (real checkpoints) or stands alone
+    (tiny presets, see presets.ByteTokenizer)."""
+
+    vocab_size: int  # number of ids the tokenizer can produce
+    eos_token_id: int | None
+    pad_token_id: int | None
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        raise NotImplementedError
+
+    def fingerprint(self) -> tuple:
+        """What must be equal for two tokenizers to be interchangeable."""
+        return (self.vocab_size, self.eos_token_id, self.pad_token_id)
+
+
+class HFPromptTokenizer(PromptTokenizer):
+    """An HF tokenizer loaded from a local checkpoint directory."""
+
+    def __init__(self, tokenizer) -> None:
+        self.hf = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.eos_token_id = tokenizer.eos_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def fingerprint(self) -> tuple:
+        # The whole vocabulary, so that two tokenizers with equal sizes but different merges differ.
+        vocab = self.hf.get_vocab()
+        return (self.vocab_size, self.eos_token_id, self.pad_token_id, hash(frozenset(vocab.items())))
+
+
+class VideoLLMAdapter:
+    """One model family: turns (frames, prompt) into a PreparedPrompt and exposes the Qwen2-family
+    language model that the runtime runs on.
+
+    Subclasses set: model (the HF *ForConditionalGeneration), tokenizer (PromptTokenizer or None),
+    prompt_prefix_ids / prompt_suffix_ids (chat-format ids around the video and the user text), and
+    implement prepare() and generate_kwargs()."""
+
+    family: str = ""
+    model: torch.nn.Module
+    tokenizer: PromptTokenizer | None
+    prompt_prefix_ids: list[int]
+    prompt_suffix_ids: list[int]
+
+    # -- what the runtime uses -------------------------------------------------------------------
+    @property
+    def text_model(self) -> torch.nn.Module:
+        """The HF Qwen2-family decoder: embed_tokens, layers, norm, rotary_emb."""
+        return self.model.model.language_model
+
+    @property
+    def lm_head(self) -> torch.nn.Linear:
+        return self.model.lm_head
+
+    @property
+    def vocab_size(self) -> int:
+        """Width of the logits (may exceed the tokenizer's size: checkpoints pad their vocabulary)."""
+        return int(self.model.lm_head.out_features)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            return int(self.tokenizer.eos_token_id)
+        eos = self.model.generation_config.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        return None if eos is None else int(eos)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def special_token_ids(self) -> dict[str, int | None]:
+        """Ids that must agree between target and draft (video placeholders, eos, pad)."""
+        cfg = self.model.config
+        return {"video_token_id": getattr(cfg, "video_token_id", None),
+                "image_token_id": getattr(cfg, "image_token_id", None),
+                "vision_start_token_id": getattr(cfg, "vision_start_token_id", None),
+                "vision_end_token_id": getattr(cfg, "vision_end_token_id", None),
+                "eos_token_id": self.eos_token_id}
+
+    # -- prompts -----------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """The user's text as token ids: a str needs a tokenizer; a list of ids is taken as is."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise HippoError(f"{self.family} model has no tokenizer: pass the prompt as token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+        if any(i < 0 or i >= self.vocab_size for i in ids):
+            raise HippoError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        placeholders = {self.special_token_ids()[k] for k in ("video_token_id", "image_token_id")} - {None}
+        if placeholders.intersection(ids):
+            raise HippoError("the prompt must not contain video or image placeholder tokens; the adapter adds them")
+        return ids
+
+    def prepare(self, frames: torch.Tensor, prompt: str | list[int]) -> PreparedPrompt:
+        raise NotImplementedError
+
+    def generate_kwargs(self, frames: torch.Tensor, prompt: str | list[int]) -> dict:
+        """Keyword arguments for the HF model's `generate` (and forward) on the same inputs."""
+        raise NotImplementedError
+
+
+def visual_span(input_ids: torch.Tensor, token_id: int) -> tuple[int, int]:
+    """(start, count) of the one contiguous run of `token_id` in input_ids [1, S]."""
+    hits = (input_ids[0] == token_id).nonzero().flatten()
+    if hits.numel() == 0:
+        raise HippoError("the prompt holds no video placeholder tokens")
+    start, count = int(hits[0]), int(hits.numel())
+    if int(hits[-1]) != start + count - 1:
+        raise HippoError("the video placeholder tokens are not contiguous (does the prompt contain the video token?)")
+    return start, count
+
+
+def check_compatible(target: VideoLLMAdapter, draft: VideoLLMAdapter) -> int:
+    """Target and draft must share a tokenizer and its special ids. Returns the shared vocabulary size
+    (the smaller logits width: checkpoints of one family may pad their embedding tables differently,
+    e.g. Qwen2.5-VL 7B 152064 vs 3B 151936, and the tokenizer never emits ids beyond either)."""
+    problems = []
+    if type(target) is not type(draft):
+        problems.append(f"families {target.family} vs {draft.family}")
+    t_tok, d_tok = target.tokenizer, draft.tokenizer
+    if (t_tok is None) != (d_tok is None):
+        problems.append("one has a tokenizer, the other none")
+    elif t_tok is not None and t_tok.fingerprint() != d_tok.fingerprint():
+        problems.append(f"tokenizer vocabularies ({t_tok.vocab_size} vs {d_tok.vocab_size} ids, or their contents)")
+    t_ids, d_ids = target.special_token_ids(), draft.special_token_ids()
+    for name in t_ids:
+        if t_ids[name] != d_ids[name]:
+            problems.append(f"{name} {t_ids[name]} vs {d_ids[name]}")
+    shared = min(target.vocab_size, draft.vocab_size)
+    tokens = t_tok.vocab_size if t_tok is not None else max(target.vocab_size, draft.vocab_size)
+    if shared < tokens:
+        problems.append(f"vocab size {target.vocab_size} vs {draft.vocab_size}")
+    if target.prompt_prefix_ids != draft.prompt_prefix_ids or target.prompt_suffix_ids != draft.prompt_suffix_ids:
+        problems.append("chat-format ids around the prompt")
+    if problems:
+        raise HippoError("target and draft tokenizers differ: " + "; ".join(problems))
+    return shared
+
+
+def read_checkpoint_json(path: str, *names: str) -> dict:
+    """The first of `names` that exists in the checkpoint directory, parsed; {} if none does."""
+    import json
+    import os
+
+    for name in names:
+        file = os.path.join(path, name)
+        if os.path.isfile(file):
+            with open(file, encoding="utf-8") as f:
+                return json.load(f)
+    return {}
+
+
+def load_local_tokenizer(path: str) -> PromptTokenizer | None:
+    """The checkpoint's own tokenizer, from the local directory only; None if it ships none."""
+    import os
+
+    if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return HFPromptTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
+    except (OSError, ValueError) as err:
+        raise HippoError(f"cannot load the tokenizer in {path}: {err}") from err

@@ -1,0 +1,129 @@
+"""LLaVA-OneVision adapter (LLaVA-Video checkpoints use the same class): (frames, prompt) ->
+PreparedPrompt with 1-D positions.
+
+Prompt layout: prefix ids, <video> x (T * ceil(n/2)^2 + 1), the user's text, suffix ids, where n =
+image_size / patch_size: each frame's n x n SigLIP patches are projected and bilinearly pooled to
+ceil(n/2) x ceil(n/2), and one learned newline embedding ends the video (HF's forward appends it).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from hippo.models.base import (HippoError, PreparedPrompt, PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
+                               read_checkpoint_json, visual_span)
+from hippo.models.preprocess import SIGLIP_MEAN, SIGLIP_STD, SiglipVideoPreprocess, preprocess_siglip_video
+
+CHAT_PREFIX = "<|im_start|>user "
+CHAT_VIDEO_TEXT_SEPARATOR = "\n"
+CHAT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+class LlavaOnevisionAdapter(VideoLLMAdapter):
+    family = "llava_onevision"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PromptTokenizer | None, preprocess: SiglipVideoPreprocess,
+                 prompt_prefix_ids: list[int], prompt_suffix_ids: list[int], text_separator: str = "") -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.prompt_prefix_ids = list(prompt_prefix_ids)
+        self.prompt_suffix_ids = list(prompt_suffix_ids)
+        self.text_separator = text_separator  # prepended to a str prompt (the chat format's "\n")
+        vision = model.config.vision_config
+        if vision.image_size != preprocess.size:
+            raise HippoError(f"frames are resized to {preprocess.size} px but the vision tower takes "
+                             f"{vision.image_size} px")
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    seed: int = 0) -> "LlavaOnevisionAdapter":
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        from hippo.models.presets import get_preset
+
+        preset = get_preset(name)
+        if preset.family != cls.family:
+            raise HippoError(f"preset {name!r} is a {preset.family} model, not {cls.family}")
+        torch.manual_seed(seed)
+        model = LlavaOnevisionForConditionalGeneration(preset.llava_config()).to(device=device, dtype=dtype)
+        tokenizer = preset.tokenizer()
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return cls(model, tokenizer, preset.llava_preprocess(), list(preset.prompt_prefix_ids),
+                   list(preset.prompt_suffix_ids))
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16,
+                        device: str | torch.device = "cpu") -> "LlavaOnevisionAdapter":
+        from transformers import LlavaOnevisionForConditionalGeneration
+
+        if not os.path.isdir(path):
+            raise HippoError(f"no checkpoint directory at {path}")
+        try:
+            model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise HippoError(f"cannot load the LLaVA-OneVision checkpoint in {path}: {err}") from err
+        tokenizer = load_local_tokenizer(path)
+        prefix = tokenizer.encode(CHAT_PREFIX) if tokenizer is not None else []
+        suffix = tokenizer.encode(CHAT_SUFFIX) if tokenizer is not None else []
+        preprocess = preprocess_from_checkpoint(path, model.config.vision_config.image_size)
+        return cls(model.to(device), tokenizer, preprocess, prefix, suffix, CHAT_VIDEO_TEXT_SEPARATOR)
+
+    # -- prompts -----------------------------------------------------------------------------------
+    @property
+    def pooled_side(self) -> int:
+        vision = self.model.config.vision_config
+        return math.ceil((vision.image_size // vision.patch_size) / 2)
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            prompt = self.text_separator + prompt
+        return super().encode_prompt(prompt)
+
+    def hf_inputs(self, frames: torch.Tensor, prompt: str | list[int]) -> dict:
+        """The HF model's own inputs for (frames, prompt): what its processor would have produced."""
+        pixels = preprocess_siglip_video(frames, self.preprocess, device=self.device, dtype=self.dtype)
+        num_video = pixels.shape[1] * self.pooled_side ** 2 + 1  # + the newline
+        ids = (self.prompt_prefix_ids + [self.model.config.video_token_id] * num_video
+               + self.encode_prompt(prompt) + self.prompt_suffix_ids)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "pixel_values_videos": pixels}
+
+    def generate_kwargs(self, frames: torch.Tensor, prompt: str | list[int]) -> dict:
+        return self.hf_inputs(frames, prompt)
+
+    @torch.no_grad()
+    def prepare(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> PreparedPrompt:
+        """fps is accepted for a uniform interface; 1-D positions do not depend on it."""
+        inputs = self.hf_inputs(frames, prompt)
+        cfg, vlm = self.model.config, self.model.model
+        input_ids = inputs["input_ids"]
+        embeds = vlm.get_input_embeddings()(input_ids)
+        features = vlm.get_video_features(inputs["pixel_values_videos"],
+                                          vision_feature_layer=cfg.vision_feature_layer,
+                                          vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                          return_dict=True).pooler_output  # [1, T * side^2, C]
+        # As the HF forward: one newline embedding after the whole video.
+        newline = vlm.image_newline[None, None, :].repeat(features.shape[0], 1, 1).to(features.device)
+        merged = torch.cat((features, newline), dim=1).flatten(0, 1).to(embeds.device, embeds.dtype)
+        _, video_mask = vlm.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=merged)
+        embeds = embeds.masked_scatter(video_mask, merged)
+        grid = (int(inputs["pixel_values_videos"].shape[1]), self.pooled_side, self.pooled_side)
+        start, count = visual_span(input_ids, cfg.video_token_id)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+        return PreparedPrompt(input_ids=input_ids, inputs_embeds=embeds, position_ids=positions, rope_delta=0,
+                              visual_start=start, num_visual=count, grid=grid,
+                              visual_features=features.reshape(*grid, -1).to(embeds.dtype))
+
+
+def preprocess_from_checkpoint(path: str, image_size: int) -> SiglipVideoPreprocess:
+    """The checkpoint's video preprocessing (video_preprocessor_config.json, else preprocessor_config.json);
+    frames always go to the vision tower's image_size."""
+    raw = read_checkpoint_json(path, "video_preprocessor_config.json", "preprocessor_config.json")
+    return SiglipVideoPreprocess(size=image_size, mean=tuple(raw.get("image_mean", SIGLIP_MEAN)),
+                                 std=tuple(raw.get("image_std", SIGLIP_STD)))

@@ -1,0 +1,147 @@
+"""hippo's own frame preprocessing in torch (no torchvision, so it runs on any install and on the GPU).
+
+It follows the arithmetic of the HF video processors of transformers 5.17:
+- resize: `torch.nn.functional.interpolate(..., antialias=True, align_corners=False)`, as torchvision's
+  `resize` does for tensors; the result is clamped and rounded back to uint8 values, as torchvision does
+  for uint8 input, before rescale (1/255) and normalisation (mean, std).
+- Qwen2-VL: `smart_resize` to multiples of patch_size * merge_size (28) within [min_pixels, max_pixels],
+  the last frame repeated to a multiple of temporal_patch_size, and the patchified layout of
+  `Qwen2VLVideoProcessor.patchify` (rows of C * tp * p * p values, ordered t, h-block, w-block, my, mx).
+- SigLIP (LLaVA-OneVision): a fixed square resize to the vision tower's image_size.
+The HF video processors themselves import torchvision, which is not installed here, so the tests check
+this arithmetic against hand-computed expectations (see tests/test_models.py).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from hippo.models.base import HippoError
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class QwenVideoPreprocess:
+    """Qwen2-VL / Qwen2.5-VL video preprocessing settings (Qwen2VLVideoProcessor's defaults)."""
+
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 128 * 28 * 28
+    max_pixels: int = 28 * 28 * 768
+    mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    std: tuple[float, float, float] = OPENAI_CLIP_STD
+    resample: str = "bicubic"
+
+
+@dataclass(frozen=True)
+class SiglipVideoPreprocess:
+    """LLaVA-OneVision video preprocessing: every frame resized to size x size."""
+
+    size: int = 384
+    mean: tuple[float, float, float] = SIGLIP_MEAN
+    std: tuple[float, float, float] = SIGLIP_STD
+    resample: str = "bicubic"
+
+
+def check_frames(frames: torch.Tensor) -> None:
+    """Frames must be a uint8 tensor [T, H, W, 3] with T >= 1."""
+    if not isinstance(frames, torch.Tensor) or frames.dim() != 4 or frames.shape[-1] != 3:
+        shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise HippoError(f"frames must be a uint8 tensor [T, H, W, 3], got {shape}")
+    if frames.dtype != torch.uint8:
+        raise HippoError(f"frames must be uint8, got {frames.dtype}")
+    if frames.shape[0] < 1 or frames.shape[1] < 1 or frames.shape[2] < 1:
+        raise HippoError(f"frames must not be empty, got shape {tuple(frames.shape)}")
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL's target size: multiples of `factor`, pixel count within [min_pixels, max_pixels],
+    aspect ratio kept as closely as possible (same arithmetic as the HF processor)."""
+    if max(height, width) / min(height, width) > 200:
+        raise HippoError(f"frame aspect ratio must be below 200, got {height}x{width}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def resize_frames(frames: torch.Tensor, height: int, width: int, resample: str) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> float32 [T, 3, height, width] holding rounded uint8 values (0..255)."""
+    if resample not in ("bicubic", "bilinear"):
+        raise HippoError(f"unsupported resample mode {resample!r} (bicubic or bilinear)")
+    video = frames.permute(0, 3, 1, 2).to(torch.float32)
+    if (video.shape[-2], video.shape[-1]) == (height, width):
+        return video.contiguous()
+    video = F.interpolate(video, size=(height, width), mode=resample, align_corners=False, antialias=True)
+    # Bicubic overshoots; torchvision clamps and rounds when its input was uint8.
+    return video.clamp_(0, 255).round_()
+
+
+def rescale_and_normalize(video: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """[T, 3, H, W] values in 0..255 -> (x / 255 - mean) / std per channel."""
+    mean_t = torch.tensor(mean, dtype=video.dtype, device=video.device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=video.dtype, device=video.device).view(1, 3, 1, 1)
+    return (video * (1.0 / 255.0) - mean_t) / std_t
+
+
+def pad_to_temporal_multiple(video: torch.Tensor, temporal_patch_size: int) -> torch.Tensor:
+    """Repeat the last frame until T is a multiple of temporal_patch_size (as the HF processor does)."""
+    pad = -video.shape[0] % temporal_patch_size
+    if pad == 0:
+        return video
+    return torch.cat([video, video[-1:].expand(pad, *video.shape[1:])], dim=0)
+
+
+def qwen_patchify(video: torch.Tensor, patch_size: int, merge_size: int,
+                  temporal_patch_size: int) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """[T, C, H, W] (T a multiple of temporal_patch_size, H and W of patch_size * merge_size) ->
+    pixel_values_videos [grid_t * grid_h * grid_w, C * tp * p * p] and (grid_t, grid_h, grid_w) in patches."""
+    frames, channels, height, width = video.shape
+    grid_t, grid_h, grid_w = frames // temporal_patch_size, height // patch_size, width // patch_size
+    patches = video.reshape(grid_t, temporal_patch_size, channels, grid_h // merge_size, merge_size, patch_size,
+                            grid_w // merge_size, merge_size, patch_size)
+    # -> (t, h-block, w-block, my, mx, C, tp, py, px): merge groups of 4 patches sit next to each other.
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    flat = patches.reshape(grid_t * grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size)
+    return flat, (grid_t, grid_h, grid_w)
+
+
+def preprocess_qwen_video(frames: torch.Tensor, cfg: QwenVideoPreprocess, device: torch.device | str | None = None,
+                          dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 frames [T, H, W, 3] -> (pixel_values_videos [N, C*tp*p*p], video_grid_thw [1, 3] int64)."""
+    check_frames(frames)
+    frames = frames.to(device) if device is not None else frames
+    factor = cfg.patch_size * cfg.merge_size
+    height, width = smart_resize(frames.shape[1], frames.shape[2], factor, cfg.min_pixels, cfg.max_pixels)
+    video = resize_frames(frames, height, width, cfg.resample)
+    video = rescale_and_normalize(video, cfg.mean, cfg.std)
+    video = pad_to_temporal_multiple(video, cfg.temporal_patch_size)
+    pixels, grid = qwen_patchify(video, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
+    grid_thw = torch.tensor([grid], dtype=torch.long, device=pixels.device)
+    return pixels.to(dtype), grid_thw
+
+
+def preprocess_siglip_video(frames: torch.Tensor, cfg: SiglipVideoPreprocess,
+                            device: torch.device | str | None = None,
+                            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 frames [T, H, W, 3] -> pixel_values_videos [1, T, 3, size, size]."""
+    check_frames(frames)
+    frames = frames.to(device) if device is not None else frames
+    video = resize_frames(frames, cfg.size, cfg.size, cfg.resample)
+    video = rescale_and_normalize(video, cfg.mean, cfg.std)
+    return video[None].to(dtype)

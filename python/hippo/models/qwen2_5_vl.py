@@ -1,0 +1,130 @@
+"""Qwen2.5-VL adapter: (frames, prompt) -> PreparedPrompt with M-RoPE position ids.
+
+Prompt layout: prefix ids, <|vision_start|>, video tokens x (T'/2)(H/28)(W/28), <|vision_end|>, the user's
+text, suffix ids (T' = T rounded up to even by repeating the last frame; H, W after smart_resize).
+Real checkpoints use Qwen's chat format; tiny presets use one stand-in id each for the turn markers.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hippo.models.base import (HippoError, PreparedPrompt, PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
+                               read_checkpoint_json, visual_span)
+from hippo.models.preprocess import QwenVideoPreprocess, preprocess_qwen_video
+
+CHAT_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+CHAT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+VIDEO_MM_TYPE = 2  # mm_token_type_ids: text 0, image 1, video 2
+
+
+class Qwen2_5_VLAdapter(VideoLLMAdapter):
+    family = "qwen2_5_vl"
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PromptTokenizer | None, preprocess: QwenVideoPreprocess,
+                 prompt_prefix_ids: list[int], prompt_suffix_ids: list[int]) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.prompt_prefix_ids = list(prompt_prefix_ids)
+        self.prompt_suffix_ids = list(prompt_suffix_ids)
+
+    # -- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    seed: int = 0) -> "Qwen2_5_VLAdapter":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        from hippo.models.presets import get_preset
+
+        preset = get_preset(name)
+        if preset.family != cls.family:
+            raise HippoError(f"preset {name!r} is a {preset.family} model, not {cls.family}")
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(preset.qwen_config()).to(device=device, dtype=dtype)
+        tokenizer = preset.tokenizer()
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        return cls(model, tokenizer, preset.qwen_preprocess(), list(preset.prompt_prefix_ids),
+                   list(preset.prompt_suffix_ids))
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16,
+                        device: str | torch.device = "cpu") -> "Qwen2_5_VLAdapter":
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        if not os.path.isdir(path):
+            raise HippoError(f"no checkpoint directory at {path}")
+        try:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise HippoError(f"cannot load the Qwen2.5-VL checkpoint in {path}: {err}") from err
+        tokenizer = load_local_tokenizer(path)
+        prefix = tokenizer.encode(CHAT_PREFIX) if tokenizer is not None else []
+        suffix = tokenizer.encode(CHAT_SUFFIX) if tokenizer is not None else []
+        return cls(model.to(device), tokenizer, preprocess_from_checkpoint(path), prefix, suffix)
+
+    # -- prompts -----------------------------------------------------------------------------------
+    def hf_inputs(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> dict:
+        """The HF model's own inputs for (frames, prompt): what its processor would have produced."""
+        cfg = self.model.config
+        pixels, grid_thw = preprocess_qwen_video(frames, self.preprocess, device=self.device, dtype=self.dtype)
+        merge = self.preprocess.merge_size
+        num_video = int(grid_thw[0, 0] * (grid_thw[0, 1] // merge) * (grid_thw[0, 2] // merge))
+        ids = (self.prompt_prefix_ids + [cfg.vision_start_token_id] + [cfg.video_token_id] * num_video
+               + [cfg.vision_end_token_id] + self.encode_prompt(prompt) + self.prompt_suffix_ids)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        inputs = {"input_ids": input_ids,
+                  "attention_mask": torch.ones_like(input_ids),
+                  "pixel_values_videos": pixels,
+                  "video_grid_thw": grid_thw,
+                  "mm_token_type_ids": (input_ids == cfg.video_token_id).to(torch.int32) * VIDEO_MM_TYPE}
+        if fps is not None:
+            if fps <= 0:
+                raise HippoError(f"fps must be positive, got {fps}")
+            # As the HF processor: seconds covered by one temporal patch of sampled frames.
+            inputs["second_per_grid_ts"] = torch.tensor([self.preprocess.temporal_patch_size / fps],
+                                                        device=self.device)
+        return inputs
+
+    def generate_kwargs(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> dict:
+        return self.hf_inputs(frames, prompt, fps)
+
+    @torch.no_grad()
+    def prepare(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> PreparedPrompt:
+        """fps: the rate the frames were sampled at (sets the temporal M-RoPE spacing as the HF processor
+        does); None keeps HF's default of one second per temporal patch."""
+        inputs = self.hf_inputs(frames, prompt, fps)
+        vlm = self.model.model
+        input_ids, grid_thw = inputs["input_ids"], inputs["video_grid_thw"]
+        embeds = vlm.get_input_embeddings()(input_ids)
+        video_embeds = vlm.get_video_features(inputs["pixel_values_videos"], grid_thw).pooler_output
+        video_embeds = torch.cat(video_embeds, dim=0).to(embeds.device, embeds.dtype)
+        _, video_mask = vlm.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=video_embeds)
+        embeds = embeds.masked_scatter(video_mask, video_embeds)
+        position_ids, rope_deltas = vlm.get_rope_index(
+            input_ids, mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=grid_thw,
+            second_per_grid_ts=inputs.get("second_per_grid_ts"))
+        merge = self.preprocess.merge_size
+        grid = (int(grid_thw[0, 0]), int(grid_thw[0, 1]) // merge, int(grid_thw[0, 2]) // merge)
+        start, count = visual_span(input_ids, self.model.config.video_token_id)
+        return PreparedPrompt(input_ids=input_ids, inputs_embeds=embeds, position_ids=position_ids,
+                              rope_delta=int(rope_deltas.flatten()[0]), visual_start=start, num_visual=count,
+                              grid=grid, visual_features=video_embeds.reshape(*grid, -1))
+
+
+def preprocess_from_checkpoint(path: str) -> QwenVideoPreprocess:
+    """The checkpoint's video preprocessing settings (video_preprocessor_config.json, else
+    preprocessor_config.json), defaulting to Qwen2VLVideoProcessor's class defaults."""
+    raw = read_checkpoint_json(path, "video_preprocessor_config.json", "preprocessor_config.json")
+    base = QwenVideoPreprocess()
+    size = raw.get("size") or {}
+    min_pixels = raw.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels") or base.min_pixels
+    max_pixels = raw.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels") or base.max_pixels
+    return QwenVideoPreprocess(
+        patch_size=raw.get("patch_size", base.patch_size),
+        temporal_patch_size=raw.get("temporal_patch_size", base.temporal_patch_size),
+        merge_size=raw.get("merge_size", base.merge_size),
+        min_pixels=int(min_pixels), max_pixels=int(max_pixels),
+        mean=tuple(raw.get("image_mean", base.mean)), std=tuple(raw.get("image_std", base.std)))

@@ -1,0 +1,307 @@
+"""Model adapters against the HF models they wrap (CPU, fp32, tiny random presets, synthetic frames).
+
+The HF video processors import torchvision, which is not installed, so hippo's preprocessing is checked
+against hand-computed arithmetic (smart_resize sizes, patch layout, padding) instead of the processor."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hippo.models import HippoError, check_compatible, load_adapter
+from hippo.models.preprocess import (QwenVideoPreprocess, SiglipVideoPreprocess, preprocess_qwen_video,
+                                     preprocess_siglip_video, qwen_patchify, smart_resize)
+from hippo.models.presets import PRESETS
+
+QWEN_PRESETS = ["tiny-qwen2.5-vl", "tiny-qwen2.5-vl-mha"]
+LLAVA_PRESETS = ["tiny-llava-onevision", "tiny-llava-onevision-mha"]
+PROMPT_IDS = [72, 105, 33, 7]
+
+
+def make_frames(t: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (t, h, w, 3), generator=g, dtype=torch.uint8)
+
+
+_ADAPTERS: dict[str, object] = {}
+
+
+def adapter(name: str):
+    """One adapter per preset for the whole module (building is the slow part)."""
+    if name not in _ADAPTERS:
+        _ADAPTERS[name] = load_adapter(name, seed=1)
+    return _ADAPTERS[name]
+
+
+def adapter_logits(a, prepared) -> torch.Tensor:
+    out = a.text_model(inputs_embeds=prepared.inputs_embeds, position_ids=prepared.position_ids, use_cache=False)
+    return a.lm_head(out.last_hidden_state)
+
+
+# -- exactness against the HF forward ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name,frames_shape", [
+    (QWEN_PRESETS[0], (4, 56, 84)), (QWEN_PRESETS[1], (3, 50, 70)),
+    (LLAVA_PRESETS[0], (2, 40, 60)), (LLAVA_PRESETS[1], (3, 56, 56))])
+@torch.no_grad()
+def test_prepared_logits_match_hf_forward(name, frames_shape):
+    a = adapter(name)
+    frames = make_frames(*frames_shape)
+    prepared = a.prepare(frames, PROMPT_IDS)
+    ref = a.model(**a.hf_inputs(frames, PROMPT_IDS), use_cache=False).logits
+    got = adapter_logits(a, prepared)
+    assert got.shape == ref.shape == (1, prepared.length, a.vocab_size)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", QWEN_PRESETS + LLAVA_PRESETS)
+@torch.no_grad()
+def test_generated_positions_continue_like_hf(name):
+    """A token appended after the prompt, run at generated_positions(0, 1) over a cache of the prompt,
+    gives the logits of HF's full forward on the longer sequence (this pins rope_delta)."""
+    from transformers import DynamicCache
+
+    a = adapter(name)
+    frames = make_frames(3, 56, 56, seed=2)
+    prepared = a.prepare(frames, PROMPT_IDS)
+    cache = DynamicCache(config=a.text_model.config)
+    a.text_model(inputs_embeds=prepared.inputs_embeds, position_ids=prepared.position_ids,
+                 past_key_values=cache, use_cache=True)
+    token = 42
+    step_embeds = a.text_model.embed_tokens(torch.tensor([[token]]))
+    step = a.text_model(inputs_embeds=step_embeds, position_ids=prepared.generated_positions(0, 1),
+                        past_key_values=cache, use_cache=True)
+    step_logits = a.lm_head(step.last_hidden_state)[:, -1]
+    longer = a.hf_inputs(frames, PROMPT_IDS + [token])
+    # The appended id sits after the suffix in the HF run: rebuild its input_ids to match the cache order.
+    ids = torch.cat([prepared.input_ids, torch.tensor([[token]])], dim=1)
+    longer["input_ids"] = ids
+    longer["attention_mask"] = torch.ones_like(ids)
+    if "mm_token_type_ids" in longer:
+        longer["mm_token_type_ids"] = (ids == a.model.config.video_token_id).to(torch.int32) * 2
+    ref = a.model(**longer, use_cache=False).logits[:, -1]
+    torch.testing.assert_close(step_logits, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", QWEN_PRESETS)
+@torch.no_grad()
+def test_qwen_positions_equal_hf_generation_positions(name):
+    a = adapter(name)
+    frames = make_frames(5, 60, 90, seed=3)
+    for fps in (None, 2.0, 0.5):
+        prepared = a.prepare(frames, PROMPT_IDS, fps=fps)
+        kwargs = a.generate_kwargs(frames, PROMPT_IDS, fps=fps)
+        input_ids = kwargs["input_ids"]
+        # The path HF generate takes: [text positions; 3-D positions], rope_deltas stored on the model.
+        hf = a.model._prepare_position_ids_for_generation(input_ids, dict(kwargs))
+        torch.testing.assert_close(prepared.position_ids, hf[1:])
+        assert prepared.rope_delta == int(a.model.model.rope_deltas.flatten()[0])
+
+
+@torch.no_grad()
+def test_qwen_positions_by_hand():
+    """prefix 1 token, vision_start, video grid (t=2, 2x2), vision_end, 4 text ids, suffix 1 token."""
+    a = adapter(QWEN_PRESETS[0])
+    prepared = a.prepare(make_frames(4, 56, 56), PROMPT_IDS)  # fps None: 1 s per grid, tokens_per_second 2
+    assert prepared.grid == (2, 2, 2)
+    t_ids = [0, 1] + [2] * 4 + [4] * 4 + [4, 5, 6, 7, 8, 9]
+    h_ids = [0, 1] + [2, 2, 3, 3] * 2 + [4, 5, 6, 7, 8, 9]
+    w_ids = [0, 1] + [2, 3, 2, 3] * 2 + [4, 5, 6, 7, 8, 9]
+    assert prepared.position_ids[:, 0].tolist() == [t_ids, h_ids, w_ids]
+    assert prepared.rope_delta == 10 - prepared.length
+    assert prepared.generated_positions(0, 2)[:, 0].tolist() == [[10, 11]] * 3
+
+
+# -- spans, grids, features --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", QWEN_PRESETS)
+@torch.no_grad()
+def test_qwen_visual_span_grid_features(name):
+    a = adapter(name)
+    cfg = a.model.config
+    prepared = a.prepare(make_frames(3, 50, 70), PROMPT_IDS)  # 3 frames -> 4; 50x70 -> 56x56
+    t, hg, wg = prepared.grid
+    assert (t, hg, wg) == (2, 2, 2)
+    ids = prepared.input_ids[0]
+    start, n = prepared.visual_start, prepared.num_visual
+    assert n == t * hg * wg
+    assert (ids[start:start + n] == cfg.video_token_id).all()
+    assert int((ids == cfg.video_token_id).sum()) == n
+    assert int(ids[start - 1]) == cfg.vision_start_token_id and int(ids[start + n]) == cfg.vision_end_token_id
+    hidden = cfg.text_config.hidden_size
+    assert prepared.visual_features.shape == (t, hg, wg, hidden)
+    torch.testing.assert_close(prepared.inputs_embeds[0, start:start + n], prepared.visual_features.reshape(n, -1))
+    assert prepared.inputs_embeds.shape == (1, prepared.length, hidden)
+    assert prepared.position_ids.shape == (3, 1, prepared.length)
+
+
+@pytest.mark.parametrize("name,side", [(LLAVA_PRESETS[0], 2), (LLAVA_PRESETS[1], 3)])
+@torch.no_grad()
+def test_llava_visual_span_grid_features(name, side):
+    a = adapter(name)
+    frames = make_frames(3, 33, 47)
+    prepared = a.prepare(frames, PROMPT_IDS)
+    assert prepared.grid == (3, side, side)
+    ids = prepared.input_ids[0]
+    start, n = prepared.visual_start, prepared.num_visual
+    assert n == 3 * side * side + 1  # + the newline
+    assert (ids[start:start + n] == a.model.config.video_token_id).all()
+    assert int((ids == a.model.config.video_token_id).sum()) == n
+    hidden = a.model.config.text_config.hidden_size
+    assert prepared.visual_features.shape == (3, side, side, hidden)
+    grid_tokens = 3 * side * side
+    torch.testing.assert_close(prepared.inputs_embeds[0, start:start + grid_tokens],
+                               prepared.visual_features.reshape(grid_tokens, -1))
+    torch.testing.assert_close(prepared.inputs_embeds[0, start + grid_tokens], a.model.model.image_newline)
+    assert prepared.position_ids.tolist() == [list(range(prepared.length))]
+    assert prepared.rope_delta == 0
+
+
+# -- HF generate with the adapter's kwargs -----------------------------------------------------------
+
+@pytest.mark.parametrize("name", [QWEN_PRESETS[0], LLAVA_PRESETS[0]])
+@torch.no_grad()
+def test_hf_generate_runs_and_is_deterministic(name):
+    a = adapter(name)
+    frames = make_frames(2, 56, 56, seed=4)
+    kwargs = a.generate_kwargs(frames, "hi")
+    runs = [a.model.generate(**a.generate_kwargs(frames, "hi"), max_new_tokens=6, do_sample=False)
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    prompt_len = kwargs["input_ids"].shape[1]
+    assert runs[0].shape[1] > prompt_len
+    # Its first token is the argmax of the adapter's last-position logits.
+    first = adapter_logits(a, a.prepare(frames, "hi"))[0, -1].argmax()
+    assert int(runs[0][0, prompt_len]) == int(first)
+
+
+# -- preprocessing arithmetic ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hw,expected", [
+    ((56, 84), (56, 84)),      # already multiples of 28
+    ((50, 70), (56, 56)),      # round(2.5) == 2 (round half to even, as Python and HF)
+    ((300, 200), (112, 84)),   # over max_pixels 112*112: beta = sqrt(60000 / 12544)
+    ((10, 30), (56, 112)),     # under min_pixels 56*56: beta = sqrt(3136 / 300), ceil
+])
+def test_smart_resize_by_hand(hw, expected):
+    assert smart_resize(*hw, factor=28, min_pixels=56 * 56, max_pixels=112 * 112) == expected
+
+
+def test_smart_resize_rejects_extreme_aspect():
+    with pytest.raises(HippoError):
+        smart_resize(1, 300, factor=28, min_pixels=56 * 56, max_pixels=112 * 112)
+
+
+def test_qwen_patchify_layout_by_hand():
+    p, m, tp = 2, 2, 2
+    video = torch.arange(4 * 3 * 8 * 4, dtype=torch.float32).reshape(4, 3, 8, 4)  # T C H W
+    flat, grid = qwen_patchify(video, p, m, tp)
+    assert grid == (2, 4, 2)
+    assert flat.shape == (2 * 4 * 2, 3 * tp * p * p)
+    for t in range(2):
+        for hb in range(2):
+            for wb in range(1):
+                for my in range(m):
+                    for mx in range(m):
+                        row = ((t * 2 + hb) * 1 + wb) * m * m + my * m + mx
+                        y0, x0 = (hb * m + my) * p, (wb * m + mx) * p
+                        expect = video[t * tp:(t + 1) * tp, :, y0:y0 + p, x0:x0 + p].permute(1, 0, 2, 3)
+                        assert torch.equal(flat[row], expect.reshape(-1))
+
+
+@pytest.mark.parametrize("frames,grid_t", [(1, 1), (2, 1), (5, 3), (6, 3)])
+def test_qwen_odd_frame_counts_repeat_last_frame(frames, grid_t):
+    cfg = QwenVideoPreprocess(min_pixels=56 * 56, max_pixels=112 * 112)
+    video = make_frames(frames, 56, 56)
+    pixels, grid_thw = preprocess_qwen_video(video, cfg)
+    assert grid_thw.tolist() == [[grid_t, 4, 4]]
+    assert pixels.shape == (grid_t * 16, 3 * 2 * 14 * 14)
+    if frames % 2:
+        # The last temporal patch holds the last frame twice.
+        last = pixels[-16:].reshape(16, 3, 2, 14 * 14)
+        assert torch.equal(last[:, :, 0], last[:, :, 1])
+
+
+def test_normalisation_without_resize_is_exact():
+    cfg = QwenVideoPreprocess(min_pixels=56 * 56, max_pixels=112 * 112)
+    video = make_frames(2, 28 * 2, 28 * 2)
+    pixels, _ = preprocess_qwen_video(video, cfg)
+    # Row 0, channel 0, first frame, top-left patch pixel (0, 0).
+    expected = (video[0, 0, 0, 0].item() / 255 - cfg.mean[0]) / cfg.std[0]
+    assert abs(pixels[0, 0].item() - expected) < 1e-6
+    siglip = preprocess_siglip_video(video, SiglipVideoPreprocess(size=56))
+    assert siglip.shape == (1, 2, 3, 56, 56)
+    assert abs(siglip[0, 1, 2, 5, 7].item() - (video[1, 5, 7, 2].item() / 255 - 0.5) / 0.5) < 1e-6
+
+
+def test_resize_keeps_constant_frames_and_rounds():
+    frame = torch.full((1, 37, 53, 3), 200, dtype=torch.uint8)
+    pixels = preprocess_siglip_video(frame, SiglipVideoPreprocess(size=70))
+    torch.testing.assert_close(pixels, torch.full_like(pixels, (200 / 255 - 0.5) / 0.5))
+    noisy = preprocess_siglip_video(make_frames(1, 37, 53), SiglipVideoPreprocess(size=70, mean=(0, 0, 0),
+                                                                                      std=(1, 1, 1)))
+    values = noisy * 255
+    assert values.min() >= 0 and values.max() <= 255
+    torch.testing.assert_close(values, values.round(), rtol=0, atol=1e-4)
+
+
+def test_bad_frames_raise():
+    a = adapter(QWEN_PRESETS[0])
+    with pytest.raises(HippoError, match="uint8"):
+        a.prepare(torch.zeros(2, 56, 56, 3), PROMPT_IDS)
+    with pytest.raises(HippoError, match=r"\[T, H, W, 3\]"):
+        a.prepare(torch.zeros(56, 56, 3, dtype=torch.uint8), PROMPT_IDS)
+    with pytest.raises(HippoError, match="token ids"):
+        a.prepare(make_frames(2, 56, 56), [10_000])
+    with pytest.raises(HippoError, match="placeholder"):
+        a.prepare(make_frames(2, 56, 56), [1, a.model.config.video_token_id])
+
+
+# -- registry and compatibility ----------------------------------------------------------------------
+
+def test_string_prompts_use_the_byte_tokenizer():
+    a = adapter(QWEN_PRESETS[0])
+    prepared = a.prepare(make_frames(2, 56, 56), "Hi!")
+    assert prepared.input_ids[0, -4:-1].tolist() == list(b"Hi!")
+    assert a.tokenizer.decode(list(b"Hi!") + [a.eos_token_id]) == "Hi!"
+
+
+def test_unknown_sources_raise(tmp_path):
+    with pytest.raises(HippoError, match="neither a preset"):
+        load_adapter("no-such-model-anywhere")
+    with pytest.raises(HippoError, match="neither a preset"):
+        load_adapter(str(tmp_path / "missing"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(HippoError, match="unsupported model type 'bert'"):
+        load_adapter(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({}))
+    with pytest.raises(HippoError, match="model_type"):
+        load_adapter(str(tmp_path))
+
+
+def test_broken_checkpoint_directory_raises(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+    with pytest.raises(HippoError):
+        load_adapter(str(tmp_path))
+
+
+def test_check_compatible():
+    assert check_compatible(adapter(QWEN_PRESETS[0]), adapter(QWEN_PRESETS[1])) == 512
+    assert check_compatible(adapter(LLAVA_PRESETS[1]), adapter(LLAVA_PRESETS[0])) == 512
+    with pytest.raises(HippoError, match="target and draft tokenizers differ"):
+        check_compatible(adapter(QWEN_PRESETS[0]), load_adapter("tiny-qwen2.5-vl-v640"))
+    with pytest.raises(HippoError, match="target and draft tokenizers differ"):
+        check_compatible(adapter(QWEN_PRESETS[0]), adapter(LLAVA_PRESETS[0]))
+
+
+def test_presets_are_named_and_buildable():
+    assert sum(p.family == "qwen2_5_vl" for p in PRESETS.values()) >= 2
+    assert sum(p.family == "llava_onevision" for p in PRESETS.values()) >= 2
+    gqa = adapter(QWEN_PRESETS[0]).model.config.text_config
+    assert gqa.num_key_value_heads < gqa.num_attention_heads
+    mha = adapter(QWEN_PRESETS[1]).model.config.text_config
+    assert mha.num_key_value_heads == mha.num_attention_heads
+    a = adapter(LLAVA_PRESETS[0])
+    assert hasattr(a.text_model, "embed_tokens") and hasattr(a.text_model, "rotary_emb")
+    assert a.eos_token_id == 504 and a.vocab_size == 512
