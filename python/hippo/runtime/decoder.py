@@ -1,0 +1,322 @@
+"""hippo's own step loop for a Qwen2-family language model, on HF's weights.
+
+The runtime calls the HF modules' own submodules (norms, projections, MLP, rotary embedding,
+output head), so the weights are borrowed, never copied, and the arithmetic is HF's; what it
+replaces is the attention plumbing: a static KV cache (static_cache.py), prefill from input
+embeddings with explicit position ids, and decode/verify steps of static shape that CUDA graphs
+capture (cuda_graphs.py). Works for Qwen2 (1-D RoPE: LLaVA-OneVision, LLaVA-Video) and for the
+text model of Qwen2.5-VL (M-RoPE, position ids [3, B, S]).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hippo.models.base import HippoError
+from hippo.runtime.static_cache import StaticKVCache
+
+STEP_ATTENTION_BACKENDS = ("sdpa", "hippo_ext")
+MAX_STEP_TOKENS = 64  # decode_attention's query-block limit
+
+
+@dataclass
+class PrefillResult:
+    """logits: [B, S, V] with all_logits=True, else [B, 1, V] (the last prompt token only: the
+    full matrix of a video prompt is gigabytes).
+    queries: [len(query_layers), Hq, Lq, D] post-RoPE queries of the last Lq prompt tokens at
+    the requested layers (batch 1), or None when no layers were requested."""
+
+    logits: torch.Tensor
+    queries: torch.Tensor | None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dimension: RoPE's rotation by 90 degrees."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, D] rotated by cos/sin [B, S, D] (written in HF's order for bitwise parity)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def find_text_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(text decoder, lm_head) of an HF causal LM or VLM: Qwen2ForCausalLM (model.model),
+    Qwen2.5-VL / LLaVA-OneVision (model.model.language_model)."""
+    lm_head = getattr(model, "lm_head", None)
+    inner = getattr(model, "model", None)
+    text_model = getattr(inner, "language_model", None) if inner is not None else None
+    if text_model is None and inner is not None and hasattr(inner, "layers"):
+        text_model = inner
+    if text_model is None or lm_head is None or not hasattr(text_model, "layers"):
+        raise HippoError(
+            f"unsupported model type {type(model).__name__}: expected a Qwen2-family causal LM "
+            "with .lm_head and .model (.language_model) holding embed_tokens, layers, norm, "
+            "rotary_emb")
+    return text_model, lm_head
+
+
+class LanguageModelRuntime:
+    """Static-cache prefill and decode/verify steps of a Qwen2-family text decoder.
+
+    Args:
+        text_model: the HF text decoder (embed_tokens, layers, norm, rotary_emb), e.g.
+            `Qwen2ForCausalLM.model` or `Qwen2_5_VLForConditionalGeneration.model.language_model`.
+        lm_head: the HF output head.
+        max_seq_len: cache capacity (prompt plus every generated or drafted token).
+        batch: batch size of the cache (token selection and the AR baseline use 1).
+        use_cuda_graphs: capture each step shape as a CUDA graph (default: on CUDA). False runs
+            the same step code eagerly, for debugging.
+        step_attention: "hippo_ext" (decode_attention over the static cache; default on CUDA
+            when hippo_ext has CUDA kernels) or "sdpa" (masked PyTorch attention; default on the
+            CPU, where it matches HF's own SDPA path).
+    """
+
+    def __init__(self, text_model: nn.Module, lm_head: nn.Module, max_seq_len: int,
+                 batch: int = 1, *, use_cuda_graphs: bool | None = None,
+                 step_attention: str | None = None) -> None:
+        self.text_model = text_model
+        self.lm_head = lm_head
+        self.layers = list(text_model.layers)
+        self.rotary_emb = text_model.rotary_emb
+        self.uses_mrope = hasattr(self.rotary_emb, "mrope_section")
+        _reject_unsupported_attention(text_model)
+
+        attention = self.layers[0].self_attn
+        self.head_dim = int(attention.head_dim)
+        self.num_heads = attention.q_proj.out_features // self.head_dim
+        self.num_kv_heads = attention.k_proj.out_features // self.head_dim
+        self.scale = float(attention.scaling)
+        weight = text_model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+
+        self.cache = StaticKVCache(len(self.layers), batch, self.num_kv_heads, max_seq_len,
+                                   self.head_dim, dtype=self.dtype, device=self.device)
+        self.step_attention = step_attention or _default_step_attention(self.device)
+        if self.step_attention not in STEP_ATTENTION_BACKENDS:
+            raise HippoError(f"unknown step_attention {self.step_attention!r}; choose one of "
+                             f"{STEP_ATTENTION_BACKENDS}")
+        if self.step_attention == "hippo_ext":
+            import hippo_ext  # noqa: F401  (registers torch.ops.hippo_ext)
+        is_cuda = self.device.type == "cuda"
+        self.use_cuda_graphs = is_cuda if use_cuda_graphs is None else use_cuda_graphs
+        if self.use_cuda_graphs and not is_cuda:
+            raise HippoError("use_cuda_graphs=True needs the model on a CUDA device")
+        self._graphs = None
+        if self.use_cuda_graphs:
+            _reject_dynamic_rope(self.rotary_emb)
+            from hippo.runtime.cuda_graphs import StepGraphs
+            self._graphs = StepGraphs(self)
+
+    @classmethod
+    def from_hf(cls, model: nn.Module, max_seq_len: int, batch: int = 1,
+                **options) -> "LanguageModelRuntime":
+        """A runtime for the language model inside an HF causal LM or VLM."""
+        text_model, lm_head = find_text_model(model)
+        return cls(text_model, lm_head, max_seq_len, batch, **options)
+
+    # ----------------------------------------------------------------------------- public API
+
+    @property
+    def length(self) -> int:
+        """Valid cache length as a host int (syncs only after a device-tensor rollback)."""
+        return self.cache.current_length()
+
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] token ids -> [B, S, hidden] input embeddings."""
+        return self.text_model.embed_tokens(input_ids.to(self.device))
+
+    def rollback(self, length: int | torch.Tensor) -> None:
+        """Forget every cached position from `length` on (int, or a device tensor [B])."""
+        self.cache.rollback(length)
+
+    def reset(self) -> None:
+        """Empty the cache."""
+        self.cache.reset()
+
+    @torch.no_grad()
+    def prefill(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *,
+                query_layers: Sequence[int] = (), query_len: int = 0,
+                all_logits: bool = False) -> PrefillResult:
+        """Run the prompt [B, S, hidden] at the current cache length (normally 0) and cache it.
+
+        position_ids: [B, S] (1-D RoPE) or [3, B, S] (M-RoPE; [B, S] is broadcast to the three
+        sections as HF does). Prefill runs eagerly with PyTorch SDPA on every device.
+        """
+        batch, seq_len, _ = inputs_embeds.shape
+        self._check_batch(batch)
+        query_layers = self._check_query_request(query_layers, query_len, batch, seq_len)
+        positions = self._normalise_positions(position_ids, batch, seq_len)
+        start = self.cache.current_length()
+        self.cache.reserve(seq_len, "prefill")
+        self.cache.advance(seq_len)
+
+        hidden = inputs_embeds.to(device=self.device, dtype=self.dtype)
+        cos, sin = self.rotary_emb(hidden, positions)
+        queries = []
+        for index in range(len(self.layers)):
+            def attend(q, k, v, index=index):
+                if index in query_layers:
+                    queries.append((index, q[0, :, seq_len - query_len:].clone()))
+                return self._prefill_attention(index, q, k, v, start)
+            hidden = self._layer(index, hidden, cos, sin, attend)
+        if not all_logits:
+            hidden = hidden[:, -1:]
+        logits = self.lm_head(self.text_model.norm(hidden))
+        ordered = [dict(queries)[layer] for layer in query_layers]
+        return PrefillResult(logits, torch.stack(ordered) if ordered else None)
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Append n tokens (n = 1: decode; n = g + 1: verify) and return their logits [B, n, V].
+
+        input_ids: [B, n]; position_ids: [B, n] or [3, B, n] (M-RoPE). Each new token attends
+        causally within the block and to every cached position; the length advances by n.
+        With CUDA graphs the returned tensor is the graph's static output buffer: the next step
+        of the same n overwrites it, so clone what must survive.
+        """
+        batch, count = input_ids.shape
+        self._check_batch(batch)
+        if not 1 <= count <= MAX_STEP_TOKENS:
+            raise HippoError(f"a step takes 1..{MAX_STEP_TOKENS} tokens, got {count}")
+        positions = self._normalise_positions(position_ids, batch, count)
+        self.cache.reserve(count, "step")
+        if self._graphs is not None:
+            return self._graphs.run(input_ids, positions)
+        key_limit = self.cache.host_length or self.cache.max_seq_len
+        return self.step_body(input_ids.to(self.device), positions, key_limit)
+
+    # ------------------------------------------------------------------- the step, capturable
+
+    def step_body(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                  key_limit: int) -> torch.Tensor:
+        """The device work of one step: static shapes, no host sync (CUDA graphs capture it).
+        The SDPA backend reads keys [0, key_limit), a host bound on the valid length."""
+        count = input_ids.shape[1]
+        self.cache.advance(count)
+        write_positions = self.cache.write_positions(count)
+        hidden = self.text_model.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(hidden, positions)
+        for index in range(len(self.layers)):
+            def attend(q, k, v, index=index):
+                self.cache.write(index, k, v, write_positions)
+                return self._step_attention(index, q, key_limit)
+            hidden = self._layer(index, hidden, cos, sin, attend)
+        return self.lm_head(self.text_model.norm(hidden))
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _layer(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               attend) -> torch.Tensor:
+        """One decoder layer in HF's order; `attend(q, k, v)` (post-RoPE, [B, H, S, D]) stores
+        keys/values and returns the attention output [B, S, Hq * D]."""
+        layer = self.layers[index]
+        attention = layer.self_attn
+        batch, seq_len, _ = hidden.shape
+        residual = hidden
+        normed = layer.input_layernorm(hidden)
+        heads_shape = (batch, seq_len, -1, self.head_dim)
+        q = attention.q_proj(normed).view(heads_shape).transpose(1, 2)
+        k = attention.k_proj(normed).view(heads_shape).transpose(1, 2)
+        v = attention.v_proj(normed).view(heads_shape).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        hidden = residual + attention.o_proj(attend(q, k, v))
+        residual = hidden
+        return residual + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _prefill_attention(self, index: int, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, start: int) -> torch.Tensor:
+        batch, _, seq_len, _ = q.shape
+        end = start + seq_len
+        self.cache.keys(index)[:, :, start:end].copy_(k)
+        self.cache.values(index)[:, :, start:end].copy_(v)
+        if start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                 enable_gqa=True)
+        else:  # continuing a cached prefix: each new token sees the prefix and itself causally
+            key_pos = torch.arange(end, device=self.device)
+            query_pos = torch.arange(start, end, device=self.device)
+            mask = key_pos[None, :] <= query_pos[:, None]
+            out = F.scaled_dot_product_attention(
+                q, self.cache.keys(index)[:, :, :end], self.cache.values(index)[:, :, :end],
+                attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return out.transpose(1, 2).reshape(batch, seq_len, -1)
+
+    def _step_attention(self, index: int, q: torch.Tensor, key_limit: int) -> torch.Tensor:
+        batch, _, count, _ = q.shape
+        if self.step_attention == "hippo_ext":
+            out = torch.ops.hippo_ext.decode_attention.default(
+                q.transpose(1, 2).contiguous(), self.cache.tensor, index, self.cache.length,
+                self.scale, None)
+            return out.reshape(batch, count, -1)
+        # Masked SDPA over a static key window: query i sees keys [0, length - count + i].
+        key_pos = torch.arange(key_limit, device=self.device)
+        query_pos = self.cache.length[:, None] - count + torch.arange(count, device=self.device)
+        mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]
+        out = F.scaled_dot_product_attention(
+            q, self.cache.keys(index)[:, :, :key_limit], self.cache.values(index)[:, :, :key_limit],
+            attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return out.transpose(1, 2).reshape(batch, count, -1)
+
+    def _normalise_positions(self, position_ids: torch.Tensor, batch: int,
+                             seq_len: int) -> torch.Tensor:
+        """Position ids on the device, [3, B, S] for M-RoPE and [B, S] for 1-D RoPE."""
+        positions = position_ids.to(device=self.device, dtype=torch.int64)
+        if self.uses_mrope and positions.dim() == 2:
+            positions = positions[None].expand(3, *positions.shape)
+        expected = (3, batch, seq_len) if self.uses_mrope else (batch, seq_len)
+        if tuple(positions.shape) != expected:
+            kind = "M-RoPE [3, B, S]" if self.uses_mrope else "1-D RoPE [B, S]"
+            raise HippoError(f"position ids of shape {tuple(position_ids.shape)} do not fit "
+                             f"{kind} with B={batch}, S={seq_len}")
+        return positions
+
+    def _check_batch(self, batch: int) -> None:
+        if batch != self.cache.batch:
+            raise HippoError(f"batch {batch} does not match the runtime's batch "
+                             f"{self.cache.batch}")
+
+    def _check_query_request(self, query_layers: Sequence[int], query_len: int, batch: int,
+                             seq_len: int) -> tuple[int, ...]:
+        layers = tuple(int(layer) for layer in query_layers)
+        if not layers:
+            return layers
+        if batch != 1:
+            raise HippoError("queries for token selection are returned for batch 1 only")
+        if not 1 <= query_len <= seq_len:
+            raise HippoError(f"query_len must be in 1..{seq_len} (the prompt), got {query_len}")
+        bad = [layer for layer in layers if not 0 <= layer < len(self.layers)]
+        if bad:
+            raise HippoError(f"query layers {bad} out of range 0..{len(self.layers) - 1}")
+        return layers
+
+
+def _default_step_attention(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "sdpa"
+    try:
+        import hippo_ext
+    except ImportError:
+        return "sdpa"
+    return "hippo_ext" if hippo_ext.has_kernel("decode_attention", "CUDA") else "sdpa"
+
+
+def _reject_unsupported_attention(text_model: nn.Module) -> None:
+    layer_types = getattr(text_model.config, "layer_types", None) or ()
+    if "sliding_attention" in layer_types:
+        raise HippoError("sliding-window attention layers are not supported by hippo's runtime "
+                         "(set use_sliding_window=False, as Qwen2 checkpoints ship)")
+
+
+def _reject_dynamic_rope(rotary_emb: nn.Module) -> None:
+    rope_type = str(getattr(rotary_emb, "rope_type", "default"))
+    if "dynamic" in rope_type or rope_type == "longrope":
+        raise HippoError(f"rope_type {rope_type!r} recomputes frequencies from the positions "
+                         "(a host sync); run with use_cuda_graphs=False")
