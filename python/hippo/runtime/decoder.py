@@ -98,12 +98,8 @@ class LanguageModelRuntime:
 
         self.cache = StaticKVCache(len(self.layers), batch, self.num_kv_heads, max_seq_len,
                                    self.head_dim, dtype=self.dtype, device=self.device)
-        self.step_attention = step_attention or _default_step_attention(self.device)
-        if self.step_attention not in STEP_ATTENTION_BACKENDS:
-            raise HippoError(f"unknown step_attention {self.step_attention!r}; choose one of "
-                             f"{STEP_ATTENTION_BACKENDS}")
-        if self.step_attention == "hippo_ext":
-            import hippo_ext  # noqa: F401  (registers torch.ops.hippo_ext)
+        self.step_attention = _choose_step_attention(step_attention, self.device, self.dtype,
+                                                     self.head_dim)
         is_cuda = self.device.type == "cuda"
         self.use_cuda_graphs = is_cuda if use_cuda_graphs is None else use_cuda_graphs
         if self.use_cuda_graphs and not is_cuda:
@@ -298,14 +294,41 @@ class LanguageModelRuntime:
         return layers
 
 
-def _default_step_attention(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "sdpa"
+DECODE_ATTENTION_CUDA_DTYPES = (torch.bfloat16, torch.float16)
+DECODE_ATTENTION_CUDA_HEAD_DIMS = (64, 80, 128)
+
+
+def _decode_attention_supports(device: torch.device, dtype: torch.dtype,
+                               head_dim: int) -> bool:
+    """Whether hippo_ext.decode_attention has a kernel for this device, dtype and head dim (its
+    CUDA kernel takes bf16/fp16 and head dims 64, 80, 128; the CPU reference takes all)."""
     try:
         import hippo_ext
     except ImportError:
-        return "sdpa"
-    return "hippo_ext" if hippo_ext.has_kernel("decode_attention", "CUDA") else "sdpa"
+        return False
+    if device.type != "cuda":
+        return hippo_ext.has_kernel("decode_attention", "CPU")
+    return (hippo_ext.has_kernel("decode_attention", "CUDA")
+            and dtype in DECODE_ATTENTION_CUDA_DTYPES
+            and head_dim in DECODE_ATTENTION_CUDA_HEAD_DIMS)
+
+
+def _choose_step_attention(requested: str | None, device: torch.device, dtype: torch.dtype,
+                           head_dim: int) -> str:
+    """hippo_ext on CUDA where its kernel applies, SDPA otherwise (and on the CPU by default,
+    where it is what HF runs)."""
+    if requested is None:
+        use_kernel = device.type == "cuda" and _decode_attention_supports(device, dtype, head_dim)
+        return "hippo_ext" if use_kernel else "sdpa"
+    if requested not in STEP_ATTENTION_BACKENDS:
+        raise HippoError(f"unknown step_attention {requested!r}; choose one of "
+                         f"{STEP_ATTENTION_BACKENDS}")
+    if requested == "hippo_ext" and not _decode_attention_supports(device, dtype, head_dim):
+        raise HippoError(
+            f"step_attention='hippo_ext' has no kernel for {device.type}, {dtype}, head dim "
+            f"{head_dim} (CUDA: bf16/fp16, head dim 64/80/128; or hippo_ext is not built); "
+            "use step_attention='sdpa'")
+    return requested
 
 
 def _reject_unsupported_attention(text_model: nn.Module) -> None:
