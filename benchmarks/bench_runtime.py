@@ -96,7 +96,7 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype):
             model = Qwen2ForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=dtype).eval()
+    return model.eval()  # (no .to(dtype): RoPE's inv_freq buffer stays fp32, as HF loads it)
 
 
 def weight_bytes(model) -> int:

@@ -97,6 +97,33 @@ def test_prefill_and_steps_match_hf_forward(family, kwargs):
     assert runtime.length == total
 
 
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
+def test_fused_projections_borrow_hf_weights(family):
+    model, positions_for = build(family)
+    ids = torch.randint(0, VOCAB, (1, 12))
+    embeds = text_model_of(model).embed_tokens(ids).detach()
+    before = hf_logits(model, embeds, positions_for(12))
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32)
+    again = LanguageModelRuntime.from_hf(model, max_seq_len=32)  # reuses the fused layout
+    for layer, fused, fused_again in zip(runtime.layers, runtime.fused, again.fused):
+        attention = layer.self_attn
+        assert fused_again is fused
+        assert attention.q_proj.weight.data_ptr() == fused.qkv_weight.data_ptr()
+        assert attention.v_proj.bias.untyped_storage().data_ptr() == \
+            fused.qkv_bias.untyped_storage().data_ptr()
+        assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == \
+            fused.gate_up_weight.untyped_storage().data_ptr()
+    torch.testing.assert_close(hf_logits(model, embeds, positions_for(12)), before,
+                               atol=ATOL, rtol=0)  # the HF model still computes the same
+    unfused = LanguageModelRuntime.from_hf(model, max_seq_len=32, fuse_projections=False)
+    outputs = []
+    for rt in (runtime, unfused):
+        rt.prefill(embeds[:, :8], positions_for(8))
+        outputs.append(rt.step(ids[:, 8:12], positions_for(4, 8)))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(outputs[1], before[:, 8:], atol=ATOL, rtol=0)
+
+
 def test_prefill_returns_only_last_row_by_default():
     model, _ = build("qwen2")
     runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32)

@@ -76,11 +76,15 @@ class LanguageModelRuntime:
         step_attention: "hippo_ext" (decode_attention over the static cache; default on CUDA
             when hippo_ext has CUDA kernels) or "sdpa" (masked PyTorch attention; default on the
             CPU, where it matches HF's own SDPA path).
+        fuse_projections: store each layer's q/k/v weights (and biases) as one matrix, and
+            gate/up as one, so a step runs one GEMM for each group (fewer, fatter kernels). The
+            HF parameters are replaced by views into the fused tensors: no second copy, and the
+            HF model keeps working. Build the runtime after moving or casting the model.
     """
 
     def __init__(self, text_model: nn.Module, lm_head: nn.Module, max_seq_len: int,
                  batch: int = 1, *, use_cuda_graphs: bool | None = None,
-                 step_attention: str | None = None) -> None:
+                 step_attention: str | None = None, fuse_projections: bool = True) -> None:
         self.text_model = text_model
         self.lm_head = lm_head
         self.layers = list(text_model.layers)
@@ -95,6 +99,8 @@ class LanguageModelRuntime:
         self.scale = float(attention.scaling)
         weight = text_model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
+        self.fused = ([fuse_layer_projections(layer) for layer in self.layers]
+                      if fuse_projections else None)
 
         self.cache = StaticKVCache(len(self.layers), batch, self.num_kv_heads, max_seq_len,
                                    self.head_dim, dtype=self.dtype, device=self.device)
@@ -214,18 +220,36 @@ class LanguageModelRuntime:
         """One decoder layer in HF's order; `attend(q, k, v)` (post-RoPE, [B, H, S, D]) stores
         keys/values and returns the attention output [B, S, Hq * D]."""
         layer = self.layers[index]
-        attention = layer.self_attn
-        batch, seq_len, _ = hidden.shape
         residual = hidden
-        normed = layer.input_layernorm(hidden)
+        q, k, v = self._project_qkv(index, layer.input_layernorm(hidden), cos, sin)
+        hidden = residual + layer.self_attn.o_proj(attend(q, k, v))
+        residual = hidden
+        return residual + self._mlp(index, layer.post_attention_layernorm(hidden))
+
+    def _project_qkv(self, index: int, normed: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Post-RoPE q [B, Hq, S, D], k and v [B, Hkv, S, D] of one layer."""
+        batch, seq_len, _ = normed.shape
         heads_shape = (batch, seq_len, -1, self.head_dim)
-        q = attention.q_proj(normed).view(heads_shape).transpose(1, 2)
-        k = attention.k_proj(normed).view(heads_shape).transpose(1, 2)
-        v = attention.v_proj(normed).view(heads_shape).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        hidden = residual + attention.o_proj(attend(q, k, v))
-        residual = hidden
-        return residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        if self.fused is None:
+            attention = self.layers[index].self_attn
+            q = attention.q_proj(normed).view(heads_shape).transpose(1, 2)
+            k = attention.k_proj(normed).view(heads_shape).transpose(1, 2)
+            v = attention.v_proj(normed).view(heads_shape).transpose(1, 2)
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        fused = self.fused[index]
+        qkv = F.linear(normed, fused.qkv_weight, fused.qkv_bias).view(heads_shape)
+        rotated_heads = self.num_heads + self.num_kv_heads  # q and k rotate together
+        qk = apply_rope(qkv[:, :, :rotated_heads].transpose(1, 2), cos, sin)
+        v = qkv[:, :, rotated_heads:].transpose(1, 2)
+        return qk[:, :self.num_heads], qk[:, self.num_heads:], v
+
+    def _mlp(self, index: int, normed: torch.Tensor) -> torch.Tensor:
+        mlp = self.layers[index].mlp
+        if self.fused is None:
+            return mlp(normed)
+        gate, up = F.linear(normed, self.fused[index].gate_up_weight).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
 
     def _prefill_attention(self, index: int, q: torch.Tensor, k: torch.Tensor,
                            v: torch.Tensor, start: int) -> torch.Tensor:
@@ -292,6 +316,57 @@ class LanguageModelRuntime:
         if bad:
             raise HippoError(f"query layers {bad} out of range 0..{len(self.layers) - 1}")
         return layers
+
+
+@dataclass
+class FusedProjections:
+    """One layer's q/k/v projection as one matrix [(Hq + 2 Hkv) D, hidden] with its bias, and
+    its gate/up projection as one [2 I, hidden]. The HF parameters are views into these."""
+
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor
+    gate_up_weight: torch.Tensor
+
+
+def fuse_layer_projections(layer: nn.Module) -> FusedProjections:
+    """Concatenate a decoder layer's q/k/v and gate/up weights and point the HF parameters at
+    slices of the result (so memory holds one copy). Idempotent: a layer fused before, whose
+    parameters still view the fused tensors, is reused as is."""
+    attention, mlp = layer.self_attn, layer.mlp
+    previous = getattr(layer, "_hippo_fused", None)
+    if previous is not None and _still_views(previous, attention, mlp):
+        return previous
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    if any(p.bias is None for p in projections) or mlp.gate_proj.bias is not None:
+        raise HippoError("expected Qwen2 projections: q/k/v with biases, gate/up without")
+    with torch.no_grad():
+        fused = FusedProjections(
+            qkv_weight=torch.cat([p.weight for p in projections]),
+            qkv_bias=torch.cat([p.bias for p in projections]),
+            gate_up_weight=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    _point_at_slices(projections, "weight", fused.qkv_weight)
+    _point_at_slices(projections, "bias", fused.qkv_bias)
+    _point_at_slices((mlp.gate_proj, mlp.up_proj), "weight", fused.gate_up_weight)
+    layer._hippo_fused = fused
+    return fused
+
+
+def _point_at_slices(modules: Sequence[nn.Module], name: str, fused: torch.Tensor) -> None:
+    """Replace each module's parameter `name` by its rows of `fused` (in order)."""
+    start = 0
+    for module in modules:
+        rows = getattr(module, name).shape[0]
+        old = getattr(module, name)
+        setattr(module, name, nn.Parameter(fused[start:start + rows],
+                                           requires_grad=old.requires_grad))
+        start += rows
+
+
+def _still_views(fused: FusedProjections, attention: nn.Module, mlp: nn.Module) -> bool:
+    return (attention.q_proj.weight.data_ptr() == fused.qkv_weight.data_ptr()
+            and attention.q_proj.bias.data_ptr() == fused.qkv_bias.data_ptr()
+            and mlp.gate_proj.weight.data_ptr() == fused.gate_up_weight.data_ptr()
+            and attention.q_proj.weight.dtype == fused.qkv_weight.dtype)
 
 
 DECODE_ATTENTION_CUDA_DTYPES = (torch.bfloat16, torch.float16)
