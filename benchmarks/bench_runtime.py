@@ -9,6 +9,8 @@ Qwen2ForCausalLM models, prefills a context of each requested length and times w
   * HF eager forward of the same number of tokens on a DynamicCache holding the same keys and
     values (cropped back after each call);
   * the runtime's prefill of the context (SDPA);
+  * per-token time of greedy AR: hippo's generate_autoregressive (one graph step per token,
+    one host read of the token) against HF `generate` (prefill subtracted);
   * the floor: (weight bytes + KV bytes read) / copy bandwidth (H100 3.0e12 B/s, H200 4.3e12).
     Weight bytes count every parameter once, except an untied input embedding (a step reads one
     row of it).
@@ -71,6 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=50, help="timed calls per step size")
     parser.add_argument("--prefill-reps", type=int, default=2, help="timed prefills per context")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF eager baseline")
+    parser.add_argument("--ar-tokens", type=int, default=32,
+                        help="tokens for the AR rows (hippo AR vs HF generate); 0 skips them")
     parser.add_argument("--quick", action="store_true",
                         help="6.4k context, verify 5 and 9, 20 iterations (about a minute)")
     parser.add_argument("--tiny", action="store_true",
@@ -80,6 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.contexts, args.verify, args.iters, args.prefill_reps = "6400", "5,9", 20, 1
     if args.tiny:
         args.models, args.contexts, args.iters, args.prefill_reps = "tiny", "64,128", 3, 1
+        args.ar_tokens = min(args.ar_tokens, 4)
     return args
 
 
@@ -188,6 +193,36 @@ def time_prefill(runtime: LanguageModelRuntime, context: int, reps: int,
     return time_ms(call, reps, device, warmup=1)
 
 
+def time_autoregressive(model, runtime: LanguageModelRuntime, context: int, tokens: int,
+                        use_hf: bool, device: torch.device) -> tuple[float, float | None]:
+    """Per-token decode time (ms) of hippo's greedy AR and of HF `generate` after a `context`
+    prompt; HF's is (time for tokens + 1) - (time for 1), which removes its prefill."""
+    from hippo.models.base import PreparedPrompt
+    from hippo.runtime import generate_autoregressive
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+    prompt = PreparedPrompt(input_ids=ids, inputs_embeds=runtime.embed(ids),
+                            position_ids=torch.arange(context, device=device)[None],
+                            rope_delta=0, visual_start=0, num_visual=0, grid=(0, 0, 0),
+                            visual_features=torch.zeros(0, 0, 0, 0))
+    generate_autoregressive(runtime, prompt, tokens + 1)  # warm-up (captures the graph)
+    hippo = generate_autoregressive(runtime, prompt, tokens + 1).decode_s_per_token * 1e3
+    if not use_hf:
+        return hippo, None
+
+    def hf_seconds(new_tokens: int) -> float:
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        synchronize()
+        started = time.perf_counter()
+        model.generate(ids, do_sample=False, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, pad_token_id=0)
+        synchronize()
+        return time.perf_counter() - started
+
+    hf_seconds(2)  # warm-up
+    per_token = (hf_seconds(tokens + 1) - hf_seconds(1)) / tokens * 1e3
+    return hippo, per_token
+
+
 def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
                 dtype: torch.dtype) -> list[Row]:
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -207,6 +242,11 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
             what = "decode (1)" if count == 1 else f"verify ({count})"
             rows.append(Row(shape, context, what, hippo, hf, floor))
         rows.append(Row(shape, context, "prefill", prefill_ms, None, None))
+        if args.ar_tokens > 0:
+            hippo_ar, hf_generate = time_autoregressive(model, runtime, context, args.ar_tokens,
+                                                        not args.no_hf, device)
+            rows.append(Row(shape, context, "AR per token (HF: generate)", hippo_ar,
+                            hf_generate, floor))
         del hf_cache
         if device.type == "cuda":
             torch.cuda.empty_cache()
