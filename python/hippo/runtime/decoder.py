@@ -74,8 +74,8 @@ class LanguageModelRuntime:
         use_cuda_graphs: capture each step shape as a CUDA graph (default: on CUDA). False runs
             the same step code eagerly, for debugging.
         step_attention: "hippo_ext" (decode_attention over the static cache; default on CUDA
-            when hippo_ext has CUDA kernels) or "sdpa" (masked PyTorch attention; default on the
-            CPU, where it matches HF's own SDPA path).
+            where its kernel applies: bf16/fp16, head dim 64/80/128) or "sdpa" (masked PyTorch
+            attention; default elsewhere, and on the CPU, where it is HF's own path).
         fuse_projections: store each layer's q/k/v weights (and biases) as one matrix, and
             gate/up as one, so a step runs one GEMM for each group (fewer, fatter kernels). The
             HF parameters are replaced by views into the fused tensors: no second copy, and the
@@ -99,8 +99,6 @@ class LanguageModelRuntime:
         self.scale = float(attention.scaling)
         weight = text_model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.fused = ([fuse_layer_projections(layer) for layer in self.layers]
-                      if fuse_projections else None)
 
         self.cache = StaticKVCache(len(self.layers), batch, self.num_kv_heads, max_seq_len,
                                    self.head_dim, dtype=self.dtype, device=self.device)
@@ -115,6 +113,9 @@ class LanguageModelRuntime:
             _reject_dynamic_rope(self.rotary_emb)
             from hippo.runtime.cuda_graphs import StepGraphs
             self._graphs = StepGraphs(self)
+        # Last, once every check has passed: fusing rewrites the HF model's parameters.
+        self.fused = ([fuse_layer_projections(layer) for layer in self.layers]
+                      if fuse_projections else None)
 
     @classmethod
     def from_hf(cls, model: nn.Module, max_seq_len: int, batch: int = 1,
