@@ -193,8 +193,7 @@ class LanguageModelRuntime:
         self.cache.reserve(count, "step")
         if self._graphs is not None:
             return self._graphs.run(input_ids, positions)
-        key_limit = self.cache.host_length or self.cache.max_seq_len
-        return self.step_body(input_ids.to(self.device), positions, key_limit)
+        return self.step_body(input_ids.to(self.device), positions, self._eager_key_limit())
 
     # ------------------------------------------------------------------- the step, capturable
 
@@ -215,6 +214,14 @@ class LanguageModelRuntime:
         return self.lm_head(self.text_model.norm(hidden))
 
     # ---------------------------------------------------------------------------- internals
+
+    def _eager_key_limit(self) -> int:
+        """Key window of the eager SDPA step: on CUDA the graphs' static S_max, so that eager
+        and replayed steps do the very same work (bitwise equal); on the CPU the valid length,
+        to keep it cheap."""
+        if self.device.type == "cuda" or self.cache.host_length is None:
+            return self.cache.max_seq_len
+        return self.cache.host_length
 
     def _layer(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                attend) -> torch.Tensor:
