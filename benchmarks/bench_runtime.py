@@ -228,7 +228,8 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
     contexts = [int(c) for c in args.contexts.split(",")]
     step_sizes = [1] + [int(g) for g in args.verify.split(",")]
     model = build_model(shape, device, dtype)
-    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=max(contexts) + max(step_sizes))
+    headroom = max(max(step_sizes), args.ar_tokens + 1)  # tokens appended after the context
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=max(contexts) + headroom)
     bw = bandwidth(device)
     rows = []
     for context in contexts:
