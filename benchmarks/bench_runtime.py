@@ -1,0 +1,287 @@
+"""Step times of hippo's language-model runtime against HF eager and the bandwidth floor.
+
+A plain script (not a pytest benchmark): `python benchmarks/bench_runtime.py --help`.
+
+On CUDA, in bf16 with random weights, it builds Qwen2-7B- and Qwen2-0.5B-shaped
+Qwen2ForCausalLM models, prefills a context of each requested length and times with CUDA events:
+  * the runtime's decode step (1 token) and verify steps (g + 1 tokens), each a CUDA graph
+    replay followed by a rollback to the context length (one tiny fill kernel);
+  * HF eager forward of the same number of tokens on a DynamicCache holding the same keys and
+    values (cropped back after each call);
+  * the runtime's prefill of the context (SDPA);
+  * per-token time of greedy AR: hippo's generate_autoregressive (one graph step per token,
+    one host read of the token) against HF `generate` (prefill subtracted);
+  * the floor: (weight bytes + KV bytes read) / copy bandwidth (H100 3.0e12 B/s, H200 4.3e12).
+    Weight bytes count every parameter once, except an untied input embedding (a step reads one
+    row of it).
+and prints one markdown table. `--tiny` runs a tiny fp32 model on the CPU as a smoke test (host
+clock, no floor). `--quick` picks sizes that fit in about a minute on an H100.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from hippo.runtime import LanguageModelRuntime
+
+# Device-to-device copy bandwidth (read + write) measured on the lent cards (NOTES.md).
+HBM_BYTES_PER_S = {"H200": 4.3e12, "H100": 3.0e12}
+
+MODEL_SHAPES = {
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
+               tie_word_embeddings=False),
+    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, intermediate_size=4864, vocab_size=152064,
+                 tie_word_embeddings=True),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128, vocab_size=512,
+                 tie_word_embeddings=False),
+}
+
+
+@dataclass
+class Row:
+    model: str
+    context: int
+    what: str
+    hippo_ms: float
+    hf_ms: float | None
+    floor_ms: float | None
+
+    def cells(self) -> list[str]:
+        ratio = f"{self.hippo_ms / self.floor_ms:.2f}x" if self.floor_ms else "n/a"
+        speedup = f"{self.hf_ms / self.hippo_ms:.1f}x" if self.hf_ms else "n/a"
+        return [self.model, str(self.context), self.what, f"{self.hippo_ms:.3f}",
+                _fmt(self.hf_ms), _fmt(self.floor_ms), ratio, speedup]
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "n/a"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="7b,0.5b", help="comma list of 7b, 0.5b")
+    parser.add_argument("--contexts", default="6400,12600", help="comma list of context lengths")
+    parser.add_argument("--verify", default="2,5,9,17", help="verify step sizes g+1")
+    parser.add_argument("--iters", type=int, default=50, help="timed calls per step size")
+    parser.add_argument("--prefill-reps", type=int, default=2, help="timed prefills per context")
+    parser.add_argument("--no-hf", action="store_true", help="skip the HF eager baseline")
+    parser.add_argument("--ar-tokens", type=int, default=32,
+                        help="tokens for the AR rows (hippo AR vs HF generate); 0 skips them")
+    parser.add_argument("--quick", action="store_true",
+                        help="6.4k context, verify 5 and 9, 20 iterations (about a minute)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="CPU smoke test: tiny fp32 model, contexts 64 and 128")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.contexts, args.verify, args.iters, args.prefill_reps = "6400", "5,9", 20, 1
+    if args.tiny:
+        args.models, args.contexts, args.iters, args.prefill_reps = "tiny", "64,128", 3, 1
+        args.ar_tokens = min(args.ar_tokens, 4)
+    return args
+
+
+def build_model(shape: str, device: torch.device, dtype: torch.dtype):
+    """A randomly initialised Qwen2ForCausalLM of the given shape, created directly on device in
+    dtype (no fp32 copy on the host)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(**MODEL_SHAPES[shape], max_position_embeddings=32768,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()  # (no .to(dtype): RoPE's inv_freq buffer stays fp32, as HF loads it)
+
+
+def weight_bytes(model) -> int:
+    """Bytes of parameters a decode step reads (an untied input embedding only by one row)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    embedding = model.get_input_embeddings().weight
+    if embedding is not model.get_output_embeddings().weight:
+        total -= embedding.numel() * embedding.element_size()
+    return total
+
+
+def kv_bytes(runtime: LanguageModelRuntime, context: int) -> int:
+    cache = runtime.cache.tensor
+    return (cache.size(0) * 2 * cache.size(2) * cache.size(3) * context * cache.size(5)
+            * cache.element_size())
+
+
+def bandwidth(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), 3.0e12)
+
+
+def time_ms(fn: Callable[[], object], iters: int, device: torch.device,
+            warmup: int = 2) -> float:
+    """Mean time of fn() in ms: CUDA events around `iters` back-to-back calls, or the host
+    clock on the CPU."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        started = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - started) * 1e3 / iters
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def hf_cache_like(model, runtime: LanguageModelRuntime, context: int):
+    """A DynamicCache holding the runtime's keys/values of the first `context` positions."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=model.config)
+    for layer in range(runtime.cache.num_layers):
+        cache.update(runtime.cache.keys(layer)[:, :, :context].clone(),
+                     runtime.cache.values(layer)[:, :, :context].clone(), layer)
+    return cache
+
+
+def time_hf_step(model, cache, context: int, count: int, iters: int,
+                 device: torch.device) -> float:
+    """HF eager forward of `count` tokens on a cache of `context` positions (cropped back)."""
+    ids = torch.randint(0, model.config.vocab_size, (1, count), device=device)
+    positions = torch.arange(context, context + count, device=device)[None]
+
+    def call():
+        model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
+              logits_to_keep=count)
+        cache.crop(-count)  # forget the tokens just appended
+    return time_ms(call, iters, device)
+
+
+def time_runtime_step(runtime: LanguageModelRuntime, context: int, count: int, iters: int,
+                      device: torch.device) -> float:
+    ids = torch.randint(0, runtime.text_model.config.vocab_size, (1, count), device=device)
+    positions = torch.arange(context, context + count, device=device)[None]
+
+    def call():
+        runtime.step(ids, positions)
+        runtime.rollback(context)
+    return time_ms(call, iters, device)
+
+
+def time_prefill(runtime: LanguageModelRuntime, context: int, reps: int,
+                 device: torch.device) -> float:
+    embeds = runtime.embed(torch.randint(0, runtime.text_model.config.vocab_size,
+                                         (1, context), device=device))
+    positions = torch.arange(context, device=device)[None]
+
+    def call():
+        runtime.reset()
+        runtime.prefill(embeds, positions)
+    return time_ms(call, reps, device, warmup=1)
+
+
+def time_autoregressive(model, runtime: LanguageModelRuntime, context: int, tokens: int,
+                        use_hf: bool, device: torch.device) -> tuple[float, float | None]:
+    """Per-token decode time (ms) of hippo's greedy AR and of HF `generate` after a `context`
+    prompt; HF's is (time for tokens + 1) - (time for 1), which removes its prefill."""
+    from hippo.models.base import PreparedPrompt
+    from hippo.runtime import generate_autoregressive
+    ids = torch.randint(0, model.config.vocab_size, (1, context), device=device)
+    prompt = PreparedPrompt(input_ids=ids, inputs_embeds=runtime.embed(ids),
+                            position_ids=torch.arange(context, device=device)[None],
+                            rope_delta=0, visual_start=0, num_visual=0, grid=(0, 0, 0),
+                            visual_features=torch.zeros(0, 0, 0, 0))
+    generate_autoregressive(runtime, prompt, tokens + 1)  # warm-up (captures the graph)
+    hippo = generate_autoregressive(runtime, prompt, tokens + 1).decode_s_per_token * 1e3
+    if not use_hf:
+        return hippo, None
+
+    def hf_seconds(new_tokens: int) -> float:
+        synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        synchronize()
+        started = time.perf_counter()
+        model.generate(ids, do_sample=False, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, pad_token_id=0)
+        synchronize()
+        return time.perf_counter() - started
+
+    hf_seconds(2)  # warm-up
+    per_token = (hf_seconds(tokens + 1) - hf_seconds(1)) / tokens * 1e3
+    return hippo, per_token
+
+
+def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
+                dtype: torch.dtype) -> list[Row]:
+    contexts = [int(c) for c in args.contexts.split(",")]
+    step_sizes = [1] + [int(g) for g in args.verify.split(",")]
+    model = build_model(shape, device, dtype)
+    headroom = max(max(step_sizes), args.ar_tokens + 1)  # tokens appended after the context
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=max(contexts) + headroom)
+    bw = bandwidth(device)
+    rows = []
+    for context in contexts:
+        prefill_ms = time_prefill(runtime, context, args.prefill_reps, device)
+        floor = (weight_bytes(model) + kv_bytes(runtime, context)) / bw * 1e3 if bw else None
+        hf_cache = None if args.no_hf else hf_cache_like(model, runtime, context)
+        for count in step_sizes:
+            hippo = time_runtime_step(runtime, context, count, args.iters, device)
+            hf = (None if hf_cache is None
+                  else time_hf_step(model, hf_cache, context, count, args.iters, device))
+            what = "decode (1)" if count == 1 else f"verify ({count})"
+            rows.append(Row(shape, context, what, hippo, hf, floor))
+        rows.append(Row(shape, context, "prefill", prefill_ms, None, None))
+        if args.ar_tokens > 0:
+            hippo_ar, hf_generate = time_autoregressive(model, runtime, context, args.ar_tokens,
+                                                        not args.no_hf, device)
+            rows.append(Row(shape, context, "AR per token (HF: generate)", hippo_ar,
+                            hf_generate, floor))
+        del hf_cache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    del runtime, model
+    gc.collect()  # the runtime and its graphs reference each other
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def markdown(rows: list[Row], device: torch.device, dtype: torch.dtype) -> str:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    header = ["model", "context", "step", "hippo ms", "HF eager ms", "floor ms",
+              "hippo / floor", "HF / hippo"]
+    lines = [f"Device: {name}, {str(dtype).removeprefix('torch.')}, batch 1, random weights",
+             "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.tiny:
+        device, dtype = torch.device("cpu"), torch.float32
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("bench_runtime needs a CUDA GPU (or --tiny for a CPU smoke test)")
+        device, dtype = torch.device("cuda"), torch.bfloat16
+    rows = []
+    with torch.no_grad():
+        for shape in args.models.split(","):
+            rows += bench_model(shape.strip(), args, device, dtype)
+    print(markdown(rows, device, dtype))
+
+
+if __name__ == "__main__":
+    main()

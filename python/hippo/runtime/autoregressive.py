@@ -1,0 +1,122 @@
+"""The autoregressive baseline: one token per target step through the runtime (graphs on CUDA).
+
+Greedy decoding reproduces HF `generate(do_sample=False)` token for token; sampling applies
+temperature, top-k and top-p with HF's own logits warpers, in HF's order, so that the sampled
+distribution is the one HF samples from.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hippo.models.base import HippoError, PreparedPrompt
+from hippo.runtime.decoder import LanguageModelRuntime
+
+
+@dataclass
+class GenerationResult:
+    """tokens: the generated ids (eos included when it stopped the generation).
+    prefill_s / decode_s: wall time of the prefill (to the first token) and of the rest."""
+
+    tokens: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def decode_s_per_token(self) -> float:
+        steps = len(self.tokens) - 1
+        return self.decode_s / steps if steps > 0 else 0.0
+
+
+def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None) -> torch.Tensor:
+    """Logits [..., V] after HF's temperature, top-k and top-p warpers (in that order); removed
+    tokens get -inf. Speculative sampling must warp target and draft logits the same way."""
+    from transformers.generation.logits_process import (
+        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    shape = logits.shape
+    scores = logits.reshape(-1, shape[-1]).float()
+    if temperature != 1.0:
+        scores = TemperatureLogitsWarper(temperature)(None, scores)
+    if top_k is not None and top_k != 0:
+        scores = TopKLogitsWarper(top_k=top_k)(None, scores)
+    if top_p is not None and top_p < 1.0:
+        scores = TopPLogitsWarper(top_p=top_p)(None, scores)
+    return scores.reshape(shape)
+
+
+def choose_next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
+                      top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, V] logits -> [B] next tokens: argmax when temperature == 0, else a sample."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(warp_logits(logits, temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPrompt,
+                            max_new_tokens: int, eos_token_id: int | list[int] | None = None, *,
+                            temperature: float = 0.0, top_k: int | None = None,
+                            top_p: float | None = None,
+                            generator: torch.Generator | None = None) -> GenerationResult:
+    """Generate up to max_new_tokens after the prompt, one runtime step per token.
+
+    Stops after an eos token (included, as HF generate does). Generated token j sits at
+    `prompt.generated_positions(j, 1)`. The runtime's cache is reset first. A sampling
+    generator must live on the runtime's device.
+    """
+    _check_request(runtime, prompt, max_new_tokens, temperature, top_p)
+    eos_ids = _eos_set(eos_token_id)
+    runtime.reset()
+    synchronize = _synchronizer(runtime.device)
+
+    started = time.perf_counter()
+    prefill = runtime.prefill(prompt.inputs_embeds, prompt.position_ids)
+    token = choose_next_token(prefill.logits[:, -1], temperature, top_k, top_p, generator)
+    result = GenerationResult(tokens=[int(token.item())])
+    result.prefill_s = time.perf_counter() - started
+
+    positions = prompt.generated_positions(0, max_new_tokens).to(runtime.device)
+    started = time.perf_counter()
+    for index in range(max_new_tokens - 1):
+        if result.tokens[-1] in eos_ids:
+            break
+        logits = runtime.step(token[:, None], positions[..., index:index + 1])
+        token = choose_next_token(logits[:, -1], temperature, top_k, top_p, generator)
+        result.tokens.append(int(token.item()))
+    synchronize()
+    result.decode_s = time.perf_counter() - started
+    return result
+
+
+def _check_request(runtime: LanguageModelRuntime, prompt: PreparedPrompt, max_new_tokens: int,
+                   temperature: float, top_p: float | None) -> None:
+    if max_new_tokens < 1:
+        raise HippoError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if prompt.length + max_new_tokens > runtime.cache.max_seq_len:
+        raise HippoError(
+            "prompt plus max_new_tokens beyond the cache: "
+            f"{prompt.length} prompt tokens + {max_new_tokens} new tokens > max_seq_len "
+            f"{runtime.cache.max_seq_len}")
+    if temperature < 0:
+        raise HippoError(f"temperature must be >= 0, got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise HippoError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _eos_set(eos_token_id: int | list[int] | None) -> set[int]:
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, int):
+        return {eos_token_id}
+    return {int(token) for token in eos_token_id}
+
+
+def _synchronizer(device: torch.device):
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None

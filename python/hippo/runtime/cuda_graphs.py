@@ -1,0 +1,71 @@
+"""CUDA graphs of a runtime's decode/verify steps: one graph per step size n, captured lazily.
+
+Each graph is captured on the runtime's own stream: graphs of two models captured on torch's
+shared capture stream hung the GPU when replayed concurrently on two streams (NOTES.md; they
+likely shared one cuBLAS workspace). Inputs are copied into static buffers before each replay;
+the cache length advances inside the graph, so a replay needs no host sync.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from hippo.runtime.decoder import LanguageModelRuntime
+
+
+@dataclass
+class CapturedStep:
+    """One captured step: its graph, its static inputs and its static logits output."""
+
+    graph: torch.cuda.CUDAGraph
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    logits: torch.Tensor
+
+
+class StepGraphs:
+    """The captured steps of one runtime, keyed by the number of tokens per step."""
+
+    def __init__(self, runtime: "LanguageModelRuntime") -> None:
+        self.runtime = runtime
+        self.stream = torch.cuda.Stream(device=runtime.device)
+        self.captured: dict[int, CapturedStep] = {}
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Replay the graph for input_ids.shape[1] tokens (capturing it first if needed) on the
+        current stream. Returns the static logits buffer, overwritten by the next replay of
+        the same step size: clone it if it must survive."""
+        count = input_ids.shape[1]
+        step = self.captured.get(count)
+        if step is None:
+            step = self.captured[count] = self._capture(count, positions.shape)
+        step.input_ids.copy_(input_ids, non_blocking=True)
+        step.positions.copy_(positions, non_blocking=True)
+        step.graph.replay()
+        return step.logits
+
+    def _capture(self, count: int, positions_shape: torch.Size) -> CapturedStep:
+        runtime, cache = self.runtime, self.runtime.cache
+        device = runtime.device
+        input_ids = torch.zeros(cache.batch, count, dtype=torch.int64, device=device)
+        positions = torch.zeros(positions_shape, dtype=torch.int64, device=device)
+        key_limit = cache.max_seq_len  # the SDPA fallback needs a static window
+
+        # One eager warm-up on the capture stream initialises cuBLAS and allocator state there.
+        # It appends at the current length (scratch positions, overwritten later); the length it
+        # advanced is restored afterwards.
+        saved_length = cache.length.clone()
+        current = torch.cuda.current_stream(device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            runtime.step_body(input_ids, positions, key_limit)
+        current.wait_stream(self.stream)
+        cache.length.copy_(saved_length)
+
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            logits = runtime.step_body(input_ids, positions, key_limit)
+        return CapturedStep(graph, input_ids, positions, logits)

@@ -1,0 +1,428 @@
+"""hippo's own step loop for a Qwen2-family language model, on HF's weights.
+
+The runtime calls the HF modules' own submodules (norms, projections, MLP, rotary embedding,
+output head), so the weights are borrowed, never copied, and the arithmetic is HF's; what it
+replaces is the attention plumbing: a static KV cache (static_cache.py), prefill from input
+embeddings with explicit position ids, and decode/verify steps of static shape that CUDA graphs
+capture (cuda_graphs.py). Works for Qwen2 (1-D RoPE: LLaVA-OneVision, LLaVA-Video) and for the
+text model of Qwen2.5-VL (M-RoPE, position ids [3, B, S]).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hippo.models.base import HippoError
+from hippo.runtime.static_cache import StaticKVCache
+
+STEP_ATTENTION_BACKENDS = ("sdpa", "hippo_ext")
+MAX_STEP_TOKENS = 64  # decode_attention's query-block limit
+
+
+@dataclass
+class PrefillResult:
+    """logits: [B, S, V] with all_logits=True, else [B, 1, V] (the last prompt token only: the
+    full matrix of a video prompt is gigabytes).
+    queries: [len(query_layers), Hq, Lq, D] post-RoPE queries of the last Lq prompt tokens at
+    the requested layers (batch 1), or None when no layers were requested."""
+
+    logits: torch.Tensor
+    queries: torch.Tensor | None
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dimension: RoPE's rotation by 90 degrees."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, S, D] rotated by cos/sin [B, S, D] (written in HF's order for bitwise parity)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def find_text_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(text decoder, lm_head) of an HF causal LM or VLM: Qwen2ForCausalLM (model.model),
+    Qwen2.5-VL / LLaVA-OneVision (model.model.language_model)."""
+    lm_head = getattr(model, "lm_head", None)
+    inner = getattr(model, "model", None)
+    text_model = getattr(inner, "language_model", None) if inner is not None else None
+    if text_model is None and inner is not None and hasattr(inner, "layers"):
+        text_model = inner
+    if text_model is None or lm_head is None or not hasattr(text_model, "layers"):
+        raise HippoError(
+            f"unsupported model type {type(model).__name__}: expected a Qwen2-family causal LM "
+            "with .lm_head and .model (.language_model) holding embed_tokens, layers, norm, "
+            "rotary_emb")
+    return text_model, lm_head
+
+
+class LanguageModelRuntime:
+    """Static-cache prefill and decode/verify steps of a Qwen2-family text decoder.
+
+    Args:
+        text_model: the HF text decoder (embed_tokens, layers, norm, rotary_emb), e.g.
+            `Qwen2ForCausalLM.model` or `Qwen2_5_VLForConditionalGeneration.model.language_model`.
+        lm_head: the HF output head.
+        max_seq_len: cache capacity (prompt plus every generated or drafted token).
+        batch: batch size of the cache (token selection and the AR baseline use 1).
+        use_cuda_graphs: capture each step shape as a CUDA graph (default: on CUDA). False runs
+            the same step code eagerly, for debugging.
+        step_attention: "hippo_ext" (decode_attention over the static cache; default on CUDA
+            where its kernel applies: bf16/fp16, head dim 64/80/128) or "sdpa" (masked PyTorch
+            attention; default elsewhere, and on the CPU, where it is HF's own path).
+        fuse_projections: store each layer's q/k/v weights (and biases) as one matrix, and
+            gate/up as one, so a step runs one GEMM for each group (fewer, fatter kernels). The
+            HF parameters are replaced by views into the fused tensors: no second copy, and the
+            HF model keeps working. Build the runtime after moving or casting the model.
+    """
+
+    def __init__(self, text_model: nn.Module, lm_head: nn.Module, max_seq_len: int,
+                 batch: int = 1, *, use_cuda_graphs: bool | None = None,
+                 step_attention: str | None = None, fuse_projections: bool = True) -> None:
+        self.text_model = text_model
+        self.lm_head = lm_head
+        self.layers = list(text_model.layers)
+        self.rotary_emb = text_model.rotary_emb
+        self.uses_mrope = hasattr(self.rotary_emb, "mrope_section")
+        _reject_unsupported_attention(text_model)
+
+        attention = self.layers[0].self_attn
+        self.head_dim = int(attention.head_dim)
+        self.num_heads = attention.q_proj.out_features // self.head_dim
+        self.num_kv_heads = attention.k_proj.out_features // self.head_dim
+        self.scale = float(attention.scaling)
+        weight = text_model.embed_tokens.weight
+        self.device, self.dtype = weight.device, weight.dtype
+
+        self.cache = StaticKVCache(len(self.layers), batch, self.num_kv_heads, max_seq_len,
+                                   self.head_dim, dtype=self.dtype, device=self.device)
+        self.step_attention = _choose_step_attention(step_attention, self.device, self.dtype,
+                                                     self.head_dim)
+        is_cuda = self.device.type == "cuda"
+        self.use_cuda_graphs = is_cuda if use_cuda_graphs is None else use_cuda_graphs
+        if self.use_cuda_graphs and not is_cuda:
+            raise HippoError("use_cuda_graphs=True needs the model on a CUDA device")
+        self._graphs = None
+        if self.use_cuda_graphs:
+            _reject_dynamic_rope(self.rotary_emb)
+            from hippo.runtime.cuda_graphs import StepGraphs
+            self._graphs = StepGraphs(self)
+        # Last, once every check has passed: fusing rewrites the HF model's parameters.
+        self.fused = ([fuse_layer_projections(layer) for layer in self.layers]
+                      if fuse_projections else None)
+
+    @classmethod
+    def from_hf(cls, model: nn.Module, max_seq_len: int, batch: int = 1,
+                **options) -> "LanguageModelRuntime":
+        """A runtime for the language model inside an HF causal LM or VLM."""
+        text_model, lm_head = find_text_model(model)
+        return cls(text_model, lm_head, max_seq_len, batch, **options)
+
+    # ----------------------------------------------------------------------------- public API
+
+    @property
+    def length(self) -> int:
+        """Valid cache length as a host int (syncs only after a device-tensor rollback)."""
+        return self.cache.current_length()
+
+    @torch.no_grad()
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, S] token ids -> [B, S, hidden] input embeddings."""
+        return self.text_model.embed_tokens(input_ids.to(self.device))
+
+    def rollback(self, length: int | torch.Tensor) -> None:
+        """Forget every cached position from `length` on (int, or a device tensor [B])."""
+        self.cache.rollback(length)
+
+    def reset(self) -> None:
+        """Empty the cache."""
+        self.cache.reset()
+
+    @torch.no_grad()
+    def prefill(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *,
+                query_layers: Sequence[int] = (), query_len: int = 0,
+                all_logits: bool = False) -> PrefillResult:
+        """Run the prompt [B, S, hidden] at the current cache length (normally 0) and cache it.
+
+        position_ids: [B, S] (1-D RoPE) or [3, B, S] (M-RoPE; [B, S] is broadcast to the three
+        sections as HF does). Prefill runs eagerly with PyTorch SDPA on every device.
+        """
+        batch, seq_len, _ = inputs_embeds.shape
+        self._check_batch(batch)
+        query_layers = self._check_query_request(query_layers, query_len, batch, seq_len)
+        positions = self._normalise_positions(position_ids, batch, seq_len)
+        start = self.cache.current_length()
+        self.cache.reserve(seq_len, "prefill")
+        self.cache.advance(seq_len)
+
+        hidden = inputs_embeds.to(device=self.device, dtype=self.dtype)
+        cos, sin = self.rotary_emb(hidden, positions)
+        queries = []
+        for index in range(len(self.layers)):
+            def attend(q, k, v, index=index):
+                if index in query_layers:
+                    queries.append((index, q[0, :, seq_len - query_len:].clone()))
+                return self._prefill_attention(index, q, k, v, start)
+            hidden = self._layer(index, hidden, cos, sin, attend)
+        if not all_logits:
+            hidden = hidden[:, -1:]
+        logits = self.lm_head(self.text_model.norm(hidden))
+        ordered = [dict(queries)[layer] for layer in query_layers]
+        return PrefillResult(logits, torch.stack(ordered) if ordered else None)
+
+    @torch.no_grad()
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """Append n tokens (n = 1: decode; n = g + 1: verify) and return their logits [B, n, V].
+
+        input_ids: [B, n]; position_ids: [B, n] or [3, B, n] (M-RoPE). Each new token attends
+        causally within the block and to every cached position; the length advances by n.
+        With CUDA graphs the returned tensor is the graph's static output buffer: the next step
+        of the same n overwrites it, so clone what must survive.
+        """
+        batch, count = input_ids.shape
+        self._check_batch(batch)
+        if not 1 <= count <= MAX_STEP_TOKENS:
+            raise HippoError(f"a step takes 1..{MAX_STEP_TOKENS} tokens, got {count}")
+        positions = self._normalise_positions(position_ids, batch, count)
+        self.cache.reserve(count, "step")
+        if self._graphs is not None:
+            return self._graphs.run(input_ids, positions)
+        return self.step_body(input_ids.to(self.device), positions, self._eager_key_limit())
+
+    # ------------------------------------------------------------------- the step, capturable
+
+    def step_body(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                  key_limit: int) -> torch.Tensor:
+        """The device work of one step: static shapes, no host sync (CUDA graphs capture it).
+        The SDPA backend reads keys [0, key_limit), a host bound on the valid length."""
+        count = input_ids.shape[1]
+        self.cache.advance(count)
+        write_positions = self.cache.write_positions(count)
+        hidden = self.text_model.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(hidden, positions)
+        for index in range(len(self.layers)):
+            def attend(q, k, v, index=index):
+                self.cache.write(index, k, v, write_positions)
+                return self._step_attention(index, q, key_limit)
+            hidden = self._layer(index, hidden, cos, sin, attend)
+        return self.lm_head(self.text_model.norm(hidden))
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _eager_key_limit(self) -> int:
+        """Key window of the eager SDPA step: on CUDA the graphs' static S_max, so that eager
+        and replayed steps do the very same work (bitwise equal); on the CPU the valid length,
+        to keep it cheap."""
+        if self.device.type == "cuda" or self.cache.host_length is None:
+            return self.cache.max_seq_len
+        return self.cache.host_length
+
+    def _layer(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               attend) -> torch.Tensor:
+        """One decoder layer in HF's order; `attend(q, k, v)` (post-RoPE, [B, H, S, D]) stores
+        keys/values and returns the attention output [B, S, Hq * D]."""
+        layer = self.layers[index]
+        residual = hidden
+        q, k, v = self._project_qkv(index, layer.input_layernorm(hidden), cos, sin)
+        hidden = residual + layer.self_attn.o_proj(attend(q, k, v))
+        residual = hidden
+        return residual + self._mlp(index, layer.post_attention_layernorm(hidden))
+
+    def _project_qkv(self, index: int, normed: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Post-RoPE q [B, Hq, S, D], k and v [B, Hkv, S, D] of one layer."""
+        batch, seq_len, _ = normed.shape
+        heads_shape = (batch, seq_len, -1, self.head_dim)
+        if self.fused is None:
+            attention = self.layers[index].self_attn
+            q = attention.q_proj(normed).view(heads_shape).transpose(1, 2)
+            k = attention.k_proj(normed).view(heads_shape).transpose(1, 2)
+            v = attention.v_proj(normed).view(heads_shape).transpose(1, 2)
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        fused = self.fused[index]
+        qkv = F.linear(normed, fused.qkv_weight, fused.qkv_bias).view(heads_shape)
+        rotated_heads = self.num_heads + self.num_kv_heads  # q and k rotate together
+        qk = apply_rope(qkv[:, :, :rotated_heads].transpose(1, 2), cos, sin)
+        v = qkv[:, :, rotated_heads:].transpose(1, 2)
+        return qk[:, :self.num_heads], qk[:, self.num_heads:], v
+
+    def _mlp(self, index: int, normed: torch.Tensor) -> torch.Tensor:
+        mlp = self.layers[index].mlp
+        if self.fused is None:
+            return mlp(normed)
+        gate, up = F.linear(normed, self.fused[index].gate_up_weight).chunk(2, dim=-1)
+        return mlp.down_proj(mlp.act_fn(gate) * up)
+
+    def _prefill_attention(self, index: int, q: torch.Tensor, k: torch.Tensor,
+                           v: torch.Tensor, start: int) -> torch.Tensor:
+        batch, _, seq_len, _ = q.shape
+        end = start + seq_len
+        self.cache.keys(index)[:, :, start:end].copy_(k)
+        self.cache.values(index)[:, :, start:end].copy_(v)
+        if start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                                 enable_gqa=True)
+        else:  # continuing a cached prefix: each new token sees the prefix and itself causally
+            key_pos = torch.arange(end, device=self.device)
+            query_pos = torch.arange(start, end, device=self.device)
+            mask = key_pos[None, :] <= query_pos[:, None]
+            out = F.scaled_dot_product_attention(
+                q, self.cache.keys(index)[:, :, :end], self.cache.values(index)[:, :, :end],
+                attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return out.transpose(1, 2).reshape(batch, seq_len, -1)
+
+    def _step_attention(self, index: int, q: torch.Tensor, key_limit: int) -> torch.Tensor:
+        batch, _, count, _ = q.shape
+        if self.step_attention == "hippo_ext":
+            out = torch.ops.hippo_ext.decode_attention.default(
+                q.transpose(1, 2).contiguous(), self.cache.tensor, index, self.cache.length,
+                self.scale, None)
+            return out.reshape(batch, count, -1)
+        # Masked SDPA over a static key window: query i sees keys [0, length - count + i].
+        key_pos = torch.arange(key_limit, device=self.device)
+        query_pos = self.cache.length[:, None] - count + torch.arange(count, device=self.device)
+        mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]
+        out = F.scaled_dot_product_attention(
+            q, self.cache.keys(index)[:, :, :key_limit], self.cache.values(index)[:, :, :key_limit],
+            attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return out.transpose(1, 2).reshape(batch, count, -1)
+
+    def _normalise_positions(self, position_ids: torch.Tensor, batch: int,
+                             seq_len: int) -> torch.Tensor:
+        """Position ids on the device, [3, B, S] for M-RoPE and [B, S] for 1-D RoPE."""
+        positions = position_ids.to(device=self.device, dtype=torch.int64)
+        if self.uses_mrope and positions.dim() == 2:
+            positions = positions[None].expand(3, *positions.shape)
+        expected = (3, batch, seq_len) if self.uses_mrope else (batch, seq_len)
+        if tuple(positions.shape) != expected:
+            kind = "M-RoPE [3, B, S]" if self.uses_mrope else "1-D RoPE [B, S]"
+            raise HippoError(f"position ids of shape {tuple(position_ids.shape)} do not fit "
+                             f"{kind} with B={batch}, S={seq_len}")
+        return positions
+
+    def _check_batch(self, batch: int) -> None:
+        if batch != self.cache.batch:
+            raise HippoError(f"batch {batch} does not match the runtime's batch "
+                             f"{self.cache.batch}")
+
+    def _check_query_request(self, query_layers: Sequence[int], query_len: int, batch: int,
+                             seq_len: int) -> tuple[int, ...]:
+        layers = tuple(int(layer) for layer in query_layers)
+        if not layers:
+            return layers
+        if batch != 1:
+            raise HippoError("queries for token selection are returned for batch 1 only")
+        if not 1 <= query_len <= seq_len:
+            raise HippoError(f"query_len must be in 1..{seq_len} (the prompt), got {query_len}")
+        bad = [layer for layer in layers if not 0 <= layer < len(self.layers)]
+        if bad:
+            raise HippoError(f"query layers {bad} out of range 0..{len(self.layers) - 1}")
+        return layers
+
+
+@dataclass
+class FusedProjections:
+    """One layer's q/k/v projection as one matrix [(Hq + 2 Hkv) D, hidden] with its bias, and
+    its gate/up projection as one [2 I, hidden]. The HF parameters are views into these."""
+
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor
+    gate_up_weight: torch.Tensor
+
+
+def fuse_layer_projections(layer: nn.Module) -> FusedProjections:
+    """Concatenate a decoder layer's q/k/v and gate/up weights and point the HF parameters at
+    slices of the result (so memory holds one copy). Idempotent: a layer fused before, whose
+    parameters still view the fused tensors, is reused as is."""
+    attention, mlp = layer.self_attn, layer.mlp
+    previous = getattr(layer, "_hippo_fused", None)
+    if previous is not None and _still_views(previous, attention, mlp):
+        return previous
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    if any(p.bias is None for p in projections) or mlp.gate_proj.bias is not None:
+        raise HippoError("expected Qwen2 projections: q/k/v with biases, gate/up without")
+    with torch.no_grad():
+        fused = FusedProjections(
+            qkv_weight=torch.cat([p.weight for p in projections]),
+            qkv_bias=torch.cat([p.bias for p in projections]),
+            gate_up_weight=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    _point_at_slices(projections, "weight", fused.qkv_weight)
+    _point_at_slices(projections, "bias", fused.qkv_bias)
+    _point_at_slices((mlp.gate_proj, mlp.up_proj), "weight", fused.gate_up_weight)
+    layer._hippo_fused = fused
+    return fused
+
+
+def _point_at_slices(modules: Sequence[nn.Module], name: str, fused: torch.Tensor) -> None:
+    """Replace each module's parameter `name` by its rows of `fused` (in order)."""
+    start = 0
+    for module in modules:
+        rows = getattr(module, name).shape[0]
+        old = getattr(module, name)
+        setattr(module, name, nn.Parameter(fused[start:start + rows],
+                                           requires_grad=old.requires_grad))
+        start += rows
+
+
+def _still_views(fused: FusedProjections, attention: nn.Module, mlp: nn.Module) -> bool:
+    return (attention.q_proj.weight.data_ptr() == fused.qkv_weight.data_ptr()
+            and attention.q_proj.bias.data_ptr() == fused.qkv_bias.data_ptr()
+            and mlp.gate_proj.weight.data_ptr() == fused.gate_up_weight.data_ptr()
+            and attention.q_proj.weight.dtype == fused.qkv_weight.dtype)
+
+
+DECODE_ATTENTION_CUDA_DTYPES = (torch.bfloat16, torch.float16)
+DECODE_ATTENTION_CUDA_HEAD_DIMS = (64, 80, 128)
+
+
+def _decode_attention_supports(device: torch.device, dtype: torch.dtype,
+                               head_dim: int) -> bool:
+    """Whether hippo_ext.decode_attention has a kernel for this device, dtype and head dim (its
+    CUDA kernel takes bf16/fp16 and head dims 64, 80, 128; the CPU reference takes all)."""
+    try:
+        import hippo_ext
+    except ImportError:
+        return False
+    if device.type != "cuda":
+        return hippo_ext.has_kernel("decode_attention", "CPU")
+    return (hippo_ext.has_kernel("decode_attention", "CUDA")
+            and dtype in DECODE_ATTENTION_CUDA_DTYPES
+            and head_dim in DECODE_ATTENTION_CUDA_HEAD_DIMS)
+
+
+def _choose_step_attention(requested: str | None, device: torch.device, dtype: torch.dtype,
+                           head_dim: int) -> str:
+    """hippo_ext on CUDA where its kernel applies, SDPA otherwise (and on the CPU by default,
+    where it is what HF runs)."""
+    if requested is None:
+        use_kernel = device.type == "cuda" and _decode_attention_supports(device, dtype, head_dim)
+        return "hippo_ext" if use_kernel else "sdpa"
+    if requested not in STEP_ATTENTION_BACKENDS:
+        raise HippoError(f"unknown step_attention {requested!r}; choose one of "
+                         f"{STEP_ATTENTION_BACKENDS}")
+    if requested == "hippo_ext" and not _decode_attention_supports(device, dtype, head_dim):
+        raise HippoError(
+            f"step_attention='hippo_ext' has no kernel for {device.type}, {dtype}, head dim "
+            f"{head_dim} (CUDA: bf16/fp16, head dim 64/80/128; or hippo_ext is not built); "
+            "use step_attention='sdpa'")
+    return requested
+
+
+def _reject_unsupported_attention(text_model: nn.Module) -> None:
+    layer_types = getattr(text_model.config, "layer_types", None) or ()
+    if "sliding_attention" in layer_types:
+        raise HippoError("sliding-window attention layers are not supported by hippo's runtime "
+                         "(set use_sliding_window=False, as Qwen2 checkpoints ship)")
+
+
+def _reject_dynamic_rope(rotary_emb: nn.Module) -> None:
+    rope_type = str(getattr(rotary_emb, "rope_type", "default"))
+    if "dynamic" in rope_type or rope_type == "longrope":
+        raise HippoError(f"rope_type {rope_type!r} recomputes frequencies from the positions "
+                         "(a host sync); run with use_cuda_graphs=False")

@@ -1,0 +1,123 @@
+"""The static KV cache of one language model: one tensor for all layers plus a device-side length.
+
+Layout `[layers, 2, B, Hkv, S_max, D]` (index 0 = keys after RoPE, 1 = values), the layout that
+hippo_ext.decode_attention, kv_gather and kv_compact_ take. Positions [0, length[b]) of sequence b
+are valid; everything past them is scratch that the next append overwrites, so rolling back is a
+change of the length alone.
+"""
+from __future__ import annotations
+
+import torch
+
+from hippo.models.base import HippoError
+
+KEYS, VALUES = 0, 1
+
+
+class StaticKVCache:
+    """Preallocated keys and values of every layer, and how many positions are valid.
+
+    `length` lives on the cache's device so that captured CUDA graphs read and advance it without
+    a host sync. `host_length` mirrors it on the host while it is known exactly (every append and
+    integer rollback keeps it); after a rollback to a device tensor it is None until the next
+    integer rollback, and overflow is then no longer checked on the host (writes are clamped to
+    the buffer, so memory stays in bounds either way).
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_seq_len: int,
+                 head_dim: int, *, dtype: torch.dtype, device: torch.device | str) -> None:
+        if min(num_layers, batch, num_kv_heads, max_seq_len, head_dim) < 1:
+            raise HippoError(
+                "static KV cache sizes must be positive: "
+                f"layers={num_layers}, batch={batch}, kv heads={num_kv_heads}, "
+                f"max_seq_len={max_seq_len}, head_dim={head_dim}")
+        self.tensor = torch.zeros(num_layers, 2, batch, num_kv_heads, max_seq_len, head_dim,
+                                  dtype=dtype, device=device)
+        self.length = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.host_length: int | None = 0
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.tensor.size(4)
+
+    @property
+    def batch(self) -> int:
+        return self.tensor.size(2)
+
+    @property
+    def num_layers(self) -> int:
+        return self.tensor.size(0)
+
+    def keys(self, layer: int) -> torch.Tensor:
+        """[B, Hkv, S_max, D] view of one layer's keys."""
+        return self.tensor[layer, KEYS]
+
+    def values(self, layer: int) -> torch.Tensor:
+        """[B, Hkv, S_max, D] view of one layer's values."""
+        return self.tensor[layer, VALUES]
+
+    def reserve(self, count: int, what: str = "append") -> None:
+        """Account on the host for `count` positions about to be appended; raise if they do not
+        fit. Called before the (possibly captured) device work of an append."""
+        if self.host_length is None:
+            return
+        if self.host_length + count > self.max_seq_len:
+            raise HippoError(
+                "prompt plus max_new_tokens beyond the cache: "
+                f"{what} of {count} positions at length {self.host_length} exceeds the "
+                f"cache's max_seq_len {self.max_seq_len}; build the runtime with a larger "
+                "max_seq_len or ask for fewer tokens")
+        self.host_length += count
+
+    def write_positions(self, count: int) -> torch.Tensor:
+        """[B, count] cache positions of the `count` newest tokens, assuming `length` already
+        includes them; clamped into the buffer so that no write leaves it."""
+        offsets = torch.arange(count, device=self.length.device)
+        positions = self.length[:, None] - count + offsets
+        return positions.clamp_(0, self.max_seq_len - 1)
+
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
+              positions: torch.Tensor) -> None:
+        """Store keys/values [B, Hkv, n, D] of one layer at positions [B, n] (device tensor;
+        static shapes, no host sync)."""
+        index = positions[:, None, :, None].expand_as(keys)
+        self.keys(layer).scatter_(2, index, keys)
+        self.values(layer).scatter_(2, index, values)
+
+    def advance(self, count: int) -> None:
+        """Add `count` to the device length (in place, capturable)."""
+        self.length.add_(count)
+
+    def rollback(self, new_length: int | torch.Tensor) -> None:
+        """Forget every position from new_length on (by length only, no data movement).
+
+        new_length: an int (all sequences), or a device tensor [B] / scalar, which keeps
+        speculative decoding free of host syncs at the price of host-side overflow checks.
+        """
+        if isinstance(new_length, torch.Tensor):
+            self.length.copy_(new_length.to(self.length.dtype).expand_as(self.length))
+            self.host_length = None
+            return
+        new_length = int(new_length)
+        if not 0 <= new_length <= self.max_seq_len:
+            raise HippoError(
+                f"cannot roll the KV cache back to length {new_length}: it holds at most "
+                f"{self.max_seq_len} positions")
+        if self.host_length is not None and new_length > self.host_length:
+            raise HippoError(
+                f"cannot roll the KV cache forward from length {self.host_length} to "
+                f"{new_length}: rollback only forgets positions")
+        self.length.fill_(new_length)
+        self.host_length = new_length
+
+    def reset(self) -> None:
+        """Empty the cache (length 0 everywhere)."""
+        self.length.zero_()
+        self.host_length = 0
+
+    def current_length(self) -> int:
+        """The valid length as a host int (a device sync when the host mirror is unknown).
+        With batch > 1 and differing lengths this is the longest."""
+        if self.host_length is not None:
+            return self.host_length
+        return int(self.length.max().item())

@@ -1,0 +1,428 @@
+"""The language-model runtime against HF transformers on tiny random models (fp32, CPU), and
+its CUDA-graph path on a GPU (skipped without one)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hippo.models.base import HippoError, PreparedPrompt
+from hippo.runtime import (LanguageModelRuntime, StaticKVCache, generate_autoregressive,
+                           warp_logits)
+
+VOCAB = 512
+ATOL = 2e-5
+
+
+def tiny_qwen2(num_heads: int = 4, num_kv_heads: int = 2, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=num_heads,
+                         num_key_value_heads=num_kv_heads, max_position_embeddings=512,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False)
+    return Qwen2ForCausalLM(config).eval()
+
+
+def tiny_qwen2_5_vl(num_heads: int = 4, num_kv_heads: int = 2, seed: int = 0):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                           patch_size=14, temporal_patch_size=2, spatial_merge_size=2,
+                           window_size=112, out_hidden_size=64, fullatt_block_indexes=[1],
+                           tokens_per_second=2),
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=num_heads,
+                         num_key_value_heads=num_kv_heads,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                          "mrope_section": [2, 3, 3]}),
+        video_token_id=500, image_token_id=501, vision_start_token_id=502,
+        vision_end_token_id=503)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def mrope_positions(length: int, offset: int = 0) -> torch.Tensor:
+    """[3, 1, length] M-RoPE positions that differ per section (like a video's t/h/w)."""
+    base = torch.arange(offset, offset + length)
+    return torch.stack([base, base // 2 + 3, (base * 7) % 11 + base // 3])[:, None]
+
+
+def linear_positions(length: int, offset: int = 0) -> torch.Tensor:
+    return torch.arange(offset, offset + length)[None]
+
+
+# (family, builder kwargs): one config with GQA, one with Hq == Hkv per family.
+CONFIGS = [
+    pytest.param("qwen2", dict(num_heads=4, num_kv_heads=2), id="qwen2-gqa"),
+    pytest.param("qwen2", dict(num_heads=4, num_kv_heads=4), id="qwen2-mha"),
+    pytest.param("qwen2_5_vl", dict(num_heads=4, num_kv_heads=2), id="qwen2_5_vl-gqa"),
+    pytest.param("qwen2_5_vl", dict(num_heads=4, num_kv_heads=4), id="qwen2_5_vl-mha"),
+]
+
+
+def build(family: str, **kwargs):
+    if family == "qwen2":
+        return tiny_qwen2(**kwargs), linear_positions
+    return tiny_qwen2_5_vl(**kwargs), mrope_positions
+
+
+def hf_logits(model, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(inputs_embeds=embeds, position_ids=positions).logits
+
+
+def text_model_of(model):
+    return model.model.language_model if hasattr(model.model, "language_model") else model.model
+
+
+@pytest.mark.parametrize("family,kwargs", CONFIGS)
+def test_prefill_and_steps_match_hf_forward(family, kwargs):
+    model, positions_for = build(family, **kwargs)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=64)
+    prompt_len, steps = 11, [1, 5, 1]
+    total = prompt_len + sum(steps)
+    ids = torch.randint(0, VOCAB, (1, total))
+    embeds = runtime.embed(ids)
+    positions = positions_for(total)
+    expected = hf_logits(model, embeds, positions)
+
+    prefill = runtime.prefill(embeds[:, :prompt_len], positions[..., :prompt_len],
+                              all_logits=True)
+    torch.testing.assert_close(prefill.logits, expected[:, :prompt_len], atol=ATOL, rtol=0)
+    start = prompt_len
+    for count in steps:
+        logits = runtime.step(ids[:, start:start + count], positions[..., start:start + count])
+        torch.testing.assert_close(logits, expected[:, start:start + count], atol=ATOL, rtol=0)
+        start += count
+    assert runtime.length == total
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
+def test_fused_projections_borrow_hf_weights(family):
+    model, positions_for = build(family)
+    ids = torch.randint(0, VOCAB, (1, 12))
+    embeds = text_model_of(model).embed_tokens(ids).detach()
+    before = hf_logits(model, embeds, positions_for(12))
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32)
+    again = LanguageModelRuntime.from_hf(model, max_seq_len=32)  # reuses the fused layout
+    for layer, fused, fused_again in zip(runtime.layers, runtime.fused, again.fused):
+        attention = layer.self_attn
+        assert fused_again is fused
+        assert attention.q_proj.weight.data_ptr() == fused.qkv_weight.data_ptr()
+        assert attention.v_proj.bias.untyped_storage().data_ptr() == \
+            fused.qkv_bias.untyped_storage().data_ptr()
+        assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == \
+            fused.gate_up_weight.untyped_storage().data_ptr()
+    torch.testing.assert_close(hf_logits(model, embeds, positions_for(12)), before,
+                               atol=ATOL, rtol=0)  # the HF model still computes the same
+    unfused = LanguageModelRuntime.from_hf(model, max_seq_len=32, fuse_projections=False)
+    outputs = []
+    for rt in (runtime, unfused):
+        rt.prefill(embeds[:, :8], positions_for(8))
+        outputs.append(rt.step(ids[:, 8:12], positions_for(4, 8)))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=ATOL, rtol=0)
+    torch.testing.assert_close(outputs[1], before[:, 8:], atol=ATOL, rtol=0)
+
+
+def test_prefill_returns_only_last_row_by_default():
+    model, _ = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32)
+    embeds = runtime.embed(torch.randint(0, VOCAB, (1, 7)))
+    full = hf_logits(model, embeds, linear_positions(7))
+    logits = runtime.prefill(embeds, linear_positions(7)).logits
+    assert logits.shape == (1, 1, VOCAB)
+    torch.testing.assert_close(logits, full[:, -1:], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
+def test_rollback_then_step_equals_fresh_run(family):
+    model, positions_for = build(family)
+    ids = torch.randint(0, VOCAB, (1, 20))
+    positions = positions_for(20)
+
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32)
+    embeds = runtime.embed(ids[:, :10])
+    runtime.prefill(embeds, positions[..., :10])
+    runtime.step(ids[:, 10:15], positions[..., 10:15])  # drafted tokens, then rejected
+    runtime.step(ids[:, 15:16], positions[..., 15:16])
+    runtime.rollback(10)
+    assert runtime.length == 10
+    rolled = runtime.step(ids[:, 16:20], positions[..., 10:14]).clone()
+
+    fresh = LanguageModelRuntime.from_hf(model, max_seq_len=32)
+    fresh.prefill(embeds, positions[..., :10])
+    expected = fresh.step(ids[:, 16:20], positions[..., 10:14])
+    torch.testing.assert_close(rolled, expected, atol=0, rtol=0)
+
+
+def test_rollback_to_device_tensor():
+    model, _ = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32)
+    ids = torch.randint(0, VOCAB, (1, 14))
+    runtime.prefill(runtime.embed(ids[:, :8]), linear_positions(8))
+    runtime.step(ids[:, 8:12], linear_positions(4, 8))
+    runtime.rollback(torch.tensor([9]))
+    assert runtime.cache.host_length is None and runtime.length == 9
+    logits = runtime.step(ids[:, 12:14], linear_positions(2, 9))
+    expected = hf_logits(model, runtime.embed(torch.cat([ids[:, :9], ids[:, 12:14]], 1)),
+                         linear_positions(11))
+    torch.testing.assert_close(logits, expected[:, 9:], atol=ATOL, rtol=0)
+
+
+def reference_queries(model, layer: int, embeds: torch.Tensor,
+                      positions: torch.Tensor) -> torch.Tensor:
+    """Float64 post-RoPE queries [Hq, S, D] of one layer, from the HF layer's input hidden
+    states, its RMSNorm weight, q_proj and the RoPE frequencies recomputed here."""
+    text_model = text_model_of(model)
+    with torch.no_grad():
+        hidden = model(inputs_embeds=embeds, position_ids=positions,
+                       output_hidden_states=True).hidden_states[layer][0].double()
+    block = text_model.layers[layer]
+    norm = block.input_layernorm
+    x = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    x = norm.weight.double() * x
+    attention = block.self_attn
+    q = x @ attention.q_proj.weight.double().T + attention.q_proj.bias.double()
+    head_dim = attention.head_dim
+    q = q.view(q.shape[0], -1, head_dim).transpose(0, 1)  # [Hq, S, D]
+    inv_freq = text_model.rotary_emb.inv_freq.double()
+    if positions.dim() == 3:  # M-RoPE: frequency band i uses section i's positions
+        sections = text_model.rotary_emb.mrope_section
+        owner = torch.cat([torch.full((size,), i) for i, size in enumerate(sections)])
+        angles = positions[owner, 0].double().T * inv_freq  # [S, D/2]
+    else:
+        angles = positions[0].double()[:, None] * inv_freq
+    angles = torch.cat([angles, angles], dim=-1)
+    rotated = torch.cat([-q[..., head_dim // 2:], q[..., :head_dim // 2]], dim=-1)
+    return q * angles.cos() + rotated * angles.sin()
+
+
+@pytest.mark.parametrize("family,query_len", [("qwen2", 4), ("qwen2_5_vl", 4),
+                                              ("qwen2_5_vl", 13)])
+def test_queries_match_float64_recomputation(family, query_len):
+    model, positions_for = build(family)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32)
+    embeds = runtime.embed(torch.randint(0, VOCAB, (1, 13)))
+    positions = positions_for(13)
+    result = runtime.prefill(embeds, positions, query_layers=[1, 0], query_len=query_len)
+    assert result.queries.shape == (2, runtime.num_heads, query_len, runtime.head_dim)
+    for slot, layer in enumerate([1, 0]):
+        expected = reference_queries(model, layer, embeds, positions)[:, 13 - query_len:]
+        torch.testing.assert_close(result.queries[slot].double(), expected, atol=1e-5, rtol=0)
+
+
+def text_prompt(runtime: LanguageModelRuntime, input_ids: torch.Tensor) -> PreparedPrompt:
+    length = input_ids.shape[1]
+    positions = torch.arange(length)[None]
+    if runtime.uses_mrope:
+        positions = positions[None].expand(3, 1, length)
+    return PreparedPrompt(input_ids=input_ids, inputs_embeds=runtime.embed(input_ids),
+                          position_ids=positions, rope_delta=0, visual_start=0, num_visual=0,
+                          grid=(0, 0, 0), visual_features=torch.zeros(0, 0, 0, 0))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
+def test_greedy_ar_equals_hf_generate(family):
+    model, _ = build(family, seed=3)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=64)
+    input_ids = torch.randint(0, 500, (1, 9))
+    with torch.no_grad():
+        hf = model.generate(input_ids, do_sample=False, max_new_tokens=16, eos_token_id=None,
+                            pad_token_id=0, min_new_tokens=16)
+    expected = hf[0, 9:].tolist()
+    ours = generate_autoregressive(runtime, text_prompt(runtime, input_ids), 16)
+    assert ours.tokens == expected
+
+    # eos stops the generation and is included, as in HF generate
+    eos = expected[5]
+    stop = expected.index(eos) + 1
+    with torch.no_grad():
+        hf_eos = model.generate(input_ids, do_sample=False, max_new_tokens=16, eos_token_id=eos,
+                                pad_token_id=0)
+    ours_eos = generate_autoregressive(runtime, text_prompt(runtime, input_ids), 16, eos)
+    assert ours_eos.tokens == hf_eos[0, 9:].tolist() == expected[:stop]
+
+
+def test_sampling_is_reproducible_and_respects_top_k():
+    model, _ = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=64)
+    prompt = text_prompt(runtime, torch.randint(0, 500, (1, 6)))
+    runs = [generate_autoregressive(runtime, prompt, 12, temperature=0.8, top_k=1,
+                                    generator=torch.Generator().manual_seed(seed)).tokens
+            for seed in (1, 2)]
+    greedy = generate_autoregressive(runtime, prompt, 12).tokens
+    assert runs[0] == runs[1] == greedy  # top-k 1 leaves only the argmax
+    first = generate_autoregressive(runtime, prompt, 12, temperature=1.5, top_p=0.9,
+                                    generator=torch.Generator().manual_seed(7)).tokens
+    again = generate_autoregressive(runtime, prompt, 12, temperature=1.5, top_p=0.9,
+                                    generator=torch.Generator().manual_seed(7)).tokens
+    assert first == again and len(first) == 12
+
+
+def test_warp_logits_matches_hf_warpers():
+    from transformers.generation.logits_process import (TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+    logits = torch.randn(3, 50)
+    expected = TopPLogitsWarper(0.7)(None, TopKLogitsWarper(10)(
+        None, TemperatureLogitsWarper(0.6)(None, logits.clone())))
+    torch.testing.assert_close(warp_logits(logits, 0.6, 10, 0.7), expected)
+    kept = torch.isfinite(warp_logits(logits, 1.0, 5, None)).sum(-1)
+    assert kept.tolist() == [5, 5, 5]
+
+
+def test_cache_overflow_is_a_clear_error():
+    model, _ = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=16)
+    prompt = text_prompt(runtime, torch.randint(0, 500, (1, 10)))
+    with pytest.raises(HippoError, match="prompt plus max_new_tokens beyond the cache"):
+        generate_autoregressive(runtime, prompt, 7)
+    runtime.prefill(prompt.inputs_embeds, prompt.position_ids)
+    runtime.step(torch.zeros(1, 5, dtype=torch.long), linear_positions(5, 10))
+    with pytest.raises(HippoError, match="beyond the cache"):
+        runtime.step(torch.zeros(1, 2, dtype=torch.long), linear_positions(2, 15))
+    assert runtime.length == 15  # the refused step changed nothing
+    runtime.reset()
+    with pytest.raises(HippoError, match="beyond the cache"):
+        runtime.prefill(runtime.embed(torch.zeros(1, 17, dtype=torch.long)),
+                        linear_positions(17))
+
+
+def test_bad_inputs_are_clear_errors():
+    model, _ = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=16)
+    embeds = runtime.embed(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(HippoError, match="position ids"):
+        runtime.prefill(embeds, mrope_positions(4))
+    with pytest.raises(HippoError, match="query_len"):
+        runtime.prefill(embeds, linear_positions(4), query_layers=[0], query_len=5)
+    with pytest.raises(HippoError, match="query layers"):
+        runtime.prefill(embeds, linear_positions(4), query_layers=[2], query_len=1)
+    with pytest.raises(HippoError, match="roll the KV cache forward"):
+        runtime.rollback(3)
+    with pytest.raises(HippoError, match="unsupported model type"):
+        LanguageModelRuntime.from_hf(torch.nn.Linear(2, 2), max_seq_len=8)
+
+
+def test_static_cache_layout_and_rollback():
+    cache = StaticKVCache(3, 1, 2, 8, 4, dtype=torch.float32, device="cpu")
+    assert cache.tensor.shape == (3, 2, 1, 2, 8, 4) and cache.length.dtype == torch.int64
+    cache.reserve(3)
+    cache.advance(3)
+    keys = torch.randn(1, 2, 3, 4)
+    cache.write(1, keys, -keys, cache.write_positions(3))
+    torch.testing.assert_close(cache.tensor[1, 0, :, :, :3], keys)
+    torch.testing.assert_close(cache.tensor[1, 1, :, :, :3], -keys)
+    before = cache.tensor.clone()
+    cache.rollback(1)
+    assert cache.length.tolist() == [1] and torch.equal(cache.tensor, before)
+    with pytest.raises(HippoError, match="beyond the cache"):
+        cache.reserve(8)
+
+
+def test_cpu_decode_attention_backend_matches_sdpa():
+    """The hippo_ext op on the CPU through the runtime's CUDA code path (layout, length, scale)."""
+    model, positions_for = build("qwen2_5_vl")
+    ids = torch.randint(0, VOCAB, (1, 16))
+    positions = positions_for(16)
+    outputs = []
+    for backend in ("sdpa", "hippo_ext"):
+        runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, step_attention=backend)
+        runtime.prefill(runtime.embed(ids[:, :10]), positions[..., :10])
+        outputs.append(runtime.step(ids[:, 10:16], positions[..., 10:16]))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------------------- CUDA only
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# fp32 with head dim 16 runs the SDPA step; bf16 with head dim 64 runs hippo_ext.decode_attention.
+CUDA_SETUPS = [pytest.param(torch.float32, 64, "sdpa", id="fp32-sdpa"),
+               pytest.param(torch.bfloat16, 256, "hippo_ext", id="bf16-decode_attention")]
+
+
+def cuda_model(family: str, hidden: int):
+    """A tiny fp32 model on the GPU with 4 heads (head dim hidden / 4)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2Config
+    torch.manual_seed(0)
+    text = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    if family == "qwen2":
+        from transformers import Qwen2ForCausalLM
+        model, positions_for = Qwen2ForCausalLM(Qwen2Config(**text)), linear_positions
+    else:
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        half = hidden // 8  # half the head dim, split 2:3:3 like the real [16, 24, 24]
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e4, "mrope_section":
+                                   [half // 4, half * 3 // 8, half - half // 4 - half * 3 // 8]}
+        config = Qwen2_5_VLConfig(vision_config=dict(depth=2, hidden_size=32,
+                                                     intermediate_size=64, num_heads=2,
+                                                     out_hidden_size=hidden,
+                                                     fullatt_block_indexes=[1]),
+                                  text_config=text)
+        model, positions_for = Qwen2_5_VLForConditionalGeneration(config), mrope_positions
+    return model.cuda().eval(), positions_for
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,hidden,backend", CUDA_SETUPS)
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
+def test_graph_replay_equals_eager_runtime(family, dtype, hidden, backend):
+    model, positions_for = cuda_model(family, hidden)
+    ids = torch.randint(0, VOCAB, (1, 80), device="cuda")
+    positions = positions_for(80).cuda()
+    steps = (1, 5, 1, 9, 1, 17)
+    end = 40 + sum(steps)
+    with torch.no_grad():  # fp32 reference before any cast
+        embeds32 = model.get_input_embeddings()(ids[:, :end])
+        expected = model(inputs_embeds=embeds32, position_ids=positions[..., :end]).logits
+    model.to(dtype)
+    graphed = LanguageModelRuntime.from_hf(model, max_seq_len=256)
+    eager = LanguageModelRuntime.from_hf(model, max_seq_len=256, use_cuda_graphs=False)
+    assert graphed.use_cuda_graphs and not eager.use_cuda_graphs
+    assert graphed.step_attention == eager.step_attention == backend
+    for runtime in (graphed, eager):
+        runtime.prefill(runtime.embed(ids[:, :40]), positions[..., :40])
+    start = 40
+    for count in steps:
+        args = ids[:, start:start + count], positions[..., start:start + count]
+        got = graphed.step(*args).clone()
+        torch.testing.assert_close(got, eager.step(*args), atol=0, rtol=0)
+        start += count
+        # and both follow the HF forward (fp32) of the whole sequence
+        error = (got.double() - expected[:, start - count:start].double()).norm()
+        assert error / expected[:, start - count:start].double().norm() < (
+            1e-5 if dtype == torch.float32 else 3e-2)
+    torch.testing.assert_close(graphed.cache.length, eager.cache.length, atol=0, rtol=0)
+    graphed.rollback(41)  # a replay after a rollback still matches the eager path
+    eager.rollback(41)
+    args = ids[:, 50:55], positions[..., 41:46]
+    torch.testing.assert_close(graphed.step(*args).clone(), eager.step(*args), atol=0, rtol=0)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,hidden,backend", CUDA_SETUPS)
+def test_thousand_graph_steps_with_rollbacks_do_not_grow_memory(dtype, hidden, backend):
+    model, positions_for = cuda_model("qwen2", hidden)
+    graphed = LanguageModelRuntime.from_hf(model.to(dtype), max_seq_len=64)
+    assert graphed.step_attention == backend
+    ids = torch.randint(0, VOCAB, (1, 16), device="cuda")
+    graphed.prefill(graphed.embed(ids), positions_for(16).cuda())
+    draft = torch.randint(0, VOCAB, (1, 5), device="cuda")
+    one, five = positions_for(1, 16).cuda(), positions_for(5, 17).cuda()
+
+    def one_round():
+        graphed.step(draft[:, :1], one)
+        graphed.step(draft, five)
+        graphed.rollback(16)
+
+    one_round()
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    for _ in range(500):  # 1000 steps
+        one_round()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == baseline
+    assert graphed.length == 16 and graphed.cache.length.tolist() == [16]
