@@ -24,7 +24,7 @@ $(VENV)/.requirements: requirements.txt | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.requirements $(SOURCES)
-	$(BIN)/pip install -q --no-build-isolation --no-deps .
+	$(BIN)/pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
 install: $(VENV)/.installed
