@@ -234,3 +234,43 @@ def load_local_tokenizer(path: str) -> PromptTokenizer | None:
         return HFPromptTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
     except (OSError, ValueError) as err:
         raise HippoError(f"cannot load the tokenizer in {path}: {err}") from err
+
+
+def preset_for_family(name: str, family: str):
+    """The named tiny preset, which must belong to `family`."""
+    from hippo.models.presets import get_preset
+
+    preset = get_preset(name)
+    if preset.family != family:
+        raise HippoError(f"preset {name!r} is a {preset.family} model, not {family}")
+    return preset
+
+
+def build_random_model(model_class, config, tokenizer: PromptTokenizer, dtype: torch.dtype,
+                       device: str | torch.device, seed: int):
+    """A randomly initialised HF model (seeded), generating with the tokenizer's eos/pad ids."""
+    torch.manual_seed(seed)
+    model = model_class(config).to(device=device, dtype=dtype)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def load_local_model(model_class, path: str, dtype: torch.dtype, label: str):
+    """from_pretrained on a local directory only (nothing is ever downloaded)."""
+    import os
+
+    if not os.path.isdir(path):
+        raise HippoError(f"no checkpoint directory at {path}")
+    try:
+        return model_class.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise HippoError(f"cannot load the {label} checkpoint in {path}: {err}") from err
+
+
+def chat_ids(tokenizer: PromptTokenizer | None, prefix: str, suffix: str) -> tuple[list[int], list[int]]:
+    """Token ids of the chat text around the prompt (none without a tokenizer)."""
+    if tokenizer is None:
+        return [], []
+    return tokenizer.encode(prefix), tokenizer.encode(suffix)
+

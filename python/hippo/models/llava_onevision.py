@@ -8,11 +8,11 @@ ceil(n/2) x ceil(n/2), and one learned newline embedding ends the video (HF's fo
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-from hippo.models.base import (HippoError, PreparedPrompt, PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
+from hippo.models.base import (build_random_model, chat_ids, load_local_model, preset_for_family,
+                               HippoError, PreparedPrompt, PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
                                read_checkpoint_json, visual_span)
 from hippo.models.preprocess import SIGLIP_MEAN, SIGLIP_STD, SiglipVideoPreprocess, preprocess_siglip_video
 
@@ -43,16 +43,9 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
                     seed: int = 0) -> "LlavaOnevisionAdapter":
         from transformers import LlavaOnevisionForConditionalGeneration
 
-        from hippo.models.presets import get_preset
-
-        preset = get_preset(name)
-        if preset.family != cls.family:
-            raise HippoError(f"preset {name!r} is a {preset.family} model, not {cls.family}")
-        torch.manual_seed(seed)
-        model = LlavaOnevisionForConditionalGeneration(preset.llava_config()).to(device=device, dtype=dtype)
+        preset = preset_for_family(name, cls.family)
         tokenizer = preset.tokenizer()
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model = build_random_model(LlavaOnevisionForConditionalGeneration, preset.llava_config(), tokenizer, dtype, device, seed)
         return cls(model, tokenizer, preset.llava_preprocess(), list(preset.prompt_prefix_ids),
                    list(preset.prompt_suffix_ids))
 
@@ -61,15 +54,9 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
                         device: str | torch.device = "cpu") -> "LlavaOnevisionAdapter":
         from transformers import LlavaOnevisionForConditionalGeneration
 
-        if not os.path.isdir(path):
-            raise HippoError(f"no checkpoint directory at {path}")
-        try:
-            model = LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise HippoError(f"cannot load the LLaVA-OneVision checkpoint in {path}: {err}") from err
+        model = load_local_model(LlavaOnevisionForConditionalGeneration, path, dtype, "LLaVA-OneVision")
         tokenizer = load_local_tokenizer(path)
-        prefix = tokenizer.encode(CHAT_PREFIX) if tokenizer is not None else []
-        suffix = tokenizer.encode(CHAT_SUFFIX) if tokenizer is not None else []
+        prefix, suffix = chat_ids(tokenizer, CHAT_PREFIX, CHAT_SUFFIX)
         preprocess = preprocess_from_checkpoint(path, model.config.vision_config.image_size)
         return cls(model.to(device), tokenizer, preprocess, prefix, suffix, CHAT_VIDEO_TEXT_SEPARATOR)
 

@@ -6,11 +6,11 @@ Real checkpoints use Qwen's chat format; tiny presets use one stand-in id each f
 """
 from __future__ import annotations
 
-import os
 
 import torch
 
-from hippo.models.base import (HippoError, PreparedPrompt, PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
+from hippo.models.base import (build_random_model, chat_ids, load_local_model, preset_for_family,
+                               HippoError, PreparedPrompt, PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
                                read_checkpoint_json, visual_span)
 from hippo.models.preprocess import QwenVideoPreprocess, preprocess_qwen_video
 
@@ -36,16 +36,9 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
                     seed: int = 0) -> "Qwen2_5_VLAdapter":
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        from hippo.models.presets import get_preset
-
-        preset = get_preset(name)
-        if preset.family != cls.family:
-            raise HippoError(f"preset {name!r} is a {preset.family} model, not {cls.family}")
-        torch.manual_seed(seed)
-        model = Qwen2_5_VLForConditionalGeneration(preset.qwen_config()).to(device=device, dtype=dtype)
+        preset = preset_for_family(name, cls.family)
         tokenizer = preset.tokenizer()
-        model.generation_config.eos_token_id = tokenizer.eos_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model = build_random_model(Qwen2_5_VLForConditionalGeneration, preset.qwen_config(), tokenizer, dtype, device, seed)
         return cls(model, tokenizer, preset.qwen_preprocess(), list(preset.prompt_prefix_ids),
                    list(preset.prompt_suffix_ids))
 
@@ -54,15 +47,9 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
                         device: str | torch.device = "cpu") -> "Qwen2_5_VLAdapter":
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        if not os.path.isdir(path):
-            raise HippoError(f"no checkpoint directory at {path}")
-        try:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
-        except (OSError, ValueError) as err:
-            raise HippoError(f"cannot load the Qwen2.5-VL checkpoint in {path}: {err}") from err
+        model = load_local_model(Qwen2_5_VLForConditionalGeneration, path, dtype, "Qwen2.5-VL")
         tokenizer = load_local_tokenizer(path)
-        prefix = tokenizer.encode(CHAT_PREFIX) if tokenizer is not None else []
-        suffix = tokenizer.encode(CHAT_SUFFIX) if tokenizer is not None else []
+        prefix, suffix = chat_ids(tokenizer, CHAT_PREFIX, CHAT_SUFFIX)
         return cls(model.to(device), tokenizer, preprocess_from_checkpoint(path), prefix, suffix)
 
     # -- prompts -----------------------------------------------------------------------------------
