@@ -3,6 +3,7 @@
 # the machine's own torch, then run the requested phases and leave logs under $OUT.
 #   scripts/gpu_check.sh build tests bench      # correctness + microbenchmarks
 #   scripts/gpu_check.sh sanitize               # compute-sanitizer memcheck + racecheck on CUDA tests
+#   scripts/gpu_check.sh build profile          # runtime step breakdown, decode_attention split sweep
 set -uo pipefail
 OUT=${OUT:-/tmp/hippo_out}
 mkdir -p "$OUT"
@@ -68,6 +69,17 @@ PY
         compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
           $PYTEST tests -q -x -k "$sel" >"$OUT/sanitize_$tool.log" 2>&1
         echo "$tool exit code: $?"; grep -E "ERROR SUMMARY|passed|failed" "$OUT/sanitize_$tool.log" | tail -3
+      done
+      ;;
+    profile)
+      # Where the runtime's steps spend GPU time (decode vs verify), and decode_attention's
+      # sensitivity to the split length: the open questions in benchmarks/RESULTS.md.
+      PYTHONPATH=python $PY benchmarks/profile_runtime_step.py --model 7b --tokens 1,9 \
+        2>&1 | tee "$OUT/profile_7b.txt" | grep -E "^##|Name|gemm|gemv|decode_attention|Self CUDA" | head -40
+      for chunk in 128 256 512 1024; do
+        HIPPO_DECODE_ATTENTION_CHUNK=$chunk $PYTEST benchmarks/bench_decode_attention.py \
+          --benchmark-only -q -k hippo --benchmark-json "$OUT/chunk$chunk.json" >/dev/null 2>&1
+        echo "chunk $chunk:"; $PY benchmarks/report.py "$OUT/chunk$chunk.json" | grep hippo | cut -d'|' -f2,5
       done
       ;;
     *) echo "unknown phase $phase"; exit 2 ;;
