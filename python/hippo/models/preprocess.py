@@ -1,15 +1,21 @@
 """hippo's own frame preprocessing in torch (no torchvision, so it runs on any install and on the GPU).
 
-It follows the arithmetic of the HF video processors of transformers 5.17:
-- resize: `torch.nn.functional.interpolate(..., antialias=True, align_corners=False)`, as torchvision's
-  `resize` does for tensors; the result is clamped and rounded back to uint8 values, as torchvision does
-  for uint8 input, before rescale (1/255) and normalisation (mean, std).
+It follows the arithmetic of the HF video processors of transformers 5.17 as they run by default (on the CPU):
+- resize: torchvision resizes uint8 frames on the CPU with its native uint8 kernel (PIL's algorithm): a
+  separable antialiased filter, the width pass first, its result clamped and rounded to uint8, then the
+  height pass, clamped and rounded again. hippo does the same two passes with
+  `torch.nn.functional.interpolate(..., antialias=True, align_corners=False)` in float32, rounding between
+  them. One float interpolate over both axes (torchvision's path on the GPU) skips the intermediate
+  clamp, and bicubic overshoot then moves pixels by up to ~25 grey levels when upscaling noisy frames. The
+  remaining difference is the uint8 kernel's fixed-point weights: at most +-1 grey level (2 seen at
+  7x upscaling), on under 1% of values (tests/test_preprocess_vs_hf.py).
+- rescale (1/255) and normalisation (mean, std) after the resize, in float32.
 - Qwen2-VL: `smart_resize` to multiples of patch_size * merge_size (28) within [min_pixels, max_pixels],
   the last frame repeated to a multiple of temporal_patch_size, and the patchified layout of
   `Qwen2VLVideoProcessor.patchify` (rows of C * tp * p * p values, ordered t, h-block, w-block, my, mx).
-- SigLIP (LLaVA-OneVision): a fixed square resize to the vision tower's image_size.
-The HF video processors themselves import torchvision, which is not installed here, so the tests check
-this arithmetic against hand-computed expectations (see tests/test_models.py).
+- SigLIP (LLaVA-OneVision): a fixed square resize to the vision tower's image_size, no crop.
+The HF video processors themselves import torchvision; hippo does not. tests/test_preprocess_vs_hf.py
+compares against them where torchvision is installed.
 """
 from __future__ import annotations
 
@@ -85,10 +91,19 @@ def resize_frames(frames: torch.Tensor, height: int, width: int, resample: str) 
     if resample not in ("bicubic", "bilinear"):
         raise HippoError(f"unsupported resample mode {resample!r} (bicubic or bilinear)")
     video = frames.permute(0, 3, 1, 2).to(torch.float32)
-    if (video.shape[-2], video.shape[-1]) == (height, width):
-        return video.contiguous()
-    video = F.interpolate(video, size=(height, width), mode=resample, align_corners=False, antialias=True)
-    # Bicubic overshoots; torchvision clamps and rounds when its input was uint8.
+    # Width first, then height, each pass rounded to uint8 values: the order and rounding of
+    # torchvision's (and PIL's) uint8 resize, which the HF processors use on the CPU.
+    video = resize_axis_to_uint8_values(video, (video.shape[-2], width), resample)
+    video = resize_axis_to_uint8_values(video, (height, width), resample)
+    return video.contiguous()
+
+
+def resize_axis_to_uint8_values(video: torch.Tensor, size: tuple[int, int], resample: str) -> torch.Tensor:
+    """One antialiased resize pass of float [T, C, H, W] holding uint8 values; a no-op at the same size.
+    Bicubic overshoots, so the result is clamped to 0..255 before rounding, as a uint8 result would be."""
+    if (video.shape[-2], video.shape[-1]) == size:
+        return video
+    video = F.interpolate(video, size=size, mode=resample, align_corners=False, antialias=True)
     return video.clamp_(0, 255).round_()
 
 
