@@ -1,7 +1,7 @@
 """Model adapters against the HF models they wrap (CPU, fp32, tiny random presets, synthetic frames).
 
-The HF video processors import torchvision, which is not installed, so hippo's preprocessing is checked
-against hand-computed arithmetic (smart_resize sizes, patch layout, padding) instead of the processor."""
+Here hippo's preprocessing is checked against hand-computed arithmetic (smart_resize sizes, patch
+layout, padding); tests/test_preprocess_vs_hf.py compares it with HF's own video processors."""
 from __future__ import annotations
 
 import json
