@@ -13,12 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hippo_ext import decode_attention
-
-
-def bench_devices() -> list[str]:
-    # As in benchmarks/conftest.py (not imported: `conftest` is ambiguous when tests/ and
-    # benchmarks/ are collected in one run).
-    return ["cuda"] if torch.cuda.is_available() else ["cpu"]
+from timing import bench_devices
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hippo_ext
-from conftest import bench_devices
+from timing import bench_devices
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from conftest import bench_devices
+from timing import bench_devices
 from hippo_ext import select_visual_tokens
 from hippo_ext.token_selection import reference_select_visual_tokens
 

@@ -11,55 +11,13 @@ and the op's HBM floor (bytes it must move once / the card's measured copy bandw
 """
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Sequence
 
 import pytest
 import torch
 
 import hippo_ext  # noqa: F401
-
-# Device-to-device copy bandwidth, read + write, measured on the lent machines: H100 3.0 TB/s
-# (NOTES.md), H200 4.3 TB/s (device/KINDS.md). Other cards fall back to the H100 figure.
-HBM_BYTES_PER_S = {"H200": 4.3e12, "H100": 3.0e12}
-GRAPH_CALLS = 24
-
-
-def hbm_bytes_per_s() -> float:
-    name = torch.cuda.get_device_name()
-    return next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), 3.0e12)
-
-
-def cuda_median_us(fn: Callable[[], object], warmup: int = 5, reps: int = 50) -> float:
-    """Median CUDA-event time of fn() in microseconds."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
-def cuda_graph_us(fns: Sequence[Callable[[], object]], calls: int = GRAPH_CALLS) -> float:
-    """Per-call time of `calls` back-to-back calls (cycling through fns) replayed from one graph.
-    Captured on its own stream (NOTES.md: graphs sharing the default capture stream can hang)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:  # warm up outside the capture (lazy init, allocator)
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for i in range(calls):
-            fns[i % len(fns)]()
-    return cuda_median_us(graph.replay, warmup=3, reps=20) / calls
+from timing import cuda_graph_us, cuda_median_us, hbm_bytes_per_s
 
 
 @pytest.fixture
@@ -96,7 +54,3 @@ def measure(benchmark):
         benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=2)
 
     return run
-
-
-def bench_devices() -> list[str]:
-    return ["cuda"] if torch.cuda.is_available() else ["cpu"]

@@ -5,9 +5,7 @@ import pytest
 import torch
 
 import hippo_ext  # noqa: F401  (registers the ops)
-
-HAS_CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+from hippo_testing import requires_cuda
 
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
 
@@ -23,9 +21,3 @@ def gen() -> torch.Generator:
     g = torch.Generator()
     g.manual_seed(torch.seed() % (2**31))
     return g
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (NaN never passes a < comparison)."""
-    out64, ref64 = out.double().cpu(), ref.double().cpu()
-    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))

@@ -8,16 +8,7 @@ import torch
 
 from hippo_ext import decode_attention
 
-# Not imported from conftest.py: with tests/ and benchmarks/ collected in one run, the module
-# name `conftest` may resolve to the other folder's file.
-HAS_CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-
-
-def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref|| / ||ref|| in float64 (NaN never passes a < comparison)."""
-    out64, ref64 = out.double().cpu(), ref.double().cpu()
-    return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
+from hippo_testing import HAS_CUDA, rel_error, requires_cuda
 
 OP = torch.ops.hippo_ext.decode_attention.default
 SIMPLE_KERNEL_ENV = "HIPPO_DECODE_ATTENTION_SIMPLE"  # CUDA: force the plain SIMT kernel

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hippo_ext
-from conftest import requires_cuda
+from hippo_testing import requires_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SENTINEL = -777.0  # exactly representable in all three dtypes

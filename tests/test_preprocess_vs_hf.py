@@ -32,6 +32,7 @@ from transformers import (LlavaOnevisionForConditionalGeneration, LlavaOnevision
 
 from hippo.models import load_adapter  # noqa: E402
 from hippo.models.base import build_random_model  # noqa: E402
+from hippo_testing import requires_cuda  # noqa: E402
 from hippo.models.llava_onevision import LlavaOnevisionAdapter  # noqa: E402
 from hippo.models.preprocess import (SIGLIP_MEAN, SIGLIP_STD, QwenVideoPreprocess,  # noqa: E402
                                      SiglipVideoPreprocess, preprocess_qwen_video, preprocess_siglip_video)
@@ -203,7 +204,7 @@ def test_siglip_without_resize_matches_hf_to_float_rounding():
                                rtol=0, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@requires_cuda
 def test_gpu_preprocessing_matches_hf_cpu():
     frames = random_frames(3, 50, 70, seed=9)
     cfg = QWEN_SETTINGS["preset"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hippo.models.base import HippoError, PreparedPrompt
+from hippo_testing import requires_cuda
 from hippo.runtime import (LanguageModelRuntime, StaticKVCache, generate_autoregressive,
                            warp_logits)
 
@@ -333,8 +334,6 @@ def test_cpu_decode_attention_backend_matches_sdpa():
 
 
 # ------------------------------------------------------------------------------- CUDA only
-
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 # fp32 with head dim 16 runs the SDPA step; bf16 with head dim 64 runs hippo_ext.decode_attention.
 CUDA_SETUPS = [pytest.param(torch.float32, 64, "sdpa", id="fp32-sdpa"),

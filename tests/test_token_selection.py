@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import rel_error, requires_cuda
+from hippo_testing import rel_error, requires_cuda
 from hippo_ext import SelectedTokens, select_visual_tokens
 from hippo_ext.token_selection import (
     reference_fuse,

@@ -238,7 +238,6 @@ def test_verify_sampling_matches_reference(device, gen, dtype, vocab, g):
 
 
 def test_verify_sampling_edge_rules(device):
-    vocab = 4
     q = torch.tensor([[[0.25, 0.25, 0.25, 0.25]], [[0.0, 0.5, 0.5, 0.0]], [[0.25, 0.25, 0.25, 0.25]]])
     p = torch.tensor([
         # p(x) = 0 rejects even with u = 0; the residual is max(0, p - q) = [0.75, 0, 0, 0]
