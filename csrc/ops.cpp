@@ -69,4 +69,17 @@ TORCH_LIBRARY(hippo_ext, m) {
   m.def(
       "decode_attention(Tensor query, Tensor cache, int layer, Tensor length, float scale, "
       "Tensor? tree_mask) -> Tensor");
+
+  // ---- the rest of a decoder layer: fewer, fatter kernels per step --------------------------
+  // RMSNorm with HF's rounding (Qwen2RMSNorm). x [..., H] contiguous, weight [H] of x's dtype.
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  // The residual add fused in: sum = x + residual (rounded); returns (rms_norm(sum), sum).
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor, Tensor)");
+  // SwiGLU gating on the fused gate/up projection: x [..., 2I] -> silu(x[..., :I]) * x[..., I:].
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  // RoPE on qkv [B, S, (Hq + 2 Hkv) D] with cos/sin [B, S, D]; rotated keys and the values are
+  // written to cache[layer] at positions [length - S, length); returns q [B, S, Hq, D].
+  m.def(
+      "rotary_kv_append(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) cache, int layer, "
+      "Tensor length) -> Tensor");
 }

@@ -9,8 +9,11 @@ from __future__ import annotations
 import torch
 
 from hippo_ext import _C  # noqa: F401  (loads the library: registers schemas and kernels)
+from hippo_ext.activation import silu_and_mul
 from hippo_ext.attention import decode_attention
 from hippo_ext.kv_compaction import kv_compact_, kv_gather
+from hippo_ext.normalization import add_rms_norm, rms_norm
+from hippo_ext.rotary_embedding import rotary_kv_append
 from hippo_ext.token_selection import SelectedTokens, select_visual_tokens
 from hippo_ext.verification import verify_greedy, verify_sampling, verify_tree_greedy
 
@@ -22,6 +25,10 @@ OP_NAMES = (
     "kv_gather",
     "kv_compact_",
     "decode_attention",
+    "rms_norm",
+    "add_rms_norm",
+    "silu_and_mul",
+    "rotary_kv_append",
 )
 
 
@@ -38,12 +45,16 @@ def cuda_kernels_built() -> bool:
 __all__ = [
     "OP_NAMES",
     "SelectedTokens",
+    "add_rms_norm",
     "cuda_kernels_built",
     "decode_attention",
     "has_kernel",
     "kv_compact_",
     "kv_gather",
+    "rms_norm",
+    "rotary_kv_append",
     "select_visual_tokens",
+    "silu_and_mul",
     "verify_greedy",
     "verify_sampling",
     "verify_tree_greedy",

@@ -1,0 +1,54 @@
+// RMSNorm (rms_norm, add_rms_norm): the checks shared by the CPU and CUDA implementations.
+//
+// Both follow the arithmetic of HF's Qwen2RMSNorm exactly, so a model run through these ops
+// rounds where HF rounds:
+//   sum    = dtype(x + residual)                        (add_rms_norm only: the residual add)
+//   normed = dtype(float(sum) * rsqrt(mean(float(sum)^2) + eps))
+//   out    = dtype(weight * normed)
+// x [..., H] contiguous; weight [H] of x's dtype; residual (add_rms_norm) shaped like x.
+#pragma once
+
+#include "common.h"
+
+namespace hippo {
+
+struct RmsNormShape {
+  int64_t rows = 0;    // numel / H
+  int64_t hidden = 0;  // H
+};
+
+inline RmsNormShape check_rms_norm_inputs(const at::Tensor& x, const at::Tensor& weight, double eps,
+                                          const char* op) {
+  HIPPO_CHECK(x.dim() >= 1, op, "x must have at least one dimension, got a scalar");
+  check_floating(x, op, "x");
+  check_contiguous(x, op, "x");
+  check_dim(weight, 1, op, "weight");
+  HIPPO_CHECK(weight.scalar_type() == x.scalar_type(), op, "weight dtype ", weight.scalar_type(),
+              " must match the dtype of x, ", x.scalar_type());
+  check_same_device(x, weight, op, "x", "weight");
+  check_contiguous(weight, op, "weight");
+  const int64_t hidden = x.size(-1);
+  HIPPO_CHECK(hidden >= 1, op, "x's last dimension must not be empty, got shape ", x.sizes());
+  HIPPO_CHECK(weight.size(0) == hidden, op, "weight has ", weight.size(0),
+              " entries but x's last dimension is ", hidden);
+  HIPPO_CHECK(eps >= 0.0, op, "eps must be >= 0, got ", eps);
+  RmsNormShape s;
+  s.hidden = hidden;
+  s.rows = hidden == 0 ? 0 : x.numel() / hidden;
+  return s;
+}
+
+inline RmsNormShape check_add_rms_norm_inputs(const at::Tensor& x, const at::Tensor& residual,
+                                              const at::Tensor& weight, double eps) {
+  constexpr const char* op = "add_rms_norm";
+  const RmsNormShape s = check_rms_norm_inputs(x, weight, eps, op);
+  HIPPO_CHECK(residual.sizes() == x.sizes(), op, "residual shape ", residual.sizes(),
+              " must equal the shape of x, ", x.sizes());
+  HIPPO_CHECK(residual.scalar_type() == x.scalar_type(), op, "residual dtype ",
+              residual.scalar_type(), " must match the dtype of x, ", x.scalar_type());
+  check_same_device(x, residual, op, "x", "residual");
+  check_contiguous(residual, op, "residual");
+  return s;
+}
+
+}  // namespace hippo

@@ -1,0 +1,98 @@
+// rotary_kv_append: RoPE on the fused q/k/v projection, and the new keys and values appended to
+// the static KV cache, in one op (what every layer of a decode, verify or prefill step does
+// between its QKV projection and its attention).
+//
+// qkv [B, S, (Hq + 2 Hkv) D]: per token, Hq query heads, then Hkv key heads, then Hkv value heads
+//     (the row layout of one concatenated q/k/v projection), contiguous;
+// cos, sin [B, S, D]: the rotary tables per token (M-RoPE sections already merged, as HF's
+//     rotary embedding returns them), contiguous, of qkv's dtype;
+// cache [layers, 2, B, Hkv, S_max, D], contiguous, of qkv's dtype; `layer` selects the layer;
+// length [B] int32/int64: the new S tokens occupy positions [length[b] - S, length[b]) (the
+//     length already counts them, as decode_attention expects).
+// Returns q [B, S, Hq, D]: rotated queries in decode_attention's layout. Keys (rotated) and values
+// are written to cache[layer, 0/1, b, :, length[b] - S + s].
+//
+// Rounding is HF's `x * cos + rotate_half(x) * sin` in the tensor's dtype: each product rounded,
+// then the sum rounded, with rotate_half(x) = (-x2, x1) over the two halves of the head dim.
+#pragma once
+
+#include "common.h"
+
+namespace hippo {
+
+inline constexpr const char* kRotaryKvAppendOp = "rotary_kv_append";
+
+struct RotaryShape {
+  int64_t batch = 0;
+  int64_t tokens = 0;  // S
+  int64_t q_heads = 0;
+  int64_t kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t max_seq = 0;
+
+  int64_t total_heads() const { return q_heads + 2 * kv_heads; }
+};
+
+inline RotaryShape check_rotary_kv_append_inputs(const at::Tensor& qkv, const at::Tensor& cos,
+                                                 const at::Tensor& sin, const at::Tensor& cache,
+                                                 int64_t layer, const at::Tensor& length) {
+  const char* op = kRotaryKvAppendOp;
+  check_dim(qkv, 3, op, "qkv");
+  check_floating(qkv, op, "qkv");
+  check_contiguous(qkv, op, "qkv");
+  check_dim(cache, 6, op, "cache");
+  check_contiguous(cache, op, "cache");
+  HIPPO_CHECK(cache.size(1) == 2, op, "cache must be [layers, 2, B, Hkv, S_max, D] (keys, values)",
+              ", got shape ", cache.sizes());
+  HIPPO_CHECK(cache.scalar_type() == qkv.scalar_type(), op, "cache dtype ", cache.scalar_type(),
+              " must match the qkv dtype ", qkv.scalar_type());
+  check_same_device(qkv, cache, op, "qkv", "cache");
+  check_dim(length, 1, op, "length");
+  HIPPO_CHECK(length.scalar_type() == at::kInt || length.scalar_type() == at::kLong, op,
+              "length must be int32 or int64, got ", length.scalar_type());
+  check_same_device(length, cache, op, "length", "cache");
+
+  RotaryShape s;
+  s.batch = qkv.size(0);
+  s.tokens = qkv.size(1);
+  s.kv_heads = cache.size(3);
+  s.max_seq = cache.size(4);
+  s.head_dim = cache.size(5);
+  HIPPO_CHECK(s.head_dim >= 2 && s.head_dim % 2 == 0, op, "the head dim (cache.size(5)) must be even, got ",
+              s.head_dim);
+  HIPPO_CHECK(s.kv_heads >= 1 && s.max_seq >= 1, op, "empty cache, shape ", cache.sizes());
+  const int64_t width = qkv.size(2);
+  HIPPO_CHECK(width % s.head_dim == 0 && width / s.head_dim > 2 * s.kv_heads, op,
+              "qkv's last dimension must be (Hq + 2 Hkv) * D with Hq >= 1, Hkv = ", s.kv_heads, " and D = ",
+              s.head_dim, " (from the cache), got ", width);
+  s.q_heads = width / s.head_dim - 2 * s.kv_heads;
+  HIPPO_CHECK(cache.size(2) == s.batch, op, "cache batch size ", cache.size(2),
+              " does not match the qkv batch size ", s.batch);
+  HIPPO_CHECK(layer >= 0 && layer < cache.size(0), op, "layer ", layer, " out of range [0, ", cache.size(0), ")");
+  HIPPO_CHECK(length.size(0) == s.batch, op, "length must have one entry per batch row (", s.batch,
+              "), got shape ", length.sizes());
+  for (const auto& [table, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
+    check_dim(*table, 3, op, name);
+    HIPPO_CHECK(table->size(0) == s.batch && table->size(1) == s.tokens && table->size(2) == s.head_dim, op,
+                name, " must be [B, S, D] = [", s.batch, ", ", s.tokens, ", ", s.head_dim, "], got shape ",
+                table->sizes());
+    HIPPO_CHECK(table->scalar_type() == qkv.scalar_type(), op, name, " dtype ", table->scalar_type(),
+                " must match the qkv dtype ", qkv.scalar_type());
+    check_same_device(*table, qkv, op, name, "qkv");
+    check_contiguous(*table, op, name);
+  }
+  return s;
+}
+
+// Index values (on the CPU path always): S <= length[b] <= S_max, so every new token has a slot.
+inline void check_rotary_kv_append_lengths(const at::Tensor& length_cpu, const RotaryShape& s) {
+  const at::Tensor lengths = length_cpu.to(at::kLong).contiguous();
+  const int64_t* values = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < s.batch; ++b) {
+    HIPPO_CHECK(values[b] >= s.tokens && values[b] <= s.max_seq, kRotaryKvAppendOp, "length[", b, "] = ",
+                values[b], " must lie in [S, S_max] = [", s.tokens, ", ", s.max_seq,
+                "] (it counts the new tokens)");
+  }
+}
+
+}  // namespace hippo

@@ -1,0 +1,20 @@
+"""The gated activation of a SwiGLU MLP on its fused gate/up projection."""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["silu_and_mul"]
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` where ``x [..., 2I]`` holds gate then up; returns ``[..., I]``.
+
+    The activation is rounded to x's dtype before the product, as HF's
+    ``act_fn(gate_proj(h)) * up_proj(h)`` does.
+    """
+    return torch.ops.hippo_ext.silu_and_mul.default(x)
+
+
+@torch.library.register_fake("hippo_ext::silu_and_mul")
+def _silu_and_mul_fake(x):
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
