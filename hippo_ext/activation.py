@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["silu_and_mul"]
 
@@ -13,6 +14,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     ``act_fn(gate_proj(h)) * up_proj(h)`` does.
     """
     return torch.ops.hippo_ext.silu_and_mul.default(x)
+
+
+def reference_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """HF's ``act_fn(gate) * up`` in eager PyTorch (tests and benchmarks compare against it)."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 @torch.library.register_fake("hippo_ext::silu_and_mul")

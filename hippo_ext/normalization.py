@@ -29,6 +29,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     return torch.ops.hippo_ext.add_rms_norm.default(x, residual, weight, float(eps))
 
 
+def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """HF's Qwen2RMSNorm.forward in eager PyTorch, step for step: the arithmetic both kernels
+    keep (tests and benchmarks compare against it)."""
+    wide = x.to(torch.float32)
+    variance = wide.pow(2).mean(-1, keepdim=True)
+    return weight * (wide * torch.rsqrt(variance + eps)).to(x.dtype)
+
+
 @torch.library.register_fake("hippo_ext::rms_norm")
 def _rms_norm_fake(x, weight, eps):
     return torch.empty_like(x)

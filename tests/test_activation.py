@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import hippo_ext
+from hippo_ext.activation import reference_silu_and_mul as eager
 from hippo_testing import rel_error, requires_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -14,11 +15,6 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [((1,), 1), ((3,), 7), ((2, 5), 64), ((1,), 4864), ((9,), 18944), ((0, 2), 16)]
 TOLERANCE = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=8e-3, atol=1e-2),
              torch.float16: dict(rtol=1e-3, atol=1e-3)}
-
-
-def eager(x: torch.Tensor) -> torch.Tensor:
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import hippo_ext
+from hippo_ext.normalization import reference_rms_norm as eager_rms_norm
 from hippo_testing import rel_error, requires_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -17,13 +18,6 @@ SHAPES = [((1,), 1), ((3,), 7), ((2, 5), 64), ((1, 9), 131), ((4,), 896), ((2, 3
 ULP_TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.bfloat16: dict(rtol=8e-3, atol=1e-2),
                  torch.float16: dict(rtol=1e-3, atol=1e-3)}
 FLOAT64_TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
-
-
-def eager_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's Qwen2RMSNorm.forward, step for step."""
-    wide = x.to(torch.float32)
-    variance = wide.pow(2).mean(-1, keepdim=True)
-    return weight * (wide * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
 def float64_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -6,22 +6,12 @@ import pytest
 import torch
 
 import hippo_ext
+from hippo.runtime.decoder import apply_rope as eager_rope  # HF's apply_rotary_pos_emb, verbatim
 from hippo_testing import requires_cuda
 
 OP = torch.ops.hippo_ext.rotary_kv_append.default
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SENTINEL = -555.0  # exactly representable in every dtype; marks slots that must stay untouched
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def eager_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """HF's form: x [B, H, S, D], cos/sin [B, S, D]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos) + (rotate_half(x) * sin)
 
 
 def rope_tables(batch: int, tokens: int, head_dim: int, positions: torch.Tensor, dtype):

@@ -116,7 +116,7 @@ def test_fused_projections_borrow_hf_weights(family):
             fused.gate_up_weight.untyped_storage().data_ptr()
     torch.testing.assert_close(hf_logits(model, embeds, positions_for(12)), before,
                                atol=ATOL, rtol=0)  # the HF model still computes the same
-    unfused = LanguageModelRuntime.from_hf(model, max_seq_len=32, fuse_projections=False)
+    unfused = LanguageModelRuntime.from_hf(model, max_seq_len=32, fused=False)
     outputs = []
     for rt in (runtime, unfused):
         rt.prefill(embeds[:, :8], positions_for(8))
@@ -331,6 +331,81 @@ def test_cpu_decode_attention_backend_matches_sdpa():
         runtime.prefill(runtime.embed(ids[:, :10]), positions[..., :10])
         outputs.append(runtime.step(ids[:, 10:16], positions[..., 10:16]))
     torch.testing.assert_close(outputs[1], outputs[0], atol=ATOL, rtol=0)
+
+
+def _compute_ops_per_step(runtime, ids, positions) -> int:
+    """aten/hippo_ext ops of one step that are not views (a proxy for kernels on CUDA)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountOps(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            if not (func.is_view or "view" in name or name.startswith("aten.t.")):
+                CountOps.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with CountOps():
+        runtime.step(ids, positions)
+    return CountOps.count
+
+
+def test_fused_layers_run_nine_ops_per_layer():
+    """Guards the fusion (the step's kernel count decides its speed on a GPU): per layer, two
+    RMSNorms, four GEMMs, RoPE + cache append, attention and the gating, nothing else."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    counts = {}
+    for layers in (2, 3):
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2)).eval()
+        runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, step_attention="hippo_ext")
+        assert runtime.fused is not None
+        ids = torch.randint(0, VOCAB, (1, 12))
+        runtime.prefill(runtime.embed(ids[:, :8]), linear_positions(8))
+        counts[layers] = _compute_ops_per_step(runtime, ids[:, 8:12], linear_positions(4, 8))
+    assert counts[3] - counts[2] == 9
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda,
+                                                                        pytest.mark.cuda])])
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
+def test_fused_layers_match_hf_modules_in_bf16(family, device):
+    """The fused ops keep HF's rounding points: in bf16 the fused path stays within bf16
+    noise of HF's own modules (the GEMMs of fused weights may round differently)."""
+    model, positions_for = build(family)
+    model = model.to(device=device, dtype=torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (1, 20), device=device)
+    positions = positions_for(20).to(device)
+    logits = []
+    for fused in (True, False):
+        runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, fused=fused,
+                                               use_cuda_graphs=False)
+        assert (runtime.fused is not None) == fused
+        prefill = runtime.prefill(runtime.embed(ids[:, :12]), positions[..., :12],
+                                  all_logits=True).logits
+        steps = [runtime.step(ids[:, 12:13], positions[..., 12:13]),
+                 runtime.step(ids[:, 13:20], positions[..., 13:20])]
+        logits.append(torch.cat([prefill, *steps], dim=1).double())
+    error = (logits[0] - logits[1]).norm() / logits[1].norm()
+    assert error < 1e-2
+
+
+def test_fused_needs_a_silu_mlp():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, hidden_act="gelu")).eval()
+    with pytest.raises(HippoError, match="not SiLU"):
+        LanguageModelRuntime.from_hf(model, max_seq_len=32, fused=True)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32)  # falls back to HF's modules
+    assert runtime.fused is None
+    ids = torch.randint(0, VOCAB, (1, 6))
+    logits = runtime.prefill(runtime.embed(ids), linear_positions(6), all_logits=True).logits
+    torch.testing.assert_close(logits, model(input_ids=ids).logits, atol=ATOL, rtol=0)
 
 
 # ------------------------------------------------------------------------------- CUDA only

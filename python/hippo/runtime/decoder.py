@@ -9,18 +9,24 @@ text model of Qwen2.5-VL (M-RoPE, position ids [3, B, S]).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import hippo_ext
 from hippo.models.base import HippoError
 from hippo.runtime.static_cache import StaticKVCache
 
 STEP_ATTENTION_BACKENDS = ("sdpa", "hippo_ext")
 MAX_STEP_TOKENS = 64  # decode_attention's query-block limit
+# The hippo_ext ops of a fused layer (fused=True), besides decode_attention.
+FUSED_LAYER_OPS = ("rms_norm", "add_rms_norm", "rotary_kv_append", "silu_and_mul")
+
+# attend(layer index, post-RoPE queries [B, S, Hq, D]) -> attention output [B, S, Hq * D]
+AttendFn = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -76,15 +82,19 @@ class LanguageModelRuntime:
         step_attention: "hippo_ext" (decode_attention over the static cache; default on CUDA
             where its kernel applies: bf16/fp16, head dim 64/80/128) or "sdpa" (masked PyTorch
             attention; default elsewhere, and on the CPU, where it is HF's own path).
-        fuse_projections: store each layer's q/k/v weights (and biases) as one matrix, and
-            gate/up as one, so a step runs one GEMM for each group (fewer, fatter kernels). The
-            HF parameters are replaced by views into the fused tensors: no second copy, and the
-            HF model keeps working. Build the runtime after moving or casting the model.
+        fused: run each layer as hippo_ext ops on fused weights: q/k/v stored as one matrix
+            (and bias) and gate/up as one, so a step runs one GEMM for each group, with RMSNorm
+            (the residual add fused in), RoPE plus the cache append, and SwiGLU gating each one
+            kernel; the ops keep HF's rounding. The HF parameters are replaced by views into
+            the fused tensors: no second copy, and the HF model keeps working. Default: on
+            wherever hippo_ext has these kernels for the device and the MLP is SiLU-gated.
+            False runs HF's own modules (the reference path). Build the runtime after moving
+            or casting the model.
     """
 
     def __init__(self, text_model: nn.Module, lm_head: nn.Module, max_seq_len: int,
                  batch: int = 1, *, use_cuda_graphs: bool | None = None,
-                 step_attention: str | None = None, fuse_projections: bool = True) -> None:
+                 step_attention: str | None = None, fused: bool | None = None) -> None:
         self.text_model = text_model
         self.lm_head = lm_head
         self.layers = list(text_model.layers)
@@ -104,6 +114,7 @@ class LanguageModelRuntime:
                                    self.head_dim, dtype=self.dtype, device=self.device)
         self.step_attention = _choose_step_attention(step_attention, self.device, self.dtype,
                                                      self.head_dim)
+        use_fused = _choose_fused(fused, self.device, text_model)
         is_cuda = self.device.type == "cuda"
         self.use_cuda_graphs = is_cuda if use_cuda_graphs is None else use_cuda_graphs
         if self.use_cuda_graphs and not is_cuda:
@@ -115,7 +126,7 @@ class LanguageModelRuntime:
             self._graphs = StepGraphs(self)
         # Last, once every check has passed: fusing rewrites the HF model's parameters.
         self.fused = ([fuse_layer_projections(layer) for layer in self.layers]
-                      if fuse_projections else None)
+                      if use_fused else None)
 
     @classmethod
     def from_hf(cls, model: nn.Module, max_seq_len: int, batch: int = 1,
@@ -162,18 +173,16 @@ class LanguageModelRuntime:
         self.cache.advance(seq_len)
 
         hidden = inputs_embeds.to(device=self.device, dtype=self.dtype)
-        cos, sin = self.rotary_emb(hidden, positions)
-        queries = []
-        for index in range(len(self.layers)):
-            def attend(q, k, v, index=index):
-                if index in query_layers:
-                    queries.append((index, q[0, :, seq_len - query_len:].clone()))
-                return self._prefill_attention(index, q, k, v, start)
-            hidden = self._layer(index, hidden, cos, sin, attend)
-        if not all_logits:
-            hidden = hidden[:, -1:]
-        logits = self.lm_head(self.text_model.norm(hidden))
-        ordered = [dict(queries)[layer] for layer in query_layers]
+        cos, sin = self._rotary_tables(hidden, positions)
+        queries = {}
+
+        def attend(index: int, q: torch.Tensor) -> torch.Tensor:
+            if index in query_layers:  # [Hq, Lq, D] of the last Lq prompt tokens
+                queries[index] = q[0, seq_len - query_len:].transpose(0, 1).clone()
+            return self._prefill_attention(index, q, start)
+
+        logits = self.lm_head(self._run_layers(hidden, cos, sin, attend, last_only=not all_logits))
+        ordered = [queries[layer] for layer in query_layers]
         return PrefillResult(logits, torch.stack(ordered) if ordered else None)
 
     @torch.no_grad()
@@ -201,17 +210,14 @@ class LanguageModelRuntime:
                   key_limit: int) -> torch.Tensor:
         """The device work of one step: static shapes, no host sync (CUDA graphs capture it).
         The SDPA backend reads keys [0, key_limit), a host bound on the valid length."""
-        count = input_ids.shape[1]
-        self.cache.advance(count)
-        write_positions = self.cache.write_positions(count)
+        self.cache.advance(input_ids.shape[1])
         hidden = self.text_model.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(hidden, positions)
-        for index in range(len(self.layers)):
-            def attend(q, k, v, index=index):
-                self.cache.write(index, k, v, write_positions)
-                return self._step_attention(index, q, key_limit)
-            hidden = self._layer(index, hidden, cos, sin, attend)
-        return self.lm_head(self.text_model.norm(hidden))
+        cos, sin = self._rotary_tables(hidden, positions)
+
+        def attend(index: int, q: torch.Tensor) -> torch.Tensor:
+            return self._step_attention(index, q, key_limit)
+
+        return self.lm_head(self._run_layers(hidden, cos, sin, attend, last_only=False))
 
     # ---------------------------------------------------------------------------- internals
 
@@ -223,74 +229,105 @@ class LanguageModelRuntime:
             return self.cache.max_seq_len
         return self.cache.host_length
 
-    def _layer(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               attend) -> torch.Tensor:
-        """One decoder layer in HF's order; `attend(q, k, v)` (post-RoPE, [B, H, S, D]) stores
-        keys/values and returns the attention output [B, S, Hq * D]."""
-        layer = self.layers[index]
-        residual = hidden
-        q, k, v = self._project_qkv(index, layer.input_layernorm(hidden), cos, sin)
-        hidden = residual + layer.self_attn.o_proj(attend(q, k, v))
-        residual = hidden
-        return residual + self._mlp(index, layer.post_attention_layernorm(hidden))
+    def _rotary_tables(self, hidden: torch.Tensor,
+                       positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, S, D] in the model dtype, from HF's rotary embedding (M-RoPE sections
+        merged there), contiguous as rotary_kv_append takes them."""
+        cos, sin = self.rotary_emb(hidden, positions)
+        return cos.contiguous(), sin.contiguous()
 
-    def _project_qkv(self, index: int, normed: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Post-RoPE q [B, Hq, S, D], k and v [B, Hkv, S, D] of one layer."""
-        batch, seq_len, _ = normed.shape
-        heads_shape = (batch, seq_len, -1, self.head_dim)
+    def _run_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    attend: AttendFn, last_only: bool) -> torch.Tensor:
+        """Every decoder layer, then the final norm: [B, S, hidden] input embeddings -> the
+        normed hidden states the output head takes ([B, 1, hidden] with last_only).
+        `attend(index, q)` gets the layer's post-RoPE queries [B, S, Hq, D] once the layer's
+        keys and values are in the cache, and returns the attention output [B, S, Hq * D]."""
         if self.fused is None:
-            attention = self.layers[index].self_attn
-            q = attention.q_proj(normed).view(heads_shape).transpose(1, 2)
-            k = attention.k_proj(normed).view(heads_shape).transpose(1, 2)
-            v = attention.v_proj(normed).view(heads_shape).transpose(1, 2)
-            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-        fused = self.fused[index]
-        qkv = F.linear(normed, fused.qkv_weight, fused.qkv_bias).view(heads_shape)
-        rotated_heads = self.num_heads + self.num_kv_heads  # q and k rotate together
-        qk = apply_rope(qkv[:, :, :rotated_heads].transpose(1, 2), cos, sin)
-        v = qkv[:, :, rotated_heads:].transpose(1, 2)
-        return qk[:, :self.num_heads], qk[:, self.num_heads:], v
+            return self._run_hf_layers(hidden, cos, sin, attend, last_only)
+        residual = None
+        for index in range(len(self.layers)):
+            hidden, residual = self._fused_layer(index, hidden, residual, cos, sin, attend)
+        if last_only:
+            hidden, residual = hidden[:, -1:].contiguous(), residual[:, -1:].contiguous()
+        norm = self.text_model.norm
+        return hippo_ext.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)[0]
 
-    def _mlp(self, index: int, normed: torch.Tensor) -> torch.Tensor:
-        mlp = self.layers[index].mlp
-        if self.fused is None:
-            return mlp(normed)
-        gate, up = F.linear(normed, self.fused[index].gate_up_weight).chunk(2, dim=-1)
-        return mlp.down_proj(mlp.act_fn(gate) * up)
+    def _fused_layer(self, index: int, delta: torch.Tensor, residual: torch.Tensor | None,
+                     cos: torch.Tensor, sin: torch.Tensor,
+                     attend: AttendFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoder layer in six hippo_ext ops and four GEMMs (plus attention), with HF's
+        arithmetic. The residual stream is carried beside the layer's output `delta` so that
+        each residual add fuses into the next RMSNorm. Returns (delta, residual)."""
+        layer, fused = self.layers[index], self.fused[index]
+        norm = layer.input_layernorm
+        if residual is None:  # the first layer: its input is the embedding itself
+            residual, normed = delta, hippo_ext.rms_norm(delta, norm.weight, norm.variance_epsilon)
+        else:
+            normed, residual = hippo_ext.add_rms_norm(delta, residual, norm.weight,
+                                                      norm.variance_epsilon)
+        qkv = F.linear(normed, fused.qkv_weight, fused.qkv_bias)
+        q = hippo_ext.rotary_kv_append(qkv, cos, sin, self.cache.tensor, index,
+                                       self.cache.length, check=False)
+        delta = layer.self_attn.o_proj(attend(index, q))
+        norm = layer.post_attention_layernorm
+        normed, residual = hippo_ext.add_rms_norm(delta, residual, norm.weight,
+                                                  norm.variance_epsilon)
+        gated = hippo_ext.silu_and_mul(F.linear(normed, fused.gate_up_weight))
+        return layer.mlp.down_proj(gated), residual
 
-    def _prefill_attention(self, index: int, q: torch.Tensor, k: torch.Tensor,
-                           v: torch.Tensor, start: int) -> torch.Tensor:
-        batch, _, seq_len, _ = q.shape
+    def _run_hf_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       attend: AttendFn, last_only: bool) -> torch.Tensor:
+        """The reference path (fused=False): HF's own modules, op for op."""
+        write_positions = self.cache.write_positions(hidden.shape[1])
+        for index, layer in enumerate(self.layers):
+            attention = layer.self_attn
+            residual = hidden
+            normed = layer.input_layernorm(hidden)
+            heads_shape = (*normed.shape[:2], -1, self.head_dim)
+            q, k, v = (projection(normed).view(heads_shape).transpose(1, 2)
+                       for projection in (attention.q_proj, attention.k_proj, attention.v_proj))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            self.cache.write(index, k, v, write_positions)
+            hidden = residual + attention.o_proj(attend(index, q.transpose(1, 2)))
+            residual = hidden
+            hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.text_model.norm(hidden)
+
+    def _prefill_attention(self, index: int, q: torch.Tensor, start: int) -> torch.Tensor:
+        """q [B, S, Hq, D] of prompt positions [start, start + S), whose keys and values are
+        cached already: causal attention over the cache's first start + S positions."""
+        batch, seq_len, _, _ = q.shape
         end = start + seq_len
-        self.cache.keys(index)[:, :, start:end].copy_(k)
-        self.cache.values(index)[:, :, start:end].copy_(v)
+        keys, values = self.cache.keys(index)[:, :, :end], self.cache.values(index)[:, :, :end]
+        q = q.transpose(1, 2)
         if start == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
-                                                 enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True,
+                                                 scale=self.scale, enable_gqa=True)
         else:  # continuing a cached prefix: each new token sees the prefix and itself causally
             key_pos = torch.arange(end, device=self.device)
             query_pos = torch.arange(start, end, device=self.device)
             mask = key_pos[None, :] <= query_pos[:, None]
-            out = F.scaled_dot_product_attention(
-                q, self.cache.keys(index)[:, :, :end], self.cache.values(index)[:, :, :end],
-                attn_mask=mask, scale=self.scale, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 scale=self.scale, enable_gqa=True)
         return out.transpose(1, 2).reshape(batch, seq_len, -1)
 
     def _step_attention(self, index: int, q: torch.Tensor, key_limit: int) -> torch.Tensor:
-        batch, _, count, _ = q.shape
+        """q [B, n, Hq, D] of the n newest positions, whose keys and values are cached."""
+        batch, count, _, _ = q.shape
         if self.step_attention == "hippo_ext":
-            out = torch.ops.hippo_ext.decode_attention.default(
-                q.transpose(1, 2).contiguous(), self.cache.tensor, index, self.cache.length,
-                self.scale, None)
+            out = hippo_ext.decode_attention(q.contiguous(), self.cache.tensor, index,
+                                             self.cache.length, scale=self.scale, check=False)
             return out.reshape(batch, count, -1)
         # Masked SDPA over a static key window: query i sees keys [0, length - count + i].
         key_pos = torch.arange(key_limit, device=self.device)
         query_pos = self.cache.length[:, None] - count + torch.arange(count, device=self.device)
         mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]
         out = F.scaled_dot_product_attention(
-            q, self.cache.keys(index)[:, :, :key_limit], self.cache.values(index)[:, :, :key_limit],
-            attn_mask=mask, scale=self.scale, enable_gqa=True)
+            q.transpose(1, 2), self.cache.keys(index)[:, :, :key_limit],
+            self.cache.values(index)[:, :, :key_limit], attn_mask=mask, scale=self.scale,
+            enable_gqa=True)
         return out.transpose(1, 2).reshape(batch, count, -1)
 
     def _normalise_positions(self, position_ids: torch.Tensor, batch: int,
@@ -385,10 +422,6 @@ def _decode_attention_supports(device: torch.device, dtype: torch.dtype,
                                head_dim: int) -> bool:
     """Whether hippo_ext.decode_attention has a kernel for this device, dtype and head dim (its
     CUDA kernel takes bf16/fp16 and head dims 64, 80, 128; the CPU reference takes all)."""
-    try:
-        import hippo_ext
-    except ImportError:
-        return False
     if device.type != "cuda":
         return hippo_ext.has_kernel("decode_attention", "CPU")
     return (hippo_ext.has_kernel("decode_attention", "CUDA")
@@ -412,6 +445,26 @@ def _choose_step_attention(requested: str | None, device: torch.device, dtype: t
             f"{head_dim} (CUDA: bf16/fp16, head dim 64/80/128; or hippo_ext is not built); "
             "use step_attention='sdpa'")
     return requested
+
+
+def _fused_layers_unsupported(device: torch.device, text_model: nn.Module) -> str | None:
+    """Why the fused layer path cannot run here, or None when it can."""
+    dispatch_key = "CUDA" if device.type == "cuda" else "CPU"
+    missing = [op for op in FUSED_LAYER_OPS if not hippo_ext.has_kernel(op, dispatch_key)]
+    if missing:
+        return f"this build of hippo_ext has no {dispatch_key} kernel for {', '.join(missing)}"
+    activation = getattr(text_model.config, "hidden_act", None)
+    if activation not in ("silu", "swish"):
+        return f"the MLP activation is {activation!r}, not SiLU"
+    return None
+
+
+def _choose_fused(requested: bool | None, device: torch.device, text_model: nn.Module) -> bool:
+    """Fused layers wherever they can run (default), HF's modules otherwise."""
+    reason = _fused_layers_unsupported(device, text_model)
+    if requested and reason is not None:
+        raise HippoError(f"fused=True cannot run: {reason}; use fused=False")
+    return reason is None if requested is None else requested
 
 
 def _reject_unsupported_attention(text_model: nn.Module) -> None:
