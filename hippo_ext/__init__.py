@@ -33,8 +33,13 @@ OP_NAMES = (
 
 
 def has_kernel(op_name: str, dispatch_key: str) -> bool:
-    """Whether hippo_ext::op_name has a kernel registered for dispatch_key ("CPU", "CUDA")."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"hippo_ext::{op_name}", dispatch_key)
+    """Whether hippo_ext::op_name has a kernel registered for dispatch_key ("CPU", "CUDA");
+    False also when this build does not define the op at all."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"hippo_ext::{op_name}",
+                                                              dispatch_key)
+    except RuntimeError:  # "operator hippo_ext::... does not exist"
+        return False
 
 
 def cuda_kernels_built() -> bool:

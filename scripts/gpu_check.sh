@@ -4,6 +4,7 @@
 #   scripts/gpu_check.sh build tests bench      # correctness + microbenchmarks
 #   scripts/gpu_check.sh sanitize               # compute-sanitizer memcheck + racecheck on CUDA tests
 #   scripts/gpu_check.sh build profile          # runtime step breakdown, decode_attention split sweep
+#   scripts/gpu_check.sh build runtime          # runtime step times (bench_runtime.py --quick)
 set -uo pipefail
 OUT=${OUT:-/tmp/hippo_out}
 mkdir -p "$OUT"
@@ -74,13 +75,18 @@ PY
     profile)
       # Where the runtime's steps spend GPU time (decode vs verify), and decode_attention's
       # sensitivity to the split length: the open questions in benchmarks/RESULTS.md.
-      PYTHONPATH=python $PY benchmarks/profile_runtime_step.py --model 7b --tokens 1,9 \
-        2>&1 | tee "$OUT/profile_7b.txt" | grep -E "^##|Name|gemm|gemv|decode_attention|Self CUDA" | head -40
+      for model in 7b 0.5b; do
+        PYTHONPATH=python:. $PY benchmarks/profile_runtime_step.py --model $model --tokens 1,9 \
+          2>&1 | tee "$OUT/profile_$model.txt" | grep -E "^##|Name|gemm|gemv|decode_attention|Self CUDA" | head -40
+      done
       for chunk in 128 256 512 1024; do
         HIPPO_DECODE_ATTENTION_CHUNK=$chunk $PYTEST benchmarks/bench_decode_attention.py \
           --benchmark-only -q -k hippo --benchmark-json "$OUT/chunk$chunk.json" >/dev/null 2>&1
         echo "chunk $chunk:"; $PY benchmarks/report.py "$OUT/chunk$chunk.json" | grep hippo | cut -d'|' -f2,5
       done
+      ;;
+    runtime)
+      PYTHONPATH=python:. $PY benchmarks/bench_runtime.py --quick 2>&1 | tee "$OUT/runtime.md" | tail -25
       ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac

@@ -165,6 +165,24 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
+// Four 8x8 matrices of 16-bit elements from shared memory into mma fragments: lane l gives the
+// address of row l % 8 of matrix l / 8 (16 contiguous, 16-byte aligned bytes); register j gets
+// matrix j. Plain: lane t holds row t / 4, columns 2 (t % 4) and +1 (the B fragment of K^T when
+// rows are keys). Transposed: rows 2 (t % 4) and +1 of column t / 4 (the B fragment of V).
+template <bool kTranspose>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  if constexpr (kTranspose) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+  }
+}
+
 // 16-byte global -> shared copy; with valid == false the 16 bytes are zero-filled (nothing is
 // read), so positions beyond length never bring NaN garbage into P @ V.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
@@ -202,6 +220,8 @@ struct MmaSmem {
 template <typename T, int D, int M>
 __global__ void __launch_bounds__(kThreads) split_kernel_mma(const Params p) {
   static_assert(M == 1 || M == 2 || M == 4, "row tiles per block");
+  static_assert(kTileKeys / (kWarps / M) % 16 == 0 && D % 16 == 0,
+                "ldmatrix takes n8 tiles in pairs: whole k16 key steps, even n8 head-dim tiles");
   constexpr int kSlices = kWarps / M;
   constexpr int kSliceKeys = kTileKeys / kSlices;  // 16, 32 or 64 keys per warp and tile
   constexpr int kKeyTiles = kSliceKeys / 8;        // n8 tiles of S per warp
@@ -291,17 +311,22 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const Params p) {
     const T* k_smem = staging + (tile % kStages) * MmaSmem<D>::kStageElems;
     const T* v_smem = k_smem + kTileKeys * kStride;
 
-    // S = Q K^T for this warp's 16 rows x kSliceKeys keys.
+    // S = Q K^T for this warp's 16 rows x kSliceKeys keys. One ldmatrix gives the B fragments
+    // of two n8 key tiles at one k16 step: matrices (tile n, dims +0), (n, +8), (n+1, +0),
+    // (n+1, +8); lane l addresses key row l % 8 of matrix l / 8.
     float score[kKeyTiles][4];
 #pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n) {
-      score[n][0] = score[n][1] = score[n][2] = score[n][3] = 0.f;
-      const T* k_row = k_smem + (slice_key0 + n * 8 + frag_row) * kStride + 2 * frag_col;
+    for (int n = 0; n < kKeyTiles; ++n) score[n][0] = score[n][1] = score[n][2] = score[n][3] = 0.f;
+    const int matrix = lane / 8;
+    const T* k_lane = k_smem + (slice_key0 + (matrix / 2) * 8 + lane % 8) * kStride + (matrix % 2) * 8;
+#pragma unroll
+    for (int n = 0; n < kKeyTiles; n += 2) {
 #pragma unroll
       for (int kd = 0; kd < kDimK; ++kd) {
-        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(k_row + kd * 16);
-        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(k_row + kd * 16 + 8);
-        mma_16816<T>(score[n], q_frag[kd], b0, b1);
+        uint32_t b[4];
+        ldmatrix_x4<false>(b, k_lane + n * 8 * kStride + kd * 16);
+        mma_16816<T>(score[n], q_frag[kd], b[0], b[1]);
+        mma_16816<T>(score[n + 1], q_frag[kd], b[2], b[3]);
       }
     }
 
@@ -344,20 +369,21 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const Params p) {
     }
 
     // O += P V: the S accumulators of two n8 key tiles are the A fragment of one k16 step.
-    const uint16_t* v_bits = reinterpret_cast<const uint16_t*>(v_smem);
+    // One transposed ldmatrix gives the B fragments of two n8 head-dim tiles: matrices
+    // (keys +0, dims n), (keys +8, n), (+0, n+1), (+8, n+1).
+    const T* v_lane = v_smem + (slice_key0 + (matrix % 2) * 8 + lane % 8) * kStride + (matrix / 2) * 8;
 #pragma unroll
     for (int kk = 0; kk < kSliceKeys / 16; ++kk) {
       const uint32_t a[4] = {pack_pair<T>(score[2 * kk][0], score[2 * kk][1]),
                              pack_pair<T>(score[2 * kk][2], score[2 * kk][3]),
                              pack_pair<T>(score[2 * kk + 1][0], score[2 * kk + 1][1]),
                              pack_pair<T>(score[2 * kk + 1][2], score[2 * kk + 1][3])};
-      const uint16_t* v_col = v_bits + (slice_key0 + kk * 16 + 2 * frag_col) * kStride + frag_row;
 #pragma unroll
-      for (int n = 0; n < kDimN; ++n) {
-        const uint16_t* v = v_col + n * 8;
-        const uint32_t b0 = v[0] | (static_cast<uint32_t>(v[kStride]) << 16);
-        const uint32_t b1 = v[8 * kStride] | (static_cast<uint32_t>(v[9 * kStride]) << 16);
-        mma_16816<T>(acc[n], a, b0, b1);
+      for (int n = 0; n < kDimN; n += 2) {
+        uint32_t b[4];
+        ldmatrix_x4<true>(b, v_lane + kk * 16 * kStride + n * 8);
+        mma_16816<T>(acc[n], a, b[0], b[1]);
+        mma_16816<T>(acc[n + 1], a, b[2], b[3]);
       }
     }
   }
