@@ -82,4 +82,9 @@ TORCH_LIBRARY(hippo_ext, m) {
   m.def(
       "rotary_kv_append(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) cache, int layer, "
       "Tensor length) -> Tensor");
+  // cos, sin [B, S, D] for rotary_kv_append from positions [B, S] (or [3, B, S] with
+  // mrope_section), inv_freq [D/2] float32 and the attention scaling, in one pass.
+  m.def(
+      "rotary_tables(Tensor positions, Tensor inv_freq, int[] mrope_section, float scaling, "
+      "ScalarType dtype) -> (Tensor, Tensor)");
 }

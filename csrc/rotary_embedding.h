@@ -14,9 +14,19 @@
 //
 // Rounding is HF's `x * cos + rotate_half(x) * sin` in the tensor's dtype: each product rounded,
 // then the sum rounded, with rotate_half(x) = (-x2, x1) over the two halves of the head dim.
+//
+// rotary_tables: the cos/sin tables that rotary_kv_append takes, from integer positions, in one
+// op (HF's rotary embedding launches about ten kernels per step for them):
+// positions [B, S] (1-D RoPE) or [3, B, S] (M-RoPE: temporal, height, width ids) int64;
+// inv_freq [D/2] float32; mrope_section: empty for 1-D RoPE, else the sizes of the frequency
+// sections (summing to D/2) whose ids come from components 0, 1, 2, 0, ... in turn.
+// cos[b, s, j] = cos[b, s, j + D/2] = dtype(cos(inv_freq[j] * pos) * scaling), sin alike, with
+// pos the id of j's component: HF's Qwen2 / Qwen2.5-VL rotary embedding, operation for operation.
 #pragma once
 
 #include "common.h"
+
+#include <vector>
 
 namespace hippo {
 
@@ -93,6 +103,60 @@ inline void check_rotary_kv_append_lengths(const at::Tensor& length_cpu, const R
                 values[b], " must lie in [S, S_max] = [", s.tokens, ", ", s.max_seq,
                 "] (it counts the new tokens)");
   }
+}
+
+inline constexpr const char* kRotaryTablesOp = "rotary_tables";
+
+struct RotaryTablesShape {
+  int64_t batch = 0;
+  int64_t tokens = 0;
+  int64_t half = 0;         // D / 2
+  bool multimodal = false;  // positions [3, B, S]
+};
+
+inline RotaryTablesShape check_rotary_tables_inputs(const at::Tensor& positions, const at::Tensor& inv_freq,
+                                                    at::IntArrayRef mrope_section, at::ScalarType dtype) {
+  const char* op = kRotaryTablesOp;
+  check_dtype(positions, at::kLong, op, "positions");
+  check_dim(inv_freq, 1, op, "inv_freq");
+  check_dtype(inv_freq, at::kFloat, op, "inv_freq");
+  check_contiguous(inv_freq, op, "inv_freq");
+  check_same_device(positions, inv_freq, op, "positions", "inv_freq");
+  HIPPO_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, op,
+              "dtype must be float32, bfloat16 or float16, got ", dtype);
+  RotaryTablesShape s;
+  s.half = inv_freq.size(0);
+  HIPPO_CHECK(s.half >= 1, op, "inv_freq must not be empty");
+  s.multimodal = !mrope_section.empty();
+  if (s.multimodal) {
+    HIPPO_CHECK(positions.dim() == 3 && positions.size(0) == 3, op,
+                "with mrope_section, positions must be [3, B, S], got shape ", positions.sizes());
+    int64_t total = 0;
+    for (int64_t size : mrope_section) {
+      HIPPO_CHECK(size >= 1, op, "mrope_section sizes must be positive, got ", mrope_section);
+      total += size;
+    }
+    HIPPO_CHECK(total == s.half, op, "mrope_section ", mrope_section, " must sum to D/2 = ", s.half,
+                " (the length of inv_freq)");
+    s.batch = positions.size(1);
+    s.tokens = positions.size(2);
+  } else {
+    HIPPO_CHECK(positions.dim() == 2, op, "without mrope_section, positions must be [B, S], got shape ",
+                positions.sizes());
+    s.batch = positions.size(0);
+    s.tokens = positions.size(1);
+  }
+  return s;
+}
+
+// Which position component (0, 1 or 2) each frequency j < D/2 takes: 0 for 1-D RoPE.
+inline std::vector<int8_t> rotary_components(at::IntArrayRef mrope_section, int64_t half) {
+  std::vector<int8_t> component(half, 0);
+  int64_t j = 0;
+  for (size_t i = 0; i < mrope_section.size(); ++i) {
+    for (int64_t k = 0; k < mrope_section[i]; ++k) component[j++] = static_cast<int8_t>(i % 3);
+  }
+  return component;
 }
 
 }  // namespace hippo

@@ -13,7 +13,7 @@ from hippo_ext.activation import silu_and_mul
 from hippo_ext.attention import decode_attention
 from hippo_ext.kv_compaction import kv_compact_, kv_gather
 from hippo_ext.normalization import add_rms_norm, rms_norm
-from hippo_ext.rotary_embedding import rotary_kv_append
+from hippo_ext.rotary_embedding import rotary_kv_append, rotary_tables
 from hippo_ext.token_selection import SelectedTokens, select_visual_tokens
 from hippo_ext.verification import verify_greedy, verify_sampling, verify_tree_greedy
 
@@ -29,6 +29,7 @@ OP_NAMES = (
     "add_rms_norm",
     "silu_and_mul",
     "rotary_kv_append",
+    "rotary_tables",
 )
 
 
@@ -58,6 +59,7 @@ __all__ = [
     "kv_gather",
     "rms_norm",
     "rotary_kv_append",
+    "rotary_tables",
     "select_visual_tokens",
     "silu_and_mul",
     "verify_greedy",

@@ -5,7 +5,7 @@ import torch
 
 from hippo_ext._validation import check_index_range, wants_value_check
 
-__all__ = ["rotary_kv_append"]
+__all__ = ["rotary_kv_append", "rotary_tables"]
 
 
 def rotary_kv_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -37,6 +37,36 @@ def rotary_kv_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         check_index_range(length, cache.size(4) + 1, "rotary_kv_append", "length",
                           lower=qkv.size(1))
     return torch.ops.hippo_ext.rotary_kv_append.default(qkv, cos, sin, cache, int(layer), length)
+
+
+def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
+                  mrope_section: list[int] | tuple[int, ...] = (), scaling: float = 1.0,
+                  dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, S, D] (D = 2 * len(inv_freq)) for rotary_kv_append, in one kernel.
+
+    Args:
+        positions: [B, S] int64 ids (1-D RoPE), or [3, B, S] (M-RoPE: temporal, height, width)
+            with ``mrope_section``.
+        inv_freq: [D/2] inverse frequencies (HF's ``rotary_emb.inv_freq``; converted to float32
+            as HF does before use).
+        mrope_section: M-RoPE frequency sections (summing to D/2): section i takes its ids
+            from component i % 3. Empty for 1-D RoPE.
+        scaling: HF's ``attention_scaling`` (1.0 for default RoPE).
+        dtype: of the tables (the model's dtype).
+
+    The arithmetic is HF's Qwen2 / Qwen2.5-VL rotary embedding, operation for operation (fp32
+    product, cos/sin, scaling, cast), so the tables equal HF's bit for bit.
+    """
+    return torch.ops.hippo_ext.rotary_tables.default(
+        positions, inv_freq.float(), [int(n) for n in mrope_section], float(scaling), dtype)
+
+
+@torch.library.register_fake("hippo_ext::rotary_tables")
+def _rotary_tables_fake(positions, inv_freq, mrope_section, scaling, dtype):
+    batch, tokens = positions.shape[-2:]
+    table = positions.new_empty(batch, tokens, 2 * inv_freq.size(0), dtype=dtype,
+                                device=inv_freq.device)
+    return table, torch.empty_like(table)
 
 
 @torch.library.register_fake("hippo_ext::rotary_kv_append")

@@ -201,3 +201,96 @@ def test_device_mix(moved):
     with pytest.raises(RuntimeError, match="is on"):
         hippo_ext.rotary_kv_append(args["qkv"], args["cos"], args["sin"], args["cache"], 1,
                                    args["length"], check=False)
+
+
+# ---- rotary_tables: HF's rotary embeddings, bit for bit ------------------------------------------
+
+def hf_rotary_embedding(head_dim: int, mrope_section: list[int] | None, rope_scaling=None):
+    """HF's own rotary embedding module of a Qwen2 (1-D) or Qwen2.5-VL text (M-RoPE) config."""
+    rope = {"rope_type": "default", "rope_theta": 1e6}
+    if rope_scaling is not None:
+        rope = {"rope_type": "linear", "rope_theta": 1e4, "factor": rope_scaling}
+    common = dict(hidden_size=4 * head_dim, num_attention_heads=4, num_key_value_heads=2,
+                  num_hidden_layers=1, intermediate_size=32, vocab_size=32)
+    if mrope_section is None:
+        from transformers import Qwen2Config
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding
+        return Qwen2RotaryEmbedding(Qwen2Config(**common, rope_parameters=rope))
+    from transformers import Qwen2_5_VLTextConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLRotaryEmbedding
+    rope["mrope_section"] = mrope_section
+    return Qwen2_5_VLRotaryEmbedding(Qwen2_5_VLTextConfig(**common, rope_parameters=rope))
+
+
+TABLE_CASES = [
+    # head_dim, mrope_section (None: 1-D), batch, tokens, largest position, linear rope factor
+    (2, None, 1, 1, 0, None),
+    (64, None, 2, 9, 40_000, None),
+    (128, None, 1, 17, 131_071, 4.0),
+    (6, [1, 1, 1], 1, 5, 300, None),
+    (16, [2, 3, 3], 3, 7, 5_000, None),
+    (128, [16, 24, 24], 1, 33, 20_000, None),
+    (80, [10, 15, 15], 2, 3, 70_000, None),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", TABLE_CASES)
+def test_rotary_tables_equal_hf(device, gen, dtype, case):
+    head_dim, sections, batch, tokens, largest, factor = case
+    module = hf_rotary_embedding(head_dim, sections, factor).to(device)
+    shape = (batch, tokens) if sections is None else (3, batch, tokens)
+    positions = torch.randint(0, largest + 1, shape, generator=gen).to(device)
+    x = torch.empty(0, device=device, dtype=dtype)  # HF reads only its dtype and device
+    expected_cos, expected_sin = module(x, positions)
+    cos, sin = hippo_ext.rotary_tables(positions, module.inv_freq, sections or (),
+                                       module.attention_scaling, dtype)
+    assert cos.shape == (batch, tokens, head_dim) and cos.dtype == dtype
+    assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_rotary_tables_cuda_graph_follows_positions(gen):
+    module = hf_rotary_embedding(128, [16, 24, 24]).cuda()
+    positions = torch.zeros(3, 1, 9, dtype=torch.long, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        cos, sin = hippo_ext.rotary_tables(positions, module.inv_freq, [16, 24, 24], 1.0,
+                                           torch.bfloat16)
+    for start in (0, 777, 12_345):
+        positions.copy_(start + torch.randint(0, 64, (3, 1, 9), generator=gen))
+        graph.replay()
+        x = torch.empty(0, device="cuda", dtype=torch.bfloat16)
+        expected_cos, expected_sin = module(x, positions)
+        assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)
+
+
+def test_rotary_tables_opcheck(device):
+    positions = torch.arange(12, device=device).view(3, 1, 4)
+    inv_freq = torch.rand(8, device=device)
+    torch.library.opcheck(torch.ops.hippo_ext.rotary_tables.default,
+                          (positions, inv_freq, [2, 3, 3], 1.0, torch.bfloat16))
+    torch.library.opcheck(torch.ops.hippo_ext.rotary_tables.default,
+                          (positions[0], inv_freq, [], 0.5, torch.float32))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(positions=torch.arange(4)[None].float()), "positions must be Long"),
+    (dict(positions=torch.arange(4)), r"\[B, S\]"),
+    (dict(positions=torch.arange(8).view(2, 1, 4), mrope_section=[2, 3, 3]), r"\[3, B, S\]"),
+    (dict(mrope_section=[2, 3, 3]), r"\[3, B, S\]"),
+    (dict(positions=torch.arange(12).view(3, 1, 4), mrope_section=[2, 3, 2]), "sum to D/2"),
+    (dict(positions=torch.arange(12).view(3, 1, 4), mrope_section=[8, 0]), "positive"),
+    (dict(inv_freq=torch.rand(0)), "empty"),
+    (dict(inv_freq=torch.rand(2, 4)), "inv_freq"),
+    (dict(dtype=torch.int32), "dtype"),
+])
+def test_rotary_tables_bad_inputs(device, bad, match):
+    args = dict(positions=torch.arange(4)[None], inv_freq=torch.rand(8), mrope_section=[],
+                dtype=torch.float32)
+    args.update(bad)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.hippo_ext.rotary_tables.default(
+            args["positions"].to(device), args["inv_freq"].to(device), args["mrope_section"],
+            1.0, args["dtype"])

@@ -2,6 +2,9 @@
 // arithmetic), then plain copies into the cache.
 #include <torch/library.h>
 
+#include <tuple>
+#include <vector>
+
 #include "rotary_embedding.h"
 
 namespace hippo {
@@ -32,8 +35,37 @@ at::Tensor rotary_kv_append_cpu(const at::Tensor& qkv, const at::Tensor& cos, co
   return rotated.narrow(2, 0, s.q_heads).contiguous();
 }
 
+// HF's rotary embedding forward with ATen ops: the outer product inv_freq x positions as a
+// (K = 1) matmul in fp32, cos/sin, the scaling, the M-RoPE recomposition, the cast.
+std::tuple<at::Tensor, at::Tensor> rotary_tables_cpu(const at::Tensor& positions, const at::Tensor& inv_freq,
+                                                     at::IntArrayRef mrope_section, double scaling,
+                                                     at::ScalarType dtype) {
+  const RotaryTablesShape s = check_rotary_tables_inputs(positions, inv_freq, mrope_section, dtype);
+  // [..., B, S] positions -> [..., B, S, D/2] frequencies.
+  const at::Tensor ids = positions.to(at::kFloat).unsqueeze(-2);               // [..., B, 1, S]
+  const at::Tensor inv = inv_freq.view({-1, 1}).expand({s.half, 1});           // [D/2, 1]
+  const at::Tensor freqs = at::matmul(inv, ids).transpose(-1, -2);             // [..., B, S, D/2]
+  auto finish = [&](const at::Tensor& wave) {
+    at::Tensor table = wave * scaling;
+    if (s.multimodal) {  // frequency section i takes its ids from component i % 3
+      std::vector<at::Tensor> parts;
+      int64_t start = 0;
+      for (size_t i = 0; i < mrope_section.size(); ++i) {
+        parts.push_back(table[i % 3].narrow(-1, start, mrope_section[i]));
+        start += mrope_section[i];
+      }
+      table = at::cat(parts, -1);
+    }
+    return at::cat({table, table}, -1).to(dtype);
+  };
+  return {finish(freqs.cos()), finish(freqs.sin())};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hippo_ext, CPU, m) { m.impl("rotary_kv_append", &rotary_kv_append_cpu); }
+TORCH_LIBRARY_IMPL(hippo_ext, CPU, m) {
+  m.impl("rotary_kv_append", &rotary_kv_append_cpu);
+  m.impl("rotary_tables", &rotary_tables_cpu);
+}
 
 }  // namespace hippo

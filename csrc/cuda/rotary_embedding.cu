@@ -10,7 +10,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <tuple>
 
 #include "cuda/element_types.cuh"
 #include "rotary_embedding.h"
@@ -109,8 +111,87 @@ at::Tensor rotary_kv_append_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
   return q;
 }
 
+// ---- rotary_tables: one thread per (token, frequency j); it writes columns j and j + D/2 ------
+
+constexpr int kMaxSections = 8;  // M-RoPE uses 3; the component map is passed by value
+
+struct TableParams {
+  const int64_t* positions;  // [B, S] or [3, B, S]
+  const float* inv_freq;     // [D/2]
+  void* cos;                 // [B, S, D]
+  void* sin;
+  int64_t tokens;            // B * S: the stride of one position component
+  int half;
+  int num_sections;          // 0: 1-D RoPE
+  int section_end[kMaxSections];  // exclusive end of each frequency section
+  float scaling;
+};
+
+__device__ __forceinline__ int component_of(const TableParams& p, int j) {
+  for (int i = 0; i < p.num_sections; ++i) {
+    if (j < p.section_end[i]) return i % 3;
+  }
+  return 0;
+}
+
+template <typename T>
+__global__ void rotary_tables_kernel(const TableParams p) {
+  const int64_t total = p.tokens * p.half;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t token = i / p.half;
+    const int j = static_cast<int>(i - token * p.half);
+    const float id = static_cast<float>(p.positions[component_of(p, j) * p.tokens + token]);
+    // HF: fp32 outer product (a K = 1 matmul: one rounded product), cos/sin, times the scaling.
+    const float freq = __fmul_rn(p.inv_freq[j], id);
+    const T c = from_float<T>(__fmul_rn(cosf(freq), p.scaling));
+    const T s = from_float<T>(__fmul_rn(sinf(freq), p.scaling));
+    const int64_t out = token * 2 * p.half + j;
+    static_cast<T*>(p.cos)[out] = c;
+    static_cast<T*>(p.cos)[out + p.half] = c;
+    static_cast<T*>(p.sin)[out] = s;
+    static_cast<T*>(p.sin)[out + p.half] = s;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> rotary_tables_cuda(const at::Tensor& positions_in, const at::Tensor& inv_freq,
+                                                      at::IntArrayRef mrope_section, double scaling,
+                                                      at::ScalarType dtype) {
+  const RotaryTablesShape s = check_rotary_tables_inputs(positions_in, inv_freq, mrope_section, dtype);
+  HIPPO_CHECK(static_cast<int64_t>(mrope_section.size()) <= kMaxSections, kRotaryTablesOp,
+              "at most ", kMaxSections, " mrope sections on CUDA, got ", mrope_section.size());
+  const auto options = inv_freq.options().dtype(dtype);
+  at::Tensor cos = at::empty({s.batch, s.tokens, 2 * s.half}, options);
+  at::Tensor sin = at::empty_like(cos);
+  if (s.batch * s.tokens == 0) return {cos, sin};
+  const c10::cuda::CUDAGuard guard(inv_freq.device());
+  const at::Tensor positions = positions_in.contiguous();
+  TableParams p;
+  p.positions = positions.data_ptr<int64_t>();
+  p.inv_freq = inv_freq.data_ptr<float>();
+  p.cos = cos.data_ptr();
+  p.sin = sin.data_ptr();
+  p.tokens = s.batch * s.tokens;
+  p.half = static_cast<int>(s.half);
+  p.num_sections = static_cast<int>(mrope_section.size());
+  int64_t end = 0;
+  for (int i = 0; i < p.num_sections; ++i) p.section_end[i] = static_cast<int>(end += mrope_section[i]);
+  p.scaling = static_cast<float>(scaling);
+  const int64_t items = p.tokens * p.half;
+  const int blocks = static_cast<int>(std::min<int64_t>((items + 255) / 256, 4096));
+  dispatch_element_type(dtype, kRotaryTablesOp, [&](auto element) {
+    using T = decltype(element);
+    rotary_tables_kernel<T><<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {cos, sin};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hippo_ext, CUDA, m) { m.impl("rotary_kv_append", &rotary_kv_append_cuda); }
+TORCH_LIBRARY_IMPL(hippo_ext, CUDA, m) {
+  m.impl("rotary_kv_append", &rotary_kv_append_cuda);
+  m.impl("rotary_tables", &rotary_tables_cuda);
+}
 
 }  // namespace hippo

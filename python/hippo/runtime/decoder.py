@@ -23,7 +23,8 @@ from hippo.runtime.static_cache import StaticKVCache
 STEP_ATTENTION_BACKENDS = ("sdpa", "hippo_ext")
 MAX_STEP_TOKENS = 64  # decode_attention's query-block limit
 # The hippo_ext ops of a fused layer (fused=True), besides decode_attention.
-FUSED_LAYER_OPS = ("rms_norm", "add_rms_norm", "rotary_kv_append", "silu_and_mul")
+FUSED_LAYER_OPS = ("rms_norm", "add_rms_norm", "rotary_tables", "rotary_kv_append",
+                   "silu_and_mul")
 
 # attend(layer index, post-RoPE queries [B, S, Hq, D]) -> attention output [B, S, Hq * D]
 AttendFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -231,9 +232,15 @@ class LanguageModelRuntime:
 
     def _rotary_tables(self, hidden: torch.Tensor,
                        positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, S, D] in the model dtype, from HF's rotary embedding (M-RoPE sections
-        merged there), contiguous as rotary_kv_append takes them."""
-        cos, sin = self.rotary_emb(hidden, positions)
+        """cos, sin [B, S, D] in the model dtype (M-RoPE sections merged), contiguous as
+        rotary_kv_append takes them. The fused path computes them in one hippo_ext kernel with
+        HF's arithmetic where the frequencies are static; HF's module does it otherwise."""
+        rope = self.rotary_emb
+        if self.fused is not None and not _is_dynamic_rope(rope):
+            return hippo_ext.rotary_tables(positions, rope.inv_freq,
+                                           getattr(rope, "mrope_section", None) or (),
+                                           rope.attention_scaling, self.dtype)
+        cos, sin = rope(hidden, positions)
         return cos.contiguous(), sin.contiguous()
 
     def _run_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -474,8 +481,14 @@ def _reject_unsupported_attention(text_model: nn.Module) -> None:
                          "(set use_sliding_window=False, as Qwen2 checkpoints ship)")
 
 
-def _reject_dynamic_rope(rotary_emb: nn.Module) -> None:
+def _is_dynamic_rope(rotary_emb: nn.Module) -> bool:
+    """RoPE variants whose frequencies depend on the positions seen (HF recomputes them)."""
     rope_type = str(getattr(rotary_emb, "rope_type", "default"))
-    if "dynamic" in rope_type or rope_type == "longrope":
+    return "dynamic" in rope_type or rope_type == "longrope"
+
+
+def _reject_dynamic_rope(rotary_emb: nn.Module) -> None:
+    if _is_dynamic_rope(rotary_emb):
+        rope_type = rotary_emb.rope_type
         raise HippoError(f"rope_type {rope_type!r} recomputes frequencies from the positions "
                          "(a host sync); run with use_cuda_graphs=False")
