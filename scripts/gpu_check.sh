@@ -79,6 +79,9 @@ PY
         PYTHONPATH=python:. $PY benchmarks/profile_runtime_step.py --model $model --tokens 1,9 \
           2>&1 | tee "$OUT/profile_$model.txt" | grep -E "^##|Name|gemm|gemv|decode_attention|Self CUDA" | head -40
       done
+      # Skinny GEMMs: does cuBLAS stay near the weight floor at M = 5, 9, 17 as at M = 1?
+      $PYTEST benchmarks/bench_linear.py --benchmark-only -q --benchmark-json "$OUT/linear.json" >/dev/null 2>&1
+      $PY benchmarks/report.py "$OUT/linear.json" | cut -d'|' -f2,5,6,7
       for chunk in 128 256 512 1024; do
         HIPPO_DECODE_ATTENTION_CHUNK=$chunk $PYTEST benchmarks/bench_decode_attention.py \
           --benchmark-only -q -k hippo --benchmark-json "$OUT/chunk$chunk.json" >/dev/null 2>&1
