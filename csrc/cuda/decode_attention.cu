@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "attention.h"
+#include "cuda/element_types.cuh"
 
 namespace hippo {
 namespace {
@@ -116,18 +117,6 @@ __device__ __forceinline__ float warp_sum(float x) {
 // Base-2 log-sum-exp of a split from its running max and sum (-inf when it saw nothing).
 __device__ __forceinline__ float split_lse(float max_score, float sum) {
   return sum > 0.f ? max_score + __log2f(sum) : kNegInf;
-}
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(x);
-  else return __half2float(x);
-}
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16(x);
-  else return __float2half(x);
 }
 
 // ---------------------------------------------------------------------------------------------

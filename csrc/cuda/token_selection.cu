@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/element_types.cuh"
 #include "token_selection.h"
 
 namespace hippo {
@@ -42,12 +43,7 @@ constexpr int kColumnGroups = kThreads / kKeyTile;  // threads per column in pas
 static_assert(kThreads % kKeyTile == 0 && kRowChunk % kColumnGroups == 0, "tile shape");
 static_assert(kKeyTile % 32 == 0, "a warp covers whole key tiles in pass 1");
 
-// ---- element types -------------------------------------------------------------------------
-// torch builds with __CUDA_NO_HALF_CONVERSIONS__ etc., so conversions are spelled out.
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+// ---- element types (conversions and the dtype dispatch: cuda/element_types.cuh) -------------
 
 template <typename T> __device__ __forceinline__ T zero_value();
 template <> __device__ __forceinline__ float zero_value<float>() { return 0.f; }
@@ -58,17 +54,6 @@ template <> __device__ __forceinline__ __nv_bfloat16 zero_value<__nv_bfloat16>()
 
 template <typename T> constexpr bool kIs16Bit = sizeof(T) == 2;
 
-// Calls fn(T{}) with the CUDA element type of a float32/bf16/fp16 tensor (the op's checks have
-// already rejected anything else).
-template <typename Fn>
-void dispatch_element_type(at::ScalarType type, Fn&& fn) {
-  switch (type) {
-    case at::kFloat: return fn(float{});
-    case at::kHalf: return fn(__half{});
-    case at::kBFloat16: return fn(__nv_bfloat16{});
-    default: TORCH_CHECK(false, kSelectOp, ": unsupported dtype ", type);
-  }
-}
 
 // ---- shared-memory layout of the attention kernels ------------------------------------------
 // Row stride (elements) of the key and query tiles: 16-bit rows padded by 8 elements (wmma needs
@@ -444,7 +429,7 @@ at::Tensor global_score_cuda(const at::Tensor& queries, const at::Tensor& keys,
   const bool tensor_cores = elem == 2 && s.head_dim % 16 == 0;
 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_element_type(queries.scalar_type(), [&](auto element) {
+  dispatch_element_type(queries.scalar_type(), kSelectOp, [&](auto element) {
     using T = decltype(element);
     if constexpr (kIs16Bit<T>) {
       if (tensor_cores) {
@@ -544,7 +529,7 @@ std::tuple<at::Tensor, at::Tensor> local_scores_cuda(const at::Tensor& features,
   const bool vector_loads =
       (s.channels * features.element_size()) % 16 == 0 && aligned16(features.data_ptr());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  dispatch_element_type(features.scalar_type(), [&](auto element) {
+  dispatch_element_type(features.scalar_type(), kSelectOp, [&](auto element) {
     using T = decltype(element);
     const T* f = reinterpret_cast<const T*>(features.data_ptr());
     const int frames = static_cast<int>(s.frames), h = static_cast<int>(s.grid_h),

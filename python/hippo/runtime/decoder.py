@@ -1,11 +1,13 @@
 """hippo's own step loop for a Qwen2-family language model, on HF's weights.
 
-The runtime calls the HF modules' own submodules (norms, projections, MLP, rotary embedding,
-output head), so the weights are borrowed, never copied, and the arithmetic is HF's; what it
-replaces is the attention plumbing: a static KV cache (static_cache.py), prefill from input
-embeddings with explicit position ids, and decode/verify steps of static shape that CUDA graphs
-capture (cuda_graphs.py). Works for Qwen2 (1-D RoPE: LLaVA-OneVision, LLaVA-Video) and for the
-text model of Qwen2.5-VL (M-RoPE, position ids [3, B, S]).
+The weights are borrowed, never copied (q/k/v and gate/up are concatenated in place, the HF
+parameters becoming views), and the arithmetic is HF's: each layer runs as nine ops, hippo_ext's
+fused RMSNorm (residual add included), RoPE plus cache append and SwiGLU gating around four
+GEMMs and the attention, each rounding where HF's modules round (`fused=False` runs HF's modules
+themselves). Around that: a static KV cache (static_cache.py), prefill from input embeddings
+with explicit position ids, and decode/verify steps of static shape that CUDA graphs capture
+(cuda_graphs.py). Works for Qwen2 (1-D RoPE: LLaVA-OneVision, LLaVA-Video) and for the text
+model of Qwen2.5-VL (M-RoPE, position ids [3, B, S]).
 """
 from __future__ import annotations
 
