@@ -38,7 +38,7 @@ inline DecodeAttentionShape check_decode_attention_inputs(
     const std::optional<at::Tensor>& tree_mask) {
   const char* op = kDecodeAttentionOp;
   check_dim(query, 4, op, "query");
-  check_dim(cache, 6, op, "cache");
+  check_kv_cache(cache, op, "cache");
   check_dim(length, 1, op, "length");
   check_floating(query, op, "query");
   HIPPO_CHECK(cache.scalar_type() == query.scalar_type(), op, "cache dtype ", cache.scalar_type(),
@@ -47,7 +47,6 @@ inline DecodeAttentionShape check_decode_attention_inputs(
               "length must be int32 or int64, got ", length.scalar_type());
   check_same_device(query, cache, op, "query", "cache");
   check_same_device(length, cache, op, "length", "cache");
-  check_contiguous(cache, op, "cache");
 
   DecodeAttentionShape s;
   s.batch = query.size(0);
@@ -57,8 +56,6 @@ inline DecodeAttentionShape check_decode_attention_inputs(
   s.layers = cache.size(0);
   s.kv_heads = cache.size(3);
   s.max_seq = cache.size(4);
-  HIPPO_CHECK(cache.size(1) == 2, op, "cache must be [layers, 2, B, Hkv, S_max, D] (keys, values)",
-              ", got shape ", cache.sizes());
   HIPPO_CHECK(cache.size(2) == s.batch, op, "cache batch size ", cache.size(2),
               " does not match the query batch size ", s.batch);
   HIPPO_CHECK(cache.size(5) == s.head_dim, op, "cache head dim ", cache.size(5),

@@ -43,4 +43,14 @@ inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const
               ", got shape ", t.sizes());
 }
 
+// A static KV cache [layers, 2, B, Hkv, S, D] (0 = keys, 1 = values), of a KV dtype and
+// contiguous: what every op that reads or writes the cache requires of it.
+inline void check_kv_cache(const at::Tensor& t, const char* op, const char* name) {
+  check_dim(t, 6, op, name);
+  HIPPO_CHECK(t.size(1) == 2, op, name, " must be [layers, 2, B, Hkv, S, D] (keys and values), got shape ",
+              t.sizes());
+  check_floating(t, op, name);
+  check_contiguous(t, op, name);
+}
+
 }  // namespace hippo

@@ -24,15 +24,6 @@ struct KvGeometry {
   int64_t batch_of_row(int64_t row) const { return (row / heads) % batch; }
 };
 
-// dim 6, [.., 2, ..], a KV dtype, contiguous: what both ops require of a cache tensor.
-inline void check_kv_cache(const at::Tensor& t, const char* op, const char* name) {
-  check_dim(t, 6, op, name);
-  HIPPO_CHECK(t.size(1) == 2, op, name, " must be [layers, 2, B, Hkv, S, D] (keys and values), got shape ",
-              t.sizes());
-  check_floating(t, op, name);
-  check_contiguous(t, op, name);
-}
-
 // index [B, K] int64 on the cache's device, one row of positions per batch element.
 inline void check_kv_index(const at::Tensor& index, const at::Tensor& cache, const char* op,
                            const char* cache_name) {

@@ -50,10 +50,7 @@ inline RotaryShape check_rotary_kv_append_inputs(const at::Tensor& qkv, const at
   check_dim(qkv, 3, op, "qkv");
   check_floating(qkv, op, "qkv");
   check_contiguous(qkv, op, "qkv");
-  check_dim(cache, 6, op, "cache");
-  check_contiguous(cache, op, "cache");
-  HIPPO_CHECK(cache.size(1) == 2, op, "cache must be [layers, 2, B, Hkv, S_max, D] (keys, values)",
-              ", got shape ", cache.sizes());
+  check_kv_cache(cache, op, "cache");
   HIPPO_CHECK(cache.scalar_type() == qkv.scalar_type(), op, "cache dtype ", cache.scalar_type(),
               " must match the qkv dtype ", qkv.scalar_type());
   check_same_device(qkv, cache, op, "qkv", "cache");
