@@ -1,5 +1,6 @@
-"""The runtime's GEMMs (cuBLAS through F.linear) at decode and verify widths, against the weight
-bandwidth floor: is a verify step's extra time in its skinny GEMMs?
+"""The runtime's GEMMs at decode and verify widths, cuBLAS (F.linear) against
+hippo_ext.skinny_linear and the weight bandwidth floor: is a verify step's extra time in its
+skinny GEMMs, and does the skinny kernel fix it?
 
 RESULTS.md (H200, 2026-11-26): the verify step of 5 or 9 tokens cost about twice the 1-token step
 on the 7B model and three times on the 0.5B one, with the same op sequence. A GEMM of M rows reads
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import hippo_ext
 from timing import bench_devices
 
 
@@ -44,18 +46,24 @@ ROWS = [1, 5, 9, 17]
 COPIES = 4  # distinct weights cycled inside the graph, so repeats do not hit the L2 cache
 
 
+@pytest.mark.parametrize("impl", ["cublas", "hippo"])
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("gemm", GEMMS, ids=lambda g: g.name)
 @pytest.mark.parametrize("device", bench_devices())
-def test_linear(benchmark, measure, device, gemm, rows):
-    benchmark.group = f"linear {gemm.name}"
+def test_linear(benchmark, measure, device, gemm, rows, impl):
+    benchmark.group = f"linear {gemm.name} M={rows}"
     dtype = torch.bfloat16
     copies = COPIES if device == "cuda" else 1
     weights = [torch.randn(gemm.out_features, gemm.in_features, device=device, dtype=dtype)
                for _ in range(copies)]
     bias = torch.randn(gemm.out_features, device=device, dtype=dtype) if gemm.bias else None
     x = torch.randn(1, rows, gemm.in_features, device=device, dtype=dtype)
-    calls = [lambda w=w: F.linear(x, w, bias) for w in weights]
+    if impl == "cublas":
+        calls = [lambda w=w: F.linear(x, w, bias) for w in weights]
+    else:
+        workspace = hippo_ext.skinny_linear_workspace(gemm.out_features, device)
+        calls = [lambda w=w: hippo_ext.skinny_linear(x, w, bias, workspace=workspace)
+                 for w in weights]
     bytes_moved = weights[0].numel() * weights[0].element_size()
     measure(calls if device == "cuda" else calls[0], device, bytes_moved=bytes_moved, graph=True,
-            gemm=gemm.name, rows=rows)
+            impl=impl, gemm=gemm.name, rows=rows)

@@ -54,12 +54,14 @@ class Row:
     hf_ms: float | None
     floor_ms: float | None
     unfused_ms: float | None = None  # the same runtime with fused=False (HF's modules)
+    skinny_ms: float | None = None   # the same runtime with skinny_gemm=True
 
     def cells(self) -> list[str]:
         ratio = f"{self.hippo_ms / self.floor_ms:.2f}x" if self.floor_ms else "n/a"
         speedup = f"{self.hf_ms / self.hippo_ms:.1f}x" if self.hf_ms else "n/a"
         return [self.model, str(self.context), self.what, f"{self.hippo_ms:.3f}",
-                _fmt(self.unfused_ms), _fmt(self.hf_ms), _fmt(self.floor_ms), ratio, speedup]
+                _fmt(self.skinny_ms), _fmt(self.unfused_ms), _fmt(self.hf_ms),
+                _fmt(self.floor_ms), ratio, speedup]
 
 
 def _fmt(value: float | None) -> str:
@@ -76,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-hf", action="store_true", help="skip the HF eager baseline")
     parser.add_argument("--no-unfused", action="store_true",
                         help="skip the fused=False runtime (HF modules) baseline")
+    parser.add_argument("--no-skinny", action="store_true",
+                        help="skip the skinny_gemm=True runtime")
     parser.add_argument("--ar-tokens", type=int, default=32,
                         help="tokens for the AR rows (hippo AR vs HF generate); 0 skips them")
     parser.add_argument("--quick", action="store_true",
@@ -236,22 +240,29 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
     # The same model through HF's modules (fused=False): what the fused layer ops buy.
     unfused = (None if args.no_unfused else
                LanguageModelRuntime.from_hf(model, max_seq_len=max(contexts) + 32, fused=False))
+    # The fused runtime with hippo_ext.skinny_linear for its GEMMs instead of cuBLAS.
+    skinny = (None if args.no_skinny else
+              LanguageModelRuntime.from_hf(model, max_seq_len=max(contexts) + 32,
+                                           skinny_gemm=True))
     bw = bandwidth(device)
     rows = []
     for context in contexts:
         prefill_ms = time_prefill(runtime, context, args.prefill_reps, device)
         floor = (weight_bytes(model) + kv_bytes(runtime, context)) / bw * 1e3 if bw else None
         hf_cache = None if args.no_hf else hf_cache_like(model, runtime, context)
-        if unfused is not None:
-            time_prefill(unfused, context, 1, device)
+        for other in (unfused, skinny):
+            if other is not None:
+                time_prefill(other, context, 1, device)
         for count in step_sizes:
             hippo = time_runtime_step(runtime, context, count, args.iters, device)
-            plain = (None if unfused is None
-                     else time_runtime_step(unfused, context, count, args.iters, device))
+            plain, skinny_ms = (
+                None if other is None
+                else time_runtime_step(other, context, count, args.iters, device)
+                for other in (unfused, skinny))
             hf = (None if hf_cache is None
                   else time_hf_step(model, hf_cache, context, count, args.iters, device))
             what = "decode (1)" if count == 1 else f"verify ({count})"
-            rows.append(Row(shape, context, what, hippo, hf, floor, plain))
+            rows.append(Row(shape, context, what, hippo, hf, floor, plain, skinny_ms))
         rows.append(Row(shape, context, "prefill", prefill_ms, None, None))
         if args.ar_tokens > 0:
             hippo_ar, hf_generate = time_autoregressive(model, runtime, context, args.ar_tokens,
@@ -261,7 +272,7 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
         del hf_cache
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    del runtime, unfused, model
+    del runtime, unfused, skinny, model
     gc.collect()  # the runtime and its graphs reference each other
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -270,8 +281,8 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
 
 def markdown(rows: list[Row], device: torch.device, dtype: torch.dtype) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    header = ["model", "context", "step", "hippo ms", "hippo, HF modules ms", "HF eager ms",
-              "floor ms", "hippo / floor", "HF / hippo"]
+    header = ["model", "context", "step", "hippo ms", "hippo skinny_gemm ms",
+              "hippo, HF modules ms", "HF eager ms", "floor ms", "hippo / floor", "HF / hippo"]
     lines = [f"Device: {name}, {str(dtype).removeprefix('torch.')}, batch 1, random weights",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]

@@ -87,4 +87,8 @@ TORCH_LIBRARY(hippo_ext, m) {
   m.def(
       "rotary_tables(Tensor positions, Tensor inv_freq, int[] mrope_section, float scaling, "
       "ScalarType dtype) -> (Tensor, Tensor)");
+  // y = x W^T (+ bias) for M <= 32 rows of x [..., K], weight [N, K]; workspace int32
+  // [>= ceil(N / 64)] zeros (split-K semaphores, left zeroed). Row results do not depend on M.
+  m.def(
+      "skinny_linear(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) workspace) -> Tensor");
 }

@@ -12,6 +12,7 @@ from hippo_ext import _C  # noqa: F401  (loads the library: registers schemas an
 from hippo_ext.activation import silu_and_mul
 from hippo_ext.attention import decode_attention
 from hippo_ext.kv_compaction import kv_compact_, kv_gather
+from hippo_ext.linear import skinny_linear, skinny_linear_workspace
 from hippo_ext.normalization import add_rms_norm, rms_norm
 from hippo_ext.rotary_embedding import rotary_kv_append, rotary_tables
 from hippo_ext.token_selection import SelectedTokens, select_visual_tokens
@@ -30,6 +31,7 @@ OP_NAMES = (
     "silu_and_mul",
     "rotary_kv_append",
     "rotary_tables",
+    "skinny_linear",
 )
 
 
@@ -62,6 +64,8 @@ __all__ = [
     "rotary_tables",
     "select_visual_tokens",
     "silu_and_mul",
+    "skinny_linear",
+    "skinny_linear_workspace",
     "verify_greedy",
     "verify_sampling",
     "verify_tree_greedy",

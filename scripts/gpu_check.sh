@@ -79,7 +79,7 @@ PY
         PYTHONPATH=python:. $PY benchmarks/profile_runtime_step.py --model $model --tokens 1,9 \
           2>&1 | tee "$OUT/profile_$model.txt" | grep -E "^##|Name|gemm|gemv|decode_attention|Self CUDA" | head -40
       done
-      # Skinny GEMMs: does cuBLAS stay near the weight floor at M = 5, 9, 17 as at M = 1?
+      # Skinny GEMMs: cuBLAS vs skinny_linear at M = 1, 5, 9, 17 against the weight floor
       $PYTEST benchmarks/bench_linear.py --benchmark-only -q --benchmark-json "$OUT/linear.json" >/dev/null 2>&1
       $PY benchmarks/report.py "$OUT/linear.json" | cut -d'|' -f2,5,6,7
       for chunk in 128 256 512 1024; do

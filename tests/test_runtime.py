@@ -393,6 +393,36 @@ def test_fused_layers_match_hf_modules_in_bf16(family, device):
     assert error < 1e-2
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda,
+                                                                        pytest.mark.cuda])])
+def test_skinny_gemm_runtime_matches_cublas_runtime(device):
+    """skinny_gemm=True routes the fused path's GEMMs through hippo_ext.skinny_linear (ATen's
+    linear on the CPU): same logits within bf16 noise on CUDA, equal on the CPU."""
+    model, positions_for = build("qwen2_5_vl")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = model.to(device=device, dtype=dtype)
+    ids = torch.randint(0, VOCAB, (1, 20), device=device)
+    positions = positions_for(20).to(device)
+    logits = []
+    for skinny in (False, True):
+        runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, skinny_gemm=skinny)
+        runtime.prefill(runtime.embed(ids[:, :12]), positions[..., :12])
+        steps = [runtime.step(ids[:, 12 + i:13 + i], positions[..., 12 + i:13 + i]).clone()
+                 for i in range(3)]
+        steps.append(runtime.step(ids[:, 15:20], positions[..., 15:20]).clone())
+        logits.append(torch.cat(steps, dim=1).double())
+    if device == "cpu":
+        assert torch.equal(logits[0], logits[1])
+    else:
+        assert (logits[0] - logits[1]).norm() / logits[1].norm() < 1e-2
+
+
+def test_skinny_gemm_needs_the_fused_path():
+    model, _ = build("qwen2")
+    with pytest.raises(HippoError, match="skinny_gemm"):
+        LanguageModelRuntime.from_hf(model, max_seq_len=32, fused=False, skinny_gemm=True)
+
+
 def test_fused_needs_a_silu_mlp():
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)

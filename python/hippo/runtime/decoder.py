@@ -93,11 +93,18 @@ class LanguageModelRuntime:
             wherever hippo_ext has these kernels for the device and the MLP is SiLU-gated.
             False runs HF's own modules (the reference path). Build the runtime after moving
             or casting the model.
+        skinny_gemm: run the fused path's GEMMs (and the output head) through
+            hippo_ext.skinny_linear, whose rows do not depend on the step size (a verify step's
+            logits rows equal single-token steps' for these GEMMs) and which streams the weight
+            at decode widths where cuBLAS's tiles starve the GPU; shapes it does not take go to
+            cuBLAS inside the op. Off by default until measured against cuBLAS on a GPU
+            (benchmarks/bench_linear.py, bench_runtime.py).
     """
 
     def __init__(self, text_model: nn.Module, lm_head: nn.Module, max_seq_len: int,
                  batch: int = 1, *, use_cuda_graphs: bool | None = None,
-                 step_attention: str | None = None, fused: bool | None = None) -> None:
+                 step_attention: str | None = None, fused: bool | None = None,
+                 skinny_gemm: bool = False) -> None:
         self.text_model = text_model
         self.lm_head = lm_head
         self.layers = list(text_model.layers)
@@ -127,6 +134,12 @@ class LanguageModelRuntime:
             _reject_dynamic_rope(self.rotary_emb)
             from hippo.runtime.cuda_graphs import StepGraphs
             self._graphs = StepGraphs(self)
+        if skinny_gemm and not use_fused:
+            raise HippoError("skinny_gemm=True needs the fused layer path (fused=True)")
+        # Split-K semaphores of skinny_linear: one workspace per runtime, hence per stream.
+        self._gemm_workspace = (
+            hippo_ext.skinny_linear_workspace(_widest_output(self.layers, lm_head), self.device)
+            if skinny_gemm else None)
         # Last, once every check has passed: fusing rewrites the HF model's parameters.
         self.fused = ([fuse_layer_projections(layer) for layer in self.layers]
                       if use_fused else None)
@@ -184,7 +197,8 @@ class LanguageModelRuntime:
                 queries[index] = q[0, seq_len - query_len:].transpose(0, 1).clone()
             return self._prefill_attention(index, q, start)
 
-        logits = self.lm_head(self._run_layers(hidden, cos, sin, attend, last_only=not all_logits))
+        logits = self._output_head(self._run_layers(hidden, cos, sin, attend,
+                                                    last_only=not all_logits))
         ordered = [queries[layer] for layer in query_layers]
         return PrefillResult(logits, torch.stack(ordered) if ordered else None)
 
@@ -220,7 +234,7 @@ class LanguageModelRuntime:
         def attend(index: int, q: torch.Tensor) -> torch.Tensor:
             return self._step_attention(index, q, key_limit)
 
-        return self.lm_head(self._run_layers(hidden, cos, sin, attend, last_only=False))
+        return self._output_head(self._run_layers(hidden, cos, sin, attend, last_only=False))
 
     # ---------------------------------------------------------------------------- internals
 
@@ -274,15 +288,28 @@ class LanguageModelRuntime:
         else:
             normed, residual = hippo_ext.add_rms_norm(delta, residual, norm.weight,
                                                       norm.variance_epsilon)
-        qkv = F.linear(normed, fused.qkv_weight, fused.qkv_bias)
+        qkv = self._linear(normed, fused.qkv_weight, fused.qkv_bias)
         q = hippo_ext.rotary_kv_append(qkv, cos, sin, self.cache.tensor, index,
                                        self.cache.length, check=False)
-        delta = layer.self_attn.o_proj(attend(index, q))
+        o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+        delta = self._linear(attend(index, q), o_proj.weight, o_proj.bias)
         norm = layer.post_attention_layernorm
         normed, residual = hippo_ext.add_rms_norm(delta, residual, norm.weight,
                                                   norm.variance_epsilon)
-        gated = hippo_ext.silu_and_mul(F.linear(normed, fused.gate_up_weight))
-        return layer.mlp.down_proj(gated), residual
+        gated = hippo_ext.silu_and_mul(self._linear(normed, fused.gate_up_weight))
+        return self._linear(gated, down_proj.weight, down_proj.bias), residual
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """A GEMM of the fused path: cuBLAS, or skinny_linear with skinny_gemm=True."""
+        if self._gemm_workspace is None:
+            return F.linear(x, weight, bias)
+        return hippo_ext.skinny_linear(x, weight, bias, workspace=self._gemm_workspace)
+
+    def _output_head(self, normed: torch.Tensor) -> torch.Tensor:
+        if self.fused is None:
+            return self.lm_head(normed)
+        return self._linear(normed, self.lm_head.weight, self.lm_head.bias)
 
     def _run_hf_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        attend: AttendFn, last_only: bool) -> torch.Tensor:
@@ -454,6 +481,14 @@ def _choose_step_attention(requested: str | None, device: torch.device, dtype: t
             f"{head_dim} (CUDA: bf16/fp16, head dim 64/80/128; or hippo_ext is not built); "
             "use step_attention='sdpa'")
     return requested
+
+
+def _widest_output(layers: Sequence[nn.Module], lm_head: nn.Module) -> int:
+    """The most output features of any GEMM of a step (the output head, normally)."""
+    mlp, attention = layers[0].mlp, layers[0].self_attn
+    qkv = sum(p.out_features for p in (attention.q_proj, attention.k_proj, attention.v_proj))
+    return max(qkv, attention.o_proj.out_features, 2 * mlp.gate_proj.out_features,
+               mlp.down_proj.out_features, lm_head.out_features)
 
 
 def _fused_layers_unsupported(device: torch.device, text_model: nn.Module) -> str | None:

@@ -1,0 +1,242 @@
+// CUDA skinny_linear: tensor-core GEMM for M <= 32 rows, streaming the weight once.
+//
+// Work split. A block of four warps owns 64 weight rows (outputs) and one split of K; each warp
+// computes 16 rows x all M columns with mma.m16n8k16, the weight tile as the A operand (16 rows
+// of W) and x^T as B (8 columns of x per n8 tile, up to 4 tiles). No shared memory: a lane loads
+// 8 consecutive k of weight rows g and g + 8 (16 bytes each, streamed past L1) and the same 8 k
+// of x row g of each n8 tile (read-only cache: the four warps of a block share it). Within a k32
+// block lane (g, t) holds k = 8t .. 8t + 7; mma step s in {0, 1} uses its k = 8t + 4s .. + 3 as
+// fragment columns (2t, 2t + 1, 2t + 8, 2t + 9). Any such assignment of k to columns is correct
+// as long as A and B use the same one, and this one makes every load a 16-byte vector.
+//
+// Split-K. Splits come from N, K and the SM count (never M), so each output row sees the same
+// sequence of fp32 accumulations whatever M is. With several splits each block writes an fp32
+// partial; the last block of an output tile to finish (a semaphore per tile in the workspace)
+// sums the splits in order, adds the bias, rounds once, and resets the semaphore for the next
+// call: one launch, deterministic, CUDA-graph safe.
+//
+// Shapes the kernel does not take (fp32, M > 32, K % 32 != 0, misaligned) go to ATen's linear.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "cuda/element_types.cuh"
+#include "cuda/tensor_core.cuh"
+#include "linear.h"
+
+namespace hippo {
+namespace {
+
+constexpr int kWarps = kSkinnyRowsPerBlock / 16;   // 16 weight rows per warp (one A tile)
+constexpr int kThreads = kWarps * 32;
+constexpr int kKeyBlock = 32;                      // k per lane quad and load (8 per lane)
+constexpr int kUnroll = 4;                         // k32 blocks whose loads are in flight together
+constexpr int kSplitGrain = kKeyBlock * kUnroll;   // K per split is a multiple of this
+constexpr int kBlocksPerSmTarget = 3;              // blocks per SM a plan aims for
+
+struct SkinnyParams {
+  const void* x;         // [M, K]
+  const void* weight;    // [N, K]
+  const void* bias;      // [N] or null
+  void* out;             // [M, N]
+  float* partial;        // [splits, M, N] when splits > 1
+  int* semaphores;       // [ceil(N / 64)] zeros
+  int rows, out_features, in_features;
+  int k_per_split, splits;
+};
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+template <typename T>
+__device__ __forceinline__ float bias_at(const SkinnyParams& p, int n) {
+  return p.bias == nullptr ? 0.f : to_float(static_cast<const T*>(p.bias)[n]);
+}
+
+template <typename T, int kMTiles>
+__global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const SkinnyParams p) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int tile = blockIdx.x, split = blockIdx.y;
+  const int row_a = tile * kSkinnyRowsPerBlock + warp * 16 + g;  // and row_a + 8
+  const bool valid_a = row_a < p.out_features, valid_b = row_a + 8 < p.out_features;
+  const int k_begin = split * p.k_per_split;
+  const int k_end = min(p.in_features, k_begin + p.k_per_split);
+
+  const T* weight = static_cast<const T*>(p.weight);
+  const T* x = static_cast<const T*>(p.x);
+  const uint4* w_a = reinterpret_cast<const uint4*>(weight + static_cast<int64_t>(valid_a ? row_a : 0) * p.in_features);
+  const uint4* w_b = reinterpret_cast<const uint4*>(weight + static_cast<int64_t>(valid_b ? row_a + 8 : 0) * p.in_features);
+  const uint4* x_row[kMTiles];
+  bool x_valid[kMTiles];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    const int m = mt * 8 + g;
+    x_valid[mt] = m < p.rows;
+    x_row[mt] = reinterpret_cast<const uint4*>(x + static_cast<int64_t>(x_valid[mt] ? m : 0) * p.in_features);
+  }
+
+  float acc[kMTiles][4];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+
+  for (int k0 = k_begin; k0 < k_end; k0 += kSplitGrain) {
+    uint4 wa[kUnroll], wb[kUnroll], xv[kUnroll][kMTiles];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int k = k0 + u * kKeyBlock + t * 8;
+      const bool in_range = k < k_end;  // splits hold whole k32 blocks (K % 32 == 0)
+      const int v = k / 8;
+      wa[u] = valid_a && in_range ? __ldcs(w_a + v) : zero;
+      wb[u] = valid_b && in_range ? __ldcs(w_b + v) : zero;
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) xv[u][mt] = x_valid[mt] && in_range ? __ldg(x_row[mt] + v) : zero;
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        const uint32_t a[4] = {word(wa[u], 2 * s), word(wb[u], 2 * s), word(wa[u], 2 * s + 1),
+                               word(wb[u], 2 * s + 1)};
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_16816<T>(acc[mt], a, word(xv[u][mt], 2 * s), word(xv[u][mt], 2 * s + 1));
+        }
+      }
+    }
+  }
+
+  // Fragment element e of n8 tile mt is output (m = mt * 8 + 2t + (e & 1), n = row_a + 8 (e / 2)).
+  T* out = static_cast<T*>(p.out);
+  if (p.splits == 1) {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int m = mt * 8 + 2 * t + (e & 1), n = row_a + 8 * (e / 2);
+        if (m < p.rows && n < p.out_features) {
+          out[static_cast<int64_t>(m) * p.out_features + n] = from_float<T>(acc[mt][e] + bias_at<T>(p, n));
+        }
+      }
+    }
+    return;
+  }
+
+  float* partial = p.partial + static_cast<int64_t>(split) * p.rows * p.out_features;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int m = mt * 8 + 2 * t + (e & 1), n = row_a + 8 * (e / 2);
+      if (m < p.rows && n < p.out_features) partial[static_cast<int64_t>(m) * p.out_features + n] = acc[mt][e];
+    }
+  }
+  __threadfence();  // this block's partials are visible device-wide before it signals
+  __syncthreads();
+  __shared__ bool last_block;
+  if (threadIdx.x == 0) last_block = atomicAdd(p.semaphores + tile, 1) == p.splits - 1;
+  __syncthreads();
+  if (!last_block) return;
+  __threadfence();
+
+  // The last block sums the splits in order (deterministic), adds the bias and rounds once.
+  const int n_first = tile * kSkinnyRowsPerBlock;
+  for (int idx = threadIdx.x; idx < p.rows * kSkinnyRowsPerBlock; idx += kThreads) {
+    const int m = idx / kSkinnyRowsPerBlock, n = n_first + idx % kSkinnyRowsPerBlock;
+    if (n >= p.out_features) continue;
+    float sum = 0.f;
+    for (int s = 0; s < p.splits; ++s) {
+      sum += __ldcg(p.partial + (static_cast<int64_t>(s) * p.rows + m) * p.out_features + n);  // L2, not L1
+    }
+    out[static_cast<int64_t>(m) * p.out_features + n] = from_float<T>(sum + bias_at<T>(p, n));
+  }
+  if (threadIdx.x == 0) p.semaphores[tile] = 0;  // ready for the next call or graph replay
+}
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Splits of K: enough blocks for about kBlocksPerSmTarget per SM, each split at least
+// kSplitGrain long. A function of N, K and the GPU only, so rows never depend on M.
+struct SplitPlan {
+  int64_t splits = 1;
+  int64_t k_per_split = 0;
+};
+
+SplitPlan plan_splits(int64_t out_features, int64_t in_features, int64_t sm_count) {
+  const int64_t tiles = ceil_div(out_features, kSkinnyRowsPerBlock);
+  const int64_t most = std::max<int64_t>(1, in_features / kSplitGrain);
+  const int64_t wanted = std::clamp<int64_t>(ceil_div(kBlocksPerSmTarget * sm_count, tiles), 1, most);
+  SplitPlan plan;
+  plan.k_per_split = ceil_div(ceil_div(in_features, wanted), kSplitGrain) * kSplitGrain;
+  plan.splits = ceil_div(in_features, plan.k_per_split);
+  return plan;
+}
+
+bool kernel_takes(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  const SkinnyShape& s) {
+  const auto type = x.scalar_type();
+  return (type == at::kBFloat16 || type == at::kHalf) && s.rows >= 1 && s.rows <= kSkinnyMaxRows &&
+         s.in_features >= kKeyBlock && s.in_features % kKeyBlock == 0 && s.out_features >= 1 &&
+         s.out_features <= INT32_MAX / kSkinnyMaxRows &&
+         all_aligned(16, {x.data_ptr(), weight.data_ptr()}) &&
+         (!bias.has_value() || all_aligned(2, {bias->data_ptr()}));
+}
+
+template <typename T, int kMTiles>
+void launch(const SkinnyParams& p, dim3 grid, cudaStream_t stream) {
+  skinny_linear_kernel<T, kMTiles><<<grid, kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor skinny_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& workspace) {
+  const SkinnyShape s = check_skinny_linear_inputs(x, weight, bias, workspace);
+  if (!kernel_takes(x, weight, bias, s)) return at::linear(x, weight, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const SplitPlan plan = plan_splits(s.out_features, s.in_features,
+                                     at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  at::Tensor out = at::empty(skinny_linear_output_shape(x, s.out_features), x.options());
+  at::Tensor partial;
+  if (plan.splits > 1) partial = at::empty({plan.splits, s.rows, s.out_features}, x.options().dtype(at::kFloat));
+
+  SkinnyParams p;
+  p.x = x.data_ptr();
+  p.weight = weight.data_ptr();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.partial = plan.splits > 1 ? partial.data_ptr<float>() : nullptr;
+  p.semaphores = workspace.data_ptr<int>();
+  p.rows = static_cast<int>(s.rows);
+  p.out_features = static_cast<int>(s.out_features);
+  p.in_features = static_cast<int>(s.in_features);
+  p.k_per_split = static_cast<int>(plan.k_per_split);
+  p.splits = static_cast<int>(plan.splits);
+  const dim3 grid(static_cast<unsigned>(ceil_div(s.out_features, kSkinnyRowsPerBlock)),
+                  static_cast<unsigned>(plan.splits));
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const int m_tiles = static_cast<int>(ceil_div(s.rows, 8));
+  dispatch_element_type(x.scalar_type(), kSkinnyLinearOp, [&](auto element) {
+    using T = decltype(element);
+    if constexpr (sizeof(T) == 2) {
+      switch (m_tiles) {
+        case 1: return launch<T, 1>(p, grid, stream);
+        case 2: return launch<T, 2>(p, grid, stream);
+        case 3: return launch<T, 3>(p, grid, stream);
+        default: return launch<T, 4>(p, grid, stream);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(hippo_ext, CUDA, m) { m.impl("skinny_linear", &skinny_linear_cuda); }
+
+}  // namespace hippo

@@ -1,0 +1,158 @@
+"""skinny_linear against F.linear and a float64 GEMM. On CUDA the tensor-core kernel takes bf16 and
+fp16 with M <= 32 and K % 32 == 0; its rows must not depend on M (bitwise), its semaphores must be
+left zeroed, and it must replay inside a CUDA graph."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hippo_ext
+from hippo_testing import rel_error, requires_cuda
+
+OP = torch.ops.hippo_ext.skinny_linear.default
+# fp32 accumulation, output rounded once: one rounding step of the output dtype, relative.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+
+def random_problem(rows, in_features, out_features, dtype, device, gen, bias=True):
+    x = torch.randn(*rows, in_features, generator=gen).to(dtype).to(device)
+    weight = (torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5)
+    weight = weight.to(dtype).to(device)
+    b = torch.randn(out_features, generator=gen).to(dtype).to(device) if bias else None
+    return x, weight, b
+
+
+def float64_linear(x, weight, bias):
+    out = x.double() @ weight.double().T
+    return out + bias.double() if bias is not None else out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,in_features,out_features", [
+    ((1,), 1, 1), ((3,), 7, 5), ((1, 9), 64, 33), ((2, 17), 96, 130), ((40,), 32, 64)])
+def test_cpu_is_atens_linear(gen, dtype, rows, in_features, out_features):
+    x, weight, bias = random_problem(rows, in_features, out_features, dtype, "cpu", gen)
+    for b in (bias, None):
+        out = hippo_ext.skinny_linear(x, weight, b)
+        assert torch.equal(out, F.linear(x, weight, b))
+
+
+# (M, K, N): M across the four n8 tiles and beyond the kernel (33 -> ATen); K with one k32 block,
+# a partial unroll (96), model widths; N not a multiple of 64, a single output, many tiles (no
+# split), few tiles (many splits); K not a multiple of 32 -> ATen.
+CUDA_CASES = [
+    (1, 32, 1), (2, 96, 10), (7, 3584, 65), (8, 4096, 64), (9, 3584, 4608), (16, 896, 1152),
+    (17, 18944, 200), (24, 160, 130), (32, 4864, 896), (5, 64, 25_600), (33, 256, 128),
+    (3, 100, 50),
+]
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,in_features,out_features", CUDA_CASES)
+def test_cuda_matches_float64(gen, dtype, rows, in_features, out_features):
+    x, weight, bias = random_problem((1, rows), in_features, out_features, dtype, "cuda", gen)
+    workspace = hippo_ext.skinny_linear_workspace(out_features, "cuda")
+    for b in (bias, None):
+        out = hippo_ext.skinny_linear(x, weight, b, workspace=workspace)
+        assert out.shape == (1, rows, out_features) and out.dtype == dtype
+        assert rel_error(out, float64_linear(x, weight, b)) < TOLERANCE[dtype]
+        torch.testing.assert_close(out, F.linear(x, weight, b), rtol=2 * TOLERANCE[dtype],
+                                   atol=2 * TOLERANCE[dtype])
+    torch.cuda.synchronize()
+    assert (workspace == 0).all()  # every semaphore reset by its last block
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("in_features,out_features", [(3584, 4608), (18944, 3584), (896, 151_936),
+                                                       (4864, 896)])
+def test_cuda_rows_do_not_depend_on_m(gen, in_features, out_features):
+    """A verify step's rows equal the single-token steps' bit for bit."""
+    x, weight, bias = random_problem((17,), in_features, out_features, torch.bfloat16, "cuda", gen)
+    together = hippo_ext.skinny_linear(x, weight, bias)
+    for m in (0, 4, 8, 16):
+        alone = hippo_ext.skinny_linear(x[m:m + 1].contiguous(), weight, bias)
+        assert torch.equal(alone[0], together[m])
+    nine = hippo_ext.skinny_linear(x[:9].contiguous(), weight, bias)
+    assert torch.equal(nine, together[:9])
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_graph_replay(gen):
+    x, weight, bias = random_problem((9,), 3584, 640, torch.bfloat16, "cuda", gen)
+    workspace = hippo_ext.skinny_linear_workspace(640, "cuda")
+    expected = hippo_ext.skinny_linear(x, weight, bias, workspace=workspace)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        captured = hippo_ext.skinny_linear(x, weight, bias, workspace=workspace)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, expected)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    assert torch.equal(captured, hippo_ext.skinny_linear(x, weight, bias, workspace=workspace))
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_misaligned_input_falls_back(gen):
+    storage = torch.randn(9 * 64 + 1, generator=gen).to(torch.bfloat16).cuda()
+    x = storage[1:].view(9, 64)
+    weight = torch.randn(48, 64, generator=gen).to(torch.bfloat16).cuda()
+    assert torch.equal(hippo_ext.skinny_linear(x, weight), F.linear(x, weight))
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck(device, gen, with_bias):
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    x, weight, bias = random_problem((2, 3), 64, 70, dtype, device, gen, bias=with_bias)
+    workspace = hippo_ext.skinny_linear_workspace(70, device)
+    torch.library.opcheck(OP, (x, weight, bias, workspace))
+
+
+def _good(device):
+    gen = torch.Generator().manual_seed(0)
+    x, weight, bias = random_problem((3,), 64, 130, torch.float32, device, gen)
+    return dict(x=x, weight=weight, bias=bias,
+                workspace=hippo_ext.skinny_linear_workspace(130, device))
+
+
+BAD_INPUTS = {
+    "in_features": (lambda a: {**a, "weight": a["weight"][:, :32].contiguous()}, "features"),
+    "weight_dtype": (lambda a: {**a, "weight": a["weight"].double()}, "weight dtype"),
+    "weight_1d": (lambda a: {**a, "weight": a["weight"][0]}, "weight must have 2"),
+    "weight_non_contiguous": (lambda a: {**a, "weight": a["weight"].t().contiguous().t()},
+                              "contiguous"),
+    "x_int": (lambda a: {**a, "x": a["x"].long()}, "float32, bfloat16 or float16"),
+    "x_scalar": (lambda a: {**a, "x": a["x"][0, 0]}, "scalar"),
+    "bias_length": (lambda a: {**a, "bias": a["bias"][:-1]}, "bias has"),
+    "bias_dtype": (lambda a: {**a, "bias": a["bias"].half()}, "bias dtype"),
+    "workspace_dtype": (lambda a: {**a, "workspace": a["workspace"].long()}, "workspace"),
+    "workspace_small": (lambda a: {**a, "workspace": a["workspace"][:2]}, "needs ceil"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs(device, case):
+    make_bad, match = BAD_INPUTS[case]
+    args = make_bad(_good(device))
+    with pytest.raises(RuntimeError, match=match):
+        hippo_ext.skinny_linear(args["x"], args["weight"], args["bias"],
+                                workspace=args["workspace"])
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_device_mix():
+    args = _good("cuda")
+    with pytest.raises(RuntimeError, match="is on"):
+        hippo_ext.skinny_linear(args["x"], args["weight"].cpu(), None, workspace=args["workspace"])
+    with pytest.raises(RuntimeError, match="is on"):
+        hippo_ext.skinny_linear(args["x"], args["weight"], None, workspace=args["workspace"].cpu())
