@@ -82,6 +82,11 @@ PY
       # Skinny GEMMs: cuBLAS vs skinny_linear at M = 1, 5, 9, 17 against the weight floor
       $PYTEST benchmarks/bench_linear.py --benchmark-only -q --benchmark-json "$OUT/linear.json" >/dev/null 2>&1
       $PY benchmarks/report.py "$OUT/linear.json" | cut -d'|' -f2,5,6,7
+      for blocks in 3 16; do  # the skinny kernel's split plan (default 8 blocks per SM)
+        HIPPO_SKINNY_BLOCKS_PER_SM=$blocks $PYTEST benchmarks/bench_linear.py --benchmark-only -q \
+          -k hippo --benchmark-json "$OUT/linear_b$blocks.json" >/dev/null 2>&1
+        echo "skinny blocks/SM $blocks:"; $PY benchmarks/report.py "$OUT/linear_b$blocks.json" | grep hippo | cut -d'|' -f2,5,7
+      done
       for chunk in 128 256 512 1024; do
         HIPPO_DECODE_ATTENTION_CHUNK=$chunk $PYTEST benchmarks/bench_decode_attention.py \
           --benchmark-only -q -k hippo --benchmark-json "$OUT/chunk$chunk.json" >/dev/null 2>&1

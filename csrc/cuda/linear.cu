@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "cuda/element_types.cuh"
 #include "cuda/tensor_core.cuh"
@@ -36,7 +37,9 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kKeyBlock = 32;                      // k per lane quad and load (8 per lane)
 constexpr int kUnroll = 4;                         // k32 blocks whose loads are in flight together
 constexpr int kSplitGrain = kKeyBlock * kUnroll;   // K per split is a multiple of this
-constexpr int kBlocksPerSmTarget = 3;              // blocks per SM a plan aims for
+// Blocks per SM a plan aims for: enough warps that many 16-byte weight loads are in flight on
+// every SM. HIPPO_SKINNY_BLOCKS_PER_SM=<n> overrides it (tuning).
+constexpr int64_t kBlocksPerSmTarget = 8;
 
 struct SkinnyParams {
   const void* x;         // [M, K]
@@ -168,10 +171,16 @@ struct SplitPlan {
   int64_t k_per_split = 0;
 };
 
+int64_t blocks_per_sm_target() {
+  const char* forced = std::getenv("HIPPO_SKINNY_BLOCKS_PER_SM");
+  const int64_t value = forced != nullptr ? std::atoll(forced) : 0;
+  return value > 0 ? value : kBlocksPerSmTarget;
+}
+
 SplitPlan plan_splits(int64_t out_features, int64_t in_features, int64_t sm_count) {
   const int64_t tiles = ceil_div(out_features, kSkinnyRowsPerBlock);
   const int64_t most = std::max<int64_t>(1, in_features / kSplitGrain);
-  const int64_t wanted = std::clamp<int64_t>(ceil_div(kBlocksPerSmTarget * sm_count, tiles), 1, most);
+  const int64_t wanted = std::clamp<int64_t>(ceil_div(blocks_per_sm_target() * sm_count, tiles), 1, most);
   SplitPlan plan;
   plan.k_per_split = ceil_div(ceil_div(in_features, wanted), kSplitGrain) * kSplitGrain;
   plan.splits = ceil_div(in_features, plan.k_per_split);
