@@ -188,7 +188,7 @@ class LanguageModelRuntime:
         self.cache.reserve(seq_len, "prefill")
         self.cache.advance(seq_len)
 
-        hidden = inputs_embeds.to(device=self.device, dtype=self.dtype)
+        hidden = inputs_embeds.to(device=self.device, dtype=self.dtype).contiguous()
         cos, sin = self._rotary_tables(hidden, positions)
         queries = {}
 
@@ -278,7 +278,7 @@ class LanguageModelRuntime:
     def _fused_layer(self, index: int, delta: torch.Tensor, residual: torch.Tensor | None,
                      cos: torch.Tensor, sin: torch.Tensor,
                      attend: AttendFn) -> tuple[torch.Tensor, torch.Tensor]:
-        """One decoder layer in six hippo_ext ops and four GEMMs (plus attention), with HF's
+        """One decoder layer as four hippo_ext ops, four GEMMs and the attention, with HF's
         arithmetic. The residual stream is carried beside the layer's output `delta` so that
         each residual add fuses into the next RMSNorm. Returns (delta, residual)."""
         layer, fused = self.layers[index], self.fused[index]
