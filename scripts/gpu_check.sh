@@ -5,6 +5,7 @@
 #   scripts/gpu_check.sh sanitize               # compute-sanitizer memcheck + racecheck on CUDA tests
 #   scripts/gpu_check.sh build profile          # runtime step breakdown, decode_attention split sweep
 #   scripts/gpu_check.sh build runtime          # runtime step times (bench_runtime.py --quick)
+#   scripts/gpu_check.sh build fast runtime     # CUDA tests of the step's ops and the runtime only
 set -uo pipefail
 OUT=${OUT:-/tmp/hippo_out}
 mkdir -p "$OUT"
@@ -56,6 +57,14 @@ PY
           echo "$name (no error-path tests) exit $?: $(tail -1 "$OUT/${name}_noerr.log")"
           grep -E "^(FAILED|ERROR)|Fatal" "$OUT/${name}_noerr.log" | head -10
         fi
+      done
+      ;;
+    fast)
+      # The CUDA tests of everything a runtime step runs (a few minutes, not the full suite).
+      for f in test_normalization test_activation test_rotary_embedding test_linear test_decode_attention \
+               test_runtime test_video_llm_ar; do
+        timeout "${TEST_TIMEOUT:-300}" $PYTEST "tests/$f.py" -rfE -q -m cuda >"$OUT/$f.log" 2>&1
+        echo "$f exit $?: $(tail -1 "$OUT/$f.log")"; grep -E "^(FAILED|ERROR)" "$OUT/$f.log" | head -10
       done
       ;;
     bench)
