@@ -65,10 +65,12 @@ TORCH_LIBRARY(hippo_ext, m) {
   // cache's device: positions [0, length[b]) are valid and the Lq queries are the last Lq of
   // them. Query i sees [0, length - Lq] + i (causal), or, with tree_mask [Lq, Lq] / [B, Lq, Lq]
   // bool, the prefix [0, length - Lq) plus block position j where tree_mask[i, j].
-  // Returns [B, Lq, Hq, D] in the query's dtype.
+  // Returns [B, Lq, Hq, D] in the query's dtype. row_invariant: each query row's result is
+  // bitwise the same whatever Lq is (a verify step's rows equal single-token steps'); on CUDA
+  // that fixes the work split to the verify layout, at some cost to Lq = 1 steps.
   m.def(
       "decode_attention(Tensor query, Tensor cache, int layer, Tensor length, float scale, "
-      "Tensor? tree_mask) -> Tensor");
+      "Tensor? tree_mask, bool row_invariant=False) -> Tensor");
 
   // ---- the rest of a decoder layer: fewer, fatter kernels per step --------------------------
   // RMSNorm with HF's rounding (Qwen2RMSNorm). x [..., H] contiguous, weight [H] of x's dtype.

@@ -18,6 +18,7 @@ def decode_attention(
     *,
     scale: float | None = None,
     tree_mask: torch.Tensor | None = None,
+    row_invariant: bool = False,
     check: bool = True,
 ) -> torch.Tensor:
     """Attention of the last Lq tokens of each sequence against one layer of the static cache.
@@ -34,6 +35,10 @@ def decode_attention(
         tree_mask: optional bool [Lq, Lq] or [B, Lq, Lq]. Without it query i sees positions
             [0, length - Lq + i] (causal); with it, the prefix [0, length - Lq) plus block
             position length - Lq + j iff tree_mask[..., i, j].
+        row_invariant: make each query row's result bitwise independent of Lq, so that a verify
+            step's rows equal what single-token steps give (the CUDA kernel then keeps its
+            verify work layout for every Lq, which costs decode steps some speed). The CPU
+            reference is row-invariant always.
         check: on CUDA, verify Lq <= length[b] <= S_max first (a host sync); pass False inside
             CUDA graphs. The kernel clamps lengths whatever their values; a query row that
             sees no key yields zeros.
@@ -48,7 +53,7 @@ def decode_attention(
         check_index_range(length, cache.size(4) + 1, "decode_attention", "length",
                           lower=query.size(1))
     return torch.ops.hippo_ext.decode_attention.default(
-        query, cache, layer, length, float(scale), tree_mask)
+        query, cache, layer, length, float(scale), tree_mask, bool(row_invariant))
 
 
 def _shapes_plausible(query: torch.Tensor, cache: torch.Tensor, length: torch.Tensor) -> bool:
@@ -58,5 +63,5 @@ def _shapes_plausible(query: torch.Tensor, cache: torch.Tensor, length: torch.Te
 
 
 @torch.library.register_fake("hippo_ext::decode_attention")
-def _decode_attention_fake(query, cache, layer, length, scale, tree_mask):
+def _decode_attention_fake(query, cache, layer, length, scale, tree_mask, row_invariant=False):
     return query.new_empty(query.shape)

@@ -253,6 +253,26 @@ def test_cuda_model_shapes(gen, cuda_kernel, dtype, q_heads, kv_heads, head_dim,
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim,length,max_seq,q_len", [
+    (28, 4, 128, 12600, 16384, 9), (14, 2, 64, 1300, 2048, 17), (16, 16, 80, 700, 1024, 5),
+    (28, 4, 128, 70, 128, 64)])
+def test_cuda_row_invariant_rows_equal_single_steps(gen, q_heads, kv_heads, head_dim, length,
+                                                    max_seq, q_len):
+    """row_invariant=True: query row i of an Lq-token block equals, bit for bit, the same query
+    run alone as the newest token at length - Lq + i + 1 (what a decode step computes)."""
+    query, cache, lengths = make_inputs(
+        gen, batch=1, q_len=q_len, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+        lengths=[length], max_seq=max_seq, layers=1, dtype=torch.bfloat16, device="cuda")
+    block = decode_attention(query, cache, 0, lengths, row_invariant=True)
+    assert_close_to_reference(block, query, cache, 0, lengths)
+    for i in range(q_len):
+        alone = decode_attention(query[:, i:i + 1].contiguous(), cache, 0,
+                                 lengths - q_len + i + 1, row_invariant=True)
+        assert torch.equal(alone[:, 0], block[:, i]), f"row {i} differs"
+
+
+@requires_cuda
+@pytest.mark.cuda
 def test_cuda_matches_cpu(gen):
     mask = random_tree_mask(gen, 9)
     query, cache, length = make_inputs(

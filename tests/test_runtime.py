@@ -423,6 +423,33 @@ def test_skinny_gemm_needs_the_fused_path():
         LanguageModelRuntime.from_hf(model, max_seq_len=32, fused=False, skinny_gemm=True)
 
 
+def test_step_invariance_needs_cuda():
+    model, _ = build("qwen2")
+    with pytest.raises(HippoError, match="step_invariant"):
+        LanguageModelRuntime.from_hf(model, max_seq_len=32, step_invariant=True)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
+def test_step_invariant_verify_equals_single_steps_bitwise(family):
+    """With step_invariant=True a verify step's logits are exactly those of single-token steps,
+    in bf16: speculative decoding then reproduces the runtime's own greedy output."""
+    model, positions_for = cuda_model(family, 256)
+    model = model.to(torch.bfloat16)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=128, step_invariant=True)
+    ids = torch.randint(0, VOCAB, (1, 60), device="cuda")
+    positions = positions_for(60).cuda()
+    runtime.prefill(runtime.embed(ids[:, :40]), positions[..., :40])
+    for count in (5, 9, 17):
+        verify = runtime.step(ids[:, 40:40 + count], positions[..., 40:40 + count]).clone()
+        runtime.rollback(40)
+        singles = [runtime.step(ids[:, 40 + i:41 + i], positions[..., 40 + i:41 + i]).clone()
+                   for i in range(count)]
+        runtime.rollback(40)
+        assert torch.equal(verify, torch.cat(singles, dim=1)), f"{count}-token step differs"
+
+
 def test_fused_needs_a_silu_mlp():
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)

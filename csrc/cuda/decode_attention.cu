@@ -59,6 +59,7 @@ struct Params {
   int chunk;               // keys per split, a multiple of kTileKeys
   int num_splits;
   float scale_log2;        // softmax scale * log2(e): scores live in the exp2 domain
+  bool row_invariant;      // MMA kernel in its 4-row-tile layout whatever the row count
   bool length_is_64;
 };
 
@@ -537,7 +538,11 @@ void launch(const Params& p, bool simple, cudaStream_t stream) {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   } else {
     const dim3 grid(p.num_splits, bh, ceil_div(p.rows, kRowsPerBlock));
-    const int row_tiles = static_cast<int>(ceil_div(std::min(p.rows, kRowsPerBlock), 16));
+    // Fewer rows run fewer row tiles, each warp then taking a slice of every key tile; the
+    // row-invariant layout keeps 4 tiles (one warp each, every key), so a row's sums run in
+    // the same order whatever the row count.
+    const int row_tiles =
+        p.row_invariant ? 4 : static_cast<int>(ceil_div(std::min(p.rows, kRowsPerBlock), 16));
     if (row_tiles == 1) launch_mma<T, D, 1>(p, grid, stream);
     else if (row_tiles == 2) launch_mma<T, D, 2>(p, grid, stream);
     else launch_mma<T, D, 4>(p, grid, stream);
@@ -558,7 +563,7 @@ void launch_for_head_dim(const Params& p, int64_t head_dim, bool simple, cudaStr
 
 at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& cache,
                                  int64_t layer, const at::Tensor& length, double scale,
-                                 const std::optional<at::Tensor>& tree_mask) {
+                                 const std::optional<at::Tensor>& tree_mask, bool row_invariant) {
   const DecodeAttentionShape s =
       check_decode_attention_inputs(query_in, cache, layer, length, tree_mask);
   check_decode_attention_cuda_support(query_in, s);
@@ -574,8 +579,12 @@ at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& c
 
   const int64_t rows = s.rows_per_kv_head();
   const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks_per_split = s.batch * s.kv_heads * ceil_div(rows, kRowsPerBlock);
-  const int64_t chunk = choose_chunk(s.max_seq, blocks_per_split, rows, sm_count);
+  // Row-invariant: the split length is the one a full 64-row block gets, whatever the row count,
+  // so a row sees the same splits, tiles and key order in a decode and in a verify step.
+  const int64_t row_groups = row_invariant ? 1 : ceil_div(rows, kRowsPerBlock);
+  const int64_t blocks_per_split = s.batch * s.kv_heads * row_groups;
+  const int64_t chunk = choose_chunk(s.max_seq, blocks_per_split,
+                                     row_invariant ? kRowsPerBlock : rows, sm_count);
   const int64_t num_splits = ceil_div(s.max_seq, chunk);
   const auto f32 = query.options().dtype(at::kFloat);
   at::Tensor partial_out = at::empty({s.batch * s.kv_heads, num_splits, rows, s.head_dim}, f32);
@@ -604,7 +613,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& c
   p.num_splits = static_cast<int>(num_splits);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
-  const bool simple = env_flag("HIPPO_DECODE_ATTENTION_SIMPLE");
+  const bool simple = env_flag("HIPPO_DECODE_ATTENTION_SIMPLE") && !row_invariant;
+  p.row_invariant = row_invariant;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (query.scalar_type() == at::kBFloat16) {
     launch_for_head_dim<__nv_bfloat16>(p, s.head_dim, simple, stream);

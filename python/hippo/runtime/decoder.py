@@ -99,12 +99,18 @@ class LanguageModelRuntime:
             at decode widths where cuBLAS's tiles starve the GPU; shapes it does not take go to
             cuBLAS inside the op. Off by default until measured against cuBLAS on a GPU
             (benchmarks/bench_linear.py, bench_runtime.py).
+        step_invariant: make a step's logits for each token independent of how many tokens the
+            step holds (up to 32), bit for bit: a verify step of g + 1 tokens then gives exactly
+            the logits that g + 1 single-token steps would, so speculative decoding reproduces
+            the runtime's own autoregressive output even in bf16. Needs CUDA and hippo_ext's
+            decode_attention; turns on skinny_gemm and decode_attention's row-invariant layout
+            (which costs single-token steps some attention speed).
     """
 
     def __init__(self, text_model: nn.Module, lm_head: nn.Module, max_seq_len: int,
                  batch: int = 1, *, use_cuda_graphs: bool | None = None,
                  step_attention: str | None = None, fused: bool | None = None,
-                 skinny_gemm: bool = False) -> None:
+                 skinny_gemm: bool = False, step_invariant: bool = False) -> None:
         self.text_model = text_model
         self.lm_head = lm_head
         self.layers = list(text_model.layers)
@@ -134,6 +140,10 @@ class LanguageModelRuntime:
             _reject_dynamic_rope(self.rotary_emb)
             from hippo.runtime.cuda_graphs import StepGraphs
             self._graphs = StepGraphs(self)
+        if step_invariant:
+            _check_step_invariance_possible(self.device, self.step_attention, use_fused)
+            skinny_gemm = True
+        self.step_invariant = step_invariant
         if skinny_gemm and not use_fused:
             raise HippoError("skinny_gemm=True needs the fused layer path (fused=True)")
         # Split-K semaphores of skinny_linear: one workspace per runtime, hence per stream.
@@ -354,7 +364,8 @@ class LanguageModelRuntime:
         batch, count, _, _ = q.shape
         if self.step_attention == "hippo_ext":
             out = hippo_ext.decode_attention(q.contiguous(), self.cache.tensor, index,
-                                             self.cache.length, scale=self.scale, check=False)
+                                             self.cache.length, scale=self.scale,
+                                             row_invariant=self.step_invariant, check=False)
             return out.reshape(batch, count, -1)
         # Masked SDPA over a static key window: query i sees keys [0, length - count + i].
         key_pos = torch.arange(key_limit, device=self.device)
@@ -489,6 +500,16 @@ def _widest_output(layers: Sequence[nn.Module], lm_head: nn.Module) -> int:
     qkv = sum(p.out_features for p in (attention.q_proj, attention.k_proj, attention.v_proj))
     return max(qkv, attention.o_proj.out_features, 2 * mlp.gate_proj.out_features,
                mlp.down_proj.out_features, lm_head.out_features)
+
+
+def _check_step_invariance_possible(device: torch.device, step_attention: str,
+                                    fused: bool) -> None:
+    """step_invariant rests on CUDA kernels whose rows do not depend on the step size."""
+    if device.type != "cuda" or step_attention != "hippo_ext" or not fused:
+        raise HippoError(
+            "step_invariant=True needs a CUDA model with step_attention='hippo_ext' and the "
+            f"fused layer path (got device {device.type}, step_attention={step_attention!r}, "
+            f"fused={fused}): its guarantee rests on hippo_ext's CUDA kernels")
 
 
 def _fused_layers_unsupported(device: torch.device, text_model: nn.Module) -> str | None:
