@@ -99,6 +99,28 @@ def test_prefill_and_steps_match_hf_forward(family, kwargs):
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
+def test_batch_of_two_matches_hf_per_sequence(family):
+    """B = 2 through the fused ops: each sequence follows HF's forward of that sequence alone."""
+    model, positions_for = build(family)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, batch=2)
+    total, prompt_len = 16, 10
+    ids = torch.randint(0, VOCAB, (2, total))
+    embeds = runtime.embed(ids)
+    positions = positions_for(total)
+    batched_positions = torch.cat([positions, positions], dim=-2)  # [..., 2, S]
+    expected = torch.cat([hf_logits(model, embeds[b:b + 1], positions) for b in range(2)])
+    prefill = runtime.prefill(embeds[:, :prompt_len], batched_positions[..., :prompt_len],
+                              all_logits=True)
+    torch.testing.assert_close(prefill.logits, expected[:, :prompt_len], atol=ATOL, rtol=0)
+    start = prompt_len
+    for count in (1, 4, 1):
+        logits = runtime.step(ids[:, start:start + count],
+                              batched_positions[..., start:start + count])
+        torch.testing.assert_close(logits, expected[:, start:start + count], atol=ATOL, rtol=0)
+        start += count
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
 def test_fused_projections_borrow_hf_weights(family):
     model, positions_for = build(family)
     ids = torch.randint(0, VOCAB, (1, 12))
