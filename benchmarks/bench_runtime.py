@@ -6,6 +6,8 @@ On CUDA, in bf16 with random weights, it builds Qwen2-7B- and Qwen2-0.5B-shaped
 Qwen2ForCausalLM models, prefills a context of each requested length and times with CUDA events:
   * the runtime's decode step (1 token) and verify steps (g + 1 tokens), each a CUDA graph
     replay followed by a rollback to the context length (one tiny fill kernel);
+  * the same steps under the runtime options in VARIANTS (skinny_gemm, step_invariant, HF's
+    modules), each its own runtime on the same weights;
   * HF eager forward of the same number of tokens on a DynamicCache holding the same keys and
     values (cropped back after each call);
   * the runtime's prefill of the context (SDPA);
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hippo.models.base import HippoError
 from hippo.runtime import LanguageModelRuntime
 
 # Device-to-device copy bandwidth (read + write) measured on the lent cards (NOTES.md).
@@ -45,6 +48,14 @@ MODEL_SHAPES = {
 }
 
 
+# Runtime options timed beside the default in the same run (same model, same weights).
+VARIANTS = {
+    "skinny_gemm": dict(skinny_gemm=True),        # hippo_ext.skinny_linear instead of cuBLAS
+    "step_invariant": dict(step_invariant=True),  # verify rows bitwise equal to decode rows
+    "HF modules": dict(fused=False),              # no fused layer ops
+}
+
+
 @dataclass
 class Row:
     model: str
@@ -53,15 +64,14 @@ class Row:
     hippo_ms: float
     hf_ms: float | None
     floor_ms: float | None
-    unfused_ms: float | None = None  # the same runtime with fused=False (HF's modules)
-    skinny_ms: float | None = None   # the same runtime with skinny_gemm=True
+    variant_ms: dict[str, float | None] | None = None  # the same step in each VARIANTS runtime
 
     def cells(self) -> list[str]:
         ratio = f"{self.hippo_ms / self.floor_ms:.2f}x" if self.floor_ms else "n/a"
         speedup = f"{self.hf_ms / self.hippo_ms:.1f}x" if self.hf_ms else "n/a"
-        return [self.model, str(self.context), self.what, f"{self.hippo_ms:.3f}",
-                _fmt(self.skinny_ms), _fmt(self.unfused_ms), _fmt(self.hf_ms),
-                _fmt(self.floor_ms), ratio, speedup]
+        variants = [_fmt((self.variant_ms or {}).get(name)) for name in VARIANTS]
+        return [self.model, str(self.context), self.what, f"{self.hippo_ms:.3f}", *variants,
+                _fmt(self.hf_ms), _fmt(self.floor_ms), ratio, speedup]
 
 
 def _fmt(value: float | None) -> str:
@@ -76,10 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=50, help="timed calls per step size")
     parser.add_argument("--prefill-reps", type=int, default=2, help="timed prefills per context")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF eager baseline")
-    parser.add_argument("--no-unfused", action="store_true",
-                        help="skip the fused=False runtime (HF modules) baseline")
-    parser.add_argument("--no-skinny", action="store_true",
-                        help="skip the skinny_gemm=True runtime")
+    parser.add_argument("--no-variants", action="store_true",
+                        help="time only the default runtime, not " + ", ".join(VARIANTS))
     parser.add_argument("--ar-tokens", type=int, default=32,
                         help="tokens for the AR rows (hippo AR vs HF generate); 0 skips them")
     parser.add_argument("--quick", action="store_true",
@@ -230,6 +238,18 @@ def time_autoregressive(model, runtime: LanguageModelRuntime, context: int, toke
     return hippo, per_token
 
 
+def build_variants(model, max_seq_len: int) -> dict[str, LanguageModelRuntime]:
+    """The same model under each VARIANTS option (those that this device can run)."""
+    variants = {}
+    for name, options in VARIANTS.items():
+        try:
+            variants[name] = LanguageModelRuntime.from_hf(model, max_seq_len=max_seq_len,
+                                                          **options)
+        except HippoError as error:  # e.g. step_invariant on the CPU
+            print(f"skipping {name}: {error}")
+    return variants
+
+
 def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
                 dtype: torch.dtype) -> list[Row]:
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -237,32 +257,23 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
     model = build_model(shape, device, dtype)
     headroom = max(max(step_sizes), args.ar_tokens + 1)  # tokens appended after the context
     runtime = LanguageModelRuntime.from_hf(model, max_seq_len=max(contexts) + headroom)
-    # The same model through HF's modules (fused=False): what the fused layer ops buy.
-    unfused = (None if args.no_unfused else
-               LanguageModelRuntime.from_hf(model, max_seq_len=max(contexts) + 32, fused=False))
-    # The fused runtime with hippo_ext.skinny_linear for its GEMMs instead of cuBLAS.
-    skinny = (None if args.no_skinny else
-              LanguageModelRuntime.from_hf(model, max_seq_len=max(contexts) + 32,
-                                           skinny_gemm=True))
+    variants = {} if args.no_variants else build_variants(model, max(contexts) + max(step_sizes))
     bw = bandwidth(device)
     rows = []
     for context in contexts:
         prefill_ms = time_prefill(runtime, context, args.prefill_reps, device)
         floor = (weight_bytes(model) + kv_bytes(runtime, context)) / bw * 1e3 if bw else None
         hf_cache = None if args.no_hf else hf_cache_like(model, runtime, context)
-        for other in (unfused, skinny):
-            if other is not None:
-                time_prefill(other, context, 1, device)
+        for other in variants.values():
+            time_prefill(other, context, 1, device)
         for count in step_sizes:
             hippo = time_runtime_step(runtime, context, count, args.iters, device)
-            plain, skinny_ms = (
-                None if other is None
-                else time_runtime_step(other, context, count, args.iters, device)
-                for other in (unfused, skinny))
+            variant_ms = {name: time_runtime_step(other, context, count, args.iters, device)
+                          for name, other in variants.items()}
             hf = (None if hf_cache is None
                   else time_hf_step(model, hf_cache, context, count, args.iters, device))
             what = "decode (1)" if count == 1 else f"verify ({count})"
-            rows.append(Row(shape, context, what, hippo, hf, floor, plain, skinny_ms))
+            rows.append(Row(shape, context, what, hippo, hf, floor, variant_ms))
         rows.append(Row(shape, context, "prefill", prefill_ms, None, None))
         if args.ar_tokens > 0:
             hippo_ar, hf_generate = time_autoregressive(model, runtime, context, args.ar_tokens,
@@ -272,7 +283,7 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
         del hf_cache
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    del runtime, unfused, skinny, model
+    del runtime, variants, model
     gc.collect()  # the runtime and its graphs reference each other
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -281,8 +292,8 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
 
 def markdown(rows: list[Row], device: torch.device, dtype: torch.dtype) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    header = ["model", "context", "step", "hippo ms", "hippo skinny_gemm ms",
-              "hippo, HF modules ms", "HF eager ms", "floor ms", "hippo / floor", "HF / hippo"]
+    header = ["model", "context", "step", "hippo ms", *(f"hippo {name} ms" for name in VARIANTS),
+              "HF eager ms", "floor ms", "hippo / floor", "HF / hippo"]
     lines = [f"Device: {name}, {str(dtype).removeprefix('torch.')}, batch 1, random weights",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
