@@ -39,14 +39,11 @@ inline DecodeAttentionShape check_decode_attention_inputs(
   const char* op = kDecodeAttentionOp;
   check_dim(query, 4, op, "query");
   check_kv_cache(cache, op, "cache");
-  check_dim(length, 1, op, "length");
+  check_cache_lengths(length, cache, op);
   check_floating(query, op, "query");
   HIPPO_CHECK(cache.scalar_type() == query.scalar_type(), op, "cache dtype ", cache.scalar_type(),
               " must match the query dtype ", query.scalar_type());
-  HIPPO_CHECK(length.scalar_type() == at::kInt || length.scalar_type() == at::kLong, op,
-              "length must be int32 or int64, got ", length.scalar_type());
   check_same_device(query, cache, op, "query", "cache");
-  check_same_device(length, cache, op, "length", "cache");
 
   DecodeAttentionShape s;
   s.batch = query.size(0);
@@ -101,12 +98,7 @@ inline void check_decode_attention_cuda_support(const at::Tensor& query,
 // Index values (on the CPU path always): Lq <= length[b] <= S_max for every b.
 inline void check_decode_attention_lengths(const at::Tensor& length_cpu,
                                            const DecodeAttentionShape& s) {
-  const at::Tensor lengths = length_cpu.to(at::kLong).contiguous();
-  const int64_t* values = lengths.data_ptr<int64_t>();
-  for (int64_t b = 0; b < s.batch; ++b) {
-    HIPPO_CHECK(values[b] >= s.q_len && values[b] <= s.max_seq, kDecodeAttentionOp, "length[", b,
-                "] = ", values[b], " must lie in [Lq, S_max] = [", s.q_len, ", ", s.max_seq, "]");
-  }
+  check_length_values(length_cpu, s.q_len, s.max_seq, "Lq", kDecodeAttentionOp);
 }
 
 // Causal rule as a mask word: query i sees block positions j <= i.

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -44,6 +45,8 @@ inline void check_size(const at::Tensor& t, int64_t dim, int64_t expected, const
               ", got shape ", t.sizes());
 }
 
+C10_HOST_DEVICE constexpr inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
 // A static KV cache [layers, 2, B, Hkv, S, D] (0 = keys, 1 = values), of a KV dtype and
 // contiguous: what every op that reads or writes the cache requires of it.
 inline void check_kv_cache(const at::Tensor& t, const char* op, const char* name) {
@@ -52,6 +55,27 @@ inline void check_kv_cache(const at::Tensor& t, const char* op, const char* name
               t.sizes());
   check_floating(t, op, name);
   check_contiguous(t, op, name);
+}
+
+// The device-side valid lengths of a cache's sequences: [B] int32/int64 on the cache's device
+// (B is checked by each op, which knows its batch).
+inline void check_cache_lengths(const at::Tensor& length, const at::Tensor& cache, const char* op) {
+  check_dim(length, 1, op, "length");
+  HIPPO_CHECK(length.scalar_type() == at::kInt || length.scalar_type() == at::kLong, op,
+              "length must be int32 or int64, got ", length.scalar_type());
+  check_same_device(length, cache, op, "length", "cache");
+}
+
+// Length values, checked on the host (the CPU path always; CUDA wrappers unless check=False):
+// lower <= length[b] <= upper for every b. `lower_name` says what the lower bound is.
+inline void check_length_values(const at::Tensor& length_cpu, int64_t lower, int64_t upper,
+                                const char* lower_name, const char* op) {
+  const at::Tensor lengths = length_cpu.to(at::kLong).contiguous();
+  const int64_t* values = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < lengths.numel(); ++b) {
+    HIPPO_CHECK(values[b] >= lower && values[b] <= upper, op, "length[", b, "] = ", values[b],
+                " must lie in [", lower_name, ", S_max] = [", lower, ", ", upper, "]");
+  }
 }
 
 }  // namespace hippo

@@ -56,7 +56,7 @@ inline SkinnyShape check_skinny_linear_inputs(const at::Tensor& x, const at::Ten
   check_dtype(workspace, at::kInt, op, "workspace");
   check_contiguous(workspace, op, "workspace");
   check_same_device(workspace, x, op, "workspace", "x");
-  const int64_t blocks = (s.out_features + kSkinnyRowsPerBlock - 1) / kSkinnyRowsPerBlock;
+  const int64_t blocks = ceil_div(s.out_features, kSkinnyRowsPerBlock);
   HIPPO_CHECK(workspace.numel() >= blocks, op, "workspace holds ", workspace.numel(),
               " counters but N = ", s.out_features, " needs ceil(N / ", kSkinnyRowsPerBlock, ") = ", blocks);
   return s;

@@ -54,10 +54,7 @@ inline RotaryShape check_rotary_kv_append_inputs(const at::Tensor& qkv, const at
   HIPPO_CHECK(cache.scalar_type() == qkv.scalar_type(), op, "cache dtype ", cache.scalar_type(),
               " must match the qkv dtype ", qkv.scalar_type());
   check_same_device(qkv, cache, op, "qkv", "cache");
-  check_dim(length, 1, op, "length");
-  HIPPO_CHECK(length.scalar_type() == at::kInt || length.scalar_type() == at::kLong, op,
-              "length must be int32 or int64, got ", length.scalar_type());
-  check_same_device(length, cache, op, "length", "cache");
+  check_cache_lengths(length, cache, op);
 
   RotaryShape s;
   s.batch = qkv.size(0);
@@ -91,15 +88,10 @@ inline RotaryShape check_rotary_kv_append_inputs(const at::Tensor& qkv, const at
   return s;
 }
 
-// Index values (on the CPU path always): S <= length[b] <= S_max, so every new token has a slot.
+// Index values (on the CPU path always): S <= length[b] <= S_max, so every new token has a slot
+// (the length counts the new tokens).
 inline void check_rotary_kv_append_lengths(const at::Tensor& length_cpu, const RotaryShape& s) {
-  const at::Tensor lengths = length_cpu.to(at::kLong).contiguous();
-  const int64_t* values = lengths.data_ptr<int64_t>();
-  for (int64_t b = 0; b < s.batch; ++b) {
-    HIPPO_CHECK(values[b] >= s.tokens && values[b] <= s.max_seq, kRotaryKvAppendOp, "length[", b, "] = ",
-                values[b], " must lie in [S, S_max] = [", s.tokens, ", ", s.max_seq,
-                "] (it counts the new tokens)");
-  }
+  check_length_values(length_cpu, s.tokens, s.max_seq, "S", kRotaryKvAppendOp);
 }
 
 inline constexpr const char* kRotaryTablesOp = "rotary_tables";

@@ -505,7 +505,6 @@ bool env_flag(const char* name) {
   return value != nullptr && value[0] != '\0' && value[0] != '0';
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Keys per split: enough splits that the blocks of a full-length sequence fill the GPU about
 // twice, but at least 4 keys per query row so the fp32 workspace stays small against the KV read.

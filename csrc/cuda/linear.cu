@@ -162,7 +162,6 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const SkinnyPar
   if (threadIdx.x == 0) p.semaphores[tile] = 0;  // ready for the next call or graph replay
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Splits of K: enough blocks for about kBlocksPerSmTarget per SM, each split at least
 // kSplitGrain long. A function of N, K and the GPU only, so rows never depend on M.

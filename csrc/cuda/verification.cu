@@ -455,7 +455,6 @@ __global__ void __launch_bounds__(kBlock)
 
 // ---- host side -----------------------------------------------------------------------------------
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // How a row of `vocab` tokens is cut into chunks, one block each: about 4 blocks per SM over all
 // `rows`, chunks of at least min_chunk tokens (so a block has work for its threads) and at most
