@@ -290,14 +290,17 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
     return rows
 
 
-def markdown(rows: list[Row], device: torch.device, dtype: torch.dtype) -> str:
+def markdown_header(device: torch.device, dtype: torch.dtype) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     header = ["model", "context", "step", "hippo ms", *(f"hippo {name} ms" for name in VARIANTS),
               "HF eager ms", "floor ms", "hippo / floor", "HF / hippo"]
     lines = [f"Device: {name}, {str(dtype).removeprefix('torch.')}, batch 1, random weights",
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def markdown_rows(rows: list[Row]) -> str:
+    return "\n".join("| " + " | ".join(row.cells()) + " |" for row in rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -308,11 +311,11 @@ def main(argv: list[str] | None = None) -> None:
         if not torch.cuda.is_available():
             raise SystemExit("bench_runtime needs a CUDA GPU (or --tiny for a CPU smoke test)")
         device, dtype = torch.device("cuda"), torch.bfloat16
-    rows = []
+    # Rows are printed per model as they are measured, so that a run cut short keeps its tables.
+    print(markdown_header(device, dtype), flush=True)
     with torch.no_grad():
         for shape in args.models.split(","):
-            rows += bench_model(shape.strip(), args, device, dtype)
-    print(markdown(rows, device, dtype))
+            print(markdown_rows(bench_model(shape.strip(), args, device, dtype)), flush=True)
 
 
 if __name__ == "__main__":

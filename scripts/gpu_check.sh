@@ -60,11 +60,15 @@ PY
       done
       ;;
     fast)
-      # The CUDA tests of everything a runtime step runs (a few minutes, not the full suite).
-      for f in test_normalization test_activation test_rotary_embedding test_linear test_decode_attention \
-               test_runtime test_video_llm_ar; do
-        timeout "${TEST_TIMEOUT:-300}" $PYTEST "tests/$f.py" -rfE -q -m cuda >"$OUT/$f.log" 2>&1
-        echo "$f exit $?: $(tail -1 "$OUT/$f.log")"; grep -E "^(FAILED|ERROR)" "$OUT/$f.log" | head -10
+      # The CUDA tests of everything a runtime step runs, one process per file, all at once
+      # (correctness only, so sharing the GPU costs nothing; no timing phase runs beside them).
+      files="test_normalization test_activation test_rotary_embedding test_linear test_decode_attention test_runtime test_video_llm_ar"
+      for f in $files; do
+        timeout "${TEST_TIMEOUT:-300}" $PYTEST "tests/$f.py" -rfE -q -m cuda >"$OUT/$f.log" 2>&1 &
+      done
+      wait
+      for f in $files; do
+        echo "$f: $(tail -1 "$OUT/$f.log")"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/$f.log" | head -8
       done
       ;;
     bench)

@@ -58,9 +58,14 @@ def test_cuda_matches_float64(gen, dtype, rows, in_features, out_features):
     for b in (bias, None):
         out = hippo_ext.skinny_linear(x, weight, b, workspace=workspace)
         assert out.shape == (1, rows, out_features) and out.dtype == dtype
-        assert rel_error(out, float64_linear(x, weight, b)) < TOLERANCE[dtype]
-        torch.testing.assert_close(out, F.linear(x, weight, b), rtol=2 * TOLERANCE[dtype],
-                                   atol=2 * TOLERANCE[dtype])
+        reference = float64_linear(x, weight, b)
+        assert rel_error(out, reference) < TOLERANCE[dtype]
+        # Element by element against float64, not against F.linear: cuBLAS may reduce its split-K
+        # partials in bf16 (torch's allow_bf16_reduced_precision_reduction), which on H200 put
+        # it 3.5 bf16 steps from float64 at (7, 3584, 65). fp32 accumulation plus one final
+        # rounding stays within one rounding step (TOLERANCE) of the exact value.
+        torch.testing.assert_close(out.double(), reference, rtol=TOLERANCE[dtype],
+                                   atol=TOLERANCE[dtype])
     torch.cuda.synchronize()
     assert (workspace == 0).all()  # every semaphore reset by its last block
 
