@@ -8,7 +8,8 @@
 //
 // Graph capture. The number of splits depends on S_max, B * Hkv and the SM count only, never on
 // length values: blocks of splits that start at or beyond length[b] exit at once, and the combine
-// kernel reads only the splits that length[b] reaches. length is clamped to [0, S_max] on the
+// kernel reads only the splits that length[b] reaches (in a balanced plan the split length
+// itself is derived from length[b] on the device). length is clamped to [0, S_max] on the
 // device, so no value can make a kernel read out of bounds.
 //
 // Two split kernels fill the same workspace:
@@ -16,7 +17,9 @@
 //     S = Q K^T and O += P V, K/V tiles staged in shared memory by a 3-stage cp.async pipeline;
 //   * split_kernel_simple: one warp per query row, plain FMAs; selected with the environment
 //     variable HIPPO_DECODE_ATTENTION_SIMPLE=1 (a cross-check for the fast path).
-// HIPPO_DECODE_ATTENTION_CHUNK=<keys> overrides the split length (tuning; rounded up to 64).
+// HIPPO_DECODE_ATTENTION_CHUNK=<keys> overrides the split length (tuning; rounded up to 64);
+// HIPPO_DECODE_ATTENTION_BALANCED=1 cuts the actual length rather than S_max (plan_splits), and
+// HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM=<n> sets how many blocks per SM a full split aims at.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -56,8 +59,9 @@ struct Params {
   void* out;               // [B, Lq, Hq, D]
   int64_t mask_batch_stride;
   int batch, q_len, q_heads, kv_heads, group, rows, max_seq;
-  int chunk;               // keys per split, a multiple of kTileKeys
+  int chunk;               // keys per split (a multiple of kTileKeys); balanced: the least
   int num_splits;
+  bool balanced;           // spread length[b] over all num_splits (split_chunk)
   float scale_log2;        // softmax scale * log2(e): scores live in the exp2 domain
   bool row_invariant;      // MMA kernel in its 4-row-tile layout whatever the row count
   bool length_is_64;
@@ -73,15 +77,28 @@ __device__ __forceinline__ int clamped_length(const Params& p, int b) {
   return static_cast<int>(n < 0 ? 0 : (n > p.max_seq ? p.max_seq : n));
 }
 
+// Keys per split of sequence b. Fixed: the launch's chunk, so a row meets the same split
+// boundaries at every length (what row_invariant needs). Balanced: length spread over all the
+// grid's splits in whole tiles (at least p.chunk), so a short sequence in a long cache still
+// keeps every block busy; the split kernels and the combine kernel derive it alike.
+__device__ __forceinline__ int split_chunk(const Params& p, int length) {
+  if (!p.balanced) return p.chunk;
+  const int even = (length + p.num_splits - 1) / p.num_splits;
+  return max(p.chunk, (even + kTileKeys - 1) / kTileKeys * kTileKeys);
+}
+
 // Visibility of query row token i as (prefix, block bits): positions < prefix are visible,
 // position prefix + j (0 <= j < Lq) iff bit j. Rows outside [0, rows) see nothing.
 struct RowVisibility {
   int prefix = 0;
   uint64_t bits = 0;
 
+  // Branch-free: it runs for every score element of a masked tile, and the short-circuit form
+  // compiled to two branches and a convergence barrier per element.
   __device__ __forceinline__ bool sees(int pos) const {
     const int j = pos - prefix;  // pos >= 0 always; pos < length <=> j < Lq (bits above are 0)
-    return j < 0 || (j < 64 && ((bits >> j) & 1));
+    const bool block_bit = (static_cast<unsigned>(j) < 64u) & static_cast<bool>((bits >> (j & 63)) & 1u);
+    return (j < 0) | block_bit;
   }
 };
 
@@ -104,11 +121,6 @@ __device__ __forceinline__ int64_t row_offset(const Params& p, int b, int h, int
   const int i = r / p.group;
   const int head = h * p.group + r % p.group;
   return ((static_cast<int64_t>(b) * p.q_len + i) * p.q_heads + head) * d_size;
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-  for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-  return x;
 }
 
 __device__ __forceinline__ float warp_sum(float x) {
@@ -157,9 +169,10 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const Params p) {
   const int b = bh / p.kv_heads;
   const int h = bh % p.kv_heads;
   const int length = clamped_length(p, b);
-  const int kv_begin = split * p.chunk;
+  const int chunk = split_chunk(p, length);
+  const int kv_begin = split * chunk;
   if (kv_begin >= length) return;  // the combine kernel never reads this split
-  const int kv_end = min(kv_begin + p.chunk, length);
+  const int kv_end = min(kv_begin + chunk, length);
   const int num_tiles = (kv_end - kv_begin + kTileKeys - 1) / kTileKeys;
 
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -252,17 +265,33 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const Params p) {
       }
     }
 
-    // Mask, scale, and the online softmax update (rows frag_row and frag_row + 8).
-    const int pos0 = kv_begin + tile * kTileKeys + slice_key0 + 2 * frag_col;
+    // Mask, scale, and the online softmax update (rows frag_row and frag_row + 8). A tile that
+    // ends before the query block and inside the split is visible to every row (rows past
+    // p.rows too, harmlessly: their q is zero and their results are never written), so only
+    // the tiles that meet the block or the split's end pay for the per-element mask.
+    const int tile_start = kv_begin + tile * kTileKeys;
+    const bool whole_tile_visible = tile_start + kTileKeys <= min(kv_end, length - p.q_len);
+    const int pos0 = tile_start + slice_key0 + 2 * frag_col;
     float tile_max[2] = {kNegInf, kNegInf};
+    if (whole_tile_visible) {  // uniform across the block
 #pragma unroll
-    for (int n = 0; n < kKeyTiles; ++n) {
+      for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int half = e / 2;
-        const int pos = pos0 + n * 8 + (e & 1);
-        score[n][e] = vis[half].sees(pos) ? score[n][e] * p.scale_log2 : kNegInf;
-        tile_max[half] = fmaxf(tile_max[half], score[n][e]);
+        for (int e = 0; e < 4; ++e) {
+          score[n][e] *= p.scale_log2;
+          tile_max[e / 2] = fmaxf(tile_max[e / 2], score[n][e]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < kKeyTiles; ++n) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int half = e / 2;
+          const bool seen = vis[half].sees(pos0 + n * 8 + (e & 1));
+          score[n][e] = seen ? score[n][e] * p.scale_log2 : kNegInf;
+          tile_max[half] = fmaxf(tile_max[half], score[n][e]);
+        }
       }
     }
     float shift[2];
@@ -375,9 +404,10 @@ __global__ void __launch_bounds__(kThreads) split_kernel_simple(const Params p) 
   const int b = bh / p.kv_heads;
   const int h = bh % p.kv_heads;
   const int length = clamped_length(p, b);
-  const int kv_begin = split * p.chunk;
+  const int chunk = split_chunk(p, length);
+  const int kv_begin = split * chunk;
   if (r >= p.rows || kv_begin >= length) return;
-  const int kv_end = min(kv_begin + p.chunk, length);
+  const int kv_end = min(kv_begin + chunk, length);
   const RowVisibility vis = row_visibility(p, b, length, r);
 
   const T* q = static_cast<const T*>(p.query) + row_offset(p, b, h, r, D);
@@ -426,13 +456,15 @@ __global__ void __launch_bounds__(kThreads) split_kernel_simple(const Params p) 
 // ---------------------------------------------------------------------------------------------
 
 // Threads form groups of D / 4 (one float4 of the row each); the groups take the splits in
-// turn, then their sums are added in shared memory.
+// turn, each keeping its own running maximum of the splits' log-sum-exps (one pass: the lse and
+// the partial of a split are loaded together, with no block-wide maximum to wait for first),
+// then the groups' sums are rescaled to a common maximum and added in shared memory.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
   constexpr int kLanesPerRow = D / 4;
   constexpr int kGroups = kThreads / kLanesPerRow;
-  __shared__ float block_max[kWarps];
   __shared__ float4 group_acc[kGroups][kLanesPerRow];
+  __shared__ float group_max[kGroups];
   __shared__ float group_weight[kGroups];
 
   const int bh = blockIdx.x / p.rows;
@@ -440,52 +472,56 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
   const int b = bh / p.kv_heads;
   const int h = bh % p.kv_heads;
   const int length = clamped_length(p, b);
-  const int active_splits = (length + p.chunk - 1) / p.chunk;  // splits that wrote a partial
+  const int chunk = split_chunk(p, length);
+  const int active_splits = (length + chunk - 1) / chunk;  // splits that wrote a partial
   const float* lse = p.partial_lse + static_cast<int64_t>(bh) * p.num_splits * p.rows + r;
-
-  float max_lse = kNegInf;
-  for (int s = threadIdx.x; s < active_splits; s += kThreads) {
-    max_lse = fmaxf(max_lse, lse[static_cast<int64_t>(s) * p.rows]);
-  }
-  max_lse = warp_max(max_lse);
-  if (threadIdx.x % 32 == 0) block_max[threadIdx.x / 32] = max_lse;
-  __syncthreads();
-  max_lse = fmaxf(fmaxf(block_max[0], block_max[1]), fmaxf(block_max[2], block_max[3]));
-  const float shift = max_lse == kNegInf ? 0.f : max_lse;
 
   const int group = threadIdx.x / kLanesPerRow;
   const int lane4 = threadIdx.x % kLanesPerRow;
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  float weight_sum = 0.f;
   if (group < kGroups) {
     const float* partial =
         p.partial_out + (static_cast<int64_t>(bh) * p.num_splits * p.rows + r) * D + lane4 * 4;
-#pragma unroll 4
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    float weight_sum = 0.f, running_max = kNegInf;
+#pragma unroll 8
     for (int s = group; s < active_splits; s += kGroups) {
-      const float w = exp2f(lse[static_cast<int64_t>(s) * p.rows] - shift);  // -inf -> 0
+      const float split = lse[static_cast<int64_t>(s) * p.rows];
       const float4 v = *reinterpret_cast<const float4*>(partial + static_cast<int64_t>(s) * p.rows * D);
-      acc.x += w * v.x;
-      acc.y += w * v.y;
-      acc.z += w * v.z;
-      acc.w += w * v.w;
-      weight_sum += w;
+      const float new_max = fmaxf(running_max, split);
+      const float shift = new_max == kNegInf ? 0.f : new_max;  // nothing seen yet: stay finite
+      const float rescale = exp2f(running_max - shift);         // 0 while running_max is -inf
+      const float w = exp2f(split - shift);                     // 0 for a split that saw nothing
+      acc.x = acc.x * rescale + w * v.x;
+      acc.y = acc.y * rescale + w * v.y;
+      acc.z = acc.z * rescale + w * v.z;
+      acc.w = acc.w * rescale + w * v.w;
+      weight_sum = weight_sum * rescale + w;
+      running_max = new_max;
     }
     group_acc[group][lane4] = acc;
-    if (lane4 == 0) group_weight[group] = weight_sum;
+    if (lane4 == 0) {
+      group_max[group] = running_max;
+      group_weight[group] = weight_sum;
+    }
   }
   __syncthreads();
 
   if (threadIdx.x < kLanesPerRow) {
+    float max_all = kNegInf;
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) max_all = fmaxf(max_all, group_max[g]);
+    const float shift = max_all == kNegInf ? 0.f : max_all;
     float4 total = make_float4(0.f, 0.f, 0.f, 0.f);
     float total_weight = 0.f;
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) {
+      const float scale = exp2f(group_max[g] - shift);  // 0 for a group that saw nothing
       const float4 v = group_acc[g][threadIdx.x];
-      total.x += v.x;
-      total.y += v.y;
-      total.z += v.z;
-      total.w += v.w;
-      total_weight += group_weight[g];
+      total.x += scale * v.x;
+      total.y += scale * v.y;
+      total.z += scale * v.z;
+      total.w += scale * v.w;
+      total_weight += scale * group_weight[g];
     }
     const float inv = total_weight > 0.f ? 1.f / total_weight : 0.f;  // nothing visible: zeros
     T* out = static_cast<T*>(p.out) + row_offset(p, b, h, r, D) + threadIdx.x * 4;
@@ -506,17 +542,40 @@ bool env_flag(const char* name) {
 }
 
 
-// Keys per split: enough splits that the blocks of a full-length sequence fill the GPU about
-// twice, but at least 4 keys per query row so the fp32 workspace stays small against the KV read.
-int64_t choose_chunk(int64_t max_seq, int64_t blocks_per_split, int64_t rows, int64_t sm_count) {
-  if (const char* forced = std::getenv("HIPPO_DECODE_ATTENTION_CHUNK")) {
-    const int64_t keys = std::atoll(forced);
-    if (keys > 0) return ceil_div(keys, kTileKeys) * kTileKeys;
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* value = std::getenv(name);
+  const int64_t parsed = value != nullptr ? std::atoll(value) : 0;
+  return parsed > 0 ? parsed : fallback;
+}
+
+int64_t whole_tiles(int64_t keys) { return ceil_div(keys, kTileKeys) * kTileKeys; }
+
+struct SplitPlan {
+  int64_t chunk;       // keys per split; balanced: the least keys per split
+  int64_t num_splits;  // splits in the grid
+  bool balanced;       // chunk derived from length[b] on the device (split_chunk)
+};
+
+// How one sequence is cut across thread blocks. Enough splits that a full cache's blocks fill
+// the GPU about HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM (default 2) times over, but never so few
+// keys per split that the fp32 partials outweigh the KV they replace. Fixed plans (the default,
+// and always with row_invariant) cut S_max; balanced plans (HIPPO_DECODE_ATTENTION_BALANCED=1)
+// cut the actual length, on the device. HIPPO_DECODE_ATTENTION_CHUNK=<keys> forces a fixed
+// split length (tuning sweeps).
+SplitPlan plan_splits(int64_t max_seq, int64_t blocks_per_split, int64_t rows, int64_t sm_count,
+                      bool row_invariant) {
+  const int64_t forced = env_int("HIPPO_DECODE_ATTENTION_CHUNK", 0);
+  if (forced > 0) return {whole_tiles(forced), ceil_div(max_seq, whole_tiles(forced)), false};
+  const int64_t blocks_per_sm = env_int("HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM", 2);
+  const int64_t target_splits =
+      std::max<int64_t>(1, ceil_div(blocks_per_sm * sm_count, blocks_per_split));
+  const int64_t block_rows = std::min<int64_t>(rows, kRowsPerBlock);
+  if (!row_invariant && env_flag("HIPPO_DECODE_ATTENTION_BALANCED")) {
+    const int64_t least = whole_tiles(2 * block_rows);
+    return {least, std::min(target_splits, ceil_div(max_seq, least)), true};
   }
-  const int64_t target_splits = std::max<int64_t>(1, ceil_div(2 * sm_count, blocks_per_split));
-  int64_t chunk = ceil_div(max_seq, target_splits);
-  chunk = std::max(chunk, 4 * std::min<int64_t>(rows, kRowsPerBlock));
-  return ceil_div(chunk, kTileKeys) * kTileKeys;
+  const int64_t chunk = whole_tiles(std::max(ceil_div(max_seq, target_splits), 4 * block_rows));
+  return {chunk, ceil_div(max_seq, chunk), false};
 }
 
 template <typename T, int D, int M>
@@ -582,9 +641,9 @@ at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& c
   // so a row sees the same splits, tiles and key order in a decode and in a verify step.
   const int64_t row_groups = row_invariant ? 1 : ceil_div(rows, kRowsPerBlock);
   const int64_t blocks_per_split = s.batch * s.kv_heads * row_groups;
-  const int64_t chunk = choose_chunk(s.max_seq, blocks_per_split,
-                                     row_invariant ? kRowsPerBlock : rows, sm_count);
-  const int64_t num_splits = ceil_div(s.max_seq, chunk);
+  const SplitPlan plan = plan_splits(s.max_seq, blocks_per_split,
+                                     row_invariant ? kRowsPerBlock : rows, sm_count, row_invariant);
+  const int64_t num_splits = plan.num_splits;
   const auto f32 = query.options().dtype(at::kFloat);
   at::Tensor partial_out = at::empty({s.batch * s.kv_heads, num_splits, rows, s.head_dim}, f32);
   at::Tensor partial_lse = at::empty({s.batch * s.kv_heads, num_splits, rows}, f32);
@@ -608,8 +667,9 @@ at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& c
   p.group = static_cast<int>(s.group());
   p.rows = static_cast<int>(rows);
   p.max_seq = static_cast<int>(s.max_seq);
-  p.chunk = static_cast<int>(chunk);
+  p.chunk = static_cast<int>(plan.chunk);
   p.num_splits = static_cast<int>(num_splits);
+  p.balanced = plan.balanced;
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
   const bool simple = env_flag("HIPPO_DECODE_ATTENTION_SIMPLE") && !row_invariant;
