@@ -11,8 +11,8 @@ from hippo_ext import decode_attention
 from hippo_testing import HAS_CUDA, rel_error, requires_cuda
 
 OP = torch.ops.hippo_ext.decode_attention.default
-SIMPLE_KERNEL_ENV = "HIPPO_DECODE_ATTENTION_SIMPLE"
-BALANCED_SPLITS_ENV = "HIPPO_DECODE_ATTENTION_BALANCED"  # CUDA: force the plain SIMT kernel
+SIMPLE_KERNEL_ENV = "HIPPO_DECODE_ATTENTION_SIMPLE"  # CUDA: force the plain SIMT kernel
+BALANCED_SPLITS_ENV = "HIPPO_DECODE_ATTENTION_BALANCED"  # CUDA: "0" cuts S_max, not the length
 
 # Relative error (norm) allowed per dtype: fp32 is the CPU reference path; bf16/fp16 outputs are
 # rounded once and the kernel rounds probabilities to the input dtype before P @ V.
@@ -84,11 +84,11 @@ def assert_close_to_reference(out, query, cache, layer, length, scale=None, tree
     assert err < TOLERANCE[query.dtype], f"relative error {err:.3g}"
 
 
-@pytest.fixture(params=["fast", "balanced", "simple"])
+@pytest.fixture(params=["fast", "fixed_splits", "simple"])
 def cuda_kernel(request, monkeypatch):
     """Both CUDA kernels (the tensor-core one and the plain SIMT one), and the tensor-core one
-    under the balanced split plan (split length derived from length on the device); no effect
-    on the CPU."""
+    under the fixed split plan (splits of S_max rather than of the length, as row_invariant
+    uses); no effect on the CPU."""
     if request.param != "fast":
         if "device" in request.fixturenames and request.getfixturevalue("device") == "cpu":
             pytest.skip("the CPU has one kernel and no split plan")
@@ -96,8 +96,8 @@ def cuda_kernel(request, monkeypatch):
     monkeypatch.delenv(BALANCED_SPLITS_ENV, raising=False)
     if request.param == "simple":
         monkeypatch.setenv(SIMPLE_KERNEL_ENV, "1")
-    elif request.param == "balanced":
-        monkeypatch.setenv(BALANCED_SPLITS_ENV, "1")
+    elif request.param == "fixed_splits":
+        monkeypatch.setenv(BALANCED_SPLITS_ENV, "0")
     return request.param
 
 

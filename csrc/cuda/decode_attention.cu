@@ -18,8 +18,8 @@
 //   * split_kernel_simple: one warp per query row, plain FMAs; selected with the environment
 //     variable HIPPO_DECODE_ATTENTION_SIMPLE=1 (a cross-check for the fast path).
 // HIPPO_DECODE_ATTENTION_CHUNK=<keys> overrides the split length (tuning; rounded up to 64);
-// HIPPO_DECODE_ATTENTION_BALANCED=1 cuts the actual length rather than S_max (plan_splits), and
-// HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM=<n> sets how many blocks per SM a full split aims at.
+// HIPPO_DECODE_ATTENTION_BALANCED=0 cuts S_max rather than the actual length (plan_splits), and
+// HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM=<n> sets how many blocks per SM a plan aims at.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -536,9 +536,11 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
 // Host side
 // ---------------------------------------------------------------------------------------------
 
-bool env_flag(const char* name) {
+// An environment switch: unset or empty gives the default, "0" off, anything else on.
+bool env_flag(const char* name, bool fallback = false) {
   const char* value = std::getenv(name);
-  return value != nullptr && value[0] != '\0' && value[0] != '0';
+  if (value == nullptr || value[0] == '\0') return fallback;
+  return value[0] != '0';
 }
 
 
@@ -556,21 +558,26 @@ struct SplitPlan {
   bool balanced;       // chunk derived from length[b] on the device (split_chunk)
 };
 
-// How one sequence is cut across thread blocks. Enough splits that a full cache's blocks fill
-// the GPU about HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM (default 2) times over, but never so few
-// keys per split that the fp32 partials outweigh the KV they replace. Fixed plans (the default,
-// and always with row_invariant) cut S_max; balanced plans (HIPPO_DECODE_ATTENTION_BALANCED=1)
-// cut the actual length, on the device. HIPPO_DECODE_ATTENTION_CHUNK=<keys> forces a fixed
-// split length (tuning sweeps).
+// How one sequence is cut across thread blocks: enough splits that a full split's blocks fill
+// the GPU about HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM times over, but never so few keys per split
+// that the fp32 partials outweigh the KV they replace.
+//   * Balanced (the default): the actual length is cut, on the device, over one block per SM.
+//   * Fixed (row_invariant, or HIPPO_DECODE_ATTENTION_BALANCED=0): S_max is cut over two blocks
+//     per SM, so a row meets the same split boundaries at every length.
+// Measured on an H200 (benchmarks/RESULTS.md, 2026-11-26): balanced at one block per SM was the
+// fastest of the plans tried at every benchmark shape but one, within 1.2%; fixed plans leave
+// blocks idle whenever the length is well under S_max. HIPPO_DECODE_ATTENTION_CHUNK=<keys>
+// forces a fixed split length (tuning sweeps).
 SplitPlan plan_splits(int64_t max_seq, int64_t blocks_per_split, int64_t rows, int64_t sm_count,
                       bool row_invariant) {
   const int64_t forced = env_int("HIPPO_DECODE_ATTENTION_CHUNK", 0);
   if (forced > 0) return {whole_tiles(forced), ceil_div(max_seq, whole_tiles(forced)), false};
-  const int64_t blocks_per_sm = env_int("HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM", 2);
+  const bool balanced = !row_invariant && env_flag("HIPPO_DECODE_ATTENTION_BALANCED", true);
+  const int64_t blocks_per_sm = env_int("HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM", balanced ? 1 : 2);
   const int64_t target_splits =
       std::max<int64_t>(1, ceil_div(blocks_per_sm * sm_count, blocks_per_split));
   const int64_t block_rows = std::min<int64_t>(rows, kRowsPerBlock);
-  if (!row_invariant && env_flag("HIPPO_DECODE_ATTENTION_BALANCED")) {
+  if (balanced) {
     const int64_t least = whole_tiles(2 * block_rows);
     return {least, std::min(target_splits, ceil_div(max_seq, least)), true};
   }
