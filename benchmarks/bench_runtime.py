@@ -6,8 +6,9 @@ On CUDA, in bf16 with random weights, it builds Qwen2-7B- and Qwen2-0.5B-shaped
 Qwen2ForCausalLM models, prefills a context of each requested length and times with CUDA events:
   * the runtime's decode step (1 token) and verify steps (g + 1 tokens), each a CUDA graph
     replay followed by a rollback to the context length (one tiny fill kernel);
-  * the same steps under the runtime options in VARIANTS (skinny_gemm, step_invariant, HF's
-    modules), each its own runtime on the same weights;
+  * the same steps under the runtime options in VARIANTS (skinny_gemm and step_invariant, each
+    with skinny_linear's tensor-core and FMA kernels, and HF's modules), each its own runtime on
+    the same weights;
   * HF eager forward of the same number of tokens on a DynamicCache holding the same keys and
     values (cropped back after each call);
   * the runtime's prefill of the context (SDPA);
@@ -23,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -48,12 +51,37 @@ MODEL_SHAPES = {
 }
 
 
+@dataclass(frozen=True)
+class Variant:
+    options: dict                 # LanguageModelRuntime options
+    env: tuple = ()               # (name, value) pairs set while its graphs are captured
+
+
+FMA = (("HIPPO_SKINNY_KERNEL", "fma"),)  # skinny_linear's FMA kernel (M <= 16)
+
 # Runtime options timed beside the default in the same run (same model, same weights).
 VARIANTS = {
-    "skinny_gemm": dict(skinny_gemm=True),        # hippo_ext.skinny_linear instead of cuBLAS
-    "step_invariant": dict(step_invariant=True),  # verify rows bitwise equal to decode rows
-    "HF modules": dict(fused=False),              # no fused layer ops
+    "skinny_gemm": Variant(dict(skinny_gemm=True)),  # hippo_ext.skinny_linear instead of cuBLAS
+    "skinny_gemm fma": Variant(dict(skinny_gemm=True), FMA),
+    "step_invariant": Variant(dict(step_invariant=True)),  # verify rows = decode rows, bitwise
+    "step_invariant fma": Variant(dict(step_invariant=True), FMA),
+    "HF modules": Variant(dict(fused=False)),  # no fused layer ops
 }
+
+
+@contextmanager
+def scoped_env(pairs: tuple):
+    """Environment variables set for the duration (the ops read them when a graph is captured)."""
+    saved = {name: os.environ.get(name) for name, _ in pairs}
+    os.environ.update(dict(pairs))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @dataclass
@@ -241,10 +269,10 @@ def time_autoregressive(model, runtime: LanguageModelRuntime, context: int, toke
 def build_variants(model, max_seq_len: int) -> dict[str, LanguageModelRuntime]:
     """The same model under each VARIANTS option (those that this device can run)."""
     variants = {}
-    for name, options in VARIANTS.items():
+    for name, variant in VARIANTS.items():
         try:
             variants[name] = LanguageModelRuntime.from_hf(model, max_seq_len=max_seq_len,
-                                                          **options)
+                                                          **variant.options)
         except HippoError as error:  # e.g. step_invariant on the CPU
             print(f"skipping {name}: {error}")
     return variants
@@ -264,12 +292,15 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
         prefill_ms = time_prefill(runtime, context, args.prefill_reps, device)
         floor = (weight_bytes(model) + kv_bytes(runtime, context)) / bw * 1e3 if bw else None
         hf_cache = None if args.no_hf else hf_cache_like(model, runtime, context)
-        for other in variants.values():
-            time_prefill(other, context, 1, device)
+        for name, other in variants.items():
+            with scoped_env(VARIANTS[name].env):
+                time_prefill(other, context, 1, device)
         for count in step_sizes:
             hippo = time_runtime_step(runtime, context, count, args.iters, device)
-            variant_ms = {name: time_runtime_step(other, context, count, args.iters, device)
-                          for name, other in variants.items()}
+            variant_ms = {}
+            for name, other in variants.items():
+                with scoped_env(VARIANTS[name].env):
+                    variant_ms[name] = time_runtime_step(other, context, count, args.iters, device)
             hf = (None if hf_cache is None
                   else time_hf_step(model, hf_cache, context, count, args.iters, device))
             what = "decode (1)" if count == 1 else f"verify ({count})"

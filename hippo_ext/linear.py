@@ -40,7 +40,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     On CUDA, bf16/fp16 inputs with at most 32 rows and K a multiple of 32 run a tensor-core
     kernel that streams the weight once and splits K across blocks by a plan independent of the
     number of rows: row m of the result is bitwise the same whatever M is (a verify step's rows
-    equal single-token steps'). Other shapes and dtypes, and the CPU, use ATen's linear.
+    equal single-token steps'). With the environment variable HIPPO_SKINNY_KERNEL=fma, M <= 16
+    runs an FMA kernel instead (one warp per two outputs, no split of K; rows independent of M
+    up to 16; opt-in until measured). Other shapes and dtypes, and the CPU, use ATen's linear.
 
     Args:
         x: [..., K], contiguous. weight: [N, K], contiguous, of x's dtype. bias: [N] or None.

@@ -6,6 +6,7 @@
 #   scripts/gpu_check.sh build profile          # runtime step breakdown, decode_attention split sweep
 #   scripts/gpu_check.sh build runtime          # runtime step times (bench_runtime.py --quick)
 #   scripts/gpu_check.sh build fast runtime     # CUDA tests of the step's ops and the runtime only
+#   scripts/gpu_check.sh build ncu              # Nsight Compute on decode_attention's split kernel
 set -uo pipefail
 OUT=${OUT:-/tmp/hippo_out}
 mkdir -p "$OUT"
@@ -105,6 +106,15 @@ PY
           --benchmark-only -q -k hippo --benchmark-json "$OUT/chunk$chunk.json" >/dev/null 2>&1
         echo "chunk $chunk:"; $PY benchmarks/report.py "$OUT/chunk$chunk.json" | grep hippo | cut -d'|' -f2,5
       done
+      ;;
+    ncu)
+      # Nsight Compute on decode_attention's split kernel at the benchmark shapes: occupancy,
+      # stall reasons, excess sectors (the numbers RESULTS.md's next steps rest on).
+      PYTHONPATH=.:python timeout 150 ncu --clock-control none -k regex:split_kernel \
+        --section SpeedOfLight --section WarpStateStats --section Occupancy --section LaunchStats \
+        --section SourceCounters $PY scripts/ncu_decode_attention.py >"$OUT/ncu.txt" 2>&1
+      echo "ncu exit $?"
+      grep -E "split_kernel|Duration|DRAM Throughput|Warp Cycles Per Issued|Achieved Occupancy|excessive" "$OUT/ncu.txt" | head -60
       ;;
     runtime)
       PYTHONPATH=python:. $PY benchmarks/bench_runtime.py --quick 2>&1 | tee "$OUT/runtime.md" | tail -25

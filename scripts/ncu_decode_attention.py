@@ -1,7 +1,9 @@
 """Drive decode_attention at the benchmark's model shapes for Nsight Compute (one process).
 
-    ncu --clock-control none -k regex:"split_kernel|combine_kernel" \
+    PYTHONPATH=. ncu --clock-control none -k regex:"split_kernel|combine_kernel" \
         --section SpeedOfLight --section WarpStateStats python scripts/ncu_decode_attention.py
+
+(`scripts/gpu_check.sh build ncu` runs it.)
 
 Each shape runs twice (the second launch is the one to read: caches and clocks warm).
 """

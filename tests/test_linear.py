@@ -11,6 +11,8 @@ import hippo_ext
 from hippo_testing import rel_error, requires_cuda
 
 OP = torch.ops.hippo_ext.skinny_linear.default
+KERNEL_ENV = "HIPPO_SKINNY_KERNEL"  # CUDA: "fma" takes M <= 16 on the FMA kernel
+FMA_MAX_ROWS = 16
 # fp32 accumulation, output rounded once: one rounding step of the output dtype, relative.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
@@ -21,6 +23,16 @@ def random_problem(rows, in_features, out_features, dtype, device, gen, bias=Tru
     weight = weight.to(dtype).to(device)
     b = torch.randn(out_features, generator=gen).to(dtype).to(device) if bias else None
     return x, weight, b
+
+
+@pytest.fixture(params=["mma", "fma"])
+def cuda_kernel(request, monkeypatch):
+    """The tensor-core kernel (default) and the opt-in FMA kernel (M <= 16)."""
+    if request.param == "fma":
+        monkeypatch.setenv(KERNEL_ENV, "fma")
+    else:
+        monkeypatch.delenv(KERNEL_ENV, raising=False)
+    return request.param
 
 
 def float64_linear(x, weight, bias):
@@ -52,7 +64,7 @@ CUDA_CASES = [
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,in_features,out_features", CUDA_CASES)
-def test_cuda_matches_float64(gen, dtype, rows, in_features, out_features):
+def test_cuda_matches_float64(gen, cuda_kernel, dtype, rows, in_features, out_features):
     x, weight, bias = random_problem((1, rows), in_features, out_features, dtype, "cuda", gen)
     workspace = hippo_ext.skinny_linear_workspace(out_features, "cuda")
     for b in (bias, None):
@@ -74,20 +86,23 @@ def test_cuda_matches_float64(gen, dtype, rows, in_features, out_features):
 @pytest.mark.cuda
 @pytest.mark.parametrize("in_features,out_features", [(3584, 4608), (18944, 3584), (896, 151_936),
                                                        (4864, 896)])
-def test_cuda_rows_do_not_depend_on_m(gen, in_features, out_features):
-    """A verify step's rows equal the single-token steps' bit for bit."""
-    x, weight, bias = random_problem((17,), in_features, out_features, torch.bfloat16, "cuda", gen)
+def test_cuda_rows_do_not_depend_on_m(gen, cuda_kernel, in_features, out_features):
+    """A verify step's rows equal the single-token steps' bit for bit (the FMA kernel: for the
+    M <= 16 it takes)."""
+    rows = FMA_MAX_ROWS if cuda_kernel == "fma" else 17
+    x, weight, bias = random_problem((rows,), in_features, out_features, torch.bfloat16, "cuda", gen)
     together = hippo_ext.skinny_linear(x, weight, bias)
-    for m in (0, 4, 8, 16):
+    for m in (0, 4, 8, rows - 1):
         alone = hippo_ext.skinny_linear(x[m:m + 1].contiguous(), weight, bias)
         assert torch.equal(alone[0], together[m])
-    nine = hippo_ext.skinny_linear(x[:9].contiguous(), weight, bias)
-    assert torch.equal(nine, together[:9])
+    for first in (3, 9):
+        some = hippo_ext.skinny_linear(x[:first].contiguous(), weight, bias)
+        assert torch.equal(some, together[:first])
 
 
 @requires_cuda
 @pytest.mark.cuda
-def test_cuda_graph_replay(gen):
+def test_cuda_graph_replay(gen, cuda_kernel):
     x, weight, bias = random_problem((9,), 3584, 640, torch.bfloat16, "cuda", gen)
     workspace = hippo_ext.skinny_linear_workspace(640, "cuda")
     expected = hippo_ext.skinny_linear(x, weight, bias, workspace=workspace)
@@ -107,7 +122,7 @@ def test_cuda_graph_replay(gen):
 
 @requires_cuda
 @pytest.mark.cuda
-def test_cuda_misaligned_input_falls_back(gen):
+def test_cuda_misaligned_input_falls_back(gen, cuda_kernel):
     storage = torch.randn(9 * 64 + 1, generator=gen).to(torch.bfloat16).cuda()
     x = storage[1:].view(9, 64)
     weight = torch.randn(48, 64, generator=gen).to(torch.bfloat16).cuda()

@@ -16,6 +16,11 @@
 // call: one launch, deterministic, CUDA-graph safe.
 //
 // Shapes the kernel does not take (fp32, M > 32, K % 32 != 0, misaligned) go to ATen's linear.
+//
+// A second kernel, plain fp32 FMAs with one warp per two outputs and no split of K, takes M <= 16
+// when HIPPO_SKINNY_KERNEL=fma (skinny_linear_fma_kernel below). It also keeps rows independent
+// of M (for M <= 16: rows past 16 go to the tensor-core kernel), streams each weight row once with
+// no partial sums to write back, and is meant for decode steps; it is opt-in until measured.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -24,6 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <string>
 
 #include "cuda/element_types.cuh"
 #include "cuda/tensor_core.cuh"
@@ -163,6 +169,86 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const SkinnyPar
 }
 
 
+// ---------------------------------------------------------------------------------------------
+// FMA kernel (HIPPO_SKINNY_KERNEL=fma, M <= 16): one warp per two outputs, no split of K
+// ---------------------------------------------------------------------------------------------
+//
+// Lane l takes k = 8 l + 256 i of both weight rows and of every x row (16-byte loads: the weight
+// streamed past L1, x through the read-only cache that the block's eight warps share), multiplies
+// and adds in fp32 in k order (__fmaf_rn, never reassociated), and one shuffle tree adds the 32
+// lanes. Nothing in a row's arithmetic depends on M, on the row bucket or on a split plan.
+constexpr int kFmaMaxRows = 16;
+constexpr int kFmaOutputsPerWarp = 2;
+constexpr int kFmaWarps = 8;
+constexpr int kFmaThreads = kFmaWarps * 32;
+constexpr int kFmaLaneK = 8;                // k per lane and 16-byte load
+constexpr int kFmaWarpK = 32 * kFmaLaneK;   // k per warp step
+
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[kFmaLaneK]) {
+  const Pack<T, kFmaLaneK> pack = *reinterpret_cast<const Pack<T, kFmaLaneK>*>(&raw);
+#pragma unroll
+  for (int e = 0; e < kFmaLaneK; ++e) out[e] = to_float(pack.v[e]);
+}
+
+// kRows: the row bucket (1, 2, 4, 8 or 16) the launch rounded M up to.
+template <typename T, int kRows>
+__global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const SkinnyParams p) {
+  const int lane = threadIdx.x % 32;
+  const int n0 = (blockIdx.x * kFmaWarps + threadIdx.x / 32) * kFmaOutputsPerWarp;
+  if (n0 >= p.out_features) return;
+  const int K = p.in_features;
+  const T* weight = static_cast<const T*>(p.weight);
+  const T* x = static_cast<const T*>(p.x);
+  const uint4* w_row[kFmaOutputsPerWarp];
+  bool w_valid[kFmaOutputsPerWarp];
+#pragma unroll
+  for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
+    w_valid[o] = n0 + o < p.out_features;  // an invalid output re-reads row n0, never written
+    w_row[o] = reinterpret_cast<const uint4*>(weight + static_cast<int64_t>(w_valid[o] ? n0 + o : n0) * K);
+  }
+  float acc[kRows][kFmaOutputsPerWarp];
+#pragma unroll
+  for (int m = 0; m < kRows; ++m) {
+#pragma unroll
+    for (int o = 0; o < kFmaOutputsPerWarp; ++o) acc[m][o] = 0.f;
+  }
+
+#pragma unroll 4
+  for (int k = lane * kFmaLaneK; k < K; k += kFmaWarpK) {
+    const int v = k / kFmaLaneK;
+    float w[kFmaOutputsPerWarp][kFmaLaneK];
+#pragma unroll
+    for (int o = 0; o < kFmaOutputsPerWarp; ++o) unpack8<T>(__ldcs(w_row[o] + v), w[o]);
+#pragma unroll
+    for (int m = 0; m < kRows; ++m) {
+      if (m >= p.rows) break;
+      float xv[kFmaLaneK];
+      unpack8<T>(__ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * K) + v), xv);
+#pragma unroll
+      for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
+#pragma unroll
+        for (int e = 0; e < kFmaLaneK; ++e) acc[m][o] = __fmaf_rn(w[o][e], xv[e], acc[m][o]);
+      }
+    }
+  }
+
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int m = 0; m < kRows; ++m) {
+#pragma unroll
+    for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
+      float sum = acc[m][o];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      // Output (m, o) is written by lane (m * 2 + o) % 32, spreading the stores over the warp.
+      if (m < p.rows && w_valid[o] && lane == (m * kFmaOutputsPerWarp + o) % 32) {
+        out[static_cast<int64_t>(m) * p.out_features + n0 + o] = from_float<T>(sum + bias_at<T>(p, n0 + o));
+      }
+    }
+  }
+}
+
 // Splits of K: enough blocks for about kBlocksPerSmTarget per SM, each split at least
 // kSplitGrain long. A function of N, K and the GPU only, so rows never depend on M.
 struct SplitPlan {
@@ -202,13 +288,37 @@ void launch(const SkinnyParams& p, dim3 grid, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// HIPPO_SKINNY_KERNEL=fma selects the FMA kernel for M <= 16 (default: tensor cores).
+bool fma_kernel_selected(int64_t rows) {
+  const char* kernel = std::getenv("HIPPO_SKINNY_KERNEL");
+  return kernel != nullptr && std::string(kernel) == "fma" && rows <= kFmaMaxRows;
+}
+
+template <typename T, int kRows>
+void launch_fma(const SkinnyParams& p, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>(ceil_div(p.out_features, kFmaWarps * kFmaOutputsPerWarp));
+  skinny_linear_fma_kernel<T, kRows><<<blocks, kFmaThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_fma_for_rows(const SkinnyParams& p, cudaStream_t stream) {
+  if (p.rows <= 1) return launch_fma<T, 1>(p, stream);
+  if (p.rows <= 2) return launch_fma<T, 2>(p, stream);
+  if (p.rows <= 4) return launch_fma<T, 4>(p, stream);
+  if (p.rows <= 8) return launch_fma<T, 8>(p, stream);
+  return launch_fma<T, kFmaMaxRows>(p, stream);
+}
+
 at::Tensor skinny_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                               const at::Tensor& workspace) {
   const SkinnyShape s = check_skinny_linear_inputs(x, weight, bias, workspace);
   if (!kernel_takes(x, weight, bias, s)) return at::linear(x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
-  const SplitPlan plan = plan_splits(s.out_features, s.in_features,
-                                     at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  const bool fma = fma_kernel_selected(s.rows);
+  const SplitPlan plan = fma ? SplitPlan{1, s.in_features}
+                             : plan_splits(s.out_features, s.in_features,
+                                           at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   at::Tensor out = at::empty(skinny_linear_output_shape(x, s.out_features), x.options());
   at::Tensor partial;
   if (plan.splits > 1) partial = at::empty({plan.splits, s.rows, s.out_features}, x.options().dtype(at::kFloat));
@@ -232,6 +342,7 @@ at::Tensor skinny_linear_cuda(const at::Tensor& x, const at::Tensor& weight, con
   dispatch_element_type(x.scalar_type(), kSkinnyLinearOp, [&](auto element) {
     using T = decltype(element);
     if constexpr (sizeof(T) == 2) {
+      if (fma) return launch_fma_for_rows<T>(p, stream);
       switch (m_tiles) {
         case 1: return launch<T, 1>(p, grid, stream);
         case 2: return launch<T, 2>(p, grid, stream);
