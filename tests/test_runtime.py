@@ -472,6 +472,31 @@ def test_step_invariant_verify_equals_single_steps_bitwise(family):
         assert torch.equal(verify, torch.cat(singles, dim=1)), f"{count}-token step differs"
 
 
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("options", [{}, {"step_invariant": True}])
+def test_dependent_launch_changes_no_bit(monkeypatch, options):
+    """HIPPO_PDL=1 (programmatic dependent launch of the step's hippo_ext kernels) only lets a
+    kernel start while the previous one finishes: graph-replayed steps give the same bits as
+    without it, for the default and the skinny/row-invariant kernels."""
+    model, positions_for = cuda_model("qwen2", 256)
+    model = model.to(torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (1, 60), device="cuda")
+    positions = positions_for(60).cuda()
+    logits = {}
+    for pdl in ("0", "1"):
+        monkeypatch.setenv("HIPPO_PDL", pdl)  # read when the step graphs are captured
+        runtime = LanguageModelRuntime.from_hf(model, max_seq_len=128, **options)
+        runtime.prefill(runtime.embed(ids[:, :40]), positions[..., :40])
+        steps, start = [], 40
+        for count in (1, 9, 1, 5):
+            steps.append(runtime.step(ids[:, start:start + count],
+                                      positions[..., start:start + count]).clone())
+            start += count
+        logits[pdl] = torch.cat(steps, dim=1)
+    assert torch.equal(logits["0"], logits["1"])
+
+
 def test_fused_needs_a_silu_mlp():
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)

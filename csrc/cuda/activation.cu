@@ -10,6 +10,7 @@
 #include <climits>
 
 #include "activation.h"
+#include "cuda/dependent_launch.cuh"
 #include "cuda/element_types.cuh"
 
 namespace hippo {
@@ -26,6 +27,8 @@ __device__ __forceinline__ float silu_rounded(float x) {
 template <typename T, int N>
 __global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t rows,
                                     int64_t width) {
+  wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
+  allow_dependent_kernels();
   using P = Pack<T, N>;
   const int64_t packs_per_row = width / N;
   const int64_t total = rows * packs_per_row;
@@ -48,9 +51,9 @@ void launch(const at::Tensor& x, const at::Tensor& out, const GatedShape& s) {
   const int64_t items = s.rows * (s.width / N);
   const int64_t max_blocks = 32LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int blocks = static_cast<int>(std::min<int64_t>((items + kThreads - 1) / kThreads, max_blocks));
-  silu_and_mul_kernel<T, N><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-      static_cast<const T*>(x.data_ptr()), static_cast<T*>(out.data_ptr()), s.rows, s.width);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(silu_and_mul_kernel<T, N>, dim3(blocks), dim3(kThreads), 0,
+                at::cuda::getCurrentCUDAStream(), static_cast<const T*>(x.data_ptr()),
+                static_cast<T*>(out.data_ptr()), s.rows, s.width);
 }
 
 at::Tensor silu_and_mul_cuda(const at::Tensor& x) {

@@ -33,6 +33,7 @@
 #include <type_traits>
 
 #include "attention.h"
+#include "cuda/dependent_launch.cuh"
 #include "cuda/element_types.cuh"
 #include "cuda/tensor_core.cuh"
 
@@ -153,6 +154,8 @@ struct MmaSmem {
 // memory at the end.
 template <typename T, int D, int M>
 __global__ void __launch_bounds__(kThreads) split_kernel_mma(const Params p) {
+  wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
+  allow_dependent_kernels();
   static_assert(M == 1 || M == 2 || M == 4, "row tiles per block");
   static_assert(kTileKeys / (kWarps / M) % 16 == 0 && D % 16 == 0,
                 "ldmatrix takes n8 tiles in pairs: whole k16 key steps, even n8 head-dim tiles");
@@ -396,6 +399,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const Params p) {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) split_kernel_simple(const Params p) {
+  wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
+  allow_dependent_kernels();
   constexpr int kPerLane = (D + 31) / 32;
   const int split = blockIdx.x;
   const int bh = blockIdx.y;
@@ -461,6 +466,8 @@ __global__ void __launch_bounds__(kThreads) split_kernel_simple(const Params p) 
 // then the groups' sums are rescaled to a common maximum and added in shared memory.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
+  wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
+  allow_dependent_kernels();
   constexpr int kLanesPerRow = D / 4;
   constexpr int kGroups = kThreads / kLanesPerRow;
   __shared__ float4 group_acc[kGroups][kLanesPerRow];
@@ -590,8 +597,7 @@ void launch_mma(const Params& p, dim3 grid, cudaStream_t stream) {
   auto kernel = split_kernel_mma<T, D, M>;
   constexpr int kBytes = MmaSmem<D>::kBytes;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
-  kernel<<<grid, kThreads, kBytes, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, grid, dim3(kThreads), kBytes, stream, p);
 }
 
 template <typename T, int D>
@@ -599,8 +605,7 @@ void launch(const Params& p, bool simple, cudaStream_t stream) {
   const int bh = p.batch * p.kv_heads;
   if (simple) {
     const dim3 grid(p.num_splits, bh, ceil_div(p.rows, kSimpleRowsPerBlock));
-    split_kernel_simple<T, D><<<grid, kThreads, 0, stream>>>(p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(split_kernel_simple<T, D>, grid, dim3(kThreads), 0, stream, p);
   } else {
     const dim3 grid(p.num_splits, bh, ceil_div(p.rows, kRowsPerBlock));
     // Fewer rows run fewer row tiles, each warp then taking a slice of every key tile; the
@@ -612,8 +617,7 @@ void launch(const Params& p, bool simple, cudaStream_t stream) {
     else if (row_tiles == 2) launch_mma<T, D, 2>(p, grid, stream);
     else launch_mma<T, D, 4>(p, grid, stream);
   }
-  combine_kernel<T, D><<<bh * p.rows, kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(combine_kernel<T, D>, dim3(bh * p.rows), dim3(kThreads), 0, stream, p);
 }
 
 template <typename T>

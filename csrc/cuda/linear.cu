@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "cuda/dependent_launch.cuh"
 #include "cuda/element_types.cuh"
 #include "cuda/tensor_core.cuh"
 #include "linear.h"
@@ -69,6 +70,8 @@ __device__ __forceinline__ float bias_at(const SkinnyParams& p, int n) {
 
 template <typename T, int kMTiles>
 __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const SkinnyParams p) {
+  wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
+  allow_dependent_kernels();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
   const int tile = blockIdx.x, split = blockIdx.y;
@@ -194,6 +197,8 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[kFmaLaneK
 // kRows: the row bucket (1, 2, 4, 8 or 16) the launch rounded M up to.
 template <typename T, int kRows>
 __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const SkinnyParams p) {
+  wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
+  allow_dependent_kernels();
   const int lane = threadIdx.x % 32;
   const int n0 = (blockIdx.x * kFmaWarps + threadIdx.x / 32) * kFmaOutputsPerWarp;
   if (n0 >= p.out_features) return;
@@ -284,8 +289,7 @@ bool kernel_takes(const at::Tensor& x, const at::Tensor& weight, const std::opti
 
 template <typename T, int kMTiles>
 void launch(const SkinnyParams& p, dim3 grid, cudaStream_t stream) {
-  skinny_linear_kernel<T, kMTiles><<<grid, kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(skinny_linear_kernel<T, kMTiles>, grid, dim3(kThreads), 0, stream, p);
 }
 
 // HIPPO_SKINNY_KERNEL=fma selects the FMA kernel for M <= 16 (default: tensor cores).
@@ -297,8 +301,7 @@ bool fma_kernel_selected(int64_t rows) {
 template <typename T, int kRows>
 void launch_fma(const SkinnyParams& p, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(ceil_div(p.out_features, kFmaWarps * kFmaOutputsPerWarp));
-  skinny_linear_fma_kernel<T, kRows><<<blocks, kFmaThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(skinny_linear_fma_kernel<T, kRows>, dim3(blocks), dim3(kFmaThreads), 0, stream, p);
 }
 
 template <typename T>

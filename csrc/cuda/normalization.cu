@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <tuple>
 
+#include "cuda/dependent_launch.cuh"
 #include "cuda/element_types.cuh"
 #include "normalization.h"
 
@@ -37,6 +38,8 @@ template <typename T, int N, bool kAdd>
 __global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                                 const T* __restrict__ weight, T* __restrict__ out, T* sum_out,
                                 int64_t hidden, float eps) {
+  wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
+  allow_dependent_kernels();
   using P = Pack<T, N>;
   const int64_t packs = hidden / N;
   const int64_t row_offset = static_cast<int64_t>(blockIdx.x) * hidden;
@@ -78,11 +81,10 @@ void launch(const at::Tensor& x, const at::Tensor* residual, const at::Tensor& w
   const int64_t packs = s.hidden / N;
   const int threads = static_cast<int>(std::min<int64_t>(kMaxThreads, std::max<int64_t>(32, (packs + 31) / 32 * 32)));
   const auto cast = [](const at::Tensor* t) { return t ? static_cast<T*>(t->data_ptr()) : nullptr; };
-  rms_norm_kernel<T, N, kAdd><<<static_cast<unsigned>(s.rows), threads, 0,
-                                at::cuda::getCurrentCUDAStream()>>>(
-      static_cast<const T*>(x.data_ptr()), cast(residual), static_cast<const T*>(weight.data_ptr()),
-      static_cast<T*>(out.data_ptr()), cast(sum), s.hidden, static_cast<float>(eps));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(rms_norm_kernel<T, N, kAdd>, dim3(static_cast<unsigned>(s.rows)), dim3(threads), 0,
+                at::cuda::getCurrentCUDAStream(), static_cast<const T*>(x.data_ptr()), cast(residual),
+                static_cast<const T*>(weight.data_ptr()), static_cast<T*>(out.data_ptr()), cast(sum),
+                s.hidden, static_cast<float>(eps));
 }
 
 // 16-byte packs where the row length and every pointer allow, single elements otherwise.

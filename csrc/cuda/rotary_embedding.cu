@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "cuda/dependent_launch.cuh"
 #include "cuda/element_types.cuh"
 #include "rotary_embedding.h"
 
@@ -42,6 +43,8 @@ struct RotaryParams {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rotary_kv_append_kernel(RotaryParams p) {
+  wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
+  allow_dependent_kernels();
   const int64_t token = blockIdx.x;  // b * S + s
   const int item = blockIdx.y * kThreads + threadIdx.x;
   const int b = static_cast<int>(token / p.tokens);
@@ -112,7 +115,7 @@ at::Tensor rotary_kv_append_cuda(const at::Tensor& qkv, const at::Tensor& cos, c
   const dim3 grid(static_cast<unsigned>(tokens), static_cast<unsigned>(ceil_div(items, kThreads)));
   dispatch_element_type(qkv.scalar_type(), kRotaryKvAppendOp, [&](auto element) {
     using T = decltype(element);
-    rotary_kv_append_kernel<T><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+    launch_kernel(rotary_kv_append_kernel<T>, grid, dim3(kThreads), 0, at::cuda::getCurrentCUDAStream(), p);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return q;
@@ -143,6 +146,8 @@ __device__ __forceinline__ int component_of(const TableParams& p, int j) {
 
 template <typename T>
 __global__ void rotary_tables_kernel(const TableParams p) {
+  wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
+  allow_dependent_kernels();
   const int64_t total = p.tokens * p.half;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -188,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor> rotary_tables_cuda(const at::Tensor& position
   const int blocks = static_cast<int>(std::min<int64_t>((items + 255) / 256, 4096));
   dispatch_element_type(dtype, kRotaryTablesOp, [&](auto element) {
     using T = decltype(element);
-    rotary_tables_kernel<T><<<blocks, 256, 0, at::cuda::getCurrentCUDAStream()>>>(p);
+    launch_kernel(rotary_tables_kernel<T>, dim3(blocks), dim3(256), 0, at::cuda::getCurrentCUDAStream(), p);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {cos, sin};

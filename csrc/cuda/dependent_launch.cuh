@@ -1,0 +1,62 @@
+// Programmatic dependent launch (Hopper and later; opt-in with HIPPO_PDL=1).
+//
+// Between two small kernels of a decode step the GPU otherwise drains the first grid before it
+// starts the second, so each boundary pays the second kernel's launch and block start-up. A
+// kernel started through launch_kernel() with PDL on may be scheduled while the kernel before it
+// in the stream is still running (CUDA graphs keep this as a programmatic edge). Its contract:
+//   * wait_for_prior_kernels() before any global memory access: it returns once the previous
+//     kernel has finished and its writes are visible (at once when the launch had no PDL);
+//   * allow_dependent_kernels() marks the point from which the next kernel may be scheduled.
+// Every kernel launched through launch_kernel() calls both first thing, so the overlap is the
+// launch itself, never data. The step-path kernels (norms, rotary, activation, attention,
+// skinny GEMMs) launch this way; off by default until measured.
+#pragma once
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <cstdlib>
+#include <utility>
+
+namespace hippo {
+
+__device__ __forceinline__ void wait_for_prior_kernels() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_dependent_kernels() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// HIPPO_PDL=1 on a GPU of compute capability 9.0 or later.
+inline bool dependent_launch_enabled() {
+  const char* value = std::getenv("HIPPO_PDL");
+  return value != nullptr && value[0] == '1' && at::cuda::getCurrentDeviceProperties()->major >= 9;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialization attribute
+// when dependent_launch_enabled(); errors are raised as c10 errors.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                   cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  if (dependent_launch_enabled()) {
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+}  // namespace hippo
