@@ -7,8 +7,8 @@ Qwen2ForCausalLM models, prefills a context of each requested length and times w
   * the runtime's decode step (1 token) and verify steps (g + 1 tokens), each a CUDA graph
     replay followed by a rollback to the context length (one tiny fill kernel);
   * the same steps under the runtime options in VARIANTS (skinny_gemm and step_invariant, each
-    with skinny_linear's tensor-core and FMA kernels; programmatic dependent launch; HF's
-    modules), each its own runtime on the same weights;
+    with skinny_linear's tensor-core and FMA kernels; programmatic dependent launch;
+    decode_attention's eight-warp blocks; HF's modules), each its own runtime on the same weights;
   * HF eager forward of the same number of tokens on a DynamicCache holding the same keys and
     values (cropped back after each call);
   * the runtime's prefill of the context (SDPA);
@@ -66,6 +66,7 @@ VARIANTS = {
     "step_invariant": Variant(dict(step_invariant=True)),  # verify rows = decode rows, bitwise
     "step_invariant fma": Variant(dict(step_invariant=True), FMA),
     "PDL": Variant({}, (("HIPPO_PDL", "1"),)),  # programmatic dependent launch of hippo_ext kernels
+    "attention 8 warps": Variant({}, (("HIPPO_DECODE_ATTENTION_WARPS", "8"),)),  # verify steps
     "HF modules": Variant(dict(fused=False)),  # no fused layer ops
 }
 

@@ -101,10 +101,13 @@ PY
           -k hippo --benchmark-json "$OUT/linear_b$blocks.json" >/dev/null 2>&1
         echo "skinny blocks/SM $blocks:"; $PY benchmarks/report.py "$OUT/linear_b$blocks.json" | grep hippo | cut -d'|' -f2,5,7
       done
-      for chunk in 128 256 512 1024; do
-        HIPPO_DECODE_ATTENTION_CHUNK=$chunk $PYTEST benchmarks/bench_decode_attention.py \
-          --benchmark-only -q -k hippo --benchmark-json "$OUT/chunk$chunk.json" >/dev/null 2>&1
-        echo "chunk $chunk:"; $PY benchmarks/report.py "$OUT/chunk$chunk.json" | grep hippo | cut -d'|' -f2,5
+      # decode_attention's split plans and block shapes (default: balanced, 1 block/SM, 4 warps)
+      for knobs in "" HIPPO_DECODE_ATTENTION_WARPS=8 HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM=2 \
+                   HIPPO_DECODE_ATTENTION_BALANCED=0 HIPPO_DECODE_ATTENTION_CHUNK=512; do
+        env $knobs $PYTEST benchmarks/bench_decode_attention.py --benchmark-only -q -k hippo \
+          --benchmark-json "$OUT/attention.json" >/dev/null 2>&1
+        echo "decode_attention ${knobs:-default}:"
+        $PY benchmarks/report.py "$OUT/attention.json" | grep hippo | cut -d'|' -f2,5
       done
       ;;
     ncu)

@@ -13,6 +13,7 @@ from hippo_testing import HAS_CUDA, rel_error, requires_cuda
 OP = torch.ops.hippo_ext.decode_attention.default
 SIMPLE_KERNEL_ENV = "HIPPO_DECODE_ATTENTION_SIMPLE"  # CUDA: force the plain SIMT kernel
 BALANCED_SPLITS_ENV = "HIPPO_DECODE_ATTENTION_BALANCED"  # CUDA: "0" cuts S_max, not the length
+WARPS_ENV = "HIPPO_DECODE_ATTENTION_WARPS"  # CUDA: "8" runs 8-warp blocks for 2+ row tiles
 
 # Relative error (norm) allowed per dtype: fp32 is the CPU reference path; bf16/fp16 outputs are
 # rounded once and the kernel rounds probabilities to the input dtype before P @ V.
@@ -84,20 +85,22 @@ def assert_close_to_reference(out, query, cache, layer, length, scale=None, tree
     assert err < TOLERANCE[query.dtype], f"relative error {err:.3g}"
 
 
-@pytest.fixture(params=["fast", "fixed_splits", "simple"])
+@pytest.fixture(params=["fast", "fixed_splits", "eight_warps", "simple"])
 def cuda_kernel(request, monkeypatch):
     """Both CUDA kernels (the tensor-core one and the plain SIMT one), and the tensor-core one
     under the fixed split plan (splits of S_max rather than of the length, as row_invariant
-    uses); no effect on the CPU."""
+    uses) and with eight-warp blocks; no effect on the CPU."""
     if request.param != "fast":
         if "device" in request.fixturenames and request.getfixturevalue("device") == "cpu":
             pytest.skip("the CPU has one kernel and no split plan")
-    monkeypatch.delenv(SIMPLE_KERNEL_ENV, raising=False)
-    monkeypatch.delenv(BALANCED_SPLITS_ENV, raising=False)
+    for name in (SIMPLE_KERNEL_ENV, BALANCED_SPLITS_ENV, WARPS_ENV):
+        monkeypatch.delenv(name, raising=False)
     if request.param == "simple":
         monkeypatch.setenv(SIMPLE_KERNEL_ENV, "1")
     elif request.param == "fixed_splits":
         monkeypatch.setenv(BALANCED_SPLITS_ENV, "0")
+    elif request.param == "eight_warps":
+        monkeypatch.setenv(WARPS_ENV, "8")
     return request.param
 
 
@@ -259,13 +262,16 @@ def test_cuda_model_shapes(gen, cuda_kernel, dtype, q_heads, kv_heads, head_dim,
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("warps", ["4", "8"])
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim,length,max_seq,q_len", [
     (28, 4, 128, 12600, 16384, 9), (14, 2, 64, 1300, 2048, 17), (16, 16, 80, 700, 1024, 5),
     (28, 4, 128, 70, 128, 64)])
-def test_cuda_row_invariant_rows_equal_single_steps(gen, q_heads, kv_heads, head_dim, length,
-                                                    max_seq, q_len):
+def test_cuda_row_invariant_rows_equal_single_steps(gen, monkeypatch, warps, q_heads, kv_heads,
+                                                    head_dim, length, max_seq, q_len):
     """row_invariant=True: query row i of an Lq-token block equals, bit for bit, the same query
-    run alone as the newest token at length - Lq + i + 1 (what a decode step computes)."""
+    run alone as the newest token at length - Lq + i + 1 (what a decode step computes), with
+    four- and eight-warp blocks."""
+    monkeypatch.setenv(WARPS_ENV, warps)
     query, cache, lengths = make_inputs(
         gen, batch=1, q_len=q_len, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
         lengths=[length], max_seq=max_seq, layers=1, dtype=torch.bfloat16, device="cuda")

@@ -138,33 +138,35 @@ __device__ __forceinline__ float split_lse(float max_score, float sum) {
 // Split kernel, tensor cores
 // ---------------------------------------------------------------------------------------------
 
-template <int D>
+template <int D, int W>
 struct MmaSmem {
   static constexpr int kStride = D + kSmemPad;  // elements per staged key/value row
   static constexpr int kStageElems = 2 * kTileKeys * kStride;  // keys then values
   static constexpr int kStagingBytes = kStages * kStageElems * 2;
   // Merge area (reuses the staging area after the loop): per warp 16 rows of O, max and sum.
-  static constexpr int kMergeBytes = kWarps * 16 * (D + 2) * 4;
+  static constexpr int kMergeBytes = W * 16 * (D + 2) * 4;
   static constexpr int kBytes = kStagingBytes > kMergeBytes ? kStagingBytes : kMergeBytes;
 };
 
-// Grid (num_splits, B * Hkv, row groups of 64). Warp w owns m16 tile w % M of the block's rows
-// and key slice w / M of every staged tile (M = 1, 2, 4 row tiles; 4 / M slices), so decode
-// (few rows) still keeps all four warps on the tensor cores. The slices are merged in shared
-// memory at the end.
-template <typename T, int D, int M>
-__global__ void __launch_bounds__(kThreads) split_kernel_mma(const Params p) {
+// Grid (num_splits, B * Hkv, row groups of 64). Warp w of W owns m16 tile w % M of the block's
+// rows and key slice w / M of every staged tile (M = 1, 2, 4 row tiles; W / M slices), so decode
+// (few rows) still keeps all the warps on the tensor cores. The slices are merged in shared
+// memory at the end. W is 4, or 8 for M >= 2 with HIPPO_DECODE_ATTENTION_WARPS=8 (twice the
+// warps per block to hide latency when a block is alone on its SM; opt-in until measured).
+template <typename T, int D, int M, int W>
+__global__ void __launch_bounds__(W * 32) split_kernel_mma(const Params p) {
   wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
   allow_dependent_kernels();
   static_assert(M == 1 || M == 2 || M == 4, "row tiles per block");
-  static_assert(kTileKeys / (kWarps / M) % 16 == 0 && D % 16 == 0,
+  static_assert(kTileKeys / (W / M) % 16 == 0 && D % 16 == 0,
                 "ldmatrix takes n8 tiles in pairs: whole k16 key steps, even n8 head-dim tiles");
-  constexpr int kSlices = kWarps / M;
+  constexpr int kSlices = W / M;
+  constexpr int kBlockThreads = W * 32;
   constexpr int kSliceKeys = kTileKeys / kSlices;  // 16, 32 or 64 keys per warp and tile
   constexpr int kKeyTiles = kSliceKeys / 8;        // n8 tiles of S per warp
   constexpr int kDimK = D / 16;                    // k16 steps of Q K^T
   constexpr int kDimN = D / 8;                     // n8 tiles of O
-  constexpr int kStride = MmaSmem<D>::kStride;
+  constexpr int kStride = MmaSmem<D, W>::kStride;
   constexpr int kChunksPerRow = D * 2 / 16;        // 16-byte pieces per key row
 
   const int split = blockIdx.x;
@@ -193,10 +195,10 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const Params p) {
   const T* values = static_cast<const T*>(p.values) + static_cast<int64_t>(bh) * p.max_seq * D;
 
   auto load_tile = [&](int tile) {
-    T* k_smem = staging + (tile % kStages) * MmaSmem<D>::kStageElems;
+    T* k_smem = staging + (tile % kStages) * MmaSmem<D, W>::kStageElems;
     T* v_smem = k_smem + kTileKeys * kStride;
     const int start = kv_begin + tile * kTileKeys;
-    for (int idx = threadIdx.x; idx < kTileKeys * kChunksPerRow; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < kTileKeys * kChunksPerRow; idx += kBlockThreads) {
       const int key = idx / kChunksPerRow;
       const int piece = idx % kChunksPerRow;
       const bool valid = start + key < kv_end;
@@ -246,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const Params p) {
     if (tile + kStages - 1 < num_tiles) load_tile(tile + kStages - 1);
     cp_async_commit();
 
-    const T* k_smem = staging + (tile % kStages) * MmaSmem<D>::kStageElems;
+    const T* k_smem = staging + (tile % kStages) * MmaSmem<D, W>::kStageElems;
     const T* v_smem = k_smem + kTileKeys * kStride;
 
     // S = Q K^T for this warp's 16 rows x kSliceKeys keys. One ldmatrix gives the B fragments
@@ -345,9 +347,9 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const Params p) {
   // Merge the key slices of each row tile through shared memory, then write the split's result.
   cp_async_wait<0>();
   __syncthreads();  // every warp is done with the staging area
-  float* merge_acc = reinterpret_cast<float*>(smem_raw);   // [kWarps][16][D]
-  float* merge_max = merge_acc + kWarps * 16 * D;          // [kWarps][16]
-  float* merge_sum = merge_max + kWarps * 16;              // [kWarps][16]
+  float* merge_acc = reinterpret_cast<float*>(smem_raw);   // [W][16][D]
+  float* merge_max = merge_acc + W * 16 * D;               // [W][16]
+  float* merge_sum = merge_max + W * 16;                   // [W][16]
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
     float sum = running_sum[half];
@@ -368,7 +370,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel_mma(const Params p) {
   __syncthreads();
 
   const int64_t split_base = static_cast<int64_t>(bh) * p.num_splits + split;
-  for (int idx = threadIdx.x; idx < M * 16 * D; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < M * 16 * D; idx += kBlockThreads) {
     const int local = idx / D;  // row within the block: tile local / 16, row local % 16
     const int d = idx % D;
     const int r = blockIdx.z * kRowsPerBlock + local;
@@ -592,12 +594,12 @@ SplitPlan plan_splits(int64_t max_seq, int64_t blocks_per_split, int64_t rows, i
   return {chunk, ceil_div(max_seq, chunk), false};
 }
 
-template <typename T, int D, int M>
+template <typename T, int D, int M, int W>
 void launch_mma(const Params& p, dim3 grid, cudaStream_t stream) {
-  auto kernel = split_kernel_mma<T, D, M>;
-  constexpr int kBytes = MmaSmem<D>::kBytes;
+  auto kernel = split_kernel_mma<T, D, M, W>;
+  constexpr int kBytes = MmaSmem<D, W>::kBytes;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
-  launch_kernel(kernel, grid, dim3(kThreads), kBytes, stream, p);
+  launch_kernel(kernel, grid, dim3(W * 32), kBytes, stream, p);
 }
 
 template <typename T, int D>
@@ -613,9 +615,13 @@ void launch(const Params& p, bool simple, cudaStream_t stream) {
     // the same order whatever the row count.
     const int row_tiles =
         p.row_invariant ? 4 : static_cast<int>(ceil_div(std::min(p.rows, kRowsPerBlock), 16));
-    if (row_tiles == 1) launch_mma<T, D, 1>(p, grid, stream);
-    else if (row_tiles == 2) launch_mma<T, D, 2>(p, grid, stream);
-    else launch_mma<T, D, 4>(p, grid, stream);
+    // Eight warps need slices of at least 16 keys: two or more row tiles (M = 1 keeps four).
+    const bool eight_warps = env_int("HIPPO_DECODE_ATTENTION_WARPS", kWarps) == 8;
+    if (row_tiles == 1) launch_mma<T, D, 1, kWarps>(p, grid, stream);
+    else if (row_tiles == 2 && eight_warps) launch_mma<T, D, 2, 8>(p, grid, stream);
+    else if (row_tiles == 2) launch_mma<T, D, 2, kWarps>(p, grid, stream);
+    else if (eight_warps) launch_mma<T, D, 4, 8>(p, grid, stream);
+    else launch_mma<T, D, 4, kWarps>(p, grid, stream);
   }
   launch_kernel(combine_kernel<T, D>, dim3(bh * p.rows), dim3(kThreads), 0, stream, p);
 }
