@@ -186,6 +186,7 @@ constexpr int kFmaWarps = 8;
 constexpr int kFmaThreads = kFmaWarps * 32;
 constexpr int kFmaLaneK = 8;                // k per lane and 16-byte load
 constexpr int kFmaWarpK = 32 * kFmaLaneK;   // k per warp step
+constexpr int kFmaBatch = 4;                // warp steps whose weight loads are in flight together
 
 template <typename T>
 __device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[kFmaLaneK]) {
@@ -219,12 +220,12 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
     for (int o = 0; o < kFmaOutputsPerWarp; ++o) acc[m][o] = 0.f;
   }
 
-#pragma unroll 4
-  for (int k = lane * kFmaLaneK; k < K; k += kFmaWarpK) {
+  // One warp step at k: the lane's 8 weights of each output against the same 8 k of every row.
+  auto accumulate = [&](int k, const uint4 (&w_raw)[kFmaOutputsPerWarp]) {
     const int v = k / kFmaLaneK;
     float w[kFmaOutputsPerWarp][kFmaLaneK];
 #pragma unroll
-    for (int o = 0; o < kFmaOutputsPerWarp; ++o) unpack8<T>(__ldcs(w_row[o] + v), w[o]);
+    for (int o = 0; o < kFmaOutputsPerWarp; ++o) unpack8<T>(w_raw[o], w[o]);
 #pragma unroll
     for (int m = 0; m < kRows; ++m) {
       if (m >= p.rows) break;
@@ -236,6 +237,27 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
         for (int e = 0; e < kFmaLaneK; ++e) acc[m][o] = __fmaf_rn(w[o][e], xv[e], acc[m][o]);
       }
     }
+  };
+  // kFmaBatch warp steps at a time with all their weight loads issued first: a plain unrolled
+  // loop tested k < K between steps and so kept one step's loads in flight per warp.
+  int k = lane * kFmaLaneK;
+  for (; k + (kFmaBatch - 1) * kFmaWarpK < K; k += kFmaBatch * kFmaWarpK) {
+    uint4 w_raw[kFmaBatch][kFmaOutputsPerWarp];
+#pragma unroll
+    for (int b = 0; b < kFmaBatch; ++b) {
+#pragma unroll
+      for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
+        w_raw[b][o] = __ldcs(w_row[o] + (k + b * kFmaWarpK) / kFmaLaneK);
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < kFmaBatch; ++b) accumulate(k + b * kFmaWarpK, w_raw[b]);
+  }
+  for (; k < K; k += kFmaWarpK) {  // the last steps, in the same k order
+    uint4 w_raw[kFmaOutputsPerWarp];
+#pragma unroll
+    for (int o = 0; o < kFmaOutputsPerWarp; ++o) w_raw[o] = __ldcs(w_row[o] + k / kFmaLaneK);
+    accumulate(k, w_raw);
   }
 
   T* out = static_cast<T*>(p.out);
