@@ -29,13 +29,14 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
 #include <type_traits>
 
 #include "attention.h"
 #include "cuda/dependent_launch.cuh"
 #include "cuda/element_types.cuh"
 #include "cuda/tensor_core.cuh"
+#include "cuda/tuning_env.h"
+#include "cuda/warp_reduce.cuh"
 
 namespace hippo {
 namespace {
@@ -124,10 +125,6 @@ __device__ __forceinline__ int64_t row_offset(const Params& p, int b, int h, int
   return ((static_cast<int64_t>(b) * p.q_len + i) * p.q_heads + head) * d_size;
 }
 
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
-}
 
 // Base-2 log-sum-exp of a split from its running max and sum (-inf when it saw nothing).
 __device__ __forceinline__ float split_lse(float max_score, float sum) {
@@ -545,19 +542,8 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
 // Host side
 // ---------------------------------------------------------------------------------------------
 
-// An environment switch: unset or empty gives the default, "0" off, anything else on.
-bool env_flag(const char* name, bool fallback = false) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || value[0] == '\0') return fallback;
-  return value[0] != '0';
-}
 
 
-int64_t env_int(const char* name, int64_t fallback) {
-  const char* value = std::getenv(name);
-  const int64_t parsed = value != nullptr ? std::atoll(value) : 0;
-  return parsed > 0 ? parsed : fallback;
-}
 
 int64_t whole_tiles(int64_t keys) { return ceil_div(keys, kTileKeys) * kTileKeys; }
 

@@ -16,8 +16,9 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
-#include <cstdlib>
 #include <utility>
+
+#include "cuda/tuning_env.h"
 
 namespace hippo {
 
@@ -35,8 +36,7 @@ __device__ __forceinline__ void allow_dependent_kernels() {
 
 // HIPPO_PDL=1 on a GPU of compute capability 9.0 or later.
 inline bool dependent_launch_enabled() {
-  const char* value = std::getenv("HIPPO_PDL");
-  return value != nullptr && value[0] == '1' && at::cuda::getCurrentDeviceProperties()->major >= 9;
+  return env_is("HIPPO_PDL", "1") && at::cuda::getCurrentDeviceProperties()->major >= 9;
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialization attribute

@@ -28,12 +28,12 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
 #include "cuda/dependent_launch.cuh"
 #include "cuda/element_types.cuh"
 #include "cuda/tensor_core.cuh"
+#include "cuda/tuning_env.h"
+#include "cuda/warp_reduce.cuh"
 #include "linear.h"
 
 namespace hippo {
@@ -265,9 +265,7 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
   for (int m = 0; m < kRows; ++m) {
 #pragma unroll
     for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
-      float sum = acc[m][o];
-#pragma unroll
-      for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      const float sum = warp_sum(acc[m][o]);
       // Output (m, o) is written by lane (m * 2 + o) % 32, spreading the stores over the warp.
       if (m < p.rows && w_valid[o] && lane == (m * kFmaOutputsPerWarp + o) % 32) {
         out[static_cast<int64_t>(m) * p.out_features + n0 + o] = from_float<T>(sum + bias_at<T>(p, n0 + o));
@@ -283,16 +281,11 @@ struct SplitPlan {
   int64_t k_per_split = 0;
 };
 
-int64_t blocks_per_sm_target() {
-  const char* forced = std::getenv("HIPPO_SKINNY_BLOCKS_PER_SM");
-  const int64_t value = forced != nullptr ? std::atoll(forced) : 0;
-  return value > 0 ? value : kBlocksPerSmTarget;
-}
-
 SplitPlan plan_splits(int64_t out_features, int64_t in_features, int64_t sm_count) {
   const int64_t tiles = ceil_div(out_features, kSkinnyRowsPerBlock);
   const int64_t most = std::max<int64_t>(1, in_features / kSplitGrain);
-  const int64_t wanted = std::clamp<int64_t>(ceil_div(blocks_per_sm_target() * sm_count, tiles), 1, most);
+  const int64_t blocks_per_sm = env_int("HIPPO_SKINNY_BLOCKS_PER_SM", kBlocksPerSmTarget);
+  const int64_t wanted = std::clamp<int64_t>(ceil_div(blocks_per_sm * sm_count, tiles), 1, most);
   SplitPlan plan;
   plan.k_per_split = ceil_div(ceil_div(in_features, wanted), kSplitGrain) * kSplitGrain;
   plan.splits = ceil_div(in_features, plan.k_per_split);
@@ -316,8 +309,7 @@ void launch(const SkinnyParams& p, dim3 grid, cudaStream_t stream) {
 
 // HIPPO_SKINNY_KERNEL=fma selects the FMA kernel for M <= 16 (default: tensor cores).
 bool fma_kernel_selected(int64_t rows) {
-  const char* kernel = std::getenv("HIPPO_SKINNY_KERNEL");
-  return kernel != nullptr && std::string(kernel) == "fma" && rows <= kFmaMaxRows;
+  return env_is("HIPPO_SKINNY_KERNEL", "fma") && rows <= kFmaMaxRows;
 }
 
 template <typename T, int kRows>

@@ -15,6 +15,7 @@
 
 #include "cuda/dependent_launch.cuh"
 #include "cuda/element_types.cuh"
+#include "cuda/warp_reduce.cuh"
 #include "normalization.h"
 
 namespace hippo {
@@ -25,7 +26,7 @@ constexpr int kMaxThreads = 1024;
 // Sum of `value` over the block; every thread gets the result. blockDim.x is a multiple of 32.
 __device__ __forceinline__ float block_sum(float value) {
   __shared__ float warp_sums[kMaxThreads / 32];
-  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  value = warp_sum(value);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_sums[warp] = value;
   __syncthreads();

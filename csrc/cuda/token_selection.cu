@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "cuda/element_types.cuh"
+#include "cuda/warp_reduce.cuh"
 #include "token_selection.h"
 
 namespace hippo {
@@ -179,17 +180,6 @@ __device__ void score_tile(const T* query_tile, const T* key_tile, float* scores
   }
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 template <typename T>
 struct BlockTiles {
