@@ -110,6 +110,15 @@ class StaticKVCache:
         self.length.fill_(new_length)
         self.host_length = new_length
 
+    def fill_to(self, length: int) -> None:
+        """Declare positions [0, length) valid after they were written directly into `tensor`
+        (for example by hippo_ext.kv_gather from another cache)."""
+        if not 0 <= length <= self.max_seq_len:
+            raise HippoError(f"cannot fill the KV cache to length {length}: it holds at most "
+                             f"{self.max_seq_len} positions")
+        self.length.fill_(length)
+        self.host_length = length
+
     def reset(self) -> None:
         """Empty the cache (length 0 everywhere)."""
         self.length.zero_()

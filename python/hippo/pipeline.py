@@ -1,0 +1,330 @@
+"""HippoPipeline: (video, prompt) -> tokens, text and statistics, losslessly faster than the
+target alone.
+
+One generation: the target prefills the whole prompt (returning the queries token preservation
+needs); the visual tokens worth keeping are selected (preserve.py); the draft gets a cache of the
+kept tokens (speculative/draft_cache.py); then sequential or parallel speculative decoding runs
+until eos or max_new_tokens. mode="ar" runs the target alone through the same runtime, the
+baseline every speedup is measured against.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from hippo.models.base import HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible
+from hippo.preserve import KeptTokens, PreservationOptions, num_kept_grid_tokens, preserve_tokens
+from hippo.runtime import LanguageModelRuntime, generate_autoregressive
+from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
+from hippo.speculative.decoder import SpeculativeDecoder, run_decoding
+from hippo.speculative.draft_cache import (DRAFT_PREFILLS, compact_to_kept, copy_kept_cache,
+                                           prefill_full, prefill_pruned)
+from hippo.speculative.draft_length import DraftLength
+from hippo.speculative.lanes import Lane
+from hippo.speculative.parallel import ParallelState, parallel_round
+from hippo.speculative.sequential import sequential_round
+from hippo.speculative.statistics import GenerationStats
+from hippo.speculative.timing import PhaseClock
+from hippo.video import load_video
+
+MODES = ("ar", "sequential", "parallel")
+USE_TARGET_EOS = "target"
+
+
+@dataclass(frozen=True)
+class HippoOptions:
+    """How HippoPipeline decodes.
+
+    mode: "parallel" (HIPPO: drafting overlaps verification), "sequential" (draft g, then
+        verify) or "ar" (the target alone).
+    gamma: draft tokens per round, an int or "auto" (PEARL: g near T_target / T_draft, measured
+        while generating, at most max_gamma).
+    draft_prefill: "pruned" (the draft prefills the kept tokens only) or "full+compact" (it
+        prefills everything beside the target, then compacts its cache to the kept tokens).
+    preservation: which visual tokens the draft keeps (keep ratio, method, weights, layers...).
+    draft_device: where the draft runs (default: where its model is); another GPU, for example.
+    use_cuda_graphs / step_invariant: passed to both runtimes (see LanguageModelRuntime).
+    """
+
+    mode: str = "parallel"
+    gamma: int | str = "auto"
+    max_gamma: int = 12
+    draft_prefill: str = "pruned"
+    preservation: PreservationOptions = field(default_factory=PreservationOptions)
+    draft_device: str | None = None
+    use_cuda_graphs: bool | None = None
+    step_invariant: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise HippoError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.draft_prefill not in DRAFT_PREFILLS:
+            raise HippoError(f"unknown draft_prefill {self.draft_prefill!r}; choose one of "
+                             f"{', '.join(DRAFT_PREFILLS)}")
+        DraftLength(self.gamma, max_gamma=self.max_gamma)  # validates both
+
+    @property
+    def largest_gamma(self) -> int:
+        return self.max_gamma if self.gamma == "auto" else int(self.gamma)
+
+
+@dataclass
+class HippoOutput:
+    tokens: list[int]
+    text: str | None
+    stats: GenerationStats
+
+
+class HippoPipeline:
+    """A target video-LLM and its draft (same family, shared tokenizer).
+
+    draft=None makes the target its own draft (self-speculation): a second runtime over the
+    same weights whose cache is a compacted copy of the target's.
+    Runtimes (and their CUDA graphs) are kept between generations and rebuilt only when a
+    generation needs a longer cache.
+    """
+
+    def __init__(self, target: VideoLLMAdapter, draft: VideoLLMAdapter | None = None,
+                 options: HippoOptions | None = None, **overrides) -> None:
+        options = options or HippoOptions()
+        self.options = replace(options, **overrides) if overrides else options
+        self.target = target
+        self.draft = draft
+        self.self_speculative = draft is None
+        self.vocab = target.vocab_size if draft is None else check_compatible(target, draft)
+        if draft is not None and self.options.draft_device is not None:
+            draft.model.to(self.options.draft_device)
+        if self.self_speculative and self.options.draft_prefill != "pruned":
+            raise HippoError("self-speculation (no draft model) copies the target's kept cache; "
+                             "draft_prefill does not apply: leave it at 'pruned'")
+        self._runtimes: dict[str, LanguageModelRuntime] = {}
+
+    # --------------------------------------------------------------------------- public API
+
+    def prepare(self, video: str | Path | torch.Tensor, prompt: str | list[int], *,
+                num_frames: int | None = 16, fps: float | None = None
+                ) -> tuple[PreparedPrompt, PreparedPrompt | None]:
+        """(target prompt, draft prompt or None when self-speculating) for (video, prompt):
+        frames are decoded once, each model embeds them with its own vision tower."""
+        frames = video if isinstance(video, torch.Tensor) else load_video(
+            video, num_frames=num_frames if fps is None else None, fps=fps)
+        target_prompt = self.target.prepare(frames, prompt, fps=fps)
+        if self.draft is None:
+            return target_prompt, None
+        draft_prompt = self.draft.prepare(frames, prompt, fps=fps)
+        _check_same_layout(target_prompt, draft_prompt)
+        return target_prompt, draft_prompt
+
+    @torch.no_grad()
+    def generate(self, video: str | Path | torch.Tensor, prompt: str | list[int],
+                 max_new_tokens: int = 64, *, num_frames: int | None = 16,
+                 fps: float | None = None, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None,
+                 eos_token_id: int | list[int] | None | str = USE_TARGET_EOS) -> HippoOutput:
+        """Generate up to max_new_tokens after (video, prompt); stops after eos (included).
+
+        video: a file path, or frames [T, H, W, 3] uint8 already decoded. eos_token_id: the
+        target's by default; None never stops early. Sampling (temperature > 0) is seeded by
+        `seed` when given.
+        """
+        started = time.perf_counter()
+        target_prompt, draft_prompt = self.prepare(video, prompt, num_frames=num_frames, fps=fps)
+        output = self.generate_prepared(
+            target_prompt, draft_prompt, max_new_tokens,
+            SamplingOptions(temperature, top_k, top_p, seed), self._eos(eos_token_id))
+        output.stats.total_s = time.perf_counter() - started
+        return output
+
+    @torch.no_grad()
+    def generate_prepared(self, target_prompt: PreparedPrompt, draft_prompt: PreparedPrompt | None,
+                          max_new_tokens: int, sampling: SamplingOptions,
+                          eos_ids: set[int]) -> HippoOutput:
+        """generate() after prepare(): the language-model part alone (what benchmarks time)."""
+        if max_new_tokens < 1:
+            raise HippoError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        started = time.perf_counter()
+        if self.options.mode == "ar":
+            stats, tokens = self._generate_autoregressive(target_prompt, max_new_tokens,
+                                                          sampling, eos_ids)
+        else:
+            stats, tokens = self._generate_speculative(target_prompt, draft_prompt,
+                                                       max_new_tokens, sampling, eos_ids)
+        stats.total_s = time.perf_counter() - started
+        stats.tokens = len(tokens)
+        text = self.target.tokenizer.decode(tokens) if self.target.tokenizer is not None else None
+        return HippoOutput(tokens, text, stats)
+
+    # ---------------------------------------------------------------------------- internals
+
+    def _eos(self, eos_token_id: int | list[int] | None | str) -> set[int]:
+        if eos_token_id == USE_TARGET_EOS:
+            eos_token_id = self.target.eos_token_id
+        if eos_token_id is None:
+            return set()
+        if isinstance(eos_token_id, int):
+            return {eos_token_id}
+        return {int(token) for token in eos_token_id}
+
+    def _runtime(self, role: str, model: VideoLLMAdapter, capacity: int) -> LanguageModelRuntime:
+        """The role's runtime with room for `capacity` positions (rebuilt when too small)."""
+        runtime = self._runtimes.get(role)
+        if runtime is None or runtime.cache.max_seq_len < capacity:
+            self._runtimes.pop(role, None)
+            del runtime  # free the old cache before allocating the new one
+            runtime = LanguageModelRuntime.from_hf(
+                model.model, capacity, use_cuda_graphs=self.options.use_cuda_graphs,
+                step_invariant=self.options.step_invariant)
+            self._runtimes[role] = runtime
+        return runtime
+
+    def _generate_autoregressive(self, prompt: PreparedPrompt, max_new_tokens: int,
+                                 sampling: SamplingOptions,
+                                 eos_ids: set[int]) -> tuple[GenerationStats, list[int]]:
+        runtime = self._runtime("target", self.target, prompt.length + max_new_tokens)
+        generator = None
+        if not sampling.greedy and sampling.seed is not None:
+            generator = torch.Generator(runtime.device).manual_seed(sampling.seed)
+        result = generate_autoregressive(
+            runtime, prompt, max_new_tokens, list(eos_ids) or None,
+            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+            generator=generator)
+        stats = GenerationStats(mode="ar", prompt_tokens=prompt.length,
+                                target_steps=max(len(result.tokens) - 1, 0),
+                                prefill_s=result.prefill_s, verify_s=result.decode_s,
+                                decode_s=result.decode_s)
+        return stats, result.tokens
+
+    def _generate_speculative(self, target_prompt: PreparedPrompt,
+                              draft_prompt: PreparedPrompt | None, max_new_tokens: int,
+                              sampling: SamplingOptions,
+                              eos_ids: set[int]) -> tuple[GenerationStats, list[int]]:
+        options = self.options
+        preservation = options.preservation
+        stats = GenerationStats(mode=options.mode, prompt_tokens=target_prompt.length)
+        margin = max_new_tokens + 2 * options.largest_gamma + 2
+        kept_length = _kept_length(target_prompt, preservation.keep_ratio)
+        target = self._runtime("target", self.target, target_prompt.length + margin)
+        draft_capacity = kept_length + margin
+        if options.draft_prefill == "full+compact":
+            draft_capacity = max(draft_capacity, target_prompt.length)
+        draft_model = self.target if self.self_speculative else self.draft
+        draft = self._runtime("draft", draft_model, draft_capacity)
+        acceptance = TokenAcceptance(sampling, self.vocab)
+
+        kept, first_token = self._prefill(target, draft, target_prompt, draft_prompt,
+                                          acceptance, stats)
+        stats.draft_prompt_tokens = kept.length
+
+        clock = PhaseClock()
+        positions = target_prompt.generated_positions(0, margin)
+        decoder = SpeculativeDecoder(
+            Lane(target, target_prompt.length, positions, margin),
+            Lane(draft, kept.length, positions, margin),
+            acceptance, DraftLength(options.gamma, max_gamma=options.max_gamma), stats, clock,
+            max_new_tokens, eos_ids)
+        decoder.start(first_token)
+        if options.mode == "sequential":
+            run_decoding(decoder, sequential_round)
+        else:
+            state = ParallelState()
+            run_decoding(decoder, lambda d: parallel_round(d, state))
+        stats.draft_s = clock.totals.get("draft", 0.0)
+        stats.verify_s = clock.totals.get("verify", 0.0)
+        return stats, decoder.emitted
+
+    def _prefill(self, target: LanguageModelRuntime, draft: LanguageModelRuntime,
+                 target_prompt: PreparedPrompt, draft_prompt: PreparedPrompt | None,
+                 acceptance: TokenAcceptance,
+                 stats: GenerationStats) -> tuple[KeptTokens, torch.Tensor]:
+        """Target prefill, token selection and the draft's cache; (kept tokens, the target's
+        first token [1])."""
+        options, preservation = self.options, self.options.preservation
+        full_draft = options.draft_prefill == "full+compact" and draft_prompt is not None
+        with _Phase(stats, "draft_prefill", draft.device, side_stream=True) as phase:
+            if full_draft:  # on its own stream: overlaps the target prefill below
+                prefill_full(draft, draft_prompt)
+            phase.defer()
+        with _Phase(stats, "prefill", target.device):
+            target.reset()
+            layers = preservation.selection_layers(len(target.layers))
+            query_len = preservation.text_query_len(target_prompt)
+            result = target.prefill(target_prompt.inputs_embeds, target_prompt.position_ids,
+                                    query_layers=layers if preservation.needs_queries else (),
+                                    query_len=query_len if preservation.needs_queries else 0)
+            first_token = acceptance.choose(result.logits[:, -1])
+        phase.finish()
+        with _Phase(stats, "selection", target.device):
+            keys = None
+            if preservation.needs_queries:
+                index = torch.tensor(layers, device=target.device)
+                keys = target.cache.tensor[:, 0, 0, :, :target_prompt.length].index_select(0, index)
+            kept = preserve_tokens(target_prompt, preservation, result.queries, keys)
+        with _Phase(stats, "draft_prefill", draft.device):
+            if self.self_speculative:
+                draft.reset()
+                copy_kept_cache(target, draft, kept.positions)
+            elif full_draft:
+                compact_to_kept(draft, kept.positions)
+            else:
+                prefill_pruned(draft, draft_prompt, kept.positions)
+        return kept, first_token
+
+
+class _Phase:
+    """Wall time of one prefill-stage phase into stats.<name>_s (synchronising on CUDA).
+
+    side_stream=True issues the block on a side stream of the device and lets the caller
+    overlap other work: defer() leaves the block without waiting, finish() waits and books."""
+
+    def __init__(self, stats: GenerationStats, name: str, device: torch.device,
+                 side_stream: bool = False) -> None:
+        self.stats, self.name, self.device = stats, name, device
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if side_stream and self.cuda else None
+        self._deferred = False
+
+    def __enter__(self) -> "_Phase":
+        self.started = time.perf_counter()
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
+            self._context = torch.cuda.stream(self.stream)
+            self._context.__enter__()
+        return self
+
+    def defer(self) -> None:
+        self._deferred = True
+
+    def __exit__(self, *exc) -> None:
+        if self.stream is not None:
+            self._context.__exit__(*exc)
+        if not self._deferred:
+            self.finish()
+
+    def finish(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - self.started
+        setattr(self.stats, f"{self.name}_s", getattr(self.stats, f"{self.name}_s") + elapsed)
+
+
+def _kept_length(prompt: PreparedPrompt, keep_ratio: float) -> int:
+    """The draft prompt's length: every text token, the kept grid tokens and the out-of-grid
+    visual tokens."""
+    frames, height, width = prompt.grid
+    out_of_grid = prompt.num_visual - frames * height * width
+    return prompt.length - prompt.num_visual + num_kept_grid_tokens(prompt, keep_ratio) + out_of_grid
+
+
+def _check_same_layout(target: PreparedPrompt, draft: PreparedPrompt) -> None:
+    """Selection indices of the target's prompt must mean the same tokens in the draft's."""
+    if not torch.equal(target.input_ids.cpu(), draft.input_ids.cpu()) or target.grid != draft.grid:
+        raise HippoError(
+            "target and draft turn this video into different token layouts "
+            f"(target: {target.length} tokens, grid {target.grid}; draft: {draft.length} tokens, "
+            f"grid {draft.grid}): their vision preprocessing must match (same patch and merge "
+            "sizes, same image size)")

@@ -1,0 +1,125 @@
+"""How tokens are chosen and checked: greedy or distribution-exact sampling.
+
+One object serves both models of a speculative decoder, so the draft's proposals and the target's
+verification apply the same temperature, top-k and top-p (HF's warpers, in HF's order, as the AR
+baseline does). Verification is hippo_ext's fused ops: `verify_greedy` (argmax-and-compare) and
+`verify_sampling` (accept while u <= p/q, then the residual norm(max(0, p - q))). Everything stays
+on the device; the decoding loops read the result with one host synchronisation per round.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+import hippo_ext
+from hippo.models.base import HippoError
+from hippo.runtime.autoregressive import warp_logits
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """temperature 0 is greedy decoding; otherwise sampling with HF's warpers, seeded."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise HippoError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise HippoError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise HippoError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class Verdict:
+    """Device tensors [1] of one verification: how many candidates were accepted and the token
+    emitted after them (a correction, or the bonus when all were and a bonus row was given)."""
+
+    num_accepted: torch.Tensor
+    next_token: torch.Tensor
+
+
+class TokenAcceptance:
+    """Draft proposals and their verification for one generation (batch 1).
+
+    vocab: the shared vocabulary (target and draft logits are cut to it: checkpoints of one family
+    may pad their tables differently, and no tokenizer emits ids beyond either).
+    Random numbers come from one seeded generator per device, so a seeded generation repeats.
+    """
+
+    def __init__(self, options: SamplingOptions, vocab: int) -> None:
+        self.options = options
+        self.vocab = vocab
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    @property
+    def greedy(self) -> bool:
+        return self.options.greedy
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The generation's generator on `device` (None when greedy or unseeded)."""
+        if self.greedy or self.options.seed is None:
+            return None
+        device = torch.device(device)
+        if device not in self._generators:
+            offset = len(self._generators)  # one independent stream per device
+            self._generators[device] = torch.Generator(device).manual_seed(
+                self.options.seed + 7919 * offset)
+        return self._generators[device]
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """[..., V] logits -> float32 probabilities after the warpers (sampling only)."""
+        o = self.options
+        return torch.softmax(warp_logits(logits[..., :self.vocab], o.temperature, o.top_k, o.top_p),
+                             dim=-1)
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """[1, V] logits of the target -> [1] the token it emits (argmax or a sample)."""
+        token, _ = self.propose(logits)
+        return token
+
+    def propose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[1, V] logits -> ([1] token, [1, V] the probabilities it was drawn from, None when
+        greedy). No host synchronisation."""
+        if self.greedy:
+            return logits[..., :self.vocab].argmax(dim=-1), None
+        probs = self.probabilities(logits)
+        token = torch.multinomial(probs, 1, generator=self.generator(probs.device)).squeeze(-1)
+        return token, probs
+
+    def verify(self, candidates: torch.Tensor, draft_probs: torch.Tensor | None,
+               target_logits: torch.Tensor, *, bonus: bool) -> Verdict:
+        """Check m candidate tokens against the target.
+
+        candidates: [1, m] draft tokens (m >= 1), on the target's device.
+        draft_probs: [1, m, V] the distributions they were drawn from (sampling only).
+        target_logits: [1, m + 1, V] with bonus=True (row m gives the bonus token when all are
+            accepted), [1, m, V] with bonus=False (all accepted: nothing more is emitted and
+            next_token is meaningless; used by parallel decoding, whose next candidate is
+            already drafted).
+        """
+        count = candidates.shape[1]
+        rows = target_logits[..., :self.vocab]
+        if not bonus:  # a row that is never read: verification wants m + 1 rows
+            rows = torch.cat([rows, rows[:, -1:]], dim=1)
+        if rows.shape[1] != count + 1:
+            raise HippoError(f"verification of {count} candidates needs {count + 1} target rows "
+                             f"(bonus) or {count} (no bonus), got {target_logits.shape[1]}")
+        if self.greedy:
+            accepted, token = hippo_ext.verify_greedy(candidates, rows, check=False)
+            return Verdict(accepted, token)
+        target_probs = self.probabilities(rows)
+        uniforms = torch.rand(1, count + 1, device=rows.device,
+                              generator=self.generator(rows.device))
+        accepted, token = hippo_ext.verify_sampling(
+            candidates, draft_probs.to(target_probs.device), target_probs, uniforms, check=False)
+        return Verdict(accepted, token)

@@ -1,0 +1,144 @@
+"""The machinery both speculative decoders share: drafting a block, a target step, reading a
+round's verdict with one host synchronisation, and settling both caches afterwards.
+
+The decoding loops (sequential.py, parallel.py) are written in terms of these few operations. A
+generation starts from prefilled caches: the target holds the prompt, the draft its (possibly
+pruned) view of it, and the target's first token is known.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from hippo.speculative.acceptance import TokenAcceptance, Verdict
+from hippo.speculative.draft_length import DraftLength
+from hippo.speculative.lanes import Lane
+from hippo.speculative.statistics import GenerationStats
+from hippo.speculative.timing import PhaseClock
+
+
+class SpeculativeDecoder:
+    """State of one speculative generation (batch 1).
+
+    emitted: the generated tokens so far, on the host; token j is in column j of both lanes.
+    The target has always consumed every emitted token but the last; the draft may have
+    consumed fewer (it catches up in its next block) or, in parallel decoding, more (drafts
+    that are still unverified).
+    """
+
+    def __init__(self, target: Lane, draft: Lane, acceptance: TokenAcceptance,
+                 draft_length: DraftLength, stats: GenerationStats, clock: PhaseClock,
+                 max_new_tokens: int, eos_ids: set[int]) -> None:
+        self.target, self.draft = target, draft
+        self.acceptance = acceptance
+        self.draft_length = draft_length
+        self.stats, self.clock = stats, clock
+        self.max_new_tokens = max_new_tokens
+        self.eos_ids = eos_ids
+        self.emitted: list[int] = []
+        self.finished = False
+
+    # ------------------------------------------------------------------------------ emitting
+
+    def start(self, first_token: torch.Tensor) -> None:
+        """The target's token after the prompt ([1], from its prefill logits)."""
+        token = int(first_token.item())
+        for lane in (self.target, self.draft):
+            lane.write_token(0, token)
+        self._emit([token])
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.emitted)
+
+    def _emit(self, tokens: list[int]) -> None:
+        """Append tokens, stopping exactly after an eos or at max_new_tokens."""
+        for token in tokens:
+            if self.finished:
+                return
+            self.emitted.append(token)
+            self.finished = token in self.eos_ids or len(self.emitted) >= self.max_new_tokens
+
+    def settle(self, accepted: list[int], correction: int | None, *,
+               draft_stays_ahead: bool = False) -> None:
+        """Emit the accepted candidates and the target's correction or bonus token, write that
+        token into both lanes, and roll the caches back to what is still valid.
+
+        draft_stays_ahead: the draft's further drafts remain valid (parallel decoding, when
+        every candidate was accepted): keep them.
+        """
+        self._emit(accepted + ([correction] if correction is not None else []))
+        if self.finished:
+            return
+        last = len(self.emitted) - 1
+        if correction is not None:
+            for lane in (self.target, self.draft):
+                lane.write_token(last, correction)
+        self.target.rollback(last)
+        if not draft_stays_ahead:
+            self.draft.rollback(min(self.draft.fed, last))
+
+    # ----------------------------------------------------------------------------- the models
+
+    def draft_block(self, last: int, count: int,
+                    stop_early: Callable[[list], bool] | None = None) -> tuple[int, list]:
+        """Draft up to `count` tokens after generated token `last`, into columns last + 1 ...
+
+        The draft first consumes every token it has not seen up to `last` (one step of 1 or 2
+        tokens), then one token per step. stop_early(probabilities so far) is asked before each
+        step after the first.
+        Returns (how many were drafted, the draft probabilities of each [1, V], or Nones when
+        greedy). Issues work on the current stream; no host synchronisation.
+        """
+        draft, probs = self.draft, []
+        with self.clock.measure("draft", draft.device):
+            for index in range(count):
+                if index > 0 and stop_early is not None and stop_early(probs):
+                    break
+                logits = draft.feed(last + index + 1)
+                token, token_probs = self.acceptance.propose(logits[:, -1])
+                draft.tokens[:, last + index + 1] = token
+                probs.append(token_probs)
+        self.stats.draft_steps += len(probs)
+        return len(probs), probs
+
+    def target_step(self, end: int) -> torch.Tensor:
+        """Feed the target every generated token up to `end` (exclusive); [1, n, V] logits."""
+        with self.clock.measure("verify", self.target.device):
+            logits = self.target.feed(end)
+        self.stats.target_steps += 1
+        return logits
+
+    def share_drafts(self, start: int, end: int) -> None:
+        """Copy drafted columns [start, end) to the target's lane when it lives on another
+        device (issued on the target device's current stream)."""
+        if self.draft.tokens is not self.target.tokens and end > start:
+            self.target.tokens[:, start:end].copy_(self.draft.tokens[:, start:end],
+                                                   non_blocking=True)
+
+    def read_verdict(self, verdict: Verdict, candidates: torch.Tensor) -> tuple[int, int, list[int]]:
+        """(accepted count, next token, candidate values): the round's one synchronisation."""
+        values = torch.cat([verdict.num_accepted, verdict.next_token, candidates[0]]).tolist()
+        return int(values[0]), int(values[1]), [int(v) for v in values[2:]]
+
+    def end_round(self, gamma: int, drafted_steps: int, target_steps: int = 1) -> None:
+        """Book-keeping after the round's synchronisation: phase times feed the adaptive g."""
+        self.stats.rounds += 1
+        self.stats.gammas.append(gamma)
+        times = self.clock.collect()
+        self.draft_length.observe(times.get("verify", 0.0) / max(target_steps, 1),
+                                  times.get("draft", 0.0) / max(drafted_steps, 1)
+                                  if drafted_steps else 0.0)
+
+
+def run_decoding(decoder: SpeculativeDecoder, round_fn: Callable[[SpeculativeDecoder], None]) -> None:
+    """Rounds until eos or max_new_tokens; the loop's wall time goes to stats.decode_s."""
+    started = time.perf_counter()
+    while not decoder.finished:
+        round_fn(decoder)
+    for lane in (decoder.target, decoder.draft):
+        if lane.device.type == "cuda":
+            torch.cuda.synchronize(lane.device)
+    decoder.stats.decode_s += time.perf_counter() - started
