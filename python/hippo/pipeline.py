@@ -24,8 +24,6 @@ from hippo.speculative.draft_cache import (DRAFT_PREFILLS, compact_to_kept, copy
                                            prefill_full, prefill_pruned)
 from hippo.speculative.draft_length import DraftLength
 from hippo.speculative.lanes import Lane
-from hippo.speculative.parallel import ParallelState, parallel_round
-from hippo.speculative.sequential import sequential_round
 from hippo.speculative.statistics import GenerationStats
 from hippo.speculative.timing import PhaseClock
 from hippo.video import load_video
@@ -226,11 +224,7 @@ class HippoPipeline:
             acceptance, DraftLength(options.gamma, max_gamma=options.max_gamma), stats, clock,
             max_new_tokens, eos_ids)
         decoder.start(first_token)
-        if options.mode == "sequential":
-            run_decoding(decoder, sequential_round)
-        else:
-            state = ParallelState()
-            run_decoding(decoder, lambda d: parallel_round(d, state))
+        run_decoding(decoder, options.mode)
         stats.draft_s = clock.totals.get("draft", 0.0)
         stats.verify_s = clock.totals.get("verify", 0.0)
         return stats, decoder.emitted

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import torch
 
+from hippo.models.base import HippoError
 from hippo.speculative.acceptance import TokenAcceptance, Verdict
 from hippo.speculative.draft_length import DraftLength
 from hippo.speculative.lanes import Lane
@@ -133,8 +134,19 @@ class SpeculativeDecoder:
                                   if drafted_steps else 0.0)
 
 
-def run_decoding(decoder: SpeculativeDecoder, round_fn: Callable[[SpeculativeDecoder], None]) -> None:
-    """Rounds until eos or max_new_tokens; the loop's wall time goes to stats.decode_s."""
+def run_decoding(decoder: SpeculativeDecoder, mode: str) -> None:
+    """Rounds of `mode` ("sequential" or "parallel") until eos or max_new_tokens; the loop's
+    wall time goes to stats.decode_s."""
+    from hippo.speculative.parallel import ParallelState, parallel_round
+    from hippo.speculative.sequential import sequential_round
+
+    if mode == "sequential":
+        round_fn = sequential_round
+    elif mode == "parallel":
+        state = ParallelState()
+        round_fn = lambda d: parallel_round(d, state)  # noqa: E731
+    else:
+        raise HippoError(f"unknown speculative mode {mode!r}: 'sequential' or 'parallel'")
     started = time.perf_counter()
     while not decoder.finished:
         round_fn(decoder)

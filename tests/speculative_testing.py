@@ -1,0 +1,54 @@
+"""Target/draft pairs and videos for the speculative-decoding tests (tiny random models, offline).
+
+Two independent random models agree on almost nothing, which leaves acceptance untested; so
+besides a smaller random draft, each family gets a *perturbed copy* of the target as its draft
+(same weights plus noise on the language model): it agrees often but not always, so blocks are
+accepted in part, wholly, and rejected.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from hippo.assets import sample_video_path
+from hippo.models import load_adapter
+from hippo.runtime import find_text_model
+from hippo.video import load_video
+
+# family -> (target preset, smaller draft preset)
+FAMILY_PRESETS = {
+    "qwen2_5_vl": ("tiny-qwen2.5-vl", "tiny-qwen2.5-vl-draft"),
+    "llava_onevision": ("tiny-llava-onevision", "tiny-llava-onevision-draft"),
+}
+PAIR_KINDS = ("small-draft", "perturbed-copy")
+PERTURBATION = 0.05
+
+
+def perturb_language_model(adapter, scale: float, seed: int) -> None:
+    """Add scale * std(W) Gaussian noise to every language-model matrix, in place."""
+    text_model, lm_head = find_text_model(adapter.model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in list(text_model.layers.parameters()) + [lm_head.weight]:
+            if param.dim() == 2:
+                noise = torch.randn(param.shape, generator=generator).to(param)
+                param.add_(noise * (scale * float(param.std())))
+
+
+def make_pair(family: str, kind: str, seed: int, device: str = "cpu"):
+    """(target adapter, draft adapter) of one family."""
+    target_name, draft_name = FAMILY_PRESETS[family]
+    target = load_adapter(target_name, seed=seed, device=device)
+    if kind == "small-draft":
+        return target, load_adapter(draft_name, seed=seed + 100, device=device)
+    draft = load_adapter(target_name, seed=seed, device=device)
+    perturb_language_model(draft, PERTURBATION, seed)
+    return target, draft
+
+
+@functools.lru_cache(maxsize=8)
+def sample_frames(family: str, num_frames: int) -> torch.Tensor:
+    # Qwen takes frames in temporal pairs; LLaVA-OneVision any count.
+    count = num_frames + (num_frames % 2 if family == "qwen2_5_vl" else 0)
+    return load_video(sample_video_path(), num_frames=count)

@@ -1,0 +1,141 @@
+"""Lossless greedy decoding: HIPPO's output equals the target's own greedy AR output token for
+token, for both families, two pairs each, several seeds and videos, keep ratios, draft lengths,
+sequential and parallel decoding, pruned and full+compact drafts, and when eos or
+max_new_tokens ends a generation inside a block (tiny random models, fp32, CPU; CUDA too when
+a GPU is present)."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from hippo.pipeline import HippoPipeline
+from hippo.preserve import PreservationOptions
+from speculative_testing import FAMILY_PRESETS, PAIR_KINDS, make_pair, sample_frames
+
+KEEP_RATIOS = (0.05, 0.1, 0.5, 1.0)
+GAMMAS = (1, 3, 8)
+MODES = ("sequential", "parallel")
+DRAFT_PREFILLS = ("pruned", "full+compact")
+PROMPT = "what moves?"
+MAX_NEW_TOKENS = 24
+
+
+def _pipeline(target, draft, mode: str, gamma, keep_ratio: float, draft_prefill: str = "pruned",
+              **options) -> HippoPipeline:
+    return HippoPipeline(target, draft, mode=mode, gamma=gamma, draft_prefill=draft_prefill,
+                         preservation=PreservationOptions(keep_ratio=keep_ratio, **options))
+
+
+def _autoregressive(target, frames, max_new_tokens: int = MAX_NEW_TOKENS, eos="target"):
+    return HippoPipeline(target, None, mode="ar").generate(
+        frames, PROMPT, max_new_tokens, eos_token_id=eos).tokens
+
+
+@pytest.mark.parametrize("seed,num_frames", [(0, 4), (1, 2)])
+@pytest.mark.parametrize("kind", PAIR_KINDS)
+@pytest.mark.parametrize("family", sorted(FAMILY_PRESETS))
+def test_greedy_equals_target_autoregressive(device, family, kind, seed, num_frames):
+    target, draft = make_pair(family, kind, seed, device)
+    frames = sample_frames(family, num_frames)
+    expected = _autoregressive(target, frames)
+    accepted = 0
+    for keep, gamma, mode, prefill in itertools.product(KEEP_RATIOS, GAMMAS, MODES,
+                                                        DRAFT_PREFILLS):
+        out = _pipeline(target, draft, mode, gamma, keep, prefill).generate(
+            frames, PROMPT, MAX_NEW_TOKENS)
+        assert out.tokens == expected, (keep, gamma, mode, prefill)
+        assert out.stats.tokens == len(expected)
+        accepted += out.stats.accepted
+    if kind == "perturbed-copy":  # the pair must exercise acceptance, not only rejection
+        assert accepted > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", sorted(FAMILY_PRESETS))
+def test_self_speculative_greedy_is_exact(device, family, mode):
+    target, _ = make_pair(family, "small-draft", seed=2, device=device)
+    frames = sample_frames(family, 4)
+    expected = _autoregressive(target, frames)
+    for keep in KEEP_RATIOS:
+        out = _pipeline(target, None, mode, 4, keep).generate(frames, PROMPT, MAX_NEW_TOKENS)
+        assert out.tokens == expected, keep
+    # With every token kept the draft is the target: everything is accepted.
+    out = _pipeline(target, None, mode, 4, 1.0).generate(frames, PROMPT, MAX_NEW_TOKENS)
+    assert out.stats.acceptance_rate == 1.0
+    assert out.stats.mean_accepted_tokens > 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", sorted(FAMILY_PRESETS))
+def test_eos_and_max_new_tokens_inside_a_block(device, family, mode):
+    """A block of accepted tokens that holds the eos, or runs past max_new_tokens, is cut exactly
+    where the target's own decoding stops."""
+    target, _ = make_pair(family, "small-draft", seed=3, device=device)
+    frames = sample_frames(family, 4)
+    free = _autoregressive(target, frames, eos=None)
+    for stop_at in (2, 5, 9):  # the eos is the token AR emits at this index
+        eos = free[stop_at]
+        expected = free[:free.index(eos) + 1]
+        assert _autoregressive(target, frames, eos=eos) == expected
+        out = _pipeline(target, None, mode, 8, 1.0).generate(frames, PROMPT, MAX_NEW_TOKENS,
+                                                             eos_token_id=eos)
+        assert out.tokens == expected, stop_at
+    for limit in (1, 2, 7, 11):
+        out = _pipeline(target, None, mode, 4, 1.0).generate(frames, PROMPT, limit,
+                                                             eos_token_id=None)
+        assert out.tokens == free[:limit], limit
+
+
+@pytest.mark.parametrize("method", ["hippo", "attention", "uniform", "random"])
+def test_every_selection_method_is_lossless(device, method):
+    target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=4, device=device)
+    frames = sample_frames("qwen2_5_vl", 4)
+    expected = _autoregressive(target, frames)
+    for per_frame in (False, True):
+        out = _pipeline(target, draft, "parallel", "auto", 0.25, method=method,
+                        per_frame=per_frame).generate(frames, PROMPT, MAX_NEW_TOKENS)
+        assert out.tokens == expected
+        assert out.stats.draft_prompt_tokens < out.stats.prompt_tokens
+
+
+def test_statistics_add_up(device):
+    target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0, device=device)
+    frames = sample_frames("qwen2_5_vl", 4)
+    for mode in MODES:
+        stats = _pipeline(target, draft, mode, 3, 0.5).generate(frames, PROMPT, 20).stats
+        assert stats.tokens == 20 and stats.rounds == stats.target_steps
+        assert 0 <= stats.accepted <= stats.drafted
+        assert 1.0 <= stats.mean_accepted_tokens <= (3 + 1)
+        assert stats.draft_steps >= stats.drafted - stats.rounds
+        assert stats.total_s >= stats.decode_s > 0 and stats.prefill_s > 0
+        assert stats.tokens_per_s > 0
+        assert set(stats.as_dict()) >= {"mean_accepted_tokens", "acceptance_rate", "rounds",
+                                         "prefill_s", "selection_s", "draft_s", "verify_s"}
+
+
+def test_adaptive_gamma_follows_step_times():
+    from hippo.speculative.draft_length import DraftLength
+
+    policy = DraftLength("auto", initial=4, max_gamma=12)
+    for _ in range(8):
+        policy.observe(target_step_s=6e-3, draft_step_s=1e-3)
+    assert policy.current == 6
+    for _ in range(8):
+        policy.observe(target_step_s=50e-3, draft_step_s=1e-3)
+    assert policy.current == 12  # capped
+    fixed = DraftLength(3)
+    fixed.observe(1.0, 1e-3)
+    assert fixed.current == 3
+
+
+def test_generation_repeats_across_calls(device):
+    """Runtimes are reused between generations (and rebuilt when a longer cache is needed)."""
+    target, draft = make_pair("llava_onevision", "perturbed-copy", seed=1, device=device)
+    frames = sample_frames("llava_onevision", 3)
+    pipeline = _pipeline(target, draft, "parallel", 3, 0.5)
+    first = pipeline.generate(frames, PROMPT, 8).tokens
+    longer = pipeline.generate(frames, PROMPT, 30).tokens
+    assert pipeline.generate(frames, PROMPT, 8).tokens == first == longer[:8]
+    assert longer == _autoregressive(target, frames, 30)
