@@ -19,13 +19,11 @@ from hippo.models.base import HippoError, PreparedPrompt, VideoLLMAdapter, check
 from hippo.preserve import KeptTokens, PreservationOptions, num_kept_grid_tokens, preserve_tokens
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
-from hippo.speculative.decoder import SpeculativeDecoder, run_decoding
+from hippo.speculative.decoder import decode_after_prefill
 from hippo.speculative.draft_cache import (DRAFT_PREFILLS, compact_to_kept, copy_kept_cache,
                                            prefill_full, prefill_pruned)
 from hippo.speculative.draft_length import DraftLength
-from hippo.speculative.lanes import Lane
 from hippo.speculative.statistics import GenerationStats
-from hippo.speculative.timing import PhaseClock
 from hippo.video import load_video
 
 MODES = ("ar", "sequential", "parallel")
@@ -216,17 +214,11 @@ class HippoPipeline:
                                           acceptance, stats)
         stats.draft_prompt_tokens = kept.length
 
-        clock = PhaseClock()
-        positions = target_prompt.generated_positions(0, margin)
-        decoder = SpeculativeDecoder(
-            Lane(target, target_prompt.length, positions, margin),
-            Lane(draft, kept.length, positions, margin),
-            acceptance, DraftLength(options.gamma, max_gamma=options.max_gamma), stats, clock,
-            max_new_tokens, eos_ids)
-        decoder.start(first_token)
-        run_decoding(decoder, options.mode)
-        stats.draft_s = clock.totals.get("draft", 0.0)
-        stats.verify_s = clock.totals.get("verify", 0.0)
+        decoder = decode_after_prefill(
+            target, draft, first_token, target_prompt.generated_positions(0, margin),
+            mode=options.mode, acceptance=acceptance,
+            draft_length=DraftLength(options.gamma, max_gamma=options.max_gamma),
+            max_new_tokens=max_new_tokens, eos_ids=eos_ids, stats=stats)
         return stats, decoder.emitted
 
     def _prefill(self, target: LanguageModelRuntime, draft: LanguageModelRuntime,

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from hippo.models.base import HippoError
+from hippo.runtime.decoder import LanguageModelRuntime
 from hippo.speculative.acceptance import TokenAcceptance, Verdict
 from hippo.speculative.draft_length import DraftLength
 from hippo.speculative.lanes import Lane
@@ -132,6 +133,29 @@ class SpeculativeDecoder:
         self.draft_length.observe(times.get("verify", 0.0) / max(target_steps, 1),
                                   times.get("draft", 0.0) / max(drafted_steps, 1)
                                   if drafted_steps else 0.0)
+
+
+def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRuntime,
+                         first_token: torch.Tensor, positions: torch.Tensor, *, mode: str,
+                         acceptance: TokenAcceptance, draft_length: DraftLength,
+                         max_new_tokens: int, eos_ids: set[int],
+                         stats: GenerationStats | None = None) -> SpeculativeDecoder:
+    """Speculative decoding from prefilled caches: the target's holds the prompt, the draft's its
+    view of it (both at their current lengths); first_token [1] is the target's choice after the
+    prompt; positions [..., n] the position ids of generated tokens 0, 1, ... (n at least
+    max_new_tokens + 2 * the largest g + 2). Returns the finished decoder (emitted, stats)."""
+    capacity = positions.shape[-1]
+    stats = stats or GenerationStats(mode=mode)
+    clock = PhaseClock()
+    decoder = SpeculativeDecoder(Lane(target, target.length, positions, capacity),
+                                 Lane(draft, draft.length, positions, capacity), acceptance,
+                                 draft_length, stats, clock, max_new_tokens, eos_ids)
+    decoder.start(first_token)
+    run_decoding(decoder, mode)
+    stats.draft_s += clock.totals.get("draft", 0.0)
+    stats.verify_s += clock.totals.get("verify", 0.0)
+    stats.tokens = len(decoder.emitted)
+    return decoder
 
 
 def run_decoding(decoder: SpeculativeDecoder, mode: str) -> None:

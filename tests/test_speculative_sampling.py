@@ -1,0 +1,157 @@
+"""Distribution-exact sampling: over many seeded runs on a tiny vocabulary, the tokens that
+speculative decoding emits are distributed as the target's own samples (with the same
+temperature, top-k and top-p), for sequential and parallel decoding.
+
+The exact distributions are enumerated from the target's forward; the empirical counts must pass
+a chi-square test at a false-alarm rate of 1e-4 (the seeds are fixed, so the outcome is too). A
+draft that disagrees strongly with the target makes a wrong acceptance rule or residual visible:
+test_the_check_catches_a_wrong_residual shows this bound failing for one, and the perturbed
+draft makes parallel decoding's post-verify rounds frequent (a wrong draft distribution for the
+candidate drafted during verification was seen to fail it by a factor of three).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from hippo.runtime import LanguageModelRuntime, warp_logits
+from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
+from hippo.speculative.decoder import decode_after_prefill
+from hippo.speculative.draft_length import DraftLength
+
+VOCAB = 7
+PROMPT = [3, 1, 4]
+RUNS = 2500
+GENERATED = 4  # token 0 comes from the prefill, tokens 1-3 from speculative rounds
+WARPS = [dict(temperature=1.0), dict(temperature=0.8, top_k=5, top_p=0.95)]
+
+
+def _tiny_lm(seed: int, hidden: int, layers: int, logit_scale: float):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config).eval()
+    with torch.no_grad():  # peaked, model-specific distributions: target and draft disagree
+        model.lm_head.weight.mul_(logit_scale)
+    return model
+
+
+def _perturbed_copy(seed: int, noise: float):
+    """The target plus noise: a draft that agrees often, so post-verify rounds are common."""
+    model = _tiny_lm(seed, 32, 2, 10.0)
+    generator = torch.Generator().manual_seed(seed + 5)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.add_(torch.randn(param.shape, generator=generator) * noise * param.std())
+    return model
+
+
+@pytest.fixture(scope="module")
+def target_model():
+    return _tiny_lm(0, 32, 2, 10.0)
+
+
+DRAFTS = {  # an independent small model (agrees rarely) and a perturbed copy (agrees often)
+    "independent": lambda: _tiny_lm(1, 16, 1, 10.0),
+    "perturbed": lambda: _perturbed_copy(0, 0.3),
+}
+
+
+def _exact_distribution(model, warp: dict) -> torch.Tensor:
+    """P(tokens 0..GENERATED-1) of the target's own sampling, [V] * GENERATED, in float64."""
+    options = SamplingOptions(**warp)
+    joint = torch.zeros((VOCAB,) * GENERATED, dtype=torch.float64)
+    with torch.no_grad():
+        for prefix in itertools.product(range(VOCAB), repeat=GENERATED - 1):
+            logits = model(torch.tensor([PROMPT + list(prefix)])).logits[0].double()
+            probs = torch.softmax(warp_logits(logits, options.temperature, options.top_k,
+                                              options.top_p), dim=-1)
+            p = 1.0
+            for i, token in enumerate(prefix):
+                p *= float(probs[len(PROMPT) - 1 + i, token])
+            joint[prefix] = p * probs[-1]
+    return joint
+
+
+def _sample_runs(target_model, draft_model, mode: str, warp: dict, runs: int,
+                 acceptance_factory=TokenAcceptance) -> torch.Tensor:
+    """Counts [V] * GENERATED of the emitted tokens over `runs` seeded generations."""
+    target = LanguageModelRuntime.from_hf(target_model, 32)
+    draft = LanguageModelRuntime.from_hf(draft_model, 32)
+    ids = torch.tensor([PROMPT])
+    positions = torch.arange(len(PROMPT))[None]
+    generated = torch.arange(len(PROMPT), len(PROMPT) + 16)[None]
+    counts = torch.zeros((VOCAB,) * GENERATED, dtype=torch.int64)
+    for seed in range(runs):
+        acceptance = acceptance_factory(SamplingOptions(**warp, seed=seed), VOCAB)
+        target.reset()
+        draft.reset()
+        logits = target.prefill(target.embed(ids), positions).logits
+        draft.prefill(draft.embed(ids), positions)
+        first = acceptance.choose(logits[:, -1])
+        decoder = decode_after_prefill(
+            target, draft, first, generated, mode=mode, acceptance=acceptance,
+            draft_length=DraftLength(2), max_new_tokens=GENERATED, eos_ids=set())
+        counts[tuple(decoder.emitted)] += 1
+    return counts
+
+
+def _chi_square_passes(counts: torch.Tensor, probs: torch.Tensor, alpha_z: float = 3.719) -> bool:
+    """Pearson's chi-square against `probs`, cells with expected counts under 5 pooled; the
+    critical value is Wilson-Hilferty's approximation at z (3.719: a one-sided 1e-4)."""
+    total = int(counts.sum())
+    expected = probs.flatten() * total
+    observed = counts.flatten().double()
+    small = expected < 5
+    cells_e = torch.cat([expected[~small], expected[small].sum()[None]])
+    cells_o = torch.cat([observed[~small], observed[small].sum()[None]])
+    keep = cells_e > 0
+    if bool((cells_o[~keep] > 0).any()):
+        return False  # a token the target never samples
+    cells_e, cells_o = cells_e[keep], cells_o[keep]
+    statistic = float(((cells_o - cells_e) ** 2 / cells_e).sum())
+    df = cells_e.numel() - 1
+    critical = df * (1 - 2 / (9 * df) + alpha_z * math.sqrt(2 / (9 * df))) ** 3
+    return statistic < critical
+
+
+@pytest.mark.parametrize("warp", WARPS, ids=["t1", "t0.8-k5-p0.95"])
+@pytest.mark.parametrize("draft", sorted(DRAFTS))
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_sampling_matches_target_distribution(target_model, mode, draft, warp):
+    draft_model = DRAFTS[draft]()
+    exact = _exact_distribution(target_model, warp)
+    counts = _sample_runs(target_model, draft_model, mode, warp, RUNS)
+    # Each speculative token marginally, and the first two jointly. With g = 2, parallel
+    # decoding's pre-verify rounds and post-verify rounds (after a full acceptance) both emit.
+    for token in range(1, GENERATED):
+        others = tuple(d for d in range(GENERATED) if d != token)
+        assert _chi_square_passes(counts.sum(dim=others), exact.sum(dim=others)), token
+    assert _chi_square_passes(counts.sum(dim=(0, 3)), exact.sum(dim=(0, 3)))
+
+
+class _ResidualFromTarget(TokenAcceptance):
+    """A classic bug: after a rejection, sample from p instead of norm(max(0, p - q))."""
+
+    def verify(self, candidates, draft_probs, target_logits, *, bonus):
+        verdict = super().verify(candidates, draft_probs, target_logits, bonus=bonus)
+        probs = self.probabilities(target_logits[:, :candidates.shape[1] + int(bonus)])
+        row = probs[0, min(int(verdict.num_accepted), probs.shape[1] - 1)]
+        verdict.next_token = torch.multinomial(row, 1, generator=self.generator(row.device))
+        return verdict
+
+
+def test_the_check_catches_a_wrong_residual(target_model):
+    draft_model = DRAFTS["independent"]()
+    warp = WARPS[0]
+    exact = _exact_distribution(target_model, warp)
+    counts = _sample_runs(target_model, draft_model, "sequential", warp, RUNS,
+                          acceptance_factory=_ResidualFromTarget)
+    assert not _chi_square_passes(counts.sum(dim=(0, 2, 3)), exact.sum(dim=(0, 2, 3)))
