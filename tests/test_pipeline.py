@@ -1,0 +1,84 @@
+"""HippoPipeline's interface: what it returns, and one clear error for each mistake a user can
+make (mismatched pair, incompatible layouts, bad options, bad video, too few tokens)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hippo.assets import sample_video_path
+from hippo.models import load_adapter
+from hippo.models.base import HippoError
+from hippo.pipeline import HippoOptions, HippoPipeline
+from hippo.preserve import PreservationOptions
+from speculative_testing import make_pair
+
+
+def test_generate_from_a_video_file_returns_tokens_text_and_stats():
+    target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
+    out = HippoPipeline(target, draft).generate(sample_video_path(), "what moves?", 12,
+                                                num_frames=4)
+    assert len(out.tokens) == 12 or out.tokens[-1] == target.eos_token_id
+    assert isinstance(out.text, str)
+    assert out.stats.mode == "parallel" and out.stats.tokens == len(out.tokens)
+    assert out.stats.draft_prompt_tokens < out.stats.prompt_tokens  # 90% of the video pruned
+    ar = HippoPipeline(target, draft, mode="ar").generate(sample_video_path(), "what moves?", 12,
+                                                          num_frames=4)
+    assert ar.tokens == out.tokens
+    assert ar.stats.mean_accepted_tokens == 1.0
+
+
+def test_sampled_generation_repeats_with_a_seed():
+    target, draft = make_pair("llava_onevision", "perturbed-copy", seed=0)
+    frames = torch.from_numpy(__import__("numpy").zeros((3, 56, 56, 3), dtype="uint8"))
+    pipeline = HippoPipeline(target, draft, mode="sequential", gamma=3)
+    run = lambda seed: pipeline.generate(frames, "hi", 16, temperature=0.9, top_p=0.9,  # noqa: E731
+                                         seed=seed).tokens
+    assert run(5) == run(5)
+    assert run(5) != run(6)
+
+
+def test_mismatched_tokenizers_are_one_clear_error():
+    target = load_adapter("tiny-qwen2.5-vl")
+    with pytest.raises(HippoError, match="tokenizers differ"):
+        HippoPipeline(target, load_adapter("tiny-qwen2.5-vl-v640"))
+    with pytest.raises(HippoError, match="tokenizers differ"):
+        HippoPipeline(target, load_adapter("tiny-llava-onevision"))
+
+
+def test_pair_with_different_visual_layouts_is_a_clear_error():
+    # Same family and vocabulary, but 56-px and 70-px frames: different visual grids.
+    pipeline = HippoPipeline(load_adapter("tiny-llava-onevision"),
+                             load_adapter("tiny-llava-onevision-mha"))
+    with pytest.raises(HippoError, match="different token layouts"):
+        pipeline.generate(sample_video_path(), "hi", 4, num_frames=2)
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(mode="beam"), "unknown mode"),
+    (dict(draft_prefill="half"), "unknown draft_prefill"),
+    (dict(gamma=0), "gamma must be"),
+    (dict(gamma="fast"), "gamma must be"),
+    (dict(max_gamma=99), "max_gamma"),
+])
+def test_bad_options_are_clear_errors(options, message):
+    with pytest.raises(HippoError, match=message):
+        HippoOptions(**options)
+
+
+def test_bad_requests_are_clear_errors(tmp_path):
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    pipeline = HippoPipeline(target, draft)
+    with pytest.raises(HippoError, match="max_new_tokens"):
+        pipeline.generate(sample_video_path(), "hi", 0, num_frames=2)
+    with pytest.raises(HippoError):
+        pipeline.generate(tmp_path / "missing.mp4", "hi", 4)
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"not a video at all")
+    with pytest.raises(HippoError):
+        pipeline.generate(corrupt, "hi", 4)
+    with pytest.raises(HippoError, match="temperature"):
+        pipeline.generate(sample_video_path(), "hi", 4, num_frames=2, temperature=-1.0)
+    with pytest.raises(HippoError, match="self-speculation"):
+        HippoPipeline(target, None, draft_prefill="full+compact")
+    with pytest.raises(HippoError, match="keep_ratio"):
+        HippoPipeline(target, draft, preservation=PreservationOptions(keep_ratio=2.0))

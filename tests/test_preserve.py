@@ -1,0 +1,174 @@
+"""Token preservation (preserve.py) and the draft's cache of kept tokens (draft_cache.py).
+
+The draft keeps each visual token at its *original* position id: its logits after a pruned
+prefill (or a compacted full prefill, or a copy of the target's kept cache) must equal a
+reference HF forward over the same kept tokens at the same positions."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hippo.models import load_adapter
+from hippo.models.base import HippoError
+from hippo.preserve import PreservationOptions, kept_prompt_positions, preserve_tokens
+from hippo.runtime import LanguageModelRuntime, find_text_model
+from hippo.speculative.draft_cache import (compact_to_kept, copy_kept_cache, prefill_full,
+                                           prefill_pruned)
+from hippo_ext.token_selection import reference_select_visual_tokens
+from speculative_testing import FAMILY_PRESETS, sample_frames
+
+NEXT_TOKEN = 65
+
+
+def _prepared(family: str, device: str = "cpu", seed: int = 0, num_frames: int = 4):
+    adapter = load_adapter(FAMILY_PRESETS[family][0], seed=seed, device=device)
+    return adapter, adapter.prepare(sample_frames(family, num_frames), "which way does it move?")
+
+
+def _target_selection_inputs(adapter, prompt, options: PreservationOptions):
+    runtime = LanguageModelRuntime.from_hf(adapter.model, prompt.length + 8)
+    layers = options.selection_layers(len(runtime.layers))
+    query_len = options.text_query_len(prompt)
+    result = runtime.prefill(prompt.inputs_embeds, prompt.position_ids, query_layers=layers,
+                             query_len=query_len)
+    keys = runtime.cache.tensor[list(layers), 0, 0, :, :prompt.length]
+    return runtime, result.queries, keys
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_PRESETS))
+@pytest.mark.parametrize("method,per_frame", [("hippo", False), ("hippo", True),
+                                              ("attention", False)])
+def test_selection_equals_the_reference_op(family, method, per_frame):
+    adapter, prompt = _prepared(family)
+    options = PreservationOptions(keep_ratio=0.3, method=method, per_frame=per_frame)
+    _, queries, keys = _target_selection_inputs(adapter, prompt, options)
+    kept = preserve_tokens(prompt, options, queries, keys)
+    frames, height, width = prompt.grid
+    weights = options.weights if method == "hippo" else (1.0, 0.0, 0.0)
+    expected = reference_select_visual_tokens(
+        queries.double(), keys.double(), prompt.visual_features.double(), prompt.visual_start,
+        prompt.num_visual, round(0.3 * frames * height * width), per_frame, weights,
+        dtype=torch.float64).kept
+    assert kept.visual.tolist() == expected.tolist()
+    assert kept.positions.tolist() == kept_prompt_positions(prompt, expected).tolist()
+
+
+@pytest.mark.parametrize("per_frame", [False, True])
+@pytest.mark.parametrize("method", ["uniform", "random"])
+@pytest.mark.parametrize("keep_ratio", [0.0, 0.05, 0.5, 1.0])
+def test_uniform_and_random_selection(method, per_frame, keep_ratio):
+    _, prompt = _prepared("llava_onevision", num_frames=3)
+    frames, height, width = prompt.grid
+    grid = frames * height * width
+    kept = preserve_tokens(prompt, PreservationOptions(keep_ratio=keep_ratio, method=method,
+                                                       per_frame=per_frame))
+    visual = kept.visual.tolist()
+    count = round(keep_ratio * grid)
+    assert len(visual) == count + prompt.num_visual - grid  # LLaVA's newline is always kept
+    assert visual[count:] == list(range(grid, prompt.num_visual))
+    grid_part = visual[:count]
+    assert grid_part == sorted(set(grid_part)) and all(0 <= i < grid for i in grid_part)
+    if per_frame:
+        per = [sum(1 for i in grid_part if i // (height * width) == t) for t in range(frames)]
+        assert per == [count // frames + (t < count % frames) for t in range(frames)]
+    # Text positions are all kept, in order, around the kept visual ones.
+    positions = kept.positions.tolist()
+    assert positions == sorted(positions) and kept.length == len(positions)
+    assert len(positions) == prompt.length - prompt.num_visual + len(visual)
+
+
+def test_random_selection_is_seeded():
+    _, prompt = _prepared("qwen2_5_vl")
+    pick = lambda seed: preserve_tokens(  # noqa: E731
+        prompt, PreservationOptions(keep_ratio=0.5, method="random", seed=seed)).visual.tolist()
+    assert pick(3) == pick(3) and pick(3) != pick(4)
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(HippoError, match="unknown selection method"):
+        PreservationOptions(method="topk")
+    with pytest.raises(HippoError, match="keep_ratio"):
+        PreservationOptions(keep_ratio=1.5)
+    with pytest.raises(HippoError, match="selection layers"):
+        PreservationOptions(layers=(0, 9)).selection_layers(2)
+    _, prompt = _prepared("qwen2_5_vl")
+    with pytest.raises(HippoError, match="needs the target's queries"):
+        preserve_tokens(prompt, PreservationOptions())
+
+
+def _reference_logits(adapter, embeds, position_ids, cache=None):
+    """The HF language model's logits of its last position (fp32), optionally after a cache.
+    The explicit attention mask matters: without one, HF reads jumps in 1-D position ids as
+    packed sequences and masks across them."""
+    text_model, lm_head = find_text_model(adapter.model)
+    past = cache.get_seq_length() if cache is not None else 0
+    mask = torch.ones(1, past + embeds.shape[1], dtype=torch.long, device=embeds.device)
+    out = text_model(inputs_embeds=embeds, position_ids=position_ids, past_key_values=cache,
+                     attention_mask=mask, use_cache=cache is not None)
+    return lm_head(out.last_hidden_state[:, -1])
+
+
+def _next_token_inputs(adapter, prompt):
+    ids = torch.tensor([[NEXT_TOKEN]], device=prompt.input_ids.device)
+    return ids, prompt.generated_positions(0, 1)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_PRESETS))
+def test_pruned_draft_keeps_original_positions(device, family):
+    adapter, prompt = _prepared(family, device)
+    kept = preserve_tokens(prompt, PreservationOptions(keep_ratio=0.25, method="uniform"))
+    draft = LanguageModelRuntime.from_hf(adapter.model, prompt.length + 8)
+    ids, next_position = _next_token_inputs(adapter, prompt)
+    with torch.no_grad():
+        prefill_pruned(draft, prompt, kept.positions)
+        assert draft.length == kept.length
+        step_logits = draft.step(ids, next_position)[:, -1]
+        # Reference: the HF decoder over the kept tokens at their own positions, then the next
+        # token at the target's next position.
+        index = kept.positions
+        embeds = torch.cat([prompt.inputs_embeds[:, index], draft.embed(ids)], dim=1)
+        positions = torch.cat([prompt.position_ids[..., index], next_position], dim=-1)
+        expected = _reference_logits(adapter, embeds, positions)
+        # Keeping every token instead gives other logits: the positions matter.
+        compressed = torch.arange(kept.length + 1, device=embeds.device)
+        if prompt.position_ids.dim() == 3:
+            compressed = compressed[None, None].expand(3, 1, -1)
+        else:
+            compressed = compressed[None]
+        renumbered = _reference_logits(adapter, embeds, compressed)
+    error = float((step_logits - expected).abs().max())
+    assert error < 1e-4
+    assert float((renumbered - expected).abs().max()) > 10 * max(error, 1e-6)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_PRESETS))
+@pytest.mark.parametrize("source", ["full+compact", "self-speculative"])
+def test_compacted_cache_equals_kept_slice_of_full_cache(device, family, source):
+    """full+compact and self-speculation keep the full-context keys and values of the kept
+    tokens: a step over them equals HF's step over a cache sliced to the kept positions."""
+    from transformers import DynamicCache
+
+    adapter, prompt = _prepared(family, device)
+    kept = preserve_tokens(prompt, PreservationOptions(keep_ratio=0.25, method="random"))
+    draft = LanguageModelRuntime.from_hf(adapter.model, prompt.length + 8)
+    ids, next_position = _next_token_inputs(adapter, prompt)
+    with torch.no_grad():
+        if source == "full+compact":
+            prefill_full(draft, prompt)
+            compact_to_kept(draft, kept.positions)
+        else:
+            target = LanguageModelRuntime.from_hf(adapter.model, prompt.length + 8)
+            target.prefill(prompt.inputs_embeds, prompt.position_ids)
+            copy_kept_cache(target, draft, kept.positions)
+        assert draft.length == kept.length
+        step_logits = draft.step(ids, next_position)[:, -1]
+
+        text_model, _ = find_text_model(adapter.model)
+        full = text_model(inputs_embeds=prompt.inputs_embeds, position_ids=prompt.position_ids,
+                          use_cache=True).past_key_values
+        sliced = DynamicCache()
+        for layer_index, layer in enumerate(full.layers):
+            sliced.update(layer.keys[:, :, kept.positions], layer.values[:, :, kept.positions],
+                          layer_index)
+        expected = _reference_logits(adapter, draft.embed(ids), next_position, sliced)
+    torch.testing.assert_close(step_logits, expected, rtol=1e-4, atol=1e-4)
