@@ -39,6 +39,16 @@ class SamplingOptions:
         return self.temperature == 0.0
 
 
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """[B, V] probabilities -> [B] one sample each, by the exponential race: argmax p_i / E_i
+    with E_i ~ Exp(1) picks i with probability p_i / sum(p). Unlike torch.multinomial it never
+    synchronises with the host, which keeps a round of drafting free of syncs."""
+    race = torch.empty_like(probs).exponential_(generator=generator)
+    # A zero draw would turn 0 / 0 into NaN, which argmax would pick: keep draws positive.
+    race.clamp_min_(torch.finfo(race.dtype).tiny)
+    return (probs / race).argmax(dim=-1)
+
+
 @dataclass
 class Verdict:
     """Device tensors [1] of one verification: how many candidates were accepted and the token
@@ -93,8 +103,7 @@ class TokenAcceptance:
         if self.greedy:
             return logits[..., :self.vocab].argmax(dim=-1), None
         probs = self.probabilities(logits)
-        token = torch.multinomial(probs, 1, generator=self.generator(probs.device)).squeeze(-1)
-        return token, probs
+        return sample_categorical(probs, self.generator(probs.device)), probs
 
     def verify(self, candidates: torch.Tensor, draft_probs: torch.Tensor | None,
                target_logits: torch.Tensor, *, bonus: bool) -> Verdict:
