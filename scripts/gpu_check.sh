@@ -7,6 +7,7 @@
 #   scripts/gpu_check.sh build runtime          # runtime step times (bench_runtime.py --quick)
 #   scripts/gpu_check.sh build fast runtime     # CUDA tests of the step's ops and the runtime only
 #   scripts/gpu_check.sh build ncu              # Nsight Compute on decode_attention's split kernel
+#   scripts/gpu_check.sh build speculative      # HIPPO decoding: CUDA tests, time per round
 set -uo pipefail
 OUT=${OUT:-/tmp/hippo_out}
 mkdir -p "$OUT"
@@ -118,6 +119,16 @@ PY
         --section SourceCounters $PY scripts/ncu_decode_attention.py >"$OUT/ncu.txt" 2>&1
       echo "ncu exit $?"
       grep -E "split_kernel|Duration|DRAM Throughput|Warp Cycles Per Issued|Achieved Occupancy|excessive" "$OUT/ncu.txt" | head -60
+      ;;
+    speculative)
+      # HIPPO decoding on the GPU: its CUDA tests (graphs, two streams, bf16 near-ties), then
+      # time per round, sequential vs parallel, at a 7B/0.5B agreement pair with 32 frames.
+      for f in test_speculative_cuda test_speculative_greedy test_preserve; do
+        timeout "${TEST_TIMEOUT:-300}" $PYTEST "tests/$f.py" -rfE -q -s -m cuda >"$OUT/$f.log" 2>&1
+        echo "$f: $(tail -1 "$OUT/$f.log")"; grep -E "^(FAILED|ERROR)|Error:|near-tie" "$OUT/$f.log" | head -8
+      done
+      PYTHONPATH=python:. timeout 400 $PY benchmarks/bench_speculative.py --preset 7b \
+        --json "$OUT/speculative.json" 2>&1 | tee "$OUT/speculative.md" | tail -30
       ;;
     runtime)
       PYTHONPATH=python:. $PY benchmarks/bench_runtime.py --quick 2>&1 | tee "$OUT/runtime.md" | tail -25

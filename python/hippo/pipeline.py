@@ -28,6 +28,7 @@ from hippo.video import load_video
 
 MODES = ("ar", "sequential", "parallel")
 USE_TARGET_EOS = "target"
+RUNTIME_OPTIONS = ("use_cuda_graphs", "step_invariant", "draft_device")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,15 @@ class HippoPipeline:
         self._runtimes: dict[str, LanguageModelRuntime] = {}
 
     # --------------------------------------------------------------------------- public API
+
+    def with_options(self, **overrides) -> "HippoPipeline":
+        """The same pair under other options (mode, gamma, keep ratio, ...). The runtimes, their
+        caches and CUDA graphs are shared when the options they depend on stay the same."""
+        pipeline = HippoPipeline(self.target, self.draft, replace(self.options, **overrides))
+        if all(getattr(pipeline.options, name) == getattr(self.options, name)
+               for name in RUNTIME_OPTIONS):
+            pipeline._runtimes = self._runtimes
+        return pipeline
 
     def prepare(self, video: str | Path | torch.Tensor, prompt: str | list[int], *,
                 num_frames: int | None = 16, fps: float | None = None
@@ -187,8 +197,9 @@ class HippoPipeline:
             runtime, prompt, max_new_tokens, list(eos_ids) or None,
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
             generator=generator)
-        stats = GenerationStats(mode="ar", prompt_tokens=prompt.length,
-                                target_steps=max(len(result.tokens) - 1, 0),
+        steps = max(len(result.tokens) - 1, 0)
+        stats = GenerationStats(mode="ar", prompt_tokens=prompt.length, target_steps=steps,
+                                rounds=steps, draft_prompt_tokens=0,
                                 prefill_s=result.prefill_s, verify_s=result.decode_s,
                                 decode_s=result.decode_s)
         return stats, result.tokens

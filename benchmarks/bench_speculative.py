@@ -1,0 +1,128 @@
+"""Time per round of HIPPO decoding, sequential vs parallel, with the measured MAT beside every
+figure.
+
+A plain script: `python benchmarks/bench_speculative.py --help`.
+
+It builds a synthetic agreement pair (hippo.models.agreement: the real per-step costs of a
+Qwen2-7B-shaped target and a Qwen2-0.5B-shaped draft, with the agreement set by eps) and a
+synthetic video prompt (frames x 14 x 14 visual tokens with random features, as a 384-px
+LLaVA-OneVision frame after pooling gives 196 tokens, between two stretches of text). For each
+eps it runs, on the same prompt and after one warm-up generation each (CUDA graphs captured):
+  * hippo's AR baseline (the target alone, one graph step per token);
+  * sequential speculative decoding and parallel (HIPPO) decoding at each requested g, and
+    parallel with adaptive g;
+and prints one markdown table: MAT and acceptance, decode time per token and its speedup over
+AR, time per round and the busy time of its draft and verify parts (which overlap in parallel
+mode), and the prefill-stage times (target prefill, selection, draft prefill). Greedy outputs are
+checked against AR (a mismatch is reported: on a GPU in bf16 it may be a near-tie).
+
+`--preset tiny` runs tiny fp32 models on the CPU as a smoke test (host clock).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from hippo.models.agreement import (QWEN2_0_5B, QWEN2_7B, TINY_DRAFT, TINY_TARGET,
+                                    AgreementPair, synthetic_prompt)
+from hippo.pipeline import HippoPipeline
+from hippo.preserve import PreservationOptions
+from hippo.speculative.acceptance import SamplingOptions
+
+PRESETS = {
+    # target, draft, dtype, device, frames, grid, eps values, vocab
+    "7b": dict(target=QWEN2_7B, draft=QWEN2_0_5B, dtype=torch.bfloat16, device="cuda",
+               frames=32, grid=(14, 14), eps=(0.003, 0.01, 0.03), vocab=152064),
+    "tiny": dict(target=TINY_TARGET, draft=TINY_DRAFT, dtype=torch.float32, device="cpu",
+                 frames=4, grid=(6, 6), eps=(1.0, 3.0, 6.0), vocab=1000),
+}
+
+
+def _run(pipeline: HippoPipeline, target_prompt, draft_prompt, new_tokens: int):
+    output = pipeline.generate_prepared(target_prompt, draft_prompt, new_tokens,
+                                        SamplingOptions(), set())
+    return output
+
+
+def _row(label: str, gamma, eps: float, output, ar_ms_per_token: float | None,
+         matches: bool) -> dict:
+    s = output.stats
+    steps = max(s.tokens - 1, 1)
+    ms_per_token = 1e3 * s.decode_s / steps
+    rounds = max(s.rounds, 1)
+    return dict(method=label, gamma=gamma, eps=eps, mat=round(s.mean_accepted_tokens, 2),
+                acceptance=round(s.acceptance_rate, 3), tokens=s.tokens,
+                ms_per_token=round(ms_per_token, 3),
+                speedup=round(ar_ms_per_token / ms_per_token, 2) if ar_ms_per_token else 1.0,
+                round_ms=round(1e3 * s.decode_s / rounds, 3),
+                draft_ms_per_round=round(1e3 * s.draft_s / rounds, 3),
+                verify_ms_per_round=round(1e3 * s.verify_s / rounds, 3),
+                mean_gamma=round(s.mean_gamma, 2),
+                prefill_ms=round(1e3 * s.prefill_s, 1), selection_ms=round(1e3 * s.selection_s, 2),
+                draft_prefill_ms=round(1e3 * s.draft_prefill_s, 1), matches_ar=matches)
+
+
+def _table(rows: list[dict]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="7b")
+    parser.add_argument("--eps", type=float, nargs="*", help="agreement knob values")
+    parser.add_argument("--gammas", type=int, nargs="*", default=[4, 8])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--frames", type=int, help="video frames (default: the preset's)")
+    parser.add_argument("--keep-ratio", type=float, default=0.1)
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    preset = PRESETS[args.preset]
+    if preset["device"] == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("the 7b preset needs a GPU; use --preset tiny on the CPU")
+
+    eps_values = args.eps or preset["eps"]
+    started = time.perf_counter()
+    pair = AgreementPair(preset["target"], preset["draft"], eps=eps_values[0],
+                         vocab=preset["vocab"], dtype=preset["dtype"], device=preset["device"])
+    frames = args.frames or preset["frames"]
+    prompts = [synthetic_prompt(adapter, frames=frames, grid=preset["grid"])
+               for adapter in (pair.target, pair.draft)]
+    device_name = (torch.cuda.get_device_name() if preset["device"] == "cuda" else "CPU")
+    print(f"# {args.preset}: {device_name}, {preset['dtype']}, prompt {prompts[0].length} "
+          f"tokens ({frames} frames), keep ratio {args.keep_ratio}, {args.new_tokens} new "
+          f"tokens; built in {time.perf_counter() - started:.1f} s")
+
+    base = HippoPipeline(pair.target, pair.draft, mode="ar",
+                         preservation=PreservationOptions(keep_ratio=args.keep_ratio))
+    configs = [("ar", "ar", 1)]
+    configs += [(f"sequential g={g}", "sequential", g) for g in args.gammas]
+    configs += [(f"parallel g={g}", "parallel", g) for g in args.gammas]
+    configs += [("parallel g=auto", "parallel", "auto")]
+    pipelines = {label: base.with_options(mode=mode, gamma=gamma)
+                 for label, mode, gamma in configs}
+    rows = []
+    for eps in eps_values:
+        pair.set_eps(eps)
+        reference, ar_ms = None, None
+        for label, _, gamma in configs:
+            pipeline = pipelines[label]
+            _run(pipeline, *prompts, min(args.new_tokens, 16))  # warm-up: graphs captured
+            output = _run(pipeline, *prompts, args.new_tokens)
+            if reference is None:
+                reference = output.tokens
+                ar_ms = 1e3 * output.stats.decode_s / max(output.stats.tokens - 1, 1)
+            rows.append(_row(label, gamma, eps, output, ar_ms, output.tokens == reference))
+        print(_table([r for r in rows if r["eps"] == eps]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(preset=args.preset, device=device_name, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
