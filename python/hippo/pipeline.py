@@ -10,6 +10,8 @@ baseline every speedup is measured against.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -240,11 +242,11 @@ class HippoPipeline:
         first token [1])."""
         options, preservation = self.options, self.options.preservation
         full_draft = options.draft_prefill == "full+compact" and draft_prompt is not None
-        with _Phase(stats, "draft_prefill", draft.device, side_stream=True) as phase:
-            if full_draft:  # on its own stream: overlaps the target prefill below
+        overlap = _SideStream(draft.device)
+        if full_draft:  # issued first, on its own stream: it overlaps the target prefill
+            with overlap:
                 prefill_full(draft, draft_prompt)
-            phase.defer()
-        with _Phase(stats, "prefill", target.device):
+        with _timed(stats, "prefill", target.device):
             target.reset()
             layers = preservation.selection_layers(len(target.layers))
             query_len = preservation.text_query_len(target_prompt)
@@ -252,14 +254,15 @@ class HippoPipeline:
                                     query_layers=layers if preservation.needs_queries else (),
                                     query_len=query_len if preservation.needs_queries else 0)
             first_token = acceptance.choose(result.logits[:, -1])
-        phase.finish()
-        with _Phase(stats, "selection", target.device):
+        with _timed(stats, "selection", target.device):
             keys = None
             if preservation.needs_queries:
                 index = torch.tensor(layers, device=target.device)
                 keys = target.cache.tensor[:, 0, 0, :, :target_prompt.length].index_select(0, index)
             kept = preserve_tokens(target_prompt, preservation, result.queries, keys)
-        with _Phase(stats, "draft_prefill", draft.device):
+        # The draft's part beyond what overlapped the target's prefill.
+        with _timed(stats, "draft_prefill", draft.device):
+            overlap.join()
             if self.self_speculative:
                 draft.reset()
                 copy_kept_cache(target, draft, kept.positions)
@@ -270,43 +273,40 @@ class HippoPipeline:
         return kept, first_token
 
 
-class _Phase:
-    """Wall time of one prefill-stage phase into stats.<name>_s (synchronising on CUDA).
+@contextmanager
+def _timed(stats: GenerationStats, name: str, device: torch.device) -> Iterator[None]:
+    """Add the wall time of the block, its device work included, to stats.<name>_s."""
+    started = time.perf_counter()
+    yield
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    setattr(stats, f"{name}_s", getattr(stats, f"{name}_s") + time.perf_counter() - started)
 
-    side_stream=True issues the block on a side stream of the device and lets the caller
-    overlap other work: defer() leaves the block without waiting, finish() waits and books."""
 
-    def __init__(self, stats: GenerationStats, name: str, device: torch.device,
-                 side_stream: bool = False) -> None:
-        self.stats, self.name, self.device = stats, name, device
-        self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if side_stream and self.cuda else None
-        self._deferred = False
+class _SideStream:
+    """A stream of `device` that starts after the work issued so far (nothing on the CPU);
+    `with side:` issues work on it, join() makes the current stream wait for it."""
 
-    def __enter__(self) -> "_Phase":
-        self.started = time.perf_counter()
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._context = None
+
+    def __enter__(self) -> "_SideStream":
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             self._context = torch.cuda.stream(self.stream)
             self._context.__enter__()
         return self
 
-    def defer(self) -> None:
-        self._deferred = True
-
     def __exit__(self, *exc) -> None:
-        if self.stream is not None:
+        if self._context is not None:
             self._context.__exit__(*exc)
-        if not self._deferred:
-            self.finish()
+            self._context = None
 
-    def finish(self) -> None:
+    def join(self) -> None:
         if self.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-        elapsed = time.perf_counter() - self.started
-        setattr(self.stats, f"{self.name}_s", getattr(self.stats, f"{self.name}_s") + elapsed)
 
 
 def _kept_length(prompt: PreparedPrompt, keep_ratio: float) -> int:
