@@ -86,5 +86,6 @@ setup(
     package_dir={"hippo": "python/hippo"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
+    entry_points={"console_scripts": ["hippo = hippo.cli:main"]},
     zip_safe=False,
 )

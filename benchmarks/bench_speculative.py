@@ -37,7 +37,7 @@ PRESETS = {
     "7b": dict(target=QWEN2_7B, draft=QWEN2_0_5B, dtype=torch.bfloat16, device="cuda",
                frames=32, grid=(14, 14), eps=(0.003, 0.01, 0.03), vocab=152064),
     "tiny": dict(target=TINY_TARGET, draft=TINY_DRAFT, dtype=torch.float32, device="cpu",
-                 frames=4, grid=(6, 6), eps=(1.0, 3.0, 6.0), vocab=1000),
+                 frames=4, grid=(6, 6), eps=(0.1, 0.3, 0.6), vocab=1000),
 }
 
 

@@ -41,7 +41,7 @@ def test_logits_agree_when_layers_are_scaled_away(pair):
 def test_agreement_falls_as_eps_grows(pair):
     ids = torch.randint(0, 300, (4, 64), generator=torch.Generator().manual_seed(1))
     agreement = []
-    for eps in (1e-6, 2.0, 8.0, 32.0):
+    for eps in (1e-6, 0.3, 1.0, 4.0):
         pair.set_eps(eps)
         agreement.append(_next_token_agreement(pair, ids))
     assert agreement[0] == 1.0
@@ -51,7 +51,7 @@ def test_agreement_falls_as_eps_grows(pair):
 
 
 def test_speculative_decoding_over_the_pair_is_lossless(pair):
-    pair.set_eps(4.0)
+    pair.set_eps(0.3)
     prompts = [synthetic_prompt(adapter, frames=3, grid=(4, 4)) for adapter in (pair.target,
                                                                                 pair.draft)]
     pipeline = HippoPipeline(pair.target, pair.draft, mode="ar")
@@ -67,7 +67,7 @@ def test_bench_speculative_runs_on_the_cpu(tmp_path):
     out = tmp_path / "rows.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_speculative.py"), "--preset", "tiny",
-         "--eps", "3.0", "--gammas", "3", "--new-tokens", "24", "--json", str(out)],
+         "--eps", "0.3", "--gammas", "3", "--new-tokens", "24", "--json", str(out)],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
         env={**__import__("os").environ, "PYTHONPATH": f"{ROOT / 'python'}:{ROOT}"})
     assert result.returncode == 0, result.stderr[-2000:]

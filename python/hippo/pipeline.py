@@ -142,7 +142,7 @@ class HippoPipeline:
         target_prompt, draft_prompt = self.prepare(video, prompt, num_frames=num_frames, fps=fps)
         output = self.generate_prepared(
             target_prompt, draft_prompt, max_new_tokens,
-            SamplingOptions(temperature, top_k, top_p, seed), self._eos(eos_token_id))
+            SamplingOptions(temperature, top_k, top_p, seed), self.eos_ids(eos_token_id))
         output.stats.total_s = time.perf_counter() - started
         return output
 
@@ -153,6 +153,7 @@ class HippoPipeline:
         """generate() after prepare(): the language-model part alone (what benchmarks time)."""
         if max_new_tokens < 1:
             raise HippoError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        _check_context_fits(self.target, target_prompt.length + max_new_tokens)
         started = time.perf_counter()
         if self.options.mode == "ar":
             stats, tokens = self._generate_autoregressive(target_prompt, max_new_tokens,
@@ -167,7 +168,8 @@ class HippoPipeline:
 
     # ---------------------------------------------------------------------------- internals
 
-    def _eos(self, eos_token_id: int | list[int] | None | str) -> set[int]:
+    def eos_ids(self, eos_token_id: int | list[int] | None | str = USE_TARGET_EOS) -> set[int]:
+        """The stop tokens: the target's own by default, none for None."""
         if eos_token_id == USE_TARGET_EOS:
             eos_token_id = self.target.eos_token_id
         if eos_token_id is None:
@@ -307,6 +309,15 @@ class _SideStream:
     def join(self) -> None:
         if self.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+
+def _check_context_fits(adapter: VideoLLMAdapter, length: int) -> None:
+    """The prompt plus every new token must fit the model's trained context."""
+    limit = getattr(adapter.text_model.config, "max_position_embeddings", None)
+    if limit is not None and length > limit:
+        raise HippoError(
+            f"context too long: {length} tokens (prompt plus max_new_tokens) exceed the "
+            f"model's {limit} positions; use fewer frames or ask for fewer tokens")
 
 
 def _kept_length(prompt: PreparedPrompt, keep_ratio: float) -> int:

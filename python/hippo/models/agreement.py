@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from hippo.models.base import PreparedPrompt, VideoLLMAdapter
+from hippo.runtime.decoder import find_text_model
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class LanguageModelShape:
 # Qwen2 shapes (the language models of Qwen2.5-VL-7B and LLaVA-OneVision-0.5B).
 QWEN2_7B = LanguageModelShape(3584, 28, 28, 4, 18944)
 QWEN2_0_5B = LanguageModelShape(896, 24, 14, 2, 4864)
-TINY_TARGET = LanguageModelShape(128, 2, 4, 2, 256)
-TINY_DRAFT = LanguageModelShape(64, 1, 2, 1, 128)
+TINY_TARGET = LanguageModelShape(256, 6, 8, 2, 1024)  # heavy enough on a CPU to pay off
+TINY_DRAFT = LanguageModelShape(32, 1, 2, 1, 64)
 QWEN2_VOCAB = 152064
 
 
@@ -81,12 +82,80 @@ def _qwen2(shape: LanguageModelShape, vocab: int, dtype: torch.dtype, device: st
 
 
 def _output_projections(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [w for layer in model.model.layers
+    text_model, _ = find_text_model(model)
+    return [w for layer in text_model.layers
             for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)]
 
 
+class AgreementKnob:
+    """The agreement of a constructed pair: set_eps rescales every output projection of both
+    models in place, from the current eps to the new one (> 0: a zero scale could not be raised
+    again; 1e-6 already means full agreement)."""
+
+    def __init__(self, models: tuple[torch.nn.Module, ...], eps: float) -> None:
+        self._weights = [w for model in models for w in _output_projections(model)]
+        self.eps = 1.0
+        self.set_eps(eps)
+
+    @torch.no_grad()
+    def set_eps(self, eps: float) -> None:
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        for weight in self._weights:
+            weight.mul_(eps / self.eps)
+        self.eps = eps
+
+
+@torch.no_grad()
+def make_agreement(target: torch.nn.Module, draft: torch.nn.Module, eps: float,
+                   seed: int = 0) -> AgreementKnob:
+    """Rewrite two HF models of one family (a Qwen2 causal LM, or Qwen2.5-VL) into an agreement
+    pair, in place: random N(0, 1) token embeddings shared through the lift, the target's head
+    the lifted draft head, its final norm rescaled, and (Qwen2.5-VL) the draft's vision tower
+    copied into the target's with the merger's output lifted, so that visual embeddings agree
+    too. Returns the eps knob."""
+    text_t, head_t = find_text_model(target)
+    text_d, head_d = find_text_model(draft)
+    hidden_t, hidden_d = head_t.in_features, head_d.in_features
+    generator = torch.Generator().manual_seed(seed)
+    # The products run on the target's device (a 7B-wide embedding is 2 GB in float32).
+    device = head_t.weight.device
+    lift = _orthonormal_columns(hidden_t, hidden_d, generator).to(device)  # [H_t, H_d]
+    embedding = torch.randn(text_d.embed_tokens.weight.shape, generator=generator).to(device)
+    _assign(text_d.embed_tokens.weight, embedding)
+    _assign(text_t.embed_tokens.weight, embedding @ lift.T)
+    del embedding
+    if head_t.weight.data_ptr() != text_t.embed_tokens.weight.data_ptr():  # untied heads
+        _assign(head_t.weight, head_d.weight.to(device, torch.float32) @ lift.T)
+    text_d.norm.weight.fill_(1.0)
+    text_t.norm.weight.fill_(math.sqrt(hidden_d / hidden_t))
+    visual_t = getattr(getattr(target, "model", None), "visual", None)
+    visual_d = getattr(getattr(draft, "model", None), "visual", None)
+    if visual_t is not None and visual_d is not None:
+        _share_vision(visual_t, visual_d, lift)
+    return AgreementKnob((target, draft), eps)
+
+
+def _share_vision(visual_t: torch.nn.Module, visual_d: torch.nn.Module,
+                  lift: torch.Tensor) -> None:
+    """Qwen2.5-VL: the target's vision tower becomes the draft's, its merger's last projection
+    lifted into the target's width (the merger ends in a linear map, which commutes with Q)."""
+    last_t, last_d = visual_t.merger.mlp[-1], visual_d.merger.mlp[-1]
+    for (name, param_t), (_, param_d) in zip(visual_t.named_parameters(),
+                                             visual_d.named_parameters()):
+        if param_t.shape == param_d.shape and not name.startswith("merger.mlp." + str(
+                len(visual_t.merger.mlp) - 1)):
+            param_t.copy_(param_d)
+    _assign(last_t.weight, lift @ last_d.weight.to(lift.device, torch.float32))
+    _assign(last_t.bias, lift @ last_d.bias.to(lift.device, torch.float32))
+
+
+def _assign(param: torch.Tensor, value: torch.Tensor) -> None:
+    param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+
 class AgreementPair:
-    """(target, draft) SyntheticAdapters with agreement knob eps (set_eps changes it in place)."""
+    """(target, draft) SyntheticAdapters of the given Qwen2 shapes, with knob eps (set_eps)."""
 
     def __init__(self, target_shape: LanguageModelShape, draft_shape: LanguageModelShape, *,
                  eps: float, vocab: int = QWEN2_VOCAB, dtype: torch.dtype = torch.float32,
@@ -94,35 +163,20 @@ class AgreementPair:
         torch.manual_seed(seed)
         draft = _qwen2(draft_shape, vocab, dtype, device)
         target = _qwen2(target_shape, vocab, dtype, device)
-        with torch.no_grad():
-            lift = _orthonormal_columns(target_shape.hidden_size, draft_shape.hidden_size,
-                                        device)  # [H_t, H_d]
-            embedding = torch.randn(vocab, draft_shape.hidden_size, device=device)
-            draft.model.embed_tokens.weight.copy_(embedding)
-            target.model.embed_tokens.weight.copy_(embedding @ lift.T)
-            head = draft.lm_head.weight.float()
-            target.lm_head.weight.copy_(head @ lift.T)
-            target.model.norm.weight.fill_(math.sqrt(draft_shape.hidden_size
-                                                     / target_shape.hidden_size))
+        self.knob = make_agreement(target, draft, eps, seed)
         self.target, self.draft = SyntheticAdapter(target), SyntheticAdapter(draft)
-        self.eps = 1.0
-        self.set_eps(eps)
 
-    @torch.no_grad()
+    @property
+    def eps(self) -> float:
+        return self.knob.eps
+
     def set_eps(self, eps: float) -> None:
-        """Rescale every output projection of both models from the current eps to `eps` (> 0:
-        a zero scale could not be raised again; 1e-6 already means full agreement)."""
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps}")
-        for weight in _output_projections(self.target.model) + _output_projections(
-                self.draft.model):
-            weight.mul_(eps / self.eps)
-        self.eps = eps
+        self.knob.set_eps(eps)
 
 
-def _orthonormal_columns(rows: int, columns: int, device: str) -> torch.Tensor:
-    """A [rows, columns] matrix with orthonormal columns (float32)."""
-    q, _ = torch.linalg.qr(torch.randn(rows, columns, device=device))
+def _orthonormal_columns(rows: int, columns: int, generator: torch.Generator) -> torch.Tensor:
+    """A [rows, columns] matrix with orthonormal columns (float32, CPU)."""
+    q, _ = torch.linalg.qr(torch.randn(rows, columns, generator=generator))
     return q
 
 
@@ -146,3 +200,16 @@ def synthetic_prompt(adapter: SyntheticAdapter, *, frames: int, grid: tuple[int,
                           visual_start=text_before, num_visual=num_visual,
                           grid=(frames, height, width),
                           visual_features=features.to(device=device, dtype=embeds.dtype))
+
+
+def agreement_adapters(target_preset: str, draft_preset: str, eps: float, *, seed: int = 0,
+                       device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+                       ) -> tuple[VideoLLMAdapter, VideoLLMAdapter, AgreementKnob]:
+    """Two tiny video-LLM presets of one family (Qwen2.5-VL) made into an agreement pair:
+    (target adapter, draft adapter, eps knob). Real video in, real vision towers, synthetic
+    weights."""
+    from hippo.models import load_adapter
+
+    target = load_adapter(target_preset, seed=seed, device=device, dtype=dtype)
+    draft = load_adapter(draft_preset, seed=seed + 1, device=device, dtype=dtype)
+    return target, draft, make_agreement(target.model, draft.model, eps, seed)

@@ -1,0 +1,86 @@
+"""`hippo bench`: the end-to-end benchmark on a preset, or a benchmark set from a local
+directory (`--dataset NAME --root DIR`)."""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from hippo.models.base import HippoError
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from hippo.bench.end_to_end import METHODS, PRESETS
+
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="tiny (CPU) or 7b (GPU: Qwen2-7B target, Qwen2-0.5B draft, bf16); "
+                             "default: 7b with a GPU, tiny without")
+    parser.add_argument("--frames", type=int, nargs="*", help="frame counts (196 tokens each)")
+    parser.add_argument("--eps", type=float, nargs="*", help="agreement knob values to sweep")
+    parser.add_argument("--gamma", type=int, default=12,
+                        help="draft tokens per round of sequential SD and HF assisted")
+    parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--keep-ratio", type=float, default=0.1)
+    parser.add_argument("--out-dir", default="hippo-bench", help="where bench.json and bench.png go")
+    sets = parser.add_argument_group("benchmark sets (instead of a preset)")
+    sets.add_argument("--dataset", help="videomme, mvbench, longvideobench, mlvu, lvbench or vdc")
+    sets.add_argument("--root", help="the benchmark set's local directory")
+    sets.add_argument("--target", default="tiny-qwen2.5-vl", help="checkpoint directory or preset")
+    sets.add_argument("--draft", default="tiny-qwen2.5-vl-draft")
+    sets.add_argument("--limit", type=int, help="questions per set")
+    sets.add_argument("--max-new-tokens", type=int, default=64)
+    sets.add_argument("--num-frames", type=int, default=16)
+
+
+def run_bench(args: argparse.Namespace) -> list[dict]:
+    for name in ("new_tokens", "gamma", "limit", "max_new_tokens", "num_frames"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise HippoError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.dataset:
+        return _run_dataset(args, out_dir)
+    from hippo.bench.end_to_end import PRESETS, run_end_to_end
+    from hippo.bench.plot import plot_speedup_vs_mat
+    from hippo.report import markdown_table
+
+    name = args.preset or ("7b" if torch.cuda.is_available() else "tiny")
+    preset = PRESETS[name]
+    if preset.device == "cuda" and not torch.cuda.is_available():
+        raise HippoError("the 7b preset needs a CUDA GPU; use --preset tiny on a CPU")
+    device = torch.cuda.get_device_name() if preset.device == "cuda" else "CPU"
+    print(f"hippo bench --preset {name}: synthetic agreement pairs (random weights; acceptance "
+          f"measured, never faked) on {device}")
+    rows = run_end_to_end(preset, frames=tuple(args.frames or ()) or None,
+                          eps_values=tuple(args.eps or ()) or None, gamma=args.gamma,
+                          new_tokens=args.new_tokens, methods=tuple(args.methods),
+                          keep_ratio=args.keep_ratio)
+    print(markdown_table(rows))
+    report = dict(preset=name, device=device, dtype=str(preset.dtype),
+                  target=asdict(preset.target), draft=asdict(preset.draft), rows=rows)
+    (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
+    figure = plot_speedup_vs_mat(rows, out_dir / "bench.png", f"hippo bench {name} ({device})")
+    print(f"wrote {out_dir / 'bench.json'} and {figure}")
+    return rows
+
+
+def _run_dataset(args: argparse.Namespace, out_dir: Path) -> list[dict]:
+    from hippo.bench.dataset_runner import run_benchmark_set
+    from hippo.report import markdown_table
+
+    if not args.root:
+        raise HippoError("--dataset needs --root, the benchmark set's local directory")
+    summary, rows = run_benchmark_set(
+        args.dataset, args.root, target=args.target, draft=args.draft, limit=args.limit,
+        max_new_tokens=args.max_new_tokens, num_frames=args.num_frames,
+        keep_ratio=args.keep_ratio)
+    print(markdown_table(rows))
+    print(markdown_table([summary]))
+    (out_dir / f"{args.dataset}.json").write_text(json.dumps(dict(summary=summary, rows=rows),
+                                                             indent=1))
+    return rows

@@ -1,0 +1,36 @@
+"""The benchmark's figure: speedup over HF `generate` against the measured MAT, one line per
+method (and per frame count)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_speedup_vs_mat(rows: list[dict], path: str | Path, title: str) -> Path:
+    """x: the pair's MAT at each eps (sequential SD's measured MAT), y: decode speedup over HF
+    generate. Written as PNG (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    series: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for row in rows:
+        if row.get("pair_MAT") is None or row.get("x hf_generate") is None:
+            continue
+        series.setdefault((row["method"], row["frames"]), []).append(
+            (row["pair_MAT"], row["x hf_generate"]))
+    for (method, frames), points in sorted(series.items()):
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                  label=f"{method} ({frames} frames)")
+    axes.axhline(1.0, color="grey", linewidth=0.8)
+    axes.set_xlabel("measured MAT (sequential SD, same pair)")
+    axes.set_ylabel("decode speedup over HF generate")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,130 @@
+"""The `hippo` command: `hippo demo`, `hippo generate`, `hippo bench`.
+
+Every error a user can cause (a missing path, an unsupported model, a mismatched pair, an
+unreadable video, a context too long) is printed as one line on stderr with a non-zero exit
+status, never as a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+EXIT_USER_ERROR = 2
+
+
+def _gamma(text: str) -> int | str:
+    return text if text == "auto" else int(text)
+
+
+def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mode", choices=("ar", "sequential", "parallel"), default="parallel")
+    parser.add_argument("--gamma", type=_gamma, default="auto",
+                        help="draft tokens per round: an int, or 'auto' (PEARL's T_target/T_draft)")
+    parser.add_argument("--keep-ratio", type=float, default=0.1,
+                        help="fraction of visual tokens the draft keeps (default 0.1: 90%% pruned)")
+    parser.add_argument("--selection", choices=("hippo", "attention", "uniform", "random"),
+                        default="hippo")
+    parser.add_argument("--draft-prefill", choices=("pruned", "full+compact"), default="pruned")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hippo", description=(
+        "HIPPO: lossless speculative decoding for video LLMs"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="HIPPO on the embedded default (synthetic weights)")
+    demo.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+    demo.add_argument("--eps", type=float, default=0.1, help="agreement of the synthetic pair")
+    demo.add_argument("--frames", type=int, default=16)
+    demo.add_argument("--max-new-tokens", type=int, default=96)
+
+    gen = commands.add_parser("generate", help="answer a prompt about a video with real checkpoints")
+    gen.add_argument("--target", required=True, help="local checkpoint directory (or a preset)")
+    gen.add_argument("--draft", help="the draft's checkpoint directory; omitted: the target "
+                                     "drafts for itself over its pruned cache")
+    gen.add_argument("--video", required=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--frames", type=int, default=16)
+    gen.add_argument("--fps", type=float, help="sample by rate instead of a frame count")
+    _add_decoding_options(gen)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-p", type=float)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--device", help="where the target runs (default: cuda when present)")
+    gen.add_argument("--draft-device", help="where the draft runs (default: the target's)")
+    gen.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+
+    from hippo.bench.command import add_bench_arguments
+
+    add_bench_arguments(commands.add_parser(
+        "bench", help="end-to-end benchmark: HF, HF assisted, hippo AR, sequential SD, HIPPO"))
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from hippo.models import load_adapter
+    from hippo.pipeline import HippoPipeline
+    from hippo.preserve import PreservationOptions
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    target = load_adapter(args.target, dtype=dtype, device=device)
+    draft = load_adapter(args.draft, dtype=dtype, device=args.draft_device or device) \
+        if args.draft else None
+    pipeline = HippoPipeline(
+        target, draft, mode=args.mode, gamma=args.gamma, draft_prefill=args.draft_prefill,
+        draft_device=args.draft_device,
+        preservation=PreservationOptions(keep_ratio=args.keep_ratio, method=args.selection))
+    out = pipeline.generate(args.video, args.prompt, args.max_new_tokens, num_frames=args.frames,
+                            fps=args.fps, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed)
+    stats = out.stats.as_dict()
+    if args.json:
+        print(json.dumps({"text": out.text, "tokens": out.tokens, "stats": stats}))
+        return
+    print(out.text if out.text is not None else out.tokens)
+    print(f"\n{out.stats.tokens} tokens, MAT {out.stats.mean_accepted_tokens:.2f}, acceptance "
+          f"{out.stats.acceptance_rate:.2f}, {out.stats.tokens_per_s:.1f} tokens/s "
+          f"({args.mode}; prefill {1e3 * out.stats.prefill_s:.0f} ms, selection "
+          f"{1e3 * out.stats.selection_s:.1f} ms, draft {1e3 * out.stats.draft_s:.0f} ms, "
+          f"verify {1e3 * out.stats.verify_s:.0f} ms)", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from hippo.models.base import HippoError
+
+    try:
+        if args.command == "demo":
+            from hippo.demo import run_demo
+
+            run_demo(device=args.device, eps=args.eps, frames=args.frames,
+                     max_new_tokens=args.max_new_tokens)
+        elif args.command == "generate":
+            _generate(args)
+        else:
+            from hippo.bench.command import run_bench
+
+            run_bench(args)
+    except (HippoError, ValueError, FileNotFoundError, NotADirectoryError) as error:
+        print(f"hippo {args.command}: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The `hippo` command: demo, generate and bench run on a CPU, and every user error is one line on
+stderr with exit status 2, never a traceback."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hippo.assets import sample_video_path
+from hippo.cli import EXIT_USER_ERROR, main
+
+PAIR = ["--target", "tiny-qwen2.5-vl", "--draft", "tiny-qwen2.5-vl-draft"]
+
+
+def _generate(*extra: str) -> list[str]:
+    return ["generate", *PAIR, "--video", str(sample_video_path()), "--prompt", "what moves?",
+            "--frames", "4", "--max-new-tokens", "10", *extra]
+
+
+def test_demo_runs_and_checks_its_outputs(capsys):
+    assert main(["demo", "--max-new-tokens", "24", "--frames", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "synthetic weights" in out
+    assert "outputs identical to the target's own greedy decoding: True" in out
+    for method in ("AR (target alone)", "sequential SD", "HIPPO (parallel)"):
+        assert method in out
+    assert "| MAT |" in out
+
+
+def test_generate_prints_json_and_matches_ar(capsys):
+    assert main(_generate("--json", "--mode", "parallel", "--gamma", "3")) == 0
+    hippo = json.loads(capsys.readouterr().out)
+    assert main(_generate("--json", "--mode", "ar")) == 0
+    ar = json.loads(capsys.readouterr().out)
+    assert hippo["tokens"] == ar["tokens"] and len(ar["tokens"]) <= 10
+    assert {"mean_accepted_tokens", "acceptance_rate", "tokens_per_s"} <= set(hippo["stats"])
+
+
+def test_generate_sampling_and_self_speculation(capsys):
+    args = ["generate", "--target", "tiny-llava-onevision", "--video", str(sample_video_path()),
+            "--prompt", "hi", "--frames", "3", "--max-new-tokens", "8", "--temperature", "0.7",
+            "--top-p", "0.9", "--seed", "3", "--json"]
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(args) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == first["tokens"]
+
+
+def _assert_one_line_error(capsys, argv: list[str], needle: str) -> None:
+    assert main(argv) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"hippo {argv[0]}: error:"), err
+    assert needle in err, err
+
+
+def test_user_errors_are_one_line(capsys, tmp_path):
+    missing = ["generate", *PAIR, "--video", str(tmp_path / "none.mp4"), "--prompt", "hi"]
+    _assert_one_line_error(capsys, missing, "none.mp4")
+    corrupt = tmp_path / "bad.mp4"
+    corrupt.write_bytes(b"\x00" * 64)
+    _assert_one_line_error(capsys, ["generate", *PAIR, "--video", str(corrupt), "--prompt", "x"],
+                           "bad.mp4")
+    _assert_one_line_error(capsys, _generate()[:1] + ["--target", str(tmp_path / "nowhere"),
+                                                      *_generate()[5:]], "nowhere")
+    unsupported = tmp_path / "bert"
+    unsupported.mkdir()
+    (unsupported / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    _assert_one_line_error(capsys, _generate()[:1] + ["--target", str(unsupported),
+                                                      *_generate()[5:]], "unsupported model")
+    mismatched = ["generate", "--target", "tiny-qwen2.5-vl", "--draft", "tiny-qwen2.5-vl-v640",
+                  *_generate()[5:]]
+    _assert_one_line_error(capsys, mismatched, "tokenizers differ")
+    _assert_one_line_error(capsys, _generate("--max-new-tokens", "40000"), "context too long")
+    _assert_one_line_error(capsys, ["bench", "--dataset", "mlvu", "--out-dir", str(tmp_path)],
+                           "--root")
+
+
+def test_bench_tiny_writes_table_json_and_plot(capsys, tmp_path):
+    argv = ["bench", "--preset", "tiny", "--eps", "0.1", "1.0", "--new-tokens", "16",
+            "--gamma", "4", "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| frames | prompt_tokens | eps | method |" in out
+    report = json.loads((tmp_path / "bench.json").read_text())
+    methods = {row["method"] for row in report["rows"]}
+    assert methods == {"hf_generate", "hf_assisted", "hippo_ar", "sequential", "hippo"}
+    assert all(row["matches_ar"] for row in report["rows"] if row["method"] != "hf_assisted")
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    high, low = (next(r for r in report["rows"] if r["method"] == "sequential" and r["eps"] == e)
+                 for e in (0.1, 1.0))
+    assert high["MAT"] > low["MAT"]  # the knob moves acceptance
+
+
+@pytest.mark.parametrize("argv", [["demo", "--frames", "0"], ["bench", "--preset", "tiny",
+                                                                  "--new-tokens", "0"]])
+def test_bad_numbers_are_one_line_errors(capsys, argv, tmp_path):
+    assert main(argv + (["--out-dir", str(tmp_path)] if argv[0] == "bench" else [])) \
+        == EXIT_USER_ERROR
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
