@@ -77,8 +77,14 @@ def _qwen2(shape: LanguageModelShape, vocab: int, dtype: torch.dtype, device: st
                          num_key_value_heads=shape.num_key_value_heads,
                          max_position_embeddings=32768, tie_word_embeddings=False,
                          use_sliding_window=False)
-    with torch.device(device):
-        return Qwen2ForCausalLM(config).to(dtype)
+    # Built directly in `dtype` on `device`: a 7B model in float32 would need twice the memory.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return Qwen2ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def _output_projections(model: torch.nn.Module) -> list[torch.Tensor]:
