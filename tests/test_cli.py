@@ -3,6 +3,7 @@ stderr with exit status 2, never a traceback."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,27 @@ def test_bad_numbers_are_one_line_errors(capsys, argv, tmp_path):
     assert main(argv + (["--out-dir", str(tmp_path)] if argv[0] == "bench" else [])) \
         == EXIT_USER_ERROR
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("dataset", ["mlvu", "lvbench"])
+def test_bench_runs_a_benchmark_set_from_a_local_copy(capsys, tmp_path, dataset):
+    """The set's published layout (a fixture), one video present and the others missing: the
+    present one runs through AR and HIPPO with matching outputs, the rest are skipped."""
+    import shutil
+
+    from hippo.assets import make_synthetic_video
+    from hippo.bench.datasets import read_dataset
+
+    root = tmp_path / dataset
+    shutil.copytree(Path(__file__).parent / "fixtures" / "datasets" / dataset, root)
+    questions = read_dataset(dataset, root)
+    make_synthetic_video(questions[0].video, num_frames=8, height=56, width=56, fps=4.0)
+    argv = ["bench", "--dataset", dataset, "--root", str(root), "--max-new-tokens", "8",
+            "--num-frames", "4", "--out-dir", str(tmp_path / "out")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / f"{dataset}.json").read_text())
+    summary = report["summary"]
+    present = sum(1 for q in questions if q.video == questions[0].video)
+    assert summary["run"] == present and summary["skipped"] == len(questions) - present
+    assert summary["all_matched_ar"] is True and summary["MAT"] >= 1.0
+    assert "| dataset |" in capsys.readouterr().out

@@ -1,0 +1,190 @@
+"""hippo.bench.datasets: each published annotation layout (tiny synthetic copies under
+fixtures/datasets/<name>/, videos referenced but absent) reads into the expected questions, and
+every way a local copy can be wrong raises one clear HippoError."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from hippo.bench.datasets import DATASETS, VideoQuestion, read_dataset
+from hippo.models.base import HippoError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
+INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+def read(name: str, **kwargs) -> list[VideoQuestion]:
+    return read_dataset(name, FIXTURES / name, **kwargs)
+
+
+def summary(questions: list[VideoQuestion]) -> list[tuple]:
+    return [(q.question_id, q.answer, q.task, q.duration) for q in questions]
+
+
+def relative_videos(questions: list[VideoQuestion], name: str) -> list[str]:
+    root = (FIXTURES / name).resolve()
+    return [q.video.relative_to(root).as_posix() for q in questions]
+
+
+def test_videomme_parquet():
+    questions = read("videomme")
+    assert summary(questions) == [("001-1", "C", "Counting Problem", None),
+                                  ("001-2", "A", "Object Recognition", None),
+                                  ("602-1", "B", "Temporal Reasoning", None)]
+    assert relative_videos(questions, "videomme") == [
+        "data/fFjv93ACGo8.mp4", "data/fFjv93ACGo8.mp4", "data/Bq7DMH3Mx-A.mp4"]
+    # the options' own "A. " labels are not doubled
+    assert questions[0].prompt == ("How many red boats appear in the video?\n"
+                                   "A. One.\nB. Two.\nC. Three.\nD. Four.\n" + INSTRUCTION)
+
+
+def test_videomme_json_export_reads_like_the_parquet(tmp_path):
+    pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
+    rows = pyarrow_parquet.read_table(
+        FIXTURES / "videomme" / "videomme" / "test-00000-of-00001.parquet").to_pylist()
+    (tmp_path / "videomme").mkdir()
+    (tmp_path / "videomme" / "test.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    from_json = read_dataset("videomme", tmp_path)
+    from_parquet = read("videomme")
+    assert [(q.question_id, q.prompt, q.answer, q.task) for q in from_json] == \
+        [(q.question_id, q.prompt, q.answer, q.task) for q in from_parquet]
+    assert from_json[0].video == tmp_path.resolve() / "data" / "fFjv93ACGo8.mp4"
+
+
+def test_videomme_without_pyarrow_says_what_to_do(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # makes `import pyarrow` fail
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(HippoError, match=r"needs pyarrow: pip install pyarrow.*json"):
+        read("videomme")
+
+
+def test_mvbench_answer_text_becomes_the_candidate_letter():
+    questions = read("mvbench")
+    assert summary(questions) == [("action_sequence/0", "C", "action_sequence", None),
+                                  ("action_sequence/1", "A", "action_sequence", None),
+                                  ("fine_grained_action/0", "B", "fine_grained_action", None)]
+    assert relative_videos(questions, "mvbench") == [
+        "video/star/Charades_v1_480/3X5KN.mp4", "video/star/Charades_v1_480/ZS9XR.mp4",
+        "video/Moments_in_Time_Raw/videos/yawning/getty-man-yawning.mp4"]
+    assert questions[0].prompt == ("What did the person do first?\nA. Opened the door.\n"
+                                   "B. Sat on the sofa.\nC. Took a book.\n" + INSTRUCTION)
+
+
+def test_longvideobench_correct_choice_index_becomes_a_letter():
+    questions = read("longvideobench")
+    assert summary(questions) == [("86CxyhFV9MI_0", "C", "TOS", 23.92),
+                                  ("vD4sSq2eU0U_1", "A", "E2O", 512.5)]
+    assert relative_videos(questions, "longvideobench") == ["videos/86CxyhFV9MI.mp4",
+                                                            "videos/vD4sSq2eU0U.mp4"]
+    assert "\nE. A book\n" in questions[0].prompt
+
+
+def test_longvideobench_test_split_has_no_answers(tmp_path):
+    rows = json.loads((FIXTURES / "longvideobench" / "lvb_val.json").read_text())
+    for row in rows:
+        del row["correct_choice"]
+    (tmp_path / "lvb_test_wo_gt.json").write_text(json.dumps(rows))
+    assert [q.answer for q in read_dataset("longvideobench", tmp_path)] == [None, None]
+
+
+def test_mlvu_reads_choice_tasks_and_skips_open_ended_ones():
+    questions = read("mlvu")
+    assert summary(questions) == [("1_plotQA/0", "A", "plotQA", 246.0),
+                                  ("1_plotQA/1", "B", "plotQA", 301.5)]
+    assert relative_videos(questions, "mlvu") == ["video/1_plotQA/movie101_66.mp4",
+                                                  "video/1_plotQA/movie101_7.mp4"]
+    assert "In a forest\nB. On a ship\nC. In a city\n" in questions[1].prompt
+
+
+def test_lvbench_splits_the_embedded_options():
+    questions = read("lvbench")
+    assert summary(questions) == [("1", "B", "entity recognition", None),
+                                  ("2", "D", "reasoning, event understanding", None),
+                                  ("3", "A", "key information retrieval", None)]
+    assert relative_videos(questions, "lvbench") == ["Cm73ma6Ibcs.mp4", "Cm73ma6Ibcs.mp4",
+                                                     "xZc1bS9vQ2k.mp4"]
+    assert questions[0].prompt == ("What is the girl holding at the start?\nA. An umbrella\n"
+                                   "B. A kite\nC. A lamp\nD. A fish\n" + INSTRUCTION)
+
+
+def test_vdc_is_one_caption_request_per_video():
+    questions = read("vdc")
+    assert summary(questions) == [("ego4d_0001", None, "detailed", None),
+                                  ("pexels_2042", None, "detailed", None)]
+    assert relative_videos(questions, "vdc") == ["videos/ego4d_0001.mp4", "videos/pexels_2042.mp4"]
+    assert all("detailed description" in q.prompt for q in questions)
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_every_fixture_reads_with_absolute_paths_and_limit(name):
+    questions = read(name)
+    assert len(questions) >= 2
+    assert all(q.dataset == name and q.video.is_absolute() for q in questions)
+    assert len({q.question_id for q in questions}) == len(questions)
+    assert read(name, limit=1) == questions[:1]
+    assert read(name, limit=0) == []
+    assert read(name, limit=100) == questions
+
+
+def test_an_existing_video_is_found_under_its_own_extension(tmp_path):
+    shutil.copytree(FIXTURES / "lvbench", tmp_path / "lvbench")
+    (tmp_path / "lvbench" / "videos").mkdir()
+    (tmp_path / "lvbench" / "videos" / "xZc1bS9vQ2k.mkv").touch()
+    videos = [q.video for q in read_dataset("lvbench", tmp_path / "lvbench")]
+    assert videos[2] == (tmp_path / "lvbench" / "videos" / "xZc1bS9vQ2k.mkv").resolve()
+    assert videos[0] == (tmp_path / "lvbench" / "Cm73ma6Ibcs.mp4").resolve()  # absent: default
+
+
+def test_unknown_name_lists_the_known_ones():
+    with pytest.raises(HippoError, match="unknown dataset 'egoschema'.*videomme, mvbench"):
+        read_dataset("egoschema", FIXTURES)
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(HippoError, match="is not a directory"):
+        read_dataset("mvbench", tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("name, looked_for", [
+    ("videomme", "videomme/*.parquet"), ("mvbench", "json/*.json"),
+    ("longvideobench", "lvb_val.json, lvb_test_wo_gt.json"), ("mlvu", "json/*.json"),
+    ("lvbench", "video_info.meta.jsonl"), ("vdc", "VDC*.jsonl"),
+])
+def test_missing_annotations_say_what_was_looked_for(tmp_path, name, looked_for):
+    pattern = f"no .* annotations under .*looked for .*{re.escape(looked_for)}"
+    with pytest.raises(HippoError, match=pattern):
+        read_dataset(name, tmp_path, limit=0)
+
+
+@pytest.mark.parametrize("name, path, content, why", [
+    ("mvbench", "json/action_sequence.json", "[{\"video\": ", "Expecting value"),
+    ("mvbench", "json/action_sequence.json", "{\"video\": \"a.mp4\"}", "expected a JSON list"),
+    ("mvbench", "json/action_sequence.json",
+     json.dumps([{"video": "a.mp4", "question": "Q?", "candidates": ["x", "y"], "answer": "z"}]),
+     "entry 0: answer 'z' does not name one of the 2 options"),
+    ("longvideobench", "lvb_val.json", json.dumps([{"id": "1", "question": "Q?"}]),
+     "entry 0 has no field 'candidates'"),
+    ("lvbench", "video_info.meta.jsonl", "{\"key\": \"k\", \"qa\": []}\nnot json\n", "line 2"),
+    ("lvbench", "video_info.meta.jsonl",
+     json.dumps({"key": "k", "qa": [{"uid": 1, "question": "Q? A or B", "answer": "A"}]}),
+     "no '(A) ...' options"),
+    ("vdc", "VDC_1k.jsonl", json.dumps(["not", "an", "object"]), "entry 0 is a list"),
+    ("videomme", "videomme/test-00000-of-00001.parquet", "not a parquet file", "cannot parse"),
+])
+def test_corrupt_annotations_name_the_file_and_why(tmp_path, name, path, content, why):
+    if path.endswith(".parquet"):
+        pytest.importorskip("pyarrow")
+    file = tmp_path / path
+    file.parent.mkdir(parents=True, exist_ok=True)
+    file.write_text(content)
+    with pytest.raises(HippoError) as error:
+        read_dataset(name, tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"cannot parse {file.resolve()}: ")
+    assert "\n" not in message
+    assert why in message, message
