@@ -8,6 +8,7 @@
 #   scripts/gpu_check.sh build fast runtime     # CUDA tests of the step's ops and the runtime only
 #   scripts/gpu_check.sh build ncu              # Nsight Compute on decode_attention's split kernel
 #   scripts/gpu_check.sh build speculative      # HIPPO decoding: CUDA tests, time per round
+#   scripts/gpu_check.sh build e2e              # hippo demo and hippo bench --preset 7b (short sweep)
 set -uo pipefail
 OUT=${OUT:-/tmp/hippo_out}
 mkdir -p "$OUT"
@@ -129,6 +130,13 @@ PY
       done
       PYTHONPATH=python:. timeout 400 $PY benchmarks/bench_speculative.py --preset 7b \
         --json "$OUT/speculative.json" 2>&1 | tee "$OUT/speculative.md" | tail -30
+      ;;
+    e2e)
+      # hippo demo, then the end-to-end benchmark (7B/0.5B agreement pair, 32 frames, three
+      # agreement levels; E2E_ARGS widens it, e.g. "--frames 32 64").
+      PYTHONPATH=python:. timeout 120 $PY -m hippo demo 2>&1 | tee "$OUT/demo.txt" | grep -vE "^methods"
+      PYTHONPATH=python:. timeout 450 $PY -m hippo bench --preset 7b --frames 32 \
+        --eps 0.002 0.006 0.02 ${E2E_ARGS:-} --out-dir "$OUT/e2e" 2>&1 | tee "$OUT/e2e.md" | tail -20
       ;;
     runtime)
       PYTHONPATH=python:. $PY benchmarks/bench_runtime.py --quick 2>&1 | tee "$OUT/runtime.md" | tail -25
