@@ -1,9 +1,10 @@
 """Target/draft pairs and videos for the speculative-decoding tests (tiny random models, offline).
 
-Two independent random models agree on almost nothing, which leaves acceptance untested; so
-besides a smaller random draft, each family gets a *perturbed copy* of the target as its draft
-(same weights plus noise on the language model): it agrees often but not always, so blocks are
-accepted in part, wholly, and rejected.
+Each family has two pairs over two target configurations. Two independent random models agree
+on almost nothing, which leaves acceptance untested; so besides a GQA target with a smaller
+random draft ("small-draft"), an MHA target gets a *perturbed copy* of itself as its draft
+("perturbed-copy": the same weights plus noise on the language model), which agrees often but not
+always, so blocks are accepted in part, wholly, and rejected.
 """
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from hippo.models import load_adapter
 from hippo.runtime import find_text_model
 from hippo.video import load_video
 
-# family -> (target preset, smaller draft preset)
+# family -> (GQA target preset, its smaller draft preset, MHA target preset)
 FAMILY_PRESETS = {
-    "qwen2_5_vl": ("tiny-qwen2.5-vl", "tiny-qwen2.5-vl-draft"),
-    "llava_onevision": ("tiny-llava-onevision", "tiny-llava-onevision-draft"),
+    "qwen2_5_vl": ("tiny-qwen2.5-vl", "tiny-qwen2.5-vl-draft", "tiny-qwen2.5-vl-mha"),
+    "llava_onevision": ("tiny-llava-onevision", "tiny-llava-onevision-draft",
+                        "tiny-llava-onevision-mha"),
 }
 PAIR_KINDS = ("small-draft", "perturbed-copy")
 PERTURBATION = 0.05
@@ -38,11 +40,12 @@ def perturb_language_model(adapter, scale: float, seed: int) -> None:
 
 def make_pair(family: str, kind: str, seed: int, device: str = "cpu"):
     """(target adapter, draft adapter) of one family."""
-    target_name, draft_name = FAMILY_PRESETS[family]
-    target = load_adapter(target_name, seed=seed, device=device)
+    target_name, draft_name, copied_name = FAMILY_PRESETS[family]
     if kind == "small-draft":
-        return target, load_adapter(draft_name, seed=seed + 100, device=device)
-    draft = load_adapter(target_name, seed=seed, device=device)
+        return (load_adapter(target_name, seed=seed, device=device),
+                load_adapter(draft_name, seed=seed + 100, device=device))
+    target = load_adapter(copied_name, seed=seed, device=device)
+    draft = load_adapter(copied_name, seed=seed, device=device)
     perturb_language_model(draft, PERTURBATION, seed)
     return target, draft
 
