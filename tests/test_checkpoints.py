@@ -1,0 +1,97 @@
+"""`hippo generate` on checkpoint directories, the way a user runs real models: config.json picks
+the family, the weights load with from_pretrained (local files only), the checkpoint's own HF
+tokenizer encodes the prompt and the chat template, its preprocessing config sizes the frames.
+
+The checkpoints are tiny random models saved by the test, with a word-level HF tokenizer built
+offline (no download anywhere)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hippo.assets import sample_video_path
+from hippo.cli import EXIT_USER_ERROR, main
+from hippo.models import load_adapter
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+           "<|video_pad|>", "<|image_pad|>", "<video>", "<image>"]
+WORDS = ["[UNK]", "system", "user", "assistant", "you", "are", "a", "helpful", ".", "what",
+         "moves", "?", "the", "square", "describe", "\n"]
+
+
+def _save_tokenizer(directory: Path, extra_words: tuple[str, ...] = ()) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(WORDS + list(extra_words) + SPECIAL)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
+                                        eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        additional_special_tokens=SPECIAL)
+    tokenizer.save_pretrained(directory)
+
+
+def _save_checkpoint(directory: Path, preset: str, seed: int,
+                     extra_words: tuple[str, ...] = ()) -> Path:
+    adapter = load_adapter(preset, seed=seed)
+    adapter.model.save_pretrained(directory)
+    _save_tokenizer(directory, extra_words)
+    if adapter.family == "qwen2_5_vl":  # small frames keep the tiny model's prompt short
+        (directory / "video_preprocessor_config.json").write_text(json.dumps(
+            {"min_pixels": 56 * 56, "max_pixels": 112 * 112}))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("checkpoints")
+    made = {}
+    for name, preset, seed, words in [
+            ("qwen", "tiny-qwen2.5-vl", 0, ()), ("qwen-draft", "tiny-qwen2.5-vl-draft", 1, ()),
+            ("qwen-other-vocab", "tiny-qwen2.5-vl-draft", 1, ("extra",)),
+            ("llava", "tiny-llava-onevision", 0, ()),
+            ("llava-draft", "tiny-llava-onevision-draft", 1, ())]:
+        made[name] = str(_save_checkpoint(root / name, preset, seed, words))
+    return made
+
+
+def _generate(target: str, draft: str | None, *extra: str) -> list[str]:
+    argv = ["generate", "--target", target, "--video", str(sample_video_path()), "--prompt",
+            "what moves ?", "--frames", "4", "--max-new-tokens", "8", "--dtype", "float32",
+            "--device", "cpu", "--json", *extra]
+    return argv + (["--draft", draft] if draft else [])
+
+
+@pytest.mark.parametrize("family", ["qwen", "llava"])
+def test_generate_on_checkpoint_directories(capsys, checkpoints, family):
+    target, draft = checkpoints[family], checkpoints[f"{family}-draft"]
+    assert main(_generate(target, None, "--mode", "ar")) == 0
+    ar = json.loads(capsys.readouterr().out)
+    for mode in ("sequential", "parallel"):
+        assert main(_generate(target, draft, "--mode", mode, "--gamma", "3")) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["tokens"] == ar["tokens"], mode
+        assert isinstance(out["text"], str)
+    assert main(_generate(target, None, "--mode", "parallel")) == 0  # self-speculation
+    assert json.loads(capsys.readouterr().out)["tokens"] == ar["tokens"]
+
+
+def test_the_checkpoint_tokenizer_and_chat_template_are_used(checkpoints):
+    adapter = load_adapter(checkpoints["qwen"])
+    assert adapter.tokenizer is not None and adapter.tokenizer.vocab_size == len(WORDS) + len(
+        SPECIAL)
+    im_start = adapter.tokenizer.encode("<|im_start|>")
+    assert adapter.prompt_prefix_ids[:1] == im_start  # the chat template opens the turn
+    assert adapter.eos_token_id == adapter.tokenizer.encode("<|im_end|>")[0]
+    assert adapter.preprocess.max_pixels == 112 * 112  # from video_preprocessor_config.json
+
+
+def test_checkpoints_with_different_tokenizers_are_a_clear_error(capsys, checkpoints):
+    argv = _generate(checkpoints["qwen"], checkpoints["qwen-other-vocab"])
+    assert main(argv) == EXIT_USER_ERROR
+    # Loading progress bars may precede it; the error itself is one line.
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("hippo generate: error:") and "tokenizers differ" in last
