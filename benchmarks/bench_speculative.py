@@ -30,6 +30,7 @@ from hippo.models.agreement import (QWEN2_0_5B, QWEN2_7B, TINY_DRAFT, TINY_TARGE
                                     AgreementPair, synthetic_prompt)
 from hippo.pipeline import HippoPipeline
 from hippo.preserve import PreservationOptions
+from hippo.report import markdown_table
 from hippo.speculative.acceptance import SamplingOptions
 
 PRESETS = {
@@ -50,8 +51,7 @@ def _run(pipeline: HippoPipeline, target_prompt, draft_prompt, new_tokens: int):
 def _row(label: str, gamma, eps: float, output, ar_ms_per_token: float | None,
          matches: bool) -> dict:
     s = output.stats
-    steps = max(s.tokens - 1, 1)
-    ms_per_token = 1e3 * s.decode_s / steps
+    ms_per_token = 1e3 * s.decode_s_per_token
     rounds = max(s.rounds, 1)
     return dict(method=label, gamma=gamma, eps=eps, mat=round(s.mean_accepted_tokens, 2),
                 acceptance=round(s.acceptance_rate, 3), tokens=s.tokens,
@@ -63,13 +63,6 @@ def _row(label: str, gamma, eps: float, output, ar_ms_per_token: float | None,
                 mean_gamma=round(s.mean_gamma, 2),
                 prefill_ms=round(1e3 * s.prefill_s, 1), selection_ms=round(1e3 * s.selection_s, 2),
                 draft_prefill_ms=round(1e3 * s.draft_prefill_s, 1), matches_ar=matches)
-
-
-def _table(rows: list[dict]) -> str:
-    columns = list(rows[0])
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -116,9 +109,9 @@ def main() -> None:
             output = _run(pipeline, *prompts, args.new_tokens)
             if reference is None:
                 reference = output.tokens
-                ar_ms = 1e3 * output.stats.decode_s / max(output.stats.tokens - 1, 1)
+                ar_ms = 1e3 * output.stats.decode_s_per_token
             rows.append(_row(label, gamma, eps, output, ar_ms, output.tokens == reference))
-        print(_table([r for r in rows if r["eps"] == eps]), flush=True)
+        print(markdown_table([r for r in rows if r["eps"] == eps]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(preset=args.preset, device=device_name, rows=rows), f, indent=1)

@@ -10,8 +10,7 @@ from hippo.speculative.statistics import GenerationStats
 def stats_row(label: str, stats: GenerationStats, baseline: GenerationStats | None = None,
               **extra) -> dict:
     """One row: MAT and acceptance beside every time (never a speedup without its MAT)."""
-    steps = max(stats.tokens - 1, 1)
-    decode_ms_per_token = 1e3 * stats.decode_s / steps
+    decode_ms_per_token = 1e3 * stats.decode_s_per_token
     row = {"method": label, **extra, "tokens": stats.tokens,
            "MAT": round(stats.mean_accepted_tokens, 2),
            "acceptance": round(stats.acceptance_rate, 3),
@@ -23,7 +22,7 @@ def stats_row(label: str, stats: GenerationStats, baseline: GenerationStats | No
            "decode ms/token": round(decode_ms_per_token, 3),
            "tokens/s": round(stats.tokens_per_s, 1)}
     if baseline is not None:
-        base = 1e3 * baseline.decode_s / max(baseline.tokens - 1, 1)
+        base = 1e3 * baseline.decode_s_per_token
         row["decode speedup"] = round(base / decode_ms_per_token, 2) if decode_ms_per_token else 0
     return row
 

@@ -46,8 +46,8 @@ def _run_question(question: VideoQuestion, autoregressive: HippoPipeline, hippo:
     greedy, eos = SamplingOptions(), hippo.eos_ids()
     ar = autoregressive.generate_prepared(*prompts, max_new_tokens, greedy, eos)
     out = hippo.generate_prepared(*prompts, max_new_tokens, greedy, eos)
-    ar_ms = 1e3 * ar.stats.decode_s / max(ar.stats.tokens - 1, 1)
-    hippo_ms = 1e3 * out.stats.decode_s / max(out.stats.tokens - 1, 1)
+    ar_ms = 1e3 * ar.stats.decode_s_per_token
+    hippo_ms = 1e3 * out.stats.decode_s_per_token
     return dict(row, tokens=out.stats.tokens, MAT=round(out.stats.mean_accepted_tokens, 2),
                 acceptance=round(out.stats.acceptance_rate, 3), ar_ms_per_token=round(ar_ms, 3),
                 hippo_ms_per_token=round(hippo_ms, 3),

@@ -89,7 +89,7 @@ def _measure_all(pair: AgreementPair, pipelines: dict, prompts: list, new_tokens
             out = pipeline.generate_prepared(*prompts, new_tokens, greedy, set())
             stats = out.stats
             measured[name] = dict(tokens=out.tokens, total_s=stats.total_s,
-                                  per_token=stats.decode_s / max(stats.tokens - 1, 1),
+                                  per_token=stats.decode_s_per_token,
                                   mat=stats.mean_accepted_tokens,
                                   acceptance=stats.acceptance_rate)
     input_ids = prompts[0].input_ids

@@ -41,6 +41,11 @@ class GenerationStats:
         return (self.tokens - 1) / self.target_steps if self.target_steps else 0.0
 
     @property
+    def decode_s_per_token(self) -> float:
+        """Decoding time per token after the first (the prefill's): the rate speedups compare."""
+        return self.decode_s / max(self.tokens - 1, 1)
+
+    @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
@@ -57,5 +62,6 @@ class GenerationStats:
         data.pop("gammas")
         data.update(mean_accepted_tokens=self.mean_accepted_tokens,
                     acceptance_rate=self.acceptance_rate, tokens_per_s=self.tokens_per_s,
+                    decode_s_per_token=self.decode_s_per_token,
                     mean_gamma=self.mean_gamma)
         return data
