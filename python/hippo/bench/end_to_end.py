@@ -41,7 +41,7 @@ class BenchPreset:
 
 PRESETS = {
     "tiny": BenchPreset(TINY_TARGET, TINY_DRAFT, "cpu", torch.float32, (4,), (6, 6),
-                        (0.1, 0.3, 0.5, 0.8, 1.5), 1000, 64),
+                        (0.1, 0.3, 0.5, 1.0, 2.0, 2.2), 1000, 64),
     "7b": BenchPreset(QWEN2_7B, QWEN2_0_5B, "cuda", torch.bfloat16, (32, 64), TOKENS_PER_FRAME,
                       (0.001, 0.002, 0.004, 0.008, 0.016, 0.03), 152064, 128),
 }
