@@ -91,7 +91,10 @@ def _measure_all(pair: AgreementPair, pipelines: dict, prompts: list, new_tokens
             measured[name] = dict(tokens=out.tokens, total_s=stats.total_s,
                                   per_token=stats.decode_s_per_token,
                                   mat=stats.mean_accepted_tokens,
-                                  acceptance=stats.acceptance_rate)
+                                  acceptance=stats.acceptance_rate,
+                                  phases_ms=[round(1e3 * t, 2) for t in (
+                                      stats.prefill_s, stats.selection_s,
+                                      stats.draft_prefill_s)])
     input_ids = prompts[0].input_ids
     if "hf_generate" in methods:
         run = hf_generate(pair.target.model, input_ids, new_tokens)
@@ -118,7 +121,8 @@ def _rows(measured: dict[str, dict], frames: int, prompt_tokens: int, eps: float
                    MAT=_round(m["mat"]), pair_MAT=_round(pair_mat),
                    acceptance=_round(m["acceptance"], 3),
                    **{"ms/token": round(1e3 * m["per_token"], 3)},
-                   total_s=round(m["total_s"], 3), matches_ar=m["tokens"] == reference)
+                   total_s=round(m["total_s"], 3), matches_ar=m["tokens"] == reference,
+                   **{"prefill/selection/draft prefill ms": m.get("phases_ms", "-")})
         for base in ("hf_generate", "hippo_ar", "hf_assisted"):
             if base in measured and base != name:
                 row[f"x {base}"] = round(measured[base]["per_token"] / m["per_token"], 2)
