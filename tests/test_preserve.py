@@ -10,7 +10,8 @@ import torch
 
 from hippo.models import load_adapter
 from hippo.models.base import HippoError
-from hippo.preserve import PreservationOptions, kept_prompt_positions, preserve_tokens
+from hippo.preserve import (PreservationOptions, kept_prompt_length, kept_prompt_positions,
+                            preserve_tokens)
 from hippo.runtime import LanguageModelRuntime, find_text_model
 from hippo.speculative.draft_cache import (compact_to_kept, copy_kept_cache, prefill_full,
                                            prefill_pruned)
@@ -75,6 +76,7 @@ def test_uniform_and_random_selection(method, per_frame, keep_ratio):
     positions = kept.positions.tolist()
     assert positions == sorted(positions) and kept.length == len(positions)
     assert len(positions) == prompt.length - prompt.num_visual + len(visual)
+    assert kept.length == kept_prompt_length(prompt, keep_ratio)  # known before selection
 
 
 def test_random_selection_is_seeded():

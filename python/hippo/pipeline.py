@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from hippo.models.base import HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible
-from hippo.preserve import KeptTokens, PreservationOptions, num_kept_grid_tokens, preserve_tokens
+from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, preserve_tokens
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
 from hippo.speculative.decoder import decode_after_prefill
@@ -216,7 +216,7 @@ class HippoPipeline:
         preservation = options.preservation
         stats = GenerationStats(mode=options.mode, prompt_tokens=target_prompt.length)
         margin = max_new_tokens + 2 * options.largest_gamma + 2
-        kept_length = _kept_length(target_prompt, preservation.keep_ratio)
+        kept_length = kept_prompt_length(target_prompt, preservation.keep_ratio)
         target = self._runtime("target", self.target, target_prompt.length + margin)
         draft_capacity = kept_length + margin
         if options.draft_prefill == "full+compact":
@@ -318,14 +318,6 @@ def _check_context_fits(adapter: VideoLLMAdapter, length: int) -> None:
         raise HippoError(
             f"context too long: {length} tokens (prompt plus max_new_tokens) exceed the "
             f"model's {limit} positions; use fewer frames or ask for fewer tokens")
-
-
-def _kept_length(prompt: PreparedPrompt, keep_ratio: float) -> int:
-    """The draft prompt's length: every text token, the kept grid tokens and the out-of-grid
-    visual tokens."""
-    frames, height, width = prompt.grid
-    out_of_grid = prompt.num_visual - frames * height * width
-    return prompt.length - prompt.num_visual + num_kept_grid_tokens(prompt, keep_ratio) + out_of_grid
 
 
 def _check_same_layout(target: PreparedPrompt, draft: PreparedPrompt) -> None:

@@ -105,6 +105,14 @@ def num_kept_grid_tokens(prompt: PreparedPrompt, keep_ratio: float) -> int:
     return min(grid_tokens(prompt), round(keep_ratio * grid_tokens(prompt)))
 
 
+def kept_prompt_length(prompt: PreparedPrompt, keep_ratio: float) -> int:
+    """The draft prompt's length, known on the host before selection runs: every text token,
+    the kept grid tokens and the out-of-grid visual tokens."""
+    out_of_grid = prompt.num_visual - grid_tokens(prompt)
+    return (prompt.length - prompt.num_visual + num_kept_grid_tokens(prompt, keep_ratio)
+            + out_of_grid)
+
+
 def select_kept_visual(prompt: PreparedPrompt, options: PreservationOptions,
                        queries: torch.Tensor | None = None,
                        keys: torch.Tensor | None = None) -> torch.Tensor:
