@@ -129,6 +129,23 @@ def test_adaptive_gamma_follows_step_times():
     assert fixed.current == 3
 
 
+def test_sequential_draft_length_maximises_expected_tokens_per_second():
+    from hippo.speculative.draft_length import DraftLength, best_sequential_length
+
+    # Cheap draft, high acceptance: long blocks pay; low acceptance: one token is best.
+    assert best_sequential_length(0.95, 10e-3, 1e-3, 16) >= 8
+    assert best_sequential_length(0.1, 10e-3, 1e-3, 16) <= 2
+    assert best_sequential_length(1.0, 10e-3, 1e-3, 16) == 16
+    # Brute force over the formula agrees.
+    a, t, d = 0.8, 5e-3, 1e-3
+    rate = [((1 - a ** (g + 1)) / (1 - a)) / (g * d + t) for g in range(1, 13)]
+    assert best_sequential_length(a, t, d, 12) == 1 + rate.index(max(rate))
+    policy = DraftLength("auto", mode="sequential", max_gamma=12)
+    for _ in range(8):
+        policy.observe(5e-3, 1e-3, accepted=1, drafted=10)  # acceptance 0.1
+    assert policy.current <= 2
+
+
 def test_generation_repeats_across_calls(device):
     """Runtimes are reused between generations (and rebuilt when a longer cache is needed)."""
     target, draft = make_pair("llava_onevision", "perturbed-copy", seed=1, device=device)

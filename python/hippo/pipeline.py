@@ -232,7 +232,8 @@ class HippoPipeline:
         decoder = decode_after_prefill(
             target, draft, first_token, target_prompt.generated_positions(0, margin),
             mode=options.mode, acceptance=acceptance,
-            draft_length=DraftLength(options.gamma, max_gamma=options.max_gamma),
+            draft_length=DraftLength(options.gamma, max_gamma=options.max_gamma,
+                                     mode=options.mode),
             max_new_tokens=max_new_tokens, eos_ids=eos_ids, stats=stats)
         return stats, decoder.emitted
 

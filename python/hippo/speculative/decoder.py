@@ -125,14 +125,19 @@ class SpeculativeDecoder:
         values = torch.cat([verdict.num_accepted, verdict.next_token, candidates[0]]).tolist()
         return int(values[0]), int(values[1]), [int(v) for v in values[2:]]
 
-    def end_round(self, gamma: int, drafted_steps: int, target_steps: int = 1) -> None:
-        """Book-keeping after the round's synchronisation: phase times feed the adaptive g."""
+    def end_round(self, gamma: int, drafted_steps: int, accepted: int = 0,
+                  candidates: int = 0) -> None:
+        """Book-keeping after the round's synchronisation: one target step, `drafted_steps`
+        draft steps, `accepted` of `candidates` verified drafts; phase times and acceptance
+        feed the adaptive g."""
         self.stats.rounds += 1
+        self.stats.drafted += candidates
+        self.stats.accepted += accepted
         self.stats.gammas.append(gamma)
         times = self.clock.collect()
-        self.draft_length.observe(times.get("verify", 0.0) / max(target_steps, 1),
-                                  times.get("draft", 0.0) / max(drafted_steps, 1)
-                                  if drafted_steps else 0.0)
+        self.draft_length.observe(times.get("verify", 0.0),
+                                  times.get("draft", 0.0) / drafted_steps if drafted_steps else 0.0,
+                                  accepted, candidates)
 
 
 def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRuntime,

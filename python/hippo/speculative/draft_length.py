@@ -1,8 +1,14 @@
-"""The draft length g: fixed, or adapted at run time as PEARL does (g near T_target / T_draft).
+"""The draft length g: fixed, or adapted at run time from the generation's own measurements.
 
-In parallel decoding the target verifies while the draft drafts the next block; the round takes
-max(T_verify, g * T_draft), so g = T_verify / T_draft keeps both sides busy and neither waiting.
-The step times come from the generation's own measurements (PhaseClock), smoothed.
+Parallel decoding (PEARL's rule): the target verifies while the draft drafts the next block, and
+the round takes max(T_verify, g * T_draft); g = T_verify / T_draft keeps both sides busy and
+neither waiting.
+
+Sequential decoding: the round takes g * T_draft + T_verify and emits on average
+(1 - a^(g+1)) / (1 - a) tokens when each draft token is accepted with probability a (Leviathan et
+al.'s expected block length); g is the length that maximises tokens per second.
+
+Step times (PhaseClock) and the acceptance rate are smoothed over rounds.
 """
 from __future__ import annotations
 
@@ -10,36 +16,60 @@ from hippo.models.base import HippoError
 
 MAX_DRAFT_LENGTH = 32  # a sequential verify step of g + 1 tokens stays within the runtime's 64
 SMOOTHING = 0.5
+RULES = ("parallel", "sequential")
 
 
 class DraftLength:
-    """gamma: an int (fixed g) or "auto" (start at `initial`, then T_target / T_draft)."""
+    """gamma: an int (fixed g) or "auto" (start at `initial`, then the rule of `mode`)."""
 
-    def __init__(self, gamma: int | str = "auto", *, initial: int = 4,
-                 max_gamma: int = 12) -> None:
+    def __init__(self, gamma: int | str = "auto", *, initial: int = 4, max_gamma: int = 12,
+                 mode: str = "parallel") -> None:
         if gamma != "auto" and (not isinstance(gamma, int) or not 1 <= gamma <= MAX_DRAFT_LENGTH):
             raise HippoError(f"gamma must be 'auto' or an int in 1..{MAX_DRAFT_LENGTH}, "
                              f"got {gamma!r}")
         if not 1 <= max_gamma <= MAX_DRAFT_LENGTH:
             raise HippoError(f"max_gamma must lie in 1..{MAX_DRAFT_LENGTH}, got {max_gamma}")
+        if mode not in RULES:
+            raise HippoError(f"unknown draft-length rule {mode!r}; choose one of {RULES}")
         self.adaptive = gamma == "auto"
+        self.mode = mode
         self.max_gamma = max_gamma if self.adaptive else int(gamma)
         self.current = min(initial, max_gamma) if self.adaptive else int(gamma)
         self._target_step_s: float | None = None
         self._draft_step_s: float | None = None
+        self._acceptance: float | None = None
 
-    def observe(self, target_step_s: float, draft_step_s: float) -> None:
-        """One round's time per target step and per draft step (either may be 0: not seen)."""
+    def observe(self, target_step_s: float, draft_step_s: float, accepted: int = 0,
+                drafted: int = 0) -> None:
+        """One round's time per target step and per draft step (0: not seen), and how many of
+        its drafted candidates were accepted."""
         if not self.adaptive:
             return
         self._target_step_s = _smooth(self._target_step_s, target_step_s)
         self._draft_step_s = _smooth(self._draft_step_s, draft_step_s)
-        if self._target_step_s and self._draft_step_s:
+        if drafted > 0:
+            self._acceptance = _smooth(self._acceptance, accepted / drafted, allow_zero=True)
+        if not (self._target_step_s and self._draft_step_s):
+            return
+        if self.mode == "parallel" or self._acceptance is None:
             ratio = self._target_step_s / self._draft_step_s
             self.current = max(1, min(self.max_gamma, round(ratio)))
+        else:
+            self.current = best_sequential_length(self._acceptance, self._target_step_s,
+                                                  self._draft_step_s, self.max_gamma)
 
 
-def _smooth(previous: float | None, latest: float) -> float | None:
-    if latest <= 0:
+def best_sequential_length(acceptance: float, target_step_s: float, draft_step_s: float,
+                           max_gamma: int) -> int:
+    """argmax over g of expected tokens per round / round time, for sequential rounds."""
+    def tokens_per_second(g: int) -> float:
+        expected = g + 1 if acceptance >= 1.0 else (1 - acceptance ** (g + 1)) / (1 - acceptance)
+        return expected / (g * draft_step_s + target_step_s)
+
+    return max(range(1, max_gamma + 1), key=tokens_per_second)
+
+
+def _smooth(previous: float | None, latest: float, allow_zero: bool = False) -> float | None:
+    if latest < 0 or (latest == 0 and not allow_zero):
         return previous
     return latest if previous is None else SMOOTHING * previous + (1 - SMOOTHING) * latest

@@ -59,8 +59,6 @@ def parallel_round(decoder: SpeculativeDecoder, state: ParallelState) -> None:
 
     verdict, candidates = check.verdict(probs)
     accepted, correction, values = decoder.read_verdict(verdict, candidates)
-    decoder.stats.drafted += pending + 1
-    decoder.stats.accepted += accepted
     if accepted == pending + 1:  # everything, d_1 included: d_2..d_g stay as drafts
         first_new = last + 1 + pending
         decoder.share_drafts(first_new, first_new + drafted)
@@ -69,7 +67,7 @@ def parallel_round(decoder: SpeculativeDecoder, state: ParallelState) -> None:
     else:
         decoder.settle(values[:accepted], correction)
         state.reset()
-    decoder.end_round(gamma, drafted)
+    decoder.end_round(gamma, drafted, accepted, pending + 1)
 
 
 class _RoundVerification:

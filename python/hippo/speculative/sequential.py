@@ -22,10 +22,8 @@ def sequential_round(decoder: SpeculativeDecoder) -> None:
     draft_probs = None if decoder.acceptance.greedy else torch.stack(probs, dim=1)
     verdict = decoder.acceptance.verify(candidates, draft_probs, logits, bonus=True)
     accepted, correction, values = decoder.read_verdict(verdict, candidates)
-    decoder.stats.drafted += drafted
-    decoder.stats.accepted += accepted
     decoder.settle(values[:accepted], correction)
-    decoder.end_round(gamma, drafted)
+    decoder.end_round(gamma, drafted, accepted, drafted)
 
 
 def _target_only_round(decoder: SpeculativeDecoder, last: int) -> None:
