@@ -121,3 +121,32 @@ def test_draft_on_another_device_is_lossless():
     out = HippoPipeline(target, draft, mode="parallel", gamma=3,
                         draft_device="cuda:1").generate(frames, PROMPT, 24)
     assert out.tokens == expected
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_at_most_one_host_synchronisation_per_round(monkeypatch, mode):
+    """torch's sync debug mode flags every synchronising call inside the decoding loop; once
+    the graphs of the step shapes are captured, a round may make one (reading its verdict)."""
+    import warnings
+
+    import hippo.speculative.decoder as decoder_module
+
+    target, draft = _bf16_pair("llava_onevision", 3)
+    frames = sample_frames("llava_onevision", 3)
+    pipeline = HippoPipeline(target, draft, mode=mode, gamma=3)
+    pipeline.generate(frames, PROMPT, 48, eos_token_id=None)  # captures every step shape
+    original, flagged = decoder_module.run_decoding, []
+
+    def run_decoding_watched(decoder, run_mode):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                original(decoder, run_mode)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        flagged.extend(w for w in caught if "synchroniz" in str(w.message))
+
+    monkeypatch.setattr(decoder_module, "run_decoding", run_decoding_watched)
+    out = pipeline.generate(frames, PROMPT, 48, eos_token_id=None)
+    assert len(flagged) <= out.stats.rounds + 2, [str(w.message) for w in flagged[:3]]
