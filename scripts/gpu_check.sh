@@ -124,8 +124,12 @@ PY
     speculative)
       # HIPPO decoding on the GPU: its CUDA tests (graphs, two streams, bf16 near-ties), then
       # time per round, sequential vs parallel, at a 7B/0.5B agreement pair with 32 frames.
-      for f in test_speculative_cuda test_speculative_greedy test_preserve; do
-        timeout "${TEST_TIMEOUT:-300}" $PYTEST "tests/$f.py" -rfE -q -s -m cuda >"$OUT/$f.log" 2>&1
+      files="test_speculative_cuda test_speculative_greedy test_preserve"
+      for f in $files; do  # correctness only: the three files share the GPU at once
+        timeout "${TEST_TIMEOUT:-300}" $PYTEST "tests/$f.py" -rfE -q -s -m cuda >"$OUT/$f.log" 2>&1 &
+      done
+      wait
+      for f in $files; do
         echo "$f: $(tail -1 "$OUT/$f.log")"; grep -E "^(FAILED|ERROR)|Error:|near-tie" "$OUT/$f.log" | head -8
       done
       PYTHONPATH=python:. timeout 400 $PY benchmarks/bench_speculative.py --preset 7b \
