@@ -40,7 +40,7 @@ def _run_question(question: VideoQuestion, autoregressive: HippoPipeline, hippo:
     row = dict(question=question.question_id, task=question.task)
     try:
         frames = load_video(question.video, num_frames=num_frames)
-        prompts = hippo.prepare(_even_frames(frames, hippo), question.prompt)
+        prompts = hippo.prepare(frames, question.prompt)
     except HippoError as error:
         return dict(row, skipped=str(error).splitlines()[0])
     greedy, eos = SamplingOptions(), hippo.eos_ids()
@@ -55,13 +55,6 @@ def _run_question(question: VideoQuestion, autoregressive: HippoPipeline, hippo:
                 matched_ar=out.tokens == ar.tokens, answer=out.text, expected=question.answer,
                 _steps=out.stats.target_steps, _ar_s=ar.stats.decode_s,
                 _hippo_s=out.stats.decode_s)
-
-
-def _even_frames(frames: torch.Tensor, pipeline: HippoPipeline) -> torch.Tensor:
-    """Qwen2.5-VL takes frames in temporal pairs: repeat the last one when the count is odd."""
-    if pipeline.target.family == "qwen2_5_vl" and frames.shape[0] % 2:
-        frames = torch.cat([frames, frames[-1:]])
-    return frames
 
 
 def _summary(name: str, rows: list[dict]) -> dict:
