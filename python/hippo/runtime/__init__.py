@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from hippo.runtime.autoregressive import (
-    GenerationResult, choose_next_token, generate_autoregressive, warp_logits)
+    GenerationResult, SamplingOptions, choose_next_token, generate_autoregressive, warp_logits)
 from hippo.runtime.decoder import LanguageModelRuntime, PrefillResult, find_text_model
 from hippo.runtime.static_cache import StaticKVCache
 
@@ -10,6 +10,7 @@ __all__ = [
     "GenerationResult",
     "LanguageModelRuntime",
     "PrefillResult",
+    "SamplingOptions",
     "StaticKVCache",
     "choose_next_token",
     "find_text_model",

@@ -30,6 +30,28 @@ class GenerationResult:
         return self.decode_s / steps if steps > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class SamplingOptions:
+    """temperature 0 is greedy decoding; otherwise sampling with HF's warpers, seeded."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise HippoError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise HippoError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise HippoError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
 def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None) -> torch.Tensor:
     """Logits [..., V] after HF's temperature, top-k and top-p warpers (in that order); removed
@@ -69,7 +91,8 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     `prompt.generated_positions(j, 1)`. The runtime's cache is reset first. A sampling
     generator must live on the runtime's device.
     """
-    _check_request(runtime, prompt, max_new_tokens, temperature, top_p)
+    _check_request(runtime, prompt, max_new_tokens)
+    SamplingOptions(temperature, top_k, top_p)  # validates them
     eos_ids = _eos_set(eos_token_id)
     runtime.reset()
     synchronize = _synchronizer(runtime.device)
@@ -93,8 +116,8 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     return result
 
 
-def _check_request(runtime: LanguageModelRuntime, prompt: PreparedPrompt, max_new_tokens: int,
-                   temperature: float, top_p: float | None) -> None:
+def _check_request(runtime: LanguageModelRuntime, prompt: PreparedPrompt,
+                   max_new_tokens: int) -> None:
     if max_new_tokens < 1:
         raise HippoError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if prompt.length + max_new_tokens > runtime.cache.max_seq_len:
@@ -102,10 +125,6 @@ def _check_request(runtime: LanguageModelRuntime, prompt: PreparedPrompt, max_ne
             "prompt plus max_new_tokens beyond the cache: "
             f"{prompt.length} prompt tokens + {max_new_tokens} new tokens > max_seq_len "
             f"{runtime.cache.max_seq_len}")
-    if temperature < 0:
-        raise HippoError(f"temperature must be >= 0, got {temperature}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise HippoError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def _eos_set(eos_token_id: int | list[int] | None) -> set[int]:

@@ -14,29 +14,7 @@ import torch
 
 import hippo_ext
 from hippo.models.base import HippoError
-from hippo.runtime.autoregressive import warp_logits
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """temperature 0 is greedy decoding; otherwise sampling with HF's warpers, seeded."""
-
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise HippoError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise HippoError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k is not None and self.top_k < 0:
-            raise HippoError(f"top_k must be >= 0, got {self.top_k}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from hippo.runtime.autoregressive import SamplingOptions, warp_logits
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
