@@ -20,13 +20,24 @@ class SelectedTokens(NamedTuple):
     spatial_score: torch.Tensor
 
 
+def kept_count(grid_tokens: int, keep_ratio: float) -> int:
+    """How many grid tokens a keep ratio keeps: round(ratio * N)."""
+    return min(grid_tokens, round(keep_ratio * grid_tokens))
+
+
+def per_frame_quotas(frames: int, num_keep: int) -> list[int]:
+    """The per-frame quota rule: frame t keeps num_keep // T tokens, plus one while
+    t < num_keep % T."""
+    return [num_keep // frames + (1 if t < num_keep % frames else 0) for t in range(frames)]
+
+
 def _resolve_num_keep(grid_tokens: int, num_keep: int | None, keep_ratio: float | None) -> int:
     if (num_keep is None) == (keep_ratio is None):
         raise ValueError("select_visual_tokens: give exactly one of num_keep and keep_ratio")
     if keep_ratio is not None:
         if not 0.0 <= keep_ratio <= 1.0:
             raise ValueError(f"select_visual_tokens: keep_ratio must lie in [0, 1], got {keep_ratio}")
-        return min(grid_tokens, round(keep_ratio * grid_tokens))
+        return kept_count(grid_tokens, keep_ratio)
     return int(num_keep)
 
 
@@ -204,8 +215,7 @@ def reference_top_k(fused: torch.Tensor, num_keep: int, num_visual: int,
     grid_tokens = flat.numel()
     if per_frame:
         chosen = []
-        for t in range(frames):
-            quota = num_keep // frames + (1 if t < num_keep % frames else 0)
+        for t, quota in enumerate(per_frame_quotas(frames, num_keep)):
             order = torch.sort(-flat[t], stable=True).indices[:quota]
             chosen.append(order + t * flat.shape[1])
         selected = torch.cat(chosen)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 import hippo_ext
+from hippo_ext.token_selection import kept_count, per_frame_quotas
 from hippo.models.base import HippoError, PreparedPrompt
 
 SELECTION_METHODS = ("hippo", "attention", "uniform", "random")
@@ -101,8 +102,8 @@ def grid_tokens(prompt: PreparedPrompt) -> int:
 
 
 def num_kept_grid_tokens(prompt: PreparedPrompt, keep_ratio: float) -> int:
-    """round(keep_ratio * N), as select_visual_tokens counts it."""
-    return min(grid_tokens(prompt), round(keep_ratio * grid_tokens(prompt)))
+    """How many grid tokens the keep ratio keeps, as select_visual_tokens counts them."""
+    return kept_count(grid_tokens(prompt), keep_ratio)
 
 
 def kept_prompt_length(prompt: PreparedPrompt, keep_ratio: float) -> int:
@@ -159,12 +160,6 @@ def preserve_tokens(prompt: PreparedPrompt, options: PreservationOptions,
     return KeptTokens(visual=visual, positions=kept_prompt_positions(prompt, visual))
 
 
-def _per_frame_quotas(frames: int, count: int) -> list[int]:
-    """count tokens spread over frames: frame t gets count // T, plus one while t < count % T
-    (select_visual_tokens' rule)."""
-    return [count // frames + (1 if t < count % frames else 0) for t in range(frames)]
-
-
 def _evenly_spaced(total: int, count: int) -> torch.Tensor:
     """count distinct indices of [0, total) spread evenly (the centres of count equal bins)."""
     if count == 0:
@@ -178,7 +173,7 @@ def _uniform_indices(grid: tuple[int, int, int], count: int, per_frame: bool) ->
     if not per_frame:
         return _evenly_spaced(frames * per, count)
     chosen = [_evenly_spaced(per, quota) + t * per
-              for t, quota in enumerate(_per_frame_quotas(frames, count))]
+              for t, quota in enumerate(per_frame_quotas(frames, count))]
     return torch.cat(chosen)
 
 
@@ -190,5 +185,5 @@ def _random_indices(grid: tuple[int, int, int], count: int, per_frame: bool,
     if not per_frame:
         return torch.randperm(frames * per, generator=generator)[:count].sort().values
     chosen = [torch.randperm(per, generator=generator)[:quota].sort().values + t * per
-              for t, quota in enumerate(_per_frame_quotas(frames, count))]
+              for t, quota in enumerate(per_frame_quotas(frames, count))]
     return torch.cat(chosen)
