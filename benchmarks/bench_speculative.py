@@ -30,7 +30,7 @@ from hippo.models.agreement import (QWEN2_0_5B, QWEN2_7B, TINY_DRAFT, TINY_TARGE
                                     AgreementPair, synthetic_prompt)
 from hippo.pipeline import HippoPipeline
 from hippo.preserve import PreservationOptions
-from hippo.report import markdown_table
+from hippo.report import markdown_table, stats_row
 from hippo.speculative.acceptance import SamplingOptions
 
 PRESETS = {
@@ -48,21 +48,16 @@ def _run(pipeline: HippoPipeline, target_prompt, draft_prompt, new_tokens: int):
     return output
 
 
-def _row(label: str, gamma, eps: float, output, ar_ms_per_token: float | None,
-         matches: bool) -> dict:
+def _row(label: str, gamma, eps: float, output, baseline, matches: bool) -> dict:
+    """The shared statistics row (hippo.report), plus the per-round split this script is for."""
     s = output.stats
-    ms_per_token = 1e3 * s.decode_s_per_token
     rounds = max(s.rounds, 1)
-    return dict(method=label, gamma=gamma, eps=eps, mat=round(s.mean_accepted_tokens, 2),
-                acceptance=round(s.acceptance_rate, 3), tokens=s.tokens,
-                ms_per_token=round(ms_per_token, 3),
-                speedup=round(ar_ms_per_token / ms_per_token, 2) if ar_ms_per_token else 1.0,
-                round_ms=round(1e3 * s.decode_s / rounds, 3),
-                draft_ms_per_round=round(1e3 * s.draft_s / rounds, 3),
-                verify_ms_per_round=round(1e3 * s.verify_s / rounds, 3),
-                mean_gamma=round(s.mean_gamma, 2),
-                prefill_ms=round(1e3 * s.prefill_s, 1), selection_ms=round(1e3 * s.selection_s, 2),
-                draft_prefill_ms=round(1e3 * s.draft_prefill_s, 1), matches_ar=matches)
+    row = stats_row(label, s, baseline, gamma=gamma, eps=eps)
+    row.update({"round ms": round(1e3 * s.decode_s / rounds, 3),
+                "draft ms/round": round(1e3 * s.draft_s / rounds, 3),
+                "verify ms/round": round(1e3 * s.verify_s / rounds, 3),
+                "mean g": round(s.mean_gamma, 2), "matches_ar": matches})
+    return row
 
 
 def main() -> None:
@@ -102,15 +97,14 @@ def main() -> None:
     rows = []
     for eps in eps_values:
         pair.set_eps(eps)
-        reference, ar_ms = None, None
+        reference, baseline = None, None
         for label, _, gamma in configs:
             pipeline = pipelines[label]
             _run(pipeline, *prompts, min(args.new_tokens, 16))  # warm-up: graphs captured
             output = _run(pipeline, *prompts, args.new_tokens)
             if reference is None:
-                reference = output.tokens
-                ar_ms = 1e3 * output.stats.decode_s_per_token
-            rows.append(_row(label, gamma, eps, output, ar_ms, output.tokens == reference))
+                reference, baseline = output.tokens, output.stats
+            rows.append(_row(label, gamma, eps, output, baseline, output.tokens == reference))
         print(markdown_table([r for r in rows if r["eps"] == eps]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
