@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pyarrow.parquet  # a declared dependency (requirements.txt): no skip
 import pytest
 
 from hippo.bench.datasets import DATASETS, VideoQuestion, read_dataset
@@ -44,8 +45,7 @@ def test_videomme_parquet():
 
 
 def test_videomme_json_export_reads_like_the_parquet(tmp_path):
-    pyarrow_parquet = pytest.importorskip("pyarrow.parquet")
-    rows = pyarrow_parquet.read_table(
+    rows = pyarrow.parquet.read_table(
         FIXTURES / "videomme" / "videomme" / "test-00000-of-00001.parquet").to_pylist()
     (tmp_path / "videomme").mkdir()
     (tmp_path / "videomme" / "test.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
@@ -177,8 +177,6 @@ def test_missing_annotations_say_what_was_looked_for(tmp_path, name, looked_for)
     ("videomme", "videomme/test-00000-of-00001.parquet", "not a parquet file", "cannot parse"),
 ])
 def test_corrupt_annotations_name_the_file_and_why(tmp_path, name, path, content, why):
-    if path.endswith(".parquet"):
-        pytest.importorskip("pyarrow")
     file = tmp_path / path
     file.parent.mkdir(parents=True, exist_ok=True)
     file.write_text(content)
