@@ -162,7 +162,6 @@ class HippoPipeline:
             stats, tokens = self._generate_speculative(target_prompt, draft_prompt,
                                                        max_new_tokens, sampling, eos_ids)
         stats.total_s = time.perf_counter() - started
-        stats.tokens = len(tokens)
         text = self.target.tokenizer.decode(tokens) if self.target.tokenizer is not None else None
         return HippoOutput(tokens, text, stats)
 
@@ -203,7 +202,7 @@ class HippoPipeline:
             generator=generator)
         steps = max(len(result.tokens) - 1, 0)
         stats = GenerationStats(mode="ar", prompt_tokens=prompt.length, target_steps=steps,
-                                rounds=steps, draft_prompt_tokens=0,
+                                rounds=steps, tokens=len(result.tokens),
                                 prefill_s=result.prefill_s, verify_s=result.decode_s,
                                 decode_s=result.decode_s)
         return stats, result.tokens
