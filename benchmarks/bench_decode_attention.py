@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hippo_ext import decode_attention
+from hippo_ext import decode_attention, decode_attention_workspace
 from timing import bench_devices
 
 
@@ -71,7 +71,11 @@ def _block_visibility(shape: Shape, keys: int, device: str) -> torch.Tensor:
 
 def _implementation(impl: str, shape: Shape, query, cache, length, device: str, layer: int):
     if impl == "hippo":
-        return lambda: decode_attention(query, cache, layer, length, check=False)
+        # Its own semaphores (the fused merge's, HIPPO_DECODE_ATTENTION_FUSED_MERGE=1), as the
+        # runtime passes them: the timing graph is captured on a stream of its own.
+        workspace = decode_attention_workspace(shape.batch, shape.kv_heads, device)
+        return lambda: decode_attention(query, cache, layer, length, workspace=workspace,
+                                        check=False)
     q = query.transpose(1, 2)  # [B, Hq, Lq, D]
     if impl == "sdpa_masked":
         keys, values = cache[layer, 0], cache[layer, 1]  # every S_max position, masked

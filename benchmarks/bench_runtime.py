@@ -67,6 +67,12 @@ VARIANTS = {
     "step_invariant fma": Variant(dict(step_invariant=True), FMA),
     "PDL": Variant({}, (("HIPPO_PDL", "1"),)),  # programmatic dependent launch of hippo_ext kernels
     "attention 8 warps": Variant({}, (("HIPPO_DECODE_ATTENTION_WARPS", "8"),)),  # verify steps
+    # decode steps: the last KV-split block merges the splits (no second kernel per layer)
+    "attention fused merge": Variant({}, (("HIPPO_DECODE_ATTENTION_FUSED_MERGE", "1"),)),
+    # every opt-in candidate at once: do their gains add up?
+    "all opt-ins": Variant(dict(skinny_gemm=True), FMA + (
+        ("HIPPO_PDL", "1"), ("HIPPO_DECODE_ATTENTION_WARPS", "8"),
+        ("HIPPO_DECODE_ATTENTION_FUSED_MERGE", "1"))),
     "HF modules": Variant(dict(fused=False)),  # no fused layer ops
 }
 

@@ -85,6 +85,20 @@ inline DecodeAttentionShape check_decode_attention_inputs(
   return s;
 }
 
+// The optional workspace: int32 [>= B * Hkv] on the cache's device, zeros between calls (the
+// CUDA kernel's fused merge counts finished splits on it and resets it).
+inline void check_decode_attention_workspace(const std::optional<at::Tensor>& workspace,
+                                             const at::Tensor& cache,
+                                             const DecodeAttentionShape& s) {
+  if (!workspace.has_value()) return;
+  const char* op = kDecodeAttentionOp;
+  check_dtype(*workspace, at::kInt, op, "workspace");
+  check_same_device(*workspace, cache, op, "workspace", "cache");
+  check_contiguous(*workspace, op, "workspace");
+  HIPPO_CHECK(workspace->numel() >= s.batch * s.kv_heads, op, "workspace needs at least B * Hkv = ",
+              s.batch * s.kv_heads, " int32 entries, got ", workspace->numel());
+}
+
 // What the CUDA kernel supports beyond the generic contract.
 inline void check_decode_attention_cuda_support(const at::Tensor& query,
                                                 const DecodeAttentionShape& s) {

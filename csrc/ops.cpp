@@ -67,10 +67,12 @@ TORCH_LIBRARY(hippo_ext, m) {
   // bool, the prefix [0, length - Lq) plus block position j where tree_mask[i, j].
   // Returns [B, Lq, Hq, D] in the query's dtype. row_invariant: each query row's result is
   // bitwise the same whatever Lq is (a verify step's rows equal single-token steps'); on CUDA
-  // that fixes the work split to the verify layout, at some cost to Lq = 1 steps.
+  // that fixes the work split to the verify layout, at some cost to Lq = 1 steps. workspace:
+  // int32 [>= B * Hkv] zeros (left zeroed), with which the CUDA kernel may merge its KV splits
+  // in the same launch (HIPPO_DECODE_ATTENTION_FUSED_MERGE=1, decode steps); one per stream.
   m.def(
       "decode_attention(Tensor query, Tensor cache, int layer, Tensor length, float scale, "
-      "Tensor? tree_mask, bool row_invariant=False) -> Tensor");
+      "Tensor? tree_mask, bool row_invariant=False, Tensor(a!)? workspace=None) -> Tensor");
 
   // ---- the rest of a decoder layer: fewer, fatter kernels per step --------------------------
   // RMSNorm with HF's rounding (Qwen2RMSNorm). x [..., H] contiguous, weight [H] of x's dtype.

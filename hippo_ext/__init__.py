@@ -10,7 +10,7 @@ import torch
 
 from hippo_ext import _C  # noqa: F401  (loads the library: registers schemas and kernels)
 from hippo_ext.activation import silu_and_mul
-from hippo_ext.attention import decode_attention
+from hippo_ext.attention import decode_attention, decode_attention_workspace
 from hippo_ext.kv_compaction import kv_compact_, kv_gather
 from hippo_ext.linear import skinny_linear, skinny_linear_workspace
 from hippo_ext.normalization import add_rms_norm, rms_norm
@@ -56,6 +56,7 @@ __all__ = [
     "add_rms_norm",
     "cuda_kernels_built",
     "decode_attention",
+    "decode_attention_workspace",
     "has_kernel",
     "kv_compact_",
     "kv_gather",

@@ -6,8 +6,16 @@ import math
 import torch
 
 from hippo_ext._validation import check_index_range, wants_value_check
+from hippo_ext._workspace import shared_workspace, zeroed_int32
 
-__all__ = ["decode_attention"]
+__all__ = ["decode_attention", "decode_attention_workspace"]
+
+
+def decode_attention_workspace(batch: int, kv_heads: int,
+                               device: torch.device | str) -> torch.Tensor:
+    """Zeroed int32 semaphores for decode_attention's fused merge over a cache of `batch` rows
+    and `kv_heads` kv heads. The kernel leaves them zeroed; one workspace per stream."""
+    return zeroed_int32(batch * kv_heads, device)
 
 
 def decode_attention(
@@ -19,6 +27,7 @@ def decode_attention(
     scale: float | None = None,
     tree_mask: torch.Tensor | None = None,
     row_invariant: bool = False,
+    workspace: torch.Tensor | None = None,
     check: bool = True,
 ) -> torch.Tensor:
     """Attention of the last Lq tokens of each sequence against one layer of the static cache.
@@ -39,6 +48,11 @@ def decode_attention(
             step's rows equal what single-token steps give (the CUDA kernel then keeps its
             verify work layout for every Lq, which costs decode steps some speed). The CPU
             reference is row-invariant always.
+        workspace: int32 zeros from :func:`decode_attention_workspace`, one per stream. With
+            it, and HIPPO_DECODE_ATTENTION_FUSED_MERGE=1 (opt-in until measured), a CUDA step
+            with at most 16 query rows per kv head (G * Lq) merges its KV splits in the same
+            launch rather than in a second kernel. Default: a shared one per device and stream,
+            except inside a CUDA-graph capture that finds none (then two kernels run).
         check: on CUDA, verify Lq <= length[b] <= S_max first (a host sync); pass False inside
             CUDA graphs. The kernel clamps lengths whatever their values; a query row that
             sees no key yields zeros.
@@ -52,8 +66,11 @@ def decode_attention(
     if wants_value_check(length, check) and _shapes_plausible(query, cache, length):
         check_index_range(length, cache.size(4) + 1, "decode_attention", "length",
                           lower=query.size(1))
+    if workspace is None and cache.is_cuda and cache.dim() == 6:
+        workspace = shared_workspace("decode_attention", cache.size(2) * cache.size(3),
+                                     cache.device)
     return torch.ops.hippo_ext.decode_attention.default(
-        query, cache, layer, length, float(scale), tree_mask, bool(row_invariant))
+        query, cache, layer, length, float(scale), tree_mask, bool(row_invariant), workspace)
 
 
 def _shapes_plausible(query: torch.Tensor, cache: torch.Tensor, length: torch.Tensor) -> bool:
@@ -63,5 +80,6 @@ def _shapes_plausible(query: torch.Tensor, cache: torch.Tensor, length: torch.Te
 
 
 @torch.library.register_fake("hippo_ext::decode_attention")
-def _decode_attention_fake(query, cache, layer, length, scale, tree_mask, row_invariant=False):
+def _decode_attention_fake(query, cache, layer, length, scale, tree_mask, row_invariant=False,
+                           workspace=None):
     return query.new_empty(query.shape)

@@ -3,34 +3,18 @@ from __future__ import annotations
 
 import torch
 
+from hippo_ext._workspace import shared_workspace, zeroed_int32
+
 __all__ = ["skinny_linear", "skinny_linear_workspace"]
 
 ROWS_PER_BLOCK = 64  # output features per thread block of the CUDA kernel (csrc/linear.h)
-_WORKSPACES: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
 def skinny_linear_workspace(out_features: int, device: torch.device | str) -> torch.Tensor:
     """Zeroed split-K semaphores for GEMMs of up to `out_features` outputs on `device`. The
     kernel leaves them zeroed; a caller that runs GEMMs on several streams at once (a draft and
     a target) needs one workspace per stream."""
-    blocks = max(1, -(-int(out_features) // ROWS_PER_BLOCK))
-    return torch.zeros(blocks, dtype=torch.int32, device=device)
-
-
-def _shared_workspace(out_features: int, device: torch.device) -> torch.Tensor:
-    """A workspace per (device, stream), grown on demand. Allocating one inside a CUDA-graph
-    capture would tie it to the graph's memory: capture callers pass their own."""
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    key = (device, stream)
-    workspace = _WORKSPACES.get(key)
-    needed = max(1, -(-out_features // ROWS_PER_BLOCK))
-    if workspace is None or workspace.numel() < needed:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("skinny_linear: pass workspace= (skinny_linear_workspace) when "
-                               "capturing a CUDA graph")
-        workspace = _WORKSPACES[key] = skinny_linear_workspace(max(out_features, 1 << 16),
-                                                               device)
-    return workspace
+    return zeroed_int32(-(-int(out_features) // ROWS_PER_BLOCK), device)
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -50,7 +34,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             a shared one per device and stream (must exist before any CUDA-graph capture).
     """
     if workspace is None:
-        workspace = _shared_workspace(weight.size(0), x.device)
+        workspace = shared_workspace("skinny_linear", -(-weight.size(0) // ROWS_PER_BLOCK),
+                                     x.device)
+        if workspace is None:
+            raise RuntimeError("skinny_linear: pass workspace= (skinny_linear_workspace) when "
+                               "capturing a CUDA graph")
     return torch.ops.hippo_ext.skinny_linear.default(x, weight, bias, workspace)
 
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from hippo_ext import decode_attention
+from hippo_ext import decode_attention, decode_attention_workspace
 
 from hippo_testing import HAS_CUDA, rel_error, requires_cuda
 
@@ -14,6 +14,7 @@ OP = torch.ops.hippo_ext.decode_attention.default
 SIMPLE_KERNEL_ENV = "HIPPO_DECODE_ATTENTION_SIMPLE"  # CUDA: force the plain SIMT kernel
 BALANCED_SPLITS_ENV = "HIPPO_DECODE_ATTENTION_BALANCED"  # CUDA: "0" cuts S_max, not the length
 WARPS_ENV = "HIPPO_DECODE_ATTENTION_WARPS"  # CUDA: "8" runs 8-warp blocks for 2+ row tiles
+FUSED_MERGE_ENV = "HIPPO_DECODE_ATTENTION_FUSED_MERGE"  # CUDA: "1": the last split block merges
 
 # Relative error (norm) allowed per dtype: fp32 is the CPU reference path; bf16/fp16 outputs are
 # rounded once and the kernel rounds probabilities to the input dtype before P @ V.
@@ -85,22 +86,29 @@ def assert_close_to_reference(out, query, cache, layer, length, scale=None, tree
     assert err < TOLERANCE[query.dtype], f"relative error {err:.3g}"
 
 
-@pytest.fixture(params=["fast", "fixed_splits", "eight_warps", "simple"])
+KERNEL_VARIANTS = {  # the environment each CUDA variant runs under
+    "fast": {},
+    "fixed_splits": {BALANCED_SPLITS_ENV: "0"},
+    "eight_warps": {WARPS_ENV: "8"},
+    "fused_merge": {FUSED_MERGE_ENV: "1"},  # steps of <= 16 rows per kv head
+    "simple": {SIMPLE_KERNEL_ENV: "1"},
+}
+
+
+@pytest.fixture(params=list(KERNEL_VARIANTS))
 def cuda_kernel(request, monkeypatch):
     """Both CUDA kernels (the tensor-core one and the plain SIMT one), and the tensor-core one
     under the fixed split plan (splits of S_max rather than of the length, as row_invariant
-    uses) and with eight-warp blocks; no effect on the CPU."""
+    uses), with eight-warp blocks, and merging its splits in the last split block (the wrapper
+    passes its shared workspace); no effect on the CPU."""
     if request.param != "fast":
         if "device" in request.fixturenames and request.getfixturevalue("device") == "cpu":
             pytest.skip("the CPU has one kernel and no split plan")
-    for name in (SIMPLE_KERNEL_ENV, BALANCED_SPLITS_ENV, WARPS_ENV):
-        monkeypatch.delenv(name, raising=False)
-    if request.param == "simple":
-        monkeypatch.setenv(SIMPLE_KERNEL_ENV, "1")
-    elif request.param == "fixed_splits":
-        monkeypatch.setenv(BALANCED_SPLITS_ENV, "0")
-    elif request.param == "eight_warps":
-        monkeypatch.setenv(WARPS_ENV, "8")
+    for env in KERNEL_VARIANTS.values():
+        for name in env:
+            monkeypatch.delenv(name, raising=False)
+    for name, value in KERNEL_VARIANTS[request.param].items():
+        monkeypatch.setenv(name, value)
     return request.param
 
 
@@ -163,7 +171,7 @@ def test_many_query_rows_per_kv_head(device, gen, cuda_kernel, q_len):
 
 
 @pytest.mark.parametrize("per_batch", [False, True])
-@pytest.mark.parametrize("q_len", [9, 64])
+@pytest.mark.parametrize("q_len", [5, 9, 64])
 def test_tree_mask(device, gen, cuda_kernel, per_batch, q_len):
     lengths = [q_len + 40, q_len, q_len + 129]
     if per_batch:
@@ -262,16 +270,17 @@ def test_cuda_model_shapes(gen, cuda_kernel, dtype, q_heads, kv_heads, head_dim,
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("warps", ["4", "8"])
+@pytest.mark.parametrize("variant", ["fast", "eight_warps", "fused_merge"])
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim,length,max_seq,q_len", [
     (28, 4, 128, 12600, 16384, 9), (14, 2, 64, 1300, 2048, 17), (16, 16, 80, 700, 1024, 5),
     (28, 4, 128, 70, 128, 64)])
-def test_cuda_row_invariant_rows_equal_single_steps(gen, monkeypatch, warps, q_heads, kv_heads,
-                                                    head_dim, length, max_seq, q_len):
+def test_cuda_row_invariant_rows_equal_single_steps(gen, monkeypatch, variant, q_heads,
+                                                    kv_heads, head_dim, length, max_seq, q_len):
     """row_invariant=True: query row i of an Lq-token block equals, bit for bit, the same query
     run alone as the newest token at length - Lq + i + 1 (what a decode step computes), with
-    four- and eight-warp blocks."""
-    monkeypatch.setenv(WARPS_ENV, warps)
+    four- and eight-warp blocks, and with the single steps merged in their last split block."""
+    for name, value in KERNEL_VARIANTS[variant].items():
+        monkeypatch.setenv(name, value)
     query, cache, lengths = make_inputs(
         gen, batch=1, q_len=q_len, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
         lengths=[length], max_seq=max_seq, layers=1, dtype=torch.bfloat16, device="cuda")
@@ -322,6 +331,27 @@ def test_cuda_graph_replay_follows_length(gen, cuda_kernel, q_len):
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(28, 4, 128), (14, 2, 64), (16, 1, 80)])
+def test_cuda_fused_merge_leaves_workspace_zeroed(gen, monkeypatch, q_heads, kv_heads, head_dim):
+    """The fused merge's semaphores are zero again after every call, so back-to-back calls
+    (layers of one step, graph replays) keep merging the right splits. (Length 0, where no
+    split is active, is in test_cuda_unchecked_bad_lengths_stay_in_bounds.)"""
+    monkeypatch.setenv(FUSED_MERGE_ENV, "1")
+    query, cache, length = make_inputs(
+        gen, batch=2, q_len=1, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+        lengths=[5000, 1], max_seq=8192, layers=2, dtype=torch.bfloat16, device="cuda")
+    workspace = decode_attention_workspace(2, kv_heads, "cuda")
+    for lengths in ([5000, 1], [8192, 3000], [1, 64], [700, 8191]):
+        length.copy_(torch.tensor(lengths))
+        for layer in (0, 1):
+            out = decode_attention(query, cache, layer, length, workspace=workspace, check=False)
+            torch.cuda.synchronize()
+            assert not workspace.any(), f"semaphores left at {workspace.tolist()}"
+            assert_close_to_reference(out, query, cache, layer, length)
+
+
+@requires_cuda
+@pytest.mark.cuda
 def test_cuda_unchecked_bad_lengths_stay_in_bounds(gen, cuda_kernel):
     """check=False with lengths outside [Lq, S_max]: clamped, finite, no fault."""
     query, cache, length = make_inputs(
@@ -343,13 +373,15 @@ def test_cuda_unchecked_bad_lengths_stay_in_bounds(gen, cuda_kernel):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_opcheck(device, gen, with_mask):
+@pytest.mark.parametrize("with_workspace", [False, True])
+def test_opcheck(device, gen, with_mask, with_workspace):
     dtype = dtypes_for(device)[0]
     query, cache, length = make_inputs(
         gen, batch=2, q_len=3, q_heads=4, kv_heads=2, head_dim=64, lengths=[5, 3], max_seq=8,
         dtype=dtype, device=device)
     mask = random_tree_mask(gen, 3).to(device) if with_mask else None
-    torch.library.opcheck(OP, (query, cache, 1, length, 0.125, mask))
+    workspace = decode_attention_workspace(2, 2, device) if with_workspace else None
+    torch.library.opcheck(OP, (query, cache, 1, length, 0.125, mask, False, workspace))
 
 
 def _good(device):
@@ -391,6 +423,11 @@ BAD_INPUTS = {
                                                                            dtype=torch.bool)},
                          "tree_mask"),
     "mask_wrong_dtype": (lambda a: {**a, "tree_mask": a["length"].new_ones(3, 3)}, "tree_mask"),
+    "workspace_wrong_dtype": (lambda a: {**a, "workspace": a["length"].new_zeros(4)}, "workspace"),
+    "workspace_too_small": (lambda a: {**a, "workspace": a["length"].new_zeros(
+        3, dtype=torch.int32)}, "workspace needs at least"),
+    "workspace_non_contiguous": (lambda a: {**a, "workspace": a["length"].new_zeros(
+        8, dtype=torch.int32)[::2]}, "contiguous"),
 }
 
 

@@ -77,12 +77,15 @@ void attend_kv_head(const scalar_t* query, const scalar_t* keys, const scalar_t*
   }
 }
 
-// row_invariant needs nothing here: the reference computes every query row on its own.
+// row_invariant needs nothing here: the reference computes every query row on its own; nor
+// does the workspace (it serves the CUDA kernel's fused merge), which is only validated.
 at::Tensor decode_attention_cpu(const at::Tensor& query_in, const at::Tensor& cache, int64_t layer,
                                 const at::Tensor& length, double scale,
-                                const std::optional<at::Tensor>& tree_mask, bool /*row_invariant*/) {
+                                const std::optional<at::Tensor>& tree_mask, bool /*row_invariant*/,
+                                const std::optional<at::Tensor>& workspace) {
   const DecodeAttentionShape s =
       check_decode_attention_inputs(query_in, cache, layer, length, tree_mask);
+  check_decode_attention_workspace(workspace, cache, s);
   check_decode_attention_lengths(length, s);
 
   const at::Tensor query = query_in.contiguous();

@@ -4,7 +4,12 @@
 // share every key and value they read, so a thread block owns one (batch row, kv head, split of
 // the sequence, group of up to 64 rows) and streams its KV chunk from HBM exactly once for all of
 // them. Each block writes a partial output normalised by its own softmax sum plus the log-sum-exp
-// (base 2) of its scores to a workspace; a second small kernel merges the splits.
+// (base 2) of its scores to fp32 buffers; a second small kernel merges the splits. Given a
+// semaphore workspace, a step with at most kFusedMergeMaxRows rows per kv head (decode steps) can
+// instead merge them in the same launch: the split block that finishes last reads the others'
+// partials (cuda/last_block.cuh). HIPPO_DECODE_ATTENTION_FUSED_MERGE=1 turns that on (opt-in
+// until measured: it saves the merge kernel's launch, ~4-5 us per layer on an H200, and costs
+// one block's serial read of the partials).
 //
 // Graph capture. The number of splits depends on S_max, B * Hkv and the SM count only, never on
 // length values: blocks of splits that start at or beyond length[b] exit at once, and the combine
@@ -34,6 +39,7 @@
 #include "attention.h"
 #include "cuda/dependent_launch.cuh"
 #include "cuda/element_types.cuh"
+#include "cuda/last_block.cuh"
 #include "cuda/tensor_core.cuh"
 #include "cuda/tuning_env.h"
 #include "cuda/warp_reduce.cuh"
@@ -48,6 +54,9 @@ constexpr int kStages = 3;          // cp.async pipeline depth
 constexpr int kRowsPerBlock = 64;   // query rows per block of the MMA kernel: 4 m16 tiles
 constexpr int kSmemPad = 8;         // elements of padding per shared row: conflict-free fragments
 constexpr int kSimpleRowsPerBlock = kWarps;
+// The most query rows per kv head whose splits the last split block merges (fused merge): one
+// block reads rows x splits x D floats alone, so it pays only for the few rows of decode steps.
+constexpr int kFusedMergeMaxRows = 16;
 constexpr float kNegInf = -__builtin_huge_valf();
 
 struct Params {
@@ -59,6 +68,7 @@ struct Params {
   float* partial_out;      // [B * Hkv, num_splits, rows, D]: each split's normalised output
   float* partial_lse;      // [B * Hkv, num_splits, rows]: log2-sum-exp2 of the split's scores
   void* out;               // [B, Lq, Hq, D]
+  int* semaphores;         // [B * Hkv] zeros: the last split block merges (fused merge); or null
   int64_t mask_batch_stride;
   int batch, q_len, q_heads, kv_heads, group, rows, max_seq;
   int chunk;               // keys per split (a multiple of kTileKeys); balanced: the least
@@ -87,6 +97,12 @@ __device__ __forceinline__ int split_chunk(const Params& p, int length) {
   if (!p.balanced) return p.chunk;
   const int even = (length + p.num_splits - 1) / p.num_splits;
   return max(p.chunk, (even + kTileKeys - 1) / kTileKeys * kTileKeys);
+}
+
+// Splits of sequence b that hold keys, hence wrote a partial: split s does iff s * chunk < length.
+__device__ __forceinline__ int active_splits(const Params& p, int length) {
+  const int chunk = split_chunk(p, length);
+  return (length + chunk - 1) / chunk;
 }
 
 // Visibility of query row token i as (prefix, block bits): positions < prefix are visible,
@@ -132,6 +148,120 @@ __device__ __forceinline__ float split_lse(float max_score, float sum) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Merge of the splits: a combine kernel (one block per (batch row, kv head, query row)), or the
+// last split block of a fused merge
+// ---------------------------------------------------------------------------------------------
+
+// How merge_row splits its work: the first kThreads threads of the calling block form groups
+// of D / 4 (one float4 of the row each), whatever the block size, so that a row is merged in the
+// same order by the combine kernel and by a fused merge in a split block of any width (which
+// row_invariant relies on). Scratch: kFloat4s float4s of shared memory.
+template <int D>
+struct MergeLayout {
+  static constexpr int kLanesPerRow = D / 4;
+  static constexpr int kGroups = kThreads / kLanesPerRow;
+  static constexpr int kFloat4s = kGroups * kLanesPerRow + (2 * kGroups + 3) / 4;
+};
+
+// Query row r of (batch row, kv head) bh, merged over its `splits` active splits into out, by
+// a block of at least kThreads threads; scratch: 16-byte aligned shared memory of
+// MergeLayout::kFloat4s float4s. The thread groups take the splits in turn, each keeping its
+// own running maximum of the splits' log-sum-exps (one pass: the lse and the partial of a split
+// are loaded together, with no block-wide maximum to wait for first); then the groups' sums are
+// rescaled to a common maximum and added. Partials are read through L2 (__ldcg), so a block may
+// merge partials that other blocks of the same launch wrote.
+template <typename T, int D>
+__device__ void merge_row(const Params& p, int bh, int r, int splits, float4* scratch) {
+  constexpr int kLanesPerRow = MergeLayout<D>::kLanesPerRow;
+  constexpr int kGroups = MergeLayout<D>::kGroups;
+  float4* group_acc = scratch;                                            // [kGroups][kLanesPerRow]
+  float* group_max = reinterpret_cast<float*>(scratch + kGroups * kLanesPerRow);  // [kGroups]
+  float* group_weight = group_max + kGroups;                              // [kGroups]
+
+  const int b = bh / p.kv_heads;
+  const int h = bh % p.kv_heads;
+  const float* lse = p.partial_lse + static_cast<int64_t>(bh) * p.num_splits * p.rows + r;
+  const int group = threadIdx.x / kLanesPerRow;
+  const int lane4 = threadIdx.x % kLanesPerRow;
+  if (group < kGroups) {
+    const float* partial =
+        p.partial_out + (static_cast<int64_t>(bh) * p.num_splits * p.rows + r) * D + lane4 * 4;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    float weight_sum = 0.f, running_max = kNegInf;
+#pragma unroll 8
+    for (int s = group; s < splits; s += kGroups) {
+      const float split = __ldcg(lse + static_cast<int64_t>(s) * p.rows);
+      const float4 v = __ldcg(reinterpret_cast<const float4*>(partial + static_cast<int64_t>(s) * p.rows * D));
+      const float new_max = fmaxf(running_max, split);
+      const float shift = new_max == kNegInf ? 0.f : new_max;  // nothing seen yet: stay finite
+      const float rescale = exp2f(running_max - shift);         // 0 while running_max is -inf
+      const float w = exp2f(split - shift);                     // 0 for a split that saw nothing
+      acc.x = acc.x * rescale + w * v.x;
+      acc.y = acc.y * rescale + w * v.y;
+      acc.z = acc.z * rescale + w * v.z;
+      acc.w = acc.w * rescale + w * v.w;
+      weight_sum = weight_sum * rescale + w;
+      running_max = new_max;
+    }
+    group_acc[group * kLanesPerRow + lane4] = acc;
+    if (lane4 == 0) {
+      group_max[group] = running_max;
+      group_weight[group] = weight_sum;
+    }
+  }
+  __syncthreads();
+
+  if (threadIdx.x < kLanesPerRow) {
+    float max_all = kNegInf;
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) max_all = fmaxf(max_all, group_max[g]);
+    const float shift = max_all == kNegInf ? 0.f : max_all;
+    float4 total = make_float4(0.f, 0.f, 0.f, 0.f);
+    float total_weight = 0.f;
+#pragma unroll
+    for (int g = 0; g < kGroups; ++g) {
+      const float scale = exp2f(group_max[g] - shift);  // 0 for a group that saw nothing
+      const float4 v = group_acc[g * kLanesPerRow + threadIdx.x];
+      total.x += scale * v.x;
+      total.y += scale * v.y;
+      total.z += scale * v.z;
+      total.w += scale * v.w;
+      total_weight += scale * group_weight[g];
+    }
+    const float inv = total_weight > 0.f ? 1.f / total_weight : 0.f;  // nothing visible: zeros
+    T* out = static_cast<T*>(p.out) + row_offset(p, b, h, r, D) + threadIdx.x * 4;
+    out[0] = from_float<T>(total.x * inv);
+    out[1] = from_float<T>(total.y * inv);
+    out[2] = from_float<T>(total.z * inv);
+    out[3] = from_float<T>(total.w * inv);
+  }
+  __syncthreads();  // the scratch may be reused for the next row
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
+  wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
+  allow_dependent_kernels();
+  __shared__ float4 scratch[MergeLayout<D>::kFloat4s];
+  const int bh = blockIdx.x / p.rows;
+  const int r = blockIdx.x % p.rows;
+  const int length = clamped_length(p, bh / p.kv_heads);
+  merge_row<T, D>(p, bh, r, active_splits(p, length), scratch);
+}
+
+// Fused merge, in a split block once its partial is written: the last of the (batch row, kv
+// head)'s active splits to finish merges all of them for every row (at most
+// kFusedMergeMaxRows, so one row group). A sequence of length 0 has no active split: its
+// first split block writes the zeros a merge would.
+template <typename T, int D>
+__device__ void merge_if_last(const Params& p, int bh, int length, float4* scratch) {
+  const int splits = active_splits(p, length);
+  if (splits > 0 && !arrive_last_of(p.semaphores + bh, splits)) return;
+  for (int r = 0; r < p.rows; ++r) merge_row<T, D>(p, bh, r, splits, scratch);
+  if (splits > 0) release_semaphore(p.semaphores + bh);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Split kernel, tensor cores
 // ---------------------------------------------------------------------------------------------
 
@@ -159,6 +289,8 @@ __global__ void __launch_bounds__(W * 32) split_kernel_mma(const Params p) {
                 "ldmatrix takes n8 tiles in pairs: whole k16 key steps, even n8 head-dim tiles");
   constexpr int kSlices = W / M;
   constexpr int kBlockThreads = W * 32;
+  static_assert(MergeLayout<D>::kFloat4s * 16 <= MmaSmem<D, W>::kBytes && kBlockThreads >= kThreads,
+                "a fused merge reuses the staging area as its scratch, with kThreads threads");
   constexpr int kSliceKeys = kTileKeys / kSlices;  // 16, 32 or 64 keys per warp and tile
   constexpr int kKeyTiles = kSliceKeys / 8;        // n8 tiles of S per warp
   constexpr int kDimK = D / 16;                    // k16 steps of Q K^T
@@ -173,11 +305,16 @@ __global__ void __launch_bounds__(W * 32) split_kernel_mma(const Params p) {
   const int length = clamped_length(p, b);
   const int chunk = split_chunk(p, length);
   const int kv_begin = split * chunk;
-  if (kv_begin >= length) return;  // the combine kernel never reads this split
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  if (kv_begin >= length) {  // no merge reads this split
+    if (p.semaphores != nullptr && split == 0) {  // length 0: zeros, as the merge would write
+      merge_if_last<T, D>(p, bh, length, reinterpret_cast<float4*>(smem_raw));
+    }
+    return;
+  }
   const int kv_end = min(kv_begin + chunk, length);
   const int num_tiles = (kv_end - kv_begin + kTileKeys - 1) / kTileKeys;
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
   T* staging = reinterpret_cast<T*>(smem_raw);
 
   const int warp = threadIdx.x / 32;
@@ -390,6 +527,9 @@ __global__ void __launch_bounds__(W * 32) split_kernel_mma(const Params p) {
     p.partial_out[out_row * D + d] = sum > 0.f ? value / sum : 0.f;
     if (d == 0) p.partial_lse[out_row] = split_lse(max_score, sum);
   }
+  if (p.semaphores != nullptr) {  // fused merge; arrive_last_of waits for the merge-area reads
+    merge_if_last<T, D>(p, bh, length, reinterpret_cast<float4*>(smem_raw));
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -453,89 +593,6 @@ __global__ void __launch_bounds__(kThreads) split_kernel_simple(const Params p) 
     if (d < D) p.partial_out[out_row * D + d] = running_sum > 0.f ? acc[k] / running_sum : 0.f;
   }
   if (lane == 0) p.partial_lse[out_row] = split_lse(running_max, running_sum);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Combine kernel: one block per (batch row, kv head, query row)
-// ---------------------------------------------------------------------------------------------
-
-// Threads form groups of D / 4 (one float4 of the row each); the groups take the splits in
-// turn, each keeping its own running maximum of the splits' log-sum-exps (one pass: the lse and
-// the partial of a split are loaded together, with no block-wide maximum to wait for first),
-// then the groups' sums are rescaled to a common maximum and added in shared memory.
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
-  wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
-  allow_dependent_kernels();
-  constexpr int kLanesPerRow = D / 4;
-  constexpr int kGroups = kThreads / kLanesPerRow;
-  __shared__ float4 group_acc[kGroups][kLanesPerRow];
-  __shared__ float group_max[kGroups];
-  __shared__ float group_weight[kGroups];
-
-  const int bh = blockIdx.x / p.rows;
-  const int r = blockIdx.x % p.rows;
-  const int b = bh / p.kv_heads;
-  const int h = bh % p.kv_heads;
-  const int length = clamped_length(p, b);
-  const int chunk = split_chunk(p, length);
-  const int active_splits = (length + chunk - 1) / chunk;  // splits that wrote a partial
-  const float* lse = p.partial_lse + static_cast<int64_t>(bh) * p.num_splits * p.rows + r;
-
-  const int group = threadIdx.x / kLanesPerRow;
-  const int lane4 = threadIdx.x % kLanesPerRow;
-  if (group < kGroups) {
-    const float* partial =
-        p.partial_out + (static_cast<int64_t>(bh) * p.num_splits * p.rows + r) * D + lane4 * 4;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    float weight_sum = 0.f, running_max = kNegInf;
-#pragma unroll 8
-    for (int s = group; s < active_splits; s += kGroups) {
-      const float split = lse[static_cast<int64_t>(s) * p.rows];
-      const float4 v = *reinterpret_cast<const float4*>(partial + static_cast<int64_t>(s) * p.rows * D);
-      const float new_max = fmaxf(running_max, split);
-      const float shift = new_max == kNegInf ? 0.f : new_max;  // nothing seen yet: stay finite
-      const float rescale = exp2f(running_max - shift);         // 0 while running_max is -inf
-      const float w = exp2f(split - shift);                     // 0 for a split that saw nothing
-      acc.x = acc.x * rescale + w * v.x;
-      acc.y = acc.y * rescale + w * v.y;
-      acc.z = acc.z * rescale + w * v.z;
-      acc.w = acc.w * rescale + w * v.w;
-      weight_sum = weight_sum * rescale + w;
-      running_max = new_max;
-    }
-    group_acc[group][lane4] = acc;
-    if (lane4 == 0) {
-      group_max[group] = running_max;
-      group_weight[group] = weight_sum;
-    }
-  }
-  __syncthreads();
-
-  if (threadIdx.x < kLanesPerRow) {
-    float max_all = kNegInf;
-#pragma unroll
-    for (int g = 0; g < kGroups; ++g) max_all = fmaxf(max_all, group_max[g]);
-    const float shift = max_all == kNegInf ? 0.f : max_all;
-    float4 total = make_float4(0.f, 0.f, 0.f, 0.f);
-    float total_weight = 0.f;
-#pragma unroll
-    for (int g = 0; g < kGroups; ++g) {
-      const float scale = exp2f(group_max[g] - shift);  // 0 for a group that saw nothing
-      const float4 v = group_acc[g][threadIdx.x];
-      total.x += scale * v.x;
-      total.y += scale * v.y;
-      total.z += scale * v.z;
-      total.w += scale * v.w;
-      total_weight += scale * group_weight[g];
-    }
-    const float inv = total_weight > 0.f ? 1.f / total_weight : 0.f;  // nothing visible: zeros
-    T* out = static_cast<T*>(p.out) + row_offset(p, b, h, r, D) + threadIdx.x * 4;
-    out[0] = from_float<T>(total.x * inv);
-    out[1] = from_float<T>(total.y * inv);
-    out[2] = from_float<T>(total.z * inv);
-    out[3] = from_float<T>(total.w * inv);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -609,7 +666,9 @@ void launch(const Params& p, bool simple, cudaStream_t stream) {
     else if (eight_warps) launch_mma<T, D, 4, 8>(p, grid, stream);
     else launch_mma<T, D, 4, kWarps>(p, grid, stream);
   }
-  launch_kernel(combine_kernel<T, D>, dim3(bh * p.rows), dim3(kThreads), 0, stream, p);
+  if (p.semaphores == nullptr) {
+    launch_kernel(combine_kernel<T, D>, dim3(bh * p.rows), dim3(kThreads), 0, stream, p);
+  }
 }
 
 template <typename T>
@@ -624,9 +683,11 @@ void launch_for_head_dim(const Params& p, int64_t head_dim, bool simple, cudaStr
 
 at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& cache,
                                  int64_t layer, const at::Tensor& length, double scale,
-                                 const std::optional<at::Tensor>& tree_mask, bool row_invariant) {
+                                 const std::optional<at::Tensor>& tree_mask, bool row_invariant,
+                                 const std::optional<at::Tensor>& workspace) {
   const DecodeAttentionShape s =
       check_decode_attention_inputs(query_in, cache, layer, length, tree_mask);
+  check_decode_attention_workspace(workspace, cache, s);
   check_decode_attention_cuda_support(query_in, s);
   const c10::cuda::CUDAGuard guard(cache.device());
 
@@ -677,6 +738,9 @@ at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& c
 
   const bool simple = env_flag("HIPPO_DECODE_ATTENTION_SIMPLE") && !row_invariant;
   p.row_invariant = row_invariant;
+  const bool fused_merge = workspace.has_value() && !simple && rows <= kFusedMergeMaxRows &&
+                           env_flag("HIPPO_DECODE_ATTENTION_FUSED_MERGE");
+  p.semaphores = fused_merge ? workspace->data_ptr<int>() : nullptr;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (query.scalar_type() == at::kBFloat16) {
     launch_for_head_dim<__nv_bfloat16>(p, s.head_dim, simple, stream);

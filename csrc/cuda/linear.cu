@@ -31,6 +31,7 @@
 
 #include "cuda/dependent_launch.cuh"
 #include "cuda/element_types.cuh"
+#include "cuda/last_block.cuh"
 #include "cuda/tensor_core.cuh"
 #include "cuda/tuning_env.h"
 #include "cuda/warp_reduce.cuh"
@@ -149,13 +150,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const SkinnyPar
       if (m < p.rows && n < p.out_features) partial[static_cast<int64_t>(m) * p.out_features + n] = acc[mt][e];
     }
   }
-  __threadfence();  // this block's partials are visible device-wide before it signals
-  __syncthreads();
-  __shared__ bool last_block;
-  if (threadIdx.x == 0) last_block = atomicAdd(p.semaphores + tile, 1) == p.splits - 1;
-  __syncthreads();
-  if (!last_block) return;
-  __threadfence();
+  if (!arrive_last_of(p.semaphores + tile, p.splits)) return;
 
   // The last block sums the splits in order (deterministic), adds the bias and rounds once.
   const int n_first = tile * kSkinnyRowsPerBlock;
@@ -168,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const SkinnyPar
     }
     out[static_cast<int64_t>(m) * p.out_features + n] = from_float<T>(sum + bias_at<T>(p, n));
   }
-  if (threadIdx.x == 0) p.semaphores[tile] = 0;  // ready for the next call or graph replay
+  release_semaphore(p.semaphores + tile);  // ready for the next call or graph replay
 }
 
 

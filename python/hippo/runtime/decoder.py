@@ -150,6 +150,10 @@ class LanguageModelRuntime:
         self._gemm_workspace = (
             hippo_ext.skinny_linear_workspace(_widest_output(self.layers, lm_head), self.device)
             if skinny_gemm else None)
+        # decode_attention's fused-merge semaphores: also one per runtime, hence per stream.
+        self._attention_workspace = (
+            hippo_ext.decode_attention_workspace(batch, self.num_kv_heads, self.device)
+            if self.step_attention == "hippo_ext" and is_cuda else None)
         # Last, once every check has passed: fusing rewrites the HF model's parameters.
         self.fused = ([fuse_layer_projections(layer) for layer in self.layers]
                       if use_fused else None)
@@ -365,7 +369,8 @@ class LanguageModelRuntime:
         if self.step_attention == "hippo_ext":
             out = hippo_ext.decode_attention(q.contiguous(), self.cache.tensor, index,
                                              self.cache.length, scale=self.scale,
-                                             row_invariant=self.step_invariant, check=False)
+                                             row_invariant=self.step_invariant,
+                                             workspace=self._attention_workspace, check=False)
             return out.reshape(batch, count, -1)
         # Masked SDPA over a static key window: query i sees keys [0, length - count + i].
         key_pos = torch.arange(key_limit, device=self.device)

@@ -1,0 +1,27 @@
+"""Zeroed int32 workspaces shared per (op, device, stream): the semaphores of the ops whose last
+block combines the others' partials in the same launch (skinny_linear, decode_attention). The
+kernels leave them zeroed; two streams running the same op at once need two workspaces."""
+from __future__ import annotations
+
+import torch
+
+_SHARED: dict[tuple[str, torch.device, int], torch.Tensor] = {}
+
+
+def zeroed_int32(numel: int, device: torch.device | str) -> torch.Tensor:
+    return torch.zeros(max(1, int(numel)), dtype=torch.int32, device=device)
+
+
+def shared_workspace(op: str, numel: int, device: torch.device) -> torch.Tensor | None:
+    """The shared workspace of `op` for the current stream of `device`, grown on demand (to at
+    least `numel`, with room to spare), or None when it would have to be allocated inside a
+    CUDA-graph capture: a tensor allocated there belongs to the graph's memory pool, so callers
+    that capture pass their own."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (op, device, stream)
+    workspace = _SHARED.get(key)
+    if workspace is None or workspace.numel() < numel:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        workspace = _SHARED[key] = zeroed_int32(max(numel, 1 << 12), device)
+    return workspace
