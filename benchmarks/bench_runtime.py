@@ -8,7 +8,8 @@ Qwen2ForCausalLM models, prefills a context of each requested length and times w
     replay followed by a rollback to the context length (one tiny fill kernel);
   * the same steps under the runtime options in VARIANTS (skinny_gemm and step_invariant, each
     with skinny_linear's tensor-core and FMA kernels; programmatic dependent launch;
-    decode_attention's eight-warp blocks; HF's modules), each its own runtime on the same weights;
+    decode_attention's eight-warp blocks and fused merge; the norms and gating inside the GEMMs;
+    all opt-ins at once; HF's modules), each its own runtime on the same weights;
   * HF eager forward of the same number of tokens on a DynamicCache holding the same keys and
     values (cropped back after each call);
   * the runtime's prefill of the context (SDPA);
@@ -69,8 +70,10 @@ VARIANTS = {
     "attention 8 warps": Variant({}, (("HIPPO_DECODE_ATTENTION_WARPS", "8"),)),  # verify steps
     # decode steps: the last KV-split block merges the splits (no second kernel per layer)
     "attention fused merge": Variant({}, (("HIPPO_DECODE_ATTENTION_FUSED_MERGE", "1"),)),
+    # add_rms_norm and silu_and_mul inside the GEMMs after them (FMA kernel, <= 16 tokens)
+    "GEMM prologues": Variant(dict(gemm_prologues=True)),
     # every opt-in candidate at once: do their gains add up?
-    "all opt-ins": Variant(dict(skinny_gemm=True), FMA + (
+    "all opt-ins": Variant(dict(skinny_gemm=True, gemm_prologues=True), FMA + (
         ("HIPPO_PDL", "1"), ("HIPPO_DECODE_ATTENTION_WARPS", "8"),
         ("HIPPO_DECODE_ATTENTION_FUSED_MERGE", "1"))),
     "HF modules": Variant(dict(fused=False)),  # no fused layer ops

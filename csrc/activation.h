@@ -14,8 +14,7 @@ struct GatedShape {
   int64_t width = 0;  // I
 };
 
-inline GatedShape check_silu_and_mul_inputs(const at::Tensor& x) {
-  constexpr const char* op = "silu_and_mul";
+inline GatedShape check_silu_and_mul_inputs(const at::Tensor& x, const char* op = "silu_and_mul") {
   HIPPO_CHECK(x.dim() >= 1, op, "x must have at least one dimension, got a scalar");
   check_floating(x, op, "x");
   check_contiguous(x, op, "x");

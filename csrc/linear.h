@@ -26,10 +26,12 @@ struct SkinnyShape {
   int64_t out_features = 0;  // N
 };
 
-inline SkinnyShape check_skinny_linear_inputs(const at::Tensor& x, const at::Tensor& weight,
-                                              const std::optional<at::Tensor>& bias,
-                                              const at::Tensor& workspace) {
-  const char* op = kSkinnyLinearOp;
+// The GEMM operands of skinny_linear and of the fused ops that end in one: x [..., *] (only its
+// dtype, device and row count are read: rows = numel / x.size(-1)) with `in_features` = K
+// inputs per row, weight [N, K], bias [N] or none.
+inline SkinnyShape check_linear_operands(const at::Tensor& x, int64_t in_features,
+                                         const at::Tensor& weight,
+                                         const std::optional<at::Tensor>& bias, const char* op) {
   HIPPO_CHECK(x.dim() >= 1, op, "x must have at least one dimension, got a scalar");
   check_floating(x, op, "x");
   check_contiguous(x, op, "x");
@@ -39,11 +41,11 @@ inline SkinnyShape check_skinny_linear_inputs(const at::Tensor& x, const at::Ten
               " must match the dtype of x, ", x.scalar_type());
   check_same_device(x, weight, op, "x", "weight");
   SkinnyShape s;
-  s.in_features = x.size(-1);
+  s.in_features = in_features;
   s.out_features = weight.size(0);
   HIPPO_CHECK(weight.size(1) == s.in_features, op, "weight is ", weight.sizes(), " but x has ",
-              s.in_features, " features (its last dimension)");
-  s.rows = s.in_features == 0 ? 0 : x.numel() / s.in_features;
+              s.in_features, " input features");
+  s.rows = x.size(-1) == 0 ? 0 : x.numel() / x.size(-1);
   if (bias.has_value()) {
     check_dim(*bias, 1, op, "bias");
     HIPPO_CHECK(bias->size(0) == s.out_features, op, "bias has ", bias->size(0), " entries but weight has ",
@@ -53,6 +55,15 @@ inline SkinnyShape check_skinny_linear_inputs(const at::Tensor& x, const at::Ten
     check_same_device(*bias, x, op, "bias", "x");
     check_contiguous(*bias, op, "bias");
   }
+  return s;
+}
+
+inline SkinnyShape check_skinny_linear_inputs(const at::Tensor& x, const at::Tensor& weight,
+                                              const std::optional<at::Tensor>& bias,
+                                              const at::Tensor& workspace) {
+  const char* op = kSkinnyLinearOp;
+  const SkinnyShape s =
+      check_linear_operands(x, x.dim() >= 1 ? x.size(-1) : 0, weight, bias, op);
   check_dim(workspace, 1, op, "workspace");
   check_dtype(workspace, at::kInt, op, "workspace");
   check_contiguous(workspace, op, "workspace");

@@ -39,8 +39,8 @@ inline RmsNormShape check_rms_norm_inputs(const at::Tensor& x, const at::Tensor&
 }
 
 inline RmsNormShape check_add_rms_norm_inputs(const at::Tensor& x, const at::Tensor& residual,
-                                              const at::Tensor& weight, double eps) {
-  constexpr const char* op = "add_rms_norm";
+                                              const at::Tensor& weight, double eps,
+                                              const char* op = "add_rms_norm") {
   const RmsNormShape s = check_rms_norm_inputs(x, weight, eps, op);
   HIPPO_CHECK(residual.sizes() == x.sizes(), op, "residual shape ", residual.sizes(),
               " must equal the shape of x, ", x.sizes());

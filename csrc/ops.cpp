@@ -95,4 +95,12 @@ TORCH_LIBRARY(hippo_ext, m) {
   // [>= ceil(N / 64)] zeros (split-K semaphores, left zeroed). Row results do not depend on M.
   m.def(
       "skinny_linear(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) workspace) -> Tensor");
+  // A layer's RMSNorm or SwiGLU gating fused into the GEMM that consumes it (fused_linear.h):
+  // (linear(add_rms_norm(x, residual)[0], weight, bias), x + residual), and
+  // linear(silu_and_mul(x), weight, bias), with those ops' rounding. On CUDA, up to 16 rows run
+  // one kernel (skinny_linear's FMA kernel, rows independent of M); other shapes compose.
+  m.def(
+      "add_rms_norm_linear(Tensor x, Tensor residual, Tensor norm_weight, float eps, "
+      "Tensor weight, Tensor? bias) -> (Tensor, Tensor)");
+  m.def("silu_and_mul_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }

@@ -11,6 +11,7 @@ import torch
 from hippo_ext import _C  # noqa: F401  (loads the library: registers schemas and kernels)
 from hippo_ext.activation import silu_and_mul
 from hippo_ext.attention import decode_attention, decode_attention_workspace
+from hippo_ext.fused_linear import add_rms_norm_linear, silu_and_mul_linear
 from hippo_ext.kv_compaction import kv_compact_, kv_gather
 from hippo_ext.linear import skinny_linear, skinny_linear_workspace
 from hippo_ext.normalization import add_rms_norm, rms_norm
@@ -32,6 +33,8 @@ OP_NAMES = (
     "rotary_kv_append",
     "rotary_tables",
     "skinny_linear",
+    "add_rms_norm_linear",
+    "silu_and_mul_linear",
 )
 
 
@@ -54,6 +57,7 @@ __all__ = [
     "OP_NAMES",
     "SelectedTokens",
     "add_rms_norm",
+    "add_rms_norm_linear",
     "cuda_kernels_built",
     "decode_attention",
     "decode_attention_workspace",
@@ -65,6 +69,7 @@ __all__ = [
     "rotary_tables",
     "select_visual_tokens",
     "silu_and_mul",
+    "silu_and_mul_linear",
     "skinny_linear",
     "skinny_linear_workspace",
     "verify_greedy",

@@ -65,7 +65,7 @@ PY
     fast)
       # The CUDA tests of everything a runtime step runs, one process per file, all at once
       # (correctness only, so sharing the GPU costs nothing; no timing phase runs beside them).
-      files="test_normalization test_activation test_rotary_embedding test_linear test_decode_attention test_runtime test_video_llm_ar"
+      files="test_normalization test_activation test_rotary_embedding test_linear test_fused_linear test_decode_attention test_runtime test_video_llm_ar"
       for f in $files; do
         timeout "${TEST_TIMEOUT:-300}" $PYTEST "tests/$f.py" -rfE -q -m cuda >"$OUT/$f.log" 2>&1 &
       done
@@ -98,6 +98,9 @@ PY
       # Skinny GEMMs: cuBLAS vs skinny_linear at M = 1, 5, 9, 17 against the weight floor
       $PYTEST benchmarks/bench_linear.py --benchmark-only -q --benchmark-json "$OUT/linear.json" >/dev/null 2>&1
       $PY benchmarks/report.py "$OUT/linear.json" | cut -d'|' -f2,5,6,7
+      # The norm / gating inside the GEMM (one kernel) against add_rms_norm or silu_and_mul + cuBLAS
+      $PYTEST benchmarks/bench_fused_linear.py --benchmark-only -q --benchmark-json "$OUT/fused_linear.json" >/dev/null 2>&1
+      $PY benchmarks/report.py "$OUT/fused_linear.json" | cut -d'|' -f2,5,6,7
       for blocks in 3 16; do  # the skinny kernel's split plan (default 8 blocks per SM)
         HIPPO_SKINNY_BLOCKS_PER_SM=$blocks $PYTEST benchmarks/bench_linear.py --benchmark-only -q \
           -k hippo --benchmark-json "$OUT/linear_b$blocks.json" >/dev/null 2>&1

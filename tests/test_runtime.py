@@ -439,6 +439,43 @@ def test_skinny_gemm_runtime_matches_cublas_runtime(device):
         assert (logits[0] - logits[1]).norm() / logits[1].norm() < 1e-2
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda,
+                                                                        pytest.mark.cuda])])
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
+def test_gemm_prologues_runtime_matches_default_runtime(device, family):
+    """gemm_prologues=True runs the norms and the gating inside the GEMMs (the fused ops are
+    their composition on the CPU): equal logits on the CPU, within bf16 noise on CUDA, for
+    decode steps, a verify step, and a step past the fused kernel's 16 rows."""
+    model, positions_for = build(family)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    model = model.to(device=device, dtype=dtype)
+    ids = torch.randint(0, VOCAB, (1, 37), device=device)
+    positions = positions_for(37).to(device)
+    logits = []
+    for prologues in (False, True):
+        runtime = LanguageModelRuntime.from_hf(model, max_seq_len=48, gemm_prologues=prologues)
+        assert runtime.gemm_prologues == prologues
+        runtime.prefill(runtime.embed(ids[:, :12]), positions[..., :12])
+        steps = [runtime.step(ids[:, 12 + i:13 + i], positions[..., 12 + i:13 + i]).clone()
+                 for i in range(3)]
+        steps.append(runtime.step(ids[:, 15:20], positions[..., 15:20]).clone())
+        steps.append(runtime.step(ids[:, 20:37], positions[..., 20:37]).clone())
+        logits.append(torch.cat(steps, dim=1).double())
+    if device == "cpu":
+        assert torch.equal(logits[0], logits[1])
+    else:
+        assert (logits[0] - logits[1]).norm() / logits[1].norm() < 1e-2
+
+
+def test_gemm_prologues_need_the_fused_path_and_no_step_invariance():
+    model, _ = build("qwen2")
+    with pytest.raises(HippoError, match="gemm_prologues"):
+        LanguageModelRuntime.from_hf(model, max_seq_len=32, fused=False, gemm_prologues=True)
+    with pytest.raises(HippoError, match="gemm_prologues"):
+        LanguageModelRuntime.from_hf(model, max_seq_len=32, gemm_prologues=True,
+                                     step_invariant=True)
+
+
 def test_skinny_gemm_needs_the_fused_path():
     model, _ = build("qwen2")
     with pytest.raises(HippoError, match="skinny_gemm"):

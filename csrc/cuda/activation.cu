@@ -12,17 +12,12 @@
 #include "activation.h"
 #include "cuda/dependent_launch.cuh"
 #include "cuda/element_types.cuh"
+#include "cuda/layer_math.cuh"
 
 namespace hippo {
 namespace {
 
 constexpr int kThreads = 256;
-
-// silu in fp32 as PyTorch's CUDA kernel computes it, x / (1 + exp(-x)), then rounded to T.
-template <typename T>
-__device__ __forceinline__ float silu_rounded(float x) {
-  return round_to<T>(x / (1.f + expf(-x)));
-}
 
 template <typename T, int N>
 __global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t rows,
@@ -41,7 +36,7 @@ __global__ void silu_and_mul_kernel(const T* __restrict__ x, T* __restrict__ out
     const P up = *reinterpret_cast<const P*>(in_row + width + column);
     P o;
 #pragma unroll
-    for (int j = 0; j < N; ++j) o.v[j] = from_float<T>(silu_rounded<T>(to_float(gate.v[j])) * to_float(up.v[j]));
+    for (int j = 0; j < N; ++j) o.v[j] = gated<T>(to_float(gate.v[j]), to_float(up.v[j]));
     *reinterpret_cast<P*>(out + row * width + column) = o;
   }
 }

@@ -21,6 +21,8 @@
 // when HIPPO_SKINNY_KERNEL=fma (skinny_linear_fma_kernel below). It also keeps rows independent
 // of M (for M <= 16: rows past 16 go to the tensor-core kernel), streams each weight row once with
 // no partial sums to write back, and is meant for decode steps; it is opt-in until measured.
+// The same kernel, with a prologue applied to x as it is loaded, is the one-launch CUDA path of
+// add_rms_norm_linear and silu_and_mul_linear (fused_linear.h) for up to 16 rows.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -32,9 +34,11 @@
 #include "cuda/dependent_launch.cuh"
 #include "cuda/element_types.cuh"
 #include "cuda/last_block.cuh"
+#include "cuda/layer_math.cuh"
 #include "cuda/tensor_core.cuh"
 #include "cuda/tuning_env.h"
 #include "cuda/warp_reduce.cuh"
+#include "fused_linear.h"
 #include "linear.h"
 
 namespace hippo {
@@ -50,14 +54,20 @@ constexpr int kSplitGrain = kKeyBlock * kUnroll;   // K per split is a multiple 
 constexpr int64_t kBlocksPerSmTarget = 8;
 
 struct SkinnyParams {
-  const void* x;         // [M, K]
-  const void* weight;    // [N, K]
-  const void* bias;      // [N] or null
-  void* out;             // [M, N]
-  float* partial;        // [splits, M, N] when splits > 1
-  int* semaphores;       // [ceil(N / 64)] zeros
-  int rows, out_features, in_features;
-  int k_per_split, splits;
+  const void* x = nullptr;       // [M, K] ([M, 2K]: gate then up, with the SiLU-and-mul prologue)
+  const void* weight = nullptr;  // [N, K]
+  const void* bias = nullptr;    // [N] or null
+  void* out = nullptr;           // [M, N]
+  float* partial = nullptr;      // [splits, M, N] when splits > 1
+  int* semaphores = nullptr;     // [ceil(N / 64)] zeros
+  int rows = 0, out_features = 0, in_features = 0;
+  int k_per_split = 0, splits = 1;
+  // The add-RMSNorm prologue (FMA kernel): residual [M, K] and norm_weight [K] of x's dtype;
+  // block 0 writes x + residual to sum_out [M, K].
+  const void* residual = nullptr;
+  const void* norm_weight = nullptr;
+  void* sum_out = nullptr;
+  float eps = 0.f;
 };
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
@@ -190,23 +200,85 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[kFmaLaneK
   for (int e = 0; e < kFmaLaneK; ++e) out[e] = to_float(pack.v[e]);
 }
 
+// What the FMA kernel applies to x as it loads it: nothing (skinny_linear), the residual add and
+// RMSNorm (add_rms_norm_linear) or the SwiGLU gating (silu_and_mul_linear).
+enum class Prologue { kNone, kAddRmsNorm, kSiluAndMul };
+
+// The 8 GEMM inputs of row m at k .. k + 7 (k a multiple of 8), after the prologue, with the
+// arithmetic of the standalone ops (layer_math.cuh). inverse: row m's 1 / rms (kAddRmsNorm).
+template <typename T, Prologue kPrologue>
+__device__ __forceinline__ void load_inputs(const SkinnyParams& p, int m, int k, float inverse,
+                                            float (&out)[kFmaLaneK]) {
+  const int64_t K = p.in_features;
+  const T* x = static_cast<const T*>(p.x);
+  auto load8 = [](const T* at, float (&values)[kFmaLaneK]) {
+    unpack8<T>(__ldg(reinterpret_cast<const uint4*>(at)), values);
+  };
+  if constexpr (kPrologue == Prologue::kNone) {
+    load8(x + m * K + k, out);
+  } else if constexpr (kPrologue == Prologue::kAddRmsNorm) {
+    float residual[kFmaLaneK], weight[kFmaLaneK];
+    load8(x + m * K + k, out);
+    load8(static_cast<const T*>(p.residual) + m * K + k, residual);
+    load8(static_cast<const T*>(p.norm_weight) + k, weight);
+#pragma unroll
+    for (int e = 0; e < kFmaLaneK; ++e) {
+      const float sum = to_float(residual_sum<T>(out[e], residual[e]));
+      out[e] = to_float(rms_normed<T>(sum, weight[e], inverse));
+    }
+  } else {
+    float up[kFmaLaneK];
+    const T* row = x + m * 2 * K;
+    load8(row + k, out);
+    load8(row + K + k, up);
+#pragma unroll
+    for (int e = 0; e < kFmaLaneK; ++e) out[e] = to_float(gated<T>(out[e], up[e]));
+  }
+}
+
+// The add-RMSNorm prologue's block-wide part: 1 / rms of each row of x + residual into
+// inverse[m], the same in every block; block 0 also stores the sum (the residual stream).
+template <typename T>
+__device__ void add_rms_norm_rows(const SkinnyParams& p, float* inverse) {
+  using P = Pack<T, kFmaLaneK>;
+  const int64_t packs = p.in_features / kFmaLaneK;
+  for (int m = 0; m < p.rows; ++m) {
+    const int64_t row = static_cast<int64_t>(m) * packs;
+    float squares = 0.f;
+    for (int64_t i = threadIdx.x; i < packs; i += blockDim.x) {
+      const P a = reinterpret_cast<const P*>(p.x)[row + i];
+      const P r = reinterpret_cast<const P*>(p.residual)[row + i];
+      P sum;
+#pragma unroll
+      for (int j = 0; j < kFmaLaneK; ++j) {
+        sum.v[j] = residual_sum<T>(to_float(a.v[j]), to_float(r.v[j]));
+        squares += to_float(sum.v[j]) * to_float(sum.v[j]);
+      }
+      if (blockIdx.x == 0) reinterpret_cast<P*>(p.sum_out)[row + i] = sum;
+    }
+    const float total = block_sum(squares);
+    if (threadIdx.x == 0) inverse[m] = inverse_rms(total, p.in_features, p.eps);
+    __syncthreads();  // inverse[m] is visible, and block_sum's partials may be reused
+  }
+}
+
 // kRows: the row bucket (1, 2, 4, 8 or 16) the launch rounded M up to.
-template <typename T, int kRows>
+template <typename T, int kRows, Prologue kPrologue>
 __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const SkinnyParams p) {
   wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
   allow_dependent_kernels();
   const int lane = threadIdx.x % 32;
   const int n0 = (blockIdx.x * kFmaWarps + threadIdx.x / 32) * kFmaOutputsPerWarp;
-  if (n0 >= p.out_features) return;
+  const bool warp_has_outputs = n0 < p.out_features;  // only the last block has warps without
   const int K = p.in_features;
   const T* weight = static_cast<const T*>(p.weight);
-  const T* x = static_cast<const T*>(p.x);
   const uint4* w_row[kFmaOutputsPerWarp];
   bool w_valid[kFmaOutputsPerWarp];
 #pragma unroll
   for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
-    w_valid[o] = n0 + o < p.out_features;  // an invalid output re-reads row n0, never written
-    w_row[o] = reinterpret_cast<const uint4*>(weight + static_cast<int64_t>(w_valid[o] ? n0 + o : n0) * K);
+    w_valid[o] = n0 + o < p.out_features;  // an invalid output re-reads a valid row, never written
+    const int row = w_valid[o] ? n0 + o : (warp_has_outputs ? n0 : 0);
+    w_row[o] = reinterpret_cast<const uint4*>(weight + static_cast<int64_t>(row) * K);
   }
   float acc[kRows][kFmaOutputsPerWarp];
 #pragma unroll
@@ -215,29 +287,11 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
     for (int o = 0; o < kFmaOutputsPerWarp; ++o) acc[m][o] = 0.f;
   }
 
-  // One warp step at k: the lane's 8 weights of each output against the same 8 k of every row.
-  auto accumulate = [&](int k, const uint4 (&w_raw)[kFmaOutputsPerWarp]) {
-    const int v = k / kFmaLaneK;
-    float w[kFmaOutputsPerWarp][kFmaLaneK];
-#pragma unroll
-    for (int o = 0; o < kFmaOutputsPerWarp; ++o) unpack8<T>(w_raw[o], w[o]);
-#pragma unroll
-    for (int m = 0; m < kRows; ++m) {
-      if (m >= p.rows) break;
-      float xv[kFmaLaneK];
-      unpack8<T>(__ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * K) + v), xv);
-#pragma unroll
-      for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
-#pragma unroll
-        for (int e = 0; e < kFmaLaneK; ++e) acc[m][o] = __fmaf_rn(w[o][e], xv[e], acc[m][o]);
-      }
-    }
-  };
   // kFmaBatch warp steps at a time with all their weight loads issued first: a plain unrolled
-  // loop tested k < K between steps and so kept one step's loads in flight per warp.
-  int k = lane * kFmaLaneK;
-  for (; k + (kFmaBatch - 1) * kFmaWarpK < K; k += kFmaBatch * kFmaWarpK) {
-    uint4 w_raw[kFmaBatch][kFmaOutputsPerWarp];
+  // loop tested k < K between steps and so kept one step's loads in flight per warp. The first
+  // batch is requested before the prologue, whose row reductions then run under its latency.
+  uint4 w_raw[kFmaBatch][kFmaOutputsPerWarp];
+  auto load_batch = [&](int k) {
 #pragma unroll
     for (int b = 0; b < kFmaBatch; ++b) {
 #pragma unroll
@@ -245,14 +299,46 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
         w_raw[b][o] = __ldcs(w_row[o] + (k + b * kFmaWarpK) / kFmaLaneK);
       }
     }
+  };
+  int k = lane * kFmaLaneK;
+  const bool whole_batch = k + (kFmaBatch - 1) * kFmaWarpK < K;
+  bool batch_loaded = false;
+  if (warp_has_outputs && whole_batch) {
+    load_batch(k);
+    batch_loaded = true;
+  }
+  __shared__ float inverse[kRows];  // the add-RMSNorm prologue's 1 / rms of each row
+  if constexpr (kPrologue == Prologue::kAddRmsNorm) add_rms_norm_rows<T>(p, inverse);
+  if (!warp_has_outputs) return;
+
+  // One warp step at k: the lane's 8 weights of each output against the same 8 k of every row.
+  auto accumulate = [&](int k_step, const uint4 (&w_step)[kFmaOutputsPerWarp]) {
+    float w[kFmaOutputsPerWarp][kFmaLaneK];
+#pragma unroll
+    for (int o = 0; o < kFmaOutputsPerWarp; ++o) unpack8<T>(w_step[o], w[o]);
+#pragma unroll
+    for (int m = 0; m < kRows; ++m) {
+      if (m >= p.rows) break;
+      float xv[kFmaLaneK];
+      load_inputs<T, kPrologue>(p, m, k_step, kPrologue == Prologue::kAddRmsNorm ? inverse[m] : 0.f, xv);
+#pragma unroll
+      for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
+#pragma unroll
+        for (int e = 0; e < kFmaLaneK; ++e) acc[m][o] = __fmaf_rn(w[o][e], xv[e], acc[m][o]);
+      }
+    }
+  };
+  for (; k + (kFmaBatch - 1) * kFmaWarpK < K; k += kFmaBatch * kFmaWarpK) {
+    if (!batch_loaded) load_batch(k);
+    batch_loaded = false;
 #pragma unroll
     for (int b = 0; b < kFmaBatch; ++b) accumulate(k + b * kFmaWarpK, w_raw[b]);
   }
   for (; k < K; k += kFmaWarpK) {  // the last steps, in the same k order
-    uint4 w_raw[kFmaOutputsPerWarp];
+    uint4 w_step[kFmaOutputsPerWarp];
 #pragma unroll
-    for (int o = 0; o < kFmaOutputsPerWarp; ++o) w_raw[o] = __ldcs(w_row[o] + k / kFmaLaneK);
-    accumulate(k, w_raw);
+    for (int o = 0; o < kFmaOutputsPerWarp; ++o) w_step[o] = __ldcs(w_row[o] + k / kFmaLaneK);
+    accumulate(k, w_step);
   }
 
   T* out = static_cast<T*>(p.out);
@@ -307,19 +393,35 @@ bool fma_kernel_selected(int64_t rows) {
   return env_is("HIPPO_SKINNY_KERNEL", "fma") && rows <= kFmaMaxRows;
 }
 
-template <typename T, int kRows>
+template <typename T, int kRows, Prologue kPrologue>
 void launch_fma(const SkinnyParams& p, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(ceil_div(p.out_features, kFmaWarps * kFmaOutputsPerWarp));
-  launch_kernel(skinny_linear_fma_kernel<T, kRows>, dim3(blocks), dim3(kFmaThreads), 0, stream, p);
+  launch_kernel(skinny_linear_fma_kernel<T, kRows, kPrologue>, dim3(blocks), dim3(kFmaThreads), 0,
+                stream, p);
 }
 
-template <typename T>
+template <typename T, Prologue kPrologue = Prologue::kNone>
 void launch_fma_for_rows(const SkinnyParams& p, cudaStream_t stream) {
-  if (p.rows <= 1) return launch_fma<T, 1>(p, stream);
-  if (p.rows <= 2) return launch_fma<T, 2>(p, stream);
-  if (p.rows <= 4) return launch_fma<T, 4>(p, stream);
-  if (p.rows <= 8) return launch_fma<T, 8>(p, stream);
-  return launch_fma<T, kFmaMaxRows>(p, stream);
+  if (p.rows <= 1) return launch_fma<T, 1, kPrologue>(p, stream);
+  if (p.rows <= 2) return launch_fma<T, 2, kPrologue>(p, stream);
+  if (p.rows <= 4) return launch_fma<T, 4, kPrologue>(p, stream);
+  if (p.rows <= 8) return launch_fma<T, 8, kPrologue>(p, stream);
+  return launch_fma<T, kFmaMaxRows, kPrologue>(p, stream);
+}
+
+// The operands and sizes every kernel of this file reads.
+SkinnyParams gemm_params(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                        const at::Tensor& out, const SkinnyShape& s) {
+  SkinnyParams p;
+  p.x = x.data_ptr();
+  p.weight = weight.data_ptr();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.out = out.data_ptr();
+  p.rows = static_cast<int>(s.rows);
+  p.out_features = static_cast<int>(s.out_features);
+  p.in_features = static_cast<int>(s.in_features);
+  p.k_per_split = p.in_features;  // no split of K unless the caller plans one
+  return p;
 }
 
 at::Tensor skinny_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -335,16 +437,9 @@ at::Tensor skinny_linear_cuda(const at::Tensor& x, const at::Tensor& weight, con
   at::Tensor partial;
   if (plan.splits > 1) partial = at::empty({plan.splits, s.rows, s.out_features}, x.options().dtype(at::kFloat));
 
-  SkinnyParams p;
-  p.x = x.data_ptr();
-  p.weight = weight.data_ptr();
-  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
-  p.out = out.data_ptr();
+  SkinnyParams p = gemm_params(x, weight, bias, out, s);
   p.partial = plan.splits > 1 ? partial.data_ptr<float>() : nullptr;
   p.semaphores = workspace.data_ptr<int>();
-  p.rows = static_cast<int>(s.rows);
-  p.out_features = static_cast<int>(s.out_features);
-  p.in_features = static_cast<int>(s.in_features);
   p.k_per_split = static_cast<int>(plan.k_per_split);
   p.splits = static_cast<int>(plan.splits);
   const dim3 grid(static_cast<unsigned>(ceil_div(s.out_features, kSkinnyRowsPerBlock)),
@@ -366,8 +461,68 @@ at::Tensor skinny_linear_cuda(const at::Tensor& x, const at::Tensor& weight, con
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// add_rms_norm_linear and silu_and_mul_linear: the FMA kernel with a prologue
+// ---------------------------------------------------------------------------------------------
+
+// Whether the FMA kernel takes a fused op: bf16/fp16, 1..16 rows, K a multiple of 8 and every
+// operand 16-byte aligned (its loads are 16-byte vectors). Other shapes run the composition.
+bool fused_kernel_takes(const at::Tensor& x, const SkinnyShape& s, const std::optional<at::Tensor>& bias,
+                        std::initializer_list<const void*> operands) {
+  const auto type = x.scalar_type();
+  return (type == at::kBFloat16 || type == at::kHalf) && s.rows >= 1 && s.rows <= kFmaMaxRows &&
+         s.in_features >= kFmaLaneK && s.in_features % kFmaLaneK == 0 && s.out_features >= 1 &&
+         s.out_features <= INT32_MAX / kFmaMaxRows && all_aligned(16, operands) &&
+         (!bias.has_value() || all_aligned(2, {bias->data_ptr()}));
+}
+
+template <Prologue kPrologue>
+void launch_fused(const SkinnyParams& p, at::ScalarType type, const char* op) {
+  dispatch_element_type(type, op, [&](auto element) {
+    using T = decltype(element);
+    if constexpr (sizeof(T) == 2) launch_fma_for_rows<T, kPrologue>(p, at::cuda::getCurrentCUDAStream());
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_linear_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const SkinnyShape s = check_add_rms_norm_linear_inputs(x, residual, norm_weight, eps, weight, bias);
+  if (!fused_kernel_takes(x, s, bias, {x.data_ptr(), residual.data_ptr(), norm_weight.data_ptr(),
+                                       weight.data_ptr()})) {
+    return add_rms_norm_then_linear(x, residual, norm_weight, eps, weight, bias);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty(skinny_linear_output_shape(x, s.out_features), x.options());
+  at::Tensor sum = at::empty_like(x, at::MemoryFormat::Contiguous);
+  SkinnyParams p = gemm_params(x, weight, bias, out, s);
+  p.residual = residual.data_ptr();
+  p.norm_weight = norm_weight.data_ptr();
+  p.sum_out = sum.data_ptr();
+  p.eps = static_cast<float>(eps);
+  launch_fused<Prologue::kAddRmsNorm>(p, x.scalar_type(), kAddRmsNormLinearOp);
+  return {out, sum};
+}
+
+at::Tensor silu_and_mul_linear_cuda(const at::Tensor& x, const at::Tensor& weight,
+                                    const std::optional<at::Tensor>& bias) {
+  const SkinnyShape s = check_silu_and_mul_linear_inputs(x, weight, bias);
+  if (!fused_kernel_takes(x, s, bias, {x.data_ptr(), weight.data_ptr()})) {
+    return silu_and_mul_then_linear(x, weight, bias);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty(skinny_linear_output_shape(x, s.out_features), x.options());
+  launch_fused<Prologue::kSiluAndMul>(gemm_params(x, weight, bias, out, s), x.scalar_type(),
+                                      kSiluAndMulLinearOp);
+  return out;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(hippo_ext, CUDA, m) { m.impl("skinny_linear", &skinny_linear_cuda); }
+TORCH_LIBRARY_IMPL(hippo_ext, CUDA, m) {
+  m.impl("skinny_linear", &skinny_linear_cuda);
+  m.impl("add_rms_norm_linear", &add_rms_norm_linear_cuda);
+  m.impl("silu_and_mul_linear", &silu_and_mul_linear_cuda);
+}
 
 }  // namespace hippo

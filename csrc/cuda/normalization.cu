@@ -15,6 +15,7 @@
 
 #include "cuda/dependent_launch.cuh"
 #include "cuda/element_types.cuh"
+#include "cuda/layer_math.cuh"
 #include "cuda/warp_reduce.cuh"
 #include "normalization.h"
 
@@ -22,18 +23,6 @@ namespace hippo {
 namespace {
 
 constexpr int kMaxThreads = 1024;
-
-// Sum of `value` over the block; every thread gets the result. blockDim.x is a multiple of 32.
-__device__ __forceinline__ float block_sum(float value) {
-  __shared__ float warp_sums[kMaxThreads / 32];
-  value = warp_sum(value);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_sums[warp] = value;
-  __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < static_cast<int>(blockDim.x / 32); ++w) total += warp_sums[w];
-  return total;
-}
 
 template <typename T, int N, bool kAdd>
 __global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ residual,
@@ -54,13 +43,13 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ r
     if constexpr (kAdd) {
       const P r = reinterpret_cast<const P*>(residual + row_offset)[i];
 #pragma unroll
-      for (int j = 0; j < N; ++j) a.v[j] = from_float<T>(to_float(r.v[j]) + to_float(a.v[j]));
+      for (int j = 0; j < N; ++j) a.v[j] = residual_sum<T>(to_float(a.v[j]), to_float(r.v[j]));
       reinterpret_cast<P*>(sum_out + row_offset)[i] = a;
     }
 #pragma unroll
     for (int j = 0; j < N; ++j) squares += to_float(a.v[j]) * to_float(a.v[j]);
   }
-  const float inverse_rms = rsqrtf(block_sum(squares) / static_cast<float>(hidden) + eps);
+  const float inverse = inverse_rms(block_sum(squares), hidden, eps);
 
   P* out_row = reinterpret_cast<P*>(out + row_offset);
   const P* weights = reinterpret_cast<const P*>(weight);
@@ -70,7 +59,7 @@ __global__ void rms_norm_kernel(const T* __restrict__ x, const T* __restrict__ r
     P o;
 #pragma unroll
     for (int j = 0; j < N; ++j) {
-      o.v[j] = from_float<T>(to_float(w.v[j]) * product_rounded_to<T>(to_float(a.v[j]), inverse_rms));
+      o.v[j] = rms_normed<T>(to_float(a.v[j]), to_float(w.v[j]), inverse);
     }
     out_row[i] = o;
   }

@@ -27,6 +27,8 @@ MAX_STEP_TOKENS = 64  # decode_attention's query-block limit
 # The hippo_ext ops of a fused layer (fused=True), besides decode_attention.
 FUSED_LAYER_OPS = ("rms_norm", "add_rms_norm", "rotary_tables", "rotary_kv_append",
                    "silu_and_mul")
+# The GEMMs with the norm or gating in front of them (gemm_prologues=True).
+GEMM_PROLOGUE_OPS = ("add_rms_norm_linear", "silu_and_mul_linear")
 
 # attend(layer index, post-RoPE queries [B, S, Hq, D]) -> attention output [B, S, Hq * D]
 AttendFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -99,6 +101,11 @@ class LanguageModelRuntime:
             at decode widths where cuBLAS's tiles starve the GPU; shapes it does not take go to
             cuBLAS inside the op. Off by default until measured against cuBLAS on a GPU
             (benchmarks/bench_linear.py, bench_runtime.py).
+        gemm_prologues: run each layer's add_rms_norm before the q/k/v and gate/up GEMMs and
+            silu_and_mul before the down GEMM inside those GEMMs (hippo_ext.add_rms_norm_linear,
+            silu_and_mul_linear): on CUDA, steps of up to 16 tokens then run three kernels fewer
+            per layer, on skinny_linear's FMA kernel; same arithmetic (on the CPU, the same
+            ops composed). Needs the fused layer path; opt-in until measured on a GPU.
         step_invariant: make a step's logits for each token independent of how many tokens the
             step holds (up to 32), bit for bit: a verify step of g + 1 tokens then gives exactly
             the logits that g + 1 single-token steps would, so speculative decoding reproduces
@@ -110,7 +117,8 @@ class LanguageModelRuntime:
     def __init__(self, text_model: nn.Module, lm_head: nn.Module, max_seq_len: int,
                  batch: int = 1, *, use_cuda_graphs: bool | None = None,
                  step_attention: str | None = None, fused: bool | None = None,
-                 skinny_gemm: bool = False, step_invariant: bool = False) -> None:
+                 skinny_gemm: bool = False, gemm_prologues: bool = False,
+                 step_invariant: bool = False) -> None:
         self.text_model = text_model
         self.lm_head = lm_head
         self.layers = list(text_model.layers)
@@ -140,6 +148,8 @@ class LanguageModelRuntime:
             _reject_dynamic_rope(self.rotary_emb)
             from hippo.runtime.cuda_graphs import StepGraphs
             self._graphs = StepGraphs(self)
+        _check_gemm_prologues_possible(gemm_prologues, use_fused, step_invariant, self.device)
+        self.gemm_prologues = gemm_prologues
         if step_invariant:
             _check_step_invariance_possible(self.device, self.step_attention, use_fused)
             skinny_gemm = True
@@ -298,20 +308,38 @@ class LanguageModelRuntime:
         layer, fused = self.layers[index], self.fused[index]
         norm = layer.input_layernorm
         if residual is None:  # the first layer: its input is the embedding itself
-            residual, normed = delta, hippo_ext.rms_norm(delta, norm.weight, norm.variance_epsilon)
+            residual = delta
+            normed = hippo_ext.rms_norm(delta, norm.weight, norm.variance_epsilon)
+            qkv = self._linear(normed, fused.qkv_weight, fused.qkv_bias)
         else:
-            normed, residual = hippo_ext.add_rms_norm(delta, residual, norm.weight,
-                                                      norm.variance_epsilon)
-        qkv = self._linear(normed, fused.qkv_weight, fused.qkv_bias)
+            qkv, residual = self._norm_linear(delta, residual, norm, fused.qkv_weight,
+                                              fused.qkv_bias)
         q = hippo_ext.rotary_kv_append(qkv, cos, sin, self.cache.tensor, index,
                                        self.cache.length, check=False)
         o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
         delta = self._linear(attend(index, q), o_proj.weight, o_proj.bias)
-        norm = layer.post_attention_layernorm
+        gate_up, residual = self._norm_linear(delta, residual, layer.post_attention_layernorm,
+                                              fused.gate_up_weight, None)
+        return self._gated_linear(gate_up, down_proj.weight, down_proj.bias), residual
+
+    def _norm_linear(self, delta: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
+                     weight: torch.Tensor,
+                     bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the GEMM of RMSNorm(delta + residual), delta + residual): one op with
+        gemm_prologues, add_rms_norm then the GEMM otherwise."""
+        if self.gemm_prologues:
+            return hippo_ext.add_rms_norm_linear(delta, residual, norm.weight,
+                                                 norm.variance_epsilon, weight, bias)
         normed, residual = hippo_ext.add_rms_norm(delta, residual, norm.weight,
                                                   norm.variance_epsilon)
-        gated = hippo_ext.silu_and_mul(self._linear(normed, fused.gate_up_weight))
-        return self._linear(gated, down_proj.weight, down_proj.bias), residual
+        return self._linear(normed, weight, bias), residual
+
+    def _gated_linear(self, gate_up: torch.Tensor, weight: torch.Tensor,
+                      bias: torch.Tensor | None) -> torch.Tensor:
+        """The down projection of the SwiGLU gating of gate_up [..., 2I]."""
+        if self.gemm_prologues:
+            return hippo_ext.silu_and_mul_linear(gate_up, weight, bias)
+        return self._linear(hippo_ext.silu_and_mul(gate_up), weight, bias)
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -515,6 +543,23 @@ def _check_step_invariance_possible(device: torch.device, step_attention: str,
             "step_invariant=True needs a CUDA model with step_attention='hippo_ext' and the "
             f"fused layer path (got device {device.type}, step_attention={step_attention!r}, "
             f"fused={fused}): its guarantee rests on hippo_ext's CUDA kernels")
+
+
+def _check_gemm_prologues_possible(requested: bool, fused: bool, step_invariant: bool,
+                                   device: torch.device) -> None:
+    """gemm_prologues replaces ops of the fused layer path; past 16 tokens its CUDA ops compose
+    with cuBLAS, whose rows depend on the step size, which step_invariant rules out."""
+    if not requested:
+        return
+    if not fused:
+        raise HippoError("gemm_prologues=True needs the fused layer path (fused=True)")
+    if step_invariant:
+        raise HippoError("gemm_prologues=True cannot be combined with step_invariant=True")
+    dispatch_key = "CUDA" if device.type == "cuda" else "CPU"
+    missing = [op for op in GEMM_PROLOGUE_OPS if not hippo_ext.has_kernel(op, dispatch_key)]
+    if missing:
+        raise HippoError(f"gemm_prologues=True: this build of hippo_ext has no {dispatch_key} "
+                         f"kernel for {', '.join(missing)}")
 
 
 def _fused_layers_unsupported(device: torch.device, text_model: nn.Module) -> str | None:

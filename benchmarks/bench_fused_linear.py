@@ -1,0 +1,79 @@
+"""add_rms_norm_linear and silu_and_mul_linear (one kernel: the norm or the gating inside
+skinny_linear's FMA kernel) against what the runtime runs by default in their place: the
+standalone hippo_ext op, then cuBLAS (two kernels), at the 7B- and 0.5B-shaped layer GEMMs that
+follow an RMSNorm (q/k/v, gate/up) or the gating (down), for decode and verify widths. The floor
+is the weight bytes once. On the CPU (where both sides are the same composition) one small
+shape runs as a smoke test.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hippo_ext
+from timing import bench_devices
+
+EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class FusedGemm:
+    name: str
+    prologue: str  # "norm" (add_rms_norm in front) or "gating" (silu_and_mul in front)
+    in_features: int
+    out_features: int
+    bias: bool = False
+
+
+CUDA_GEMMS = [
+    FusedGemm("7b qkv", "norm", 3584, 4608, bias=True),
+    FusedGemm("7b gate_up", "norm", 3584, 37888),
+    FusedGemm("7b down", "gating", 18944, 3584),
+    FusedGemm("0.5b qkv", "norm", 896, 1152, bias=True),
+    FusedGemm("0.5b gate_up", "norm", 896, 9728),
+    FusedGemm("0.5b down", "gating", 4864, 896),
+]
+CPU_GEMMS = [FusedGemm("small qkv", "norm", 256, 384, bias=True),
+             FusedGemm("small down", "gating", 512, 256)]
+GEMMS = CUDA_GEMMS if bench_devices() == ["cuda"] else CPU_GEMMS
+ROWS = [1, 5, 9]
+COPIES = 4  # distinct weights cycled inside the graph, so repeats do not hit the L2 cache
+
+
+def _calls(gemm: FusedGemm, impl: str, rows: int, device: str):
+    dtype = torch.bfloat16
+    copies = COPIES if device == "cuda" else 1
+    weights = [torch.randn(gemm.out_features, gemm.in_features, device=device, dtype=dtype)
+               * gemm.in_features ** -0.5 for _ in range(copies)]
+    bias = torch.randn(gemm.out_features, device=device, dtype=dtype) if gemm.bias else None
+    if gemm.prologue == "gating":
+        x = torch.randn(1, rows, 2 * gemm.in_features, device=device, dtype=dtype)
+        if impl == "fused":
+            return [lambda w=w: hippo_ext.silu_and_mul_linear(x, w, bias) for w in weights]
+        return [lambda w=w: F.linear(hippo_ext.silu_and_mul(x), w, bias) for w in weights]
+    x, residual = (torch.randn(1, rows, gemm.in_features, device=device, dtype=dtype)
+                   for _ in range(2))
+    norm_weight = torch.ones(gemm.in_features, device=device, dtype=dtype)
+    if impl == "fused":
+        return [lambda w=w: hippo_ext.add_rms_norm_linear(x, residual, norm_weight, EPS, w, bias)
+                for w in weights]
+
+    def composed(w):
+        normed, total = hippo_ext.add_rms_norm(x, residual, norm_weight, EPS)
+        return F.linear(normed, w, bias), total
+    return [lambda w=w: composed(w) for w in weights]
+
+
+@pytest.mark.parametrize("impl", ["composed", "fused"])
+@pytest.mark.parametrize("rows", ROWS)
+@pytest.mark.parametrize("gemm", GEMMS, ids=lambda g: g.name)
+@pytest.mark.parametrize("device", bench_devices())
+def test_fused_linear(benchmark, measure, device, gemm, rows, impl):
+    benchmark.group = f"fused linear {gemm.name} M={rows}"
+    calls = _calls(gemm, impl, rows, device)
+    bytes_moved = gemm.out_features * gemm.in_features * 2  # the bf16 weight, once
+    measure(calls if device == "cuda" else calls[0], device, bytes_moved=bytes_moved, graph=True,
+            impl=impl, gemm=gemm.name, rows=rows)

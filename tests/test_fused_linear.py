@@ -1,0 +1,226 @@
+"""add_rms_norm_linear and silu_and_mul_linear against the ops they fuse and a float64 GEMM.
+
+On the CPU both are that composition, exactly. On CUDA, bf16/fp16 with at most 16 rows and
+K % 8 == 0 run skinny_linear's FMA kernel with the norm or the gating applied as x is loaded:
+its rows must not depend on M (bitwise), the residual sum must be the one add_rms_norm rounds,
+and it must replay inside a CUDA graph; other shapes run the composition."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hippo_ext
+from hippo_ext.normalization import reference_rms_norm
+from hippo_testing import rel_error, requires_cuda
+
+NORM_OP = torch.ops.hippo_ext.add_rms_norm_linear.default
+GATED_OP = torch.ops.hippo_ext.silu_and_mul_linear.default
+EPS = 1e-6
+FUSED_MAX_ROWS = 16
+# fp32 accumulation, output rounded once (relative, as in test_linear.py); on CUDA the norm's
+# sum of squares runs in another order than add_rms_norm's, which may move a normed input by one
+# rounding step: negligible against the GEMM's own rounding.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+
+# (rows, K, N): one row, a verify step, rows in a batch, beyond the fused kernel (17 rows), K not
+# a multiple of 8 (CUDA composes), a partial last warp step (K = 96), model widths, odd N.
+CASES = [
+    ((1,), 8, 1), ((1,), 64, 33), ((1, 9), 96, 130), ((2, 5), 256, 17), ((17,), 64, 10),
+    ((3,), 7, 5), ((1,), 896, 1152), ((4,), 3584, 65),
+]
+
+
+def dtypes_for(device: str) -> list[torch.dtype]:
+    return [torch.float32] if device == "cpu" else [torch.bfloat16, torch.float16]
+
+
+def random_norm_problem(rows, k, n, dtype, device, gen, bias=True):
+    def draw(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype).to(device)
+    x, residual = draw(*rows, k), draw(*rows, k, scale=3.0)
+    norm_weight = draw(k, scale=0.5) + 1.0
+    weight = draw(n, k, scale=k ** -0.5)
+    return x, residual, norm_weight, weight, (draw(n) if bias else None)
+
+
+def random_gated_problem(rows, k, n, dtype, device, gen, bias=True):
+    x = (torch.randn(*rows, 2 * k, generator=gen) * 2).to(dtype).to(device)
+    weight = (torch.randn(n, k, generator=gen) * k ** -0.5).to(dtype).to(device)
+    b = torch.randn(n, generator=gen).to(dtype).to(device) if bias else None
+    return x, weight, b
+
+
+def float64_linear(x, weight, bias):
+    out = x.double() @ weight.double().T
+    return out + bias.double() if bias is not None else out
+
+
+def assert_gemm_close(out, normed_input, weight, bias):
+    """Within one output rounding step of the float64 GEMM of the rounded inputs."""
+    reference = float64_linear(normed_input, weight, bias)
+    tolerance = TOLERANCE[out.dtype]
+    assert rel_error(out, reference) < tolerance
+    torch.testing.assert_close(out.double(), reference, rtol=2 * tolerance, atol=2 * tolerance)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the composition and float64
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rows,k,n", CASES)
+def test_add_rms_norm_linear(device, gen, rows, k, n):
+    for dtype in dtypes_for(device):
+        x, residual, norm_weight, weight, bias = random_norm_problem(rows, k, n, dtype, device, gen)
+        for b in (bias, None):
+            out, total = hippo_ext.add_rms_norm_linear(x, residual, norm_weight, EPS, weight, b)
+            normed, expected_total = hippo_ext.add_rms_norm(x, residual, norm_weight, EPS)
+            assert out.shape == (*rows, n) and out.dtype == dtype
+            assert torch.equal(total, expected_total)  # one rounding of residual + x
+            if device == "cpu":
+                assert torch.equal(out, F.linear(normed, weight, b))
+            else:
+                assert_gemm_close(out, normed, weight, b)
+            # HF's arithmetic, independently of hippo_ext's norm
+            hf_normed = reference_rms_norm(residual + x, norm_weight, EPS)
+            assert_gemm_close(out, hf_normed, weight, b)
+
+
+@pytest.mark.parametrize("rows,k,n", CASES)
+def test_silu_and_mul_linear(device, gen, rows, k, n):
+    for dtype in dtypes_for(device):
+        x, weight, bias = random_gated_problem(rows, k, n, dtype, device, gen)
+        for b in (bias, None):
+            out = hippo_ext.silu_and_mul_linear(x, weight, b)
+            assert out.shape == (*rows, n) and out.dtype == dtype
+            gated = hippo_ext.silu_and_mul(x)
+            if device == "cpu":
+                assert torch.equal(out, F.linear(gated, weight, b))
+            else:
+                assert_gemm_close(out, gated, weight, b)
+            hf_gated = F.silu(x[..., :k]) * x[..., k:]  # HF's act_fn(gate) * up
+            assert_gemm_close(out, hf_gated, weight, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the fused kernel
+# ---------------------------------------------------------------------------------------------
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k,n", [(896, 1152), (3584, 130), (96, 33)])
+def test_cuda_rows_do_not_depend_on_row_count(gen, dtype, k, n):
+    """Up to 16 rows, row i is bitwise the same computed alone or with the others (what
+    step_invariant needs of every GEMM of a step)."""
+    rows = FUSED_MAX_ROWS
+    x, residual, norm_weight, weight, bias = random_norm_problem((rows,), k, n, dtype, "cuda", gen)
+    gate_up, _, _ = random_gated_problem((rows,), k, n, dtype, "cuda", gen)
+    together, total = hippo_ext.add_rms_norm_linear(x, residual, norm_weight, EPS, weight, bias)
+    gated_together = hippo_ext.silu_and_mul_linear(gate_up, weight, bias)
+    for count in (1, 3, 9):
+        for first in (0, rows - count):
+            part = slice(first, first + count)
+            alone, alone_total = hippo_ext.add_rms_norm_linear(
+                x[part].contiguous(), residual[part].contiguous(), norm_weight, EPS, weight, bias)
+            assert torch.equal(alone, together[part]) and torch.equal(alone_total, total[part])
+            gated_alone = hippo_ext.silu_and_mul_linear(gate_up[part].contiguous(), weight, bias)
+            assert torch.equal(gated_alone, gated_together[part])
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_gating_equals_skinny_fma_kernel(gen, monkeypatch):
+    """silu_and_mul_linear's kernel is skinny_linear's FMA kernel fed the gated values: the same
+    products in the same order, so the same bits as silu_and_mul then skinny_linear(fma)."""
+    monkeypatch.setenv("HIPPO_SKINNY_KERNEL", "fma")
+    for rows, k, n in [(1, 4864, 896), (9, 18944, 130), (16, 96, 7)]:
+        x, weight, bias = random_gated_problem((rows,), k, n, torch.bfloat16, "cuda", gen)
+        fused = hippo_ext.silu_and_mul_linear(x, weight, bias)
+        composed = hippo_ext.skinny_linear(hippo_ext.silu_and_mul(x), weight, bias)
+        assert torch.equal(fused, composed)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_graph_replay(gen):
+    x, residual, norm_weight, weight, bias = random_norm_problem(
+        (1, 5), 3584, 4608, torch.bfloat16, "cuda", gen)
+    gate_up, down, _ = random_gated_problem((1, 5), 3584, 1000, torch.bfloat16, "cuda", gen)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture
+        hippo_ext.add_rms_norm_linear(x, residual, norm_weight, EPS, weight, bias)
+        hippo_ext.silu_and_mul_linear(gate_up, down)
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        out, total = hippo_ext.add_rms_norm_linear(x, residual, norm_weight, EPS, weight, bias)
+        gated = hippo_ext.silu_and_mul_linear(gate_up, down)
+    for _ in range(2):  # new inputs in the static buffers
+        x.copy_(torch.randn(x.shape, generator=gen))
+        gate_up.copy_(torch.randn(gate_up.shape, generator=gen))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager_out, eager_total = hippo_ext.add_rms_norm_linear(x, residual, norm_weight, EPS,
+                                                               weight, bias)
+        assert torch.equal(out, eager_out) and torch.equal(total, eager_total)
+        assert torch.equal(gated, hippo_ext.silu_and_mul_linear(gate_up, down))
+
+
+# ---------------------------------------------------------------------------------------------
+# opcheck and bad inputs
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck(device, gen, with_bias):
+    dtype = dtypes_for(device)[0]
+    x, residual, norm_weight, weight, bias = random_norm_problem((1, 3), 64, 24, dtype, device, gen)
+    gate_up, _, _ = random_gated_problem((1, 3), 64, 24, dtype, device, gen)
+    b = bias if with_bias else None
+    torch.library.opcheck(NORM_OP, (x, residual, norm_weight, EPS, weight, b))
+    torch.library.opcheck(GATED_OP, (gate_up, weight, b))
+
+
+def _norm_args(device):
+    gen = torch.Generator().manual_seed(0)
+    x, residual, norm_weight, weight, bias = random_norm_problem(
+        (2,), 64, 24, dtypes_for(device)[0], device, gen)
+    return dict(x=x, residual=residual, norm_weight=norm_weight, eps=EPS, weight=weight, bias=bias)
+
+
+NORM_BAD_INPUTS = {
+    "weight_columns": (lambda a: {**a, "weight": a["weight"][:, :32].contiguous()}, "weight is"),
+    "residual_shape": (lambda a: {**a, "residual": a["residual"][:1]}, "residual shape"),
+    "norm_weight_size": (lambda a: {**a, "norm_weight": a["norm_weight"][:63]}, "entries"),
+    "bias_size": (lambda a: {**a, "bias": a["bias"][:3]}, "bias has"),
+    "weight_dtype": (lambda a: {**a, "weight": a["weight"].double()}, "dtype"),
+    "negative_eps": (lambda a: {**a, "eps": -1.0}, "eps"),
+    "non_contiguous_x": (lambda a: {**a, "x": a["x"].repeat(1, 2)[:, ::2]}, "contiguous"),
+    "integer_x": (lambda a: {**a, "x": a["x"].long()}, "must be float32"),
+}
+
+
+@pytest.mark.parametrize("case", list(NORM_BAD_INPUTS))
+def test_add_rms_norm_linear_bad_inputs(device, case):
+    make_bad, match = NORM_BAD_INPUTS[case]
+    args = make_bad(_norm_args(device))
+    with pytest.raises(RuntimeError, match=f"add_rms_norm_linear.*({match})"):
+        hippo_ext.add_rms_norm_linear(**args)
+
+
+GATED_BAD_INPUTS = {
+    "odd_width": (lambda x, w: (x[:, :127].contiguous(), w), "even"),
+    "weight_columns": (lambda x, w: (x, w[:, :32].contiguous()), "weight is"),
+    "weight_dtype": (lambda x, w: (x, w.double()), "dtype"),
+    "non_contiguous_x": (lambda x, w: (x.repeat(1, 2)[:, ::2], w), "contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", list(GATED_BAD_INPUTS))
+def test_silu_and_mul_linear_bad_inputs(device, case):
+    gen = torch.Generator().manual_seed(0)
+    x, weight, _ = random_gated_problem((2,), 64, 24, dtypes_for(device)[0], device, gen)
+    make_bad, match = GATED_BAD_INPUTS[case]
+    with pytest.raises(RuntimeError, match=f"silu_and_mul_linear.*({match})"):
+        hippo_ext.silu_and_mul_linear(*make_bad(x, weight))
