@@ -415,56 +415,43 @@ def test_fused_layers_match_hf_modules_in_bf16(family, device):
     assert error < 1e-2
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda,
-                                                                        pytest.mark.cuda])])
-def test_skinny_gemm_runtime_matches_cublas_runtime(device):
-    """skinny_gemm=True routes the fused path's GEMMs through hippo_ext.skinny_linear (ATen's
-    linear on the CPU): same logits within bf16 noise on CUDA, equal on the CPU."""
-    model, positions_for = build("qwen2_5_vl")
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = model.to(device=device, dtype=dtype)
-    ids = torch.randint(0, VOCAB, (1, 20), device=device)
-    positions = positions_for(20).to(device)
-    logits = []
-    for skinny in (False, True):
-        runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, skinny_gemm=skinny)
-        runtime.prefill(runtime.embed(ids[:, :12]), positions[..., :12])
-        steps = [runtime.step(ids[:, 12 + i:13 + i], positions[..., 12 + i:13 + i]).clone()
-                 for i in range(3)]
-        steps.append(runtime.step(ids[:, 15:20], positions[..., 15:20]).clone())
-        logits.append(torch.cat(steps, dim=1).double())
-    if device == "cpu":
-        assert torch.equal(logits[0], logits[1])
-    else:
-        assert (logits[0] - logits[1]).norm() / logits[1].norm() < 1e-2
+def step_logits(model, positions_for, device, **options) -> torch.Tensor:
+    """Logits of three decode steps, a 5-token verify step and a 17-token step after a
+    12-token prefill, through a runtime built with `options`."""
+    ids = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, VOCAB, (1, 37), generator=ids).to(device)
+    positions = positions_for(37).to(device)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=48, **options)
+    runtime.prefill(runtime.embed(ids[:, :12]), positions[..., :12])
+    steps = [runtime.step(ids[:, 12 + i:13 + i], positions[..., 12 + i:13 + i]).clone()
+             for i in range(3)]
+    for start, end in ((15, 20), (20, 37)):
+        steps.append(runtime.step(ids[:, start:end], positions[..., start:end]).clone())
+    return torch.cat(steps, dim=1).double()
+
+
+# Runtime options that change which kernels run, never the arithmetic (on the CPU they run the
+# very same ATen ops): skinny_linear for the GEMMs; the norms and gating inside the GEMMs (up to
+# 16 rows on CUDA, so the 17-token step runs the composition).
+KERNEL_OPTIONS = {"skinny_gemm": dict(skinny_gemm=True),
+                  "gemm_prologues": dict(gemm_prologues=True)}
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda,
                                                                         pytest.mark.cuda])])
 @pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
-def test_gemm_prologues_runtime_matches_default_runtime(device, family):
-    """gemm_prologues=True runs the norms and the gating inside the GEMMs (the fused ops are
-    their composition on the CPU): equal logits on the CPU, within bf16 noise on CUDA, for
-    decode steps, a verify step, and a step past the fused kernel's 16 rows."""
+@pytest.mark.parametrize("option", list(KERNEL_OPTIONS))
+def test_kernel_options_match_the_default_runtime(device, family, option):
+    """Equal logits on the CPU; within bf16 noise on CUDA."""
     model, positions_for = build(family)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model = model.to(device=device, dtype=dtype)
-    ids = torch.randint(0, VOCAB, (1, 37), device=device)
-    positions = positions_for(37).to(device)
-    logits = []
-    for prologues in (False, True):
-        runtime = LanguageModelRuntime.from_hf(model, max_seq_len=48, gemm_prologues=prologues)
-        assert runtime.gemm_prologues == prologues
-        runtime.prefill(runtime.embed(ids[:, :12]), positions[..., :12])
-        steps = [runtime.step(ids[:, 12 + i:13 + i], positions[..., 12 + i:13 + i]).clone()
-                 for i in range(3)]
-        steps.append(runtime.step(ids[:, 15:20], positions[..., 15:20]).clone())
-        steps.append(runtime.step(ids[:, 20:37], positions[..., 20:37]).clone())
-        logits.append(torch.cat(steps, dim=1).double())
+    default = step_logits(model, positions_for, device)
+    changed = step_logits(model, positions_for, device, **KERNEL_OPTIONS[option])
     if device == "cpu":
-        assert torch.equal(logits[0], logits[1])
+        assert torch.equal(default, changed)
     else:
-        assert (logits[0] - logits[1]).norm() / logits[1].norm() < 1e-2
+        assert (default - changed).norm() / changed.norm() < 1e-2
 
 
 def test_gemm_prologues_need_the_fused_path_and_no_step_invariance():
