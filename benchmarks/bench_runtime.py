@@ -127,6 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-hf", action="store_true", help="skip the HF eager baseline")
     parser.add_argument("--no-variants", action="store_true",
                         help="time only the default runtime, not " + ", ".join(VARIANTS))
+    parser.add_argument("--variants", default=None,
+                        help="comma list of the VARIANTS to time (default: all)")
     parser.add_argument("--ar-tokens", type=int, default=32,
                         help="tokens for the AR rows (hippo AR vs HF generate); 0 skips them")
     parser.add_argument("--quick", action="store_true",
@@ -134,6 +136,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke test: tiny fp32 model, contexts 64 and 128")
     args = parser.parse_args(argv)
+    chosen = args.variants.split(",") if args.variants else list(VARIANTS)
+    unknown = [name for name in chosen if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    args.variants = [] if args.no_variants else chosen
     if args.quick:
         args.contexts, args.verify, args.iters, args.prefill_reps = "6400", "5,9", 20, 1
     if args.tiny:
@@ -277,13 +284,13 @@ def time_autoregressive(model, runtime: LanguageModelRuntime, context: int, toke
     return hippo, per_token
 
 
-def build_variants(model, max_seq_len: int) -> dict[str, LanguageModelRuntime]:
-    """The same model under each VARIANTS option (those that this device can run)."""
+def build_variants(model, max_seq_len: int, names: list[str]) -> dict[str, LanguageModelRuntime]:
+    """The same model under each named VARIANTS option (those that this device can run)."""
     variants = {}
-    for name, variant in VARIANTS.items():
+    for name in names:
         try:
             variants[name] = LanguageModelRuntime.from_hf(model, max_seq_len=max_seq_len,
-                                                          **variant.options)
+                                                          **VARIANTS[name].options)
         except HippoError as error:  # e.g. step_invariant on the CPU
             print(f"skipping {name}: {error}")
     return variants
@@ -296,7 +303,7 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
     model = build_model(shape, device, dtype)
     headroom = max(max(step_sizes), args.ar_tokens + 1)  # tokens appended after the context
     runtime = LanguageModelRuntime.from_hf(model, max_seq_len=max(contexts) + headroom)
-    variants = {} if args.no_variants else build_variants(model, max(contexts) + max(step_sizes))
+    variants = build_variants(model, max(contexts) + max(step_sizes), args.variants)
     bw = bandwidth(device)
     rows = []
     for context in contexts:
