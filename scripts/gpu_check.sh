@@ -147,8 +147,9 @@ PY
         --eps 0.002 0.006 0.02 ${E2E_ARGS:-} --out-dir "$OUT/e2e" 2>&1 | tee "$OUT/e2e.md" | tail -20
       ;;
     runtime)
-      # RUNTIME_ARGS narrows it, e.g. --variants "GEMM prologues,attention fused merge,all opt-ins"
-      PYTHONPATH=python:. $PY benchmarks/bench_runtime.py --quick ${RUNTIME_ARGS:-} 2>&1 | tee "$OUT/runtime.md" | tail -25
+      # RUNTIME_VARIANTS narrows the option columns, e.g. "GEMM prologues,PDL,all opt-ins"
+      PYTHONPATH=python:. $PY benchmarks/bench_runtime.py --quick \
+        ${RUNTIME_VARIANTS:+--variants "$RUNTIME_VARIANTS"} 2>&1 | tee "$OUT/runtime.md" | tail -25
       ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
