@@ -8,7 +8,9 @@
 //     kernel has finished and its writes are visible (at once when the launch had no PDL);
 //   * allow_dependent_kernels() marks the point from which the next kernel may be scheduled.
 // Every kernel launched through launch_kernel() calls both first thing, so the overlap is the
-// launch itself, never data. The step-path kernels (norms, rotary, activation, attention,
+// launch itself, never data; skinny_linear's FMA kernel alone issues its first weight loads
+// before it waits (weights are never written during a step). Only memory that no kernel of the
+// step writes may be read before the wait: the kernel before the previous one may still run. The step-path kernels (norms, rotary, activation, attention,
 // skinny GEMMs) launch this way; off by default until measured.
 #pragma once
 

@@ -265,7 +265,9 @@ __device__ void add_rms_norm_rows(const SkinnyParams& p, float* inverse) {
 // kRows: the row bucket (1, 2, 4, 8 or 16) the launch rounded M up to.
 template <typename T, int kRows, Prologue kPrologue>
 __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const SkinnyParams p) {
-  wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
+  // HIPPO_PDL (dependent_launch.cuh): the first batch of weight loads is issued before waiting
+  // for the previous kernel, so with PDL it streams under that kernel's tail. Weights are the
+  // only memory read before the wait: nothing in a step writes them.
   allow_dependent_kernels();
   const int lane = threadIdx.x % 32;
   const int n0 = (blockIdx.x * kFmaWarps + threadIdx.x / 32) * kFmaOutputsPerWarp;
@@ -289,7 +291,8 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
 
   // kFmaBatch warp steps at a time with all their weight loads issued first: a plain unrolled
   // loop tested k < K between steps and so kept one step's loads in flight per warp. The first
-  // batch is requested before the prologue, whose row reductions then run under its latency.
+  // batch is requested before the prologue, whose row reductions then run under its latency
+  // (and before the wait for the previous kernel).
   uint4 w_raw[kFmaBatch][kFmaOutputsPerWarp];
   auto load_batch = [&](int k) {
 #pragma unroll
@@ -307,6 +310,7 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
     load_batch(k);
     batch_loaded = true;
   }
+  wait_for_prior_kernels();  // x, residual and out belong to the kernels before this one
   __shared__ float inverse[kRows];  // the add-RMSNorm prologue's 1 / rms of each row
   if constexpr (kPrologue == Prologue::kAddRmsNorm) add_rms_norm_rows<T>(p, inverse);
   if (!warp_has_outputs) return;
