@@ -1,9 +1,10 @@
-"""add_rms_norm_linear and silu_and_mul_linear (one kernel: the norm or the gating inside
-skinny_linear's FMA kernel) against what the runtime runs by default in their place: the
-standalone hippo_ext op, then cuBLAS (two kernels), at the 7B- and 0.5B-shaped layer GEMMs that
-follow an RMSNorm (q/k/v, gate/up) or the gating (down), for decode and verify widths. The floor
-is the weight bytes once. On the CPU (where both sides are the same composition) one small
-shape runs as a smoke test.
+"""add_rms_norm_linear, silu_and_mul_linear and qkv_projection (one kernel: the norm or the
+gating inside skinny_linear's FMA kernel, and for qkv_projection RoPE and the cache append after
+it) against what the runtime runs by default in their place: the standalone hippo_ext ops around
+cuBLAS (two or three kernels), at the 7B- and 0.5B-shaped layer GEMMs that follow an RMSNorm
+(q/k/v, gate/up) or the gating (down), for decode and verify widths. The floor is the weight
+bytes once. On the CPU (where both sides are the same composition) small shapes run as a smoke
+test.
 """
 from __future__ import annotations
 
@@ -22,22 +23,28 @@ EPS = 1e-6
 @dataclass(frozen=True)
 class FusedGemm:
     name: str
-    prologue: str  # "norm" (add_rms_norm in front) or "gating" (silu_and_mul in front)
+    # "norm" (add_rms_norm in front), "gating" (silu_and_mul in front) or "qkv" (add_rms_norm in
+    # front, RoPE and the cache append after: q/k/v heads of head_dim, Hkv = kv_heads)
+    prologue: str
     in_features: int
     out_features: int
     bias: bool = False
+    head_dim: int = 128
+    kv_heads: int = 4
 
 
 CUDA_GEMMS = [
-    FusedGemm("7b qkv", "norm", 3584, 4608, bias=True),
+    FusedGemm("7b qkv", "qkv", 3584, 4608, bias=True, head_dim=128, kv_heads=4),
     FusedGemm("7b gate_up", "norm", 3584, 37888),
     FusedGemm("7b down", "gating", 18944, 3584),
-    FusedGemm("0.5b qkv", "norm", 896, 1152, bias=True),
+    FusedGemm("0.5b qkv", "qkv", 896, 1152, bias=True, head_dim=64, kv_heads=2),
     FusedGemm("0.5b gate_up", "norm", 896, 9728),
     FusedGemm("0.5b down", "gating", 4864, 896),
 ]
-CPU_GEMMS = [FusedGemm("small qkv", "norm", 256, 384, bias=True),
+CPU_GEMMS = [FusedGemm("small qkv", "qkv", 256, 384, bias=True, head_dim=32, kv_heads=2),
+             FusedGemm("small gate_up", "norm", 256, 512),
              FusedGemm("small down", "gating", 512, 256)]
+CONTEXT = 6400  # cache positions before the new tokens (qkv)
 GEMMS = CUDA_GEMMS if bench_devices() == ["cuda"] else CPU_GEMMS
 ROWS = [1, 5, 9]
 COPIES = 4  # distinct weights cycled inside the graph, so repeats do not hit the L2 cache
@@ -57,6 +64,8 @@ def _calls(gemm: FusedGemm, impl: str, rows: int, device: str):
     x, residual = (torch.randn(1, rows, gemm.in_features, device=device, dtype=dtype)
                    for _ in range(2))
     norm_weight = torch.ones(gemm.in_features, device=device, dtype=dtype)
+    if gemm.prologue == "qkv":
+        return _qkv_calls(gemm, impl, x, residual, norm_weight, weights, bias)
     if impl == "fused":
         return [lambda w=w: hippo_ext.add_rms_norm_linear(x, residual, norm_weight, EPS, w, bias)
                 for w in weights]
@@ -64,6 +73,25 @@ def _calls(gemm: FusedGemm, impl: str, rows: int, device: str):
     def composed(w):
         normed, total = hippo_ext.add_rms_norm(x, residual, norm_weight, EPS)
         return F.linear(normed, w, bias), total
+    return [lambda w=w: composed(w) for w in weights]
+
+
+def _qkv_calls(gemm: FusedGemm, impl: str, x, residual, norm_weight, weights, bias):
+    rows, device, dtype = x.size(1), x.device, x.dtype
+    cache = torch.zeros(1, 2, 1, gemm.kv_heads, CONTEXT + rows, gemm.head_dim, device=device,
+                        dtype=dtype)
+    length = torch.full((1,), CONTEXT + rows, device=device)
+    cos, sin = (torch.randn(1, rows, gemm.head_dim, device=device, dtype=dtype) for _ in range(2))
+    if impl == "fused":
+        return [lambda w=w: hippo_ext.qkv_projection(x, residual, norm_weight, EPS, w, bias, cos,
+                                                     sin, cache, 0, length, check=False)
+                for w in weights]
+
+    def composed(w):
+        normed, total = hippo_ext.add_rms_norm(x, residual, norm_weight, EPS)
+        q = hippo_ext.rotary_kv_append(F.linear(normed, w, bias), cos, sin, cache, 0, length,
+                                       check=False)
+        return q, total
     return [lambda w=w: composed(w) for w in weights]
 
 

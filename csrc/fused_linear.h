@@ -1,12 +1,16 @@
-// add_rms_norm_linear and silu_and_mul_linear: a decoder layer's RMSNorm (with its residual add)
-// or SwiGLU gating fused into the GEMM that consumes it, so a decode step runs one kernel where
-// it ran two:
+// add_rms_norm_linear, silu_and_mul_linear and qkv_projection: a decoder layer's RMSNorm (with
+// its residual add) or SwiGLU gating fused into the GEMM that consumes it, and for the q/k/v
+// projection RoPE and the cache append fused after it, so a decode step runs one kernel where it
+// ran two or three:
 //   add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias)
 //       = (linear(add_rms_norm(x, residual, norm_weight, eps)[0], weight, bias), x + residual)
 //   silu_and_mul_linear(x, weight, bias) = linear(silu_and_mul(x), weight, bias)
-// with the arithmetic of those ops (HF's rounding, normalization.h and activation.h). This header
-// holds their checks and that composition, which is the CPU implementation and the CUDA one for
-// the shapes its fused kernel does not take.
+//   qkv_projection(x, residual, norm_weight, eps, weight, bias, cos, sin, cache, layer, length)
+//       = (rotary_kv_append(qkv, cos, sin, cache, layer, length), x + residual)
+//         with (qkv, _) = add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias)
+// with the arithmetic of those ops (HF's rounding: normalization.h, activation.h,
+// rotary_embedding.h). This header holds their checks and that composition, which is the CPU
+// implementation and the CUDA one for the shapes the fused kernel does not take.
 #pragma once
 
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -17,11 +21,13 @@
 #include "common.h"
 #include "linear.h"
 #include "normalization.h"
+#include "rotary_embedding.h"
 
 namespace hippo {
 
 inline constexpr const char* kAddRmsNormLinearOp = "add_rms_norm_linear";
 inline constexpr const char* kSiluAndMulLinearOp = "silu_and_mul_linear";
+inline constexpr const char* kQkvProjectionOp = "qkv_projection";
 
 inline SkinnyShape check_add_rms_norm_linear_inputs(const at::Tensor& x, const at::Tensor& residual,
                                                     const at::Tensor& norm_weight, double eps,
@@ -37,6 +43,21 @@ inline SkinnyShape check_silu_and_mul_linear_inputs(const at::Tensor& x, const a
   return check_linear_operands(x, gated.width, weight, bias, kSiluAndMulLinearOp);
 }
 
+// x [B, S, hidden]; the projection's N outputs per token are the q/k/v rows rotary_kv_append takes.
+inline std::pair<SkinnyShape, RotaryShape> check_qkv_projection_inputs(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& cos,
+    const at::Tensor& sin, const at::Tensor& cache, int64_t layer, const at::Tensor& length) {
+  const char* op = kQkvProjectionOp;
+  check_dim(x, 3, op, "x");
+  check_add_rms_norm_inputs(x, residual, norm_weight, eps, op);
+  const SkinnyShape gemm = check_linear_operands(x, x.size(-1), weight, bias, op);
+  const RotaryShape rotary = check_rotary_operands(
+      {x.size(0), x.size(1), gemm.out_features, x.scalar_type(), x.device()}, cos, sin, cache, layer,
+      length, op);
+  return {gemm, rotary};
+}
+
 // The compositions, through the dispatcher: each part runs the kernel of the inputs' device.
 inline std::tuple<at::Tensor, at::Tensor> add_rms_norm_then_linear(
     const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
@@ -48,6 +69,19 @@ inline std::tuple<at::Tensor, at::Tensor> add_rms_norm_then_linear(
                                                     const at::Tensor&, double)>();
   auto [normed, sum] = add_rms_norm.call(x, residual, norm_weight, eps);
   return {at::linear(normed, weight, bias), sum};
+}
+
+inline std::tuple<at::Tensor, at::Tensor> qkv_projection_composed(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& cos,
+    const at::Tensor& sin, const at::Tensor& cache, int64_t layer, const at::Tensor& length) {
+  static const auto rotary_kv_append =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("hippo_ext::rotary_kv_append", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            int64_t, const at::Tensor&)>();
+  auto [qkv, sum] = add_rms_norm_then_linear(x, residual, norm_weight, eps, weight, bias);
+  return {rotary_kv_append.call(qkv, cos, sin, cache, layer, length), sum};
 }
 
 inline at::Tensor silu_and_mul_then_linear(const at::Tensor& x, const at::Tensor& weight,

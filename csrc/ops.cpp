@@ -103,4 +103,11 @@ TORCH_LIBRARY(hippo_ext, m) {
       "add_rms_norm_linear(Tensor x, Tensor residual, Tensor norm_weight, float eps, "
       "Tensor weight, Tensor? bias) -> (Tensor, Tensor)");
   m.def("silu_and_mul_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  // A layer's q/k/v stage in one op: (rotary_kv_append(add_rms_norm_linear(x, residual, ...)[0],
+  // cos, sin, cache, layer, length), x + residual); x [B, S, hidden]. One kernel on CUDA for up to
+  // 16 tokens (the FMA kernel with the norm before and RoPE plus the cache append after).
+  m.def(
+      "qkv_projection(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor weight, "
+      "Tensor? bias, Tensor cos, Tensor sin, Tensor(a!) cache, int layer, Tensor length) "
+      "-> (Tensor, Tensor)");
 }

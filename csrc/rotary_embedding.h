@@ -43,33 +43,40 @@ struct RotaryShape {
   int64_t total_heads() const { return q_heads + 2 * kv_heads; }
 };
 
-inline RotaryShape check_rotary_kv_append_inputs(const at::Tensor& qkv, const at::Tensor& cos,
-                                                 const at::Tensor& sin, const at::Tensor& cache,
-                                                 int64_t layer, const at::Tensor& length) {
-  const char* op = kRotaryKvAppendOp;
-  check_dim(qkv, 3, op, "qkv");
-  check_floating(qkv, op, "qkv");
-  check_contiguous(qkv, op, "qkv");
+// What rotary_kv_append needs of its q/k/v rows, described rather than given: a [B, S, width]
+// tensor of `dtype` on `device`. An op that computes those rows itself (qkv_projection) checks
+// its other operands with this before the rows exist.
+struct QkvRows {
+  int64_t batch = 0;
+  int64_t tokens = 0;
+  int64_t width = 0;
+  at::ScalarType dtype = at::kFloat;
+  at::Device device = at::kCPU;
+};
+
+inline RotaryShape check_rotary_operands(const QkvRows& qkv, const at::Tensor& cos,
+                                         const at::Tensor& sin, const at::Tensor& cache,
+                                         int64_t layer, const at::Tensor& length, const char* op) {
   check_kv_cache(cache, op, "cache");
-  HIPPO_CHECK(cache.scalar_type() == qkv.scalar_type(), op, "cache dtype ", cache.scalar_type(),
-              " must match the qkv dtype ", qkv.scalar_type());
-  check_same_device(qkv, cache, op, "qkv", "cache");
+  HIPPO_CHECK(cache.scalar_type() == qkv.dtype, op, "cache dtype ", cache.scalar_type(),
+              " must match the qkv dtype ", qkv.dtype);
+  HIPPO_CHECK(cache.device() == qkv.device, op, "qkv is on ", qkv.device, " but cache is on ",
+              cache.device());
   check_cache_lengths(length, cache, op);
 
   RotaryShape s;
-  s.batch = qkv.size(0);
-  s.tokens = qkv.size(1);
+  s.batch = qkv.batch;
+  s.tokens = qkv.tokens;
   s.kv_heads = cache.size(3);
   s.max_seq = cache.size(4);
   s.head_dim = cache.size(5);
   HIPPO_CHECK(s.head_dim >= 2 && s.head_dim % 2 == 0, op, "the head dim (cache.size(5)) must be even, got ",
               s.head_dim);
   HIPPO_CHECK(s.kv_heads >= 1 && s.max_seq >= 1, op, "empty cache, shape ", cache.sizes());
-  const int64_t width = qkv.size(2);
-  HIPPO_CHECK(width % s.head_dim == 0 && width / s.head_dim > 2 * s.kv_heads, op,
+  HIPPO_CHECK(qkv.width % s.head_dim == 0 && qkv.width / s.head_dim > 2 * s.kv_heads, op,
               "qkv's last dimension must be (Hq + 2 Hkv) * D with Hq >= 1, Hkv = ", s.kv_heads, " and D = ",
-              s.head_dim, " (from the cache), got ", width);
-  s.q_heads = width / s.head_dim - 2 * s.kv_heads;
+              s.head_dim, " (from the cache), got ", qkv.width);
+  s.q_heads = qkv.width / s.head_dim - 2 * s.kv_heads;
   HIPPO_CHECK(cache.size(2) == s.batch, op, "cache batch size ", cache.size(2),
               " does not match the qkv batch size ", s.batch);
   HIPPO_CHECK(layer >= 0 && layer < cache.size(0), op, "layer ", layer, " out of range [0, ", cache.size(0), ")");
@@ -80,12 +87,24 @@ inline RotaryShape check_rotary_kv_append_inputs(const at::Tensor& qkv, const at
     HIPPO_CHECK(table->size(0) == s.batch && table->size(1) == s.tokens && table->size(2) == s.head_dim, op,
                 name, " must be [B, S, D] = [", s.batch, ", ", s.tokens, ", ", s.head_dim, "], got shape ",
                 table->sizes());
-    HIPPO_CHECK(table->scalar_type() == qkv.scalar_type(), op, name, " dtype ", table->scalar_type(),
-                " must match the qkv dtype ", qkv.scalar_type());
-    check_same_device(*table, qkv, op, name, "qkv");
+    HIPPO_CHECK(table->scalar_type() == qkv.dtype, op, name, " dtype ", table->scalar_type(),
+                " must match the qkv dtype ", qkv.dtype);
+    HIPPO_CHECK(table->device() == qkv.device, op, name, " is on ", table->device(), " but qkv is on ",
+                qkv.device);
     check_contiguous(*table, op, name);
   }
   return s;
+}
+
+inline RotaryShape check_rotary_kv_append_inputs(const at::Tensor& qkv, const at::Tensor& cos,
+                                                 const at::Tensor& sin, const at::Tensor& cache,
+                                                 int64_t layer, const at::Tensor& length) {
+  const char* op = kRotaryKvAppendOp;
+  check_dim(qkv, 3, op, "qkv");
+  check_floating(qkv, op, "qkv");
+  check_contiguous(qkv, op, "qkv");
+  return check_rotary_operands({qkv.size(0), qkv.size(1), qkv.size(2), qkv.scalar_type(), qkv.device()},
+                               cos, sin, cache, layer, length, op);
 }
 
 // Index values (on the CPU path always): S <= length[b] <= S_max, so every new token has a slot

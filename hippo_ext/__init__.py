@@ -11,7 +11,7 @@ import torch
 from hippo_ext import _C  # noqa: F401  (loads the library: registers schemas and kernels)
 from hippo_ext.activation import silu_and_mul
 from hippo_ext.attention import decode_attention, decode_attention_workspace
-from hippo_ext.fused_linear import add_rms_norm_linear, silu_and_mul_linear
+from hippo_ext.fused_linear import add_rms_norm_linear, qkv_projection, silu_and_mul_linear
 from hippo_ext.kv_compaction import kv_compact_, kv_gather
 from hippo_ext.linear import skinny_linear, skinny_linear_workspace
 from hippo_ext.normalization import add_rms_norm, rms_norm
@@ -35,6 +35,7 @@ OP_NAMES = (
     "skinny_linear",
     "add_rms_norm_linear",
     "silu_and_mul_linear",
+    "qkv_projection",
 )
 
 
@@ -64,6 +65,7 @@ __all__ = [
     "has_kernel",
     "kv_compact_",
     "kv_gather",
+    "qkv_projection",
     "rms_norm",
     "rotary_kv_append",
     "rotary_tables",

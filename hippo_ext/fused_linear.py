@@ -1,16 +1,19 @@
 """A decoder layer's RMSNorm (with its residual add) or SwiGLU gating fused into the GEMM that
-consumes it: one kernel where a decode step ran two.
+consumes it, and for the q/k/v projection RoPE and the cache append fused after it: one kernel
+where a decode step ran two or three.
 
-Both ops keep the arithmetic of the ops they fuse (HF's rounding): the CPU runs that
-composition itself; on CUDA, up to 16 rows of bf16/fp16 run skinny_linear's FMA kernel with the
-norm or the gating applied as x is loaded (rows bitwise independent of how many there are), and
-other shapes run the composition.
+Every op keeps the arithmetic of the ops it fuses (HF's rounding): the CPU runs that composition
+itself; on CUDA, up to 16 rows of bf16/fp16 run skinny_linear's FMA kernel with the norm or the
+gating applied as x is loaded (rows bitwise independent of how many there are), and other
+shapes run the composition.
 """
 from __future__ import annotations
 
 import torch
 
-__all__ = ["add_rms_norm_linear", "silu_and_mul_linear"]
+from hippo_ext._validation import check_index_range, wants_value_check
+
+__all__ = ["add_rms_norm_linear", "qkv_projection", "silu_and_mul_linear"]
 
 
 def add_rms_norm_linear(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
@@ -30,6 +33,36 @@ def silu_and_mul_linear(x: torch.Tensor, weight: torch.Tensor,
     """``linear(silu_and_mul(x), weight, bias)``: x ``[..., 2K]`` holds gate then up (the fused
     gate/up projection's output), weight ``[N, K]``, bias ``[N]`` or None."""
     return torch.ops.hippo_ext.silu_and_mul_linear.default(x, weight, bias)
+
+
+def qkv_projection(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor,
+                   eps: float, weight: torch.Tensor, bias: torch.Tensor | None,
+                   cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor, layer: int,
+                   length: torch.Tensor, *,
+                   check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's q/k/v stage for S new tokens in one op:
+    ``qkv, total = add_rms_norm_linear(x, residual, norm_weight, eps, weight, bias)``, then
+    ``(rotary_kv_append(qkv, cos, sin, cache, layer, length), total)``.
+
+    x, residual ``[B, S, hidden]``; weight ``[(Hq + 2 Hkv) D, hidden]`` (q, k, v rows) and bias;
+    cos, sin, cache, layer and length as rotary_kv_append takes them (length already counts the
+    new tokens). Returns q ``[B, S, Hq, D]`` (rotated) and the residual sum; the rotated keys and
+    the values are written to the cache. check: as rotary_kv_append's (a host sync on CUDA).
+    """
+    if wants_value_check(length, check) and x.dim() == 3 and cache.dim() == 6 \
+            and length.dtype in (torch.int32, torch.int64):
+        check_index_range(length, cache.size(4) + 1, "qkv_projection", "length",
+                          lower=x.size(1))
+    return torch.ops.hippo_ext.qkv_projection.default(
+        x, residual, norm_weight, float(eps), weight, bias, cos, sin, cache, int(layer), length)
+
+
+@torch.library.register_fake("hippo_ext::qkv_projection")
+def _qkv_projection_fake(x, residual, norm_weight, eps, weight, bias, cos, sin, cache, layer,
+                         length):
+    head_dim, kv_heads = cache.size(5), cache.size(3)
+    q_heads = weight.size(0) // head_dim - 2 * kv_heads
+    return x.new_empty(x.size(0), x.size(1), q_heads, head_dim), torch.empty_like(x)
 
 
 @torch.library.register_fake("hippo_ext::add_rms_norm_linear")

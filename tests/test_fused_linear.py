@@ -224,3 +224,147 @@ def test_silu_and_mul_linear_bad_inputs(device, case):
     make_bad, match = GATED_BAD_INPUTS[case]
     with pytest.raises(RuntimeError, match=f"silu_and_mul_linear.*({match})"):
         hippo_ext.silu_and_mul_linear(*make_bad(x, weight))
+
+
+# ---------------------------------------------------------------------------------------------
+# qkv_projection: add_rms_norm_linear, then rotary_kv_append, in one op
+# ---------------------------------------------------------------------------------------------
+
+QKV_OP = torch.ops.hippo_ext.qkv_projection.default
+POISON = 7.0  # cache contents the op must leave alone
+
+# (batch, tokens, hidden, q heads, kv heads, head dim): a decode step, a verify step, a batch,
+# beyond the fused kernel (17 tokens), hidden not a multiple of 8 (CUDA composes), 0.5B heads.
+QKV_CASES = [
+    (1, 1, 64, 4, 2, 16), (1, 9, 96, 4, 2, 16), (2, 5, 64, 3, 1, 8), (1, 17, 64, 4, 2, 16),
+    (1, 3, 60, 2, 1, 10), (1, 2, 896, 14, 2, 64),
+]
+
+
+def random_qkv_problem(batch, tokens, hidden, q_heads, kv_heads, head_dim, dtype, device, gen,
+                       max_seq=40):
+    width = (q_heads + 2 * kv_heads) * head_dim
+    x, residual, norm_weight, weight, bias = random_norm_problem(
+        (batch, tokens), hidden, width, dtype, device, gen)
+    angles = torch.rand(batch, tokens, head_dim // 2, generator=gen) * 6.0
+    cos = angles.cos().repeat(1, 1, 2).to(dtype).to(device)
+    sin = angles.sin().repeat(1, 1, 2).to(dtype).to(device)
+    cache = torch.full((2, 2, batch, kv_heads, max_seq, head_dim), POISON, dtype=dtype,
+                       device=device)
+    lengths = torch.randint(tokens, max_seq + 1, (batch,), generator=gen).to(device)
+    return dict(x=x, residual=residual, norm_weight=norm_weight, eps=EPS, weight=weight,
+                bias=bias, cos=cos, sin=sin, cache=cache, layer=1, length=lengths)
+
+
+def composed_qkv_projection(args):
+    """The ops qkv_projection fuses, one after the other, on a copy of the cache."""
+    cache = args["cache"].clone()
+    qkv, total = hippo_ext.add_rms_norm_linear(args["x"], args["residual"], args["norm_weight"],
+                                               EPS, args["weight"], args["bias"])
+    q = hippo_ext.rotary_kv_append(qkv, args["cos"], args["sin"], cache, args["layer"],
+                                   args["length"])
+    return q, total, cache
+
+
+@pytest.mark.parametrize("case", QKV_CASES, ids=str)
+def test_qkv_projection(device, gen, case):
+    for dtype in dtypes_for(device):
+        args = random_qkv_problem(*case, dtype, device, gen)
+        expected_q, expected_total, expected_cache = composed_qkv_projection(args)
+        q, total = hippo_ext.qkv_projection(**args)
+        batch, tokens, _, q_heads, _, head_dim = case
+        assert q.shape == (batch, tokens, q_heads, head_dim) and q.dtype == dtype
+        assert torch.equal(total, expected_total)
+        written = expected_cache != POISON  # the new tokens' slots of layer 1
+        assert torch.equal(args["cache"] != POISON, written), "wrote outside the new slots"
+        if device == "cpu":
+            assert torch.equal(q, expected_q) and torch.equal(args["cache"], expected_cache)
+        else:  # the projection's fp32 sums run in another order than cuBLAS's
+            tolerance = 2 * TOLERANCE[dtype]
+            torch.testing.assert_close(q, expected_q, rtol=tolerance, atol=tolerance)
+            torch.testing.assert_close(args["cache"], expected_cache, rtol=tolerance,
+                                       atol=tolerance)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_qkv_projection_rows_do_not_depend_on_token_count(gen):
+    """A token's q row and cache slots are bitwise the same computed alone or in a block of up
+    to 16 (the same slots: the shorter block ends where the token sits)."""
+    args = random_qkv_problem(1, 16, 896, 14, 2, 64, torch.bfloat16, "cuda", gen, max_seq=64)
+    args["length"].fill_(50)
+    block_cache = args["cache"].clone()
+    q_block, _ = hippo_ext.qkv_projection(**{**args, "cache": block_cache})
+    for first, count in ((0, 1), (7, 1), (3, 9), (15, 1)):
+        part = slice(first, first + count)
+        alone_cache = args["cache"].clone()
+        q_alone, _ = hippo_ext.qkv_projection(**{
+            **args, "x": args["x"][:, part].contiguous(),
+            "residual": args["residual"][:, part].contiguous(),
+            "cos": args["cos"][:, part].contiguous(), "sin": args["sin"][:, part].contiguous(),
+            "cache": alone_cache, "length": args["length"] - 16 + first + count})
+        assert torch.equal(q_alone, q_block[:, part])
+        slots = slice(50 - 16 + first, 50 - 16 + first + count)
+        assert torch.equal(alone_cache[1, :, :, :, slots], block_cache[1, :, :, :, slots])
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_qkv_projection_unchecked_lengths_stay_in_bounds(gen):
+    """check=False with lengths whose slots fall outside the cache: nothing is written."""
+    args = random_qkv_problem(2, 3, 64, 4, 2, 16, torch.bfloat16, "cuda", gen, max_seq=8)
+    args["length"].copy_(torch.tensor([-5, 10**6]))
+    q, _ = hippo_ext.qkv_projection(**args, check=False)
+    torch.cuda.synchronize()
+    assert torch.isfinite(q).all()
+    assert (args["cache"] == POISON).all()
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_qkv_projection_graph_replay_follows_length(gen):
+    args = random_qkv_problem(1, 5, 896, 14, 2, 64, torch.bfloat16, "cuda", gen, max_seq=64)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        hippo_ext.qkv_projection(**args, check=False)
+    stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        q, total = hippo_ext.qkv_projection(**args, check=False)
+    for length in (5, 64, 23):
+        args["length"].fill_(length)
+        graph.replay()
+        torch.cuda.synchronize()
+        replayed_cache = args["cache"].clone()
+        args["cache"].fill_(POISON)
+        eager_q, eager_total = hippo_ext.qkv_projection(**args)
+        assert torch.equal(q, eager_q) and torch.equal(total, eager_total)
+        assert torch.equal(args["cache"], replayed_cache)
+        args["cache"].fill_(POISON)
+
+
+def test_qkv_projection_opcheck(device, gen):
+    args = random_qkv_problem(1, 3, 64, 4, 2, 16, dtypes_for(device)[0], device, gen)
+    torch.library.opcheck(QKV_OP, tuple(args.values()))
+
+
+QKV_BAD_INPUTS = {
+    "not_three_dims": (lambda a: {**a, "x": a["x"][0], "residual": a["residual"][0]}, "x"),
+    "width_not_heads": (lambda a: {**a, "weight": a["weight"][:-3].contiguous(),
+                                   "bias": a["bias"][:-3].contiguous()}, "Hq \\+ 2 Hkv"),
+    "cos_shape": (lambda a: {**a, "cos": a["cos"][:, :1].contiguous()}, "cos must be"),
+    "cache_dtype": (lambda a: {**a, "cache": a["cache"].half()}, "cache dtype"),
+    "layer": (lambda a: {**a, "layer": 2}, "layer"),
+    "length_beyond_cache": (lambda a: {**a, "length": a["length"].clone().fill_(41)}, "length"),
+    "norm_weight_size": (lambda a: {**a, "norm_weight": a["norm_weight"][:63]}, "entries"),
+}
+
+
+@pytest.mark.parametrize("case", list(QKV_BAD_INPUTS))
+def test_qkv_projection_bad_inputs(device, case):
+    args = random_qkv_problem(1, 3, 64, 4, 2, 16, dtypes_for(device)[0], device,
+                              torch.Generator().manual_seed(0))
+    make_bad, match = QKV_BAD_INPUTS[case]
+    with pytest.raises(RuntimeError, match=match):
+        hippo_ext.qkv_projection(**make_bad(args))

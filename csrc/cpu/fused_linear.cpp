@@ -1,4 +1,4 @@
-// CPU reference of add_rms_norm_linear and silu_and_mul_linear: the ops they fuse, composed
+// CPU reference of add_rms_norm_linear, silu_and_mul_linear and qkv_projection: the ops they fuse, composed
 // (fused_linear.h), so the CPU runtime stays bitwise equal to the unfused path and to HF.
 #include <torch/library.h>
 
@@ -20,11 +20,21 @@ at::Tensor silu_and_mul_linear_cpu(const at::Tensor& x, const at::Tensor& weight
   return silu_and_mul_then_linear(x, weight, bias);
 }
 
+std::tuple<at::Tensor, at::Tensor> qkv_projection_cpu(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& cos,
+    const at::Tensor& sin, const at::Tensor& cache, int64_t layer, const at::Tensor& length) {
+  check_qkv_projection_inputs(x, residual, norm_weight, eps, weight, bias, cos, sin, cache, layer, length);
+  return qkv_projection_composed(x, residual, norm_weight, eps, weight, bias, cos, sin, cache, layer,
+                                 length);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hippo_ext, CPU, m) {
   m.impl("add_rms_norm_linear", &add_rms_norm_linear_cpu);
   m.impl("silu_and_mul_linear", &silu_and_mul_linear_cpu);
+  m.impl("qkv_projection", &qkv_projection_cpu);
 }
 
 }  // namespace hippo

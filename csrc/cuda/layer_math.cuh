@@ -1,7 +1,8 @@
-// The elementwise arithmetic of a decoder layer's RMSNorm and SwiGLU gating, rounded where HF's
-// modules round (normalization.h, activation.h). One definition, used by the standalone kernels
-// (rms_norm, add_rms_norm, silu_and_mul) and by the GEMMs that fuse them into their input
-// (add_rms_norm_linear, silu_and_mul_linear), so both paths compute the same values.
+// The elementwise arithmetic of a decoder layer's RMSNorm, SwiGLU gating and RoPE, rounded where
+// HF's modules round (normalization.h, activation.h, rotary_embedding.h). One definition, used by
+// the standalone kernels (rms_norm, add_rms_norm, silu_and_mul, rotary_kv_append) and by the
+// GEMMs that fuse them (add_rms_norm_linear, silu_and_mul_linear, qkv_projection), so both paths
+// compute the same values.
 #pragma once
 
 #include "cuda/element_types.cuh"
@@ -35,6 +36,40 @@ __device__ __forceinline__ float silu_rounded(float x) {
 template <typename T>
 __device__ __forceinline__ T gated(float gate, float up) {
   return from_float<T>(silu_rounded<T>(gate) * up);
+}
+
+// RoPE of one rotated pair x1 = x[d], x2 = x[d + D/2] of a q or k head, HF's
+// `x * cos + rotate_half(x) * sin` with its rounding (each product, then the sum, in T):
+// first = x1 cos[d] - x2 sin[d], second = x2 cos[d + D/2] + x1 sin[d + D/2].
+template <typename T>
+__device__ __forceinline__ void rotate_pair(float x1, float x2, const T* cos, const T* sin, int d,
+                                            int half, T& first, T& second) {
+  first = from_float<T>(product_rounded_to<T>(x1, to_float(cos[d])) +
+                        product_rounded_to<T>(-x2, to_float(sin[d])));
+  second = from_float<T>(product_rounded_to<T>(x2, to_float(cos[d + half])) +
+                         product_rounded_to<T>(x1, to_float(sin[d + half])));
+}
+
+// Where new token s (of S) of batch row b goes in one layer's keys or values [B, Hkv, S_max, D]:
+// slot length[b] - S + s (length already counts the new tokens). A slot outside [0, S_max),
+// possible only with unchecked lengths, is not valid: no length value makes a kernel write
+// outside the cache.
+struct CacheSlot {
+  int64_t offset = 0;       // element offset of (b, kv head 0, slot, d = 0)
+  int64_t head_stride = 0;  // elements from one kv head to the next: S_max * D
+  bool valid = false;
+};
+
+__device__ __forceinline__ CacheSlot cache_slot(const void* length, bool length_is_64, int b, int s,
+                                                int tokens, int kv_heads, int64_t max_seq, int head_dim) {
+  const int64_t n = length_is_64 ? static_cast<const int64_t*>(length)[b]
+                                 : static_cast<const int32_t*>(length)[b];
+  const int64_t slot = n - tokens + s;
+  CacheSlot c;
+  c.valid = slot >= 0 && slot < max_seq;
+  c.offset = (static_cast<int64_t>(b) * kv_heads * max_seq + slot) * head_dim;
+  c.head_stride = max_seq * head_dim;
+  return c;
 }
 
 }  // namespace hippo

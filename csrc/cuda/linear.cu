@@ -68,6 +68,16 @@ struct SkinnyParams {
   const void* norm_weight = nullptr;
   void* sum_out = nullptr;
   float eps = 0.f;
+  // The rotary-append epilogue (FMA kernel, qkv_projection): the outputs are the q/k/v rows of
+  // B * S new tokens; q rotated into out [B, S, Hq, D], k rotated and v into the cache slots.
+  const void* cos = nullptr;  // [B, S, D]
+  const void* sin = nullptr;
+  void* keys = nullptr;       // cache[layer, 0]: [B, Hkv, S_max, D]
+  void* values = nullptr;     // cache[layer, 1]
+  const void* length = nullptr;  // [B]
+  bool length_is_64 = false;
+  int tokens = 0, q_heads = 0, kv_heads = 0, head_dim = 0;
+  int64_t max_seq = 0;
 };
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
@@ -204,6 +214,62 @@ __device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[kFmaLaneK
 // RMSNorm (add_rms_norm_linear) or the SwiGLU gating (silu_and_mul_linear).
 enum class Prologue { kNone, kAddRmsNorm, kSiluAndMul };
 
+// What the FMA kernel does with its outputs: store them (out [M, N]), or, as the q/k/v projection
+// of new tokens, apply RoPE and append the keys and values to the cache (qkv_projection).
+enum class Epilogue { kStore, kRotaryAppend };
+
+// The two outputs of warp `pair`. Stored: 2 pair and 2 pair + 1. Rotary: a q or k head's rotated
+// pair (head h, d) is outputs h D + d and h D + d + D/2, so one warp holds both halves that RoPE
+// mixes; the value heads' outputs follow as adjacent pairs.
+template <Epilogue kEpilogue>
+__device__ __forceinline__ void pair_outputs(const SkinnyParams& p, int pair, int (&n)[kFmaOutputsPerWarp]) {
+  if constexpr (kEpilogue == Epilogue::kRotaryAppend) {
+    const int half = p.head_dim / 2;
+    const int rotated_pairs = (p.q_heads + p.kv_heads) * half;
+    if (pair < rotated_pairs) {
+      const int head = pair / half, d = pair - head * half;
+      n[0] = head * p.head_dim + d;
+      n[1] = n[0] + half;
+      return;
+    }
+    n[0] = (p.q_heads + p.kv_heads) * p.head_dim + 2 * (pair - rotated_pairs);
+  } else {
+    n[0] = 2 * pair;
+  }
+  n[1] = n[0] + 1;
+}
+
+// The rotary-append epilogue for row m (token b * S + s): the projection's pair of outputs that
+// starts at n0 (pair_outputs; already rounded with their bias, as the unfused GEMM stores them)
+// rotated and written where rotary_kv_append writes them, with its arithmetic (layer_math.cuh).
+template <typename T>
+__device__ __forceinline__ void store_qkv_pair(const SkinnyParams& p, int m, int n0, T first_in, T second_in) {
+  const int D = p.head_dim, half = D / 2;
+  const int b = m / p.tokens, s = m - b * p.tokens;
+  const int head = n0 / D, d = n0 - head * D;
+  const CacheSlot slot = cache_slot(p.length, p.length_is_64, b, s, p.tokens, p.kv_heads, p.max_seq, D);
+  if (head >= p.q_heads + p.kv_heads) {  // a value head: copied to the cache
+    if (!slot.valid) return;
+    T* v = static_cast<T*>(p.values) + slot.offset + (head - p.q_heads - p.kv_heads) * slot.head_stride;
+    v[d] = first_in;
+    v[d + 1] = second_in;
+    return;
+  }
+  T first, second;
+  rotate_pair<T>(to_float(first_in), to_float(second_in), static_cast<const T*>(p.cos) + static_cast<int64_t>(m) * D,
+                 static_cast<const T*>(p.sin) + static_cast<int64_t>(m) * D, d, half, first, second);
+  T* dst = nullptr;
+  if (head < p.q_heads) {
+    dst = static_cast<T*>(p.out) + (static_cast<int64_t>(m) * p.q_heads + head) * D;
+  } else if (slot.valid) {
+    dst = static_cast<T*>(p.keys) + slot.offset + (head - p.q_heads) * slot.head_stride;
+  }
+  if (dst != nullptr) {
+    dst[d] = first;
+    dst[d + half] = second;
+  }
+}
+
 // The 8 GEMM inputs of row m at k .. k + 7 (k a multiple of 8), after the prologue, with the
 // arithmetic of the standalone ops (layer_math.cuh). inverse: row m's 1 / rms (kAddRmsNorm).
 template <typename T, Prologue kPrologue>
@@ -263,23 +329,25 @@ __device__ void add_rms_norm_rows(const SkinnyParams& p, float* inverse) {
 }
 
 // kRows: the row bucket (1, 2, 4, 8 or 16) the launch rounded M up to.
-template <typename T, int kRows, Prologue kPrologue>
+template <typename T, int kRows, Prologue kPrologue, Epilogue kEpilogue>
 __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const SkinnyParams p) {
   // HIPPO_PDL (dependent_launch.cuh): the first batch of weight loads is issued before waiting
   // for the previous kernel, so with PDL it streams under that kernel's tail. Weights are the
   // only memory read before the wait: nothing in a step writes them.
   allow_dependent_kernels();
   const int lane = threadIdx.x % 32;
-  const int n0 = (blockIdx.x * kFmaWarps + threadIdx.x / 32) * kFmaOutputsPerWarp;
-  const bool warp_has_outputs = n0 < p.out_features;  // only the last block has warps without
+  const int pair = blockIdx.x * kFmaWarps + threadIdx.x / 32;
+  int n[kFmaOutputsPerWarp];
+  pair_outputs<kEpilogue>(p, pair, n);
+  const bool warp_has_outputs = n[0] < p.out_features;  // only the last block has warps without
   const int K = p.in_features;
   const T* weight = static_cast<const T*>(p.weight);
   const uint4* w_row[kFmaOutputsPerWarp];
   bool w_valid[kFmaOutputsPerWarp];
 #pragma unroll
   for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
-    w_valid[o] = n0 + o < p.out_features;  // an invalid output re-reads a valid row, never written
-    const int row = w_valid[o] ? n0 + o : (warp_has_outputs ? n0 : 0);
+    w_valid[o] = n[o] < p.out_features;  // an invalid output re-reads a valid row, never written
+    const int row = w_valid[o] ? n[o] : (warp_has_outputs ? n[0] : 0);
     w_row[o] = reinterpret_cast<const uint4*>(weight + static_cast<int64_t>(row) * K);
   }
   float acc[kRows][kFmaOutputsPerWarp];
@@ -345,15 +413,24 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
     accumulate(k, w_step);
   }
 
+  // The GEMM's outputs as the unfused op stores them: fp32 sum plus bias, rounded once.
   T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int m = 0; m < kRows; ++m) {
+    if constexpr (kEpilogue == Epilogue::kStore) {
 #pragma unroll
-    for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
-      const float sum = warp_sum(acc[m][o]);
-      // Output (m, o) is written by lane (m * 2 + o) % 32, spreading the stores over the warp.
-      if (m < p.rows && w_valid[o] && lane == (m * kFmaOutputsPerWarp + o) % 32) {
-        out[static_cast<int64_t>(m) * p.out_features + n0 + o] = from_float<T>(sum + bias_at<T>(p, n0 + o));
+      for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
+        const float sum = warp_sum(acc[m][o]);
+        // Output (m, o) is written by lane (m * 2 + o) % 32, spreading the stores over the warp.
+        if (m < p.rows && w_valid[o] && lane == (m * kFmaOutputsPerWarp + o) % 32) {
+          out[static_cast<int64_t>(m) * p.out_features + n[o]] = from_float<T>(sum + bias_at<T>(p, n[o]));
+        }
+      }
+    } else {  // one lane takes row m's pair (both outputs of a rotary pair are valid)
+      const float first = warp_sum(acc[m][0]), second = warp_sum(acc[m][1]);
+      if (m < p.rows && lane == m % 32) {
+        store_qkv_pair<T>(p, m, n[0], from_float<T>(first + bias_at<T>(p, n[0])),
+                          from_float<T>(second + bias_at<T>(p, n[1])));
       }
     }
   }
@@ -397,20 +474,20 @@ bool fma_kernel_selected(int64_t rows) {
   return env_is("HIPPO_SKINNY_KERNEL", "fma") && rows <= kFmaMaxRows;
 }
 
-template <typename T, int kRows, Prologue kPrologue>
+template <typename T, int kRows, Prologue kPrologue, Epilogue kEpilogue>
 void launch_fma(const SkinnyParams& p, cudaStream_t stream) {
   const unsigned blocks = static_cast<unsigned>(ceil_div(p.out_features, kFmaWarps * kFmaOutputsPerWarp));
-  launch_kernel(skinny_linear_fma_kernel<T, kRows, kPrologue>, dim3(blocks), dim3(kFmaThreads), 0,
-                stream, p);
+  launch_kernel(skinny_linear_fma_kernel<T, kRows, kPrologue, kEpilogue>, dim3(blocks), dim3(kFmaThreads),
+                0, stream, p);
 }
 
-template <typename T, Prologue kPrologue = Prologue::kNone>
+template <typename T, Prologue kPrologue = Prologue::kNone, Epilogue kEpilogue = Epilogue::kStore>
 void launch_fma_for_rows(const SkinnyParams& p, cudaStream_t stream) {
-  if (p.rows <= 1) return launch_fma<T, 1, kPrologue>(p, stream);
-  if (p.rows <= 2) return launch_fma<T, 2, kPrologue>(p, stream);
-  if (p.rows <= 4) return launch_fma<T, 4, kPrologue>(p, stream);
-  if (p.rows <= 8) return launch_fma<T, 8, kPrologue>(p, stream);
-  return launch_fma<T, kFmaMaxRows, kPrologue>(p, stream);
+  if (p.rows <= 1) return launch_fma<T, 1, kPrologue, kEpilogue>(p, stream);
+  if (p.rows <= 2) return launch_fma<T, 2, kPrologue, kEpilogue>(p, stream);
+  if (p.rows <= 4) return launch_fma<T, 4, kPrologue, kEpilogue>(p, stream);
+  if (p.rows <= 8) return launch_fma<T, 8, kPrologue, kEpilogue>(p, stream);
+  return launch_fma<T, kFmaMaxRows, kPrologue, kEpilogue>(p, stream);
 }
 
 // The operands and sizes every kernel of this file reads.
@@ -480,11 +557,13 @@ bool fused_kernel_takes(const at::Tensor& x, const SkinnyShape& s, const std::op
          (!bias.has_value() || all_aligned(2, {bias->data_ptr()}));
 }
 
-template <Prologue kPrologue>
+template <Prologue kPrologue, Epilogue kEpilogue = Epilogue::kStore>
 void launch_fused(const SkinnyParams& p, at::ScalarType type, const char* op) {
   dispatch_element_type(type, op, [&](auto element) {
     using T = decltype(element);
-    if constexpr (sizeof(T) == 2) launch_fma_for_rows<T, kPrologue>(p, at::cuda::getCurrentCUDAStream());
+    if constexpr (sizeof(T) == 2) {
+      launch_fma_for_rows<T, kPrologue, kEpilogue>(p, at::cuda::getCurrentCUDAStream());
+    }
   });
 }
 
@@ -521,12 +600,47 @@ at::Tensor silu_and_mul_linear_cuda(const at::Tensor& x, const at::Tensor& weigh
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> qkv_projection_cuda(
+    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
+    const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& cos,
+    const at::Tensor& sin, const at::Tensor& cache, int64_t layer, const at::Tensor& length) {
+  const auto [s, r] =
+      check_qkv_projection_inputs(x, residual, norm_weight, eps, weight, bias, cos, sin, cache, layer, length);
+  if (!fused_kernel_takes(x, s, bias, {x.data_ptr(), residual.data_ptr(), norm_weight.data_ptr(),
+                                       weight.data_ptr()})) {
+    return qkv_projection_composed(x, residual, norm_weight, eps, weight, bias, cos, sin, cache, layer,
+                                   length);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor q = at::empty({r.batch, r.tokens, r.q_heads, r.head_dim}, x.options());
+  at::Tensor sum = at::empty_like(x, at::MemoryFormat::Contiguous);
+  SkinnyParams p = gemm_params(x, weight, bias, q, s);
+  p.residual = residual.data_ptr();
+  p.norm_weight = norm_weight.data_ptr();
+  p.sum_out = sum.data_ptr();
+  p.eps = static_cast<float>(eps);
+  p.cos = cos.data_ptr();
+  p.sin = sin.data_ptr();
+  p.keys = cache[layer][0].data_ptr();
+  p.values = cache[layer][1].data_ptr();
+  p.length = length.data_ptr();
+  p.length_is_64 = length.scalar_type() == at::kLong;
+  p.tokens = static_cast<int>(r.tokens);
+  p.q_heads = static_cast<int>(r.q_heads);
+  p.kv_heads = static_cast<int>(r.kv_heads);
+  p.head_dim = static_cast<int>(r.head_dim);
+  p.max_seq = r.max_seq;
+  launch_fused<Prologue::kAddRmsNorm, Epilogue::kRotaryAppend>(p, x.scalar_type(), kQkvProjectionOp);
+  return {q, sum};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(hippo_ext, CUDA, m) {
   m.impl("skinny_linear", &skinny_linear_cuda);
   m.impl("add_rms_norm_linear", &add_rms_norm_linear_cuda);
   m.impl("silu_and_mul_linear", &silu_and_mul_linear_cuda);
+  m.impl("qkv_projection", &qkv_projection_cuda);
 }
 
 }  // namespace hippo

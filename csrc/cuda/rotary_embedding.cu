@@ -21,6 +21,7 @@
 
 #include "cuda/dependent_launch.cuh"
 #include "cuda/element_types.cuh"
+#include "cuda/layer_math.cuh"
 #include "rotary_embedding.h"
 
 namespace hippo {
@@ -56,37 +57,29 @@ __global__ void __launch_bounds__(kThreads) rotary_kv_append_kernel(RotaryParams
   const T* sin = static_cast<const T*>(p.sin) + token * D;
   T* q_out = static_cast<T*>(p.q_out) + token * p.q_heads * D;
 
-  const int64_t length = p.length_is_64 ? static_cast<const int64_t*>(p.length)[b]
-                                        : static_cast<const int32_t*>(p.length)[b];
-  const int64_t slot = length - p.tokens + s;
-  const bool in_cache = slot >= 0 && slot < p.max_seq;
-  // Row of (b, kv head 0, slot) in cache[layer, k/v]; kv head h adds h * S_max * D.
-  const int64_t slot_offset = (static_cast<int64_t>(b) * p.kv_heads * p.max_seq + slot) * D;
-  const int64_t head_stride = p.max_seq * D;
+  const CacheSlot slot = cache_slot(p.length, p.length_is_64, b, s, p.tokens, p.kv_heads, p.max_seq, D);
 
   const int rotated_pairs = (p.q_heads + p.kv_heads) * half;
   if (item < rotated_pairs) {
     const int head = item / half, d = item - head * half;
-    const float x1 = to_float(in[head * D + d]), x2 = to_float(in[head * D + d + half]);
-    const T first = from_float<T>(product_rounded_to<T>(x1, to_float(cos[d])) +
-                                  product_rounded_to<T>(-x2, to_float(sin[d])));
-    const T second = from_float<T>(product_rounded_to<T>(x2, to_float(cos[d + half])) +
-                                   product_rounded_to<T>(x1, to_float(sin[d + half])));
+    T first, second;
+    rotate_pair<T>(to_float(in[head * D + d]), to_float(in[head * D + d + half]), cos, sin, d, half,
+                   first, second);
     T* dst = nullptr;
     if (head < p.q_heads) {
       dst = q_out + head * D;
-    } else if (in_cache) {
-      dst = static_cast<T*>(p.keys) + slot_offset + (head - p.q_heads) * head_stride;
+    } else if (slot.valid) {
+      dst = static_cast<T*>(p.keys) + slot.offset + (head - p.q_heads) * slot.head_stride;
     }
     if (dst != nullptr) {
       dst[d] = first;
       dst[d + half] = second;
     }
-  } else if (in_cache && item < rotated_pairs + p.kv_heads * D) {
+  } else if (slot.valid && item < rotated_pairs + p.kv_heads * D) {
     const int i = item - rotated_pairs;  // value element
     const int head = i / D, d = i - head * D;
     const T* value_in = in + (p.q_heads + p.kv_heads) * D;
-    static_cast<T*>(p.values)[slot_offset + head * head_stride + d] = value_in[i];
+    static_cast<T*>(p.values)[slot.offset + head * slot.head_stride + d] = value_in[i];
   }
 }
 

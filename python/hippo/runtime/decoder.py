@@ -28,7 +28,7 @@ MAX_STEP_TOKENS = 64  # decode_attention's query-block limit
 FUSED_LAYER_OPS = ("rms_norm", "add_rms_norm", "rotary_tables", "rotary_kv_append",
                    "silu_and_mul")
 # The GEMMs with the norm or gating in front of them (gemm_prologues=True).
-GEMM_PROLOGUE_OPS = ("add_rms_norm_linear", "silu_and_mul_linear")
+GEMM_PROLOGUE_OPS = ("qkv_projection", "add_rms_norm_linear", "silu_and_mul_linear")
 
 # attend(layer index, post-RoPE queries [B, S, Hq, D]) -> attention output [B, S, Hq * D]
 AttendFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -102,8 +102,9 @@ class LanguageModelRuntime:
             cuBLAS inside the op. Off by default until measured against cuBLAS on a GPU
             (benchmarks/bench_linear.py, bench_runtime.py).
         gemm_prologues: run each layer's add_rms_norm before the q/k/v and gate/up GEMMs and
-            silu_and_mul before the down GEMM inside those GEMMs (hippo_ext.add_rms_norm_linear,
-            silu_and_mul_linear): on CUDA, steps of up to 16 tokens then run three kernels fewer
+            silu_and_mul before the down GEMM inside those GEMMs, and RoPE with the cache
+            append after the q/k/v GEMM (hippo_ext.qkv_projection, add_rms_norm_linear,
+            silu_and_mul_linear): on CUDA, steps of up to 16 tokens then run four kernels fewer
             per layer, on skinny_linear's FMA kernel; same arithmetic (on the CPU, the same
             ops composed). Needs the fused layer path; opt-in until measured on a GPU.
         step_invariant: make a step's logits for each token independent of how many tokens the
@@ -310,17 +311,28 @@ class LanguageModelRuntime:
         if residual is None:  # the first layer: its input is the embedding itself
             residual = delta
             normed = hippo_ext.rms_norm(delta, norm.weight, norm.variance_epsilon)
-            qkv = self._linear(normed, fused.qkv_weight, fused.qkv_bias)
+            q = self._rotary_append(self._linear(normed, fused.qkv_weight, fused.qkv_bias),
+                                    cos, sin, index)
+        elif self.gemm_prologues:  # norm, q/k/v GEMM, RoPE and the cache append: one op
+            q, residual = hippo_ext.qkv_projection(
+                delta, residual, norm.weight, norm.variance_epsilon, fused.qkv_weight,
+                fused.qkv_bias, cos, sin, self.cache.tensor, index, self.cache.length,
+                check=False)
         else:
             qkv, residual = self._norm_linear(delta, residual, norm, fused.qkv_weight,
                                               fused.qkv_bias)
-        q = hippo_ext.rotary_kv_append(qkv, cos, sin, self.cache.tensor, index,
-                                       self.cache.length, check=False)
+            q = self._rotary_append(qkv, cos, sin, index)
         o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
         delta = self._linear(attend(index, q), o_proj.weight, o_proj.bias)
         gate_up, residual = self._norm_linear(delta, residual, layer.post_attention_layernorm,
                                               fused.gate_up_weight, None)
         return self._gated_linear(gate_up, down_proj.weight, down_proj.bias), residual
+
+    def _rotary_append(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       index: int) -> torch.Tensor:
+        """RoPE on the q/k/v rows, keys and values into layer `index` of the cache; returns q."""
+        return hippo_ext.rotary_kv_append(qkv, cos, sin, self.cache.tensor, index,
+                                          self.cache.length, check=False)
 
     def _norm_linear(self, delta: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
                      weight: torch.Tensor,
