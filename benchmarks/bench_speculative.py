@@ -69,6 +69,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, help="video frames (default: the preset's)")
     parser.add_argument("--keep-ratio", type=float, default=0.1)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--gemm-prologues", action="store_true",
+                        help="both runtimes with gemm_prologues=True (opt-in kernels)")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     if preset["device"] == "cuda" and not torch.cuda.is_available():
@@ -87,7 +89,8 @@ def main() -> None:
           f"tokens; built in {time.perf_counter() - started:.1f} s")
 
     base = HippoPipeline(pair.target, pair.draft, mode="ar",
-                         preservation=PreservationOptions(keep_ratio=args.keep_ratio))
+                         preservation=PreservationOptions(keep_ratio=args.keep_ratio),
+                         gemm_prologues=args.gemm_prologues)
     configs = [("ar", "ar", 1)]
     configs += [(f"sequential g={g}", "sequential", g) for g in args.gammas]
     configs += [(f"parallel g={g}", "parallel", g) for g in args.gammas]

@@ -27,6 +27,19 @@ def test_generate_from_a_video_file_returns_tokens_text_and_stats():
     assert ar.stats.mean_accepted_tokens == 1.0
 
 
+def test_gemm_prologues_reach_both_runtimes_and_keep_the_output():
+    """HippoOptions(gemm_prologues=True) builds both runtimes with the fused GEMM ops (on the
+    CPU the same arithmetic): the same tokens as the default pipeline."""
+    target, draft = make_pair("llava_onevision", "perturbed-copy", seed=1)
+    default = HippoPipeline(target, draft).generate(sample_video_path(), "what moves?", 10,
+                                                    num_frames=4)
+    fused = HippoPipeline(target, draft, gemm_prologues=True)
+    out = fused.generate(sample_video_path(), "what moves?", 10, num_frames=4)
+    assert out.tokens == default.tokens
+    assert {role: runtime.gemm_prologues for role, runtime in fused._runtimes.items()} == {
+        "target": True, "draft": True}
+
+
 def test_sampled_generation_repeats_with_a_seed():
     target, draft = make_pair("llava_onevision", "perturbed-copy", seed=0)
     frames = torch.from_numpy(__import__("numpy").zeros((3, 56, 56, 3), dtype="uint8"))

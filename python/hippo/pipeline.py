@@ -30,7 +30,7 @@ from hippo.video import load_video
 
 MODES = ("ar", "sequential", "parallel")
 USE_TARGET_EOS = "target"
-RUNTIME_OPTIONS = ("use_cuda_graphs", "step_invariant", "draft_device")
+RUNTIME_OPTIONS = ("use_cuda_graphs", "step_invariant", "gemm_prologues", "draft_device")
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ class HippoOptions:
         prefills everything beside the target, then compacts its cache to the kept tokens).
     preservation: which visual tokens the draft keeps (keep ratio, method, weights, layers...).
     draft_device: where the draft runs (default: where its model is); another GPU, for example.
-    use_cuda_graphs / step_invariant: passed to both runtimes (see LanguageModelRuntime).
+    use_cuda_graphs / step_invariant / gemm_prologues: passed to both runtimes (see
+        LanguageModelRuntime; gemm_prologues is opt-in until measured on a GPU).
     """
 
     mode: str = "parallel"
@@ -56,6 +57,7 @@ class HippoOptions:
     draft_device: str | None = None
     use_cuda_graphs: bool | None = None
     step_invariant: bool = False
+    gemm_prologues: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -185,7 +187,8 @@ class HippoPipeline:
             del runtime  # free the old cache before allocating the new one
             runtime = LanguageModelRuntime.from_hf(
                 model.model, capacity, use_cuda_graphs=self.options.use_cuda_graphs,
-                step_invariant=self.options.step_invariant)
+                step_invariant=self.options.step_invariant,
+                gemm_prologues=self.options.gemm_prologues)
             self._runtimes[role] = runtime
         return runtime
 

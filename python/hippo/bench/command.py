@@ -26,6 +26,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
     parser.add_argument("--keep-ratio", type=float, default=0.1)
     parser.add_argument("--out-dir", default="hippo-bench", help="where bench.json and bench.png go")
+    parser.add_argument("--gemm-prologues", action="store_true",
+                        help="runtimes with the norms, gating and RoPE inside the GEMMs (opt-in "
+                             "kernels, not yet measured on a GPU)")
     sets = parser.add_argument_group("benchmark sets (instead of a preset)")
     sets.add_argument("--dataset", help="videomme, mvbench, longvideobench, mlvu, lvbench or vdc")
     sets.add_argument("--root", help="the benchmark set's local directory")
@@ -59,7 +62,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     rows = run_end_to_end(preset, frames=tuple(args.frames or ()) or None,
                           eps_values=tuple(args.eps or ()) or None, gamma=args.gamma,
                           new_tokens=args.new_tokens, methods=tuple(args.methods),
-                          keep_ratio=args.keep_ratio)
+                          keep_ratio=args.keep_ratio, gemm_prologues=args.gemm_prologues)
     print(markdown_table(rows))
     report = dict(preset=name, device=device, dtype=str(preset.dtype),
                   target=asdict(preset.target), draft=asdict(preset.draft), rows=rows)

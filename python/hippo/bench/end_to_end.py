@@ -50,8 +50,10 @@ PRESETS = {
 def run_end_to_end(preset: BenchPreset, *, frames: tuple[int, ...] | None = None,
                    eps_values: tuple[float, ...] | None = None, gamma: int = 12,
                    new_tokens: int | None = None, methods: tuple[str, ...] = METHODS,
-                   keep_ratio: float = 0.1, progress: bool = True, echo=print) -> list[dict]:
-    """Rows of measurements, one per (frames, eps, method)."""
+                   keep_ratio: float = 0.1, gemm_prologues: bool = False, progress: bool = True,
+                   echo=print) -> list[dict]:
+    """Rows of measurements, one per (frames, eps, method). gemm_prologues: hippo's runtimes
+    with that option (HippoOptions), the HF baselines unchanged."""
     from tqdm import tqdm
 
     frames = frames or preset.frames
@@ -60,7 +62,8 @@ def run_end_to_end(preset: BenchPreset, *, frames: tuple[int, ...] | None = None
     pair = AgreementPair(preset.target, preset.draft, eps=eps_values[0], vocab=preset.vocab,
                          dtype=preset.dtype, device=preset.device)
     base = HippoPipeline(pair.target, pair.draft, mode="ar",
-                         preservation=PreservationOptions(keep_ratio=keep_ratio))
+                         preservation=PreservationOptions(keep_ratio=keep_ratio),
+                         gemm_prologues=gemm_prologues)
     pipelines = {"hippo_ar": base,
                  "sequential": base.with_options(mode="sequential", gamma=gamma),
                  "hippo": base.with_options(mode="parallel", gamma="auto",
