@@ -28,7 +28,11 @@ def plot_speedup_vs_mat(rows: list[dict], path: str | Path, title: str) -> Path:
     axes.set_xlabel("measured MAT (sequential SD, same pair)")
     axes.set_ylabel("decode speedup over HF generate")
     axes.set_title(title)
-    axes.legend(fontsize=8)
+    if series:
+        axes.legend(fontsize=8)
+    else:  # e.g. --methods without hf_generate: nothing to compare against
+        axes.text(0.5, 0.5, "no speedup over HF generate was measured", ha="center",
+                  transform=axes.transAxes)
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=120)
