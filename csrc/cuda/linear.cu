@@ -21,8 +21,10 @@
 // when HIPPO_SKINNY_KERNEL=fma (skinny_linear_fma_kernel below). It also keeps rows independent
 // of M (for M <= 16: rows past 16 go to the tensor-core kernel), streams each weight row once with
 // no partial sums to write back, and is meant for decode steps; it is opt-in until measured.
-// The same kernel, with a prologue applied to x as it is loaded, is the one-launch CUDA path of
-// add_rms_norm_linear and silu_and_mul_linear (fused_linear.h) for up to 16 rows.
+// The same kernel, with a prologue applied to x as it is loaded (add_rms_norm or the SwiGLU
+// gating) and for the q/k/v projection an epilogue (RoPE, the cache append), is the one-launch
+// CUDA path of add_rms_norm_linear, silu_and_mul_linear and qkv_projection (fused_linear.h) for
+// up to 16 rows.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
