@@ -498,11 +498,12 @@ def test_step_invariant_verify_equals_single_steps_bitwise(family):
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("options", [{}, {"step_invariant": True}])
+@pytest.mark.parametrize("options", [{}, {"step_invariant": True}, {"gemm_prologues": True}])
 def test_dependent_launch_changes_no_bit(monkeypatch, options):
     """HIPPO_PDL=1 (programmatic dependent launch of the step's hippo_ext kernels) only lets a
     kernel start while the previous one finishes: graph-replayed steps give the same bits as
-    without it, for the default and the skinny/row-invariant kernels."""
+    without it, for the default, the skinny/row-invariant and the fused-GEMM kernels (whose
+    FMA kernel reads its first weights before it waits)."""
     model, positions_for = cuda_model("qwen2", 256)
     model = model.to(torch.bfloat16)
     ids = torch.randint(0, VOCAB, (1, 60), device="cuda")
@@ -566,11 +567,23 @@ def cuda_model(family: str, hidden: int):
     return model.cuda().eval(), positions_for
 
 
+# Opt-in kernels a graph must replay exactly like the eager path: (runtime options, environment).
+OPT_IN_KERNELS = {
+    "default": ({}, {}),
+    "gemm_prologues": ({"gemm_prologues": True}, {}),
+    "fused_merge": ({}, {"HIPPO_DECODE_ATTENTION_FUSED_MERGE": "1"}),
+}
+
+
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernels", list(OPT_IN_KERNELS))
 @pytest.mark.parametrize("dtype,hidden,backend", CUDA_SETUPS)
 @pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
-def test_graph_replay_equals_eager_runtime(family, dtype, hidden, backend):
+def test_graph_replay_equals_eager_runtime(monkeypatch, family, dtype, hidden, backend, kernels):
+    options, environment = OPT_IN_KERNELS[kernels]
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
     model, positions_for = cuda_model(family, hidden)
     ids = torch.randint(0, VOCAB, (1, 80), device="cuda")
     positions = positions_for(80).cuda()
@@ -580,8 +593,9 @@ def test_graph_replay_equals_eager_runtime(family, dtype, hidden, backend):
         embeds32 = model.get_input_embeddings()(ids[:, :end])
         expected = model(inputs_embeds=embeds32, position_ids=positions[..., :end]).logits
     model.to(dtype)
-    graphed = LanguageModelRuntime.from_hf(model, max_seq_len=256)
-    eager = LanguageModelRuntime.from_hf(model, max_seq_len=256, use_cuda_graphs=False)
+    graphed = LanguageModelRuntime.from_hf(model, max_seq_len=256, **options)
+    eager = LanguageModelRuntime.from_hf(model, max_seq_len=256, use_cuda_graphs=False,
+                                         **options)
     assert graphed.use_cuda_graphs and not eager.use_cuda_graphs
     assert graphed.step_attention == eager.step_attention == backend
     for runtime in (graphed, eager):
