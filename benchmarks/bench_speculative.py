@@ -69,8 +69,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, help="video frames (default: the preset's)")
     parser.add_argument("--keep-ratio", type=float, default=0.1)
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--gemm-prologues", action="store_true",
-                        help="both runtimes with gemm_prologues=True (opt-in kernels)")
+    parser.add_argument("--gemm-prologues", choices=("none", "draft", "both"), default="none",
+                        help="runtimes with the norms, gating and RoPE inside the GEMMs "
+                             "(opt-in kernels)")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     if preset["device"] == "cuda" and not torch.cuda.is_available():

@@ -94,7 +94,8 @@ def test_bench_tiny_writes_table_json_and_plot(capsys, tmp_path):
 
 def test_bench_runs_with_the_opt_in_gemm_prologues(capsys, tmp_path):
     argv = ["bench", "--preset", "tiny", "--eps", "0.1", "--new-tokens", "8", "--gamma", "4",
-            "--methods", "hippo_ar", "sequential", "--gemm-prologues", "--out-dir", str(tmp_path)]
+            "--methods", "hippo_ar", "sequential", "--gemm-prologues", "both",
+            "--out-dir", str(tmp_path)]
     assert main(argv) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert {row["method"] for row in rows} == {"hippo_ar", "sequential"}

@@ -27,17 +27,18 @@ def test_generate_from_a_video_file_returns_tokens_text_and_stats():
     assert ar.stats.mean_accepted_tokens == 1.0
 
 
-def test_gemm_prologues_reach_both_runtimes_and_keep_the_output():
-    """HippoOptions(gemm_prologues=True) builds both runtimes with the fused GEMM ops (on the
+@pytest.mark.parametrize("roles", ["draft", "both"])
+def test_gemm_prologues_reach_their_runtimes_and_keep_the_output(roles):
+    """HippoOptions(gemm_prologues=...) builds the named runtimes with the fused GEMM ops (on the
     CPU the same arithmetic): the same tokens as the default pipeline."""
     target, draft = make_pair("llava_onevision", "perturbed-copy", seed=1)
     default = HippoPipeline(target, draft).generate(sample_video_path(), "what moves?", 10,
                                                     num_frames=4)
-    fused = HippoPipeline(target, draft, gemm_prologues=True)
+    fused = HippoPipeline(target, draft, gemm_prologues=roles)
     out = fused.generate(sample_video_path(), "what moves?", 10, num_frames=4)
     assert out.tokens == default.tokens
     assert {role: runtime.gemm_prologues for role, runtime in fused._runtimes.items()} == {
-        "target": True, "draft": True}
+        "target": roles == "both", "draft": True}
 
 
 def test_sampled_generation_repeats_with_a_seed():
@@ -72,6 +73,7 @@ def test_pair_with_different_visual_layouts_is_a_clear_error():
     (dict(gamma=0), "gamma must be"),
     (dict(gamma="fast"), "gamma must be"),
     (dict(max_gamma=99), "max_gamma"),
+    (dict(gemm_prologues=True), "unknown gemm_prologues"),
 ])
 def test_bad_options_are_clear_errors(options, message):
     with pytest.raises(HippoError, match=message):

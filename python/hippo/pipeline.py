@@ -31,6 +31,8 @@ from hippo.video import load_video
 MODES = ("ar", "sequential", "parallel")
 USE_TARGET_EOS = "target"
 RUNTIME_OPTIONS = ("use_cuda_graphs", "step_invariant", "gemm_prologues", "draft_device")
+# Which runtimes run the fused GEMM ops, by HippoOptions.gemm_prologues.
+GEMM_PROLOGUE_ROLES = {"none": (), "draft": ("draft",), "both": ("target", "draft")}
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,10 @@ class HippoOptions:
         prefills everything beside the target, then compacts its cache to the kept tokens).
     preservation: which visual tokens the draft keeps (keep ratio, method, weights, layers...).
     draft_device: where the draft runs (default: where its model is); another GPU, for example.
-    use_cuda_graphs / step_invariant / gemm_prologues: passed to both runtimes (see
-        LanguageModelRuntime; gemm_prologues is opt-in until measured on a GPU).
+    use_cuda_graphs / step_invariant: passed to both runtimes (see LanguageModelRuntime).
+    gemm_prologues: the runtimes that run the norms, gating and RoPE inside their GEMMs (see
+        LanguageModelRuntime): "none", "draft" (the small, launch-bound model, where fewer
+        kernels pay most) or "both"; opt-in until measured on a GPU.
     """
 
     mode: str = "parallel"
@@ -57,7 +61,7 @@ class HippoOptions:
     draft_device: str | None = None
     use_cuda_graphs: bool | None = None
     step_invariant: bool = False
-    gemm_prologues: bool = False
+    gemm_prologues: str = "none"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -66,6 +70,9 @@ class HippoOptions:
             raise HippoError(f"unknown draft_prefill {self.draft_prefill!r}; choose one of "
                              f"{', '.join(DRAFT_PREFILLS)}")
         DraftLength(self.gamma, max_gamma=self.max_gamma)  # validates both
+        if self.gemm_prologues not in GEMM_PROLOGUE_ROLES:
+            raise HippoError(f"unknown gemm_prologues {self.gemm_prologues!r}; choose one of "
+                             f"{', '.join(GEMM_PROLOGUE_ROLES)}")
 
     @property
     def largest_gamma(self) -> int:
@@ -188,7 +195,7 @@ class HippoPipeline:
             runtime = LanguageModelRuntime.from_hf(
                 model.model, capacity, use_cuda_graphs=self.options.use_cuda_graphs,
                 step_invariant=self.options.step_invariant,
-                gemm_prologues=self.options.gemm_prologues)
+                gemm_prologues=role in GEMM_PROLOGUE_ROLES[self.options.gemm_prologues])
             self._runtimes[role] = runtime
         return runtime
 

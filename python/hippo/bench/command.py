@@ -26,9 +26,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
     parser.add_argument("--keep-ratio", type=float, default=0.1)
     parser.add_argument("--out-dir", default="hippo-bench", help="where bench.json and bench.png go")
-    parser.add_argument("--gemm-prologues", action="store_true",
-                        help="runtimes with the norms, gating and RoPE inside the GEMMs (opt-in "
-                             "kernels, not yet measured on a GPU)")
+    parser.add_argument("--gemm-prologues", choices=("none", "draft", "both"), default="none",
+                        help="hippo's runtimes with the norms, gating and RoPE inside the GEMMs "
+                             "(opt-in kernels, not yet measured on a GPU)")
     sets = parser.add_argument_group("benchmark sets (instead of a preset)")
     sets.add_argument("--dataset", help="videomme, mvbench, longvideobench, mlvu, lvbench or vdc")
     sets.add_argument("--root", help="the benchmark set's local directory")

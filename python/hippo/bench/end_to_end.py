@@ -50,10 +50,10 @@ PRESETS = {
 def run_end_to_end(preset: BenchPreset, *, frames: tuple[int, ...] | None = None,
                    eps_values: tuple[float, ...] | None = None, gamma: int = 12,
                    new_tokens: int | None = None, methods: tuple[str, ...] = METHODS,
-                   keep_ratio: float = 0.1, gemm_prologues: bool = False, progress: bool = True,
+                   keep_ratio: float = 0.1, gemm_prologues: str = "none", progress: bool = True,
                    echo=print) -> list[dict]:
-    """Rows of measurements, one per (frames, eps, method). gemm_prologues: hippo's runtimes
-    with that option (HippoOptions), the HF baselines unchanged."""
+    """Rows of measurements, one per (frames, eps, method). gemm_prologues: which of hippo's
+    runtimes run the fused GEMM ops (HippoOptions); the HF baselines are unchanged."""
     from tqdm import tqdm
 
     frames = frames or preset.frames
