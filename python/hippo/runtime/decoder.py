@@ -27,7 +27,7 @@ MAX_STEP_TOKENS = 64  # decode_attention's query-block limit
 # The hippo_ext ops of a fused layer (fused=True), besides decode_attention.
 FUSED_LAYER_OPS = ("rms_norm", "add_rms_norm", "rotary_tables", "rotary_kv_append",
                    "silu_and_mul")
-# The GEMMs with the norm or gating in front of them (gemm_prologues=True).
+# The GEMMs with the norm or gating in front of them, and RoPE behind q/k/v (gemm_prologues=True).
 GEMM_PROLOGUE_OPS = ("qkv_projection", "add_rms_norm_linear", "silu_and_mul_linear")
 
 # attend(layer index, post-RoPE queries [B, S, Hq, D]) -> attention output [B, S, Hq * D]
