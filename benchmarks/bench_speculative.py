@@ -28,6 +28,7 @@ import torch
 
 from hippo.models.agreement import (QWEN2_0_5B, QWEN2_7B, TINY_DRAFT, TINY_TARGET,
                                     AgreementPair, synthetic_prompt)
+from hippo.cli import add_gemm_prologues_argument
 from hippo.pipeline import HippoPipeline
 from hippo.preserve import PreservationOptions
 from hippo.report import markdown_table, stats_row
@@ -69,9 +70,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, help="video frames (default: the preset's)")
     parser.add_argument("--keep-ratio", type=float, default=0.1)
     parser.add_argument("--json", help="also write the rows to this file")
-    parser.add_argument("--gemm-prologues", choices=("none", "draft", "both"), default="none",
-                        help="runtimes with the norms, gating and RoPE inside the GEMMs "
-                             "(opt-in kernels)")
+    add_gemm_prologues_argument(parser)
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     if preset["device"] == "cuda" and not torch.cuda.is_available():

@@ -18,6 +18,14 @@ def _gamma(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
+def add_gemm_prologues_argument(parser: argparse.ArgumentParser) -> None:
+    """--gemm-prologues: which runtimes run the norms, gating and RoPE inside their GEMMs
+    (HippoOptions.gemm_prologues; opt-in kernels, not yet measured on a GPU)."""
+    parser.add_argument("--gemm-prologues", choices=("none", "draft", "both"), default="none",
+                        help="runtimes with the norms, gating and RoPE inside the GEMMs "
+                             "(opt-in kernels, not yet measured on a GPU)")
+
+
 def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("ar", "sequential", "parallel"), default="parallel")
     parser.add_argument("--gamma", type=_gamma, default="auto",
@@ -27,6 +35,7 @@ def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--selection", choices=("hippo", "attention", "uniform", "random"),
                         default="hippo")
     parser.add_argument("--draft-prefill", choices=("pruned", "full+compact"), default="pruned")
+    add_gemm_prologues_argument(parser)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,7 +89,7 @@ def _generate(args: argparse.Namespace) -> None:
         if args.draft else None
     pipeline = HippoPipeline(
         target, draft, mode=args.mode, gamma=args.gamma, draft_prefill=args.draft_prefill,
-        draft_device=args.draft_device,
+        draft_device=args.draft_device, gemm_prologues=args.gemm_prologues,
         preservation=PreservationOptions(keep_ratio=args.keep_ratio, method=args.selection))
     out = pipeline.generate(args.video, args.prompt, args.max_new_tokens, num_frames=args.frames,
                             fps=args.fps, temperature=args.temperature, top_k=args.top_k,

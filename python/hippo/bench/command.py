@@ -14,6 +14,7 @@ from hippo.models.base import HippoError
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     from hippo.bench.end_to_end import METHODS, PRESETS
+    from hippo.cli import add_gemm_prologues_argument
 
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="tiny (CPU) or 7b (GPU: Qwen2-7B target, Qwen2-0.5B draft, bf16); "
@@ -26,9 +27,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
     parser.add_argument("--keep-ratio", type=float, default=0.1)
     parser.add_argument("--out-dir", default="hippo-bench", help="where bench.json and bench.png go")
-    parser.add_argument("--gemm-prologues", choices=("none", "draft", "both"), default="none",
-                        help="hippo's runtimes with the norms, gating and RoPE inside the GEMMs "
-                             "(opt-in kernels, not yet measured on a GPU)")
+    add_gemm_prologues_argument(parser)
     sets = parser.add_argument_group("benchmark sets (instead of a preset)")
     sets.add_argument("--dataset", help="videomme, mvbench, longvideobench, mlvu, lvbench or vdc")
     sets.add_argument("--root", help="the benchmark set's local directory")
