@@ -569,6 +569,15 @@ void launch_fused(const SkinnyParams& p, at::ScalarType type, const char* op) {
   });
 }
 
+// The add-RMSNorm prologue's operands: residual and norm weight in, x + residual out to sum.
+void set_add_rms_norm(SkinnyParams& p, const at::Tensor& residual, const at::Tensor& norm_weight,
+                      double eps, const at::Tensor& sum) {
+  p.residual = residual.data_ptr();
+  p.norm_weight = norm_weight.data_ptr();
+  p.sum_out = sum.data_ptr();
+  p.eps = static_cast<float>(eps);
+}
+
 std::tuple<at::Tensor, at::Tensor> add_rms_norm_linear_cuda(
     const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
@@ -581,10 +590,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_linear_cuda(
   at::Tensor out = at::empty(skinny_linear_output_shape(x, s.out_features), x.options());
   at::Tensor sum = at::empty_like(x, at::MemoryFormat::Contiguous);
   SkinnyParams p = gemm_params(x, weight, bias, out, s);
-  p.residual = residual.data_ptr();
-  p.norm_weight = norm_weight.data_ptr();
-  p.sum_out = sum.data_ptr();
-  p.eps = static_cast<float>(eps);
+  set_add_rms_norm(p, residual, norm_weight, eps, sum);
   launch_fused<Prologue::kAddRmsNorm>(p, x.scalar_type(), kAddRmsNormLinearOp);
   return {out, sum};
 }
@@ -617,10 +623,7 @@ std::tuple<at::Tensor, at::Tensor> qkv_projection_cuda(
   at::Tensor q = at::empty({r.batch, r.tokens, r.q_heads, r.head_dim}, x.options());
   at::Tensor sum = at::empty_like(x, at::MemoryFormat::Contiguous);
   SkinnyParams p = gemm_params(x, weight, bias, q, s);
-  p.residual = residual.data_ptr();
-  p.norm_weight = norm_weight.data_ptr();
-  p.sum_out = sum.data_ptr();
-  p.eps = static_cast<float>(eps);
+  set_add_rms_norm(p, residual, norm_weight, eps, sum);
   p.cos = cos.data_ptr();
   p.sin = sin.data_ptr();
   p.keys = cache[layer][0].data_ptr();
