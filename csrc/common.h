@@ -57,13 +57,14 @@ inline void check_kv_cache(const at::Tensor& t, const char* op, const char* name
   check_contiguous(t, op, name);
 }
 
-// The device-side valid lengths of a cache's sequences: [B] int32/int64 on the cache's device
+// The device-side valid lengths of a cache's sequences: [B] int32/int64, contiguous, on the cache's device
 // (B is checked by each op, which knows its batch).
 inline void check_cache_lengths(const at::Tensor& length, const at::Tensor& cache, const char* op) {
   check_dim(length, 1, op, "length");
   HIPPO_CHECK(length.scalar_type() == at::kInt || length.scalar_type() == at::kLong, op,
               "length must be int32 or int64, got ", length.scalar_type());
   check_same_device(length, cache, op, "length", "cache");
+  check_contiguous(length, op, "length");  // CUDA kernels index it as a flat array
 }
 
 // Length values, checked on the host (the CPU path always; CUDA wrappers unless check=False):

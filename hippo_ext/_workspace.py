@@ -6,6 +6,9 @@ from __future__ import annotations
 import torch
 
 _SHARED: dict[tuple[str, torch.device, int], torch.Tensor] = {}
+# Workspaces that a larger one replaced. A CUDA graph captured while one was current still points
+# at it, so it must never be freed (its memory reused by another tensor would not stay zero).
+_RETIRED: list[torch.Tensor] = []
 
 
 def zeroed_int32(numel: int, device: torch.device | str) -> torch.Tensor:
@@ -23,5 +26,7 @@ def shared_workspace(op: str, numel: int, device: torch.device) -> torch.Tensor 
     if workspace is None or workspace.numel() < numel:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             return None
+        if workspace is not None:
+            _RETIRED.append(workspace)
         workspace = _SHARED[key] = zeroed_int32(max(numel, 1 << 12), device)
     return workspace

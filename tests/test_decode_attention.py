@@ -91,6 +91,7 @@ KERNEL_VARIANTS = {  # the environment each CUDA variant runs under
     "fixed_splits": {BALANCED_SPLITS_ENV: "0"},
     "eight_warps": {WARPS_ENV: "8"},
     "fused_merge": {FUSED_MERGE_ENV: "1"},  # steps of <= 16 rows per kv head
+    "eight_warps_fused_merge": {WARPS_ENV: "8", FUSED_MERGE_ENV: "1"},  # both opt-ins at once
     "simple": {SIMPLE_KERNEL_ENV: "1"},
 }
 
@@ -270,7 +271,7 @@ def test_cuda_model_shapes(gen, cuda_kernel, dtype, q_heads, kv_heads, head_dim,
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ["fast", "eight_warps", "fused_merge"])
+@pytest.mark.parametrize("variant", ["fast", "eight_warps", "fused_merge", "eight_warps_fused_merge"])
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim,length,max_seq,q_len", [
     (28, 4, 128, 12600, 16384, 9), (14, 2, 64, 1300, 2048, 17), (16, 16, 80, 700, 1024, 5),
     (28, 4, 128, 70, 128, 64)])
@@ -405,6 +406,8 @@ BAD_INPUTS = {
     "length_beyond_cache": (lambda a: {**a, "length": a["length"].clone().fill_(9)}, "length"),
     "int_cache": (lambda a: {**a, "cache": a["cache"].long()}, "cache"),
     "float_length": (lambda a: {**a, "length": a["length"].float()}, "length"),
+    "length_non_contiguous": (lambda a: {**a, "length": a["length"].repeat_interleave(2)[::2]},
+                              "length must be contiguous"),
     "dtype_mismatch": (lambda a: {**a, "query": a["query"].double()}, "dtype|float"),
     "non_contiguous_cache": (lambda a: {**a, "cache": a["cache"].transpose(4, 5)}, "contiguous"),
     "cache_wrong_dims": (lambda a: {**a, "cache": a["cache"][0]}, "cache"),

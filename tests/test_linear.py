@@ -176,3 +176,23 @@ def test_device_mix():
         hippo_ext.skinny_linear(args["x"], args["weight"].cpu(), None, workspace=args["workspace"])
     with pytest.raises(RuntimeError, match="is on"):
         hippo_ext.skinny_linear(args["x"], args["weight"], None, workspace=args["workspace"].cpu())
+
+
+def test_shared_workspace_grows_without_freeing_the_old_one():
+    """A CUDA graph captured while a shared workspace was current keeps its address, so growing
+    the workspace for a larger op must leave the old tensor alive (and zero), never free it."""
+    import gc
+    import weakref
+
+    from hippo_ext import _workspace
+
+    device = torch.device("cpu")
+    small = _workspace.shared_workspace("test_growth", 10, device)
+    assert small is not None and small.numel() >= 10 and not small.any()
+    assert _workspace.shared_workspace("test_growth", 10, device) is small  # reused, not remade
+    old = weakref.ref(small)
+    grown = _workspace.shared_workspace("test_growth", small.numel() + 1, device)
+    assert grown is not small and grown.numel() > small.numel() and not grown.any()
+    del small
+    gc.collect()
+    assert old() is not None, "the replaced workspace was freed"

@@ -161,6 +161,8 @@ BAD_INPUTS = {
     "length_beyond_cache": (lambda a: {**a, "length": a["length"].clone().fill_(9)}, "length"),
     "float_length": (lambda a: {**a, "length": a["length"].float()}, "length"),
     "length_batch": (lambda a: {**a, "length": a["length"][:1]}, "length"),
+    "length_non_contiguous": (lambda a: {**a, "length": a["length"].repeat_interleave(2)[::2]},
+                              "length must be contiguous"),
     "qkv_width": (lambda a: {**a, "qkv": a["qkv"][..., :-3].contiguous()}, r"\(Hq \+ 2 Hkv\)"),
     "qkv_no_query_heads": (lambda a: {**a, "qkv": a["qkv"][..., :32].contiguous()}, "Hq >= 1"),
     "qkv_non_contiguous": (lambda a: {**a, "qkv": a["qkv"].transpose(0, 1)}, "contiguous"),
