@@ -148,8 +148,10 @@ PY
       ;;
     runtime)
       # RUNTIME_VARIANTS narrows the option columns, e.g. "GEMM prologues,PDL,all opt-ins"
-      PYTHONPATH=python:. $PY benchmarks/bench_runtime.py --quick \
-        ${RUNTIME_VARIANTS:+--variants "$RUNTIME_VARIANTS"} 2>&1 | tee "$OUT/runtime.md" | tail -25
+      # (RUNTIME_ARGS adds options, e.g. "--no-hf"); the table is written as it fills, so a
+      # timeout still leaves the rows measured so far.
+      PYTHONPATH=python:. timeout "${RUNTIME_TIMEOUT:-420}" $PY benchmarks/bench_runtime.py --quick \
+        ${RUNTIME_VARIANTS:+--variants "$RUNTIME_VARIANTS"} ${RUNTIME_ARGS:-} 2>&1 | tee "$OUT/runtime.md" | tail -25
       ;;
     *) echo "unknown phase $phase"; exit 2 ;;
   esac
