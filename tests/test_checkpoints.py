@@ -95,3 +95,48 @@ def test_checkpoints_with_different_tokenizers_are_a_clear_error(capsys, checkpo
     # Loading progress bars may precede it; the error itself is one line.
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("hippo generate: error:") and "tokenizers differ" in last
+
+
+def _broken_copy(source: str, destination: Path, file: str, content: bytes | None) -> str:
+    """A copy of a checkpoint directory with `file` replaced by `content` (None: removed)."""
+    import shutil
+
+    shutil.copytree(source, destination)
+    if content is None:
+        for path in destination.glob(file):
+            path.unlink()
+    else:
+        (destination / file).write_bytes(content)
+    return str(destination)
+
+
+BROKEN_CHECKPOINTS = {  # (family, file, content, what the error names)
+    "config_not_an_object": ("qwen", "config.json", b"[1, 2]", "JSON object"),
+    "config_not_json": ("qwen", "config.json", b"{'model_type': 1}", "config.json"),
+    "config_not_utf8": ("llava", "config.json", b"\xff\xfe", "config.json"),
+    "weights_truncated": ("qwen", "model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{",
+                          "cannot load"),
+    "weights_empty": ("llava", "model.safetensors", b"", "cannot load"),
+    "preprocessing_not_an_object": ("qwen", "video_preprocessor_config.json", b"[1]",
+                                    "JSON object"),
+    "zero_patch_size": ("qwen", "video_preprocessor_config.json", b'{"patch_size": 0}',
+                        "patch_size must be a positive integer"),
+    "bad_min_pixels": ("qwen", "video_preprocessor_config.json", b'{"min_pixels": "abc"}',
+                       "min_pixels must be a positive integer"),
+    "two_channel_mean": ("llava", "preprocessor_config.json", b'{"image_mean": [0.5, 0.5]}',
+                         "image_mean must be three finite numbers"),
+    "zero_std": ("qwen", "video_preprocessor_config.json", b'{"image_std": [0, 1, 1]}',
+                 "image_std must not contain 0"),
+    "no_tokenizer": ("qwen", "tokenizer*", None, "has no tokenizer"),
+}
+
+
+@pytest.mark.parametrize("case", list(BROKEN_CHECKPOINTS))
+def test_broken_checkpoints_are_one_line_errors(capsys, checkpoints, tmp_path, case):
+    """A checkpoint directory whose files are corrupt or out of range: one line naming what is
+    wrong, exit status 2, no traceback (whatever library the failure starts in)."""
+    family, file, content, needle = BROKEN_CHECKPOINTS[case]
+    target = _broken_copy(checkpoints[family], tmp_path / case, file, content)
+    assert main(_generate(target, None, "--mode", "ar")) == EXIT_USER_ERROR
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("hippo generate: error:") and needle in last, last

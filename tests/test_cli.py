@@ -132,3 +132,46 @@ def test_bench_runs_a_benchmark_set_from_a_local_copy(capsys, tmp_path, dataset)
     assert summary["run"] == present and summary["skipped"] == len(questions) - present
     assert summary["all_matched_ar"] is True and summary["MAT"] >= 1.0
     assert "| dataset |" in capsys.readouterr().out
+
+
+BAD_OPTIONS = {  # argv, what the one-line error says
+    "unknown_device": (_generate("--device", "gpu"), "unknown device"),
+    "meta_device": (_generate("--device", "meta"), "not supported"),
+    "unknown_draft_device": (_generate("--draft-device", "banana"), "unknown device"),
+    "demo_unknown_device": (["demo", "--device", "foo"], "unknown device"),
+    "draft_device_without_draft": (["generate", "--target", "tiny-qwen2.5-vl", "--video",
+                                    str(sample_video_path()), "--prompt", "hi", "--draft-device",
+                                    "cpu"], "needs a draft model"),
+    "tiny_temperature": (_generate("--temperature", "1e-45", "--mode", "ar"), "temperature"),
+    "nan_temperature": (_generate("--temperature", "nan"), "temperature"),
+    "seed_out_of_range": (_generate("--temperature", "1", "--seed", "99999999999999999999"),
+                          "seed"),
+    "bench_negative_frames": (["bench", "--preset", "tiny", "--frames", "-1"], "--frames"),
+    "bench_zero_frames": (["bench", "--preset", "tiny", "--frames", "0"], "--frames"),
+    "bench_infinite_eps": (["bench", "--preset", "tiny", "--eps", "inf"], "eps"),
+    "demo_infinite_eps": (["demo", "--eps", "inf"], "eps"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_OPTIONS))
+def test_bad_options_are_one_line_errors(capsys, tmp_path, case):
+    argv, needle = BAD_OPTIONS[case]
+    if argv[0] == "bench":
+        argv = argv + ["--out-dir", str(tmp_path / "out")]
+    _assert_one_line_error(capsys, argv, needle)
+
+
+def test_cuda_device_without_a_gpu_is_a_one_line_error(capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    _assert_one_line_error(capsys, _generate("--device", "cuda"), "no CUDA GPU")
+    _assert_one_line_error(capsys, ["demo", "--device", "cuda:3"], "no CUDA GPU")
+
+
+def test_bench_out_dir_that_is_a_file_is_a_one_line_error(capsys, tmp_path):
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a folder")
+    _assert_one_line_error(capsys, ["bench", "--preset", "tiny", "--out-dir", str(taken)],
+                           "--out-dir")

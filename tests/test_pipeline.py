@@ -97,3 +97,37 @@ def test_bad_requests_are_clear_errors(tmp_path):
         HippoPipeline(target, None, draft_prefill="full+compact")
     with pytest.raises(HippoError, match="keep_ratio"):
         HippoPipeline(target, draft, preservation=PreservationOptions(keep_ratio=2.0))
+    with pytest.raises(HippoError, match="max_new_tokens"):
+        pipeline.generate(sample_video_path(), "hi", 4.5, num_frames=2)
+    with pytest.raises(HippoError, match="video must be a file path"):
+        pipeline.generate(sample_video_path().read_bytes(), "hi", 4)
+    with pytest.raises(HippoError, match="prompt must be a str"):
+        pipeline.generate(sample_video_path(), None, 4, num_frames=2)
+    with pytest.raises(HippoError, match="a draft device needs a draft model"):
+        HippoPipeline(target, None, draft_device="cpu")
+    with pytest.raises(HippoError, match="unknown device"):
+        HippoPipeline(target, draft, draft_device="banana")
+
+
+@pytest.mark.parametrize("options,message", [
+    (dict(temperature=float("nan")), "finite"), (dict(temperature=float("inf")), "finite"),
+    (dict(temperature=1e-45), "overflow"), (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"),
+])
+def test_bad_sampling_options_are_clear_errors(options, message):
+    from hippo.runtime.autoregressive import SamplingOptions
+
+    with pytest.raises(HippoError, match=message):
+        SamplingOptions(**options)
+
+
+def test_resolve_device():
+    from hippo.models import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad, message in [("gpu", "unknown device"), ("meta", "not supported"),
+                         ("cuda:99", "CUDA GPU")]:
+        with pytest.raises(HippoError, match=message):
+            resolve_device(bad)
+    with pytest.raises(HippoError, match="dtype"):
+        load_adapter("tiny-qwen2.5-vl", dtype=torch.int8)

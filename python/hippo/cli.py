@@ -78,18 +78,22 @@ def _parser() -> argparse.ArgumentParser:
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
-    from hippo.models import load_adapter
+    from hippo.models import HippoError, load_adapter, resolve_device
     from hippo.pipeline import HippoPipeline
     from hippo.preserve import PreservationOptions
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
+    draft_device = resolve_device(args.draft_device) if args.draft_device else None
     dtype = getattr(torch, args.dtype) if args.dtype else None
     target = load_adapter(args.target, dtype=dtype, device=device)
-    draft = load_adapter(args.draft, dtype=dtype, device=args.draft_device or device) \
+    if target.tokenizer is None:  # the Python API takes prompts as token ids instead
+        raise HippoError(f"{args.target} has no tokenizer (tokenizer.json, tokenizer_config.json "
+                         "or vocab.json): hippo generate needs one to encode --prompt")
+    draft = load_adapter(args.draft, dtype=dtype, device=draft_device or device) \
         if args.draft else None
     pipeline = HippoPipeline(
         target, draft, mode=args.mode, gamma=args.gamma, draft_prefill=args.draft_prefill,
-        draft_device=args.draft_device, gemm_prologues=args.gemm_prologues,
+        draft_device=draft_device, gemm_prologues=args.gemm_prologues,
         preservation=PreservationOptions(keep_ratio=args.keep_ratio, method=args.selection))
     out = pipeline.generate(args.video, args.prompt, args.max_new_tokens, num_frames=args.frames,
                             fps=args.fps, temperature=args.temperature, top_k=args.top_k,
@@ -122,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hippo.bench.command import run_bench
 
             run_bench(args)
-    except (HippoError, ValueError, FileNotFoundError, NotADirectoryError) as error:
+    except (HippoError, ValueError, OSError) as error:  # OSError: paths (missing, not a folder, ...)
         print(f"hippo {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch
 
 from hippo.assets import sample_video_path
 from hippo.models.agreement import agreement_adapters
-from hippo.models.base import HippoError
+from hippo.models.base import HippoError, resolve_device
 from hippo.pipeline import HippoPipeline
 from hippo.report import markdown_table, stats_row
 from hippo.video import load_video
@@ -41,7 +40,7 @@ def run_demo(*, device: str | None = None, eps: float = 0.1, frames: int = 16,
     compare their tokens, and return the table."""
     from tqdm import tqdm
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     echo(f"hippo demo: synthetic weights ({TARGET_PRESET} target, {DRAFT_PRESET} draft, "
          f"agreement eps {eps}); the text is meaningless, timings and acceptance are measured. "
          f"Device: {device}.")

@@ -9,6 +9,7 @@ baseline every speedup is measured against.
 """
 from __future__ import annotations
 
+import operator
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from hippo.models.base import HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible
+from hippo.models.base import HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible, resolve_device
 from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, preserve_tokens
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
@@ -58,7 +59,7 @@ class HippoOptions:
     max_gamma: int = 12
     draft_prefill: str = "pruned"
     preservation: PreservationOptions = field(default_factory=PreservationOptions)
-    draft_device: str | None = None
+    draft_device: str | torch.device | None = None
     use_cuda_graphs: bool | None = None
     step_invariant: bool = False
     gemm_prologues: str = "none"
@@ -103,8 +104,11 @@ class HippoPipeline:
         self.draft = draft
         self.self_speculative = draft is None
         self.vocab = target.vocab_size if draft is None else check_compatible(target, draft)
-        if draft is not None and self.options.draft_device is not None:
-            draft.model.to(self.options.draft_device)
+        if self.options.draft_device is not None:
+            if draft is None:
+                raise HippoError("a draft device needs a draft model (self-speculation drafts with "
+                                 "the target, on the target's device)")
+            draft.model.to(resolve_device(self.options.draft_device))
         if self.self_speculative and self.options.draft_prefill != "pruned":
             raise HippoError("self-speculation (no draft model) copies the target's kept cache; "
                              "draft_prefill does not apply: leave it at 'pruned'")
@@ -126,6 +130,9 @@ class HippoPipeline:
                 ) -> tuple[PreparedPrompt, PreparedPrompt | None]:
         """(target prompt, draft prompt or None when self-speculating) for (video, prompt):
         frames are decoded once, each model embeds them with its own vision tower."""
+        if not isinstance(video, (str, Path, torch.Tensor)):
+            raise HippoError("video must be a file path or decoded frames (a uint8 tensor "
+                             f"[T, H, W, 3]), got {type(video).__name__}")
         frames = video if isinstance(video, torch.Tensor) else load_video(
             video, num_frames=num_frames if fps is None else None, fps=fps)
         target_prompt = self.target.prepare(frames, prompt, fps=fps)
@@ -160,8 +167,13 @@ class HippoPipeline:
                           max_new_tokens: int, sampling: SamplingOptions,
                           eos_ids: set[int]) -> HippoOutput:
         """generate() after prepare(): the language-model part alone (what benchmarks time)."""
-        if max_new_tokens < 1:
-            raise HippoError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        try:
+            count = operator.index(max_new_tokens)  # ints (numpy's too), not 4.5
+        except TypeError:
+            count = 0
+        if count < 1:
+            raise HippoError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
+        max_new_tokens = count
         _check_context_fits(self.target, target_prompt.length + max_new_tokens)
         started = time.perf_counter()
         if self.options.mode == "ar":

@@ -43,8 +43,14 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         value = getattr(args, name, None)
         if value is not None and value < 1:
             raise HippoError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for count in args.frames or ():
+        if count < 1:
+            raise HippoError(f"--frames must be at least 1, got {count}")
     out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise HippoError(f"--out-dir {out_dir}: cannot make the folder ({err.strerror})") from err
     if args.dataset:
         return _run_dataset(args, out_dir)
     from hippo.bench.end_to_end import PRESETS, run_end_to_end

@@ -3,11 +3,10 @@ locally, against the target's own AR decoding of each: per-set MAT, speedup, and
 output matched AR (the losslessness check, on real prompts)."""
 from __future__ import annotations
 
-import torch
 
 from hippo.bench.datasets import VideoQuestion, read_dataset
 from hippo.models import load_adapter
-from hippo.models.base import HippoError
+from hippo.models.base import HippoError, resolve_device
 from hippo.pipeline import HippoPipeline
 from hippo.preserve import PreservationOptions
 from hippo.speculative.acceptance import SamplingOptions
@@ -23,7 +22,7 @@ def run_benchmark_set(name: str, root: str, *, target: str, draft: str | None,
     from tqdm import tqdm
 
     questions = read_dataset(name, root, limit=limit)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     target_adapter = load_adapter(target, device=device)
     draft_adapter = load_adapter(draft, device=device) if draft else None
     autoregressive = HippoPipeline(target_adapter, draft_adapter, mode="ar")

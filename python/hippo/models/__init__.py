@@ -5,7 +5,8 @@ import os
 
 import torch
 
-from hippo.models.base import HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible, read_checkpoint_json
+from hippo.models.base import (
+    HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible, read_checkpoint_json, resolve_device)
 
 # model_type in a checkpoint's config.json -> family (LLaVA-Video checkpoints are llava_onevision too).
 FAMILIES = ("qwen2_5_vl", "llava_onevision")
@@ -29,6 +30,9 @@ def load_adapter(source: str, *, dtype: torch.dtype | None = None, device: str |
     directory (its config.json's model_type picks the family; bf16 by default; nothing is downloaded)."""
     from hippo.models.presets import PRESETS
 
+    device = resolve_device(device)
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise HippoError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     if source in PRESETS:
         preset = PRESETS[source]
         return adapter_class(preset.family).from_preset(source, dtype=dtype or torch.float32, device=device,
@@ -42,4 +46,5 @@ def load_adapter(source: str, *, dtype: torch.dtype | None = None, device: str |
     return adapter_class(model_type).from_pretrained(source, dtype=dtype or torch.bfloat16, device=device)
 
 
-__all__ = ["HippoError", "PreparedPrompt", "VideoLLMAdapter", "check_compatible", "load_adapter", "adapter_class"]
+__all__ = ["HippoError", "PreparedPrompt", "VideoLLMAdapter", "check_compatible", "load_adapter", "adapter_class",
+           "resolve_device"]

@@ -105,8 +105,8 @@ class AgreementKnob:
 
     @torch.no_grad()
     def set_eps(self, eps: float) -> None:
-        if not eps > 0:
-            raise ValueError(f"eps must be positive, got {eps}")
+        if not 0 < eps < math.inf:
+            raise ValueError(f"eps must be positive and finite, got {eps}")
         for weight in self._weights:
             weight.mul_(eps / self.eps)
         self.eps = eps

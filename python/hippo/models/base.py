@@ -12,6 +12,26 @@ class HippoError(RuntimeError):
     message, no traceback needed."""
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Where to run: `device` checked (cpu or an existing CUDA GPU), or by default the GPU when
+    one is present, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise HippoError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from err
+    if resolved.type not in ("cpu", "cuda"):
+        raise HippoError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HippoError(f"device {device!r}: no CUDA GPU is available here (use cpu)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise HippoError(f"device {device!r}: this machine has {torch.cuda.device_count()} "
+                             "CUDA GPU(s)")
+    return resolved
+
+
 @dataclass
 class PreparedPrompt:
     """A (video, prompt) pair, ready for the language model.
@@ -149,6 +169,8 @@ class VideoLLMAdapter:
     # -- prompts -----------------------------------------------------------------------------------
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """The user's text as token ids: a str needs a tokenizer; a list of ids is taken as is."""
+        if not isinstance(prompt, (str, list, tuple)):
+            raise HippoError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise HippoError(f"{self.family} model has no tokenizer: pass the prompt as token ids")
@@ -216,8 +238,14 @@ def read_checkpoint_json(path: str, *names: str) -> dict:
     for name in names:
         file = os.path.join(path, name)
         if os.path.isfile(file):
-            with open(file, encoding="utf-8") as f:
-                return json.load(f)
+            try:
+                with open(file, encoding="utf-8") as f:
+                    content = json.load(f)
+            except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+                raise HippoError(f"cannot read {file}: {err}") from err
+            if not isinstance(content, dict):
+                raise HippoError(f"{file} must hold a JSON object, got {type(content).__name__}")
+            return content
     return {}
 
 
@@ -264,8 +292,11 @@ def load_local_model(model_class, path: str, dtype: torch.dtype, label: str):
         raise HippoError(f"no checkpoint directory at {path}")
     try:
         return model_class.from_pretrained(path, dtype=dtype, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise HippoError(f"cannot load the {label} checkpoint in {path}: {err}") from err
+    except Exception as err:  # noqa: BLE001  corrupt weights or a config that does not fit them
+        # (safetensors, transformers and torch each raise their own types): the user's files
+        # are at fault whatever the type, so it is one clear message either way.
+        raise HippoError(f"cannot load the {label} checkpoint in {path}: "
+                         f"{type(err).__name__}: {err}") from err
 
 
 def chat_ids(tokenizer: PromptTokenizer | None, prefix: str, suffix: str) -> tuple[list[int], list[int]]:

@@ -14,7 +14,8 @@ import torch
 from hippo.models.base import (build_random_model, chat_ids, load_local_model, preset_for_family,
                                HippoError, PreparedPrompt, PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
                                read_checkpoint_json, visual_span)
-from hippo.models.preprocess import SIGLIP_MEAN, SIGLIP_STD, SiglipVideoPreprocess, preprocess_siglip_video
+from hippo.models.preprocess import (SIGLIP_MEAN, SIGLIP_STD, SiglipVideoPreprocess, preprocess_siglip_video,
+                                     settings_value)
 
 CHAT_PREFIX = "<|im_start|>user "
 CHAT_VIDEO_TEXT_SEPARATOR = "\n"
@@ -112,5 +113,5 @@ def preprocess_from_checkpoint(path: str, image_size: int) -> SiglipVideoPreproc
     """The checkpoint's video preprocessing (video_preprocessor_config.json, else preprocessor_config.json);
     frames always go to the vision tower's image_size."""
     raw = read_checkpoint_json(path, "video_preprocessor_config.json", "preprocessor_config.json")
-    return SiglipVideoPreprocess(size=image_size, mean=tuple(raw.get("image_mean", SIGLIP_MEAN)),
-                                 std=tuple(raw.get("image_std", SIGLIP_STD)))
+    return SiglipVideoPreprocess(size=image_size, mean=settings_value(raw.get("image_mean", SIGLIP_MEAN)),
+                                 std=settings_value(raw.get("image_std", SIGLIP_STD)))

@@ -46,6 +46,15 @@ class QwenVideoPreprocess:
     std: tuple[float, float, float] = OPENAI_CLIP_STD
     resample: str = "bicubic"
 
+    def __post_init__(self) -> None:  # settings may come from a checkpoint's JSON
+        check_settings("Qwen video preprocessing", dict(
+            patch_size=self.patch_size, temporal_patch_size=self.temporal_patch_size,
+            merge_size=self.merge_size, min_pixels=self.min_pixels, max_pixels=self.max_pixels),
+            self.mean, self.std)
+        if self.min_pixels > self.max_pixels:
+            raise HippoError(f"Qwen video preprocessing: min_pixels {self.min_pixels} exceeds "
+                             f"max_pixels {self.max_pixels}")
+
 
 @dataclass(frozen=True)
 class SiglipVideoPreprocess:
@@ -55,6 +64,34 @@ class SiglipVideoPreprocess:
     mean: tuple[float, float, float] = SIGLIP_MEAN
     std: tuple[float, float, float] = SIGLIP_STD
     resample: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        check_settings("SigLIP video preprocessing", dict(size=self.size), self.mean, self.std)
+
+
+def check_settings(owner: str, sizes: dict[str, object], mean: object, std: object) -> None:
+    """Preprocessing settings: sizes are positive ints, mean and std three finite numbers (std
+    nonzero). A bad checkpoint JSON then fails here with its entry named, not deep in a resize."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise HippoError(f"{owner}: {name} must be a positive integer, got {value!r}")
+    for name, values in (("image_mean", mean), ("image_std", std)):
+        if (not isinstance(values, tuple) or len(values) != 3 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                for v in values)):
+            raise HippoError(f"{owner}: {name} must be three finite numbers, got {values!r}")
+    if 0 in std:
+        raise HippoError(f"{owner}: image_std must not contain 0, got {std!r}")
+
+
+def settings_value(value: object) -> object:
+    """A value of a checkpoint's preprocessing JSON as the settings take it: JSON lists as
+    tuples, whole floats (3136.0) as ints; anything else as is, for check_settings to judge."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def check_frames(frames: torch.Tensor) -> None:

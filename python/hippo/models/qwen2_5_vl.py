@@ -12,7 +12,7 @@ import torch
 from hippo.models.base import (build_random_model, chat_ids, load_local_model, preset_for_family,
                                HippoError, PreparedPrompt, PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
                                read_checkpoint_json, visual_span)
-from hippo.models.preprocess import QwenVideoPreprocess, preprocess_qwen_video
+from hippo.models.preprocess import QwenVideoPreprocess, preprocess_qwen_video, settings_value
 
 CHAT_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 CHAT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
@@ -107,11 +107,14 @@ def preprocess_from_checkpoint(path: str) -> QwenVideoPreprocess:
     raw = read_checkpoint_json(path, "video_preprocessor_config.json", "preprocessor_config.json")
     base = QwenVideoPreprocess()
     size = raw.get("size") or {}
+    if not isinstance(size, dict):
+        raise HippoError(f"{path}: the preprocessing 'size' entry must be an object, got {size!r}")
     min_pixels = raw.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels") or base.min_pixels
     max_pixels = raw.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels") or base.max_pixels
     return QwenVideoPreprocess(
-        patch_size=raw.get("patch_size", base.patch_size),
-        temporal_patch_size=raw.get("temporal_patch_size", base.temporal_patch_size),
-        merge_size=raw.get("merge_size", base.merge_size),
-        min_pixels=int(min_pixels), max_pixels=int(max_pixels),
-        mean=tuple(raw.get("image_mean", base.mean)), std=tuple(raw.get("image_std", base.std)))
+        patch_size=settings_value(raw.get("patch_size", base.patch_size)),
+        temporal_patch_size=settings_value(raw.get("temporal_patch_size", base.temporal_patch_size)),
+        merge_size=settings_value(raw.get("merge_size", base.merge_size)),
+        min_pixels=settings_value(min_pixels), max_pixels=settings_value(max_pixels),
+        mean=settings_value(raw.get("image_mean", base.mean)),
+        std=settings_value(raw.get("image_std", base.std)))

@@ -6,6 +6,7 @@ distribution is the one HF samples from.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -30,6 +31,11 @@ class GenerationResult:
         return self.decode_s / steps if steps > 0 else 0.0
 
 
+# Logits divided by a smaller temperature can overflow float32 (to inf, then NaN probabilities).
+MIN_TEMPERATURE = 1e-6
+MAX_SEED = 2**62  # generators are seeded with seed + a small per-device offset, in int64
+
+
 @dataclass(frozen=True)
 class SamplingOptions:
     """temperature 0 is greedy decoding; otherwise sampling with HF's warpers, seeded."""
@@ -40,8 +46,13 @@ class SamplingOptions:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise HippoError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise HippoError(f"temperature must be >= 0 and finite, got {self.temperature}")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise HippoError(f"temperature {self.temperature} would overflow the scaled logits: "
+                             f"use at least {MIN_TEMPERATURE}, or 0 for greedy decoding")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise HippoError(f"seed must be in [0, 2**62], got {self.seed}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise HippoError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 0:
