@@ -175,3 +175,21 @@ def test_bench_out_dir_that_is_a_file_is_a_one_line_error(capsys, tmp_path):
     taken.write_text("not a folder")
     _assert_one_line_error(capsys, ["bench", "--preset", "tiny", "--out-dir", str(taken)],
                            "--out-dir")
+
+
+def test_the_hippo_command_is_installed():
+    """`pip install .` puts a `hippo` executable beside the interpreter (the console script);
+    running it shows the three subcommands."""
+    import subprocess
+    import sys
+    from importlib import metadata
+
+    try:
+        metadata.distribution("hippo")
+    except metadata.PackageNotFoundError:
+        pytest.skip("hippo is not pip-installed here (an in-place build, as on the GPU machine)")
+    script = Path(sys.executable).with_name("hippo")
+    assert script.exists(), f"no {script}: reinstall with pip install --no-build-isolation -e ."
+    help_text = subprocess.run([str(script), "--help"], capture_output=True, text=True,
+                               timeout=120, check=True).stdout
+    assert all(command in help_text for command in ("demo", "generate", "bench"))
