@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, TypeVar
@@ -154,6 +155,8 @@ class _DecordReader:
     def __init__(self, path: Path):
         import decord
 
+        # FFmpeg inside decord logs to stderr on its own; hippo reports every failure itself.
+        decord.logging.set_level(decord.logging.QUIET)
         self._errors = (RuntimeError, decord.DECORDError)
         try:
             self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
@@ -175,6 +178,8 @@ class _OpenCVReader:
     def __init__(self, path: Path):
         import cv2
 
+        # Likewise OpenCV's FFmpeg ("moov atom not found", ...), unless the user set a level.
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
         self._cv2, self._path = cv2, path
         capture = cv2.VideoCapture(str(path))
         try:
