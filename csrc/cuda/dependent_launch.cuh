@@ -41,8 +41,18 @@ inline bool dependent_launch_enabled() {
   return env_is("HIPPO_PDL", "1") && at::cuda::getCurrentDeviceProperties()->major >= 9;
 }
 
+// Whether `kernel` runs code compiled for compute capability 9.0 or later, the only code in which
+// wait_for_prior_kernels() waits: a kernel JIT-compiled from older PTX (an "8.0+PTX" build on a
+// Hopper GPU) would read its predecessor's output before it is written.
+template <typename... Params>
+bool waits_for_prior_kernels(void (*kernel)(Params...)) {
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return attributes.ptxVersion >= 90;
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), with the programmatic-serialization attribute
-// when dependent_launch_enabled(); errors are raised as c10 errors.
+// when dependent_launch_enabled() and the kernel waits for it; errors are raised as c10 errors.
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                    cudaStream_t stream, Args&&... args) {
@@ -54,7 +64,7 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  if (dependent_launch_enabled()) {
+  if (dependent_launch_enabled() && waits_for_prior_kernels(kernel)) {
     config.attrs = attribute;
     config.numAttrs = 1;
   }
