@@ -112,6 +112,8 @@ def test_bad_requests_are_clear_errors(tmp_path):
 @pytest.mark.parametrize("options,message", [
     (dict(temperature=float("nan")), "finite"), (dict(temperature=float("inf")), "finite"),
     (dict(temperature=1e-45), "overflow"), (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"),
+    (dict(seed="abc"), "seed must be an integer"), (dict(temperature="hot"), "must be a number"),
+    (dict(top_k=2.5), "top_k must be an integer"),
 ])
 def test_bad_sampling_options_are_clear_errors(options, message):
     from hippo.runtime.autoregressive import SamplingOptions

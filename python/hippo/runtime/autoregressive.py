@@ -7,6 +7,7 @@ distribution is the one HF samples from.
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -46,6 +47,14 @@ class SamplingOptions:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise HippoError(f"{name} must be a number, got {value!r}")
+        for name in ("top_k", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+                raise HippoError(f"{name} must be an integer, got {value!r}")
         if not 0 <= self.temperature < math.inf:
             raise HippoError(f"temperature must be >= 0 and finite, got {self.temperature}")
         if 0 < self.temperature < MIN_TEMPERATURE:
