@@ -89,8 +89,12 @@ def test_random_selection_is_seeded():
 def test_bad_options_are_clear_errors():
     with pytest.raises(HippoError, match="unknown selection method"):
         PreservationOptions(method="topk")
-    with pytest.raises(HippoError, match="keep_ratio"):
-        PreservationOptions(keep_ratio=1.5)
+    for keep_ratio in (1.5, float("nan"), "0.5"):
+        with pytest.raises(HippoError, match="keep_ratio"):
+            PreservationOptions(keep_ratio=keep_ratio)
+    for weights in ((1, 0), (1, float("nan"), 0), (1, -1, 0), (1, float("inf"), 0), 0.5):
+        with pytest.raises(HippoError, match="weights"):
+            PreservationOptions(weights=weights)
     with pytest.raises(HippoError, match="selection layers"):
         PreservationOptions(layers=(0, 9)).selection_layers(2)
     _, prompt = _prepared("qwen2_5_vl")

@@ -11,6 +11,8 @@ on the host, so the draft prefill that follows needs no host synchronisation.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -52,10 +54,11 @@ class PreservationOptions:
         if self.method not in SELECTION_METHODS:
             raise HippoError(f"unknown selection method {self.method!r}; choose one of "
                              f"{', '.join(SELECTION_METHODS)}")
-        if not 0.0 <= self.keep_ratio <= 1.0:
-            raise HippoError(f"keep_ratio must lie in [0, 1], got {self.keep_ratio}")
-        if len(self.weights) != 3 or min(self.weights) < 0:
-            raise HippoError(f"weights must be three non-negative numbers, got {self.weights}")
+        if not _is_number(self.keep_ratio) or not 0.0 <= self.keep_ratio <= 1.0:
+            raise HippoError(f"keep_ratio must be a number in [0, 1], got {self.keep_ratio!r}")
+        weights = tuple(self.weights) if isinstance(self.weights, (tuple, list)) else ()
+        if len(weights) != 3 or not all(_is_number(w) and 0 <= w < math.inf for w in weights):
+            raise HippoError(f"weights must be three finite non-negative numbers, got {self.weights!r}")
         if self.query_len is not None and self.query_len < 1:
             raise HippoError(f"query_len must be at least 1, got {self.query_len}")
 
@@ -77,6 +80,10 @@ class PreservationOptions:
         after_video = prompt.length - (prompt.visual_start + prompt.num_visual)
         wanted = self.query_len if self.query_len is not None else max(1, after_video)
         return min(wanted, prompt.length)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass
