@@ -103,6 +103,8 @@ def test_bad_requests_are_clear_errors(tmp_path):
         pipeline.generate(sample_video_path().read_bytes(), "hi", 4)
     with pytest.raises(HippoError, match="prompt must be a str"):
         pipeline.generate(sample_video_path(), None, 4, num_frames=2)
+    with pytest.raises(HippoError, match="eos_token_id"):
+        pipeline.generate(sample_video_path(), "hi", 4, num_frames=2, eos_token_id="eos")
     with pytest.raises(HippoError, match="a draft device needs a draft model"):
         HippoPipeline(target, None, draft_device="cpu")
     with pytest.raises(HippoError, match="unknown device"):

@@ -194,9 +194,12 @@ class HippoPipeline:
             eos_token_id = self.target.eos_token_id
         if eos_token_id is None:
             return set()
-        if isinstance(eos_token_id, int):
-            return {eos_token_id}
-        return {int(token) for token in eos_token_id}
+        tokens = [eos_token_id] if not isinstance(eos_token_id, (list, tuple, set)) else eos_token_id
+        try:
+            return {operator.index(token) for token in tokens}
+        except TypeError:
+            raise HippoError(f"eos_token_id must be a token id, a list of them or None, "
+                             f"got {eos_token_id!r}") from None
 
     def _runtime(self, role: str, model: VideoLLMAdapter, capacity: int) -> LanguageModelRuntime:
         """The role's runtime with room for `capacity` positions (rebuilt when too small)."""
