@@ -193,3 +193,14 @@ def test_the_hippo_command_is_installed():
     help_text = subprocess.run([str(script), "--help"], capture_output=True, text=True,
                                timeout=120, check=True).stdout
     assert all(command in help_text for command in ("demo", "generate", "bench"))
+
+
+def test_a_corrupt_video_prints_one_line_even_from_native_code(capfd, tmp_path):
+    """The decoders' native loggers (decord's C++ one, FFmpeg's) write to file descriptor 2
+    directly, past sys.stderr: at the descriptor level too the error is one line."""
+    corrupt = tmp_path / "zeros.mp4"
+    corrupt.write_bytes(b"\x00" * 64)
+    assert main(["generate", "--target", "tiny-qwen2.5-vl", "--video", str(corrupt),
+                 "--prompt", "hi"]) == EXIT_USER_ERROR
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hippo generate: error:"), err

@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol, TypeVar
@@ -159,7 +162,8 @@ class _DecordReader:
         decord.logging.set_level(decord.logging.QUIET)
         self._errors = (RuntimeError, decord.DECORDError)
         try:
-            self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+            with _native_stderr_silenced():  # decord's C++ logger writes to fd 2 regardless
+                self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
             count = len(self._reader)
             height, width = self._reader[0].shape[:2] if count else (0, 0)
             fps = float(self._reader.get_avg_fps())
@@ -169,9 +173,32 @@ class _DecordReader:
 
     def frames(self, indices: list[int]) -> np.ndarray:
         try:
-            return self._reader.get_batch(indices).asnumpy()
+            with _native_stderr_silenced():
+                return self._reader.get_batch(indices).asnumpy()
         except self._errors as error:
             raise _DecodeFailure(_first_line(error)) from None
+
+
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null for the duration: for native libraries that log
+    failures to it themselves (decord), which hippo reports as one line of its own. Native code
+    writes to the descriptor whatever sys.stderr is; nothing happens where it is closed."""
+    fd = 2
+    if sys.stderr is not None:
+        sys.stderr.flush()  # what Python has buffered still goes out
+    try:
+        saved = os.dup(fd)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
 
 
 class _OpenCVReader:
