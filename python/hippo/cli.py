@@ -29,7 +29,9 @@ def add_gemm_prologues_argument(parser: argparse.ArgumentParser) -> None:
 def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("ar", "sequential", "parallel"), default="parallel")
     parser.add_argument("--gamma", type=_gamma, default="auto",
-                        help="draft tokens per round: an int, or 'auto' (PEARL's T_target/T_draft)")
+                        help="draft tokens per round: an int, or 'auto' (measured: PEARL's "
+                             "T_target/T_draft in parallel mode, the best expected tokens/s in "
+                             "sequential mode)")
     parser.add_argument("--keep-ratio", type=float, default=0.1,
                         help="fraction of visual tokens the draft keeps (default 0.1: 90%% pruned)")
     parser.add_argument("--selection", choices=("hippo", "attention", "uniform", "random"),
