@@ -13,7 +13,7 @@ from hippo.pipeline import HippoPipeline
 from hippo.preserve import PreservationOptions
 from speculative_testing import FAMILY_PRESETS, PAIR_KINDS, make_pair, sample_frames
 
-KEEP_RATIOS = (0.05, 0.1, 0.5, 1.0)
+KEEP_RATIOS = (0.0, 0.05, 0.1, 0.5, 1.0)  # 0.0: the draft sees no visual token
 GAMMAS = (1, 3, 8)
 MODES = ("sequential", "parallel")
 DRAFT_PREFILLS = ("pruned", "full+compact")
@@ -39,7 +39,7 @@ def test_greedy_equals_target_autoregressive(device, family, kind, seed, num_fra
     target, draft = make_pair(family, kind, seed, device)
     frames = sample_frames(family, num_frames)
     expected = _autoregressive(target, frames)
-    accepted = 0
+    accepted = drafted = 0
     for keep, gamma, mode, prefill in itertools.product(KEEP_RATIOS, GAMMAS, MODES,
                                                         DRAFT_PREFILLS):
         out = _pipeline(target, draft, mode, gamma, keep, prefill).generate(
@@ -47,8 +47,9 @@ def test_greedy_equals_target_autoregressive(device, family, kind, seed, num_fra
         assert out.tokens == expected, (keep, gamma, mode, prefill)
         assert out.stats.tokens == len(expected)
         accepted += out.stats.accepted
-    if kind == "perturbed-copy":  # the pair must exercise acceptance, not only rejection
-        assert accepted > 0
+        drafted += out.stats.drafted
+    # The pair must exercise acceptance and rejection both, not one path only.
+    assert 0.05 * drafted < accepted < 0.95 * drafted, (accepted, drafted)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -85,6 +86,80 @@ def test_eos_and_max_new_tokens_inside_a_block(device, family, mode):
         out = _pipeline(target, None, mode, 4, 1.0).generate(frames, PROMPT, limit,
                                                              eos_token_id=None)
         assert out.tokens == free[:limit], limit
+
+
+def _record_origins(monkeypatch) -> list[str]:
+    """Spy on the decoder: where each emitted token came from, by index. "first" (the prefill's
+    token), "accepted" (a draft the target accepted, with more of the round's tokens after it),
+    "accepted-last" (the round's last accepted draft, parallel decoding), "correction" (the
+    target's token after a rejected draft), "bonus" (the target's token after a wholly accepted
+    block), "target" (a round of the target alone)."""
+    from hippo.speculative.decoder import SpeculativeDecoder
+
+    origins: list[str] = ["first"]
+    verdict: list[tuple[int, int]] = []  # (accepted, candidates) of the round being settled
+    read_verdict, settle = SpeculativeDecoder.read_verdict, SpeculativeDecoder.settle
+
+    def spy_read_verdict(self, result, candidates):
+        values = read_verdict(self, result, candidates)
+        verdict[:] = [(values[0], candidates.shape[1])]
+        return values
+
+    def spy_settle(self, accepted, correction, **kwargs):
+        labels = ["accepted"] * len(accepted)
+        if correction is not None:
+            counts = verdict[0] if verdict else None
+            labels.append("target" if counts is None else
+                          "correction" if counts[0] < counts[1] else "bonus")
+        elif labels:
+            labels[-1] = "accepted-last"
+        origins.extend(labels)
+        verdict.clear()
+        return settle(self, accepted, correction, **kwargs)
+
+    monkeypatch.setattr(SpeculativeDecoder, "read_verdict", spy_read_verdict)
+    monkeypatch.setattr(SpeculativeDecoder, "settle", spy_settle)
+    return origins
+
+
+def _first_occurrences(tokens: list[int], origins: list[str], origin: str) -> list[int]:
+    """Indices of tokens of this origin that occur there first (an eos there stops there)."""
+    return [i for i, (token, o) in enumerate(zip(tokens, origins))
+            if o == origin and tokens.index(token) == i]
+
+
+# Sampling: at temperature 1 the tiny models' flat distributions accept nearly every draft; at 0.1
+# the perturbed copy is rejected in about a third of its drafts.
+@pytest.mark.parametrize("kind,temperature", [("small-draft", 0.0), ("perturbed-copy", 0.1)],
+                         ids=["greedy", "sampling"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", sorted(FAMILY_PRESETS))
+def test_eos_as_a_correction_or_inside_an_accepted_block(monkeypatch, device, family, mode,
+                                                         kind, temperature):
+    """With a real draft: an eos that is the target's correction, or an accepted draft with more
+    of its round after it, ends the generation right there, in greedy decoding and in sampling
+    (same seed: the run is the eos-free run cut after its first eos)."""
+    target, draft = make_pair(family, kind, seed=1, device=device)
+    frames = sample_frames(family, 2)
+    pipeline = _pipeline(target, draft, mode, 3, 0.5)
+    sampling = dict(temperature=temperature, seed=11)
+    origins = _record_origins(monkeypatch)
+    free = pipeline.generate(frames, PROMPT, MAX_NEW_TOKENS, eos_token_id=None,
+                             **sampling).tokens
+    assert len(origins) >= len(free)  # the last round may offer more than max_new_tokens
+    origins = origins[:len(free)]
+    if temperature == 0.0:
+        assert free == _autoregressive(target, frames, eos=None)
+    for origin in ("correction", "accepted"):
+        stops = _first_occurrences(free, origins, origin)
+        assert stops, f"no {origin} token to stop at: {origins}"
+        for stop in stops:
+            out = pipeline.generate(frames, PROMPT, MAX_NEW_TOKENS, eos_token_id=free[stop],
+                                    **sampling)
+            assert out.tokens == free[:stop + 1], (origin, stop)
+            if temperature == 0.0:
+                out = pipeline.generate(frames, PROMPT, stop + 1, eos_token_id=None)
+                assert out.tokens == free[:stop + 1], (origin, stop)
 
 
 @pytest.mark.parametrize("method", ["hippo", "attention", "uniform", "random"])

@@ -26,6 +26,7 @@ VOCAB = 7
 PROMPT = [3, 1, 4]
 RUNS = 2500
 GENERATED = 4  # token 0 comes from the prefill, tokens 1-3 from speculative rounds
+STOP = VOCAB  # the "no token" symbol after an eos
 WARPS = [dict(temperature=1.0), dict(temperature=0.8, top_k=5, top_p=0.95)]
 
 
@@ -64,31 +65,46 @@ DRAFTS = {  # an independent small model (agrees rarely) and a perturbed copy (a
 }
 
 
-def _exact_distribution(model, warp: dict) -> torch.Tensor:
-    """P(tokens 0..GENERATED-1) of the target's own sampling, [V] * GENERATED, in float64."""
+def _exact_distribution(model, warp: dict, generated: int = GENERATED,
+                        eos: int | None = None) -> torch.Tensor:
+    """P(tokens 0..generated-1) of the target's own sampling, [V + 1] * generated in float64.
+    A generation that stops after an eos at token k shows STOP in tokens k+1.. (counts are
+    padded the same way); without eos the STOP cells are zero."""
     options = SamplingOptions(**warp)
-    joint = torch.zeros((VOCAB,) * GENERATED, dtype=torch.float64)
-    with torch.no_grad():
-        for prefix in itertools.product(range(VOCAB), repeat=GENERATED - 1):
-            logits = model(torch.tensor([PROMPT + list(prefix)])).logits[0].double()
-            probs = torch.softmax(warp_logits(logits, options.temperature, options.top_k,
-                                              options.top_p), dim=-1)
-            p = 1.0
-            for i, token in enumerate(prefix):
-                p *= float(probs[len(PROMPT) - 1 + i, token])
-            joint[prefix] = p * probs[-1]
-    return joint
+    prefixes = torch.tensor(list(itertools.product(range(VOCAB), repeat=generated - 1)))
+    prompts = torch.tensor(PROMPT).expand(prefixes.shape[0], -1)
+    with torch.no_grad():  # every prefix in one batch: row i of the logits gives token i
+        logits = model(torch.cat([prompts, prefixes], dim=1)).logits[:, len(PROMPT) - 1:]
+    probs = torch.softmax(warp_logits(logits.double(), options.temperature, options.top_k,
+                                      options.top_p), dim=-1)  # [V^(n-1), n, V]
+    chosen = probs[:, :-1].gather(-1, prefixes[..., None])[..., 0].prod(dim=-1)
+    joint = (chosen[:, None] * probs[:, -1]).reshape((VOCAB,) * generated)
+    if eos is None:
+        return torch.nn.functional.pad(joint, (0, 1) * generated)
+    padded = torch.zeros((VOCAB + 1,) * generated, dtype=torch.float64)
+    for tokens in itertools.product(range(VOCAB), repeat=generated):
+        padded[_padded(list(tokens), eos, generated)] += joint[tokens]
+    return padded
+
+
+def _padded(tokens: list[int], eos: int | None, generated: int) -> tuple[int, ...]:
+    """tokens cut after their first eos, then padded with STOP to `generated`."""
+    if eos is not None and eos in tokens:
+        tokens = tokens[:tokens.index(eos) + 1]
+    return tuple(tokens) + (STOP,) * (generated - len(tokens))
 
 
 def _sample_runs(target_model, draft_model, mode: str, warp: dict, runs: int,
-                 acceptance_factory=TokenAcceptance) -> torch.Tensor:
-    """Counts [V] * GENERATED of the emitted tokens over `runs` seeded generations."""
+                 acceptance_factory=TokenAcceptance, gamma: int = 2,
+                 generated: int = GENERATED, eos: int | None = None) -> torch.Tensor:
+    """Counts [V + 1] * generated of the emitted tokens over `runs` seeded generations."""
     target = LanguageModelRuntime.from_hf(target_model, 32)
     draft = LanguageModelRuntime.from_hf(draft_model, 32)
     ids = torch.tensor([PROMPT])
     positions = torch.arange(len(PROMPT))[None]
-    generated = torch.arange(len(PROMPT), len(PROMPT) + 16)[None]
-    counts = torch.zeros((VOCAB,) * GENERATED, dtype=torch.int64)
+    positions_after = torch.arange(len(PROMPT), len(PROMPT) + 20)[None]
+    counts = torch.zeros((VOCAB + 1,) * generated, dtype=torch.int64)
+    eos_ids = set() if eos is None else {eos}
     for seed in range(runs):
         acceptance = acceptance_factory(SamplingOptions(**warp, seed=seed), VOCAB)
         target.reset()
@@ -97,10 +113,17 @@ def _sample_runs(target_model, draft_model, mode: str, warp: dict, runs: int,
         draft.prefill(draft.embed(ids), positions)
         first = acceptance.choose(logits[:, -1])
         decoder = decode_after_prefill(
-            target, draft, first, generated, mode=mode, acceptance=acceptance,
-            draft_length=DraftLength(2), max_new_tokens=GENERATED, eos_ids=set())
-        counts[tuple(decoder.emitted)] += 1
+            target, draft, first, positions_after, mode=mode, acceptance=acceptance,
+            draft_length=DraftLength(gamma), max_new_tokens=generated, eos_ids=eos_ids)
+        assert decoder.emitted == list(_padded(decoder.emitted, eos, len(decoder.emitted)))
+        counts[_padded(decoder.emitted, eos, generated)] += 1
     return counts
+
+
+def _marginals_pass(counts: torch.Tensor, exact: torch.Tensor, dims: tuple[int, ...]) -> bool:
+    """The chi-square test on the joint of tokens `dims`."""
+    others = tuple(d for d in range(counts.dim()) if d not in dims)
+    return _chi_square_passes(counts.sum(dim=others), exact.sum(dim=others))
 
 
 def _chi_square_passes(counts: torch.Tensor, probs: torch.Tensor, alpha_z: float = 3.719) -> bool:
@@ -132,9 +155,30 @@ def test_sampling_matches_target_distribution(target_model, mode, draft, warp):
     # Each speculative token marginally, and the first two jointly. With g = 2, parallel
     # decoding's pre-verify rounds and post-verify rounds (after a full acceptance) both emit.
     for token in range(1, GENERATED):
-        others = tuple(d for d in range(GENERATED) if d != token)
-        assert _chi_square_passes(counts.sum(dim=others), exact.sum(dim=others)), token
-    assert _chi_square_passes(counts.sum(dim=(0, 3)), exact.sum(dim=(0, 3)))
+        assert _marginals_pass(counts, exact, (token,)), token
+    assert _marginals_pass(counts, exact, (1, 2))
+
+
+LONG_BLOCK = 3
+LONG_GENERATED = 5  # a sequential round drafts tokens 1-3 and verifies them in one step
+EOS = 2
+
+
+@pytest.mark.parametrize("draft", sorted(DRAFTS))
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_sampling_with_longer_blocks_and_an_eos(target_model, mode, draft):
+    """g = 3 (a rejection at the second or third draft of a block; carried draft distributions
+    two deep in parallel decoding) with an eos that stops generations at any token."""
+    warp = WARPS[1]
+    exact = _exact_distribution(target_model, warp, LONG_GENERATED, EOS)
+    stopped_early = float(exact[(slice(None),) * (LONG_GENERATED - 1) + (STOP,)].sum())
+    assert 0.2 < stopped_early < 0.8  # the eos matters: neither rare nor certain
+    counts = _sample_runs(target_model, DRAFTS[draft](), mode, warp, RUNS, gamma=LONG_BLOCK,
+                          generated=LONG_GENERATED, eos=EOS)
+    for token in range(1, LONG_GENERATED):
+        assert _marginals_pass(counts, exact, (token,)), token
+    for pair in ((1, 2), (2, 3), (3, 4)):
+        assert _marginals_pass(counts, exact, pair), pair
 
 
 class _ResidualFromTarget(TokenAcceptance):
@@ -154,4 +198,4 @@ def test_the_check_catches_a_wrong_residual(target_model):
     exact = _exact_distribution(target_model, warp)
     counts = _sample_runs(target_model, draft_model, "sequential", warp, RUNS,
                           acceptance_factory=_ResidualFromTarget)
-    assert not _chi_square_passes(counts.sum(dim=(0, 2, 3)), exact.sum(dim=(0, 2, 3)))
+    assert not _marginals_pass(counts, exact, (1,))
