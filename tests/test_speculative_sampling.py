@@ -199,3 +199,84 @@ def test_the_check_catches_a_wrong_residual(target_model):
     counts = _sample_runs(target_model, draft_model, "sequential", warp, RUNS,
                           acceptance_factory=_ResidualFromTarget)
     assert not _marginals_pass(counts, exact, (1,))
+
+
+# Through the whole video pipeline: a video-LLM pair, the draft on its pruned prompt (other
+# positions, fewer tokens). The vocabulary is large, so the warp keeps it enumerable: top-3 at a
+# low temperature (the tiny models' flat distributions would accept nearly every draft at 1.0).
+VIDEO_WARP = dict(temperature=0.1, top_k=3)
+VIDEO_TOKENS = 4
+VIDEO_RUNS = 2000
+
+
+def _exact_video_distribution(adapter, prompt, warp: dict, count: int) -> dict[tuple, float]:
+    """{tokens 0..count-1: probability} of the target's own sampling after a prepared prompt,
+    enumerated over the warp's support with the target's runtime."""
+    options = SamplingOptions(**warp)
+    runtime = LanguageModelRuntime.from_hf(adapter.model, prompt.length + count)
+
+    def probabilities(logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(warp_logits(logits.double(), options.temperature, options.top_k,
+                                         options.top_p), dim=-1)
+
+    exact: dict[tuple, float] = {}
+
+    def extend(prefix: tuple, p: float, probs: torch.Tensor) -> None:
+        for token in torch.nonzero(probs).flatten().tolist():
+            tokens = prefix + (token,)
+            if len(tokens) == count:
+                exact[tokens] = p * float(probs[token])
+                continue
+            runtime.rollback(prompt.length)
+            logits = runtime.step(torch.tensor([tokens]),
+                                  prompt.generated_positions(0, len(tokens)))
+            extend(tokens, p * float(probs[token]), probabilities(logits[0, -1]))
+
+    runtime.reset()
+    first = runtime.prefill(prompt.inputs_embeds, prompt.position_ids).logits[0, -1]
+    extend((), 1.0, probabilities(first))
+    return exact
+
+
+def _dict_marginals_pass(counts: dict[tuple, int], exact: dict[tuple, float],
+                         dims: tuple[int, ...]) -> bool:
+    def marginal(table: dict) -> dict:
+        out: dict = {}
+        for tokens, value in table.items():
+            key = tuple(tokens[d] for d in dims)
+            out[key] = out.get(key, 0) + value
+        return out
+
+    observed, expected = marginal(counts), marginal(exact)
+    keys = sorted(set(observed) | set(expected))
+    return _chi_square_passes(torch.tensor([observed.get(k, 0) for k in keys]),
+                              torch.tensor([expected.get(k, 0.0) for k in keys],
+                                           dtype=torch.float64))
+
+
+@pytest.mark.parametrize("family,mode", [("qwen2_5_vl", "sequential"),
+                                         ("llava_onevision", "parallel")])
+def test_video_pipeline_sampling_matches_target_distribution(family, mode):
+    from hippo.pipeline import HippoPipeline
+    from hippo.preserve import PreservationOptions
+    from speculative_testing import make_pair, sample_frames
+
+    target, draft = make_pair(family, "perturbed-copy", seed=1)
+    pipeline = HippoPipeline(target, draft, mode=mode, gamma=3,
+                             preservation=PreservationOptions(keep_ratio=0.5))
+    target_prompt, draft_prompt = pipeline.prepare(sample_frames(family, 2), "what moves?",
+                                                   num_frames=None)
+    exact = _exact_video_distribution(target, target_prompt, VIDEO_WARP, VIDEO_TOKENS)
+    counts: dict[tuple, int] = {}
+    accepted = drafted = 0
+    for seed in range(VIDEO_RUNS):
+        out = pipeline.generate_prepared(target_prompt, draft_prompt, VIDEO_TOKENS,
+                                         SamplingOptions(**VIDEO_WARP, seed=seed), set())
+        counts[tuple(out.tokens)] = counts.get(tuple(out.tokens), 0) + 1
+        accepted, drafted = accepted + out.stats.accepted, drafted + out.stats.drafted
+    assert out.stats.draft_prompt_tokens < out.stats.prompt_tokens
+    assert 0.1 * drafted < accepted < 0.9 * drafted  # both verdicts are frequent
+    for token in range(1, VIDEO_TOKENS):
+        assert _dict_marginals_pass(counts, exact, (token,)), token
+    for pair in ((1, 2), (2, 3)):
+        assert _dict_marginals_pass(counts, exact, pair), pair
