@@ -7,7 +7,9 @@ a chi-square test at a false-alarm rate of 1e-4 (the seeds are fixed, so the out
 draft that disagrees strongly with the target makes a wrong acceptance rule or residual visible:
 test_the_check_catches_a_wrong_residual shows this bound failing for one, and the perturbed
 draft makes parallel decoding's post-verify rounds frequent (a wrong draft distribution for the
-candidate drafted during verification was seen to fail it by a factor of three).
+candidate drafted during verification was seen to fail it by a factor of three). Longer blocks
+(g = 3) with an eos, and one test through the whole video pipeline (a pruned draft prompt, the
+warp's top-3 keeping the large vocabulary enumerable), check the same way.
 """
 from __future__ import annotations
 
