@@ -139,6 +139,10 @@ def test_eos_as_a_correction_or_inside_an_accepted_block(monkeypatch, device, fa
     """With a real draft: an eos that is the target's correction, or an accepted draft with more
     of its round after it, ends the generation right there, in greedy decoding and in sampling
     (same seed: the run is the eos-free run cut after its first eos)."""
+    if device == "cuda" and mode == "parallel" and temperature > 0:
+        # Where a pre-verify block stops depends on when the host sees the verdict, and with it
+        # how many random numbers the draft draws: two runs of one seed need not agree.
+        pytest.skip("parallel sampling on CUDA does not replay a seed's run")
     target, draft = make_pair(family, kind, seed=1, device=device)
     frames = sample_frames(family, 2)
     pipeline = _pipeline(target, draft, mode, 3, 0.5)
