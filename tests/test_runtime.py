@@ -14,13 +14,13 @@ VOCAB = 512
 ATOL = 2e-5
 
 
-def tiny_qwen2(num_heads: int = 4, num_kv_heads: int = 2, seed: int = 0):
+def tiny_qwen2(num_heads: int = 4, num_kv_heads: int = 2, seed: int = 0, tied: bool = False):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=num_heads,
                          num_key_value_heads=num_kv_heads, max_position_embeddings=512,
-                         rms_norm_eps=1e-5, tie_word_embeddings=False)
+                         rms_norm_eps=1e-5, tie_word_embeddings=tied)
     return Qwen2ForCausalLM(config).eval()
 
 
@@ -56,6 +56,8 @@ def linear_positions(length: int, offset: int = 0) -> torch.Tensor:
 CONFIGS = [
     pytest.param("qwen2", dict(num_heads=4, num_kv_heads=2), id="qwen2-gqa"),
     pytest.param("qwen2", dict(num_heads=4, num_kv_heads=4), id="qwen2-mha"),
+    # The head shares the embedding's tensor (Qwen2-0.5B, LLaVA-OneVision-0.5B, Qwen2.5-VL-3B).
+    pytest.param("qwen2", dict(num_heads=4, num_kv_heads=2, tied=True), id="qwen2-tied"),
     pytest.param("qwen2_5_vl", dict(num_heads=4, num_kv_heads=2), id="qwen2_5_vl-gqa"),
     pytest.param("qwen2_5_vl", dict(num_heads=4, num_kv_heads=4), id="qwen2_5_vl-mha"),
 ]
