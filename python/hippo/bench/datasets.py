@@ -6,7 +6,9 @@ for every multiple-choice set, so the sets differ only in their questions.
 `root` is the directory passed to read_dataset; video paths are returned whether or not the
 file exists (a local copy is often partial: the runner reports missing videos). A video name
 without an extension is looked up as .mp4, .mkv, .webm, .avi, .MP4 in each listed folder; when
-none exists the first folder's .mp4 path is returned.
+none exists the first folder's .mp4 path is returned. A multiple-choice answer that names none of
+the options (an erratum some older copies carry) is read as unknown (answer None): the question
+still serves for speed and losslessness.
 
 videomme (Video-MME, HF lmms-lab/Video-MME)
     annotations: videomme/*.parquet (the hub's videomme/test-00000-of-00001.parquet), or a
@@ -20,9 +22,14 @@ mvbench (MVBench, HF OpenGVLab/MVBench)
     annotations: json/<task>.json, each a list of {video, question, candidates, answer} where
         answer is the text of one candidate (converted to its letter here).
     videos: video/<folder of the task>/<video>, the folders of the official evaluation code
-        (Ask-Anything video_chat2 mvbench.ipynb, _MVBENCH_VIDEO_DIRS below); a task not listed
-        there looks in video/. episodic_reasoning is stored as folders of frames. The
-        start/end bounds of the bounded tasks are not used: the whole clip is given.
+        (Ask-Anything video_chat2 mvbench.ipynb, _MVBENCH_VIDEO_DIRS below), then
+        video/data0613/<folder> (the re-released clips), then the lmms-eval copy's (the hub's
+        "video" revision: <folder>/<video> at the root, some folders renamed,
+        _MVBENCH_LMMS_EVAL_DIRS) and its data0613/<folder>; a task not listed looks in video/.
+        In the official layout episodic_reasoning is folders of frames (the runner skips them:
+        it reads video files; the lmms-eval copy has mp4 clips) and fine_grained_pose's NTU
+        clips are not on the hub's main branch. The start/end bounds of the bounded tasks are
+        not used: the whole clip is given.
 
 longvideobench (LongVideoBench, HF longvideobench/LongVideoBench)
     annotations: lvb_val.json, else lvb_test_wo_gt.json (answers None): a list of {id,
@@ -30,26 +37,32 @@ longvideobench (LongVideoBench, HF longvideobench/LongVideoBench)
         question_category}.
     videos: videos/<video_path>.
 
-mlvu (MLVU dev, HF MLVU/MVLU: the folder holding json/ and video/)
-    annotations: json/<n>_<task>.json, each a list of {video, question, candidates, answer
-        (candidate text), question_type, duration (s)}; entries without candidates (the
-        open-ended 8_sub_scene and 9_summary) are skipped.
-    videos: video/<n>_<task>/<video>, else video/<video>.
+mlvu (MLVU dev, HF MLVU/MVLU: the folder holding json/ and video/, or the repository root
+        with them under MLVU/)
+    annotations: json/<n>_<task>.json (else MLVU/json/...), each a list of {video, question,
+        candidates, answer (candidate text), question_type, duration (s)}; entries without
+        candidates (the open-ended 8_sub_scene and 9_summary) are skipped.
+    videos: video/<n>_<task>/<video>, else video/<video>, beside the json/ folder.
 
 lvbench (LVBench, HF THUDM/LVBench)
     annotations: video_info.meta.jsonl, else data/video_info.meta.jsonl (the official repo):
         one line per video {key, qa: [{uid, question, answer (letter), question_type (list)}]},
         the options embedded in the question as lines "(A) ...".
-    videos: <key>.mp4 in root, videos/ or all_videos/.
+    videos: <key>.mp4 in root, videos/ or all_videos/; else what the official download
+        (scripts/download.sh: video2dataset) writes: <shard>/<index>.mp4 anywhere under root,
+        each beside a <index>.json whose "url" holds the YouTube id that is the key.
 
 vdc (VDC, Video Detailed Captions of AuroraCap, HF wchai/Video-Detailed-Caption)
-    annotations: VDC*.jsonl, else VDC*.json (VDC_1k.jsonl); the first file only: one object
-        per video with video_id (and optionally video_name, the file name) and its captions.
+    annotations: VDC*.jsonl, else VDC*.json (VDC_1k.jsonl), annotations/VDC*.jsonl (older
+        revisions), or detailed_test/*.parquet (lmms-eval's wchai/lmms_VDC_test); the first file
+        only: one object per video with video_id and/or video_name (the file name) and its
+        captions.
     videos: videos/, videos/videos/, Test_Videos/ (lmms-eval) or root, named video_name or
         video_id. One detailed-captioning question per video; answer None.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import re
@@ -106,6 +119,18 @@ _MVBENCH_VIDEO_DIRS = {
     "episodic_reasoning": "tvqa/frames_fps3_hq",
     "counterfactual_inference": "clevrer/video_validation",
 }
+# Where the lmms-eval copy (the hub's "video" revision) names a task's folder differently.
+_MVBENCH_LMMS_EVAL_DIRS = {
+    "action_sequence": "star/Charades_segment",
+    "action_prediction": "star/Charades_segment",
+    "object_interaction": "star/Charades_segment",
+    "action_localization": "sta/sta_video_segment",
+    "fine_grained_pose": "nturgbd_convert",
+    "episodic_reasoning": "tvqa/video_fps3_hq_segment",
+    "action_antonym": "ssv2_video_mp4",
+}
+# A YouTube id in a watch, short or youtu.be URL.
+_YOUTUBE_ID = re.compile(r"(?:[?&]v=|youtu\.be/|/shorts/|/embed/)([A-Za-z0-9_-]{11})")
 
 _Convert = Callable[[int, dict], list[VideoQuestion]]
 
@@ -154,13 +179,16 @@ def _read_mvbench(root: Path) -> Iterator[VideoQuestion]:
 
     def questions(path: Path) -> Iterator[VideoQuestion]:
         task = path.stem
-        folder = root / "video" / _MVBENCH_VIDEO_DIRS.get(task, "")
+        official = _MVBENCH_VIDEO_DIRS.get(task, "")
+        renamed = _MVBENCH_LMMS_EVAL_DIRS.get(task, official)
+        folders = [root / "video" / official, root / "video" / "data0613" / official,
+                   root / renamed, root / "data0613" / renamed]
 
         def convert(index: int, row: dict) -> list[VideoQuestion]:
             options = list(row["candidates"])
             return [VideoQuestion(
                 dataset="mvbench", question_id=f"{task}/{index}",
-                video=_find_video([folder], str(row["video"])),
+                video=_find_video(folders, str(row["video"])),
                 prompt=_choice_prompt(row["question"], options),
                 answer=_answer_letter(row["answer"], options, "text"), task=task)]
 
@@ -186,10 +214,11 @@ def _read_longvideobench(root: Path) -> Iterator[VideoQuestion]:
 
 
 def _read_mlvu(root: Path) -> Iterator[VideoQuestion]:
-    files = _find_annotations(root, "MLVU", "json/*.json")
+    files = _find_annotations(root, "MLVU", "json/*.json", "MLVU/json/*.json")
 
     def questions(path: Path) -> Iterator[VideoQuestion]:
-        folders = [root / "video" / path.stem, root / "video"]
+        videos = path.parent.parent / "video"
+        folders = [videos / path.stem, videos]
         default_task = path.stem.split("_", 1)[-1]  # "1_plotQA" -> "plotQA"
 
         def convert(index: int, row: dict) -> list[VideoQuestion]:
@@ -213,9 +242,13 @@ def _read_lvbench(root: Path) -> Iterator[VideoQuestion]:
     files = _find_annotations(root, "LVBench", "video_info.meta.jsonl",
                               "data/video_info.meta.jsonl")
     folders = [root, root / "videos", root / "all_videos"]
+    downloaded = functools.cache(lambda: _video2dataset_index(root))  # scanned on a first miss
 
     def convert(index: int, row: dict) -> list[VideoQuestion]:
-        video = _find_video(folders, str(row["key"]))
+        key = str(row["key"])
+        video = _find_video(folders, key)
+        if not video.exists():
+            video = downloaded().get(key, video)
         questions = []
         for qa in row["qa"]:
             question, options = _split_embedded_options(qa["question"])
@@ -231,11 +264,15 @@ def _read_lvbench(root: Path) -> Iterator[VideoQuestion]:
 
 
 def _read_vdc(root: Path) -> Iterator[VideoQuestion]:
-    files = _find_annotations(root, "VDC", "VDC*.jsonl", "VDC*.json")
+    files = _find_annotations(root, "VDC", "VDC*.jsonl", "VDC*.json", "annotations/VDC*.jsonl",
+                              "detailed_test/*.parquet")
     folders = [root / "videos", root / "videos" / "videos", root / "Test_Videos", root]
 
     def convert(index: int, row: dict) -> list[VideoQuestion]:
-        video_id = str(row["video_id"])
+        video_id = row.get("video_id") or row.get("video_name")
+        if video_id is None:
+            raise KeyError("video_id")
+        video_id = str(video_id)
         return [VideoQuestion(
             dataset="vdc", question_id=video_id,
             video=_find_video(folders, str(row.get("video_name") or video_id)),
@@ -354,7 +391,7 @@ def _choice_prompt(question: str, options: list) -> str:
     return "\n".join([*lines, _ANSWER_INSTRUCTION])
 
 
-def _answer_letter(answer: object, options: list, form: str) -> str:
+def _answer_letter(answer: object, options: list, form: str) -> str | None:
     """The ground-truth letter from the form the format stores: "letter" (Video-MME, LVBench),
     "index" 0-based (LongVideoBench) or "text" of the option (MVBench, MLVU)."""
     if form == "text":
@@ -366,8 +403,27 @@ def _answer_letter(answer: object, options: list, form: str) -> str:
         letter = str(answer).strip().strip("().").upper()
         index = _LETTERS.find(letter) if len(letter) == 1 else -1
     if not 0 <= index < len(options):
-        raise ValueError(f"answer {answer!r} does not name one of the {len(options)} options")
+        return None  # an erratum of the copy: the question still serves (module docstring)
     return _LETTERS[index]
+
+
+def _video2dataset_index(root: Path) -> dict[str, Path]:
+    """{YouTube id: video} over the files video2dataset writes under root: <index>.mp4 beside
+    <index>.json, whose "url" names the source."""
+    index = {}
+    for sidecar in root.rglob("*.json"):
+        video = next((sidecar.with_suffix(ext) for ext in _VIDEO_EXTENSIONS
+                      if sidecar.with_suffix(ext).is_file()), None)
+        if video is None:
+            continue
+        try:
+            url = json.loads(sidecar.read_text(encoding="utf-8")).get("url", "")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            continue  # not a sidecar
+        found = _YOUTUBE_ID.search(str(url))
+        if found:
+            index.setdefault(found[1], video)
+    return index
 
 
 def _split_embedded_options(text: str) -> tuple[str, list[str]]:
