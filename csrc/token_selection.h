@@ -53,8 +53,14 @@ struct SelectionShape {
 // All shape/dtype/device checks of the op, for both backends.
 inline SelectionShape check_selection_inputs(const at::Tensor& queries, const at::Tensor& keys,
                                              const at::Tensor& features, int64_t visual_start,
-                                             int64_t num_visual, int64_t num_keep) {
+                                             int64_t num_visual, int64_t num_keep, double w_global,
+                                             double w_temporal, double w_spatial, double scale) {
   const char* op = kSelectOp;
+  // A NaN score would rank above every other (its bit pattern sorts above +inf).
+  HIPPO_CHECK(std::isfinite(w_global) && std::isfinite(w_temporal) && std::isfinite(w_spatial), op,
+              "the fusion weights must be finite, got (", w_global, ", ", w_temporal, ", ",
+              w_spatial, ")");
+  HIPPO_CHECK(std::isfinite(scale), op, "scale must be finite, got ", scale);
   check_dim(queries, 4, op, "queries");
   check_dim(keys, 4, op, "keys");
   check_dim(features, 4, op, "features");

@@ -21,7 +21,8 @@ class SelectedTokens(NamedTuple):
 
 
 def kept_count(grid_tokens: int, keep_ratio: float) -> int:
-    """How many grid tokens a keep ratio keeps: round(ratio * N)."""
+    """How many grid tokens a keep ratio keeps: round(ratio * N), Python's rounding (a half
+    goes to the even neighbour: 0.25 of 10 keeps 2, of 14 keeps 4)."""
     return min(grid_tokens, round(keep_ratio * grid_tokens))
 
 

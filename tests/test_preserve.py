@@ -79,6 +79,51 @@ def test_uniform_and_random_selection(method, per_frame, keep_ratio):
     assert kept.length == kept_prompt_length(prompt, keep_ratio)  # known before selection
 
 
+def test_default_selection_layers_and_text_queries():
+    """Pinned by value: the reference test above takes both from these same functions."""
+    options = PreservationOptions()
+    assert [options.selection_layers(n) for n in (1, 2, 8, 24, 28)] == [
+        (0,), (0, 1), (2, 4, 6), (6, 12, 18), (7, 14, 21)]
+    assert PreservationOptions(layers=(3, 1)).selection_layers(4) == (3, 1)
+    for family in sorted(FAMILY_PRESETS):
+        _, prompt = _prepared(family)
+        after_video = prompt.length - prompt.visual_start - prompt.num_visual
+        assert after_video > 1  # the question and the assistant turn follow the video
+        assert options.text_query_len(prompt) == after_video
+        assert PreservationOptions(query_len=5).text_query_len(prompt) == 5
+        assert PreservationOptions(query_len=10**6).text_query_len(prompt) == prompt.length
+
+
+def test_uniform_selection_takes_the_bin_centres():
+    _, prompt = _prepared("llava_onevision", num_frames=3)
+    frames, height, width = prompt.grid
+    per = height * width
+    count = 5
+
+    def centres(total: int, k: int) -> list[int]:  # floor((i + 1/2) * total / k), by hand
+        return [(2 * i + 1) * total // (2 * k) for i in range(k)]
+
+    for per_frame, expected in [(False, centres(frames * per, count)),
+                                (True, [t * per + i for t, quota in enumerate(
+                                    [count // frames + (t < count % frames)
+                                     for t in range(frames)]) for i in centres(per, quota)])]:
+        ratio = count / (frames * per)
+        kept = preserve_tokens(prompt, PreservationOptions(keep_ratio=ratio, method="uniform",
+                                                           per_frame=per_frame))
+        assert kept.visual.tolist()[:count] == expected, per_frame
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_PRESETS))
+def test_kept_positions_are_the_text_and_the_kept_visual_tokens(family):
+    _, prompt = _prepared(family)
+    kept = preserve_tokens(prompt, PreservationOptions(keep_ratio=0.3, method="random"))
+    start, end = prompt.visual_start, prompt.visual_start + prompt.num_visual
+    visual = kept.visual.tolist()
+    assert kept.positions.tolist() == (list(range(start)) + [start + v for v in visual] +
+                                       list(range(end, prompt.length)))
+    assert visual == sorted(set(visual))  # strictly increasing: no token twice
+
+
 def test_random_selection_is_seeded():
     _, prompt = _prepared("qwen2_5_vl")
     pick = lambda seed: preserve_tokens(  # noqa: E731

@@ -10,6 +10,7 @@ import torch
 from hippo_testing import rel_error, requires_cuda
 from hippo_ext import SelectedTokens, select_visual_tokens
 from hippo_ext.token_selection import (
+    kept_count,
     reference_fuse,
     reference_global_score,
     reference_local_scores,
@@ -224,6 +225,24 @@ def test_top_k_matches_reference(device, gen, per_frame, frames, grid_h, grid_w,
     assert bool((out.kept[1:] > out.kept[:-1]).all())
 
 
+@pytest.mark.parametrize("weights", [(-1.0, 0.5, 0.0), (-1.0, -1.0, -1.0)])
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_negative_weights_rank_like_the_reference(device, gen, per_frame, weights):
+    """Negative fused scores rank by value too (the order-preserving key of a negative float
+    is its bit pattern inverted)."""
+    inputs = make_inputs(gen, frames=3, grid_h=3, grid_w=4, extra_visual=1, device=device)
+    out = run_op(inputs, num_keep=7, per_frame=per_frame, weights=weights)
+    assert bool((out.fused_score < 0).any())
+    expected = reference_top_k(out.fused_score, 7, inputs["num_visual"], per_frame)
+    assert out.kept.tolist() == expected.tolist()
+
+
+def test_kept_count_rounds_half_to_even():
+    assert [kept_count(32, 0.1), kept_count(16, 0.05), kept_count(7, 0.0), kept_count(5, 1.0)] \
+        == [3, 1, 0, 5]
+    assert [kept_count(10, 0.25), kept_count(14, 0.25), kept_count(7, 0.5)] == [2, 4, 4]
+
+
 @pytest.mark.parametrize("per_frame", [False, True])
 def test_ties_go_to_the_lower_index(device, gen, per_frame):
     inputs = make_inputs(gen, frames=3, grid_h=2, grid_w=3, extra_visual=1, device=device)
@@ -325,6 +344,11 @@ def test_bad_inputs(device, gen):
         _call(inputs, visual_start=-1)
     with pytest.raises(RuntimeError, match="must cover the T\\*Hg\\*Wg"):
         _call(inputs, num_visual=grid_tokens - 1)
+    for weights in [(float("nan"), 1.0, 1.0), (1.0, float("inf"), 1.0)]:
+        with pytest.raises(RuntimeError, match="fusion weights must be finite"):
+            run_op(inputs, num_keep=3, weights=weights)
+    with pytest.raises(RuntimeError, match="scale must be finite"):
+        run_op(inputs, num_keep=3, scale=float("nan"))
 
 
 @requires_cuda

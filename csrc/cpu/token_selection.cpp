@@ -130,7 +130,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> select_vi
     int64_t visual_start, int64_t num_visual, int64_t num_keep, bool per_frame, double w_global,
     double w_temporal, double w_spatial, double scale) {
   const SelectionShape s =
-      check_selection_inputs(queries, keys, features, visual_start, num_visual, num_keep);
+      check_selection_inputs(queries, keys, features, visual_start, num_visual, num_keep,
+                             w_global, w_temporal, w_spatial, scale);
   const at::Tensor global = global_score_cpu(queries.contiguous(), keys, s, scale);
   const auto [temporal, spatial] = local_scores_cpu(features.contiguous(), s);
   return fuse_and_select(s, global, temporal, spatial, per_frame, w_global, w_temporal, w_spatial);
