@@ -8,7 +8,7 @@ import torch
 from hippo.assets import sample_video_path
 from hippo.models import load_adapter
 from hippo.models.base import HippoError
-from hippo.pipeline import HippoOptions, HippoPipeline
+from hippo.pipeline import HippoOptions, HippoPipeline, check_lane_devices
 from hippo.preserve import PreservationOptions
 from speculative_testing import make_pair
 
@@ -135,3 +135,14 @@ def test_resolve_device():
             resolve_device(bad)
     with pytest.raises(HippoError, match="dtype"):
         load_adapter("tiny-qwen2.5-vl", dtype=torch.int8)
+
+
+def test_a_cuda_draft_beside_a_cpu_target_needs_sequential_decoding():
+    """Parallel decoding waits on the target's CUDA stream for the draft's first token; a CPU
+    target has none (checked from the devices alone: no GPU needed)."""
+    cpu, gpu0, gpu1 = torch.device("cpu"), torch.device("cuda:0"), torch.device("cuda:1")
+    for target, draft, mode in [(cpu, cpu, "parallel"), (cpu, gpu0, "sequential"),
+                                (gpu0, gpu1, "parallel"), (gpu0, cpu, "parallel")]:
+        check_lane_devices(target, draft, mode)
+    with pytest.raises(HippoError, match="parallel decoding with the target on the CPU"):
+        check_lane_devices(cpu, gpu0, "parallel")

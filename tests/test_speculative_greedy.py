@@ -75,7 +75,7 @@ def test_eos_and_max_new_tokens_inside_a_block(device, family, mode):
     target, _ = make_pair(family, "small-draft", seed=3, device=device)
     frames = sample_frames(family, 4)
     free = _autoregressive(target, frames, eos=None)
-    for stop_at in (2, 5, 9):  # the eos is the token AR emits at this index
+    for stop_at in (0, 2, 5, 9):  # the eos is the token AR emits at this index (0: prefill)
         eos = free[stop_at]
         expected = free[:free.index(eos) + 1]
         assert _autoregressive(target, frames, eos=eos) == expected

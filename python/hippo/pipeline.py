@@ -109,6 +109,8 @@ class HippoPipeline:
                 raise HippoError("a draft device needs a draft model (self-speculation drafts with "
                                  "the target, on the target's device)")
             draft.model.to(resolve_device(self.options.draft_device))
+        if draft is not None:
+            check_lane_devices(target.device, draft.device, self.options.mode)
         if self.self_speculative and self.options.draft_prefill != "pruned":
             raise HippoError("self-speculation (no draft model) copies the target's kept cache; "
                              "draft_prefill does not apply: leave it at 'pruned'")
@@ -298,6 +300,14 @@ class HippoPipeline:
             else:
                 prefill_pruned(draft, draft_prompt, kept.positions)
         return kept, first_token
+
+
+def check_lane_devices(target: torch.device, draft: torch.device, mode: str) -> None:
+    """Parallel decoding overlaps the draft with the target's verification on CUDA streams;
+    a target on the CPU has none to wait on a CUDA draft with."""
+    if mode == "parallel" and target.type == "cpu" and draft.type == "cuda":
+        raise HippoError("parallel decoding with the target on the CPU needs the draft on the "
+                         "CPU too (or mode='sequential'); the draft is on " + str(draft))
 
 
 @contextmanager

@@ -1,0 +1,122 @@
+"""What the lossless tests cannot see: bugs that keep the output exact but waste work or report
+wrong numbers. The draft's positions after a pruned prompt, no token computed twice, round
+statistics, the adaptive g's inputs, and the per-device random streams (tiny random models, fp32,
+CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hippo.pipeline import HippoPipeline
+from hippo.preserve import PreservationOptions
+from hippo.runtime import LanguageModelRuntime
+from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
+from hippo.speculative.decoder import SpeculativeDecoder
+from hippo.speculative.draft_length import DraftLength
+from hippo.speculative.lanes import Lane
+from hippo.speculative.statistics import GenerationStats
+from speculative_testing import make_pair, sample_frames
+
+MODES = ("sequential", "parallel")
+PROMPT = "what moves?"
+
+
+def _pipeline(target, draft, mode: str, gamma, keep_ratio: float) -> HippoPipeline:
+    return HippoPipeline(target, draft, mode=mode, gamma=gamma,
+                         preservation=PreservationOptions(keep_ratio=keep_ratio))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_a_pruned_draft_continues_at_the_targets_positions(monkeypatch, family, mode):
+    """Generated tokens sit at the target's next positions in the draft too (M-RoPE included),
+    not after the draft's shorter cache: the draft then sees the video as the target does."""
+    target, draft = make_pair(family, "small-draft", seed=0)
+    pipeline = _pipeline(target, draft, mode, 3, 0.25)
+    target_prompt, draft_prompt = pipeline.prepare(sample_frames(family, 4), PROMPT,
+                                                   num_frames=None)
+    draft_positions = []
+    step = LanguageModelRuntime.step
+
+    def spy_step(runtime, input_ids, position_ids):
+        if runtime is pipeline._runtimes.get("draft"):
+            draft_positions.append(position_ids.clone())
+        return step(runtime, input_ids, position_ids)
+
+    monkeypatch.setattr(LanguageModelRuntime, "step", spy_step)
+    out = pipeline.generate_prepared(target_prompt, draft_prompt, 16, SamplingOptions(), set())
+    assert out.stats.draft_prompt_tokens < out.stats.prompt_tokens
+    generated = target_prompt.generated_positions(0, 64)
+    assert draft_positions
+    for positions in draft_positions:
+        first = int(positions.flatten()[0] - generated.flatten()[0])
+        assert first >= 0
+        assert torch.equal(positions, generated[..., first:first + positions.shape[-1]])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_no_lane_recomputes_a_token_it_has_consumed(monkeypatch, mode):
+    """A column is fed again only after it or an earlier one changed (a rejection): rolling
+    back too far, or dropping drafts that stay valid, would re-run work and still give exact
+    output."""
+    target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
+    consumed: dict[int, dict[int, tuple]] = {}  # id(lane) -> {column: the tokens up to it}
+    feed = Lane.feed
+
+    def spy_feed(lane, end):
+        seen = consumed.setdefault(id(lane), {})
+        tokens = lane.tokens[0, :end].tolist()
+        for column in range(lane.fed, end):
+            prefix = tuple(tokens[:column + 1])
+            assert seen.get(column) != prefix, f"column {column} fed twice in the same context"
+            seen[column] = prefix
+        return feed(lane, end)
+
+    monkeypatch.setattr(Lane, "feed", spy_feed)
+    out = _pipeline(target, draft, mode, 3, 0.5).generate(sample_frames("qwen2_5_vl", 4),
+                                                          PROMPT, 24)
+    assert 0 < out.stats.accepted < out.stats.drafted  # rejections and acceptances both happened
+
+
+@pytest.mark.parametrize("limit, gammas", [(2, [0]), (7, [4, 0]), (12, [4, 4, 0])])
+def test_sequential_rounds_are_counted_up_to_the_last_target_step(limit, gammas):
+    """Self-speculation at keep 1.0 accepts everything: g + 1 tokens a round, and a round of the
+    target alone for the last token (never a draft that could not be emitted)."""
+    target, _ = make_pair("llava_onevision", "small-draft", seed=2)
+    stats = _pipeline(target, None, "sequential", 4, 1.0).generate(
+        sample_frames("llava_onevision", 2), PROMPT, limit, eos_token_id=None).stats
+    assert stats.gammas == gammas
+    assert stats.rounds == stats.target_steps == len(gammas)
+    assert stats.drafted == stats.accepted == sum(gammas)
+    assert stats.tokens == limit
+
+
+class _FixedClock:
+    """A phase clock whose every round took the given times."""
+
+    def __init__(self, **seconds: float) -> None:
+        self.seconds = seconds
+
+    def collect(self) -> dict[str, float]:
+        return dict(self.seconds)
+
+
+def test_a_round_feeds_the_adaptive_length_its_step_times():
+    """A slow target and a fast draft make g grow (PEARL's g ~ T_target / T_draft): the
+    decoder hands the verify time as the target's and the draft time per step as the draft's."""
+    stats = GenerationStats(mode="parallel")
+    decoder = SpeculativeDecoder(None, None, None, DraftLength("auto", initial=4, max_gamma=12),
+                                 stats, _FixedClock(verify=6e-3, draft=3e-3), 64, set())
+    for _ in range(4):
+        decoder.end_round(4, 3, accepted=2, candidates=3)  # 3 draft steps: 1 ms each
+    assert decoder.draft_length.current == 6
+    assert (stats.rounds, stats.drafted, stats.accepted, stats.gammas) == (4, 12, 8, [4] * 4)
+
+
+def test_each_device_draws_its_own_random_stream():
+    """A draft on another device must not replay the target's random numbers."""
+    acceptance = TokenAcceptance(SamplingOptions(temperature=1.0, seed=5), vocab=7)
+    first, second = acceptance.generator("cpu"), acceptance.generator("cpu:0")
+    assert first.initial_seed() != second.initial_seed()
+    assert acceptance.generator("cpu") is first
+    assert TokenAcceptance(SamplingOptions(), vocab=7).generator("cpu") is None  # greedy
