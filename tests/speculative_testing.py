@@ -19,6 +19,8 @@ import torch
 from hippo.assets import sample_video_path
 from hippo.models import load_adapter
 from hippo.models.agreement import make_agreement
+from hippo.pipeline import HippoPipeline
+from hippo.preserve import PreservationOptions
 from hippo.runtime import find_text_model
 from hippo.video import load_video
 
@@ -58,6 +60,14 @@ def make_pair(family: str, kind: str, seed: int, device: str = "cpu"):
     draft = load_adapter(copied_name, seed=seed, device=device)
     perturb_language_model(draft, PERTURBATION, seed)
     return target, draft
+
+
+def make_pipeline(target, draft, mode: str, gamma, keep_ratio: float,
+                  draft_prefill: str = "pruned", **preservation) -> HippoPipeline:
+    """A speculative pipeline over the pair with the given keep ratio (and other
+    PreservationOptions fields)."""
+    return HippoPipeline(target, draft, mode=mode, gamma=gamma, draft_prefill=draft_prefill,
+                         preservation=PreservationOptions(keep_ratio=keep_ratio, **preservation))
 
 
 @functools.lru_cache(maxsize=8)

@@ -7,23 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hippo.pipeline import HippoPipeline
-from hippo.preserve import PreservationOptions
 from hippo.runtime import LanguageModelRuntime
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
 from hippo.speculative.decoder import SpeculativeDecoder
 from hippo.speculative.draft_length import DraftLength
 from hippo.speculative.lanes import Lane
 from hippo.speculative.statistics import GenerationStats
-from speculative_testing import make_pair, sample_frames
+from speculative_testing import make_pair, make_pipeline, sample_frames
 
 MODES = ("sequential", "parallel")
 PROMPT = "what moves?"
-
-
-def _pipeline(target, draft, mode: str, gamma, keep_ratio: float) -> HippoPipeline:
-    return HippoPipeline(target, draft, mode=mode, gamma=gamma,
-                         preservation=PreservationOptions(keep_ratio=keep_ratio))
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -32,7 +25,7 @@ def test_a_pruned_draft_continues_at_the_targets_positions(monkeypatch, family, 
     """Generated tokens sit at the target's next positions in the draft too (M-RoPE included),
     not after the draft's shorter cache: the draft then sees the video as the target does."""
     target, draft = make_pair(family, "small-draft", seed=0)
-    pipeline = _pipeline(target, draft, mode, 3, 0.25)
+    pipeline = make_pipeline(target, draft, mode, 3, 0.25)
     target_prompt, draft_prompt = pipeline.prepare(sample_frames(family, 4), PROMPT,
                                                    num_frames=None)
     draft_positions = []
@@ -73,7 +66,7 @@ def test_no_lane_recomputes_a_token_it_has_consumed(monkeypatch, mode):
         return feed(lane, end)
 
     monkeypatch.setattr(Lane, "feed", spy_feed)
-    out = _pipeline(target, draft, mode, 3, 0.5).generate(sample_frames("qwen2_5_vl", 4),
+    out = make_pipeline(target, draft, mode, 3, 0.5).generate(sample_frames("qwen2_5_vl", 4),
                                                           PROMPT, 24)
     assert 0 < out.stats.accepted < out.stats.drafted  # rejections and acceptances both happened
 
@@ -83,7 +76,7 @@ def test_sequential_rounds_are_counted_up_to_the_last_target_step(limit, gammas)
     """Self-speculation at keep 1.0 accepts everything: g + 1 tokens a round, and a round of the
     target alone for the last token (never a draft that could not be emitted)."""
     target, _ = make_pair("llava_onevision", "small-draft", seed=2)
-    stats = _pipeline(target, None, "sequential", 4, 1.0).generate(
+    stats = make_pipeline(target, None, "sequential", 4, 1.0).generate(
         sample_frames("llava_onevision", 2), PROMPT, limit, eos_token_id=None).stats
     assert stats.gammas == gammas
     assert stats.rounds == stats.target_steps == len(gammas)

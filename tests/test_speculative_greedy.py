@@ -10,8 +10,8 @@ import itertools
 import pytest
 
 from hippo.pipeline import HippoPipeline
-from hippo.preserve import PreservationOptions
-from speculative_testing import FAMILY_PRESETS, PAIR_KINDS, make_pair, sample_frames
+from speculative_testing import (FAMILY_PRESETS, PAIR_KINDS, make_pair, make_pipeline,
+                                 sample_frames)
 
 KEEP_RATIOS = (0.0, 0.05, 0.1, 0.5, 1.0)  # 0.0: the draft sees no visual token
 GAMMAS = (1, 3, 8)
@@ -19,12 +19,6 @@ MODES = ("sequential", "parallel")
 DRAFT_PREFILLS = ("pruned", "full+compact")
 PROMPT = "what moves?"
 MAX_NEW_TOKENS = 24
-
-
-def _pipeline(target, draft, mode: str, gamma, keep_ratio: float, draft_prefill: str = "pruned",
-              **options) -> HippoPipeline:
-    return HippoPipeline(target, draft, mode=mode, gamma=gamma, draft_prefill=draft_prefill,
-                         preservation=PreservationOptions(keep_ratio=keep_ratio, **options))
 
 
 def _autoregressive(target, frames, max_new_tokens: int = MAX_NEW_TOKENS, eos="target"):
@@ -42,7 +36,7 @@ def test_greedy_equals_target_autoregressive(device, family, kind, seed, num_fra
     accepted = drafted = 0
     for keep, gamma, mode, prefill in itertools.product(KEEP_RATIOS, GAMMAS, MODES,
                                                         DRAFT_PREFILLS):
-        out = _pipeline(target, draft, mode, gamma, keep, prefill).generate(
+        out = make_pipeline(target, draft, mode, gamma, keep, prefill).generate(
             frames, PROMPT, MAX_NEW_TOKENS)
         assert out.tokens == expected, (keep, gamma, mode, prefill)
         assert out.stats.tokens == len(expected)
@@ -59,10 +53,10 @@ def test_self_speculative_greedy_is_exact(device, family, mode):
     frames = sample_frames(family, 4)
     expected = _autoregressive(target, frames)
     for keep in KEEP_RATIOS:
-        out = _pipeline(target, None, mode, 4, keep).generate(frames, PROMPT, MAX_NEW_TOKENS)
+        out = make_pipeline(target, None, mode, 4, keep).generate(frames, PROMPT, MAX_NEW_TOKENS)
         assert out.tokens == expected, keep
     # With every token kept the draft is the target: everything is accepted.
-    out = _pipeline(target, None, mode, 4, 1.0).generate(frames, PROMPT, MAX_NEW_TOKENS)
+    out = make_pipeline(target, None, mode, 4, 1.0).generate(frames, PROMPT, MAX_NEW_TOKENS)
     assert out.stats.acceptance_rate == 1.0
     assert out.stats.mean_accepted_tokens > 2
 
@@ -79,11 +73,11 @@ def test_eos_and_max_new_tokens_inside_a_block(device, family, mode):
         eos = free[stop_at]
         expected = free[:free.index(eos) + 1]
         assert _autoregressive(target, frames, eos=eos) == expected
-        out = _pipeline(target, None, mode, 8, 1.0).generate(frames, PROMPT, MAX_NEW_TOKENS,
+        out = make_pipeline(target, None, mode, 8, 1.0).generate(frames, PROMPT, MAX_NEW_TOKENS,
                                                              eos_token_id=eos)
         assert out.tokens == expected, stop_at
     for limit in (1, 2, 7, 11):
-        out = _pipeline(target, None, mode, 4, 1.0).generate(frames, PROMPT, limit,
+        out = make_pipeline(target, None, mode, 4, 1.0).generate(frames, PROMPT, limit,
                                                              eos_token_id=None)
         assert out.tokens == free[:limit], limit
 
@@ -145,7 +139,7 @@ def test_eos_as_a_correction_or_inside_an_accepted_block(monkeypatch, device, fa
         pytest.skip("parallel sampling on CUDA does not replay a seed's run")
     target, draft = make_pair(family, kind, seed=1, device=device)
     frames = sample_frames(family, 2)
-    pipeline = _pipeline(target, draft, mode, 3, 0.5)
+    pipeline = make_pipeline(target, draft, mode, 3, 0.5)
     sampling = dict(temperature=temperature, seed=11)
     origins = _record_origins(monkeypatch)
     free = pipeline.generate(frames, PROMPT, MAX_NEW_TOKENS, eos_token_id=None,
@@ -172,7 +166,7 @@ def test_every_selection_method_is_lossless(device, method):
     frames = sample_frames("qwen2_5_vl", 4)
     expected = _autoregressive(target, frames)
     for per_frame in (False, True):
-        out = _pipeline(target, draft, "parallel", "auto", 0.25, method=method,
+        out = make_pipeline(target, draft, "parallel", "auto", 0.25, method=method,
                         per_frame=per_frame).generate(frames, PROMPT, MAX_NEW_TOKENS)
         assert out.tokens == expected
         assert out.stats.draft_prompt_tokens < out.stats.prompt_tokens
@@ -182,7 +176,7 @@ def test_statistics_add_up(device):
     target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0, device=device)
     frames = sample_frames("qwen2_5_vl", 4)
     for mode in MODES:
-        stats = _pipeline(target, draft, mode, 3, 0.5).generate(frames, PROMPT, 20).stats
+        stats = make_pipeline(target, draft, mode, 3, 0.5).generate(frames, PROMPT, 20).stats
         assert stats.tokens == 20 and stats.rounds == stats.target_steps
         assert 0 <= stats.accepted <= stats.drafted
         assert 1.0 <= stats.mean_accepted_tokens <= (3 + 1)
@@ -229,7 +223,7 @@ def test_generation_repeats_across_calls(device):
     """Runtimes are reused between generations (and rebuilt when a longer cache is needed)."""
     target, draft = make_pair("llava_onevision", "perturbed-copy", seed=1, device=device)
     frames = sample_frames("llava_onevision", 3)
-    pipeline = _pipeline(target, draft, "parallel", 3, 0.5)
+    pipeline = make_pipeline(target, draft, "parallel", 3, 0.5)
     first = pipeline.generate(frames, PROMPT, 8).tokens
     longer = pipeline.generate(frames, PROMPT, 30).tokens
     assert pipeline.generate(frames, PROMPT, 8).tokens == first == longer[:8]

@@ -202,12 +202,11 @@ def _read_longvideobench(root: Path) -> Iterator[VideoQuestion]:
 
     def convert(index: int, row: dict) -> list[VideoQuestion]:
         options = list(row["candidates"])
-        answer = row.get("correct_choice")
         return [VideoQuestion(
             dataset="longvideobench", question_id=str(row["id"]),
             video=_find_video([root / "videos"], str(row["video_path"])),
             prompt=_choice_prompt(row["question"], options),
-            answer=None if answer is None else _answer_letter(answer, options, "index"),
+            answer=_answer_letter(row.get("correct_choice"), options, "index"),
             task=str(row.get("question_category") or ""), duration=_seconds(row.get("duration")))]
 
     return _questions(files[:1], convert)
@@ -393,7 +392,8 @@ def _choice_prompt(question: str, options: list) -> str:
 
 def _answer_letter(answer: object, options: list, form: str) -> str | None:
     """The ground-truth letter from the form the format stores: "letter" (Video-MME, LVBench),
-    "index" 0-based (LongVideoBench) or "text" of the option (MVBench, MLVU)."""
+    "index" 0-based (LongVideoBench) or "text" of the option (MVBench, MLVU); None when it names
+    no option (a test split without answers, or an erratum)."""
     if form == "text":
         index = next((i for i, option in enumerate(options)
                       if str(option).strip() == str(answer).strip()), -1)
