@@ -344,6 +344,17 @@ def test_static_cache_layout_and_rollback():
         cache.reserve(8)
 
 
+@pytest.mark.parametrize("layers, is_view", [((1, 3, 5), True), ((2,), True), ((0, 1, 2, 3, 4, 5), True),
+                                            ((1, 2, 5), False), ((4, 1), False)])
+def test_layer_keys_are_a_view_when_evenly_spaced(gen, layers, is_view):
+    cache = StaticKVCache(6, 2, 3, 16, 8, dtype=torch.float32, device="cpu")
+    cache.tensor.copy_(torch.randn(cache.tensor.shape, generator=gen))
+    keys = cache.layer_keys(layers, 11, row=1)
+    expected = torch.stack([cache.tensor[layer, 0, 1, :, :11] for layer in layers])
+    assert torch.equal(keys, expected)
+    assert (keys.untyped_storage().data_ptr() == cache.tensor.untyped_storage().data_ptr()) == is_view
+
+
 def test_cpu_decode_attention_backend_matches_sdpa():
     """The hippo_ext op on the CPU through the runtime's CUDA code path (layout, length, scale)."""
     model, positions_for = build("qwen2_5_vl")

@@ -286,8 +286,7 @@ class HippoPipeline:
         with _timed(stats, "selection", target.device):
             keys = None
             if preservation.needs_queries:
-                index = torch.tensor(layers, device=target.device)
-                keys = target.cache.tensor[:, 0, 0, :, :target_prompt.length].index_select(0, index)
+                keys = target.cache.layer_keys(layers, target_prompt.length)
             kept = preserve_tokens(target_prompt, preservation, result.queries, keys)
         # The draft's part beyond what overlapped the target's prefill.
         with _timed(stats, "draft_prefill", draft.device):

@@ -56,6 +56,16 @@ class StaticKVCache:
         """[B, Hkv, S_max, D] view of one layer's values."""
         return self.tensor[layer, VALUES]
 
+    def layer_keys(self, layers: tuple[int, ...], length: int, row: int = 0) -> torch.Tensor:
+        """[len(layers), Hkv, length, D] keys of batch row `row` at the given layers: a view of
+        the cache when the layers are evenly spaced (the default selection layers are; at 7B and
+        12.6k tokens a copy would be ~38 MB), a copy otherwise."""
+        keys = self.tensor[:, KEYS, row, :, :length]
+        step = layers[1] - layers[0] if len(layers) > 1 else 1
+        if step > 0 and list(layers) == list(range(layers[0], layers[-1] + 1, step)):
+            return keys[layers[0]:layers[-1] + 1:step]
+        return keys.index_select(0, torch.tensor(layers, device=self.tensor.device))
+
     def reserve(self, count: int, what: str = "append") -> None:
         """Account on the host for `count` positions about to be appended; raise if they do not
         fit. Called before the (possibly captured) device work of an append."""
