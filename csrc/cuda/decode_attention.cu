@@ -57,6 +57,10 @@ constexpr int kSimpleRowsPerBlock = kWarps;
 // The most query rows per kv head whose splits the last split block merges (fused merge): one
 // block reads rows x splits x D floats alone, so it pays only for the few rows of decode steps.
 constexpr int kFusedMergeMaxRows = 16;
+// Its semaphore counts the splits of a (batch row, kv head): one row group per split, so the
+// MMA kernel's blocks must hold all those rows (the simple kernel's blocks do not: it never
+// merges in place).
+static_assert(kFusedMergeMaxRows <= kRowsPerBlock, "a fused merge needs a single row group");
 constexpr float kNegInf = -__builtin_huge_valf();
 
 struct Params {

@@ -9,9 +9,11 @@
 //   * allow_dependent_kernels() marks the point from which the next kernel may be scheduled.
 // Every kernel launched through launch_kernel() calls both first thing, so the overlap is the
 // launch itself, never data; skinny_linear's FMA kernel alone issues its first weight loads
-// before it waits (weights are never written during a step). Only memory that no kernel of the
-// step writes may be read before the wait: the kernel before the previous one may still run. The step-path kernels (norms, rotary, activation, attention,
-// skinny GEMMs) launch this way; off by default until measured.
+// before it waits (weights are never written during a step, and under HIPPO_PDL=1 a weight
+// must not be written by the kernel just before its GEMM). Since every kernel allows its
+// dependents only after its own wait, at most the one kernel before can still run beside
+// those loads. The step-path kernels (norms, rotary, activation, attention, skinny GEMMs)
+// launch this way; off by default until measured.
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
