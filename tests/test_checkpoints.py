@@ -7,6 +7,7 @@ offline (no download anywhere)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -99,8 +100,6 @@ def test_checkpoints_with_different_tokenizers_are_a_clear_error(capsys, checkpo
 
 def _broken_copy(source: str, destination: Path, file: str, content: bytes | None) -> str:
     """A copy of a checkpoint directory with `file` replaced by `content` (None: removed)."""
-    import shutil
-
     shutil.copytree(source, destination)
     if content is None:
         for path in destination.glob(file):
@@ -128,6 +127,17 @@ BROKEN_CHECKPOINTS = {  # (family, file, content, what the error names)
     "zero_std": ("qwen", "video_preprocessor_config.json", b'{"image_std": [0, 1, 1]}',
                  "image_std must not contain 0"),
     "no_tokenizer": ("qwen", "tokenizer*", None, "has no tokenizer"),
+    "tokenizer_without_added_tokens": ("qwen", "tokenizer.json", b'{"model": 5}',
+                                       "cannot load the tokenizer"),
+    "tokenizer_null": ("llava", "tokenizer.json", b"null", "cannot load the tokenizer"),
+    "patch_size_of_another_tower": ("qwen", "video_preprocessor_config.json",
+                                    b'{"patch_size": 16}', "patch_size 16 vs patch_size 14"),
+    "merge_size_of_another_tower": ("qwen", "video_preprocessor_config.json",
+                                    b'{"merge_size": 3}', "merge_size 3 vs spatial_merge_size 2"),
+    # transformers' defaults fill the size fields: a 72B-sized model that must fail before it
+    # is allocated, not exhaust memory.
+    "config_without_sizes": ("qwen", "config.json", b'{"model_type": "qwen2_5_vl"}',
+                             "does not fit the weights"),
 }
 
 
@@ -140,3 +150,37 @@ def test_broken_checkpoints_are_one_line_errors(capsys, checkpoints, tmp_path, c
     assert main(_generate(target, None, "--mode", "ar")) == EXIT_USER_ERROR
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("hippo generate: error:") and needle in last, last
+
+
+def _rewrite_weights(directory: Path, source: str | None = None, drop: str | None = None,
+                     rename: str | None = None) -> None:
+    """Replace the checkpoint's weights by another checkpoint's, or drop or rename one tensor
+    (a renamed one keeps the parameter count: only the names tell that it is missing)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(Path(source or directory) / "model.safetensors")
+    for suffix, new_name in ((drop, None), (rename, "unknown.weight")):
+        if suffix is not None:
+            tensor = weights.pop(next(name for name in weights if name.endswith(suffix)))
+            if new_name is not None:
+                weights[new_name] = tensor
+    save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case", ["one_tensor_missing", "one_tensor_renamed",
+                                  "weights_of_the_other_family"])
+def test_weights_that_do_not_fill_the_model_are_one_line_errors(capsys, checkpoints, tmp_path,
+                                                                 case):
+    """transformers initialises parameters the weights lack at random and goes on: hippo must
+    refuse instead of generating from a partly random model."""
+    target = tmp_path / case
+    shutil.copytree(checkpoints["qwen"], target)
+    if case == "one_tensor_missing":
+        _rewrite_weights(target, drop="layers.1.mlp.down_proj.weight")
+    elif case == "one_tensor_renamed":
+        _rewrite_weights(target, rename="layers.1.mlp.down_proj.weight")
+    else:
+        _rewrite_weights(target, source=checkpoints["llava"])
+    assert main(_generate(str(target), None, "--mode", "ar")) == EXIT_USER_ERROR
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("hippo generate: error:") and "does not fit" in last, last

@@ -2,6 +2,8 @@
 Qwen2-family language model it runs on. One adapter file per model family implements it."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -260,8 +262,9 @@ def load_local_tokenizer(path: str) -> PromptTokenizer | None:
 
     try:
         return HFPromptTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
-    except (OSError, ValueError) as err:
-        raise HippoError(f"cannot load the tokenizer in {path}: {err}") from err
+    except Exception as err:  # noqa: BLE001  malformed tokenizer files fail with any type
+        # (KeyError, TypeError, tokenizers' bare Exception): the user's files are at fault.
+        raise HippoError(f"cannot load the tokenizer in {path}: {type(err).__name__}: {err}") from err
 
 
 def preset_for_family(name: str, family: str):
@@ -285,18 +288,58 @@ def build_random_model(model_class, config, tokenizer: PromptTokenizer, dtype: t
 
 
 def load_local_model(model_class, path: str, dtype: torch.dtype, label: str):
-    """from_pretrained on a local directory only (nothing is ever downloaded)."""
+    """from_pretrained on a local directory only (nothing is ever downloaded). Every parameter
+    must come from the checkpoint: transformers would otherwise initialise what is missing at
+    random and carry on."""
     import os
 
     if not os.path.isdir(path):
         raise HippoError(f"no checkpoint directory at {path}")
     try:
-        return model_class.from_pretrained(path, dtype=dtype, local_files_only=True)
+        check_config_fits_weights(model_class, path)
+        model, info = model_class.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                  output_loading_info=True)
+    except HippoError:
+        raise
     except Exception as err:  # noqa: BLE001  corrupt weights or a config that does not fit them
         # (safetensors, transformers and torch each raise their own types): the user's files
         # are at fault whatever the type, so it is one clear message either way.
         raise HippoError(f"cannot load the {label} checkpoint in {path}: "
                          f"{type(err).__name__}: {err}") from err
+    for kind in ("missing_keys", "mismatched_keys"):
+        names = sorted(str(name) for name in info.get(kind) or ())
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            raise HippoError(f"the {label} checkpoint in {path} does not fit its config.json "
+                             f"({kind.replace('_', ' ')}: {shown})")
+    return model
+
+
+def check_config_fits_weights(model_class, path: str) -> None:
+    """Compare the parameter count that config.json describes with the tensors in the
+    checkpoint's safetensors files (headers only), before anything is allocated: a config
+    missing its size fields falls back to transformers' defaults (a 72B-sized Qwen2.5-VL),
+    which would exhaust memory rather than fail. Checkpoints without safetensors files are left
+    to from_pretrained."""
+    import glob
+    import os
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        return
+    from safetensors import safe_open
+
+    stored = 0
+    for file in files:
+        with safe_open(file, framework="pt") as weights:
+            stored += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+    config = model_class.config_class.from_pretrained(path, local_files_only=True)
+    with torch.device("meta"):
+        described = sum(p.numel() for p in model_class(config).parameters())
+    if described > stored:
+        raise HippoError(f"config.json in {path} describes {described:,} parameters but the "
+                         f"weights hold {stored:,}: the config does not fit the weights (size "
+                         "fields missing from config.json take transformers' defaults)")
 
 
 def chat_ids(tokenizer: PromptTokenizer | None, prefix: str, suffix: str) -> tuple[list[int], list[int]]:

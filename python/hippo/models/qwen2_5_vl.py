@@ -29,6 +29,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         self.preprocess = preprocess
         self.prompt_prefix_ids = list(prompt_prefix_ids)
         self.prompt_suffix_ids = list(prompt_suffix_ids)
+        check_preprocess_fits_vision(preprocess, model.config.vision_config)
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -118,3 +119,14 @@ def preprocess_from_checkpoint(path: str) -> QwenVideoPreprocess:
         min_pixels=settings_value(min_pixels), max_pixels=settings_value(max_pixels),
         mean=settings_value(raw.get("image_mean", base.mean)),
         std=settings_value(raw.get("image_std", base.std)))
+
+
+def check_preprocess_fits_vision(preprocess: QwenVideoPreprocess, vision) -> None:
+    """The patchified frames must have the layout the vision tower was built for."""
+    pairs = (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
+             ("merge_size", "spatial_merge_size"))
+    wrong = [f"{mine} {getattr(preprocess, mine)} vs {theirs} {getattr(vision, theirs)}"
+             for mine, theirs in pairs if getattr(preprocess, mine) != getattr(vision, theirs)]
+    if wrong:
+        raise HippoError("the video preprocessing settings do not fit the vision tower: "
+                         + "; ".join(wrong))
