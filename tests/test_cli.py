@@ -134,6 +134,19 @@ def test_bench_runs_a_benchmark_set_from_a_local_copy(capsys, tmp_path, dataset)
     assert "| dataset |" in capsys.readouterr().out
 
 
+def test_a_benchmark_set_with_no_runnable_question_is_an_error(capsys, tmp_path):
+    """Every video missing: the skipped rows are still written, and the run fails."""
+    import shutil
+
+    root = tmp_path / "mlvu"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "datasets" / "mlvu", root)
+    argv = ["bench", "--dataset", "mlvu", "--root", str(root), "--out-dir", str(tmp_path / "out")]
+    assert main(argv) == EXIT_USER_ERROR
+    assert "none of the" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "mlvu.json").read_text())["summary"]
+    assert summary["run"] == 0 and summary["all_matched_ar"] is None
+
+
 BAD_OPTIONS = {  # argv, what the one-line error says
     "unknown_device": (_generate("--device", "gpu"), "unknown device"),
     "meta_device": (_generate("--device", "meta"), "not supported"),
@@ -150,6 +163,15 @@ BAD_OPTIONS = {  # argv, what the one-line error says
     "bench_zero_frames": (["bench", "--preset", "tiny", "--frames", "0"], "--frames"),
     "bench_infinite_eps": (["bench", "--preset", "tiny", "--eps", "inf"], "eps"),
     "demo_infinite_eps": (["demo", "--eps", "inf"], "eps"),
+    "frames_and_fps": (_generate("--fps", "1"), "--frames or --fps, not both"),
+    "top_k_when_greedy": (_generate("--top-k", "3"), "need a temperature > 0"),
+    "top_p_when_greedy": (_generate("--top-p", "0.5", "--mode", "ar"), "need a temperature > 0"),
+    # Options of the other kind of bench run are refused, not ignored.
+    "bench_preset_options_with_a_dataset": (
+        ["bench", "--dataset", "mlvu", "--root", ".", "--preset", "tiny", "--frames", "8"],
+        "--preset, --frames apply only to a preset run"),
+    "bench_dataset_options_without_one": (["bench", "--preset", "tiny", "--num-frames", "4"],
+                                          "--num-frames apply only to --dataset runs"),
 }
 
 

@@ -74,6 +74,8 @@ def test_pair_with_different_visual_layouts_is_a_clear_error():
     (dict(gamma="fast"), "gamma must be"),
     (dict(max_gamma=99), "max_gamma"),
     (dict(gemm_prologues=True), "unknown gemm_prologues"),
+    (dict(max_gamma=2.5), "max_gamma must be an int"),
+    (dict(preservation=0.1), "must be a PreservationOptions"),
 ])
 def test_bad_options_are_clear_errors(options, message):
     with pytest.raises(HippoError, match=message):
@@ -109,6 +111,39 @@ def test_bad_requests_are_clear_errors(tmp_path):
         HippoPipeline(target, None, draft_device="cpu")
     with pytest.raises(HippoError, match="unknown device"):
         HippoPipeline(target, draft, draft_device="banana")
+    with pytest.raises(HippoError, match="num_frames or fps, not both"):
+        pipeline.generate(sample_video_path(), "hi", 4, num_frames=2, fps=1.0)
+    with pytest.raises(HippoError, match="need a temperature > 0"):
+        pipeline.generate(sample_video_path(), "hi", 4, num_frames=2, top_k=3)
+    for eos in (10**6, -1):
+        with pytest.raises(HippoError, match=f"eos_token_id {eos} is not a token id"):
+            pipeline.generate(sample_video_path(), "hi", 4, num_frames=2, eos_token_id=eos)
+    with pytest.raises(HippoError, match="integer token ids"):
+        pipeline.generate(sample_video_path(), [1.7], 4, num_frames=2)
+
+
+@pytest.mark.parametrize("arguments, needle", [
+    (("tiny-qwen2.5-vl", None), "the target must be a model adapter"),
+    ((None, None), "the target must be a model adapter"),
+    (("adapter", "tiny-qwen2.5-vl-draft"), "the draft must be a model adapter"),
+])
+def test_pipeline_needs_adapters(arguments, needle):
+    target, draft = (load_adapter("tiny-qwen2.5-vl") if a == "adapter" else a for a in arguments)
+    with pytest.raises(HippoError, match=needle):
+        HippoPipeline(target, draft)
+
+
+def test_bad_pipeline_arguments_are_clear_errors():
+    target = load_adapter("tiny-qwen2.5-vl")
+    with pytest.raises(HippoError, match="options must be a HippoOptions"):
+        HippoPipeline(target, None, options={"mode": "ar"})
+    with pytest.raises(HippoError, match="unknown option 'modes'"):
+        HippoPipeline(target, None, modes="ar")
+    for source in (None, 3):
+        with pytest.raises(HippoError, match="preset name or a checkpoint directory"):
+            load_adapter(source)
+    with pytest.raises(HippoError, match="seed must be an integer"):
+        load_adapter("tiny-qwen2.5-vl", seed="x")
 
 
 @pytest.mark.parametrize("options,message", [

@@ -142,6 +142,11 @@ def test_bad_options_are_clear_errors():
             PreservationOptions(weights=weights)
     with pytest.raises(HippoError, match="selection layers"):
         PreservationOptions(layers=(0, 9)).selection_layers(2)
+    for options, needle in ((dict(query_len="3"), "query_len"), (dict(query_len=2.5), "query_len"),
+                            (dict(layers=1), "layers"), (dict(layers=(0.5,)), "layers"),
+                            (dict(seed="x"), "seed"), (dict(per_frame="yes"), "per_frame")):
+        with pytest.raises(HippoError, match=needle):
+            PreservationOptions(**options)
     _, prompt = _prepared("qwen2_5_vl")
     with pytest.raises(HippoError, match="needs the target's queries"):
         preserve_tokens(prompt, PreservationOptions())

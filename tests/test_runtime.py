@@ -326,6 +326,9 @@ def test_bad_inputs_are_clear_errors():
         runtime.rollback(3)
     with pytest.raises(HippoError, match="unsupported model type"):
         LanguageModelRuntime.from_hf(torch.nn.Linear(2, 2), max_seq_len=8)
+    for size in (2.5, 0, "16"):
+        with pytest.raises(HippoError, match="positive integers"):
+            LanguageModelRuntime.from_hf(model, max_seq_len=size)
 
 
 def test_static_cache_layout_and_rollback():

@@ -18,20 +18,20 @@ def _gamma(text: str) -> int | str:
     return text if text == "auto" else int(text)
 
 
-def add_gemm_prologues_argument(parser: argparse.ArgumentParser) -> None:
+def add_gemm_prologues_argument(parser: argparse.ArgumentParser, default: str | None = "none") -> None:
     """--gemm-prologues: which runtimes run the norms, gating and RoPE inside their GEMMs
     (HippoOptions.gemm_prologues; opt-in kernels, not yet measured on a GPU)."""
-    parser.add_argument("--gemm-prologues", choices=("none", "draft", "both"), default="none",
+    parser.add_argument("--gemm-prologues", choices=("none", "draft", "both"), default=default,
                         help="runtimes with the norms, gating and RoPE inside the GEMMs "
                              "(opt-in kernels, not yet measured on a GPU)")
 
 
 def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("ar", "sequential", "parallel"), default="parallel")
-    parser.add_argument("--gamma", type=_gamma, default="auto",
-                        help="draft tokens per round: an int, or 'auto' (measured: PEARL's "
-                             "T_target/T_draft in parallel mode, the best expected tokens/s in "
-                             "sequential mode)")
+    parser.add_argument("--gamma", type=_gamma,
+                        help="draft tokens per round: an int, or 'auto' (the default; measured: "
+                             "PEARL's T_target/T_draft in parallel mode, the best expected "
+                             "tokens/s in sequential mode)")
     parser.add_argument("--keep-ratio", type=float, default=0.1,
                         help="fraction of visual tokens the draft keeps (default 0.1: 90%% pruned)")
     parser.add_argument("--selection", choices=("hippo", "attention", "uniform", "random"),
@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "drafts for itself over its pruned cache")
     gen.add_argument("--video", required=True)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--frames", type=int, default=16)
+    gen.add_argument("--frames", type=int, help="frames sampled uniformly (default 16)")
     gen.add_argument("--fps", type=float, help="sample by rate instead of a frame count")
     _add_decoding_options(gen)
     gen.add_argument("--temperature", type=float, default=0.0)
@@ -84,6 +84,8 @@ def _generate(args: argparse.Namespace) -> None:
     from hippo.pipeline import HippoPipeline
     from hippo.preserve import PreservationOptions
 
+    if args.frames is not None and args.fps is not None:
+        raise HippoError("give --frames or --fps, not both")
     device = resolve_device(args.device)
     draft_device = resolve_device(args.draft_device) if args.draft_device else None
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -94,7 +96,7 @@ def _generate(args: argparse.Namespace) -> None:
     draft = load_adapter(args.draft, dtype=dtype, device=draft_device or device) \
         if args.draft else None
     pipeline = HippoPipeline(
-        target, draft, mode=args.mode, gamma=args.gamma, draft_prefill=args.draft_prefill,
+        target, draft, mode=args.mode, gamma=args.gamma or "auto", draft_prefill=args.draft_prefill,
         draft_device=draft_device, gemm_prologues=args.gemm_prologues,
         preservation=PreservationOptions(keep_ratio=args.keep_ratio, method=args.selection))
     out = pipeline.generate(args.video, args.prompt, args.max_new_tokens, num_frames=args.frames,
@@ -128,12 +130,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             from hippo.bench.command import run_bench
 
             run_bench(args)
+    except BrokenPipeError:  # the reader went away (`hippo ... | head`): nothing left to say
+        _silence_stdout()
+        return 1
     except (HippoError, ValueError, OSError) as error:  # OSError: paths (missing, not a folder, ...)
         print(f"hippo {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail a second time."""
+    import os
+
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (captured, replaced): nothing to flush
+        pass
 
 
 def _one_line(error: BaseException) -> str:

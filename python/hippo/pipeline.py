@@ -30,6 +30,7 @@ from hippo.speculative.statistics import GenerationStats
 from hippo.video import load_video
 
 MODES = ("ar", "sequential", "parallel")
+DEFAULT_FRAMES = 16
 USE_TARGET_EOS = "target"
 RUNTIME_OPTIONS = ("use_cuda_graphs", "step_invariant", "gemm_prologues", "draft_device")
 # Which runtimes run the fused GEMM ops, by HippoOptions.gemm_prologues.
@@ -65,6 +66,9 @@ class HippoOptions:
     gemm_prologues: str = "none"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.preservation, PreservationOptions):
+            raise HippoError("preservation must be a PreservationOptions, got "
+                             f"{type(self.preservation).__name__}")
         if self.mode not in MODES:
             raise HippoError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         if self.draft_prefill not in DRAFT_PREFILLS:
@@ -98,7 +102,17 @@ class HippoPipeline:
 
     def __init__(self, target: VideoLLMAdapter, draft: VideoLLMAdapter | None = None,
                  options: HippoOptions | None = None, **overrides) -> None:
+        for role, model in (("target", target), ("draft", draft)):
+            if not isinstance(model, VideoLLMAdapter) and (role == "target" or model is not None):
+                raise HippoError(f"the {role} must be a model adapter (hippo.models.load_adapter"
+                                 f"(preset or checkpoint directory)), got {type(model).__name__}")
+        if options is not None and not isinstance(options, HippoOptions):
+            raise HippoError(f"options must be a HippoOptions, got {type(options).__name__}")
         options = options or HippoOptions()
+        unknown = sorted(set(overrides) - set(HippoOptions.__dataclass_fields__))
+        if unknown:
+            raise HippoError(f"unknown option {unknown[0]!r}; HippoOptions has "
+                             f"{', '.join(HippoOptions.__dataclass_fields__)}")
         self.options = replace(options, **overrides) if overrides else options
         self.target = target
         self.draft = draft
@@ -128,15 +142,21 @@ class HippoPipeline:
         return pipeline
 
     def prepare(self, video: str | Path | torch.Tensor, prompt: str | list[int], *,
-                num_frames: int | None = 16, fps: float | None = None
+                num_frames: int | None = None, fps: float | None = None
                 ) -> tuple[PreparedPrompt, PreparedPrompt | None]:
         """(target prompt, draft prompt or None when self-speculating) for (video, prompt):
-        frames are decoded once, each model embeds them with its own vision tower."""
+        frames are decoded once, each model embeds them with its own vision tower. A video file
+        is sampled at num_frames uniform frames or at fps frames per second (not both;
+        DEFAULT_FRAMES when neither is given)."""
         if not isinstance(video, (str, Path, torch.Tensor)):
             raise HippoError("video must be a file path or decoded frames (a uint8 tensor "
                              f"[T, H, W, 3]), got {type(video).__name__}")
+        if num_frames is not None and fps is not None:
+            raise HippoError("give num_frames or fps, not both")
+        if num_frames is None and fps is None:
+            num_frames = DEFAULT_FRAMES
         frames = video if isinstance(video, torch.Tensor) else load_video(
-            video, num_frames=num_frames if fps is None else None, fps=fps)
+            video, num_frames=num_frames, fps=fps)
         target_prompt = self.target.prepare(frames, prompt, fps=fps)
         if self.draft is None:
             return target_prompt, None
@@ -146,7 +166,7 @@ class HippoPipeline:
 
     @torch.no_grad()
     def generate(self, video: str | Path | torch.Tensor, prompt: str | list[int],
-                 max_new_tokens: int = 64, *, num_frames: int | None = 16,
+                 max_new_tokens: int = 64, *, num_frames: int | None = None,
                  fps: float | None = None, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,
                  eos_token_id: int | list[int] | None | str = USE_TARGET_EOS) -> HippoOutput:
@@ -198,10 +218,15 @@ class HippoPipeline:
             return set()
         tokens = [eos_token_id] if not isinstance(eos_token_id, (list, tuple, set)) else eos_token_id
         try:
-            return {operator.index(token) for token in tokens}
+            ids = {operator.index(token) for token in tokens}
         except TypeError:
             raise HippoError(f"eos_token_id must be a token id, a list of them or None, "
                              f"got {eos_token_id!r}") from None
+        outside = sorted(token for token in ids if not 0 <= token < self.vocab)
+        if outside:
+            raise HippoError(f"eos_token_id {outside[0]} is not a token id (the vocabulary has "
+                             f"{self.vocab})")
+        return ids
 
     def _runtime(self, role: str, model: VideoLLMAdapter, capacity: int) -> LanguageModelRuntime:
         """The role's runtime with room for `capacity` positions (rebuilt when too small)."""

@@ -19,7 +19,7 @@ import torch
 
 import hippo_ext
 from hippo_ext.token_selection import kept_count, per_frame_quotas
-from hippo.models.base import HippoError, PreparedPrompt
+from hippo.models.base import HippoError, PreparedPrompt, is_int
 
 SELECTION_METHODS = ("hippo", "attention", "uniform", "random")
 ATTENTION_ONLY_WEIGHTS = (1.0, 0.0, 0.0)
@@ -59,8 +59,15 @@ class PreservationOptions:
         weights = tuple(self.weights) if isinstance(self.weights, (tuple, list)) else ()
         if len(weights) != 3 or not all(_is_number(w) and 0 <= w < math.inf for w in weights):
             raise HippoError(f"weights must be three finite non-negative numbers, got {self.weights!r}")
-        if self.query_len is not None and self.query_len < 1:
-            raise HippoError(f"query_len must be at least 1, got {self.query_len}")
+        if self.query_len is not None and (not is_int(self.query_len) or self.query_len < 1):
+            raise HippoError(f"query_len must be an integer of at least 1, got {self.query_len!r}")
+        if self.layers is not None and not (isinstance(self.layers, (tuple, list))
+                                            and all(is_int(layer) for layer in self.layers)):
+            raise HippoError(f"layers must be a tuple of layer indices, got {self.layers!r}")
+        if not is_int(self.seed):
+            raise HippoError(f"seed must be an integer, got {self.seed!r}")
+        if not isinstance(self.per_frame, bool):
+            raise HippoError(f"per_frame must be True or False, got {self.per_frame!r}")
 
     @property
     def needs_queries(self) -> bool:

@@ -21,24 +21,48 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: 7b with a GPU, tiny without")
     parser.add_argument("--frames", type=int, nargs="*", help="frame counts (196 tokens each)")
     parser.add_argument("--eps", type=float, nargs="*", help="agreement knob values to sweep")
-    parser.add_argument("--gamma", type=int, default=12,
-                        help="draft tokens per round of sequential SD and HF assisted")
+    parser.add_argument("--gamma", type=int,
+                        help=f"draft tokens per round of sequential SD and HF assisted "
+                             f"(default {PRESET_DEFAULTS['gamma']})")
     parser.add_argument("--new-tokens", type=int)
-    parser.add_argument("--methods", nargs="*", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--methods", nargs="*", choices=METHODS, help="default: all")
     parser.add_argument("--keep-ratio", type=float, default=0.1)
     parser.add_argument("--out-dir", default="hippo-bench", help="where bench.json and bench.png go")
-    add_gemm_prologues_argument(parser)
+    add_gemm_prologues_argument(parser, default=None)
     sets = parser.add_argument_group("benchmark sets (instead of a preset)")
     sets.add_argument("--dataset", help="videomme, mvbench, longvideobench, mlvu, lvbench or vdc")
     sets.add_argument("--root", help="the benchmark set's local directory")
-    sets.add_argument("--target", default="tiny-qwen2.5-vl", help="checkpoint directory or preset")
-    sets.add_argument("--draft", default="tiny-qwen2.5-vl-draft")
+    sets.add_argument("--target", help=f"checkpoint directory or preset (default "
+                                       f"{SET_DEFAULTS['target']})")
+    sets.add_argument("--draft", help=f"default {SET_DEFAULTS['draft']}")
     sets.add_argument("--limit", type=int, help="questions per set")
-    sets.add_argument("--max-new-tokens", type=int, default=64)
-    sets.add_argument("--num-frames", type=int, default=16)
+    sets.add_argument("--max-new-tokens", type=int,
+                      help=f"default {SET_DEFAULTS['max_new_tokens']}")
+    sets.add_argument("--num-frames", type=int, help=f"default {SET_DEFAULTS['num_frames']}")
+
+
+# Options of one kind of run only, and their defaults (None: decided by the run). argparse leaves
+# them None unless given, so that an option of the other kind is refused rather than ignored.
+PRESET_DEFAULTS = dict(preset=None, frames=None, eps=None, gamma=12, new_tokens=None, methods=None,
+                       gemm_prologues="none")
+SET_DEFAULTS = dict(root=None, target="tiny-qwen2.5-vl", draft="tiny-qwen2.5-vl-draft",
+                    limit=None, max_new_tokens=64, num_frames=16)
+
+
+def _apply_mode_defaults(args: argparse.Namespace) -> None:
+    """Refuse the options of the kind of run not chosen; fill in the chosen kind's defaults."""
+    unused, used = (PRESET_DEFAULTS, SET_DEFAULTS) if args.dataset else (SET_DEFAULTS, PRESET_DEFAULTS)
+    given = ["--" + name.replace("_", "-") for name in unused if getattr(args, name) is not None]
+    if given:
+        where = "a preset run (no --dataset)" if args.dataset else "--dataset runs"
+        raise HippoError(f"{', '.join(given)} apply only to {where}")
+    for name, default in used.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
 
 def run_bench(args: argparse.Namespace) -> list[dict]:
+    _apply_mode_defaults(args)
     for name in ("new_tokens", "gamma", "limit", "max_new_tokens", "num_frames"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
@@ -53,7 +77,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         raise HippoError(f"--out-dir {out_dir}: cannot make the folder ({err.strerror})") from err
     if args.dataset:
         return _run_dataset(args, out_dir)
-    from hippo.bench.end_to_end import PRESETS, run_end_to_end
+    from hippo.bench.end_to_end import METHODS, PRESETS, run_end_to_end
     from hippo.bench.plot import plot_speedup_vs_mat
     from hippo.report import markdown_table
 
@@ -66,7 +90,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
           f"measured, never faked) on {device}")
     rows = run_end_to_end(preset, frames=tuple(args.frames or ()) or None,
                           eps_values=tuple(args.eps or ()) or None, gamma=args.gamma,
-                          new_tokens=args.new_tokens, methods=tuple(args.methods),
+                          new_tokens=args.new_tokens, methods=tuple(args.methods or METHODS),
                           keep_ratio=args.keep_ratio, gemm_prologues=args.gemm_prologues)
     print(markdown_table(rows))
     report = dict(preset=name, device=device, dtype=str(preset.dtype),
@@ -91,4 +115,7 @@ def _run_dataset(args: argparse.Namespace, out_dir: Path) -> list[dict]:
     print(markdown_table([summary]))
     (out_dir / f"{args.dataset}.json").write_text(json.dumps(dict(summary=summary, rows=rows),
                                                              indent=1))
+    if rows and summary["run"] == 0:
+        raise HippoError(f"none of the {len(rows)} questions could be run; the first: "
+                         f"{rows[0]['skipped']}")
     return rows

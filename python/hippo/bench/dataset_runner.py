@@ -65,4 +65,4 @@ def _summary(name: str, rows: list[dict]) -> dict:
     return dict(dataset=name, questions=len(rows), run=len(done), skipped=len(rows) - len(done),
                 MAT=round(tokens / steps, 2) if steps else None,
                 speedup=round(ar_s / hippo_s, 2) if hippo_s else None,
-                all_matched_ar=all(row["matched_ar"] for row in done))
+                all_matched_ar=all(row["matched_ar"] for row in done) if done else None)

@@ -6,7 +6,8 @@ import os
 import torch
 
 from hippo.models.base import (
-    HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible, read_checkpoint_json, resolve_device)
+    HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible, is_int, read_checkpoint_json,
+    resolve_device)
 
 # model_type in a checkpoint's config.json -> family (LLaVA-Video checkpoints are llava_onevision too).
 FAMILIES = ("qwen2_5_vl", "llava_onevision")
@@ -30,6 +31,11 @@ def load_adapter(source: str, *, dtype: torch.dtype | None = None, device: str |
     directory (its config.json's model_type picks the family; bf16 by default; nothing is downloaded)."""
     from hippo.models.presets import PRESETS
 
+    if not isinstance(source, (str, os.PathLike)):
+        raise HippoError(f"a model is a preset name or a checkpoint directory, got {source!r}")
+    if not is_int(seed):
+        raise HippoError(f"seed must be an integer, got {seed!r}")
+    source = os.fspath(source)
     device = resolve_device(device)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise HippoError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")

@@ -3,6 +3,7 @@ Qwen2-family language model it runs on. One adapter file per model family implem
 from __future__ import annotations
 
 import math
+import numbers
 
 from dataclasses import dataclass
 
@@ -12,6 +13,11 @@ import torch
 class HippoError(RuntimeError):
     """An error a user can cause (bad video, prompt too long, unsupported model, ...): one clear
     message, no traceback needed."""
+
+
+def is_int(value: object) -> bool:
+    """An integer (Python's or numpy's), and not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -178,6 +184,8 @@ class VideoLLMAdapter:
                 raise HippoError(f"{self.family} model has no tokenizer: pass the prompt as token ids")
             ids = self.tokenizer.encode(prompt)
         else:
+            if not all(is_int(i) for i in prompt):
+                raise HippoError("a prompt given as a list must hold integer token ids")
             ids = [int(i) for i in prompt]
         if any(i < 0 or i >= self.vocab_size for i in ids):
             raise HippoError(f"prompt token ids must lie in [0, {self.vocab_size})")

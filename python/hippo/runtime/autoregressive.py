@@ -66,6 +66,9 @@ class SamplingOptions:
             raise HippoError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 0:
             raise HippoError(f"top_k must be >= 0, got {self.top_k}")
+        if self.temperature == 0.0 and (self.top_k is not None or self.top_p is not None):
+            raise HippoError("top_k and top_p shape sampling: they need a temperature > 0 "
+                             "(temperature 0 is greedy decoding)")
 
     @property
     def greedy(self) -> bool:

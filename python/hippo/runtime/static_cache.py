@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from hippo.models.base import HippoError
+from hippo.models.base import HippoError, is_int
 
 KEYS, VALUES = 0, 1
 
@@ -26,9 +26,10 @@ class StaticKVCache:
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_seq_len: int,
                  head_dim: int, *, dtype: torch.dtype, device: torch.device | str) -> None:
-        if min(num_layers, batch, num_kv_heads, max_seq_len, head_dim) < 1:
+        sizes = (num_layers, batch, num_kv_heads, max_seq_len, head_dim)
+        if not all(is_int(size) for size in sizes) or min(sizes) < 1:
             raise HippoError(
-                "static KV cache sizes must be positive: "
+                "static KV cache sizes must be positive integers: "
                 f"layers={num_layers}, batch={batch}, kv heads={num_kv_heads}, "
                 f"max_seq_len={max_seq_len}, head_dim={head_dim}")
         self.tensor = torch.zeros(num_layers, 2, batch, num_kv_heads, max_seq_len, head_dim,

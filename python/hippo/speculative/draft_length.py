@@ -12,7 +12,7 @@ Step times (PhaseClock) and the acceptance rate are smoothed over rounds.
 """
 from __future__ import annotations
 
-from hippo.models.base import HippoError
+from hippo.models.base import HippoError, is_int
 
 MAX_DRAFT_LENGTH = 32  # a sequential verify step of g + 1 tokens stays within the runtime's 64
 SMOOTHING = 0.5
@@ -24,11 +24,11 @@ class DraftLength:
 
     def __init__(self, gamma: int | str = "auto", *, initial: int = 4, max_gamma: int = 12,
                  mode: str = "parallel") -> None:
-        if gamma != "auto" and (not isinstance(gamma, int) or not 1 <= gamma <= MAX_DRAFT_LENGTH):
+        if gamma != "auto" and (not is_int(gamma) or not 1 <= gamma <= MAX_DRAFT_LENGTH):
             raise HippoError(f"gamma must be 'auto' or an int in 1..{MAX_DRAFT_LENGTH}, "
                              f"got {gamma!r}")
-        if not 1 <= max_gamma <= MAX_DRAFT_LENGTH:
-            raise HippoError(f"max_gamma must lie in 1..{MAX_DRAFT_LENGTH}, got {max_gamma}")
+        if not is_int(max_gamma) or not 1 <= max_gamma <= MAX_DRAFT_LENGTH:
+            raise HippoError(f"max_gamma must be an int in 1..{MAX_DRAFT_LENGTH}, got {max_gamma!r}")
         if mode not in RULES:
             raise HippoError(f"unknown draft-length rule {mode!r}; choose one of {RULES}")
         self.adaptive = gamma == "auto"
