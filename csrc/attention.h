@@ -35,8 +35,12 @@ struct DecodeAttentionShape {
 // Shapes, dtypes, devices and layouts (no index values: those need a host sync on CUDA).
 inline DecodeAttentionShape check_decode_attention_inputs(
     const at::Tensor& query, const at::Tensor& cache, int64_t layer, const at::Tensor& length,
-    const std::optional<at::Tensor>& tree_mask) {
+    double scale, const std::optional<at::Tensor>& tree_mask) {
   const char* op = kDecodeAttentionOp;
+  // The kernels scale in float32: a scale beyond its range is inf there, a NaN one would be
+  // dropped by the running max instead of reaching the output.
+  HIPPO_CHECK(std::isfinite(static_cast<float>(scale)), op,
+              "scale must be finite (as a float32), got ", scale);
   check_dim(query, 4, op, "query");
   check_kv_cache(cache, op, "cache");
   check_cache_lengths(length, cache, op);

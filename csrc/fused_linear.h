@@ -33,7 +33,7 @@ inline SkinnyShape check_add_rms_norm_linear_inputs(const at::Tensor& x, const a
                                                     const at::Tensor& norm_weight, double eps,
                                                     const at::Tensor& weight,
                                                     const std::optional<at::Tensor>& bias) {
-  check_add_rms_norm_inputs(x, residual, norm_weight, eps, kAddRmsNormLinearOp);
+  check_add_rms_norm_inputs(x, residual, norm_weight, eps, kAddRmsNormLinearOp, "norm_weight");
   return check_linear_operands(x, x.size(-1), weight, bias, kAddRmsNormLinearOp);
 }
 
@@ -50,10 +50,11 @@ inline std::pair<SkinnyShape, RotaryShape> check_qkv_projection_inputs(
     const at::Tensor& sin, const at::Tensor& cache, int64_t layer, const at::Tensor& length) {
   const char* op = kQkvProjectionOp;
   check_dim(x, 3, op, "x");
-  check_add_rms_norm_inputs(x, residual, norm_weight, eps, op);
+  check_add_rms_norm_inputs(x, residual, norm_weight, eps, op, "norm_weight");
   const SkinnyShape gemm = check_linear_operands(x, x.size(-1), weight, bias, op);
   const RotaryShape rotary = check_rotary_operands(
-      {x.size(0), x.size(1), gemm.out_features, x.scalar_type(), x.device()}, cos, sin, cache, layer,
+      {x.size(0), x.size(1), gemm.out_features, x.scalar_type(), x.device(), "weight.size(0)", "x"},
+      cos, sin, cache, layer,
       length, op);
   return {gemm, rotary};
 }

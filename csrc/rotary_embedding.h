@@ -52,6 +52,8 @@ struct QkvRows {
   int64_t width = 0;
   at::ScalarType dtype = at::kFloat;
   at::Device device = at::kCPU;
+  const char* width_name = "qkv's last dimension";  // how errors name the width and the rows
+  const char* rows_name = "qkv";
 };
 
 inline RotaryShape check_rotary_operands(const QkvRows& qkv, const at::Tensor& cos,
@@ -59,8 +61,8 @@ inline RotaryShape check_rotary_operands(const QkvRows& qkv, const at::Tensor& c
                                          int64_t layer, const at::Tensor& length, const char* op) {
   check_kv_cache(cache, op, "cache");
   HIPPO_CHECK(cache.scalar_type() == qkv.dtype, op, "cache dtype ", cache.scalar_type(),
-              " must match the qkv dtype ", qkv.dtype);
-  HIPPO_CHECK(cache.device() == qkv.device, op, "qkv is on ", qkv.device, " but cache is on ",
+              " must match the ", qkv.rows_name, " dtype ", qkv.dtype);
+  HIPPO_CHECK(cache.device() == qkv.device, op, qkv.rows_name, " is on ", qkv.device, " but cache is on ",
               cache.device());
   check_cache_lengths(length, cache, op);
 
@@ -74,11 +76,11 @@ inline RotaryShape check_rotary_operands(const QkvRows& qkv, const at::Tensor& c
               s.head_dim);
   HIPPO_CHECK(s.kv_heads >= 1 && s.max_seq >= 1, op, "empty cache, shape ", cache.sizes());
   HIPPO_CHECK(qkv.width % s.head_dim == 0 && qkv.width / s.head_dim > 2 * s.kv_heads, op,
-              "qkv's last dimension must be (Hq + 2 Hkv) * D with Hq >= 1, Hkv = ", s.kv_heads, " and D = ",
-              s.head_dim, " (from the cache), got ", qkv.width);
+              qkv.width_name, " must be (Hq + 2 Hkv) * D with Hq >= 1, Hkv = ", s.kv_heads,
+              " and D = ", s.head_dim, " (from the cache), got ", qkv.width);
   s.q_heads = qkv.width / s.head_dim - 2 * s.kv_heads;
   HIPPO_CHECK(cache.size(2) == s.batch, op, "cache batch size ", cache.size(2),
-              " does not match the qkv batch size ", s.batch);
+              " does not match the ", qkv.rows_name, " batch size ", s.batch);
   HIPPO_CHECK(layer >= 0 && layer < cache.size(0), op, "layer ", layer, " out of range [0, ", cache.size(0), ")");
   HIPPO_CHECK(length.size(0) == s.batch, op, "length must have one entry per batch row (", s.batch,
               "), got shape ", length.sizes());
@@ -88,8 +90,8 @@ inline RotaryShape check_rotary_operands(const QkvRows& qkv, const at::Tensor& c
                 name, " must be [B, S, D] = [", s.batch, ", ", s.tokens, ", ", s.head_dim, "], got shape ",
                 table->sizes());
     HIPPO_CHECK(table->scalar_type() == qkv.dtype, op, name, " dtype ", table->scalar_type(),
-                " must match the qkv dtype ", qkv.dtype);
-    HIPPO_CHECK(table->device() == qkv.device, op, name, " is on ", table->device(), " but qkv is on ",
+                " must match the ", qkv.rows_name, " dtype ", qkv.dtype);
+    HIPPO_CHECK(table->device() == qkv.device, op, name, " is on ", table->device(), " but ", qkv.rows_name, " is on ",
                 qkv.device);
     check_contiguous(*table, op, name);
   }
@@ -123,8 +125,11 @@ struct RotaryTablesShape {
 };
 
 inline RotaryTablesShape check_rotary_tables_inputs(const at::Tensor& positions, const at::Tensor& inv_freq,
-                                                    at::IntArrayRef mrope_section, at::ScalarType dtype) {
+                                                    at::IntArrayRef mrope_section, double scaling,
+                                                    at::ScalarType dtype) {
   const char* op = kRotaryTablesOp;
+  HIPPO_CHECK(std::isfinite(static_cast<float>(scaling)), op,
+              "scaling must be finite (as a float32), got ", scaling);
   check_dtype(positions, at::kLong, op, "positions");
   check_dim(inv_freq, 1, op, "inv_freq");
   check_dtype(inv_freq, at::kFloat, op, "inv_freq");
@@ -140,8 +145,9 @@ inline RotaryTablesShape check_rotary_tables_inputs(const at::Tensor& positions,
     HIPPO_CHECK(positions.dim() == 3 && positions.size(0) == 3, op,
                 "with mrope_section, positions must be [3, B, S], got shape ", positions.sizes());
     int64_t total = 0;
-    for (int64_t size : mrope_section) {
-      HIPPO_CHECK(size >= 1, op, "mrope_section sizes must be positive, got ", mrope_section);
+    for (int64_t size : mrope_section) {  // bounded first: the sum must not wrap around
+      HIPPO_CHECK(size >= 1 && size <= s.half, op, "mrope_section sizes must lie in [1, D/2 = ",
+                  s.half, "], got ", mrope_section);
       total += size;
     }
     HIPPO_CHECK(total == s.half, op, "mrope_section ", mrope_section, " must sum to D/2 = ", s.half,

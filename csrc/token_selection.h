@@ -56,11 +56,17 @@ inline SelectionShape check_selection_inputs(const at::Tensor& queries, const at
                                              int64_t num_visual, int64_t num_keep, double w_global,
                                              double w_temporal, double w_spatial, double scale) {
   const char* op = kSelectOp;
-  // A NaN score would rank above every other (its bit pattern sorts above +inf).
-  HIPPO_CHECK(std::isfinite(w_global) && std::isfinite(w_temporal) && std::isfinite(w_spatial), op,
-              "the fusion weights must be finite, got (", w_global, ", ", w_temporal, ", ",
-              w_spatial, ")");
-  HIPPO_CHECK(std::isfinite(scale), op, "scale must be finite, got ", scale);
+  // A NaN score would rank above every other (its bit pattern sorts above +inf). The scores
+  // are fused and scaled in float32, so the weights, their sum and the scale must be finite
+  // there (a weight of 1e39 is inf in float32, and 0 * inf is NaN).
+  HIPPO_CHECK(std::isfinite(static_cast<float>(w_global)) &&
+                  std::isfinite(static_cast<float>(w_temporal)) &&
+                  std::isfinite(static_cast<float>(w_spatial)) &&
+                  std::isfinite(static_cast<float>(w_global + w_temporal + w_spatial)),
+              op, "the fusion weights and their sum must be finite (as float32), got (", w_global,
+              ", ", w_temporal, ", ", w_spatial, ")");
+  HIPPO_CHECK(std::isfinite(static_cast<float>(scale)), op,
+              "scale must be finite (as a float32), got ", scale);
   check_dim(queries, 4, op, "queries");
   check_dim(keys, 4, op, "keys");
   check_dim(features, 4, op, "features");
@@ -100,7 +106,9 @@ inline SelectionShape check_selection_inputs(const at::Tensor& queries, const at
               " positions but keys only ", s.seq_len, " (the queries are the last Lq positions)");
   HIPPO_CHECK(s.frames > 0 && s.grid_h > 0 && s.grid_w > 0 && s.channels > 0, op,
               "features must be non-empty, got shape ", features.sizes());
-  HIPPO_CHECK(visual_start >= 0 && num_visual >= 0 && visual_start + num_visual <= s.seq_len, op,
+  HIPPO_CHECK(visual_start >= 0 && num_visual >= 0 && visual_start <= s.seq_len &&
+                  num_visual <= s.seq_len - visual_start,  // no sum: it could wrap around
+              op,
               "the visual span [", visual_start, ", ", visual_start + num_visual,
               ") must lie inside the ", s.seq_len, " key positions");
   HIPPO_CHECK(num_visual >= s.grid_tokens(), op, "num_visual (", num_visual,
@@ -119,9 +127,17 @@ struct LocalScores {
   float temporal, spatial;
 };
 
+// sqrt of the product in double: for two identical vectors (dot == norm_sq_a == norm_sq_b, as
+// the pair-dot stage sums both in one order) it is exactly the norm, so the cosine is exactly 1
+// and a static video's novelty exactly 0, not rounding noise that the per-frame min-max
+// normalisation would stretch over [0, 1]. (sqrtf(a) * sqrtf(b) misses by an ulp.)
 C10_HOST_DEVICE inline float pair_cosine(float dot, float norm_sq_a, float norm_sq_b) {
-  return dot / fmaxf(sqrtf(norm_sq_a) * sqrtf(norm_sq_b), 1e-8f);
+  const double norms = sqrt(static_cast<double>(norm_sq_a) * static_cast<double>(norm_sq_b));
+  return dot / fmaxf(static_cast<float>(norms), 1e-8f);
 }
+
+// 1 - cos, at least 0 (rounding can put a cosine an ulp above 1).
+C10_HOST_DEVICE inline float novelty_of(float cosine) { return fmaxf(1.f - cosine, 0.f); }
 
 C10_HOST_DEVICE inline LocalScores local_scores_at(int64_t token, const float* norms_sq,
                                                    const float* dots, int64_t frames,
@@ -133,14 +149,14 @@ C10_HOST_DEVICE inline LocalScores local_scores_at(int64_t token, const float* n
   float novelty = 0.f;
   int temporal_count = 0;
   if (t + 1 < frames) {  // pair (token, token + per_frame) is token's forward pair 0
-    novelty += 1.f - pair_cosine(dots[token * kNumPairDirections], norms_sq[token],
-                                 norms_sq[token + per_frame]);
+    novelty += novelty_of(pair_cosine(dots[token * kNumPairDirections], norms_sq[token],
+                                      norms_sq[token + per_frame]));
     ++temporal_count;
   }
   if (t > 0) {  // ... and the previous frame's forward pair 0
     const int64_t previous = token - per_frame;
-    novelty += 1.f - pair_cosine(dots[previous * kNumPairDirections], norms_sq[previous],
-                                 norms_sq[token]);
+    novelty += novelty_of(pair_cosine(dots[previous * kNumPairDirections], norms_sq[previous],
+                                      norms_sq[token]));
     ++temporal_count;
   }
 

@@ -7,6 +7,9 @@ whatever the values; a bad value then gives a wrong answer, never a crash.
 """
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 
 
@@ -29,3 +32,18 @@ def check_strictly_ascending(index: torch.Tensor, op: str, name: str) -> None:
     """Raise unless index is strictly ascending along its last dimension."""
     if index.size(-1) > 1 and not bool((index[..., 1:] > index[..., :-1]).all()):
         raise RuntimeError(f"{op}: {name} must be strictly ascending along its last dimension")
+
+
+def as_int(value: object, op: str, name: str) -> int:
+    """An integer argument (Python's or numpy's); 2.7 is refused, not truncated to 2."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an integer, got {value!r}") from None
+
+
+def default_scale(tensor: torch.Tensor) -> float:
+    """1 / sqrt(D) for a [..., D] tensor; 1.0 where D is missing or 0, so that the op itself
+    reports the bad shape."""
+    head_dim = tensor.shape[-1] if tensor.dim() > 0 else 0
+    return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0

@@ -1,11 +1,10 @@
 """Decode attention: Lq query tokens against one layer of the static KV cache (flash decoding)."""
 from __future__ import annotations
 
-import math
 
 import torch
 
-from hippo_ext._validation import check_index_range, wants_value_check
+from hippo_ext._validation import as_int, check_index_range, default_scale, wants_value_check
 from hippo_ext._workspace import shared_workspace, zeroed_int32
 
 __all__ = ["decode_attention", "decode_attention_workspace"]
@@ -62,7 +61,7 @@ def decode_attention(
         head h uses kv head h // (Hq // Hkv).
     """
     if scale is None:
-        scale = 1.0 / math.sqrt(query.size(-1))
+        scale = default_scale(query)
     if wants_value_check(length, check) and _shapes_plausible(query, cache, length):
         check_index_range(length, cache.size(4) + 1, "decode_attention", "length",
                           lower=query.size(1))
@@ -70,7 +69,8 @@ def decode_attention(
         workspace = shared_workspace("decode_attention", cache.size(2) * cache.size(3),
                                      cache.device)
     return torch.ops.hippo_ext.decode_attention.default(
-        query, cache, layer, length, float(scale), tree_mask, bool(row_invariant), workspace)
+        query, cache, as_int(layer, "decode_attention", "layer"), length, float(scale), tree_mask,
+        bool(row_invariant), workspace)
 
 
 def _shapes_plausible(query: torch.Tensor, cache: torch.Tensor, length: torch.Tensor) -> bool:

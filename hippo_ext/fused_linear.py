@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from hippo_ext._validation import check_index_range, wants_value_check
+from hippo_ext._validation import as_int, check_index_range, wants_value_check
 
 __all__ = ["add_rms_norm_linear", "qkv_projection", "silu_and_mul_linear"]
 
@@ -54,7 +54,8 @@ def qkv_projection(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.T
         check_index_range(length, cache.size(4) + 1, "qkv_projection", "length",
                           lower=x.size(1))
     return torch.ops.hippo_ext.qkv_projection.default(
-        x, residual, norm_weight, float(eps), weight, bias, cos, sin, cache, int(layer), length)
+        x, residual, norm_weight, float(eps), weight, bias, cos, sin, cache,
+        as_int(layer, "qkv_projection", "layer"), length)
 
 
 @torch.library.register_fake("hippo_ext::qkv_projection")

@@ -36,7 +36,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             a shared one per device and stream (must exist before any CUDA-graph capture).
     """
     if workspace is None:
-        workspace = shared_workspace("skinny_linear", -(-weight.size(0) // ROWS_PER_BLOCK),
+        out_features = weight.shape[0] if weight.dim() > 0 else 0  # the op reports a bad shape
+        workspace = shared_workspace("skinny_linear", -(-out_features // ROWS_PER_BLOCK),
                                      x.device)
         if workspace is None:
             raise RuntimeError("skinny_linear: pass workspace= (skinny_linear_workspace) when "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from hippo_ext._validation import check_index_range, wants_value_check
+from hippo_ext._validation import as_int, check_index_range, wants_value_check
 
 __all__ = ["rotary_kv_append", "rotary_tables"]
 
@@ -36,7 +36,8 @@ def rotary_kv_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             and length.dtype in (torch.int32, torch.int64):
         check_index_range(length, cache.size(4) + 1, "rotary_kv_append", "length",
                           lower=qkv.size(1))
-    return torch.ops.hippo_ext.rotary_kv_append.default(qkv, cos, sin, cache, int(layer), length)
+    return torch.ops.hippo_ext.rotary_kv_append.default(
+        qkv, cos, sin, cache, as_int(layer, "rotary_kv_append", "layer"), length)
 
 
 def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
@@ -58,7 +59,8 @@ def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
     product, cos/sin, scaling, cast), so the tables equal HF's bit for bit.
     """
     return torch.ops.hippo_ext.rotary_tables.default(
-        positions, inv_freq.float(), [int(n) for n in mrope_section], float(scaling), dtype)
+        positions, inv_freq.float(),
+        [as_int(n, "rotary_tables", "mrope_section") for n in mrope_section], float(scaling), dtype)
 
 
 @torch.library.register_fake("hippo_ext::rotary_tables")

@@ -5,7 +5,8 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+
+from hippo_ext._validation import as_int, default_scale
 
 OP_NAME = "hippo_ext::select_visual_tokens"
 
@@ -39,7 +40,7 @@ def _resolve_num_keep(grid_tokens: int, num_keep: int | None, keep_ratio: float 
         if not 0.0 <= keep_ratio <= 1.0:
             raise ValueError(f"select_visual_tokens: keep_ratio must lie in [0, 1], got {keep_ratio}")
         return kept_count(grid_tokens, keep_ratio)
-    return int(num_keep)
+    return as_int(num_keep, "select_visual_tokens", "num_keep")
 
 
 def select_visual_tokens(
@@ -81,10 +82,11 @@ def select_visual_tokens(
             queries of softmax(scale * q.k)[visual_start + n]. The softmax is computed per query
             row with running statistics (flash-style), never as a full attention matrix.
         temporal[t, y, x] = mean over the existing frames t' = t +- 1 of
-            1 - cos(f[t, y, x], f[t', y, x]); 0 when T == 1.
+            max(0, 1 - cos(f[t, y, x], f[t', y, x])); 0 when T == 1 (and exactly 0 between
+            identical features: a static video has no novelty, not rounding noise).
         spatial[t, y, x] = population variance of cos(f[t, y, x], f[t, y', x']) over the existing
             8-neighbours in its 3x3 neighbourhood; 0 when it has none.
-        cos(a, b) = a.b / max(|a| |b|, 1e-8).
+        cos(a, b) = a.b / max(sqrt(|a|^2 |b|^2), 1e-8).
         fused = w_g * g' + w_t * t' + w_s * s' where each raw score s is min-max normalised per
             frame: s' = (s - min_t) / (max_t - min_t), and 0 for a frame whose scores are equal.
 
@@ -104,10 +106,11 @@ def select_visual_tokens(
     grid_tokens = features.shape[0] * features.shape[1] * features.shape[2] if features.dim() == 4 else 0
     keep = _resolve_num_keep(grid_tokens, num_keep, keep_ratio)
     if scale is None:
-        scale = 1.0 / math.sqrt(queries.shape[-1])
+        scale = default_scale(queries)
     w_global, w_temporal, w_spatial = (float(w) for w in weights)
     outputs = torch.ops.hippo_ext.select_visual_tokens(
-        queries, keys, features, visual_start, num_visual, keep, per_frame,
+        queries, keys, features, as_int(visual_start, OP_NAME, "visual_start"),
+        as_int(num_visual, OP_NAME, "num_visual"), keep, per_frame,
         w_global, w_temporal, w_spatial, float(scale))
     return SelectedTokens(*outputs)
 
@@ -151,9 +154,10 @@ def reference_global_score(queries: torch.Tensor, keys: torch.Tensor, visual_sta
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    # F.cosine_similarity clamps each norm separately; the op clamps their product (same result
-    # for any non-degenerate feature vector).
-    return F.cosine_similarity(a, b, dim=-1, eps=1e-8)
+    # As the op: the product of the squared norms under one square root, so that identical
+    # vectors give exactly 1 (the dot and both squared norms are the same sum).
+    dot = (a * b).sum(-1)
+    return dot / ((a * a).sum(-1) * (b * b).sum(-1)).sqrt().clamp_min(1e-8)
 
 
 def reference_local_scores(features: torch.Tensor,
@@ -164,7 +168,7 @@ def reference_local_scores(features: torch.Tensor,
     novelty = torch.zeros(frames, grid_h, grid_w, dtype=dtype, device=f.device)
     count = torch.zeros_like(novelty)
     if frames > 1:
-        change = 1 - _cosine(f[1:], f[:-1])
+        change = (1 - _cosine(f[1:], f[:-1])).clamp_min(0)
         novelty[1:] += change
         novelty[:-1] += change
         count[1:] += 1

@@ -198,7 +198,10 @@ def _norm_args(device):
 NORM_BAD_INPUTS = {
     "weight_columns": (lambda a: {**a, "weight": a["weight"][:, :32].contiguous()}, "weight is"),
     "residual_shape": (lambda a: {**a, "residual": a["residual"][:1]}, "residual shape"),
-    "norm_weight_size": (lambda a: {**a, "norm_weight": a["norm_weight"][:63]}, "entries"),
+    "norm_weight_size": (lambda a: {**a, "norm_weight": a["norm_weight"][:63]},
+                         "norm_weight has 63 entries"),
+    "norm_weight_dtype": (lambda a: {**a, "norm_weight": a["norm_weight"].double()},
+                          "norm_weight dtype"),
     "bias_size": (lambda a: {**a, "bias": a["bias"][:3]}, "bias has"),
     "weight_dtype": (lambda a: {**a, "weight": a["weight"].double()}, "dtype"),
     "negative_eps": (lambda a: {**a, "eps": -1.0}, "eps"),
@@ -358,12 +361,15 @@ def test_qkv_projection_opcheck(device, gen):
 QKV_BAD_INPUTS = {
     "not_three_dims": (lambda a: {**a, "x": a["x"][0], "residual": a["residual"][0]}, "x"),
     "width_not_heads": (lambda a: {**a, "weight": a["weight"][:-3].contiguous(),
-                                   "bias": a["bias"][:-3].contiguous()}, "Hq \\+ 2 Hkv"),
+                                   "bias": a["bias"][:-3].contiguous()},
+                        "weight.size\\(0\\) must be \\(Hq \\+ 2 Hkv\\)"),
     "cos_shape": (lambda a: {**a, "cos": a["cos"][:, :1].contiguous()}, "cos must be"),
     "cache_dtype": (lambda a: {**a, "cache": a["cache"].half()}, "cache dtype"),
     "layer": (lambda a: {**a, "layer": 2}, "layer"),
     "length_beyond_cache": (lambda a: {**a, "length": a["length"].clone().fill_(41)}, "length"),
-    "norm_weight_size": (lambda a: {**a, "norm_weight": a["norm_weight"][:63]}, "entries"),
+    "norm_weight_size": (lambda a: {**a, "norm_weight": a["norm_weight"][:63]},
+                         "norm_weight has 63 entries"),
+    "layer_not_an_integer": (lambda a: {**a, "layer": 1.7}, "layer must be an integer"),
 }
 
 
@@ -372,5 +378,5 @@ def test_qkv_projection_bad_inputs(device, case):
     args = random_qkv_problem(1, 3, 64, 4, 2, 16, dtypes_for(device)[0], device,
                               torch.Generator().manual_seed(0))
     make_bad, match = QKV_BAD_INPUTS[case]
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises((RuntimeError, TypeError), match=match):
         hippo_ext.qkv_projection(**make_bad(args))

@@ -277,6 +277,16 @@ def test_compact_rejects_bad_index(device, index, message):
     assert torch.equal(cache, before)  # rejected before any copy
 
 
+def test_index_values_are_checked_with_nothing_to_copy():
+    """On the CPU index values are checked always, also when an empty cache leaves nothing to
+    copy."""
+    empty = torch.randn(0, 2, 1, 1, 8, 4)
+    with pytest.raises(RuntimeError, match="outside|must lie in"):
+        torch.ops.hippo_ext.kv_gather(empty, torch.tensor([[99, -5]]), torch.randn(0, 2, 1, 1, 8, 4))
+    with pytest.raises(RuntimeError, match="outside|must lie in|ascending"):
+        torch.ops.hippo_ext.kv_compact_(torch.randn(1, 2, 1, 1, 8, 0), torch.tensor([[99, -5, -5]]))
+
+
 def test_compact_rejects_bad_cache(device):
     index = torch.tensor([[1, 2]], device=device)
     with pytest.raises(RuntimeError, match=r"must be \[layers, 2, B, Hkv, S, D\]"):

@@ -139,8 +139,9 @@ def test_bad_residual(device):
         hippo_ext.add_rms_norm(x, x[:2].clone(), weight)
     with pytest.raises(RuntimeError, match="residual dtype"):
         hippo_ext.add_rms_norm(x, x.half(), weight)
-    with pytest.raises(RuntimeError, match="eps"):
-        hippo_ext.rms_norm(x, weight, -1.0)
+    for eps in (-1.0, float("inf"), float("nan"), 1e39):
+        with pytest.raises(RuntimeError, match="eps must be finite and >= 0"):
+            hippo_ext.rms_norm(x, weight, eps)
 
 
 @requires_cuda

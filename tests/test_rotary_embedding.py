@@ -284,16 +284,27 @@ def test_rotary_tables_opcheck(device):
     (dict(positions=torch.arange(8).view(2, 1, 4), mrope_section=[2, 3, 3]), r"\[3, B, S\]"),
     (dict(mrope_section=[2, 3, 3]), r"\[3, B, S\]"),
     (dict(positions=torch.arange(12).view(3, 1, 4), mrope_section=[2, 3, 2]), "sum to D/2"),
-    (dict(positions=torch.arange(12).view(3, 1, 4), mrope_section=[8, 0]), "positive"),
+    (dict(positions=torch.arange(12).view(3, 1, 4), mrope_section=[8, 0]), "must lie in"),
+    # Sizes whose sum wraps around int64 to D/2.
+    (dict(positions=torch.arange(12).view(3, 1, 4), mrope_section=[2**62] * 3 + [2**62 + 8]),
+     "must lie in"),
+    (dict(scaling=float("nan")), "scaling must be finite"),
+    (dict(scaling=1e39), "scaling must be finite"),
     (dict(inv_freq=torch.rand(0)), "empty"),
     (dict(inv_freq=torch.rand(2, 4)), "inv_freq"),
     (dict(dtype=torch.int32), "dtype"),
 ])
 def test_rotary_tables_bad_inputs(device, bad, match):
     args = dict(positions=torch.arange(4)[None], inv_freq=torch.rand(8), mrope_section=[],
-                dtype=torch.float32)
+                dtype=torch.float32, scaling=1.0)
     args.update(bad)
     with pytest.raises(RuntimeError, match=match):
         torch.ops.hippo_ext.rotary_tables.default(
             args["positions"].to(device), args["inv_freq"].to(device), args["mrope_section"],
-            1.0, args["dtype"])
+            args["scaling"], args["dtype"])
+
+
+def test_integer_arguments_are_not_truncated(device):
+    with pytest.raises(TypeError, match="mrope_section must be an integer"):
+        hippo_ext.rotary_tables(torch.arange(12, device=device).view(3, 1, 4),
+                                torch.rand(8, device=device), [2.9, 2.9, 2.2])

@@ -133,6 +133,26 @@ def test_local_scores_match_reference(device, gen, frames, grid_h, grid_w):
         assert bool((out.spatial_score == 0).all())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [1, 33, 3584])
+def test_identical_frames_have_exactly_no_novelty(device, gen, dtype, channels):
+    """A static video: novelty exactly 0, not rounding noise that the per-frame min-max
+    normalisation would stretch over [0, 1] (then a third of the fused score would be noise).
+    Frames 0-2 are identical, frame 3 differs."""
+    inputs = make_inputs(gen, frames=4, grid_h=3, grid_w=5, channels=channels, dtype=dtype,
+                         device=device)
+    features = inputs["features"]
+    features[1:3] = features[0]
+    out = run_op(inputs, num_keep=6, weights=(1, 1, 1))
+    temporal = out.temporal_score.cpu()
+    assert bool((temporal[1] == 0).all()) and bool((temporal >= 0).all())
+    reference, _ = reference_local_scores(features, torch.float64)
+    assert bool((reference[1] == 0).all())
+    # Frame 1's fused score is its global and spatial parts alone.
+    without_temporal = run_op(inputs, num_keep=6, weights=(1, 0, 1))
+    torch.testing.assert_close(out.fused_score[1], without_temporal.fused_score[1])
+
+
 def test_static_scene_moving_patch_is_most_novel(device, gen):
     frames, grid_h, grid_w, channels = 6, 5, 8, 256  # random vectors: |cos| ~ 0.06
     background = torch.randn(1, grid_h, grid_w, channels, generator=gen)
@@ -344,11 +364,22 @@ def test_bad_inputs(device, gen):
         _call(inputs, visual_start=-1)
     with pytest.raises(RuntimeError, match="must cover the T\\*Hg\\*Wg"):
         _call(inputs, num_visual=grid_tokens - 1)
-    for weights in [(float("nan"), 1.0, 1.0), (1.0, float("inf"), 1.0)]:
-        with pytest.raises(RuntimeError, match="fusion weights must be finite"):
+    # Finite as doubles is not enough: the op fuses and scales in float32.
+    for weights in [(float("nan"), 1.0, 1.0), (1.0, float("inf"), 1.0), (1e39, 1.0, 1.0),
+                    (3e38, 3e38, 0.0)]:
+        with pytest.raises(RuntimeError, match="fusion weights and their sum must be finite"):
             run_op(inputs, num_keep=3, weights=weights)
-    with pytest.raises(RuntimeError, match="scale must be finite"):
-        run_op(inputs, num_keep=3, scale=float("nan"))
+    for scale in (float("nan"), 1e39):
+        with pytest.raises(RuntimeError, match="scale must be finite"):
+            run_op(inputs, num_keep=3, scale=scale)
+    with pytest.raises(RuntimeError, match="visual span"):  # start + count wraps around int64
+        torch.ops.hippo_ext.select_visual_tokens(
+            inputs["queries"], inputs["keys"], inputs["features"], 2**63 - 1, grid_tokens, 3,
+            False, 1.0, 1.0, 1.0, 0.25)
+    with pytest.raises(TypeError, match="num_keep must be an integer"):
+        run_op(inputs, num_keep=2.7)
+    with pytest.raises(RuntimeError, match="queries must be non-empty"):  # D = 0: no 1/sqrt(0)
+        _call(inputs, queries=q[..., :0], keys=k[..., :0])
 
 
 @requires_cuda

@@ -84,7 +84,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& query_in, const at::Tensor& ca
                                 const std::optional<at::Tensor>& tree_mask, bool /*row_invariant*/,
                                 const std::optional<at::Tensor>& workspace) {
   const DecodeAttentionShape s =
-      check_decode_attention_inputs(query_in, cache, layer, length, tree_mask);
+      check_decode_attention_inputs(query_in, cache, layer, length, scale, tree_mask);
   check_decode_attention_workspace(workspace, cache, s);
   check_decode_attention_lengths(length, s);
 

@@ -33,19 +33,20 @@ void copy_slots(const char* src, char* dst, const int64_t* index, const KvGeomet
 
 void kv_gather_cpu(const at::Tensor& src, const at::Tensor& index, const at::Tensor& dst) {
   const KvGeometry g = check_kv_gather(src, index, dst);
-  if (g.num_index == 0 || g.rows == 0 || g.row_bytes == 0) return;
   const at::Tensor idx = index.contiguous();
+  // Values first, so that a call with nothing to copy still rejects them.
   check_index_values_cpu(idx, g.src_positions, /*strictly_ascending=*/false, "kv_gather");
+  if (g.num_index == 0 || g.rows == 0 || g.row_bytes == 0) return;
   copy_slots(static_cast<const char*>(src.data_ptr()), static_cast<char*>(dst.data_ptr()),
              idx.data_ptr<int64_t>(), g);
 }
 
 void kv_compact_cpu(const at::Tensor& cache, const at::Tensor& index) {
   const KvGeometry g = check_kv_compact(cache, index);
-  if (g.num_index == 0 || g.rows == 0 || g.row_bytes == 0) return;
   const at::Tensor idx = index.contiguous();
   // Strictly ascending and >= 0 implies index[b, k] >= k, which copy_slots relies on.
   check_index_values_cpu(idx, g.src_positions, /*strictly_ascending=*/true, "kv_compact_");
+  if (g.num_index == 0 || g.rows == 0 || g.row_bytes == 0) return;
   char* data = static_cast<char*>(cache.data_ptr());
   copy_slots(data, data, idx.data_ptr<int64_t>(), g);
 }

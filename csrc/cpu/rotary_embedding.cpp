@@ -40,7 +40,7 @@ at::Tensor rotary_kv_append_cpu(const at::Tensor& qkv, const at::Tensor& cos, co
 std::tuple<at::Tensor, at::Tensor> rotary_tables_cpu(const at::Tensor& positions, const at::Tensor& inv_freq,
                                                      at::IntArrayRef mrope_section, double scaling,
                                                      at::ScalarType dtype) {
-  const RotaryTablesShape s = check_rotary_tables_inputs(positions, inv_freq, mrope_section, dtype);
+  const RotaryTablesShape s = check_rotary_tables_inputs(positions, inv_freq, mrope_section, scaling, dtype);
   // [..., B, S] positions -> [..., B, S, D/2] frequencies.
   const at::Tensor ids = positions.to(at::kFloat).unsqueeze(-2);               // [..., B, 1, S]
   const at::Tensor inv = inv_freq.view({-1, 1}).expand({s.half, 1});           // [D/2, 1]

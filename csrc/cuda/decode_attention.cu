@@ -690,7 +690,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& c
                                  const std::optional<at::Tensor>& tree_mask, bool row_invariant,
                                  const std::optional<at::Tensor>& workspace) {
   const DecodeAttentionShape s =
-      check_decode_attention_inputs(query_in, cache, layer, length, tree_mask);
+      check_decode_attention_inputs(query_in, cache, layer, length, scale, tree_mask);
   check_decode_attention_workspace(workspace, cache, s);
   check_decode_attention_cuda_support(query_in, s);
   const c10::cuda::CUDAGuard guard(cache.device());

@@ -162,7 +162,7 @@ __global__ void rotary_tables_kernel(const TableParams p) {
 std::tuple<at::Tensor, at::Tensor> rotary_tables_cuda(const at::Tensor& positions_in, const at::Tensor& inv_freq,
                                                       at::IntArrayRef mrope_section, double scaling,
                                                       at::ScalarType dtype) {
-  const RotaryTablesShape s = check_rotary_tables_inputs(positions_in, inv_freq, mrope_section, dtype);
+  const RotaryTablesShape s = check_rotary_tables_inputs(positions_in, inv_freq, mrope_section, scaling, dtype);
   HIPPO_CHECK(static_cast<int64_t>(mrope_section.size()) <= kMaxSections, kRotaryTablesOp,
               "at most ", kMaxSections, " mrope sections on CUDA, got ", mrope_section.size());
   const auto options = inv_freq.options().dtype(dtype);
