@@ -134,6 +134,28 @@ def test_bench_runs_a_benchmark_set_from_a_local_copy(capsys, tmp_path, dataset)
     assert "| dataset |" in capsys.readouterr().out
 
 
+def test_bench_runs_a_question_whose_video_is_a_folder_of_frames(capsys, tmp_path):
+    """MVBench's episodic_reasoning clips are folders of JPEG frames in the official layout."""
+    from PIL import Image
+
+    from hippo.assets import synthetic_frames
+
+    root = tmp_path / "mvbench"
+    (root / "json").mkdir(parents=True)
+    (root / "json" / "episodic_reasoning.json").write_text(json.dumps([{
+        "video": "s01e02_seg02_clip_03", "question": "Who speaks first?",
+        "candidates": ["Ross", "Rachel"], "answer": "Rachel", "start": 0.0, "end": 3.0}]))
+    folder = root / "video" / "tvqa" / "frames_fps3_hq" / "s01e02_seg02_clip_03"
+    folder.mkdir(parents=True)
+    for index, frame in enumerate(synthetic_frames(6, 56, 56)):
+        Image.fromarray(frame).save(folder / f"{index + 1:05d}.jpg")
+    argv = ["bench", "--dataset", "mvbench", "--root", str(root), "--max-new-tokens", "6",
+            "--num-frames", "4", "--out-dir", str(tmp_path / "out")]
+    assert main(argv) == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "mvbench.json").read_text())["summary"]
+    assert summary["run"] == 1 and summary["all_matched_ar"] is True
+
+
 def test_a_benchmark_set_with_no_runnable_question_is_an_error(capsys, tmp_path):
     """Every video missing: the skipped rows are still written, and the run fails."""
     import shutil

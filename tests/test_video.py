@@ -147,6 +147,51 @@ def test_without_decord_opencv_decodes(monkeypatch):
         load_video(sample_video_path(), num_frames=4, backend="decord")
 
 
+# --- a directory of frames ---------------------------------------------------------------------
+
+def frame_folder(folder, num_frames: int, size=(32, 32), ext=".png", name="frame_{}"):
+    """Grey frames encoding their index (as indexed_video), one lossless image each, named with
+    unpadded numbers so that only a natural sort orders them."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(num_frames):
+        level = LEVEL_BASE + LEVEL_STEP * index
+        Image.fromarray(np.full((*size, 3), level, dtype=np.uint8)).save(
+            folder / (name.format(index + 1) + ext))
+    return folder
+
+
+def test_a_folder_of_frames_is_a_video_in_natural_name_order(tmp_path):
+    folder = frame_folder(tmp_path / "clip", 12)
+    (folder / "notes.txt").write_text("not a frame")  # ignored
+    assert probe_video(folder) == VideoInfo(12, 0.0, 32, 32)
+    frames = load_video(folder, num_frames=5)
+    assert frames.shape == (5, 32, 32, 3) and frames.dtype == torch.uint8
+    assert decoded_indices(frames) == [0, 3, 6, 8, 11]  # linspace over frame_1 .. frame_12
+    assert decoded_indices(load_video(folder, num_frames=12)) == list(range(12))
+    with pytest.raises(HippoError, match="no frame rate"):
+        load_video(folder, fps=1.0)
+
+
+def test_bad_frame_folders(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.md").write_text("no frames here")
+    with pytest.raises(HippoError, match="directory with no image frames"):
+        load_video(empty, num_frames=1)
+    mixed = frame_folder(tmp_path / "mixed", 3)
+    frame_folder(mixed, 1, size=(16, 32), name="frame_9")
+    with pytest.raises(HippoError, match="differ in size"):
+        load_video(mixed, num_frames=4)
+    corrupt = frame_folder(tmp_path / "corrupt", 3)
+    (corrupt / "frame_2.png").write_bytes(b"not an image")
+    with pytest.raises(HippoError, match="cannot decode the image frame_2.png"):
+        load_video(corrupt, num_frames=3)
+    with pytest.raises(HippoError, match="video has 3 frames, 4 requested"):
+        load_video(frame_folder(tmp_path / "short", 3), num_frames=4)
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend_choice", [None, "opencv", pytest.param("decord", marks=requires_decord)])

@@ -1,14 +1,18 @@
 """Video decoding and frame sampling: a file in, uint8 RGB frames [T, H, W, 3] out.
 
 decord decodes when it is importable (it has no aarch64 / macOS-arm64 wheels); OpenCV is the
-fallback. Every failure a user can cause (missing, empty, corrupt file, too few frames, a bad
-request) raises HippoError with one clear message.
+fallback. A directory of image files is read as a video's frames in file-name order (some
+benchmarks ship clips that way, e.g. MVBench's TVQA frames); it has no frame rate, and Pillow
+decodes it. Every failure
+a user can cause (missing, empty, corrupt file, too few frames, a bad request) raises HippoError
+with one clear message.
 """
 from __future__ import annotations
 
 import math
 import numbers
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +26,7 @@ import torch
 from hippo.models.base import HippoError
 
 BACKENDS = ("decord", "opencv")
+FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 _Result = TypeVar("_Result")
 
 
@@ -52,7 +57,7 @@ class _Reader(Protocol):
 
 def probe_video(path: str | Path, backend: str | None = None) -> VideoInfo:
     """Frame count, frame rate and size of a video, without decoding all of it."""
-    path = _checked_file(path)
+    path = _checked_source(path)
     return _run_with_backends(path, backend, lambda reader: reader.info)
 
 
@@ -69,10 +74,11 @@ def load_video(
         asking for more frames than the clip has is an error.
       fps: frames at this rate, at times 0, 1/fps, 2/fps, ... < the clip's duration; a rate
         above the clip's own frame rate gives every frame.
-    backend: "decord" or "opencv" to force one; None tries decord first, then OpenCV.
+    backend: "decord" or "opencv" to force one; None tries decord first, then OpenCV. (A
+      directory of frames is read with Pillow whatever the backend.)
     """
     _check_request(num_frames, fps)
-    path = _checked_file(path)
+    path = _checked_source(path)
 
     def decode(reader: _Reader) -> torch.Tensor:
         indices = sample_indices(reader.info, num_frames=num_frames, fps=fps)
@@ -112,12 +118,18 @@ def _check_request(num_frames: int | None, fps: float | None) -> None:
             raise HippoError(f"fps must be a positive number, got {fps!r}")
 
 
-def _checked_file(path: str | Path) -> Path:
+def _checked_source(path: str | Path) -> Path:
+    """A video file or a directory of frames that exists and is not empty."""
     path = Path(path)
     if not path.exists():
         raise HippoError(f"video file not found: {path}")
+    if path.is_dir():
+        if not _frame_files(path):
+            raise HippoError(f"{path} is a directory with no image frames "
+                             f"({', '.join(FRAME_EXTENSIONS)})")
+        return path
     if not path.is_file():
-        raise HippoError(f"not a video file (a directory or special file): {path}")
+        raise HippoError(f"not a video file (a special file): {path}")
     if path.stat().st_size == 0:
         raise HippoError(f"video file is empty: {path}")
     return path
@@ -137,6 +149,11 @@ def _backend_order(backend: str | None) -> list[str]:
 def _run_with_backends(path: Path, backend: str | None, work: Callable[[_Reader], _Result]) -> _Result:
     # decord 0.6 fails on some valid files (frames 16, 24, 48 or 72 px wide: a row-stride bug), so a
     # decode failure falls through to the next backend. HippoErrors (bad requests) do not.
+    if path.is_dir():
+        try:
+            return work(_FrameFolderReader(path))
+        except _DecodeFailure as failure:
+            raise HippoError(f"cannot read the frames in {path}: {failure}") from None
     failures = []
     for name in _backend_order(backend):
         try:
@@ -206,9 +223,12 @@ class _OpenCVReader:
         import cv2
 
         # Likewise OpenCV's FFmpeg ("moov atom not found", ...), unless the user set a level.
+        # The variable only counts if it is set before OpenCV first opens a file, so the open
+        # also runs with fd 2 silenced (cv2 may have been imported and used before hippo).
         os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
         self._cv2, self._path = cv2, path
-        capture = cv2.VideoCapture(str(path))
+        with _native_stderr_silenced():
+            capture = cv2.VideoCapture(str(path))
         try:
             if not capture.isOpened():
                 raise _DecodeFailure("OpenCV cannot open it")
@@ -227,7 +247,8 @@ class _OpenCVReader:
     def frames(self, indices: list[int]) -> np.ndarray:
         # Decode sequentially rather than seek: seeking by frame index is inexact for some codecs.
         wanted, decoded = set(indices), {}
-        capture = self._cv2.VideoCapture(str(self._path))
+        with _native_stderr_silenced():
+            capture = self._cv2.VideoCapture(str(self._path))
         try:
             for index in range(max(indices) + 1):
                 if not capture.grab():
@@ -240,6 +261,41 @@ class _OpenCVReader:
         finally:
             capture.release()
         return np.stack([decoded[index] for index in indices])
+
+
+def _frame_files(folder: Path) -> list[Path]:
+    """The folder's image files in natural name order (frame_2 before frame_10)."""
+    files = [path for path in folder.iterdir()
+             if path.is_file() and path.suffix.lower() in FRAME_EXTENSIONS]
+    return sorted(files, key=lambda path: [int(part) if part.isdigit() else part
+                                           for part in re.split(r"(\d+)", path.name)])
+
+
+class _FrameFolderReader:
+    """A directory of image files as a video without a frame rate (sample it by num_frames).
+    Pillow decodes them: once decord is loaded, OpenCV's PNG decoder fails in the same process
+    (seen with decord 0.6 and opencv 5.0: "libpng error: bad parameters to zlib")."""
+
+    def __init__(self, folder: Path):
+        self._files = _frame_files(folder)
+        height, width = self._read(0).shape[:2]
+        self.info = VideoInfo(len(self._files), 0.0, height, width)
+
+    def _read(self, index: int) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(self._files[index]) as image:
+                return np.asarray(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError):
+            raise _DecodeFailure(f"cannot decode the image {self._files[index].name}") from None
+
+    def frames(self, indices: list[int]) -> np.ndarray:
+        frames = [self._read(index) for index in indices]
+        sizes = {frame.shape for frame in frames}
+        if len(sizes) > 1:
+            raise _DecodeFailure(f"the frames differ in size: {sorted(sizes)}")
+        return np.stack(frames)
 
 
 def _first_line(error: Exception) -> str:

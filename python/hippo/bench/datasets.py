@@ -26,8 +26,8 @@ mvbench (MVBench, HF OpenGVLab/MVBench)
         video/data0613/<folder> (the re-released clips), then the lmms-eval copy's (the hub's
         "video" revision: <folder>/<video> at the root, some folders renamed,
         _MVBENCH_LMMS_EVAL_DIRS) and its data0613/<folder>; a task not listed looks in video/.
-        In the official layout episodic_reasoning is folders of frames (the runner skips them:
-        it reads video files; the lmms-eval copy has mp4 clips) and fine_grained_pose's NTU
+        In the official layout episodic_reasoning is folders of frames (read as videos by
+        hippo.video; the lmms-eval copy has mp4 clips) and fine_grained_pose's NTU
         clips are not on the hub's main branch. The start/end bounds of the bounded tasks are
         not used: the whole clip is given.
 
