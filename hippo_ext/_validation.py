@@ -28,6 +28,12 @@ def check_index_range(index: torch.Tensor, upper: int, op: str, name: str, lower
             f"{op}: {name} values must lie in [{lower}, {upper}), got min {lo} and max {hi}")
 
 
+def check_unit_interval(values: torch.Tensor, op: str, name: str) -> None:
+    """Raise unless every value lies in [0, 1] (NaN does not)."""
+    if values.numel() and not bool(((values >= 0) & (values <= 1)).all()):
+        raise RuntimeError(f"{op}: {name} values must lie in [0, 1]")
+
+
 def check_strictly_ascending(index: torch.Tensor, op: str, name: str) -> None:
     """Raise unless index is strictly ascending along its last dimension."""
     if index.size(-1) > 1 and not bool((index[..., 1:] > index[..., :-1]).all()):

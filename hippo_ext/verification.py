@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from hippo_ext import _C  # noqa: F401  (registers the schemas before the fakes below)
-from hippo_ext._validation import check_index_range, wants_value_check
+from hippo_ext._validation import check_index_range, check_unit_interval, wants_value_check
 
 __all__ = ["verify_greedy", "verify_sampling", "verify_tree_greedy"]
 
@@ -74,7 +74,8 @@ def verify_sampling(
             serves the bonus token).
         uniforms: ``[B, g+1]`` float32 in ``[0, 1)``: column ``i < g`` decides acceptance ``i``,
             column ``g`` draws the emitted token.
-        check: on CUDA, validate the token values first (host sync); CPU always validates.
+        check: on CUDA, validate the token and uniform values first (host sync); CPU always
+            validates (uniforms outside [0, 1] or NaN are refused).
 
     Returns:
         ``(num_accepted [B], next_token [B])`` int64. Token ``x_i`` is accepted while
@@ -86,6 +87,8 @@ def verify_sampling(
         about 1e-16 wide. A row without positive mass emits token 0.
     """
     _check_tokens(draft_tokens, target_probs, "verify_sampling", "draft_tokens", check)
+    if wants_value_check(uniforms, check) and uniforms.is_floating_point():
+        check_unit_interval(uniforms, "verify_sampling", "uniforms")
     return torch.ops.hippo_ext.verify_sampling(draft_tokens, draft_probs, target_probs, uniforms)
 
 

@@ -452,6 +452,10 @@ def test_verify_greedy_bad_input(make, match):
     (lambda a: a.update(draft_probs=a["draft_probs"][:, :2]), "g = 3 rows"),
     (lambda a: a.update(target_probs=a["target_probs"][:, :3]), r"g\+1 = 4 rows"),
     (lambda a: a.update(draft_tokens=a["draft_tokens"] + 10), r"values must lie in \[0, 10\)"),
+    # A NaN or out-of-range uniform would silently reject every draft.
+    (lambda a: a["uniforms"].__setitem__((0, 1), float("nan")), r"uniforms values must lie in \[0, 1\]"),
+    (lambda a: a["uniforms"].__setitem__((1, 3), 1.5), r"uniforms values must lie in \[0, 1\]"),
+    (lambda a: a["uniforms"].__setitem__((1, 0), -0.25), r"uniforms values must lie in \[0, 1\]"),
 ])
 def test_verify_sampling_bad_input(edit, match):
     args = dict(draft_tokens=torch.zeros(2, 3, dtype=torch.long), draft_probs=torch.rand(2, 3, 10),
@@ -533,6 +537,10 @@ def test_cuda_unchecked_bad_values_stay_in_bounds(device, gen):
         verify_sampling(*to(device, draft, q, p, uniforms))
     num_accepted, _ = verify_sampling(*to(device, draft, q, p, uniforms), check=False)
     assert num_accepted.cpu().tolist() == [1, 0]
+    bad_uniforms = uniforms.clone()
+    bad_uniforms[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="uniforms values must lie in"):
+        verify_sampling(*to(device, draft.clamp(0, 99), q, p, bad_uniforms))
 
     tokens, parents, tree_logits = random_tree(1, 4, 50, torch.float32, gen, match=1.0)
     parents[0] = torch.tensor([-1, 0, 1, 2])

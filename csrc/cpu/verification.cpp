@@ -50,6 +50,15 @@ void check_tokens_in_vocab(const at::Tensor& tokens, int64_t vocab, const char* 
   }
 }
 
+// A NaN or out-of-range uniform would silently reject every draft and skew the emitted token.
+void check_uniforms(const at::Tensor& uniforms) {
+  const float* data = uniforms.const_data_ptr<float>();
+  for (int64_t k = 0; k < uniforms.numel(); ++k) {
+    HIPPO_CHECK(data[k] >= 0.f && data[k] <= 1.f, "verify_sampling",
+                "uniforms values must lie in [0, 1], got ", data[k], " at flat position ", k);
+  }
+}
+
 void check_parents_topological(const at::Tensor& parents) {
   const int64_t nodes = parents.size(1);
   const int64_t* data = parents.const_data_ptr<int64_t>();
@@ -173,6 +182,7 @@ std::tuple<at::Tensor, at::Tensor> verify_sampling_cpu(const at::Tensor& draft_t
   const VerifyShape shape =
       check_verify_sampling_inputs(draft_tokens, draft_probs, target_probs, uniforms);
   check_tokens_in_vocab(draft_tokens, shape.vocab, "verify_sampling", "draft_tokens");
+  check_uniforms(uniforms);
   auto [num_accepted, next_token] = make_outputs(shape.batch, draft_tokens);
   HIPPO_DISPATCH_PROB_TYPES(target_probs.scalar_type(), "verify_sampling", [&] {
     sampling_rows<scalar_t>(draft_tokens, draft_probs, target_probs, uniforms, shape,
