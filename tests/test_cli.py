@@ -103,7 +103,9 @@ def test_bench_runs_with_the_opt_in_gemm_prologues(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["demo", "--frames", "0"], ["bench", "--preset", "tiny",
-                                                                  "--new-tokens", "0"]])
+                                                                  "--new-tokens", "0"],
+                                  ["bench", "--preset", "tiny", "--gamma", "0"],
+                                  _generate("--gamma", "0")])
 def test_bad_numbers_are_one_line_errors(capsys, argv, tmp_path):
     assert main(argv + (["--out-dir", str(tmp_path)] if argv[0] == "bench" else [])) \
         == EXIT_USER_ERROR

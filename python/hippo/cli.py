@@ -28,10 +28,10 @@ def add_gemm_prologues_argument(parser: argparse.ArgumentParser, default: str | 
 
 def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("ar", "sequential", "parallel"), default="parallel")
-    parser.add_argument("--gamma", type=_gamma,
-                        help="draft tokens per round: an int, or 'auto' (the default; measured: "
-                             "PEARL's T_target/T_draft in parallel mode, the best expected "
-                             "tokens/s in sequential mode)")
+    parser.add_argument("--gamma", type=_gamma, default="auto",
+                        help="draft tokens per round: an int, or 'auto' (measured: PEARL's "
+                             "T_target/T_draft in parallel mode, the best expected tokens/s in "
+                             "sequential mode)")
     parser.add_argument("--keep-ratio", type=float, default=0.1,
                         help="fraction of visual tokens the draft keeps (default 0.1: 90%% pruned)")
     parser.add_argument("--selection", choices=("hippo", "attention", "uniform", "random"),
@@ -96,7 +96,7 @@ def _generate(args: argparse.Namespace) -> None:
     draft = load_adapter(args.draft, dtype=dtype, device=draft_device or device) \
         if args.draft else None
     pipeline = HippoPipeline(
-        target, draft, mode=args.mode, gamma=args.gamma or "auto", draft_prefill=args.draft_prefill,
+        target, draft, mode=args.mode, gamma=args.gamma, draft_prefill=args.draft_prefill,
         draft_device=draft_device, gemm_prologues=args.gemm_prologues,
         preservation=PreservationOptions(keep_ratio=args.keep_ratio, method=args.selection))
     out = pipeline.generate(args.video, args.prompt, args.max_new_tokens, num_frames=args.frames,
