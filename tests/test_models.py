@@ -96,7 +96,10 @@ def test_qwen_positions_equal_hf_generation_positions(name):
         # The path HF generate takes: [text positions; 3-D positions], rope_deltas stored on the model.
         hf = a.model._prepare_position_ids_for_generation(input_ids, dict(kwargs))
         torch.testing.assert_close(prepared.position_ids, hf[1:])
-        assert prepared.rope_delta == int(a.model.model.rope_deltas.flatten()[0])
+        # generate then extends position_ids by one per token from the last prompt token (not
+        # from the largest position, which its rope_deltas count from).
+        following = hf[1:, :, -1:] + 1 + torch.arange(3)
+        torch.testing.assert_close(prepared.generated_positions(0, 3), following)
 
 
 @torch.no_grad()

@@ -22,8 +22,8 @@ def _frames(preset: str) -> torch.Tensor:
     return load_video(sample_video_path(), num_frames=4 if "qwen" in preset else 3)
 
 
-def _hf_greedy(adapter, frames, prompt, max_new_tokens: int) -> list[int]:
-    kwargs = adapter.generate_kwargs(frames, prompt)
+def _hf_greedy(adapter, frames, prompt, max_new_tokens: int, **prepare) -> list[int]:
+    kwargs = adapter.generate_kwargs(frames, prompt, **prepare)
     prompt_len = kwargs["input_ids"].shape[1]
     with torch.no_grad():
         out = adapter.model.generate(**kwargs, max_new_tokens=max_new_tokens, do_sample=False,
@@ -45,6 +45,23 @@ def test_greedy_ar_matches_hf_generate(device, preset, seed):
     with torch.no_grad():
         result = generate_autoregressive(runtime, prepared, MAX_NEW_TOKENS,
                                          eos_token_id=adapter.eos_token_id)
+    assert result.tokens == expected
+
+
+@pytest.mark.parametrize("fps, frames, prompt", [(0.1, 4, "hi"), (0.5, 4, "hi"),
+                                                 (None, 12, [7])])
+def test_qwen_video_longer_than_its_suffix_matches_hf_generate(device, fps, frames, prompt):
+    """Few frames per second (or many frames before a one-token prompt): the video's temporal
+    positions run past the text after it, so get_rope_index's rope_deltas (from the largest
+    position) and HF `generate` (from the last one) disagree; hippo follows `generate`."""
+    adapter = load_adapter("tiny-qwen2.5-vl", device=device, seed=0)
+    video = load_video(sample_video_path(), num_frames=frames)
+    expected = _hf_greedy(adapter, video, prompt, 24, fps=fps)
+    prepared = adapter.prepare(video, prompt, fps=fps)
+    assert int(prepared.position_ids.max()) > int(prepared.position_ids[0, 0, -1])  # the case
+    runtime = LanguageModelRuntime.from_hf(adapter.model, prepared.length + 32)
+    with torch.no_grad():
+        result = generate_autoregressive(runtime, prepared, 24, eos_token_id=adapter.eos_token_id)
     assert result.tokens == expected
 
 

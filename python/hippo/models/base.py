@@ -48,7 +48,8 @@ class PreparedPrompt:
     inputs_embeds: [1, S, hidden] with the visual embeddings merged in.
     position_ids: [3, 1, S] (Qwen2.5-VL's M-RoPE: temporal, height, width) or [1, S] (1-D RoPE).
     rope_delta: generated token j (0-based, after the prompt) sits at position S + j + rope_delta
-        in every M-RoPE section (0 for 1-D RoPE).
+        in every M-RoPE section, i.e. right after the last prompt token's position (as HF
+        `generate` continues); 0 for 1-D RoPE.
     visual_start, num_visual: the visual span, prompt positions [visual_start, visual_start +
         num_visual); its first T*Hg*Wg tokens are the grid in (t, y, x) order, the rest (e.g.
         LLaVA-OneVision's newline) sit outside the grid.

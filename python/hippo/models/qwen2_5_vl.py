@@ -91,14 +91,22 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         video_embeds = torch.cat(video_embeds, dim=0).to(embeds.device, embeds.dtype)
         _, video_mask = vlm.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=video_embeds)
         embeds = embeds.masked_scatter(video_mask, video_embeds)
-        position_ids, rope_deltas = vlm.get_rope_index(
+        position_ids, _ = vlm.get_rope_index(
             input_ids, mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=grid_thw,
             second_per_grid_ts=inputs.get("second_per_grid_ts"))
+        # Generated tokens continue from the last prompt token's position, as HF `generate`
+        # does (it extends position_ids by one per token). get_rope_index's rope_deltas count
+        # from the largest position instead, which differs once the video's temporal positions
+        # run past the text after it (few frames per second, a short suffix).
+        last_position = position_ids[:, 0, -1]
+        if not bool((last_position == last_position[0]).all()):
+            raise HippoError("the prompt must end in text (equal M-RoPE components)")
         merge = self.preprocess.merge_size
         grid = (int(grid_thw[0, 0]), int(grid_thw[0, 1]) // merge, int(grid_thw[0, 2]) // merge)
         start, count = visual_span(input_ids, self.model.config.video_token_id)
         return PreparedPrompt(input_ids=input_ids, inputs_embeds=embeds, position_ids=position_ids,
-                              rope_delta=int(rope_deltas.flatten()[0]), visual_start=start, num_visual=count,
+                              rope_delta=int(last_position[0]) + 1 - input_ids.shape[1],
+                              visual_start=start, num_visual=count,
                               grid=grid, visual_features=video_embeds.reshape(*grid, -1))
 
 
