@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 
+from hippo.models import load_adapter
 from hippo.pipeline import HippoPipeline
 from speculative_testing import (FAMILY_PRESETS, PAIR_KINDS, make_pair, make_pipeline,
                                  sample_frames)
@@ -59,6 +60,38 @@ def test_self_speculative_greedy_is_exact(device, family, mode):
     out = make_pipeline(target, None, mode, 4, 1.0).generate(frames, PROMPT, MAX_NEW_TOKENS)
     assert out.stats.acceptance_rate == 1.0
     assert out.stats.mean_accepted_tokens > 2
+
+
+def _with_padded_table(name: str, seed: int, device: str):
+    """The preset's -v640 model (640 logits) behind the family's 512-id tokenizer: a padded
+    vocabulary, as Qwen2.5-VL 7B's 152064 ids against 3B's 151936."""
+    from hippo.models.presets import ByteTokenizer
+
+    adapter = load_adapter(f"{name}-v640", seed=seed, device=device)
+    adapter.tokenizer = ByteTokenizer(512)
+    return adapter
+
+
+@pytest.mark.parametrize("wider", ["target", "draft"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", sorted(FAMILY_PRESETS))
+def test_tables_of_other_widths_stay_lossless(device, family, mode, wider):
+    """The target's greedy choice is over its whole table, also the ids past a narrower
+    draft's; a wider draft proposes only ids the target has."""
+    name, draft_name, _ = FAMILY_PRESETS[family]
+    if wider == "target":
+        target, draft = _with_padded_table(name, 0, device), load_adapter(draft_name, seed=1,
+                                                                          device=device)
+    else:
+        target, draft = load_adapter(name, seed=0, device=device), _with_padded_table(name, 1,
+                                                                                      device)
+    frames = sample_frames(family, 2)
+    expected = _autoregressive(target, frames, 40, eos=None)
+    if wider == "target":  # the case: the target emits ids the draft's table lacks
+        assert any(token >= 512 for token in expected), expected
+    out = make_pipeline(target, draft, mode, 3, 0.5).generate(frames, PROMPT, 40,
+                                                              eos_token_id=None)
+    assert out.tokens == expected
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -33,10 +33,10 @@ STOP = VOCAB  # the "no token" symbol after an eos
 WARPS = [dict(temperature=1.0), dict(temperature=0.8, top_k=5, top_p=0.95)]
 
 
-def _tiny_lm(seed: int, hidden: int, layers: int, logit_scale: float):
+def _tiny_lm(seed: int, hidden: int, layers: int, logit_scale: float, vocab: int = VOCAB):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+    config = Qwen2Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
                          num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
                          max_position_embeddings=64, tie_word_embeddings=False)
     torch.manual_seed(seed)
@@ -157,6 +157,20 @@ def test_sampling_matches_target_distribution(target_model, mode, draft, warp):
     counts = _sample_runs(target_model, draft_model, mode, warp, RUNS)
     # Each speculative token marginally, and the first two jointly. With g = 2, parallel
     # decoding's pre-verify rounds and post-verify rounds (after a full acceptance) both emit.
+    for token in range(1, GENERATED):
+        assert _marginals_pass(counts, exact, (token,)), token
+    assert _marginals_pass(counts, exact, (1, 2))
+
+
+@pytest.mark.parametrize("draft_vocab, mode", [(5, "sequential"), (9, "parallel")])
+def test_sampling_with_a_draft_of_another_table_width(target_model, draft_vocab, mode):
+    """Checkpoints of one family pad their vocabularies differently (Qwen2.5-VL 7B 152064 ids,
+    3B 151936): the target samples from its whole table, whether the draft's is narrower (it
+    never proposes the target's last ids) or wider (ids the target lacks)."""
+    warp = WARPS[0]
+    exact = _exact_distribution(target_model, warp)
+    counts = _sample_runs(target_model, _tiny_lm(1, 16, 1, 10.0, vocab=draft_vocab), mode, warp,
+                          RUNS)
     for token in range(1, GENERATED):
         assert _marginals_pass(counts, exact, (token,)), token
     assert _marginals_pass(counts, exact, (1, 2))

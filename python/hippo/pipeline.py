@@ -117,7 +117,10 @@ class HippoPipeline:
         self.target = target
         self.draft = draft
         self.self_speculative = draft is None
-        self.vocab = target.vocab_size if draft is None else check_compatible(target, draft)
+        if draft is not None:
+            check_compatible(target, draft)
+        # The target's own vocabulary: its choices are never cut to a narrower draft's table.
+        self.vocab = target.vocab_size
         if self.options.draft_device is not None:
             if draft is None:
                 raise HippoError("a draft device needs a draft model (self-speculation drafts with "

@@ -39,8 +39,11 @@ class Verdict:
 class TokenAcceptance:
     """Draft proposals and their verification for one generation (batch 1).
 
-    vocab: the shared vocabulary (target and draft logits are cut to it: checkpoints of one family
-    may pad their tables differently, and no tokenizer emits ids beyond either).
+    vocab: the target's vocabulary (its logits' width). The target's rows are used whole, so its
+    choices are those of its own greedy decoding or sampling even where checkpoints of one family
+    pad their tables differently (Qwen2.5-VL 7B 152064 ids, 3B 151936). A wider draft's logits
+    are cut to it (ids the target cannot emit are not proposed); a narrower draft's
+    probabilities are padded with zeros (ids it cannot propose).
     Random numbers come from one seeded generator per device, so a seeded generation repeats.
     """
 
@@ -67,8 +70,10 @@ class TokenAcceptance:
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """[..., V] logits -> float32 probabilities after the warpers (sampling only)."""
         o = self.options
-        return torch.softmax(warp_logits(logits[..., :self.vocab], o.temperature, o.top_k, o.top_p),
-                             dim=-1)
+        probs = torch.softmax(warp_logits(logits[..., :self.vocab], o.temperature, o.top_k, o.top_p),
+                              dim=-1)
+        missing = self.vocab - probs.shape[-1]
+        return torch.nn.functional.pad(probs, (0, missing)) if missing > 0 else probs
 
     def choose(self, logits: torch.Tensor) -> torch.Tensor:
         """[1, V] logits of the target -> [1] the token it emits (argmax or a sample)."""
@@ -95,7 +100,7 @@ class TokenAcceptance:
             already drafted).
         """
         count = candidates.shape[1]
-        rows = target_logits[..., :self.vocab]
+        rows = target_logits
         if not bonus:  # a row that is never read: verification wants m + 1 rows
             rows = torch.cat([rows, rows[:, -1:]], dim=1)
         if rows.shape[1] != count + 1:

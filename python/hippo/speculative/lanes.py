@@ -16,6 +16,9 @@ import torch
 from hippo.runtime.decoder import LanguageModelRuntime
 
 
+UNKNOWN_TOKEN = 0  # what a lane embeds for a token beyond its table (see Lane.table_rows)
+
+
 class Lane:
     def __init__(self, runtime: LanguageModelRuntime, prompt_length: int,
                  positions: torch.Tensor, capacity: int) -> None:
@@ -25,6 +28,10 @@ class Lane:
         self.positions = positions[..., :capacity].to(self.device)
         self.tokens = torch.zeros(1, capacity, dtype=torch.int64, device=self.device)
         self.fed = 0
+        # Checkpoints of one family pad their tables differently: a token of the target's that a
+        # narrower draft cannot embed is fed to it as UNKNOWN_TOKEN (it conditions the draft's
+        # guesses only; the target, which verifies them, sees the real token).
+        self.table_rows = runtime.text_model.embed_tokens.num_embeddings
         # Its own stream, so that the draft's steps overlap the target's (parallel decoding).
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
@@ -63,4 +70,4 @@ class Lane:
 
     def write_token(self, column: int, token: int) -> None:
         """Set a generated token known on the host (a correction) without a synchronisation."""
-        self.tokens[:, column].fill_(token)
+        self.tokens[:, column].fill_(token if token < self.table_rows else UNKNOWN_TOKEN)
