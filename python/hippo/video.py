@@ -23,7 +23,7 @@ from typing import Callable, Protocol, TypeVar
 import numpy as np
 import torch
 
-from hippo.models.base import HippoError
+from hippo.models.base import HippoError, is_int
 
 BACKENDS = ("decord", "opencv")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -109,7 +109,7 @@ def _check_request(num_frames: int | None, fps: float | None) -> None:
     if (num_frames is None) == (fps is None):
         raise HippoError("give exactly one of num_frames and fps")
     if num_frames is not None:
-        if isinstance(num_frames, bool) or not isinstance(num_frames, numbers.Integral):
+        if not is_int(num_frames):
             raise HippoError(f"num_frames must be an integer, got {num_frames!r}")
         if num_frames < 1:
             raise HippoError(f"num_frames must be at least 1, got {num_frames}")

@@ -98,14 +98,12 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         # does (it extends position_ids by one per token). get_rope_index's rope_deltas count
         # from the largest position instead, which differs once the video's temporal positions
         # run past the text after it (few frames per second, a short suffix).
-        last_position = position_ids[:, 0, -1]
-        if not bool((last_position == last_position[0]).all()):
-            raise HippoError("the prompt must end in text (equal M-RoPE components)")
+        last_position = int(position_ids[0, 0, -1])  # a text token: its components are equal
         merge = self.preprocess.merge_size
         grid = (int(grid_thw[0, 0]), int(grid_thw[0, 1]) // merge, int(grid_thw[0, 2]) // merge)
         start, count = visual_span(input_ids, self.model.config.video_token_id)
         return PreparedPrompt(input_ids=input_ids, inputs_embeds=embeds, position_ids=position_ids,
-                              rope_delta=int(last_position[0]) + 1 - input_ids.shape[1],
+                              rope_delta=last_position + 1 - input_ids.shape[1],
                               visual_start=start, num_visual=count,
                               grid=grid, visual_features=video_embeds.reshape(*grid, -1))
 

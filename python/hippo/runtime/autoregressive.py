@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hippo.models.base import HippoError, PreparedPrompt
+from hippo.models.base import HippoError, PreparedPrompt, is_int
 from hippo.runtime.decoder import LanguageModelRuntime
 
 
@@ -53,7 +53,7 @@ class SamplingOptions:
                 raise HippoError(f"{name} must be a number, got {value!r}")
         for name in ("top_k", "seed"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
+            if value is not None and not is_int(value):
                 raise HippoError(f"{name} must be an integer, got {value!r}")
         if not 0 <= self.temperature < math.inf:
             raise HippoError(f"temperature must be >= 0 and finite, got {self.temperature}")
