@@ -146,16 +146,21 @@ def test_bench_runs_a_question_whose_video_is_a_folder_of_frames(capsys, tmp_pat
     (root / "json").mkdir(parents=True)
     (root / "json" / "episodic_reasoning.json").write_text(json.dumps([{
         "video": "s01e02_seg02_clip_03", "question": "Who speaks first?",
-        "candidates": ["Ross", "Rachel"], "answer": "Rachel", "start": 0.0, "end": 3.0}]))
+        "candidates": ["Ross", "Rachel"], "answer": "Rachel", "start": 1.0, "end": 3.0}]))
     folder = root / "video" / "tvqa" / "frames_fps3_hq" / "s01e02_seg02_clip_03"
     folder.mkdir(parents=True)
-    for index, frame in enumerate(synthetic_frames(6, 56, 56)):
+    for index, frame in enumerate(synthetic_frames(12, 56, 56)):  # 4 s at 3 frames per second
         Image.fromarray(frame).save(folder / f"{index + 1:05d}.jpg")
     argv = ["bench", "--dataset", "mvbench", "--root", str(root), "--max-new-tokens", "6",
             "--num-frames", "4", "--out-dir", str(tmp_path / "out")]
     assert main(argv) == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "out" / "mvbench.json").read_text())["summary"]
     assert summary["run"] == 1 and summary["all_matched_ar"] is True
+    # Its rows bound the clip (seconds 1 to 3: frames 3 to 8): 4 frames fit in it, 7 do not.
+    argv[argv.index("4")] = "7"
+    assert main(argv) == EXIT_USER_ERROR
+    report = json.loads((tmp_path / "out" / "mvbench.json").read_text())
+    assert "window 1-3 s holds 6 frames, 7 requested" in report["rows"][0]["skipped"]
 
 
 def test_a_benchmark_set_with_no_runnable_question_is_an_error(capsys, tmp_path):
@@ -188,6 +193,9 @@ BAD_OPTIONS = {  # argv, what the one-line error says
     "bench_infinite_eps": (["bench", "--preset", "tiny", "--eps", "inf"], "eps"),
     "demo_infinite_eps": (["demo", "--eps", "inf"], "eps"),
     "frames_and_fps": (_generate("--fps", "1"), "--frames or --fps, not both"),
+    "window_reversed": (_generate("--start", "3", "--end", "1"), "ends (1 s) before it starts"),
+    "window_past_the_video": (_generate("--start", "60"), "starts after the video ends (4 s)"),
+    "window_too_short": (_generate("--start", "1", "--end", "1.5"), "holds 2 frames, 4 requested"),
     "top_k_when_greedy": (_generate("--top-k", "3"), "need a temperature > 0"),
     "top_p_when_greedy": (_generate("--top-p", "0.5", "--mode", "ar"), "need a temperature > 0"),
     # Options of the other kind of bench run are refused, not ignored.

@@ -73,6 +73,9 @@ def test_mvbench_answer_text_becomes_the_candidate_letter():
         "video/Moments_in_Time_Raw/videos/yawning/getty-man-yawning.mp4"]
     assert questions[0].prompt == ("What did the person do first?\nA. Opened the door.\n"
                                    "B. Sat on the sofa.\nC. Took a book.\n" + INSTRUCTION)
+    # action_sequence is a bounded task: its rows' seconds cut the (official, full) video.
+    assert [(q.start, q.end, q.assumed_fps) for q in questions] == [
+        (1.5, 9.0, None), (0.0, 6.2, None), (None, None, None)]
 
 
 def test_longvideobench_correct_choice_index_becomes_a_letter():
@@ -218,9 +221,23 @@ def test_mvbench_finds_the_data0613_and_lmms_eval_layouts(tmp_path):
     reissued = _touch(root / "video" / "data0613" / "star" / "Charades_v1_480" / "ZS9XR.mp4")
     lmms_reissued = _touch(root / "data0613" / "Moments_in_Time_Raw" / "videos" / "yawning" /
                            "getty-man-yawning.mp4")
-    assert [q.video for q in read_dataset("mvbench", root)] == [renamed, reissued, lmms_reissued]
+    questions = read_dataset("mvbench", root)
+    assert [q.video for q in questions] == [renamed, reissued, lmms_reissued]
+    # lmms-eval's clips of the bounded tasks are already cut to the window; data0613 is official.
+    assert [(q.start, q.end) for q in questions] == [(None, None), (0.0, 6.2), (None, None)]
     official = _touch(root / "video" / "star" / "Charades_v1_480" / "3X5KN.mp4")
-    assert read_dataset("mvbench", root)[0].video == official  # the official layout first
+    first = read_dataset("mvbench", root)[0]
+    assert first.video == official and (first.start, first.end) == (1.5, 9.0)  # official first
+
+
+def test_mvbench_episodic_reasoning_frames_are_three_per_second(tmp_path):
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "episodic_reasoning.json").write_text(json.dumps([{
+        "video": "s01e02_seg02_clip_03", "question": "Who?", "candidates": ["x", "y"],
+        "answer": "y", "start": 2.0, "end": 40.5}]))
+    [question] = read_dataset("mvbench", tmp_path)
+    assert question.video == tmp_path.resolve() / "video/tvqa/frames_fps3_hq/s01e02_seg02_clip_03.mp4"
+    assert (question.start, question.end, question.assumed_fps) == (2.0, 40.5, 3.0)
 
 
 def test_lvbench_finds_the_official_download_script_output(tmp_path):

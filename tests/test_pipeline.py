@@ -27,6 +27,21 @@ def test_generate_from_a_video_file_returns_tokens_text_and_stats():
     assert ar.stats.mean_accepted_tokens == 1.0
 
 
+def test_a_time_window_of_a_file_equals_its_frames_cut_by_hand():
+    from hippo.video import load_video
+
+    target, draft = make_pair("llava_onevision", "perturbed-copy", seed=2)
+    pipeline = HippoPipeline(target, draft, mode="sequential", gamma=3)
+    cut = load_video(sample_video_path(), num_frames=16)[4:12]  # seconds 1 to 3 of the 4 frames/s sample
+    by_hand = pipeline.generate(cut[[0, 2, 5, 7]], "what moves?", 10)
+    out = pipeline.generate(sample_video_path(), "what moves?", 10, num_frames=4, start=1.0, end=3.0)
+    assert out.tokens == by_hand.tokens
+    whole = pipeline.generate(sample_video_path(), "what moves?", 10, num_frames=4)
+    assert out.stats.prompt_tokens == whole.stats.prompt_tokens
+    with pytest.raises(HippoError, match="cut decoded frames yourself"):
+        pipeline.generate(cut, "what moves?", 10, start=1.0)
+
+
 @pytest.mark.parametrize("roles", ["draft", "both"])
 def test_gemm_prologues_reach_their_runtimes_and_keep_the_output(roles):
     """HippoOptions(gemm_prologues=...) builds the named runtimes with the fused GEMM ops (on the

@@ -109,6 +109,43 @@ def test_sample_indices_without_a_file():
         sample_indices(VideoInfo(0, 30.0, 1, 1), num_frames=1)
 
 
+@pytest.mark.parametrize(
+    "request_kwargs, expected",
+    [
+        (dict(num_frames=4, window=(2.0, 5.0)), [20, 30, 39, 49]),  # frames 20 .. 49 on screen
+        (dict(fps=2.0, window=(2.0, 5.0)), [20, 25, 30, 35, 40, 45]),
+        (dict(num_frames=3, window=(2.0, None)), [20, 60, 99]),  # to the end
+        (dict(num_frames=2, window=(5.0, 100.0)), [50, 99]),  # an end past the video's
+        (dict(num_frames=1, window=(2.05, 2.05)), [20]),  # the frame on screen at that time
+        (dict(num_frames=1, window=(0.0, 0.05)), [0]),
+        (dict(fps=100.0, window=(9.75, None)), [97, 98, 99]),
+    ],
+)
+def test_sampling_inside_a_time_window(request_kwargs, expected):
+    info = VideoInfo(num_frames=100, fps=10.0, height=1, width=1)
+    assert sample_indices(info, **request_kwargs) == expected
+
+
+def test_bad_time_windows():
+    info = VideoInfo(num_frames=100, fps=10.0, height=1, width=1)
+    with pytest.raises(HippoError, match="window 0-0.05 s holds 1 frames, 2 requested"):
+        sample_indices(info, num_frames=2, window=(0.0, 0.05))
+    with pytest.raises(HippoError, match="starts after the video ends"):
+        sample_indices(info, num_frames=1, window=(10.0, None))
+    with pytest.raises(HippoError, match="no frame rate, so a time window"):
+        sample_indices(VideoInfo(100, 0.0, 1, 1), num_frames=1, window=(1.0, 2.0))
+
+
+def test_load_video_cuts_a_window(tmp_path, backend):
+    path = indexed_video(tmp_path / "indexed.mp4", 20, fps=8.0)  # 2.5 s
+    frames = load_video(path, num_frames=4, start=0.5, end=1.0, backend=backend)
+    assert decoded_indices(frames) == [4, 5, 6, 7]
+    assert decoded_indices(load_video(path, fps=4.0, start=1.5, backend=backend)) == [12, 14, 16, 18]
+    # A file's own frame rate wins over an assumed one.
+    assert decoded_indices(load_video(path, fps=4.0, end=0.5, assumed_fps=1.0,
+                                      backend=backend)) == [0, 2]
+
+
 # --- awkward clips ---------------------------------------------------------------------------
 
 def test_one_frame_video(tmp_path, backend):
@@ -172,6 +209,12 @@ def test_a_folder_of_frames_is_a_video_in_natural_name_order(tmp_path):
     assert decoded_indices(load_video(folder, num_frames=12)) == list(range(12))
     with pytest.raises(HippoError, match="no frame rate"):
         load_video(folder, fps=1.0)
+    # With a stated rate (MVBench's TVQA frames are 3 per second) rates and windows work.
+    assert decoded_indices(load_video(folder, fps=1.5, assumed_fps=3.0)) == [0, 2, 4, 6, 8, 10]
+    assert decoded_indices(load_video(folder, num_frames=6, start=1.0, end=3.0,
+                                      assumed_fps=3.0)) == [3, 4, 5, 6, 7, 8]
+    with pytest.raises(HippoError, match="no frame rate, so a time window"):
+        load_video(folder, num_frames=2, start=1.0)
 
 
 def test_bad_frame_folders(tmp_path):
@@ -230,6 +273,13 @@ def test_bad_files(tmp_path, backend_choice):
         (dict(fps=-1.0), "positive"),
         (dict(fps=float("nan")), "positive"),
         (dict(num_frames=4, backend="pyav"), "unknown video backend"),
+        (dict(num_frames=4, start=-1.0), "start must be a number of seconds >= 0"),
+        (dict(num_frames=4, end=float("nan")), "end must be a number of seconds >= 0"),
+        (dict(num_frames=4, start=True), "start must be a number of seconds"),
+        (dict(num_frames=4, start="1"), "start must be a number of seconds"),
+        (dict(num_frames=4, start=3.0, end=2.0), r"ends \(2 s\) before it starts \(3 s\)"),
+        (dict(num_frames=4, start=1000.0), "starts after the video ends"),
+        (dict(num_frames=4, assumed_fps=0.0), "assumed_fps must be a positive number"),
     ],
 )
 def test_bad_requests(request_kwargs, message):

@@ -59,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--frames", type=int, help="frames sampled uniformly (default 16)")
     gen.add_argument("--fps", type=float, help="sample by rate instead of a frame count")
+    gen.add_argument("--start", type=float, help="sample from this second on (default: 0)")
+    gen.add_argument("--end", type=float, help="sample up to this second (default: the end)")
     _add_decoding_options(gen)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int)
@@ -100,7 +102,8 @@ def _generate(args: argparse.Namespace) -> None:
         draft_device=draft_device, gemm_prologues=args.gemm_prologues,
         preservation=PreservationOptions(keep_ratio=args.keep_ratio, method=args.selection))
     out = pipeline.generate(args.video, args.prompt, args.max_new_tokens, num_frames=args.frames,
-                            fps=args.fps, temperature=args.temperature, top_k=args.top_k,
+                            fps=args.fps, start=args.start, end=args.end,
+                            temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed)
     stats = out.stats.as_dict()
     if args.json:

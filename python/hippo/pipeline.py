@@ -145,12 +145,13 @@ class HippoPipeline:
         return pipeline
 
     def prepare(self, video: str | Path | torch.Tensor, prompt: str | list[int], *,
-                num_frames: int | None = None, fps: float | None = None
+                num_frames: int | None = None, fps: float | None = None,
+                start: float | None = None, end: float | None = None
                 ) -> tuple[PreparedPrompt, PreparedPrompt | None]:
         """(target prompt, draft prompt or None when self-speculating) for (video, prompt):
         frames are decoded once, each model embeds them with its own vision tower. A video file
         is sampled at num_frames uniform frames or at fps frames per second (not both;
-        DEFAULT_FRAMES when neither is given)."""
+        DEFAULT_FRAMES when neither is given), between start and end seconds when given."""
         if not isinstance(video, (str, Path, torch.Tensor)):
             raise HippoError("video must be a file path or decoded frames (a uint8 tensor "
                              f"[T, H, W, 3]), got {type(video).__name__}")
@@ -158,8 +159,12 @@ class HippoPipeline:
             raise HippoError("give num_frames or fps, not both")
         if num_frames is None and fps is None:
             num_frames = DEFAULT_FRAMES
-        frames = video if isinstance(video, torch.Tensor) else load_video(
-            video, num_frames=num_frames, fps=fps)
+        if isinstance(video, torch.Tensor):
+            if start is not None or end is not None:
+                raise HippoError("start and end cut a video file; cut decoded frames yourself")
+            frames = video
+        else:
+            frames = load_video(video, num_frames=num_frames, fps=fps, start=start, end=end)
         target_prompt = self.target.prepare(frames, prompt, fps=fps)
         if self.draft is None:
             return target_prompt, None
@@ -170,17 +175,19 @@ class HippoPipeline:
     @torch.no_grad()
     def generate(self, video: str | Path | torch.Tensor, prompt: str | list[int],
                  max_new_tokens: int = 64, *, num_frames: int | None = None,
-                 fps: float | None = None, temperature: float = 0.0, top_k: int | None = None,
+                 fps: float | None = None, start: float | None = None, end: float | None = None,
+                 temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,
                  eos_token_id: int | list[int] | None | str = USE_TARGET_EOS) -> HippoOutput:
         """Generate up to max_new_tokens after (video, prompt); stops after eos (included).
 
-        video: a file path, or frames [T, H, W, 3] uint8 already decoded. eos_token_id: the
-        target's by default; None never stops early. Sampling (temperature > 0) is seeded by
-        `seed` when given.
+        video: a file path, or frames [T, H, W, 3] uint8 already decoded; num_frames, fps,
+        start and end as in prepare(). eos_token_id: the target's by default; None never stops
+        early. Sampling (temperature > 0) is seeded by `seed` when given.
         """
         started = time.perf_counter()
-        target_prompt, draft_prompt = self.prepare(video, prompt, num_frames=num_frames, fps=fps)
+        target_prompt, draft_prompt = self.prepare(video, prompt, num_frames=num_frames, fps=fps,
+                                                   start=start, end=end)
         output = self.generate_prepared(
             target_prompt, draft_prompt, max_new_tokens,
             SamplingOptions(temperature, top_k, top_p, seed), self.eos_ids(eos_token_id))

@@ -2,13 +2,15 @@
 
 decord decodes when it is importable (it has no aarch64 / macOS-arm64 wheels); OpenCV is the
 fallback. A directory of image files is read as a video's frames in file-name order (some
-benchmarks ship clips that way, e.g. MVBench's TVQA frames); it has no frame rate, and Pillow
-decodes it. Every failure
+benchmarks ship clips that way, e.g. MVBench's TVQA frames); it records no frame rate (the caller
+may state one), and Pillow decodes it. Sampling may be restricted to a time window of the clip
+(benchmarks such as MVBench ask about a segment of a longer video). Every failure
 a user can cause (missing, empty, corrupt file, too few frames, a bad request) raises HippoError
 with one clear message.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -66,43 +68,96 @@ def load_video(
     num_frames: int | None = None,
     fps: float | None = None,
     backend: str | None = None,
+    *,
+    start: float | None = None,
+    end: float | None = None,
+    assumed_fps: float | None = None,
 ) -> torch.Tensor:
     """Decode sampled frames of a video as a uint8 tensor [T, H, W, 3] (RGB).
 
     Exactly one of:
-      num_frames: N frames spread uniformly over the whole clip (first and last included);
+      num_frames: N frames spread uniformly over the clip (first and last included);
         asking for more frames than the clip has is an error.
       fps: frames at this rate, at times 0, 1/fps, 2/fps, ... < the clip's duration; a rate
         above the clip's own frame rate gives every frame.
+    start, end: seconds; the clip is then the frames on screen from start up to end (either
+      may be left out: the video's first or last frame). Needs a known frame rate.
+    assumed_fps: the frame rate of a source that records none (a folder of frames); a source
+      that records its own is read at that.
     backend: "decord" or "opencv" to force one; None tries decord first, then OpenCV. (A
       directory of frames is read with Pillow whatever the backend.)
     """
     _check_request(num_frames, fps)
+    window = _checked_window(start, end)
+    if assumed_fps is not None:
+        _check_rate("assumed_fps", assumed_fps)
     path = _checked_source(path)
 
     def decode(reader: _Reader) -> torch.Tensor:
-        indices = sample_indices(reader.info, num_frames=num_frames, fps=fps)
+        info = reader.info
+        if info.fps <= 0 and assumed_fps is not None:
+            info = dataclasses.replace(info, fps=float(assumed_fps))
+        indices = sample_indices(info, num_frames=num_frames, fps=fps, window=window)
         return torch.from_numpy(np.ascontiguousarray(reader.frames(indices)))
 
     return _run_with_backends(path, backend, decode)
 
 
-def sample_indices(info: VideoInfo, num_frames: int | None = None, fps: float | None = None) -> list[int]:
-    """Frame indices to decode for a request (see load_video), in increasing order."""
+def sample_indices(info: VideoInfo, num_frames: int | None = None, fps: float | None = None,
+                   window: tuple[float, float | None] | None = None) -> list[int]:
+    """Frame indices to decode for a request (see load_video; window is (start, end) seconds,
+    end None for the video's end), in increasing order."""
     _check_request(num_frames, fps)
     total = info.num_frames
     if total < 1:
         raise HippoError("video has no frames")
+    first, last = _window_frames(info, window) if window is not None else (0, total - 1)
+    span = last - first + 1
     if num_frames is not None:
-        if num_frames > total:
-            raise HippoError(f"video has {total} frames, {num_frames} requested")
-        return np.linspace(0, total - 1, num_frames).round().astype(int).tolist()
+        if num_frames > span:
+            where = "video has" if window is None else f"{_describe(window)} holds"
+            raise HippoError(f"{where} {span} frames, {num_frames} requested")
+        return np.linspace(first, last, num_frames).round().astype(int).tolist()
     if info.fps <= 0:
         raise HippoError("video reports no frame rate: sample it with num_frames instead of fps")
     step = info.fps / min(fps, info.fps)  # source frames per sampled frame, >= 1
-    count = max(1, math.ceil(total / step - 1e-6))
+    count = max(1, math.ceil(span / step - 1e-6))
     # The frame on screen at time k / fps; the epsilon keeps exact multiples from rounding down.
-    return [min(total - 1, int(k * step + 1e-6)) for k in range(count)]
+    return [min(last, first + int(k * step + 1e-6)) for k in range(count)]
+
+
+def _window_frames(info: VideoInfo, window: tuple[float, float | None]) -> tuple[int, int]:
+    """(first, last) indices of the frames on screen during the window [start, end)."""
+    if info.fps <= 0:
+        raise HippoError("video reports no frame rate, so a time window cannot be placed in it")
+    start, end = window
+    if start >= info.duration:
+        raise HippoError(f"{_describe(window)} starts after the video ends ({info.duration:.3g} s)")
+    first = int(start * info.fps + 1e-6)
+    if end is None:
+        return first, info.num_frames - 1
+    # Frame i is on screen during [i / fps, (i + 1) / fps); a window shorter than one frame
+    # still holds the frame on screen at its start.
+    last = math.ceil(end * info.fps - 1e-6) - 1
+    return first, max(first, min(last, info.num_frames - 1))
+
+
+def _describe(window: tuple[float, float | None]) -> str:
+    start, end = window
+    return f"the window {start:g}-{'end' if end is None else f'{end:g}'} s"
+
+
+def _checked_window(start: float | None, end: float | None) -> tuple[float, float | None] | None:
+    if start is None and end is None:
+        return None
+    for name, value in (("start", start), ("end", end)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or not math.isfinite(value) or value < 0):
+            raise HippoError(f"{name} must be a number of seconds >= 0, got {value!r}")
+    start = 0.0 if start is None else float(start)
+    if end is not None and end < start:
+        raise HippoError(f"the window ends ({end:g} s) before it starts ({start:g} s)")
+    return start, None if end is None else float(end)
 
 
 def _check_request(num_frames: int | None, fps: float | None) -> None:
@@ -114,8 +169,12 @@ def _check_request(num_frames: int | None, fps: float | None) -> None:
         if num_frames < 1:
             raise HippoError(f"num_frames must be at least 1, got {num_frames}")
     if fps is not None:
-        if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not (math.isfinite(fps) and fps > 0):
-            raise HippoError(f"fps must be a positive number, got {fps!r}")
+        _check_rate("fps", fps)
+
+
+def _check_rate(name: str, rate: float) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not (math.isfinite(rate) and rate > 0):
+        raise HippoError(f"{name} must be a positive number, got {rate!r}")
 
 
 def _checked_source(path: str | Path) -> Path:
@@ -272,9 +331,10 @@ def _frame_files(folder: Path) -> list[Path]:
 
 
 class _FrameFolderReader:
-    """A directory of image files as a video without a frame rate (sample it by num_frames).
-    Pillow decodes them: once decord is loaded, OpenCV's PNG decoder fails in the same process
-    (seen with decord 0.6 and opencv 5.0: "libpng error: bad parameters to zlib")."""
+    """A directory of image files as a video without a frame rate (sample it by num_frames,
+    or state its rate: load_video's assumed_fps). Pillow decodes them: once decord is loaded,
+    OpenCV's PNG decoder fails in the same process (seen with decord 0.6 and opencv 5.0:
+    "libpng error: bad parameters to zlib")."""
 
     def __init__(self, folder: Path):
         self._files = _frame_files(folder)

@@ -38,7 +38,8 @@ def _run_question(question: VideoQuestion, autoregressive: HippoPipeline, hippo:
                   max_new_tokens: int, num_frames: int) -> dict:
     row = dict(question=question.question_id, task=question.task)
     try:
-        frames = load_video(question.video, num_frames=num_frames)
+        frames = load_video(question.video, num_frames=num_frames, start=question.start,
+                            end=question.end, assumed_fps=question.assumed_fps)
         prompts = hippo.prepare(frames, question.prompt)
     except HippoError as error:
         return dict(row, skipped=str(error).splitlines()[0])

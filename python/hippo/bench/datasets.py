@@ -28,8 +28,11 @@ mvbench (MVBench, HF OpenGVLab/MVBench)
         _MVBENCH_LMMS_EVAL_DIRS) and its data0613/<folder>; a task not listed looks in video/.
         In the official layout episodic_reasoning is folders of frames (read as videos by
         hippo.video; the lmms-eval copy has mp4 clips) and fine_grained_pose's NTU
-        clips are not on the hub's main branch. The start/end bounds of the bounded tasks are
-        not used: the whole clip is given.
+        clips are not on the hub's main branch. The bounded tasks (_MVBENCH_BOUNDED_TASKS, as
+        the official code flags them) ask about the rows' start..end seconds of a longer video:
+        frames are sampled inside that window when the video is in the official folders (the
+        lmms-eval copy's clips of those tasks are already cut to it), and the TVQA frame
+        folders are read at their 3 frames per second.
 
 longvideobench (LongVideoBench, HF longvideobench/LongVideoBench)
     annotations: lvb_val.json, else lvb_test_wo_gt.json (answers None): a list of {id,
@@ -84,6 +87,11 @@ class VideoQuestion:
     answer: str | None  # the ground-truth letter, or None (captioning / unknown)
     task: str = ""  # task / category / question type where the format has one
     duration: float | None = None  # seconds, where the format has it
+    # The part of the video the question is about, in seconds (None: from the start / to the
+    # end), and the frame rate of a frame folder, which records none: load_video's arguments.
+    start: float | None = None
+    end: float | None = None
+    assumed_fps: float | None = None
 
 
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -119,6 +127,11 @@ _MVBENCH_VIDEO_DIRS = {
     "episodic_reasoning": "tvqa/frames_fps3_hq",
     "counterfactual_inference": "clevrer/video_validation",
 }
+# The tasks whose rows' start/end seconds bound the clip (the official code's bound flag); the
+# official layout keeps their full videos.
+_MVBENCH_BOUNDED_TASKS = frozenset({"action_sequence", "action_prediction", "object_interaction",
+                                    "action_localization", "episodic_reasoning"})
+_MVBENCH_FRAME_FOLDER_FPS = {"episodic_reasoning": 3.0}  # tvqa/frames_fps3_hq
 # Where the lmms-eval copy (the hub's "video" revision) names a task's folder differently.
 _MVBENCH_LMMS_EVAL_DIRS = {
     "action_sequence": "star/Charades_segment",
@@ -181,16 +194,21 @@ def _read_mvbench(root: Path) -> Iterator[VideoQuestion]:
         task = path.stem
         official = _MVBENCH_VIDEO_DIRS.get(task, "")
         renamed = _MVBENCH_LMMS_EVAL_DIRS.get(task, official)
-        folders = [root / "video" / official, root / "video" / "data0613" / official,
-                   root / renamed, root / "data0613" / renamed]
+        official_folders = [root / "video" / official, root / "video" / "data0613" / official]
+        folders = [*official_folders, root / renamed, root / "data0613" / renamed]
 
         def convert(index: int, row: dict) -> list[VideoQuestion]:
             options = list(row["candidates"])
+            video = _find_video(folders, str(row["video"]))
+            bounded = task in _MVBENCH_BOUNDED_TASKS and any(
+                video.is_relative_to(folder) for folder in official_folders)
             return [VideoQuestion(
-                dataset="mvbench", question_id=f"{task}/{index}",
-                video=_find_video(folders, str(row["video"])),
+                dataset="mvbench", question_id=f"{task}/{index}", video=video,
                 prompt=_choice_prompt(row["question"], options),
-                answer=_answer_letter(row["answer"], options, "text"), task=task)]
+                answer=_answer_letter(row["answer"], options, "text"), task=task,
+                start=_seconds(row.get("start")) if bounded else None,
+                end=_seconds(row.get("end")) if bounded else None,
+                assumed_fps=_MVBENCH_FRAME_FOLDER_FPS.get(task))]
 
         return _questions([path], convert)
 
