@@ -216,6 +216,23 @@ def test_tree_mask_differs_from_causal(device, gen):
     assert_close_to_reference(full, query, cache, 0, length, tree_mask=mask)
 
 
+def test_a_nan_query_gives_nan_as_sdpa_does(device, gen, cuda_kernel):
+    """A NaN in one (token, head) query spoils that output row only, and visibly: no zeros."""
+    dtype = dtypes_for(device)[0]
+    query, cache, length = make_inputs(
+        gen, batch=2, q_len=9, q_heads=4, kv_heads=2, head_dim=64, lengths=[20, 130],
+        max_seq=256, dtype=dtype, device=device)
+    query[1, 3, 2, 5] = float("nan")
+    out = decode_attention(query, cache, 0, length)
+    assert out[1, 3, 2].isnan().all()
+    spoiled = torch.zeros(out.shape[:3], dtype=torch.bool, device=device)
+    spoiled[1, 3, 2] = True
+    assert torch.isfinite(out[~spoiled]).all()
+    clean = query.nan_to_num(0.0)
+    expected = reference(clean, cache, 0, length)
+    assert rel_error(out[~spoiled], expected[~spoiled]) < TOLERANCE[dtype]
+
+
 @pytest.mark.parametrize("poison", [1e4, float("nan")])
 def test_garbage_beyond_length_is_ignored(device, gen, cuda_kernel, poison):
     dtype = dtypes_for(device)[0]

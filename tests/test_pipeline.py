@@ -91,10 +91,19 @@ def test_pair_with_different_visual_layouts_is_a_clear_error():
     (dict(gemm_prologues=True), "unknown gemm_prologues"),
     (dict(max_gamma=2.5), "max_gamma must be an int"),
     (dict(preservation=0.1), "must be a PreservationOptions"),
+    # skinny_linear's step-size-independent kernel takes up to 32 rows (a verify step of g + 1).
+    (dict(step_invariant=True, gamma=32), "gamma .* at most 31, got 32"),
+    (dict(step_invariant=True, max_gamma=32), "gamma .* at most 31, got 32"),
 ])
 def test_bad_options_are_clear_errors(options, message):
     with pytest.raises(HippoError, match=message):
         HippoOptions(**options)
+
+
+def test_step_invariance_covers_the_largest_verify_step():
+    HippoOptions(step_invariant=True, gamma=31)
+    HippoOptions(step_invariant=True, max_gamma=31)
+    HippoOptions(step_invariant=False, gamma=32)
 
 
 def test_bad_requests_are_clear_errors(tmp_path):

@@ -500,10 +500,12 @@ def test_step_invariant_verify_equals_single_steps_bitwise(family):
     model, positions_for = cuda_model(family, 256)
     model = model.to(torch.bfloat16)
     runtime = LanguageModelRuntime.from_hf(model, max_seq_len=128, step_invariant=True)
-    ids = torch.randint(0, VOCAB, (1, 60), device="cuda")
-    positions = positions_for(60).cuda()
+    ids = torch.randint(0, VOCAB, (1, 80), device="cuda")
+    positions = positions_for(80).cuda()
     runtime.prefill(runtime.embed(ids[:, :40]), positions[..., :40])
-    for count in (5, 9, 17):
+    with pytest.raises(HippoError, match="up to 32 tokens, got 33"):  # cuBLAS would take it
+        runtime.step(ids[:, 40:73], positions[..., 40:73])
+    for count in (5, 9, 17, 32):
         verify = runtime.step(ids[:, 40:40 + count], positions[..., 40:40 + count]).clone()
         runtime.rollback(40)
         singles = [runtime.step(ids[:, 40 + i:41 + i], positions[..., 40 + i:41 + i]).clone()

@@ -56,7 +56,9 @@ void attend_kv_head(const scalar_t* query, const scalar_t* keys, const scalar_t*
         float dot = 0.f;
         for (int64_t d = 0; d < d_size; ++d) dot += q_row[d] * static_cast<float>(k[d]);
         scores[pos] = dot * scale;
-        max_score = std::max(max_score, scores[pos]);
+        // A NaN score (NaN in the query or a key) must reach the output as SDPA's does;
+        // std::max would drop it and leave zeros.
+        max_score = std::isnan(scores[pos]) ? scores[pos] : std::max(max_score, scores[pos]);
       }
 
       std::fill(acc.begin(), acc.end(), 0.f);

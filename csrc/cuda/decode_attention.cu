@@ -148,7 +148,7 @@ __device__ __forceinline__ int64_t row_offset(const Params& p, int b, int h, int
 
 // Base-2 log-sum-exp of a split from its running max and sum (-inf when it saw nothing).
 __device__ __forceinline__ float split_lse(float max_score, float sum) {
-  return sum > 0.f ? max_score + __log2f(sum) : kNegInf;
+  return sum != 0.f ? max_score + __log2f(sum) : kNegInf;  // a NaN sum stays NaN
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -232,7 +232,8 @@ __device__ void merge_row(const Params& p, int bh, int r, int splits, float4* sc
       total.w += scale * v.w;
       total_weight += scale * group_weight[g];
     }
-    const float inv = total_weight > 0.f ? 1.f / total_weight : 0.f;  // nothing visible: zeros
+    // Nothing visible: zeros. A NaN (from a NaN query or key) reaches the output, as in SDPA.
+    const float inv = total_weight != 0.f ? 1.f / total_weight : 0.f;
     T* out = static_cast<T*>(p.out) + row_offset(p, b, h, r, D) + threadIdx.x * 4;
     out[0] = from_float<T>(total.x * inv);
     out[1] = from_float<T>(total.y * inv);
@@ -528,7 +529,7 @@ __global__ void __launch_bounds__(W * 32) split_kernel_mma(const Params p) {
       value += merge_acc[(w * 16 + rr) * D + d] * weight;
     }
     const int64_t out_row = split_base * p.rows + r;
-    p.partial_out[out_row * D + d] = sum > 0.f ? value / sum : 0.f;
+    p.partial_out[out_row * D + d] = sum != 0.f ? value / sum : 0.f;
     if (d == 0) p.partial_lse[out_row] = split_lse(max_score, sum);
   }
   if (p.semaphores != nullptr) {  // fused merge; arrive_last_of waits for the merge-area reads
@@ -594,7 +595,7 @@ __global__ void __launch_bounds__(kThreads) split_kernel_simple(const Params p) 
 #pragma unroll
   for (int k = 0; k < kPerLane; ++k) {
     const int d = lane + 32 * k;
-    if (d < D) p.partial_out[out_row * D + d] = running_sum > 0.f ? acc[k] / running_sum : 0.f;
+    if (d < D) p.partial_out[out_row * D + d] = running_sum != 0.f ? acc[k] / running_sum : 0.f;
   }
   if (lane == 0) p.partial_lse[out_row] = split_lse(running_max, running_sum);
 }

@@ -21,6 +21,7 @@ import torch
 from hippo.models.base import HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible, resolve_device
 from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, preserve_tokens
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive
+from hippo.runtime.decoder import STEP_INVARIANT_MAX_TOKENS
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
 from hippo.speculative.decoder import decode_after_prefill
 from hippo.speculative.draft_cache import (DRAFT_PREFILLS, compact_to_kept, copy_kept_cache,
@@ -75,6 +76,10 @@ class HippoOptions:
             raise HippoError(f"unknown draft_prefill {self.draft_prefill!r}; choose one of "
                              f"{', '.join(DRAFT_PREFILLS)}")
         DraftLength(self.gamma, max_gamma=self.max_gamma)  # validates both
+        if self.step_invariant and self.largest_gamma + 1 > STEP_INVARIANT_MAX_TOKENS:
+            raise HippoError(f"step_invariant=True covers verify steps of up to "
+                             f"{STEP_INVARIANT_MAX_TOKENS} tokens: gamma (max_gamma when 'auto') "
+                             f"at most {STEP_INVARIANT_MAX_TOKENS - 1}, got {self.largest_gamma}")
         if self.gemm_prologues not in GEMM_PROLOGUE_ROLES:
             raise HippoError(f"unknown gemm_prologues {self.gemm_prologues!r}; choose one of "
                              f"{', '.join(GEMM_PROLOGUE_ROLES)}")

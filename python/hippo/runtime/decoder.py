@@ -24,6 +24,9 @@ from hippo.runtime.static_cache import StaticKVCache
 
 STEP_ATTENTION_BACKENDS = ("sdpa", "hippo_ext")
 MAX_STEP_TOKENS = 64  # decode_attention's query-block limit
+# skinny_linear's tensor-core kernel takes up to 32 rows; it hands larger steps to cuBLAS, whose
+# rows depend on the step size.
+STEP_INVARIANT_MAX_TOKENS = 32
 # The hippo_ext ops of a fused layer (fused=True), besides decode_attention.
 FUSED_LAYER_OPS = ("rms_norm", "add_rms_norm", "rotary_tables", "rotary_kv_append",
                    "silu_and_mul")
@@ -108,7 +111,8 @@ class LanguageModelRuntime:
             per layer, on skinny_linear's FMA kernel; same arithmetic (on the CPU, the same
             ops composed). Needs the fused layer path; opt-in until measured on a GPU.
         step_invariant: make a step's logits for each token independent of how many tokens the
-            step holds (up to 32), bit for bit: a verify step of g + 1 tokens then gives exactly
+            step holds (up to STEP_INVARIANT_MAX_TOKENS = 32; larger steps are refused), bit
+            for bit: a verify step of g + 1 tokens then gives exactly
             the logits that g + 1 single-token steps would, so speculative decoding reproduces
             the runtime's own autoregressive output even in bf16. Needs CUDA and hippo_ext's
             decode_attention; turns on skinny_gemm and decode_attention's row-invariant layout
@@ -240,6 +244,9 @@ class LanguageModelRuntime:
         self._check_batch(batch)
         if not 1 <= count <= MAX_STEP_TOKENS:
             raise HippoError(f"a step takes 1..{MAX_STEP_TOKENS} tokens, got {count}")
+        if self.step_invariant and count > STEP_INVARIANT_MAX_TOKENS:
+            raise HippoError(f"step_invariant=True holds for steps of up to "
+                             f"{STEP_INVARIANT_MAX_TOKENS} tokens, got {count}")
         positions = self._normalise_positions(position_ids, batch, count)
         self.cache.reserve(count, "step")
         if self._graphs is not None:
