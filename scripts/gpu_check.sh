@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # GPU verification in one device call (see ../.library/device): build hippo_ext for sm_90a against
 # the machine's own torch, then run the requested phases and leave logs under $OUT.
-#   scripts/gpu_check.sh build tests bench      # correctness + microbenchmarks
+#   scripts/gpu_check.sh build tests bench      # the test suite (one process per file) + microbenchmarks
+#   scripts/gpu_check.sh toolchain build probe  # compilers seen; does an op's C++ error reach Python
 #   scripts/gpu_check.sh sanitize               # compute-sanitizer memcheck + racecheck on CUDA tests
 #   scripts/gpu_check.sh build profile          # runtime step breakdown, decode_attention split sweep
 #   scripts/gpu_check.sh build runtime          # runtime step times (bench_runtime.py --quick)
-#   scripts/gpu_check.sh build fast runtime     # CUDA tests of the step's ops and the runtime only
+#   scripts/gpu_check.sh build fast runtime     # CUDA tests of the step's ops and the runtime, then
+#                                               # runtime step times (RUNTIME_VARIANTS picks columns)
 #   scripts/gpu_check.sh build ncu              # Nsight Compute on decode_attention's split kernel
 #   scripts/gpu_check.sh build speculative      # HIPPO decoding: CUDA tests, time per round
 #   scripts/gpu_check.sh build e2e              # hippo demo and hippo bench --preset 7b (short sweep)
+# Knobs: OUT (logs, /tmp/hippo_out), TEST_TIMEOUT (s per test file), SANITIZE_SELECT and
+# RACECHECK_SELECT (pytest -m/-k selections), RUNTIME_ARGS, RUNTIME_TIMEOUT, E2E_ARGS.
 set -uo pipefail
 OUT=${OUT:-/tmp/hippo_out}
 mkdir -p "$OUT"
