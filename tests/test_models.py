@@ -276,7 +276,12 @@ def test_unknown_sources_raise(tmp_path):
     with pytest.raises(HippoError, match="neither a preset"):
         load_adapter(str(tmp_path / "missing"))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    with pytest.raises(HippoError, match="unsupported model type 'bert'"):
+    with pytest.raises(HippoError, match="unsupported model type 'bert'; supported: "
+                                         "qwen2_5_vl, llava_onevision$"):
+        load_adapter(str(tmp_path))
+    # A near miss says what to use instead (the original LLaVA-Video release format).
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_qwen"}))
+    with pytest.raises(HippoError, match="'llava_qwen'.*Hugging Face conversion.*llava_onevision"):
         load_adapter(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps({}))
     with pytest.raises(HippoError, match="model_type"):

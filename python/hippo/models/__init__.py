@@ -22,7 +22,19 @@ def adapter_class(family: str) -> type[VideoLLMAdapter]:
         from hippo.models.llava_onevision import LlavaOnevisionAdapter
 
         return LlavaOnevisionAdapter
-    raise HippoError(f"unsupported model type {family!r}; supported: {', '.join(FAMILIES)}")
+    hint = _UNSUPPORTED_HINTS.get(family, "")
+    raise HippoError(f"unsupported model type {family!r}; supported: {', '.join(FAMILIES)}{hint}")
+
+
+# Near misses users hold checkpoints of: what to use instead.
+_UNSUPPORTED_HINTS = {
+    "llava_qwen": " (the original LLaVA-NeXT / LLaVA-Video release format: use its Hugging Face "
+                  "conversion, model_type llava_onevision, as the llava-hf checkpoints are)",
+    "llava": " (LLaVA-1.5 images-only; LLaVA-OneVision and LLaVA-Video are llava_onevision)",
+    "llava_next_video": " (LLaVA-NeXT-Video has another vision pipeline; LLaVA-Video checkpoints "
+                        "converted to llava_onevision are supported)",
+    "qwen2_vl": " (Qwen2-VL's vision tower differs from Qwen2.5-VL's)",
+}
 
 
 def load_adapter(source: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
