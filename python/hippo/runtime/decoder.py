@@ -1,8 +1,8 @@
 """hippo's own step loop for a Qwen2-family language model, on HF's weights.
 
-The weights are borrowed, never copied (q/k/v and gate/up are concatenated in place, the HF
-parameters becoming views), and the arithmetic is HF's: each layer runs as nine ops, hippo_ext's
-fused RMSNorm (residual add included), RoPE plus cache append and SwiGLU gating around four
+The weights are borrowed, never copied (q/k/v and gate/up are concatenated once, the HF
+parameters becoming views: fused_projections.py), and the arithmetic is HF's: each layer runs
+as nine ops, hippo_ext's fused RMSNorm (residual add included), RoPE plus cache append and SwiGLU gating around four
 GEMMs and the attention, each rounding where HF's modules round (`fused=False` runs HF's modules
 themselves). Around that: a static KV cache (static_cache.py), prefill from input embeddings
 with explicit position ids, and decode/verify steps of static shape that CUDA graphs capture
@@ -20,6 +20,7 @@ from torch import nn
 
 import hippo_ext
 from hippo.models.base import HippoError
+from hippo.runtime.fused_projections import fuse_layer_projections
 from hippo.runtime.static_cache import StaticKVCache
 
 STEP_ATTENTION_BACKENDS = ("sdpa", "hippo_ext")
@@ -460,57 +461,6 @@ class LanguageModelRuntime:
         if bad:
             raise HippoError(f"query layers {bad} out of range 0..{len(self.layers) - 1}")
         return layers
-
-
-@dataclass
-class FusedProjections:
-    """One layer's q/k/v projection as one matrix [(Hq + 2 Hkv) D, hidden] with its bias, and
-    its gate/up projection as one [2 I, hidden]. The HF parameters are views into these."""
-
-    qkv_weight: torch.Tensor
-    qkv_bias: torch.Tensor
-    gate_up_weight: torch.Tensor
-
-
-def fuse_layer_projections(layer: nn.Module) -> FusedProjections:
-    """Concatenate a decoder layer's q/k/v and gate/up weights and point the HF parameters at
-    slices of the result (so memory holds one copy). Idempotent: a layer fused before, whose
-    parameters still view the fused tensors, is reused as is."""
-    attention, mlp = layer.self_attn, layer.mlp
-    previous = getattr(layer, "_hippo_fused", None)
-    if previous is not None and _still_views(previous, attention, mlp):
-        return previous
-    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-    if any(p.bias is None for p in projections) or mlp.gate_proj.bias is not None:
-        raise HippoError("expected Qwen2 projections: q/k/v with biases, gate/up without")
-    with torch.no_grad():
-        fused = FusedProjections(
-            qkv_weight=torch.cat([p.weight for p in projections]),
-            qkv_bias=torch.cat([p.bias for p in projections]),
-            gate_up_weight=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
-    _point_at_slices(projections, "weight", fused.qkv_weight)
-    _point_at_slices(projections, "bias", fused.qkv_bias)
-    _point_at_slices((mlp.gate_proj, mlp.up_proj), "weight", fused.gate_up_weight)
-    layer._hippo_fused = fused
-    return fused
-
-
-def _point_at_slices(modules: Sequence[nn.Module], name: str, fused: torch.Tensor) -> None:
-    """Replace each module's parameter `name` by its rows of `fused` (in order)."""
-    start = 0
-    for module in modules:
-        rows = getattr(module, name).shape[0]
-        old = getattr(module, name)
-        setattr(module, name, nn.Parameter(fused[start:start + rows],
-                                           requires_grad=old.requires_grad))
-        start += rows
-
-
-def _still_views(fused: FusedProjections, attention: nn.Module, mlp: nn.Module) -> bool:
-    return (attention.q_proj.weight.data_ptr() == fused.qkv_weight.data_ptr()
-            and attention.q_proj.bias.data_ptr() == fused.qkv_bias.data_ptr()
-            and mlp.gate_proj.weight.data_ptr() == fused.gate_up_weight.data_ptr()
-            and attention.q_proj.weight.dtype == fused.qkv_weight.dtype)
 
 
 DECODE_ATTENTION_CUDA_DTYPES = (torch.bfloat16, torch.float16)
