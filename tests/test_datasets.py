@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet  # a declared dependency (requirements.txt): no skip
 import pytest
 
-from hippo.bench.datasets import DATASETS, VideoQuestion, read_dataset
+from hippo.bench.datasets import DATASETS, VideoQuestion, chosen_letter, read_dataset
 from hippo.models.base import HippoError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
@@ -277,3 +277,16 @@ def test_vdc_older_and_lmms_eval_layouts(tmp_path):
     questions = read_dataset("vdc", lmms_eval)
     assert [q.question_id for q in questions] == ["v_0001", "x"]
     assert questions[0].video == video
+
+
+@pytest.mark.parametrize("output, letter", [
+    ("B", "B"), ("B.", "B"), ("D)", "D"), ("(C) the door opens", "C"), ("[E]", "E"),
+    ("  C\n", "C"), ("Answer: D.", "D"), ("The answer is B", "B"), ("the best answer is (A)", "A"),
+    ("Option B", "B"), ("B is correct", "B"), ("A.", "A"), ("A", "A"),
+    # No choice: lower case, a word, a sentence opening with "A" or "I", nothing at all.
+    ("b.", None), ("answer: b", None), ("Banana", None), ("A person walks in.", None),
+    ("I think B", None), ("", None), (None, None),
+])
+def test_chosen_letter_reads_the_start_of_an_answer(output, letter):
+    assert chosen_letter(output) == letter
+

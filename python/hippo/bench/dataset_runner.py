@@ -1,10 +1,11 @@
 """`hippo bench --dataset NAME --root DIR`: HIPPO over the questions of a benchmark set stored
-locally, against the target's own AR decoding of each: per-set MAT, speedup, and whether every
-output matched AR (the losslessness check, on real prompts)."""
+locally, against the target's own AR decoding of each: per-set MAT, speedup, whether every
+output matched AR (the losslessness check, on real prompts), and the accuracy of the chosen
+option letters where the set has answers (the target's own: HIPPO does not change outputs)."""
 from __future__ import annotations
 
 
-from hippo.bench.datasets import VideoQuestion, read_dataset
+from hippo.bench.datasets import VideoQuestion, chosen_letter, read_dataset
 from hippo.models import load_adapter
 from hippo.models.base import HippoError, resolve_device
 from hippo.pipeline import HippoPipeline
@@ -53,8 +54,14 @@ def _run_question(question: VideoQuestion, autoregressive: HippoPipeline, hippo:
                 hippo_ms_per_token=round(hippo_ms, 3),
                 speedup=round(ar_ms / hippo_ms, 2) if hippo_ms else None,
                 matched_ar=out.tokens == ar.tokens, answer=out.text, expected=question.answer,
+                correct=_is_correct(out.text, question.answer),
                 _steps=out.stats.target_steps, _ar_s=ar.stats.decode_s,
                 _hippo_s=out.stats.decode_s)
+
+
+def _is_correct(output: str | None, expected: str | None) -> bool | None:
+    """Whether the answer chose the expected option; None where the set gives no answer."""
+    return None if expected is None else chosen_letter(output) == expected
 
 
 def _summary(name: str, rows: list[dict]) -> dict:
@@ -63,7 +70,9 @@ def _summary(name: str, rows: list[dict]) -> dict:
     steps = sum(row.pop("_steps") for row in done)
     ar_s = sum(row.pop("_ar_s") for row in done)
     hippo_s = sum(row.pop("_hippo_s") for row in done)
+    graded = [row["correct"] for row in done if row["correct"] is not None]
     return dict(dataset=name, questions=len(rows), run=len(done), skipped=len(rows) - len(done),
+                accuracy=round(sum(graded) / len(graded), 3) if graded else None,
                 MAT=round(tokens / steps, 2) if steps else None,
                 speedup=round(ar_s / hippo_s, 2) if hippo_s else None,
                 all_matched_ar=all(row["matched_ar"] for row in done) if done else None)

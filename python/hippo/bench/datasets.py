@@ -408,6 +408,23 @@ def _choice_prompt(question: str, options: list) -> str:
     return "\n".join([*lines, _ANSWER_INSTRUCTION])
 
 
+def chosen_letter(output: str | None) -> str | None:
+    """The option letter a model's answer starts with ("B", "(B) ...", "Answer: B.", "The answer
+    is B"), or None. Only the start is read: a letter inside a sentence is no choice, nor are
+    the words "A" and "I" opening one ("A person ...", "I think ...")."""
+    if not output:
+        return None
+    match = _CHOICE.match(output.strip())
+    if match is None or _SENTENCE_START.match(output.strip()):
+        return None
+    return match[1]
+
+
+_CHOICE = re.compile(r"(?i:(?:the\s+)?(?:best\s+)?(?:answer|option|choice)(?:\s+is)?\s*:?\s*)?"
+                     r"[(\[]?([A-Z])(?:$|[\s.,:;)\]])")
+_SENTENCE_START = re.compile(r"[AI]\s+[a-z]")
+
+
 def _answer_letter(answer: object, options: list, form: str) -> str | None:
     """The ground-truth letter from the form the format stores: "letter" (Video-MME, LVBench),
     "index" 0-based (LongVideoBench) or "text" of the option (MVBench, MLVU); None when it names
