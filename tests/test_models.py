@@ -313,3 +313,15 @@ def test_presets_are_named_and_buildable():
     a = adapter(LLAVA_PRESETS[0])
     assert hasattr(a.text_model, "embed_tokens") and hasattr(a.text_model, "rotary_emb")
     assert a.eos_token_id == 504 and a.vocab_size == 512
+
+
+@pytest.mark.parametrize("name", QWEN_PRESETS + LLAVA_PRESETS)
+@pytest.mark.parametrize("t,h,w", [(1, 56, 56), (3, 57, 75), (4, 30, 200), (5, 112, 84)])
+def test_visual_tokens_are_known_before_decoding(name, t, h, w):
+    """The count the pipeline checks against the context before decoding a video is the one
+    prepare() produces (awkward sizes, one frame, odd frame counts)."""
+    a = adapter(name)
+    prepared = a.prepare(make_frames(t, h, w), PROMPT_IDS)
+    assert a.visual_tokens(t, h, w) == prepared.num_visual
+    assert a.max_positions == a.text_model.config.max_position_embeddings
+

@@ -42,6 +42,35 @@ def test_a_time_window_of_a_file_equals_its_frames_cut_by_hand():
         pipeline.generate(cut, "what moves?", 10, start=1.0)
 
 
+def test_frames_beyond_the_context_are_refused_before_decoding(monkeypatch):
+    """A long video at one frame per second: the visual tokens alone would overflow the
+    model's positions, which is known from the frame count and size before anything is
+    decoded or embedded."""
+    from hippo import video
+    from hippo.models.qwen2_5_vl import Qwen2_5_VLAdapter
+
+    target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
+    pipeline = HippoPipeline(target, draft)
+    frames = video.load_video(sample_video_path(), num_frames=16)
+    monkeypatch.setattr(Qwen2_5_VLAdapter, "max_positions", property(lambda self: 100))
+
+    def no_decoding(*args):
+        raise AssertionError("decoded although the frames cannot fit")
+
+    monkeypatch.setattr(video._OpenCVReader, "frames", no_decoding)
+    monkeypatch.setattr(video._DecordReader, "frames", no_decoding)
+    monkeypatch.setattr(Qwen2_5_VLAdapter, "prepare", no_decoding)
+    tokens = target.visual_tokens(16, 112, 112)
+    assert tokens >= 100
+    message = f"16 frames of 112x112 make {tokens} visual tokens, beyond the 100 positions"
+    with pytest.raises(HippoError, match=message):
+        pipeline.generate(sample_video_path(), "what moves?", 4, num_frames=16)
+    with pytest.raises(HippoError, match=message):
+        pipeline.generate(frames, "what moves?", 4)
+    with pytest.raises(HippoError, match="ask for fewer frames"):
+        pipeline.generate(sample_video_path(), "what moves?", 4, fps=4.0)
+
+
 @pytest.mark.parametrize("roles", ["draft", "both"])
 def test_gemm_prologues_reach_their_runtimes_and_keep_the_output(roles):
     """HippoOptions(gemm_prologues=...) builds the named runtimes with the fused GEMM ops (on the

@@ -287,6 +287,30 @@ def test_bad_requests(request_kwargs, message):
         load_video(sample_video_path(), **request_kwargs)
 
 
+def test_a_request_beyond_the_free_memory_is_refused_before_decoding(monkeypatch):
+    """16 frames of 112x112 need ~1.1 MiB (two copies): with 1 MiB free the request is refused
+    before any frame is decoded; 8 frames fit; with the memory unknown it goes ahead."""
+    monkeypatch.setattr(video, "_available_memory_bytes", lambda: 2**20)
+    with monkeypatch.context() as patch:
+        def no_decoding(*args):
+            raise AssertionError("decoded although the frames cannot fit")
+
+        patch.setattr(video._OpenCVReader, "frames", no_decoding)
+        patch.setattr(video._DecordReader, "frames", no_decoding)
+        with pytest.raises(HippoError, match=r"decoding 16 frames of 112x112 needs about 1.1 MiB, "
+                                             r"more than the 1.0 MiB of memory available: ask "
+                                             r"for fewer frames"):
+            load_video(sample_video_path(), num_frames=16)
+    assert load_video(sample_video_path(), num_frames=8).shape[0] == 8
+    monkeypatch.setattr(video, "_available_memory_bytes", lambda: None)
+    assert load_video(sample_video_path(), num_frames=16).shape[0] == 16
+
+
+def test_free_memory_is_read_on_linux():
+    available = video._available_memory_bytes()
+    assert available is None or available > 2**20
+
+
 def test_bad_request_is_reported_before_touching_the_file(tmp_path):
     with pytest.raises(HippoError, match="at least 1"):
         load_video(tmp_path / "missing.mp4", num_frames=0)

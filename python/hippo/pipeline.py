@@ -167,15 +167,31 @@ class HippoPipeline:
         if isinstance(video, torch.Tensor):
             if start is not None or end is not None:
                 raise HippoError("start and end cut a video file; cut decoded frames yourself")
+            if video.dim() == 4:
+                self._admit_frames(*video.shape[:3])
             frames = video
         else:
-            frames = load_video(video, num_frames=num_frames, fps=fps, start=start, end=end)
+            frames = load_video(video, num_frames=num_frames, fps=fps, start=start, end=end,
+                                admit=self._admit_frames)
         target_prompt = self.target.prepare(frames, prompt, fps=fps)
         if self.draft is None:
             return target_prompt, None
         draft_prompt = self.draft.prepare(frames, prompt, fps=fps)
         _check_same_layout(target_prompt, draft_prompt)
         return target_prompt, draft_prompt
+
+    def _admit_frames(self, count: int, height: int, width: int) -> None:
+        """Refuse, before decoding or embedding them, frames whose visual tokens alone would
+        overflow a model's context (a long video at one frame per second)."""
+        for adapter in (self.target, self.draft):
+            if adapter is None or adapter.max_positions is None:
+                continue
+            tokens = adapter.visual_tokens(count, height, width)
+            if tokens >= adapter.max_positions:
+                raise HippoError(
+                    f"{count} frames of {width}x{height} make {tokens} visual tokens, beyond the "
+                    f"{adapter.max_positions} positions of the {adapter.family} model: ask for "
+                    "fewer frames (num_frames, a lower fps or a time window)")
 
     @torch.no_grad()
     def generate(self, video: str | Path | torch.Tensor, prompt: str | list[int],
@@ -387,7 +403,7 @@ class _SideStream:
 
 def _check_context_fits(adapter: VideoLLMAdapter, length: int) -> None:
     """The prompt plus every new token must fit the model's trained context."""
-    limit = getattr(adapter.text_model.config, "max_position_embeddings", None)
+    limit = adapter.max_positions
     if limit is not None and length > limit:
         raise HippoError(
             f"context too long: {length} tokens (prompt plus max_new_tokens) exceed the "

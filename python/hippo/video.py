@@ -72,6 +72,7 @@ def load_video(
     start: float | None = None,
     end: float | None = None,
     assumed_fps: float | None = None,
+    admit: Callable[[int, int, int], None] | None = None,
 ) -> torch.Tensor:
     """Decode sampled frames of a video as a uint8 tensor [T, H, W, 3] (RGB).
 
@@ -84,6 +85,8 @@ def load_video(
       may be left out: the video's first or last frame). Needs a known frame rate.
     assumed_fps: the frame rate of a source that records none (a folder of frames); a source
       that records its own is read at that.
+    admit: called with (frames, height, width) of the request before any frame is decoded;
+      it raises HippoError to refuse it (a model whose context the frames would not fit).
     backend: "decord" or "opencv" to force one; None tries decord first, then OpenCV. (A
       directory of frames is read with Pillow whatever the backend.)
     """
@@ -98,6 +101,9 @@ def load_video(
         if info.fps <= 0 and assumed_fps is not None:
             info = dataclasses.replace(info, fps=float(assumed_fps))
         indices = sample_indices(info, num_frames=num_frames, fps=fps, window=window)
+        _check_frames_fit_in_memory(len(indices), info)
+        if admit is not None:
+            admit(len(indices), info.height, info.width)
         return torch.from_numpy(np.ascontiguousarray(reader.frames(indices)))
 
     return _run_with_backends(path, backend, decode)
@@ -145,6 +151,35 @@ def _window_frames(info: VideoInfo, window: tuple[float, float | None]) -> tuple
 def _describe(window: tuple[float, float | None]) -> str:
     start, end = window
     return f"the window {start:g}-{'end' if end is None else f'{end:g}'} s"
+
+
+def _check_frames_fit_in_memory(count: int, info: VideoInfo) -> None:
+    """Refuse a request whose decoded frames cannot fit in the memory left (an hour at fps=1 is
+    3,600 frames: 22 GB at 1080p), rather than let the OS kill the process mid-decode. The
+    decoders hold about two copies of the batch at once."""
+    needed = 2 * count * info.height * info.width * 3
+    available = _available_memory_bytes()
+    if available is not None and needed > available:
+        raise HippoError(
+            f"decoding {count} frames of {info.width}x{info.height} needs about "
+            f"{_size(needed)}, more than the {_size(available)} of memory available: ask for "
+            "fewer frames (num_frames, a lower fps or a time window)")
+
+
+def _size(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.1f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+
+
+def _available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def _checked_window(start: float | None, end: float | None) -> tuple[float, float | None] | None:

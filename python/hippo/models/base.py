@@ -202,6 +202,17 @@ class VideoLLMAdapter:
         """Keyword arguments for the HF model's `generate` (and forward) on the same inputs."""
         raise NotImplementedError
 
+    def visual_tokens(self, num_frames: int, height: int, width: int) -> int:
+        """How many prompt tokens num_frames frames of height x width become (known before any
+        frame is decoded, so that a request beyond the context is refused cheaply)."""
+        raise NotImplementedError
+
+    @property
+    def max_positions(self) -> int | None:
+        """The language model's trained context (None where the config does not say)."""
+        limit = getattr(self.text_model.config, "max_position_embeddings", None)
+        return int(limit) if limit is not None else None
+
 
 def visual_span(input_ids: torch.Tensor, token_id: int) -> tuple[int, int]:
     """(start, count) of the one contiguous run of `token_id` in input_ids [1, S]."""

@@ -67,6 +67,11 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         vision = self.model.config.vision_config
         return math.ceil((vision.image_size // vision.patch_size) / 2)
 
+    def visual_tokens(self, num_frames: int, height: int, width: int) -> int:
+        """Every frame is resized to one size and pooled to pooled_side^2 tokens; one newline
+        token follows the video."""
+        return num_frames * self.pooled_side ** 2 + 1
+
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             prompt = self.text_separator + prompt
@@ -75,7 +80,7 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
     def hf_inputs(self, frames: torch.Tensor, prompt: str | list[int]) -> dict:
         """The HF model's own inputs for (frames, prompt): what its processor would have produced."""
         pixels = preprocess_siglip_video(frames, self.preprocess, device=self.device, dtype=self.dtype)
-        num_video = pixels.shape[1] * self.pooled_side ** 2 + 1  # + the newline
+        num_video = self.visual_tokens(pixels.shape[1], *pixels.shape[-2:])
         ids = (self.prompt_prefix_ids + [self.model.config.video_token_id] * num_video
                + self.encode_prompt(prompt) + self.prompt_suffix_ids)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)

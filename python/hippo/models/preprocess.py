@@ -188,6 +188,14 @@ def preprocess_qwen_video(frames: torch.Tensor, cfg: QwenVideoPreprocess, device
     return pixels.to(dtype), grid_thw
 
 
+def qwen_video_tokens(num_frames: int, height: int, width: int, cfg: QwenVideoPreprocess) -> int:
+    """The visual tokens preprocess_qwen_video's grid makes of num_frames frames of height x width."""
+    factor = cfg.patch_size * cfg.merge_size
+    resized_height, resized_width = smart_resize(height, width, factor, cfg.min_pixels, cfg.max_pixels)
+    groups = -(-num_frames // cfg.temporal_patch_size)
+    return groups * (resized_height // factor) * (resized_width // factor)
+
+
 def preprocess_siglip_video(frames: torch.Tensor, cfg: SiglipVideoPreprocess,
                             device: torch.device | str | None = None,
                             dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -12,7 +12,8 @@ import torch
 from hippo.models.base import (build_random_model, chat_ids, load_local_model, preset_for_family,
                                HippoError, PreparedPrompt, PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
                                read_checkpoint_json, visual_span)
-from hippo.models.preprocess import QwenVideoPreprocess, preprocess_qwen_video, settings_value
+from hippo.models.preprocess import (QwenVideoPreprocess, preprocess_qwen_video, qwen_video_tokens,
+                                     settings_value)
 
 CHAT_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 CHAT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
@@ -54,6 +55,11 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         return cls(model.to(device), tokenizer, preprocess_from_checkpoint(path), prefix, suffix)
 
     # -- prompts -----------------------------------------------------------------------------------
+    def visual_tokens(self, num_frames: int, height: int, width: int) -> int:
+        """Frames are resized by smart_resize, grouped temporal_patch_size at a time (the last
+        repeated to fill a group) and merged merge_size^2 patches to a token."""
+        return qwen_video_tokens(num_frames, height, width, self.preprocess)
+
     def hf_inputs(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> dict:
         """The HF model's own inputs for (frames, prompt): what its processor would have produced."""
         cfg = self.model.config
