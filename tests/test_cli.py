@@ -217,6 +217,34 @@ def test_bad_options_are_one_line_errors(capsys, tmp_path, case):
     _assert_one_line_error(capsys, argv, needle)
 
 
+@pytest.mark.parametrize("error", ["cuda", "host"])
+def test_out_of_memory_is_a_one_line_error(capsys, monkeypatch, error):
+    """A model, cache or video too large for the device is the user's choice of sizes."""
+    import torch
+
+    from hippo.pipeline import HippoPipeline
+
+    def exhausted(*args, **kwargs):
+        if error == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\n"
+                                         "GPU 0 has a total capacity of 79.19 GiB")
+        raise MemoryError()
+
+    monkeypatch.setattr(HippoPipeline, "generate", exhausted)
+    _assert_one_line_error(capsys, _generate(), "out of memory")
+
+
+def test_other_runtime_errors_are_not_disguised(monkeypatch):
+    from hippo.pipeline import HippoPipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(HippoPipeline, "generate", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(_generate())
+
+
 def test_cuda_device_without_a_gpu_is_a_one_line_error(capsys):
     import torch
 

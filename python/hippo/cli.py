@@ -139,6 +139,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (HippoError, ValueError, OSError) as error:  # OSError: paths (missing, not a folder, ...)
         print(f"hippo {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except (MemoryError, RuntimeError) as error:
+        if not _is_out_of_memory(error):
+            raise
+        # A model, cache or video too large for the device: the user's choice of sizes.
+        print(f"hippo {args.command}: error: out of memory ({_one_line(error)}); ask for fewer "
+              "frames or new tokens, or use a smaller model or dtype", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130
     return 0
@@ -152,6 +159,12 @@ def _silence_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except (OSError, ValueError):  # stdout is no file (captured, replaced): nothing to flush
         pass
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return isinstance(error, MemoryError) or (
+        torch is not None and isinstance(error, torch.OutOfMemoryError))
 
 
 def _one_line(error: BaseException) -> str:
