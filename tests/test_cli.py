@@ -217,7 +217,7 @@ def test_bad_options_are_one_line_errors(capsys, tmp_path, case):
     _assert_one_line_error(capsys, argv, needle)
 
 
-@pytest.mark.parametrize("error", ["cuda", "host"])
+@pytest.mark.parametrize("error", ["cuda", "python", "torch_host", "kernel", "cublas"])
 def test_out_of_memory_is_a_one_line_error(capsys, monkeypatch, error):
     """A model, cache or video too large for the device is the user's choice of sizes."""
     import torch
@@ -228,7 +228,13 @@ def test_out_of_memory_is_a_one_line_error(capsys, monkeypatch, error):
         if error == "cuda":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB.\n"
                                          "GPU 0 has a total capacity of 79.19 GiB")
-        raise MemoryError()
+        if error == "python":
+            raise MemoryError()
+        if error == "torch_host":  # what the CPU allocator raises: a plain RuntimeError
+            torch.empty(2**61, dtype=torch.uint8)
+        raise RuntimeError({"kernel": "CUDA error: out of memory\nCUDA kernel errors might be",
+                            "cublas": "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling "
+                                      "cublasCreate(handle)"}[error])
 
     monkeypatch.setattr(HippoPipeline, "generate", exhausted)
     _assert_one_line_error(capsys, _generate(), "out of memory")

@@ -283,6 +283,9 @@ def test_vdc_older_and_lmms_eval_layouts(tmp_path):
     ("B", "B"), ("B.", "B"), ("D)", "D"), ("(C) the door opens", "C"), ("[E]", "E"),
     ("  C\n", "C"), ("Answer: D.", "D"), ("The answer is B", "B"), ("the best answer is (A)", "A"),
     ("Option B", "B"), ("B is correct", "B"), ("A.", "A"), ("A", "A"),
+    ("The correct answer is B", "B"), ("My answer is C.", "C"), ("My final answer: D", "D"),
+    ("**B**", "B"), ("**B.** The door", "B"), ("A is correct", "A"), ("A because it moves", "A"),
+    ("I.", "I"), ("I is the only one", "I"),
     # No choice: lower case, a word, a sentence opening with "A" or "I", nothing at all.
     ("b.", None), ("answer: b", None), ("Banana", None), ("A person walks in.", None),
     ("I think B", None), ("", None), (None, None),

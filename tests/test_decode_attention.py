@@ -216,21 +216,34 @@ def test_tree_mask_differs_from_causal(device, gen):
     assert_close_to_reference(full, query, cache, 0, length, tree_mask=mask)
 
 
-def test_a_nan_query_gives_nan_as_sdpa_does(device, gen, cuda_kernel):
+@pytest.mark.parametrize("q_len", [1, 9])  # one token per row: the fused merge's steps too
+def test_a_nan_query_gives_nan_as_sdpa_does(device, gen, cuda_kernel, q_len):
     """A NaN in one (token, head) query spoils that output row only, and visibly: no zeros."""
     dtype = dtypes_for(device)[0]
     query, cache, length = make_inputs(
-        gen, batch=2, q_len=9, q_heads=4, kv_heads=2, head_dim=64, lengths=[20, 130],
+        gen, batch=2, q_len=q_len, q_heads=4, kv_heads=2, head_dim=64, lengths=[20, 130],
         max_seq=256, dtype=dtype, device=device)
-    query[1, 3, 2, 5] = float("nan")
+    token = q_len // 2
+    query[1, token, 2, 5] = float("nan")
     out = decode_attention(query, cache, 0, length)
-    assert out[1, 3, 2].isnan().all()
+    assert out[1, token, 2].isnan().all()
     spoiled = torch.zeros(out.shape[:3], dtype=torch.bool, device=device)
-    spoiled[1, 3, 2] = True
+    spoiled[1, token, 2] = True
     assert torch.isfinite(out[~spoiled]).all()
-    clean = query.nan_to_num(0.0)
-    expected = reference(clean, cache, 0, length)
+    expected = reference(query.nan_to_num(0.0), cache, 0, length)
     assert rel_error(out[~spoiled], expected[~spoiled]) < TOLERANCE[dtype]
+
+
+def test_a_nan_key_spoils_the_rows_that_see_it(device, gen, cuda_kernel):
+    """Every query row of the kv head whose visible key is NaN: NaN; the other head: finite."""
+    dtype = dtypes_for(device)[0]
+    query, cache, length = make_inputs(
+        gen, batch=1, q_len=3, q_heads=4, kv_heads=2, head_dim=64, lengths=[100],
+        max_seq=128, dtype=dtype, device=device)
+    cache[0, 0, 0, 1, 40, 7] = float("nan")  # position 40: before the query block
+    out = decode_attention(query, cache, 0, length)
+    assert out[0, :, 2:].isnan().all()  # q heads 2, 3 read kv head 1
+    assert torch.isfinite(out[0, :, :2]).all()
 
 
 @pytest.mark.parametrize("poison", [1e4, float("nan")])

@@ -173,6 +173,9 @@ def test_bad_requests_are_clear_errors(tmp_path):
             pipeline.generate(sample_video_path(), "hi", 4, num_frames=2, eos_token_id=eos)
     with pytest.raises(HippoError, match="integer token ids"):
         pipeline.generate(sample_video_path(), [1.7], 4, num_frames=2)
+    for empty in ((4, 0, 56, 3), (4, 56, 0, 3), (0, 56, 56, 3)):  # checked before their tokens
+        with pytest.raises(HippoError, match="must not be empty"):
+            pipeline.generate(torch.zeros(empty, dtype=torch.uint8), "hi", 4)
 
 
 @pytest.mark.parametrize("arguments, needle", [

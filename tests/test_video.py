@@ -126,8 +126,30 @@ def test_sampling_inside_a_time_window(request_kwargs, expected):
     assert sample_indices(info, **request_kwargs) == expected
 
 
+def test_rate_sampling_in_a_window_follows_its_times():
+    """Samples at start + k / fps before end, not counted over the frames on screen."""
+    ntsc = VideoInfo(num_frames=300, fps=30000 / 1001, height=1, width=1)
+    assert sample_indices(ntsc, fps=1.0, window=(1.0, 2.0)) == [29]  # one second, one sample
+    info = VideoInfo(num_frames=100, fps=10.0, height=1, width=1)
+    assert sample_indices(info, fps=4.0, window=(2.05, 3.0)) == [20, 23, 25, 28]
+
+
+def test_repeated_frames_fill_a_short_window_when_asked():
+    info = VideoInfo(num_frames=100, fps=10.0, height=1, width=1)
+    assert sample_indices(info, num_frames=4, window=(2.0, 2.2), repeat_frames=True) == [20, 20, 21, 21]
+
+
 def test_bad_time_windows():
     info = VideoInfo(num_frames=100, fps=10.0, height=1, width=1)
+    with pytest.raises(HippoError, match="ends \\(2 s\\) before it starts"):
+        sample_indices(info, num_frames=1, window=(5.0, 2.0))
+    with pytest.raises(HippoError, match="start must be a number of seconds >= 0"):
+        sample_indices(info, num_frames=1, window=(-1.0, 2.0))
+    with pytest.raises(HippoError, match="start must be a number of seconds >= 0"):
+        sample_indices(info, num_frames=1, window=(float("nan"), None))
+    # Just before the end, within rounding of the last frame's end: no frame is left.
+    with pytest.raises(HippoError, match="starts after the video ends"):
+        sample_indices(info, num_frames=1, window=(9.9999999999, None))
     with pytest.raises(HippoError, match="window 0-0.05 s holds 1 frames, 2 requested"):
         sample_indices(info, num_frames=2, window=(0.0, 0.05))
     with pytest.raises(HippoError, match="starts after the video ends"):

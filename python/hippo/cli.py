@@ -161,10 +161,18 @@ def _silence_stdout() -> None:
         pass
 
 
+# How allocation failures read where torch raises a plain RuntimeError: its CPU allocator, a
+# kernel's launch or cuBLAS's workspace.
+_OUT_OF_MEMORY_MARKERS = ("can't allocate memory", "CUDA error: out of memory",
+                          "CUBLAS_STATUS_ALLOC_FAILED")
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     torch = sys.modules.get("torch")
-    return isinstance(error, MemoryError) or (
-        torch is not None and isinstance(error, torch.OutOfMemoryError))
+    if isinstance(error, MemoryError) or (torch is not None
+                                          and isinstance(error, torch.OutOfMemoryError)):
+        return True
+    return any(marker in str(error) for marker in _OUT_OF_MEMORY_MARKERS)
 
 
 def _one_line(error: BaseException) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from hippo.models.base import HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible, resolve_device
+from hippo.models.preprocess import check_frames
 from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, preserve_tokens
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive
 from hippo.runtime.decoder import STEP_INVARIANT_MAX_TOKENS
@@ -167,8 +168,8 @@ class HippoPipeline:
         if isinstance(video, torch.Tensor):
             if start is not None or end is not None:
                 raise HippoError("start and end cut a video file; cut decoded frames yourself")
-            if video.dim() == 4:
-                self._admit_frames(*video.shape[:3])
+            check_frames(video)
+            self._admit_frames(*video.shape[:3])
             frames = video
         else:
             frames = load_video(video, num_frames=num_frames, fps=fps, start=start, end=end,

@@ -73,20 +73,23 @@ def load_video(
     end: float | None = None,
     assumed_fps: float | None = None,
     admit: Callable[[int, int, int], None] | None = None,
+    repeat_frames: bool = False,
 ) -> torch.Tensor:
     """Decode sampled frames of a video as a uint8 tensor [T, H, W, 3] (RGB).
 
     Exactly one of:
       num_frames: N frames spread uniformly over the clip (first and last included);
         asking for more frames than the clip has is an error.
-      fps: frames at this rate, at times 0, 1/fps, 2/fps, ... < the clip's duration; a rate
-        above the clip's own frame rate gives every frame.
+      fps: frames at this rate, at times start, start + 1/fps, ... < end (0 and the clip's
+        duration by default); a rate above the clip's own frame rate gives every frame.
     start, end: seconds; the clip is then the frames on screen from start up to end (either
-      may be left out: the video's first or last frame). Needs a known frame rate.
+      may be left out: the video's start or end). Needs a known frame rate.
     assumed_fps: the frame rate of a source that records none (a folder of frames); a source
       that records its own is read at that.
     admit: called with (frames, height, width) of the request before any frame is decoded;
       it raises HippoError to refuse it (a model whose context the frames would not fit).
+    repeat_frames: when the clip holds fewer frames than num_frames, spread num_frames indices
+      over it anyway, repeating frames (as benchmark harnesses do), instead of refusing.
     backend: "decord" or "opencv" to force one; None tries decord first, then OpenCV. (A
       directory of frames is read with Pillow whatever the backend.)
     """
@@ -100,7 +103,8 @@ def load_video(
         info = reader.info
         if info.fps <= 0 and assumed_fps is not None:
             info = dataclasses.replace(info, fps=float(assumed_fps))
-        indices = sample_indices(info, num_frames=num_frames, fps=fps, window=window)
+        indices = sample_indices(info, num_frames=num_frames, fps=fps, window=window,
+                                 repeat_frames=repeat_frames)
         _check_frames_fit_in_memory(len(indices), info)
         if admit is not None:
             admit(len(indices), info.height, info.width)
@@ -110,26 +114,32 @@ def load_video(
 
 
 def sample_indices(info: VideoInfo, num_frames: int | None = None, fps: float | None = None,
-                   window: tuple[float, float | None] | None = None) -> list[int]:
+                   window: tuple[float, float | None] | None = None, *,
+                   repeat_frames: bool = False) -> list[int]:
     """Frame indices to decode for a request (see load_video; window is (start, end) seconds,
     end None for the video's end), in increasing order."""
     _check_request(num_frames, fps)
+    if window is not None:
+        window = _checked_window(*window)
     total = info.num_frames
     if total < 1:
         raise HippoError("video has no frames")
     first, last = _window_frames(info, window) if window is not None else (0, total - 1)
-    span = last - first + 1
     if num_frames is not None:
-        if num_frames > span:
+        span = last - first + 1
+        if num_frames > span and not repeat_frames:
             where = "video has" if window is None else f"{_describe(window)} holds"
             raise HippoError(f"{where} {span} frames, {num_frames} requested")
         return np.linspace(first, last, num_frames).round().astype(int).tolist()
     if info.fps <= 0:
         raise HippoError("video reports no frame rate: sample it with num_frames instead of fps")
-    step = info.fps / min(fps, info.fps)  # source frames per sampled frame, >= 1
-    count = max(1, math.ceil(span / step - 1e-6))
-    # The frame on screen at time k / fps; the epsilon keeps exact multiples from rounding down.
-    return [min(last, first + int(k * step + 1e-6)) for k in range(count)]
+    rate = min(fps, info.fps)  # a rate above the source's gives every frame once
+    start = window[0] if window is not None else 0.0
+    end = window[1] if window is not None and window[1] is not None else info.duration
+    count = max(1, math.ceil((end - start) * rate - 1e-6))
+    # The frame on screen at each time start + k / rate before end (the first one always); the
+    # epsilon keeps exact multiples from rounding down.
+    return [min(last, int((start + k / rate) * info.fps + 1e-6)) for k in range(count)]
 
 
 def _window_frames(info: VideoInfo, window: tuple[float, float | None]) -> tuple[int, int]:
@@ -137,9 +147,9 @@ def _window_frames(info: VideoInfo, window: tuple[float, float | None]) -> tuple
     if info.fps <= 0:
         raise HippoError("video reports no frame rate, so a time window cannot be placed in it")
     start, end = window
-    if start >= info.duration:
-        raise HippoError(f"{_describe(window)} starts after the video ends ({info.duration:.3g} s)")
     first = int(start * info.fps + 1e-6)
+    if first >= info.num_frames:
+        raise HippoError(f"{_describe(window)} starts after the video ends ({info.duration:.3g} s)")
     if end is None:
         return first, info.num_frames - 1
     # Frame i is on screen during [i / fps, (i + 1) / fps); a window shorter than one frame

@@ -39,8 +39,11 @@ def _run_question(question: VideoQuestion, autoregressive: HippoPipeline, hippo:
                   max_new_tokens: int, num_frames: int) -> dict:
     row = dict(question=question.question_id, task=question.task)
     try:
+        # A question's window may hold fewer frames than asked: repeat some, as the sets'
+        # own evaluation code does, rather than skip the question.
         frames = load_video(question.video, num_frames=num_frames, start=question.start,
-                            end=question.end, assumed_fps=question.assumed_fps)
+                            end=question.end, assumed_fps=question.assumed_fps,
+                            repeat_frames=True)
         prompts = hippo.prepare(frames, question.prompt)
     except HippoError as error:
         return dict(row, skipped=str(error).splitlines()[0])

@@ -409,20 +409,28 @@ def _choice_prompt(question: str, options: list) -> str:
 
 
 def chosen_letter(output: str | None) -> str | None:
-    """The option letter a model's answer starts with ("B", "(B) ...", "Answer: B.", "The answer
-    is B"), or None. Only the start is read: a letter inside a sentence is no choice, nor are
-    the words "A" and "I" opening one ("A person ...", "I think ...")."""
+    """The option letter a model's answer starts with ("B", "(B) ...", "**B**", "Answer: B.",
+    "The correct answer is B"), or None. Only the start is read: a letter inside a sentence is
+    no choice, nor are the words "A" and "I" opening one ("A person ...", "I think ..."),
+    though "A is ..." and "A because ..." choose A."""
     if not output:
         return None
-    match = _CHOICE.match(output.strip())
-    if match is None or _SENTENCE_START.match(output.strip()):
+    text = output.strip().replace("*", "")
+    match = _CHOICE.match(text)
+    if match is None:
+        return None
+    rest = text[match.end(1):]
+    sentence = _SENTENCE_WORD.match(rest)
+    if match[1] in "AI" and sentence and sentence[1] not in _CHOICE_WORDS:
         return None
     return match[1]
 
 
-_CHOICE = re.compile(r"(?i:(?:the\s+)?(?:best\s+)?(?:answer|option|choice)(?:\s+is)?\s*:?\s*)?"
+_CHOICE = re.compile(r"(?i:(?:the\s+|my\s+|final\s+)*(?:best\s+|correct\s+|right\s+)?"
+                     r"(?:answer|option|choice)(?:\s+is)?\s*:?\s*)?"
                      r"[(\[]?([A-Z])(?:$|[\s.,:;)\]])")
-_SENTENCE_START = re.compile(r"[AI]\s+[a-z]")
+_SENTENCE_WORD = re.compile(r"\s+([a-z]+)")  # a lower-case word after the letter
+_CHOICE_WORDS = frozenset({"is", "because", "since", "as", "and", "would", "seems", "fits"})
 
 
 def _answer_letter(answer: object, options: list, form: str) -> str | None:

@@ -178,22 +178,30 @@ def preprocess_qwen_video(frames: torch.Tensor, cfg: QwenVideoPreprocess, device
     """uint8 frames [T, H, W, 3] -> (pixel_values_videos [N, C*tp*p*p], video_grid_thw [1, 3] int64)."""
     check_frames(frames)
     frames = frames.to(device) if device is not None else frames
-    factor = cfg.patch_size * cfg.merge_size
-    height, width = smart_resize(frames.shape[1], frames.shape[2], factor, cfg.min_pixels, cfg.max_pixels)
-    video = resize_frames(frames, height, width, cfg.resample)
+    grid = qwen_video_grid(*frames.shape[:3], cfg)
+    video = resize_frames(frames, grid[1] * cfg.patch_size, grid[2] * cfg.patch_size, cfg.resample)
     video = rescale_and_normalize(video, cfg.mean, cfg.std)
     video = pad_to_temporal_multiple(video, cfg.temporal_patch_size)
-    pixels, grid = qwen_patchify(video, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
+    pixels, _ = qwen_patchify(video, cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size)
     grid_thw = torch.tensor([grid], dtype=torch.long, device=pixels.device)
     return pixels.to(dtype), grid_thw
 
 
-def qwen_video_tokens(num_frames: int, height: int, width: int, cfg: QwenVideoPreprocess) -> int:
-    """The visual tokens preprocess_qwen_video's grid makes of num_frames frames of height x width."""
+def qwen_video_grid(num_frames: int, height: int, width: int,
+                    cfg: QwenVideoPreprocess) -> tuple[int, int, int]:
+    """(T, H, W) in patches of what preprocess_qwen_video makes of num_frames frames of height x
+    width: smart_resize to multiples of patch * merge, frames in groups of temporal_patch_size
+    (the last group filled by repeating the last frame)."""
     factor = cfg.patch_size * cfg.merge_size
     resized_height, resized_width = smart_resize(height, width, factor, cfg.min_pixels, cfg.max_pixels)
-    groups = -(-num_frames // cfg.temporal_patch_size)
-    return groups * (resized_height // factor) * (resized_width // factor)
+    return (-(-num_frames // cfg.temporal_patch_size), resized_height // cfg.patch_size,
+            resized_width // cfg.patch_size)
+
+
+def qwen_video_tokens(num_frames: int, height: int, width: int, cfg: QwenVideoPreprocess) -> int:
+    """The visual tokens of that grid: merge_size^2 patches make a token."""
+    groups, rows, cols = qwen_video_grid(num_frames, height, width, cfg)
+    return groups * (rows // cfg.merge_size) * (cols // cfg.merge_size)
 
 
 def preprocess_siglip_video(frames: torch.Tensor, cfg: SiglipVideoPreprocess,

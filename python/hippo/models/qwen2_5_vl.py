@@ -64,8 +64,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         """The HF model's own inputs for (frames, prompt): what its processor would have produced."""
         cfg = self.model.config
         pixels, grid_thw = preprocess_qwen_video(frames, self.preprocess, device=self.device, dtype=self.dtype)
-        merge = self.preprocess.merge_size
-        num_video = int(grid_thw[0, 0] * (grid_thw[0, 1] // merge) * (grid_thw[0, 2] // merge))
+        num_video = self.visual_tokens(*frames.shape[:3])
         ids = (self.prompt_prefix_ids + [cfg.vision_start_token_id] + [cfg.video_token_id] * num_video
                + [cfg.vision_end_token_id] + self.encode_prompt(prompt) + self.prompt_suffix_ids)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
