@@ -32,7 +32,10 @@ mvbench (MVBench, HF OpenGVLab/MVBench)
         the official code flags them) ask about the rows' start..end seconds of a longer video:
         frames are sampled inside that window when the video is in the official folders (the
         lmms-eval copy's clips of those tasks are already cut to it), and the TVQA frame
-        folders are read at their 3 frames per second.
+        folders are read at their 3 frames per second. Frames are spread over the window by
+        hippo's uniform rule (first and last included, repeated where the window is short),
+        not the official code's segment midpoints, so accuracies may differ slightly from
+        published ones; AR and HIPPO see the same frames.
 
 longvideobench (LongVideoBench, HF longvideobench/LongVideoBench)
     annotations: lvb_val.json, else lvb_test_wo_gt.json (answers None): a list of {id,
