@@ -132,6 +132,8 @@ def test_rate_sampling_in_a_window_follows_its_times():
     assert sample_indices(ntsc, fps=1.0, window=(1.0, 2.0)) == [29]  # one second, one sample
     info = VideoInfo(num_frames=100, fps=10.0, height=1, width=1)
     assert sample_indices(info, fps=4.0, window=(2.05, 3.0)) == [20, 23, 25, 28]
+    # An end past the video's: the samples stop with the video, no repeats of its last frame.
+    assert sample_indices(info, fps=2.0, window=(8.0, 100.0)) == [80, 85, 90, 95]
 
 
 def test_repeated_frames_fill_a_short_window_when_asked():

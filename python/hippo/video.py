@@ -135,7 +135,7 @@ def sample_indices(info: VideoInfo, num_frames: int | None = None, fps: float | 
         raise HippoError("video reports no frame rate: sample it with num_frames instead of fps")
     rate = min(fps, info.fps)  # a rate above the source's gives every frame once
     start = window[0] if window is not None else 0.0
-    end = window[1] if window is not None and window[1] is not None else info.duration
+    end = info.duration if window is None or window[1] is None else min(window[1], info.duration)
     count = max(1, math.ceil((end - start) * rate - 1e-6))
     # The frame on screen at each time start + k / rate before end (the first one always); the
     # epsilon keeps exact multiples from rounding down.
