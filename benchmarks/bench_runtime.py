@@ -68,6 +68,8 @@ VARIANTS = {
     "step_invariant fma": Variant(dict(step_invariant=True), FMA),
     "PDL": Variant({}, (("HIPPO_PDL", "1"),)),  # programmatic dependent launch of hippo_ext kernels
     "attention 8 warps": Variant({}, (("HIPPO_DECODE_ATTENTION_WARPS", "8"),)),  # verify steps
+    # the split kernel under launch bounds that open the register file to one block per SM
+    "attention wide registers": Variant({}, (("HIPPO_DECODE_ATTENTION_WIDE_REGISTERS", "1"),)),
     # decode steps: the last KV-split block merges the splits (no second kernel per layer)
     "attention fused merge": Variant({}, (("HIPPO_DECODE_ATTENTION_FUSED_MERGE", "1"),)),
     # add_rms_norm and silu_and_mul inside the GEMMs after them (FMA kernel, <= 16 tokens)
@@ -75,7 +77,8 @@ VARIANTS = {
     # every opt-in candidate at once: do their gains add up?
     "all opt-ins": Variant(dict(skinny_gemm=True, gemm_prologues=True), FMA + (
         ("HIPPO_PDL", "1"), ("HIPPO_DECODE_ATTENTION_WARPS", "8"),
-        ("HIPPO_DECODE_ATTENTION_FUSED_MERGE", "1"))),
+        ("HIPPO_DECODE_ATTENTION_FUSED_MERGE", "1"),
+        ("HIPPO_DECODE_ATTENTION_WIDE_REGISTERS", "1"))),
     "HF modules": Variant(dict(fused=False)),  # no fused layer ops
 }
 

@@ -112,6 +112,8 @@ PY
       done
       # decode_attention's split plans and block shapes (default: balanced, 1 block/SM, 4 warps)
       for knobs in "" HIPPO_DECODE_ATTENTION_WARPS=8 HIPPO_DECODE_ATTENTION_FUSED_MERGE=1 \
+                   HIPPO_DECODE_ATTENTION_WIDE_REGISTERS=1 \
+                   "HIPPO_DECODE_ATTENTION_WIDE_REGISTERS=1 HIPPO_DECODE_ATTENTION_WARPS=8" \
                    HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM=2 \
                    HIPPO_DECODE_ATTENTION_BALANCED=0 HIPPO_DECODE_ATTENTION_CHUNK=512; do
         env $knobs $PYTEST benchmarks/bench_decode_attention.py --benchmark-only -q -k hippo \

@@ -23,8 +23,9 @@
 //   * split_kernel_simple: one warp per query row, plain FMAs; selected with the environment
 //     variable HIPPO_DECODE_ATTENTION_SIMPLE=1 (a cross-check for the fast path).
 // HIPPO_DECODE_ATTENTION_CHUNK=<keys> overrides the split length (tuning; rounded up to 64);
-// HIPPO_DECODE_ATTENTION_BALANCED=0 cuts S_max rather than the actual length (plan_splits), and
-// HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM=<n> sets how many blocks per SM a plan aims at.
+// HIPPO_DECODE_ATTENTION_BALANCED=0 cuts S_max rather than the actual length (plan_splits),
+// HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM=<n> sets how many blocks per SM a plan aims at, and
+// HIPPO_DECODE_ATTENTION_WIDE_REGISTERS=1 runs the split kernel with wider register bounds.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -285,8 +286,9 @@ struct MmaSmem {
 // (few rows) still keeps all the warps on the tensor cores. The slices are merged in shared
 // memory at the end. W is 4, or 8 for M >= 2 with HIPPO_DECODE_ATTENTION_WARPS=8 (twice the
 // warps per block to hide latency when a block is alone on its SM; opt-in until measured).
+// The body of the two split kernels below, which differ in their launch bounds only.
 template <typename T, int D, int M, int W>
-__global__ void __launch_bounds__(W * 32) split_kernel_mma(const Params p) {
+__device__ __forceinline__ void split_mma_body(const Params& p) {
   wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
   allow_dependent_kernels();
   static_assert(M == 1 || M == 2 || M == 4, "row tiles per block");
@@ -537,6 +539,23 @@ __global__ void __launch_bounds__(W * 32) split_kernel_mma(const Params p) {
   }
 }
 
+template <typename T, int D, int M, int W>
+__global__ void __launch_bounds__(W * 32) split_kernel_mma(const Params p) {
+  split_mma_body<T, D, M, W>(p);
+}
+
+// The same kernel with the whole register file open to one block per SM
+// (HIPPO_DECODE_ATTENTION_WIDE_REGISTERS=1, opt-in until measured). ptxas then interleaves
+// every S accumulator of a key tile and issues ldmatrix four steps ahead, where the default
+// bounds (169 registers at D 128) leave the last key tiles' fragments queued through one
+// register buffer; 253 registers at D 128, and no spill for D 80 with eight warps. The balanced
+// plan runs one block per SM, so occupancy is unchanged (the fixed plan's two 4-warp blocks still
+// fit); results are bitwise the same (register allocation changes no arithmetic).
+template <typename T, int D, int M, int W>
+__global__ void __launch_bounds__(W * 32, 1) split_kernel_mma_wide(const Params p) {
+  split_mma_body<T, D, M, W>(p);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Split kernel, plain FMAs (one warp per query row)
 // ---------------------------------------------------------------------------------------------
@@ -644,7 +663,8 @@ SplitPlan plan_splits(int64_t max_seq, int64_t blocks_per_split, int64_t rows, i
 
 template <typename T, int D, int M, int W>
 void launch_mma(const Params& p, dim3 grid, cudaStream_t stream) {
-  auto kernel = split_kernel_mma<T, D, M, W>;
+  const bool wide = env_flag("HIPPO_DECODE_ATTENTION_WIDE_REGISTERS", false);
+  auto kernel = wide ? split_kernel_mma_wide<T, D, M, W> : split_kernel_mma<T, D, M, W>;
   constexpr int kBytes = MmaSmem<D, W>::kBytes;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
   launch_kernel(kernel, grid, dim3(W * 32), kBytes, stream, p);
