@@ -37,10 +37,7 @@ inline DecodeAttentionShape check_decode_attention_inputs(
     const at::Tensor& query, const at::Tensor& cache, int64_t layer, const at::Tensor& length,
     double scale, const std::optional<at::Tensor>& tree_mask) {
   const char* op = kDecodeAttentionOp;
-  // The kernels scale in float32: a scale beyond its range is inf there, a NaN one would be
-  // dropped by the running max instead of reaching the output.
-  HIPPO_CHECK(std::isfinite(static_cast<float>(scale)), op,
-              "scale must be finite (as a float32), got ", scale);
+  check_finite_as_float(scale, op, "scale");
   check_dim(query, 4, op, "query");
   check_kv_cache(cache, op, "cache");
   check_cache_lengths(length, cache, op);

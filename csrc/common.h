@@ -5,6 +5,7 @@
 #include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <vector>
@@ -13,6 +14,14 @@ namespace hippo {
 
 // All checks raise c10::Error (a RuntimeError in Python) that names the op and argument.
 #define HIPPO_CHECK(cond, op, ...) TORCH_CHECK((cond), op, ": ", __VA_ARGS__)
+
+// A double argument the kernels use as a float32 must be finite there (1e39 is inf in float32,
+// and a NaN would be dropped by a running max instead of reaching the output).
+inline bool finite_as_float(double value) { return std::isfinite(static_cast<float>(value)); }
+
+inline void check_finite_as_float(double value, const char* op, const char* name) {
+  HIPPO_CHECK(finite_as_float(value), op, name, " must be finite (as a float32), got ", value);
+}
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name) {
   HIPPO_CHECK(t.dim() == dim, op, name, " must have ", dim, " dimensions, got shape ", t.sizes());

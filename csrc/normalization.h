@@ -32,7 +32,7 @@ inline RmsNormShape check_rms_norm_inputs(const at::Tensor& x, const at::Tensor&
   HIPPO_CHECK(hidden >= 1, op, "x's last dimension must not be empty, got shape ", x.sizes());
   HIPPO_CHECK(weight.size(0) == hidden, op, weight_name, " has ", weight.size(0),
               " entries but x's last dimension is ", hidden);
-  HIPPO_CHECK(eps >= 0.0 && std::isfinite(static_cast<float>(eps)), op,
+  HIPPO_CHECK(eps >= 0.0 && finite_as_float(eps), op,
               "eps must be finite and >= 0, got ", eps);
   RmsNormShape s;
   s.hidden = hidden;

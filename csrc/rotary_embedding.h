@@ -128,8 +128,7 @@ inline RotaryTablesShape check_rotary_tables_inputs(const at::Tensor& positions,
                                                     at::IntArrayRef mrope_section, double scaling,
                                                     at::ScalarType dtype) {
   const char* op = kRotaryTablesOp;
-  HIPPO_CHECK(std::isfinite(static_cast<float>(scaling)), op,
-              "scaling must be finite (as a float32), got ", scaling);
+  check_finite_as_float(scaling, op, "scaling");
   check_dtype(positions, at::kLong, op, "positions");
   check_dim(inv_freq, 1, op, "inv_freq");
   check_dtype(inv_freq, at::kFloat, op, "inv_freq");

@@ -59,14 +59,11 @@ inline SelectionShape check_selection_inputs(const at::Tensor& queries, const at
   // A NaN score would rank above every other (its bit pattern sorts above +inf). The scores
   // are fused and scaled in float32, so the weights, their sum and the scale must be finite
   // there (a weight of 1e39 is inf in float32, and 0 * inf is NaN).
-  HIPPO_CHECK(std::isfinite(static_cast<float>(w_global)) &&
-                  std::isfinite(static_cast<float>(w_temporal)) &&
-                  std::isfinite(static_cast<float>(w_spatial)) &&
-                  std::isfinite(static_cast<float>(w_global + w_temporal + w_spatial)),
+  HIPPO_CHECK(finite_as_float(w_global) && finite_as_float(w_temporal) &&
+                  finite_as_float(w_spatial) && finite_as_float(w_global + w_temporal + w_spatial),
               op, "the fusion weights and their sum must be finite (as float32), got (", w_global,
               ", ", w_temporal, ", ", w_spatial, ")");
-  HIPPO_CHECK(std::isfinite(static_cast<float>(scale)), op,
-              "scale must be finite (as a float32), got ", scale);
+  check_finite_as_float(scale, op, "scale");
   check_dim(queries, 4, op, "queries");
   check_dim(keys, 4, op, "keys");
   check_dim(features, 4, op, "features");

@@ -1,7 +1,6 @@
 """Decode attention: Lq query tokens against one layer of the static KV cache (flash decoding)."""
 from __future__ import annotations
 
-
 import torch
 
 from hippo_ext._validation import as_int, check_index_range, default_scale, wants_value_check

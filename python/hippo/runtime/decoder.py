@@ -2,8 +2,8 @@
 
 The weights are borrowed, never copied (q/k/v and gate/up are concatenated once, the HF
 parameters becoming views: fused_projections.py), and the arithmetic is HF's: each layer runs
-as nine ops, hippo_ext's fused RMSNorm (residual add included), RoPE plus cache append and SwiGLU gating around four
-GEMMs and the attention, each rounding where HF's modules round (`fused=False` runs HF's modules
+as nine ops, hippo_ext's fused RMSNorm (residual add included), RoPE plus cache append and
+SwiGLU gating around four GEMMs and the attention, each rounding where HF's modules round (`fused=False` runs HF's modules
 themselves). Around that: a static KV cache (static_cache.py), prefill from input embeddings
 with explicit position ids, and decode/verify steps of static shape that CUDA graphs capture
 (cuda_graphs.py). Works for Qwen2 (1-D RoPE: LLaVA-OneVision, LLaVA-Video) and for the text
@@ -113,8 +113,8 @@ class LanguageModelRuntime:
             ops composed). Needs the fused layer path; opt-in until measured on a GPU.
         step_invariant: make a step's logits for each token independent of how many tokens the
             step holds (up to STEP_INVARIANT_MAX_TOKENS = 32; larger steps are refused), bit
-            for bit: a verify step of g + 1 tokens then gives exactly
-            the logits that g + 1 single-token steps would, so speculative decoding reproduces
+            for bit: a verify step of g + 1 tokens then gives exactly the logits that g + 1
+            single-token steps would, so speculative decoding reproduces
             the runtime's own autoregressive output even in bf16. Needs CUDA and hippo_ext's
             decode_attention; turns on skinny_gemm and decode_attention's row-invariant layout
             (which costs single-token steps some attention speed).
