@@ -66,8 +66,10 @@ VARIANTS = {
     "skinny_gemm fma": Variant(dict(skinny_gemm=True), FMA),
     "step_invariant": Variant(dict(step_invariant=True)),  # verify rows = decode rows, bitwise
     "step_invariant fma": Variant(dict(step_invariant=True), FMA),
-    "PDL": Variant({}, (("HIPPO_PDL", "1"),)),  # programmatic dependent launch of hippo_ext kernels
-    "attention 8 warps": Variant({}, (("HIPPO_DECODE_ATTENTION_WARPS", "8"),)),  # verify steps
+    # the default's programmatic dependent launch of hippo_ext kernels turned off
+    "no PDL": Variant({}, (("HIPPO_PDL", "0"),)),
+    # verify steps' attention in four-warp blocks (the default runs eight for 2+ row tiles)
+    "attention 4 warps": Variant({}, (("HIPPO_DECODE_ATTENTION_WARPS", "4"),)),
     # the split kernel under launch bounds that open the register file to one block per SM
     "attention wide registers": Variant({}, (("HIPPO_DECODE_ATTENTION_WIDE_REGISTERS", "1"),)),
     # decode steps: the last KV-split block merges the splits (no second kernel per layer)
@@ -76,7 +78,6 @@ VARIANTS = {
     "GEMM prologues": Variant(dict(gemm_prologues=True)),
     # every opt-in candidate at once: do their gains add up?
     "all opt-ins": Variant(dict(skinny_gemm=True, gemm_prologues=True), FMA + (
-        ("HIPPO_PDL", "1"), ("HIPPO_DECODE_ATTENTION_WARPS", "8"),
         ("HIPPO_DECODE_ATTENTION_FUSED_MERGE", "1"),
         ("HIPPO_DECODE_ATTENTION_WIDE_REGISTERS", "1"))),
     "HF modules": Variant(dict(fused=False)),  # no fused layer ops

@@ -7,6 +7,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from hippo.runtime.cuda_graphs import no_garbage_collection
+
 # Device-to-device copy bandwidth, read + write, measured on the lent machines: H100 3.0 TB/s
 # (NOTES.md), H200 4.3 TB/s (device/KINDS.md). Other cards fall back to the H100 figure.
 HBM_BYTES_PER_S = {"H200": 4.3e12, "H100": 3.0e12}
@@ -44,7 +46,7 @@ def cuda_graph_us(fns: Sequence[Callable[[], object]], calls: int = GRAPH_CALLS)
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
+    with no_garbage_collection(), torch.cuda.graph(graph, stream=stream):
         for i in range(calls):
             fns[i % len(fns)]()
     return cuda_median_us(graph.replay, warmup=3, reps=20) / calls

@@ -27,8 +27,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     equal single-token steps'). With the environment variable HIPPO_SKINNY_KERNEL=fma, M <= 16
     runs an FMA kernel instead (one warp per two outputs, no split of K; rows independent of M
     up to 16; opt-in until measured). Other shapes and dtypes, and the CPU, use ATen's linear.
-    With HIPPO_PDL=1 the FMA kernel loads its first weights before the previous kernel in the
-    stream has finished: the weight must not be written by the kernel launched just before.
+    On Hopper, where programmatic dependent launch is on (unless HIPPO_PDL=0), the FMA kernel
+    loads its first weights before the previous kernel in the stream has finished: the weight
+    must not be written by the kernel launched just before.
 
     Args:
         x: [..., K], contiguous. weight: [N, K], contiguous, of x's dtype. bias: [N] or None.

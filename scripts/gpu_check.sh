@@ -12,7 +12,8 @@
 #   scripts/gpu_check.sh build speculative      # HIPPO decoding: CUDA tests, time per round
 #   scripts/gpu_check.sh build e2e              # hippo demo and hippo bench --preset 7b (short sweep)
 # Knobs: OUT (logs, /tmp/hippo_out), TEST_TIMEOUT (s per test file), SANITIZE_SELECT and
-# RACECHECK_SELECT (pytest -m/-k selections), RUNTIME_ARGS, RUNTIME_TIMEOUT, E2E_ARGS.
+# RACECHECK_SELECT (pytest -m/-k selections), RUNTIME_ARGS, RUNTIME_TIMEOUT, SPECULATIVE_ARGS,
+# SPECULATIVE_TIMEOUT, E2E_ARGS.
 set -uo pipefail
 OUT=${OUT:-/tmp/hippo_out}
 mkdir -p "$OUT"
@@ -110,10 +111,10 @@ PY
           -k hippo --benchmark-json "$OUT/linear_b$blocks.json" >/dev/null 2>&1
         echo "skinny blocks/SM $blocks:"; $PY benchmarks/report.py "$OUT/linear_b$blocks.json" | grep hippo | cut -d'|' -f2,5,7
       done
-      # decode_attention's split plans and block shapes (default: balanced, 1 block/SM, 4 warps)
-      for knobs in "" HIPPO_DECODE_ATTENTION_WARPS=8 HIPPO_DECODE_ATTENTION_FUSED_MERGE=1 \
+      # decode_attention's split plans and block shapes (default: balanced, 1 block/SM, 8 warps for 2+ row tiles)
+      for knobs in "" HIPPO_DECODE_ATTENTION_WARPS=4 HIPPO_DECODE_ATTENTION_FUSED_MERGE=1 \
                    HIPPO_DECODE_ATTENTION_WIDE_REGISTERS=1 \
-                   "HIPPO_DECODE_ATTENTION_WIDE_REGISTERS=1 HIPPO_DECODE_ATTENTION_WARPS=8" \
+                   "HIPPO_DECODE_ATTENTION_WIDE_REGISTERS=1 HIPPO_DECODE_ATTENTION_WARPS=4" \
                    HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM=2 \
                    HIPPO_DECODE_ATTENTION_BALANCED=0 HIPPO_DECODE_ATTENTION_CHUNK=512; do
         env $knobs $PYTEST benchmarks/bench_decode_attention.py --benchmark-only -q -k hippo \
@@ -142,8 +143,8 @@ PY
       for f in $files; do
         echo "$f: $(tail -1 "$OUT/$f.log")"; grep -E "^(FAILED|ERROR)|Error:|near-tie" "$OUT/$f.log" | head -8
       done
-      PYTHONPATH=python:. timeout 400 $PY benchmarks/bench_speculative.py --preset 7b \
-        --json "$OUT/speculative.json" 2>&1 | tee "$OUT/speculative.md" | tail -30
+      PYTHONPATH=python:. timeout "${SPECULATIVE_TIMEOUT:-400}" $PY benchmarks/bench_speculative.py --preset 7b \
+        --json "$OUT/speculative.json" ${SPECULATIVE_ARGS:-} 2>&1 | tee "$OUT/speculative.md" | tail -30
       ;;
     e2e)
       # hippo demo, then the end-to-end benchmark (7B/0.5B agreement pair, 32 frames, three
@@ -153,7 +154,7 @@ PY
         --eps 0.002 0.006 0.02 ${E2E_ARGS:-} --out-dir "$OUT/e2e" 2>&1 | tee "$OUT/e2e.md" | tail -20
       ;;
     runtime)
-      # RUNTIME_VARIANTS narrows the option columns, e.g. "GEMM prologues,PDL,all opt-ins"
+      # RUNTIME_VARIANTS narrows the option columns, e.g. "GEMM prologues,no PDL,all opt-ins"
       # (RUNTIME_ARGS adds options, e.g. "--no-hf"); the table is written as it fills, so a
       # timeout still leaves the rows measured so far.
       PYTHONPATH=python:. timeout "${RUNTIME_TIMEOUT:-420}" $PY benchmarks/bench_runtime.py --quick \

@@ -90,9 +90,11 @@ def assert_close_to_reference(out, query, cache, layer, length, scale=None, tree
 KERNEL_VARIANTS = {  # the environment each CUDA variant runs under
     "fast": {},
     "fixed_splits": {BALANCED_SPLITS_ENV: "0"},
-    "eight_warps": {WARPS_ENV: "8"},
+    "eight_warps": {WARPS_ENV: "8"},  # the default for 2+ row tiles, named
+    "four_warps": {WARPS_ENV: "4"},
     "fused_merge": {FUSED_MERGE_ENV: "1"},  # steps of <= 16 rows per kv head
-    "eight_warps_fused_merge": {WARPS_ENV: "8", FUSED_MERGE_ENV: "1"},  # both opt-ins at once
+    "eight_warps_fused_merge": {WARPS_ENV: "8", FUSED_MERGE_ENV: "1"},
+    "four_warps_fused_merge": {WARPS_ENV: "4", FUSED_MERGE_ENV: "1"},
     "wide_registers": {WIDE_ENV: "1"},
     "every_opt_in": {WARPS_ENV: "8", FUSED_MERGE_ENV: "1", WIDE_ENV: "1"},
     "simple": {SIMPLE_KERNEL_ENV: "1"},
@@ -305,7 +307,7 @@ def test_cuda_model_shapes(gen, cuda_kernel, dtype, q_heads, kv_heads, head_dim,
 
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("variant", ["fast", "eight_warps", "fused_merge", "eight_warps_fused_merge",
+@pytest.mark.parametrize("variant", ["fast", "four_warps", "fused_merge", "four_warps_fused_merge",
                                      "wide_registers", "every_opt_in"])
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim,length,max_seq,q_len", [
     (28, 4, 128, 12600, 16384, 9), (14, 2, 64, 1300, 2048, 17), (16, 16, 80, 700, 1024, 5),

@@ -1,4 +1,4 @@
-// Programmatic dependent launch (Hopper and later; opt-in with HIPPO_PDL=1).
+// Programmatic dependent launch (Hopper and later; on by default, HIPPO_PDL=0 turns it off).
 //
 // Between two small kernels of a decode step the GPU otherwise drains the first grid before it
 // starts the second, so each boundary pays the second kernel's launch and block start-up. A
@@ -9,11 +9,12 @@
 //   * allow_dependent_kernels() marks the point from which the next kernel may be scheduled.
 // Every kernel launched through launch_kernel() calls both first thing, so the overlap is the
 // launch itself, never data; skinny_linear's FMA kernel alone issues its first weight loads
-// before it waits (weights are never written during a step, and under HIPPO_PDL=1 a weight
+// before it waits (weights are never written during a step, and with PDL on a weight
 // must not be written by the kernel just before its GEMM). Since every kernel allows its
 // dependents only after its own wait, at most the one kernel before can still run beside
 // those loads. The step-path kernels (norms, rotary, activation, attention, skinny GEMMs)
-// launch this way; off by default until measured.
+// launch this way. On by default since it measured 1-3% off the decode steps (H200,
+// 2026-11-27, benchmarks/RESULTS.md) with the same bits (a CUDA test).
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
@@ -38,9 +39,9 @@ __device__ __forceinline__ void allow_dependent_kernels() {
 #endif
 }
 
-// HIPPO_PDL=1 on a GPU of compute capability 9.0 or later.
+// On a GPU of compute capability 9.0 or later, unless HIPPO_PDL=0.
 inline bool dependent_launch_enabled() {
-  return env_is("HIPPO_PDL", "1") && at::cuda::getCurrentDeviceProperties()->major >= 9;
+  return env_flag("HIPPO_PDL", true) && at::cuda::getCurrentDeviceProperties()->major >= 9;
 }
 
 // Whether `kernel` runs code compiled for compute capability 9.0 or later, the only code in which

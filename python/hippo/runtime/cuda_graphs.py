@@ -7,6 +7,9 @@ the cache length advances inside the graph, so a replay needs no host sync.
 """
 from __future__ import annotations
 
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +27,27 @@ class CapturedStep:
     input_ids: torch.Tensor
     positions: torch.Tensor
     logits: torch.Tensor
+
+
+@contextmanager
+def no_garbage_collection() -> Iterator[None]:
+    """Hold Python's garbage collector off for the duration (a graph capture).
+
+    Runtimes and their graphs reference each other, so an old runtime's graphs are freed only by
+    the cycle collector, which runs whenever allocations pass its threshold. Freeing a graph
+    (cudaGraphExecDestroy) while a stream captures is an unsafe call in the global capture mode:
+    it invalidates the capture ("operation not permitted when stream is capturing", then
+    cudaErrorStreamCaptureInvalidated). Seen on an H200 (2026-11-27) in test sequences and in the
+    benchmark, which build several runtimes; torch's own capture no longer collects first.
+    """
+    gc.collect()  # free what is already garbage now, outside the capture
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class StepGraphs:
@@ -66,6 +90,6 @@ class StepGraphs:
         cache.length.copy_(saved_length)
 
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
+        with no_garbage_collection(), torch.cuda.graph(graph, stream=self.stream):
             logits = runtime.step_body(input_ids, positions, key_limit)
         return CapturedStep(graph, input_ids, positions, logits)
