@@ -39,8 +39,10 @@ def no_garbage_collection() -> Iterator[None]:
     it invalidates the capture ("operation not permitted when stream is capturing", then
     cudaErrorStreamCaptureInvalidated). Seen on an H200 (2026-11-27) in test sequences and in the
     benchmark, which build several runtimes; torch's own capture no longer collects first.
+    No gc.collect() here: a full collection per capture (0.1 s and more with torch and
+    transformers loaded) made adaptive-g decoding, which captures each new step size lazily,
+    several times slower. The garbage is collected after the capture, as usual.
     """
-    gc.collect()  # free what is already garbage now, outside the capture
     was_enabled = gc.isenabled()
     gc.disable()
     try:
