@@ -70,16 +70,15 @@ VARIANTS = {
     "no PDL": Variant({}, (("HIPPO_PDL", "0"),)),
     # verify steps' attention in four-warp blocks (the default runs eight for 2+ row tiles)
     "attention 4 warps": Variant({}, (("HIPPO_DECODE_ATTENTION_WARPS", "4"),)),
-    # the split kernel under launch bounds that open the register file to one block per SM
-    "attention wide registers": Variant({}, (("HIPPO_DECODE_ATTENTION_WIDE_REGISTERS", "1"),)),
+    # the split kernel under its narrower launch bounds (the default opens the register file)
+    "attention narrow registers": Variant({}, (("HIPPO_DECODE_ATTENTION_WIDE_REGISTERS", "0"),)),
     # decode steps: the last KV-split block merges the splits (no second kernel per layer)
     "attention fused merge": Variant({}, (("HIPPO_DECODE_ATTENTION_FUSED_MERGE", "1"),)),
     # add_rms_norm and silu_and_mul inside the GEMMs after them (FMA kernel, <= 16 tokens)
     "GEMM prologues": Variant(dict(gemm_prologues=True)),
     # every opt-in candidate at once: do their gains add up?
     "all opt-ins": Variant(dict(skinny_gemm=True, gemm_prologues=True), FMA + (
-        ("HIPPO_DECODE_ATTENTION_FUSED_MERGE", "1"),
-        ("HIPPO_DECODE_ATTENTION_WIDE_REGISTERS", "1"))),
+        ("HIPPO_DECODE_ATTENTION_FUSED_MERGE", "1"),)),
     "HF modules": Variant(dict(fused=False)),  # no fused layer ops
 }
 

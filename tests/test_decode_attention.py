@@ -15,7 +15,7 @@ SIMPLE_KERNEL_ENV = "HIPPO_DECODE_ATTENTION_SIMPLE"  # CUDA: force the plain SIM
 BALANCED_SPLITS_ENV = "HIPPO_DECODE_ATTENTION_BALANCED"  # CUDA: "0" cuts S_max, not the length
 WARPS_ENV = "HIPPO_DECODE_ATTENTION_WARPS"  # CUDA: "8" runs 8-warp blocks for 2+ row tiles
 FUSED_MERGE_ENV = "HIPPO_DECODE_ATTENTION_FUSED_MERGE"  # CUDA: "1": the last split block merges
-WIDE_ENV = "HIPPO_DECODE_ATTENTION_WIDE_REGISTERS"  # CUDA: "1": the split kernel's wider bounds
+WIDE_ENV = "HIPPO_DECODE_ATTENTION_WIDE_REGISTERS"  # CUDA: "0": the split kernel's narrower bounds
 
 # Relative error (norm) allowed per dtype: fp32 is the CPU reference path; bf16/fp16 outputs are
 # rounded once and the kernel rounds probabilities to the input dtype before P @ V.
@@ -95,7 +95,8 @@ KERNEL_VARIANTS = {  # the environment each CUDA variant runs under
     "fused_merge": {FUSED_MERGE_ENV: "1"},  # steps of <= 16 rows per kv head
     "eight_warps_fused_merge": {WARPS_ENV: "8", FUSED_MERGE_ENV: "1"},
     "four_warps_fused_merge": {WARPS_ENV: "4", FUSED_MERGE_ENV: "1"},
-    "wide_registers": {WIDE_ENV: "1"},
+    "wide_registers": {WIDE_ENV: "1"},  # the default, named
+    "narrow_registers": {WIDE_ENV: "0"},
     "every_opt_in": {WARPS_ENV: "8", FUSED_MERGE_ENV: "1", WIDE_ENV: "1"},
     "simple": {SIMPLE_KERNEL_ENV: "1"},
 }
@@ -308,7 +309,7 @@ def test_cuda_model_shapes(gen, cuda_kernel, dtype, q_heads, kv_heads, head_dim,
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", ["fast", "four_warps", "fused_merge", "four_warps_fused_merge",
-                                     "wide_registers", "every_opt_in"])
+                                     "narrow_registers", "every_opt_in"])
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim,length,max_seq,q_len", [
     (28, 4, 128, 12600, 16384, 9), (14, 2, 64, 1300, 2048, 17), (16, 16, 80, 700, 1024, 5),
     (28, 4, 128, 70, 128, 64)])
@@ -374,14 +375,16 @@ def test_cuda_graph_replay_follows_length(gen, cuda_kernel, q_len):
     (28, 4, 128, 9), (28, 4, 128, 1), (14, 2, 64, 17), (16, 16, 80, 5)])
 def test_cuda_wide_registers_change_no_bit(gen, monkeypatch, warps, q_heads, kv_heads, head_dim,
                                            q_len):
-    """The wide-register kernel is the same code under other launch bounds: equal bits."""
+    """The wide-register kernel (the default) is the same code as the narrow one under other
+    launch bounds: equal bits."""
     monkeypatch.setenv(WARPS_ENV, warps)
     query, cache, length = make_inputs(
         gen, batch=2, q_len=q_len, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
         lengths=[3000, 70], max_seq=4096, layers=1, dtype=torch.bfloat16, device="cuda")
-    default = decode_attention(query, cache, 0, length)
+    monkeypatch.setenv(WIDE_ENV, "0")
+    narrow = decode_attention(query, cache, 0, length)
     monkeypatch.setenv(WIDE_ENV, "1")
-    assert torch.equal(decode_attention(query, cache, 0, length), default)
+    assert torch.equal(decode_attention(query, cache, 0, length), narrow)
 
 
 @requires_cuda
