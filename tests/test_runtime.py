@@ -660,3 +660,37 @@ def test_thousand_graph_steps_with_rollbacks_do_not_grow_memory(dtype, hidden, b
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == baseline
     assert graphed.length == 16 and graphed.cache.length.tolist() == [16]
+
+
+def test_capture_steps_is_a_no_op_without_graphs_and_checks_counts():
+    model, positions_for = build("qwen2", num_heads=4, num_kv_heads=2)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32)
+    runtime.capture_steps(range(1, 10))  # the CPU runs eagerly: nothing to capture
+    assert runtime.length == 0
+    with pytest.raises(HippoError, match="a step takes"):
+        runtime.capture_steps([0])
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
+def test_cuda_capture_steps_ahead_changes_nothing_but_the_graphs(family):
+    """Graphs captured ahead (speculative decoding captures every size its g can reach) leave
+    the cache's length as it was, skip sizes the cache has no room for, and replay like the
+    eager path."""
+    model, positions_for = cuda_model(family, 256)
+    model.to(torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (1, 64), device="cuda")
+    positions = positions_for(64).cuda()
+    graphed = LanguageModelRuntime.from_hf(model, max_seq_len=48)
+    eager = LanguageModelRuntime.from_hf(model, max_seq_len=48, use_cuda_graphs=False)
+    for runtime in (graphed, eager):
+        runtime.prefill(runtime.embed(ids[:, :40]), positions[..., :40])
+    graphed.capture_steps(range(1, 12))
+    assert sorted(graphed._graphs.captured) == list(range(1, 9))  # 8 positions left
+    assert graphed.length == 40 and int(graphed.cache.length[0]) == 40
+    start = 40
+    for count in (3, 1, 4):
+        args = ids[:, start:start + count], positions[..., start:start + count]
+        torch.testing.assert_close(graphed.step(*args).clone(), eager.step(*args), atol=0, rtol=0)
+        start += count

@@ -64,14 +64,18 @@ class StepGraphs:
         """Replay the graph for input_ids.shape[1] tokens (capturing it first if needed) on the
         current stream. Returns the static logits buffer, overwritten by the next replay of
         the same step size: clone it if it must survive."""
-        count = input_ids.shape[1]
-        step = self.captured.get(count)
-        if step is None:
-            step = self.captured[count] = self._capture(count, positions.shape)
+        step = self.capture(input_ids.shape[1], positions.shape)
         step.input_ids.copy_(input_ids, non_blocking=True)
         step.positions.copy_(positions, non_blocking=True)
         step.graph.replay()
         return step.logits
+
+    def capture(self, count: int, positions_shape: torch.Size) -> CapturedStep:
+        """The graph of `count`-token steps, captured now if it is not yet."""
+        step = self.captured.get(count)
+        if step is None:
+            step = self.captured[count] = self._capture(count, positions_shape)
+        return step
 
     def _capture(self, count: int, positions_shape: torch.Size) -> CapturedStep:
         runtime, cache = self.runtime, self.runtime.cache

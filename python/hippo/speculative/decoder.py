@@ -151,6 +151,10 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
     max_new_tokens + 2 * the largest g + 2). Returns the finished decoder (emitted, stats)."""
     capacity = positions.shape[-1]
     stats = stats or GenerationStats(mode=mode)
+    # Every size a round can step with, captured before the first round (CUDA graphs only):
+    # target steps of 1..g+1 tokens, draft steps of 1 or 2 (catching up, then drafting).
+    target.capture_steps(range(1, draft_length.max_gamma + 2))
+    draft.capture_steps((1, 2))
     clock = PhaseClock()
     decoder = SpeculativeDecoder(Lane(target, target.length, positions, capacity),
                                  Lane(draft, draft.length, positions, capacity), acceptance,
