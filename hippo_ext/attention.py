@@ -47,7 +47,7 @@ def decode_attention(
             verify work layout for every Lq, which costs decode steps some speed). The CPU
             reference is row-invariant always.
         workspace: int32 zeros from :func:`decode_attention_workspace`, one per stream. With
-            it, and HIPPO_DECODE_ATTENTION_FUSED_MERGE=1 (opt-in until measured), a CUDA step
+            it, and HIPPO_DECODE_ATTENTION_FUSED_MERGE=1 (opt-in; measured slower), a CUDA step
             with at most 16 query rows per kv head (G * Lq) merges its KV splits in the same
             launch rather than in a second kernel. Default: a shared one per device and stream,
             except inside a CUDA-graph capture that finds none (then two kernels run).

@@ -20,10 +20,10 @@ def _gamma(text: str) -> int | str:
 
 def add_gemm_prologues_argument(parser: argparse.ArgumentParser, default: str | None = "none") -> None:
     """--gemm-prologues: which runtimes run the norms, gating and RoPE inside their GEMMs
-    (HippoOptions.gemm_prologues; opt-in kernels, not yet measured on a GPU)."""
+    (HippoOptions.gemm_prologues; opt-in kernels, measured slower on an H200 (2026-11-27, benchmarks/RESULTS.md))."""
     parser.add_argument("--gemm-prologues", choices=("none", "draft", "both"), default=default,
                         help="runtimes with the norms, gating and RoPE inside the GEMMs "
-                             "(opt-in kernels, not yet measured on a GPU)")
+                             "(opt-in kernels; slower than the default on an H200 so far)")
 
 
 def _add_decoding_options(parser: argparse.ArgumentParser) -> None:

@@ -103,14 +103,15 @@ class LanguageModelRuntime:
             hippo_ext.skinny_linear, whose rows do not depend on the step size (a verify step's
             logits rows equal single-token steps' for these GEMMs) and which streams the weight
             at decode widths where cuBLAS's tiles starve the GPU; shapes it does not take go to
-            cuBLAS inside the op. Off by default until measured against cuBLAS on a GPU
-            (benchmarks/bench_linear.py, bench_runtime.py).
+            cuBLAS inside the op. Off by default: slower than cuBLAS on an H200 (2026-11-26/27,
+            benchmarks/RESULTS.md).
         gemm_prologues: run each layer's add_rms_norm before the q/k/v and gate/up GEMMs and
             silu_and_mul before the down GEMM inside those GEMMs, and RoPE with the cache
             append after the q/k/v GEMM (hippo_ext.qkv_projection, add_rms_norm_linear,
             silu_and_mul_linear): on CUDA, steps of up to 16 tokens then run four kernels fewer
             per layer, on skinny_linear's FMA kernel; same arithmetic (on the CPU, the same
-            ops composed). Needs the fused layer path; opt-in until measured on a GPU.
+            ops composed). Needs the fused layer path; opt-in: 4-8x slower at verify steps on an
+            H200 (2026-11-27; the FMA kernel's cost grows with the rows).
         step_invariant: make a step's logits for each token independent of how many tokens the
             step holds (up to STEP_INVARIANT_MAX_TOKENS = 32; larger steps are refused), bit
             for bit: a verify step of g + 1 tokens then gives exactly the logits that g + 1
