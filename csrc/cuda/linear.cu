@@ -21,7 +21,8 @@
 // when HIPPO_SKINNY_KERNEL=fma (skinny_linear_fma_kernel below). It also keeps rows independent
 // of M (for M <= 16: rows past 16 go to the tensor-core kernel), streams each weight row once with
 // no partial sums to write back, and is meant for decode steps; it is opt-in (on an H200 it took
-// 4% off the 7B decode step but ran 2-3x cuBLAS from M = 5: each row repeats the weight loads).
+// 4% off the 7B decode step but ran 2-3x cuBLAS from M = 5: every warp reads each row of x
+// through the caches, so its time grows with the rows).
 // The same kernel, with a prologue applied to x as it is loaded (add_rms_norm or the SwiGLU
 // gating) and for the q/k/v projection an epilogue (RoPE, the cache append), is the one-launch
 // CUDA path of add_rms_norm_linear, silu_and_mul_linear and qkv_projection (fused_linear.h) for
