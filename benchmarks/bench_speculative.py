@@ -10,7 +10,8 @@ LLaVA-OneVision frame after pooling gives 196 tokens, between two stretches of t
 eps it runs, on the same prompt and after one warm-up generation each (CUDA graphs captured):
   * hippo's AR baseline (the target alone, one graph step per token);
   * sequential speculative decoding and parallel (HIPPO) decoding at each requested g, and
-    parallel with adaptive g;
+    parallel with adaptive g (with --draft-priority, each parallel setting again with the draft
+    on a high-priority stream);
 and prints one markdown table: MAT and acceptance, decode time per token and its speedup over
 AR, time per round and the busy time of its draft and verify parts (which overlap in parallel
 mode), and the prefill-stage times (target prefill, selection, draft prefill). Greedy outputs are
@@ -70,6 +71,9 @@ def main() -> None:
     parser.add_argument("--frames", type=int, help="video frames (default: the preset's)")
     parser.add_argument("--keep-ratio", type=float, default=0.1)
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--draft-priority", action="store_true",
+                        help="also time each parallel setting with the draft on a high-priority "
+                             "stream (HippoOptions.draft_priority), in the same run")
     add_gemm_prologues_argument(parser)
     args = parser.parse_args()
     preset = PRESETS[args.preset]
@@ -95,7 +99,11 @@ def main() -> None:
     configs += [(f"sequential g={g}", "sequential", g) for g in args.gammas]
     configs += [(f"parallel g={g}", "parallel", g) for g in args.gammas]
     configs += [("parallel g=auto", "parallel", "auto")]
-    pipelines = {label: base.with_options(mode=mode, gamma=gamma)
+    if args.draft_priority:
+        configs += [(f"{label}, draft priority", mode, gamma)
+                    for label, mode, gamma in configs if mode == "parallel"]
+    pipelines = {label: base.with_options(mode=mode, gamma=gamma,
+                                          draft_priority=label.endswith("draft priority"))
                  for label, mode, gamma in configs}
     rows = []
     for eps in eps_values:

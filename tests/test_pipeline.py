@@ -118,6 +118,7 @@ def test_pair_with_different_visual_layouts_is_a_clear_error():
     (dict(gamma="fast"), "gamma must be"),
     (dict(max_gamma=99), "max_gamma"),
     (dict(gemm_prologues=True), "unknown gemm_prologues"),
+    (dict(draft_priority="high"), "draft_priority must be True or False"),
     (dict(max_gamma=2.5), "max_gamma must be an int"),
     (dict(preservation=0.1), "must be a PreservationOptions"),
     # skinny_linear's step-size-independent kernel takes up to 32 rows (a verify step of g + 1).

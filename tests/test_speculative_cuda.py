@@ -90,10 +90,11 @@ def test_step_invariant_bf16_greedy_is_exact():
                                                                                 pair.draft)]
     base = HippoPipeline(pair.target, pair.draft, mode="ar", step_invariant=True)
     expected = base.generate_prepared(*prompts, MAX_NEW_TOKENS, SamplingOptions(), set()).tokens
-    for mode, gamma in (("sequential", 4), ("parallel", 4), ("parallel", "auto")):
-        out = base.with_options(mode=mode, gamma=gamma).generate_prepared(
+    for mode, gamma, priority in (("sequential", 4, False), ("parallel", 4, False),
+                                  ("parallel", "auto", False), ("parallel", 4, True)):
+        out = base.with_options(mode=mode, gamma=gamma, draft_priority=priority).generate_prepared(
             *prompts, MAX_NEW_TOKENS, SamplingOptions(), set())
-        assert out.tokens == expected, (mode, gamma)
+        assert out.tokens == expected, (mode, gamma, priority)
 
 
 def test_parallel_rounds_overlap_on_two_streams_without_extra_syncs():
@@ -150,3 +151,13 @@ def test_at_most_one_host_synchronisation_per_round(monkeypatch, mode):
     monkeypatch.setattr(decoder_module, "run_decoding", run_decoding_watched)
     out = pipeline.generate(frames, PROMPT, 48, eos_token_id=None)
     assert len(flagged) <= out.stats.rounds + 2, [str(w.message) for w in flagged[:3]]
+
+
+def test_draft_priority_puts_the_draft_lane_on_a_high_priority_stream():
+    from hippo.speculative.lanes import Lane
+    target, _ = _bf16_pair("llava_onevision", 1)
+    runtime = LanguageModelRuntime.from_hf(target.model, max_seq_len=16)
+    positions = torch.arange(8)[None]
+    normal = Lane(runtime, 0, positions, 8)
+    high = Lane(runtime, 0, positions, 8, high_priority=True)
+    assert high.stream.priority < normal.stream.priority == 0

@@ -55,6 +55,10 @@ class HippoOptions:
     gemm_prologues: the runtimes that run the norms, gating and RoPE inside their GEMMs (see
         LanguageModelRuntime): "none", "draft" (the small, launch-bound model, where fewer
         kernels pay most) or "both"; opt-in, measured slower on an H200 (2026-11-27).
+    draft_priority: run the draft's steps on a high-priority CUDA stream, so that in parallel
+        mode on one GPU its small kernels take SMs ahead of the target's verify step, which
+        slowed them from 1.1 to 1.8 ms a step on an H200 (2026-11-27, benchmarks/RESULTS.md).
+        Opt-in until measured; no effect on the CPU or on the tokens.
     """
 
     mode: str = "parallel"
@@ -66,6 +70,7 @@ class HippoOptions:
     use_cuda_graphs: bool | None = None
     step_invariant: bool = False
     gemm_prologues: str = "none"
+    draft_priority: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.preservation, PreservationOptions):
@@ -81,6 +86,8 @@ class HippoOptions:
             raise HippoError(f"step_invariant=True covers verify steps of up to "
                              f"{STEP_INVARIANT_MAX_TOKENS} tokens: gamma (max_gamma when 'auto') "
                              f"at most {STEP_INVARIANT_MAX_TOKENS - 1}, got {self.largest_gamma}")
+        if not isinstance(self.draft_priority, bool):
+            raise HippoError(f"draft_priority must be True or False, got {self.draft_priority!r}")
         if self.gemm_prologues not in GEMM_PROLOGUE_ROLES:
             raise HippoError(f"unknown gemm_prologues {self.gemm_prologues!r}; choose one of "
                              f"{', '.join(GEMM_PROLOGUE_ROLES)}")
@@ -317,7 +324,8 @@ class HippoPipeline:
             mode=options.mode, acceptance=acceptance,
             draft_length=DraftLength(options.gamma, max_gamma=options.max_gamma,
                                      mode=options.mode),
-            max_new_tokens=max_new_tokens, eos_ids=eos_ids, stats=stats)
+            max_new_tokens=max_new_tokens, eos_ids=eos_ids, stats=stats,
+            draft_priority=options.draft_priority)
         return stats, decoder.emitted
 
     def _prefill(self, target: LanguageModelRuntime, draft: LanguageModelRuntime,

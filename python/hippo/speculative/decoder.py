@@ -144,11 +144,13 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
                          first_token: torch.Tensor, positions: torch.Tensor, *, mode: str,
                          acceptance: TokenAcceptance, draft_length: DraftLength,
                          max_new_tokens: int, eos_ids: set[int],
-                         stats: GenerationStats | None = None) -> SpeculativeDecoder:
+                         stats: GenerationStats | None = None,
+                         draft_priority: bool = False) -> SpeculativeDecoder:
     """Speculative decoding from prefilled caches: the target's holds the prompt, the draft's its
     view of it (both at their current lengths); first_token [1] is the target's choice after the
     prompt; positions [..., n] the position ids of generated tokens 0, 1, ... (n at least
-    max_new_tokens + 2 * the largest g + 2). Returns the finished decoder (emitted, stats)."""
+    max_new_tokens + 2 * the largest g + 2); draft_priority puts the draft's steps on a
+    high-priority CUDA stream. Returns the finished decoder (emitted, stats)."""
     capacity = positions.shape[-1]
     stats = stats or GenerationStats(mode=mode)
     # Every size a round can step with, captured before the first round (CUDA graphs only):
@@ -157,7 +159,8 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
     draft.capture_steps((1, 2))
     clock = PhaseClock()
     decoder = SpeculativeDecoder(Lane(target, target.length, positions, capacity),
-                                 Lane(draft, draft.length, positions, capacity), acceptance,
+                                 Lane(draft, draft.length, positions, capacity,
+                                      high_priority=draft_priority), acceptance,
                                  draft_length, stats, clock, max_new_tokens, eos_ids)
     decoder.start(first_token)
     run_decoding(decoder, mode)

@@ -21,7 +21,7 @@ UNKNOWN_TOKEN = 0  # what a lane embeds for a token beyond its table (see Lane.t
 
 class Lane:
     def __init__(self, runtime: LanguageModelRuntime, prompt_length: int,
-                 positions: torch.Tensor, capacity: int) -> None:
+                 positions: torch.Tensor, capacity: int, *, high_priority: bool = False) -> None:
         self.runtime = runtime
         self.device = runtime.device
         self.prompt_length = prompt_length
@@ -33,7 +33,10 @@ class Lane:
         # guesses only; the target, which verifies them, sees the real token).
         self.table_rows = runtime.text_model.embed_tokens.num_embeddings
         # Its own stream, so that the draft's steps overlap the target's (parallel decoding).
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # A high-priority stream's blocks are scheduled ahead of a normal one's as SMs free up
+        # (graph replays take the priority of the stream they are launched into).
+        self.stream = (torch.cuda.Stream(self.device, priority=-1 if high_priority else 0)
+                       if self.device.type == "cuda" else None)
 
     @property
     def capacity(self) -> int:
