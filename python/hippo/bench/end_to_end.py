@@ -7,7 +7,9 @@ whole prompt), hippo's AR (the target alone through the graph-captured runtime),
 HIPPO (parallel, adaptive g), the last two with the draft on the kept 10% of the video. Every
 row carries the MAT it was measured at (hippo's own methods measure theirs; each eps row also
 gives the sequential MAT as the pair's agreement). Acceptance is never faked: both models run in
-full. Greedy outputs are compared with hippo's AR (in bf16 on a GPU they may part at a near-tie).
+full. Greedy outputs are compared with hippo's AR: hippo's own methods that part from it get a
+`parting` note with the target's logit gap there (in bf16 on a GPU a near-tie, at most 2 rounding
+steps, is the only allowed cause); HF's methods are compared only.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from hippo.models.agreement import (QWEN2_0_5B, QWEN2_7B, TINY_DRAFT, TINY_TARGE
 from hippo.pipeline import HippoPipeline
 from hippo.preserve import PreservationOptions
 from hippo.speculative.acceptance import SamplingOptions
+from hippo.speculative.divergence import find_parting
 
 METHODS = ("hf_generate", "hf_assisted", "hippo_ar", "sequential", "hippo")
 TOKENS_PER_FRAME = (14, 14)  # 196 visual tokens per frame, as a 384-px LLaVA-OneVision frame
@@ -98,6 +101,12 @@ def _measure_all(pair: AgreementPair, pipelines: dict, prompts: list, new_tokens
                                   phases_ms=[round(1e3 * t, 2) for t in (
                                       stats.prefill_s, stats.selection_s,
                                       stats.draft_prefill_s)])
+    reference = measured["hippo_ar"]["tokens"]
+    for name in ("sequential", "hippo"):
+        if name in measured:
+            parting = find_parting(pair.target.model, prompts[0], reference,
+                                   measured[name]["tokens"])
+            measured[name]["parting"] = "" if parting is None else parting.describe()
     input_ids = prompts[0].input_ids
     if "hf_generate" in methods:
         run = hf_generate(pair.target.model, input_ids, new_tokens)
@@ -125,6 +134,7 @@ def _rows(measured: dict[str, dict], frames: int, prompt_tokens: int, eps: float
                    acceptance=_round(m["acceptance"], 3),
                    **{"ms/token": round(1e3 * m["per_token"], 3)},
                    total_s=round(m["total_s"], 3), matches_ar=m["tokens"] == reference,
+                   parting=m.get("parting", ""),
                    **{"prefill/selection/draft prefill ms": m.get("phases_ms", "-")})
         for base in ("hf_generate", "hippo_ar", "hf_assisted"):
             if base in measured and base != name:

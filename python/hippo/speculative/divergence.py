@@ -1,0 +1,92 @@
+"""Where a greedy generation parts from the target's own, and whether it parted at a near-tie.
+
+Greedy speculative decoding emits exactly the target's argmax tokens, but "the target's logits"
+differ by rounding with the shape of the step that computes them: in bf16 on a GPU a verify step
+over g + 1 tokens and a one-token step may round the same logit differently. Where the target's
+two best logits lie within a rounding step or two of each other, that can flip the argmax, and
+the two outputs part there (`step_invariant=True` rules it out). Any other parting is a bug.
+This module tells the two apart: it recomputes the target's logits at the first differing token
+on AR's path (one-token eager steps) and measures the gap between the two tokens in rounding
+steps of the model's dtype. Tests and benchmarks use it to check losslessness at scale.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hippo.models.base import PreparedPrompt
+from hippo.runtime.decoder import LanguageModelRuntime
+
+NEAR_TIE_STEPS = 2.0  # a gap of at most this many rounding steps counts as a tie
+
+
+@dataclass(frozen=True)
+class Parting:
+    """The first generated token where two greedy outputs differ."""
+
+    index: int            # position in the generated tokens
+    expected: int | None  # the target's own (AR) token there (None: it ended before)
+    got: int | None       # the other output's token (None: it ended before)
+    margin_steps: float   # logit(expected) - logit(got) in rounding steps of the dtype (inf: ended)
+    dtype: torch.dtype
+
+    @property
+    def near_tie(self) -> bool:  # either sign: AR's own path may round the other way
+        return abs(self.margin_steps) <= NEAR_TIE_STEPS
+
+    def describe(self) -> str:
+        kind = "a near-tie" if self.near_tie else "NOT a near-tie"
+        dtype = str(self.dtype).removeprefix("torch.")
+        return (f"parted at token {self.index} ({self.expected} vs {self.got}): "
+                f"{self.margin_steps:.3g} {dtype} rounding steps, {kind}")
+
+
+def first_difference(expected: list[int], got: list[int]) -> int | None:
+    """Index of the first token where the two differ (or where the shorter one ends); None if
+    they are equal."""
+    for index, (a, b) in enumerate(zip(expected, got)):
+        if a != b:
+            return index
+    return None if len(expected) == len(got) else min(len(expected), len(got))
+
+
+def rounding_step(value: float, dtype: torch.dtype) -> float:
+    """The spacing of `dtype`'s representable numbers at the magnitude of `value`."""
+    exponent = math.frexp(abs(value))[1] if value != 0 else 0  # |value| in [2^(e-1), 2^e)
+    return torch.finfo(dtype).eps * 2.0 ** (exponent - 1)
+
+
+@torch.no_grad()
+def target_logits_after(model: torch.nn.Module, prompt: PreparedPrompt,
+                        tokens: list[int]) -> torch.Tensor:
+    """The target's next-token logits [V] (float32) after the prompt and `tokens`, computed on
+    AR's path: a prefill, then one eager one-token step per token."""
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=prompt.length + len(tokens) + 1,
+                                           use_cuda_graphs=False)
+    device = runtime.device
+    logits = runtime.prefill(prompt.inputs_embeds.to(device),
+                             prompt.position_ids.to(device)).logits[:, -1]
+    positions = prompt.generated_positions(0, len(tokens)).to(device)
+    for index, token in enumerate(tokens):
+        ids = torch.tensor([[token]], device=device)
+        logits = runtime.step(ids, positions[..., index:index + 1])[:, -1]
+    return logits[0].float()
+
+
+def find_parting(model: torch.nn.Module, prompt: PreparedPrompt, expected: list[int],
+                 got: list[int]) -> Parting | None:
+    """None when `got` equals `expected` (the target's greedy output for `prompt`); else where
+    and by how much the target's logits separated the two tokens there."""
+    index = first_difference(expected, got)
+    if index is None:
+        return None
+    dtype = next(model.parameters()).dtype
+    if index >= len(expected) or index >= len(got):  # one ended early: no tie explains that
+        return Parting(index, expected[index] if index < len(expected) else None,
+                       got[index] if index < len(got) else None, math.inf, dtype)
+    logits = target_logits_after(model, prompt, expected[:index])
+    mine, other = float(logits[expected[index]]), float(logits[got[index]])
+    margin = (mine - other) / rounding_step(max(abs(mine), abs(other)), dtype)
+    return Parting(index, expected[index], got[index], margin, dtype)

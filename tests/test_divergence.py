@@ -1,0 +1,71 @@
+"""hippo.speculative.divergence: where a greedy output parts from the target's, and by how much."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hippo.models import load_adapter
+from hippo.speculative.divergence import (Parting, find_parting, first_difference,
+                                          rounding_step)
+from speculative_testing import sample_frames
+
+
+@pytest.mark.parametrize("expected,got,index", [
+    ([1, 2, 3], [1, 2, 3], None), ([1, 2, 3], [1, 5, 3], 1), ([4], [5], 0),
+    ([1, 2, 3], [1, 2], 2), ([1], [1, 2], 1), ([], [], None)])
+def test_first_difference(expected, got, index):
+    assert first_difference(expected, got) == index
+
+
+@pytest.mark.parametrize("value,dtype,step", [
+    (1.0, torch.bfloat16, 2.0 ** -7), (3.0, torch.bfloat16, 2.0 ** -6),
+    (-0.3, torch.bfloat16, 2.0 ** -9), (1.5, torch.float16, 2.0 ** -10),
+    (100.0, torch.float32, 2.0 ** -17), (0.0, torch.bfloat16, 2.0 ** -8)])
+def test_rounding_step_is_the_dtype_spacing(value, dtype, step):
+    assert rounding_step(value, dtype) == step
+    if value != 0:  # the next representable number above |value| (rounded) is one step away
+        x = torch.tensor(abs(value), dtype=dtype)
+        above = torch.nextafter(x, torch.tensor(math.inf, dtype=dtype))
+        assert float(above) - float(x) == step
+
+
+def test_near_tie_reads_the_margin_either_way():
+    assert Parting(3, 7, 9, 1.5, torch.bfloat16).near_tie
+    assert Parting(3, 7, 9, -2.0, torch.bfloat16).near_tie
+    assert not Parting(3, 7, 9, 2.5, torch.bfloat16).near_tie
+    assert "NOT a near-tie" in Parting(3, 7, None, math.inf, torch.bfloat16).describe()
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-llava-onevision"])
+def test_find_parting_measures_the_targets_logit_gap(preset):
+    """The margin is the target's own logit gap between the two tokens after the shared prefix
+    (checked against the HF forward of the whole sequence), in float32 rounding steps."""
+    torch.manual_seed(0)
+    target = load_adapter(preset)
+    family = "qwen2_5_vl" if "qwen" in preset else "llava_onevision"
+    prompt = target.prepare(sample_frames(family, 2), "what moves?")
+    vocab = target.model.get_input_embeddings().num_embeddings
+    expected = torch.randint(0, vocab, (6,)).tolist()
+    got = expected[:3] + [(expected[3] + 1) % vocab] + expected[4:]
+    assert find_parting(target.model, prompt, expected, list(expected)) is None
+
+    parting = find_parting(target.model, prompt, expected, got)
+    assert (parting.index, parting.expected, parting.got) == (3, expected[3], got[3])
+    embeds = torch.cat([prompt.inputs_embeds,
+                        target.model.get_input_embeddings()(torch.tensor([expected[:3]]))], 1)
+    positions = torch.cat([prompt.position_ids, prompt.generated_positions(0, 3)], -1)
+    with torch.no_grad():
+        logits = target.model(inputs_embeds=embeds, position_ids=positions).logits[0, -1]
+    mine, other = float(logits[expected[3]]), float(logits[got[3]])
+    margin = (mine - other) / rounding_step(max(abs(mine), abs(other)), torch.float32)
+    assert parting.margin_steps == pytest.approx(margin, rel=1e-3, abs=50)
+    assert parting.near_tie == (abs(margin) <= 2)
+
+
+def test_an_output_that_ends_early_is_no_tie():
+    target = load_adapter("tiny-qwen2.5-vl")
+    prompt = target.prepare(sample_frames("qwen2_5_vl", 2), "hi")
+    parting = find_parting(target.model, prompt, [5, 6, 7], [5, 6])
+    assert parting.index == 2 and parting.got is None and not parting.near_tie
