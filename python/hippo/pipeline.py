@@ -9,6 +9,7 @@ baseline every speedup is measured against.
 """
 from __future__ import annotations
 
+import gc
 import operator
 import time
 from collections.abc import Iterator
@@ -37,6 +38,9 @@ USE_TARGET_EOS = "target"
 RUNTIME_OPTIONS = ("use_cuda_graphs", "step_invariant", "gemm_prologues", "draft_device")
 # Which runtimes run the fused GEMM ops, by HippoOptions.gemm_prologues.
 GEMM_PROLOGUE_ROLES = {"none": (), "draft": ("draft",), "both": ("target", "draft")}
+# Caches are sized in whole granules of positions, so that a request a few tokens longer than the
+# last one reuses its runtime (a rebuild allocates a new cache and captures every graph again).
+CACHE_GRANULE = 256
 
 
 @dataclass(frozen=True)
@@ -268,11 +272,16 @@ class HippoPipeline:
         return ids
 
     def _runtime(self, role: str, model: VideoLLMAdapter, capacity: int) -> LanguageModelRuntime:
-        """The role's runtime with room for `capacity` positions (rebuilt when too small)."""
+        """The role's runtime with room for `capacity` positions (rebuilt when too small, with
+        room rounded up to whole CACHE_GRANULEs)."""
         runtime = self._runtimes.get(role)
         if runtime is None or runtime.cache.max_seq_len < capacity:
-            self._runtimes.pop(role, None)
-            del runtime  # free the old cache before allocating the new one
+            if self._runtimes.pop(role, None) is not None:
+                # Free the old cache before allocating the new one: a runtime and its CUDA
+                # graphs reference each other, so only the cycle collector frees them.
+                del runtime
+                gc.collect()
+            capacity = -(-capacity // CACHE_GRANULE) * CACHE_GRANULE
             runtime = LanguageModelRuntime.from_hf(
                 model.model, capacity, use_cuda_graphs=self.options.use_cuda_graphs,
                 step_invariant=self.options.step_invariant,
