@@ -34,6 +34,8 @@ def test_generate_prints_json_and_matches_ar(capsys):
     assert main(_generate("--json", "--mode", "ar")) == 0
     ar = json.loads(capsys.readouterr().out)
     assert hippo["tokens"] == ar["tokens"] and len(ar["tokens"]) <= 10
+    assert main(_generate("--json", "--draft-priority")) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"] == ar["tokens"]
     assert {"mean_accepted_tokens", "acceptance_rate", "tokens_per_s"} <= set(hippo["stats"])
 
 

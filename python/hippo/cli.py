@@ -37,6 +37,9 @@ def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--selection", choices=("hippo", "attention", "uniform", "random"),
                         default="hippo")
     parser.add_argument("--draft-prefill", choices=("pruned", "full+compact"), default="pruned")
+    parser.add_argument("--draft-priority", action="store_true",
+                        help="run the draft's steps on a high-priority CUDA stream (parallel "
+                             "mode on one GPU; opt-in, not yet measured)")
     add_gemm_prologues_argument(parser)
 
 
@@ -100,7 +103,7 @@ def _generate(args: argparse.Namespace) -> None:
     pipeline = HippoPipeline(
         target, draft, mode=args.mode, gamma=args.gamma, draft_prefill=args.draft_prefill,
         draft_device=draft_device, gemm_prologues=args.gemm_prologues,
-        preservation=PreservationOptions(keep_ratio=args.keep_ratio, method=args.selection))
+        draft_priority=args.draft_priority, preservation=PreservationOptions(keep_ratio=args.keep_ratio, method=args.selection))
     out = pipeline.generate(args.video, args.prompt, args.max_new_tokens, num_frames=args.frames,
                             fps=args.fps, start=args.start, end=args.end,
                             temperature=args.temperature, top_k=args.top_k,
