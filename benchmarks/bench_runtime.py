@@ -7,9 +7,10 @@ Qwen2ForCausalLM models, prefills a context of each requested length and times w
   * the runtime's decode step (1 token) and verify steps (g + 1 tokens), each a CUDA graph
     replay followed by a rollback to the context length (one tiny fill kernel);
   * the same steps under the runtime options in VARIANTS (skinny_gemm and step_invariant, each
-    with skinny_linear's tensor-core and FMA kernels; programmatic dependent launch;
-    decode_attention's eight-warp blocks and fused merge; the norms and gating inside the GEMMs;
-    all opt-ins at once; HF's modules), each its own runtime on the same weights;
+    with skinny_linear's tensor-core and FMA kernels; the defaults switched off one at a time:
+    programmatic dependent launch, decode_attention's eight-warp blocks and wide registers;
+    decode_attention's fused merge; the norms and gating inside the GEMMs; all opt-ins at once;
+    HF's modules), each its own runtime on the same weights;
   * HF eager forward of the same number of tokens on a DynamicCache holding the same keys and
     values (cropped back after each call);
   * the runtime's prefill of the context (SDPA);

@@ -118,11 +118,12 @@ def main() -> None:
             # smaller, and the timed run would rebuild them and capture again inside its timing.
             _run(pipeline, *prompts, args.new_tokens)
             output = _run(pipeline, *prompts, args.new_tokens)
-            if reference is None:
+            if reference is None:  # the AR row
                 reference, baseline = output.tokens, output.stats
+                ar_runtime = pipeline.runtime("target")
             # Greedy output differs from AR's only at a near-tie of the target's logits (bf16
             # rounding of verify vs decode steps); anything else is a bug, and says so.
-            parting = find_parting(pair.target.model, prompts[0], reference, output.tokens)
+            parting = find_parting(ar_runtime, prompts[0], reference, output.tokens)
             rows.append(_row(label, gamma, eps, output, baseline, parting))
         print(markdown_table([r for r in rows if r["eps"] == eps]), flush=True)
     if args.json:

@@ -13,7 +13,7 @@ from hippo_testing import HAS_CUDA, rel_error, requires_cuda
 OP = torch.ops.hippo_ext.decode_attention.default
 SIMPLE_KERNEL_ENV = "HIPPO_DECODE_ATTENTION_SIMPLE"  # CUDA: force the plain SIMT kernel
 BALANCED_SPLITS_ENV = "HIPPO_DECODE_ATTENTION_BALANCED"  # CUDA: "0" cuts S_max, not the length
-WARPS_ENV = "HIPPO_DECODE_ATTENTION_WARPS"  # CUDA: "8" runs 8-warp blocks for 2+ row tiles
+WARPS_ENV = "HIPPO_DECODE_ATTENTION_WARPS"  # CUDA: "4" runs 4-warp blocks for 2+ row tiles too
 FUSED_MERGE_ENV = "HIPPO_DECODE_ATTENTION_FUSED_MERGE"  # CUDA: "1": the last split block merges
 WIDE_ENV = "HIPPO_DECODE_ATTENTION_WIDE_REGISTERS"  # CUDA: "0": the split kernel's narrower bounds
 
@@ -88,16 +88,14 @@ def assert_close_to_reference(out, query, cache, layer, length, scale=None, tree
 
 
 KERNEL_VARIANTS = {  # the environment each CUDA variant runs under
-    "fast": {},
+    "fast": {},  # the defaults: eight-warp blocks for 2+ row tiles, wide register bounds
     "fixed_splits": {BALANCED_SPLITS_ENV: "0"},
-    "eight_warps": {WARPS_ENV: "8"},  # the default for 2+ row tiles, named
     "four_warps": {WARPS_ENV: "4"},
-    "fused_merge": {FUSED_MERGE_ENV: "1"},  # steps of <= 16 rows per kv head
-    "eight_warps_fused_merge": {WARPS_ENV: "8", FUSED_MERGE_ENV: "1"},
-    "four_warps_fused_merge": {WARPS_ENV: "4", FUSED_MERGE_ENV: "1"},
-    "wide_registers": {WIDE_ENV: "1"},  # the default, named
     "narrow_registers": {WIDE_ENV: "0"},
-    "every_opt_in": {WARPS_ENV: "8", FUSED_MERGE_ENV: "1", WIDE_ENV: "1"},
+    "four_warps_narrow_registers": {WARPS_ENV: "4", WIDE_ENV: "0"},  # the defaults until 11-27
+    "fused_merge": {FUSED_MERGE_ENV: "1"},  # steps of <= 16 rows per kv head
+    "four_warps_fused_merge": {WARPS_ENV: "4", FUSED_MERGE_ENV: "1"},
+    "every_other_setting": {WARPS_ENV: "4", WIDE_ENV: "0", FUSED_MERGE_ENV: "1"},
     "simple": {SIMPLE_KERNEL_ENV: "1"},
 }
 
@@ -106,9 +104,9 @@ KERNEL_VARIANTS = {  # the environment each CUDA variant runs under
 def cuda_kernel(request, monkeypatch):
     """Both CUDA kernels (the tensor-core one and the plain SIMT one), and the tensor-core one
     under the fixed split plan (splits of S_max rather than of the length, as row_invariant
-    uses), with eight-warp blocks, merging its splits in the last split block (the wrapper
-    passes its shared workspace), with wider register bounds, and with every opt-in at once; no
-    effect on the CPU."""
+    uses), with four-warp blocks, with narrower register bounds, merging its splits in the last
+    split block (the wrapper passes its shared workspace), and with every non-default setting at
+    once; no effect on the CPU."""
     if request.param != "fast":
         if "device" in request.fixturenames and request.getfixturevalue("device") == "cpu":
             pytest.skip("the CPU has one kernel and no split plan")
@@ -309,7 +307,7 @@ def test_cuda_model_shapes(gen, cuda_kernel, dtype, q_heads, kv_heads, head_dim,
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("variant", ["fast", "four_warps", "fused_merge", "four_warps_fused_merge",
-                                     "narrow_registers", "every_opt_in"])
+                                     "narrow_registers", "every_other_setting"])
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim,length,max_seq,q_len", [
     (28, 4, 128, 12600, 16384, 9), (14, 2, 64, 1300, 2048, 17), (16, 16, 80, 700, 1024, 5),
     (28, 4, 128, 70, 128, 64)])

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from hippo.models import load_adapter
+from hippo.runtime import LanguageModelRuntime
+from hippo.speculative import divergence
 from hippo.speculative.divergence import (Parting, find_parting, first_difference,
                                           rounding_step)
 from speculative_testing import sample_frames
@@ -31,27 +33,34 @@ def test_rounding_step_is_the_dtype_spacing(value, dtype, step):
         assert float(above) - float(x) == step
 
 
-def test_near_tie_reads_the_margin_either_way():
+def test_near_tie_is_a_small_non_negative_gap():
     assert Parting(3, 7, 9, 1.5, torch.bfloat16).near_tie
-    assert Parting(3, 7, 9, -2.0, torch.bfloat16).near_tie
+    assert Parting(3, 7, 9, 0.0, torch.bfloat16).near_tie
     assert not Parting(3, 7, 9, 2.5, torch.bfloat16).near_tie
+    below = Parting(3, 7, 9, -1.0, torch.bfloat16)  # AR's own arithmetic cannot give this
+    assert not below.near_tie and "disagrees" in below.describe()
     assert "NOT a near-tie" in Parting(3, 7, None, math.inf, torch.bfloat16).describe()
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-llava-onevision"])
-def test_find_parting_measures_the_targets_logit_gap(preset):
-    """The margin is the target's own logit gap between the two tokens after the shared prefix
-    (checked against the HF forward of the whole sequence), in float32 rounding steps."""
+def _runtime_and_prompt(preset: str, family: str):
     torch.manual_seed(0)
     target = load_adapter(preset)
-    family = "qwen2_5_vl" if "qwen" in preset else "llava_onevision"
     prompt = target.prepare(sample_frames(family, 2), "what moves?")
+    return target, LanguageModelRuntime.from_hf(target.model, max_seq_len=prompt.length + 16), prompt
+
+
+@pytest.mark.parametrize("preset,family", [("tiny-qwen2.5-vl", "qwen2_5_vl"),
+                                           ("tiny-llava-onevision", "llava_onevision")])
+def test_find_parting_measures_the_targets_logit_gap(preset, family):
+    """The margin is the target's own logit gap between the two tokens after the shared prefix
+    (checked against the HF forward of the whole sequence), in float32 rounding steps."""
+    target, runtime, prompt = _runtime_and_prompt(preset, family)
     vocab = target.model.get_input_embeddings().num_embeddings
     expected = torch.randint(0, vocab, (6,)).tolist()
     got = expected[:3] + [(expected[3] + 1) % vocab] + expected[4:]
-    assert find_parting(target.model, prompt, expected, list(expected)) is None
+    assert find_parting(runtime, prompt, expected, list(expected)) is None
 
-    parting = find_parting(target.model, prompt, expected, got)
+    parting = find_parting(runtime, prompt, expected, got)
     assert (parting.index, parting.expected, parting.got) == (3, expected[3], got[3])
     embeds = torch.cat([prompt.inputs_embeds,
                         target.model.get_input_embeddings()(torch.tensor([expected[:3]]))], 1)
@@ -61,11 +70,34 @@ def test_find_parting_measures_the_targets_logit_gap(preset):
     mine, other = float(logits[expected[3]]), float(logits[got[3]])
     margin = (mine - other) / rounding_step(max(abs(mine), abs(other)), torch.float32)
     assert parting.margin_steps == pytest.approx(margin, rel=1e-3, abs=50)
-    assert parting.near_tie == (abs(margin) <= 2)
+
+
+@pytest.mark.parametrize("gap_steps,near_tie", [(0, True), (1, True), (2, True), (3, False),
+                                                (-1, False)])
+def test_find_parting_calls_a_gap_of_up_to_two_steps_a_tie(monkeypatch, gap_steps, near_tie):
+    """The verdict on logits whose two tokens lie a known number of float32 steps apart."""
+    _, runtime, prompt = _runtime_and_prompt("tiny-qwen2.5-vl", "qwen2_5_vl")
+    logits = torch.zeros(32)
+    logits[5] = 1.5
+    logits[9] = 1.5 - gap_steps * 2.0 ** -23  # float32 spacing in [1, 2)
+    monkeypatch.setattr(divergence, "target_logits_after", lambda *args: logits)
+    parting = find_parting(runtime, prompt, [1, 5, 2], [1, 9, 2])
+    assert parting.margin_steps == gap_steps and parting.near_tie == near_tie
 
 
 def test_an_output_that_ends_early_is_no_tie():
-    target = load_adapter("tiny-qwen2.5-vl")
-    prompt = target.prepare(sample_frames("qwen2_5_vl", 2), "hi")
-    parting = find_parting(target.model, prompt, [5, 6, 7], [5, 6])
+    _, runtime, prompt = _runtime_and_prompt("tiny-qwen2.5-vl", "qwen2_5_vl")
+    parting = find_parting(runtime, prompt, [5, 6, 7], [5, 6])
     assert parting.index == 2 and parting.got is None and not parting.near_tie
+
+
+def test_a_replica_recomputes_its_runtime_bit_for_bit():
+    """find_parting's recomputation runs on a replica of AR's runtime: the same logits."""
+    _, runtime, prompt = _runtime_and_prompt("tiny-llava-onevision", "llava_onevision")
+    tokens = [3, 1, 4]
+    first = divergence.target_logits_after(runtime, prompt, tokens)
+    runtime.prefill(prompt.inputs_embeds, prompt.position_ids)
+    positions = prompt.generated_positions(0, 3)
+    for index, token in enumerate(tokens):
+        logits = runtime.step(torch.tensor([[token]]), positions[..., index:index + 1])[0, -1]
+    assert torch.equal(first, logits.float())

@@ -694,3 +694,26 @@ def test_cuda_capture_steps_ahead_changes_nothing_but_the_graphs(family):
         args = ids[:, start:start + count], positions[..., start:start + count]
         torch.testing.assert_close(graphed.step(*args).clone(), eager.step(*args), atol=0, rtol=0)
         start += count
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_a_dropped_runtime_is_freed_without_the_cycle_collector():
+    """A runtime and its CUDA graphs form no reference cycle: dropping the runtime frees its
+    cache and graphs at once. (A graph left to the cycle collector could be freed in the middle
+    of another capture, which invalidates that capture.)"""
+    import gc
+    import weakref
+    model, positions_for = cuda_model("qwen2", 256)
+    model.to(torch.bfloat16)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=64)
+    runtime.prefill(runtime.embed(torch.zeros(1, 8, dtype=torch.long, device="cuda")),
+                    positions_for(8).cuda())
+    runtime.capture_steps((1, 3))
+    alive = weakref.ref(runtime)
+    gc.disable()
+    try:
+        del runtime
+        assert alive() is None
+    finally:
+        gc.enable()

@@ -683,8 +683,8 @@ void launch(const Params& p, bool simple, cudaStream_t stream) {
   } else {
     const dim3 grid(p.num_splits, bh, ceil_div(p.rows, kRowsPerBlock));
     // Fewer rows run fewer row tiles, each warp then taking a slice of every key tile; the
-    // row-invariant layout keeps 4 tiles (one warp each, every key), so a row's sums run in
-    // the same order whatever the row count.
+    // row-invariant layout keeps 4 tiles (and the same warps per tile) whatever the row count,
+    // so a row's sums run in the same order in a decode step and in a verify step.
     const int row_tiles =
         p.row_invariant ? 4 : static_cast<int>(ceil_div(std::min(p.rows, kRowsPerBlock), 16));
     // Eight warps need slices of at least 16 keys: two or more row tiles (M = 1 keeps four).

@@ -9,7 +9,6 @@ baseline every speedup is measured against.
 """
 from __future__ import annotations
 
-import gc
 import operator
 import time
 from collections.abc import Iterator
@@ -152,6 +151,13 @@ class HippoPipeline:
 
     # --------------------------------------------------------------------------- public API
 
+    def runtime(self, role: str) -> LanguageModelRuntime | None:
+        """The language-model runtime of "target" or "draft" as the last generation left it
+        (None before one needed it); shared with pipelines made by with_options."""
+        if role not in ("target", "draft"):
+            raise HippoError(f"role must be 'target' or 'draft', got {role!r}")
+        return self._runtimes.get(role)
+
     def with_options(self, **overrides) -> "HippoPipeline":
         """The same pair under other options (mode, gamma, keep ratio, ...). The runtimes, their
         caches and CUDA graphs are shared when the options they depend on stay the same."""
@@ -276,11 +282,8 @@ class HippoPipeline:
         room rounded up to whole CACHE_GRANULEs)."""
         runtime = self._runtimes.get(role)
         if runtime is None or runtime.cache.max_seq_len < capacity:
-            if self._runtimes.pop(role, None) is not None:
-                # Free the old cache before allocating the new one: a runtime and its CUDA
-                # graphs reference each other, so only the cycle collector frees them.
-                del runtime
-                gc.collect()
+            self._runtimes.pop(role, None)
+            del runtime  # free the old cache and graphs before allocating the new ones
             capacity = -(-capacity // CACHE_GRANULE) * CACHE_GRANULE
             runtime = LanguageModelRuntime.from_hf(
                 model.model, capacity, use_cuda_graphs=self.options.use_cuda_graphs,

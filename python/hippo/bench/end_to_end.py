@@ -104,10 +104,10 @@ def _measure_all(pair: AgreementPair, pipelines: dict, prompts: list, new_tokens
                                       stats.prefill_s, stats.selection_s,
                                       stats.draft_prefill_s)])
     reference = measured["hippo_ar"]["tokens"]
+    ar_runtime = pipelines["hippo_ar"].runtime("target")
     for name in ("sequential", "hippo"):
         if name in measured:
-            parting = find_parting(pair.target.model, prompts[0], reference,
-                                   measured[name]["tokens"])
+            parting = find_parting(ar_runtime, prompts[0], reference, measured[name]["tokens"])
             measured[name]["parting"] = "" if parting is None else parting.describe()
     input_ids = prompts[0].input_ids
     if "hf_generate" in methods:

@@ -1,4 +1,5 @@
-"""CUDA graphs of a runtime's decode/verify steps: one graph per step size n, captured lazily.
+"""CUDA graphs of a runtime's decode/verify steps: one graph per step size n, captured the first
+time that size runs (or ahead, by LanguageModelRuntime.capture_steps).
 
 Each graph is captured on the runtime's own stream: graphs of two models captured on torch's
 shared capture stream hung the GPU when replayed concurrently on two streams (NOTES.md; they
@@ -8,6 +9,7 @@ the cache length advances inside the graph, so a replay needs no host sync.
 from __future__ import annotations
 
 import gc
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,15 +35,14 @@ class CapturedStep:
 def no_garbage_collection() -> Iterator[None]:
     """Hold Python's garbage collector off for the duration (a graph capture).
 
-    Runtimes and their graphs reference each other, so an old runtime's graphs are freed only by
-    the cycle collector, which runs whenever allocations pass its threshold. Freeing a graph
-    (cudaGraphExecDestroy) while a stream captures is an unsafe call in the global capture mode:
-    it invalidates the capture ("operation not permitted when stream is capturing", then
-    cudaErrorStreamCaptureInvalidated). Seen on an H200 (2026-11-27) in test sequences and in the
-    benchmark, which build several runtimes; torch's own capture no longer collects first.
-    No gc.collect() here: a full collection per capture (0.1 s and more with torch and
-    transformers loaded) made adaptive-g decoding, which captures each new step size lazily,
-    several times slower. The garbage is collected after the capture, as usual.
+    A graph that only the cycle collector can reach is freed whenever allocations pass its
+    threshold, and freeing a graph (cudaGraphExecDestroy) while a stream captures is an unsafe
+    call in the global capture mode: it invalidates the capture ("operation not permitted when
+    stream is capturing", then cudaErrorStreamCaptureInvalidated). Seen on an H200 (2026-11-27)
+    in test sequences and in the benchmark, which dropped runtimes whose graphs then referenced
+    them back (StepGraphs now holds its runtime weakly); torch's own capture no longer collects
+    first. No gc.collect() here: a full collection per capture (0.1 s and more with torch and
+    transformers loaded) made adaptive-g decoding several times slower.
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -56,7 +57,9 @@ class StepGraphs:
     """The captured steps of one runtime, keyed by the number of tokens per step."""
 
     def __init__(self, runtime: "LanguageModelRuntime") -> None:
-        self.runtime = runtime
+        # Weakly: the runtime owns these graphs, and a cycle would leave a dropped runtime's
+        # cache and graphs to the cycle collector (see no_garbage_collection).
+        self._runtime = weakref.ref(runtime)
         self.stream = torch.cuda.Stream(device=runtime.device)
         self.captured: dict[int, CapturedStep] = {}
 
@@ -78,7 +81,8 @@ class StepGraphs:
         return step
 
     def _capture(self, count: int, positions_shape: torch.Size) -> CapturedStep:
-        runtime, cache = self.runtime, self.runtime.cache
+        runtime = self._runtime()  # alive: only the runtime itself calls into its graphs
+        cache = runtime.cache
         device = runtime.device
         input_ids = torch.zeros(cache.batch, count, dtype=torch.int64, device=device)
         positions = torch.zeros(positions_shape, dtype=torch.int64, device=device)

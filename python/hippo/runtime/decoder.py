@@ -182,6 +182,16 @@ class LanguageModelRuntime:
         text_model, lm_head = find_text_model(model)
         return cls(text_model, lm_head, max_seq_len, batch, **options)
 
+    def replica(self, *, use_cuda_graphs: bool = False) -> "LanguageModelRuntime":
+        """A runtime on the same weights with the same options and cache size, eager unless
+        asked: its logits for the same inputs are this runtime's bit for bit (graph replay
+        equals the eager path), so it can recompute what this one computed."""
+        return LanguageModelRuntime(
+            self.text_model, self.lm_head, self.cache.max_seq_len, self.cache.batch,
+            use_cuda_graphs=use_cuda_graphs, step_attention=self.step_attention,
+            fused=self.fused is not None, skinny_gemm=self._gemm_workspace is not None,
+            gemm_prologues=self.gemm_prologues, step_invariant=self.step_invariant)
+
     # ----------------------------------------------------------------------------- public API
 
     @property

@@ -154,8 +154,11 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
     capacity = positions.shape[-1]
     stats = stats or GenerationStats(mode=mode)
     # Every size a round can step with, captured before the first round (CUDA graphs only):
-    # target steps of 1..g+1 tokens, draft steps of 1 or 2 (catching up, then drafting).
-    target.capture_steps(range(1, draft_length.max_gamma + 2))
+    # target steps of 1..g+1 tokens in sequential rounds (the drafts and the bonus row), of
+    # 1..g in parallel ones (the unverified drafts and the newest token); draft steps of 1 or 2
+    # (catching up, then drafting). A size missed here is still captured when it first runs.
+    largest_target_step = draft_length.max_gamma + (1 if mode == "sequential" else 0)
+    target.capture_steps(range(1, largest_target_step + 1))
     draft.capture_steps((1, 2))
     clock = PhaseClock()
     decoder = SpeculativeDecoder(Lane(target, target.length, positions, capacity),

@@ -6,8 +6,10 @@ over g + 1 tokens and a one-token step may round the same logit differently. Whe
 two best logits lie within a rounding step or two of each other, that can flip the argmax, and
 the two outputs part there (`step_invariant=True` rules it out). Any other parting is a bug.
 This module tells the two apart: it recomputes the target's logits at the first differing token
-on AR's path (one-token eager steps) and measures the gap between the two tokens in rounding
-steps of the model's dtype. Tests and benchmarks use it to check losslessness at scale.
+exactly as AR computed them (a replica of AR's runtime: same options, same cache size, eager
+one-token steps, which graph replay equals bit for bit) and measures the gap between the two
+tokens in rounding steps of the model's dtype. Tests and benchmarks use it to check
+losslessness at scale.
 """
 from __future__ import annotations
 
@@ -29,16 +31,22 @@ class Parting:
     index: int            # position in the generated tokens
     expected: int | None  # the target's own (AR) token there (None: it ended before)
     got: int | None       # the other output's token (None: it ended before)
-    margin_steps: float   # logit(expected) - logit(got) in rounding steps of the dtype (inf: ended)
+    # logit(expected) - logit(got) in rounding steps of the dtype at their magnitude; inf when
+    # one output ended early. Never negative when recomputed as AR computed it: negative means
+    # the recomputation disagrees with AR's own choice.
+    margin_steps: float
     dtype: torch.dtype
 
     @property
-    def near_tie(self) -> bool:  # either sign: AR's own path may round the other way
-        return abs(self.margin_steps) <= NEAR_TIE_STEPS
+    def near_tie(self) -> bool:
+        return 0.0 <= self.margin_steps <= NEAR_TIE_STEPS
 
     def describe(self) -> str:
-        kind = "a near-tie" if self.near_tie else "NOT a near-tie"
         dtype = str(self.dtype).removeprefix("torch.")
+        if self.margin_steps < 0:
+            kind = "the recomputation disagrees with AR's own choice"
+        else:
+            kind = "a near-tie" if self.near_tie else "NOT a near-tie"
         return (f"parted at token {self.index} ({self.expected} vs {self.got}): "
                 f"{self.margin_steps:.3g} {dtype} rounding steps, {kind}")
 
@@ -59,12 +67,11 @@ def rounding_step(value: float, dtype: torch.dtype) -> float:
 
 
 @torch.no_grad()
-def target_logits_after(model: torch.nn.Module, prompt: PreparedPrompt,
+def target_logits_after(ar_runtime: LanguageModelRuntime, prompt: PreparedPrompt,
                         tokens: list[int]) -> torch.Tensor:
-    """The target's next-token logits [V] (float32) after the prompt and `tokens`, computed on
-    AR's path: a prefill, then one eager one-token step per token."""
-    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=prompt.length + len(tokens) + 1,
-                                           use_cuda_graphs=False)
+    """The target's next-token logits [V] (float32) after the prompt and `tokens`, computed as
+    `ar_runtime` computed them: on an eager replica, a prefill, then one-token steps."""
+    runtime = ar_runtime.replica()
     device = runtime.device
     logits = runtime.prefill(prompt.inputs_embeds.to(device),
                              prompt.position_ids.to(device)).logits[:, -1]
@@ -75,18 +82,18 @@ def target_logits_after(model: torch.nn.Module, prompt: PreparedPrompt,
     return logits[0].float()
 
 
-def find_parting(model: torch.nn.Module, prompt: PreparedPrompt, expected: list[int],
+def find_parting(ar_runtime: LanguageModelRuntime, prompt: PreparedPrompt, expected: list[int],
                  got: list[int]) -> Parting | None:
-    """None when `got` equals `expected` (the target's greedy output for `prompt`); else where
-    and by how much the target's logits separated the two tokens there."""
+    """None when `got` equals `expected`, the greedy output `ar_runtime` (the target's runtime
+    that produced it, e.g. HippoPipeline.runtime("target") after an AR generation) gave for
+    `prompt`; else where and by how much the target's logits separated the two tokens there."""
     index = first_difference(expected, got)
     if index is None:
         return None
-    dtype = next(model.parameters()).dtype
     if index >= len(expected) or index >= len(got):  # one ended early: no tie explains that
         return Parting(index, expected[index] if index < len(expected) else None,
-                       got[index] if index < len(got) else None, math.inf, dtype)
-    logits = target_logits_after(model, prompt, expected[:index])
+                       got[index] if index < len(got) else None, math.inf, ar_runtime.dtype)
+    logits = target_logits_after(ar_runtime, prompt, expected[:index])
     mine, other = float(logits[expected[index]]), float(logits[got[index]])
-    margin = (mine - other) / rounding_step(max(abs(mine), abs(other)), dtype)
-    return Parting(index, expected[index], got[index], margin, dtype)
+    margin = (mine - other) / rounding_step(max(abs(mine), abs(other)), ar_runtime.dtype)
+    return Parting(index, expected[index], got[index], margin, ar_runtime.dtype)
