@@ -717,3 +717,21 @@ def test_cuda_a_dropped_runtime_is_freed_without_the_cycle_collector():
         assert alive() is None
     finally:
         gc.enable()
+
+
+def test_no_garbage_collection_holds_the_collector_off_and_restores_it():
+    import gc
+    from hippo.runtime.cuda_graphs import no_garbage_collection
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError):
+        with no_garbage_collection():
+            assert not gc.isenabled()
+            raise RuntimeError("a capture that fails")
+    assert gc.isenabled()
+    gc.disable()  # a caller that had it off keeps it off
+    try:
+        with no_garbage_collection():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
