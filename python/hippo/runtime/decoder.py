@@ -287,7 +287,8 @@ class LanguageModelRuntime:
                 continue
             shape = ((3, self.cache.batch, count) if self.uses_mrope
                      else (self.cache.batch, count))
-            self._graphs.capture(count, torch.Size(shape))
+            with torch.cuda.device(self.device):  # a draft on another GPU captures on its own
+                self._graphs.capture(count, torch.Size(shape))
 
     # ------------------------------------------------------------------- the step, capturable
 
