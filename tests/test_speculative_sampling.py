@@ -13,6 +13,7 @@ warp's top-3 keeping the large vocabulary enumerable), check the same way.
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -23,6 +24,7 @@ from hippo.runtime import LanguageModelRuntime, warp_logits
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
 from hippo.speculative.decoder import decode_after_prefill
 from hippo.speculative.draft_length import DraftLength
+from hippo_testing import requires_cuda
 from speculative_testing import make_pair, make_pipeline, sample_frames
 
 VOCAB = 7
@@ -100,12 +102,14 @@ def _padded(tokens: list[int], eos: int | None, generated: int) -> tuple[int, ..
 def _sample_runs(target_model, draft_model, mode: str, warp: dict, runs: int,
                  acceptance_factory=TokenAcceptance, gamma: int = 2,
                  generated: int = GENERATED, eos: int | None = None) -> torch.Tensor:
-    """Counts [V + 1] * generated of the emitted tokens over `runs` seeded generations."""
+    """Counts [V + 1] * generated of the emitted tokens over `runs` seeded generations, on the
+    models' device (on CUDA: graph-captured steps, parallel rounds on two streams)."""
     target = LanguageModelRuntime.from_hf(target_model, 32)
     draft = LanguageModelRuntime.from_hf(draft_model, 32)
-    ids = torch.tensor([PROMPT])
-    positions = torch.arange(len(PROMPT))[None]
-    positions_after = torch.arange(len(PROMPT), len(PROMPT) + 20)[None]
+    device = target.device
+    ids = torch.tensor([PROMPT], device=device)
+    positions = torch.arange(len(PROMPT), device=device)[None]
+    positions_after = torch.arange(len(PROMPT), len(PROMPT) + 20, device=device)[None]
     counts = torch.zeros((VOCAB + 1,) * generated, dtype=torch.int64)
     eos_ids = set() if eos is None else {eos}
     for seed in range(runs):
@@ -157,6 +161,21 @@ def test_sampling_matches_target_distribution(target_model, mode, draft, warp):
     counts = _sample_runs(target_model, draft_model, mode, warp, RUNS)
     # Each speculative token marginally, and the first two jointly. With g = 2, parallel
     # decoding's pre-verify rounds and post-verify rounds (after a full acceptance) both emit.
+    for token in range(1, GENERATED):
+        assert _marginals_pass(counts, exact, (token,)), token
+    assert _marginals_pass(counts, exact, (1, 2))
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_cuda_sampling_matches_target_distribution(target_model, mode):
+    """The same check on the GPU, where steps replay CUDA graphs, parallel rounds run the draft
+    on its own stream and the random numbers come from the device's generator."""
+    warp = WARPS[1]
+    exact = _exact_distribution(target_model, warp)
+    counts = _sample_runs(copy.deepcopy(target_model).cuda(), DRAFTS["perturbed"]().cuda(), mode,
+                          warp, RUNS)
     for token in range(1, GENERATED):
         assert _marginals_pass(counts, exact, (token,)), token
     assert _marginals_pass(counts, exact, (1, 2))
