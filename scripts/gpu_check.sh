@@ -134,10 +134,10 @@ PY
       ;;
     speculative)
       # HIPPO decoding on the GPU: its CUDA tests (graphs, two streams, bf16 near-ties, sampling
-      # distribution-exact), then
-      # time per round, sequential vs parallel, at a 7B/0.5B agreement pair with 32 frames.
+      # distribution-exact), then time per round, sequential vs parallel, at a 7B/0.5B
+      # agreement pair with 32 frames.
       files="test_speculative_cuda test_speculative_greedy test_speculative_sampling test_preserve"
-      for f in $files; do  # correctness only: the three files share the GPU at once
+      for f in $files; do  # correctness only: the files share the GPU at once
         timeout "${TEST_TIMEOUT:-300}" $PYTEST "tests/$f.py" -rfE -q -s -m cuda >"$OUT/$f.log" 2>&1 &
       done
       wait
