@@ -94,14 +94,14 @@ def test_bench_tiny_writes_table_json_and_plot(capsys, tmp_path):
     assert high["MAT"] > low["MAT"]  # the knob moves acceptance
 
 
-def test_bench_runs_with_the_opt_in_gemm_prologues(capsys, tmp_path):
+def test_bench_runs_with_the_opt_in_gemm_prologues_and_draft_priority(capsys, tmp_path):
     argv = ["bench", "--preset", "tiny", "--eps", "0.1", "--new-tokens", "8", "--gamma", "4",
-            "--methods", "hippo_ar", "sequential", "--gemm-prologues", "both",
-            "--out-dir", str(tmp_path)]
+            "--methods", "hippo_ar", "sequential", "hippo", "--gemm-prologues", "both",
+            "--draft-priority", "--out-dir", str(tmp_path)]
     assert main(argv) == 0
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert {row["method"] for row in rows} == {"hippo_ar", "sequential"}
-    assert all(row["matches_ar"] for row in rows)
+    assert {row["method"] for row in rows} == {"hippo_ar", "sequential", "hippo"}
+    assert all(row["matches_ar"] and not row["parting"] for row in rows)
 
 
 @pytest.mark.parametrize("argv", [["demo", "--frames", "0"], ["bench", "--preset", "tiny",
@@ -213,6 +213,9 @@ BAD_OPTIONS = {  # argv, what the one-line error says
         "--preset, --frames apply only to a preset run"),
     "bench_dataset_options_without_one": (["bench", "--preset", "tiny", "--num-frames", "4"],
                                           "--num-frames apply only to --dataset runs"),
+    "bench_draft_priority_with_a_dataset": (
+        ["bench", "--dataset", "mlvu", "--root", ".", "--draft-priority"],
+        "--draft-priority apply only to a preset run"),
 }
 
 

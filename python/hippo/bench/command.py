@@ -30,6 +30,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-ratio", type=float, default=0.1)
     parser.add_argument("--out-dir", default="hippo-bench", help="where bench.json and bench.png go")
     add_gemm_prologues_argument(parser, default=None)
+    parser.add_argument("--draft-priority", action="store_const", const=True, default=None,
+                        help="HIPPO's draft on a high-priority CUDA stream (opt-in)")
     sets = parser.add_argument_group("benchmark sets (instead of a preset)")
     sets.add_argument("--dataset", help="videomme, mvbench, longvideobench, mlvu, lvbench or vdc")
     sets.add_argument("--root", help="the benchmark set's local directory")
@@ -45,7 +47,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 # Options of one kind of run only, and their defaults (None: decided by the run). argparse leaves
 # them None unless given, so that an option of the other kind is refused rather than ignored.
 PRESET_DEFAULTS = dict(preset=None, frames=None, eps=None, gamma=12, new_tokens=None, methods=None,
-                       gemm_prologues="none")
+                       gemm_prologues="none", draft_priority=False)
 SET_DEFAULTS = dict(root=None, target="tiny-qwen2.5-vl", draft="tiny-qwen2.5-vl-draft",
                     limit=None, max_new_tokens=64, num_frames=16)
 
@@ -92,7 +94,8 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     rows = run_end_to_end(preset, frames=tuple(args.frames or ()) or None,
                           eps_values=tuple(args.eps or ()) or None, gamma=args.gamma,
                           new_tokens=args.new_tokens, methods=tuple(args.methods or METHODS),
-                          keep_ratio=args.keep_ratio, gemm_prologues=args.gemm_prologues)
+                          keep_ratio=args.keep_ratio, gemm_prologues=args.gemm_prologues,
+                          draft_priority=args.draft_priority)
     print(markdown_table(rows))
     report = dict(preset=name, device=device, dtype=str(preset.dtype),
                   target=asdict(preset.target), draft=asdict(preset.draft), rows=rows)

@@ -53,10 +53,11 @@ PRESETS = {
 def run_end_to_end(preset: BenchPreset, *, frames: tuple[int, ...] | None = None,
                    eps_values: tuple[float, ...] | None = None, gamma: int = 12,
                    new_tokens: int | None = None, methods: tuple[str, ...] = METHODS,
-                   keep_ratio: float = 0.1, gemm_prologues: str = "none", progress: bool = True,
+                   keep_ratio: float = 0.1, gemm_prologues: str = "none",
+                   draft_priority: bool = False, progress: bool = True,
                    echo=print) -> list[dict]:
-    """Rows of measurements, one per (frames, eps, method). gemm_prologues: which of hippo's
-    runtimes run the fused GEMM ops (HippoOptions); the HF baselines are unchanged."""
+    """Rows of measurements, one per (frames, eps, method). gemm_prologues and draft_priority:
+    HippoOptions of hippo's methods; the HF baselines are unchanged."""
     from tqdm import tqdm
 
     frames = frames or preset.frames
@@ -66,7 +67,7 @@ def run_end_to_end(preset: BenchPreset, *, frames: tuple[int, ...] | None = None
                          dtype=preset.dtype, device=preset.device)
     base = HippoPipeline(pair.target, pair.draft, mode="ar",
                          preservation=PreservationOptions(keep_ratio=keep_ratio),
-                         gemm_prologues=gemm_prologues)
+                         gemm_prologues=gemm_prologues, draft_priority=draft_priority)
     pipelines = {"hippo_ar": base,
                  "sequential": base.with_options(mode="sequential", gamma=gamma),
                  "hippo": base.with_options(mode="parallel", gamma="auto",
