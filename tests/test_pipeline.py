@@ -62,13 +62,20 @@ def test_frames_beyond_the_context_are_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(Qwen2_5_VLAdapter, "prepare", no_decoding)
     tokens = target.visual_tokens(16, 112, 112)
     assert tokens >= 100
-    message = f"16 frames of 112x112 make {tokens} visual tokens, beyond the 100 positions"
+    message = (f"16 frames of 112x112 make {tokens} visual tokens, with 4 new tokens "
+               f"{tokens + 4}, beyond the 100 positions")
     with pytest.raises(HippoError, match=message):
         pipeline.generate(sample_video_path(), "what moves?", 4, num_frames=16)
     with pytest.raises(HippoError, match=message):
         pipeline.generate(frames, "what moves?", 4)
     with pytest.raises(HippoError, match="ask for fewer frames"):
         pipeline.generate(sample_video_path(), "what moves?", 4, fps=4.0)
+    with pytest.raises(HippoError, match=f"make {tokens} visual tokens, beyond the 100"):
+        pipeline.prepare(frames, "what moves?")  # no new tokens named: the frames alone
+    # Frames that fit, but not with the tokens asked for: also refused before any decoding.
+    monkeypatch.setattr(Qwen2_5_VLAdapter, "max_positions", property(lambda self: tokens + 10))
+    with pytest.raises(HippoError, match="or fewer new tokens"):
+        pipeline.generate(sample_video_path(), "what moves?", 10, num_frames=16)
 
 
 @pytest.mark.parametrize("roles", ["draft", "both"])

@@ -169,12 +169,14 @@ class HippoPipeline:
 
     def prepare(self, video: str | Path | torch.Tensor, prompt: str | list[int], *,
                 num_frames: int | None = None, fps: float | None = None,
-                start: float | None = None, end: float | None = None
-                ) -> tuple[PreparedPrompt, PreparedPrompt | None]:
+                start: float | None = None, end: float | None = None,
+                max_new_tokens: int = 0) -> tuple[PreparedPrompt, PreparedPrompt | None]:
         """(target prompt, draft prompt or None when self-speculating) for (video, prompt):
         frames are decoded once, each model embeds them with its own vision tower. A video file
         is sampled at num_frames uniform frames or at fps frames per second (not both;
-        DEFAULT_FRAMES when neither is given), between start and end seconds when given."""
+        DEFAULT_FRAMES when neither is given), between start and end seconds when given.
+        max_new_tokens: the tokens to be generated after the prompt; frames whose visual tokens
+        plus these cannot fit a model's context are refused before they are decoded."""
         if not isinstance(video, (str, Path, torch.Tensor)):
             raise HippoError("video must be a file path or decoded frames (a uint8 tensor "
                              f"[T, H, W, 3]), got {type(video).__name__}")
@@ -186,11 +188,12 @@ class HippoPipeline:
             if start is not None or end is not None:
                 raise HippoError("start and end cut a video file; cut decoded frames yourself")
             check_frames(video)
-            self._admit_frames(*video.shape[:3])
+            self._admit_frames(*video.shape[:3], new_tokens=max_new_tokens)
             frames = video
         else:
-            frames = load_video(video, num_frames=num_frames, fps=fps, start=start, end=end,
-                                admit=self._admit_frames)
+            frames = load_video(
+                video, num_frames=num_frames, fps=fps, start=start, end=end,
+                admit=lambda *shape: self._admit_frames(*shape, new_tokens=max_new_tokens))
         target_prompt = self.target.prepare(frames, prompt, fps=fps)
         if self.draft is None:
             return target_prompt, None
@@ -198,18 +201,22 @@ class HippoPipeline:
         _check_same_layout(target_prompt, draft_prompt)
         return target_prompt, draft_prompt
 
-    def _admit_frames(self, count: int, height: int, width: int) -> None:
-        """Refuse, before decoding or embedding them, frames whose visual tokens alone would
-        overflow a model's context (a long video at one frame per second)."""
+    def _admit_frames(self, count: int, height: int, width: int, *, new_tokens: int = 0) -> None:
+        """Refuse, before decoding or embedding them, frames whose visual tokens (plus the
+        tokens to be generated) would overflow a model's context (a long video at one frame per
+        second). The prompt's text is counted after preparing (_check_context_fits)."""
         for adapter in (self.target, self.draft):
             if adapter is None or adapter.max_positions is None:
                 continue
             tokens = adapter.visual_tokens(count, height, width)
-            if tokens >= adapter.max_positions:
+            if tokens + new_tokens >= adapter.max_positions:
+                total = f", with {new_tokens} new tokens {tokens + new_tokens}," if new_tokens else ","
+                fewer = " or fewer new tokens" if new_tokens else ""
                 raise HippoError(
-                    f"{count} frames of {width}x{height} make {tokens} visual tokens, beyond the "
-                    f"{adapter.max_positions} positions of the {adapter.family} model: ask for "
-                    "fewer frames (num_frames, a lower fps or a time window)")
+                    f"context too long: {count} frames of {width}x{height} make {tokens} visual "
+                    f"tokens{total} "
+                    f"beyond the {adapter.max_positions} positions of the {adapter.family} model: "
+                    f"ask for fewer frames (num_frames, a lower fps or a time window){fewer}")
 
     @torch.no_grad()
     def generate(self, video: str | Path | torch.Tensor, prompt: str | list[int],
@@ -226,7 +233,8 @@ class HippoPipeline:
         """
         started = time.perf_counter()
         target_prompt, draft_prompt = self.prepare(video, prompt, num_frames=num_frames, fps=fps,
-                                                   start=start, end=end)
+                                                   start=start, end=end,
+                                                   max_new_tokens=max_new_tokens)
         output = self.generate_prepared(
             target_prompt, draft_prompt, max_new_tokens,
             SamplingOptions(temperature, top_k, top_p, seed), self.eos_ids(eos_token_id))
