@@ -26,7 +26,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     number of rows: row m of the result is bitwise the same whatever M is (a verify step's rows
     equal single-token steps'). With the environment variable HIPPO_SKINNY_KERNEL=fma, M <= 16
     runs an FMA kernel instead (one warp per two outputs, no split of K; rows independent of M
-    up to 16; opt-in: 4% off a 7B decode step's GEMMs, 2-3x cuBLAS from M = 5, on an H200). Other shapes and dtypes, and the CPU, use ATen's linear.
+    up to 16; opt-in: 4% off a 7B decode step's GEMMs, 2-3x cuBLAS from M = 5, on an H200).
+    Other shapes and dtypes, and the CPU, use ATen's linear.
     On Hopper, where programmatic dependent launch is on (unless HIPPO_PDL=0), the FMA kernel
     loads its first weights before the previous kernel in the stream has finished: the weight
     must not be written by the kernel launched just before.

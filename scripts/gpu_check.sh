@@ -111,7 +111,8 @@ PY
           -k hippo --benchmark-json "$OUT/linear_b$blocks.json" >/dev/null 2>&1
         echo "skinny blocks/SM $blocks:"; $PY benchmarks/report.py "$OUT/linear_b$blocks.json" | grep hippo | cut -d'|' -f2,5,7
       done
-      # decode_attention's split plans and block shapes (default: balanced, 1 block/SM, 8 warps for 2+ row tiles, wide registers)
+      # decode_attention's split plans and block shapes (default: balanced, 1 block/SM, 8 warps
+      # for 2+ row tiles, wide registers)
       for knobs in "" HIPPO_DECODE_ATTENTION_WARPS=4 HIPPO_DECODE_ATTENTION_FUSED_MERGE=1 \
                    HIPPO_DECODE_ATTENTION_WIDE_REGISTERS=0 \
                    "HIPPO_DECODE_ATTENTION_WIDE_REGISTERS=0 HIPPO_DECODE_ATTENTION_WARPS=4" \

@@ -518,10 +518,10 @@ def test_step_invariant_verify_equals_single_steps_bitwise(family):
 @pytest.mark.cuda
 @pytest.mark.parametrize("options", [{}, {"step_invariant": True}, {"gemm_prologues": True}])
 def test_dependent_launch_changes_no_bit(monkeypatch, options):
-    """Programmatic dependent launch of the step's hippo_ext kernels (on unless HIPPO_PDL=0) only lets a
-    kernel start while the previous one finishes: graph-replayed steps give the same bits as
-    without it, for the default, the skinny/row-invariant and the fused-GEMM kernels (whose
-    FMA kernel reads its first weights before it waits)."""
+    """Programmatic dependent launch of the step's hippo_ext kernels (on unless HIPPO_PDL=0)
+    only lets a kernel start while the previous one finishes: graph-replayed steps give the
+    same bits as without it, for the default, the skinny/row-invariant and the fused-GEMM
+    kernels (whose FMA kernel reads its first weights before it waits)."""
     model, positions_for = cuda_model("qwen2", 256)
     model = model.to(torch.bfloat16)
     ids = torch.randint(0, VOCAB, (1, 60), device="cuda")

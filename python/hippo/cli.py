@@ -20,7 +20,8 @@ def _gamma(text: str) -> int | str:
 
 def add_gemm_prologues_argument(parser: argparse.ArgumentParser, default: str | None = "none") -> None:
     """--gemm-prologues: which runtimes run the norms, gating and RoPE inside their GEMMs
-    (HippoOptions.gemm_prologues; opt-in kernels, measured slower on an H200 (2026-11-27, benchmarks/RESULTS.md))."""
+    (HippoOptions.gemm_prologues; opt-in kernels, measured slower on an H200: 2026-11-27,
+    benchmarks/RESULTS.md)."""
     parser.add_argument("--gemm-prologues", choices=("none", "draft", "both"), default=default,
                         help="runtimes with the norms, gating and RoPE inside the GEMMs "
                              "(opt-in kernels; slower than the default on an H200 so far)")
@@ -103,7 +104,8 @@ def _generate(args: argparse.Namespace) -> None:
     pipeline = HippoPipeline(
         target, draft, mode=args.mode, gamma=args.gamma, draft_prefill=args.draft_prefill,
         draft_device=draft_device, gemm_prologues=args.gemm_prologues,
-        draft_priority=args.draft_priority, preservation=PreservationOptions(keep_ratio=args.keep_ratio, method=args.selection))
+        draft_priority=args.draft_priority,
+        preservation=PreservationOptions(keep_ratio=args.keep_ratio, method=args.selection))
     out = pipeline.generate(args.video, args.prompt, args.max_new_tokens, num_frames=args.frames,
                             fps=args.fps, start=args.start, end=args.end,
                             temperature=args.temperature, top_k=args.top_k,

@@ -209,14 +209,15 @@ class HippoPipeline:
             if adapter is None or adapter.max_positions is None:
                 continue
             tokens = adapter.visual_tokens(count, height, width)
-            if tokens + new_tokens >= adapter.max_positions:
-                total = f", with {new_tokens} new tokens {tokens + new_tokens}," if new_tokens else ","
-                fewer = " or fewer new tokens" if new_tokens else ""
-                raise HippoError(
-                    f"context too long: {count} frames of {width}x{height} make {tokens} visual "
-                    f"tokens{total} "
-                    f"beyond the {adapter.max_positions} positions of the {adapter.family} model: "
-                    f"ask for fewer frames (num_frames, a lower fps or a time window){fewer}")
+            if tokens + new_tokens < adapter.max_positions:
+                continue
+            made = f"{count} frames of {width}x{height} make {tokens} visual tokens"
+            if new_tokens:
+                made += f", with {new_tokens} new tokens {tokens + new_tokens}"
+            raise HippoError(
+                f"context too long: {made}, beyond the {adapter.max_positions} positions of the "
+                f"{adapter.family} model: ask for fewer frames (num_frames, a lower fps or a time "
+                f"window){' or fewer new tokens' if new_tokens else ''}")
 
     @torch.no_grad()
     def generate(self, video: str | Path | torch.Tensor, prompt: str | list[int],

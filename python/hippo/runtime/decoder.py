@@ -3,8 +3,8 @@
 The weights are borrowed, never copied (q/k/v and gate/up are concatenated once, the HF
 parameters becoming views: fused_projections.py), and the arithmetic is HF's: each layer runs
 as nine ops, hippo_ext's fused RMSNorm (residual add included), RoPE plus cache append and
-SwiGLU gating around four GEMMs and the attention, each rounding where HF's modules round (`fused=False` runs HF's modules
-themselves). Around that: a static KV cache (static_cache.py), prefill from input embeddings
+SwiGLU gating around four GEMMs and the attention, each rounding where HF's modules round
+(`fused=False` runs HF's modules themselves). Around that: a static KV cache (static_cache.py), prefill from input embeddings
 with explicit position ids, and decode/verify steps of static shape that CUDA graphs capture
 (cuda_graphs.py). Works for Qwen2 (1-D RoPE: LLaVA-OneVision, LLaVA-Video) and for the text
 model of Qwen2.5-VL (M-RoPE, position ids [3, B, S]).
