@@ -43,15 +43,19 @@ def test_a_time_window_of_a_file_equals_its_frames_cut_by_hand():
 
 
 def test_frames_beyond_the_context_are_refused_before_decoding(monkeypatch):
-    """A long video at one frame per second: the visual tokens alone would overflow the
-    model's positions, which is known from the frame count and size before anything is
-    decoded or embedded."""
+    """A long video at one frame per second: the visual tokens, the prompt's text and the new
+    tokens would overflow the model's positions, which is known from the frame count and size
+    and the encoded prompt before anything is decoded or embedded."""
     from hippo import video
     from hippo.models.qwen2_5_vl import Qwen2_5_VLAdapter
 
     target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
     pipeline = HippoPipeline(target, draft)
     frames = video.load_video(sample_video_path(), num_frames=16)
+    prepared, _ = pipeline.prepare(frames, "what moves?")
+    tokens = target.visual_tokens(16, 112, 112)
+    text = target.text_tokens("what moves?")
+    assert prepared.num_visual == tokens and prepared.length == tokens + text
     monkeypatch.setattr(Qwen2_5_VLAdapter, "max_positions", property(lambda self: 100))
 
     def no_decoding(*args):
@@ -60,22 +64,36 @@ def test_frames_beyond_the_context_are_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(video._OpenCVReader, "frames", no_decoding)
     monkeypatch.setattr(video._DecordReader, "frames", no_decoding)
     monkeypatch.setattr(Qwen2_5_VLAdapter, "prepare", no_decoding)
-    tokens = target.visual_tokens(16, 112, 112)
     assert tokens >= 100
-    message = (f"16 frames of 112x112 make {tokens} visual tokens, with 4 new tokens "
-               f"{tokens + 4}, beyond the 100 positions")
+    message = (f"16 frames of 112x112 make {tokens} visual tokens; with the prompt's {text} text "
+               f"tokens and 4 new tokens that is {tokens + text + 4}, beyond the 100 positions")
     with pytest.raises(HippoError, match=message):
         pipeline.generate(sample_video_path(), "what moves?", 4, num_frames=16)
     with pytest.raises(HippoError, match=message):
         pipeline.generate(frames, "what moves?", 4)
     with pytest.raises(HippoError, match="ask for fewer frames"):
         pipeline.generate(sample_video_path(), "what moves?", 4, fps=4.0)
-    with pytest.raises(HippoError, match=f"make {tokens} visual tokens, beyond the 100"):
-        pipeline.prepare(frames, "what moves?")  # no new tokens named: the frames alone
-    # Frames that fit, but not with the tokens asked for: also refused before any decoding.
-    monkeypatch.setattr(Qwen2_5_VLAdapter, "max_positions", property(lambda self: tokens + 10))
-    with pytest.raises(HippoError, match="or fewer new tokens"):
-        pipeline.generate(sample_video_path(), "what moves?", 10, num_frames=16)
+    with pytest.raises(HippoError, match=f"text tokens that is {tokens + text}, beyond the 100"):
+        pipeline.prepare(frames, "what moves?")  # no new tokens named: the prompt alone
+    # Exactly the context: admitted (reaches the model's prepare); one position less: refused,
+    # also for the prompt's text alone.
+    new = 10
+    monkeypatch.setattr(Qwen2_5_VLAdapter, "max_positions", property(lambda self: tokens + text + new))
+    with pytest.raises(AssertionError, match="decoded although"):
+        pipeline.generate(sample_video_path(), "what moves?", new, num_frames=16)
+    with pytest.raises(HippoError, match="fewer new tokens or a shorter prompt"):
+        pipeline.generate(sample_video_path(), "what moves?", new + 1, num_frames=16)
+    with pytest.raises(HippoError, match="a shorter prompt"):
+        pipeline.generate(sample_video_path(), "what moves? " * 8, new, num_frames=16)
+
+
+def test_a_bad_prompt_is_refused_before_the_video_is_read(monkeypatch):
+    from hippo import pipeline
+
+    target, draft = make_pair("llava_onevision", "perturbed-copy", seed=0)
+    monkeypatch.setattr(pipeline, "load_video", lambda *args, **kwargs: pytest.fail("video read"))
+    with pytest.raises(HippoError, match="token ids must lie in"):
+        HippoPipeline(target, draft).prepare("/no/such/video.mp4", [target.vocab_size])
 
 
 @pytest.mark.parametrize("roles", ["draft", "both"])

@@ -9,6 +9,7 @@ baseline every speedup is measured against.
 """
 from __future__ import annotations
 
+import functools
 import operator
 import time
 from collections.abc import Iterator
@@ -184,16 +185,18 @@ class HippoPipeline:
             raise HippoError("give num_frames or fps, not both")
         if num_frames is None and fps is None:
             num_frames = DEFAULT_FRAMES
+        # The prompt's text is encoded first: a bad prompt is refused before the video is read,
+        # and its length counts towards the context before any frame is decoded.
+        text_tokens = self._text_tokens(prompt)
+        admit = functools.partial(self._admit_frames, text_tokens=text_tokens, new_tokens=max_new_tokens)
         if isinstance(video, torch.Tensor):
             if start is not None or end is not None:
                 raise HippoError("start and end cut a video file; cut decoded frames yourself")
             check_frames(video)
-            self._admit_frames(*video.shape[:3], new_tokens=max_new_tokens)
+            admit(*video.shape[:3])
             frames = video
         else:
-            frames = load_video(
-                video, num_frames=num_frames, fps=fps, start=start, end=end,
-                admit=lambda *shape: self._admit_frames(*shape, new_tokens=max_new_tokens))
+            frames = load_video(video, num_frames=num_frames, fps=fps, start=start, end=end, admit=admit)
         target_prompt = self.target.prepare(frames, prompt, fps=fps)
         if self.draft is None:
             return target_prompt, None
@@ -201,23 +204,30 @@ class HippoPipeline:
         _check_same_layout(target_prompt, draft_prompt)
         return target_prompt, draft_prompt
 
-    def _admit_frames(self, count: int, height: int, width: int, *, new_tokens: int = 0) -> None:
-        """Refuse, before decoding or embedding them, frames whose visual tokens (plus the
-        tokens to be generated) would overflow a model's context (a long video at one frame per
-        second). The prompt's text is counted after preparing (_check_context_fits)."""
-        for adapter in (self.target, self.draft):
+    def _text_tokens(self, prompt: str | list[int]) -> dict[str, int]:
+        """Each model's count of the prompt's tokens that are not visual."""
+        adapters = {"target": self.target, "draft": self.draft}
+        return {role: adapter.text_tokens(prompt) for role, adapter in adapters.items() if adapter is not None}
+
+    def _admit_frames(self, count: int, height: int, width: int, *, text_tokens: dict[str, int],
+                      new_tokens: int = 0) -> None:
+        """Refuse, before decoding or embedding them, frames whose visual tokens plus the
+        prompt's text and the tokens to be generated would overflow a model's context (a long
+        video at one frame per second). _check_context_fits checks the prepared prompt again."""
+        for role, adapter in (("target", self.target), ("draft", self.draft)):
             if adapter is None or adapter.max_positions is None:
                 continue
-            tokens = adapter.visual_tokens(count, height, width)
-            if tokens + new_tokens < adapter.max_positions:
+            visual, text = adapter.visual_tokens(count, height, width), text_tokens[role]
+            total = visual + text + new_tokens
+            if total <= adapter.max_positions:
                 continue
-            made = f"{count} frames of {width}x{height} make {tokens} visual tokens"
-            if new_tokens:
-                made += f", with {new_tokens} new tokens {tokens + new_tokens}"
+            with_new = f" and {new_tokens} new tokens" if new_tokens else ""
             raise HippoError(
-                f"context too long: {made}, beyond the {adapter.max_positions} positions of the "
-                f"{adapter.family} model: ask for fewer frames (num_frames, a lower fps or a time "
-                f"window){' or fewer new tokens' if new_tokens else ''}")
+                f"context too long: {count} frames of {width}x{height} make {visual} visual tokens; "
+                f"with the prompt's {text} text tokens{with_new} that is {total}, beyond the "
+                f"{adapter.max_positions} positions of the {adapter.family} model: ask for fewer "
+                f"frames (num_frames, a lower fps or a time window)"
+                f"{', fewer new tokens' if new_tokens else ''} or a shorter prompt")
 
     @torch.no_grad()
     def generate(self, video: str | Path | torch.Tensor, prompt: str | list[int],

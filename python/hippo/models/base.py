@@ -195,6 +195,16 @@ class VideoLLMAdapter:
             raise HippoError("the prompt must not contain video or image placeholder tokens; the adapter adds them")
         return ids
 
+    def prompt_ids(self, num_visual: int, prompt: str | list[int]) -> list[int]:
+        """The prompt's token ids with num_visual video placeholders, as the HF processor lays
+        them out for this family (chat text, video, the user's text)."""
+        raise NotImplementedError
+
+    def text_tokens(self, prompt: str | list[int]) -> int:
+        """How many prompt tokens are not visual: known before any frame is decoded, so that a
+        request beyond the context is refused cheaply (and a bad prompt before the video)."""
+        return len(self.prompt_ids(0, prompt))
+
     def prepare(self, frames: torch.Tensor, prompt: str | list[int]) -> PreparedPrompt:
         raise NotImplementedError
 

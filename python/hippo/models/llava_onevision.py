@@ -77,12 +77,14 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
             prompt = self.text_separator + prompt
         return super().encode_prompt(prompt)
 
+    def prompt_ids(self, num_visual: int, prompt: str | list[int]) -> list[int]:
+        return (self.prompt_prefix_ids + [self.model.config.video_token_id] * num_visual
+                + self.encode_prompt(prompt) + self.prompt_suffix_ids)
+
     def hf_inputs(self, frames: torch.Tensor, prompt: str | list[int]) -> dict:
         """The HF model's own inputs for (frames, prompt): what its processor would have produced."""
         pixels = preprocess_siglip_video(frames, self.preprocess, device=self.device, dtype=self.dtype)
-        num_video = self.visual_tokens(pixels.shape[1], *pixels.shape[-2:])
-        ids = (self.prompt_prefix_ids + [self.model.config.video_token_id] * num_video
-               + self.encode_prompt(prompt) + self.prompt_suffix_ids)
+        ids = self.prompt_ids(self.visual_tokens(pixels.shape[1], *pixels.shape[-2:]), prompt)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                 "pixel_values_videos": pixels}

@@ -60,13 +60,16 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         repeated to fill a group) and merged merge_size^2 patches to a token."""
         return qwen_video_tokens(num_frames, height, width, self.preprocess)
 
+    def prompt_ids(self, num_visual: int, prompt: str | list[int]) -> list[int]:
+        cfg = self.model.config
+        return (self.prompt_prefix_ids + [cfg.vision_start_token_id] + [cfg.video_token_id] * num_visual
+                + [cfg.vision_end_token_id] + self.encode_prompt(prompt) + self.prompt_suffix_ids)
+
     def hf_inputs(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> dict:
         """The HF model's own inputs for (frames, prompt): what its processor would have produced."""
         cfg = self.model.config
         pixels, grid_thw = preprocess_qwen_video(frames, self.preprocess, device=self.device, dtype=self.dtype)
-        num_video = self.visual_tokens(*frames.shape[:3])
-        ids = (self.prompt_prefix_ids + [cfg.vision_start_token_id] + [cfg.video_token_id] * num_video
-               + [cfg.vision_end_token_id] + self.encode_prompt(prompt) + self.prompt_suffix_ids)
+        ids = self.prompt_ids(self.visual_tokens(*frames.shape[:3]), prompt)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         inputs = {"input_ids": input_ids,
                   "attention_mask": torch.ones_like(input_ids),
