@@ -2,11 +2,35 @@
 tests/ and benchmarks/ are collected in one run)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+Outputs = TypeVar("Outputs")
+
+
+def capture_cuda_graph(fn: Callable[[], Outputs], warmup: bool = True) -> tuple[torch.cuda.CUDAGraph, Outputs]:
+    """fn() captured into a CUDA graph, and the outputs it returned inside the capture (the
+    buffers each replay rewrites). As the runtime captures: on a side stream, after one eager
+    call there unless warmup=False (for ops whose in-place writes the test counts), and with
+    Python's cycle collector held off (it could free another graph mid-capture)."""
+    from hippo.runtime.cuda_graphs import no_garbage_collection  # imported where a GPU captures
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    if warmup:
+        with torch.cuda.stream(stream):
+            fn()
+        stream.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with no_garbage_collection(), torch.cuda.graph(graph, stream=stream):
+        outputs = fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    return graph, outputs
 
 
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import hippo_ext
 from hippo_ext.activation import reference_silu_and_mul as eager
-from hippo_testing import rel_error, requires_cuda
+from hippo_testing import capture_cuda_graph, rel_error, requires_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (leading shape, I): I = 1, odd, a pack multiple, model widths (0.5B: 4864, 7B: 18944), no rows.
@@ -50,9 +50,7 @@ def test_extreme_gates_stay_finite(device):
 def test_cuda_graph_capture(gen):
     x = torch.randn(5, 2 * 4864, generator=gen).to(torch.bfloat16).cuda()
     expected = hippo_ext.silu_and_mul(x)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = hippo_ext.silu_and_mul(x)
+    graph, captured = capture_cuda_graph(lambda: hippo_ext.silu_and_mul(x))
     graph.replay()
     assert torch.equal(captured, expected)
 

@@ -8,7 +8,7 @@ import torch
 
 from hippo_ext import decode_attention, decode_attention_workspace
 
-from hippo_testing import HAS_CUDA, rel_error, requires_cuda
+from hippo_testing import HAS_CUDA, capture_cuda_graph, rel_error, requires_cuda
 
 OP = torch.ops.hippo_ext.decode_attention.default
 SIMPLE_KERNEL_ENV = "HIPPO_DECODE_ATTENTION_SIMPLE"  # CUDA: force the plain SIMT kernel
@@ -351,14 +351,7 @@ def test_cuda_graph_replay_follows_length(gen, cuda_kernel, q_len):
     query, cache, length = make_inputs(
         gen, batch=2, q_len=q_len, q_heads=28, kv_heads=4, head_dim=128, lengths=[3000, 40],
         max_seq=4096, layers=1, dtype=torch.bfloat16, device="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        decode_attention(query, cache, 0, length, check=False)  # warm-up outside the capture
-    stream.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        out = decode_attention(query, cache, 0, length, check=False)
+    graph, out = capture_cuda_graph(lambda: decode_attention(query, cache, 0, length, check=False))
     for lengths in ([3000, 40], [q_len, 4096], [1234, 777]):
         length.copy_(torch.tensor(lengths))
         graph.replay()

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import hippo_ext
 from hippo_ext.normalization import reference_rms_norm
-from hippo_testing import requires_cuda
+from hippo_testing import capture_cuda_graph, requires_cuda
 
 NORM_OP = torch.ops.hippo_ext.add_rms_norm_linear.default
 GATED_OP = torch.ops.hippo_ext.silu_and_mul_linear.default
@@ -153,16 +153,9 @@ def test_cuda_graph_replay(gen):
     x, residual, norm_weight, weight, bias = random_norm_problem(
         (1, 5), 3584, 4608, torch.bfloat16, "cuda", gen)
     gate_up, down, _ = random_gated_problem((1, 5), 3584, 1000, torch.bfloat16, "cuda", gen)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up outside the capture
-        hippo_ext.add_rms_norm_linear(x, residual, norm_weight, EPS, weight, bias)
-        hippo_ext.silu_and_mul_linear(gate_up, down)
-    stream.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        out, total = hippo_ext.add_rms_norm_linear(x, residual, norm_weight, EPS, weight, bias)
-        gated = hippo_ext.silu_and_mul_linear(gate_up, down)
+    graph, ((out, total), gated) = capture_cuda_graph(
+        lambda: (hippo_ext.add_rms_norm_linear(x, residual, norm_weight, EPS, weight, bias),
+                 hippo_ext.silu_and_mul_linear(gate_up, down)))
     for _ in range(2):  # new inputs in the static buffers
         x.copy_(torch.randn(x.shape, generator=gen))
         gate_up.copy_(torch.randn(gate_up.shape, generator=gen))
@@ -333,14 +326,7 @@ def test_cuda_qkv_projection_unchecked_lengths_stay_in_bounds(gen):
 @pytest.mark.cuda
 def test_cuda_qkv_projection_graph_replay_follows_length(gen):
     args = random_qkv_problem(1, 5, 896, 14, 2, 64, torch.bfloat16, "cuda", gen, max_seq=64)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        hippo_ext.qkv_projection(**args, check=False)
-    stream.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        q, total = hippo_ext.qkv_projection(**args, check=False)
+    graph, (q, total) = capture_cuda_graph(lambda: hippo_ext.qkv_projection(**args, check=False))
     for length in (5, 64, 23):
         args["length"].fill_(length)
         args["cache"].fill_(POISON)  # the warm-up and the last round wrote other slots

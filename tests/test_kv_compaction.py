@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hippo_ext
-from hippo_testing import requires_cuda
+from hippo_testing import capture_cuda_graph, requires_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SENTINEL = -777.0  # exactly representable in all three dtypes
@@ -197,11 +197,12 @@ def test_cuda_graph_capture(gen):
     original = random_cache(shape, torch.bfloat16, "cuda", gen)
     index = sorted_subset(65, 20, gen).cuda()[None]
     cache, dst = original.clone(), torch.zeros_like(original)
-    stream = torch.cuda.Stream()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
+
+    def gather_then_compact() -> None:
         hippo_ext.kv_gather(cache, index, dst, check=False)
         hippo_ext.kv_compact_(cache, index, check=False)
+
+    graph, _ = capture_cuda_graph(gather_then_compact, warmup=False)  # one compaction: the replay's
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(dst, reference_gather(original, index, torch.zeros_like(original)))

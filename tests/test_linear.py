@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import hippo_ext
-from hippo_testing import rel_error, requires_cuda
+from hippo_testing import capture_cuda_graph, rel_error, requires_cuda
 
 OP = torch.ops.hippo_ext.skinny_linear.default
 KERNEL_ENV = "HIPPO_SKINNY_KERNEL"  # CUDA: "fma" takes M <= 16 on the FMA kernel
@@ -106,11 +106,7 @@ def test_cuda_graph_replay(gen, cuda_kernel):
     x, weight, bias = random_problem((9,), 3584, 640, torch.bfloat16, "cuda", gen)
     workspace = hippo_ext.skinny_linear_workspace(640, "cuda")
     expected = hippo_ext.skinny_linear(x, weight, bias, workspace=workspace)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        captured = hippo_ext.skinny_linear(x, weight, bias, workspace=workspace)
+    graph, captured = capture_cuda_graph(lambda: hippo_ext.skinny_linear(x, weight, bias, workspace=workspace))
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()

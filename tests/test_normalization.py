@@ -8,7 +8,7 @@ import torch
 
 import hippo_ext
 from hippo_ext.normalization import reference_rms_norm as eager_rms_norm
-from hippo_testing import rel_error, requires_cuda
+from hippo_testing import capture_cuda_graph, rel_error, requires_cuda
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (rows shape, hidden): one row, odd and prime widths (no 16-byte packs), model widths, no rows.
@@ -94,9 +94,7 @@ def test_cuda_graph_capture(gen):
     x, weight = random_inputs((3,), 896, torch.bfloat16, "cuda", gen)
     residual = torch.randn_like(x)
     expected = hippo_ext.add_rms_norm(x, residual, weight, 1e-6)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = hippo_ext.add_rms_norm(x, residual, weight, 1e-6)
+    graph, captured = capture_cuda_graph(lambda: hippo_ext.add_rms_norm(x, residual, weight, 1e-6))
     graph.replay()
     for got, want in zip(captured, expected):
         assert torch.equal(got, want)

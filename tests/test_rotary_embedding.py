@@ -7,7 +7,7 @@ import torch
 
 import hippo_ext
 from hippo.runtime.decoder import apply_rope as eager_rope  # HF's apply_rotary_pos_emb, verbatim
-from hippo_testing import requires_cuda
+from hippo_testing import capture_cuda_graph, requires_cuda
 
 OP = torch.ops.hippo_ext.rotary_kv_append.default
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -100,9 +100,7 @@ def test_cuda_graph_replay_follows_length(gen):
     qkv, cos, sin, cache, length = make_inputs(
         gen, batch=1, tokens=5, q_heads=4, kv_heads=2, head_dim=64, lengths=[5], max_seq=32,
         dtype=torch.bfloat16, device="cuda")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        q = hippo_ext.rotary_kv_append(qkv, cos, sin, cache, 0, length, check=False)
+    graph, q = capture_cuda_graph(lambda: hippo_ext.rotary_kv_append(qkv, cos, sin, cache, 0, length, check=False))
     for new_length in (5, 20, 32):
         length.fill_(new_length)
         before = cache.clone()
@@ -257,10 +255,8 @@ def test_rotary_tables_equal_hf(device, gen, dtype, case):
 def test_rotary_tables_cuda_graph_follows_positions(gen):
     module = hf_rotary_embedding(128, [16, 24, 24]).cuda()
     positions = torch.zeros(3, 1, 9, dtype=torch.long, device="cuda")
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        cos, sin = hippo_ext.rotary_tables(positions, module.inv_freq, [16, 24, 24], 1.0,
-                                           torch.bfloat16)
+    graph, (cos, sin) = capture_cuda_graph(
+        lambda: hippo_ext.rotary_tables(positions, module.inv_freq, [16, 24, 24], 1.0, torch.bfloat16))
     for start in (0, 777, 12_345):
         positions.copy_(start + torch.randint(0, 64, (3, 1, 9), generator=gen))
         graph.replay()

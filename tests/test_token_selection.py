@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hippo_testing import rel_error, requires_cuda
+from hippo_testing import capture_cuda_graph, rel_error, requires_cuda
 from hippo_ext import SelectedTokens, select_visual_tokens
 from hippo_ext.token_selection import (
     kept_count,
@@ -436,13 +436,7 @@ def test_cuda_graph_capture(gen):
     inputs = make_inputs(gen, frames=3, grid_h=4, grid_w=4, dtype=torch.bfloat16, device="cuda",
                          head_dim=64)
     expected = run_op(inputs, num_keep=9, per_frame=True)
-    graph = torch.cuda.CUDAGraph()
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        run_op(inputs, num_keep=9, per_frame=True)  # warm up on the capture stream
-        torch.cuda.synchronize()
-        with torch.cuda.graph(graph, stream=stream):
-            captured = run_op(inputs, num_keep=9, per_frame=True)
+    graph, captured = capture_cuda_graph(lambda: run_op(inputs, num_keep=9, per_frame=True))
     graph.replay()
     torch.cuda.synchronize()
     assert captured.kept.tolist() == expected.kept.tolist()

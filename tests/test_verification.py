@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hippo_ext import verify_greedy, verify_sampling, verify_tree_greedy
+from hippo_testing import capture_cuda_graph
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -572,14 +573,7 @@ def test_cuda_graph_capture(device, gen):
                 verify_tree_greedy(*tree, check=False))
 
     expected = run()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = run()
+    graph, captured = capture_cuda_graph(run)
     logits.copy_(logits.flip(-1))  # new inputs, same buffers
     graph.replay()
     torch.cuda.synchronize()
