@@ -64,7 +64,9 @@ def decode_attention(
     if wants_value_check(length, check) and _shapes_plausible(query, cache, length):
         check_index_range(length, cache.size(4) + 1, "decode_attention", "length",
                           lower=query.size(1))
-    if workspace is None and cache.is_cuda and cache.dim() == 6:
+    # Always a workspace, on the CPU too (where only its shape is checked): torch.compile's
+    # Inductor fails on an optional mutable argument left None (torch 2.14).
+    if workspace is None and cache.dim() == 6:
         workspace = shared_workspace("decode_attention", cache.size(2) * cache.size(3),
                                      cache.device)
     return torch.ops.hippo_ext.decode_attention.default(
