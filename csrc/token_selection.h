@@ -133,8 +133,11 @@ C10_HOST_DEVICE inline float pair_cosine(float dot, float norm_sq_a, float norm_
   return dot / fmaxf(static_cast<float>(norms), 1e-8f);
 }
 
-// 1 - cos, at least 0 (rounding can put a cosine an ulp above 1).
-C10_HOST_DEVICE inline float novelty_of(float cosine) { return fmaxf(1.f - cosine, 0.f); }
+// 1 - cos, at least 0 (rounding can put a cosine an ulp above 1). A NaN cosine (from a NaN or
+// infinite feature) stays NaN, as fmaxf alone would turn it into 0 and hide it.
+C10_HOST_DEVICE inline float novelty_of(float cosine) {
+  return cosine != cosine ? cosine : fmaxf(1.f - cosine, 0.f);
+}
 
 C10_HOST_DEVICE inline LocalScores local_scores_at(int64_t token, const float* norms_sq,
                                                    const float* dots, int64_t frames,

@@ -1,25 +1,31 @@
 // select_visual_tokens, stage 4: device-agnostic ATen code shared by the CPU and CUDA paths.
 // Everything here works on a few thousand float32 values per call, so plain ATen ops are cheap;
 // all of them have static shapes and none synchronises with the host.
+#include <limits>
+
 #include "token_selection.h"
 
 namespace hippo {
 namespace {
 
 // Per-frame min-max normalisation of stacked scores [3, T, Hg*Wg]: (s - min_t) / (max_t - min_t),
-// and 0 for a frame whose scores are all equal. One set of kernels for all three scores.
+// and 0 for a frame whose scores are all equal. One set of kernels for all three scores. A frame
+// with a NaN score (amin and amax propagate it) normalises to NaN throughout, so NaN inputs show
+// in the fused score instead of silently dropping that score's term.
 at::Tensor normalise_per_frame(const at::Tensor& scores) {
   const at::Tensor lo = scores.amin(-1, /*keepdim=*/true);
   const at::Tensor range = scores.amax(-1, /*keepdim=*/true) - lo;
-  const at::Tensor has_range = range > 0;
+  const at::Tensor has_range = (range > 0).logical_or(range.isnan());
   return at::where(has_range, (scores - lo) / at::where(has_range, range, 1), 0);
 }
 
 // A unique int64 ranking key per grid token: higher score first, ties to the lower index.
 // High 32 bits: the float's bit pattern mapped to an order-preserving signed int32; low 32 bits:
-// the inverted index. Identical on every device, so CPU and CUDA select the same tokens.
+// the inverted index. Identical on every device, so CPU and CUDA select the same tokens. NaN
+// ranks above every number, as in torch.topk (any NaN becomes the one positive quiet NaN).
 at::Tensor ranking_keys(const at::Tensor& score_flat) {
-  const at::Tensor canonical = at::where(score_flat == 0, 0, score_flat);
+  const at::Tensor canonical = at::where(score_flat.isnan(), std::numeric_limits<float>::quiet_NaN(),
+                                         at::where(score_flat == 0, 0, score_flat));
   const at::Tensor bits = canonical.contiguous().view(at::kInt);  // -0.0 became +0.0 above
   const at::Tensor ordered =
       at::where(bits < 0, at::bitwise_xor(bits, 0x7FFFFFFF), bits).to(at::kLong);

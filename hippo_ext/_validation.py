@@ -34,6 +34,12 @@ def check_unit_interval(values: torch.Tensor, op: str, name: str) -> None:
         raise RuntimeError(f"{op}: {name} values must lie in [0, 1]")
 
 
+def check_probabilities(probs: torch.Tensor, op: str, name: str) -> None:
+    """Raise unless every value is finite and non-negative (NaN is not)."""
+    if probs.numel() and not bool(((probs >= 0) & probs.isfinite()).all()):
+        raise RuntimeError(f"{op}: {name} must be finite and non-negative (probabilities)")
+
+
 def check_strictly_ascending(index: torch.Tensor, op: str, name: str) -> None:
     """Raise unless index is strictly ascending along its last dimension."""
     if index.size(-1) > 1 and not bool((index[..., 1:] > index[..., :-1]).all()):

@@ -92,7 +92,11 @@ def select_visual_tokens(
 
     Selection: the num_keep highest fused scores (globally or per frame); ties go to the lower
     grid index, identically on CPU and CUDA (ranking by an int64 key made of the score's
-    order-preserving bit pattern and the inverted index; -0.0 ranks as +0.0).
+    order-preserving bit pattern and the inverted index; -0.0 ranks as +0.0). NaN inputs are
+    not refused (that would need a host sync on CUDA) but show: a NaN query or key makes every
+    global score NaN, a NaN feature makes its tokens' local scores NaN, a frame holding a NaN
+    score normalises to NaN throughout, and NaN fused scores rank above every number (as in
+    torch.topk).
 
     Returns:
         SelectedTokens(kept, fused_score, global_score, temporal_score, spatial_score): kept holds
@@ -200,7 +204,8 @@ def reference_normalise_per_frame(score: torch.Tensor) -> torch.Tensor:
     flat = score.flatten(1)
     lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
     span = hi - lo
-    normalised = torch.where(span > 0, (flat - lo) / torch.where(span > 0, span, 1), 0)
+    has_range = (span > 0) | span.isnan()  # a frame with a NaN score normalises to NaN, as the op
+    normalised = torch.where(has_range, (flat - lo) / torch.where(has_range, span, 1), 0)
     return normalised.view_as(score)
 
 
@@ -212,6 +217,13 @@ def reference_fuse(global_score: torch.Tensor, temporal_score: torch.Tensor,
             + reference_normalise_per_frame(spatial_score) * w_spatial)
 
 
+def _ranked(scores: torch.Tensor) -> torch.Tensor:
+    """Indices of 1-D scores, best first: NaN above every number (as the op and torch.topk),
+    ties to the lower index."""
+    order = torch.sort(-scores, stable=True).indices  # NaN last
+    return order[torch.sort((~scores[order].isnan()).to(torch.uint8), stable=True).indices]
+
+
 def reference_top_k(fused: torch.Tensor, num_keep: int, num_visual: int,
                     per_frame: bool) -> torch.Tensor:
     """kept indices: best fused scores first, ties to the lower index; then the out-of-grid ones."""
@@ -221,11 +233,11 @@ def reference_top_k(fused: torch.Tensor, num_keep: int, num_visual: int,
     if per_frame:
         chosen = []
         for t, quota in enumerate(per_frame_quotas(frames, num_keep)):
-            order = torch.sort(-flat[t], stable=True).indices[:quota]
+            order = _ranked(flat[t])[:quota]
             chosen.append(order + t * flat.shape[1])
         selected = torch.cat(chosen)
     else:
-        selected = torch.sort(-flat.flatten(), stable=True).indices[:num_keep]
+        selected = _ranked(flat.flatten())[:num_keep]
     out_of_grid = torch.arange(grid_tokens, num_visual, device=fused.device)
     return torch.cat([selected.sort().values, out_of_grid])
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from hippo_ext import _C  # noqa: F401  (registers the schemas before the fakes below)
-from hippo_ext._validation import check_index_range, check_unit_interval, wants_value_check
+from hippo_ext._validation import (check_index_range, check_probabilities, check_unit_interval,
+                                   wants_value_check)
 
 __all__ = ["verify_greedy", "verify_sampling", "verify_tree_greedy"]
 
@@ -74,8 +75,9 @@ def verify_sampling(
             serves the bonus token).
         uniforms: ``[B, g+1]`` float32 in ``[0, 1)``: column ``i < g`` decides acceptance ``i``,
             column ``g`` draws the emitted token.
-        check: on CUDA, validate the token and uniform values first (host sync); CPU always
-            validates (uniforms outside [0, 1] or NaN are refused).
+        check: on CUDA, validate the token, uniform and probability values first (host sync);
+            CPU always validates (uniforms outside [0, 1], and probabilities that are negative,
+            infinite or NaN, are refused).
 
     Returns:
         ``(num_accepted [B], next_token [B])`` int64. Token ``x_i`` is accepted while
@@ -89,6 +91,9 @@ def verify_sampling(
     _check_tokens(draft_tokens, target_probs, "verify_sampling", "draft_tokens", check)
     if wants_value_check(uniforms, check) and uniforms.is_floating_point():
         check_unit_interval(uniforms, "verify_sampling", "uniforms")
+    for name, probs in (("draft_probs", draft_probs), ("target_probs", target_probs)):
+        if wants_value_check(probs, check) and probs.is_floating_point():
+            check_probabilities(probs, "verify_sampling", name)
     return torch.ops.hippo_ext.verify_sampling(draft_tokens, draft_probs, target_probs, uniforms)
 
 

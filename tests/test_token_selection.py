@@ -245,6 +245,36 @@ def test_top_k_matches_reference(device, gen, per_frame, frames, grid_h, grid_w,
     assert bool((out.kept[1:] > out.kept[:-1]).all())
 
 
+@pytest.mark.parametrize("per_frame", [False, True])
+def test_nan_inputs_show_in_the_scores_and_rank_first(device, gen, per_frame):
+    """NaN is not refused (that would sync on CUDA) but never hidden: a NaN feature makes its
+    frames' fused scores NaN (not a silent 0 novelty), a NaN query every global score; NaN fused
+    scores rank above every number, as torch.topk ranks them, and as the reference does."""
+    inputs = make_inputs(gen, frames=3, grid_h=3, grid_w=4, extra_visual=1, device=device)
+    inputs["features"][1, 2, 0, 5] = float("nan")
+    out = run_op(inputs, num_keep=7, per_frame=per_frame)
+    assert bool(out.temporal_score[1, 2, 0].isnan()) and bool(out.spatial_score[1, 2, 0].isnan())
+    # The NaN token's temporal pairs reach frames 0 and 2; its spatial ones stay in frame 1.
+    assert bool(out.fused_score.isnan().all())
+    assert out.kept.tolist() == reference_top_k(out.fused_score, 7, inputs["num_visual"],
+                                                per_frame).tolist()
+    assert not bool(out.global_score.isnan().any())
+
+    clean = make_inputs(gen, frames=3, grid_h=3, grid_w=4, extra_visual=1, device=device)
+    clean["features"][2, 1, 1] = float("nan")  # a NaN vector in the last frame
+    # Its temporal pair reaches frame 1; a zero weight does not hide it (0 * NaN is NaN).
+    out = run_op(clean, num_keep=7, per_frame=per_frame, weights=(0, 0, 1))
+    assert out.fused_score.isnan().flatten(1).all(1).tolist() == [False, True, True]
+    expected = reference_top_k(out.fused_score, 7, clean["num_visual"], per_frame)
+    assert out.kept.tolist() == expected.tolist()
+    if not per_frame:  # the 24 NaN tokens of frames 1 and 2 come first, lower indices first
+        assert out.kept[:7].tolist() == list(range(12, 19))
+
+    clean["queries"][0, 1, 2, 3] = float("nan")
+    out = run_op(clean, num_keep=7, per_frame=per_frame)
+    assert bool(out.global_score.isnan().all()) and bool(out.fused_score.isnan().all())
+
+
 @pytest.mark.parametrize("weights", [(-1.0, 0.5, 0.0), (-1.0, -1.0, -1.0)])
 @pytest.mark.parametrize("per_frame", [False, True])
 def test_negative_weights_rank_like_the_reference(device, gen, per_frame, weights):

@@ -457,6 +457,12 @@ def test_verify_greedy_bad_input(make, match):
     (lambda a: a["uniforms"].__setitem__((0, 1), float("nan")), r"uniforms values must lie in \[0, 1\]"),
     (lambda a: a["uniforms"].__setitem__((1, 3), 1.5), r"uniforms values must lie in \[0, 1\]"),
     (lambda a: a["uniforms"].__setitem__((1, 0), -0.25), r"uniforms values must lie in \[0, 1\]"),
+    # A NaN q(x) or p(x) would read as a rejection, and negative or infinite mass skew the draw.
+    (lambda a: a["draft_probs"].__setitem__((1, 2, 0), float("nan")),
+     r"draft_probs must be finite and non-negative \(probabilities\), got nan at flat position 50"),
+    (lambda a: a["target_probs"].__setitem__((0, 3, 7), -0.5),
+     r"target_probs must be finite and non-negative.*got -0.5 at flat position 37 \(1 such values\)"),
+    (lambda a: a["target_probs"].__setitem__((1, 0), float("inf")), r"target_probs must be finite"),
 ])
 def test_verify_sampling_bad_input(edit, match):
     args = dict(draft_tokens=torch.zeros(2, 3, dtype=torch.long), draft_probs=torch.rand(2, 3, 10),
@@ -542,6 +548,10 @@ def test_cuda_unchecked_bad_values_stay_in_bounds(device, gen):
     bad_uniforms[0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="uniforms values must lie in"):
         verify_sampling(*to(device, draft.clamp(0, 99), q, p, bad_uniforms))
+    bad_probs = p.clone()
+    bad_probs[1, 2, 5] = float("nan")
+    with pytest.raises(RuntimeError, match="target_probs must be finite and non-negative"):
+        verify_sampling(*to(device, draft.clamp(0, 99), q, bad_probs, uniforms))
 
     tokens, parents, tree_logits = random_tree(1, 4, 50, torch.float32, gen, match=1.0)
     parents[0] = torch.tensor([-1, 0, 1, 2])

@@ -59,6 +59,19 @@ void check_uniforms(const at::Tensor& uniforms) {
   }
 }
 
+// Probabilities must be finite and non-negative: a NaN q(x) or p(x) reads as a rejection and
+// fmax(p - NaN, 0) as no residual mass, and negative or infinite mass skews the drawn token, all
+// without a sign. (Rows need not be normalised.)
+void check_probabilities(const at::Tensor& probs, const char* name) {
+  const at::Tensor bad = (probs >= 0).logical_and(probs.isfinite()).logical_not();
+  if (!bad.any().item<bool>()) return;
+  const at::Tensor first = bad.flatten().nonzero()[0][0];
+  const double value = probs.flatten()[first.item<int64_t>()].item<double>();
+  HIPPO_CHECK(false, "verify_sampling", name, " must be finite and non-negative (probabilities), got ",
+              value, " at flat position ", first.item<int64_t>(), " (", bad.sum().item<int64_t>(),
+              " such values)");
+}
+
 void check_parents_topological(const at::Tensor& parents) {
   const int64_t nodes = parents.size(1);
   const int64_t* data = parents.const_data_ptr<int64_t>();
@@ -183,6 +196,8 @@ std::tuple<at::Tensor, at::Tensor> verify_sampling_cpu(const at::Tensor& draft_t
       check_verify_sampling_inputs(draft_tokens, draft_probs, target_probs, uniforms);
   check_tokens_in_vocab(draft_tokens, shape.vocab, "verify_sampling", "draft_tokens");
   check_uniforms(uniforms);
+  check_probabilities(draft_probs, "draft_probs");
+  check_probabilities(target_probs, "target_probs");
   auto [num_accepted, next_token] = make_outputs(shape.batch, draft_tokens);
   HIPPO_DISPATCH_PROB_TYPES(target_probs.scalar_type(), "verify_sampling", [&] {
     sampling_rows<scalar_t>(draft_tokens, draft_probs, target_probs, uniforms, shape,

@@ -1,0 +1,114 @@
+"""Every op under torch.compile(fullgraph=True) with Inductor: traced through its fake, lowered,
+and run, it gives what the eager op gives, and the tensors it mutates end up the same (opcheck
+checks the fakes, but not Inductor's lowering of mutable and optional arguments)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import hippo_ext
+
+
+def _randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen)
+
+
+# op -> (a function calling it, its inputs from a generator, indices of the inputs it mutates).
+# Awkward sizes: odd vocab, B = 2, a GQA group of 2, Lq = 2 of a 9-slot cache.
+Case = tuple[Callable[..., object], Callable[[torch.Generator], tuple], tuple[int, ...]]
+CACHE = (2, 2, 2, 2, 9, 4)  # [layers, 2, B, Hkv, S_max, D]
+LENGTH = (5, 9)
+
+
+def _attention_inputs(gen: torch.Generator) -> tuple:
+    return _randn(gen, 2, 2, 4, 4), _randn(gen, *CACHE), torch.tensor(LENGTH)
+
+
+def _rotary_inputs(gen: torch.Generator) -> tuple:
+    return (_randn(gen, 2, 2, (4 + 2 * 2) * 4), _randn(gen, 2, 2, 4), _randn(gen, 2, 2, 4),
+            _randn(gen, *CACHE), torch.tensor(LENGTH))
+
+
+CASES: dict[str, Case] = {
+    "select_visual_tokens": (
+        lambda q, k, f: tuple(hippo_ext.select_visual_tokens(q, k, f, 10, 20, 7, per_frame=True)),
+        lambda gen: (_randn(gen, 2, 4, 3, 5), _randn(gen, 2, 2, 40, 5), _randn(gen, 5, 2, 2, 4)), ()),
+    "verify_greedy": (
+        hippo_ext.verify_greedy,
+        lambda gen: (torch.randint(0, 11, (2, 3), generator=gen), _randn(gen, 2, 4, 11)), ()),
+    "verify_sampling": (
+        hippo_ext.verify_sampling,
+        lambda gen: (torch.randint(0, 11, (2, 3), generator=gen),
+                     torch.rand(2, 3, 11, generator=gen).softmax(-1),
+                     torch.rand(2, 4, 11, generator=gen).softmax(-1), torch.rand(2, 4, generator=gen)), ()),
+    "verify_tree_greedy": (
+        hippo_ext.verify_tree_greedy,
+        lambda gen: (torch.randint(0, 11, (2, 3), generator=gen), torch.tensor([-1, 0, 0]),
+                     _randn(gen, 2, 4, 11)), ()),
+    "kv_gather": (
+        hippo_ext.kv_gather,
+        lambda gen: (_randn(gen, *CACHE), torch.tensor([[0, 2, 5], [1, 3, 8]]), torch.zeros(2, 2, 2, 2, 4, 4)),
+        (2,)),
+    "kv_compact_": (
+        lambda cache, index: hippo_ext.kv_compact_(cache, index).clone(),
+        lambda gen: (_randn(gen, *CACHE), torch.tensor([[0, 2, 5], [1, 3, 8]])), (0,)),
+    "decode_attention": (
+        lambda q, cache, length: hippo_ext.decode_attention(q, cache, 1, length), _attention_inputs, ()),
+    "rms_norm": (
+        lambda x, w: hippo_ext.rms_norm(x, w), lambda gen: (_randn(gen, 3, 7), _randn(gen, 7)), ()),
+    "add_rms_norm": (
+        lambda x, r, w: hippo_ext.add_rms_norm(x, r, w),
+        lambda gen: (_randn(gen, 3, 7), _randn(gen, 3, 7), _randn(gen, 7)), ()),
+    "silu_and_mul": (hippo_ext.silu_and_mul, lambda gen: (_randn(gen, 3, 10),), ()),
+    "rotary_kv_append": (
+        lambda qkv, cos, sin, cache, length: hippo_ext.rotary_kv_append(qkv, cos, sin, cache, 1, length),
+        _rotary_inputs, (3,)),
+    "rotary_tables": (
+        lambda positions, inv_freq: hippo_ext.rotary_tables(positions, inv_freq, [1, 1], 1.0, torch.bfloat16),
+        lambda gen: (torch.randint(0, 50, (3, 2, 2), generator=gen), torch.rand(2, generator=gen)), ()),
+    "skinny_linear": (
+        hippo_ext.skinny_linear, lambda gen: (_randn(gen, 3, 8), _randn(gen, 5, 8), _randn(gen, 5)), ()),
+    "add_rms_norm_linear": (
+        lambda x, r, w, weight: hippo_ext.add_rms_norm_linear(x, r, w, 1e-6, weight),
+        lambda gen: (_randn(gen, 3, 8), _randn(gen, 3, 8), _randn(gen, 8), _randn(gen, 5, 8)), ()),
+    "silu_and_mul_linear": (
+        hippo_ext.silu_and_mul_linear, lambda gen: (_randn(gen, 3, 8), _randn(gen, 5, 4)), ()),
+    "qkv_projection": (
+        lambda x, r, w, weight, cos, sin, cache, length: hippo_ext.qkv_projection(
+            x, r, w, 1e-6, weight, None, cos, sin, cache, 1, length),
+        lambda gen: (_randn(gen, 2, 2, 7), _randn(gen, 2, 2, 7), _randn(gen, 7), _randn(gen, 32, 7),
+                     _randn(gen, 2, 2, 4), _randn(gen, 2, 2, 4), _randn(gen, *CACHE), torch.tensor(LENGTH)),
+        (6,)),
+}
+
+
+def _tensors(value: object) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
+def test_every_op_has_a_compile_case():
+    assert set(CASES) == set(hippo_ext.OP_NAMES)
+
+
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_inductor_matches_eager(op, gen):
+    fn, make_inputs, mutated = CASES[op]
+    inputs = make_inputs(gen)
+    eager_inputs = [x.clone() for x in inputs]
+    compiled_inputs = [x.clone() for x in inputs]
+    torch._dynamo.reset()
+    expected = fn(*eager_inputs)
+    got = torch.compile(fn, fullgraph=True, backend="inductor")(*compiled_inputs)
+    for want, have in zip(_tensors(expected), _tensors(got), strict=True):
+        assert have.shape == want.shape and have.dtype == want.dtype
+        torch.testing.assert_close(have, want, rtol=0, atol=0)
+    for index in mutated:
+        assert torch.equal(compiled_inputs[index], eager_inputs[index]), f"input {index} differs"
+    for index in set(range(len(inputs))) - set(mutated):
+        assert torch.equal(compiled_inputs[index], inputs[index]), f"input {index} was written"
