@@ -74,6 +74,9 @@ def test_user_errors_are_one_line(capsys, tmp_path):
                   *_generate()[5:]]
     _assert_one_line_error(capsys, mismatched, "tokenizers differ")
     _assert_one_line_error(capsys, _generate("--max-new-tokens", "40000"), "context too long")
+    # "été" typed in a Latin-1 terminal: bytes that are not UTF-8 reach Python as surrogates.
+    latin1 = b"\xe9t\xe9".decode("utf-8", "surrogateescape")
+    _assert_one_line_error(capsys, [*_generate()[:8], latin1, *_generate()[9:]], "--prompt is not valid UTF-8")
     _assert_one_line_error(capsys, ["bench", "--dataset", "mlvu", "--out-dir", str(tmp_path)],
                            "--root")
 
@@ -304,3 +307,14 @@ def test_a_corrupt_video_prints_one_line_even_from_native_code(capfd, tmp_path):
                  "--prompt", "hi"]) == EXIT_USER_ERROR
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hippo generate: error:"), err
+
+
+def test_one_line_joins_an_error_s_lines_and_cuts_long_ones():
+    from hippo.cli import _one_line
+
+    # transformers' validation errors name the field on one line and the reason on the next.
+    error = ValueError("Validation error for field 'hidden_size':\n  TypeError: expected int, got str\n")
+    assert _one_line(error) == "Validation error for field 'hidden_size': TypeError: expected int, got str"
+    long = _one_line(RuntimeError("x" * 5000))
+    assert len(long) == 600 and long.endswith("...")
+    assert _one_line(KeyError()) == "KeyError"

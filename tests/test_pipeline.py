@@ -144,6 +144,8 @@ def test_pair_with_different_visual_layouts_is_a_clear_error():
     (dict(max_gamma=99), "max_gamma"),
     (dict(gemm_prologues=True), "unknown gemm_prologues"),
     (dict(draft_priority="high"), "draft_priority must be True or False"),
+    (dict(step_invariant="yes"), "step_invariant must be True or False"),
+    (dict(use_cuda_graphs="maybe"), "use_cuda_graphs must be True, False or None"),
     (dict(max_gamma=2.5), "max_gamma must be an int"),
     (dict(preservation=0.1), "must be a PreservationOptions"),
     # skinny_linear's step-size-independent kernel takes up to 32 rows (a verify step of g + 1).
@@ -221,6 +223,14 @@ def test_bad_pipeline_arguments_are_clear_errors():
         HippoPipeline(target, None, options={"mode": "ar"})
     with pytest.raises(HippoError, match="unknown option 'modes'"):
         HippoPipeline(target, None, modes="ar")
+    with pytest.raises(HippoError, match="unknown option 'zzz'"):
+        HippoPipeline(target, None).with_options(zzz=1)
+    frames = torch.zeros(2, 56, 56, 3, dtype=torch.uint8)
+    for count in ("4", None, 4.0, -1):  # refused before any arithmetic on them
+        with pytest.raises(HippoError, match=f"max_new_tokens must be an integer of at least 0, got {count!r}"):
+            HippoPipeline(target, None).prepare(frames, "hi", max_new_tokens=count)
+        with pytest.raises(HippoError, match="max_new_tokens must be an integer of at least 1"):
+            HippoPipeline(target, None).generate(frames, "hi", count)
     for source in (None, 3):
         with pytest.raises(HippoError, match="preset name or a checkpoint directory"):
             load_adapter(source)
@@ -232,7 +242,7 @@ def test_bad_pipeline_arguments_are_clear_errors():
     (dict(temperature=float("nan")), "finite"), (dict(temperature=float("inf")), "finite"),
     (dict(temperature=1e-45), "overflow"), (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"),
     (dict(seed="abc"), "seed must be an integer"), (dict(temperature="hot"), "must be a number"),
-    (dict(top_k=2.5), "top_k must be an integer"),
+    (dict(top_k=2.5), "top_k must be an integer"), (dict(temperature=None), "temperature must be a number"),
 ])
 def test_bad_sampling_options_are_clear_errors(options, message):
     from hippo.runtime.autoregressive import SamplingOptions

@@ -92,6 +92,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     if args.frames is not None and args.fps is not None:
         raise HippoError("give --frames or --fps, not both")
+    _check_utf8(args.prompt)
     device = resolve_device(args.device)
     draft_device = resolve_device(args.draft_device) if args.draft_device else None
     dtype = getattr(torch, args.dtype) if args.dtype else None
@@ -120,6 +121,18 @@ def _generate(args: argparse.Namespace) -> None:
           f"({args.mode}; prefill {1e3 * out.stats.prefill_s:.0f} ms, selection "
           f"{1e3 * out.stats.selection_s:.1f} ms, draft {1e3 * out.stats.draft_s:.0f} ms, "
           f"verify {1e3 * out.stats.verify_s:.0f} ms)", file=sys.stderr)
+
+
+def _check_utf8(prompt: str) -> None:
+    """Python keeps bytes of the command line that are not UTF-8 as lone surrogates, which
+    tokenizers reject with a TypeError: say what is wrong instead."""
+    from hippo.models import HippoError
+
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise HippoError(f"--prompt is not valid UTF-8 (byte {error.start} of it): pass the text "
+                         "in UTF-8 (check the terminal's or the shell's encoding)") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -180,9 +193,16 @@ def _is_out_of_memory(error: BaseException) -> bool:
     return any(marker in str(error) for marker in _OUT_OF_MEMORY_MARKERS)
 
 
+_MAX_ERROR_CHARS = 600
+
+
 def _one_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    """The error's message on one line: its lines joined (transformers' validation errors name
+    the field on the first line and the reason on the next), cut at _MAX_ERROR_CHARS."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    if not text:
+        return type(error).__name__
+    return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS - 3].rstrip() + "..."
 
 
 if __name__ == "__main__":

@@ -90,8 +90,12 @@ class HippoOptions:
             raise HippoError(f"step_invariant=True covers verify steps of up to "
                              f"{STEP_INVARIANT_MAX_TOKENS} tokens: gamma (max_gamma when 'auto') "
                              f"at most {STEP_INVARIANT_MAX_TOKENS - 1}, got {self.largest_gamma}")
-        if not isinstance(self.draft_priority, bool):
-            raise HippoError(f"draft_priority must be True or False, got {self.draft_priority!r}")
+        for name in ("step_invariant", "draft_priority", "use_cuda_graphs"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "use_cuda_graphs" and value is None):
+                allowed = "True, False or None (CUDA graphs where the device is CUDA)" \
+                    if name == "use_cuda_graphs" else "True or False"
+                raise HippoError(f"{name} must be {allowed}, got {value!r}")
         if self.gemm_prologues not in GEMM_PROLOGUE_ROLES:
             raise HippoError(f"unknown gemm_prologues {self.gemm_prologues!r}; choose one of "
                              f"{', '.join(GEMM_PROLOGUE_ROLES)}")
@@ -125,12 +129,7 @@ class HippoPipeline:
                                  f"(preset or checkpoint directory)), got {type(model).__name__}")
         if options is not None and not isinstance(options, HippoOptions):
             raise HippoError(f"options must be a HippoOptions, got {type(options).__name__}")
-        options = options or HippoOptions()
-        unknown = sorted(set(overrides) - set(HippoOptions.__dataclass_fields__))
-        if unknown:
-            raise HippoError(f"unknown option {unknown[0]!r}; HippoOptions has "
-                             f"{', '.join(HippoOptions.__dataclass_fields__)}")
-        self.options = replace(options, **overrides) if overrides else options
+        self.options = _with_overrides(options or HippoOptions(), overrides)
         self.target = target
         self.draft = draft
         self.self_speculative = draft is None
@@ -162,7 +161,7 @@ class HippoPipeline:
     def with_options(self, **overrides) -> "HippoPipeline":
         """The same pair under other options (mode, gamma, keep ratio, ...). The runtimes, their
         caches and CUDA graphs are shared when the options they depend on stay the same."""
-        pipeline = HippoPipeline(self.target, self.draft, replace(self.options, **overrides))
+        pipeline = HippoPipeline(self.target, self.draft, _with_overrides(self.options, overrides))
         if all(getattr(pipeline.options, name) == getattr(self.options, name)
                for name in RUNTIME_OPTIONS):
             pipeline._runtimes = self._runtimes
@@ -185,10 +184,11 @@ class HippoPipeline:
             raise HippoError("give num_frames or fps, not both")
         if num_frames is None and fps is None:
             num_frames = DEFAULT_FRAMES
+        new_tokens = _new_token_count(max_new_tokens, least=0)
         # The prompt's text is encoded first: a bad prompt is refused before the video is read,
         # and its length counts towards the context before any frame is decoded.
         text_tokens = self._text_tokens(prompt)
-        admit = functools.partial(self._admit_frames, text_tokens=text_tokens, new_tokens=max_new_tokens)
+        admit = functools.partial(self._admit_frames, text_tokens=text_tokens, new_tokens=new_tokens)
         if isinstance(video, torch.Tensor):
             if start is not None or end is not None:
                 raise HippoError("start and end cut a video file; cut decoded frames yourself")
@@ -243,6 +243,7 @@ class HippoPipeline:
         early. Sampling (temperature > 0) is seeded by `seed` when given.
         """
         started = time.perf_counter()
+        max_new_tokens = _new_token_count(max_new_tokens, least=1)
         target_prompt, draft_prompt = self.prepare(video, prompt, num_frames=num_frames, fps=fps,
                                                    start=start, end=end,
                                                    max_new_tokens=max_new_tokens)
@@ -257,13 +258,7 @@ class HippoPipeline:
                           max_new_tokens: int, sampling: SamplingOptions,
                           eos_ids: set[int]) -> HippoOutput:
         """generate() after prepare(): the language-model part alone (what benchmarks time)."""
-        try:
-            count = operator.index(max_new_tokens)  # ints (numpy's too), not 4.5
-        except TypeError:
-            count = 0
-        if count < 1:
-            raise HippoError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
-        max_new_tokens = count
+        max_new_tokens = _new_token_count(max_new_tokens, least=1)
         _check_context_fits(self.target, target_prompt.length + max_new_tokens)
         started = time.perf_counter()
         if self.options.mode == "ar":
@@ -439,6 +434,26 @@ class _SideStream:
     def join(self) -> None:
         if self.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+
+def _with_overrides(options: HippoOptions, overrides: dict) -> HippoOptions:
+    """options with the named fields replaced (and validated again); unknown names refused."""
+    unknown = sorted(set(overrides) - set(HippoOptions.__dataclass_fields__))
+    if unknown:
+        raise HippoError(f"unknown option {unknown[0]!r}; HippoOptions has "
+                         f"{', '.join(HippoOptions.__dataclass_fields__)}")
+    return replace(options, **overrides) if overrides else options
+
+
+def _new_token_count(value: object, least: int) -> int:
+    """max_new_tokens as an int (numpy's too, not 4.5 or "4") of at least `least`."""
+    try:
+        count = operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < least:
+        raise HippoError(f"max_new_tokens must be an integer of at least {least}, got {value!r}")
+    return count
 
 
 def _check_context_fits(adapter: VideoLLMAdapter, length: int) -> None:

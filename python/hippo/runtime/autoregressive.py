@@ -49,7 +49,8 @@ class SamplingOptions:
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            if (value is not None or name == "temperature") and (
+                    isinstance(value, bool) or not isinstance(value, numbers.Real)):
                 raise HippoError(f"{name} must be a number, got {value!r}")
         for name in ("top_k", "seed"):
             value = getattr(self, name)
