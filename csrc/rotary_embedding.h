@@ -111,8 +111,10 @@ inline RotaryShape check_rotary_kv_append_inputs(const at::Tensor& qkv, const at
 
 // Index values (on the CPU path always): S <= length[b] <= S_max, so every new token has a slot
 // (the length counts the new tokens).
-inline void check_rotary_kv_append_lengths(const at::Tensor& length_cpu, const RotaryShape& s) {
-  check_length_values(length_cpu, s.tokens, s.max_seq, "S", kRotaryKvAppendOp);
+// `op`: the op the user called (qkv_projection checks its lengths before its GEMM runs).
+inline void check_rotary_kv_append_lengths(const at::Tensor& length_cpu, const RotaryShape& s,
+                                           const char* op = kRotaryKvAppendOp) {
+  check_length_values(length_cpu, s.tokens, s.max_seq, "S", op);
 }
 
 inline constexpr const char* kRotaryTablesOp = "rotary_tables";

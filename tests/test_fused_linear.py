@@ -353,7 +353,11 @@ QKV_BAD_INPUTS = {
     "cos_shape": (lambda a: {**a, "cos": a["cos"][:, :1].contiguous()}, "cos must be"),
     "cache_dtype": (lambda a: {**a, "cache": a["cache"].half()}, "cache dtype"),
     "layer": (lambda a: {**a, "layer": 2}, "layer"),
-    "length_beyond_cache": (lambda a: {**a, "length": a["length"].clone().fill_(41)}, "length"),
+    # Named after the op called (its CPU path composes rotary_kv_append) and checked first.
+    "length_beyond_cache": (lambda a: {**a, "length": a["length"].clone().fill_(41)},
+                            r"^qkv_projection: length.* must lie in \[(S, S_max\] = \[)?3, 4"),
+    "length_below_tokens": (lambda a: {**a, "length": a["length"].clone().fill_(2)},
+                            r"^qkv_projection: length.* must lie in \[(S, S_max\] = \[)?3, 4"),
     "norm_weight_size": (lambda a: {**a, "norm_weight": a["norm_weight"][:63]},
                          "norm_weight has 63 entries"),
     "layer_not_an_integer": (lambda a: {**a, "layer": 1.7}, "layer must be an integer"),

@@ -24,7 +24,9 @@ std::tuple<at::Tensor, at::Tensor> qkv_projection_cpu(
     const at::Tensor& x, const at::Tensor& residual, const at::Tensor& norm_weight, double eps,
     const at::Tensor& weight, const std::optional<at::Tensor>& bias, const at::Tensor& cos,
     const at::Tensor& sin, const at::Tensor& cache, int64_t layer, const at::Tensor& length) {
-  check_qkv_projection_inputs(x, residual, norm_weight, eps, weight, bias, cos, sin, cache, layer, length);
+  const auto [gemm, rotary] =
+      check_qkv_projection_inputs(x, residual, norm_weight, eps, weight, bias, cos, sin, cache, layer, length);
+  check_rotary_kv_append_lengths(length, rotary, kQkvProjectionOp);  // before the norm and GEMM run
   return qkv_projection_composed(x, residual, norm_weight, eps, weight, bias, cos, sin, cache, layer,
                                  length);
 }
