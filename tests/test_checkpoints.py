@@ -152,6 +152,69 @@ def test_broken_checkpoints_are_one_line_errors(capsys, checkpoints, tmp_path, c
     assert last.startswith("hippo generate: error:") and needle in last, last
 
 
+def _edited_config(source: str, destination: Path, edit) -> str:
+    """A copy of a checkpoint directory whose config.json `edit` changed (in place, as a dict)."""
+    shutil.copytree(source, destination)
+    config = json.loads((destination / "config.json").read_text())
+    edit(config)
+    (destination / "config.json").write_text(json.dumps(config))
+    return str(destination)
+
+
+def _set(*keys_and_value):
+    """An edit setting config[k1][k2]... = value; the value None removes the entry."""
+    *keys, value = keys_and_value
+
+    def edit(config: dict) -> None:
+        for key in keys[:-1]:
+            config = config[key]
+        if value is None:
+            config.pop(keys[-1])
+        else:
+            config[keys[-1]] = value
+    return edit
+
+
+OUT_OF_RANGE_CONFIGS = {  # (family, edit, what the error says)
+    "model_type_a_list": ("qwen", _set("model_type", ["qwen2_5_vl"]),
+                          "model_type must be a string naming the model family"),
+    "qwen_video_token_beyond_vocabulary": (
+        "qwen", _set("video_token_id", 100000),
+        "video_token_id is 100000, not a token id of this model (its vocabulary holds ids 0 to"),
+    "qwen_negative_vision_start": ("qwen", _set("vision_start_token_id", -1),
+                                   "vision_start_token_id is -1, not a token id"),
+    "llava_video_token_beyond_vocabulary": ("llava", _set("video_token_index", 100000),
+                                            "video_token_index is 100000, not a token id"),
+    "llava_image_token_beyond_vocabulary": ("llava", _set("image_token_index", 4096),
+                                            "image_token_index is 4096, not a token id"),
+    "llava_feature_layer_beyond_the_tower": (
+        "llava", _set("vision_feature_layer", -50),
+        "vision_feature_layer -50 does not index the vision tower's hidden states: with 2 layers"),
+    # One layer in a list: the projector keeps its size, so the weights still fit.
+    "llava_feature_layer_list_beyond_the_tower": ("llava", _set("vision_feature_layer", [3]),
+                                                  "vision_feature_layer [3] does not index"),
+    "qwen_mrope_section_of_another_head_dim": (
+        "qwen", _set("text_config", "rope_parameters", "mrope_section", [1, 1, 1]),
+        "mrope_section [1, 1, 1] does not fit head_dim 16"),
+    # transformers then takes [16, 24, 24], Qwen2.5-VL's sections for head_dim 128.
+    "qwen_mrope_section_missing": (
+        "qwen", _set("text_config", "rope_parameters", "mrope_section", None),
+        "gives no mrope_section"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUT_OF_RANGE_CONFIGS))
+def test_config_values_that_do_not_fit_the_model_are_one_line_errors(capsys, checkpoints,
+                                                                      tmp_path, case):
+    """Values that load but would fail in the first prompt (an IndexError in an embedding or
+    hidden-state lookup, a RuntimeError in the rotary kernel) are refused when loading."""
+    family, edit, needle = OUT_OF_RANGE_CONFIGS[case]
+    target = _edited_config(checkpoints[family], tmp_path / case, edit)
+    assert main(_generate(target, None, "--mode", "ar")) == EXIT_USER_ERROR
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("hippo generate: error:") and needle in last, last
+
+
 def _rewrite_weights(directory: Path, source: str | None = None, drop: str | None = None,
                      rename: str | None = None) -> None:
     """Replace the checkpoint's weights by another checkpoint's, or drop or rename one tensor

@@ -5,13 +5,18 @@ layout, padding); tests/test_preprocess_vs_hf.py compares it with HF's own video
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from hippo.models import HippoError, check_compatible, load_adapter
+from hippo.models import HippoError, adapter_class, check_compatible, load_adapter
+from hippo.models.base import check_token_ids_in_vocabulary
+from hippo.models.llava_onevision import check_feature_layers
 from hippo.models.preprocess import (QwenVideoPreprocess, SiglipVideoPreprocess, preprocess_qwen_video,
-                                     preprocess_siglip_video, qwen_patchify, smart_resize)
+                                     preprocess_siglip_video, qwen_patchify, qwen_video_tokens,
+                                     smart_resize)
+from hippo.models.qwen2_5_vl import check_mrope_section
 from hippo.models.presets import PRESETS
 
 QWEN_PRESETS = ["tiny-qwen2.5-vl", "tiny-qwen2.5-vl-mha"]
@@ -196,6 +201,22 @@ def test_smart_resize_rejects_extreme_aspect():
         smart_resize(1, 300, factor=28, min_pixels=56 * 56, max_pixels=112 * 112)
 
 
+@pytest.mark.parametrize("height, width", [(0, 0), (0, 56), (56, -3)])
+def test_frame_sizes_that_are_not_positive_are_refused(height, width):
+    """A damaged video may report frames of 0x0: a clear error, not a ZeroDivisionError."""
+    with pytest.raises(HippoError, match=f"positive height and width, got {height}x{width}"):
+        smart_resize(height, width, factor=28, min_pixels=56 * 56, max_pixels=112 * 112)
+    with pytest.raises(HippoError, match="positive height and width"):
+        qwen_video_tokens(4, height, width, QwenVideoPreprocess())
+    with pytest.raises(HippoError, match="positive height and width"):
+        adapter(QWEN_PRESETS[0]).visual_tokens(4, height, width)
+
+
+def test_a_video_of_no_frames_has_no_token_count():
+    with pytest.raises(HippoError, match="at least one frame, got 0"):
+        qwen_video_tokens(0, 56, 56, QwenVideoPreprocess())
+
+
 def test_qwen_patchify_layout_by_hand():
     p, m, tp = 2, 2, 2
     video = torch.arange(4 * 3 * 8 * 4, dtype=torch.float32).reshape(4, 3, 8, 4)  # T C H W
@@ -288,6 +309,16 @@ def test_unknown_sources_raise(tmp_path):
         load_adapter(str(tmp_path))
 
 
+@pytest.mark.parametrize("model_type", [["qwen2_5_vl"], {"name": "qwen2_5_vl"}, 5, True])
+def test_a_model_type_that_is_not_a_string_is_refused(tmp_path, model_type):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(HippoError, match=r"config.json: model_type must be a string naming the "
+                                         r"model family \(qwen2_5_vl, llava_onevision\), got "):
+        load_adapter(str(tmp_path))
+    with pytest.raises(HippoError, match="model_type must be a string"):
+        adapter_class(model_type)
+
+
 def test_broken_checkpoint_directory_raises(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
     with pytest.raises(HippoError):
@@ -325,3 +356,72 @@ def test_visual_tokens_are_known_before_decoding(name, t, h, w):
     assert a.visual_tokens(t, h, w) == prepared.num_visual
     assert a.max_positions == a.text_model.config.max_position_embeddings
 
+
+
+# -- config values checked when a model is loaded ----------------------------------------------------
+
+@pytest.mark.parametrize("value", [512, -1, 10**6, None, "500"])
+def test_special_token_ids_must_index_the_embeddings(value):
+    """An id beyond the vocabulary would only fail in the embedding lookup of the first prompt."""
+    model = adapter(QWEN_PRESETS[0]).model
+    fake = SimpleNamespace(config=SimpleNamespace(video_token_index=value),
+                           get_input_embeddings=model.get_input_embeddings)
+    with pytest.raises(HippoError, match=r"config.json: video_token_index is .*, not a token id "
+                                         r"of this model \(its vocabulary holds ids 0 to 511\)"):
+        check_token_ids_in_vocabulary(fake, {"video_token_index": "video_token_index"})
+    fake.config.video_token_index = 511
+    check_token_ids_in_vocabulary(fake, {"video_token_index": "video_token_index"})
+
+
+@pytest.mark.parametrize("layer, valid", [
+    (-1, True), (-3, True), (2, True), (0, True), ([-1, -2], True),
+    (-4, False), (3, False), (-50, False), ([-1, 7], False), ([], False), (True, False),
+    ("-1", False), (1.0, False)])
+def test_vision_feature_layer_must_index_the_hidden_states(layer, valid):
+    """A 2-layer vision tower has 3 hidden states (the embeddings first): indices -3 .. 2."""
+    config = SimpleNamespace(vision_config=SimpleNamespace(num_hidden_layers=2),
+                             vision_feature_layer=layer)
+    if valid:
+        check_feature_layers(config)
+        return
+    with pytest.raises(HippoError, match=r"vision_feature_layer .* with 2 layers it must be an "
+                                         r"integer from -3 to 2"):
+        check_feature_layers(config)
+
+
+@pytest.mark.parametrize("sections, message", [
+    ([1, 1, 1], r"mrope_section \[1, 1, 1\] does not fit head_dim 16: .* summing to 8"),
+    ([0, 4, 4], r"mrope_section \[0, 4, 4\] does not fit head_dim 16"),
+    (None, r"gives no mrope_section .* default \[16, 24, 24\] does not fit head_dim 16")])
+def test_mrope_sections_must_fit_the_head_dim(monkeypatch, sections, message):
+    """tiny-qwen2.5-vl has head_dim 16: its sections (2, 3, 3) sum to 8; others would fail in
+    the rotary kernel of the first prefill. Missing, transformers takes its default."""
+    model = adapter(QWEN_PRESETS[0]).model
+    check_mrope_section(model)
+    rope = model.config.text_config.rope_parameters
+    if sections is None:
+        monkeypatch.delitem(rope, "mrope_section")
+        sections = [16, 24, 24]  # what transformers then builds the rotary module with
+    else:
+        monkeypatch.setitem(rope, "mrope_section", sections)
+    monkeypatch.setattr(model.model.language_model.rotary_emb, "mrope_section", sections)
+    with pytest.raises(HippoError, match=message):
+        check_mrope_section(model)
+
+
+@torch.no_grad()
+def test_an_fps_too_low_for_mrope_positions_is_refused():
+    """Seconds per temporal patch (2 / fps) times tokens_per_second (2) spaces the patches'
+    temporal positions; beyond 32-bit positions transformers overflows. 0.001 fps (36 frames of
+    ten hours) is fine: patches 4000 positions apart."""
+    a = adapter(QWEN_PRESETS[0])
+    frames = make_frames(4, 56, 56)
+    for fps in (1e-25, 1e-300, 5e-324):
+        with pytest.raises(HippoError, match=r"fps .* is too low: .* sample at fps >= "):
+            a.prepare(frames, PROMPT_IDS, fps=fps)
+    with pytest.raises(HippoError, match="too low"):  # one patch alone is spaced as well
+        a.prepare(frames[:1], PROMPT_IDS, fps=1e-25)
+    prepared = a.prepare(frames, PROMPT_IDS, fps=0.001)
+    start, tokens_per_patch = prepared.visual_start, prepared.num_visual // 2
+    temporal = prepared.position_ids[0, 0]
+    assert int(temporal[start + tokens_per_patch] - temporal[start]) == 4000

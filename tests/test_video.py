@@ -259,6 +259,20 @@ def test_bad_frame_folders(tmp_path):
         load_video(frame_folder(tmp_path / "short", 3), num_frames=4)
 
 
+def test_a_frame_beyond_pillows_pixel_limit_is_a_clear_error(tmp_path, monkeypatch):
+    """Pillow raises DecompressionBombError (not an OSError) for an image far beyond its pixel
+    limit (a 20000x10000 PNG); the limit is lowered here so that 32x32 frames trip it."""
+    from PIL import Image
+
+    folder = frame_folder(tmp_path / "huge", 2)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # refused beyond twice that: 200
+    for read in (probe_video, lambda path: load_video(path, num_frames=2)):
+        with pytest.raises(HippoError, match=r"cannot read the frames in .*: the image frame_1.png "
+                                             r"is too large to decode: 1,024 pixels, over "
+                                             r"Pillow's limit of 200$"):
+            read(folder)
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend_choice", [None, "opencv", pytest.param("decord", marks=requires_decord)])
@@ -281,6 +295,41 @@ def test_bad_files(tmp_path, backend_choice):
             load_video(path, num_frames=1, backend=backend_choice)
         with pytest.raises(HippoError, match=message):
             probe_video(path, backend=backend_choice)
+
+
+@pytest.mark.parametrize("backend_choice", [None, "opencv", pytest.param("decord", marks=requires_decord)])
+def test_a_truncated_file_is_a_decode_failure(tmp_path, backend_choice):
+    """The sample clip cut short: decord cannot open it and OpenCV opens it but reports frames
+    of 0x0, which must not reach the resize arithmetic (a ZeroDivisionError there)."""
+    truncated = tmp_path / "truncated.mp4"
+    truncated.write_bytes(sample_video_path().read_bytes()[:8000])
+    with pytest.raises(HippoError, match="cannot decode video"):
+        probe_video(truncated, backend=backend_choice)
+    with pytest.raises(HippoError, match="cannot decode video"):
+        load_video(truncated, num_frames=4, backend=backend_choice)
+
+
+@pytest.mark.parametrize("count, height, width, message", [
+    (16, 0, 0, "frames of 0x0 pixels"), (16, 32, -1, "frames of -1x32 pixels"),
+    (0, 32, 32, "no frames")])
+def test_a_reader_reporting_no_frames_or_no_size_fails_to_decode(count, height, width, message):
+    with pytest.raises(video._DecodeFailure, match=message):
+        video._checked_info(count, 8.0, height, width)
+    assert video._checked_info(1, float("nan"), 2, 3) == VideoInfo(1, 0.0, 2, 3)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("", "the video path is empty"),
+    (None, "the video must be a path .* got NoneType None"),
+    (5, "the video must be a path .* got int 5"),
+    (b"clip.mp4", "the video must be a path .* got bytes"),
+])
+def test_a_video_that_is_not_a_path_is_refused(source, message):
+    """"" is not the current directory, and a non-path is no pathlib TypeError."""
+    with pytest.raises(HippoError, match=message):
+        load_video(source, num_frames=1)
+    with pytest.raises(HippoError, match=message):
+        probe_video(source)
 
 
 @pytest.mark.parametrize(

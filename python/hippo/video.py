@@ -49,6 +49,18 @@ class _DecodeFailure(Exception):
     """A backend could not open or decode the file; the next backend may still succeed."""
 
 
+def _checked_info(count: int, fps: float, height: int, width: int) -> VideoInfo:
+    """What a reader reports, as VideoInfo (an unknown or nonsensical frame rate as 0.0). A
+    damaged file (a truncated mp4) may still open yet report no frames or frames of 0x0 (OpenCV
+    does): that is a decode failure of this backend, not a video, since sampling and resizing
+    need frames that exist and have a size."""
+    if count < 1:
+        raise _DecodeFailure("it reports no frames")
+    if height <= 0 or width <= 0:
+        raise _DecodeFailure(f"it reports frames of {width}x{height} pixels")
+    return VideoInfo(count, fps if math.isfinite(fps) and fps > 0 else 0.0, height, width)
+
+
 class _Reader(Protocol):
     info: VideoInfo
 
@@ -224,6 +236,11 @@ def _check_rate(name: str, rate: float) -> None:
 
 def _checked_source(path: str | Path) -> Path:
     """A video file or a directory of frames that exists and is not empty."""
+    if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+        raise HippoError(f"the video must be a path to a video file or a folder of frames, "
+                         f"got {type(path).__name__} {_short_repr(path)}")
+    if not os.fspath(path):  # Path("") would read as the current directory
+        raise HippoError("the video path is empty: give a video file or a folder of frames")
     path = Path(path)
     if not path.exists():
         raise HippoError(f"video file not found: {path}")
@@ -237,6 +254,11 @@ def _checked_source(path: str | Path) -> Path:
     if path.stat().st_size == 0:
         raise HippoError(f"video file is empty: {path}")
     return path
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _backend_order(backend: str | None) -> list[str]:
@@ -290,7 +312,7 @@ class _DecordReader:
             fps = float(self._reader.get_avg_fps())
         except self._errors as error:
             raise _DecodeFailure(_first_line(error)) from None
-        self.info = VideoInfo(count, fps if math.isfinite(fps) else 0.0, int(height), int(width))
+        self.info = _checked_info(count, fps, int(height), int(width))
 
     def frames(self, indices: list[int]) -> np.ndarray:
         try:
@@ -346,7 +368,7 @@ class _OpenCVReader:
                     count += 1
         finally:
             capture.release()
-        self.info = VideoInfo(count, fps if math.isfinite(fps) and fps > 0 else 0.0, height, width)
+        self.info = _checked_info(count, fps, height, width)
 
     def frames(self, indices: list[int]) -> np.ndarray:
         # Decode sequentially rather than seek: seeking by frame index is inexact for some codecs.
@@ -384,16 +406,20 @@ class _FrameFolderReader:
     def __init__(self, folder: Path):
         self._files = _frame_files(folder)
         height, width = self._read(0).shape[:2]
-        self.info = VideoInfo(len(self._files), 0.0, height, width)
+        self.info = _checked_info(len(self._files), 0.0, height, width)
 
     def _read(self, index: int) -> np.ndarray:
         from PIL import Image, UnidentifiedImageError
 
+        name = self._files[index].name
         try:
             with Image.open(self._files[index]) as image:
                 return np.asarray(image.convert("RGB"))
+        except Image.DecompressionBombError as error:
+            # Not an OSError: Pillow refuses images far beyond its pixel limit before decoding.
+            raise _DecodeFailure(_too_large(name, error)) from None
         except (OSError, UnidentifiedImageError, ValueError):
-            raise _DecodeFailure(f"cannot decode the image {self._files[index].name}") from None
+            raise _DecodeFailure(f"cannot decode the image {name}") from None
 
     def frames(self, indices: list[int]) -> np.ndarray:
         frames = [self._read(index) for index in indices]
@@ -401,6 +427,17 @@ class _FrameFolderReader:
         if len(sizes) > 1:
             raise _DecodeFailure(f"the frames differ in size: {sorted(sizes)}")
         return np.stack(frames)
+
+
+def _too_large(name: str, error: Exception) -> str:
+    """Why Pillow refused an image: its pixel count against Pillow's limit, both taken from
+    Pillow's message ("Image size (N pixels) exceeds limit of M pixels, ...") where it has them."""
+    numbers_in_message = re.findall(r"\d+", str(error))
+    if len(numbers_in_message) < 2:
+        return f"the image {name} is too large to decode: {_first_line(error)}"
+    pixels, limit = (int(number) for number in numbers_in_message[:2])
+    return (f"the image {name} is too large to decode: {pixels:,} pixels, over Pillow's limit "
+            f"of {limit:,}")
 
 
 def _first_line(error: Exception) -> str:

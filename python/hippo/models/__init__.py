@@ -14,6 +14,7 @@ FAMILIES = ("qwen2_5_vl", "llava_onevision")
 
 
 def adapter_class(family: str) -> type[VideoLLMAdapter]:
+    check_model_type(family)
     if family == "qwen2_5_vl":
         from hippo.models.qwen2_5_vl import Qwen2_5_VLAdapter
 
@@ -24,6 +25,16 @@ def adapter_class(family: str) -> type[VideoLLMAdapter]:
         return LlavaOnevisionAdapter
     hint = _UNSUPPORTED_HINTS.get(family, "")
     raise HippoError(f"unsupported model type {family!r}; supported: {', '.join(FAMILIES)}{hint}")
+
+
+def check_model_type(model_type: object, where: str = "") -> None:
+    """config.json is the user's: its model_type may be any JSON value, and a list or an object
+    cannot even be looked up among the hints below. `where` names the file for the message."""
+    if isinstance(model_type, str):
+        return
+    shown = repr(model_type) if len(repr(model_type)) <= 80 else repr(model_type)[:80] + "..."
+    raise HippoError(f"{where}model_type must be a string naming the model family "
+                     f"({', '.join(FAMILIES)}), got {type(model_type).__name__} {shown}")
 
 
 # Near misses users hold checkpoints of: what to use instead.
@@ -61,6 +72,7 @@ def load_adapter(source: str, *, dtype: torch.dtype | None = None, device: str |
     model_type = read_checkpoint_json(source, "config.json").get("model_type")
     if model_type is None:
         raise HippoError(f"{source} has no config.json with a model_type")
+    check_model_type(model_type, f"{os.path.join(source, 'config.json')}: ")
     return adapter_class(model_type).from_pretrained(source, dtype=dtype or torch.bfloat16, device=device)
 
 

@@ -224,6 +224,20 @@ class VideoLLMAdapter:
         return int(limit) if limit is not None else None
 
 
+def check_token_ids_in_vocabulary(model: torch.nn.Module, fields: dict[str, str]) -> None:
+    """The special ids an adapter places in prompts (video placeholders, vision start / end) must
+    index the embedding table: a checkpoint whose config.json names an id beyond it would load,
+    then fail deep in the embedding lookup of the first prompt. `fields` maps the config
+    attribute to the name config.json gives it (LLaVA's video_token_id is video_token_index)."""
+    config, rows = model.config, model.get_input_embeddings().num_embeddings
+    for attribute, field in fields.items():
+        value = getattr(config, attribute, None)
+        if not is_int(value) or not 0 <= value < rows:
+            raise HippoError(f"config.json: {field} is {value!r}, not a token id of this model "
+                             f"(its vocabulary holds ids 0 to {rows - 1}): correct {field} in "
+                             "config.json")
+
+
 def visual_span(input_ids: torch.Tensor, token_id: int) -> tuple[int, int]:
     """(start, count) of the one contiguous run of `token_id` in input_ids [1, S]."""
     hits = (input_ids[0] == token_id).nonzero().flatten()

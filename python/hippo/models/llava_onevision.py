@@ -11,8 +11,9 @@ import math
 
 import torch
 
-from hippo.models.base import (build_random_model, chat_ids, load_local_model, preset_for_family,
-                               HippoError, PreparedPrompt, PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
+from hippo.models.base import (build_random_model, chat_ids, check_token_ids_in_vocabulary, is_int,
+                               load_local_model, preset_for_family, HippoError, PreparedPrompt,
+                               PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
                                read_checkpoint_json, visual_span)
 from hippo.models.preprocess import (SIGLIP_MEAN, SIGLIP_STD, SiglipVideoPreprocess, preprocess_siglip_video,
                                      settings_value)
@@ -20,6 +21,8 @@ from hippo.models.preprocess import (SIGLIP_MEAN, SIGLIP_STD, SiglipVideoPreproc
 CHAT_PREFIX = "<|im_start|>user "
 CHAT_VIDEO_TEXT_SEPARATOR = "\n"
 CHAT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+# The placeholder ids the adapter puts in prompts (or refuses in them), as config.json names them.
+TOKEN_ID_FIELDS = {"video_token_id": "video_token_index", "image_token_id": "image_token_index"}
 
 
 class LlavaOnevisionAdapter(VideoLLMAdapter):
@@ -37,6 +40,8 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         if vision.image_size != preprocess.size:
             raise HippoError(f"frames are resized to {preprocess.size} px but the vision tower takes "
                              f"{vision.image_size} px")
+        check_token_ids_in_vocabulary(model, TOKEN_ID_FIELDS)
+        check_feature_layers(model.config)
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -114,6 +119,20 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         return PreparedPrompt(input_ids=input_ids, inputs_embeds=embeds, position_ids=positions, rope_delta=0,
                               visual_start=start, num_visual=count, grid=grid,
                               visual_features=features.reshape(*grid, -1).to(embeds.dtype))
+
+
+def check_feature_layers(config) -> None:
+    """vision_feature_layer indexes the vision tower's hidden states (the embeddings, then one per
+    layer: layers + 1 of them), as an int or a list of ints; one beyond them would fail only in
+    the first prepare."""
+    layers = config.vision_config.num_hidden_layers
+    value = config.vision_feature_layer
+    indices = list(value) if isinstance(value, (list, tuple)) else [value]
+    if indices and all(is_int(index) and -(layers + 1) <= index <= layers for index in indices):
+        return
+    raise HippoError(f"config.json: vision_feature_layer {value!r} does not index the vision "
+                     f"tower's hidden states: with {layers} layers it must be an integer from "
+                     f"{-(layers + 1)} to {layers}, or a non-empty list of them")
 
 
 def preprocess_from_checkpoint(path: str, image_size: int) -> SiglipVideoPreprocess:

@@ -108,6 +108,11 @@ def check_frames(frames: torch.Tensor) -> None:
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen2-VL's target size: multiples of `factor`, pixel count within [min_pixels, max_pixels],
     aspect ratio kept as closely as possible (same arithmetic as the HF processor)."""
+    # The sizes may come from a reader's report before any frame is decoded (a request is
+    # sized early): a damaged file's 0x0 must not surface as a ZeroDivisionError below.
+    if height <= 0 or width <= 0:
+        raise HippoError(f"frames must have a positive height and width, got {height}x{width} "
+                         "(is the video damaged?)")
     if max(height, width) / min(height, width) > 200:
         raise HippoError(f"frame aspect ratio must be below 200, got {height}x{width}")
     h_bar = round(height / factor) * factor
@@ -192,6 +197,8 @@ def qwen_video_grid(num_frames: int, height: int, width: int,
     """(T, H, W) in patches of what preprocess_qwen_video makes of num_frames frames of height x
     width: smart_resize to multiples of patch * merge, frames in groups of temporal_patch_size
     (the last group filled by repeating the last frame)."""
+    if num_frames < 1:
+        raise HippoError(f"a video needs at least one frame, got {num_frames}")
     factor = cfg.patch_size * cfg.merge_size
     resized_height, resized_width = smart_resize(height, width, factor, cfg.min_pixels, cfg.max_pixels)
     return (-(-num_frames // cfg.temporal_patch_size), resized_height // cfg.patch_size,

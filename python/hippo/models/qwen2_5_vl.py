@@ -6,11 +6,14 @@ Real checkpoints use Qwen's chat format; tiny presets use one stand-in id each f
 """
 from __future__ import annotations
 
+import math
+import numbers
 
 import torch
 
-from hippo.models.base import (build_random_model, chat_ids, load_local_model, preset_for_family,
-                               HippoError, PreparedPrompt, PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
+from hippo.models.base import (build_random_model, chat_ids, check_token_ids_in_vocabulary, is_int,
+                               load_local_model, preset_for_family, HippoError, PreparedPrompt,
+                               PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
                                read_checkpoint_json, visual_span)
 from hippo.models.preprocess import (QwenVideoPreprocess, preprocess_qwen_video, qwen_video_tokens,
                                      settings_value)
@@ -18,6 +21,9 @@ from hippo.models.preprocess import (QwenVideoPreprocess, preprocess_qwen_video,
 CHAT_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 CHAT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 VIDEO_MM_TYPE = 2  # mm_token_type_ids: text 0, image 1, video 2
+# The special ids the adapter puts in prompts (or refuses in them); config.json names them alike.
+TOKEN_ID_FIELDS = ("video_token_id", "image_token_id", "vision_start_token_id", "vision_end_token_id")
+MAX_POSITION = 2**31 - 1  # M-RoPE positions must stay 32-bit integers
 
 
 class Qwen2_5_VLAdapter(VideoLLMAdapter):
@@ -31,6 +37,8 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         self.prompt_prefix_ids = list(prompt_prefix_ids)
         self.prompt_suffix_ids = list(prompt_suffix_ids)
         check_preprocess_fits_vision(preprocess, model.config.vision_config)
+        check_token_ids_in_vocabulary(model, {field: field for field in TOKEN_ID_FIELDS})
+        check_mrope_section(model)
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -77,12 +85,29 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
                   "video_grid_thw": grid_thw,
                   "mm_token_type_ids": (input_ids == cfg.video_token_id).to(torch.int32) * VIDEO_MM_TYPE}
         if fps is not None:
-            if fps <= 0:
-                raise HippoError(f"fps must be positive, got {fps}")
+            self.check_temporal_positions(fps, int(grid_thw[0, 0]))
             # As the HF processor: seconds covered by one temporal patch of sampled frames.
             inputs["second_per_grid_ts"] = torch.tensor([self.preprocess.temporal_patch_size / fps],
                                                         device=self.device)
         return inputs
+
+    def check_temporal_positions(self, fps: float, groups: int) -> None:
+        """M-RoPE spaces the video's temporal patches tokens_per_second * seconds-per-patch
+        positions apart: an absurdly low fps (1e-25) puts them beyond 32-bit positions, where
+        transformers overflows mid-prefill. A sparse but real rate (0.001 over ten hours) is far
+        below the limit. One patch counts even alone: transformers multiplies by the spacing."""
+        if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not (
+                math.isfinite(fps) and fps > 0):
+            raise HippoError(f"fps must be a positive number, got {fps!r}")
+        per_second = self.model.config.vision_config.tokens_per_second
+        seconds_per_patch = self.preprocess.temporal_patch_size / fps
+        extent = max(groups - 1, 1) * seconds_per_patch * per_second
+        if math.isfinite(extent) and extent <= MAX_POSITION:
+            return
+        lowest = max(groups - 1, 1) * self.preprocess.temporal_patch_size * per_second / MAX_POSITION
+        raise HippoError(f"fps {fps:g} is too low: the video's temporal positions would reach "
+                         f"about {extent:.3g}, beyond the model's {MAX_POSITION:,}: sample at "
+                         f"fps >= {lowest:.3g}")
 
     def generate_kwargs(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> dict:
         return self.hf_inputs(frames, prompt, fps)
@@ -133,6 +158,28 @@ def preprocess_from_checkpoint(path: str) -> QwenVideoPreprocess:
         min_pixels=settings_value(min_pixels), max_pixels=settings_value(max_pixels),
         mean=settings_value(raw.get("image_mean", base.mean)),
         std=settings_value(raw.get("image_std", base.std)))
+
+
+def check_mrope_section(model: torch.nn.Module) -> None:
+    """M-RoPE splits each head's head_dim / 2 rotary frequencies into sections (temporal, height,
+    width): positive sizes summing to head_dim / 2, or the first prefill fails deep in the rotary
+    kernel. transformers 5 reads them from text_config.rope_parameters (where it also moves an
+    older config's rope_scaling) and, where they are missing, takes [16, 24, 24]: Qwen2.5-VL's
+    own, which fit head_dim 128 only."""
+    rotary = model.model.language_model.rotary_emb
+    half = int(rotary.inv_freq.numel())
+    sections = rotary.mrope_section
+    if (isinstance(sections, (list, tuple)) and sections
+            and all(is_int(size) and size >= 1 for size in sections) and sum(sections) == half):
+        return
+    given = (getattr(model.config.text_config, "rope_parameters", None) or {}).get("mrope_section")
+    if given is None:
+        raise HippoError(f"config.json gives no mrope_section (text_config.rope_parameters, or "
+                         f"rope_scaling in older configs), and transformers' default "
+                         f"{list(sections)} does not fit head_dim {2 * half}: add one, positive "
+                         f"sizes summing to {half}")
+    raise HippoError(f"config.json: mrope_section {given!r} does not fit head_dim {2 * half}: "
+                     f"it must hold positive integers summing to {half} (head_dim / 2)")
 
 
 def check_preprocess_fits_vision(preprocess: QwenVideoPreprocess, vision) -> None:
