@@ -143,11 +143,21 @@ def test_bench_runs_a_benchmark_set_from_a_local_copy(capsys, tmp_path, dataset)
     assert "| dataset |" in capsys.readouterr().out
 
 
-def test_bench_runs_a_question_whose_video_is_a_folder_of_frames(capsys, tmp_path):
+def test_bench_runs_a_question_whose_video_is_a_folder_of_frames(capsys, tmp_path, monkeypatch):
     """MVBench's episodic_reasoning clips are folders of JPEG frames in the official layout."""
     from PIL import Image
 
     from hippo.assets import synthetic_frames
+    from hippo.bench import dataset_runner
+
+    samplings = []
+
+    def recording_load_video(*args, **kwargs):
+        samplings.append(kwargs.get("sampling"))
+        return load_video(*args, **kwargs)
+
+    load_video = dataset_runner.load_video
+    monkeypatch.setattr(dataset_runner, "load_video", recording_load_video)
 
     root = tmp_path / "mvbench"
     (root / "json").mkdir(parents=True)
@@ -163,6 +173,7 @@ def test_bench_runs_a_question_whose_video_is_a_folder_of_frames(capsys, tmp_pat
     assert main(argv) == 0, capsys.readouterr().err
     summary = json.loads((tmp_path / "out" / "mvbench.json").read_text())["summary"]
     assert summary["run"] == 1 and summary["all_matched_ar"] is True
+    assert samplings == ["segment_midpoints"]  # MVBench's own rule reaches the video loader
     # Its rows bound the clip (seconds 1 to 3: frames 3 to 8); 7 frames repeat some of the six
     # (as MVBench's own code does); a window past the clip's 4 s skips the question.
     argv[argv.index("4")] = "7"

@@ -76,6 +76,9 @@ def test_mvbench_answer_text_becomes_the_candidate_letter():
     # action_sequence is a bounded task: its rows' seconds cut the (official, full) video.
     assert [(q.start, q.end, q.assumed_fps) for q in questions] == [
         (1.5, 9.0, None), (0.0, 6.2, None), (None, None, None)]
+    # Frames as MVBench's own evaluation takes them: the middles of equal segments.
+    assert {q.sampling for q in questions} == {"segment_midpoints"}
+    assert {q.sampling for q in read("longvideobench")} == {"uniform"}
 
 
 def test_longvideobench_correct_choice_index_becomes_a_letter():

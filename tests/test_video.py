@@ -126,6 +126,34 @@ def test_sampling_inside_a_time_window(request_kwargs, expected):
     assert sample_indices(info, **request_kwargs) == expected
 
 
+def _mvbench_get_index(num_frames: int, max_frame: int, num_segments: int) -> list[int]:
+    """MVBench's get_index for an unbounded clip (start_idx 0, end_idx max_frame), restated."""
+    seg_size = float(max_frame) / num_segments
+    return [int(seg_size / 2 + np.round(seg_size * idx)) for idx in range(num_segments)]
+
+
+@pytest.mark.parametrize("total, count", [(100, 16), (97, 8), (300, 32), (16, 16), (5, 8), (1, 4),
+                                          (61, 7)])
+def test_segment_midpoints_follow_mvbench(total, count):
+    info = VideoInfo(num_frames=total, fps=30.0, height=1, width=1)
+    indices = sample_indices(info, num_frames=count, sampling="segment_midpoints", repeat_frames=True)
+    assert indices == _mvbench_get_index(count, total - 1, count)
+    assert indices == sorted(indices) and 0 <= indices[0] and indices[-1] <= total - 1
+
+
+def test_segment_midpoints_inside_a_window_and_bad_requests():
+    info = VideoInfo(num_frames=100, fps=10.0, height=1, width=1)
+    # Frames 20 .. 49 on screen: 4 segments of 7.25 frames, their middles.
+    assert sample_indices(info, num_frames=4, window=(2.0, 5.0), sampling="segment_midpoints") \
+        == [23, 30, 37, 45]  # 20 + 3.625 + round(7.25 i), half to even: 14.5 -> 14
+    with pytest.raises(HippoError, match="unknown frame sampling 'middle'"):
+        sample_indices(info, num_frames=4, sampling="middle")
+    with pytest.raises(HippoError, match="give num_frames, not fps"):
+        sample_indices(info, fps=1.0, sampling="segment_midpoints")
+    with pytest.raises(HippoError, match="unknown frame sampling"):
+        load_video("/nowhere.mp4", num_frames=4, sampling="middle")  # before the file is opened
+
+
 def test_rate_sampling_in_a_window_follows_its_times():
     """Samples at start + k / fps before end, not counted over the frames on screen."""
     ntsc = VideoInfo(num_frames=300, fps=30000 / 1001, height=1, width=1)

@@ -29,6 +29,9 @@ from hippo.models.base import HippoError, is_int
 
 BACKENDS = ("decord", "opencv")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# How num_frames frames are spread over a clip: "uniform" (first and last included: lmms-eval's
+# rule) or "segment_midpoints" (the middle of num_frames equal segments: MVBench's).
+FRAME_SAMPLINGS = ("uniform", "segment_midpoints")
 _Result = TypeVar("_Result")
 
 
@@ -86,6 +89,7 @@ def load_video(
     assumed_fps: float | None = None,
     admit: Callable[[int, int, int], None] | None = None,
     repeat_frames: bool = False,
+    sampling: str = "uniform",
 ) -> torch.Tensor:
     """Decode sampled frames of a video as a uint8 tensor [T, H, W, 3] (RGB).
 
@@ -102,10 +106,13 @@ def load_video(
       it raises HippoError to refuse it (a model whose context the frames would not fit).
     repeat_frames: when the clip holds fewer frames than num_frames, spread num_frames indices
       over it anyway, repeating frames (as benchmark harnesses do), instead of refusing.
+    sampling: how num_frames frames are spread: "uniform" (first and last included) or
+      "segment_midpoints" (the middle of num_frames equal segments, MVBench's rule).
     backend: "decord" or "opencv" to force one; None tries decord first, then OpenCV. (A
       directory of frames is read with Pillow whatever the backend.)
     """
     _check_request(num_frames, fps)
+    _check_sampling(sampling, num_frames)
     window = _checked_window(start, end)
     if assumed_fps is not None:
         _check_rate("assumed_fps", assumed_fps)
@@ -116,7 +123,7 @@ def load_video(
         if info.fps <= 0 and assumed_fps is not None:
             info = dataclasses.replace(info, fps=float(assumed_fps))
         indices = sample_indices(info, num_frames=num_frames, fps=fps, window=window,
-                                 repeat_frames=repeat_frames)
+                                 repeat_frames=repeat_frames, sampling=sampling)
         _check_frames_fit_in_memory(len(indices), info)
         if admit is not None:
             admit(len(indices), info.height, info.width)
@@ -127,10 +134,11 @@ def load_video(
 
 def sample_indices(info: VideoInfo, num_frames: int | None = None, fps: float | None = None,
                    window: tuple[float, float | None] | None = None, *,
-                   repeat_frames: bool = False) -> list[int]:
+                   repeat_frames: bool = False, sampling: str = "uniform") -> list[int]:
     """Frame indices to decode for a request (see load_video; window is (start, end) seconds,
     end None for the video's end), in increasing order."""
     _check_request(num_frames, fps)
+    _check_sampling(sampling, num_frames)
     if window is not None:
         window = _checked_window(*window)
     total = info.num_frames
@@ -142,6 +150,8 @@ def sample_indices(info: VideoInfo, num_frames: int | None = None, fps: float | 
         if num_frames > span and not repeat_frames:
             where = "video has" if window is None else f"{_describe(window)} holds"
             raise HippoError(f"{where} {span} frames, {num_frames} requested")
+        if sampling == "segment_midpoints":
+            return _segment_midpoints(first, last, num_frames)
         return np.linspace(first, last, num_frames).round().astype(int).tolist()
     if info.fps <= 0:
         raise HippoError("video reports no frame rate: sample it with num_frames instead of fps")
@@ -152,6 +162,21 @@ def sample_indices(info: VideoInfo, num_frames: int | None = None, fps: float | 
     # The frame on screen at each time start + k / rate before end (the first one always); the
     # epsilon keeps exact multiples from rounding down.
     return [min(last, int((start + k / rate) * info.fps + 1e-6)) for k in range(count)]
+
+
+def _segment_midpoints(first: int, last: int, count: int) -> list[int]:
+    """MVBench's rule (get_index in its evaluation code): [first, last] cut into `count` equal
+    segments, the frame at each one's middle, with that code's rounding (half to even, then
+    truncation), so that accuracies compare with published ones."""
+    segment = (last - first) / count
+    return [min(last, int(first + segment / 2 + np.round(segment * i))) for i in range(count)]
+
+
+def _check_sampling(sampling: str, num_frames: int | None) -> None:
+    if sampling not in FRAME_SAMPLINGS:
+        raise HippoError(f"unknown frame sampling {sampling!r}; choose one of {', '.join(FRAME_SAMPLINGS)}")
+    if sampling != "uniform" and num_frames is None:
+        raise HippoError(f"{sampling} sampling spreads num_frames frames: give num_frames, not fps")
 
 
 def _window_frames(info: VideoInfo, window: tuple[float, float | None]) -> tuple[int, int]:

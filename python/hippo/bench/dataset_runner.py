@@ -43,7 +43,7 @@ def _run_question(question: VideoQuestion, autoregressive: HippoPipeline, hippo:
         # own evaluation code does, rather than skip the question.
         frames = load_video(question.video, num_frames=num_frames, start=question.start,
                             end=question.end, assumed_fps=question.assumed_fps,
-                            repeat_frames=True)
+                            repeat_frames=True, sampling=question.sampling)
         prompts = hippo.prepare(frames, question.prompt)
     except HippoError as error:
         return dict(row, skipped=str(error).splitlines()[0])

@@ -32,10 +32,10 @@ mvbench (MVBench, HF OpenGVLab/MVBench)
         the official code flags them) ask about the rows' start..end seconds of a longer video:
         frames are sampled inside that window when the video is in the official folders (the
         lmms-eval copy's clips of those tasks are already cut to it), and the TVQA frame
-        folders are read at their 3 frames per second. Frames are spread over the window by
-        hippo's uniform rule (first and last included, repeated where the window is short),
-        not the official code's segment midpoints, so accuracies may differ slightly from
-        published ones; AR and HIPPO see the same frames.
+        folders are read at their 3 frames per second. Frames are the middles of equal
+        segments of the clip (or window), as the official code's get_index takes them
+        (repeated where the window is short). Its window ends are rounded to the nearest
+        frame, hippo's to the frames on screen, which can differ by a frame.
 
 longvideobench (LongVideoBench, HF longvideobench/LongVideoBench)
     annotations: lvb_val.json, else lvb_test_wo_gt.json (answers None): a list of {id,
@@ -95,6 +95,8 @@ class VideoQuestion:
     start: float | None = None
     end: float | None = None
     assumed_fps: float | None = None
+    # How the set's own evaluation spreads its frames (hippo.video.FRAME_SAMPLINGS).
+    sampling: str = "uniform"
 
 
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -211,7 +213,7 @@ def _read_mvbench(root: Path) -> Iterator[VideoQuestion]:
                 answer=_answer_letter(row["answer"], options, "text"), task=task,
                 start=_seconds(row.get("start")) if bounded else None,
                 end=_seconds(row.get("end")) if bounded else None,
-                assumed_fps=_MVBENCH_FRAME_FOLDER_FPS.get(task))]
+                assumed_fps=_MVBENCH_FRAME_FOLDER_FPS.get(task), sampling="segment_midpoints")]
 
         return _questions([path], convert)
 
