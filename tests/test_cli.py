@@ -329,3 +329,12 @@ def test_one_line_joins_an_error_s_lines_and_cuts_long_ones():
     long = _one_line(RuntimeError("x" * 5000))
     assert len(long) == 600 and long.endswith("...")
     assert _one_line(KeyError()) == "KeyError"
+
+
+@pytest.mark.parametrize("option", ["--methods", "--frames", "--eps"])
+def test_a_list_option_given_no_values_is_refused(capsys, option):
+    """`--methods` with nothing after it used to run every method: an empty list is a mistake."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--preset", "tiny", option])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: expected at least one argument" in capsys.readouterr().err
