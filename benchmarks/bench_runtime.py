@@ -37,7 +37,7 @@ import torch
 from hippo.models.base import HippoError
 from hippo.runtime import LanguageModelRuntime
 
-# Device-to-device copy bandwidth (read + write) measured on the lent cards (NOTES.md).
+# Device-to-device copy bandwidth (read + write) measured on the lent cards.
 HBM_BYTES_PER_S = {"H200": 4.3e12, "H100": 3.0e12}
 
 MODEL_SHAPES = {

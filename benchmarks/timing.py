@@ -9,8 +9,8 @@ import torch
 
 from hippo.runtime.cuda_graphs import no_garbage_collection
 
-# Device-to-device copy bandwidth, read + write, measured on the lent machines: H100 3.0 TB/s
-# (NOTES.md), H200 4.3 TB/s (device/KINDS.md). Other cards fall back to the H100 figure.
+# Device-to-device copy bandwidth, read + write, measured on the lent machines: H100 3.0 TB/s,
+# H200 4.3 TB/s. Other cards fall back to the H100 figure.
 HBM_BYTES_PER_S = {"H200": 4.3e12, "H100": 3.0e12}
 GRAPH_CALLS = 24
 
@@ -38,7 +38,7 @@ def cuda_median_us(fn: Callable[[], object], warmup: int = 5, reps: int = 50) ->
 
 def cuda_graph_us(fns: Sequence[Callable[[], object]], calls: int = GRAPH_CALLS) -> float:
     """Per-call time of `calls` back-to-back calls (cycling through fns) replayed from one graph.
-    Captured on its own stream (NOTES.md: graphs sharing the default capture stream can hang)."""
+    Captured on its own stream (graphs sharing the default capture stream were seen to hang)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

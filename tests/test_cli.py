@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from hippo.assets import sample_video_path
 from hippo.cli import EXIT_USER_ERROR, main
@@ -26,6 +27,10 @@ def test_demo_runs_and_checks_its_outputs(capsys):
     for method in ("AR (target alone)", "sequential SD", "HIPPO (parallel)"):
         assert method in out
     assert "| MAT |" in out
+    # The closing note of the device it ran on (the demo takes the GPU when there is one).
+    notes = {"cpu": "On a CPU the draft and the target share the cores", "cuda": "on a GPU a step"}
+    ran_on = "cuda" if torch.cuda.is_available() else "cpu"
+    assert all((note in out) == (device == ran_on) for device, note in notes.items()), out
 
 
 def test_generate_prints_json_and_matches_ar(capsys):
@@ -40,9 +45,10 @@ def test_generate_prints_json_and_matches_ar(capsys):
 
 
 def test_generate_sampling_and_self_speculation(capsys):
+    # A fixed g: with --gamma auto, g follows measured step times, and so do the draws.
     args = ["generate", "--target", "tiny-llava-onevision", "--video", str(sample_video_path()),
             "--prompt", "hi", "--frames", "3", "--max-new-tokens", "8", "--temperature", "0.7",
-            "--top-p", "0.9", "--seed", "3", "--json"]
+            "--top-p", "0.9", "--seed", "3", "--gamma", "3", "--json"]
     assert main(args) == 0
     first = json.loads(capsys.readouterr().out)
     assert main(args) == 0

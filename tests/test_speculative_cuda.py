@@ -83,7 +83,7 @@ def test_step_invariant_bf16_greedy_is_exact():
 
 def test_parallel_rounds_overlap_on_two_streams_without_extra_syncs():
     """The draft's steps and the target's run on separate streams, each replaying its own
-    graphs; a generation of many rounds finishes (the hang of NOTES.md would not) and memory
+    graphs; a generation of many rounds finishes (the hang of graphs sharing a capture stream would not) and memory
     stays flat over repeated generations."""
     target, draft = _bf16_pair("qwen2_5_vl", 2)
     frames = sample_frames("qwen2_5_vl", 4)

@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int)
     gen.add_argument("--top-p", type=float)
-    gen.add_argument("--seed", type=int)
+    gen.add_argument("--seed", type=int,
+                     help="seeds sampling: the same tokens again with --mode ar or a fixed --gamma "
+                          "(not with --gamma auto, nor in parallel mode on a GPU: see README)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
     gen.add_argument("--device", help="where the target runs (default: cuda when present)")
     gen.add_argument("--draft-device", help="where the draft runs (default: the target's)")

@@ -1,4 +1,4 @@
-"""`hippo demo`: HIPPO on the embedded default, in under a minute on a CPU.
+"""`hippo demo`: HIPPO on the embedded default, in about ten seconds on an idle 2-core CPU.
 
 A tiny Qwen2.5-VL-architecture target and draft built from presets and made into a synthetic
 agreement pair (hippo.models.agreement: two independent random models would agree on almost
@@ -62,7 +62,7 @@ def run_demo(*, device: str | None = None, eps: float = 0.1, frames: int = 16,
     echo(table)
     echo(f"\noutputs identical to the target's own greedy decoding: {identical}")
     echo(f"first tokens (synthetic weights, so no meaningful text): {outputs[0][:16]}")
-    if device == "cpu":
+    if device.type == "cpu":
         echo("On a CPU the draft and the target share the cores, so HIPPO's parallel rounds run "
              "one side after the other; their overlap needs a GPU (two CUDA streams).")
     else:

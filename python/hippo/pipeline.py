@@ -49,8 +49,9 @@ class HippoOptions:
 
     mode: "parallel" (HIPPO: drafting overlaps verification), "sequential" (draft g, then
         verify) or "ar" (the target alone).
-    gamma: draft tokens per round, an int or "auto" (PEARL: g near T_target / T_draft, measured
-        while generating, at most max_gamma).
+    gamma: draft tokens per round, an int or "auto", at most max_gamma, from step times and the
+        acceptance measured while generating: in parallel mode PEARL's g near T_target /
+        T_draft, in sequential mode the g that maximises expected tokens per second.
     draft_prefill: "pruned" (the draft prefills the kept tokens only) or "full+compact" (it
         prefills everything beside the target, then compacts its cache to the kept tokens).
     preservation: which visual tokens the draft keeps (keep ratio, method, weights, layers...).
@@ -240,7 +241,10 @@ class HippoPipeline:
 
         video: a file path, or frames [T, H, W, 3] uint8 already decoded; num_frames, fps,
         start and end as in prepare(). eos_token_id: the target's by default; None never stops
-        early. Sampling (temperature > 0) is seeded by `seed` when given.
+        early. Sampling (temperature > 0) is seeded by `seed` when given: reproducible where the
+        rounds do not depend on timing (mode "ar", or a fixed gamma; parallel mode on a CPU
+        only); with gamma "auto" or parallel mode on CUDA, runs may differ (each one
+        distribution-exact).
         """
         started = time.perf_counter()
         max_new_tokens = _new_token_count(max_new_tokens, least=1)

@@ -19,7 +19,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="tiny (CPU) or 7b (GPU: Qwen2-7B target, Qwen2-0.5B draft, bf16); "
                              "default: 7b with a GPU, tiny without")
-    parser.add_argument("--frames", type=int, nargs="+", help="frame counts (196 tokens each)")
+    parser.add_argument("--frames", type=int, nargs="+", help="frame counts (7b preset: 196 visual tokens each; tiny: 36)")
     parser.add_argument("--eps", type=float, nargs="+", help="agreement knob values to sweep")
     parser.add_argument("--gamma", type=int,
                         help=f"draft tokens per round of sequential SD and HF assisted, and "
@@ -28,7 +28,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: all")
     parser.add_argument("--keep-ratio", type=float, default=0.1)
-    parser.add_argument("--out-dir", default="hippo-bench", help="where bench.json and bench.png go")
+    parser.add_argument("--out-dir", default="hippo-bench", help="where the results go: bench.json and bench.png, or <dataset>.json")
     add_gemm_prologues_argument(parser, default=None)
     parser.add_argument("--draft-priority", action="store_const", const=True, default=None,
                         help="HIPPO's draft on a high-priority CUDA stream (opt-in)")

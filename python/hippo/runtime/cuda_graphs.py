@@ -2,7 +2,7 @@
 time that size runs (or ahead, by LanguageModelRuntime.capture_steps).
 
 Each graph is captured on the runtime's own stream: graphs of two models captured on torch's
-shared capture stream hung the GPU when replayed concurrently on two streams (NOTES.md; they
+shared capture stream hung the GPU when replayed concurrently on two streams (seen on an H100; they
 likely shared one cuBLAS workspace). Inputs are copied into static buffers before each replay;
 the cache length advances inside the graph, so a replay needs no host sync.
 """
