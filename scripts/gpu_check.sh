@@ -68,9 +68,10 @@ PY
       done
       ;;
     fast)
-      # The CUDA tests of everything a runtime step runs, one process per file, all at once
-      # (correctness only, so sharing the GPU costs nothing; no timing phase runs beside them).
-      files="test_normalization test_activation test_rotary_embedding test_linear test_fused_linear test_decode_attention test_runtime test_video_llm_ar"
+      # The CUDA tests of everything a runtime step runs (and of the other ops: selection,
+      # verification, compaction), one process per file, all at once (correctness only, so
+      # sharing the GPU costs nothing; no timing phase runs beside them).
+      files="test_normalization test_activation test_rotary_embedding test_linear test_fused_linear test_decode_attention test_runtime test_video_llm_ar test_token_selection test_verification test_kv_compaction"
       for f in $files; do
         timeout "${TEST_TIMEOUT:-300}" $PYTEST "tests/$f.py" -rfE -q -m cuda >"$OUT/$f.log" 2>&1 &
       done
