@@ -75,8 +75,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fuse_and_
     double w_spatial) {
   const at::Tensor normalised = normalise_per_frame(
       at::stack({global_score, temporal_score, spatial_score}).view({3, shape.frames, -1}));
-  const at::Tensor fused_flat = normalised[0] * w_global + normalised[1] * w_temporal +
-                                normalised[2] * w_spatial;
+  // A term of weight 0 is left out, not multiplied by 0: a NaN in a score the weights switch
+  // off (the attention-only ablation's local scores) must not reach the fused score. For
+  // finite scores the sum is the same.
+  at::Tensor fused_flat = at::zeros_like(normalised[0]);
+  const double weights[3] = {w_global, w_temporal, w_spatial};
+  for (int64_t term = 0; term < 3; ++term) {
+    if (weights[term] != 0.0) fused_flat = fused_flat + normalised[term] * weights[term];
+  }
   const at::Tensor fused = fused_flat.view_as(global_score);
   const at::Tensor keys = ranking_keys(fused_flat);
   // num_keep == 0 is decided on the host from an int argument: no top-k of size 0 on any backend.

@@ -88,15 +88,16 @@ def select_visual_tokens(
             8-neighbours in its 3x3 neighbourhood; 0 when it has none.
         cos(a, b) = a.b / max(sqrt(|a|^2 |b|^2), 1e-8).
         fused = w_g * g' + w_t * t' + w_s * s' where each raw score s is min-max normalised per
-            frame: s' = (s - min_t) / (max_t - min_t), and 0 for a frame whose scores are equal.
+            frame: s' = (s - min_t) / (max_t - min_t), and 0 for a frame whose scores are equal;
+            a term whose weight is 0 is left out (so NaN in it cannot reach the fused score).
 
     Selection: the num_keep highest fused scores (globally or per frame); ties go to the lower
     grid index, identically on CPU and CUDA (ranking by an int64 key made of the score's
     order-preserving bit pattern and the inverted index; -0.0 ranks as +0.0). NaN inputs are
     not refused (that would need a host sync on CUDA) but show: a NaN query or key makes every
     global score NaN, a NaN feature makes its tokens' local scores NaN, a frame holding a NaN
-    score normalises to NaN throughout, and NaN fused scores rank above every number (as in
-    torch.topk).
+    score normalises to NaN throughout (and so does its fused score unless that score's weight
+    is 0), and NaN fused scores rank above every number (as in torch.topk).
 
     Returns:
         SelectedTokens(kept, fused_score, global_score, temporal_score, spatial_score): kept holds
@@ -211,10 +212,11 @@ def reference_normalise_per_frame(score: torch.Tensor) -> torch.Tensor:
 
 def reference_fuse(global_score: torch.Tensor, temporal_score: torch.Tensor,
                    spatial_score: torch.Tensor, weights: tuple[float, float, float]) -> torch.Tensor:
-    w_global, w_temporal, w_spatial = weights
-    return (reference_normalise_per_frame(global_score) * w_global
-            + reference_normalise_per_frame(temporal_score) * w_temporal
-            + reference_normalise_per_frame(spatial_score) * w_spatial)
+    fused = torch.zeros_like(global_score)
+    for score, weight in zip((global_score, temporal_score, spatial_score), weights):
+        if weight != 0:  # left out, as the op does: a NaN in a switched-off score stays out
+            fused = fused + reference_normalise_per_frame(score) * weight
+    return fused
 
 
 def _ranked(scores: torch.Tensor) -> torch.Tensor:

@@ -174,6 +174,7 @@ def test_compact_empty_index_is_a_no_op(device, gen):
 
 
 @requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_matches_cpu(gen, dtype):
     shape = cache_shape(4, 3, 2, 301, 64)
@@ -191,6 +192,7 @@ def test_cuda_matches_cpu(gen, dtype):
 
 
 @requires_cuda
+@pytest.mark.cuda
 def test_cuda_graph_capture(gen):
     """With check=False both ops capture into a CUDA graph (no host synchronisation)."""
     shape = cache_shape(2, 1, 2, 65, 64)
@@ -297,6 +299,7 @@ def test_compact_rejects_bad_cache(device):
 
 
 @requires_cuda
+@pytest.mark.cuda
 def test_device_mix_rejected():
     src, index, dst = gather_inputs("cuda")
     with pytest.raises(RuntimeError, match="index is on cpu"):
@@ -308,6 +311,7 @@ def test_device_mix_rejected():
 
 
 @requires_cuda
+@pytest.mark.cuda
 def test_unchecked_bad_index_stays_in_bounds(gen):
     """check=False with out-of-range / non-ascending values: entries the kernel cannot copy safely
     are skipped (the slot keeps its contents), the rest is copied, and nothing outside the tensors

@@ -205,6 +205,7 @@ def test_siglip_without_resize_matches_hf_to_float_rounding():
 
 
 @requires_cuda
+@pytest.mark.cuda
 def test_gpu_preprocessing_matches_hf_cpu():
     frames = random_frames(3, 50, 70, seed=9)
     cfg = QWEN_SETTINGS["preset"]

@@ -262,13 +262,18 @@ def test_nan_inputs_show_in_the_scores_and_rank_first(device, gen, per_frame):
 
     clean = make_inputs(gen, frames=3, grid_h=3, grid_w=4, extra_visual=1, device=device)
     clean["features"][2, 1, 1] = float("nan")  # a NaN vector in the last frame
-    # Its temporal pair reaches frame 1; a zero weight does not hide it (0 * NaN is NaN).
+    # Its temporal pair reaches frame 1 too, but a score whose weight is 0 is left out, not
+    # multiplied by 0 (0 * NaN would be NaN): with the spatial score alone, frame 2 only.
     out = run_op(clean, num_keep=7, per_frame=per_frame, weights=(0, 0, 1))
-    assert out.fused_score.isnan().flatten(1).all(1).tolist() == [False, True, True]
+    assert bool(out.temporal_score[1].isnan().any())
+    assert out.fused_score.isnan().flatten(1).all(1).tolist() == [False, False, True]
     expected = reference_top_k(out.fused_score, 7, clean["num_visual"], per_frame)
     assert out.kept.tolist() == expected.tolist()
-    if not per_frame:  # the 24 NaN tokens of frames 1 and 2 come first, lower indices first
-        assert out.kept[:7].tolist() == list(range(12, 19))
+    if not per_frame:  # the 12 NaN tokens of frame 2 come first, lower indices first
+        assert out.kept[:7].tolist() == list(range(24, 31))
+    # The attention-only ablation's weights: NaN features never reach its selection.
+    attention_only = run_op(clean, num_keep=7, per_frame=per_frame, weights=(1, 0, 0))
+    assert not bool(attention_only.fused_score.isnan().any())
 
     clean["queries"][0, 1, 2, 3] = float("nan")
     out = run_op(clean, num_keep=7, per_frame=per_frame)
@@ -413,6 +418,7 @@ def test_bad_inputs(device, gen):
 
 
 @requires_cuda
+@pytest.mark.cuda
 def test_mixed_devices_rejected(gen):
     inputs = make_inputs(gen)
     with pytest.raises(RuntimeError, match="is on"):
@@ -422,6 +428,7 @@ def test_mixed_devices_rejected(gen):
 # ---- CUDA against CPU -------------------------------------------------------------------------
 
 @requires_cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype,head_dim", [
     (torch.bfloat16, 128), (torch.float16, 80), (torch.bfloat16, 72), (torch.float32, 64),
     (torch.float16, 20),
@@ -449,6 +456,7 @@ def test_cuda_matches_cpu(gen, dtype, head_dim, per_frame):
 
 
 @requires_cuda
+@pytest.mark.cuda
 def test_cuda_benchmark_shape_against_float64(gen):
     """The benchmark's attention shape (reduced S), tensor-core path, against float64."""
     inputs = make_inputs(gen, layers=2, q_heads=28, kv_heads=4, num_queries=32, head_dim=128,
@@ -462,6 +470,7 @@ def test_cuda_benchmark_shape_against_float64(gen):
 
 
 @requires_cuda
+@pytest.mark.cuda
 def test_cuda_graph_capture(gen):
     inputs = make_inputs(gen, frames=3, grid_h=4, grid_w=4, dtype=torch.bfloat16, device="cuda",
                          head_dim=64)

@@ -126,7 +126,7 @@ def test_sampling_inside_a_time_window(request_kwargs, expected):
     assert sample_indices(info, **request_kwargs) == expected
 
 
-def _mvbench_get_index(num_frames: int, max_frame: int, num_segments: int) -> list[int]:
+def _mvbench_get_index(max_frame: int, num_segments: int) -> list[int]:
     """MVBench's get_index for an unbounded clip (start_idx 0, end_idx max_frame), restated."""
     seg_size = float(max_frame) / num_segments
     return [int(seg_size / 2 + np.round(seg_size * idx)) for idx in range(num_segments)]
@@ -137,8 +137,16 @@ def _mvbench_get_index(num_frames: int, max_frame: int, num_segments: int) -> li
 def test_segment_midpoints_follow_mvbench(total, count):
     info = VideoInfo(num_frames=total, fps=30.0, height=1, width=1)
     indices = sample_indices(info, num_frames=count, sampling="segment_midpoints", repeat_frames=True)
-    assert indices == _mvbench_get_index(count, total - 1, count)
+    assert indices == _mvbench_get_index(total - 1, count)
     assert indices == sorted(indices) and 0 <= indices[0] and indices[-1] <= total - 1
+
+
+def test_segment_midpoints_by_hand():
+    # 100 frames in 8 segments of 99 / 8 = 12.375: 6.1875 + round(12.375 i) (half to even),
+    # truncated.
+    info = VideoInfo(num_frames=100, fps=30.0, height=1, width=1)
+    assert sample_indices(info, num_frames=8, sampling="segment_midpoints") \
+        == [6, 18, 31, 43, 56, 68, 80, 93]  # i = 4: 49.5 rounds to 50
 
 
 def test_segment_midpoints_inside_a_window_and_bad_requests():

@@ -86,17 +86,17 @@ class HippoOptions:
         if self.draft_prefill not in DRAFT_PREFILLS:
             raise HippoError(f"unknown draft_prefill {self.draft_prefill!r}; choose one of "
                              f"{', '.join(DRAFT_PREFILLS)}")
-        DraftLength(self.gamma, max_gamma=self.max_gamma)  # validates both
-        if self.step_invariant and self.largest_gamma + 1 > STEP_INVARIANT_MAX_TOKENS:
-            raise HippoError(f"step_invariant=True covers verify steps of up to "
-                             f"{STEP_INVARIANT_MAX_TOKENS} tokens: gamma (max_gamma when 'auto') "
-                             f"at most {STEP_INVARIANT_MAX_TOKENS - 1}, got {self.largest_gamma}")
         for name in ("step_invariant", "draft_priority", "use_cuda_graphs"):
             value = getattr(self, name)
             if not isinstance(value, bool) and not (name == "use_cuda_graphs" and value is None):
                 allowed = "True, False or None (CUDA graphs where the device is CUDA)" \
                     if name == "use_cuda_graphs" else "True or False"
                 raise HippoError(f"{name} must be {allowed}, got {value!r}")
+        DraftLength(self.gamma, max_gamma=self.max_gamma)  # validates both
+        if self.step_invariant and self.largest_gamma + 1 > STEP_INVARIANT_MAX_TOKENS:
+            raise HippoError(f"step_invariant=True covers verify steps of up to "
+                             f"{STEP_INVARIANT_MAX_TOKENS} tokens: gamma (max_gamma when 'auto') "
+                             f"at most {STEP_INVARIANT_MAX_TOKENS - 1}, got {self.largest_gamma}")
         if self.gemm_prologues not in GEMM_PROLOGUE_ROLES:
             raise HippoError(f"unknown gemm_prologues {self.gemm_prologues!r}; choose one of "
                              f"{', '.join(GEMM_PROLOGUE_ROLES)}")
@@ -177,7 +177,8 @@ class HippoPipeline:
         is sampled at num_frames uniform frames or at fps frames per second (not both;
         DEFAULT_FRAMES when neither is given), between start and end seconds when given.
         max_new_tokens: the tokens to be generated after the prompt; frames whose visual tokens
-        plus these cannot fit a model's context are refused before they are decoded."""
+        plus the prompt's text and these cannot fit a model's context are refused before they
+        are decoded."""
         if not isinstance(video, (str, Path, torch.Tensor)):
             raise HippoError("video must be a file path or decoded frames (a uint8 tensor "
                              f"[T, H, W, 3]), got {type(video).__name__}")

@@ -23,7 +23,9 @@ CHAT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
 VIDEO_MM_TYPE = 2  # mm_token_type_ids: text 0, image 1, video 2
 # The special ids the adapter puts in prompts (or refuses in them); config.json names them alike.
 TOKEN_ID_FIELDS = ("video_token_id", "image_token_id", "vision_start_token_id", "vision_end_token_id")
-MAX_POSITION = 2**31 - 1  # M-RoPE positions must stay 32-bit integers
+# The largest M-RoPE position hippo admits: far past any trained context, and past what float32
+# RoPE angles resolve (transformers itself overflows only at 2**63, fps around 1e-19).
+MAX_POSITION = 2**31 - 1
 
 
 class Qwen2_5_VLAdapter(VideoLLMAdapter):
