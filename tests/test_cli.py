@@ -346,3 +346,21 @@ def test_a_list_option_given_no_values_is_refused(capsys, option):
         main(["bench", "--preset", "tiny", option])
     assert exit_info.value.code == 2
     assert f"argument {option}: expected at least one argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["ar", "sequential"])
+def test_non_finite_logits_are_a_one_line_error(capsys, monkeypatch, mode):
+    """A checkpoint whose logits overflow (fp16 is the usual cause) cannot be sampled from: one
+    line that says so, from AR's draw and from speculative sampling's verification alike."""
+    import hippo.models
+
+    load = hippo.models.load_adapter
+
+    def overflowing(*args, **kwargs):
+        adapter = load(*args, **kwargs)
+        adapter.lm_head.weight.data.fill_(float("nan"))
+        return adapter
+
+    monkeypatch.setattr(hippo.models, "load_adapter", overflowing)
+    _assert_one_line_error(capsys, _generate("--temperature", "0.7", "--mode", mode, "--gamma", "3"),
+                           "next-token probabilities are not finite")

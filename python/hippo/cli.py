@@ -160,6 +160,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hippo {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (MemoryError, RuntimeError) as error:
+        if _has_non_finite_probabilities(error):
+            # A checkpoint whose logits overflow its dtype (fp16 is the usual one): the user's
+            # choice of model or dtype, so one line, not a traceback.
+            print(f"hippo {args.command}: error: the model's next-token probabilities are not "
+                  f"finite (NaN or inf logits: weights or a dtype that overflow?; try --dtype "
+                  f"bfloat16 or float32) ({_one_line(error)})", file=sys.stderr)
+            return EXIT_USER_ERROR
         if not _is_out_of_memory(error):
             raise
         # A model, cache or video too large for the device: the user's choice of sizes.
@@ -185,6 +192,15 @@ def _silence_stdout() -> None:
 # kernel's launch or cuBLAS's workspace.
 _OUT_OF_MEMORY_MARKERS = ("can't allocate memory", "CUDA error: out of memory",
                           "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+# How sampling reads NaN or inf probabilities: torch.multinomial (AR) and verify_sampling.
+_NON_FINITE_MARKERS = ("probability tensor contains either `inf`, `nan` or element < 0",
+                       "must be finite and non-negative (probabilities)")
+
+
+def _has_non_finite_probabilities(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and any(marker in str(error) for marker in _NON_FINITE_MARKERS)
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
