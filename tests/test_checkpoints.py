@@ -205,11 +205,19 @@ OUT_OF_RANGE_CONFIGS = {  # (family, edit, what the error says)
 
 @pytest.mark.parametrize("case", list(OUT_OF_RANGE_CONFIGS))
 def test_config_values_that_do_not_fit_the_model_are_one_line_errors(capsys, checkpoints,
-                                                                      tmp_path, case):
+                                                                      tmp_path, case, monkeypatch):
     """Values that load but would fail in the first prompt (an IndexError in an embedding or
-    hidden-state lookup, a RuntimeError in the rotary kernel) are refused when loading."""
+    hidden-state lookup, a RuntimeError in the rotary kernel) are refused from config.json and a
+    weightless skeleton, before the weights load (minutes for a real model)."""
+    from transformers import PreTrainedModel
+
     family, edit, needle = OUT_OF_RANGE_CONFIGS[case]
     target = _edited_config(checkpoints[family], tmp_path / case, edit)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_weights))
     assert main(_generate(target, None, "--mode", "ar")) == EXIT_USER_ERROR
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("hippo generate: error:") and needle in last, last

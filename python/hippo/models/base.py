@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -331,16 +331,24 @@ def build_random_model(model_class, config, tokenizer: PromptTokenizer, dtype: t
     return model
 
 
-def load_local_model(model_class, path: str, dtype: torch.dtype, label: str):
+def load_local_model(model_class, path: str, dtype: torch.dtype, label: str,
+                     check_model: Callable[[torch.nn.Module], None] | None = None):
     """from_pretrained on a local directory only (nothing is ever downloaded). Every parameter
     must come from the checkpoint: transformers would otherwise initialise what is missing at
-    random and carry on."""
+    random and carry on. check_model (the family's config checks) runs on a weightless skeleton
+    first, so that a wrong config.json is refused before the weights load (minutes for a 7B)."""
     import os
 
     if not os.path.isdir(path):
         raise HippoError(f"no checkpoint directory at {path}")
     try:
-        check_config_fits_weights(model_class, path)
+        config = model_class.config_class.from_pretrained(path, local_files_only=True)
+        with torch.device("meta"):
+            skeleton = model_class(config)
+        check_config_fits_weights(skeleton, path)
+        if check_model is not None:
+            check_model(skeleton)
+        del skeleton
         model, info = model_class.from_pretrained(path, dtype=dtype, local_files_only=True,
                                                   output_loading_info=True)
     except HippoError:
@@ -359,8 +367,9 @@ def load_local_model(model_class, path: str, dtype: torch.dtype, label: str):
     return model
 
 
-def check_config_fits_weights(model_class, path: str) -> None:
-    """Compare the parameter count that config.json describes with the tensors in the
+def check_config_fits_weights(skeleton: torch.nn.Module, path: str) -> None:
+    """Compare the parameter count that config.json describes (the model built from it on the
+    meta device) with the tensors in the
     checkpoint's safetensors files (headers only), before anything is allocated: a config
     missing its size fields falls back to transformers' defaults (a 72B-sized Qwen2.5-VL),
     which would exhaust memory rather than fail. Checkpoints without safetensors files are left
@@ -377,9 +386,7 @@ def check_config_fits_weights(model_class, path: str) -> None:
     for file in files:
         with safe_open(file, framework="pt") as weights:
             stored += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
-    config = model_class.config_class.from_pretrained(path, local_files_only=True)
-    with torch.device("meta"):
-        described = sum(p.numel() for p in model_class(config).parameters())
+    described = sum(p.numel() for p in skeleton.parameters())
     if described > stored:
         raise HippoError(f"config.json in {path} describes {described:,} parameters but the "
                          f"weights hold {stored:,}: the config does not fit the weights (size "

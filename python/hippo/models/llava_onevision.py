@@ -40,6 +40,12 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         if vision.image_size != preprocess.size:
             raise HippoError(f"frames are resized to {preprocess.size} px but the vision tower takes "
                              f"{vision.image_size} px")
+        self.check_model(model)
+
+    @staticmethod
+    def check_model(model: torch.nn.Module) -> None:
+        """What a config.json can get wrong that would fail only in the first prepare; also run
+        on the weightless skeleton before a checkpoint's weights load."""
         check_token_ids_in_vocabulary(model, TOKEN_ID_FIELDS)
         check_feature_layers(model.config)
 
@@ -60,7 +66,8 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
                         device: str | torch.device = "cpu") -> "LlavaOnevisionAdapter":
         from transformers import LlavaOnevisionForConditionalGeneration
 
-        model = load_local_model(LlavaOnevisionForConditionalGeneration, path, dtype, "LLaVA-OneVision")
+        model = load_local_model(LlavaOnevisionForConditionalGeneration, path, dtype, "LLaVA-OneVision",
+                                 check_model=cls.check_model)
         tokenizer = load_local_tokenizer(path)
         prefix, suffix = chat_ids(tokenizer, CHAT_PREFIX, CHAT_SUFFIX)
         preprocess = preprocess_from_checkpoint(path, model.config.vision_config.image_size)

@@ -39,6 +39,12 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         self.prompt_prefix_ids = list(prompt_prefix_ids)
         self.prompt_suffix_ids = list(prompt_suffix_ids)
         check_preprocess_fits_vision(preprocess, model.config.vision_config)
+        self.check_model(model)
+
+    @staticmethod
+    def check_model(model: torch.nn.Module) -> None:
+        """What a config.json can get wrong that would fail only in the first prepare or prefill;
+        also run on the weightless skeleton before a checkpoint's weights load."""
         check_token_ids_in_vocabulary(model, {field: field for field in TOKEN_ID_FIELDS})
         check_mrope_section(model)
 
@@ -59,7 +65,8 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
                         device: str | torch.device = "cpu") -> "Qwen2_5_VLAdapter":
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        model = load_local_model(Qwen2_5_VLForConditionalGeneration, path, dtype, "Qwen2.5-VL")
+        model = load_local_model(Qwen2_5_VLForConditionalGeneration, path, dtype, "Qwen2.5-VL",
+                                 check_model=cls.check_model)
         tokenizer = load_local_tokenizer(path)
         prefix, suffix = chat_ids(tokenizer, CHAT_PREFIX, CHAT_SUFFIX)
         return cls(model.to(device), tokenizer, preprocess_from_checkpoint(path), prefix, suffix)
