@@ -65,11 +65,10 @@ void check_uniforms(const at::Tensor& uniforms) {
 void check_probabilities(const at::Tensor& probs, const char* name) {
   const at::Tensor bad = (probs >= 0).logical_and(probs.isfinite()).logical_not();
   if (!bad.any().item<bool>()) return;
-  const at::Tensor first = bad.flatten().nonzero()[0][0];
-  const double value = probs.flatten()[first.item<int64_t>()].item<double>();
+  const int64_t first = bad.flatten().nonzero()[0][0].item<int64_t>();
   HIPPO_CHECK(false, "verify_sampling", name, " must be finite and non-negative (probabilities), got ",
-              value, " at flat position ", first.item<int64_t>(), " (", bad.sum().item<int64_t>(),
-              " such values)");
+              probs.flatten()[first].item<double>(), " at flat position ", first, " (",
+              bad.sum().item<int64_t>(), " such values)");
 }
 
 void check_parents_topological(const at::Tensor& parents) {

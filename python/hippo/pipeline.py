@@ -206,18 +206,22 @@ class HippoPipeline:
         _check_same_layout(target_prompt, draft_prompt)
         return target_prompt, draft_prompt
 
+    def _models(self) -> dict[str, VideoLLMAdapter]:
+        """The pair's models by role (no "draft" when self-speculating)."""
+        return {role: model for role, model in (("target", self.target), ("draft", self.draft))
+                if model is not None}
+
     def _text_tokens(self, prompt: str | list[int]) -> dict[str, int]:
         """Each model's count of the prompt's tokens that are not visual."""
-        adapters = {"target": self.target, "draft": self.draft}
-        return {role: adapter.text_tokens(prompt) for role, adapter in adapters.items() if adapter is not None}
+        return {role: adapter.text_tokens(prompt) for role, adapter in self._models().items()}
 
     def _admit_frames(self, count: int, height: int, width: int, *, text_tokens: dict[str, int],
                       new_tokens: int = 0) -> None:
         """Refuse, before decoding or embedding them, frames whose visual tokens plus the
         prompt's text and the tokens to be generated would overflow a model's context (a long
         video at one frame per second). _check_context_fits checks the prepared prompt again."""
-        for role, adapter in (("target", self.target), ("draft", self.draft)):
-            if adapter is None or adapter.max_positions is None:
+        for role, adapter in self._models().items():
+            if adapter.max_positions is None:
                 continue
             visual, text = adapter.visual_tokens(count, height, width), text_tokens[role]
             total = visual + text + new_tokens

@@ -25,7 +25,7 @@ from typing import Callable, Protocol, TypeVar
 import numpy as np
 import torch
 
-from hippo.models.base import HippoError, is_int
+from hippo.models.base import HippoError, check_positive_rate, is_int, short_repr
 
 BACKENDS = ("decord", "opencv")
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -115,7 +115,7 @@ def load_video(
     _check_sampling(sampling, num_frames)
     window = _checked_window(start, end)
     if assumed_fps is not None:
-        _check_rate("assumed_fps", assumed_fps)
+        check_positive_rate("assumed_fps", assumed_fps)
     path = _checked_source(path)
 
     def decode(reader: _Reader) -> torch.Tensor:
@@ -251,19 +251,14 @@ def _check_request(num_frames: int | None, fps: float | None) -> None:
         if num_frames < 1:
             raise HippoError(f"num_frames must be at least 1, got {num_frames}")
     if fps is not None:
-        _check_rate("fps", fps)
-
-
-def _check_rate(name: str, rate: float) -> None:
-    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not (math.isfinite(rate) and rate > 0):
-        raise HippoError(f"{name} must be a positive number, got {rate!r}")
+        check_positive_rate("fps", fps)
 
 
 def _checked_source(path: str | Path) -> Path:
     """A video file or a directory of frames that exists and is not empty."""
     if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
         raise HippoError(f"the video must be a path to a video file or a folder of frames, "
-                         f"got {type(path).__name__} {_short_repr(path)}")
+                         f"got {type(path).__name__} {short_repr(path)}")
     if not os.fspath(path):  # Path("") would read as the current directory
         raise HippoError("the video path is empty: give a video file or a folder of frames")
     path = Path(path)
@@ -279,11 +274,6 @@ def _checked_source(path: str | Path) -> Path:
     if path.stat().st_size == 0:
         raise HippoError(f"video file is empty: {path}")
     return path
-
-
-def _short_repr(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _backend_order(backend: str | None) -> list[str]:

@@ -7,7 +7,7 @@ import torch
 
 from hippo.models.base import (
     HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible, is_int, read_checkpoint_json,
-    resolve_device)
+    resolve_device, short_repr)
 
 # model_type in a checkpoint's config.json -> family (LLaVA-Video checkpoints are llava_onevision too).
 FAMILIES = ("qwen2_5_vl", "llava_onevision")
@@ -32,9 +32,8 @@ def check_model_type(model_type: object, where: str = "") -> None:
     cannot even be looked up among the hints below. `where` names the file for the message."""
     if isinstance(model_type, str):
         return
-    shown = repr(model_type) if len(repr(model_type)) <= 80 else repr(model_type)[:80] + "..."
     raise HippoError(f"{where}model_type must be a string naming the model family "
-                     f"({', '.join(FAMILIES)}), got {type(model_type).__name__} {shown}")
+                     f"({', '.join(FAMILIES)}), got {type(model_type).__name__} {short_repr(model_type)}")
 
 
 # Near misses users hold checkpoints of: what to use instead.

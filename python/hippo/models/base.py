@@ -20,6 +20,18 @@ def is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_positive_rate(name: str, rate: object) -> None:
+    """A rate (frames per second) must be a finite positive number (not a bool)."""
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not (math.isfinite(rate) and rate > 0):
+        raise HippoError(f"{name} must be a positive number, got {rate!r}")
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """repr(value) for an error message, cut after `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """Where to run: `device` checked (cpu or an existing CUDA GPU), or by default the GPU when
     one is present, else the CPU."""

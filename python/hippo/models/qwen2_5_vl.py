@@ -7,11 +7,11 @@ Real checkpoints use Qwen's chat format; tiny presets use one stand-in id each f
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
-from hippo.models.base import (build_random_model, chat_ids, check_token_ids_in_vocabulary, is_int,
+from hippo.models.base import (build_random_model, chat_ids, check_positive_rate,
+                               check_token_ids_in_vocabulary, is_int,
                                load_local_model, preset_for_family, HippoError, PreparedPrompt,
                                PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
                                read_checkpoint_json, visual_span)
@@ -105,9 +105,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         positions apart: an absurdly low fps (1e-25) puts them beyond 32-bit positions, where
         transformers overflows mid-prefill. A sparse but real rate (0.001 over ten hours) is far
         below the limit. One patch counts even alone: transformers multiplies by the spacing."""
-        if isinstance(fps, bool) or not isinstance(fps, numbers.Real) or not (
-                math.isfinite(fps) and fps > 0):
-            raise HippoError(f"fps must be a positive number, got {fps!r}")
+        check_positive_rate("fps", fps)
         per_second = self.model.config.vision_config.tokens_per_second
         seconds_per_patch = self.preprocess.temporal_patch_size / fps
         extent = max(groups - 1, 1) * seconds_per_patch * per_second
