@@ -148,6 +148,17 @@ __device__ __forceinline__ int64_t row_offset(const Params& p, int b, int h, int
 }
 
 
+// 2^x on the special-function unit alone. exp2f keeps results below 2^-126 as subnormals,
+// which costs three more instructions per call (a compare, a halving and a squaring around the
+// SFU op). In the key loop a weight that small sits over a hundred binary orders under the
+// row's largest weight, 1, far below fp32's resolution of the sums it joins, so it is flushed
+// to zero. Every other input gives exp2f's bits (exp2(-inf) = 0, NaN stays NaN).
+__device__ __forceinline__ float exp2_flush(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Base-2 log-sum-exp of a split from its running max and sum (-inf when it saw nothing).
 __device__ __forceinline__ float split_lse(float max_score, float sum) {
   return sum != 0.f ? max_score + __log2f(sum) : kNegInf;  // a NaN sum stays NaN
@@ -282,6 +293,23 @@ struct MmaSmem {
   static constexpr int kBytes = kStagingBytes > kMergeBytes ? kStagingBytes : kMergeBytes;
 };
 
+// Who copies what of a K/V tile into shared memory: thread t takes the 16-byte piece
+// t % kPieceSlots of the key rows t / kPieceSlots + j * kKeysPerPass (j < kPasses), and the same
+// of the value rows. A thread's offsets are then fixed for the whole key loop and every copy of a
+// tile adds a compile-time constant to them: the generic index loop this replaces spent about a
+// hundred integer instructions per tile on divisions and 64-bit addresses. Slots are a power of
+// two so that they divide the block; D 80's ten pieces leave six of every sixteen threads idle.
+template <int D, int kBlockThreads>
+struct TileCopy {
+  static constexpr int kPieces = D * 2 / 16;                // 16-byte pieces per key row
+  static constexpr int kPieceSlots = kPieces <= 8 ? 8 : 16;
+  static constexpr int kKeysPerPass = kBlockThreads / kPieceSlots;
+  static constexpr int kPasses = kTileKeys / kKeysPerPass;
+  static_assert(kPieces <= kPieceSlots && kBlockThreads % kPieceSlots == 0 &&
+                    kTileKeys % kKeysPerPass == 0,
+                "every (key row, piece) of a tile is copied by exactly one thread and pass");
+};
+
 // Grid (num_splits, B * Hkv, row groups of 64). Warp w of W owns m16 tile w % M of the block's
 // rows and key slice w / M of every staged tile (M = 1, 2, 4 row tiles; W / M slices), so decode
 // (few rows) still keeps all the warps on the tensor cores. The slices are merged in shared
@@ -305,7 +333,6 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
   constexpr int kDimK = D / 16;                    // k16 steps of Q K^T
   constexpr int kDimN = D / 8;                     // n8 tiles of O
   constexpr int kStride = MmaSmem<D, W>::kStride;
-  constexpr int kChunksPerRow = D * 2 / 16;        // 16-byte pieces per key row
 
   const int split = blockIdx.x;
   const int bh = blockIdx.y;
@@ -337,17 +364,38 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
   const T* keys = static_cast<const T*>(p.keys) + static_cast<int64_t>(bh) * p.max_seq * D;
   const T* values = static_cast<const T*>(p.values) + static_cast<int64_t>(bh) * p.max_seq * D;
 
+  // This thread's share of every tile copy (TileCopy): its first key row and piece, in global
+  // memory (relative to the head's keys or values) and in a stage of the staging area.
+  using Copy = TileCopy<D, kBlockThreads>;
+  const int copy_row = threadIdx.x / Copy::kPieceSlots;
+  const int copy_piece = threadIdx.x % Copy::kPieceSlots;
+  const bool copies = copy_piece < Copy::kPieces;
+  const int64_t copy_src = static_cast<int64_t>(kv_begin + copy_row) * D + copy_piece * 8;
+  const unsigned copy_dst =
+      shared_address(staging) + (copy_row * kStride + copy_piece * 8) * static_cast<int>(sizeof(T));
+  constexpr int kStageBytes = MmaSmem<D, W>::kStageElems * sizeof(T);
+  constexpr int kValuesBytes = kTileKeys * kStride * sizeof(T);  // values follow keys in a stage
+
   auto load_tile = [&](int tile) {
-    T* k_smem = staging + (tile % kStages) * MmaSmem<D, W>::kStageElems;
-    T* v_smem = k_smem + kTileKeys * kStride;
-    const int start = kv_begin + tile * kTileKeys;
-    for (int idx = threadIdx.x; idx < kTileKeys * kChunksPerRow; idx += kBlockThreads) {
-      const int key = idx / kChunksPerRow;
-      const int piece = idx % kChunksPerRow;
-      const bool valid = start + key < kv_end;
-      const int64_t src = static_cast<int64_t>(valid ? start + key : 0) * D + piece * 8;
-      cp_async_16(k_smem + key * kStride + piece * 8, keys + src, valid);
-      cp_async_16(v_smem + key * kStride + piece * 8, values + src, valid);
+    if (!copies) return;
+    const unsigned dst = copy_dst + (tile % kStages) * kStageBytes;
+    const int64_t src = copy_src + static_cast<int64_t>(tile) * kTileKeys * D;
+    // Rows of this thread's passes that hold keys: pass j's row iff j * kKeysPerPass < rows_left.
+    const int rows_left = kv_end - kv_begin - tile * kTileKeys - copy_row;
+    auto copy_pass = [&](int j, bool valid) {
+      // A row past the split's end is zero-filled (nothing is read); it still gets a valid
+      // address, the head's first row.
+      const int64_t at = valid ? src + j * Copy::kKeysPerPass * D : copy_piece * 8;
+      const unsigned row_dst = dst + j * Copy::kKeysPerPass * kStride * sizeof(T);
+      cp_async_16(row_dst, keys + at, valid);
+      cp_async_16(row_dst + kValuesBytes, values + at, valid);
+    };
+    if ((tile + 1) * kTileKeys <= kv_end - kv_begin) {  // the whole tile holds keys (uniform)
+#pragma unroll
+      for (int j = 0; j < Copy::kPasses; ++j) copy_pass(j, true);
+    } else {
+#pragma unroll
+      for (int j = 0; j < Copy::kPasses; ++j) copy_pass(j, j * Copy::kKeysPerPass < rows_left);
     }
   };
 
@@ -449,7 +497,7 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
       tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 2));
       const float new_max = fmaxf(running_max[half], tile_max[half]);
       shift[half] = new_max == kNegInf ? 0.f : new_max;  // nothing seen yet: keep exp2 finite
-      const float rescale = exp2f(running_max[half] - shift[half]);  // 0 when max was -inf
+      const float rescale = exp2_flush(running_max[half] - shift[half]);  // 0 when max was -inf
       running_max[half] = new_max;
       running_sum[half] *= rescale;
 #pragma unroll
@@ -462,7 +510,7 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
     for (int n = 0; n < kKeyTiles; ++n) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        score[n][e] = exp2f(score[n][e] - shift[e / 2]);  // masked: exp2(-inf) = 0
+        score[n][e] = exp2_flush(score[n][e] - shift[e / 2]);  // masked: exp2(-inf) = 0
         running_sum[e / 2] += score[n][e];
       }
     }

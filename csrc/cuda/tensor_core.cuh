@@ -41,13 +41,19 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
   }
 }
 
+// The shared-state-space address of a pointer into shared memory (what ldmatrix and cp.async
+// take), computed once where a kernel then adds constant offsets to it.
+__device__ __forceinline__ unsigned shared_address(const void* smem) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(smem));
+}
+
 // Four 8x8 matrices of 16-bit elements from shared memory into mma fragments: lane l gives the
 // address of row l % 8 of matrix l / 8 (16 contiguous, 16-byte aligned bytes); register j gets
 // matrix j. Plain: lane t holds row t / 4, columns 2 (t % 4) and +1 (the B fragment of K^T when
 // rows are keys). Transposed: rows 2 (t % 4) and +1 of column t / 4 (the B fragment of V).
 template <bool kTranspose>
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(smem_row));
+  const unsigned addr = shared_address(smem_row);
   if constexpr (kTranspose) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -59,12 +65,11 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_r
   }
 }
 
-// 16-byte global -> shared copy; with valid == false the 16 bytes are zero-filled (nothing is
-// read), so positions beyond length never bring NaN garbage into P @ V.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+// 16-byte global -> shared copy to the shared address smem; with valid == false the 16 bytes are
+// zero-filled (nothing is read), so positions beyond length never bring NaN garbage into P @ V.
+__device__ __forceinline__ void cp_async_16(unsigned smem, const void* gmem, bool valid) {
   const int src_bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem),
                "r"(src_bytes));
 }
 
