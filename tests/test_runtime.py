@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+import hippo_ext
 from hippo.models.base import HippoError, PreparedPrompt
 from hippo_testing import requires_cuda
 from hippo.runtime import (LanguageModelRuntime, StaticKVCache, generate_autoregressive,
                            warp_logits)
+from hippo.runtime.decoder import GEMM_PROLOGUE_MAX_ROWS, GEMM_PROLOGUE_OPS
 
 VOCAB = 512
 ATOL = 2e-5
@@ -447,8 +449,8 @@ def step_logits(model, positions_for, device, **options) -> torch.Tensor:
 
 
 # Runtime options that change which kernels run, never the arithmetic (on the CPU they run the
-# very same ATen ops): skinny_linear for the GEMMs; the norms and gating inside the GEMMs (up to
-# 16 rows on CUDA, so the 17-token step runs the composition).
+# very same ATen ops): skinny_linear for the GEMMs; the norms and gating inside the GEMMs (in the
+# single-token steps).
 KERNEL_OPTIONS = {"skinny_gemm": dict(skinny_gemm=True),
                   "gemm_prologues": dict(gemm_prologues=True)}
 
@@ -468,6 +470,40 @@ def test_kernel_options_match_the_default_runtime(device, family, option):
         assert torch.equal(default, changed)
     else:
         assert (default - changed).norm() / changed.norm() < 1e-2
+
+
+def count_calls(monkeypatch, module, names: tuple[str, ...]) -> list[str]:
+    """Wrap module.<name> for each name so that every call appends its name to the list returned."""
+    calls: list[str] = []
+    for name in names:
+        def counted(*args, _op=getattr(module, name), _name=name, **kwargs):
+            calls.append(_name)
+            return _op(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("gemm_prologues", [False, True])
+def test_gemm_prologues_run_in_decode_steps_only(monkeypatch, gemm_prologues):
+    """The fused GEMM ops serve steps of up to GEMM_PROLOGUE_MAX_ROWS rows (their kernel's cost
+    grows with the rows); wider steps and prefill keep the ops apart, as every step does
+    without the option."""
+    model, positions_for = build("qwen2")
+    ids = torch.randint(0, VOCAB, (1, 30))
+    positions = positions_for(30)
+    calls = count_calls(monkeypatch, hippo_ext, GEMM_PROLOGUE_OPS)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, gemm_prologues=gemm_prologues)
+    runtime.prefill(runtime.embed(ids[:, :20]), positions[..., :20])
+    wide = GEMM_PROLOGUE_MAX_ROWS + 1
+    runtime.step(ids[:, 20:20 + wide], positions[..., 20:20 + wide])
+    assert calls == []
+    start = 20 + wide
+    runtime.step(ids[:, start:start + GEMM_PROLOGUE_MAX_ROWS],
+                 positions[..., start:start + GEMM_PROLOGUE_MAX_ROWS])
+    layers = len(runtime.layers)  # the first layer's input is the embedding: no residual add
+    expected = {"qkv_projection": layers - 1, "add_rms_norm_linear": layers,
+                "silu_and_mul_linear": layers} if gemm_prologues else {}
+    assert {name: calls.count(name) for name in set(calls)} == expected
 
 
 def test_gemm_prologues_need_the_fused_path_and_no_step_invariance():

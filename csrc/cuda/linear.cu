@@ -205,7 +205,7 @@ constexpr int kFmaWarps = 8;
 constexpr int kFmaThreads = kFmaWarps * 32;
 constexpr int kFmaLaneK = 8;                // k per lane and 16-byte load
 constexpr int kFmaWarpK = 32 * kFmaLaneK;   // k per warp step
-constexpr int kFmaBatch = 4;                // warp steps whose weight loads are in flight together
+constexpr int kFmaBatch = 4;                // warp steps whose weight loads go out together
 
 template <typename T>
 __device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[kFmaLaneK]) {
@@ -362,27 +362,31 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
     for (int o = 0; o < kFmaOutputsPerWarp; ++o) acc[m][o] = 0.f;
   }
 
-  // kFmaBatch warp steps at a time with all their weight loads issued first: a plain unrolled
-  // loop tested k < K between steps and so kept one step's loads in flight per warp. The first
-  // batch is requested before the prologue, whose row reductions then run under its latency
-  // (and before the wait for the previous kernel).
-  uint4 w_raw[kFmaBatch][kFmaOutputsPerWarp];
-  auto load_batch = [&](int k) {
+  // Weight loads go out kFmaBatch warp steps at a time, and a batch's steps past K are neither
+  // loaded nor added. Up to 4 rows the loads run a batch ahead: batch i + 1's loads are issued
+  // before batch i's FMAs, so a warp always has one batch in flight. More rows keep one buffer
+  // (the second one spills beside 8 or 16 rows of accumulators) and load the next batch once
+  // the current one is added. The loop this replaces took the steps past the last whole batch
+  // one load at a time: a lane of a K = 896 GEMM (a 0.5B model's) waited for three loads in a
+  // row. The first batch is requested before the prologue, whose row reductions then run under
+  // its latency (and before the wait for the previous kernel). Each lane adds its steps in k
+  // order, whatever the buffering.
+  using Batch = uint4[kFmaBatch][kFmaOutputsPerWarp];
+  constexpr int kBatchK = kFmaBatch * kFmaWarpK;
+  constexpr int kBuffers = kRows <= 4 ? 2 : 1;
+  Batch w_raw[kBuffers];
+  auto load_batch = [&](int k, Batch& batch) {
 #pragma unroll
     for (int b = 0; b < kFmaBatch; ++b) {
+      if (k + b * kFmaWarpK >= K) break;
 #pragma unroll
       for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
-        w_raw[b][o] = __ldcs(w_row[o] + (k + b * kFmaWarpK) / kFmaLaneK);
+        batch[b][o] = __ldcs(w_row[o] + (k + b * kFmaWarpK) / kFmaLaneK);
       }
     }
   };
-  int k = lane * kFmaLaneK;
-  const bool whole_batch = k + (kFmaBatch - 1) * kFmaWarpK < K;
-  bool batch_loaded = false;
-  if (warp_has_outputs && whole_batch) {
-    load_batch(k);
-    batch_loaded = true;
-  }
+  const int first_k = lane * kFmaLaneK;
+  if (warp_has_outputs) load_batch(first_k, w_raw[0]);
   wait_for_prior_kernels();  // x, residual and out belong to the kernels before this one
   allow_dependent_kernels();
   __shared__ float inverse[kRows];  // the add-RMSNorm prologue's 1 / rms of each row
@@ -406,17 +410,21 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
       }
     }
   };
-  for (; k + (kFmaBatch - 1) * kFmaWarpK < K; k += kFmaBatch * kFmaWarpK) {
-    if (!batch_loaded) load_batch(k);
-    batch_loaded = false;
+  // kBuffers batches per turn, so that each buffer keeps fixed registers.
+  for (int k = first_k; k < K; k += kBuffers * kBatchK) {
 #pragma unroll
-    for (int b = 0; b < kFmaBatch; ++b) accumulate(k + b * kFmaWarpK, w_raw[b]);
-  }
-  for (; k < K; k += kFmaWarpK) {  // the last steps, in the same k order
-    uint4 w_step[kFmaOutputsPerWarp];
+    for (int i = 0; i < kBuffers; ++i) {
+      const int batch_k = k + i * kBatchK;
+      if (batch_k >= K) break;
+      const bool more = batch_k + kBatchK < K;
+      if (kBuffers == 2 && more) load_batch(batch_k + kBatchK, w_raw[(i + 1) % kBuffers]);
 #pragma unroll
-    for (int o = 0; o < kFmaOutputsPerWarp; ++o) w_step[o] = __ldcs(w_row[o] + k / kFmaLaneK);
-    accumulate(k, w_step);
+      for (int b = 0; b < kFmaBatch; ++b) {
+        if (batch_k + b * kFmaWarpK >= K) break;
+        accumulate(batch_k + b * kFmaWarpK, w_raw[i][b]);
+      }
+      if (kBuffers == 1 && more) load_batch(batch_k + kBatchK, w_raw[0]);
+    }
   }
 
   // The GEMM's outputs as the unfused op stores them: fp32 sum plus bias, rounded once.

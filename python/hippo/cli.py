@@ -23,8 +23,9 @@ def add_gemm_prologues_argument(parser: argparse.ArgumentParser, default: str | 
     (HippoOptions.gemm_prologues; opt-in kernels, measured slower on an H200: 2026-11-27,
     benchmarks/RESULTS.md)."""
     parser.add_argument("--gemm-prologues", choices=("none", "draft", "both"), default=default,
-                        help="runtimes with the norms, gating and RoPE inside the GEMMs "
-                             "(opt-in kernels; slower than the default on an H200 so far)")
+                        help="runtimes with the norms, gating and RoPE inside the GEMMs of their "
+                             "single-token steps (opt-in kernels; slower than the default on an "
+                             "H200 so far)")
 
 
 def _add_decoding_options(parser: argparse.ArgumentParser) -> None:

@@ -33,6 +33,11 @@ FUSED_LAYER_OPS = ("rms_norm", "add_rms_norm", "rotary_tables", "rotary_kv_appen
                    "silu_and_mul")
 # The GEMMs with the norm or gating in front of them, and RoPE behind q/k/v (gemm_prologues=True).
 GEMM_PROLOGUE_OPS = ("qkv_projection", "add_rms_norm_linear", "silu_and_mul_linear")
+# Steps of at most this many rows (batch x tokens) run those ops; wider steps (verify steps,
+# prefill) run the norms, gating and RoPE apart around cuBLAS. The ops' CUDA kernel does plain
+# FMAs whose cost grows with every row, where cuBLAS's stays flat up to 17 rows: with it, a
+# 5-token verify step of the 0.5B model took 2.2x as long as with cuBLAS (H200, 2026-11-27).
+GEMM_PROLOGUE_MAX_ROWS = 1
 
 # attend(layer index, post-RoPE queries [B, S, Hq, D]) -> attention output [B, S, Hq * D]
 AttendFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -108,10 +113,12 @@ class LanguageModelRuntime:
         gemm_prologues: run each layer's add_rms_norm before the q/k/v and gate/up GEMMs and
             silu_and_mul before the down GEMM inside those GEMMs, and RoPE with the cache
             append after the q/k/v GEMM (hippo_ext.qkv_projection, add_rms_norm_linear,
-            silu_and_mul_linear): on CUDA, steps of up to 16 tokens then run four kernels fewer
-            per layer, on skinny_linear's FMA kernel; same arithmetic (on the CPU, the same
-            ops composed). Needs the fused layer path; opt-in: 4-8x slower at verify steps on an
-            H200 (2026-11-27; the FMA kernel's cost grows with the rows).
+            silu_and_mul_linear), in steps of up to GEMM_PROLOGUE_MAX_ROWS (batch x tokens)
+            rows, i.e. decode steps: on CUDA they then run four kernels fewer per layer, on
+            skinny_linear's FMA kernel, whose cost grows with the rows (wider steps keep the
+            ops apart around cuBLAS); same arithmetic (on the CPU, the same ops composed).
+            Needs the fused layer path; opt-in: slower than the default on an H200
+            (2026-11-27), before the FMA kernel's loads were pipelined.
         step_invariant: make a step's logits for each token independent of how many tokens the
             step holds (up to STEP_INVARIANT_MAX_TOKENS = 32; larger steps are refused), bit
             for bit: a verify step of g + 1 tokens then gives exactly the logits that g + 1
@@ -352,25 +359,31 @@ class LanguageModelRuntime:
         each residual add fuses into the next RMSNorm. Returns (delta, residual)."""
         layer, fused = self.layers[index], self.fused[index]
         norm = layer.input_layernorm
+        prologues = self._runs_gemm_prologues(delta)
         if residual is None:  # the first layer: its input is the embedding itself
             residual = delta
             normed = hippo_ext.rms_norm(delta, norm.weight, norm.variance_epsilon)
             q = self._rotary_append(self._linear(normed, fused.qkv_weight, fused.qkv_bias),
                                     cos, sin, index)
-        elif self.gemm_prologues:  # norm, q/k/v GEMM, RoPE and the cache append: one op
+        elif prologues:  # norm, q/k/v GEMM, RoPE and the cache append: one op
             q, residual = hippo_ext.qkv_projection(
                 delta, residual, norm.weight, norm.variance_epsilon, fused.qkv_weight,
                 fused.qkv_bias, cos, sin, self.cache.tensor, index, self.cache.length,
                 check=False)
         else:
             qkv, residual = self._norm_linear(delta, residual, norm, fused.qkv_weight,
-                                              fused.qkv_bias)
+                                              fused.qkv_bias, prologues=False)
             q = self._rotary_append(qkv, cos, sin, index)
         o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
         delta = self._linear(attend(index, q), o_proj.weight, o_proj.bias)
         gate_up, residual = self._norm_linear(delta, residual, layer.post_attention_layernorm,
-                                              fused.gate_up_weight, None)
-        return self._gated_linear(gate_up, down_proj.weight, down_proj.bias), residual
+                                              fused.gate_up_weight, None, prologues)
+        return self._gated_linear(gate_up, down_proj.weight, down_proj.bias, prologues), residual
+
+    def _runs_gemm_prologues(self, hidden: torch.Tensor) -> bool:
+        """Whether a layer of this step ([B, S, hidden]) runs the GEMM prologue ops: with
+        gemm_prologues, in steps of up to GEMM_PROLOGUE_MAX_ROWS rows."""
+        return self.gemm_prologues and hidden.shape[0] * hidden.shape[1] <= GEMM_PROLOGUE_MAX_ROWS
 
     def _rotary_append(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        index: int) -> torch.Tensor:
@@ -379,11 +392,11 @@ class LanguageModelRuntime:
                                           self.cache.length, check=False)
 
     def _norm_linear(self, delta: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
-                     weight: torch.Tensor,
-                     bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the GEMM of RMSNorm(delta + residual), delta + residual): one op with
-        gemm_prologues, add_rms_norm then the GEMM otherwise."""
-        if self.gemm_prologues:
+                     weight: torch.Tensor, bias: torch.Tensor | None,
+                     prologues: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the GEMM of RMSNorm(delta + residual), delta + residual): one op with the GEMM
+        prologues, add_rms_norm then the GEMM otherwise."""
+        if prologues:
             return hippo_ext.add_rms_norm_linear(delta, residual, norm.weight,
                                                  norm.variance_epsilon, weight, bias)
         normed, residual = hippo_ext.add_rms_norm(delta, residual, norm.weight,
@@ -391,9 +404,10 @@ class LanguageModelRuntime:
         return self._linear(normed, weight, bias), residual
 
     def _gated_linear(self, gate_up: torch.Tensor, weight: torch.Tensor,
-                      bias: torch.Tensor | None) -> torch.Tensor:
-        """The down projection of the SwiGLU gating of gate_up [..., 2I]."""
-        if self.gemm_prologues:
+                      bias: torch.Tensor | None, prologues: bool) -> torch.Tensor:
+        """The down projection of the SwiGLU gating of gate_up [..., 2I]: one op with the GEMM
+        prologues."""
+        if prologues:
             return hippo_ext.silu_and_mul_linear(gate_up, weight, bias)
         return self._linear(hippo_ext.silu_and_mul(gate_up), weight, bias)
 
@@ -552,8 +566,8 @@ def _check_step_invariance_possible(device: torch.device, step_attention: str,
 
 def _check_gemm_prologues_possible(requested: bool, fused: bool, step_invariant: bool,
                                    device: torch.device) -> None:
-    """gemm_prologues replaces ops of the fused layer path; past 16 tokens its CUDA ops compose
-    with cuBLAS, whose rows depend on the step size, which step_invariant rules out."""
+    """gemm_prologues replaces ops of the fused layer path in decode steps; wider steps run
+    cuBLAS, whose rows depend on the step size, which step_invariant rules out."""
     if not requested:
         return
     if not fused:
