@@ -483,26 +483,27 @@ def count_calls(monkeypatch, module, names: tuple[str, ...]) -> list[str]:
     return calls
 
 
-@pytest.mark.parametrize("gemm_prologues", [False, True])
-def test_gemm_prologues_run_in_decode_steps_only(monkeypatch, gemm_prologues):
-    """The fused GEMM ops serve steps of up to GEMM_PROLOGUE_MAX_ROWS rows (their kernel's cost
-    grows with the rows); wider steps and prefill keep the ops apart, as every step does
-    without the option."""
+@pytest.mark.parametrize("gemm_prologues,batch", [(False, 1), (True, 1), (True, 2)])
+def test_gemm_prologues_run_in_decode_steps_only(monkeypatch, gemm_prologues, batch):
+    """The fused GEMM ops serve steps of up to GEMM_PROLOGUE_MAX_ROWS rows, batch x tokens
+    (their kernel's cost grows with the rows); wider steps, batched ones included, and prefill
+    keep the ops apart, as every step does without the option."""
     model, positions_for = build("qwen2")
-    ids = torch.randint(0, VOCAB, (1, 30))
-    positions = positions_for(30)
+    ids = torch.randint(0, VOCAB, (batch, 30))
+    positions = torch.cat([positions_for(30)] * batch, dim=-2)
     calls = count_calls(monkeypatch, hippo_ext, GEMM_PROLOGUE_OPS)
-    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, gemm_prologues=gemm_prologues)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, batch=batch,
+                                           gemm_prologues=gemm_prologues)
     runtime.prefill(runtime.embed(ids[:, :20]), positions[..., :20])
     wide = GEMM_PROLOGUE_MAX_ROWS + 1
     runtime.step(ids[:, 20:20 + wide], positions[..., 20:20 + wide])
     assert calls == []
     start = 20 + wide
-    runtime.step(ids[:, start:start + GEMM_PROLOGUE_MAX_ROWS],
-                 positions[..., start:start + GEMM_PROLOGUE_MAX_ROWS])
+    runtime.step(ids[:, start:start + 1], positions[..., start:start + 1])
     layers = len(runtime.layers)  # the first layer's input is the embedding: no residual add
+    narrow = batch <= GEMM_PROLOGUE_MAX_ROWS
     expected = {"qkv_projection": layers - 1, "add_rms_norm_linear": layers,
-                "silu_and_mul_linear": layers} if gemm_prologues else {}
+                "silu_and_mul_linear": layers} if gemm_prologues and narrow else {}
     assert {name: calls.count(name) for name in set(calls)} == expected
 
 

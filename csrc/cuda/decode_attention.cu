@@ -151,8 +151,9 @@ __device__ __forceinline__ int64_t row_offset(const Params& p, int b, int h, int
 // 2^x on the special-function unit alone. exp2f keeps results below 2^-126 as subnormals,
 // which costs three more instructions per call (a compare, a halving and a squaring around the
 // SFU op). In the key loop a weight that small sits over a hundred binary orders under the
-// row's largest weight, 1, far below fp32's resolution of the sums it joins, so it is flushed
-// to zero. Every other input gives exp2f's bits (exp2(-inf) = 0, NaN stays NaN).
+// row's largest weight, 1, far below fp32's resolution of the softmax sum, and its share of an
+// output is negligible unless the other contributions to that output cancel; it is flushed to
+// zero. Every other input gives exp2f's bits (exp2(-inf) = 0, NaN stays NaN).
 __device__ __forceinline__ float exp2_flush(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

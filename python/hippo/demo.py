@@ -9,6 +9,7 @@ acceptance are real.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 
@@ -35,7 +36,7 @@ class DemoResult:
 
 def run_demo(*, device: str | None = None, eps: float = 0.1, frames: int = 16,
              max_new_tokens: int = 96, keep_ratio: float = 0.1, progress: bool = True,
-             echo=print) -> DemoResult:
+             echo: Callable[[str], None] = print) -> DemoResult:
     """Build the pair, run the three methods (after one warm-up each: graphs get captured),
     compare their tokens, and return the table."""
     from tqdm import tqdm

@@ -13,6 +13,7 @@ steps, is the only allowed cause); HF's methods are compared only.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,7 @@ def run_end_to_end(preset: BenchPreset, *, frames: tuple[int, ...] | None = None
                    new_tokens: int | None = None, methods: tuple[str, ...] = METHODS,
                    keep_ratio: float = 0.1, gemm_prologues: str = "none",
                    draft_priority: bool = False, progress: bool = True,
-                   echo=print) -> list[dict]:
+                   echo: Callable[[str], None] = print) -> list[dict]:
     """Rows of measurements, one per (frames, eps, method). gemm_prologues and draft_priority:
     HippoOptions of hippo's methods; the HF baselines are unchanged."""
     from tqdm import tqdm

@@ -6,8 +6,14 @@ import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from hippo.models.presets import Preset
 
 
 class HippoError(RuntimeError):
@@ -323,7 +329,7 @@ def load_local_tokenizer(path: str) -> PromptTokenizer | None:
         raise HippoError(f"cannot load the tokenizer in {path}: {type(err).__name__}: {err}") from err
 
 
-def preset_for_family(name: str, family: str):
+def preset_for_family(name: str, family: str) -> Preset:
     """The named tiny preset, which must belong to `family`."""
     from hippo.models.presets import get_preset
 
@@ -333,8 +339,9 @@ def preset_for_family(name: str, family: str):
     return preset
 
 
-def build_random_model(model_class, config, tokenizer: PromptTokenizer, dtype: torch.dtype,
-                       device: str | torch.device, seed: int):
+def build_random_model(model_class: type[torch.nn.Module], config: PretrainedConfig,
+                       tokenizer: PromptTokenizer, dtype: torch.dtype,
+                       device: str | torch.device, seed: int) -> torch.nn.Module:
     """A randomly initialised HF model (seeded), generating with the tokenizer's eos/pad ids."""
     torch.manual_seed(seed)
     model = model_class(config).to(device=device, dtype=dtype)
@@ -343,8 +350,9 @@ def build_random_model(model_class, config, tokenizer: PromptTokenizer, dtype: t
     return model
 
 
-def load_local_model(model_class, path: str, dtype: torch.dtype, label: str,
-                     check_model: Callable[[torch.nn.Module], None] | None = None):
+def load_local_model(model_class: type[torch.nn.Module], path: str, dtype: torch.dtype, label: str,
+                     check_model: Callable[[torch.nn.Module], None] | None = None
+                     ) -> torch.nn.Module:
     """from_pretrained on a local directory only (nothing is ever downloaded). Every parameter
     must come from the checkpoint: transformers would otherwise initialise what is missing at
     random and carry on. check_model (the family's config checks) runs on a weightless skeleton

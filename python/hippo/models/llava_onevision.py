@@ -8,6 +8,7 @@ ceil(n/2) x ceil(n/2), and one learned newline embedding ends the video (HF's fo
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from hippo.models.base import (build_random_model, chat_ids, check_token_ids_in_
                                read_checkpoint_json, visual_span)
 from hippo.models.preprocess import (SIGLIP_MEAN, SIGLIP_STD, SiglipVideoPreprocess, preprocess_siglip_video,
                                      settings_value)
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 CHAT_PREFIX = "<|im_start|>user "
 CHAT_VIDEO_TEXT_SEPARATOR = "\n"
@@ -128,7 +132,7 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
                               visual_features=features.reshape(*grid, -1).to(embeds.dtype))
 
 
-def check_feature_layers(config) -> None:
+def check_feature_layers(config: PretrainedConfig) -> None:
     """vision_feature_layer indexes the vision tower's hidden states (the embeddings, then one per
     layer: layers + 1 of them), as an int or a list of ints; one beyond them would fail only in
     the first prepare."""

@@ -8,9 +8,13 @@ mismatched pair for tests).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from hippo.models.base import HippoError, PromptTokenizer
 from hippo.models.preprocess import SIGLIP_MEAN, SIGLIP_STD, QwenVideoPreprocess, SiglipVideoPreprocess
+
+if TYPE_CHECKING:
+    from transformers import LlavaOnevisionConfig, Qwen2_5_VLConfig
 
 # Special ids of the tiny vocabularies (bytes are ids 0..255).
 VIDEO_TOKEN_ID = 500
@@ -68,7 +72,7 @@ class Preset:
     def tokenizer(self) -> ByteTokenizer:
         return ByteTokenizer(self.text.vocab_size)
 
-    def qwen_config(self):
+    def qwen_config(self) -> Qwen2_5_VLConfig:
         from transformers import Qwen2_5_VLConfig
 
         t = self.text
@@ -89,7 +93,7 @@ class Preset:
         # Small pixel bounds keep tiny videos at a handful of tokens: 56x56 .. 112x112 per frame.
         return QwenVideoPreprocess(min_pixels=56 * 56, max_pixels=112 * 112)
 
-    def llava_config(self):
+    def llava_config(self) -> LlavaOnevisionConfig:
         from transformers import LlavaOnevisionConfig
 
         t = self.text

@@ -7,6 +7,7 @@ Real checkpoints use Qwen's chat format; tiny presets use one stand-in id each f
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from hippo.models.base import (build_random_model, chat_ids, check_positive_rate
                                read_checkpoint_json, visual_span)
 from hippo.models.preprocess import (QwenVideoPreprocess, preprocess_qwen_video, qwen_video_tokens,
                                      settings_value)
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 CHAT_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
 CHAT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
@@ -189,7 +193,7 @@ def check_mrope_section(model: torch.nn.Module) -> None:
                      f"it must hold positive integers summing to {half} (head_dim / 2)")
 
 
-def check_preprocess_fits_vision(preprocess: QwenVideoPreprocess, vision) -> None:
+def check_preprocess_fits_vision(preprocess: QwenVideoPreprocess, vision: PretrainedConfig) -> None:
     """The patchified frames must have the layout the vision tower was built for."""
     pairs = (("patch_size", "patch_size"), ("temporal_patch_size", "temporal_patch_size"),
              ("merge_size", "spatial_merge_size"))

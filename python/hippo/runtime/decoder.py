@@ -34,7 +34,8 @@ FUSED_LAYER_OPS = ("rms_norm", "add_rms_norm", "rotary_tables", "rotary_kv_appen
 # The GEMMs with the norm or gating in front of them, and RoPE behind q/k/v (gemm_prologues=True).
 GEMM_PROLOGUE_OPS = ("qkv_projection", "add_rms_norm_linear", "silu_and_mul_linear")
 # Steps of at most this many rows (batch x tokens) run those ops; wider steps (verify steps,
-# prefill) run the norms, gating and RoPE apart around cuBLAS. The ops' CUDA kernel does plain
+# batched decode steps, prefill of more than one token) run the norms, gating and RoPE apart
+# around cuBLAS. The ops' CUDA kernel does plain
 # FMAs whose cost grows with every row, where cuBLAS's stays flat up to 17 rows: with it, a
 # 5-token verify step of the 0.5B model took 2.2x as long as with cuBLAS (H200, 2026-11-27).
 GEMM_PROLOGUE_MAX_ROWS = 1

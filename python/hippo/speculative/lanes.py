@@ -9,7 +9,7 @@ cache is shorter (kept tokens keep their original positions; new ones continue t
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -42,7 +42,7 @@ class Lane:
     def capacity(self) -> int:
         return self.tokens.shape[1]
 
-    def on_stream(self):
+    def on_stream(self) -> AbstractContextManager[object]:
         """Context that issues work on the lane's own stream (nothing on the CPU)."""
         return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
 
