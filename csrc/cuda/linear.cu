@@ -205,7 +205,7 @@ constexpr int kFmaWarps = 8;
 constexpr int kFmaThreads = kFmaWarps * 32;
 constexpr int kFmaLaneK = 8;                // k per lane and 16-byte load
 constexpr int kFmaWarpK = 32 * kFmaLaneK;   // k per warp step
-constexpr int kFmaBatch = 4;                // warp steps whose weight loads go out together
+constexpr int kFmaStepsInFlight = 4;        // warp steps whose weight loads a warp keeps in flight
 
 template <typename T>
 __device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[kFmaLaneK]) {
@@ -362,18 +362,20 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
     for (int o = 0; o < kFmaOutputsPerWarp; ++o) acc[m][o] = 0.f;
   }
 
-  // Weight loads go out kFmaBatch warp steps at a time, and a batch's steps past K are neither
-  // loaded nor added. Up to 4 rows the loads run a batch ahead: batch i + 1's loads are issued
-  // before batch i's FMAs, so a warp always has one batch in flight. More rows keep one buffer
-  // (the second one spills beside 8 or 16 rows of accumulators) and load the next batch once
-  // the current one is added. The loop this replaces took the steps past the last whole batch
-  // one load at a time: a lane of a K = 896 GEMM (a 0.5B model's) waited for three loads in a
-  // row. The first batch is requested before the prologue, whose row reductions then run under
-  // its latency (and before the wait for the previous kernel). Each lane adds its steps in k
-  // order, whatever the buffering.
+  // A warp keeps kFmaStepsInFlight warp steps of weight loads in flight, and a batch's steps
+  // past K are neither loaded nor added. Up to 4 rows they form two batches that alternate:
+  // batch i + 1's loads are issued before batch i's FMAs, so loads never stop while the warp
+  // adds. More rows keep one batch of all four (a second buffer beside 8 or 16 rows of
+  // accumulators spills) and load the next once the current one is added. The same registers
+  // either way, so occupancy is that of one batch of four. The loop this replaces took the
+  // steps past the last whole batch one load at a time: a lane of a K = 896 GEMM (a 0.5B
+  // model's) waited for three loads in a row. The first batch is requested before the prologue,
+  // whose row reductions then run under its latency (and before the wait for the previous
+  // kernel). Each lane adds its steps in k order, whatever the batching.
+  constexpr int kBuffers = kRows <= 4 ? 2 : 1;
+  constexpr int kFmaBatch = kFmaStepsInFlight / kBuffers;  // warp steps per batch
   using Batch = uint4[kFmaBatch][kFmaOutputsPerWarp];
   constexpr int kBatchK = kFmaBatch * kFmaWarpK;
-  constexpr int kBuffers = kRows <= 4 ? 2 : 1;
   Batch w_raw[kBuffers];
   auto load_batch = [&](int k, Batch& batch) {
 #pragma unroll
