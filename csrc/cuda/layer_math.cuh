@@ -38,16 +38,27 @@ __device__ __forceinline__ T gated(float gate, float up) {
   return from_float<T>(silu_rounded<T>(gate) * up);
 }
 
+// The cos and sin entries that rotate the pair (d, d + D/2) of one token's heads.
+struct RopeFactors {
+  float cos_first, sin_first, cos_second, sin_second;
+};
+
+// The factors at d and d + half of one token's cos and sin rows [D].
+template <typename T>
+__device__ __forceinline__ RopeFactors rope_factors(const T* cos, const T* sin, int d, int half) {
+  return {to_float(cos[d]), to_float(sin[d]), to_float(cos[d + half]), to_float(sin[d + half])};
+}
+
 // RoPE of one rotated pair x1 = x[d], x2 = x[d + D/2] of a q or k head, HF's
 // `x * cos + rotate_half(x) * sin` with its rounding (each product, then the sum, in T):
 // first = x1 cos[d] - x2 sin[d], second = x2 cos[d + D/2] + x1 sin[d + D/2].
 template <typename T>
-__device__ __forceinline__ void rotate_pair(float x1, float x2, const T* cos, const T* sin, int d,
-                                            int half, T& first, T& second) {
-  first = from_float<T>(product_rounded_to<T>(x1, to_float(cos[d])) +
-                        product_rounded_to<T>(-x2, to_float(sin[d])));
-  second = from_float<T>(product_rounded_to<T>(x2, to_float(cos[d + half])) +
-                         product_rounded_to<T>(x1, to_float(sin[d + half])));
+__device__ __forceinline__ void rotate_pair(float x1, float x2, const RopeFactors& f, T& first,
+                                            T& second) {
+  first = from_float<T>(product_rounded_to<T>(x1, f.cos_first) +
+                        product_rounded_to<T>(-x2, f.sin_first));
+  second = from_float<T>(product_rounded_to<T>(x2, f.cos_second) +
+                         product_rounded_to<T>(x1, f.sin_second));
 }
 
 // Where new token s (of S) of batch row b goes in one layer's keys or values [B, Hkv, S_max, D]:

@@ -200,6 +200,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const SkinnyPar
 // and adds in fp32 in k order (__fmaf_rn, never reassociated), and one shuffle tree adds the 32
 // lanes. Nothing in a row's arithmetic depends on M, on the row bucket or on a split plan.
 constexpr int kFmaMaxRows = 16;
+static_assert(kFmaMaxRows <= 32, "lane m stores row m of the rotary-append epilogue");
 constexpr int kFmaOutputsPerWarp = 2;
 constexpr int kFmaWarps = 8;
 constexpr int kFmaThreads = kFmaWarps * 32;
@@ -243,35 +244,52 @@ __device__ __forceinline__ void pair_outputs(const SkinnyParams& p, int pair, in
   n[1] = n[0] + 1;
 }
 
-// The rotary-append epilogue for row m (token b * S + s): the projection's pair of outputs that
-// starts at n0 (pair_outputs; already rounded with their bias, as the unfused GEMM stores them)
-// rotated and written where rotary_kv_append writes them, with its arithmetic (layer_math.cuh).
+// Where the rotary-append epilogue puts row m's (token b * S + s) pair of projection outputs
+// starting at n0 (pair_outputs), and the RoPE factors it applies first: where rotary_kv_append
+// puts them, with its arithmetic (layer_math.cuh). Found before the K loop, so that the reads of
+// length, cos and sin run under the weight loads rather than after the last FMA.
 template <typename T>
-__device__ __forceinline__ void store_qkv_pair(const SkinnyParams& p, int m, int n0, T first_in, T second_in) {
+struct QkvPairTarget {
+  T* dst = nullptr;  // the pair's first element; null: a cache slot outside the cache, not stored
+  int second = 1;    // offset of its second element: 1 in a value head, D/2 in a rotated one
+  bool rotate = false;
+  RopeFactors rope{};
+};
+
+template <typename T>
+__device__ __forceinline__ QkvPairTarget<T> qkv_pair_target(const SkinnyParams& p, int m, int n0) {
   const int D = p.head_dim, half = D / 2;
   const int b = m / p.tokens, s = m - b * p.tokens;
   const int head = n0 / D, d = n0 - head * D;
   const CacheSlot slot = cache_slot(p.length, p.length_is_64, b, s, p.tokens, p.kv_heads, p.max_seq, D);
+  QkvPairTarget<T> target;
   if (head >= p.q_heads + p.kv_heads) {  // a value head: copied to the cache
-    if (!slot.valid) return;
-    T* v = static_cast<T*>(p.values) + slot.offset + (head - p.q_heads - p.kv_heads) * slot.head_stride;
-    v[d] = first_in;
-    v[d + 1] = second_in;
-    return;
+    if (slot.valid) {
+      target.dst = static_cast<T*>(p.values) + slot.offset +
+                   (head - p.q_heads - p.kv_heads) * slot.head_stride + d;
+    }
+    return target;
   }
-  T first, second;
-  rotate_pair<T>(to_float(first_in), to_float(second_in), static_cast<const T*>(p.cos) + static_cast<int64_t>(m) * D,
-                 static_cast<const T*>(p.sin) + static_cast<int64_t>(m) * D, d, half, first, second);
-  T* dst = nullptr;
+  target.rotate = true;
+  target.second = half;
+  target.rope = rope_factors<T>(static_cast<const T*>(p.cos) + static_cast<int64_t>(m) * D,
+                                static_cast<const T*>(p.sin) + static_cast<int64_t>(m) * D, d, half);
   if (head < p.q_heads) {
-    dst = static_cast<T*>(p.out) + (static_cast<int64_t>(m) * p.q_heads + head) * D;
+    target.dst = static_cast<T*>(p.out) + (static_cast<int64_t>(m) * p.q_heads + head) * D + d;
   } else if (slot.valid) {
-    dst = static_cast<T*>(p.keys) + slot.offset + (head - p.q_heads) * slot.head_stride;
+    target.dst = static_cast<T*>(p.keys) + slot.offset + (head - p.q_heads) * slot.head_stride + d;
   }
-  if (dst != nullptr) {
-    dst[d] = first;
-    dst[d + half] = second;
-  }
+  return target;
+}
+
+// The pair (already rounded with its bias, as the unfused GEMM stores it), rotated where it is a
+// q or k pair, at its target.
+template <typename T>
+__device__ __forceinline__ void store_qkv_pair(const QkvPairTarget<T>& target, T first, T second) {
+  if (target.dst == nullptr) return;
+  if (target.rotate) rotate_pair<T>(to_float(first), to_float(second), target.rope, first, second);
+  target.dst[0] = first;
+  target.dst[target.second] = second;
 }
 
 // The 8 GEMM inputs of row m at k .. k + 7 (k a multiple of 8), after the prologue, with the
@@ -336,8 +354,8 @@ __device__ void add_rms_norm_rows(const SkinnyParams& p, float* inverse) {
 template <typename T, int kRows, Prologue kPrologue, Epilogue kEpilogue>
 __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const SkinnyParams p) {
   // HIPPO_PDL (dependent_launch.cuh): the first batch of weight loads is issued before waiting
-  // for the previous kernel, so with PDL it streams under that kernel's tail. Weights are the
-  // only memory read before the wait: nothing in a step writes them. The next kernel is let in
+  // for the previous kernel, so with PDL it streams under that kernel's tail. Weights and the
+  // bias are the only memory read before the wait: nothing in a step writes them. The next kernel is let in
   // only after the wait (below), as everywhere else, so no kernel that could still write
   // memory runs beside these early loads except the one directly before this one.
   const int lane = threadIdx.x % 32;
@@ -389,11 +407,22 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
   };
   const int first_k = lane * kFmaLaneK;
   if (warp_has_outputs) load_batch(first_k, w_raw[0]);
+  float bias[kFmaOutputsPerWarp] = {};  // read now, not after the last FMA
+#pragma unroll
+  for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
+    if (w_valid[o]) bias[o] = bias_at<T>(p, n[o]);
+  }
   wait_for_prior_kernels();  // x, residual and out belong to the kernels before this one
   allow_dependent_kernels();
   __shared__ float inverse[kRows];  // the add-RMSNorm prologue's 1 / rms of each row
   if constexpr (kPrologue == Prologue::kAddRmsNorm) add_rms_norm_rows<T>(p, inverse);
   if (!warp_has_outputs) return;
+  // The rotary-append epilogue's destination and RoPE factors for row `lane`, which this lane
+  // stores (rows <= 16 < 32), read now so that their latency runs under the K loop.
+  QkvPairTarget<T> target;
+  if constexpr (kEpilogue == Epilogue::kRotaryAppend) {
+    if (lane < p.rows) target = qkv_pair_target<T>(p, lane, n[0]);
+  }
 
   // One warp step at k: the lane's 8 weights of each output against the same 8 k of every row.
   auto accumulate = [&](int k_step, const uint4 (&w_step)[kFmaOutputsPerWarp]) {
@@ -439,14 +468,13 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
         const float sum = warp_sum(acc[m][o]);
         // Output (m, o) is written by lane (m * 2 + o) % 32, spreading the stores over the warp.
         if (m < p.rows && w_valid[o] && lane == (m * kFmaOutputsPerWarp + o) % 32) {
-          out[static_cast<int64_t>(m) * p.out_features + n[o]] = from_float<T>(sum + bias_at<T>(p, n[o]));
+          out[static_cast<int64_t>(m) * p.out_features + n[o]] = from_float<T>(sum + bias[o]);
         }
       }
     } else {  // one lane takes row m's pair (both outputs of a rotary pair are valid)
       const float first = warp_sum(acc[m][0]), second = warp_sum(acc[m][1]);
-      if (m < p.rows && lane == m % 32) {
-        store_qkv_pair<T>(p, m, n[0], from_float<T>(first + bias_at<T>(p, n[0])),
-                          from_float<T>(second + bias_at<T>(p, n[1])));
+      if (m < p.rows && lane == m) {  // the lane whose target is row m's
+        store_qkv_pair<T>(target, from_float<T>(first + bias[0]), from_float<T>(second + bias[1]));
       }
     }
   }

@@ -63,8 +63,8 @@ __global__ void __launch_bounds__(kThreads) rotary_kv_append_kernel(RotaryParams
   if (item < rotated_pairs) {
     const int head = item / half, d = item - head * half;
     T first, second;
-    rotate_pair<T>(to_float(in[head * D + d]), to_float(in[head * D + d + half]), cos, sin, d, half,
-                   first, second);
+    rotate_pair<T>(to_float(in[head * D + d]), to_float(in[head * D + d + half]),
+                   rope_factors<T>(cos, sin, d, half), first, second);
     T* dst = nullptr;
     if (head < p.q_heads) {
       dst = q_out + head * D;
