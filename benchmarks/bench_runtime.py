@@ -75,8 +75,13 @@ VARIANTS = {
     "attention narrow registers": Variant({}, (("HIPPO_DECODE_ATTENTION_WIDE_REGISTERS", "0"),)),
     # decode steps: the last KV-split block merges the splits (no second kernel per layer)
     "attention fused merge": Variant({}, (("HIPPO_DECODE_ATTENTION_FUSED_MERGE", "1"),)),
-    # add_rms_norm and silu_and_mul inside the GEMMs after them (FMA kernel, <= 16 tokens)
+    # add_rms_norm and silu_and_mul inside the GEMMs after them, RoPE and the cache append
+    # inside the q/k/v GEMM (FMA kernel; single-token steps, wider ones run the default)
     "GEMM prologues": Variant(dict(gemm_prologues=True)),
+    # the same, with the other GEMMs (o_proj, the output head) on the FMA kernel too: a
+    # decode step then runs hippo_ext kernels only (verify steps take the FMA kernel up to 16
+    # rows as well, so read this column's decode rows)
+    "GEMM prologues fma": Variant(dict(skinny_gemm=True, gemm_prologues=True), FMA),
     # every opt-in candidate at once: do their gains add up?
     "all opt-ins": Variant(dict(skinny_gemm=True, gemm_prologues=True), FMA + (
         ("HIPPO_DECODE_ATTENTION_FUSED_MERGE", "1"),)),
