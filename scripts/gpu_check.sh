@@ -8,6 +8,7 @@
 #   scripts/gpu_check.sh build runtime          # runtime step times (bench_runtime.py --quick)
 #   scripts/gpu_check.sh build fast runtime     # CUDA tests of the step's ops and the runtime, then
 #                                               # runtime step times (RUNTIME_VARIANTS picks columns)
+#   scripts/gpu_check.sh build attention        # decode_attention microbenchmark against SDPA
 #   scripts/gpu_check.sh build ncu              # Nsight Compute on decode_attention's split kernel
 #   scripts/gpu_check.sh build speculative      # HIPPO decoding: CUDA tests, time per round
 #   scripts/gpu_check.sh build e2e              # hippo demo and hippo bench --preset 7b (short sweep)
@@ -124,6 +125,14 @@ PY
         echo "decode_attention ${knobs:-default}:"
         $PY benchmarks/report.py "$OUT/attention.json" | grep hippo | cut -d'|' -f2,5
       done
+      ;;
+    attention)
+      # decode_attention at issue 3's shapes against SDPA (masked and at the exact length), in
+      # one run
+      $PYTEST benchmarks/bench_decode_attention.py --benchmark-only -q \
+        --benchmark-json "$OUT/attention.json" >"$OUT/attention.log" 2>&1
+      echo "attention benchmark exit $?"
+      $PY benchmarks/report.py "$OUT/attention.json" | tee "$OUT/attention.md"
       ;;
     ncu)
       # Nsight Compute on decode_attention's split kernel at the benchmark shapes: occupancy,
