@@ -289,8 +289,9 @@ struct MmaSmem {
   static constexpr int kStride = D + kSmemPad;  // elements per staged key/value row
   static constexpr int kStageElems = 2 * kTileKeys * kStride;  // keys then values
   static constexpr int kStagingBytes = kStages * kStageElems * 2;
-  // Merge area (reuses the staging area after the loop): per warp 16 rows of O, max and sum.
-  static constexpr int kMergeBytes = W * 16 * (D + 2) * 4;
+  // Merge area (reuses the staging area after the loop): per warp 16 rows of O, max, sum and
+  // weight; per row of the block (at most 4 row tiles), its sum over the warps.
+  static constexpr int kMergeBytes = (W * 16 * (D + 3) + 4 * 16) * 4;
   static constexpr int kBytes = kStagingBytes > kMergeBytes ? kStagingBytes : kMergeBytes;
 };
 
@@ -561,7 +562,31 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
   }
   __syncthreads();
 
+  // Each row's slice weights exp2(slice max - row max), its sum and its log-sum-exp, once per
+  // row (one thread each), so the loop over the row's D elements below only multiplies and
+  // adds: it had recomputed the row's maximum and kSlices exponentials for every element.
+  float* merge_weight = merge_sum + W * 16;  // [W][16]
+  float* row_sum = merge_weight + W * 16;    // [M * 16]
   const int64_t split_base = static_cast<int64_t>(bh) * p.num_splits + split;
+  if (threadIdx.x < M * 16) {
+    const int t = threadIdx.x / 16, rr = threadIdx.x % 16;
+    float max_score = kNegInf;
+#pragma unroll
+    for (int s = 0; s < kSlices; ++s) max_score = fmaxf(max_score, merge_max[(s * M + t) * 16 + rr]);
+    const float shift = max_score == kNegInf ? 0.f : max_score;
+    float sum = 0.f;
+#pragma unroll
+    for (int s = 0; s < kSlices; ++s) {
+      const int w = s * M + t;
+      const float weight = exp2f(merge_max[w * 16 + rr] - shift);
+      merge_weight[w * 16 + rr] = weight;
+      sum += merge_sum[w * 16 + rr] * weight;
+    }
+    row_sum[threadIdx.x] = sum;
+    const int r = blockIdx.z * kRowsPerBlock + threadIdx.x;
+    if (r < p.rows) p.partial_lse[split_base * p.rows + r] = split_lse(max_score, sum);
+  }
+  __syncthreads();
   for (int idx = threadIdx.x; idx < M * 16 * D; idx += kBlockThreads) {
     const int local = idx / D;  // row within the block: tile local / 16, row local % 16
     const int d = idx % D;
@@ -569,21 +594,14 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
     if (r >= p.rows) continue;
     const int t = local / 16;
     const int rr = local % 16;
-    float max_score = kNegInf;
-#pragma unroll
-    for (int s = 0; s < kSlices; ++s) max_score = fmaxf(max_score, merge_max[(s * M + t) * 16 + rr]);
-    const float shift = max_score == kNegInf ? 0.f : max_score;
-    float sum = 0.f, value = 0.f;
+    float value = 0.f;
 #pragma unroll
     for (int s = 0; s < kSlices; ++s) {
       const int w = s * M + t;
-      const float weight = exp2f(merge_max[w * 16 + rr] - shift);
-      sum += merge_sum[w * 16 + rr] * weight;
-      value += merge_acc[(w * 16 + rr) * D + d] * weight;
+      value += merge_acc[(w * 16 + rr) * D + d] * merge_weight[w * 16 + rr];
     }
-    const int64_t out_row = split_base * p.rows + r;
-    p.partial_out[out_row * D + d] = sum != 0.f ? value / sum : 0.f;
-    if (d == 0) p.partial_lse[out_row] = split_lse(max_score, sum);
+    const float sum = row_sum[local];
+    p.partial_out[(split_base * p.rows + r) * D + d] = sum != 0.f ? value / sum : 0.f;
   }
   if (p.semaphores != nullptr) {  // fused merge; arrive_last_of waits for the merge-area reads
     merge_if_last<T, D>(p, bh, length, reinterpret_cast<float4*>(smem_raw));
