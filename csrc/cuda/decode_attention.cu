@@ -150,10 +150,11 @@ __device__ __forceinline__ int64_t row_offset(const Params& p, int b, int h, int
 
 // 2^x on the special-function unit alone. exp2f keeps results below 2^-126 as subnormals,
 // which costs three more instructions per call (a compare, a halving and a squaring around the
-// SFU op). In the key loop a weight that small sits over a hundred binary orders under the
-// row's largest weight, 1, far below fp32's resolution of the softmax sum, and its share of an
-// output is negligible unless the other contributions to that output cancel; it is flushed to
-// zero. Every other input gives exp2f's bits (exp2(-inf) = 0, NaN stays NaN).
+// SFU op). In the key loop and in the merge of the splits, a weight that small sits over a
+// hundred binary orders under the row's largest weight, 1, far below fp32's resolution of the
+// sums it joins, and its share of an output is negligible unless the other contributions to
+// that output cancel; it is flushed to zero. Every other input gives exp2f's bits
+// (exp2(-inf) = 0, NaN stays NaN).
 __device__ __forceinline__ float exp2_flush(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -212,8 +213,8 @@ __device__ void merge_row(const Params& p, int bh, int r, int splits, float4* sc
       const float4 v = __ldcg(reinterpret_cast<const float4*>(partial + static_cast<int64_t>(s) * p.rows * D));
       const float new_max = fmaxf(running_max, split);
       const float shift = new_max == kNegInf ? 0.f : new_max;  // nothing seen yet: stay finite
-      const float rescale = exp2f(running_max - shift);         // 0 while running_max is -inf
-      const float w = exp2f(split - shift);                     // 0 for a split that saw nothing
+      const float rescale = exp2_flush(running_max - shift);    // 0 while running_max is -inf
+      const float w = exp2_flush(split - shift);                // 0 for a split that saw nothing
       acc.x = acc.x * rescale + w * v.x;
       acc.y = acc.y * rescale + w * v.y;
       acc.z = acc.z * rescale + w * v.z;
@@ -238,7 +239,7 @@ __device__ void merge_row(const Params& p, int bh, int r, int splits, float4* sc
     float total_weight = 0.f;
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) {
-      const float scale = exp2f(group_max[g] - shift);  // 0 for a group that saw nothing
+      const float scale = exp2_flush(group_max[g] - shift);  // 0 for a group that saw nothing
       const float4 v = group_acc[g * kLanesPerRow + threadIdx.x];
       total.x += scale * v.x;
       total.y += scale * v.y;
