@@ -29,8 +29,8 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     up to 16; opt-in: 4% off a 7B decode step's GEMMs, 2-3x cuBLAS from M = 5, on an H200).
     Other shapes and dtypes, and the CPU, use ATen's linear.
     On Hopper, where programmatic dependent launch is on (unless HIPPO_PDL=0), the FMA kernel
-    loads its first weights before the previous kernel in the stream has finished: the weight
-    must not be written by the kernel launched just before.
+    loads its first weights and its bias before the previous kernel in the stream has
+    finished: neither may be written by the kernel launched just before.
 
     Args:
         x: [..., K], contiguous. weight: [N, K], contiguous, of x's dtype. bias: [N] or None.
