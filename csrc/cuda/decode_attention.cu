@@ -64,6 +64,9 @@ constexpr int kFusedMergeMaxRows = 16;
 // merges in place).
 static_assert(kFusedMergeMaxRows <= kRowsPerBlock, "a fused merge needs a single row group");
 constexpr float kNegInf = -__builtin_huge_valf();
+// How far (base 2) a tile's scores may rise above the running maximum before the accumulators
+// are rescaled to a new one (the MMA kernel's lazy rescaling).
+constexpr float kRescaleSlack = 8.f;
 
 struct Params {
   const void* query;       // [B, Lq, Hq, D], contiguous
@@ -493,21 +496,39 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
         }
       }
     }
-    float shift[2];
+    // Lazy rescaling: the running maximum that the weights are taken against moves only when a
+    // row of the warp meets a score more than kRescaleSlack above it, so most tiles skip the
+    // rescale of the accumulators (kDimN x 4 multiplies per thread, a fifth of a verify tile's
+    // instructions); weights up to 2^kRescaleSlack are exact in fp32 sums and bf16/fp16 P.
+    // Any maximum the weights are relative to gives the same softmax, since the split's
+    // log-sum-exp is taken against the same one. A row-invariant launch rescales at every tile,
+    // because the warp's vote makes a row's rounding depend on the other rows of its warp.
+    bool grows = false;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
       tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 1));
       tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 2));
-      const float new_max = fmaxf(running_max[half], tile_max[half]);
-      shift[half] = new_max == kNegInf ? 0.f : new_max;  // nothing seen yet: keep exp2 finite
-      const float rescale = exp2_flush(running_max[half] - shift[half]);  // 0 when max was -inf
-      running_max[half] = new_max;
-      running_sum[half] *= rescale;
+      grows |= tile_max[half] > running_max[half] + kRescaleSlack;  // -inf + slack stays -inf
+    }
+    if (p.row_invariant || __any_sync(0xffffffffu, grows)) {  // uniform across the warp
 #pragma unroll
-      for (int n = 0; n < kDimN; ++n) {
-        acc[n][2 * half] *= rescale;
-        acc[n][2 * half + 1] *= rescale;
+      for (int half = 0; half < 2; ++half) {
+        const float new_max = fmaxf(running_max[half], tile_max[half]);
+        const float new_shift = new_max == kNegInf ? 0.f : new_max;  // keep exp2 finite
+        const float rescale = exp2_flush(running_max[half] - new_shift);  // 0 when max was -inf
+        running_max[half] = new_max;
+        running_sum[half] *= rescale;
+#pragma unroll
+        for (int n = 0; n < kDimN; ++n) {
+          acc[n][2 * half] *= rescale;
+          acc[n][2 * half + 1] *= rescale;
+        }
       }
+    }
+    float shift[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      shift[half] = running_max[half] == kNegInf ? 0.f : running_max[half];  // nothing seen yet
     }
 #pragma unroll
     for (int n = 0; n < kKeyTiles; ++n) {
