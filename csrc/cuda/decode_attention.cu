@@ -154,9 +154,9 @@ __device__ __forceinline__ int64_t row_offset(const Params& p, int b, int h, int
 // 2^x on the special-function unit alone. exp2f keeps results below 2^-126 as subnormals,
 // which costs three more instructions per call (a compare, a halving and a squaring around the
 // SFU op). In the key loop and in the merge of the splits, a weight that small sits over a
-// hundred binary orders under the row's largest weight, 1, far below fp32's resolution of the
-// sums it joins, and its share of an output is negligible unless the other contributions to
-// that output cancel; it is flushed to zero. Every other input gives exp2f's bits
+// hundred binary orders under the row's largest weight (1, or up to 2^kRescaleSlack between
+// lazy rescales), far below fp32's resolution of the sums it joins, and its share of an output
+// is negligible unless the other contributions to that output cancel; it is flushed to zero. Every other input gives exp2f's bits
 // (exp2(-inf) = 0, NaN stays NaN).
 __device__ __forceinline__ float exp2_flush(float x) {
   float y;
@@ -499,10 +499,11 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
     // Lazy rescaling: the running maximum that the weights are taken against moves only when a
     // row of the warp meets a score more than kRescaleSlack above it, so most tiles skip the
     // rescale of the accumulators (kDimN x 4 multiplies per thread, a fifth of a verify tile's
-    // instructions); weights up to 2^kRescaleSlack are exact in fp32 sums and bf16/fp16 P.
-    // Any maximum the weights are relative to gives the same softmax, since the split's
-    // log-sum-exp is taken against the same one. A row-invariant launch rescales at every tile,
-    // because the warp's vote makes a row's rounding depend on the other rows of its warp.
+    // instructions). Weights then reach up to 2^kRescaleSlack: no overflow in fp32 sums or in
+    // bf16/fp16 P, and the same relative rounding. Any maximum the weights are relative to
+    // gives the same softmax, since the split's log-sum-exp is taken against the same one. A
+    // row-invariant launch rescales at every tile, because the warp's vote makes a row's
+    // rounding depend on the other rows of its warp.
     bool grows = false;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -510,24 +511,27 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
       tile_max[half] = fmaxf(tile_max[half], __shfl_xor_sync(0xffffffffu, tile_max[half], 2));
       grows |= tile_max[half] > running_max[half] + kRescaleSlack;  // -inf + slack stays -inf
     }
+    float rescale[2] = {1.f, 1.f};
     if (p.row_invariant || __any_sync(0xffffffffu, grows)) {  // uniform across the warp
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const float new_max = fmaxf(running_max[half], tile_max[half]);
         const float new_shift = new_max == kNegInf ? 0.f : new_max;  // keep exp2 finite
-        const float rescale = exp2_flush(running_max[half] - new_shift);  // 0 when max was -inf
+        rescale[half] = exp2_flush(running_max[half] - new_shift);    // 0 when max was -inf
         running_max[half] = new_max;
-        running_sum[half] *= rescale;
 #pragma unroll
         for (int n = 0; n < kDimN; ++n) {
-          acc[n][2 * half] *= rescale;
-          acc[n][2 * half + 1] *= rescale;
+          acc[n][2 * half] *= rescale[half];
+          acc[n][2 * half + 1] *= rescale[half];
         }
       }
     }
     float shift[2];
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
+      // Outside the branch, so that this product still fuses with the sum's first addition
+      // below as it did before lazy rescaling (a row-invariant launch keeps its bits).
+      running_sum[half] *= rescale[half];
       shift[half] = running_max[half] == kNegInf ? 0.f : running_max[half];  // nothing seen yet
     }
 #pragma unroll
