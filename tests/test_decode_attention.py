@@ -221,6 +221,56 @@ def test_tree_mask_differs_from_causal(device, gen):
     assert_close_to_reference(full, query, cache, 0, length, tree_mask=mask)
 
 
+def score_profile(profile: str, length: int) -> torch.Tensor:
+    """Natural-log score (before softmax) of each position, centred on 0:
+    * "rising" climbs 0.1 per key: 9.2 in log2 per 64-key tile, past the CUDA kernel's
+      rescale slack of 8 at every tile;
+    * "creeping" climbs half as fast, so the maximum moves every other tile and the weights in
+      between exceed 1;
+    * "falling" mirrors "rising": the maximum comes first;
+    * "spike" is flat but for one key 30 above the rest, late in the sequence."""
+    positions = torch.arange(length, dtype=torch.float64) - length / 2
+    if profile == "rising":
+        return 0.1 * positions
+    if profile == "creeping":
+        return 0.05 * positions
+    if profile == "falling":
+        return -0.1 * positions
+    spike = torch.zeros(length, dtype=torch.float64)
+    spike[int(0.7 * length)] = 30.0
+    return spike
+
+
+@pytest.mark.parametrize("profile", ["rising", "creeping", "falling", "spike"])
+@pytest.mark.parametrize("q_len", [1, 9])
+@pytest.mark.parametrize("chunk", [None, "512"])  # CUDA: the default plan, or 8-tile splits
+def test_scores_whose_maximum_moves_far(device, gen, cuda_kernel, monkeypatch, profile, q_len,
+                                        chunk):
+    """Scores that climb far across the sequence, creep up, fall, or jump late: the online
+    softmax must move its running maximum (the CUDA kernel does so lazily, only past a slack,
+    within a split; the merge does so across splits) and still give the float64 softmax.
+    Every query of a kv head looks along one direction u; key j lies score(j) along u, with
+    small noise across it."""
+    if chunk is not None:
+        if device == "cpu":
+            pytest.skip("the CPU has no split plan")
+        monkeypatch.setenv("HIPPO_DECODE_ATTENTION_CHUNK", chunk)
+    q_heads, kv_heads, head_dim, length = 4, 2, 64, 600
+    scale = 1.0 / math.sqrt(head_dim)
+    direction = torch.ones(head_dim, dtype=torch.float64) / math.sqrt(head_dim)
+    query = (direction / scale).expand(1, q_len, q_heads, head_dim).clone()  # q . u = 1 / scale
+    cache = 0.05 * torch.randn(1, 2, 1, kv_heads, length, head_dim, generator=gen,
+                               dtype=torch.float64)
+    cache[0, 0, 0] += score_profile(profile, length)[:, None] * direction  # q . k_j * scale
+    cache[0, 1, 0] = torch.randn(kv_heads, length, head_dim, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([length], device=device)
+    for dtype in dtypes_for(device):
+        q, kv = query.to(device, dtype), cache.to(device, dtype)
+        out = decode_attention(q, kv, 0, lengths)
+        assert torch.isfinite(out).all()
+        assert_close_to_reference(out, q, kv, 0, lengths)
+
+
 @pytest.mark.parametrize("q_len", [1, 9])  # one token per row: the fused merge's steps too
 def test_a_nan_query_gives_nan_as_sdpa_does(device, gen, cuda_kernel, q_len):
     """A NaN in one (token, head) query spoils that output row only, and visibly: no zeros."""
