@@ -52,11 +52,13 @@ def test_cpu_is_atens_linear(gen, dtype, rows, in_features, out_features):
 
 # (M, K, N): M across the four n8 tiles and beyond the kernel (33 -> ATen); K with one k32 block,
 # a partial unroll (96), model widths; N not a multiple of 64, a single output, many tiles (no
-# split), few tiles (many splits); K not a multiple of 32 -> ATen.
+# split), few tiles (many splits); K not a multiple of 32 -> ATen. The FMA kernel runs up to 4
+# rows as two alternating batches of two warp steps (256 k each): one row over many batches
+# (3584), four rows over 19 steps (4864), and 5.25 steps (1344: a partial last batch).
 CUDA_CASES = [
     (1, 32, 1), (2, 96, 10), (7, 3584, 65), (8, 4096, 64), (9, 3584, 4608), (16, 896, 1152),
     (17, 18944, 200), (24, 160, 130), (32, 4864, 896), (5, 64, 25_600), (33, 256, 128),
-    (3, 100, 50),
+    (3, 100, 50), (1, 3584, 4608), (4, 4864, 896), (3, 1344, 100),
 ]
 
 
