@@ -156,8 +156,8 @@ __device__ __forceinline__ int64_t row_offset(const Params& p, int b, int h, int
 // SFU op). In the key loop and in the merge of the splits, a weight that small sits over a
 // hundred binary orders under the row's largest weight (1, or up to 2^kRescaleSlack between
 // lazy rescales), far below fp32's resolution of the sums it joins, and its share of an output
-// is negligible unless the other contributions to that output cancel; it is flushed to zero. Every other input gives exp2f's bits
-// (exp2(-inf) = 0, NaN stays NaN).
+// is negligible unless the other contributions to that output cancel; it is flushed to zero.
+// Every other input gives exp2f's bits (exp2(-inf) = 0, NaN stays NaN).
 __device__ __forceinline__ float exp2_flush(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));

@@ -10,9 +10,9 @@
 // Every kernel launched through launch_kernel() calls both first thing, so the overlap is the
 // launch itself, never data; skinny_linear's FMA kernel alone issues its first weight loads
 // and reads its bias before it waits (weights and biases are never written during a step, and
-// with PDL on neither may be written by the kernel just before its GEMM). Since every kernel allows its
-// dependents only after its own wait, at most the one kernel before can still run beside
-// those loads. The step-path kernels (norms, rotary, activation, attention, skinny GEMMs)
+// with PDL on neither may be written by the kernel just before its GEMM). Since every kernel
+// allows its dependents only after its own wait, at most the one kernel before can still run
+// beside those loads. The step-path kernels (norms, rotary, activation, attention, skinny GEMMs)
 // launch this way. On by default since it measured 1-3% off the decode steps (H200,
 // 2026-11-27, benchmarks/RESULTS.md) with the same bits (a CUDA test).
 #pragma once

@@ -355,9 +355,9 @@ template <typename T, int kRows, Prologue kPrologue, Epilogue kEpilogue>
 __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const SkinnyParams p) {
   // HIPPO_PDL (dependent_launch.cuh): the first batch of weight loads is issued before waiting
   // for the previous kernel, so with PDL it streams under that kernel's tail. Weights and the
-  // bias are the only memory read before the wait: nothing in a step writes them. The next kernel is let in
-  // only after the wait (below), as everywhere else, so no kernel that could still write
-  // memory runs beside these early loads except the one directly before this one.
+  // bias are the only memory read before the wait: nothing in a step writes them. The next
+  // kernel is let in only after the wait (below), as everywhere else, so no kernel that could
+  // still write memory runs beside these early loads except the one directly before this one.
   const int lane = threadIdx.x % 32;
   const int pair = blockIdx.x * kFmaWarps + threadIdx.x / 32;
   int n[kFmaOutputsPerWarp];

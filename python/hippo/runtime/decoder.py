@@ -35,9 +35,9 @@ FUSED_LAYER_OPS = ("rms_norm", "add_rms_norm", "rotary_tables", "rotary_kv_appen
 GEMM_PROLOGUE_OPS = ("qkv_projection", "add_rms_norm_linear", "silu_and_mul_linear")
 # Steps of at most this many rows (batch x tokens) run those ops; wider steps (verify steps,
 # batched decode steps, prefill of more than one token) run the norms, gating and RoPE apart
-# around cuBLAS. The ops' CUDA kernel does plain
-# FMAs whose cost grows with every row, where cuBLAS's stays flat up to 17 rows: with it, a
-# 5-token verify step of the 0.5B model took 2.2x as long as with cuBLAS (H200, 2026-11-27).
+# around cuBLAS. The ops' CUDA kernel does plain FMAs whose cost grows with every row, where
+# cuBLAS's stays flat up to 17 rows: with it, a 5-token verify step of the 0.5B model took 2.2x
+# as long as with cuBLAS (H200, 2026-11-27).
 GEMM_PROLOGUE_MAX_ROWS = 1
 
 # attend(layer index, post-RoPE queries [B, S, Hq, D]) -> attention output [B, S, Hq * D]
