@@ -345,22 +345,24 @@ class LanguageModelRuntime:
         if self.fused is None:
             return self._run_hf_layers(hidden, cos, sin, attend, last_only)
         residual = None
+        prologues = self._runs_gemm_prologues(hidden)  # one choice for the whole step
         for index in range(len(self.layers)):
-            hidden, residual = self._fused_layer(index, hidden, residual, cos, sin, attend)
+            hidden, residual = self._fused_layer(index, hidden, residual, cos, sin, attend,
+                                                 prologues)
         if last_only:
             hidden, residual = hidden[:, -1:].contiguous(), residual[:, -1:].contiguous()
         norm = self.text_model.norm
         return hippo_ext.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)[0]
 
     def _fused_layer(self, index: int, delta: torch.Tensor, residual: torch.Tensor | None,
-                     cos: torch.Tensor, sin: torch.Tensor,
-                     attend: AttendFn) -> tuple[torch.Tensor, torch.Tensor]:
+                     cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn,
+                     prologues: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoder layer as four hippo_ext ops, four GEMMs and the attention, with HF's
-        arithmetic. The residual stream is carried beside the layer's output `delta` so that
-        each residual add fuses into the next RMSNorm. Returns (delta, residual)."""
+        arithmetic (with `prologues`, the norms, gating and RoPE inside the GEMMs). The residual
+        stream is carried beside the layer's output `delta` so that each residual add fuses into
+        the next RMSNorm. Returns (delta, residual)."""
         layer, fused = self.layers[index], self.fused[index]
         norm = layer.input_layernorm
-        prologues = self._runs_gemm_prologues(delta)
         if residual is None:  # the first layer: its input is the embedding itself
             residual = delta
             normed = hippo_ext.rms_norm(delta, norm.weight, norm.variance_epsilon)
