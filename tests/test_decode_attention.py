@@ -16,6 +16,7 @@ BALANCED_SPLITS_ENV = "HIPPO_DECODE_ATTENTION_BALANCED"  # CUDA: "0" cuts S_max,
 WARPS_ENV = "HIPPO_DECODE_ATTENTION_WARPS"  # CUDA: "4" runs 4-warp blocks for 2+ row tiles too
 FUSED_MERGE_ENV = "HIPPO_DECODE_ATTENTION_FUSED_MERGE"  # CUDA: "1": the last split block merges
 WIDE_ENV = "HIPPO_DECODE_ATTENTION_WIDE_REGISTERS"  # CUDA: "0": the split kernel's narrower bounds
+CHUNK_ENV = "HIPPO_DECODE_ATTENTION_CHUNK"  # CUDA: keys per split, forced (a fixed plan)
 
 # Relative error (norm) allowed per dtype: fp32 is the CPU reference path; bf16/fp16 outputs are
 # rounded once and the kernel rounds probabilities to the input dtype before P @ V.
@@ -90,6 +91,7 @@ def assert_close_to_reference(out, query, cache, layer, length, scale=None, tree
 KERNEL_VARIANTS = {  # the environment each CUDA variant runs under
     "fast": {},  # the defaults: eight-warp blocks for 2+ row tiles, wide register bounds
     "fixed_splits": {BALANCED_SPLITS_ENV: "0"},
+    "long_splits": {CHUNK_ENV: "512"},  # 8 tiles per split: the key loop's running maximum moves
     "four_warps": {WARPS_ENV: "4"},
     "narrow_registers": {WIDE_ENV: "0"},
     "four_warps_narrow_registers": {WARPS_ENV: "4", WIDE_ENV: "0"},  # the defaults until 11-27
@@ -104,7 +106,7 @@ KERNEL_VARIANTS = {  # the environment each CUDA variant runs under
 def cuda_kernel(request, monkeypatch):
     """Both CUDA kernels (the tensor-core one and the plain SIMT one), and the tensor-core one
     under the fixed split plan (splits of S_max rather than of the length, as row_invariant
-    uses), with four-warp blocks, with narrower register bounds, merging its splits in the last
+    uses) or with 512-key splits, with four-warp blocks, with narrower register bounds, merging its splits in the last
     split block (the wrapper passes its shared workspace), and with every non-default setting at
     once; no effect on the CPU."""
     if request.param != "fast":
@@ -243,18 +245,12 @@ def score_profile(profile: str, length: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("profile", ["rising", "creeping", "falling", "spike"])
 @pytest.mark.parametrize("q_len", [1, 9])
-@pytest.mark.parametrize("chunk", [None, "512"])  # CUDA: the default plan, or 8-tile splits
-def test_scores_whose_maximum_moves_far(device, gen, cuda_kernel, monkeypatch, profile, q_len,
-                                        chunk):
+def test_scores_whose_maximum_moves_far(device, gen, cuda_kernel, profile, q_len):
     """Scores that climb far across the sequence, creep up, fall, or jump late: the online
     softmax must move its running maximum (the CUDA kernel does so lazily, only past a slack,
     within a split; the merge does so across splits) and still give the float64 softmax.
     Every query of a kv head looks along one direction u; key j lies score(j) along u, with
-    small noise across it."""
-    if chunk is not None:
-        if device == "cpu":
-            pytest.skip("the CPU has no split plan")
-        monkeypatch.setenv("HIPPO_DECODE_ATTENTION_CHUNK", chunk)
+    small noise across it (the "long_splits" kernel variant holds 8 tiles per split)."""
     q_heads, kv_heads, head_dim, length = 4, 2, 64, 600
     scale = 1.0 / math.sqrt(head_dim)
     direction = torch.ones(head_dim, dtype=torch.float64) / math.sqrt(head_dim)
