@@ -4,7 +4,8 @@ it) against what the runtime runs by default in their place: the standalone hipp
 cuBLAS (two or three kernels), at the 7B- and 0.5B-shaped layer GEMMs that follow an RMSNorm
 (q/k/v, gate/up) or the gating (down), for decode and verify widths. The floor is the weight
 bytes once. On the CPU (where both sides are the same composition) small shapes run as a smoke
-test.
+test. The fused kernel runs with its plan of K slices per output pair and with one slice (what
+it did before the slices); HIPPO_BENCH_ROWS picks other row counts.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import hippo_ext
-from timing import bench_devices
+from timing import bench_devices, bench_rows
 
 EPS = 1e-6
 
@@ -46,7 +47,7 @@ CPU_GEMMS = [FusedGemm("small qkv", "qkv", 256, 384, bias=True, head_dim=32, kv_
              FusedGemm("small down", "gating", 512, 256)]
 CONTEXT = 6400  # cache positions before the new tokens (qkv)
 GEMMS = CUDA_GEMMS if bench_devices() == ["cuda"] else CPU_GEMMS
-ROWS = [1, 5, 9]
+ROWS = bench_rows([1, 5, 9])
 COPIES = 4  # distinct weights cycled inside the graph, so repeats do not hit the L2 cache
 
 
@@ -95,13 +96,15 @@ def _qkv_calls(gemm: FusedGemm, impl: str, x, residual, norm_weight, weights, bi
     return [lambda w=w: composed(w) for w in weights]
 
 
-@pytest.mark.parametrize("impl", ["composed", "fused"])
+@pytest.mark.parametrize("impl", ["composed", "fused", "fused_1_slice"])
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("gemm", GEMMS, ids=lambda g: g.name)
 @pytest.mark.parametrize("device", bench_devices())
-def test_fused_linear(benchmark, measure, device, gemm, rows, impl):
+def test_fused_linear(benchmark, measure, monkeypatch, device, gemm, rows, impl):
     benchmark.group = f"fused linear {gemm.name} M={rows}"
-    calls = _calls(gemm, impl, rows, device)
+    if impl == "fused_1_slice":  # one warp per output pair: the kernel before its K slices
+        monkeypatch.setenv("HIPPO_SKINNY_FMA_SLICES", "1")
+    calls = _calls(gemm, impl.removesuffix("_1_slice"), rows, device)
     bytes_moved = gemm.out_features * gemm.in_features * 2  # the bf16 weight, once
     measure(calls if device == "cuda" else calls[0], device, bytes_moved=bytes_moved, graph=True,
             impl=impl, gemm=gemm.name, rows=rows)

@@ -1,7 +1,10 @@
 """The runtime's GEMMs at decode and verify widths: cuBLAS (F.linear) against
 hippo_ext.skinny_linear's two CUDA kernels (tensor cores, the default; the FMA kernel with
 HIPPO_SKINNY_KERNEL=fma, M <= 16) and the weight bandwidth floor, for every layer GEMM of the
-7B- and 0.5B-shaped models at M = 1, 5, 9 and 17.
+7B- and 0.5B-shaped models at M = 1, 5, 9 and 17 (HIPPO_BENCH_ROWS picks others).
+
+The FMA kernel runs twice: with its plan of K slices and with one slice, which is what it did
+before the slices.
 
 RESULTS.md (H200, 2026-11-26): cuBLAS is flat in M up to 17 on all of them; the tensor-core
 skinny kernel was 1.0-3.6x slower than cuBLAS. skinny_linear exists for step invariance (rows
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import hippo_ext
-from timing import bench_devices
+from timing import bench_devices, bench_rows
 
 
 @dataclass(frozen=True)
@@ -42,17 +45,23 @@ CUDA_GEMMS = [
 ]
 CPU_GEMMS = [Gemm("small", 256, 512, bias=True)]
 GEMMS = CUDA_GEMMS if bench_devices() == ["cuda"] else CPU_GEMMS
-ROWS = [1, 5, 9, 17]
+ROWS = bench_rows([1, 5, 9, 17])
 COPIES = 4  # distinct weights cycled inside the graph, so repeats do not hit the L2 cache
 
 
-@pytest.mark.parametrize("impl", ["cublas", "hippo", "hippo_fma"])
+# skinny_linear's FMA kernel (M <= 16; M = 17 runs tensor cores): with its plan of K slices per
+# output pair, and with one slice (one warp per pair: the kernel before the slices, 2026-11-27).
+FMA_VARIANTS = {"hippo_fma": {"HIPPO_SKINNY_KERNEL": "fma"},
+                "hippo_fma_1_slice": {"HIPPO_SKINNY_KERNEL": "fma", "HIPPO_SKINNY_FMA_SLICES": "1"}}
+
+
+@pytest.mark.parametrize("impl", ["cublas", "hippo", *FMA_VARIANTS])
 @pytest.mark.parametrize("rows", ROWS)
 @pytest.mark.parametrize("gemm", GEMMS, ids=lambda g: g.name)
 @pytest.mark.parametrize("device", bench_devices())
 def test_linear(benchmark, measure, monkeypatch, device, gemm, rows, impl):
-    if impl == "hippo_fma":  # skinny_linear's FMA kernel (M <= 16; M = 17 runs tensor cores)
-        monkeypatch.setenv("HIPPO_SKINNY_KERNEL", "fma")
+    for name, value in FMA_VARIANTS.get(impl, {}).items():
+        monkeypatch.setenv(name, value)
     benchmark.group = f"linear {gemm.name} M={rows}"
     dtype = torch.bfloat16
     copies = COPIES if device == "cuda" else 1

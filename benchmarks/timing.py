@@ -2,6 +2,7 @@
 ambiguous when tests/ and benchmarks/ are collected in one run)."""
 from __future__ import annotations
 
+import os
 import statistics
 from collections.abc import Callable, Sequence
 
@@ -54,3 +55,10 @@ def cuda_graph_us(fns: Sequence[Callable[[], object]], calls: int = GRAPH_CALLS)
 
 def bench_devices() -> list[str]:
     return ["cuda"] if torch.cuda.is_available() else ["cpu"]
+
+
+def bench_rows(default: Sequence[int]) -> list[int]:
+    """The row counts M a GEMM benchmark runs: `default`, or those of HIPPO_BENCH_ROWS (e.g.
+    "1" or "1,9": a short device run)."""
+    value = os.environ.get("HIPPO_BENCH_ROWS", "")
+    return [int(rows) for rows in value.split(",")] if value else list(default)

@@ -7,7 +7,8 @@
 // kernel splits K across blocks by a plan that depends on N, K and the GPU only, never on M, so
 // each output row is bitwise the same whether it is computed alone or with the others: a verify
 // step's rows equal the decode steps' for these GEMMs. HIPPO_SKINNY_KERNEL=fma runs M <= 16 on
-// an FMA kernel with no split of K instead (rows independent of M up to 16; opt-in).
+// an FMA kernel instead, which slices K among the warps of a block, again by N, K and the GPU
+// (rows independent of M up to 16; opt-in).
 // workspace: int32 [>= ceil(N / 64)] zeros, left zeroed (the split-K semaphores of the CUDA
 // kernel; unused on the CPU). One workspace per stream: concurrent calls must not share it.
 #pragma once

@@ -9,6 +9,7 @@
 #   scripts/gpu_check.sh build fast runtime     # CUDA tests of the step's ops and the runtime, then
 #                                               # runtime step times (RUNTIME_VARIANTS picks columns)
 #   scripts/gpu_check.sh build attention        # decode_attention microbenchmark against SDPA
+#   scripts/gpu_check.sh build gemm             # decode-width GEMMs: cuBLAS, the FMA kernel, fused ops
 #   scripts/gpu_check.sh build ncu              # Nsight Compute on decode_attention's split kernel
 #   scripts/gpu_check.sh build speculative      # HIPPO decoding: CUDA tests, time per round
 #   scripts/gpu_check.sh build e2e              # hippo demo and hippo bench --preset 7b (short sweep)
@@ -133,6 +134,16 @@ PY
         --benchmark-json "$OUT/attention.json" >"$OUT/attention.log" 2>&1
       echo "attention benchmark exit $?"
       $PY benchmarks/report.py "$OUT/attention.json" | tee "$OUT/attention.md"
+      ;;
+    gemm)
+      # The decode step's GEMMs at M = 1 (HIPPO_BENCH_ROWS overrides), in one run: cuBLAS, the
+      # tensor-core and FMA kernels (planned K slices and one slice), and the fused ops against
+      # the ops around cuBLAS
+      HIPPO_BENCH_ROWS=${HIPPO_BENCH_ROWS:-1} $PYTEST benchmarks/bench_linear.py \
+        benchmarks/bench_fused_linear.py --benchmark-only -q --benchmark-json "$OUT/gemm.json" \
+        >"$OUT/gemm.log" 2>&1
+      echo "gemm benchmark exit $?"
+      $PY benchmarks/report.py "$OUT/gemm.json" | tee "$OUT/gemm.md"
       ;;
     ncu)
       # Nsight Compute on decode_attention's split kernel at the benchmark shapes: occupancy,

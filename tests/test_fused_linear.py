@@ -18,6 +18,7 @@ NORM_OP = torch.ops.hippo_ext.add_rms_norm_linear.default
 GATED_OP = torch.ops.hippo_ext.silu_and_mul_linear.default
 EPS = 1e-6
 FUSED_MAX_ROWS = 16
+SLICES_ENV = "HIPPO_SKINNY_FMA_SLICES"
 # fp32 accumulation, output rounded once (relative, as in test_linear.py); on CUDA the norm's
 # sum of squares runs in another order than add_rms_norm's, which may move a normed input by one
 # rounding step: negligible against the GEMM's own rounding.
@@ -29,6 +30,19 @@ CASES = [
     ((1,), 8, 1), ((1,), 64, 33), ((1, 9), 96, 130), ((2, 5), 256, 17), ((17,), 64, 10),
     ((3,), 7, 5), ((1,), 896, 1152), ((4,), 3584, 65),
 ]
+
+
+@pytest.fixture(params=["planned", "1", "8"])
+def fma_slices(request, monkeypatch) -> str:
+    """The CUDA kernel's K slices per output pair: its own plan (from N, K and the SM count),
+    one, and eight (capped at K's warp steps of 256)."""
+    monkeypatch.delenv(SLICES_ENV, raising=False)
+    if request.param == "planned":
+        return request.param
+    if "device" in request.fixturenames and request.getfixturevalue("device") == "cpu":
+        pytest.skip("K slices are the CUDA kernel's; the CPU composes the ops")
+    monkeypatch.setenv(SLICES_ENV, request.param)
+    return request.param
 
 
 def dtypes_for(device: str) -> list[torch.dtype]:
@@ -75,7 +89,7 @@ def assert_gemm_close(out, normed_input, weight, bias):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rows,k,n", CASES)
-def test_add_rms_norm_linear(device, gen, rows, k, n):
+def test_add_rms_norm_linear(device, gen, fma_slices, rows, k, n):
     for dtype in dtypes_for(device):
         x, residual, norm_weight, weight, bias = random_norm_problem(rows, k, n, dtype, device, gen)
         for b in (bias, None):
@@ -93,7 +107,7 @@ def test_add_rms_norm_linear(device, gen, rows, k, n):
 
 
 @pytest.mark.parametrize("rows,k,n", CASES)
-def test_silu_and_mul_linear(device, gen, rows, k, n):
+def test_silu_and_mul_linear(device, gen, fma_slices, rows, k, n):
     for dtype in dtypes_for(device):
         x, weight, bias = random_gated_problem(rows, k, n, dtype, device, gen)
         for b in (bias, None):
@@ -116,7 +130,7 @@ def test_silu_and_mul_linear(device, gen, rows, k, n):
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("k,n", [(896, 1152), (3584, 130), (96, 33)])
-def test_cuda_rows_do_not_depend_on_row_count(gen, dtype, k, n):
+def test_cuda_rows_do_not_depend_on_row_count(gen, fma_slices, dtype, k, n):
     """Up to 16 rows, row i is bitwise the same computed alone or with the others (what
     step_invariant needs of every GEMM of a step)."""
     rows = FUSED_MAX_ROWS
@@ -136,7 +150,7 @@ def test_cuda_rows_do_not_depend_on_row_count(gen, dtype, k, n):
 
 @requires_cuda
 @pytest.mark.cuda
-def test_cuda_gating_equals_skinny_fma_kernel(gen, monkeypatch):
+def test_cuda_gating_equals_skinny_fma_kernel(gen, fma_slices, monkeypatch):
     """silu_and_mul_linear's kernel is skinny_linear's FMA kernel fed the gated values: the same
     products in the same order, so the same bits as silu_and_mul then skinny_linear(fma)."""
     monkeypatch.setenv("HIPPO_SKINNY_KERNEL", "fma")
@@ -269,7 +283,7 @@ def composed_qkv_projection(args):
 
 
 @pytest.mark.parametrize("case", QKV_CASES, ids=str)
-def test_qkv_projection(device, gen, case):
+def test_qkv_projection(device, gen, fma_slices, case):
     for dtype in dtypes_for(device):
         args = random_qkv_problem(*case, dtype, device, gen)
         expected_q, expected_total, expected_cache = composed_qkv_projection(args)
@@ -290,7 +304,7 @@ def test_qkv_projection(device, gen, case):
 
 @requires_cuda
 @pytest.mark.cuda
-def test_cuda_qkv_projection_rows_do_not_depend_on_token_count(gen):
+def test_cuda_qkv_projection_rows_do_not_depend_on_token_count(gen, fma_slices):
     """A token's q row and cache slots are bitwise the same computed alone or in a block of up
     to 16 (the same slots: the shorter block ends where the token sits)."""
     args = random_qkv_problem(1, 16, 896, 14, 2, 64, torch.bfloat16, "cuda", gen, max_seq=64)

@@ -12,6 +12,9 @@ from hippo_testing import capture_cuda_graph, rel_error, requires_cuda
 
 OP = torch.ops.hippo_ext.skinny_linear.default
 KERNEL_ENV = "HIPPO_SKINNY_KERNEL"  # CUDA: "fma" takes M <= 16 on the FMA kernel
+# The FMA kernel's K slices per output pair (its plan's default comes from N, K and the SM count);
+# forcing one or eight (capped at K's warp steps) runs both ends on every shape.
+SLICES_ENV = "HIPPO_SKINNY_FMA_SLICES"
 FMA_MAX_ROWS = 16
 # fp32 accumulation, output rounded once: one rounding step of the output dtype, relative.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
@@ -25,14 +28,18 @@ def random_problem(rows, in_features, out_features, dtype, device, gen, bias=Tru
     return x, weight, b
 
 
-@pytest.fixture(params=["mma", "fma"])
+@pytest.fixture(params=["mma", "fma", "fma_1_slice", "fma_8_slices"])
 def cuda_kernel(request, monkeypatch):
-    """The tensor-core kernel (default) and the opt-in FMA kernel (M <= 16)."""
-    if request.param == "fma":
-        monkeypatch.setenv(KERNEL_ENV, "fma")
-    else:
+    """The tensor-core kernel (default) and the opt-in FMA kernel (M <= 16) with its own plan of
+    K slices, with one, and with eight."""
+    monkeypatch.delenv(SLICES_ENV, raising=False)
+    if request.param == "mma":
         monkeypatch.delenv(KERNEL_ENV, raising=False)
-    return request.param
+        return "mma"
+    monkeypatch.setenv(KERNEL_ENV, "fma")
+    if request.param != "fma":
+        monkeypatch.setenv(SLICES_ENV, "1" if request.param == "fma_1_slice" else "8")
+    return "fma"
 
 
 def float64_linear(x, weight, bias):
@@ -54,7 +61,8 @@ def test_cpu_is_atens_linear(gen, dtype, rows, in_features, out_features):
 # a partial unroll (96), model widths; N not a multiple of 64, a single output, many tiles (no
 # split), few tiles (many splits); K not a multiple of 32 -> ATen. The FMA kernel runs up to 4
 # rows as two alternating batches of two warp steps (256 k each): one row over many batches
-# (3584), four rows over 19 steps (4864), and 5.25 steps (1344: a partial last batch).
+# (3584), four rows over 19 steps (4864), and 5.25 steps (1344: a partial last batch); its slices
+# of K split 19 steps unevenly (4864 into 8: 2 or 3 each) and leave the last slice a partial step.
 CUDA_CASES = [
     (1, 32, 1), (2, 96, 10), (7, 3584, 65), (8, 4096, 64), (9, 3584, 4608), (16, 896, 1152),
     (17, 18944, 200), (24, 160, 130), (32, 4864, 896), (5, 64, 25_600), (33, 256, 128),

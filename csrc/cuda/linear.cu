@@ -17,12 +17,12 @@
 //
 // Shapes the kernel does not take (fp32, M > 32, K % 32 != 0, misaligned) go to ATen's linear.
 //
-// A second kernel, plain fp32 FMAs with one warp per two outputs and no split of K, takes M <= 16
-// when HIPPO_SKINNY_KERNEL=fma (skinny_linear_fma_kernel below). It also keeps rows independent
-// of M (for M <= 16: rows past 16 go to the tensor-core kernel), streams each weight row once with
-// no partial sums to write back, and is meant for decode steps; it is opt-in (on an H200 it took
-// 4% off the 7B decode step but ran 2-3x cuBLAS from M = 5: every warp reads each row of x
-// through the caches, so its time grows with the rows).
+// A second kernel, plain fp32 FMAs with a few warps per two outputs (K sliced among them inside
+// the block, no partial sums in global memory), takes M <= 16 when HIPPO_SKINNY_KERNEL=fma
+// (skinny_linear_fma_kernel below). It also keeps rows independent of M (for M <= 16: rows past 16
+// go to the tensor-core kernel), streams each weight row once, and is meant for decode steps; it
+// is opt-in (on an H200 it took 4% off the 7B decode step but ran 2-3x cuBLAS from M = 5: every
+// warp reads each row of x through the caches, so its time grows with the rows).
 // The same kernel, with a prologue applied to x as it is loaded (add_rms_norm or the SwiGLU
 // gating) and for the q/k/v projection an epilogue (RoPE, the cache append), is the one-launch
 // CUDA path of add_rms_norm_linear, silu_and_mul_linear and qkv_projection (fused_linear.h) for
@@ -66,6 +66,7 @@ struct SkinnyParams {
   int* semaphores = nullptr;     // [ceil(N / 64)] zeros
   int rows = 0, out_features = 0, in_features = 0;
   int k_per_split = 0, splits = 1;
+  int k_slices = 1;  // FMA kernel: warps that share an output pair, each adding a range of K
   // The add-RMSNorm prologue (FMA kernel): residual [M, K] and norm_weight [K] of x's dtype;
   // block 0 writes x + residual to sum_out [M, K].
   const void* residual = nullptr;
@@ -192,13 +193,17 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const SkinnyPar
 
 
 // ---------------------------------------------------------------------------------------------
-// FMA kernel (HIPPO_SKINNY_KERNEL=fma, M <= 16): one warp per two outputs, no split of K
+// FMA kernel (HIPPO_SKINNY_KERNEL=fma, M <= 16): 1-8 warps per two outputs, K sliced among them
 // ---------------------------------------------------------------------------------------------
 //
-// Lane l takes k = 8 l + 256 i of both weight rows and of every x row (16-byte loads: the weight
-// streamed past L1, x through the read-only cache that the block's eight warps share), multiplies
-// and adds in fp32 in k order (__fmaf_rn, never reassociated), and one shuffle tree adds the 32
-// lanes. Nothing in a row's arithmetic depends on M, on the row bucket or on a split plan.
+// A warp step covers 256 k: lane l takes k = 8 l + 256 i of both weight rows and of every x row
+// (16-byte loads: the weight streamed past L1, x through the read-only cache that the block's
+// eight warps share). The warp steps of K are cut into `k_slices` contiguous ranges, one per warp
+// of the pair's group (fma_k_slices: more slices where too few output pairs would leave SMs idle
+// or a warp with a long serial chain of loads, as in a 0.5B model's down GEMM: 448 pairs, K =
+// 4864). A lane multiplies and adds its range in fp32 in k order (__fmaf_rn, never reassociated),
+// one shuffle tree adds the 32 lanes, and the slices' sums are added in slice order. The slices
+// come from N, K and the GPU, so nothing in a row's arithmetic depends on M or on the row bucket.
 constexpr int kFmaMaxRows = 16;
 static_assert(kFmaMaxRows <= 32, "lane m stores row m of the rotary-append epilogue");
 constexpr int kFmaOutputsPerWarp = 2;
@@ -207,6 +212,9 @@ constexpr int kFmaThreads = kFmaWarps * 32;
 constexpr int kFmaLaneK = 8;                // k per lane and 16-byte load
 constexpr int kFmaWarpK = 32 * kFmaLaneK;   // k per warp step
 constexpr int kFmaStepsInFlight = 4;        // warp steps whose weight loads a warp keeps in flight
+// Warps per SM that fma_k_slices aims for: four resident blocks of eight, what the one-row
+// kernel's registers allow.
+constexpr int64_t kFmaWarpsPerSmTarget = 32;
 
 template <typename T>
 __device__ __forceinline__ void unpack8(const uint4& raw, float (&out)[kFmaLaneK]) {
@@ -358,12 +366,19 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
   // bias are the only memory read before the wait: nothing in a step writes them. The next
   // kernel is let in only after the wait (below), as everywhere else, so no kernel that could
   // still write memory runs beside these early loads except the one directly before this one.
-  const int lane = threadIdx.x % 32;
-  const int pair = blockIdx.x * kFmaWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int slices = p.k_slices;  // a power of two that divides kFmaWarps (fma_k_slices)
+  const int slice = warp % slices;
+  const int pair = blockIdx.x * (kFmaWarps / slices) + warp / slices;
   int n[kFmaOutputsPerWarp];
   pair_outputs<kEpilogue>(p, pair, n);
   const bool warp_has_outputs = n[0] < p.out_features;  // only the last block has warps without
   const int K = p.in_features;
+  // This warp's slice of K: warp steps [steps * slice / slices, steps * (slice + 1) / slices).
+  // Warps without outputs get an empty one, but still meet the others in the epilogue.
+  const int steps = (K + kFmaWarpK - 1) / kFmaWarpK;
+  const int k_begin = steps * slice / slices * kFmaWarpK;
+  const int k_end = warp_has_outputs ? min(K, steps * (slice + 1) / slices * kFmaWarpK) : k_begin;
   const T* weight = static_cast<const T*>(p.weight);
   const uint4* w_row[kFmaOutputsPerWarp];
   bool w_valid[kFmaOutputsPerWarp];
@@ -381,15 +396,13 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
   }
 
   // A warp keeps kFmaStepsInFlight warp steps of weight loads in flight, and a batch's steps
-  // past K are neither loaded nor added. Up to 4 rows they form two batches that alternate:
-  // batch i + 1's loads are issued before batch i's FMAs, so loads never stop while the warp
-  // adds. More rows keep one batch of all four (a second buffer beside 8 or 16 rows of
+  // past its slice are neither loaded nor added. Up to 4 rows they form two batches that
+  // alternate: batch i + 1's loads are issued before batch i's FMAs, so loads never stop while
+  // the warp adds. More rows keep one batch of all four (a second buffer beside 8 or 16 rows of
   // accumulators spills) and load the next once the current one is added. The same registers
-  // either way, so occupancy is that of one batch of four. The loop this replaces took the
-  // steps past the last whole batch one load at a time: a lane of a K = 896 GEMM (a 0.5B
-  // model's) waited for three loads in a row. The first batch is requested before the prologue,
-  // whose row reductions then run under its latency (and before the wait for the previous
-  // kernel). Each lane adds its steps in k order, whatever the batching.
+  // either way, so occupancy is that of one batch of four. The first batch is requested before
+  // the prologue, whose row reductions then run under its latency (and before the wait for the
+  // previous kernel). Each lane adds its steps in k order, whatever the batching.
   constexpr int kBuffers = kRows <= 4 ? 2 : 1;
   constexpr int kFmaBatch = kFmaStepsInFlight / kBuffers;  // warp steps per batch
   using Batch = uint4[kFmaBatch][kFmaOutputsPerWarp];
@@ -398,30 +411,30 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
   auto load_batch = [&](int k, Batch& batch) {
 #pragma unroll
     for (int b = 0; b < kFmaBatch; ++b) {
-      if (k + b * kFmaWarpK >= K) break;
+      if (k + b * kFmaWarpK >= k_end) break;
 #pragma unroll
       for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
         batch[b][o] = __ldcs(w_row[o] + (k + b * kFmaWarpK) / kFmaLaneK);
       }
     }
   };
-  const int first_k = lane * kFmaLaneK;
-  if (warp_has_outputs) load_batch(first_k, w_raw[0]);
+  const int first_k = k_begin + lane * kFmaLaneK;
+  load_batch(first_k, w_raw[0]);
   float bias[kFmaOutputsPerWarp] = {};  // read now, not after the last FMA
 #pragma unroll
   for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
-    if (w_valid[o]) bias[o] = bias_at<T>(p, n[o]);
+    if (w_valid[o] && slice == 0) bias[o] = bias_at<T>(p, n[o]);
   }
   wait_for_prior_kernels();  // x, residual and out belong to the kernels before this one
   allow_dependent_kernels();
   __shared__ float inverse[kRows];  // the add-RMSNorm prologue's 1 / rms of each row
   if constexpr (kPrologue == Prologue::kAddRmsNorm) add_rms_norm_rows<T>(p, inverse);
-  if (!warp_has_outputs) return;
   // The rotary-append epilogue's destination and RoPE factors for row `lane`, which this lane
-  // stores (rows <= 16 < 32), read now so that their latency runs under the K loop.
+  // of the group's first warp stores (rows <= 16 < 32), read now so that their latency runs
+  // under the K loop.
   QkvPairTarget<T> target;
   if constexpr (kEpilogue == Epilogue::kRotaryAppend) {
-    if (lane < p.rows) target = qkv_pair_target<T>(p, lane, n[0]);
+    if (warp_has_outputs && slice == 0 && lane < p.rows) target = qkv_pair_target<T>(p, lane, n[0]);
   }
 
   // One warp step at k: the lane's 8 weights of each output against the same 8 k of every row.
@@ -442,42 +455,75 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
     }
   };
   // kBuffers batches per turn, so that each buffer keeps fixed registers.
-  for (int k = first_k; k < K; k += kBuffers * kBatchK) {
+  for (int k = first_k; k < k_end; k += kBuffers * kBatchK) {
 #pragma unroll
     for (int i = 0; i < kBuffers; ++i) {
       const int batch_k = k + i * kBatchK;
-      if (batch_k >= K) break;
-      const bool more = batch_k + kBatchK < K;
+      if (batch_k >= k_end) break;
+      const bool more = batch_k + kBatchK < k_end;
       if (kBuffers == 2 && more) load_batch(batch_k + kBatchK, w_raw[(i + 1) % kBuffers]);
 #pragma unroll
       for (int b = 0; b < kFmaBatch; ++b) {
-        if (batch_k + b * kFmaWarpK >= K) break;
+        if (batch_k + b * kFmaWarpK >= k_end) break;
         accumulate(batch_k + b * kFmaWarpK, w_raw[i][b]);
       }
       if (kBuffers == 1 && more) load_batch(batch_k + kBatchK, w_raw[0]);
     }
   }
 
-  // The GEMM's outputs as the unfused op stores them: fp32 sum plus bias, rounded once.
-  T* out = static_cast<T*>(p.out);
+  // Each output's sum: a shuffle tree over each slice's lanes, then the slices' sums in slice
+  // order, added by the group's first warp. Lane 2 m + o holds output (m, o) of its warp.
+  __shared__ float slice_sums[kFmaWarps][kRows][kFmaOutputsPerWarp];
 #pragma unroll
   for (int m = 0; m < kRows; ++m) {
-    if constexpr (kEpilogue == Epilogue::kStore) {
+    if (m >= p.rows) break;
 #pragma unroll
-      for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
-        const float sum = warp_sum(acc[m][o]);
-        // Output (m, o) is written by lane (m * 2 + o) % 32, spreading the stores over the warp.
-        if (m < p.rows && w_valid[o] && lane == (m * kFmaOutputsPerWarp + o) % 32) {
-          out[static_cast<int64_t>(m) * p.out_features + n[o]] = from_float<T>(sum + bias[o]);
-        }
-      }
-    } else {  // one lane takes row m's pair (both outputs of a rotary pair are valid)
-      const float first = warp_sum(acc[m][0]), second = warp_sum(acc[m][1]);
-      if (m < p.rows && lane == m) {  // the lane whose target is row m's
-        store_qkv_pair<T>(target, from_float<T>(first + bias[0]), from_float<T>(second + bias[1]));
-      }
+    for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
+      const float sum = warp_sum(acc[m][o]);
+      if (lane == m * kFmaOutputsPerWarp + o) slice_sums[warp][m][o] = sum;
     }
   }
+  if (slices > 1) {
+    __syncthreads();  // the same for the whole block
+  } else {
+    __syncwarp();
+  }
+  if (slice != 0 || !warp_has_outputs) return;
+  auto output_sum = [&](int m, int o) {
+    float sum = slice_sums[warp][m][o];
+    for (int s = 1; s < slices; ++s) sum += slice_sums[warp + s][m][o];
+    return sum;
+  };
+  // The GEMM's outputs as the unfused op stores them: fp32 sum plus bias, rounded once.
+  if constexpr (kEpilogue == Epilogue::kStore) {
+    const int m = lane / kFmaOutputsPerWarp, o = lane % kFmaOutputsPerWarp;  // o is 0 or 1
+    if (m < p.rows && (o == 0 ? w_valid[0] : w_valid[1])) {
+      static_cast<T*>(p.out)[static_cast<int64_t>(m) * p.out_features + (o == 0 ? n[0] : n[1])] =
+          from_float<T>(output_sum(m, o) + (o == 0 ? bias[0] : bias[1]));
+    }
+  } else {  // lane m takes row m's pair (both outputs of a rotary pair are valid)
+    if (lane < p.rows) {
+      store_qkv_pair<T>(target, from_float<T>(output_sum(lane, 0) + bias[0]),
+                        from_float<T>(output_sum(lane, 1) + bias[1]));
+    }
+  }
+}
+
+// The FMA kernel's K slices (warps per output pair): the fewest, doubling up to kFmaWarps, that
+// put about kFmaWarpsPerSmTarget warps on every SM, none with less than one warp step of K. A
+// function of N, K and the GPU only, so rows never depend on M. HIPPO_SKINNY_FMA_SLICES=<n> asks
+// for n instead (rounded down to a power of two, within the same bounds: tuning and tests).
+int fma_k_slices(int64_t out_features, int64_t in_features) {
+  const int64_t pairs = ceil_div(out_features, kFmaOutputsPerWarp);
+  const int64_t steps = ceil_div(in_features, kFmaWarpK);
+  const int64_t asked = env_int("HIPPO_SKINNY_FMA_SLICES", 0);
+  const int64_t wanted = kFmaWarpsPerSmTarget * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  int slices = 1;
+  while (slices < kFmaWarps && 2 * slices <= steps &&
+         (asked > 0 ? 2 * slices <= asked : pairs * slices < wanted)) {
+    slices *= 2;
+  }
+  return slices;
 }
 
 // Splits of K: enough blocks for about kBlocksPerSmTarget per SM, each split at least
@@ -520,9 +566,13 @@ bool fma_kernel_selected(int64_t rows) {
 
 template <typename T, int kRows, Prologue kPrologue, Epilogue kEpilogue>
 void launch_fma(const SkinnyParams& p, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>(ceil_div(p.out_features, kFmaWarps * kFmaOutputsPerWarp));
+  SkinnyParams sliced = p;
+  sliced.k_slices = fma_k_slices(p.out_features, p.in_features);
+  const int64_t pairs_per_block = kFmaWarps / sliced.k_slices;
+  const unsigned blocks = static_cast<unsigned>(
+      ceil_div(ceil_div(p.out_features, kFmaOutputsPerWarp), pairs_per_block));
   launch_kernel(skinny_linear_fma_kernel<T, kRows, kPrologue, kEpilogue>, dim3(blocks), dim3(kFmaThreads),
-                0, stream, p);
+                0, stream, sliced);
 }
 
 template <typename T, Prologue kPrologue = Prologue::kNone, Epilogue kEpilogue = Epilogue::kStore>
