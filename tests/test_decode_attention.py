@@ -426,18 +426,21 @@ def test_cuda_wide_registers_change_no_bit(gen, monkeypatch, warps, q_heads, kv_
 
 @requires_cuda
 @pytest.mark.cuda
+@pytest.mark.parametrize("q_len", [1, 2])
 @pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(28, 4, 128), (14, 2, 64), (16, 1, 80)])
-def test_cuda_fused_merge_leaves_workspace_zeroed(gen, monkeypatch, q_heads, kv_heads, head_dim):
+def test_cuda_fused_merge_leaves_workspace_zeroed(gen, monkeypatch, q_heads, kv_heads, head_dim,
+                                                  q_len):
     """The fused merge's semaphores are zero again after every call, so back-to-back calls
-    (layers of one step, graph replays) keep merging the right splits. (Length 0, where no
-    split is active, is in test_cuda_unchecked_bad_lengths_stay_in_bounds.)"""
+    (layers of one step, graph replays) keep merging the right splits. Its rows go in passes
+    of 8: 7 rows per kv head take one, 14 and 16 two (32 rows take the merge kernel). (Length
+    0, where no split is active, is in test_cuda_unchecked_bad_lengths_stay_in_bounds.)"""
     monkeypatch.setenv(FUSED_MERGE_ENV, "1")
     query, cache, length = make_inputs(
-        gen, batch=2, q_len=1, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
-        lengths=[5000, 1], max_seq=8192, layers=2, dtype=torch.bfloat16, device="cuda")
+        gen, batch=2, q_len=q_len, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim,
+        lengths=[5000, q_len], max_seq=8192, layers=2, dtype=torch.bfloat16, device="cuda")
     workspace = decode_attention_workspace(2, kv_heads, "cuda")
     for lengths in ([5000, 1], [8192, 3000], [1, 64], [700, 8191]):
-        length.copy_(torch.tensor(lengths))
+        length.copy_(torch.tensor(lengths).clamp_min(q_len))
         for layer in (0, 1):
             out = decode_attention(query, cache, layer, length, workspace=workspace, check=False)
             torch.cuda.synchronize()

@@ -8,8 +8,10 @@
 // semaphore workspace, a step with at most kFusedMergeMaxRows rows per kv head (decode steps) can
 // instead merge them in the same launch: the split block that finishes last reads the others'
 // partials (cuda/last_block.cuh). HIPPO_DECODE_ATTENTION_FUSED_MERGE=1 turns that on (opt-in:
-// it saves the merge kernel's launch but costs one block's serial read of the partials, and
-// measured slower on an H200, 2026-11-27: 20.3 against 15.4 us on the 7B decode shape).
+// it saves the merge kernel's launch but costs one block's read of the partials; it measured
+// slower on an H200, 2026-11-27, 20.3 against 15.4 us on the 7B decode shape, when that block
+// merged the rows one after the other, two barriers and a trip to L2 each; it now takes up to 8
+// rows in one pass, not yet measured).
 //
 // Graph capture. The number of splits depends on S_max, B * Hkv and the SM count only, never on
 // length values: blocks of splits that start at or beyond length[b] exit at once, and the combine
@@ -174,103 +176,139 @@ __device__ __forceinline__ float split_lse(float max_score, float sum) {
 // last split block of a fused merge
 // ---------------------------------------------------------------------------------------------
 
-// How merge_row splits its work: the first kThreads threads of the calling block form groups
-// of D / 4 (one float4 of the row each), whatever the block size, so that a row is merged in the
-// same order by the combine kernel and by a fused merge in a split block of any width (which
-// row_invariant relies on). Scratch: kFloat4s float4s of shared memory.
+// How the merge of the splits splits its work: kGroups thread groups of D / 4 lanes (one float4
+// of a row each) take the splits in turn, each keeping its own running maximum of the splits'
+// log-sum-exps (one pass: the lse and the partial of a split are loaded together, with no
+// maximum to wait for first); then each row's group sums are rescaled to a common maximum and
+// added in group order. The order depends on D only, never on how many rows a call merges or
+// on the block's width, so a row is merged alike by the combine kernel (one row per block) and
+// by a fused merge (all of a kv head's rows in its last split block), which row_invariant relies
+// on. Scratch for kRows rows: float4s(kRows) float4s of 16-byte aligned shared memory.
 template <int D>
 struct MergeLayout {
   static constexpr int kLanesPerRow = D / 4;
   static constexpr int kGroups = kThreads / kLanesPerRow;
-  static constexpr int kFloat4s = kGroups * kLanesPerRow + (2 * kGroups + 3) / 4;
+  static constexpr int float4s(int rows) {
+    return rows * kGroups * kLanesPerRow + (2 * rows * kGroups + 3) / 4;
+  }
 };
 
-// Query row r of (batch row, kv head) bh, merged over its `splits` active splits into out, by
-// a block of at least kThreads threads; scratch: 16-byte aligned shared memory of
-// MergeLayout::kFloat4s float4s. The thread groups take the splits in turn, each keeping its
-// own running maximum of the splits' log-sum-exps (one pass: the lse and the partial of a split
-// are loaded together, with no block-wide maximum to wait for first); then the groups' sums are
-// rescaled to a common maximum and added. Partials are read through L2 (__ldcg), so a block may
-// merge partials that other blocks of the same launch wrote.
-template <typename T, int D>
-__device__ void merge_row(const Params& p, int bh, int r, int splits, float4* scratch) {
+// A group's running merge of one float4 of a row, one split at a time. The roundings are
+// spelled out (no contraction left to the compiler), so every instantiation gives the same bits.
+struct GroupMerge {
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  float weight_sum = 0.f;
+  float running_max = kNegInf;
+
+  __device__ __forceinline__ void add_split(float split_lse, const float4& v) {
+    const float new_max = fmaxf(running_max, split_lse);
+    const float shift = new_max == kNegInf ? 0.f : new_max;  // nothing seen yet: stay finite
+    const float rescale = exp2_flush(running_max - shift);    // 0 while running_max is -inf
+    const float w = exp2_flush(split_lse - shift);            // 0 for a split that saw nothing
+    acc.x = __fmaf_rn(w, v.x, __fmul_rn(acc.x, rescale));
+    acc.y = __fmaf_rn(w, v.y, __fmul_rn(acc.y, rescale));
+    acc.z = __fmaf_rn(w, v.z, __fmul_rn(acc.z, rescale));
+    acc.w = __fmaf_rn(w, v.w, __fmul_rn(acc.w, rescale));
+    weight_sum = __fmaf_rn(weight_sum, rescale, w);
+    running_max = new_max;
+  }
+};
+
+// Query rows [first_row, first_row + count) (count <= kRows) of (batch row, kv head) bh, merged
+// over their `splits` active splits into out, by a block of at least kThreads threads. Partials
+// are read through L2 (__ldcg), so a block may merge partials that other blocks of the same
+// launch wrote. Each thread of a group holds its float4 of all the rows at once, so that the
+// loads of a split's rows are in flight together: a fused merge's rows take one pass, not one
+// pass each.
+template <typename T, int D, int kRows>
+__device__ void merge_rows(const Params& p, int bh, int first_row, int count, int splits,
+                           float4* scratch) {
   constexpr int kLanesPerRow = MergeLayout<D>::kLanesPerRow;
   constexpr int kGroups = MergeLayout<D>::kGroups;
-  float4* group_acc = scratch;                                            // [kGroups][kLanesPerRow]
-  float* group_max = reinterpret_cast<float*>(scratch + kGroups * kLanesPerRow);  // [kGroups]
-  float* group_weight = group_max + kGroups;                              // [kGroups]
+  float4* group_acc = scratch;                            // [kRows][kGroups][kLanesPerRow]
+  float* group_max = reinterpret_cast<float*>(scratch + kRows * kGroups * kLanesPerRow);
+  float* group_weight = group_max + kRows * kGroups;     // both [kRows][kGroups]
 
-  const int b = bh / p.kv_heads;
-  const int h = bh % p.kv_heads;
-  const float* lse = p.partial_lse + static_cast<int64_t>(bh) * p.num_splits * p.rows + r;
+  // Row first_row of split 0; split s is s * rows further (partials [bh, split, row, D]).
+  const int64_t first = static_cast<int64_t>(bh) * p.num_splits * p.rows + first_row;
   const int group = threadIdx.x / kLanesPerRow;
   const int lane4 = threadIdx.x % kLanesPerRow;
   if (group < kGroups) {
-    const float* partial =
-        p.partial_out + (static_cast<int64_t>(bh) * p.num_splits * p.rows + r) * D + lane4 * 4;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    float weight_sum = 0.f, running_max = kNegInf;
-#pragma unroll 8
+    GroupMerge merge[kRows];
+    // One row: 8 splits' loads in flight; more rows: a split's loads of every row (unrolling
+    // the splits too took the split kernels that hold a fused merge from 96-128 to 144-216
+    // registers, and spilled under the narrow bounds).
+    constexpr int kUnrollSplits = kRows == 1 ? 8 : 1;
+#pragma unroll (kUnrollSplits)
     for (int s = group; s < splits; s += kGroups) {
-      const float split = __ldcg(lse + static_cast<int64_t>(s) * p.rows);
-      const float4 v = __ldcg(reinterpret_cast<const float4*>(partial + static_cast<int64_t>(s) * p.rows * D));
-      const float new_max = fmaxf(running_max, split);
-      const float shift = new_max == kNegInf ? 0.f : new_max;  // nothing seen yet: stay finite
-      const float rescale = exp2_flush(running_max - shift);    // 0 while running_max is -inf
-      const float w = exp2_flush(split - shift);                // 0 for a split that saw nothing
-      acc.x = acc.x * rescale + w * v.x;
-      acc.y = acc.y * rescale + w * v.y;
-      acc.z = acc.z * rescale + w * v.z;
-      acc.w = acc.w * rescale + w * v.w;
-      weight_sum = weight_sum * rescale + w;
-      running_max = new_max;
+      const int64_t at = first + static_cast<int64_t>(s) * p.rows;
+#pragma unroll
+      for (int i = 0; i < kRows; ++i) {  // predicated, not branched: the loads go out together
+        const bool row = i < count;
+        const float lse = row ? __ldcg(p.partial_lse + at + i) : kNegInf;
+        const float4 v = row ? __ldcg(reinterpret_cast<const float4*>(p.partial_out + (at + i) * D) + lane4)
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
+        merge[i].add_split(lse, v);
+      }
     }
-    group_acc[group * kLanesPerRow + lane4] = acc;
-    if (lane4 == 0) {
-      group_max[group] = running_max;
-      group_weight[group] = weight_sum;
+#pragma unroll
+    for (int i = 0; i < kRows; ++i) {
+      if (i >= count) break;
+      group_acc[(i * kGroups + group) * kLanesPerRow + lane4] = merge[i].acc;
+      if (lane4 == 0) {
+        group_max[i * kGroups + group] = merge[i].running_max;
+        group_weight[i * kGroups + group] = merge[i].weight_sum;
+      }
     }
   }
   __syncthreads();
 
-  if (threadIdx.x < kLanesPerRow) {
+  for (int item = threadIdx.x; item < count * kLanesPerRow; item += blockDim.x) {
+    const int i = item / kLanesPerRow;
+    const int lane = item % kLanesPerRow;
+    const float* maxes = group_max + i * kGroups;
     float max_all = kNegInf;
 #pragma unroll
-    for (int g = 0; g < kGroups; ++g) max_all = fmaxf(max_all, group_max[g]);
+    for (int g = 0; g < kGroups; ++g) max_all = fmaxf(max_all, maxes[g]);
     const float shift = max_all == kNegInf ? 0.f : max_all;
     float4 total = make_float4(0.f, 0.f, 0.f, 0.f);
     float total_weight = 0.f;
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) {
-      const float scale = exp2_flush(group_max[g] - shift);  // 0 for a group that saw nothing
-      const float4 v = group_acc[g * kLanesPerRow + threadIdx.x];
-      total.x += scale * v.x;
-      total.y += scale * v.y;
-      total.z += scale * v.z;
-      total.w += scale * v.w;
-      total_weight += scale * group_weight[g];
+      const float scale = exp2_flush(maxes[g] - shift);  // 0 for a group that saw nothing
+      const float4 v = group_acc[(i * kGroups + g) * kLanesPerRow + lane];
+      total.x = __fmaf_rn(scale, v.x, total.x);
+      total.y = __fmaf_rn(scale, v.y, total.y);
+      total.z = __fmaf_rn(scale, v.z, total.z);
+      total.w = __fmaf_rn(scale, v.w, total.w);
+      total_weight = __fmaf_rn(scale, group_weight[i * kGroups + g], total_weight);
     }
     // Nothing visible: zeros. A NaN (from a NaN query or key) reaches the output, as in SDPA.
     const float inv = total_weight != 0.f ? 1.f / total_weight : 0.f;
-    T* out = static_cast<T*>(p.out) + row_offset(p, b, h, r, D) + threadIdx.x * 4;
-    out[0] = from_float<T>(total.x * inv);
-    out[1] = from_float<T>(total.y * inv);
-    out[2] = from_float<T>(total.z * inv);
-    out[3] = from_float<T>(total.w * inv);
+    const int b = bh / p.kv_heads, h = bh % p.kv_heads;
+    T* out = static_cast<T*>(p.out) + row_offset(p, b, h, first_row + i, D) + lane * 4;
+    out[0] = from_float<T>(__fmul_rn(total.x, inv));
+    out[1] = from_float<T>(__fmul_rn(total.y, inv));
+    out[2] = from_float<T>(__fmul_rn(total.z, inv));
+    out[3] = from_float<T>(__fmul_rn(total.w, inv));
   }
-  __syncthreads();  // the scratch may be reused for the next row
+  __syncthreads();  // the scratch may be reused
 }
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const Params p) {
   wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
   allow_dependent_kernels();
-  __shared__ float4 scratch[MergeLayout<D>::kFloat4s];
+  __shared__ float4 scratch[MergeLayout<D>::float4s(1)];
   const int bh = blockIdx.x / p.rows;
   const int r = blockIdx.x % p.rows;
   const int length = clamped_length(p, bh / p.kv_heads);
-  merge_row<T, D>(p, bh, r, active_splits(p, length), scratch);
+  merge_rows<T, D, 1>(p, bh, r, 1, active_splits(p, length), scratch);
 }
+
+// Rows a fused merge takes per pass: the 7 or 8 query heads per kv head of common GQA models in
+// one pass (kFusedMergeMaxRows in two).
+constexpr int kFusedMergeRowsPerPass = 8;
 
 // Fused merge, in a split block once its partial is written: the last of the (batch row, kv
 // head)'s active splits to finish merges all of them for every row (at most
@@ -280,7 +318,10 @@ template <typename T, int D>
 __device__ void merge_if_last(const Params& p, int bh, int length, float4* scratch) {
   const int splits = active_splits(p, length);
   if (splits > 0 && !arrive_last_of(p.semaphores + bh, splits)) return;
-  for (int r = 0; r < p.rows; ++r) merge_row<T, D>(p, bh, r, splits, scratch);
+  for (int r = 0; r < p.rows; r += kFusedMergeRowsPerPass) {
+    merge_rows<T, D, kFusedMergeRowsPerPass>(p, bh, r, min(kFusedMergeRowsPerPass, p.rows - r),
+                                             splits, scratch);
+  }
   if (splits > 0) release_semaphore(p.semaphores + bh);
 }
 
@@ -332,7 +373,8 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
                 "ldmatrix takes n8 tiles in pairs: whole k16 key steps, even n8 head-dim tiles");
   constexpr int kSlices = W / M;
   constexpr int kBlockThreads = W * 32;
-  static_assert(MergeLayout<D>::kFloat4s * 16 <= MmaSmem<D, W>::kBytes && kBlockThreads >= kThreads,
+  static_assert(MergeLayout<D>::float4s(kFusedMergeRowsPerPass) * 16 <= MmaSmem<D, W>::kBytes &&
+                    kBlockThreads >= kThreads,
                 "a fused merge reuses the staging area as its scratch, with kThreads threads");
   constexpr int kSliceKeys = kTileKeys / kSlices;  // 16, 32 or 64 keys per warp and tile
   constexpr int kKeyTiles = kSliceKeys / 8;        // n8 tiles of S per warp
