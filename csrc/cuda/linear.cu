@@ -400,9 +400,11 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
   // alternate: batch i + 1's loads are issued before batch i's FMAs, so loads never stop while
   // the warp adds. More rows keep one batch of all four (a second buffer beside 8 or 16 rows of
   // accumulators spills) and load the next once the current one is added. The same registers
-  // either way, so occupancy is that of one batch of four. The first batch is requested before
-  // the prologue, whose row reductions then run under its latency (and before the wait for the
-  // previous kernel). Each lane adds its steps in k order, whatever the batching.
+  // either way, so occupancy is that of one batch of four. The first batch of every buffer,
+  // i.e. kFmaStepsInFlight warp steps (the whole slice of most decode GEMMs), is requested
+  // before the wait for the previous kernel, so with PDL it streams under that kernel's tail,
+  // and before the prologue, whose row reductions then run under its latency. Each lane adds
+  // its steps in k order, whatever the batching.
   constexpr int kBuffers = kRows <= 4 ? 2 : 1;
   constexpr int kFmaBatch = kFmaStepsInFlight / kBuffers;  // warp steps per batch
   using Batch = uint4[kFmaBatch][kFmaOutputsPerWarp];
@@ -419,7 +421,8 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
     }
   };
   const int first_k = k_begin + lane * kFmaLaneK;
-  load_batch(first_k, w_raw[0]);
+#pragma unroll
+  for (int i = 0; i < kBuffers; ++i) load_batch(first_k + i * kBatchK, w_raw[i]);
   float bias[kFmaOutputsPerWarp] = {};  // read now, not after the last FMA
 #pragma unroll
   for (int o = 0; o < kFmaOutputsPerWarp; ++o) {
@@ -461,7 +464,8 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
       const int batch_k = k + i * kBatchK;
       if (batch_k >= k_end) break;
       const bool more = batch_k + kBatchK < k_end;
-      if (kBuffers == 2 && more) load_batch(batch_k + kBatchK, w_raw[(i + 1) % kBuffers]);
+      const bool preloaded = i == 0 && k == first_k;  // the second buffer's first batch
+      if (kBuffers == 2 && more && !preloaded) load_batch(batch_k + kBatchK, w_raw[(i + 1) % kBuffers]);
 #pragma unroll
       for (int b = 0; b < kFmaBatch; ++b) {
         if (batch_k + b * kFmaWarpK >= k_end) break;
