@@ -431,8 +431,9 @@ def test_cuda_wide_registers_change_no_bit(gen, monkeypatch, warps, q_heads, kv_
 def test_cuda_fused_merge_leaves_workspace_zeroed(gen, monkeypatch, q_heads, kv_heads, head_dim,
                                                   q_len):
     """The fused merge's semaphores are zero again after every call, so back-to-back calls
-    (layers of one step, graph replays) keep merging the right splits. Its rows go in passes
-    of 8: 7 rows per kv head take one, 14 and 16 two (32 rows take the merge kernel). (Length
+    (layers of one step, graph replays) keep merging the right splits, with the merge
+    kernel's bits. Its rows go in passes of 8: 7 rows per kv head take one, 14 and 16 two (32
+    rows take the merge kernel). (Length
     0, where no split is active, is in test_cuda_unchecked_bad_lengths_stay_in_bounds.)"""
     monkeypatch.setenv(FUSED_MERGE_ENV, "1")
     query, cache, length = make_inputs(
@@ -446,6 +447,12 @@ def test_cuda_fused_merge_leaves_workspace_zeroed(gen, monkeypatch, q_heads, kv_
             torch.cuda.synchronize()
             assert not workspace.any(), f"semaphores left at {workspace.tolist()}"
             assert_close_to_reference(out, query, cache, layer, length)
+            # The merge kernel's order of arithmetic, in every pass: the same bits.
+            monkeypatch.setenv(FUSED_MERGE_ENV, "0")
+            merged_apart = decode_attention(query, cache, layer, length, workspace=workspace,
+                                            check=False)
+            monkeypatch.setenv(FUSED_MERGE_ENV, "1")
+            assert torch.equal(out, merged_apart)
 
 
 @requires_cuda

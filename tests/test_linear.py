@@ -62,11 +62,13 @@ def test_cpu_is_atens_linear(gen, dtype, rows, in_features, out_features):
 # split), few tiles (many splits); K not a multiple of 32 -> ATen. The FMA kernel runs up to 4
 # rows as two alternating batches of two warp steps (256 k each): one row over many batches
 # (3584), four rows over 19 steps (4864), and 5.25 steps (1344: a partial last batch); its slices
-# of K split 19 steps unevenly (4864 into 8: 2 or 3 each) and leave the last slice a partial step.
+# of K split 19 steps unevenly (4864 into 8: 2 or 3 each) and leave the last slice a partial step
+# (1344, 896); 65 output pairs in 4 slices (896, 129) leave half of the last block without
+# outputs, whose warps must still meet the others at the block's barrier.
 CUDA_CASES = [
     (1, 32, 1), (2, 96, 10), (7, 3584, 65), (8, 4096, 64), (9, 3584, 4608), (16, 896, 1152),
     (17, 18944, 200), (24, 160, 130), (32, 4864, 896), (5, 64, 25_600), (33, 256, 128),
-    (3, 100, 50), (1, 3584, 4608), (4, 4864, 896), (3, 1344, 100),
+    (3, 100, 50), (1, 3584, 4608), (4, 4864, 896), (3, 1344, 100), (3, 896, 129),
 ]
 
 
@@ -124,6 +126,23 @@ def test_cuda_graph_replay(gen, cuda_kernel):
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert torch.equal(captured, hippo_ext.skinny_linear(x, weight, bias, workspace=workspace))
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_fma_slices_change_the_order_of_the_sums(gen, monkeypatch):
+    """HIPPO_SKINNY_FMA_SLICES reaches the FMA kernel: one slice and eight add K in other
+    orders, so some of 16384 fp16 outputs round differently (about 30 expected at K = 4864),
+    while both stay within one rounding step of float64."""
+    monkeypatch.setenv(KERNEL_ENV, "fma")
+    x, weight, bias = random_problem((1,), 4864, 16_384, torch.float16, "cuda", gen)
+    outputs = []
+    for slices in ("1", "8"):
+        monkeypatch.setenv(SLICES_ENV, slices)
+        outputs.append(hippo_ext.skinny_linear(x, weight, bias))
+        torch.testing.assert_close(outputs[-1].double(), float64_linear(x, weight, bias),
+                                   rtol=TOLERANCE[torch.float16], atol=TOLERANCE[torch.float16])
+    assert not torch.equal(*outputs)
 
 
 @requires_cuda

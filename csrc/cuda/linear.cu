@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const SkinnyPar
 //
 // A warp step covers 256 k: lane l takes k = 8 l + 256 i of both weight rows and of every x row
 // (16-byte loads: the weight streamed past L1, x through the read-only cache that the block's
-// eight warps share). The warp steps of K are cut into `k_slices` contiguous ranges, one per warp
+// warps share). The warp steps of K are cut into `k_slices` contiguous ranges, one per warp
 // of the pair's group (fma_k_slices: more slices where too few output pairs would leave SMs idle
 // or a warp with a long serial chain of loads, as in a 0.5B model's down GEMM: 448 pairs, K =
 // 4864). A lane multiplies and adds its range in fp32 in k order (__fmaf_rn, never reassociated),
@@ -514,7 +514,8 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
 }
 
 // The FMA kernel's K slices (warps per output pair): the fewest, doubling up to kFmaWarps, that
-// put about kFmaWarpsPerSmTarget warps on every SM, none with less than one warp step of K. A
+// put about kFmaWarpsPerSmTarget warps on every SM, no more than K's warp steps (a partial last
+// step counts: K = 896 takes 4 slices, the last of them 128 k). A
 // function of N, K and the GPU only, so rows never depend on M. HIPPO_SKINNY_FMA_SLICES=<n> asks
 // for n instead (rounded down to a power of two, within the same bounds: tuning and tests).
 int fma_k_slices(int64_t out_features, int64_t in_features) {
