@@ -9,8 +9,9 @@ Qwen2ForCausalLM models, prefills a context of each requested length and times w
   * the same steps under the runtime options in VARIANTS (skinny_gemm and step_invariant, each
     with skinny_linear's tensor-core and FMA kernels; the defaults switched off one at a time:
     programmatic dependent launch, decode_attention's eight-warp blocks and wide registers;
-    decode_attention's fused merge; the norms and gating inside the GEMMs; all opt-ins at once;
-    HF's modules), each its own runtime on the same weights;
+    decode_attention's fused merge; the decode steps' GEMMs on the FMA kernel with the norms,
+    gating and RoPE inside them, with and without the fused merge; HF's modules), each its own
+    runtime on the same weights;
   * HF eager forward of the same number of tokens on a DynamicCache holding the same keys and
     values (cropped back after each call);
   * the runtime's prefill of the context (SDPA);
@@ -75,15 +76,12 @@ VARIANTS = {
     "attention narrow registers": Variant({}, (("HIPPO_DECODE_ATTENTION_WIDE_REGISTERS", "0"),)),
     # decode steps: the last KV-split block merges the splits (no second kernel per layer)
     "attention fused merge": Variant({}, (("HIPPO_DECODE_ATTENTION_FUSED_MERGE", "1"),)),
-    # add_rms_norm and silu_and_mul inside the GEMMs after them, RoPE and the cache append
-    # inside the q/k/v GEMM (FMA kernel; single-token steps, wider ones run the default)
+    # single-token steps: add_rms_norm and silu_and_mul inside the GEMMs after them, RoPE and
+    # the cache append inside the q/k/v GEMM, and o_proj and the output head on the same FMA
+    # kernel, so a decode step runs hippo_ext kernels only (wider steps run the default)
     "GEMM prologues": Variant(dict(gemm_prologues=True)),
-    # the same, with the other GEMMs (o_proj, the output head) on the FMA kernel too: a
-    # decode step then runs hippo_ext kernels only (verify steps take the FMA kernel up to 16
-    # rows as well, so read this column's decode rows)
-    "GEMM prologues fma": Variant(dict(skinny_gemm=True, gemm_prologues=True), FMA),
-    # every opt-in candidate at once: do their gains add up?
-    "all opt-ins": Variant(dict(skinny_gemm=True, gemm_prologues=True), FMA + (
+    # the same with the fused merge: the decode step's candidates at once (five kernels a layer)
+    "GEMM prologues + fused merge": Variant(dict(gemm_prologues=True), (
         ("HIPPO_DECODE_ATTENTION_FUSED_MERGE", "1"),)),
     "HF modules": Variant(dict(fused=False)),  # no fused layer ops
 }

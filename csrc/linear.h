@@ -59,10 +59,24 @@ inline SkinnyShape check_linear_operands(const at::Tensor& x, int64_t in_feature
   return s;
 }
 
+// Which CUDA kernel skinny_linear runs: kAuto follows HIPPO_SKINNY_KERNEL (tensor cores unless
+// it says "fma"), kMma the tensor-core kernel, kFma the FMA kernel for M <= 16 (more rows run
+// tensor cores). The CPU validates the name and runs ATen's linear whatever it is.
+enum class SkinnyKernel { kAuto, kMma, kFma };
+
+inline SkinnyKernel skinny_kernel(c10::string_view name) {
+  if (name == "auto") return SkinnyKernel::kAuto;
+  if (name == "mma") return SkinnyKernel::kMma;
+  HIPPO_CHECK(name == "fma", kSkinnyLinearOp, "impl must be \"auto\", \"mma\" or \"fma\", got \"",
+              std::string(name), "\"");
+  return SkinnyKernel::kFma;
+}
+
 inline SkinnyShape check_skinny_linear_inputs(const at::Tensor& x, const at::Tensor& weight,
                                               const std::optional<at::Tensor>& bias,
-                                              const at::Tensor& workspace) {
+                                              const at::Tensor& workspace, c10::string_view impl) {
   const char* op = kSkinnyLinearOp;
+  skinny_kernel(impl);
   const SkinnyShape s =
       check_linear_operands(x, x.dim() >= 1 ? x.size(-1) : 0, weight, bias, op);
   check_dim(workspace, 1, op, "workspace");

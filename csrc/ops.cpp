@@ -93,8 +93,10 @@ TORCH_LIBRARY(hippo_ext, m) {
       "ScalarType dtype) -> (Tensor, Tensor)");
   // y = x W^T (+ bias) for M <= 32 rows of x [..., K], weight [N, K]; workspace int32
   // [>= ceil(N / 64)] zeros (split-K semaphores, left zeroed). Row results do not depend on M.
+  // impl, the CUDA kernel: "auto" (HIPPO_SKINNY_KERNEL), "mma" (tensor cores) or "fma" (M <= 16).
   m.def(
-      "skinny_linear(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) workspace) -> Tensor");
+      "skinny_linear(Tensor x, Tensor weight, Tensor? bias, Tensor(a!) workspace, "
+      "str impl=\"auto\") -> Tensor");
   // A layer's RMSNorm or SwiGLU gating fused into the GEMM that consumes it (fused_linear.h):
   // (linear(add_rms_norm(x, residual)[0], weight, bias), x + residual), and
   // linear(silu_and_mul(x), weight, bias), with those ops' rounding. On CUDA, up to 16 rows run

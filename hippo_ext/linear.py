@@ -17,15 +17,19 @@ def skinny_linear_workspace(out_features: int, device: torch.device | str) -> to
     return zeroed_int32(-(-int(out_features) // ROWS_PER_BLOCK), device)
 
 
+SKINNY_LINEAR_IMPLS = ("auto", "mma", "fma")  # skinny_linear's impl: which CUDA kernel
+
+
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
-                  workspace: torch.Tensor | None = None) -> torch.Tensor:
+                  workspace: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
     """``x @ weight.T + bias`` for x [..., K] with few rows (decode and verify steps).
 
     On CUDA, bf16/fp16 inputs with at most 32 rows and K a multiple of 32 run a tensor-core
     kernel that streams the weight once and splits K across blocks by a plan independent of the
     number of rows: row m of the result is bitwise the same whatever M is (a verify step's rows
-    equal single-token steps'). With the environment variable HIPPO_SKINNY_KERNEL=fma, M <= 16
-    runs an FMA kernel instead (1-8 warps per two outputs, K sliced among them inside the block
+    equal single-token steps'). With impl="fma" (or impl="auto" and the environment variable
+    HIPPO_SKINNY_KERNEL=fma), M <= 16 runs an FMA kernel instead (1-8 warps per two outputs, K
+    sliced among them inside the block
     by a plan independent of the number of rows; rows independent of M up to 16; opt-in: 4% off
     a 7B decode step's GEMMs, 2-3x cuBLAS from M = 5, on an H200 before its K slices).
     Other shapes and dtypes, and the CPU, use ATen's linear.
@@ -37,6 +41,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x: [..., K], contiguous. weight: [N, K], contiguous, of x's dtype. bias: [N] or None.
         workspace: int32 zeros from :func:`skinny_linear_workspace`, one per stream; default:
             a shared one per device and stream (must exist before any CUDA-graph capture).
+        impl: the CUDA kernel, one of SKINNY_LINEAR_IMPLS: "auto" (HIPPO_SKINNY_KERNEL decides;
+            tensor cores unless it says "fma"), "mma" (tensor cores) or "fma" (the FMA kernel
+            for M <= 16, tensor cores beyond). Rows do not depend on M with "mma", nor with
+            "fma" up to M = 16; the two kernels round differently.
     """
     if workspace is None:
         out_features = weight.shape[0] if weight.dim() > 0 else 0  # the op reports a bad shape
@@ -45,9 +53,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         if workspace is None:
             raise RuntimeError("skinny_linear: pass workspace= (skinny_linear_workspace) when "
                                "capturing a CUDA graph")
-    return torch.ops.hippo_ext.skinny_linear.default(x, weight, bias, workspace)
+    return torch.ops.hippo_ext.skinny_linear.default(x, weight, bias, workspace, impl)
 
 
 @torch.library.register_fake("hippo_ext::skinny_linear")
-def _skinny_linear_fake(x, weight, bias, workspace):
+def _skinny_linear_fake(x, weight, bias, workspace, impl="auto"):
     return x.new_empty(*x.shape[:-1], weight.size(0))

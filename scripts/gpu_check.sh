@@ -177,7 +177,7 @@ PY
         --eps 0.002 0.006 0.02 ${E2E_ARGS:-} --out-dir "$OUT/e2e" 2>&1 | tee "$OUT/e2e.md" | tail -20
       ;;
     runtime)
-      # RUNTIME_VARIANTS narrows the option columns, e.g. "GEMM prologues,no PDL,all opt-ins"
+      # RUNTIME_VARIANTS narrows the option columns, e.g. "GEMM prologues,no PDL"
       # (RUNTIME_ARGS adds options, e.g. "--no-hf"); the table is written as it fills, so a
       # timeout still leaves the rows measured so far.
       PYTHONPATH=python:. timeout "${RUNTIME_TIMEOUT:-420}" $PY benchmarks/bench_runtime.py --quick \

@@ -53,8 +53,9 @@ def float64_linear(x, weight, bias):
 def test_cpu_is_atens_linear(gen, dtype, rows, in_features, out_features):
     x, weight, bias = random_problem(rows, in_features, out_features, dtype, "cpu", gen)
     for b in (bias, None):
-        out = hippo_ext.skinny_linear(x, weight, b)
-        assert torch.equal(out, F.linear(x, weight, b))
+        for impl in hippo_ext.linear.SKINNY_LINEAR_IMPLS:  # CUDA kernels; ATen's on the CPU
+            out = hippo_ext.skinny_linear(x, weight, b, impl=impl)
+            assert torch.equal(out, F.linear(x, weight, b))
 
 
 # (M, K, N): M across the four n8 tiles and beyond the kernel (33 -> ATen); K with one k32 block,
@@ -154,19 +155,41 @@ def test_cuda_misaligned_input_falls_back(gen, cuda_kernel):
     assert torch.equal(hippo_ext.skinny_linear(x, weight), F.linear(x, weight))
 
 
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_impl_picks_the_kernel_whatever_the_environment(gen, monkeypatch):
+    """impl="fma" runs the FMA kernel without HIPPO_SKINNY_KERNEL (what the runtime's decode
+    steps ask for), impl="mma" the tensor-core kernel even when it says "fma", and "auto"
+    follows it. fp16 outputs of K = 4864 from the two kernels differ somewhere in 16384."""
+    x, weight, bias = random_problem((1,), 4864, 16_384, torch.float16, "cuda", gen)
+    monkeypatch.delenv(KERNEL_ENV, raising=False)
+    tensor_cores = hippo_ext.skinny_linear(x, weight, bias)
+    fma = hippo_ext.skinny_linear(x, weight, bias, impl="fma")
+    assert not torch.equal(fma, tensor_cores)
+    assert torch.equal(hippo_ext.skinny_linear(x, weight, bias, impl="mma"), tensor_cores)
+    monkeypatch.setenv(KERNEL_ENV, "fma")
+    assert torch.equal(hippo_ext.skinny_linear(x, weight, bias), fma)
+    assert torch.equal(hippo_ext.skinny_linear(x, weight, bias, impl="mma"), tensor_cores)
+    # more rows than the FMA kernel takes run tensor cores, as with the environment variable
+    wide = x.expand(FMA_MAX_ROWS + 1, -1).contiguous()
+    assert torch.equal(hippo_ext.skinny_linear(wide, weight, bias, impl="fma"),
+                       hippo_ext.skinny_linear(wide, weight, bias, impl="mma"))
+
+
+@pytest.mark.parametrize("impl", ["auto", "fma"])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_opcheck(device, gen, with_bias):
+def test_opcheck(device, gen, with_bias, impl):
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     x, weight, bias = random_problem((2, 3), 64, 70, dtype, device, gen, bias=with_bias)
     workspace = hippo_ext.skinny_linear_workspace(70, device)
-    torch.library.opcheck(OP, (x, weight, bias, workspace))
+    torch.library.opcheck(OP, (x, weight, bias, workspace), {"impl": impl})
 
 
 def _good(device):
     gen = torch.Generator().manual_seed(0)
     x, weight, bias = random_problem((3,), 64, 130, torch.float32, device, gen)
     return dict(x=x, weight=weight, bias=bias,
-                workspace=hippo_ext.skinny_linear_workspace(130, device))
+                workspace=hippo_ext.skinny_linear_workspace(130, device), impl="auto")
 
 
 BAD_INPUTS = {
@@ -181,6 +204,7 @@ BAD_INPUTS = {
     "bias_dtype": (lambda a: {**a, "bias": a["bias"].half()}, "bias dtype"),
     "workspace_dtype": (lambda a: {**a, "workspace": a["workspace"].long()}, "workspace"),
     "workspace_small": (lambda a: {**a, "workspace": a["workspace"][:2]}, "needs ceil"),
+    "impl_unknown": (lambda a: {**a, "impl": "tensor_cores"}, 'impl must be "auto", "mma"'),
 }
 
 
@@ -190,7 +214,7 @@ def test_bad_inputs(device, case):
     args = make_bad(_good(device))
     with pytest.raises(RuntimeError, match=match):
         hippo_ext.skinny_linear(args["x"], args["weight"], args["bias"],
-                                workspace=args["workspace"])
+                                workspace=args["workspace"], impl=args["impl"])
 
 
 @requires_cuda

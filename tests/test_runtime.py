@@ -483,21 +483,38 @@ def count_calls(monkeypatch, module, names: tuple[str, ...]) -> list[str]:
     return calls
 
 
+def count_fma_gemms(monkeypatch) -> list[str]:
+    """Wrap hippo_ext.skinny_linear: the list returned gets "fma" for every call that asks for
+    the FMA kernel."""
+    calls: list[str] = []
+    skinny_linear = hippo_ext.skinny_linear
+
+    def counted(*args, impl="auto", **kwargs):
+        if impl == "fma":
+            calls.append(impl)
+        return skinny_linear(*args, impl=impl, **kwargs)
+    monkeypatch.setattr(hippo_ext, "skinny_linear", counted)
+    return calls
+
+
 @pytest.mark.parametrize("gemm_prologues,batch", [(False, 1), (True, 1), (True, 2)])
 def test_gemm_prologues_run_in_decode_steps_only(monkeypatch, gemm_prologues, batch):
     """The fused GEMM ops serve steps of up to GEMM_PROLOGUE_MAX_ROWS rows, batch x tokens
-    (their kernel's cost grows with the rows); wider steps, batched ones included, and prefill
-    keep the ops apart, as every step does without the option."""
+    (their kernel's cost grows with the rows), and the step's other GEMMs (the first layer's
+    q/k/v, o_proj, the output head) then take their FMA kernel too; wider steps, batched ones
+    included, and prefill keep the ops apart around cuBLAS, as every step does without the
+    option."""
     model, positions_for = build("qwen2")
     ids = torch.randint(0, VOCAB, (batch, 30))
     positions = torch.cat([positions_for(30)] * batch, dim=-2)
     calls = count_calls(monkeypatch, hippo_ext, GEMM_PROLOGUE_OPS)
+    fma_gemms = count_fma_gemms(monkeypatch)
     runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, batch=batch,
                                            gemm_prologues=gemm_prologues)
     runtime.prefill(runtime.embed(ids[:, :20]), positions[..., :20])
     wide = GEMM_PROLOGUE_MAX_ROWS + 1
     runtime.step(ids[:, 20:20 + wide], positions[..., 20:20 + wide])
-    assert calls == []
+    assert calls == [] and fma_gemms == []
     start = 20 + wide
     runtime.step(ids[:, start:start + 1], positions[..., start:start + 1])
     layers = len(runtime.layers)  # the first layer's input is the embedding: no residual add
@@ -505,6 +522,7 @@ def test_gemm_prologues_run_in_decode_steps_only(monkeypatch, gemm_prologues, ba
     expected = {"qkv_projection": layers - 1, "add_rms_norm_linear": layers,
                 "silu_and_mul_linear": layers} if gemm_prologues and narrow else {}
     assert {name: calls.count(name) for name in set(calls)} == expected
+    assert len(fma_gemms) == (1 + layers + 1 if gemm_prologues and narrow else 0)
 
 
 def test_gemm_prologues_need_the_fused_path_and_no_step_invariance():

@@ -7,8 +7,8 @@ namespace hippo {
 namespace {
 
 at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                             const at::Tensor& workspace) {
-  check_skinny_linear_inputs(x, weight, bias, workspace);
+                             const at::Tensor& workspace, c10::string_view impl) {
+  check_skinny_linear_inputs(x, weight, bias, workspace, impl);
   return at::linear(x, weight, bias);
 }
 

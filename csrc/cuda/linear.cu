@@ -564,9 +564,12 @@ void launch(const SkinnyParams& p, dim3 grid, cudaStream_t stream) {
   launch_kernel(skinny_linear_kernel<T, kMTiles>, grid, dim3(kThreads), 0, stream, p);
 }
 
-// HIPPO_SKINNY_KERNEL=fma selects the FMA kernel for M <= 16 (default: tensor cores).
-bool fma_kernel_selected(int64_t rows) {
-  return env_is("HIPPO_SKINNY_KERNEL", "fma") && rows <= kFmaMaxRows;
+// Whether M rows run the FMA kernel: asked for by name, or by HIPPO_SKINNY_KERNEL=fma for
+// impl "auto" (default: tensor cores); never past kFmaMaxRows rows.
+bool fma_kernel_selected(SkinnyKernel kernel, int64_t rows) {
+  const bool asked = kernel == SkinnyKernel::kFma ||
+                     (kernel == SkinnyKernel::kAuto && env_is("HIPPO_SKINNY_KERNEL", "fma"));
+  return asked && rows <= kFmaMaxRows;
 }
 
 template <typename T, int kRows, Prologue kPrologue, Epilogue kEpilogue>
@@ -605,11 +608,11 @@ SkinnyParams gemm_params(const at::Tensor& x, const at::Tensor& weight, const st
 }
 
 at::Tensor skinny_linear_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              const at::Tensor& workspace) {
-  const SkinnyShape s = check_skinny_linear_inputs(x, weight, bias, workspace);
+                              const at::Tensor& workspace, c10::string_view impl) {
+  const SkinnyShape s = check_skinny_linear_inputs(x, weight, bias, workspace, impl);
   if (!kernel_takes(x, weight, bias, s)) return at::linear(x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool fma = fma_kernel_selected(s.rows);
+  const bool fma = fma_kernel_selected(skinny_kernel(impl), s.rows);
   const SplitPlan plan = fma ? SplitPlan{1, s.in_features}
                              : plan_splits(s.out_features, s.in_features,
                                            at::cuda::getCurrentDeviceProperties()->multiProcessorCount);

@@ -117,9 +117,13 @@ class LanguageModelRuntime:
             silu_and_mul_linear), in steps of up to GEMM_PROLOGUE_MAX_ROWS (batch x tokens)
             rows, i.e. decode steps: on CUDA they then run four kernels fewer per layer, on
             skinny_linear's FMA kernel, whose cost grows with the rows (wider steps keep the
-            ops apart around cuBLAS); same arithmetic (on the CPU, the same ops composed).
-            Needs the fused layer path; opt-in: slower than the default on an H200
-            (2026-11-27), before the FMA kernel's loads were pipelined.
+            ops apart around cuBLAS); same arithmetic (on the CPU, the same ops composed). The
+            step's other GEMMs (o_proj, the output head) take the FMA kernel too
+            (skinny_linear(impl="fma")), so that a decode step runs hippo_ext kernels only,
+            which programmatic dependent launch overlaps. Needs the fused layer path; opt-in:
+            slower than the default on an H200 (2026-11-27), before the FMA kernel's loads
+            were pipelined and K sliced among its warps, and with o_proj and the head on
+            cuBLAS.
         step_invariant: make a step's logits for each token independent of how many tokens the
             step holds (up to STEP_INVARIANT_MAX_TOKENS = 32; larger steps are refused), bit
             for bit: a verify step of g + 1 tokens then gives exactly the logits that g + 1
@@ -171,10 +175,11 @@ class LanguageModelRuntime:
         self.step_invariant = step_invariant
         if skinny_gemm and not use_fused:
             raise HippoError("skinny_gemm=True needs the fused layer path (fused=True)")
+        self.skinny_gemm = skinny_gemm
         # Split-K semaphores of skinny_linear: one workspace per runtime, hence per stream.
         self._gemm_workspace = (
             hippo_ext.skinny_linear_workspace(_widest_output(self.layers, lm_head), self.device)
-            if skinny_gemm else None)
+            if skinny_gemm or gemm_prologues else None)
         # decode_attention's fused-merge semaphores: also one per runtime, hence per stream.
         self._attention_workspace = (
             hippo_ext.decode_attention_workspace(batch, self.num_kv_heads, self.device)
@@ -197,7 +202,7 @@ class LanguageModelRuntime:
         return LanguageModelRuntime(
             self.text_model, self.lm_head, self.cache.max_seq_len, self.cache.batch,
             use_cuda_graphs=use_cuda_graphs, step_attention=self.step_attention,
-            fused=self.fused is not None, skinny_gemm=self._gemm_workspace is not None,
+            fused=self.fused is not None, skinny_gemm=self.skinny_gemm,
             gemm_prologues=self.gemm_prologues, step_invariant=self.step_invariant)
 
     # ----------------------------------------------------------------------------- public API
@@ -246,8 +251,9 @@ class LanguageModelRuntime:
                 queries[index] = q[0, seq_len - query_len:].transpose(0, 1).clone()
             return self._prefill_attention(index, q, start)
 
-        logits = self._output_head(self._run_layers(hidden, cos, sin, attend,
-                                                    last_only=not all_logits))
+        prologues = self._runs_gemm_prologues(hidden)  # one choice for the whole step
+        logits = self._output_head(
+            self._run_layers(hidden, cos, sin, attend, not all_logits, prologues), prologues)
         ordered = [queries[layer] for layer in query_layers]
         return PrefillResult(logits, torch.stack(ordered) if ordered else None)
 
@@ -311,7 +317,9 @@ class LanguageModelRuntime:
         def attend(index: int, q: torch.Tensor) -> torch.Tensor:
             return self._step_attention(index, q, key_limit)
 
-        return self._output_head(self._run_layers(hidden, cos, sin, attend, last_only=False))
+        prologues = self._runs_gemm_prologues(hidden)  # one choice for the whole step
+        return self._output_head(
+            self._run_layers(hidden, cos, sin, attend, False, prologues), prologues)
 
     # ---------------------------------------------------------------------------- internals
 
@@ -337,15 +345,15 @@ class LanguageModelRuntime:
         return cos.contiguous(), sin.contiguous()
 
     def _run_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    attend: AttendFn, last_only: bool) -> torch.Tensor:
+                    attend: AttendFn, last_only: bool, prologues: bool) -> torch.Tensor:
         """Every decoder layer, then the final norm: [B, S, hidden] input embeddings -> the
         normed hidden states the output head takes ([B, 1, hidden] with last_only).
         `attend(index, q)` gets the layer's post-RoPE queries [B, S, Hq, D] once the layer's
-        keys and values are in the cache, and returns the attention output [B, S, Hq * D]."""
+        keys and values are in the cache, and returns the attention output [B, S, Hq * D].
+        `prologues`: the step runs the GEMM prologue ops (_runs_gemm_prologues)."""
         if self.fused is None:
             return self._run_hf_layers(hidden, cos, sin, attend, last_only)
         residual = None
-        prologues = self._runs_gemm_prologues(hidden)  # one choice for the whole step
         for index in range(len(self.layers)):
             hidden, residual = self._fused_layer(index, hidden, residual, cos, sin, attend,
                                                  prologues)
@@ -366,8 +374,8 @@ class LanguageModelRuntime:
         if residual is None:  # the first layer: its input is the embedding itself
             residual = delta
             normed = hippo_ext.rms_norm(delta, norm.weight, norm.variance_epsilon)
-            q = self._rotary_append(self._linear(normed, fused.qkv_weight, fused.qkv_bias),
-                                    cos, sin, index)
+            q = self._rotary_append(
+                self._linear(normed, fused.qkv_weight, fused.qkv_bias, prologues), cos, sin, index)
         elif prologues:  # norm, q/k/v GEMM, RoPE and the cache append: one op
             q, residual = hippo_ext.qkv_projection(
                 delta, residual, norm.weight, norm.variance_epsilon, fused.qkv_weight,
@@ -378,7 +386,7 @@ class LanguageModelRuntime:
                                               fused.qkv_bias, prologues=False)
             q = self._rotary_append(qkv, cos, sin, index)
         o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
-        delta = self._linear(attend(index, q), o_proj.weight, o_proj.bias)
+        delta = self._linear(attend(index, q), o_proj.weight, o_proj.bias, prologues)
         gate_up, residual = self._norm_linear(delta, residual, layer.post_attention_layernorm,
                                               fused.gate_up_weight, None, prologues)
         return self._gated_linear(gate_up, down_proj.weight, down_proj.bias, prologues), residual
@@ -414,17 +422,21 @@ class LanguageModelRuntime:
             return hippo_ext.silu_and_mul_linear(gate_up, weight, bias)
         return self._linear(hippo_ext.silu_and_mul(gate_up), weight, bias)
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
-        """A GEMM of the fused path: cuBLAS, or skinny_linear with skinny_gemm=True."""
-        if self._gemm_workspace is None:
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                prologues: bool = False) -> torch.Tensor:
+        """A GEMM of the fused path: in a step that runs the GEMM prologue ops, skinny_linear's
+        FMA kernel, as theirs; otherwise cuBLAS, or skinny_linear with skinny_gemm=True."""
+        if prologues:
+            return hippo_ext.skinny_linear(x, weight, bias, workspace=self._gemm_workspace,
+                                           impl="fma")
+        if not self.skinny_gemm:
             return F.linear(x, weight, bias)
         return hippo_ext.skinny_linear(x, weight, bias, workspace=self._gemm_workspace)
 
-    def _output_head(self, normed: torch.Tensor) -> torch.Tensor:
+    def _output_head(self, normed: torch.Tensor, prologues: bool) -> torch.Tensor:
         if self.fused is None:
             return self.lm_head(normed)
-        return self._linear(normed, self.lm_head.weight, self.lm_head.bias)
+        return self._linear(normed, self.lm_head.weight, self.lm_head.bias, prologues)
 
     def _run_hf_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        attend: AttendFn, last_only: bool) -> torch.Tensor:
