@@ -392,8 +392,9 @@ class LanguageModelRuntime:
         return self._gated_linear(gate_up, down_proj.weight, down_proj.bias, prologues), residual
 
     def _runs_gemm_prologues(self, hidden: torch.Tensor) -> bool:
-        """Whether a layer of this step ([B, S, hidden]) runs the GEMM prologue ops: with
-        gemm_prologues, in steps of up to GEMM_PROLOGUE_MAX_ROWS rows."""
+        """Whether this step ([B, S, hidden] input) runs the GEMM prologue ops, and its other
+        GEMMs on their FMA kernel: with gemm_prologues, in steps of up to
+        GEMM_PROLOGUE_MAX_ROWS rows."""
         return self.gemm_prologues and hidden.shape[0] * hidden.shape[1] <= GEMM_PROLOGUE_MAX_ROWS
 
     def _rotary_append(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
