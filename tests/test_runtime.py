@@ -500,10 +500,10 @@ def count_fma_gemms(monkeypatch) -> list[str]:
 @pytest.mark.parametrize("gemm_prologues,batch", [(False, 1), (True, 1), (True, 2)])
 def test_gemm_prologues_run_in_decode_steps_only(monkeypatch, gemm_prologues, batch):
     """The fused GEMM ops serve steps of up to GEMM_PROLOGUE_MAX_ROWS rows, batch x tokens
-    (their kernel's cost grows with the rows), and the step's other GEMMs (the first layer's
-    q/k/v, o_proj, the output head) then take their FMA kernel too; wider steps, batched ones
-    included, and prefill keep the ops apart around cuBLAS, as every step does without the
-    option."""
+    (their kernel's cost grows with the rows): every layer's q/k/v (the first adding a zero
+    residual), gate/up and down GEMM; o_proj and the output head then take their FMA kernel
+    too. Wider steps, batched ones included, and prefill keep the ops apart around cuBLAS, as
+    every step does without the option."""
     model, positions_for = build("qwen2")
     ids = torch.randint(0, VOCAB, (batch, 30))
     positions = torch.cat([positions_for(30)] * batch, dim=-2)
@@ -517,12 +517,12 @@ def test_gemm_prologues_run_in_decode_steps_only(monkeypatch, gemm_prologues, ba
     assert calls == [] and fma_gemms == []
     start = 20 + wide
     runtime.step(ids[:, start:start + 1], positions[..., start:start + 1])
-    layers = len(runtime.layers)  # the first layer's input is the embedding: no residual add
+    layers = len(runtime.layers)
     narrow = batch <= GEMM_PROLOGUE_MAX_ROWS
-    expected = {"qkv_projection": layers - 1, "add_rms_norm_linear": layers,
+    expected = {"qkv_projection": layers, "add_rms_norm_linear": layers,
                 "silu_and_mul_linear": layers} if gemm_prologues and narrow else {}
     assert {name: calls.count(name) for name in set(calls)} == expected
-    assert len(fma_gemms) == (1 + layers + 1 if gemm_prologues and narrow else 0)
+    assert len(fma_gemms) == (layers + 1 if gemm_prologues and narrow else 0)  # o_proj, head
 
 
 def test_gemm_prologues_need_the_fused_path_and_no_step_invariance():

@@ -118,9 +118,10 @@ class LanguageModelRuntime:
             rows, i.e. decode steps: on CUDA they then run four kernels fewer per layer, on
             skinny_linear's FMA kernel, whose cost grows with the rows (wider steps keep the
             ops apart around cuBLAS); same arithmetic (on the CPU, the same ops composed). The
-            step's other GEMMs (o_proj, the output head) take the FMA kernel too
-            (skinny_linear(impl="fma")), so that a decode step runs hippo_ext kernels only,
-            which programmatic dependent launch overlaps. Needs the fused layer path; opt-in:
+            first layer's norm joins its q/k/v GEMM as well (a zero residual added), and o_proj
+            and the output head take the same FMA kernel (skinny_linear(impl="fma")), so that a
+            decode step runs hippo_ext kernels only, five per layer with decode_attention's
+            fused merge, which programmatic dependent launch overlaps. Needs the fused layer path; opt-in:
             slower than the default on an H200 (2026-11-27), before the FMA kernel's loads
             were pipelined and K sliced among its warps, and with o_proj and the head on
             cuBLAS.
@@ -180,6 +181,10 @@ class LanguageModelRuntime:
         self._gemm_workspace = (
             hippo_ext.skinny_linear_workspace(_widest_output(self.layers, lm_head), self.device)
             if skinny_gemm or gemm_prologues else None)
+        # The first layer's residual in a step that runs the prologue ops (one row: B = S = 1).
+        self._zero_residual = (
+            torch.zeros(1, 1, weight.shape[1], dtype=self.dtype, device=self.device)
+            if gemm_prologues else None)
         # decode_attention's fused-merge semaphores: also one per runtime, hence per stream.
         self._attention_workspace = (
             hippo_ext.decode_attention_workspace(batch, self.num_kv_heads, self.device)
@@ -251,9 +256,7 @@ class LanguageModelRuntime:
                 queries[index] = q[0, seq_len - query_len:].transpose(0, 1).clone()
             return self._prefill_attention(index, q, start)
 
-        prologues = self._runs_gemm_prologues(hidden)  # one choice for the whole step
-        logits = self._output_head(
-            self._run_layers(hidden, cos, sin, attend, not all_logits, prologues), prologues)
+        logits = self._logits(hidden, cos, sin, attend, last_only=not all_logits)
         ordered = [queries[layer] for layer in query_layers]
         return PrefillResult(logits, torch.stack(ordered) if ordered else None)
 
@@ -317,9 +320,7 @@ class LanguageModelRuntime:
         def attend(index: int, q: torch.Tensor) -> torch.Tensor:
             return self._step_attention(index, q, key_limit)
 
-        prologues = self._runs_gemm_prologues(hidden)  # one choice for the whole step
-        return self._output_head(
-            self._run_layers(hidden, cos, sin, attend, False, prologues), prologues)
+        return self._logits(hidden, cos, sin, attend, last_only=False)
 
     # ---------------------------------------------------------------------------- internals
 
@@ -344,23 +345,26 @@ class LanguageModelRuntime:
         cos, sin = rope(hidden, positions)
         return cos.contiguous(), sin.contiguous()
 
-    def _run_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    attend: AttendFn, last_only: bool, prologues: bool) -> torch.Tensor:
-        """Every decoder layer, then the final norm: [B, S, hidden] input embeddings -> the
-        normed hidden states the output head takes ([B, 1, hidden] with last_only).
-        `attend(index, q)` gets the layer's post-RoPE queries [B, S, Hq, D] once the layer's
-        keys and values are in the cache, and returns the attention output [B, S, Hq * D].
-        `prologues`: the step runs the GEMM prologue ops (_runs_gemm_prologues)."""
+    def _logits(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attend: AttendFn, last_only: bool) -> torch.Tensor:
+        """Every decoder layer, the final norm and the output head: [B, S, hidden] input
+        embeddings -> logits [B, S, V] ([B, 1, V] with last_only). `attend(index, q)` gets the
+        layer's post-RoPE queries [B, S, Hq, D] once the layer's keys and values are in the
+        cache, and returns the attention output [B, S, Hq * D]."""
         if self.fused is None:
-            return self._run_hf_layers(hidden, cos, sin, attend, last_only)
+            return self.lm_head(self._run_hf_layers(hidden, cos, sin, attend, last_only))
+        prologues = self._runs_gemm_prologues(hidden)  # one choice for the whole step
         residual = None
         for index in range(len(self.layers)):
             hidden, residual = self._fused_layer(index, hidden, residual, cos, sin, attend,
                                                  prologues)
         if last_only:
             hidden, residual = hidden[:, -1:].contiguous(), residual[:, -1:].contiguous()
+        # The final norm stays apart from the output head even with the prologue ops: the head's
+        # thousands of blocks would each redo the norm's row reduction.
         norm = self.text_model.norm
-        return hippo_ext.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)[0]
+        normed = hippo_ext.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)[0]
+        return self._linear(normed, self.lm_head.weight, self.lm_head.bias, prologues)
 
     def _fused_layer(self, index: int, delta: torch.Tensor, residual: torch.Tensor | None,
                      cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn,
@@ -371,16 +375,18 @@ class LanguageModelRuntime:
         the next RMSNorm. Returns (delta, residual)."""
         layer, fused = self.layers[index], self.fused[index]
         norm = layer.input_layernorm
-        if residual is None:  # the first layer: its input is the embedding itself
+        if prologues:  # norm, q/k/v GEMM, RoPE and the cache append: one op
+            # The first layer's input is the embedding itself: rms_norm(x) is exactly
+            # add_rms_norm(x, 0), and the residual stream it returns is x.
+            q, residual = hippo_ext.qkv_projection(
+                delta, self._zero_residual if residual is None else residual, norm.weight,
+                norm.variance_epsilon, fused.qkv_weight, fused.qkv_bias, cos, sin,
+                self.cache.tensor, index, self.cache.length, check=False)
+        elif residual is None:  # the first layer: its input is the embedding itself
             residual = delta
             normed = hippo_ext.rms_norm(delta, norm.weight, norm.variance_epsilon)
-            q = self._rotary_append(
-                self._linear(normed, fused.qkv_weight, fused.qkv_bias, prologues), cos, sin, index)
-        elif prologues:  # norm, q/k/v GEMM, RoPE and the cache append: one op
-            q, residual = hippo_ext.qkv_projection(
-                delta, residual, norm.weight, norm.variance_epsilon, fused.qkv_weight,
-                fused.qkv_bias, cos, sin, self.cache.tensor, index, self.cache.length,
-                check=False)
+            q = self._rotary_append(self._linear(normed, fused.qkv_weight, fused.qkv_bias),
+                                    cos, sin, index)
         else:
             qkv, residual = self._norm_linear(delta, residual, norm, fused.qkv_weight,
                                               fused.qkv_bias, prologues=False)
@@ -393,8 +399,8 @@ class LanguageModelRuntime:
 
     def _runs_gemm_prologues(self, hidden: torch.Tensor) -> bool:
         """Whether this step ([B, S, hidden] input) runs the GEMM prologue ops, and its other
-        GEMMs on their FMA kernel: with gemm_prologues, in steps of up to
-        GEMM_PROLOGUE_MAX_ROWS rows."""
+        GEMMs (o_proj, the output head) on their FMA kernel: with gemm_prologues, in steps of
+        up to GEMM_PROLOGUE_MAX_ROWS rows."""
         return self.gemm_prologues and hidden.shape[0] * hidden.shape[1] <= GEMM_PROLOGUE_MAX_ROWS
 
     def _rotary_append(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -433,11 +439,6 @@ class LanguageModelRuntime:
         if not self.skinny_gemm:
             return F.linear(x, weight, bias)
         return hippo_ext.skinny_linear(x, weight, bias, workspace=self._gemm_workspace)
-
-    def _output_head(self, normed: torch.Tensor, prologues: bool) -> torch.Tensor:
-        if self.fused is None:
-            return self.lm_head(normed)
-        return self._linear(normed, self.lm_head.weight, self.lm_head.bias, prologues)
 
     def _run_hf_layers(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        attend: AttendFn, last_only: bool) -> torch.Tensor:
