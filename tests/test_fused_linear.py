@@ -32,17 +32,34 @@ CASES = [
 ]
 
 
+def use_fma_slices(monkeypatch, slices: str) -> None:
+    """The CUDA kernel's K slices per output pair: "planned" (from N, K and the SM count), or a
+    count forced through HIPPO_SKINNY_FMA_SLICES (capped at K's warp steps of 256)."""
+    monkeypatch.delenv(SLICES_ENV, raising=False)
+    if slices != "planned":
+        monkeypatch.setenv(SLICES_ENV, slices)
+
+
 @pytest.fixture(params=["planned", "1", "8"])
 def fma_slices(request, monkeypatch) -> str:
-    """The CUDA kernel's K slices per output pair: its own plan (from N, K and the SM count),
-    one, and eight (capped at K's warp steps of 256)."""
-    monkeypatch.delenv(SLICES_ENV, raising=False)
-    if request.param == "planned":
-        return request.param
-    if "device" in request.fixturenames and request.getfixturevalue("device") == "cpu":
-        pytest.skip("K slices are the CUDA kernel's; the CPU composes the ops")
-    monkeypatch.setenv(SLICES_ENV, request.param)
+    """CUDA-only tests: the kernel's own plan of K slices, one, and eight."""
+    use_fma_slices(monkeypatch, request.param)
     return request.param
+
+
+def _cuda_with_slices(slices: str):
+    return pytest.param(("cuda", slices), marks=[pytest.mark.cuda, requires_cuda],
+                        id=f"cuda-{slices}-slices")
+
+
+@pytest.fixture(params=[pytest.param(("cpu", "planned"), id="cpu"), _cuda_with_slices("planned"),
+                        _cuda_with_slices("1"), _cuda_with_slices("8")])
+def sliced_device(request, monkeypatch) -> str:
+    """conftest's devices, CUDA with each plan of K slices (the CPU composes the ops, so slices
+    mean nothing there)."""
+    device, slices = request.param
+    use_fma_slices(monkeypatch, slices)
+    return device
 
 
 def dtypes_for(device: str) -> list[torch.dtype]:
@@ -89,7 +106,8 @@ def assert_gemm_close(out, normed_input, weight, bias):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("rows,k,n", CASES)
-def test_add_rms_norm_linear(device, gen, fma_slices, rows, k, n):
+def test_add_rms_norm_linear(sliced_device, gen, rows, k, n):
+    device = sliced_device
     for dtype in dtypes_for(device):
         x, residual, norm_weight, weight, bias = random_norm_problem(rows, k, n, dtype, device, gen)
         for b in (bias, None):
@@ -107,7 +125,8 @@ def test_add_rms_norm_linear(device, gen, fma_slices, rows, k, n):
 
 
 @pytest.mark.parametrize("rows,k,n", CASES)
-def test_silu_and_mul_linear(device, gen, fma_slices, rows, k, n):
+def test_silu_and_mul_linear(sliced_device, gen, rows, k, n):
+    device = sliced_device
     for dtype in dtypes_for(device):
         x, weight, bias = random_gated_problem(rows, k, n, dtype, device, gen)
         for b in (bias, None):
@@ -283,7 +302,8 @@ def composed_qkv_projection(args):
 
 
 @pytest.mark.parametrize("case", QKV_CASES, ids=str)
-def test_qkv_projection(device, gen, fma_slices, case):
+def test_qkv_projection(sliced_device, gen, case):
+    device = sliced_device
     for dtype in dtypes_for(device):
         args = random_qkv_problem(*case, dtype, device, gen)
         expected_q, expected_total, expected_cache = composed_qkv_projection(args)
