@@ -11,6 +11,16 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 Outputs = TypeVar("Outputs")
+FMA_SLICES_ENV = "HIPPO_SKINNY_FMA_SLICES"
+
+
+def use_fma_slices(monkeypatch: pytest.MonkeyPatch, slices: str) -> None:
+    """skinny_linear's FMA kernel (and the fused GEMM ops on it) with K sliced among `slices`
+    warps per output pair ("1", "8", ...: capped at K's warp steps of 256), or with its own plan
+    (from N, K and the SM count) for "planned"."""
+    monkeypatch.delenv(FMA_SLICES_ENV, raising=False)
+    if slices != "planned":
+        monkeypatch.setenv(FMA_SLICES_ENV, slices)
 
 
 def capture_cuda_graph(fn: Callable[[], Outputs], warmup: bool = True) -> tuple[torch.cuda.CUDAGraph, Outputs]:

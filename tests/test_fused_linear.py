@@ -12,13 +12,12 @@ import torch.nn.functional as F
 
 import hippo_ext
 from hippo_ext.normalization import reference_rms_norm
-from hippo_testing import capture_cuda_graph, requires_cuda
+from hippo_testing import capture_cuda_graph, requires_cuda, use_fma_slices
 
 NORM_OP = torch.ops.hippo_ext.add_rms_norm_linear.default
 GATED_OP = torch.ops.hippo_ext.silu_and_mul_linear.default
 EPS = 1e-6
 FUSED_MAX_ROWS = 16
-SLICES_ENV = "HIPPO_SKINNY_FMA_SLICES"
 # fp32 accumulation, output rounded once (relative, as in test_linear.py); on CUDA the norm's
 # sum of squares runs in another order than add_rms_norm's, which may move a normed input by one
 # rounding step: negligible against the GEMM's own rounding.
@@ -30,14 +29,6 @@ CASES = [
     ((1,), 8, 1), ((1,), 64, 33), ((1, 9), 96, 130), ((2, 5), 256, 17), ((17,), 64, 10),
     ((3,), 7, 5), ((1,), 896, 1152), ((4,), 3584, 65),
 ]
-
-
-def use_fma_slices(monkeypatch, slices: str) -> None:
-    """The CUDA kernel's K slices per output pair: "planned" (from N, K and the SM count), or a
-    count forced through HIPPO_SKINNY_FMA_SLICES (capped at K's warp steps of 256)."""
-    monkeypatch.delenv(SLICES_ENV, raising=False)
-    if slices != "planned":
-        monkeypatch.setenv(SLICES_ENV, slices)
 
 
 @pytest.fixture(params=["planned", "1", "8"])

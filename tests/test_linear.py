@@ -8,13 +8,10 @@ import torch
 import torch.nn.functional as F
 
 import hippo_ext
-from hippo_testing import capture_cuda_graph, rel_error, requires_cuda
+from hippo_testing import capture_cuda_graph, rel_error, requires_cuda, use_fma_slices
 
 OP = torch.ops.hippo_ext.skinny_linear.default
 KERNEL_ENV = "HIPPO_SKINNY_KERNEL"  # CUDA: "fma" takes M <= 16 on the FMA kernel
-# The FMA kernel's K slices per output pair (its plan's default comes from N, K and the SM count);
-# forcing one or eight (capped at K's warp steps) runs both ends on every shape.
-SLICES_ENV = "HIPPO_SKINNY_FMA_SLICES"
 FMA_MAX_ROWS = 16
 # fp32 accumulation, output rounded once: one rounding step of the output dtype, relative.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
@@ -31,14 +28,13 @@ def random_problem(rows, in_features, out_features, dtype, device, gen, bias=Tru
 @pytest.fixture(params=["mma", "fma", "fma_1_slice", "fma_8_slices"])
 def cuda_kernel(request, monkeypatch):
     """The tensor-core kernel (default) and the opt-in FMA kernel (M <= 16) with its own plan of
-    K slices, with one, and with eight."""
-    monkeypatch.delenv(SLICES_ENV, raising=False)
+    K slices, with one, and with eight (both ends of the plan on every shape)."""
+    slices = {"fma_1_slice": "1", "fma_8_slices": "8"}.get(request.param, "planned")
+    use_fma_slices(monkeypatch, slices)
     if request.param == "mma":
         monkeypatch.delenv(KERNEL_ENV, raising=False)
         return "mma"
     monkeypatch.setenv(KERNEL_ENV, "fma")
-    if request.param != "fma":
-        monkeypatch.setenv(SLICES_ENV, "1" if request.param == "fma_1_slice" else "8")
     return "fma"
 
 
@@ -139,7 +135,7 @@ def test_cuda_fma_slices_change_the_order_of_the_sums(gen, monkeypatch):
     x, weight, bias = random_problem((1,), 4864, 16_384, torch.float16, "cuda", gen)
     outputs = []
     for slices in ("1", "8"):
-        monkeypatch.setenv(SLICES_ENV, slices)
+        use_fma_slices(monkeypatch, slices)
         outputs.append(hippo_ext.skinny_linear(x, weight, bias))
         torch.testing.assert_close(outputs[-1].double(), float64_linear(x, weight, bias),
                                    rtol=TOLERANCE[torch.float16], atol=TOLERANCE[torch.float16])
