@@ -29,9 +29,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     number of rows: row m of the result is bitwise the same whatever M is (a verify step's rows
     equal single-token steps'). With impl="fma" (or impl="auto" and the environment variable
     HIPPO_SKINNY_KERNEL=fma), M <= 16 runs an FMA kernel instead (1-8 warps per two outputs, K
-    sliced among them inside the block
-    by a plan independent of the number of rows; rows independent of M up to 16; opt-in: 4% off
-    a 7B decode step's GEMMs, 2-3x cuBLAS from M = 5, on an H200 before its K slices).
+    sliced among them inside the block by a plan independent of the number of rows; rows
+    independent of M up to 16; opt-in: 4% off a 7B decode step's GEMMs, 2-3x cuBLAS from M = 5,
+    on an H200 before its K slices).
     Other shapes and dtypes, and the CPU, use ATen's linear.
     On Hopper, where programmatic dependent launch is on (unless HIPPO_PDL=0), the FMA kernel
     loads its first weights and its bias before the previous kernel in the stream has

@@ -18,11 +18,12 @@
 // Shapes the kernel does not take (fp32, M > 32, K % 32 != 0, misaligned) go to ATen's linear.
 //
 // A second kernel, plain fp32 FMAs with a few warps per two outputs (K sliced among them inside
-// the block, no partial sums in global memory), takes M <= 16 when HIPPO_SKINNY_KERNEL=fma
-// (skinny_linear_fma_kernel below). It also keeps rows independent of M (for M <= 16: rows past 16
-// go to the tensor-core kernel), streams each weight row once, and is meant for decode steps; it
-// is opt-in (on an H200 it took 4% off the 7B decode step but ran 2-3x cuBLAS from M = 5: every
-// warp reads each row of x through the caches, so its time grows with the rows).
+// the block, no partial sums in global memory), takes M <= 16 when asked for (impl "fma", or
+// "auto" with HIPPO_SKINNY_KERNEL=fma; skinny_linear_fma_kernel below). It also keeps rows
+// independent of M (for M <= 16: rows past 16 go to the tensor-core kernel), streams each weight
+// row once, and is meant for decode steps; it is opt-in (on an H200 it took 4% off the 7B decode
+// step but ran 2-3x cuBLAS from M = 5: every warp reads each row of x through the caches, so its
+// time grows with the rows).
 // The same kernel, with a prologue applied to x as it is loaded (add_rms_norm or the SwiGLU
 // gating) and for the q/k/v projection an epilogue (RoPE, the cache append), is the one-launch
 // CUDA path of add_rms_norm_linear, silu_and_mul_linear and qkv_projection (fused_linear.h) for
@@ -193,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) skinny_linear_kernel(const SkinnyPar
 
 
 // ---------------------------------------------------------------------------------------------
-// FMA kernel (HIPPO_SKINNY_KERNEL=fma, M <= 16): 1-8 warps per two outputs, K sliced among them
+// FMA kernel (impl "fma", M <= 16): 1-8 warps per two outputs, K sliced among them
 // ---------------------------------------------------------------------------------------------
 //
 // A warp step covers 256 k: lane l takes k = 8 l + 256 i of both weight rows and of every x row
@@ -515,9 +516,9 @@ __global__ void __launch_bounds__(kFmaThreads) skinny_linear_fma_kernel(const Sk
 
 // The FMA kernel's K slices (warps per output pair): the fewest, doubling up to kFmaWarps, that
 // put about kFmaWarpsPerSmTarget warps on every SM, no more than K's warp steps (a partial last
-// step counts: K = 896 takes 4 slices, the last of them 128 k). A
-// function of N, K and the GPU only, so rows never depend on M. HIPPO_SKINNY_FMA_SLICES=<n> asks
-// for n instead (rounded down to a power of two, within the same bounds: tuning and tests).
+// step counts: K = 896 takes 4 slices, the last of them 128 k). A function of N, K and the GPU
+// only, so rows never depend on M. HIPPO_SKINNY_FMA_SLICES=<n> asks for n instead (rounded down
+// to a power of two, within the same bounds: tuning and tests).
 int fma_k_slices(int64_t out_features, int64_t in_features) {
   const int64_t pairs = ceil_div(out_features, kFmaOutputsPerWarp);
   const int64_t steps = ceil_div(in_features, kFmaWarpK);

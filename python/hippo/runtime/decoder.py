@@ -121,10 +121,10 @@ class LanguageModelRuntime:
             first layer's norm joins its q/k/v GEMM as well (a zero residual added), and o_proj
             and the output head take the same FMA kernel (skinny_linear(impl="fma")), so that a
             decode step runs hippo_ext kernels only, five per layer with decode_attention's
-            fused merge, which programmatic dependent launch overlaps. Needs the fused layer path; opt-in:
-            slower than the default on an H200 (2026-11-27), before the FMA kernel's loads
-            were pipelined and K sliced among its warps, and with o_proj and the head on
-            cuBLAS.
+            fused merge, which programmatic dependent launch overlaps. Needs the fused layer
+            path; opt-in: slower than the default on an H200 (2026-11-27), before the FMA
+            kernel's loads were pipelined and K sliced among its warps, and with o_proj and the
+            head on cuBLAS.
         step_invariant: make a step's logits for each token independent of how many tokens the
             step holds (up to STEP_INVARIANT_MAX_TOKENS = 32; larger steps are refused), bit
             for bit: a verify step of g + 1 tokens then gives exactly the logits that g + 1
