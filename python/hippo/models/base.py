@@ -389,11 +389,10 @@ def load_local_model(model_class: type[torch.nn.Module], path: str, dtype: torch
 
 def check_config_fits_weights(skeleton: torch.nn.Module, path: str) -> None:
     """Compare the parameter count that config.json describes (the model built from it on the
-    meta device) with the tensors in the
-    checkpoint's safetensors files (headers only), before anything is allocated: a config
-    missing its size fields falls back to transformers' defaults (a 72B-sized Qwen2.5-VL),
-    which would exhaust memory rather than fail. Checkpoints without safetensors files are left
-    to from_pretrained."""
+    meta device) with the tensors in the checkpoint's safetensors files (headers only), before
+    anything is allocated: a config missing its size fields falls back to transformers'
+    defaults (a 72B-sized Qwen2.5-VL), which would exhaust memory rather than fail. Checkpoints
+    without safetensors files are left to from_pretrained."""
     import glob
     import os
 
