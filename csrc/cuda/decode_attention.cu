@@ -166,6 +166,12 @@ __device__ __forceinline__ float exp2_flush(float x) {
   return y;
 }
 
+// What to subtract from scores whose maximum is `max_score` before exp2: the maximum itself, or 0
+// while nothing has been seen (-inf - -inf would be NaN; exp2(-inf - 0) is the 0 wanted).
+__device__ __forceinline__ float exp2_shift(float max_score) {
+  return max_score == kNegInf ? 0.f : max_score;
+}
+
 // Base-2 log-sum-exp of a split from its running max and sum (-inf when it saw nothing).
 __device__ __forceinline__ float split_lse(float max_score, float sum) {
   return sum != 0.f ? max_score + __log2f(sum) : kNegInf;  // a NaN sum stays NaN
@@ -202,7 +208,7 @@ struct GroupMerge {
 
   __device__ __forceinline__ void add_split(float split_lse, const float4& v) {
     const float new_max = fmaxf(running_max, split_lse);
-    const float shift = new_max == kNegInf ? 0.f : new_max;  // nothing seen yet: stay finite
+    const float shift = exp2_shift(new_max);
     const float rescale = exp2_flush(running_max - shift);    // 0 while running_max is -inf
     const float w = exp2_flush(split_lse - shift);            // 0 for a split that saw nothing
     acc.x = __fmaf_rn(w, v.x, __fmul_rn(acc.x, rescale));
@@ -270,7 +276,7 @@ __device__ void merge_rows(const Params& p, int bh, int first_row, int count, in
     float max_all = kNegInf;
 #pragma unroll
     for (int g = 0; g < kGroups; ++g) max_all = fmaxf(max_all, maxes[g]);
-    const float shift = max_all == kNegInf ? 0.f : max_all;
+    const float shift = exp2_shift(max_all);
     float4 total = make_float4(0.f, 0.f, 0.f, 0.f);
     float total_weight = 0.f;
 #pragma unroll
@@ -558,7 +564,7 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         const float new_max = fmaxf(running_max[half], tile_max[half]);
-        const float new_shift = new_max == kNegInf ? 0.f : new_max;  // keep exp2 finite
+        const float new_shift = exp2_shift(new_max);
         rescale[half] = exp2_flush(running_max[half] - new_shift);    // 0 when max was -inf
         running_max[half] = new_max;
 #pragma unroll
@@ -574,7 +580,7 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
       // Outside the branch, so that this product still fuses with the sum's first addition
       // below as it did before lazy rescaling (a row-invariant launch keeps its bits).
       running_sum[half] *= rescale[half];
-      shift[half] = running_max[half] == kNegInf ? 0.f : running_max[half];  // nothing seen yet
+      shift[half] = exp2_shift(running_max[half]);
     }
 #pragma unroll
     for (int n = 0; n < kKeyTiles; ++n) {
@@ -641,7 +647,7 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
     float max_score = kNegInf;
 #pragma unroll
     for (int s = 0; s < kSlices; ++s) max_score = fmaxf(max_score, merge_max[(s * M + t) * 16 + rr]);
-    const float shift = max_score == kNegInf ? 0.f : max_score;
+    const float shift = exp2_shift(max_score);
     float sum = 0.f;
 #pragma unroll
     for (int s = 0; s < kSlices; ++s) {
