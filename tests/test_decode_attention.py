@@ -17,6 +17,7 @@ WARPS_ENV = "HIPPO_DECODE_ATTENTION_WARPS"  # CUDA: "4" runs 4-warp blocks for 2
 FUSED_MERGE_ENV = "HIPPO_DECODE_ATTENTION_FUSED_MERGE"  # CUDA: "1": the last split block merges
 WIDE_ENV = "HIPPO_DECODE_ATTENTION_WIDE_REGISTERS"  # CUDA: "0": the split kernel's narrower bounds
 CHUNK_ENV = "HIPPO_DECODE_ATTENTION_CHUNK"  # CUDA: keys per split, forced (a fixed plan)
+STAGES_ENV = "HIPPO_DECODE_ATTENTION_STAGES"  # CUDA: "2": head dim 128 with two cp.async stages
 
 # Relative error (norm) allowed per dtype: fp32 is the CPU reference path; bf16/fp16 outputs are
 # rounded once and the kernel rounds probabilities to the input dtype before P @ V.
@@ -94,6 +95,7 @@ KERNEL_VARIANTS = {  # the environment each CUDA variant runs under
     "long_splits": {CHUNK_ENV: "512"},  # 8 tiles per split: the key loop's running maximum moves
     "four_warps": {WARPS_ENV: "4"},
     "narrow_registers": {WIDE_ENV: "0"},
+    "two_stages": {STAGES_ENV: "2"},  # head dim 128 as on GPUs of 99 KB of shared memory a block
     "four_warps_narrow_registers": {WARPS_ENV: "4", WIDE_ENV: "0"},  # the defaults until 11-27
     "fused_merge": {FUSED_MERGE_ENV: "1"},  # steps of <= 16 rows per kv head
     "four_warps_fused_merge": {WARPS_ENV: "4", FUSED_MERGE_ENV: "1"},
@@ -319,6 +321,18 @@ def test_length_dtypes_agree(device, gen):
     torch.testing.assert_close(out32, out64, rtol=0, atol=0)
 
 
+def test_empty_batch(device, gen):
+    """B = 0: an empty result, not a launch of zero blocks (nor a division by zero planning one)."""
+    dtype = dtypes_for(device)[0]
+    for head_dim in (64, 128):
+        query, cache, length = make_inputs(
+            gen, batch=0, q_len=1, q_heads=4, kv_heads=2, head_dim=head_dim, lengths=[],
+            max_seq=16, dtype=dtype, device=device)
+        out = decode_attention(query, cache, 0, length)
+        assert out.shape == query.shape and out.dtype == dtype
+        assert OP(query, cache, 0, length, 1.0, None, False, None).shape == query.shape
+
+
 def test_non_contiguous_query(device, gen):
     dtype = dtypes_for(device)[0]
     query, cache, length = make_inputs(
@@ -422,6 +436,26 @@ def test_cuda_wide_registers_change_no_bit(gen, monkeypatch, warps, q_heads, kv_
     narrow = decode_attention(query, cache, 0, length)
     monkeypatch.setenv(WIDE_ENV, "1")
     assert torch.equal(decode_attention(query, cache, 0, length), narrow)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", ["fast", "four_warps", "fused_merge"])
+@pytest.mark.parametrize("q_heads,kv_heads,q_len,lengths", [
+    (28, 4, 9, [12600, 70]), (28, 4, 1, [12600, 70]), (16, 4, 5, [3000, 64]), (8, 8, 64, [65, 64])])
+def test_cuda_two_stages_change_no_bit(gen, monkeypatch, variant, q_heads, kv_heads, q_len,
+                                       lengths):
+    """Head dim 128 with two cp.async stages (what GPUs with 99 KB of shared memory a block run)
+    computes what three stages do, bit for bit: the pipeline's depth changes when tiles arrive,
+    never the arithmetic. Row tiles 1, 2 and 4; splits shorter than the pipeline."""
+    for name, value in KERNEL_VARIANTS[variant].items():
+        monkeypatch.setenv(name, value)
+    query, cache, length = make_inputs(
+        gen, batch=2, q_len=q_len, q_heads=q_heads, kv_heads=kv_heads, head_dim=128,
+        lengths=lengths, max_seq=16384, layers=1, dtype=torch.bfloat16, device="cuda")
+    three = decode_attention(query, cache, 0, length)
+    monkeypatch.setenv(STAGES_ENV, "2")
+    assert torch.equal(decode_attention(query, cache, 0, length), three)
 
 
 @requires_cuda

@@ -26,9 +26,10 @@
 //     variable HIPPO_DECODE_ATTENTION_SIMPLE=1 (a cross-check for the fast path).
 // HIPPO_DECODE_ATTENTION_CHUNK=<keys> overrides the split length (tuning; rounded up to 64);
 // HIPPO_DECODE_ATTENTION_BALANCED=0 cuts S_max rather than the actual length (plan_splits),
-// HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM=<n> sets how many blocks per SM a plan aims at, and
+// HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM=<n> sets how many blocks per SM a plan aims at,
 // HIPPO_DECODE_ATTENTION_WIDE_REGISTERS=0 runs the split kernel under the narrower default
-// register bounds instead of the wide ones.
+// register bounds instead of the wide ones, and HIPPO_DECODE_ATTENTION_STAGES=2 runs head dim 128
+// with two cp.async stages, as GPUs short of shared memory do (launch_mma).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -54,7 +55,7 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kTileKeys = 64;       // keys per shared-memory stage
-constexpr int kStages = 3;          // cp.async pipeline depth
+constexpr int kStages = 3;          // cp.async pipeline depth (2 where shared memory is short)
 constexpr int kRowsPerBlock = 64;   // query rows per block of the MMA kernel: 4 m16 tiles
 constexpr int kSmemPad = 8;         // elements of padding per shared row: conflict-free fragments
 constexpr int kSimpleRowsPerBlock = kWarps;
@@ -335,11 +336,11 @@ __device__ void merge_if_last(const Params& p, int bh, int length, float4* scrat
 // Split kernel, tensor cores
 // ---------------------------------------------------------------------------------------------
 
-template <int D, int W>
+template <int D, int W, int S>
 struct MmaSmem {
   static constexpr int kStride = D + kSmemPad;  // elements per staged key/value row
   static constexpr int kStageElems = 2 * kTileKeys * kStride;  // keys then values
-  static constexpr int kStagingBytes = kStages * kStageElems * 2;
+  static constexpr int kStagingBytes = S * kStageElems * 2;    // S pipeline stages
   // Merge area (reuses the staging area after the loop): per warp 16 rows of O, max, sum and
   // weight; per row of the block (at most 4 row tiles), its sum over the warps.
   static constexpr int kMergeBytes = (W * 16 * (D + 3) + 4 * 16) * 4;
@@ -370,23 +371,24 @@ struct TileCopy {
 // is alone on its SM: 2-5% off the 7B and 0.5B verify steps on an H200, 2026-11-27), 4 for M = 1
 // or with HIPPO_DECODE_ATTENTION_WARPS=4.
 // The body of the two split kernels below, which differ in their launch bounds only.
-template <typename T, int D, int M, int W>
+template <typename T, int D, int M, int W, int S>
 __device__ __forceinline__ void split_mma_body(const Params& p) {
   wait_for_prior_kernels();  // HIPPO_PDL: see dependent_launch.cuh
   allow_dependent_kernels();
   static_assert(M == 1 || M == 2 || M == 4, "row tiles per block");
+  static_assert(S == 2 || S == 3, "cp.async pipeline stages");
   static_assert(kTileKeys / (W / M) % 16 == 0 && D % 16 == 0,
                 "ldmatrix takes n8 tiles in pairs: whole k16 key steps, even n8 head-dim tiles");
   constexpr int kSlices = W / M;
   constexpr int kBlockThreads = W * 32;
-  static_assert(MergeLayout<D>::float4s(kFusedMergeRowsPerPass) * 16 <= MmaSmem<D, W>::kBytes &&
+  static_assert(MergeLayout<D>::float4s(kFusedMergeRowsPerPass) * 16 <= MmaSmem<D, W, S>::kBytes &&
                     kBlockThreads >= kThreads,
                 "a fused merge reuses the staging area as its scratch, with kThreads threads");
   constexpr int kSliceKeys = kTileKeys / kSlices;  // 16, 32 or 64 keys per warp and tile
   constexpr int kKeyTiles = kSliceKeys / 8;        // n8 tiles of S per warp
   constexpr int kDimK = D / 16;                    // k16 steps of Q K^T
   constexpr int kDimN = D / 8;                     // n8 tiles of O
-  constexpr int kStride = MmaSmem<D, W>::kStride;
+  constexpr int kStride = MmaSmem<D, W, S>::kStride;
 
   const int split = blockIdx.x;
   const int bh = blockIdx.y;
@@ -427,12 +429,12 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
   const int64_t copy_src = static_cast<int64_t>(kv_begin + copy_row) * D + copy_piece * 8;
   const unsigned copy_dst =
       shared_address(staging) + (copy_row * kStride + copy_piece * 8) * static_cast<int>(sizeof(T));
-  constexpr int kStageBytes = MmaSmem<D, W>::kStageElems * sizeof(T);
+  constexpr int kStageBytes = MmaSmem<D, W, S>::kStageElems * sizeof(T);
   constexpr int kValuesBytes = kTileKeys * kStride * sizeof(T);  // values follow keys in a stage
 
   auto load_tile = [&](int tile) {
     if (!copies) return;
-    const unsigned dst = copy_dst + (tile % kStages) * kStageBytes;
+    const unsigned dst = copy_dst + (tile % S) * kStageBytes;
     const int64_t src = copy_src + static_cast<int64_t>(tile) * kTileKeys * D;
     // Rows of this thread's passes that hold keys: pass j's row iff j * kKeysPerPass < rows_left.
     const int rows_left = kv_end - kv_begin - tile * kTileKeys - copy_row;
@@ -454,7 +456,7 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
   };
 
   // Start streaming before the (latency-bound) query and mask reads.
-  for (int s = 0; s < kStages - 1; ++s) {
+  for (int s = 0; s < S - 1; ++s) {
     if (s < num_tiles) load_tile(s);
     cp_async_commit();
   }
@@ -488,12 +490,12 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
 
   const int slice_key0 = slice * kSliceKeys;
   for (int tile = 0; tile < num_tiles; ++tile) {
-    cp_async_wait<kStages - 2>();
+    cp_async_wait<S - 2>();
     __syncthreads();  // tile is visible to all; the stage refilled below is no longer read
-    if (tile + kStages - 1 < num_tiles) load_tile(tile + kStages - 1);
+    if (tile + S - 1 < num_tiles) load_tile(tile + S - 1);
     cp_async_commit();
 
-    const T* k_smem = staging + (tile % kStages) * MmaSmem<D, W>::kStageElems;
+    const T* k_smem = staging + (tile % S) * MmaSmem<D, W, S>::kStageElems;
     const T* v_smem = k_smem + kTileKeys * kStride;
 
     // S = Q K^T for this warp's 16 rows x kSliceKeys keys. One ldmatrix gives the B fragments
@@ -682,9 +684,9 @@ __device__ __forceinline__ void split_mma_body(const Params& p) {
   }
 }
 
-template <typename T, int D, int M, int W>
+template <typename T, int D, int M, int W, int S>
 __global__ void __launch_bounds__(W * 32) split_kernel_mma(const Params p) {
-  split_mma_body<T, D, M, W>(p);
+  split_mma_body<T, D, M, W, S>(p);
 }
 
 // The same kernel with the whole register file open to one block per SM (the default;
@@ -698,7 +700,7 @@ __global__ void __launch_bounds__(W * 32) split_kernel_mma(const Params p) {
 // 20.3 against 22.0; decode steps unchanged (15.2 / 15.4 us, 0.5B 6.1 / 6.1 us).
 template <typename T, int D, int M, int W>
 __global__ void __launch_bounds__(W * 32, 1) split_kernel_mma_wide(const Params p) {
-  split_mma_body<T, D, M, W>(p);
+  split_mma_body<T, D, M, W, kStages>(p);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -806,13 +808,39 @@ SplitPlan plan_splits(int64_t max_seq, int64_t blocks_per_split, int64_t rows, i
   return {chunk, ceil_div(max_seq, chunk), false};
 }
 
+template <typename T, int D, int M, int W, int S>
+void launch_split_kernel(const Params& p, dim3 grid, bool wide, cudaStream_t stream) {
+  auto kernel = split_kernel_mma<T, D, M, W, S>;
+  if constexpr (S == kStages) {
+    if (wide) kernel = split_kernel_mma_wide<T, D, M, W>;
+  }
+  constexpr int kBytes = MmaSmem<D, W, S>::kBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
+  launch_kernel(kernel, grid, dim3(W * 32), kBytes, stream, p);
+}
+
+// Three cp.async stages where a block may take their shared memory; two where it may not. At
+// head dim 128 three stages take 104,448 bytes, over the 101,376 a block may opt into on
+// compute capability 8.6 and 8.9 (A10, A40, L4, L40, GeForce 30/40), which run the sm_80 build;
+// two take 69,632. HIPPO_DECODE_ATTENTION_STAGES=2 forces them at head dim 128 (tests, and
+// timing the cost on cards that have the room). Head dims 64 and 80 fit three stages everywhere
+// the build runs (55,296 and 67,584 bytes), so they have no two-stage kernel. The two-stage
+// kernel runs under the default register bounds only: the wide bounds serve one block per SM on
+// Hopper, which has the room for three stages.
 template <typename T, int D, int M, int W>
 void launch_mma(const Params& p, dim3 grid, cudaStream_t stream) {
   const bool wide = env_flag("HIPPO_DECODE_ATTENTION_WIDE_REGISTERS", true);
-  auto kernel = wide ? split_kernel_mma_wide<T, D, M, W> : split_kernel_mma<T, D, M, W>;
-  constexpr int kBytes = MmaSmem<D, W>::kBytes;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes));
-  launch_kernel(kernel, grid, dim3(W * 32), kBytes, stream, p);
+  if constexpr (D == 128) {
+    const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+    constexpr int kTwoStageBytes = MmaSmem<D, W, 2>::kBytes;
+    const bool three_fit = MmaSmem<D, W, kStages>::kBytes <= optin;
+    if (!three_fit || env_int("HIPPO_DECODE_ATTENTION_STAGES", kStages) == 2) {
+      HIPPO_CHECK(kTwoStageBytes <= optin, kDecodeAttentionOp, "head dim ", D, " needs ",
+                  kTwoStageBytes, " bytes of shared memory per block; this GPU allows ", optin);
+      return launch_split_kernel<T, D, M, W, 2>(p, grid, /*wide=*/false, stream);
+    }
+  }
+  launch_split_kernel<T, D, M, W, kStages>(p, grid, wide, stream);
 }
 
 template <typename T, int D>
@@ -868,6 +896,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& query_in, const at::Tensor& c
   if (reinterpret_cast<uintptr_t>(query.data_ptr()) % 16 != 0) query = query.clone();
   const at::Tensor mask = s.has_mask ? tree_mask->contiguous() : at::Tensor();
   at::Tensor out = at::empty_like(query, at::MemoryFormat::Contiguous);
+  if (s.batch == 0) return out;  // no block to launch (and no grid of zero blocks may launch)
 
   const int64_t rows = s.rows_per_kv_head();
   const int64_t sm_count = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
