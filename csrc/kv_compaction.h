@@ -68,6 +68,16 @@ inline KvGeometry check_kv_gather(const at::Tensor& src, const at::Tensor& index
   return make_geometry(src, dst, index);
 }
 
+// index as the kernels read it: contiguous, and in no memory the op writes (a copy would read
+// positions it has overwritten; the CPU one then reads out of bounds).
+inline at::Tensor contiguous_index(const at::Tensor& index, const at::Tensor& written, const char* op,
+                                   const char* written_name) {
+  at::Tensor idx = index.contiguous();
+  HIPPO_CHECK(at::get_overlap_status(idx, written) == at::MemOverlapStatus::No, op,
+              "index must not share memory with ", written_name);
+  return idx;
+}
+
 // Shape, dtype and device checks of kv_compact_(cache, index).
 inline KvGeometry check_kv_compact(const at::Tensor& cache, const at::Tensor& index) {
   constexpr const char* op = "kv_compact_";

@@ -24,6 +24,8 @@
 // pos the id of j's component: HF's Qwen2 / Qwen2.5-VL rotary embedding, operation for operation.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
+
 #include "common.h"
 
 #include <vector>
@@ -65,6 +67,9 @@ inline RotaryShape check_rotary_operands(const QkvRows& qkv, const at::Tensor& c
   HIPPO_CHECK(cache.device() == qkv.device, op, qkv.rows_name, " is on ", qkv.device, " but cache is on ",
               cache.device());
   check_cache_lengths(length, cache, op);
+  // The kernels read length while they write the cache.
+  HIPPO_CHECK(at::get_overlap_status(length, cache) == at::MemOverlapStatus::No, op,
+              "length must not share memory with the cache");
 
   RotaryShape s;
   s.batch = qkv.batch;

@@ -46,12 +46,19 @@ def check_strictly_ascending(index: torch.Tensor, op: str, name: str) -> None:
         raise RuntimeError(f"{op}: {name} must be strictly ascending along its last dimension")
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
 def as_int(value: object, op: str, name: str) -> int:
-    """An integer argument (Python's or numpy's); 2.7 is refused, not truncated to 2."""
+    """An integer argument (Python's or numpy's) that the op's int64 schema can take; 2.7 is
+    refused, not truncated to 2, and 2**64 named, not left to the schema's parser."""
     try:
-        return operator.index(value)
+        number = operator.index(value)
     except TypeError:
         raise TypeError(f"{op}: {name} must be an integer, got {value!r}") from None
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise ValueError(f"{op}: {name} must fit in int64, got {number}")
+    return number
 
 
 def default_scale(tensor: torch.Tensor) -> float:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hippo_ext._fake import register_fake
+
 __all__ = ["silu_and_mul"]
 
 
@@ -22,6 +24,6 @@ def reference_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@torch.library.register_fake("hippo_ext::silu_and_mul")
+@register_fake("silu_and_mul")
 def _silu_and_mul_fake(x):
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from hippo_ext._fake import register_fake
 from hippo_ext._validation import as_int, check_index_range, default_scale, wants_value_check
 from hippo_ext._workspace import shared_workspace, zeroed_int32
 
@@ -81,7 +82,7 @@ def _shapes_plausible(query: torch.Tensor, cache: torch.Tensor, length: torch.Te
             and length.dtype in (torch.int32, torch.int64))
 
 
-@torch.library.register_fake("hippo_ext::decode_attention")
+@register_fake("decode_attention")
 def _decode_attention_fake(query, cache, layer, length, scale, tree_mask, row_invariant=False,
                            workspace=None):
     return query.new_empty(query.shape)

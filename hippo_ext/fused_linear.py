@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from hippo_ext._fake import register_fake
 from hippo_ext._validation import as_int, check_index_range, wants_value_check
+from hippo_ext.rotary_embedding import query_heads_of
 
 __all__ = ["add_rms_norm_linear", "qkv_projection", "silu_and_mul_linear"]
 
@@ -60,19 +62,18 @@ def qkv_projection(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.T
         as_int(layer, "qkv_projection", "layer"), length)
 
 
-@torch.library.register_fake("hippo_ext::qkv_projection")
+@register_fake("qkv_projection", dims={"x": 3, "weight": 2, "cache": 6})
 def _qkv_projection_fake(x, residual, norm_weight, eps, weight, bias, cos, sin, cache, layer,
                          length):
-    head_dim, kv_heads = cache.size(5), cache.size(3)
-    q_heads = weight.size(0) // head_dim - 2 * kv_heads
-    return x.new_empty(x.size(0), x.size(1), q_heads, head_dim), torch.empty_like(x)
+    q_heads = query_heads_of("qkv_projection", weight.size(0), cache)
+    return x.new_empty(x.size(0), x.size(1), q_heads, cache.size(5)), torch.empty_like(x)
 
 
-@torch.library.register_fake("hippo_ext::add_rms_norm_linear")
+@register_fake("add_rms_norm_linear", dims={"weight": 2})
 def _add_rms_norm_linear_fake(x, residual, norm_weight, eps, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.size(0)), torch.empty_like(x)
 
 
-@torch.library.register_fake("hippo_ext::silu_and_mul_linear")
+@register_fake("silu_and_mul_linear", dims={"weight": 2})
 def _silu_and_mul_linear_fake(x, weight, bias):
     return x.new_empty(*x.shape[:-1], weight.size(0))

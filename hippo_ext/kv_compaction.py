@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from hippo_ext._fake import register_fake
 from hippo_ext._validation import check_index_range, check_strictly_ascending, wants_value_check
 
 __all__ = ["kv_compact_", "kv_gather"]
@@ -70,11 +71,11 @@ def kv_compact_(cache: torch.Tensor, index: torch.Tensor, *, check: bool = True)
 
 
 # Fakes for torch.compile: both ops only mutate an argument and return nothing.
-@torch.library.register_fake("hippo_ext::kv_gather")
+@register_fake("kv_gather")
 def _kv_gather_fake(src: torch.Tensor, index: torch.Tensor, dst: torch.Tensor) -> None:
     return None
 
 
-@torch.library.register_fake("hippo_ext::kv_compact_")
+@register_fake("kv_compact_")
 def _kv_compact_fake(cache: torch.Tensor, index: torch.Tensor) -> None:
     return None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from hippo_ext._fake import register_fake
 from hippo_ext._workspace import shared_workspace, zeroed_int32
 
 __all__ = ["skinny_linear", "skinny_linear_workspace"]
@@ -56,6 +57,6 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.hippo_ext.skinny_linear.default(x, weight, bias, workspace, impl)
 
 
-@torch.library.register_fake("hippo_ext::skinny_linear")
+@register_fake("skinny_linear", dims={"weight": 2})
 def _skinny_linear_fake(x, weight, bias, workspace, impl="auto"):
     return x.new_empty(*x.shape[:-1], weight.size(0))

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from hippo_ext._fake import register_fake
+
 __all__ = ["add_rms_norm", "rms_norm"]
 
 
@@ -37,11 +39,11 @@ def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6)
     return weight * (wide * torch.rsqrt(variance + eps)).to(x.dtype)
 
 
-@torch.library.register_fake("hippo_ext::rms_norm")
+@register_fake("rms_norm")
 def _rms_norm_fake(x, weight, eps):
     return torch.empty_like(x)
 
 
-@torch.library.register_fake("hippo_ext::add_rms_norm")
+@register_fake("add_rms_norm")
 def _add_rms_norm_fake(x, residual, weight, eps):
     return torch.empty_like(x), torch.empty_like(x)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from hippo_ext._fake import fake_error, register_fake
 from hippo_ext._validation import as_int, check_index_range, wants_value_check
 
 __all__ = ["rotary_kv_append", "rotary_tables"]
@@ -63,7 +64,7 @@ def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
         [as_int(n, "rotary_tables", "mrope_section") for n in mrope_section], float(scaling), dtype)
 
 
-@torch.library.register_fake("hippo_ext::rotary_tables")
+@register_fake("rotary_tables", dims={"positions": (2, 3), "inv_freq": 1})
 def _rotary_tables_fake(positions, inv_freq, mrope_section, scaling, dtype):
     batch, tokens = positions.shape[-2:]
     table = positions.new_empty(batch, tokens, 2 * inv_freq.size(0), dtype=dtype,
@@ -71,8 +72,18 @@ def _rotary_tables_fake(positions, inv_freq, mrope_section, scaling, dtype):
     return table, torch.empty_like(table)
 
 
-@torch.library.register_fake("hippo_ext::rotary_kv_append")
+def query_heads_of(op: str, width: int, cache: torch.Tensor) -> int:
+    """Hq of a fused q/k/v row of `width` = (Hq + 2 Hkv) D, Hkv and D read from the cache (for
+    the fakes of the ops that take one; the C++ checks say the same)."""
+    kv_heads, head_dim = cache.size(3), cache.size(5)
+    if head_dim < 2 or head_dim % 2 or width % head_dim or width // head_dim <= 2 * kv_heads:
+        raise fake_error(op, f"the q/k/v width must be (Hq + 2 Hkv) * D with Hq >= 1, "
+                             f"Hkv = {kv_heads} and an even D = {head_dim} (from the cache), "
+                             f"got {width}")
+    return width // head_dim - 2 * kv_heads
+
+
+@register_fake("rotary_kv_append", dims={"qkv": 3, "cache": 6})
 def _rotary_kv_append_fake(qkv, cos, sin, cache, layer, length):
-    head_dim = cache.size(5)
-    q_heads = qkv.size(2) // head_dim - 2 * cache.size(3)
-    return qkv.new_empty(qkv.size(0), qkv.size(1), q_heads, head_dim)
+    q_heads = query_heads_of("rotary_kv_append", qkv.size(2), cache)
+    return qkv.new_empty(qkv.size(0), qkv.size(1), q_heads, cache.size(5))

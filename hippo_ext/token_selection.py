@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 
+from hippo_ext._fake import fake_error, register_fake
 from hippo_ext._validation import as_int, default_scale
 
 OP_NAME = "hippo_ext::select_visual_tokens"
@@ -112,6 +113,9 @@ def select_visual_tokens(
     keep = _resolve_num_keep(grid_tokens, num_keep, keep_ratio)
     if scale is None:
         scale = default_scale(queries)
+    if len(weights) != 3:
+        raise ValueError("select_visual_tokens: weights must be (w_global, w_temporal, w_spatial), "
+                         f"got {tuple(weights)!r}")
     w_global, w_temporal, w_spatial = (float(w) for w in weights)
     outputs = torch.ops.hippo_ext.select_visual_tokens(
         queries, keys, features, as_int(visual_start, OP_NAME, "visual_start"),
@@ -120,10 +124,13 @@ def select_visual_tokens(
     return SelectedTokens(*outputs)
 
 
-@torch.library.register_fake(OP_NAME)
+@register_fake("select_visual_tokens", dims={"queries": 4, "keys": 4, "features": 4})
 def _select_visual_tokens_fake(queries, keys, features, visual_start, num_visual, num_keep,
                                per_frame, w_global, w_temporal, w_spatial, scale):
     frames, grid_h, grid_w = features.shape[0], features.shape[1], features.shape[2]
+    if not 0 <= num_keep <= frames * grid_h * grid_w:
+        raise fake_error("select_visual_tokens",
+                         f"num_keep must lie in [0, {frames * grid_h * grid_w}], got {num_keep}")
     kept = features.new_empty((num_keep + num_visual - frames * grid_h * grid_w,), dtype=torch.int64)
     scores = [features.new_empty((frames, grid_h, grid_w), dtype=torch.float32) for _ in range(4)]
     return (kept, *scores)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from hippo_ext import _C  # noqa: F401  (registers the schemas before the fakes below)
+from hippo_ext._fake import register_fake
 from hippo_ext._validation import (check_index_range, check_probabilities, check_unit_interval,
                                    wants_value_check)
 
@@ -138,19 +139,19 @@ def verify_tree_greedy(
 # ---- fakes for torch.compile: static int64 outputs -------------------------------------------
 
 
-@torch.library.register_fake("hippo_ext::verify_greedy")
+@register_fake("verify_greedy", dims={"draft_tokens": 2})
 def _verify_greedy_fake(draft_tokens: torch.Tensor, target_logits: torch.Tensor):
     batch = draft_tokens.size(0)
     return draft_tokens.new_empty(batch, dtype=torch.int64), draft_tokens.new_empty(batch, dtype=torch.int64)
 
 
-@torch.library.register_fake("hippo_ext::verify_sampling")
+@register_fake("verify_sampling", dims={"draft_tokens": 2})
 def _verify_sampling_fake(draft_tokens, draft_probs, target_probs, uniforms):
     batch = draft_tokens.size(0)
     return draft_tokens.new_empty(batch, dtype=torch.int64), draft_tokens.new_empty(batch, dtype=torch.int64)
 
 
-@torch.library.register_fake("hippo_ext::verify_tree_greedy")
+@register_fake("verify_tree_greedy", dims={"tree_tokens": 2})
 def _verify_tree_greedy_fake(tree_tokens, parents, target_logits):
     batch, nodes = tree_tokens.shape
     return (

@@ -112,3 +112,81 @@ def test_inductor_matches_eager(op, gen):
         assert torch.equal(compiled_inputs[index], eager_inputs[index]), f"input {index} differs"
     for index in set(range(len(inputs))) - set(mutated):
         assert torch.equal(compiled_inputs[index], inputs[index]), f"input {index} was written"
+
+
+# The dispatcher runs an op's fake, not its C++ checks, whenever any argument is on the meta
+# device (hippo_ext/_fake.py): the fakes must refuse what the checks refuse.
+
+def _meta_moves() -> list[tuple[str, int]]:
+    """(op, input index) for every input of an op that has more than one tensor input."""
+    gen = torch.Generator().manual_seed(0)
+    inputs = {op: len(make_inputs(gen)) for op, (_, make_inputs, _) in CASES.items()}
+    return [(op, index) for op, count in sorted(inputs.items()) if count > 1
+            for index in range(count)]
+
+
+@pytest.mark.parametrize("op,moved", _meta_moves())
+def test_one_meta_tensor_among_cpu_tensors_is_refused(op, moved, gen):
+    """An HF weight left on meta reaching a CPU op: an error naming it, not uninitialised memory
+    returned (or a tensor left unwritten) without one."""
+    fn, make_inputs, _ = CASES[op]
+    inputs = list(make_inputs(gen))
+    inputs[moved] = inputs[moved].to("meta")
+    with pytest.raises(RuntimeError, match="meta"):
+        fn(*inputs)
+
+
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_all_meta_inputs_give_the_eager_shapes(op, gen):
+    fn, make_inputs, _ = CASES[op]
+    inputs = make_inputs(gen)
+    expected = _tensors(fn(*[x.clone() for x in inputs]))
+    got = _tensors(fn(*[x.to("meta") for x in inputs]))
+    assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in expected]
+    assert all(t.is_meta for t in got)
+
+
+def _cache(head_dim: int) -> torch.Tensor:
+    return torch.zeros(1, 2, 1, 1, 8, head_dim)
+
+
+# Raw ops with a shape their fake's arithmetic would trip over: under torch.compile the error
+# must name the op and what is wrong, as the eager op's does.
+BAD_SHAPES_UNDER_COMPILE = {
+    "verify_tree_greedy, 1-D tokens": (
+        lambda: torch.ops.hippo_ext.verify_tree_greedy(
+            torch.tensor([1, 2]), torch.tensor([-1, 0]), torch.randn(1, 3, 5)),
+        "tree_tokens must have 2 dimensions"),
+    "rotary_tables, 1-D positions": (
+        lambda: torch.ops.hippo_ext.rotary_tables(
+            torch.arange(4), torch.rand(2), [], 1.0, torch.float32),
+        "positions must have 2 or 3 dimensions"),
+    "select_visual_tokens, 3-D features": (
+        lambda: torch.ops.hippo_ext.select_visual_tokens(
+            torch.randn(1, 2, 3, 4), torch.randn(1, 2, 20, 4), torch.randn(2, 2, 2), 0, 8, 4,
+            False, 1.0, 1.0, 1.0, 0.5),
+        "features must have 4 dimensions"),
+    "select_visual_tokens, negative num_keep": (
+        lambda: torch.ops.hippo_ext.select_visual_tokens(
+            torch.randn(1, 2, 3, 4), torch.randn(1, 2, 20, 4), torch.randn(2, 2, 2, 3), 0, 8, -100,
+            False, 1.0, 1.0, 1.0, 0.5),
+        "num_keep must lie in"),
+    "rotary_kv_append, head dim 0": (
+        lambda: torch.ops.hippo_ext.rotary_kv_append(
+            torch.randn(1, 1, 12), torch.randn(1, 1, 0), torch.randn(1, 1, 0), _cache(0), 0,
+            torch.tensor([1])),
+        "q/k/v width must be"),
+    "qkv_projection, head dim 0": (
+        lambda: torch.ops.hippo_ext.qkv_projection(
+            torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.ones(4), 1e-6, torch.randn(12, 4),
+            None, torch.randn(1, 1, 0), torch.randn(1, 1, 0), _cache(0), 0, torch.tensor([1])),
+        "q/k/v width must be"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SHAPES_UNDER_COMPILE))
+def test_fakes_name_a_bad_shape(case):
+    call, message = BAD_SHAPES_UNDER_COMPILE[case]
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=message):
+        torch.compile(call, fullgraph=True, backend="eager")()

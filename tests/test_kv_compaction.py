@@ -280,6 +280,25 @@ def test_compact_rejects_bad_index(device, index, message):
     assert torch.equal(cache, before)  # rejected before any copy
 
 
+def _int64_view_of(tensor: torch.Tensor, values: list[list[int]]) -> torch.Tensor:
+    """values written into the first bytes of a float32 tensor, as an int64 tensor viewing them."""
+    index = torch.tensor(values, device=tensor.device)
+    view = tensor.view(-1)[:2 * index.numel()].view(torch.long).view(index.shape)
+    view.copy_(index)
+    return view
+
+
+def test_an_index_in_the_memory_written_is_refused(device):
+    """An index viewing the destination would be overwritten while it is read (the CPU copy then
+    read out of bounds: a segfault)."""
+    src, index, dst = gather_inputs(device)
+    with pytest.raises(RuntimeError, match="index must not share memory with dst"):
+        hippo_ext.kv_gather(src, _int64_view_of(dst, index.tolist()), dst)
+    cache = torch.randn(cache_shape(2, 2, 2, 9, 8), device=device)
+    with pytest.raises(RuntimeError, match="index must not share memory with cache"):
+        hippo_ext.kv_compact_(cache, _int64_view_of(cache, [[0, 2, 4], [1, 3, 5]]))
+
+
 def test_index_values_are_checked_with_nothing_to_copy():
     """On the CPU index values are checked always, also when an empty cache leaves nothing to
     copy."""

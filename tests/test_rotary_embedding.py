@@ -173,6 +173,10 @@ BAD_INPUTS = {
     "cache_batch": (lambda a: {**a, "cache": a["cache"][:, :, :1].contiguous()}, "batch"),
     "cache_non_contiguous": (lambda a: {**a, "cache": a["cache"].transpose(4, 5)}, "contiguous"),
     "layer": (lambda a: {**a, "layer": 2}, "layer"),
+    "length_in_the_cache": (  # read while the cache is written
+        lambda a: {**a, "length": a["cache"].view(-1).view(torch.uint8)[:8 * a["length"].numel()]
+                   .view(torch.long).copy_(a["length"])},
+        "length must not share memory with the cache"),
     "int_qkv": (lambda a: {**a, "qkv": a["qkv"].long()}, "float32, bfloat16 or float16"),
 }
 

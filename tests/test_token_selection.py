@@ -413,6 +413,11 @@ def test_bad_inputs(device, gen):
             False, 1.0, 1.0, 1.0, 0.25)
     with pytest.raises(TypeError, match="num_keep must be an integer"):
         run_op(inputs, num_keep=2.7)
+    with pytest.raises(ValueError, match="num_keep must fit in int64"):
+        run_op(inputs, num_keep=2**64)
+    for weights in ((1.0, 1.0), (1.0, 1.0, 1.0, 1.0)):
+        with pytest.raises(ValueError, match=r"weights must be \(w_global, w_temporal, w_spatial\)"):
+            run_op(inputs, num_keep=3, weights=weights)
     with pytest.raises(RuntimeError, match="queries must be non-empty"):  # D = 0: no 1/sqrt(0)
         _call(inputs, queries=q[..., :0], keys=k[..., :0])
 

@@ -33,7 +33,7 @@ void copy_slots(const char* src, char* dst, const int64_t* index, const KvGeomet
 
 void kv_gather_cpu(const at::Tensor& src, const at::Tensor& index, const at::Tensor& dst) {
   const KvGeometry g = check_kv_gather(src, index, dst);
-  const at::Tensor idx = index.contiguous();
+  const at::Tensor idx = contiguous_index(index, dst, "kv_gather", "dst");
   // Values first, so that a call with nothing to copy still rejects them.
   check_index_values_cpu(idx, g.src_positions, /*strictly_ascending=*/false, "kv_gather");
   if (g.num_index == 0 || g.rows == 0 || g.row_bytes == 0) return;
@@ -43,7 +43,7 @@ void kv_gather_cpu(const at::Tensor& src, const at::Tensor& index, const at::Ten
 
 void kv_compact_cpu(const at::Tensor& cache, const at::Tensor& index) {
   const KvGeometry g = check_kv_compact(cache, index);
-  const at::Tensor idx = index.contiguous();
+  const at::Tensor idx = contiguous_index(index, cache, "kv_compact_", "cache");
   // Strictly ascending and >= 0 implies index[b, k] >= k, which copy_slots relies on.
   check_index_values_cpu(idx, g.src_positions, /*strictly_ascending=*/true, "kv_compact_");
   if (g.num_index == 0 || g.rows == 0 || g.row_bytes == 0) return;

@@ -183,7 +183,7 @@ void kv_gather_cuda(const at::Tensor& src, const at::Tensor& index, const at::Te
   const KvGeometry g = check_kv_gather(src, index, dst);
   if (nothing_to_copy(g)) return;
   const c10::cuda::CUDAGuard guard(src.device());
-  const at::Tensor idx = index.contiguous();
+  const at::Tensor idx = contiguous_index(index, dst, "kv_gather", "dst");
   switch (vector_bytes(g.row_bytes, src.data_ptr(), dst.data_ptr())) {
     case 16: launch_gather<16>(src, idx, dst, g); break;
     case 8: launch_gather<8>(src, idx, dst, g); break;
@@ -196,7 +196,7 @@ void kv_compact_cuda(const at::Tensor& cache, const at::Tensor& index) {
   const KvGeometry g = check_kv_compact(cache, index);
   if (nothing_to_copy(g)) return;
   const c10::cuda::CUDAGuard guard(cache.device());
-  const at::Tensor idx = index.contiguous();
+  const at::Tensor idx = contiguous_index(index, cache, "kv_compact_", "cache");
   switch (vector_bytes(g.row_bytes, cache.data_ptr(), cache.data_ptr())) {
     case 16: launch_compact<16>(cache, idx, g); break;
     case 8: launch_compact<8>(cache, idx, g); break;
