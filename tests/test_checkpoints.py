@@ -93,9 +93,30 @@ def test_the_checkpoint_tokenizer_and_chat_template_are_used(checkpoints):
 def test_checkpoints_with_different_tokenizers_are_a_clear_error(capsys, checkpoints):
     argv = _generate(checkpoints["qwen"], checkpoints["qwen-other-vocab"])
     assert main(argv) == EXIT_USER_ERROR
-    # Loading progress bars may precede it; the error itself is one line.
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert last.startswith("hippo generate: error:") and "tokenizers differ" in last
+    err = capsys.readouterr().err.strip()  # no loading progress bars before it: one line
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("hippo generate: error: target and draft are not a compatible pair:")
+    assert "tokenizers differ" in err, err
+
+
+def test_a_draft_of_another_family_is_named_as_such(capsys, checkpoints):
+    assert main(_generate(checkpoints["qwen"], checkpoints["llava-draft"])) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert err == ("hippo generate: error: target is qwen2_5_vl but draft is llava_onevision: "
+                   "a draft must be of the target's family"), err
+
+
+def test_loading_a_checkpoint_shows_no_progress_bars(capfd, checkpoints):
+    """transformers draws "Loading weights: 0%|...|" on stderr; hippo's errors and output must
+    stand alone there. The user's own setting is kept for their later loads."""
+    from transformers.utils import logging as hf_logging
+
+    capfd.readouterr()
+    assert hf_logging.is_progress_bar_enabled()
+    load_adapter(checkpoints["qwen"])
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "%|" not in err, err
+    assert hf_logging.is_progress_bar_enabled()
 
 
 def _broken_copy(source: str, destination: Path, file: str, content: bytes | None) -> str:
@@ -113,6 +134,10 @@ BROKEN_CHECKPOINTS = {  # (family, file, content, what the error names)
     "config_not_an_object": ("qwen", "config.json", b"[1, 2]", "JSON object"),
     "config_not_json": ("qwen", "config.json", b"{'model_type': 1}", "config.json"),
     "config_not_utf8": ("llava", "config.json", b"\xff\xfe", "config.json"),
+    "config_nested_too_deeply": ("qwen", "config.json", b"[" * 100_000,
+                                 "config.json: its JSON is nested too deeply"),
+    "preprocessing_nested_too_deeply": ("llava", "preprocessor_config.json",
+                                        b'{"a": ' * 100_000, "nested too deeply"),
     "weights_truncated": ("qwen", "model.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{",
                           "cannot load"),
     "weights_empty": ("llava", "model.safetensors", b"", "cannot load"),
@@ -203,21 +228,27 @@ OUT_OF_RANGE_CONFIGS = {  # (family, edit, what the error says)
 }
 
 
-@pytest.mark.parametrize("case", list(OUT_OF_RANGE_CONFIGS))
-def test_config_values_that_do_not_fit_the_model_are_one_line_errors(capsys, checkpoints,
-                                                                      tmp_path, case, monkeypatch):
-    """Values that load but would fail in the first prompt (an IndexError in an embedding or
-    hidden-state lookup, a RuntimeError in the rotary kernel) are refused from config.json and a
-    weightless skeleton, before the weights load (minutes for a real model)."""
+@pytest.fixture
+def weights_never_load(monkeypatch):
+    """Fails the test if a checkpoint's weights load: errors found in the checkpoint's small
+    files must come before the weights (minutes for a real model)."""
     from transformers import PreTrainedModel
-
-    family, edit, needle = OUT_OF_RANGE_CONFIGS[case]
-    target = _edited_config(checkpoints[family], tmp_path / case, edit)
 
     def no_weights(*args, **kwargs):
         raise AssertionError("the weights were loaded")
 
     monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(no_weights))
+
+
+@pytest.mark.parametrize("case", list(OUT_OF_RANGE_CONFIGS))
+def test_config_values_that_do_not_fit_the_model_are_one_line_errors(capsys, checkpoints,
+                                                                      tmp_path, case,
+                                                                      weights_never_load):
+    """Values that load but would fail in the first prompt (an IndexError in an embedding or
+    hidden-state lookup, a RuntimeError in the rotary kernel) are refused from config.json and a
+    weightless skeleton, before the weights load (minutes for a real model)."""
+    family, edit, needle = OUT_OF_RANGE_CONFIGS[case]
+    target = _edited_config(checkpoints[family], tmp_path / case, edit)
     assert main(_generate(target, None, "--mode", "ar")) == EXIT_USER_ERROR
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("hippo generate: error:") and needle in last, last
@@ -255,3 +286,38 @@ def test_weights_that_do_not_fill_the_model_are_one_line_errors(capsys, checkpoi
     assert main(_generate(str(target), None, "--mode", "ar")) == EXIT_USER_ERROR
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("hippo generate: error:") and "does not fit" in last, last
+
+
+@pytest.mark.parametrize("family", ["qwen", "llava"])
+def test_a_tokenizer_of_a_larger_vocabulary_is_refused_before_the_weights(
+        capsys, checkpoints, tmp_path, family, weights_never_load):
+    """The tiny models embed 512 ids; this tokenizer puts its special tokens (the chat
+    template's <|im_start|>, eos) beyond them, which would fail in the embedding lookup of the
+    first prompt (an IndexError) if not refused."""
+    target = tmp_path / family
+    shutil.copytree(checkpoints[family], target)
+    _save_tokenizer(target, extra_words=tuple(f"word{index}" for index in range(600)))
+    assert main(_generate(str(target), None, "--mode", "ar")) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"hippo generate: error: {target}:"), err
+    assert "tokenizer and weights seem to come from different models" in err, err
+
+
+PREPROCESSING_ERRORS = {  # family -> (file, content, what the error says after the file name)
+    "qwen": ("video_preprocessor_config.json", b'{"min_pixels": 100000, "max_pixels": 100}',
+             "min_pixels 100000 exceeds max_pixels 100"),
+    "llava": ("preprocessor_config.json", b'{"image_std": [0.5, 0, 0.5]}',
+              "image_std must not contain 0"),
+}
+
+
+@pytest.mark.parametrize("family", list(PREPROCESSING_ERRORS))
+def test_preprocessing_errors_name_the_checkpoint_file_before_the_weights_load(
+        capsys, checkpoints, tmp_path, family, weights_never_load):
+    """With a target and a draft, the user must be told which checkpoint's file is wrong."""
+    file, content, needle = PREPROCESSING_ERRORS[family]
+    target = _broken_copy(checkpoints[family], tmp_path / family, file, content)
+    assert main(_generate(target, None, "--mode", "ar")) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"hippo generate: error: {Path(target) / file}: ") and needle in err, err

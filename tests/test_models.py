@@ -328,10 +328,25 @@ def test_broken_checkpoint_directory_raises(tmp_path):
 def test_check_compatible():
     assert check_compatible(adapter(QWEN_PRESETS[0]), adapter(QWEN_PRESETS[1])) == 512
     assert check_compatible(adapter(LLAVA_PRESETS[1]), adapter(LLAVA_PRESETS[0])) == 512
-    with pytest.raises(HippoError, match="target and draft tokenizers differ"):
+    with pytest.raises(HippoError, match="^target and draft are not a compatible pair: tokenizers differ"):
         check_compatible(adapter(QWEN_PRESETS[0]), load_adapter("tiny-qwen2.5-vl-v640"))
-    with pytest.raises(HippoError, match="target and draft tokenizers differ"):
+
+
+def test_a_draft_of_another_family_is_reported_alone():
+    with pytest.raises(HippoError) as raised:
         check_compatible(adapter(QWEN_PRESETS[0]), adapter(LLAVA_PRESETS[0]))
+    assert str(raised.value) == ("target is qwen2_5_vl but draft is llava_onevision: a draft must be "
+                                 "of the target's family")
+
+
+@pytest.mark.parametrize("without", ["target", "draft"])
+def test_a_tokenizer_on_one_side_only_names_the_side_without(without):
+    pair = {"target": load_adapter(QWEN_PRESETS[0]), "draft": load_adapter(QWEN_PRESETS[1])}
+    pair[without].tokenizer = None
+    with_one = "draft" if without == "target" else "target"
+    with pytest.raises(HippoError, match=f"^target and draft are not a compatible pair: the {without} "
+                                         f"has no tokenizer but the {with_one} has one"):
+        check_compatible(pair["target"], pair["draft"])
 
 
 def test_presets_are_named_and_buildable():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,16 @@ if TYPE_CHECKING:
 class HippoError(RuntimeError):
     """An error a user can cause (bad video, prompt too long, unsupported model, ...): one clear
     message, no traceback needed."""
+
+
+@contextmanager
+def errors_prefixed(prefix: str) -> Iterator[None]:
+    """HippoErrors raised inside start with `prefix: `: which file or checkpoint is at fault,
+    where the code that found the fault does not know (a target and a draft each have one)."""
+    try:
+        yield
+    except HippoError as err:
+        raise HippoError(f"{prefix}: {err}") from err
 
 
 def is_int(value: object) -> bool:
@@ -268,49 +279,75 @@ def visual_span(input_ids: torch.Tensor, token_id: int) -> tuple[int, int]:
 
 
 def check_compatible(target: VideoLLMAdapter, draft: VideoLLMAdapter) -> int:
-    """Target and draft must share a tokenizer and its special ids. Returns the shared vocabulary size
-    (the smaller logits width: checkpoints of one family may pad their embedding tables differently,
-    e.g. Qwen2.5-VL 7B 152064 vs 3B 151936, and the tokenizer never emits ids beyond either)."""
-    problems = []
+    """Target and draft must be of one family and share a tokenizer and its special ids. Returns
+    the shared vocabulary size (the smaller logits width: checkpoints of one family may pad their
+    embedding tables differently, e.g. Qwen2.5-VL 7B 152064 vs 3B 151936, and the tokenizer never
+    emits ids beyond either)."""
+    # A draft of another family differs in everything below; listing it all would bury the cause.
     if type(target) is not type(draft):
-        problems.append(f"families {target.family} vs {draft.family}")
-    t_tok, d_tok = target.tokenizer, draft.tokenizer
-    if (t_tok is None) != (d_tok is None):
-        problems.append("one has a tokenizer, the other none")
-    elif t_tok is not None and t_tok.fingerprint() != d_tok.fingerprint():
-        problems.append(f"tokenizer vocabularies ({t_tok.vocab_size} vs {d_tok.vocab_size} ids, or their contents)")
+        raise HippoError(f"target is {target.family} but draft is {draft.family}: a draft must be "
+                         "of the target's family")
+    problems = []
+    tokenizers = tokenizer_difference(target.tokenizer, draft.tokenizer)
+    if tokenizers is not None:
+        problems.append(tokenizers)
     t_ids, d_ids = target.special_token_ids(), draft.special_token_ids()
     for name in t_ids:
         if t_ids[name] != d_ids[name]:
             problems.append(f"{name} {t_ids[name]} vs {d_ids[name]}")
     shared = min(target.vocab_size, draft.vocab_size)
+    t_tok = target.tokenizer
     tokens = t_tok.vocab_size if t_tok is not None else max(target.vocab_size, draft.vocab_size)
     if shared < tokens:
         problems.append(f"vocab size {target.vocab_size} vs {draft.vocab_size}")
     if target.prompt_prefix_ids != draft.prompt_prefix_ids or target.prompt_suffix_ids != draft.prompt_suffix_ids:
         problems.append("chat-format ids around the prompt")
     if problems:
-        raise HippoError("target and draft tokenizers differ: " + "; ".join(problems))
+        raise HippoError("target and draft are not a compatible pair: " + "; ".join(problems))
     return shared
+
+
+def tokenizer_difference(target: PromptTokenizer | None, draft: PromptTokenizer | None) -> str | None:
+    """Why the target's and the draft's tokenizers are not interchangeable; None if they are."""
+    if target is None and draft is None:
+        return None
+    if target is None or draft is None:
+        missing, present = ("target", "draft") if target is None else ("draft", "target")
+        return f"the {missing} has no tokenizer but the {present} has one"
+    if target.fingerprint() != draft.fingerprint():
+        return f"tokenizers differ ({target.vocab_size} vs {draft.vocab_size} ids, or their contents)"
+    return None
+
+
+def find_checkpoint_file(path: str, *names: str) -> str | None:
+    """The path of the first of `names` that exists in the checkpoint directory; None if none does."""
+    import os
+
+    return next((os.path.join(path, name) for name in names if os.path.isfile(os.path.join(path, name))),
+                None)
 
 
 def read_checkpoint_json(path: str, *names: str) -> dict:
     """The first of `names` that exists in the checkpoint directory, parsed; {} if none does."""
-    import json
-    import os
+    file = find_checkpoint_file(path, *names)
+    return read_json_object(file) if file is not None else {}
 
-    for name in names:
-        file = os.path.join(path, name)
-        if os.path.isfile(file):
-            try:
-                with open(file, encoding="utf-8") as f:
-                    content = json.load(f)
-            except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
-                raise HippoError(f"cannot read {file}: {err}") from err
-            if not isinstance(content, dict):
-                raise HippoError(f"{file} must hold a JSON object, got {type(content).__name__}")
-            return content
-    return {}
+
+def read_json_object(file: str) -> dict:
+    """A checkpoint's JSON file, which must hold an object. The file is the user's: whatever is
+    wrong with it is one message naming it."""
+    import json
+
+    try:
+        with open(file, encoding="utf-8") as f:
+            content = json.load(f)
+    except RecursionError as err:  # json recurses once per nesting level ([[[[... x 100000)
+        raise HippoError(f"cannot read {file}: its JSON is nested too deeply") from err
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise HippoError(f"cannot read {file}: {err}") from err
+    if not isinstance(content, dict):
+        raise HippoError(f"{file} must hold a JSON object, got {type(content).__name__}")
+    return content
 
 
 def load_local_tokenizer(path: str) -> PromptTokenizer | None:
@@ -350,6 +387,70 @@ def build_random_model(model_class: type[torch.nn.Module], config: PretrainedCon
     return model
 
 
+@dataclass
+class LocalCheckpoint:
+    """What every family's adapter takes from a local checkpoint directory."""
+
+    model: torch.nn.Module
+    tokenizer: PromptTokenizer | None
+    prompt_prefix_ids: list[int]
+    prompt_suffix_ids: list[int]
+
+
+def load_local_checkpoint(model_class: type[torch.nn.Module], path: str, dtype: torch.dtype, label: str,
+                          chat_prefix: str, chat_suffix: str,
+                          check_model: Callable[[torch.nn.Module], None] | None = None
+                          ) -> LocalCheckpoint:
+    """The checkpoint's tokenizer and the chat-format ids it makes of the family's chat text, then
+    its weights (see load_local_model). The tokenizer comes first so that the ids it gives are
+    checked against the weightless skeleton, with the family's config checks, before the weights
+    load."""
+    tokenizer = load_local_tokenizer(path)
+    prefix, suffix = chat_ids(tokenizer, chat_prefix, chat_suffix)
+
+    def check_skeleton(skeleton: torch.nn.Module) -> None:
+        if check_model is not None:
+            check_model(skeleton)
+        check_tokenizer_fits_embeddings(skeleton, path, tokenizer, prefix + suffix)
+
+    model = load_local_model(model_class, path, dtype, label, check_model=check_skeleton)
+    return LocalCheckpoint(model, tokenizer, prefix, suffix)
+
+
+def check_tokenizer_fits_embeddings(model: torch.nn.Module, path: str, tokenizer: PromptTokenizer | None,
+                                    chat_format_ids: list[int]) -> None:
+    """The tokenizer's ids that the adapter feeds the model on its own (the chat-format ids
+    around the prompt, eos) must index the input embeddings: a tokenizer of a larger model would
+    load, then fail in the embedding lookup of the first prompt (an IndexError). The user's
+    prompt ids are checked as they are encoded; the placeholder ids config.json names, by the
+    family's check_model (check_token_ids_in_vocabulary)."""
+    if tokenizer is None:
+        return
+    rows = model.get_input_embeddings().num_embeddings
+    for role, ids in (("the chat template", chat_format_ids), ("eos", [tokenizer.eos_token_id])):
+        beyond = [token for token in ids if token is not None and not 0 <= token < rows]
+        if beyond:
+            raise HippoError(f"{path}: the tokenizer gives {role} token id {max(beyond)}, but the "
+                             f"weights embed ids 0 to {rows - 1} only: tokenizer and weights seem "
+                             "to come from different models")
+
+
+@contextmanager
+def transformers_progress_bars_hidden() -> Iterator[None]:
+    """transformers draws "Loading weights: 0%|...|" on stderr while loading, which would put
+    lines before hippo's one-line errors. The caller's setting is restored after, for the
+    models a script of theirs loads later."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_local_model(model_class: type[torch.nn.Module], path: str, dtype: torch.dtype, label: str,
                      check_model: Callable[[torch.nn.Module], None] | None = None
                      ) -> torch.nn.Module:
@@ -369,8 +470,9 @@ def load_local_model(model_class: type[torch.nn.Module], path: str, dtype: torch
         if check_model is not None:
             check_model(skeleton)
         del skeleton
-        model, info = model_class.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                  output_loading_info=True)
+        with transformers_progress_bars_hidden():
+            model, info = model_class.from_pretrained(path, dtype=dtype, local_files_only=True,
+                                                      output_loading_info=True)
     except HippoError:
         raise
     except Exception as err:  # noqa: BLE001  corrupt weights or a config that does not fit them

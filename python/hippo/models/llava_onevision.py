@@ -8,16 +8,16 @@ ceil(n/2) x ceil(n/2), and one learned newline embedding ends the video (HF's fo
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 
-from hippo.models.base import (build_random_model, chat_ids, check_token_ids_in_vocabulary, is_int,
-                               load_local_model, preset_for_family, HippoError, PreparedPrompt,
-                               PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
-                               read_checkpoint_json, visual_span)
+from hippo.models.base import (build_random_model, check_token_ids_in_vocabulary, is_int,
+                               load_local_checkpoint, preset_for_family, HippoError, PreparedPrompt,
+                               PromptTokenizer, VideoLLMAdapter, visual_span)
 from hippo.models.preprocess import (SIGLIP_MEAN, SIGLIP_STD, SiglipVideoPreprocess, preprocess_siglip_video,
-                                     settings_value)
+                                     settings_from_checkpoint, settings_value)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -70,12 +70,13 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
                         device: str | torch.device = "cpu") -> "LlavaOnevisionAdapter":
         from transformers import LlavaOnevisionForConditionalGeneration
 
-        model = load_local_model(LlavaOnevisionForConditionalGeneration, path, dtype, "LLaVA-OneVision",
-                                 check_model=cls.check_model)
-        tokenizer = load_local_tokenizer(path)
-        prefix, suffix = chat_ids(tokenizer, CHAT_PREFIX, CHAT_SUFFIX)
-        preprocess = preprocess_from_checkpoint(path, model.config.vision_config.image_size)
-        return cls(model.to(device), tokenizer, preprocess, prefix, suffix, CHAT_VIDEO_TEXT_SEPARATOR)
+        preprocess = preprocess_from_checkpoint(path)  # a small file: judged before the weights load
+        loaded = load_local_checkpoint(LlavaOnevisionForConditionalGeneration, path, dtype, "LLaVA-OneVision",
+                                       CHAT_PREFIX, CHAT_SUFFIX, check_model=cls.check_model)
+        model = loaded.model.to(device)
+        preprocess = replace(preprocess, size=model.config.vision_config.image_size)
+        return cls(model, loaded.tokenizer, preprocess, loaded.prompt_prefix_ids, loaded.prompt_suffix_ids,
+                   CHAT_VIDEO_TEXT_SEPARATOR)
 
     # -- prompts -----------------------------------------------------------------------------------
     @property
@@ -146,9 +147,10 @@ def check_feature_layers(config: PretrainedConfig) -> None:
                      f"{-(layers + 1)} to {layers}, or a non-empty list of them")
 
 
-def preprocess_from_checkpoint(path: str, image_size: int) -> SiglipVideoPreprocess:
-    """The checkpoint's video preprocessing (video_preprocessor_config.json, else preprocessor_config.json);
-    frames always go to the vision tower's image_size."""
-    raw = read_checkpoint_json(path, "video_preprocessor_config.json", "preprocessor_config.json")
-    return SiglipVideoPreprocess(size=image_size, mean=settings_value(raw.get("image_mean", SIGLIP_MEAN)),
-                                 std=settings_value(raw.get("image_std", SIGLIP_STD)))
+def preprocess_from_checkpoint(path: str) -> SiglipVideoPreprocess:
+    """The checkpoint's video preprocessing (video_preprocessor_config.json, else
+    preprocessor_config.json), read before the weights load; its size stays the default until the
+    caller sets the vision tower's image_size, where frames always go."""
+    return settings_from_checkpoint(path, lambda raw: SiglipVideoPreprocess(
+        mean=settings_value(raw.get("image_mean", SIGLIP_MEAN)),
+        std=settings_value(raw.get("image_std", SIGLIP_STD))))

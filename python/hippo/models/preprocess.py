@@ -20,12 +20,14 @@ compares against them where torchvision is installed.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from hippo.models.base import HippoError
+from hippo.models.base import HippoError, errors_prefixed, find_checkpoint_file, read_json_object
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -82,6 +84,20 @@ def check_settings(owner: str, sizes: dict[str, object], mean: object, std: obje
             raise HippoError(f"{owner}: {name} must be three finite numbers, got {values!r}")
     if 0 in std:
         raise HippoError(f"{owner}: image_std must not contain 0, got {std!r}")
+
+
+# Where a checkpoint keeps its video preprocessing settings, the first one present being used.
+PREPROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
+Settings = TypeVar("Settings")
+
+
+def settings_from_checkpoint(path: str, build: Callable[[dict], Settings]) -> Settings:
+    """build(the checkpoint's preprocessing JSON, {} where it has none), its errors naming the
+    file: a target and a draft each have one, and the user must know which one to correct."""
+    file = find_checkpoint_file(path, *PREPROCESSOR_FILES)
+    raw = read_json_object(file) if file is not None else {}
+    with errors_prefixed(file or path):
+        return build(raw)
 
 
 def settings_value(value: object) -> object:

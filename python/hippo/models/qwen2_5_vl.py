@@ -11,13 +11,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hippo.models.base import (build_random_model, chat_ids, check_positive_rate,
-                               check_token_ids_in_vocabulary, is_int,
-                               load_local_model, preset_for_family, HippoError, PreparedPrompt,
-                               PromptTokenizer, VideoLLMAdapter, load_local_tokenizer,
-                               read_checkpoint_json, visual_span)
+from hippo.models.base import (build_random_model, check_positive_rate, check_token_ids_in_vocabulary,
+                               is_int, load_local_checkpoint, preset_for_family, HippoError,
+                               PreparedPrompt, PromptTokenizer, VideoLLMAdapter, visual_span)
 from hippo.models.preprocess import (QwenVideoPreprocess, preprocess_qwen_video, qwen_video_tokens,
-                                     settings_value)
+                                     settings_from_checkpoint, settings_value)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -69,11 +67,11 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
                         device: str | torch.device = "cpu") -> "Qwen2_5_VLAdapter":
         from transformers import Qwen2_5_VLForConditionalGeneration
 
-        model = load_local_model(Qwen2_5_VLForConditionalGeneration, path, dtype, "Qwen2.5-VL",
-                                 check_model=cls.check_model)
-        tokenizer = load_local_tokenizer(path)
-        prefix, suffix = chat_ids(tokenizer, CHAT_PREFIX, CHAT_SUFFIX)
-        return cls(model.to(device), tokenizer, preprocess_from_checkpoint(path), prefix, suffix)
+        preprocess = preprocess_from_checkpoint(path)  # a small file: judged before the weights load
+        loaded = load_local_checkpoint(Qwen2_5_VLForConditionalGeneration, path, dtype, "Qwen2.5-VL",
+                                       CHAT_PREFIX, CHAT_SUFFIX, check_model=cls.check_model)
+        return cls(loaded.model.to(device), loaded.tokenizer, preprocess, loaded.prompt_prefix_ids,
+                   loaded.prompt_suffix_ids)
 
     # -- prompts -----------------------------------------------------------------------------------
     def visual_tokens(self, num_frames: int, height: int, width: int) -> int:
@@ -155,11 +153,15 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
 def preprocess_from_checkpoint(path: str) -> QwenVideoPreprocess:
     """The checkpoint's video preprocessing settings (video_preprocessor_config.json, else
     preprocessor_config.json), defaulting to Qwen2VLVideoProcessor's class defaults."""
-    raw = read_checkpoint_json(path, "video_preprocessor_config.json", "preprocessor_config.json")
+    return settings_from_checkpoint(path, qwen_preprocess_settings)
+
+
+def qwen_preprocess_settings(raw: dict) -> QwenVideoPreprocess:
+    """Qwen2VLVideoProcessor's settings from its JSON: pixel bounds given on their own or in 'size'."""
     base = QwenVideoPreprocess()
     size = raw.get("size") or {}
     if not isinstance(size, dict):
-        raise HippoError(f"{path}: the preprocessing 'size' entry must be an object, got {size!r}")
+        raise HippoError(f"the preprocessing 'size' entry must be an object, got {size!r}")
     min_pixels = raw.get("min_pixels") or size.get("shortest_edge") or size.get("min_pixels") or base.min_pixels
     max_pixels = raw.get("max_pixels") or size.get("longest_edge") or size.get("max_pixels") or base.max_pixels
     return QwenVideoPreprocess(
