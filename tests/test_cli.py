@@ -14,9 +14,14 @@ from hippo.cli import EXIT_USER_ERROR, main
 PAIR = ["--target", "tiny-qwen2.5-vl", "--draft", "tiny-qwen2.5-vl-draft"]
 
 
-def _generate(*extra: str) -> list[str]:
-    return ["generate", *PAIR, "--video", str(sample_video_path()), "--prompt", "what moves?",
+def _generate(*extra: str, pair: list[str] = PAIR) -> list[str]:
+    return ["generate", *pair, "--video", str(sample_video_path()), "--prompt", "what moves?",
             "--frames", "4", "--max-new-tokens", "10", *extra]
+
+
+def _generate_ar(*extra: str) -> list[str]:
+    """The target alone: --mode ar takes no draft option."""
+    return _generate("--mode", "ar", *extra, pair=PAIR[:2])
 
 
 def test_demo_runs_and_checks_its_outputs(capsys):
@@ -36,7 +41,7 @@ def test_demo_runs_and_checks_its_outputs(capsys):
 def test_generate_prints_json_and_matches_ar(capsys):
     assert main(_generate("--json", "--mode", "parallel", "--gamma", "3")) == 0
     hippo = json.loads(capsys.readouterr().out)
-    assert main(_generate("--json", "--mode", "ar")) == 0
+    assert main(_generate_ar("--json")) == 0
     ar = json.loads(capsys.readouterr().out)
     assert hippo["tokens"] == ar["tokens"] and len(ar["tokens"]) <= 10
     assert main(_generate("--json", "--draft-priority")) == 0
@@ -215,7 +220,7 @@ BAD_OPTIONS = {  # argv, what the one-line error says
     "draft_device_without_draft": (["generate", "--target", "tiny-qwen2.5-vl", "--video",
                                     str(sample_video_path()), "--prompt", "hi", "--draft-device",
                                     "cpu"], "needs a draft model"),
-    "tiny_temperature": (_generate("--temperature", "1e-45", "--mode", "ar"), "temperature"),
+    "tiny_temperature": (_generate_ar("--temperature", "1e-45"), "--temperature 1e-45"),
     "nan_temperature": (_generate("--temperature", "nan"), "temperature"),
     "seed_out_of_range": (_generate("--temperature", "1", "--seed", "99999999999999999999"),
                           "seed"),
@@ -227,17 +232,20 @@ BAD_OPTIONS = {  # argv, what the one-line error says
     "window_reversed": (_generate("--start", "3", "--end", "1"), "ends (1 s) before it starts"),
     "window_past_the_video": (_generate("--start", "60"), "starts after the video ends (4 s)"),
     "window_too_short": (_generate("--start", "1", "--end", "1.5"), "holds 2 frames, 4 requested"),
-    "top_k_when_greedy": (_generate("--top-k", "3"), "need a temperature > 0"),
-    "top_p_when_greedy": (_generate("--top-p", "0.5", "--mode", "ar"), "need a temperature > 0"),
+    "top_k_when_greedy": (_generate("--top-k", "3"), "--top-k applies only to sampling"),
+    "top_p_when_greedy": (_generate_ar("--top-p", "0.5"), "--top-p applies only to sampling"),
     # Options of the other kind of bench run are refused, not ignored.
     "bench_preset_options_with_a_dataset": (
         ["bench", "--dataset", "mlvu", "--root", ".", "--preset", "tiny", "--frames", "8"],
         "--preset, --frames apply only to a preset run"),
     "bench_dataset_options_without_one": (["bench", "--preset", "tiny", "--num-frames", "4"],
-                                          "--num-frames apply only to --dataset runs"),
+                                          "--num-frames applies only to --dataset runs"),
     "bench_draft_priority_with_a_dataset": (
         ["bench", "--dataset", "mlvu", "--root", ".", "--draft-priority"],
-        "--draft-priority apply only to a preset run"),
+        "--draft-priority applies only to a preset run"),
+    "bench_gemm_prologues_with_a_dataset": (
+        ["bench", "--dataset", "mlvu", "--root", ".", "--gemm-prologues", "both"],
+        "--gemm-prologues applies only to a preset run"),
 }
 
 
@@ -362,5 +370,158 @@ def test_non_finite_logits_are_a_one_line_error(capsys, monkeypatch, mode):
         return adapter
 
     monkeypatch.setattr(hippo.models, "load_adapter", overflowing)
-    _assert_one_line_error(capsys, _generate("--temperature", "0.7", "--mode", mode, "--gamma", "3"),
-                           "next-token probabilities are not finite")
+    argv = _generate_ar("--temperature", "0.7") if mode == "ar" else \
+        _generate("--temperature", "0.7", "--mode", mode, "--gamma", "3")
+    _assert_one_line_error(capsys, argv, "next-token probabilities are not finite")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (_generate("--gamma", "abc"), "argument --gamma: must be 'auto' or a positive integer"),
+    (_generate("--frames", "many"), "argument --frames: invalid int value: 'many'"),
+    (_generate("--dtype", "int8"), "argument --dtype: invalid choice: 'int8'"),
+    (["generate", *PAIR, "--prompt", "hi"], "the following arguments are required: --video"),
+    (["bench", "--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+])
+def test_argument_errors_are_one_line_without_the_usage_block(capsys, argv, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith(f"hippo {argv[0]}: error: {needle}") and err.endswith(
+        f"; see hippo {argv[0]} -h\n"), err
+
+
+def test_a_progress_bar_leaves_no_trace_before_the_error_line(capsys, monkeypatch):
+    """stderr captured here, as in a log or a pipe: no bar is drawn where no terminal shows it,
+    and an error raised while a method runs is the only line."""
+    from hippo.models.base import HippoError
+    from hippo.pipeline import HippoPipeline
+
+    def failing(*args, **kwargs):
+        raise HippoError("the method failed")
+
+    monkeypatch.setattr(HippoPipeline, "generate", failing)
+    _assert_one_line_error(capsys, ["demo", "--frames", "2", "--max-new-tokens", "4"],
+                           "the method failed")
+    _assert_one_line_error(capsys, ["demo", "--frames", "2", "--max-new-tokens", "0"],
+                           "--max-new-tokens must be at least 1, got 0")
+
+
+def _mvbench_copy(root: Path) -> Path:
+    """An MVBench layout with one question on a 56x56 clip of 8 frames."""
+    from hippo.assets import make_synthetic_video
+
+    (root / "json").mkdir(parents=True)
+    (root / "json" / "action_count.json").write_text(json.dumps([{
+        "video": "a.mp4", "question": "How many?", "candidates": ["1", "2"], "answer": "2"}]))
+    make_synthetic_video(root / "video" / "perception" / "videos" / "a.mp4", num_frames=8,
+                         height=56, width=56, fps=4.0)
+    return root
+
+
+def test_a_question_whose_context_overflows_is_skipped_not_fatal(capsys, tmp_path):
+    """The context check runs where the runner skips unrunnable questions: the set's report is
+    written, and the one error line (no bar before it) says why none could run."""
+    root = _mvbench_copy(tmp_path / "mvbench")
+    argv = ["bench", "--dataset", "mvbench", "--root", str(root), "--num-frames", "2",
+            "--max-new-tokens", "40000", "--out-dir", str(tmp_path / "out")]
+    _assert_one_line_error(capsys, argv, "none of the 1 questions could be run; the first: "
+                                         "context too long")
+    [row] = json.loads((tmp_path / "out" / "mvbench.json").read_text())["rows"]
+    assert row["skipped"].startswith("context too long"), row
+
+
+def _frame_folder(folder: Path) -> Path:
+    from PIL import Image
+
+    from hippo.assets import synthetic_frames
+
+    folder.mkdir()
+    for index, frame in enumerate(synthetic_frames(4, 56, 56)):
+        Image.fromarray(frame).save(folder / f"{index:03d}.png")
+    return folder
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """load_adapter fails the test if called: for checks that must come before any model loads
+    (a 7B one takes minutes)."""
+    import hippo.models
+
+    def load_adapter(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(hippo.models, "load_adapter", load_adapter)
+
+
+CHECKED_BEFORE_LOADING = {  # argv, what the one-line error says (the flag, not the API's name)
+    "top_p": (_generate("--temperature", "1", "--top-p", "2"), "--top-p must be in (0, 1]"),
+    "top_k": (_generate("--temperature", "1", "--top-k", "-1"), "--top-k must be >= 0"),
+    "temperature": (_generate("--temperature", "-1"), "--temperature must be >= 0"),
+    "keep_ratio": (_generate("--keep-ratio", "2"), "--keep-ratio must be a number in [0, 1]"),
+    "gamma": (_generate("--gamma", "40"), "--gamma must be 'auto' or an int in 1..32"),
+    "max_new_tokens": (_generate("--max-new-tokens", "0"), "--max-new-tokens must be at least 1"),
+    "frames": (_generate("--frames", "0"), "--frames must be at least 1, got 0"),
+    "fps": (["generate", *PAIR, "--video", str(sample_video_path()), "--prompt", "hi", "--fps",
+             "0"], "--fps must be a positive number"),
+    "window": (_generate("--start", "3", "--end", "1"), "ends (1 s) before it starts"),
+    "missing_video": (["generate", *PAIR, "--video", "/no/such/clip.mp4", "--prompt", "hi"],
+                      "video file not found: /no/such/clip.mp4"),
+    "missing_draft": (_generate(pair=["--target", "tiny-qwen2.5-vl", "--draft", "/no/draft"]),
+                      "--draft /no/draft: no such checkpoint directory"),
+    "missing_target": (_generate(pair=["--target", "/no/target"]),
+                       "--target /no/target: no such checkpoint directory"),
+    # Options that contradict the run asked for are refused, not ignored.
+    "seed_when_greedy": (_generate("--seed", "3"), "--seed applies only to sampling"),
+    "draft_options_with_ar": (
+        _generate("--mode", "ar", "--gamma", "3", "--keep-ratio", "0.2", "--selection", "uniform",
+                  "--draft-prefill", "full+compact", "--draft-device", "cpu", "--draft-priority"),
+        "--draft, --draft-device, --gamma, --draft-prefill, --draft-priority, --keep-ratio, "
+        "--selection apply only to speculative decoding (--mode sequential or parallel), "
+        "not --mode ar"),
+    "gamma_with_ar": (_generate_ar("--gamma", "3"), "--gamma applies only to speculative"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHECKED_BEFORE_LOADING))
+def test_generate_checks_its_options_before_loading_a_model(capsys, no_model_loads, case):
+    argv, needle = CHECKED_BEFORE_LOADING[case]
+    _assert_one_line_error(capsys, argv, needle)
+
+
+def test_late_library_errors_name_the_flags(capsys, tmp_path):
+    """Errors raised once frames or models are at hand name the flags too."""
+    self_speculation = _generate("--draft-prefill", "full+compact", pair=PAIR[:2])
+    _assert_one_line_error(capsys, self_speculation, "--draft-prefill does not apply")
+    no_rate = ["generate", *PAIR, "--video", str(_frame_folder(tmp_path / "frames")),
+               "--prompt", "hi", "--fps", "1"]
+    _assert_one_line_error(capsys, no_rate, "sample it with --frames instead of --fps")
+    _assert_one_line_error(capsys, _generate("--max-new-tokens", "40000"),
+                           "ask for fewer frames (--frames, a lower --fps or a time window)")
+
+
+def test_flag_names_leave_paths_and_longer_names_alone():
+    from hippo.cli import _with_flag_names
+
+    flags = {"fps": "--fps", "gamma": "--gamma", "num_frames": "--frames"}
+    assert _with_flag_names("cannot decode /data/fps/gamma.mp4 or 'fps': num_frames, a lower "
+                            "fps; max_gamma", flags) == \
+        "cannot decode /data/fps/gamma.mp4 or 'fps': --frames, a lower --fps; max_gamma"
+
+
+def test_the_demo_says_how_many_frames_its_video_has(capsys):
+    _assert_one_line_error(capsys, ["demo", "--frames", "100"],
+                           "the demo's sample video has 16 frames: ask for at most 16 (--frames), "
+                           "got 100")
+
+
+def test_an_unwritable_cache_folder_is_named(capsys, tmp_path, monkeypatch):
+    """$HIPPO_CACHE_DIR below a regular file: the sample video cannot be written there."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("HIPPO_CACHE_DIR", str(tmp_path / "a_file" / "sub"))
+    _assert_one_line_error(capsys, ["demo", "--frames", "2"],
+                           "cannot write the sample video " + str(tmp_path / "a_file" / "sub"))
+    assert main(["demo", "--frames", "2"]) == EXIT_USER_ERROR
+    assert "(Not a directory): point $HIPPO_CACHE_DIR at a writable folder" in \
+        capsys.readouterr().err

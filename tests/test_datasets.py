@@ -178,6 +178,15 @@ def test_missing_annotations_say_what_was_looked_for(tmp_path, name, looked_for)
      "no '(A) ...' options"),
     ("vdc", "VDC_1k.jsonl", json.dumps(["not", "an", "object"]), "entry 0 is a list"),
     ("videomme", "videomme/test-00000-of-00001.parquet", "not a parquet file", "cannot parse"),
+    # A window bound that is no number would silently widen the question to the whole video.
+    ("mvbench", "json/action_sequence.json",
+     json.dumps([{"video": "a.mp4", "question": "Q?", "candidates": ["x", "y"], "answer": "x",
+                  "start": "abc", "end": 3}]),
+     "entry 0: start must be a number of seconds, got 'abc'"),
+    # Nesting deeper than the decoder's recursion limit.
+    ("mvbench", "json/action_sequence.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("lvbench", "video_info.meta.jsonl", "[" * 100_000 + "]" * 100_000,
+     "line 1: nested too deeply"),
 ])
 def test_corrupt_annotations_name_the_file_and_why(tmp_path, name, path, content, why):
     file = tmp_path / path
@@ -241,6 +250,15 @@ def test_mvbench_episodic_reasoning_frames_are_three_per_second(tmp_path):
     [question] = read_dataset("mvbench", tmp_path)
     assert question.video == tmp_path.resolve() / "video/tvqa/frames_fps3_hq/s01e02_seg02_clip_03.mp4"
     assert (question.start, question.end, question.assumed_fps) == (2.0, 40.5, 3.0)
+
+
+def test_mvbench_window_bounds_may_be_numeric_strings(tmp_path):
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "action_sequence.json").write_text(json.dumps([{
+        "video": "a.mp4", "question": "Q?", "candidates": ["x", "y"], "answer": "y",
+        "start": "1.5", "end": 9}]))
+    [question] = read_dataset("mvbench", tmp_path)
+    assert (question.start, question.end) == (1.5, 9.0)
 
 
 def test_lvbench_finds_the_official_download_script_output(tmp_path):

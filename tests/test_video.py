@@ -2,6 +2,8 @@
 clip, and a clear HippoError for every bad file or request."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -343,6 +345,36 @@ def test_a_truncated_file_is_a_decode_failure(tmp_path, backend_choice):
         probe_video(truncated, backend=backend_choice)
     with pytest.raises(HippoError, match="cannot decode video"):
         load_video(truncated, num_frames=4, backend=backend_choice)
+
+
+def test_a_file_that_cannot_be_read_is_not_called_corrupt(tmp_path, monkeypatch):
+    """No read permission (the tests may run as root, who has it anyway: open is made to fail)."""
+    path = indexed_video(tmp_path / "clip.mp4", 4)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(video, "open", denied, raising=False)
+    with pytest.raises(HippoError, match=r"^cannot read the video file .*clip\.mp4: Permission denied$"):
+        load_video(path, num_frames=2)
+
+
+@pytest.mark.parametrize("backend_choice", [None, pytest.param("decord", marks=requires_decord)])
+def test_a_garbled_stream_is_reported_in_words(tmp_path, backend_choice):
+    """An MJPG clip with bytes overwritten: decord's message is an assertion of its C++ code
+    behind log prefixes ("[16:01:30] .../threaded_decoder.cc:292: ... Check failed:
+    avcodec_send_packet(..."), which must not reach the user."""
+    path = make_synthetic_video(tmp_path / "garbled.avi", 16, 112, 112, 4.0)
+    data = bytearray(path.read_bytes())
+    for offset in range(2001, len(data), 97):
+        data[offset] = 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(HippoError) as error:
+        load_video(path, num_frames=4, backend=backend_choice)
+    message = str(error.value)
+    assert message.startswith(f"cannot decode video {path}: the file is corrupt or not a "
+                              "supported video ("), message
+    assert not re.search(r"\[\d\d:\d\d:\d\d\]|\.cc:\d+|Check failed", message), message
 
 
 @pytest.mark.parametrize("count, height, width, message", [

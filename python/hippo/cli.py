@@ -8,14 +8,72 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from hippo.pipeline import HippoOptions
 
 EXIT_USER_ERROR = 2
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (the usage block it prints first would bury the
+    message; -h shows it). Subcommand parsers are made of the same class."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {_single_line(message)}; "
+                                   f"see {self.prog} -h\n")
+
+
 def _gamma(text: str) -> int | str:
-    return text if text == "auto" else int(text)
+    """--gamma's syntax; its range is HippoOptions's to check."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be 'auto' or a positive integer") from None
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an argparse destination: "max_new_tokens" -> "--max-new-tokens"."""
+    return "--" + name.replace("_", "-")
+
+
+def refuse_options(flags: Sequence[str], where: str) -> None:
+    """Refuse options given where they do nothing, rather than ignore them: one error that names
+    them all."""
+    from hippo.models.base import HippoError
+
+    if flags:
+        verb = "applies" if len(flags) == 1 else "apply"
+        raise HippoError(f"{', '.join(flags)} {verb} only to {where}")
+
+
+def check_at_least_one(args: argparse.Namespace, *names: str) -> None:
+    """Refuse count options (ints, or lists of them) below 1, named by their flags."""
+    from hippo.models.base import HippoError
+
+    for name in names:
+        values = getattr(args, name, None)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and value < 1:
+                raise HippoError(f"{flag(name)} must be at least 1, got {value}")
+
+
+def check_model_source(option: str, source: str | None) -> None:
+    """A model option that is neither a preset nor a directory, refused before any model loads
+    (a 7B checkpoint takes minutes) and named by its flag; load_adapter checks the rest."""
+    from hippo.models.base import HippoError
+    from hippo.models.presets import PRESETS
+
+    if source is not None and source not in PRESETS and not os.path.isdir(source):
+        raise HippoError(f"{option} {source}: no such checkpoint directory, nor a preset "
+                         f"({', '.join(sorted(PRESETS))})")
 
 
 def add_gemm_prologues_argument(parser: argparse.ArgumentParser, default: str | None = "none") -> None:
@@ -29,24 +87,27 @@ def add_gemm_prologues_argument(parser: argparse.ArgumentParser, default: str | 
 
 
 def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
+    # The draft's options default to None, so that one given with --mode ar is refused rather
+    # than ignored; HippoOptions' and PreservationOptions' own defaults apply otherwise.
     parser.add_argument("--mode", choices=("ar", "sequential", "parallel"), default="parallel")
-    parser.add_argument("--gamma", type=_gamma, default="auto",
-                        help="draft tokens per round: an int, or 'auto' (measured: PEARL's "
-                             "T_target/T_draft in parallel mode, the best expected tokens/s in "
-                             "sequential mode)")
-    parser.add_argument("--keep-ratio", type=float, default=0.1,
+    parser.add_argument("--gamma", type=_gamma,
+                        help="draft tokens per round: an int, or 'auto' (the default; measured: "
+                             "PEARL's T_target/T_draft in parallel mode, the best expected "
+                             "tokens/s in sequential mode)")
+    parser.add_argument("--keep-ratio", type=float,
                         help="fraction of visual tokens the draft keeps (default 0.1: 90%% pruned)")
     parser.add_argument("--selection", choices=("hippo", "attention", "uniform", "random"),
-                        default="hippo")
-    parser.add_argument("--draft-prefill", choices=("pruned", "full+compact"), default="pruned")
-    parser.add_argument("--draft-priority", action="store_true",
+                        help="how the kept visual tokens are chosen (default hippo)")
+    parser.add_argument("--draft-prefill", choices=("pruned", "full+compact"),
+                        help="default pruned")
+    parser.add_argument("--draft-priority", action="store_const", const=True,
                         help="run the draft's steps on a high-priority CUDA stream (parallel "
                              "mode on one GPU; opt-in, not yet measured)")
     add_gemm_prologues_argument(parser)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hippo", description=(
+    parser = _OneLineParser(prog="hippo", description=(
         "HIPPO: lossless speculative decoding for video LLMs"))
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -86,30 +147,31 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _demo(args: argparse.Namespace) -> None:
+    from hippo.demo import run_demo
+
+    check_at_least_one(args, "max_new_tokens")
+    run_demo(device=args.device, eps=args.eps, frames=args.frames,
+             max_new_tokens=args.max_new_tokens)
+
+
 def _generate(args: argparse.Namespace) -> None:
     import torch
 
     from hippo.models import HippoError, load_adapter, resolve_device
     from hippo.pipeline import HippoPipeline
-    from hippo.preserve import PreservationOptions
 
-    if args.frames is not None and args.fps is not None:
-        raise HippoError("give --frames or --fps, not both")
-    _check_utf8(args.prompt)
+    # Everything that needs no model is checked first: loading a 7B pair takes minutes.
+    options = _checked_generate_options(args)
     device = resolve_device(args.device)
-    draft_device = resolve_device(args.draft_device) if args.draft_device else None
     dtype = getattr(torch, args.dtype) if args.dtype else None
     target = load_adapter(args.target, dtype=dtype, device=device)
     if target.tokenizer is None:  # the Python API takes prompts as token ids instead
         raise HippoError(f"{args.target} has no tokenizer (tokenizer.json, tokenizer_config.json "
                          "or vocab.json): hippo generate needs one to encode --prompt")
-    draft = load_adapter(args.draft, dtype=dtype, device=draft_device or device) \
+    draft = load_adapter(args.draft, dtype=dtype, device=options.draft_device or device) \
         if args.draft else None
-    pipeline = HippoPipeline(
-        target, draft, mode=args.mode, gamma=args.gamma, draft_prefill=args.draft_prefill,
-        draft_device=draft_device, gemm_prologues=args.gemm_prologues,
-        draft_priority=args.draft_priority,
-        preservation=PreservationOptions(keep_ratio=args.keep_ratio, method=args.selection))
+    pipeline = HippoPipeline(target, draft, options)
     out = pipeline.generate(args.video, args.prompt, args.max_new_tokens, num_frames=args.frames,
                             fps=args.fps, start=args.start, end=args.end,
                             temperature=args.temperature, top_k=args.top_k,
@@ -124,6 +186,61 @@ def _generate(args: argparse.Namespace) -> None:
           f"({args.mode}; prefill {1e3 * out.stats.prefill_s:.0f} ms, selection "
           f"{1e3 * out.stats.selection_s:.1f} ms, draft {1e3 * out.stats.draft_s:.0f} ms, "
           f"verify {1e3 * out.stats.verify_s:.0f} ms)", file=sys.stderr)
+
+
+# generate's options that shape the draft's side, by the HippoOptions (or PreservationOptions)
+# field they set; None unless given. --draft and --draft-device join them in the check that
+# --mode ar (the target alone) takes none.
+_DRAFT_FIELDS = dict(gamma="gamma", draft_prefill="draft_prefill", draft_priority="draft_priority")
+_PRESERVATION_FIELDS = dict(keep_ratio="keep_ratio", selection="method")
+_SAMPLING_ONLY = ("top_k", "top_p", "seed")
+
+
+def _checked_generate_options(args: argparse.Namespace) -> HippoOptions:
+    """Every check of generate's options that needs no model (contradictions, the prompt, the
+    sampling and decoding options, the draft's device, the video and its sampling request, the
+    model paths), in the library's own validators; the HippoOptions to decode with."""
+    from hippo.models import resolve_device
+    from hippo.pipeline import DEFAULT_FRAMES, HippoOptions
+    from hippo.preserve import PreservationOptions
+    from hippo.runtime.autoregressive import SamplingOptions
+    from hippo.video import check_video_request
+
+    _refuse_contradictions(args)
+    _check_utf8(args.prompt)
+    check_at_least_one(args, "max_new_tokens")
+    SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed)  # validates them
+    preservation = PreservationOptions(**_given(args, _PRESERVATION_FIELDS))
+    draft_device = resolve_device(args.draft_device) if args.draft_device else None
+    options = HippoOptions(mode=args.mode, preservation=preservation, draft_device=draft_device,
+                           gemm_prologues=args.gemm_prologues, **_given(args, _DRAFT_FIELDS))
+    frames = DEFAULT_FRAMES if args.frames is None and args.fps is None else args.frames
+    check_video_request(args.video, frames, args.fps, start=args.start, end=args.end)
+    check_model_source("--target", args.target)
+    check_model_source("--draft", args.draft)
+    return options
+
+
+def _refuse_contradictions(args: argparse.Namespace) -> None:
+    """Options that do nothing in the run asked for are refused, not ignored: the draft's with
+    --mode ar, sampling's with greedy decoding, --frames with --fps."""
+    from hippo.models import HippoError
+
+    if args.frames is not None and args.fps is not None:
+        raise HippoError("give --frames or --fps, not both")
+    if args.mode == "ar":
+        draft_only = ("draft", "draft_device", *_DRAFT_FIELDS, *_PRESERVATION_FIELDS)
+        refuse_options([flag(name) for name in draft_only if getattr(args, name) is not None],
+                       "speculative decoding (--mode sequential or parallel), not --mode ar")
+    if args.temperature == 0:  # exactly: a bad temperature is SamplingOptions' to report
+        refuse_options([flag(name) for name in _SAMPLING_ONLY if getattr(args, name) is not None],
+                       "sampling (--temperature > 0; 0 is greedy decoding)")
+
+
+def _given(args: argparse.Namespace, fields: dict[str, str]) -> dict:
+    """{field: value} of the options given on the command line (argparse left the others None)."""
+    return {field: getattr(args, name) for name, field in fields.items()
+            if getattr(args, name) is not None}
 
 
 def _check_utf8(prompt: str) -> None:
@@ -144,10 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if args.command == "demo":
-            from hippo.demo import run_demo
-
-            run_demo(device=args.device, eps=args.eps, frames=args.frames,
-                     max_new_tokens=args.max_new_tokens)
+            _demo(args)
         elif args.command == "generate":
             _generate(args)
         else:
@@ -157,7 +271,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`hippo ... | head`): nothing left to say
         _silence_stdout()
         return 1
-    except (HippoError, ValueError, OSError) as error:  # OSError: paths (missing, not a folder, ...)
+    except HippoError as error:
+        message = _with_flag_names(_one_line(error), _API_FLAGS[args.command])
+        print(f"hippo {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (ValueError, OSError) as error:  # OSError: paths (missing, not a folder, ...)
         print(f"hippo {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except (MemoryError, RuntimeError) as error:
@@ -218,10 +336,36 @@ _MAX_ERROR_CHARS = 600
 def _one_line(error: BaseException) -> str:
     """The error's message on one line: its lines joined (transformers' validation errors name
     the field on the first line and the reason on the next), cut at _MAX_ERROR_CHARS."""
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    text = _single_line(str(error))
     if not text:
         return type(error).__name__
     return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS - 3].rstrip() + "..."
+
+
+def _single_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+# The library's messages name the Python API's parameters; each command's flag for them, so that
+# what the command prints names what its user types. Applied to HippoErrors only: their text is
+# the library's own.
+_API_FLAGS = {
+    "demo": dict(num_frames="--frames", max_new_tokens="--max-new-tokens"),
+    "generate": dict(num_frames="--frames", fps="--fps", max_new_tokens="--max-new-tokens",
+                     keep_ratio="--keep-ratio", gamma="--gamma", draft_prefill="--draft-prefill",
+                     temperature="--temperature", top_k="--top-k", top_p="--top-p", seed="--seed"),
+    "bench": dict(num_frames="--num-frames", max_new_tokens="--max-new-tokens",
+                  keep_ratio="--keep-ratio", gamma="--gamma"),
+}
+
+
+def _with_flag_names(message: str, flags: dict[str, str]) -> str:
+    """message with each parameter name of `flags` that stands as a word of its own replaced by
+    its flag; names inside a path, a quoted string or a longer name (max_gamma) stay as they are."""
+    if not flags:
+        return message
+    word = re.compile(r"(?<![\w/.'\"-])(" + "|".join(map(re.escape, flags)) + r")(?![\w/'\"-])")
+    return word.sub(lambda match: flags[match.group(1)], message)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+import torch
 
-from hippo.assets import sample_video_path
+from hippo.assets import SAMPLE_FRAMES, sample_video_path
 from hippo.models.agreement import agreement_adapters
-from hippo.models.base import HippoError, resolve_device
+from hippo.models.base import HippoError, is_int, resolve_device
 from hippo.pipeline import HippoPipeline
 from hippo.report import markdown_table, stats_row
 from hippo.video import load_video
@@ -42,22 +43,25 @@ def run_demo(*, device: str | None = None, eps: float = 0.1, frames: int = 16,
     from tqdm import tqdm
 
     device = resolve_device(device)
+    video = _sample_video(frames)  # before the models are built: a bad count fails at once
     echo(f"hippo demo: synthetic weights ({TARGET_PRESET} target, {DRAFT_PRESET} draft, "
          f"agreement eps {eps}); the text is meaningless, timings and acceptance are measured. "
          f"Device: {device}.")
     target, draft, _ = agreement_adapters(TARGET_PRESET, DRAFT_PRESET, eps, device=device)
-    video = load_video(sample_video_path(), num_frames=frames)
     base = HippoPipeline(target, draft)
     rows, outputs, baseline = [], [], None
-    for label, options in tqdm(METHODS, desc="methods", disable=not progress, leave=False):
-        pipeline = _configured(base, options, keep_ratio)
-        # Warm-up of the same length (graphs captured): a shorter one sizes the caches smaller,
-        # and the timed run would rebuild them and capture again inside its timing.
-        pipeline.generate(video, PROMPT, max_new_tokens)
-        out = pipeline.generate(video, PROMPT, max_new_tokens)
-        baseline = baseline or out.stats
-        outputs.append(out.tokens)
-        rows.append(stats_row(label, out.stats, baseline))
+    # No bar where stderr is no terminal (a log, a pipe): what it draws there stays, before any
+    # error line. On a terminal the `with` clears it before an error propagates.
+    with tqdm(METHODS, desc="methods", disable=None if progress else True, leave=False) as bar:
+        for label, options in bar:
+            pipeline = _configured(base, options, keep_ratio)
+            # Warm-up of the same length (graphs captured): a shorter one sizes the caches
+            # smaller, and the timed run would rebuild them and capture again inside its timing.
+            pipeline.generate(video, PROMPT, max_new_tokens)
+            out = pipeline.generate(video, PROMPT, max_new_tokens)
+            baseline = baseline or out.stats
+            outputs.append(out.tokens)
+            rows.append(stats_row(label, out.stats, baseline))
     identical = all(tokens == outputs[0] for tokens in outputs)
     table = markdown_table(rows)
     echo(table)
@@ -73,6 +77,14 @@ def run_demo(*, device: str | None = None, eps: float = 0.1, frames: int = 16,
     if not identical:
         raise HippoError("speculative output differs from the target's own: this is a bug")
     return DemoResult(rows, identical, table)
+
+
+def _sample_video(frames: int) -> torch.Tensor:
+    """`frames` frames of the sample clip, which has SAMPLE_FRAMES."""
+    if is_int(frames) and frames > SAMPLE_FRAMES:
+        raise HippoError(f"the demo's sample video has {SAMPLE_FRAMES} frames: ask for at most "
+                         f"{SAMPLE_FRAMES} (--frames), got {frames}")
+    return load_video(sample_video_path(), num_frames=frames)
 
 
 def _configured(base: HippoPipeline, options: dict, keep_ratio: float) -> HippoPipeline:

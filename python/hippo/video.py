@@ -254,8 +254,18 @@ def _check_request(num_frames: int | None, fps: float | None) -> None:
         check_positive_rate("fps", fps)
 
 
+def check_video_request(path: str | Path, num_frames: int | None = None, fps: float | None = None,
+                        *, start: float | None = None, end: float | None = None) -> None:
+    """Refuse what load_video refuses before it opens the file (a bad frame count, rate or
+    window; a path that is missing, empty or unreadable): for callers with slow work to do
+    before decoding, such as loading a model."""
+    _check_request(num_frames, fps)
+    _checked_window(start, end)
+    _checked_source(path)
+
+
 def _checked_source(path: str | Path) -> Path:
-    """A video file or a directory of frames that exists and is not empty."""
+    """A video file or a directory of frames that exists, is not empty and can be read."""
     if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
         raise HippoError(f"the video must be a path to a video file or a folder of frames, "
                          f"got {type(path).__name__} {short_repr(path)}")
@@ -273,7 +283,18 @@ def _checked_source(path: str | Path) -> Path:
         raise HippoError(f"not a video file (a special file): {path}")
     if path.stat().st_size == 0:
         raise HippoError(f"video file is empty: {path}")
+    _check_readable(path)
     return path
+
+
+def _check_readable(path: Path) -> None:
+    """Open the file once: one without read permission would otherwise fail in every backend
+    and read as a corrupt video."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as error:
+        raise HippoError(f"cannot read the video file {path}: {error.strerror or error}") from None
 
 
 def _backend_order(backend: str | None) -> list[str]:
@@ -301,7 +322,8 @@ def _run_with_backends(path: Path, backend: str | None, work: Callable[[_Reader]
             return work(_OPENERS[name](path))
         except _DecodeFailure as failure:
             failures.append(f"{name}: {failure}")
-    raise HippoError(f"cannot decode video {path} (corrupt or not a video?): {'; '.join(failures)}")
+    raise HippoError(f"cannot decode video {path}: the file is corrupt or not a supported video "
+                     f"({'; '.join(failures)})")
 
 
 def _decord_available() -> bool:
@@ -326,7 +348,7 @@ class _DecordReader:
             height, width = self._reader[0].shape[:2] if count else (0, 0)
             fps = float(self._reader.get_avg_fps())
         except self._errors as error:
-            raise _DecodeFailure(_first_line(error)) from None
+            raise _DecodeFailure(_decord_reason(error)) from None
         self.info = _checked_info(count, fps, int(height), int(width))
 
     def frames(self, indices: list[int]) -> np.ndarray:
@@ -334,7 +356,14 @@ class _DecordReader:
             with _native_stderr_silenced():
                 return self._reader.get_batch(indices).asnumpy()
         except self._errors as error:
-            raise _DecodeFailure(_first_line(error)) from None
+            raise _DecodeFailure(_decord_reason(error)) from None
+
+
+def _decord_reason(error: Exception) -> str:
+    """decord's message; an internal assertion ("Check failed: avcodec_send_packet(...": FFmpeg
+    refusing a packet of a corrupt stream) tells a user nothing, so it is said in words."""
+    reason = _first_line(error)
+    return "its decoder rejects the stream" if "Check failed" in reason else reason
 
 
 @contextmanager
@@ -455,8 +484,15 @@ def _too_large(name: str, error: Exception) -> str:
             f"of {limit:,}")
 
 
+# Native libraries' log prefixes in their messages: decord's C++ ones open with
+# "[16:01:30] /github/workspace/src/.../file.cc:292: ", once for each time the error was re-thrown.
+_NATIVE_LOG_PREFIX = re.compile(r"\[\d{2}:\d{2}:\d{2}\] \S+:\d+: ")
+
+
 def _first_line(error: Exception) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
+    """The error's first line, without native log prefixes, cut at 200 characters."""
+    text = _NATIVE_LOG_PREFIX.sub("", str(error))
+    lines = [line for line in text.splitlines() if line.strip()]
     return lines[0][:200] if lines else type(error).__name__
 
 

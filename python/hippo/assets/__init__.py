@@ -20,8 +20,12 @@ def sample_video_path() -> Path:
     """Path of the sample clip (16 frames, 112x112, 4 fps, mp4v), written once into the cache."""
     name = f"sample_v{_SAMPLE_VERSION}_{SAMPLE_FRAMES}x{SAMPLE_HEIGHT}x{SAMPLE_WIDTH}.mp4"
     path = _cache_dir() / name
-    if not path.is_file() or path.stat().st_size == 0:
-        make_synthetic_video(path, SAMPLE_FRAMES, SAMPLE_HEIGHT, SAMPLE_WIDTH, SAMPLE_FPS)
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            make_synthetic_video(path, SAMPLE_FRAMES, SAMPLE_HEIGHT, SAMPLE_WIDTH, SAMPLE_FPS)
+    except OSError as error:  # the cache folder cannot be made, searched or written to
+        raise HippoError(f"cannot write the sample video {path} ({error.strerror or error}): "
+                         f"point $HIPPO_CACHE_DIR at a writable folder") from None
     return path
 
 

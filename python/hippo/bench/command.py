@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
+from hippo.cli import (add_gemm_prologues_argument, check_at_least_one, check_model_source, flag,
+                       refuse_options)
 from hippo.models.base import HippoError
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     from hippo.bench.end_to_end import METHODS, PRESETS
-    from hippo.cli import add_gemm_prologues_argument
 
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="tiny (CPU) or 7b (GPU: Qwen2-7B target, Qwen2-0.5B draft, bf16); "
@@ -22,9 +23,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, nargs="+", help="frame counts (7b preset: 196 visual tokens each; tiny: 36)")
     parser.add_argument("--eps", type=float, nargs="+", help="agreement knob values to sweep")
     parser.add_argument("--gamma", type=int,
-                        help=f"draft tokens per round of sequential SD and HF assisted, and "
-                             f"HIPPO's largest adaptive g (at least 12; default "
-                             f"{PRESET_DEFAULTS['gamma']})")
+                        help=f"draft tokens per round of sequential SD and HF assisted (default "
+                             f"{PRESET_DEFAULTS['gamma']}); HIPPO's adaptive g goes up to this "
+                             f"or 12, whichever is larger")
     parser.add_argument("--new-tokens", type=int)
     parser.add_argument("--methods", nargs="+", choices=METHODS, help="default: all")
     parser.add_argument("--keep-ratio", type=float, default=0.1)
@@ -55,10 +56,8 @@ SET_DEFAULTS = dict(root=None, target="tiny-qwen2.5-vl", draft="tiny-qwen2.5-vl-
 def _apply_mode_defaults(args: argparse.Namespace) -> None:
     """Refuse the options of the kind of run not chosen; fill in the chosen kind's defaults."""
     unused, used = (PRESET_DEFAULTS, SET_DEFAULTS) if args.dataset else (SET_DEFAULTS, PRESET_DEFAULTS)
-    given = ["--" + name.replace("_", "-") for name in unused if getattr(args, name) is not None]
-    if given:
-        where = "a preset run (no --dataset)" if args.dataset else "--dataset runs"
-        raise HippoError(f"{', '.join(given)} apply only to {where}")
+    refuse_options([flag(name) for name in unused if getattr(args, name) is not None],
+                   "a preset run (no --dataset)" if args.dataset else "--dataset runs")
     for name, default in used.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
@@ -66,13 +65,8 @@ def _apply_mode_defaults(args: argparse.Namespace) -> None:
 
 def run_bench(args: argparse.Namespace) -> list[dict]:
     _apply_mode_defaults(args)
-    for name in ("new_tokens", "gamma", "limit", "max_new_tokens", "num_frames"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise HippoError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for count in args.frames or ():
-        if count < 1:
-            raise HippoError(f"--frames must be at least 1, got {count}")
+    check_at_least_one(args, "new_tokens", "gamma", "limit", "max_new_tokens", "num_frames",
+                       "frames")
     out_dir = Path(args.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,6 +105,8 @@ def _run_dataset(args: argparse.Namespace, out_dir: Path) -> list[dict]:
 
     if not args.root:
         raise HippoError("--dataset needs --root, the benchmark set's local directory")
+    check_model_source("--target", args.target)  # before the questions' models load
+    check_model_source("--draft", args.draft)
     summary, rows = run_benchmark_set(
         args.dataset, args.root, target=args.target, draft=args.draft, limit=args.limit,
         max_new_tokens=args.max_new_tokens, num_frames=args.num_frames,

@@ -30,8 +30,12 @@ def run_benchmark_set(name: str, root: str, *, target: str, draft: str | None,
     hippo = autoregressive.with_options(mode="parallel", gamma="auto",
                                         preservation=PreservationOptions(keep_ratio=keep_ratio))
     rows = []
-    for question in tqdm(questions, desc=name, disable=not progress):
-        rows.append(_run_question(question, autoregressive, hippo, max_new_tokens, num_frames))
+    # No bar where stderr is no terminal (a log, a pipe): what it draws there stays, before any
+    # error line. On a terminal the `with` clears it before an error propagates.
+    with tqdm(questions, desc=name, disable=None if progress else True, leave=False) as bar:
+        for question in bar:
+            rows.append(_run_question(question, autoregressive, hippo, max_new_tokens,
+                                      num_frames))
     return _summary(name, rows), rows
 
 
@@ -44,7 +48,9 @@ def _run_question(question: VideoQuestion, autoregressive: HippoPipeline, hippo:
         frames = load_video(question.video, num_frames=num_frames, start=question.start,
                             end=question.end, assumed_fps=question.assumed_fps,
                             repeat_frames=True, sampling=question.sampling)
-        prompts = hippo.prepare(frames, question.prompt)
+        # max_new_tokens too: a question whose context would overflow is skipped here, rather
+        # than refused by generate_prepared, outside this try, aborting the whole set.
+        prompts = hippo.prepare(frames, question.prompt, max_new_tokens=max_new_tokens)
     except HippoError as error:
         return dict(row, skipped=str(error).splitlines()[0])
     greedy, eos = SamplingOptions(), hippo.eos_ids()

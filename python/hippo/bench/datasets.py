@@ -71,6 +71,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,8 +212,8 @@ def _read_mvbench(root: Path) -> Iterator[VideoQuestion]:
                 dataset="mvbench", question_id=f"{task}/{index}", video=video,
                 prompt=_choice_prompt(row["question"], options),
                 answer=_answer_letter(row["answer"], options, "text"), task=task,
-                start=_seconds(row.get("start")) if bounded else None,
-                end=_seconds(row.get("end")) if bounded else None,
+                start=_window_seconds(row, "start") if bounded else None,
+                end=_window_seconds(row, "end") if bounded else None,
                 assumed_fps=_MVBENCH_FRAME_FOLDER_FPS.get(task), sampling="segment_midpoints")]
 
         return _questions([path], convert)
@@ -339,6 +340,11 @@ def _questions(files: Iterable[Path], convert: _Convert) -> Iterator[VideoQuesti
             yield from questions
 
 
+# What json.loads raises on a malformed file; a deeply nested one ("[[[[...") exhausts the
+# decoder's recursion limit.
+_JSON_ERRORS = (json.JSONDecodeError, RecursionError)
+
+
 def _load_rows(path: Path) -> list:
     """The rows of a .parquet, .jsonl (one object a line) or .json (a list) file."""
     if path.suffix == ".parquet":
@@ -353,13 +359,13 @@ def _load_rows(path: Path) -> list:
             if line.strip():
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise _parse_error(path, f"line {number}: {error}") from None
+                except _JSON_ERRORS as error:
+                    raise _parse_error(path, f"line {number}: {_json_error(error)}") from None
         return rows
     try:
         rows = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise _parse_error(path, str(error)) from None
+    except _JSON_ERRORS as error:
+        raise _parse_error(path, _json_error(error)) from None
     if not isinstance(rows, list):
         raise _parse_error(path, "expected a JSON list of questions, found a "
                                  f"{type(rows).__name__}")
@@ -378,6 +384,10 @@ def _load_parquet(path: Path) -> list[dict]:
         return pyarrow.parquet.read_table(path).to_pylist()
     except (OSError, ValueError, pyarrow.ArrowException) as error:
         raise _parse_error(path, str(error)) from None
+
+
+def _json_error(error: Exception) -> str:
+    return "nested too deeply to decode" if isinstance(error, RecursionError) else str(error)
 
 
 def _parse_error(path: Path, why: str) -> HippoError:
@@ -466,7 +476,7 @@ def _video2dataset_index(root: Path) -> dict[str, Path]:
             continue
         try:
             url = json.loads(sidecar.read_text(encoding="utf-8")).get("url", "")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        except (OSError, UnicodeDecodeError, *_JSON_ERRORS, AttributeError):
             continue  # not a sidecar
         found = _YOUTUBE_ID.search(str(url))
         if found:
@@ -488,3 +498,19 @@ def _seconds(value: object) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     return None
+
+
+def _window_seconds(row: dict, field: str) -> float | None:
+    """MVBench's start or end: None when absent, else a finite number of seconds (a numeric
+    string too). Anything else is an error: dropping it would sample the whole video instead
+    of the window the question asks about."""
+    value = row.get(field)
+    if value is None:
+        return None
+    try:
+        seconds = float(value) if isinstance(value, str) else _seconds(value)
+    except ValueError:
+        seconds = None
+    if seconds is None or not math.isfinite(seconds):
+        raise ValueError(f"{field} must be a number of seconds, got {value!r}")
+    return seconds
