@@ -311,6 +311,18 @@ PREPROCESSING_ERRORS = {  # family -> (file, content, what the error says after 
 }
 
 
+def test_qwen_preprocessing_that_does_not_fit_the_vision_tower_is_named_before_the_weights_load(
+        capsys, checkpoints, tmp_path, weights_never_load):
+    """Settings valid on their own (16-pixel patches) but not the vision tower's (14): judged on
+    the weightless skeleton, the error naming the checkpoint."""
+    target = _broken_copy(checkpoints["qwen"], tmp_path / "qwen", "video_preprocessor_config.json",
+                          b'{"patch_size": 16}')
+    assert main(_generate(target, None, "--mode", "ar")) == EXIT_USER_ERROR
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"hippo generate: error: {target}: ") and "do not fit the vision tower" in err, err
+
+
 @pytest.mark.parametrize("family", list(PREPROCESSING_ERRORS))
 def test_preprocessing_errors_name_the_checkpoint_file_before_the_weights_load(
         capsys, checkpoints, tmp_path, family, weights_never_load):

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hippo.models.base import (build_random_model, check_positive_rate, check_token_ids_in_vocabulary,
-                               is_int, load_local_checkpoint, preset_for_family, HippoError,
+                               errors_prefixed, is_int, load_local_checkpoint, preset_for_family, HippoError,
                                PreparedPrompt, PromptTokenizer, VideoLLMAdapter, visual_span)
 from hippo.models.preprocess import (QwenVideoPreprocess, preprocess_qwen_video, qwen_video_tokens,
                                      settings_from_checkpoint, settings_value)
@@ -68,8 +68,14 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         preprocess = preprocess_from_checkpoint(path)  # a small file: judged before the weights load
+
+        def check_skeleton(skeleton: torch.nn.Module) -> None:
+            cls.check_model(skeleton)
+            with errors_prefixed(path):  # which of a target and a draft is wrong
+                check_preprocess_fits_vision(preprocess, skeleton.config.vision_config)
+
         loaded = load_local_checkpoint(Qwen2_5_VLForConditionalGeneration, path, dtype, "Qwen2.5-VL",
-                                       CHAT_PREFIX, CHAT_SUFFIX, check_model=cls.check_model)
+                                       CHAT_PREFIX, CHAT_SUFFIX, check_model=check_skeleton)
         return cls(loaded.model.to(device), loaded.tokenizer, preprocess, loaded.prompt_prefix_ids,
                    loaded.prompt_suffix_ids)
 
