@@ -130,6 +130,13 @@ def test_bad_numbers_are_one_line_errors(capsys, argv, tmp_path):
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+def test_bench_gamma_beyond_the_longest_draft_is_named_without_auto(capsys, tmp_path):
+    """bench's --gamma takes no 'auto' (generate's does): its message must not offer one."""
+    argv = ["bench", "--preset", "tiny", "--gamma", "40", "--out-dir", str(tmp_path)]
+    assert main(argv) == EXIT_USER_ERROR
+    assert capsys.readouterr().err.strip() == "hippo bench: error: --gamma must be at most 32, got 40"
+
+
 @pytest.mark.parametrize("dataset", ["mlvu", "lvbench"])
 def test_bench_runs_a_benchmark_set_from_a_local_copy(capsys, tmp_path, dataset):
     """The set's published layout (a fixture), one video present and the others missing: the

@@ -12,6 +12,7 @@ import torch
 from hippo.cli import (add_gemm_prologues_argument, check_at_least_one, check_model_source, flag,
                        refuse_options)
 from hippo.models.base import HippoError
+from hippo.speculative.draft_length import MAX_DRAFT_LENGTH
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +68,8 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     _apply_mode_defaults(args)
     check_at_least_one(args, "new_tokens", "gamma", "limit", "max_new_tokens", "num_frames",
                        "frames")
+    if args.gamma is not None and args.gamma > MAX_DRAFT_LENGTH:  # no 'auto' here, unlike generate
+        raise HippoError(f"--gamma must be at most {MAX_DRAFT_LENGTH}, got {args.gamma}")
     out_dir = Path(args.out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
