@@ -1,4 +1,4 @@
-"""`hippo demo`: HIPPO on the embedded default, in about ten seconds on an idle 2-core CPU.
+"""`hippo demo`: HIPPO on the embedded default, in about five seconds on an idle 2-core CPU.
 
 A tiny Qwen2.5-VL-architecture target and draft built from presets and made into a synthetic
 agreement pair (hippo.models.agreement: two independent random models would agree on almost
