@@ -238,6 +238,66 @@ def test_bad_pipeline_arguments_are_clear_errors():
         load_adapter("tiny-qwen2.5-vl", seed="x")
 
 
+def test_decoded_frames_are_never_resampled_in_silence():
+    """num_frames samples a file; given decoded frames it used to be ignored (all were used)."""
+    pipeline = HippoPipeline(load_adapter("tiny-qwen2.5-vl"), None, mode="ar")
+    frames = torch.zeros(4, 56, 56, 3, dtype=torch.uint8)
+    with pytest.raises(HippoError, match="num_frames samples a video file.*got num_frames=2"):
+        pipeline.generate(frames, "hi", 2, num_frames=2)
+    assert pipeline.generate(frames[[0, 2]], "hi", 2).stats.tokens >= 1
+
+
+def test_bad_sampling_and_stop_tokens_are_refused_before_the_video_is_read(monkeypatch):
+    from hippo import pipeline as module
+
+    monkeypatch.setattr(module, "load_video", lambda *args, **kwargs: pytest.fail("video read"))
+    pipeline = HippoPipeline(load_adapter("tiny-qwen2.5-vl"), None)
+    for kwargs, message in [(dict(temperature=-1.0), "temperature"), (dict(seed="x"), "seed"),
+                            (dict(eos_token_id=10**6), "not a token id"),
+                            (dict(eos_token_id=True), "eos_token_id must be a token id")]:
+        with pytest.raises(HippoError, match=message):
+            pipeline.generate("/no/such/video.mp4", "hi", 4, **kwargs)
+    with pytest.raises(HippoError, match="max_new_tokens must be an integer of at least 1, got True"):
+        pipeline.generate("/no/such/video.mp4", "hi", True)
+
+
+def test_selection_layers_beyond_the_target_are_refused_with_the_pipeline():
+    target = load_adapter("tiny-qwen2.5-vl")  # two layers
+    for layers in ((), (2,), (-1,)):
+        with pytest.raises(HippoError, match="selection layers"):
+            HippoPipeline(target, None, preservation=PreservationOptions(layers=layers))
+        with pytest.raises(HippoError, match="selection layers"):
+            HippoPipeline(target, None).with_options(preservation=PreservationOptions(layers=layers))
+    HippoPipeline(target, None, preservation=PreservationOptions(layers=(0, 1)))
+
+
+def test_bad_generate_prepared_arguments_are_clear_errors():
+    from hippo.speculative import SamplingOptions
+
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    pipeline = HippoPipeline(target, draft, mode="sequential", gamma=2)
+    frames = torch.zeros(2, 56, 56, 3, dtype=torch.uint8)
+    target_prompt, draft_prompt = pipeline.prepare(frames, "hi")
+    other_target, other_draft = pipeline.prepare(torch.zeros(4, 56, 56, 3, dtype=torch.uint8), "hi")
+    greedy = SamplingOptions()
+    for prompts, message in [((target_prompt, None), "draft_prompt must be the draft's PreparedPrompt"),
+                             (("hi", draft_prompt), "target_prompt must be a PreparedPrompt"),
+                             ((other_target, draft_prompt), "pass the two prompts of one prepare"),
+                             ((target_prompt, other_draft), "pass the two prompts of one prepare"),
+                             ((draft_prompt, target_prompt), "do not fit this model's hidden size")]:
+        with pytest.raises(HippoError, match=message):
+            pipeline.generate_prepared(*prompts, 4, greedy, set())
+    with pytest.raises(HippoError, match="sampling must be a SamplingOptions"):
+        pipeline.generate_prepared(target_prompt, draft_prompt, 4, None, set())
+    with pytest.raises(HippoError, match="eos_token_id 1000000 is not a token id"):
+        pipeline.generate_prepared(target_prompt, draft_prompt, 4, greedy, {10**6})
+    expected = pipeline.generate_prepared(target_prompt, draft_prompt, 4, greedy, set()).tokens
+    assert pipeline.generate_prepared(target_prompt, draft_prompt, 4, greedy, None).tokens == expected
+    # AR decoding uses no draft prompt.
+    assert pipeline.with_options(mode="ar").generate_prepared(
+        target_prompt, None, 4, greedy, set()).tokens == expected
+
+
 @pytest.mark.parametrize("options,message", [
     (dict(temperature=float("nan")), "finite"), (dict(temperature=float("inf")), "finite"),
     (dict(temperature=1e-45), "overflow"), (dict(seed=-1), "seed"), (dict(seed=2**64), "seed"),

@@ -144,7 +144,10 @@ def test_bad_options_are_clear_errors():
         PreservationOptions(layers=(0, 9)).selection_layers(2)
     for options, needle in ((dict(query_len="3"), "query_len"), (dict(query_len=2.5), "query_len"),
                             (dict(layers=1), "layers"), (dict(layers=(0.5,)), "layers"),
-                            (dict(seed="x"), "seed"), (dict(per_frame="yes"), "per_frame")):
+                            (dict(seed="x"), "seed"), (dict(per_frame="yes"), "per_frame"),
+                            # a generator takes neither (2**70 failed deep in torch, mid-generation)
+                            (dict(seed=-1), r"seed must be in \[0, 2\*\*62\]"),
+                            (dict(seed=2**70), r"seed must be in \[0, 2\*\*62\]")):
         with pytest.raises(HippoError, match=needle):
             PreservationOptions(**options)
     _, prompt = _prepared("qwen2_5_vl")

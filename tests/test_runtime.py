@@ -333,6 +333,80 @@ def test_bad_inputs_are_clear_errors():
             LanguageModelRuntime.from_hf(model, max_seq_len=size)
 
 
+def test_bad_generation_requests_are_clear_errors():
+    """generate_autoregressive checks its arguments as the pipeline does: no TypeError from
+    range() or a comparison, no eos id that can never match."""
+    model, _ = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=16)
+    prompt = text_prompt(runtime, torch.randint(0, 500, (1, 4)))
+    for count in (4.5, "4", None, True, 0):
+        with pytest.raises(HippoError, match="max_new_tokens must be an integer of at least 1"):
+            generate_autoregressive(runtime, prompt, count)
+    for eos in ("eos", 3.5, True):
+        with pytest.raises(HippoError, match="eos_token_id must be a token id"):
+            generate_autoregressive(runtime, prompt, 4, eos_token_id=eos)
+    for eos in (VOCAB, -1, [3, 10**6]):
+        with pytest.raises(HippoError, match="is not a token id"):
+            generate_autoregressive(runtime, prompt, 4, eos_token_id=eos)
+    with pytest.raises(HippoError, match="prompt must be a PreparedPrompt"):
+        generate_autoregressive(runtime, None, 4)
+    assert len(generate_autoregressive(runtime, prompt, 3, eos_token_id=[VOCAB - 1]).tokens) <= 3
+
+
+def test_bad_prompt_inputs_are_refused_before_the_cache_moves():
+    model, _ = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=16)
+    ids = torch.randint(0, 500, (1, 4))
+    embeds = runtime.embed(ids)
+    for bad_embeds, bad_positions, message in [
+            (runtime.embed(ids[:, :0]), linear_positions(0), "no token"),
+            (embeds[0], linear_positions(4), "floating tensor"),
+            (ids, linear_positions(4), "embeddings, not token ids"),
+            (embeds.long(), linear_positions(4), "floating tensor"),
+            (embeds[..., :32], linear_positions(4), "width 32 do not fit this model's hidden size 64"),
+            (embeds.tolist(), linear_positions(4), "inputs_embeds must be a tensor"),
+            (embeds, linear_positions(4).float(), "position_ids must be an integer tensor"),
+            (embeds, [[0, 1, 2, 3]], "position_ids must be an integer tensor")]:
+        with pytest.raises(HippoError, match=message):
+            runtime.prefill(bad_embeds, bad_positions)
+        assert runtime.length == 0
+    for layers, query_len, message in [(["a"], 2, "query_layers"), (1, 2, "query_layers"),
+                                       ([0], 2.5, "query_len")]:
+        with pytest.raises(HippoError, match=message):
+            runtime.prefill(embeds, linear_positions(4), query_layers=layers, query_len=query_len)
+        assert runtime.length == 0
+    assert runtime.prefill(embeds, linear_positions(4), query_layers=iter([0, 1]),
+                           query_len=2).queries.shape[0] == 2
+    for bad, message in [(torch.tensor([[VOCAB]]), rf"input_ids must lie in \[0, {VOCAB}\)"),
+                         (torch.tensor([[-1]]), "input_ids must lie in"),
+                         (torch.tensor([[1.0]]), "input_ids must be an integer tensor"),
+                         ([[1, 2]], "input_ids must be an integer tensor")]:
+        with pytest.raises(HippoError, match=message):
+            runtime.embed(bad)
+
+
+def test_bad_cache_lengths_and_options_are_clear_errors():
+    model, _ = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=16)
+    runtime.prefill(runtime.embed(torch.zeros(1, 6, dtype=torch.long)), linear_positions(6))
+    for length in (3.7, "2", None):  # never cut to an int in silence
+        with pytest.raises(HippoError, match="rollback: length must be an integer"):
+            runtime.rollback(length)
+    assert runtime.length == 6
+    runtime.rollback(__import__("numpy").int64(4))
+    assert runtime.length == 4
+    with pytest.raises(HippoError, match="fill_to: length must be an integer"):
+        runtime.cache.fill_to(2.5)
+    for counts in ([2.5], ["a"], 3):
+        with pytest.raises(HippoError, match="a step takes|counts must be an iterable"):
+            runtime.capture_steps(counts)
+    for option, value in [("fused", "no"), ("skinny_gemm", "no"), ("use_cuda_graphs", "no"),
+                          ("gemm_prologues", 1), ("step_invariant", None)]:
+        allowed = "True, False or None" if option in ("fused", "use_cuda_graphs") else "True or False"
+        with pytest.raises(HippoError, match=f"{option} must be {allowed}, got"):
+            LanguageModelRuntime.from_hf(model, max_seq_len=8, **{option: value})
+
+
 def test_static_cache_layout_and_rollback():
     cache = StaticKVCache(3, 1, 2, 8, 4, dtype=torch.float32, device="cpu")
     assert cache.tensor.shape == (3, 2, 1, 2, 8, 4) and cache.length.dtype == torch.int64

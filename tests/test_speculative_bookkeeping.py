@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from hippo.models.base import HippoError
 from hippo.runtime import LanguageModelRuntime
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
-from hippo.speculative.decoder import SpeculativeDecoder
+from hippo.speculative.decoder import SpeculativeDecoder, decode_after_prefill
 from hippo.speculative.draft_length import DraftLength
 from hippo.speculative.lanes import Lane
 from hippo.speculative.statistics import GenerationStats
@@ -113,3 +114,34 @@ def test_each_device_draws_its_own_random_stream():
     assert first.initial_seed() != second.initial_seed()
     assert acceptance.generator("cpu") is first
     assert TokenAcceptance(SamplingOptions(), vocab=7).generator("cpu") is None  # greedy
+
+
+def test_bad_decoding_arguments_are_clear_errors():
+    """decode_after_prefill, TokenAcceptance and DraftLength refuse what used to fail deep
+    inside a round (an IndexError past the positions, a TypeError from range())."""
+    target, _ = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
+    runtimes = [LanguageModelRuntime.from_hf(target.model, 32) for _ in range(2)]
+    for runtime in runtimes:
+        runtime.prefill(runtime.embed(torch.tensor([[1, 2, 3]])), torch.arange(3)[None])
+    acceptance = TokenAcceptance(SamplingOptions(), target.vocab_size)
+
+    def decode(count, new_tokens, eos_ids=frozenset()):
+        return decode_after_prefill(*runtimes, torch.tensor([5]), torch.arange(3, 3 + count)[None],
+                                    mode="sequential", acceptance=acceptance,
+                                    draft_length=DraftLength(3, mode="sequential"),
+                                    max_new_tokens=new_tokens, eos_ids=eos_ids)
+
+    with pytest.raises(HippoError, match="positions hold 10 generated positions.*needs 28"):
+        decode(10, 20)
+    for count in (2.5, 0):
+        with pytest.raises(HippoError, match="max_new_tokens must be an integer of at least 1"):
+            decode(16, count)
+    with pytest.raises(HippoError, match="is not a token id"):
+        decode(16, 4, {-1})
+    assert len(decode(16, 4, None).emitted) == 4  # None: no stop token
+    with pytest.raises(HippoError, match="options must be a SamplingOptions"):
+        TokenAcceptance(None, 7)
+    with pytest.raises(HippoError, match="vocab must be a positive integer"):
+        TokenAcceptance(SamplingOptions(), 0)
+    with pytest.raises(HippoError, match="initial must be an int of at least 1"):
+        DraftLength("auto", initial=0)

@@ -10,7 +10,6 @@ baseline every speedup is measured against.
 from __future__ import annotations
 
 import functools
-import operator
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,8 @@ from hippo.models.base import HippoError, PreparedPrompt, VideoLLMAdapter, check
 from hippo.models.preprocess import check_frames
 from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, preserve_tokens
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive
-from hippo.runtime.decoder import STEP_INVARIANT_MAX_TOKENS
+from hippo.runtime.autoregressive import eos_id_set, new_token_count
+from hippo.runtime.decoder import STEP_INVARIANT_MAX_TOKENS, check_flag
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
 from hippo.speculative.decoder import decode_after_prefill
 from hippo.speculative.draft_cache import (DRAFT_PREFILLS, compact_to_kept, copy_kept_cache,
@@ -87,11 +87,7 @@ class HippoOptions:
             raise HippoError(f"unknown draft_prefill {self.draft_prefill!r}; choose one of "
                              f"{', '.join(DRAFT_PREFILLS)}")
         for name in ("step_invariant", "draft_priority", "use_cuda_graphs"):
-            value = getattr(self, name)
-            if not isinstance(value, bool) and not (name == "use_cuda_graphs" and value is None):
-                allowed = "True, False or None (CUDA graphs where the device is CUDA)" \
-                    if name == "use_cuda_graphs" else "True or False"
-                raise HippoError(f"{name} must be {allowed}, got {value!r}")
+            check_flag(name, getattr(self, name), allow_none=name == "use_cuda_graphs")
         DraftLength(self.gamma, max_gamma=self.max_gamma)  # validates both
         if self.step_invariant and self.largest_gamma + 1 > STEP_INVARIANT_MAX_TOKENS:
             raise HippoError(f"step_invariant=True covers verify steps of up to "
@@ -136,6 +132,8 @@ class HippoPipeline:
         self.self_speculative = draft is None
         if draft is not None:
             check_compatible(target, draft)
+        # Selection layers beyond the target's depth are refused now, not after its prefill.
+        self.options.preservation.selection_layers(len(target.text_model.layers))
         # The target's own vocabulary: its choices are never cut to a narrower draft's table.
         self.vocab = target.vocab_size
         if self.options.draft_device is not None:
@@ -184,9 +182,13 @@ class HippoPipeline:
                              f"[T, H, W, 3]), got {type(video).__name__}")
         if num_frames is not None and fps is not None:
             raise HippoError("give num_frames or fps, not both")
+        if isinstance(video, torch.Tensor) and num_frames is not None:
+            # Never ignored in silence: the frames given are the frames used.
+            raise HippoError("num_frames samples a video file; with decoded frames pass the ones "
+                             f"to use (frames[indices]), got num_frames={num_frames!r}")
         if num_frames is None and fps is None:
             num_frames = DEFAULT_FRAMES
-        new_tokens = _new_token_count(max_new_tokens, least=0)
+        new_tokens = new_token_count(max_new_tokens, least=0)
         # The prompt's text is encoded first: a bad prompt is refused before the video is read,
         # and its length counts towards the context before any frame is decoded.
         text_tokens = self._text_tokens(prompt)
@@ -252,13 +254,15 @@ class HippoPipeline:
         distribution-exact).
         """
         started = time.perf_counter()
-        max_new_tokens = _new_token_count(max_new_tokens, least=1)
+        # Every argument is checked before the video is read.
+        max_new_tokens = new_token_count(max_new_tokens, least=1)
+        sampling = SamplingOptions(temperature, top_k, top_p, seed)
+        eos_ids = self.eos_ids(eos_token_id)
         target_prompt, draft_prompt = self.prepare(video, prompt, num_frames=num_frames, fps=fps,
                                                    start=start, end=end,
                                                    max_new_tokens=max_new_tokens)
-        output = self.generate_prepared(
-            target_prompt, draft_prompt, max_new_tokens,
-            SamplingOptions(temperature, top_k, top_p, seed), self.eos_ids(eos_token_id))
+        output = self._generate_prepared(target_prompt, draft_prompt, max_new_tokens, sampling,
+                                         eos_ids)
         output.stats.total_s = time.perf_counter() - started
         return output
 
@@ -266,8 +270,32 @@ class HippoPipeline:
     def generate_prepared(self, target_prompt: PreparedPrompt, draft_prompt: PreparedPrompt | None,
                           max_new_tokens: int, sampling: SamplingOptions,
                           eos_ids: set[int]) -> HippoOutput:
-        """generate() after prepare(): the language-model part alone (what benchmarks time)."""
-        max_new_tokens = _new_token_count(max_new_tokens, least=1)
+        """generate() after prepare(): the language-model part alone (what benchmarks time).
+        eos_ids: a set of stop ids (eos_ids() gives the target's), or None for none."""
+        max_new_tokens = new_token_count(max_new_tokens, least=1)
+        self._check_prepared(target_prompt, draft_prompt)
+        if not isinstance(sampling, SamplingOptions):
+            raise HippoError(f"sampling must be a SamplingOptions, got {type(sampling).__name__}")
+        return self._generate_prepared(target_prompt, draft_prompt, max_new_tokens, sampling,
+                                       self.eos_ids(eos_ids))
+
+    def _check_prepared(self, target_prompt: object, draft_prompt: object) -> None:
+        """The prompts of prepare(): the draft's is needed by a draft model's speculative
+        decoding, and must lay the video out as the target's does."""
+        if not isinstance(target_prompt, PreparedPrompt):
+            raise HippoError(f"target_prompt must be a PreparedPrompt (from prepare()), got "
+                             f"{type(target_prompt).__name__}")
+        if self.self_speculative or self.options.mode == "ar":
+            return  # the draft prompt is not used
+        if not isinstance(draft_prompt, PreparedPrompt):
+            raise HippoError(f"draft_prompt must be the draft's PreparedPrompt (from prepare()), "
+                             f"got {type(draft_prompt).__name__}")
+        _check_same_layout(target_prompt, draft_prompt, "pass the two prompts of one prepare() call")
+
+    def _generate_prepared(self, target_prompt: PreparedPrompt,
+                           draft_prompt: PreparedPrompt | None, max_new_tokens: int,
+                           sampling: SamplingOptions, eos_ids: set[int]) -> HippoOutput:
+        """generate_prepared() on checked arguments."""
         _check_context_fits(self.target, target_prompt.length + max_new_tokens)
         started = time.perf_counter()
         if self.options.mode == "ar":
@@ -284,21 +312,9 @@ class HippoPipeline:
 
     def eos_ids(self, eos_token_id: int | list[int] | None | str = USE_TARGET_EOS) -> set[int]:
         """The stop tokens: the target's own by default, none for None."""
-        if eos_token_id == USE_TARGET_EOS:
+        if isinstance(eos_token_id, str) and eos_token_id == USE_TARGET_EOS:
             eos_token_id = self.target.eos_token_id
-        if eos_token_id is None:
-            return set()
-        tokens = [eos_token_id] if not isinstance(eos_token_id, (list, tuple, set)) else eos_token_id
-        try:
-            ids = {operator.index(token) for token in tokens}
-        except TypeError:
-            raise HippoError(f"eos_token_id must be a token id, a list of them or None, "
-                             f"got {eos_token_id!r}") from None
-        outside = sorted(token for token in ids if not 0 <= token < self.vocab)
-        if outside:
-            raise HippoError(f"eos_token_id {outside[0]} is not a token id (the vocabulary has "
-                             f"{self.vocab})")
-        return ids
+        return eos_id_set(eos_token_id, self.vocab)
 
     def _runtime(self, role: str, model: VideoLLMAdapter, capacity: int) -> LanguageModelRuntime:
         """The role's runtime with room for `capacity` positions (rebuilt when too small, with
@@ -454,17 +470,6 @@ def _with_overrides(options: HippoOptions, overrides: dict) -> HippoOptions:
     return replace(options, **overrides) if overrides else options
 
 
-def _new_token_count(value: object, least: int) -> int:
-    """max_new_tokens as an int (numpy's too, not 4.5 or "4") of at least `least`."""
-    try:
-        count = operator.index(value)
-    except TypeError:
-        count = None
-    if count is None or count < least:
-        raise HippoError(f"max_new_tokens must be an integer of at least {least}, got {value!r}")
-    return count
-
-
 def _check_context_fits(adapter: VideoLLMAdapter, length: int) -> None:
     """The prompt plus every new token must fit the model's trained context."""
     limit = adapter.max_positions
@@ -474,11 +479,12 @@ def _check_context_fits(adapter: VideoLLMAdapter, length: int) -> None:
             f"model's {limit} positions; use fewer frames or ask for fewer tokens")
 
 
-def _check_same_layout(target: PreparedPrompt, draft: PreparedPrompt) -> None:
+def _check_same_layout(target: PreparedPrompt, draft: PreparedPrompt,
+                       remedy: str = "their vision preprocessing must match (same patch and "
+                                     "merge sizes, same image size)") -> None:
     """Selection indices of the target's prompt must mean the same tokens in the draft's."""
     if not torch.equal(target.input_ids.cpu(), draft.input_ids.cpu()) or target.grid != draft.grid:
         raise HippoError(
             "target and draft turn this video into different token layouts "
             f"(target: {target.length} tokens, grid {target.grid}; draft: {draft.length} tokens, "
-            f"grid {draft.grid}): their vision preprocessing must match (same patch and merge "
-            "sizes, same image size)")
+            f"grid {draft.grid}): {remedy}")

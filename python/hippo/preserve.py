@@ -20,6 +20,7 @@ import torch
 import hippo_ext
 from hippo_ext.token_selection import kept_count, per_frame_quotas
 from hippo.models.base import HippoError, PreparedPrompt, is_int
+from hippo.runtime.autoregressive import check_seed
 
 SELECTION_METHODS = ("hippo", "attention", "uniform", "random")
 ATTENTION_ONLY_WEIGHTS = (1.0, 0.0, 0.0)
@@ -39,7 +40,7 @@ class PreservationOptions:
     query_len: how many of the last prompt tokens act as text queries; None takes every prompt
         token after the video (the question and the chat suffix), at least one.
     per_frame: a quota per frame instead of a global top-k.
-    seed: the generator seed of "random".
+    seed: the generator seed of "random", in [0, 2**62].
     """
 
     keep_ratio: float = 0.1
@@ -64,8 +65,7 @@ class PreservationOptions:
         if self.layers is not None and not (isinstance(self.layers, (tuple, list))
                                             and all(is_int(layer) for layer in self.layers)):
             raise HippoError(f"layers must be a tuple of layer indices, got {self.layers!r}")
-        if not is_int(self.seed):
-            raise HippoError(f"seed must be an integer, got {self.seed!r}")
+        check_seed(self.seed)
         if not isinstance(self.per_frame, bool):
             raise HippoError(f"per_frame must be True or False, got {self.per_frame!r}")
 

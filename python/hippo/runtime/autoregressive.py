@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import time
 from dataclasses import dataclass, field
 
@@ -52,17 +53,15 @@ class SamplingOptions:
             if (value is not None or name == "temperature") and (
                     isinstance(value, bool) or not isinstance(value, numbers.Real)):
                 raise HippoError(f"{name} must be a number, got {value!r}")
-        for name in ("top_k", "seed"):
-            value = getattr(self, name)
-            if value is not None and not is_int(value):
-                raise HippoError(f"{name} must be an integer, got {value!r}")
+        if self.top_k is not None and not is_int(self.top_k):
+            raise HippoError(f"top_k must be an integer, got {self.top_k!r}")
+        if self.seed is not None:
+            check_seed(self.seed)
         if not 0 <= self.temperature < math.inf:
             raise HippoError(f"temperature must be >= 0 and finite, got {self.temperature}")
         if 0 < self.temperature < MIN_TEMPERATURE:
             raise HippoError(f"temperature {self.temperature} would overflow the scaled logits: "
                              f"use at least {MIN_TEMPERATURE}, or 0 for greedy decoding")
-        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise HippoError(f"seed must be in [0, 2**62], got {self.seed}")
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise HippoError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k is not None and self.top_k < 0:
@@ -74,6 +73,46 @@ class SamplingOptions:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def check_seed(seed: object) -> None:
+    """A generator seed: an integer in [0, MAX_SEED]."""
+    if not is_int(seed):
+        raise HippoError(f"seed must be an integer, got {seed!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise HippoError(f"seed must be in [0, 2**62], got {seed}")
+
+
+def new_token_count(value: object, least: int = 1) -> int:
+    """max_new_tokens as an int (numpy's too, not 4.5, "4" or True) of at least `least`."""
+    try:
+        count = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        count = None
+    if count is None or count < least:
+        raise HippoError(f"max_new_tokens must be an integer of at least {least}, got {value!r}")
+    return count
+
+
+def eos_id_set(eos_token_id: object, vocab: int) -> set[int]:
+    """The stop tokens as a set of ids in [0, vocab): from one id, a list, tuple or set of
+    them, or None (no stop token)."""
+    if eos_token_id is None:
+        return set()
+    tokens = eos_token_id if isinstance(eos_token_id, (list, tuple, set, frozenset)) \
+        else [eos_token_id]
+    try:
+        if any(isinstance(token, bool) for token in tokens):
+            raise TypeError
+        ids = {operator.index(token) for token in tokens}
+    except TypeError:
+        raise HippoError(f"eos_token_id must be a token id, a list of them or None, "
+                         f"got {eos_token_id!r}") from None
+    outside = sorted(token for token in ids if not 0 <= token < vocab)
+    if outside:
+        raise HippoError(f"eos_token_id {outside[0]} is not a token id (the vocabulary has "
+                         f"{vocab})")
+    return ids
 
 
 def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -115,9 +154,9 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     `prompt.generated_positions(j, 1)`. The runtime's cache is reset first. A sampling
     generator must live on the runtime's device.
     """
-    _check_request(runtime, prompt, max_new_tokens)
+    max_new_tokens = _check_request(runtime, prompt, max_new_tokens)
     SamplingOptions(temperature, top_k, top_p)  # validates them
-    eos_ids = _eos_set(eos_token_id)
+    eos_ids = eos_id_set(eos_token_id, runtime.lm_head.out_features)
     runtime.reset()
     synchronize = _synchronizer(runtime.device)
 
@@ -141,22 +180,20 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
 
 
 def _check_request(runtime: LanguageModelRuntime, prompt: PreparedPrompt,
-                   max_new_tokens: int) -> None:
-    if max_new_tokens < 1:
-        raise HippoError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+                   max_new_tokens: object) -> int:
+    """max_new_tokens as an int, once the request is known to fit the runtime's cache."""
+    if not isinstance(runtime, LanguageModelRuntime):
+        raise HippoError(f"runtime must be a LanguageModelRuntime, got {type(runtime).__name__}")
+    if not isinstance(prompt, PreparedPrompt):
+        raise HippoError(f"prompt must be a PreparedPrompt (an adapter's prepare()), got "
+                         f"{type(prompt).__name__}")
+    max_new_tokens = new_token_count(max_new_tokens)
     if prompt.length + max_new_tokens > runtime.cache.max_seq_len:
         raise HippoError(
             "prompt plus max_new_tokens beyond the cache: "
             f"{prompt.length} prompt tokens + {max_new_tokens} new tokens > max_seq_len "
             f"{runtime.cache.max_seq_len}")
-
-
-def _eos_set(eos_token_id: int | list[int] | None) -> set[int]:
-    if eos_token_id is None:
-        return set()
-    if isinstance(eos_token_id, int):
-        return {eos_token_id}
-    return {int(token) for token in eos_token_id}
+    return max_new_tokens
 
 
 def _synchronizer(device: torch.device):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hippo_ext
-from hippo.models.base import HippoError
+from hippo.models.base import HippoError, is_int
 from hippo.runtime.fused_projections import fuse_layer_projections
 from hippo.runtime.static_cache import StaticKVCache
 
@@ -42,6 +42,15 @@ GEMM_PROLOGUE_MAX_ROWS = 1
 
 # attend(layer index, post-RoPE queries [B, S, Hq, D]) -> attention output [B, S, Hq * D]
 AttendFn = Callable[[int, torch.Tensor], torch.Tensor]
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def check_flag(name: str, value: object, allow_none: bool = False) -> None:
+    """An on/off option must be a bool (None too where it means "the default for the device"):
+    a truthy string such as "no" would otherwise switch it on."""
+    if not isinstance(value, bool) and not (allow_none and value is None):
+        allowed = "True, False or None" if allow_none else "True or False"
+        raise HippoError(f"{name} must be {allowed}, got {value!r}")
 
 
 @dataclass
@@ -139,6 +148,11 @@ class LanguageModelRuntime:
                  step_attention: str | None = None, fused: bool | None = None,
                  skinny_gemm: bool = False, gemm_prologues: bool = False,
                  step_invariant: bool = False) -> None:
+        for name, value in (("use_cuda_graphs", use_cuda_graphs), ("fused", fused)):
+            check_flag(name, value, allow_none=True)
+        for name, value in (("skinny_gemm", skinny_gemm), ("gemm_prologues", gemm_prologues),
+                            ("step_invariant", step_invariant)):
+            check_flag(name, value)
         self.text_model = text_model
         self.lm_head = lm_head
         self.layers = list(text_model.layers)
@@ -153,6 +167,7 @@ class LanguageModelRuntime:
         self.scale = float(attention.scaling)
         weight = text_model.embed_tokens.weight
         self.device, self.dtype = weight.device, weight.dtype
+        self.vocab_rows, self.hidden_size = weight.shape
 
         self.cache = StaticKVCache(len(self.layers), batch, self.num_kv_heads, max_seq_len,
                                    self.head_dim, dtype=self.dtype, device=self.device)
@@ -220,6 +235,15 @@ class LanguageModelRuntime:
     @torch.no_grad()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, S] token ids -> [B, S, hidden] input embeddings."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in INDEX_DTYPES:
+            kind = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise HippoError(f"input_ids must be an integer tensor of token ids, got {kind}")
+        # Checked here, not by the lookup: out of range, it is a device-side assert on CUDA.
+        if input_ids.numel():
+            low, high = torch.aminmax(input_ids.long())
+            if int(low) < 0 or int(high) >= self.vocab_rows:
+                raise HippoError(f"input_ids must lie in [0, {self.vocab_rows}), got ids from "
+                                 f"{int(low)} to {int(high)}")
         return self.text_model.embed_tokens(input_ids.to(self.device))
 
     def rollback(self, length: int | torch.Tensor) -> None:
@@ -239,6 +263,7 @@ class LanguageModelRuntime:
         position_ids: [B, S] (1-D RoPE) or [3, B, S] (M-RoPE; [B, S] is broadcast to the three
         sections as HF does). Prefill runs eagerly with PyTorch SDPA on every device.
         """
+        self._check_prompt_inputs(inputs_embeds, position_ids)
         batch, seq_len, _ = inputs_embeds.shape
         self._check_batch(batch)
         query_layers = self._check_query_request(query_layers, query_len, batch, seq_len)
@@ -292,10 +317,13 @@ class LanguageModelRuntime:
         milliseconds inside the decode (on an H200, 2026-11-27, a timed 7B/0.5B run that
         captured as it went decoded at 0.97x AR where fixed g = 4 ran at 1.73x).
         """
-        counts = list(counts)
+        try:
+            counts = list(counts)
+        except TypeError:
+            raise HippoError(f"counts must be an iterable of step sizes, got {counts!r}") from None
         for count in counts:
-            if not 1 <= count <= MAX_STEP_TOKENS:
-                raise HippoError(f"a step takes 1..{MAX_STEP_TOKENS} tokens, got {count}")
+            if not is_int(count) or not 1 <= count <= MAX_STEP_TOKENS:
+                raise HippoError(f"a step takes 1..{MAX_STEP_TOKENS} tokens, got {count!r}")
         if self._graphs is None or self.cache.host_length is None:
             return
         room = self.cache.max_seq_len - self.cache.host_length
@@ -510,6 +538,26 @@ class LanguageModelRuntime:
                              f"{kind} with B={batch}, S={seq_len}")
         return positions
 
+    def _check_prompt_inputs(self, inputs_embeds: object, position_ids: object) -> None:
+        """A prompt's embeddings [B, S, hidden] (floating, S >= 1) and integer position ids
+        (their shape is checked against B and S by _normalise_positions)."""
+        if not isinstance(inputs_embeds, torch.Tensor):
+            raise HippoError(f"inputs_embeds must be a tensor [B, S, {self.hidden_size}], got "
+                             f"{type(inputs_embeds).__name__}")
+        shape = tuple(inputs_embeds.shape)
+        if len(shape) != 3 or not inputs_embeds.is_floating_point():
+            raise HippoError(f"inputs_embeds must be a floating tensor [B, S, {self.hidden_size}] "
+                             f"(embeddings, not token ids), got {inputs_embeds.dtype} {shape}")
+        if shape[2] != self.hidden_size:
+            raise HippoError(f"inputs_embeds of width {shape[2]} do not fit this model's hidden "
+                             f"size {self.hidden_size} (a prompt prepared for another model?)")
+        if shape[1] < 1:
+            raise HippoError("inputs_embeds holds no token (S = 0): a prompt needs at least one")
+        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in INDEX_DTYPES:
+            kind = position_ids.dtype if isinstance(position_ids, torch.Tensor) \
+                else type(position_ids).__name__
+            raise HippoError(f"position_ids must be an integer tensor, got {kind}")
+
     def _check_batch(self, batch: int) -> None:
         if batch != self.cache.batch:
             raise HippoError(f"batch {batch} does not match the runtime's batch "
@@ -517,12 +565,16 @@ class LanguageModelRuntime:
 
     def _check_query_request(self, query_layers: Sequence[int], query_len: int, batch: int,
                              seq_len: int) -> tuple[int, ...]:
-        layers = tuple(int(layer) for layer in query_layers)
+        layers = tuple(query_layers) if isinstance(query_layers, Iterable) else None
+        if layers is None or isinstance(query_layers, str) or not all(map(is_int, layers)):
+            raise HippoError(f"query_layers must be a sequence of layer indices, got "
+                             f"{query_layers!r}")
+        layers = tuple(int(layer) for layer in layers)
         if not layers:
             return layers
         if batch != 1:
             raise HippoError("queries for token selection are returned for batch 1 only")
-        if not 1 <= query_len <= seq_len:
+        if not is_int(query_len) or not 1 <= query_len <= seq_len:
             raise HippoError(f"query_len must be in 1..{seq_len} (the prompt), got {query_len}")
         bad = [layer for layer in layers if not 0 <= layer < len(self.layers)]
         if bad:

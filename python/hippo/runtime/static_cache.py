@@ -7,6 +7,8 @@ change of the length alone.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from hippo.models.base import HippoError, is_int
@@ -109,7 +111,7 @@ class StaticKVCache:
             self.length.copy_(new_length.to(self.length.dtype).expand_as(self.length))
             self.host_length = None
             return
-        new_length = int(new_length)
+        new_length = _length(new_length, "rollback")
         if not 0 <= new_length <= self.max_seq_len:
             raise HippoError(
                 f"cannot roll the KV cache back to length {new_length}: it holds at most "
@@ -124,6 +126,7 @@ class StaticKVCache:
     def fill_to(self, length: int) -> None:
         """Declare positions [0, length) valid after they were written directly into `tensor`
         (for example by hippo_ext.kv_gather from another cache)."""
+        length = _length(length, "fill_to")
         if not 0 <= length <= self.max_seq_len:
             raise HippoError(f"cannot fill the KV cache to length {length}: it holds at most "
                              f"{self.max_seq_len} positions")
@@ -141,3 +144,11 @@ class StaticKVCache:
         if self.host_length is not None:
             return self.host_length
         return int(self.length.max().item())
+
+
+def _length(value: object, what: str) -> int:
+    """A cache length given on the host: an integer (numpy's too), never 3.7 cut to 3."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise HippoError(f"{what}: length must be an integer, got {value!r}") from None

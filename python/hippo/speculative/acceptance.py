@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 import hippo_ext
-from hippo.models.base import HippoError
+from hippo.models.base import HippoError, is_int
 from hippo.runtime.autoregressive import SamplingOptions, warp_logits
 
 
@@ -48,6 +48,11 @@ class TokenAcceptance:
     """
 
     def __init__(self, options: SamplingOptions, vocab: int) -> None:
+        if not isinstance(options, SamplingOptions):
+            raise HippoError(f"options must be a SamplingOptions, got {type(options).__name__}")
+        if not is_int(vocab) or vocab < 1:
+            raise HippoError(f"vocab must be a positive integer (the target's logits width), "
+                             f"got {vocab!r}")
         self.options = options
         self.vocab = vocab
         self._generators: dict[torch.device, torch.Generator] = {}

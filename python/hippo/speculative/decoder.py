@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from hippo.models.base import HippoError
+from hippo.runtime.autoregressive import eos_id_set, new_token_count
 from hippo.runtime.decoder import LanguageModelRuntime
 from hippo.speculative.acceptance import TokenAcceptance, Verdict
 from hippo.speculative.draft_length import DraftLength
@@ -151,7 +152,14 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
     prompt; positions [..., n] the position ids of generated tokens 0, 1, ... (n at least
     max_new_tokens + 2 * the largest g + 2); draft_priority puts the draft's steps on a
     high-priority CUDA stream. Returns the finished decoder (emitted, stats)."""
+    max_new_tokens = new_token_count(max_new_tokens)
+    eos_ids = eos_id_set(eos_ids, acceptance.vocab)
     capacity = positions.shape[-1]
+    needed = max_new_tokens + 2 * draft_length.max_gamma + 2
+    if capacity < needed:
+        raise HippoError(f"positions hold {capacity} generated positions; max_new_tokens "
+                         f"{max_new_tokens} with gamma up to {draft_length.max_gamma} needs "
+                         f"{needed} (max_new_tokens + 2 * gamma + 2)")
     stats = stats or GenerationStats(mode=mode)
     # Every size a round can step with, captured before the first round (CUDA graphs only):
     # target steps of 1..g+1 tokens in sequential rounds (the drafts and the bonus row), of

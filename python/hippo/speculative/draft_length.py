@@ -29,6 +29,8 @@ class DraftLength:
                              f"got {gamma!r}")
         if not is_int(max_gamma) or not 1 <= max_gamma <= MAX_DRAFT_LENGTH:
             raise HippoError(f"max_gamma must be an int in 1..{MAX_DRAFT_LENGTH}, got {max_gamma!r}")
+        if not is_int(initial) or initial < 1:
+            raise HippoError(f"initial must be an int of at least 1, got {initial!r}")
         if mode not in RULES:
             raise HippoError(f"unknown draft-length rule {mode!r}; choose one of {RULES}")
         self.adaptive = gamma == "auto"
