@@ -2,6 +2,7 @@
 tests/ and benchmarks/ are collected in one run)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -47,3 +48,20 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64 (NaN never passes a < comparison)."""
     out64, ref64 = out.double().cpu(), ref.double().cpu()
     return float((out64 - ref64).norm() / ref64.norm().clamp_min(1e-30))
+
+
+def chi_square(samples: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson's statistic of token samples against probs (normalised here); inf when a token of
+    probability 0 was drawn."""
+    counts = torch.bincount(samples.cpu(), minlength=probs.numel()).double()
+    expected = counts.sum() * probs.double() / probs.double().sum()
+    if bool(((expected == 0) & (counts > 0)).any()):
+        return math.inf
+    mask = expected > 0
+    return float(((counts - expected) ** 2 / expected)[mask].sum())
+
+
+def chi_square_critical(df: int, z: float = 4.75) -> float:
+    """Wilson-Hilferty quantile of chi2(df) at the normal quantile z (4.75: about 1e-6)."""
+    c = 2.0 / (9.0 * df)
+    return df * (1.0 - c + z * math.sqrt(c)) ** 3

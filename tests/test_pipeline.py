@@ -110,14 +110,20 @@ def test_gemm_prologues_reach_their_runtimes_and_keep_the_output(roles):
         "target": roles == "both", "draft": True}
 
 
-def test_sampled_generation_repeats_with_a_seed():
+@pytest.mark.parametrize("mode", ["sequential", "ar"])
+def test_sampled_generation_repeats_with_a_seed(mode):
+    """A seed repeats a run whatever the global generator holds (README: --mode ar, or a fixed
+    gamma), and another seed gives another run."""
     target, draft = make_pair("llava_onevision", "perturbed-copy", seed=0)
     frames = torch.from_numpy(__import__("numpy").zeros((3, 56, 56, 3), dtype="uint8"))
-    pipeline = HippoPipeline(target, draft, mode="sequential", gamma=3)
+    pipeline = HippoPipeline(target, None, mode="ar") if mode == "ar" else \
+        HippoPipeline(target, draft, mode="sequential", gamma=3)
     run = lambda seed: pipeline.generate(frames, "hi", 16, temperature=0.9, top_p=0.9,  # noqa: E731
                                          seed=seed).tokens
-    assert run(5) == run(5)
-    assert run(5) != run(6)
+    first = run(5)
+    torch.manual_seed(1234)  # a seeded run must not read the global generator
+    assert run(5) == first
+    assert run(6) != first
 
 
 def test_mismatched_tokenizers_or_families_are_one_clear_error():

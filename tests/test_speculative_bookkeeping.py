@@ -145,3 +145,81 @@ def test_bad_decoding_arguments_are_clear_errors():
         TokenAcceptance(SamplingOptions(), 0)
     with pytest.raises(HippoError, match="initial must be an int of at least 1"):
         DraftLength("auto", initial=0)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_every_lane_step_sits_at_the_columns_it_feeds(monkeypatch, mode):
+    """Each step of either lane feeds generated columns [start, end) at exactly the target's
+    positions of those columns: a draft one position off stays lossless but sees the video
+    shifted, and accepts less."""
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    pipeline = make_pipeline(target, draft, mode, 3, 0.25)
+    target_prompt, draft_prompt = pipeline.prepare(sample_frames("qwen2_5_vl", 4), "what moves?",
+                                                   num_frames=None)
+    expected = target_prompt.generated_positions(0, 64)
+    feeding: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, torch.Tensor]] = []
+    feed, step = Lane.feed, LanguageModelRuntime.step
+
+    def spy_feed(lane, end):
+        feeding.append((lane.fed, end))
+        try:
+            return feed(lane, end)
+        finally:
+            feeding.pop()
+
+    def spy_step(runtime, input_ids, position_ids):
+        if feeding:
+            seen.append((*feeding[-1], position_ids.clone()))
+        return step(runtime, input_ids, position_ids)
+
+    monkeypatch.setattr(Lane, "feed", spy_feed)
+    monkeypatch.setattr(LanguageModelRuntime, "step", spy_step)
+    pipeline.generate_prepared(target_prompt, draft_prompt, 16, SamplingOptions(), set())
+    assert len(seen) > 4
+    for start, end, positions in seen:
+        assert torch.equal(positions, expected[..., start:end]), (start, end)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_step_counts_are_the_steps_that_ran(monkeypatch, mode):
+    """stats.draft_steps and target_steps count the runtime steps taken: a parallel pre-verify
+    block stops early after a rejection, so what a round asked for is not what ran."""
+    target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
+    pipeline = make_pipeline(target, draft, mode, 3, 0.5)
+    calls = {"target": 0, "draft": 0}
+    step = LanguageModelRuntime.step
+
+    def spy_step(runtime, input_ids, position_ids):
+        for role, candidate in pipeline._runtimes.items():
+            if runtime is candidate:
+                calls[role] += 1
+        return step(runtime, input_ids, position_ids)
+
+    monkeypatch.setattr(LanguageModelRuntime, "step", spy_step)
+    stats = pipeline.generate(sample_frames("qwen2_5_vl", 4), "what moves?", 24).stats
+    assert 0 < stats.accepted < stats.drafted
+    assert (stats.draft_steps, stats.target_steps) == (calls["draft"], calls["target"])
+    if mode == "parallel":  # some block stopped early: requested and run differ
+        assert stats.draft_steps < sum(stats.gammas)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_adaptive_gamma_never_drops_below_one(mode):
+    """A draft much slower than the target (time ratio under 0.5) still drafts one token a
+    round: g = 0 would verify a stale column."""
+    policy = DraftLength("auto", initial=4, max_gamma=12, mode=mode)
+    for _ in range(8):
+        policy.observe(target_step_s=1e-3, draft_step_s=10e-3)  # no acceptance seen yet
+    assert policy.current == 1
+
+
+def test_rounds_with_nothing_accepted_lower_the_acceptance_estimate():
+    """Rounds that accept none of their drafts count (as 0) in the smoothed acceptance that picks
+    the sequential g: after many of them one draft token is best."""
+    policy = DraftLength("auto", initial=4, max_gamma=12, mode="sequential")
+    policy.observe(5e-3, 1e-3, accepted=10, drafted=10)
+    assert policy.current == 12
+    for _ in range(8):
+        policy.observe(5e-3, 1e-3, accepted=0, drafted=10)
+    assert policy.current == 1

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import math
 
 import pytest
 import torch
@@ -24,7 +23,7 @@ from hippo.runtime import LanguageModelRuntime, warp_logits
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
 from hippo.speculative.decoder import decode_after_prefill
 from hippo.speculative.draft_length import DraftLength
-from hippo_testing import requires_cuda
+from hippo_testing import chi_square_critical, requires_cuda
 from speculative_testing import make_pair, make_pipeline, sample_frames
 
 VOCAB = 7
@@ -147,9 +146,7 @@ def _chi_square_passes(counts: torch.Tensor, probs: torch.Tensor, alpha_z: float
         return False  # a token the target never samples
     cells_e, cells_o = cells_e[keep], cells_o[keep]
     statistic = float(((cells_o - cells_e) ** 2 / cells_e).sum())
-    df = cells_e.numel() - 1
-    critical = df * (1 - 2 / (9 * df) + alpha_z * math.sqrt(2 / (9 * df))) ** 3
-    return statistic < critical
+    return statistic < chi_square_critical(cells_e.numel() - 1, z=alpha_z)
 
 
 @pytest.mark.parametrize("warp", WARPS, ids=["t1", "t0.8-k5-p0.95"])

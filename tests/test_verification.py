@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from hippo_ext import verify_greedy, verify_sampling, verify_tree_greedy
-from hippo_testing import capture_cuda_graph
+from hippo_testing import capture_cuda_graph, chi_square, chi_square_critical
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -255,21 +255,6 @@ def test_verify_sampling_edge_rules(device):
     assert next_token.cpu().tolist() == [0, 2, inverse_cdf([0.125] * 4, 0.6)]
 
 
-def _chi_square(samples: torch.Tensor, probs: torch.Tensor) -> float:
-    counts = torch.bincount(samples.cpu(), minlength=probs.numel()).double()
-    expected = counts.sum() * probs.double() / probs.double().sum()
-    if bool(((expected == 0) & (counts > 0)).any()):
-        return math.inf
-    mask = expected > 0
-    return float(((counts - expected) ** 2 / expected)[mask].sum())
-
-
-def _chi_square_critical(df: int, z: float = 4.75) -> float:
-    """Wilson-Hilferty quantile of chi2(df) at the normal quantile z (4.75: about 1e-6)."""
-    c = 2.0 / (9.0 * df)
-    return df * (1.0 - c + z * math.sqrt(c)) ** 3
-
-
 # Distributions with entries k/32, exact in every dtype, that differ a lot between p and q.
 P_ROWS = [[13, 10, 3, 3, 2, 1], [2, 2, 4, 8, 8, 8], [1, 2, 4, 8, 16, 1]]
 Q_ROWS = [[3, 3, 10, 10, 3, 3], [8, 8, 8, 4, 2, 2]]
@@ -292,13 +277,13 @@ def test_verify_sampling_is_lossless(device, gen, dtype):
     distributed as p_k, for every k the op reaches."""
     draft, _, num_accepted, next_token = _distribution_draws(device, gen, dtype)
     g = draft.size(1)
-    critical = _chi_square_critical(df=5)
+    critical = chi_square_critical(df=5)
     for k in range(g + 1):
         reached = num_accepted >= k
         token = next_token.clone()
         if k < g:
             token = torch.where(num_accepted > k, draft[:, k], next_token)
-        statistic = _chi_square(token[reached], torch.tensor(P_ROWS[k], dtype=torch.float64))
+        statistic = chi_square(token[reached], torch.tensor(P_ROWS[k], dtype=torch.float64))
         assert statistic < critical, f"position {k}: chi2 {statistic:.1f} >= {critical:.1f}"
 
 
@@ -307,16 +292,16 @@ def test_verify_sampling_distribution_check_rejects_wrong_residuals(gen):
     q, or from p without max(0, .), fails it at position 0."""
     draft, uniforms, num_accepted, next_token = _distribution_draws("cpu", gen, torch.float32)
     p0, q0 = [w / 32 for w in P_ROWS[0]], [w / 32 for w in Q_ROWS[0]]
-    critical = _chi_square_critical(df=5)
+    critical = chi_square_critical(df=5)
     expected = torch.tensor(P_ROWS[0], dtype=torch.float64)
     correct = torch.where(num_accepted > 0, draft[:, 0], next_token)
-    assert _chi_square(correct, expected) < critical
+    assert chi_square(correct, expected) < critical
     rejected = num_accepted == 0
     for wrong in (q0, p0):
         cdf = torch.tensor(wrong, dtype=torch.float64).cumsum(0)
         resampled = torch.searchsorted(cdf, uniforms[:, -1].double() * cdf[-1], right=True)
         token = torch.where(rejected, resampled, draft[:, 0])
-        assert _chi_square(token, expected) > critical
+        assert chi_square(token, expected) > critical
 
 
 def test_verify_sampling_bonus_and_g0(device, gen):
