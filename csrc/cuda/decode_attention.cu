@@ -819,18 +819,20 @@ void launch_split_kernel(const Params& p, dim3 grid, bool wide, cudaStream_t str
   launch_kernel(kernel, grid, dim3(W * 32), kBytes, stream, p);
 }
 
-// Three cp.async stages where a block may take their shared memory; two where it may not. At
-// head dim 128 three stages take 104,448 bytes, over the 101,376 a block may opt into on
-// compute capability 8.6 and 8.9 (A10, A40, L4, L40, GeForce 30/40), which run the sm_80 build;
-// two take 69,632. HIPPO_DECODE_ATTENTION_STAGES=2 forces them at head dim 128 (tests, and
-// timing the cost on cards that have the room). Head dims 64 and 80 fit three stages everywhere
-// the build runs (55,296 and 67,584 bytes), so they have no two-stage kernel. The two-stage
-// kernel runs under the default register bounds only: the wide bounds serve one block per SM on
-// Hopper, which has the room for three stages.
+// The shared memory a block may opt into on every GPU the build runs on: 99 KB on compute
+// capability 8.6 and 8.9 (A10, A40, L4, L40, GeForce 30/40), which run the sm_80 build.
+constexpr int kLeastOptinSharedBytes = 101376;
+
+// Three cp.async stages where a block may take their shared memory; two where it may not. Only
+// head dim 128 can be short (three stages 104,448 bytes, two 69,632; D 64 and 80 take 55,296 and
+// 67,584), so only its kernels have a two-stage instantiation. HIPPO_DECODE_ATTENTION_STAGES=2
+// forces them (tests, and timing the cost on cards that have the room). The two-stage kernel runs
+// under the default register bounds only: the wide bounds serve one block per SM on Hopper,
+// which has the room for three stages.
 template <typename T, int D, int M, int W>
 void launch_mma(const Params& p, dim3 grid, cudaStream_t stream) {
   const bool wide = env_flag("HIPPO_DECODE_ATTENTION_WIDE_REGISTERS", true);
-  if constexpr (D == 128) {
+  if constexpr (MmaSmem<D, W, kStages>::kBytes > kLeastOptinSharedBytes) {
     const int64_t optin = at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
     constexpr int kTwoStageBytes = MmaSmem<D, W, 2>::kBytes;
     const bool three_fit = MmaSmem<D, W, kStages>::kBytes <= optin;
