@@ -85,13 +85,9 @@ def check_seed(seed: object) -> None:
 
 def new_token_count(value: object, least: int = 1) -> int:
     """max_new_tokens as an int (numpy's too, not 4.5, "4" or True) of at least `least`."""
-    try:
-        count = None if isinstance(value, bool) else operator.index(value)
-    except TypeError:
-        count = None
-    if count is None or count < least:
+    if not is_int(value) or value < least:
         raise HippoError(f"max_new_tokens must be an integer of at least {least}, got {value!r}")
-    return count
+    return operator.index(value)
 
 
 def eos_id_set(eos_token_id: object, vocab: int) -> set[int]:
@@ -101,13 +97,10 @@ def eos_id_set(eos_token_id: object, vocab: int) -> set[int]:
         return set()
     tokens = eos_token_id if isinstance(eos_token_id, (list, tuple, set, frozenset)) \
         else [eos_token_id]
-    try:
-        if any(isinstance(token, bool) for token in tokens):
-            raise TypeError
-        ids = {operator.index(token) for token in tokens}
-    except TypeError:
+    if not all(is_int(token) for token in tokens):
         raise HippoError(f"eos_token_id must be a token id, a list of them or None, "
-                         f"got {eos_token_id!r}") from None
+                         f"got {eos_token_id!r}")
+    ids = {operator.index(token) for token in tokens}
     outside = sorted(token for token in ids if not 0 <= token < vocab)
     if outside:
         raise HippoError(f"eos_token_id {outside[0]} is not a token id (the vocabulary has "

@@ -53,6 +53,14 @@ def check_flag(name: str, value: object, allow_none: bool = False) -> None:
         raise HippoError(f"{name} must be {allowed}, got {value!r}")
 
 
+def check_index_tensor(name: str, value: object, what: str = "an integer tensor") -> None:
+    """Token or position ids must be an integer tensor: floats would be cut to integers in
+    silence, and embeddings passed as ids (or ids as embeddings) fail deep in the model."""
+    if not isinstance(value, torch.Tensor) or value.dtype not in INDEX_DTYPES:
+        kind = value.dtype if isinstance(value, torch.Tensor) else type(value).__name__
+        raise HippoError(f"{name} must be {what}, got {kind}")
+
+
 @dataclass
 class PrefillResult:
     """logits: [B, S, V] with all_logits=True, else [B, 1, V] (the last prompt token only: the
@@ -235,9 +243,7 @@ class LanguageModelRuntime:
     @torch.no_grad()
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, S] token ids -> [B, S, hidden] input embeddings."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in INDEX_DTYPES:
-            kind = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise HippoError(f"input_ids must be an integer tensor of token ids, got {kind}")
+        check_index_tensor("input_ids", input_ids, "an integer tensor of token ids")
         # Checked here, not by the lookup: out of range, it is a device-side assert on CUDA.
         if input_ids.numel():
             low, high = torch.aminmax(input_ids.long())
@@ -553,10 +559,7 @@ class LanguageModelRuntime:
                              f"size {self.hidden_size} (a prompt prepared for another model?)")
         if shape[1] < 1:
             raise HippoError("inputs_embeds holds no token (S = 0): a prompt needs at least one")
-        if not isinstance(position_ids, torch.Tensor) or position_ids.dtype not in INDEX_DTYPES:
-            kind = position_ids.dtype if isinstance(position_ids, torch.Tensor) \
-                else type(position_ids).__name__
-            raise HippoError(f"position_ids must be an integer tensor, got {kind}")
+        check_index_tensor("position_ids", position_ids)
 
     def _check_batch(self, batch: int) -> None:
         if batch != self.cache.batch:
