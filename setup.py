@@ -14,7 +14,6 @@ from __future__ import annotations
 import glob
 import os
 import site
-import sys
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -77,6 +76,24 @@ def _extension():
     )
 
 
+# What `import hippo` and the `hippo` command need, as ranges; requirements.txt pins the one
+# environment that CI and `make` build and test (torch 2.14.1, transformers 5.17.0) and adds the
+# test tools. `--no-build-isolation` keeps the build on the environment's torch; offline, add
+# `--no-deps` and bring these yourself.
+RUNTIME_REQUIREMENTS = [
+    "torch>=2.11",
+    "numpy",
+    "transformers>=5.17,<6",
+    "decord>=0.6; platform_machine == 'x86_64'",  # no other wheels: OpenCV or PyAV decode there
+    "opencv-python-headless",
+    "pillow",
+    "tqdm",
+]
+EXTRA_REQUIREMENTS = {
+    # `hippo bench`: its plot, and Video-MME's parquet annotations.
+    "bench": ["matplotlib", "pyarrow"],
+}
+
 setup(
     name="hippo",
     version="0.1.0",
@@ -87,5 +104,7 @@ setup(
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     entry_points={"console_scripts": ["hippo = hippo.cli:main"]},
+    install_requires=RUNTIME_REQUIREMENTS,
+    extras_require=EXTRA_REQUIREMENTS,
     zip_safe=False,
 )

@@ -3,6 +3,11 @@ are all-or-nothing (all ops when hippo_ext was built with CUDA)."""
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path, PurePosixPath
 
 import pytest
 import torch
@@ -31,3 +36,76 @@ def test_cuda_kernels_built_where_expected() -> None:
 def test_every_public_op_is_wrapped() -> None:
     for op_name in hippo_ext.OP_NAMES:
         assert callable(getattr(hippo_ext, op_name))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+QUOTED_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def sdist_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    """The files of a source distribution made from this tree, by path inside it. Made with CUDA
+    off, as on a machine without nvcc: what it carries must not depend on that."""
+    out = tmp_path_factory.mktemp("sdist")
+    # --egg-base keeps the metadata out of the source tree.
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(out),
+                    "sdist", "--dist-dir", str(out)],
+                   cwd=ROOT, env={**os.environ, "HIPPO_CPU_ONLY": "1"}, check=True,
+                   capture_output=True, timeout=300)
+    (archive,) = out.glob("*.tar.gz")
+    with tarfile.open(archive) as tar:
+        return {member.name.split("/", 1)[1]: tar.extractfile(member).read()
+                for member in tar.getmembers() if member.isfile()}
+
+
+def test_sdist_carries_every_kernel_source_and_header(sdist_files: dict[str, bytes]) -> None:
+    on_disk = {path.relative_to(ROOT).as_posix() for path in (ROOT / "csrc").rglob("*")
+               if path.suffix in {".cpp", ".cu", ".h", ".cuh"}}
+    assert on_disk, "no kernel sources found under csrc/"
+    assert sorted(on_disk - sdist_files.keys()) == []
+
+
+def test_sdist_resolves_every_quoted_include(sdist_files: dict[str, bytes]) -> None:
+    # setup.py compiles with csrc/ on the include path; a quoted include may also be relative
+    # to the including file.
+    unresolved = []
+    for name, text in sdist_files.items():
+        if not name.startswith("csrc/"):
+            continue
+        for target in QUOTED_INCLUDE.findall(text.decode()):
+            beside = (PurePosixPath(name).parent / target).as_posix()
+            if f"csrc/{target}" not in sdist_files and beside not in sdist_files:
+                unresolved.append(f"{name}: {target}")
+    assert unresolved == []
+
+
+def test_sdist_carries_the_build_and_set_up_files(sdist_files: dict[str, bytes]) -> None:
+    wanted = {"setup.py", "pyproject.toml", "requirements.txt", "Makefile", "CMakeLists.txt",
+              "README.md", "python/hippo/cli.py", "hippo_ext/__init__.py", "tests/conftest.py"}
+    assert sorted(wanted - sdist_files.keys()) == []
+    assert not [name for name in sdist_files if name.endswith((".so", ".pyc"))]
+
+
+def test_sdist_declares_the_runtime_dependencies(sdist_files: dict[str, bytes]) -> None:
+    """`pip install .` must bring what `import hippo` and the hippo command import."""
+    metadata = sdist_files["PKG-INFO"].decode()
+    required = {line.split(":", 1)[1].split(";")[0].strip()
+                for line in metadata.splitlines() if line.startswith("Requires-Dist:")}
+    names = {re.split(r"[<>=!~ \[]", spec, maxsplit=1)[0].lower() for spec in required}
+    assert {"torch", "transformers", "decord", "opencv-python-headless", "pillow", "tqdm",
+            "numpy"} <= names
+    assert "Provides-Extra: bench" in metadata
+
+
+def test_the_pinned_environment_installs_every_declared_dependency(
+        sdist_files: dict[str, bytes]) -> None:
+    """requirements.txt (what make and CI install) must hold every dependency setup.py declares,
+    or CI would test without one that users get."""
+    def names(lines: list[str], prefix: str = "") -> set[str]:
+        return {re.split(r"[<>=!~ ;\[]", line[len(prefix):].strip(), maxsplit=1)[0].lower()
+                for line in lines if line.startswith(prefix) and line[len(prefix):].strip()
+                and not line.strip().startswith("#")}
+
+    declared = names(sdist_files["PKG-INFO"].decode().splitlines(), "Requires-Dist:")
+    pinned = names((ROOT / "requirements.txt").read_text().splitlines())
+    assert sorted(declared - pinned) == []

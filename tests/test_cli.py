@@ -3,6 +3,7 @@ stderr with exit status 2, never a traceback."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,16 @@ def test_bench_tiny_writes_table_json_and_plot(capsys, tmp_path):
     high, low = (next(r for r in report["rows"] if r["method"] == "sequential" and r["eps"] == e)
                  for e in (0.1, 1.0))
     assert high["MAT"] > low["MAT"]  # the knob moves acceptance
+
+
+def test_bench_without_matplotlib_writes_the_json_and_says_why_no_figure(capsys, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    argv = ["bench", "--preset", "tiny", "--eps", "0.1", "--new-tokens", "8", "--gamma", "4",
+            "--methods", "hippo_ar", "sequential", "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert "no figure: matplotlib is not installed" in capsys.readouterr().out
+    assert (tmp_path / "bench.json").exists() and not (tmp_path / "bench.png").exists()
 
 
 def test_bench_runs_with_the_opt_in_gemm_prologues_and_draft_priority(capsys, tmp_path):

@@ -98,7 +98,11 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
                   target=asdict(preset.target), draft=asdict(preset.draft), rows=rows)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
     figure = plot_speedup_vs_mat(rows, out_dir / "bench.png", f"hippo bench {name} ({device})")
-    print(f"wrote {out_dir / 'bench.json'} and {figure}")
+    if figure is None:
+        print(f"wrote {out_dir / 'bench.json'} (no figure: matplotlib is not installed; "
+              "pip install matplotlib, or the bench extra: pip install '.[bench]')")
+    else:
+        print(f"wrote {out_dir / 'bench.json'} and {figure}")
     return rows
 
 

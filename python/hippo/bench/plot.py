@@ -5,10 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_speedup_vs_mat(rows: list[dict], path: str | Path, title: str) -> Path:
+def plot_speedup_vs_mat(rows: list[dict], path: str | Path, title: str) -> Path | None:
     """x: the pair's MAT at each eps (sequential SD's measured MAT), y: decode speedup over HF
-    generate. Written as PNG (matplotlib, headless)."""
-    import matplotlib
+    generate. Written as PNG (matplotlib, headless); None, with nothing written, where
+    matplotlib is not installed (an optional dependency: the `bench` extra)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
