@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -109,3 +110,34 @@ def test_the_pinned_environment_installs_every_declared_dependency(
     declared = names(sdist_files["PKG-INFO"].decode().splitlines(), "Requires-Dist:")
     pinned = names((ROOT / "requirements.txt").read_text().splitlines())
     assert sorted(declared - pinned) == []
+
+
+LOAD_CMAKE_LIBRARY = """
+import sys, torch
+torch.ops.load_library(sys.argv[1])
+missing = [op for op in sys.argv[2:]
+           if not torch._C._dispatch_has_kernel_for_dispatch_key(f"hippo_ext::{op}", "CPU")]
+assert not missing, f"no CPU kernel for {missing}"
+x, w = torch.randn(3, 7), torch.randn(7)
+want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
+torch.testing.assert_close(torch.ops.hippo_ext.rms_norm(x, w, 1e-6), want)
+"""
+
+
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_build_registers_every_op_for_cpp_consumers(tmp_path: Path) -> None:
+    """CMakeLists.txt (for libtorch applications) globs the same sources as setup.py: its library
+    must build, load without hippo_ext's Python package and register every op."""
+    def run(args: list[str]) -> None:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=1200)
+        output = (done.stdout + done.stderr)[-4000:]
+        assert done.returncode == 0, f"{' '.join(args[:3])} failed:\n{output}"
+
+    # The configure line CMakeLists.txt documents, CPU kernels only (compiling the CUDA ones
+    # would double CI's build time); it must find a CUDA torch's toolkit and nvrtc by itself.
+    run(["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-DHIPPO_WITH_CUDA=OFF",
+         f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
+         *(["-GNinja"] if shutil.which("ninja") else [])])
+    run(["cmake", "--build", str(tmp_path), "--parallel", str(os.cpu_count() or 1)])
+    (library,) = tmp_path.glob("libhippo_ext.*")
+    run([sys.executable, "-c", LOAD_CMAKE_LIBRARY, str(library), *hippo_ext.OP_NAMES])
