@@ -5,8 +5,8 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# CUDA targets compiled when a CUDA torch and nvcc are present (no GPU needed to compile).
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0a
+# CUDA targets, compiled when a CUDA torch and nvcc are present (no GPU needed to compile):
+# setup.py's default unless TORCH_CUDA_ARCH_LIST is set.
 export MAX_JOBS ?= $(shell nproc)
 
 SOURCES := $(shell find csrc hippo_ext -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.py') setup.py

@@ -6,7 +6,9 @@ C++ consumers, so no source list is written twice.
 
 Environment knobs:
   HIPPO_CPU_ONLY=1          build the CPU kernels only, even with a CUDA torch and nvcc;
-  TORCH_CUDA_ARCH_LIST      CUDA targets (default "8.0;9.0a": sm_80 and Hopper's sm_90a);
+  TORCH_CUDA_ARCH_LIST      CUDA targets (default "8.0+PTX;9.0a": sm_80 and Hopper's sm_90a
+                            code, and compute_80 PTX that the driver compiles for later GPUs
+                            such as Blackwell's, which the two do not run on);
   MAX_JOBS                  parallel compile jobs (ninja).
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+DEFAULT_CUDA_ARCHS = "8.0+PTX;9.0a"
 
 # torch finds nvcc through CUDA_HOME; on these machines `nvcc` on PATH is a wrapper script whose
 # parent folder is not the toolkit, so point at the real toolkit when nobody has.

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+import hippo_ext
 from hippo.models.base import HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible, resolve_device
 from hippo.models.preprocess import check_frames
 from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, preserve_tokens
@@ -143,6 +144,7 @@ class HippoPipeline:
             draft.model.to(resolve_device(self.options.draft_device))
         if draft is not None:
             check_lane_devices(target.device, draft.device, self.options.mode)
+        check_kernels_run(self._models().values(), self.options.mode)
         if self.self_speculative and self.options.draft_prefill != "pruned":
             raise HippoError("self-speculation (no draft model) copies the target's kept cache; "
                              "draft_prefill does not apply: leave it at 'pruned'")
@@ -423,6 +425,19 @@ def check_lane_devices(target: torch.device, draft: torch.device, mode: str) -> 
     if mode == "parallel" and target.type == "cpu" and draft.type == "cuda":
         raise HippoError("parallel decoding with the target on the CPU needs the draft on the "
                          "CPU too (or mode='sequential'); the draft is on " + str(draft))
+
+
+def check_kernels_run(models: Iterable[VideoLLMAdapter], mode: str) -> None:
+    """Speculative decoding runs hippo_ext ops (token selection, KV compaction, verification)
+    on each model's device, so a GPU this build's kernels do not run on is refused here, not
+    at the first launch. mode="ar" needs none (its runtime runs HF's modules there)."""
+    if mode == "ar":
+        return
+    for device in {model.device for model in models}:
+        reason = hippo_ext.cuda_kernels_unsupported(device) if device.type == "cuda" else None
+        if reason is not None:
+            raise HippoError(f"{mode} decoding on {device} needs hippo_ext's CUDA kernels, which "
+                             f"cannot run there: {reason}. Use mode='ar', or the CPU")
 
 
 @contextmanager

@@ -589,15 +589,23 @@ DECODE_ATTENTION_CUDA_DTYPES = (torch.bfloat16, torch.float16)
 DECODE_ATTENTION_CUDA_HEAD_DIMS = (64, 80, 128)
 
 
+def _kernels_unavailable(ops: Sequence[str], device: torch.device) -> str | None:
+    """Why hippo_ext cannot run `ops` on `device`, or None when it can. On CUDA the build has
+    every op's kernel or none, and they may still hold no code for this GPU."""
+    if device.type == "cuda":
+        return hippo_ext.cuda_kernels_unsupported(device)
+    missing = [op for op in ops if not hippo_ext.has_kernel(op, "CPU")]
+    return f"this build of hippo_ext has no CPU kernel for {', '.join(missing)}" if missing else None
+
+
 def _decode_attention_supports(device: torch.device, dtype: torch.dtype,
                                head_dim: int) -> bool:
     """Whether hippo_ext.decode_attention has a kernel for this device, dtype and head dim (its
     CUDA kernel takes bf16/fp16 and head dims 64, 80, 128; the CPU reference takes all)."""
-    if device.type != "cuda":
-        return hippo_ext.has_kernel("decode_attention", "CPU")
-    return (hippo_ext.has_kernel("decode_attention", "CUDA")
-            and dtype in DECODE_ATTENTION_CUDA_DTYPES
-            and head_dim in DECODE_ATTENTION_CUDA_HEAD_DIMS)
+    if _kernels_unavailable(("decode_attention",), device) is not None:
+        return False
+    return device.type != "cuda" or (dtype in DECODE_ATTENTION_CUDA_DTYPES
+                                     and head_dim in DECODE_ATTENTION_CUDA_HEAD_DIMS)
 
 
 def _choose_step_attention(requested: str | None, device: torch.device, dtype: torch.dtype,
@@ -613,7 +621,7 @@ def _choose_step_attention(requested: str | None, device: torch.device, dtype: t
     if requested == "hippo_ext" and not _decode_attention_supports(device, dtype, head_dim):
         raise HippoError(
             f"step_attention='hippo_ext' has no kernel for {device.type}, {dtype}, head dim "
-            f"{head_dim} (CUDA: bf16/fp16, head dim 64/80/128; or hippo_ext is not built); "
+            f"{head_dim} (CUDA: bf16/fp16, head dim 64/80/128, a GPU the build covers); "
             "use step_attention='sdpa'")
     return requested
 
@@ -646,19 +654,16 @@ def _check_gemm_prologues_possible(requested: bool, fused: bool, step_invariant:
         raise HippoError("gemm_prologues=True needs the fused layer path (fused=True)")
     if step_invariant:
         raise HippoError("gemm_prologues=True cannot be combined with step_invariant=True")
-    dispatch_key = "CUDA" if device.type == "cuda" else "CPU"
-    missing = [op for op in GEMM_PROLOGUE_OPS if not hippo_ext.has_kernel(op, dispatch_key)]
-    if missing:
-        raise HippoError(f"gemm_prologues=True: this build of hippo_ext has no {dispatch_key} "
-                         f"kernel for {', '.join(missing)}")
+    reason = _kernels_unavailable(GEMM_PROLOGUE_OPS, device)
+    if reason is not None:
+        raise HippoError(f"gemm_prologues=True cannot run: {reason}")
 
 
 def _fused_layers_unsupported(device: torch.device, text_model: nn.Module) -> str | None:
     """Why the fused layer path cannot run here, or None when it can."""
-    dispatch_key = "CUDA" if device.type == "cuda" else "CPU"
-    missing = [op for op in FUSED_LAYER_OPS if not hippo_ext.has_kernel(op, dispatch_key)]
-    if missing:
-        return f"this build of hippo_ext has no {dispatch_key} kernel for {', '.join(missing)}"
+    reason = _kernels_unavailable(FUSED_LAYER_OPS, device)
+    if reason is not None:
+        return reason
     activation = getattr(text_model.config, "hidden_act", None)
     if activation not in ("silu", "swish"):
         return f"the MLP activation is {activation!r}, not SiLU"
