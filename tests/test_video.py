@@ -462,3 +462,22 @@ def test_write_video_rejects_bad_frames(tmp_path):
         write_video(tmp_path / "x.mp4", np.zeros((2, 8, 8, 3), np.float32), 4.0)
     with pytest.raises(HippoError, match="non-empty"):
         write_video(tmp_path / "x.mp4", np.zeros((0, 8, 8, 3), np.uint8), 4.0)
+
+
+def test_without_any_decoder_a_video_file_is_one_clear_error(monkeypatch):
+    monkeypatch.setattr(video, "_decord_available", lambda: False)
+    monkeypatch.setattr(video, "_opencv_available", lambda: False)
+    assert video.available_backends() == []
+    with pytest.raises(HippoError, match="no video decoder is installed: pip install decord"):
+        load_video(sample_video_path(), num_frames=4)
+    with pytest.raises(HippoError, match=r"'opencv' requested but OpenCV \(opencv-python-headless\) "
+                                         "is not installed"):
+        load_video(sample_video_path(), num_frames=4, backend="opencv")
+
+
+def test_available_backends_lists_what_imports_in_the_order_tried(monkeypatch):
+    monkeypatch.setattr(video, "_decord_available", lambda: True)
+    monkeypatch.setattr(video, "_opencv_available", lambda: True)
+    assert video.available_backends() == ["decord", "opencv"]
+    monkeypatch.setattr(video, "_decord_available", lambda: False)
+    assert video.available_backends() == ["opencv"]

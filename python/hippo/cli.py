@@ -140,6 +140,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
+    commands.add_parser("info", help="versions, hippo_ext's kernels and whether they run on each "
+                                     "GPU, video decoders (for bug reports)")
+
     from hippo.bench.command import add_bench_arguments
 
     add_bench_arguments(commands.add_parser(
@@ -264,6 +267,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _demo(args)
         elif args.command == "generate":
             _generate(args)
+        elif args.command == "info":
+            from hippo.info import print_report
+
+            print_report()
         else:
             from hippo.bench.command import run_bench
 
@@ -354,6 +361,7 @@ _API_FLAGS = {
     "generate": dict(num_frames="--frames", fps="--fps", max_new_tokens="--max-new-tokens",
                      keep_ratio="--keep-ratio", gamma="--gamma", draft_prefill="--draft-prefill",
                      temperature="--temperature", top_k="--top-k", top_p="--top-p", seed="--seed"),
+    "info": {},
     "bench": dict(num_frames="--num-frames", max_new_tokens="--max-new-tokens",
                   keep_ratio="--keep-ratio", gamma="--gamma"),
 }

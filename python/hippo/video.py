@@ -11,6 +11,7 @@ with one clear message.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import numbers
 import os
@@ -28,6 +29,7 @@ import torch
 from hippo.models.base import HippoError, check_positive_rate, is_int, short_repr
 
 BACKENDS = ("decord", "opencv")
+_PACKAGES = {"decord": "decord", "opencv": "OpenCV (opencv-python-headless)"}
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 # How num_frames frames are spread over a clip: "uniform" (first and last included: lmms-eval's
 # rule) or "segment_midpoints" (the middle of num_frames equal segments: MVBench's).
@@ -297,15 +299,27 @@ def _check_readable(path: Path) -> None:
         raise HippoError(f"cannot read the video file {path}: {error.strerror or error}") from None
 
 
+def available_backends() -> list[str]:
+    """The video decoders this installation can use, in the order they are tried: decord, then
+    OpenCV (decord has no wheels beyond x86_64; either may be missing or fail to import)."""
+    return [name for name, available in (("decord", _decord_available), ("opencv", _opencv_available))
+            if available()]
+
+
 def _backend_order(backend: str | None) -> list[str]:
-    """The backends to try, in order: a forced one alone, else decord (if importable) then OpenCV."""
+    """The backends to try, in order: a forced one alone, else every available one."""
+    available = available_backends()
     if backend is not None:
         if backend not in BACKENDS:
             raise HippoError(f"unknown video backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        if backend == "decord" and not _decord_available():
-            raise HippoError("video backend 'decord' requested but decord is not installed")
+        if backend not in available:
+            raise HippoError(f"video backend {backend!r} requested but {_PACKAGES[backend]} is not "
+                             "installed (or fails to import)")
         return [backend]
-    return ["decord", "opencv"] if _decord_available() else ["opencv"]
+    if not available:
+        raise HippoError("no video decoder is installed: pip install decord (x86_64) or "
+                         "opencv-python-headless, or pass decoded frames")
+    return available
 
 
 def _run_with_backends(path: Path, backend: str | None, work: Callable[[_Reader], _Result]) -> _Result:
@@ -326,12 +340,20 @@ def _run_with_backends(path: Path, backend: str | None, work: Callable[[_Reader]
                      f"({'; '.join(failures)})")
 
 
-def _decord_available() -> bool:
+def _importable(module: str) -> bool:
     try:
-        import decord  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
+
+
+def _decord_available() -> bool:
+    return _importable("decord")
+
+
+def _opencv_available() -> bool:
+    return _importable("cv2")
 
 
 class _DecordReader:
