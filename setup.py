@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import site
 from pathlib import Path
 
@@ -35,6 +36,12 @@ from torch.utils.cpp_extension import (  # noqa: E402  (after CUDA_HOME is settl
     CUDAExtension,
 )
 import torch  # noqa: E402
+
+
+def _version() -> str:
+    """hippo.__version__, read without importing the package (its imports need the build)."""
+    text = (ROOT / "python" / "hippo" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.MULTILINE).group(1)
 
 
 def _sources(pattern: str) -> list[str]:
@@ -98,7 +105,7 @@ EXTRA_REQUIREMENTS = {
 
 setup(
     name="hippo",
-    version="0.1.0",
+    version=_version(),
     description="HIPPO: lossless speculative decoding for video LLMs (kernels: hippo_ext)",
     python_requires=">=3.10",
     packages=["hippo_ext"] + find_packages("python"),

@@ -141,3 +141,9 @@ def test_cmake_build_registers_every_op_for_cpp_consumers(tmp_path: Path) -> Non
     run(["cmake", "--build", str(tmp_path), "--parallel", str(os.cpu_count() or 1)])
     (library,) = tmp_path.glob("libhippo_ext.*")
     run([sys.executable, "-c", LOAD_CMAKE_LIBRARY, str(library), *hippo_ext.OP_NAMES])
+
+
+def test_the_distribution_carries_the_package_version(sdist_files: dict[str, bytes]) -> None:
+    import hippo
+
+    assert f"Version: {hippo.__version__}\n" in sdist_files["PKG-INFO"].decode()
