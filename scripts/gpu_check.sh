@@ -13,6 +13,8 @@
 #   scripts/gpu_check.sh build ncu              # Nsight Compute on decode_attention's split kernel
 #   scripts/gpu_check.sh build speculative      # HIPPO decoding: CUDA tests, time per round
 #   scripts/gpu_check.sh build e2e              # hippo demo and hippo bench --preset 7b (short sweep)
+#   scripts/gpu_check.sh build fast ptx         # ... then the CUDA tests again on PTX compiled by the
+#                                               # driver (what Blackwell runs); rebuilds: run it last
 # Knobs: OUT (logs, /tmp/hippo_out), TEST_TIMEOUT (s per test file), SANITIZE_SELECT and
 # RACECHECK_SELECT (pytest -m/-k selections), RUNTIME_ARGS, RUNTIME_TIMEOUT, SPECULATIVE_ARGS,
 # SPECULATIVE_TIMEOUT, E2E_ARGS.
@@ -73,13 +75,26 @@ PY
       # The CUDA tests of everything a runtime step runs (and of the other ops: selection,
       # verification, compaction), one process per file, all at once (correctness only, so
       # sharing the GPU costs nothing; no timing phase runs beside them).
-      files="test_normalization test_activation test_rotary_embedding test_linear test_fused_linear test_decode_attention test_runtime test_video_llm_ar test_token_selection test_verification test_kv_compaction"
+      files="test_normalization test_activation test_rotary_embedding test_linear test_fused_linear test_decode_attention test_runtime test_video_llm_ar test_token_selection test_verification test_kv_compaction test_device_support"
       for f in $files; do
         timeout "${TEST_TIMEOUT:-300}" $PYTEST "tests/$f.py" -rfE -q -m cuda >"$OUT/$f.log" 2>&1 &
       done
       wait
       for f in $files; do
         echo "$f: $(tail -1 "$OUT/$f.log")"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/$f.log" | head -8
+      done
+      ;;
+    ptx)
+      # The code a Blackwell GPU runs: the compute_80 PTX of the default build, compiled by the
+      # driver (an sm_80 cubin cannot run on a 9.x GPU either, so a PTX-only build exercises that
+      # path here, PDL off as on Blackwell). Rebuilds in place: run it last.
+      if ! TORCH_CUDA_ARCH_LIST="8.0+PTX" $PY setup.py build_ext --inplace >"$OUT/build_ptx.log" 2>&1; then
+        grep -E "error|Error" "$OUT/build_ptx.log" | head -20; status=1; continue
+      fi
+      $PY -c "import torch, hippo_ext; print('kernels run here:', hippo_ext.cuda_kernels_unsupported(torch.device('cuda')) or 'yes')"
+      for f in test_decode_attention test_video_llm_ar test_verification test_device_support; do
+        timeout "${TEST_TIMEOUT:-300}" $PYTEST "tests/$f.py" -rfE -q -m cuda -x >"$OUT/ptx_$f.log" 2>&1
+        echo "ptx $f: $(tail -1 "$OUT/ptx_$f.log")"; grep -E "^(FAILED|ERROR)|Error:" "$OUT/ptx_$f.log" | head -8
       done
       ;;
     bench)
