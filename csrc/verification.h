@@ -122,6 +122,10 @@ inline VerifyShape check_verify_sampling_inputs(const at::Tensor& draft_tokens,
   return {batch, g, vocab};
 }
 
+// The most nodes a draft tree may have: the CUDA kernel keeps three ints per node in shared memory,
+// within the 48 KB any GPU gives a block without opting in. Draft trees have tens to hundreds.
+constexpr int64_t kMaxTreeNodes = 4095;
+
 inline VerifyShape check_verify_tree_greedy_inputs(const at::Tensor& tree_tokens,
                                                    const at::Tensor& parents,
                                                    const at::Tensor& target_logits) {
@@ -129,6 +133,8 @@ inline VerifyShape check_verify_tree_greedy_inputs(const at::Tensor& tree_tokens
   check_token_matrix(tree_tokens, op, "tree_tokens");
   check_token_matrix(parents, op, "parents");
   const int64_t batch = tree_tokens.size(0), nodes = tree_tokens.size(1);
+  HIPPO_CHECK(nodes <= kMaxTreeNodes, op, "tree_tokens.size(1), the tree's nodes, must be at most ",
+              kMaxTreeNodes, ", got ", nodes);
   check_size(parents, 0, batch, op, "parents");
   check_size(parents, 1, nodes, op, "parents");
   check_prob_rows(target_logits, batch, nodes + 1, "N+1", op, "target_logits");

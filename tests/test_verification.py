@@ -471,6 +471,22 @@ def test_verify_tree_greedy_bad_input(parents, tokens, match):
         verify_tree_greedy(torch.tensor([[0, 0, 0]]), torch.tensor([[-1, 0, 1]]), torch.randn(1, 3, 10))
 
 
+def test_verify_tree_greedy_refuses_trees_beyond_the_node_limit(device):
+    """4095 nodes (the CUDA kernel's shared memory without opting in) run; 4096 are refused
+    alike on every device."""
+    for nodes, fits in ((4095, True), (4096, False)):
+        tokens = torch.zeros(1, nodes, dtype=torch.long, device=device)
+        parents = torch.arange(-1, nodes - 1, device=device)[None]  # a chain
+        logits = torch.zeros(1, nodes + 1, 3, device=device)
+        logits[..., 0] = 1.0  # every node's token is the argmax: the whole chain is accepted
+        if fits:
+            accepted, _, _ = verify_tree_greedy(tokens, parents, logits)
+            assert accepted.item() == nodes
+        else:
+            with pytest.raises(RuntimeError, match="the tree's nodes, must be at most 4095, got 4096"):
+                verify_tree_greedy(tokens, parents, logits)
+
+
 # ---- CUDA against the CPU reference ------------------------------------------------------------------
 
 
