@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from hippo_ext import _C  # noqa: F401  (loads the library: registers schemas and kernels)
+from hippo_ext import _library  # noqa: F401  (loads the compiled ops, or says how to build them)
 from hippo_ext._device_support import cuda_kernels_unsupported
 from hippo_ext.activation import silu_and_mul
 from hippo_ext.attention import decode_attention, decode_attention_workspace

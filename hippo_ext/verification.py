@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from hippo_ext import _C  # noqa: F401  (registers the schemas before the fakes below)
+from hippo_ext import _library  # noqa: F401  (registers the schemas before the fakes below)
 from hippo_ext._fake import register_fake
 from hippo_ext._validation import (check_index_range, check_probabilities, check_unit_interval,
                                    wants_value_check)

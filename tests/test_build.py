@@ -2,6 +2,7 @@
 are all-or-nothing (all ops when hippo_ext was built with CUDA)."""
 from __future__ import annotations
 
+import importlib.machinery
 import os
 import re
 import shutil
@@ -147,3 +148,36 @@ def test_the_distribution_carries_the_package_version(sdist_files: dict[str, byt
     import hippo
 
     assert f"Version: {hippo.__version__}\n" in sdist_files["PKG-INFO"].decode()
+
+
+IMPORT_HIPPO_EXT = """
+import sys
+# An editable install's finder maps hippo_ext's modules to the source tree whatever sys.path
+# says: take it out, so that the copy in the working directory is the one imported.
+sys.meta_path = [f for f in sys.meta_path if "editable" not in getattr(f, "__module__", "")]
+try:
+    import hippo_ext
+except ImportError as error:
+    print(error)
+"""
+
+
+@pytest.mark.parametrize("library", ["missing", "corrupt"])
+def test_a_library_that_does_not_load_says_how_to_build_one(tmp_path: Path, library: str) -> None:
+    """hippo_ext's Python files beside no compiled library, or beside one that cannot load (a
+    build for another torch fails alike, naming a C++ symbol): one message saying to rebuild."""
+    package = tmp_path / "hippo_ext"
+    package.mkdir()
+    for source in (ROOT / "hippo_ext").glob("*.py"):
+        shutil.copy(source, package)
+    if library == "corrupt":
+        (package / f"_C{importlib.machinery.EXTENSION_SUFFIXES[0]}").write_bytes(b"not a library")
+    done = subprocess.run([sys.executable, "-c", IMPORT_HIPPO_EXT], cwd=tmp_path, timeout=120,
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ""})
+    message = done.stdout.strip()
+    assert "pip install --no-build-isolation ." in message
+    if library == "missing":
+        assert message.startswith("hippo_ext's compiled library is not built in this tree")
+    else:
+        assert message.startswith("hippo_ext's compiled library failed to load (")
+        assert f"here torch {torch.__version__}" in message

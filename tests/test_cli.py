@@ -543,3 +543,10 @@ def test_an_unwritable_cache_folder_is_named(capsys, tmp_path, monkeypatch):
     assert main(["demo", "--frames", "2"]) == EXIT_USER_ERROR
     assert "(Not a directory): point $HIPPO_CACHE_DIR at a writable folder" in \
         capsys.readouterr().err
+
+
+def test_a_hippo_ext_that_does_not_import_is_one_line(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "hippo_ext", None)  # import hippo_ext raises ImportError
+    assert main(["info"]) == EXIT_USER_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("hippo: error: ") and len(err.strip().splitlines()) == 1

@@ -259,6 +259,11 @@ def _check_utf8(prompt: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        import hippo_ext  # noqa: F401  (every command needs it)
+    except ImportError as error:  # a missing or stale build: its message says how to rebuild
+        print(f"hippo: error: {_one_line(error)}", file=sys.stderr)
+        return EXIT_USER_ERROR
     args = _parser().parse_args(argv)
     from hippo.models.base import HippoError
 
