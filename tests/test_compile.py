@@ -96,15 +96,17 @@ def test_every_op_has_a_compile_case():
     assert set(CASES) == set(hippo_ext.OP_NAMES)
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic_shapes"])
 @pytest.mark.parametrize("op", sorted(CASES))
-def test_inductor_matches_eager(op, gen):
+def test_inductor_matches_eager(op, gen, dynamic):
+    """dynamic=True traces every size as a symbol: the fakes must not need concrete sizes."""
     fn, make_inputs, mutated = CASES[op]
     inputs = make_inputs(gen)
     eager_inputs = [x.clone() for x in inputs]
     compiled_inputs = [x.clone() for x in inputs]
     torch._dynamo.reset()
     expected = fn(*eager_inputs)
-    got = torch.compile(fn, fullgraph=True, backend="inductor")(*compiled_inputs)
+    got = torch.compile(fn, fullgraph=True, backend="inductor", dynamic=dynamic)(*compiled_inputs)
     for want, have in zip(_tensors(expected), _tensors(got), strict=True):
         assert have.shape == want.shape and have.dtype == want.dtype
         torch.testing.assert_close(have, want, rtol=0, atol=0)
