@@ -116,6 +116,34 @@ def test_inductor_matches_eager(op, gen, dynamic):
         assert torch.equal(compiled_inputs[index], inputs[index]), f"input {index} was written"
 
 
+class _Calls(torch.nn.Module):
+    def __init__(self, fn: Callable[..., object]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *inputs: torch.Tensor) -> object:
+        return self.fn(*inputs)
+
+
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_torch_export_matches_eager(op, gen):
+    """torch.export (the way into AOTInductor and other ahead-of-time stacks) keeps every op as a
+    call, its mutations included."""
+    fn, make_inputs, mutated = CASES[op]
+    inputs = make_inputs(gen)
+    eager_inputs = [x.clone() for x in inputs]
+    exported_inputs = [x.clone() for x in inputs]
+    expected = fn(*eager_inputs)
+    program = torch.export.export(_Calls(fn), tuple(x.clone() for x in inputs))
+    assert any(node.target.namespace == "hippo_ext" for node in program.graph.nodes
+               if isinstance(node.target, torch._ops.OpOverload))
+    got = program.module()(*exported_inputs)
+    for want, have in zip(_tensors(expected), _tensors(got), strict=True):
+        torch.testing.assert_close(have, want, rtol=0, atol=0)
+    for index in mutated:
+        assert torch.equal(exported_inputs[index], eager_inputs[index]), f"input {index} differs"
+
+
 # The dispatcher runs an op's fake, not its C++ checks, whenever any argument is on the meta
 # device (hippo_ext/_fake.py): the fakes must refuse what the checks refuse.
 
