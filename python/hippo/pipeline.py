@@ -120,7 +120,7 @@ class HippoPipeline:
     """
 
     def __init__(self, target: VideoLLMAdapter, draft: VideoLLMAdapter | None = None,
-                 options: HippoOptions | None = None, **overrides) -> None:
+                 options: HippoOptions | None = None, **overrides: object) -> None:
         for role, model in (("target", target), ("draft", draft)):
             if not isinstance(model, VideoLLMAdapter) and (role == "target" or model is not None):
                 raise HippoError(f"the {role} must be a model adapter (hippo.models.load_adapter"
@@ -159,7 +159,7 @@ class HippoPipeline:
             raise HippoError(f"role must be 'target' or 'draft', got {role!r}")
         return self._runtimes.get(role)
 
-    def with_options(self, **overrides) -> "HippoPipeline":
+    def with_options(self, **overrides: object) -> "HippoPipeline":
         """The same pair under other options (mode, gamma, keep ratio, ...). The runtimes, their
         caches and CUDA graphs are shared when the options they depend on stay the same."""
         pipeline = HippoPipeline(self.target, self.draft, _with_overrides(self.options, overrides))

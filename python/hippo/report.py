@@ -8,7 +8,7 @@ from hippo.speculative.statistics import GenerationStats
 
 
 def stats_row(label: str, stats: GenerationStats, baseline: GenerationStats | None = None,
-              **extra) -> dict:
+              **extra: object) -> dict:
     """One row: MAT and acceptance beside every time (never a speedup without its MAT)."""
     decode_ms_per_token = 1e3 * stats.decode_s_per_token
     row = {"method": label, **extra, "tokens": stats.tokens,

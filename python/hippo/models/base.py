@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from transformers import PretrainedConfig
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
     from hippo.models.presets import Preset
 
@@ -131,7 +131,7 @@ class PromptTokenizer:
 class HFPromptTokenizer(PromptTokenizer):
     """An HF tokenizer loaded from a local checkpoint directory."""
 
-    def __init__(self, tokenizer) -> None:
+    def __init__(self, tokenizer: "PreTrainedTokenizerBase") -> None:
         self.hf = tokenizer
         self.vocab_size = len(tokenizer)
         self.eos_token_id = tokenizer.eos_token_id

@@ -31,7 +31,7 @@ class ByteTokenizer(PromptTokenizer):
     """UTF-8 bytes as ids 0..255; ids above are special and decode to nothing. Enough to give tiny
     models string prompts and readable (if random) output."""
 
-    def __init__(self, vocab_size: int, eos_token_id: int = EOS_TOKEN_ID, pad_token_id: int = PAD_TOKEN_ID):
+    def __init__(self, vocab_size: int, eos_token_id: int = EOS_TOKEN_ID, pad_token_id: int = PAD_TOKEN_ID) -> None:
         self.vocab_size = vocab_size
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
