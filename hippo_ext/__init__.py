@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from hippo_ext import _library  # noqa: F401  (loads the compiled ops, or says how to build them)
-from hippo_ext._device_support import cuda_kernels_unsupported
+from hippo_ext._device_support import kernels_unsupported
 from hippo_ext.activation import silu_and_mul
 from hippo_ext.attention import decode_attention, decode_attention_workspace
 from hippo_ext.fused_linear import add_rms_norm_linear, qkv_projection, silu_and_mul_linear
@@ -61,7 +61,7 @@ __all__ = [
     "add_rms_norm",
     "add_rms_norm_linear",
     "cuda_kernels_built",
-    "cuda_kernels_unsupported",
+    "kernels_unsupported",
     "decode_attention",
     "decode_attention_workspace",
     "has_kernel",

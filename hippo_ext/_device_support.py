@@ -1,4 +1,5 @@
-"""Whether this build's CUDA kernels run on a given GPU.
+"""Whether hippo_ext's kernels run on a given device: on a GPU, whether this build's CUDA
+kernels do.
 
 A kernel runs where the build holds machine code for the GPU's architecture, or PTX that the
 driver can compile for it. The default build (TORCH_CUDA_ARCH_LIST "8.0+PTX;9.0a") holds sm_80
@@ -21,14 +22,17 @@ LEAST_CAPABILITY = (8, 0)
 _NO_CODE_MESSAGES = ("no kernel image is available", "invalid device function")
 
 
-def cuda_kernels_unsupported(device: torch.device | str | int) -> str | None:
-    """None when this build of hippo_ext has CUDA kernels that run on the GPU `device`;
-    otherwise why not, in a sentence. The first call for a GPU runs one small op there."""
+def kernels_unsupported(device: torch.device | str | int) -> str | None:
+    """None when hippo_ext's kernels run on `device`: the CPU always, a GPU where this build's
+    CUDA kernels do; otherwise why not, in a sentence. The first call for a GPU runs one small
+    op there. (An int is a CUDA device index.)"""
     from hippo_ext import cuda_kernels_built  # the package's: this module is imported by it
 
     device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if device.type == "cpu":
+        return None
     if device.type != "cuda":
-        raise ValueError(f"cuda_kernels_unsupported takes a CUDA device, got {device}")
+        return f"hippo_ext has kernels for the CPU and CUDA GPUs only, not for {device.type}"
     if not cuda_kernels_built():
         return ("this build of hippo_ext has no CUDA kernels (built where torch had no CUDA or "
                 "nvcc was missing, or with HIPPO_CPU_ONLY=1)")

@@ -1,5 +1,5 @@
-"""hippo_ext.cuda_kernels_unsupported: whether this build's CUDA kernels run on a GPU, and the
-paths that ask it: the runtime falls back to HF's modules and SDPA where they do not, HIPPO
+"""hippo_ext.kernels_unsupported: whether hippo_ext's kernels run on a device (on a GPU, this
+build's CUDA kernels), and the paths that ask it: the runtime falls back to HF's modules and SDPA where they do not, HIPPO
 decoding is refused with the reason. GPUs are simulated on the CPU (the probe, the device
 queries); the last test asks the real GPU when there is one."""
 from __future__ import annotations
@@ -42,16 +42,16 @@ def simulated_gpu(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_a_gpu_the_build_covers_is_probed_once(simulated_gpu):
-    assert hippo_ext.cuda_kernels_unsupported(CUDA) is None
-    assert hippo_ext.cuda_kernels_unsupported("cuda") is None  # the current device: index 0
-    assert hippo_ext.cuda_kernels_unsupported(0) is None
+    assert hippo_ext.kernels_unsupported(CUDA) is None
+    assert hippo_ext.kernels_unsupported("cuda") is None  # the current device: index 0
+    assert hippo_ext.kernels_unsupported(0) is None
     assert simulated_gpu.probes == 1
 
 
 @pytest.mark.parametrize("capability", [(7, 5), (7, 0), (6, 1)])
 def test_a_gpu_older_than_the_kernels_is_named_without_a_launch(simulated_gpu, capability):
     simulated_gpu.capability = capability
-    reason = hippo_ext.cuda_kernels_unsupported(CUDA)
+    reason = hippo_ext.kernels_unsupported(CUDA)
     assert f"Simulated has compute capability {capability[0]}.{capability[1]}" in reason
     assert "8.0 or later" in reason
     assert simulated_gpu.probes == 0
@@ -61,7 +61,7 @@ def test_a_gpu_older_than_the_kernels_is_named_without_a_launch(simulated_gpu, c
 def test_a_gpu_the_build_holds_no_code_for_says_how_to_rebuild(simulated_gpu, message):
     simulated_gpu.capability = (12, 0)
     simulated_gpu.probe_error = RuntimeError(message)
-    reason = hippo_ext.cuda_kernels_unsupported(CUDA)
+    reason = hippo_ext.kernels_unsupported(CUDA)
     assert "holds no code for Simulated (compute capability 12.0)" in reason
     assert "TORCH_CUDA_ARCH_LIST" in reason
 
@@ -69,17 +69,18 @@ def test_a_gpu_the_build_holds_no_code_for_says_how_to_rebuild(simulated_gpu, me
 def test_other_probe_errors_are_not_taken_for_a_missing_architecture(simulated_gpu):
     simulated_gpu.probe_error = RuntimeError("CUDA error: out of memory")
     with pytest.raises(RuntimeError, match="out of memory"):
-        hippo_ext.cuda_kernels_unsupported(CUDA)
+        hippo_ext.kernels_unsupported(CUDA)
 
 
 def test_a_build_without_cuda_kernels_says_so(monkeypatch):
     monkeypatch.setattr(hippo_ext, "cuda_kernels_built", lambda: False)
-    assert "no CUDA kernels" in hippo_ext.cuda_kernels_unsupported(CUDA)
+    assert "no CUDA kernels" in hippo_ext.kernels_unsupported(CUDA)
 
 
-def test_only_cuda_devices_are_asked():
-    with pytest.raises(ValueError, match="takes a CUDA device, got cpu"):
-        hippo_ext.cuda_kernels_unsupported("cpu")
+def test_the_cpu_always_runs_them_and_other_devices_never(simulated_gpu):
+    assert hippo_ext.kernels_unsupported("cpu") is None
+    assert "CPU and CUDA GPUs only, not for mps" in hippo_ext.kernels_unsupported("mps")
+    assert simulated_gpu.probes == 0
 
 
 # ------------------------------------------------------------- who asks, and what they do then
@@ -115,9 +116,17 @@ def test_asking_the_runtime_for_kernels_that_do_not_run_is_an_error_with_the_rea
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
 def test_hippo_decoding_on_a_gpu_the_kernels_do_not_run_on_is_refused(uncovered_gpu, mode):
     models = [SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=CUDA)]
-    with pytest.raises(HippoError, match=f"{mode} decoding on cuda:0 needs hippo_ext's CUDA "
+    with pytest.raises(HippoError, match=f"{mode} decoding on cuda:0 needs hippo_ext's "
                                          "kernels.*compute capability 7.5.*mode='ar'"):
         check_kernels_run(models, mode)
+
+
+def test_on_other_devices_the_runtime_runs_hf_modules_and_hippo_decoding_is_refused():
+    mps = torch.device("mps")
+    assert decoder._choose_fused(None, mps, SILU_TEXT_MODEL) is False
+    assert decoder._choose_step_attention(None, mps, torch.float16, 128) == "sdpa"
+    with pytest.raises(HippoError, match="parallel decoding on mps needs hippo_ext's kernels"):
+        check_kernels_run([SimpleNamespace(device=mps)], "parallel")
 
 
 def test_ar_and_the_cpu_need_no_probe(uncovered_gpu):
@@ -131,4 +140,4 @@ def test_ar_and_the_cpu_need_no_probe(uncovered_gpu):
 def test_cuda_the_build_runs_on_this_gpu():
     """The test machine's GPU is one the default build covers (8.0 or later)."""
     _device_support._unsupported_on.cache_clear()
-    assert hippo_ext.cuda_kernels_unsupported(torch.device("cuda")) is None
+    assert hippo_ext.kernels_unsupported(torch.device("cuda")) is None

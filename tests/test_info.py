@@ -29,7 +29,7 @@ def two_gpus(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: gpus[index][0])
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: gpus[index][1])
     monkeypatch.setattr(hippo_ext, "cuda_kernels_built", lambda: True)
-    monkeypatch.setattr(hippo_ext, "cuda_kernels_unsupported",
+    monkeypatch.setattr(hippo_ext, "kernels_unsupported",
                         lambda index: "too old" if gpus[index][1] < (8, 0) else None)
 
 

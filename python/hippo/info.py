@@ -48,7 +48,7 @@ def _gpu(index: int, kernels_built: bool) -> str:
     described = f"{torch.cuda.get_device_name(index)}, compute capability {major}.{minor}"
     if not kernels_built:
         return described
-    reason = hippo_ext.cuda_kernels_unsupported(index)
+    reason = hippo_ext.kernels_unsupported(index)
     verdict = "hippo_ext kernels run" if reason is None else f"hippo_ext kernels do not run: {reason}"
     return f"{described}; {verdict}"
 

@@ -429,14 +429,14 @@ def check_lane_devices(target: torch.device, draft: torch.device, mode: str) -> 
 
 def check_kernels_run(models: Iterable[VideoLLMAdapter], mode: str) -> None:
     """Speculative decoding runs hippo_ext ops (token selection, KV compaction, verification)
-    on each model's device, so a GPU this build's kernels do not run on is refused here, not
-    at the first launch. mode="ar" needs none (its runtime runs HF's modules there)."""
+    on each model's device, so a device they do not run on is refused here, not at the first
+    launch. mode="ar" needs none (its runtime runs HF's modules there)."""
     if mode == "ar":
         return
     for device in {model.device for model in models}:
-        reason = hippo_ext.cuda_kernels_unsupported(device) if device.type == "cuda" else None
+        reason = hippo_ext.kernels_unsupported(device)
         if reason is not None:
-            raise HippoError(f"{mode} decoding on {device} needs hippo_ext's CUDA kernels, which "
+            raise HippoError(f"{mode} decoding on {device} needs hippo_ext's kernels, which "
                              f"cannot run there: {reason}. Use mode='ar', or the CPU")
 
 

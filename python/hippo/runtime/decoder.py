@@ -28,9 +28,6 @@ MAX_STEP_TOKENS = 64  # decode_attention's query-block limit
 # skinny_linear's tensor-core kernel takes up to 32 rows; it hands larger steps to cuBLAS, whose
 # rows depend on the step size.
 STEP_INVARIANT_MAX_TOKENS = 32
-# The hippo_ext ops of a fused layer (fused=True), besides decode_attention.
-FUSED_LAYER_OPS = ("rms_norm", "add_rms_norm", "rotary_tables", "rotary_kv_append",
-                   "silu_and_mul")
 # The GEMMs with the norm or gating in front of them, and RoPE behind q/k/v (gemm_prologues=True).
 GEMM_PROLOGUE_OPS = ("qkv_projection", "add_rms_norm_linear", "silu_and_mul_linear")
 # Steps of at most this many rows (batch x tokens) run those ops; wider steps (verify steps,
@@ -589,20 +586,11 @@ DECODE_ATTENTION_CUDA_DTYPES = (torch.bfloat16, torch.float16)
 DECODE_ATTENTION_CUDA_HEAD_DIMS = (64, 80, 128)
 
 
-def _kernels_unavailable(ops: Sequence[str], device: torch.device) -> str | None:
-    """Why hippo_ext cannot run `ops` on `device`, or None when it can. On CUDA the build has
-    every op's kernel or none, and they may still hold no code for this GPU."""
-    if device.type == "cuda":
-        return hippo_ext.cuda_kernels_unsupported(device)
-    missing = [op for op in ops if not hippo_ext.has_kernel(op, "CPU")]
-    return f"this build of hippo_ext has no CPU kernel for {', '.join(missing)}" if missing else None
-
-
 def _decode_attention_supports(device: torch.device, dtype: torch.dtype,
                                head_dim: int) -> bool:
     """Whether hippo_ext.decode_attention has a kernel for this device, dtype and head dim (its
     CUDA kernel takes bf16/fp16 and head dims 64, 80, 128; the CPU reference takes all)."""
-    if _kernels_unavailable(("decode_attention",), device) is not None:
+    if hippo_ext.kernels_unsupported(device) is not None:
         return False
     return device.type != "cuda" or (dtype in DECODE_ATTENTION_CUDA_DTYPES
                                      and head_dim in DECODE_ATTENTION_CUDA_HEAD_DIMS)
@@ -654,14 +642,14 @@ def _check_gemm_prologues_possible(requested: bool, fused: bool, step_invariant:
         raise HippoError("gemm_prologues=True needs the fused layer path (fused=True)")
     if step_invariant:
         raise HippoError("gemm_prologues=True cannot be combined with step_invariant=True")
-    reason = _kernels_unavailable(GEMM_PROLOGUE_OPS, device)
+    reason = hippo_ext.kernels_unsupported(device)
     if reason is not None:
         raise HippoError(f"gemm_prologues=True cannot run: {reason}")
 
 
 def _fused_layers_unsupported(device: torch.device, text_model: nn.Module) -> str | None:
     """Why the fused layer path cannot run here, or None when it can."""
-    reason = _kernels_unavailable(FUSED_LAYER_OPS, device)
+    reason = hippo_ext.kernels_unsupported(device)
     if reason is not None:
         return reason
     activation = getattr(text_model.config, "hidden_act", None)
