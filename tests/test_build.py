@@ -115,33 +115,42 @@ def test_the_pinned_environment_installs_every_declared_dependency(
 
 LOAD_CMAKE_LIBRARY = """
 import sys, torch
-torch.ops.load_library(sys.argv[1])
-missing = [op for op in sys.argv[2:]
-           if not torch._C._dispatch_has_kernel_for_dispatch_key(f"hippo_ext::{op}", "CPU")]
-assert not missing, f"no CPU kernel for {missing}"
+library, dispatch_keys, ops = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
+torch.ops.load_library(library)
+for key in dispatch_keys:
+    missing = [op for op in ops
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"hippo_ext::{op}", key)]
+    assert not missing, f"no {key} kernel for {missing}"
 x, w = torch.randn(3, 7), torch.randn(7)
 want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w
 torch.testing.assert_close(torch.ops.hippo_ext.rms_norm(x, w, 1e-6), want)
 """
+CAN_COMPILE_CUDA = torch.version.cuda is not None and shutil.which("nvcc") is not None
 
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
-def test_cmake_build_registers_every_op_for_cpp_consumers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_cuda", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not CAN_COMPILE_CUDA, reason="needs a CUDA torch and nvcc (no GPU)"))], ids=["cpu", "cuda"])
+def test_cmake_build_registers_every_op_for_cpp_consumers(tmp_path: Path, with_cuda: bool) -> None:
     """CMakeLists.txt (for libtorch applications) globs the same sources as setup.py: its library
-    must build, load without hippo_ext's Python package and register every op."""
+    must build, load without hippo_ext's Python package and register every op, for CUDA too
+    where a CUDA torch and nvcc are present (no GPU needed)."""
     def run(args: list[str]) -> None:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=1200)
+        done = subprocess.run(args, capture_output=True, text=True, timeout=2400)
         output = (done.stdout + done.stderr)[-4000:]
         assert done.returncode == 0, f"{' '.join(args[:3])} failed:\n{output}"
 
-    # The configure line CMakeLists.txt documents, CPU kernels only (compiling the CUDA ones
-    # would double CI's build time); it must find a CUDA torch's toolkit and nvrtc by itself.
-    run(["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-DHIPPO_WITH_CUDA=OFF",
+    # The configure line CMakeLists.txt documents; it must find a CUDA torch's toolkit and nvrtc
+    # by itself. One CUDA target: the flags are under test, not every architecture.
+    cuda = ["-DHIPPO_WITH_CUDA=ON", "-DTORCH_CUDA_ARCH_LIST=9.0a"] if with_cuda else [
+        "-DHIPPO_WITH_CUDA=OFF"]
+    run(["cmake", "-S", str(ROOT), "-B", str(tmp_path), *cuda,
          f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
          *(["-GNinja"] if shutil.which("ninja") else [])])
     run(["cmake", "--build", str(tmp_path), "--parallel", str(os.cpu_count() or 1)])
     (library,) = tmp_path.glob("libhippo_ext.*")
-    run([sys.executable, "-c", LOAD_CMAKE_LIBRARY, str(library), *hippo_ext.OP_NAMES])
+    keys = "CPU,CUDA" if with_cuda else "CPU"
+    run([sys.executable, "-c", LOAD_CMAKE_LIBRARY, str(library), keys, *hippo_ext.OP_NAMES])
 
 
 def test_the_distribution_carries_the_package_version(sdist_files: dict[str, bytes]) -> None:
