@@ -1,6 +1,6 @@
-"""The op microbenchmarks (`pytest benchmarks --benchmark-only`, what users read) run where the
-tests run (on the CPU at small shapes), and benchmarks/report.py tables their JSON: CI would not
-otherwise collect them."""
+"""The benchmarks users read run where the tests run: the op microbenchmarks (`pytest benchmarks
+--benchmark-only`, on the CPU at small shapes) with benchmarks/report.py over their JSON, and
+bench_runtime.py's CPU smoke test. CI would not otherwise run them."""
 from __future__ import annotations
 
 import json
