@@ -110,6 +110,8 @@ setup(
     python_requires=">=3.10",
     packages=["hippo_ext"] + find_packages("python"),
     package_dir={"hippo": "python/hippo"},
+    # PEP 561: type checkers read the packages' hints.
+    package_data={"hippo": ["py.typed"], "hippo_ext": ["py.typed"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
     entry_points={"console_scripts": ["hippo = hippo.cli:main"]},

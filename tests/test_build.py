@@ -190,3 +190,13 @@ def test_a_library_that_does_not_load_says_how_to_build_one(tmp_path: Path, libr
     else:
         assert message.startswith("hippo_ext's compiled library failed to load (")
         assert f"here torch {torch.__version__}" in message
+
+
+def test_the_packages_install_their_type_marker(tmp_path: Path) -> None:
+    """PEP 561: py.typed in both packages as built for a wheel (build_py: no compiling)."""
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path),
+                    "build_py", "--build-lib", str(tmp_path / "lib")],
+                   cwd=ROOT, env={**os.environ, "HIPPO_CPU_ONLY": "1"}, check=True,
+                   capture_output=True, timeout=300)
+    for package in ("hippo", "hippo_ext"):
+        assert (tmp_path / "lib" / package / "py.typed").is_file(), package
