@@ -5,6 +5,7 @@ layout, padding); tests/test_preprocess_vs_hf.py compares it with HF's own video
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -164,6 +165,32 @@ def test_llava_visual_span_grid_features(name, side):
     torch.testing.assert_close(prepared.inputs_embeds[0, start + grid_tokens], a.model.model.image_newline)
     assert prepared.position_ids.tolist() == [list(range(prepared.length))]
     assert prepared.rope_delta == 0
+
+
+@pytest.mark.parametrize("newline_from", ["forward", "get_video_features"])
+@torch.no_grad()
+def test_llava_video_newline_whichever_transformers_adds_it(newline_from, monkeypatch):
+    """transformers up to 5.17 appends the video's newline embedding in the forward, 5.18 on in
+    get_video_features: prepare() places exactly one either way."""
+    a = adapter(LLAVA_PRESETS[0])
+    frames = make_frames(2, 56, 56, seed=3)
+    expected = a.prepare(frames, PROMPT_IDS)
+    vlm, grid_tokens = a.model.model, math.prod(expected.grid)
+    plain, calls = vlm.get_video_features, []
+
+    def features(*args, **kwargs):
+        out = plain(*args, **kwargs)
+        calls.append(out.pooler_output.shape[1])
+        if newline_from == "get_video_features" and out.pooler_output.shape[1] == grid_tokens:
+            newline = vlm.image_newline[None, None, :].repeat(out.pooler_output.shape[0], 1, 1)
+            out.pooler_output = torch.cat((out.pooler_output, newline), dim=1)
+        return out
+
+    monkeypatch.setattr(vlm, "get_video_features", features)
+    prepared = a.prepare(frames, PROMPT_IDS)
+    assert calls, "prepare() did not ask get_video_features"
+    assert torch.equal(prepared.inputs_embeds, expected.inputs_embeds)
+    assert torch.equal(prepared.visual_features, expected.visual_features)
 
 
 # -- HF generate with the adapter's kwargs -----------------------------------------------------------

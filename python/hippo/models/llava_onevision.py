@@ -116,21 +116,31 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         cfg, vlm = self.model.config, self.model.model
         input_ids = inputs["input_ids"]
         embeds = vlm.get_input_embeddings()(input_ids)
-        features = vlm.get_video_features(inputs["pixel_values_videos"],
-                                          vision_feature_layer=cfg.vision_feature_layer,
-                                          vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-                                          return_dict=True).pooler_output  # [1, T * side^2, C]
-        # As the HF forward: one newline embedding after the whole video.
-        newline = vlm.image_newline[None, None, :].repeat(features.shape[0], 1, 1).to(features.device)
-        merged = torch.cat((features, newline), dim=1).flatten(0, 1).to(embeds.device, embeds.dtype)
+        grid = (int(inputs["pixel_values_videos"].shape[1]), self.pooled_side, self.pooled_side)
+        video = _video_embeddings(vlm, inputs["pixel_values_videos"], cfg, grid)  # [1, T*side^2 + 1, C]
+        features = video[:, :-1]  # the newline closes the video; token selection scores the rest
+        merged = video.flatten(0, 1).to(embeds.device, embeds.dtype)
         _, video_mask = vlm.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=merged)
         embeds = embeds.masked_scatter(video_mask, merged)
-        grid = (int(inputs["pixel_values_videos"].shape[1]), self.pooled_side, self.pooled_side)
         start, count = visual_span(input_ids, cfg.video_token_id)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         return PreparedPrompt(input_ids=input_ids, inputs_embeds=embeds, position_ids=positions, rope_delta=0,
                               visual_start=start, num_visual=count, grid=grid,
                               visual_features=features.reshape(*grid, -1).to(embeds.dtype))
+
+
+def _video_embeddings(vlm: torch.nn.Module, pixels: torch.Tensor, cfg: PretrainedConfig,
+                      grid: tuple[int, int, int]) -> torch.Tensor:
+    """The video's embeddings as the HF forward places them: T * side^2 pooled patch features,
+    then one newline embedding after the whole video. transformers 5.18 moved that newline into
+    get_video_features; before, the forward appended it, so it is added here only if missing."""
+    features = vlm.get_video_features(pixels, vision_feature_layer=cfg.vision_feature_layer,
+                                      vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                      return_dict=True).pooler_output
+    if features.shape[1] == grid[0] * grid[1] * grid[2]:
+        newline = vlm.image_newline[None, None, :].repeat(features.shape[0], 1, 1)
+        features = torch.cat((features, newline.to(features.device)), dim=1)
+    return features
 
 
 def check_feature_layers(config: PretrainedConfig) -> None:
