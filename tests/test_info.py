@@ -19,6 +19,7 @@ def test_hippo_info_prints_versions_kernels_and_decoders(capsys):
     built = hippo_ext.cuda_kernels_built()
     assert report["hippo_ext CUDA kernels"] == ("built" if built else "not built (CPU kernels only)")
     assert report["video decoders"].split(", ")[-1] == "opencv"
+    assert report["hippo_ext library"] == hippo_ext._C.__file__
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ def installation_report() -> list[tuple[str, str]]:
     rows = [("hippo", hippo.__version__), ("python", platform.python_version()),
             ("torch", _torch_build())]
     rows += [(name, version) for name in PACKAGES if (version := _version(name)) is not None]
+    rows.append(("hippo_ext library", hippo_ext._C.__file__))  # which build is loaded
     built = hippo_ext.cuda_kernels_built()
     rows.append(("hippo_ext CUDA kernels", "built" if built else "not built (CPU kernels only)"))
     rows += [(f"cuda:{index}", _gpu(index, built)) for index in range(torch.cuda.device_count())]
