@@ -36,6 +36,8 @@ def kernels_unsupported(device: torch.device | str | int) -> str | None:
     if not cuda_kernels_built():
         return ("this build of hippo_ext has no CUDA kernels (built where torch had no CUDA or "
                 "nvcc was missing, or with HIPPO_CPU_ONLY=1)")
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is available here"
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _unsupported_on(index)
 

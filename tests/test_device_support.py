@@ -36,6 +36,7 @@ def simulated_gpu(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Simulated")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: gpu.capability)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(_device_support, "_launch_probe", launch_probe)
     yield gpu
     _device_support._unsupported_on.cache_clear()
@@ -70,6 +71,12 @@ def test_other_probe_errors_are_not_taken_for_a_missing_architecture(simulated_g
     simulated_gpu.probe_error = RuntimeError("CUDA error: out of memory")
     with pytest.raises(RuntimeError, match="out of memory"):
         hippo_ext.kernels_unsupported(CUDA)
+
+
+def test_without_a_gpu_cuda_is_refused_plainly(simulated_gpu, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert hippo_ext.kernels_unsupported("cuda") == "no CUDA GPU is available here"
+    assert simulated_gpu.probes == 0
 
 
 def test_a_build_without_cuda_kernels_says_so(monkeypatch):
