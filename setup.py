@@ -93,7 +93,7 @@ RUNTIME_REQUIREMENTS = [
     "torch>=2.11",
     "numpy",
     "transformers>=5.17,<6",
-    "decord>=0.6; platform_machine == 'x86_64'",  # no other wheels: OpenCV or PyAV decode there
+    "decord>=0.6; platform_machine == 'x86_64'",  # no other wheels: OpenCV decodes there
     "opencv-python-headless",
     "pillow",
     "tqdm",

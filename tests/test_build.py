@@ -88,12 +88,18 @@ def test_sdist_carries_the_build_and_set_up_files(sdist_files: dict[str, bytes])
     assert not [name for name in sdist_files if name.endswith((".so", ".pyc"))]
 
 
+def _requirement_names(lines: list[str], prefix: str = "") -> set[str]:
+    """The distribution names of requirement lines (after `prefix`, such as "Requires-Dist:"),
+    without versions, markers or extras; comments and blank lines skipped."""
+    return {re.split(r"[<>=!~ ;\[]", line[len(prefix):].strip(), maxsplit=1)[0].lower()
+            for line in lines if line.startswith(prefix) and line[len(prefix):].strip()
+            and not line.strip().startswith("#")}
+
+
 def test_sdist_declares_the_runtime_dependencies(sdist_files: dict[str, bytes]) -> None:
     """`pip install .` must bring what `import hippo` and the hippo command import."""
     metadata = sdist_files["PKG-INFO"].decode()
-    required = {line.split(":", 1)[1].split(";")[0].strip()
-                for line in metadata.splitlines() if line.startswith("Requires-Dist:")}
-    names = {re.split(r"[<>=!~ \[]", spec, maxsplit=1)[0].lower() for spec in required}
+    names = _requirement_names(metadata.splitlines(), "Requires-Dist:")
     assert {"torch", "transformers", "decord", "opencv-python-headless", "pillow", "tqdm",
             "numpy"} <= names
     assert "Provides-Extra: bench" in metadata
@@ -103,13 +109,8 @@ def test_the_pinned_environment_installs_every_declared_dependency(
         sdist_files: dict[str, bytes]) -> None:
     """requirements.txt (what make and CI install) must hold every dependency setup.py declares,
     or CI would test without one that users get."""
-    def names(lines: list[str], prefix: str = "") -> set[str]:
-        return {re.split(r"[<>=!~ ;\[]", line[len(prefix):].strip(), maxsplit=1)[0].lower()
-                for line in lines if line.startswith(prefix) and line[len(prefix):].strip()
-                and not line.strip().startswith("#")}
-
-    declared = names(sdist_files["PKG-INFO"].decode().splitlines(), "Requires-Dist:")
-    pinned = names((ROOT / "requirements.txt").read_text().splitlines())
+    declared = _requirement_names(sdist_files["PKG-INFO"].decode().splitlines(), "Requires-Dist:")
+    pinned = _requirement_names((ROOT / "requirements.txt").read_text().splitlines())
     assert sorted(declared - pinned) == []
 
 
