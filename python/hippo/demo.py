@@ -35,19 +35,19 @@ class DemoResult:
     table: str
 
 
-def run_demo(*, device: str | None = None, eps: float = 0.1, frames: int = 16,
+def run_demo(*, device: str | torch.device | None = None, eps: float = 0.1, frames: int = 16,
              max_new_tokens: int = 96, keep_ratio: float = 0.1, progress: bool = True,
              echo: Callable[[str], None] = print) -> DemoResult:
     """Build the pair, run the three methods (after one warm-up each: graphs get captured),
     compare their tokens, and return the table."""
     from tqdm import tqdm
 
-    device = resolve_device(device)
+    where = resolve_device(device)
     video = _sample_video(frames)  # before the models are built: a bad count fails at once
     echo(f"hippo demo: synthetic weights ({TARGET_PRESET} target, {DRAFT_PRESET} draft, "
          f"agreement eps {eps}); the text is meaningless, timings and acceptance are measured. "
-         f"Device: {device}.")
-    target, draft, _ = agreement_adapters(TARGET_PRESET, DRAFT_PRESET, eps, device=device)
+         f"Device: {where}.")
+    target, draft, _ = agreement_adapters(TARGET_PRESET, DRAFT_PRESET, eps, device=where)
     base = HippoPipeline(target, draft)
     rows, outputs, baseline = [], [], None
     # No bar where stderr is no terminal (a log, a pipe): what it draws there stays, before any
@@ -67,7 +67,7 @@ def run_demo(*, device: str | None = None, eps: float = 0.1, frames: int = 16,
     echo(table)
     echo(f"\noutputs identical to the target's own greedy decoding: {identical}")
     echo(f"first tokens (synthetic weights, so no meaningful text): {outputs[0][:16]}")
-    if device.type == "cpu":
+    if where.type == "cpu":
         echo("On a CPU the draft and the target share the cores, so HIPPO's parallel rounds run "
              "one side after the other; their overlap needs a GPU (two CUDA streams).")
     else:

@@ -457,7 +457,7 @@ class _SideStream:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._context = None
+        self._context: torch.cuda.StreamContext | None = None
 
     def __enter__(self) -> "_SideStream":
         if self.stream is not None:

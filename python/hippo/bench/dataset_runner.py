@@ -4,6 +4,7 @@ output matched AR (the losslessness check, on real prompts), and the accuracy of
 option letters where the set has answers (the target's own: HIPPO does not change outputs)."""
 from __future__ import annotations
 
+import torch
 
 from hippo.bench.datasets import VideoQuestion, chosen_letter, read_dataset
 from hippo.models import load_adapter
@@ -16,16 +17,16 @@ from hippo.video import load_video
 
 def run_benchmark_set(name: str, root: str, *, target: str, draft: str | None,
                       limit: int | None = None, max_new_tokens: int = 64, num_frames: int = 16,
-                      keep_ratio: float = 0.1, device: str | None = None,
+                      keep_ratio: float = 0.1, device: str | torch.device | None = None,
                       progress: bool = True) -> tuple[dict, list[dict]]:
     """(summary, one row per question). Questions whose video is missing or unreadable are
     reported as skipped, not fatal: a local copy of a set is often partial."""
     from tqdm import tqdm
 
     questions = read_dataset(name, root, limit=limit)
-    device = resolve_device(device)
-    target_adapter = load_adapter(target, device=device)
-    draft_adapter = load_adapter(draft, device=device) if draft else None
+    where = resolve_device(device)
+    target_adapter = load_adapter(target, device=where)
+    draft_adapter = load_adapter(draft, device=where) if draft else None
     autoregressive = HippoPipeline(target_adapter, draft_adapter, mode="ar")
     hippo = autoregressive.with_options(mode="parallel", gamma="auto",
                                         preservation=PreservationOptions(keep_ratio=keep_ratio))

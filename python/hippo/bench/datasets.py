@@ -468,7 +468,7 @@ def _answer_letter(answer: object, options: list, form: str) -> str | None:
 def _video2dataset_index(root: Path) -> dict[str, Path]:
     """{YouTube id: video} over the files video2dataset writes under root: <index>.mp4 beside
     <index>.json, whose "url" names the source."""
-    index = {}
+    index: dict[str, Path] = {}
     for sidecar in root.rglob("*.json"):
         video = next((sidecar.with_suffix(ext) for ext in _VIDEO_EXTENSIONS
                       if sidecar.with_suffix(ext).is_file()), None)

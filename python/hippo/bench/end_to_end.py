@@ -88,7 +88,7 @@ def run_end_to_end(preset: BenchPreset, *, frames: tuple[int, ...] | None = None
 
 def _measure_all(pair: AgreementPair, pipelines: dict, prompts: list, new_tokens: int,
                  gamma: int, methods: tuple[str, ...]) -> dict[str, dict]:
-    measured = {}
+    measured: dict[str, dict] = {}
     greedy = SamplingOptions()
     for name in ("hippo_ar", "sequential", "hippo"):
         if name in methods or name == "hippo_ar":  # hippo's AR is every row's reference

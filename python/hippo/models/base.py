@@ -163,6 +163,19 @@ class VideoLLMAdapter:
     prompt_prefix_ids: list[int]
     prompt_suffix_ids: list[int]
 
+    # -- construction (each family) ---------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    seed: int = 0) -> "VideoLLMAdapter":
+        """A tiny random model of this family (hippo.models.presets), built offline."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_pretrained(cls, path: str, dtype: torch.dtype = torch.bfloat16,
+                        device: str | torch.device = "cpu") -> "VideoLLMAdapter":
+        """A checkpoint of this family from a local directory (nothing is downloaded)."""
+        raise NotImplementedError
+
     # -- what the runtime uses -------------------------------------------------------------------
     @property
     def text_model(self) -> torch.nn.Module:
@@ -234,10 +247,12 @@ class VideoLLMAdapter:
         request beyond the context is refused cheaply (and a bad prompt before the video)."""
         return len(self.prompt_ids(0, prompt))
 
-    def prepare(self, frames: torch.Tensor, prompt: str | list[int]) -> PreparedPrompt:
+    def prepare(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> PreparedPrompt:
+        """The prompt's embeddings, positions and visual-token layout. fps: the rate the frames
+        were sampled at, for families whose positions depend on it (None: the family's default)."""
         raise NotImplementedError
 
-    def generate_kwargs(self, frames: torch.Tensor, prompt: str | list[int]) -> dict:
+    def generate_kwargs(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> dict:
         """Keyword arguments for the HF model's `generate` (and forward) on the same inputs."""
         raise NotImplementedError
 

@@ -106,7 +106,8 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
                 "pixel_values_videos": pixels}
 
-    def generate_kwargs(self, frames: torch.Tensor, prompt: str | list[int]) -> dict:
+    def generate_kwargs(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> dict:
+        """fps is accepted for a uniform interface, as in prepare()."""
         return self.hf_inputs(frames, prompt)
 
     @torch.no_grad()

@@ -95,7 +95,8 @@ class SpeculativeDecoder:
         Returns (how many were drafted, the draft probabilities of each [1, V], or Nones when
         greedy). Issues work on the current stream; no host synchronisation.
         """
-        draft, probs = self.draft, []
+        draft = self.draft
+        probs: list[torch.Tensor | None] = []
         with self.clock.measure("draft", draft.device):
             for index in range(count):
                 if index > 0 and stop_early is not None and stop_early(probs):
@@ -187,6 +188,7 @@ def run_decoding(decoder: SpeculativeDecoder, mode: str) -> None:
     from hippo.speculative.parallel import ParallelState, parallel_round
     from hippo.speculative.sequential import sequential_round
 
+    round_fn: Callable[[SpeculativeDecoder], None]
     if mode == "sequential":
         round_fn = sequential_round
     elif mode == "parallel":

@@ -79,7 +79,7 @@ class _RoundVerification:
     def __init__(self, decoder: SpeculativeDecoder, state: ParallelState,
                  logits: torch.Tensor, last: int) -> None:
         self.decoder, self.state, self.logits, self.last = decoder, state, logits, last
-        self._result = None
+        self._result: tuple | None = None
         self._ready: torch.cuda.Event | None = None
         self._host_accepted: torch.Tensor | None = None
 
