@@ -204,7 +204,7 @@ def _checked_generate_options(args: argparse.Namespace) -> HippoOptions:
     sampling and decoding options, the draft's device, the video and its sampling request, the
     model paths), in the library's own validators; the HippoOptions to decode with."""
     from hippo.models import resolve_device
-    from hippo.pipeline import DEFAULT_FRAMES, HippoOptions
+    from hippo.pipeline import DEFAULT_FRAMES, HippoOptions, check_draft_model_options
     from hippo.preserve import PreservationOptions
     from hippo.runtime.autoregressive import SamplingOptions
     from hippo.video import check_video_request
@@ -217,6 +217,7 @@ def _checked_generate_options(args: argparse.Namespace) -> HippoOptions:
     draft_device = resolve_device(args.draft_device) if args.draft_device else None
     options = HippoOptions(mode=args.mode, preservation=preservation, draft_device=draft_device,
                            gemm_prologues=args.gemm_prologues, **_given(args, _DRAFT_FIELDS))
+    check_draft_model_options(options, has_draft=args.draft is not None)
     frames = DEFAULT_FRAMES if args.frames is None and args.fps is None else args.frames
     check_video_request(args.video, frames, args.fps, start=args.start, end=args.end)
     check_model_source("--target", args.target)
@@ -233,8 +234,10 @@ def _refuse_contradictions(args: argparse.Namespace) -> None:
         raise HippoError("give --frames or --fps, not both")
     if args.mode == "ar":
         draft_only = ("draft", "draft_device", *_DRAFT_FIELDS, *_PRESERVATION_FIELDS)
-        refuse_options([flag(name) for name in draft_only if getattr(args, name) is not None],
-                       "speculative decoding (--mode sequential or parallel), not --mode ar")
+        given = [flag(name) for name in draft_only if getattr(args, name) is not None]
+        if args.gemm_prologues == "draft":  # "both" and "none" speak of the target too
+            given.append("--gemm-prologues draft")
+        refuse_options(given, "speculative decoding (--mode sequential or parallel), not --mode ar")
     if args.temperature == 0:  # exactly: a bad temperature is SamplingOptions' to report
         refuse_options([flag(name) for name in _SAMPLING_ONLY if getattr(args, name) is not None],
                        "sampling (--temperature > 0; 0 is greedy decoding)")

@@ -137,17 +137,12 @@ class HippoPipeline:
         self.options.preservation.selection_layers(len(target.text_model.layers))
         # The target's own vocabulary: its choices are never cut to a narrower draft's table.
         self.vocab = target.vocab_size
-        if self.options.draft_device is not None:
-            if draft is None:
-                raise HippoError("a draft device needs a draft model (self-speculation drafts with "
-                                 "the target, on the target's device)")
+        check_draft_model_options(self.options, has_draft=draft is not None)
+        if self.options.draft_device is not None and draft is not None:
             draft.model.to(resolve_device(self.options.draft_device))
         if draft is not None:
             check_lane_devices(target.device, draft.device, self.options.mode)
         check_kernels_run(self._models().values(), self.options.mode)
-        if self.self_speculative and self.options.draft_prefill != "pruned":
-            raise HippoError("self-speculation (no draft model) copies the target's kept cache; "
-                             "draft_prefill does not apply: leave it at 'pruned'")
         self._runtimes: dict[str, LanguageModelRuntime] = {}
 
     # --------------------------------------------------------------------------- public API
@@ -474,6 +469,20 @@ class _SideStream:
     def join(self) -> None:
         if self.stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
+
+
+def check_draft_model_options(options: HippoOptions, has_draft: bool) -> None:
+    """Options that only a draft model of its own uses, refused for self-speculation (the
+    target drafting over its pruned cache); the command line checks them before any model
+    loads."""
+    if has_draft:
+        return
+    if options.draft_device is not None:
+        raise HippoError("a draft device needs a draft model (self-speculation drafts with "
+                         "the target, on the target's device)")
+    if options.draft_prefill != "pruned":
+        raise HippoError("self-speculation (no draft model) copies the target's kept cache; "
+                         "draft_prefill does not apply: leave it at 'pruned'")
 
 
 def _with_overrides(options: HippoOptions, overrides: dict) -> HippoOptions:
