@@ -69,7 +69,9 @@ def _pip_cuda_include_dirs() -> list[str]:
 
 def _extension():
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-    cxx_flags = ["-O3"]  # the C++ standard is torch's own choice (C++20 from torch 2.13)
+    # The C++ standard is torch's own choice (C++20 from torch 2.13). HIPPO_PYTHON_MODULE: the
+    # library is also the Python module hippo_ext._C (CMake's build for libtorch is not).
+    cxx_flags = ["-O3", "-DHIPPO_PYTHON_MODULE"]
     include_dirs = [str(ROOT / "csrc")]
     if not _want_cuda():
         return CppExtension("hippo_ext._C", sources, include_dirs=include_dirs,

@@ -8,14 +8,17 @@
 //   * no host synchronisation inside an op; index *values* are validated on the CPU
 //     path always and by the Python wrappers on CUDA (opt out with check=False);
 //   * randomness comes in as tensors of uniforms.
-#include <Python.h>
 #include <torch/library.h>
+
+#ifdef HIPPO_PYTHON_MODULE  // setup.py's build; CMake's library for libtorch needs no Python
+#include <Python.h>
 
 // Importing hippo_ext._C loads this library and, with it, the registrations below.
 extern "C" PyObject* PyInit__C(void) {
   static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module);
 }
+#endif
 
 TORCH_LIBRARY(hippo_ext, m) {
   // ---- token selection (semantic-aware token preservation) -------------------------

@@ -135,7 +135,8 @@ CAN_COMPILE_CUDA = torch.version.cuda is not None and shutil.which("nvcc") is no
 def test_cmake_build_registers_every_op_for_cpp_consumers(tmp_path: Path, with_cuda: bool) -> None:
     """CMakeLists.txt (for libtorch applications) globs the same sources as setup.py: its library
     must build, load without hippo_ext's Python package and register every op, for CUDA too
-    where a CUDA torch and nvcc are present (no GPU needed)."""
+    where a CUDA torch and nvcc are present (no GPU needed), and need no Python (a libtorch
+    application may have none)."""
     def run(args: list[str]) -> None:
         done = subprocess.run(args, capture_output=True, text=True, timeout=2400)
         output = (done.stdout + done.stderr)[-4000:]
@@ -152,6 +153,11 @@ def test_cmake_build_registers_every_op_for_cpp_consumers(tmp_path: Path, with_c
     (library,) = tmp_path.glob("libhippo_ext.*")
     keys = "CPU,CUDA" if with_cuda else "CPU"
     run([sys.executable, "-c", LOAD_CMAKE_LIBRARY, str(library), keys, *hippo_ext.OP_NAMES])
+    if shutil.which("nm"):
+        symbols = subprocess.run(["nm", "-D", str(library)], capture_output=True, text=True,
+                                 check=True).stdout.split()
+        python_symbols = [name for name in symbols if name.startswith(("Py", "_Py"))]
+        assert not python_symbols, f"the libtorch library uses Python: {python_symbols[:5]}"
 
 
 def test_the_distribution_carries_the_package_version(sdist_files: dict[str, bytes]) -> None:
