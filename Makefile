@@ -9,7 +9,7 @@ BIN    := $(VENV)/bin
 # setup.py's default unless TORCH_CUDA_ARCH_LIST is set.
 export MAX_JOBS ?= $(shell nproc)
 
-SOURCES := $(shell find csrc hippo_ext -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.py') setup.py
+SOURCES := $(shell find csrc hippo_ext -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h' -o -name '*.py') setup.py
 
 .PHONY: all install demo test bench microbench clean
 
@@ -45,4 +45,4 @@ bench: install
 	$(BIN)/hippo bench
 
 clean:
-	rm -rf build *.egg-info $(VENV) hippo_ext/_C*.so
+	rm -rf build build-cmake *.egg-info $(VENV) hippo_ext/_C*.so

@@ -42,7 +42,7 @@ TORCH_LIBRARY(hippo_ext, m) {
   m.def(
       "verify_greedy(Tensor draft_tokens, Tensor target_logits) -> (Tensor num_accepted, "
       "Tensor next_token)");
-  // draft_probs [B, g, V], target_probs [B, g+1, V], uniforms [B, g+1] float32 in [0, 1):
+  // draft_probs [B, g, V], target_probs [B, g+1, V], uniforms [B, g+1] float32 in [0, 1]:
   // uniforms[:, i] decides the i-th acceptance, uniforms[:, g] draws the emitted token.
   m.def(
       "verify_sampling(Tensor draft_tokens, Tensor draft_probs, Tensor target_probs, "

@@ -60,6 +60,10 @@ def decode_attention(
     Returns:
         [B, Lq, Hq, D] in the query's dtype (accumulated in fp32). GQA: Hq % Hkv == 0, query
         head h uses kv head h // (Hq // Hkv).
+
+    On CUDA the kernel takes bfloat16 or float16 and head dims 64, 80 and 128 (the CPU
+    reference any floating dtype and head dim), and the cache must start at a 16-byte aligned
+    address; anything else raises a clear error.
     """
     if scale is None:
         scale = default_scale(query)

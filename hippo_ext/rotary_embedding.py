@@ -52,7 +52,8 @@ def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
         inv_freq: [D/2] inverse frequencies (HF's ``rotary_emb.inv_freq``; converted to float32
             as HF does before use).
         mrope_section: M-RoPE frequency sections (summing to D/2): section i takes its ids
-            from component i % 3. Empty for 1-D RoPE.
+            from component i % 3. Empty for 1-D RoPE. At most 8 sections on CUDA (M-RoPE
+            uses 3).
         scaling: HF's ``attention_scaling`` (1.0 for default RoPE).
         dtype: of the tables (the model's dtype).
 

@@ -74,7 +74,7 @@ def verify_sampling(
         draft_probs: ``q``, ``[B, g, V]``; the draft's distributions.
         target_probs: ``p``, ``[B, g+1, V]`` of the same dtype; the target's distributions (row ``g``
             serves the bonus token).
-        uniforms: ``[B, g+1]`` float32 in ``[0, 1)``: column ``i < g`` decides acceptance ``i``,
+        uniforms: ``[B, g+1]`` float32 in ``[0, 1]``: column ``i < g`` decides acceptance ``i``,
             column ``g`` draws the emitted token.
         check: on CUDA, validate the token, uniform and probability values first (host sync);
             CPU always validates (uniforms outside [0, 1], and probabilities that are negative,

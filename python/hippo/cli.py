@@ -1,4 +1,4 @@
-"""The `hippo` command: `hippo demo`, `hippo generate`, `hippo bench`.
+"""The `hippo` command: `hippo demo`, `hippo generate`, `hippo bench`, `hippo info`.
 
 Every error a user can cause (a missing path, an unsupported model, a mismatched pair, an
 unreadable video, a context too long) is printed as one line on stderr with a non-zero exit
@@ -89,7 +89,9 @@ def add_gemm_prologues_argument(parser: argparse.ArgumentParser, default: str | 
 def _add_decoding_options(parser: argparse.ArgumentParser) -> None:
     # The draft's options default to None, so that one given with --mode ar is refused rather
     # than ignored; HippoOptions' and PreservationOptions' own defaults apply otherwise.
-    parser.add_argument("--mode", choices=("ar", "sequential", "parallel"), default="parallel")
+    parser.add_argument("--mode", choices=("ar", "sequential", "parallel"), default="parallel",
+                        help="ar: the target alone; sequential or parallel (the default) "
+                             "speculative decoding")
     parser.add_argument("--gamma", type=_gamma,
                         help="draft tokens per round: an int, or 'auto' (the default; measured: "
                              "PEARL's T_target/T_draft in parallel mode, the best expected "
@@ -134,10 +136,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int,
                      help="seeds sampling: the same tokens again with --mode ar or a fixed --gamma "
                           "(not with --gamma auto, nor in parallel mode on a GPU: see README)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
     gen.add_argument("--device", help="where the target runs (default: cuda when present)")
     gen.add_argument("--draft-device", help="where the draft runs (default: the target's)")
-    gen.add_argument("--dtype", choices=("bfloat16", "float16", "float32"))
+    gen.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                     help="default: bfloat16 for checkpoints, float32 for presets")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
     commands.add_parser("info", help="versions, hippo_ext's kernels and whether they run on each "
