@@ -225,6 +225,13 @@ OUT_OF_RANGE_CONFIGS = {  # (family, edit, what the error says)
     "qwen_mrope_section_missing": (
         "qwen", _set("text_config", "rope_parameters", "mrope_section", None),
         "gives no mrope_section"),
+    # Grouped-query attention needs the kv heads to divide the query heads (4 in both presets).
+    "qwen_heads_not_a_multiple_of_kv_heads": (
+        "qwen", _set("text_config", "num_key_value_heads", 3),
+        "num_attention_heads (4) must be a positive multiple of num_key_value_heads (3)"),
+    "llava_heads_not_a_multiple_of_kv_heads": (
+        "llava", _set("text_config", "num_key_value_heads", 3),
+        "num_attention_heads (4) must be a positive multiple of num_key_value_heads (3)"),
 }
 
 
@@ -252,6 +259,70 @@ def test_config_values_that_do_not_fit_the_model_are_one_line_errors(capsys, che
     assert main(_generate(target, None, "--mode", "ar")) == EXIT_USER_ERROR
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("hippo generate: error:") and needle in last, last
+    assert last.startswith(f"hippo generate: error: {target}: ") or "model_type" in case, \
+        "a model check's error names the checkpoint (a target's or a draft's)"
+
+
+def _weights_as_pickle(directory: Path) -> None:
+    """The checkpoint with its weights in pytorch_model.bin instead of safetensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(directory / "model.safetensors"), directory / "pytorch_model.bin")
+    (directory / "model.safetensors").unlink()
+
+
+def _config_without_sizes(directory: Path) -> None:
+    """config.json reduced to its model_type: every size takes transformers' defaults (a
+    Qwen2.5-VL of some 75 billion parameters)."""
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({"model_type": config["model_type"]}))
+
+
+def _sharded_without_its_last_shard(directory: Path) -> None:
+    from hippo.models import load_adapter
+
+    (directory / "model.safetensors").unlink()
+    load_adapter("tiny-qwen2.5-vl", seed=0).model.save_pretrained(directory, max_shard_size="100KB")
+    shards = sorted(directory.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+
+
+WEIGHT_FILE_ERRORS = {  # how the copy of the qwen checkpoint is broken, what the error says
+    # Without the bound a pickled checkpoint loaded (and allocated) the 75B-sized model.
+    "pickled_weights_of_a_config_without_sizes": (
+        lambda d: (_weights_as_pickle(d), _config_without_sizes(d)),
+        "parameters but the weights hold"),
+    "a_shard_missing": (_sharded_without_its_last_shard,
+                        "lacks 1 of the"),
+    # Smaller than the weights: the count passes, the shapes do not (named, not "see the
+    # report above", which is not shown).
+    "a_config_narrower_than_its_weights": (
+        lambda d: _set("text_config", "intermediate_size", 64)(config := json.loads(
+            (d / "config.json").read_text())) or (d / "config.json").write_text(json.dumps(config)),
+        "mlp.down_proj.weight is [64, 128] in the checkpoint, [64, 64] by the config"),
+    # transformers warns about the config on stderr before the model refuses to build.
+    "a_pad_token_beyond_the_vocabulary": (
+        lambda d: _set("text_config", "vocab_size", 505)(config := json.loads(
+            (d / "config.json").read_text())) or (d / "config.json").write_text(json.dumps(config)),
+        "cannot load the Qwen2.5-VL checkpoint"),
+}
+
+
+@pytest.mark.parametrize("case", list(WEIGHT_FILE_ERRORS))
+def test_weight_files_that_do_not_fit_are_one_line_errors(capfd, checkpoints, tmp_path, case):
+    """Errors in the weight files or their fit to config.json: one line on stderr (nothing of
+    transformers' own before it), naming what is wrong; pickled weights are bounded too."""
+    breaks, needle = WEIGHT_FILE_ERRORS[case]
+    target = tmp_path / case
+    shutil.copytree(checkpoints["qwen"], target)
+    breaks(target)
+    capfd.readouterr()  # what making the broken copy printed
+    assert main(_generate(str(target), None, "--mode", "ar")) == EXIT_USER_ERROR
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("hippo generate: error:"), err
+    assert needle in err, err
 
 
 def _rewrite_weights(directory: Path, source: str | None = None, drop: str | None = None,

@@ -268,6 +268,18 @@ class VideoLLMAdapter:
         return int(limit) if limit is not None else None
 
 
+def check_attention_heads(model: torch.nn.Module) -> None:
+    """Grouped-query attention shares each kv head among num_attention_heads /
+    num_key_value_heads query heads: a config whose counts do not divide would load, then fail
+    in the first prefill's attention."""
+    config = model.model.language_model.config
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if not (is_int(heads) and is_int(kv_heads) and heads > 0 and kv_heads > 0 and heads % kv_heads == 0):
+        raise HippoError(f"config.json: num_attention_heads ({heads}) must be a positive multiple of "
+                         f"num_key_value_heads ({kv_heads})")
+
+
 def check_token_ids_in_vocabulary(model: torch.nn.Module, fields: dict[str, str]) -> None:
     """The special ids an adapter places in prompts (video placeholders, vision start / end) must
     index the embedding table: a checkpoint whose config.json names an id beyond it would load,
@@ -375,7 +387,8 @@ def load_local_tokenizer(path: str) -> PromptTokenizer | None:
     from transformers import AutoTokenizer
 
     try:
-        return HFPromptTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
+        with transformers_quiet():  # it reads config.json too, whose warnings hippo reports itself
+            return HFPromptTokenizer(AutoTokenizer.from_pretrained(path, local_files_only=True))
     except Exception as err:  # noqa: BLE001  malformed tokenizer files fail with any type
         # (KeyError, TypeError, tokenizers' bare Exception): the user's files are at fault.
         raise HippoError(f"cannot load the tokenizer in {path}: {type(err).__name__}: {err}") from err
@@ -425,7 +438,8 @@ def load_local_checkpoint(model_class: type[torch.nn.Module], path: str, dtype: 
 
     def check_skeleton(skeleton: torch.nn.Module) -> None:
         if check_model is not None:
-            check_model(skeleton)
+            with errors_prefixed(path):  # which of a target and a draft is wrong
+                check_model(skeleton)
         check_tokenizer_fits_embeddings(skeleton, path, tokenizer, prefix + suffix)
 
     model = load_local_model(model_class, path, dtype, label, check_model=check_skeleton)
@@ -451,17 +465,21 @@ def check_tokenizer_fits_embeddings(model: torch.nn.Module, path: str, tokenizer
 
 
 @contextmanager
-def transformers_progress_bars_hidden() -> Iterator[None]:
-    """transformers draws "Loading weights: 0%|...|" on stderr while loading, which would put
-    lines before hippo's one-line errors. The caller's setting is restored after, for the
-    models a script of theirs loads later."""
+def transformers_quiet() -> Iterator[None]:
+    """transformers draws "Loading weights: 0%|...|" on stderr while loading and logs warnings
+    and a load report (missing or mismatched tensors, a config value out of range), which would
+    put lines before hippo's one-line errors; hippo reports what matters itself. The caller's
+    settings are restored after, for the models a script of theirs loads later."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
     try:
         yield
     finally:
+        hf_logging.set_verbosity(verbosity)
         if was_enabled:
             hf_logging.enable_progress_bar()
 
@@ -478,16 +496,21 @@ def load_local_model(model_class: type[torch.nn.Module], path: str, dtype: torch
     if not os.path.isdir(path):
         raise HippoError(f"no checkpoint directory at {path}")
     try:
-        config = model_class.config_class.from_pretrained(path, local_files_only=True)
-        with torch.device("meta"):
-            skeleton = model_class(config)
-        check_config_fits_weights(skeleton, path)
-        if check_model is not None:
-            check_model(skeleton)
-        del skeleton
-        with transformers_progress_bars_hidden():
+        with transformers_quiet():
+            config = model_class.config_class.from_pretrained(path, local_files_only=True)
+            with torch.device("meta"):
+                skeleton = model_class(config)
+            # What config.json says wrongly first, then whether it fits the weights at all.
+            if check_model is not None:
+                with errors_prefixed(path):  # which of a target and a draft is wrong
+                    check_model(skeleton)
+            check_config_fits_weights(skeleton, path)
+            del skeleton
+            # ignore_mismatched_sizes: a tensor whose shape differs from the config's is then
+            # listed in info (named below) instead of failing with "see the report above".
             model, info = model_class.from_pretrained(path, dtype=dtype, local_files_only=True,
-                                                      output_loading_info=True)
+                                                      output_loading_info=True,
+                                                      ignore_mismatched_sizes=True)
     except HippoError:
         raise
     except Exception as err:  # noqa: BLE001  corrupt weights or a config that does not fit them
@@ -496,37 +519,84 @@ def load_local_model(model_class: type[torch.nn.Module], path: str, dtype: torch
         raise HippoError(f"cannot load the {label} checkpoint in {path}: "
                          f"{type(err).__name__}: {err}") from err
     for kind in ("missing_keys", "mismatched_keys"):
-        names = sorted(str(name) for name in info.get(kind) or ())
+        names = sorted(_describe_loading_entry(entry) for entry in info.get(kind) or ())
         if names:
-            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            shown = "; ".join(names[:3]) + (f"; and {len(names) - 3} more" if len(names) > 3 else "")
             raise HippoError(f"the {label} checkpoint in {path} does not fit its config.json "
                              f"({kind.replace('_', ' ')}: {shown})")
     return model
 
 
+def _describe_loading_entry(entry: object) -> str:
+    """A tensor name of from_pretrained's loading info; mismatched ones come as (name,
+    checkpoint shape, config shape)."""
+    if isinstance(entry, tuple) and len(entry) == 3:
+        name, stored, described = entry
+        return (f"{name} is {list(stored)} in the checkpoint, {list(described)} by the config")
+    return str(entry)
+
+
 def check_config_fits_weights(skeleton: torch.nn.Module, path: str) -> None:
     """Compare the parameter count that config.json describes (the model built from it on the
-    meta device) with the tensors in the checkpoint's safetensors files (headers only), before
-    anything is allocated: a config missing its size fields falls back to transformers'
-    defaults (a 72B-sized Qwen2.5-VL), which would exhaust memory rather than fail. Checkpoints
-    without safetensors files are left to from_pretrained."""
+    meta device) with the tensors in the checkpoint's weight files (safetensors headers, or
+    pytorch_model*.bin memory-mapped), before anything is allocated: a config missing its size
+    fields falls back to transformers' defaults (a 72B-sized Qwen2.5-VL), which would exhaust
+    memory rather than fail. Loading relies on this bound (it lets transformers go on past
+    mismatched shapes, so that hippo can name them)."""
+    check_shards_present(path)
+    stored = stored_parameter_count(path)
+    described = sum(p.numel() for p in skeleton.parameters())
+    if stored is not None and described > stored:
+        raise HippoError(f"config.json in {path} describes {described:,} parameters but the "
+                         f"weights hold {stored:,}: the config does not fit the weights (size "
+                         "fields missing from config.json take transformers' defaults)")
+
+
+def stored_parameter_count(path: str) -> int | None:
+    """How many numbers the checkpoint's weight files hold (safetensors preferred, as
+    transformers does); None where it has neither kind (from_pretrained then says so)."""
     import glob
     import os
 
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    if not files:
-        return
-    from safetensors import safe_open
+    if files:
+        from safetensors import safe_open
 
+        stored = 0
+        for file in files:
+            with safe_open(file, framework="pt") as weights:
+                stored += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+        return stored
+    files = sorted(glob.glob(os.path.join(path, "pytorch_model*.bin")))
+    if not files:
+        return None
     stored = 0
-    for file in files:
-        with safe_open(file, framework="pt") as weights:
-            stored += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
-    described = sum(p.numel() for p in skeleton.parameters())
-    if described > stored:
-        raise HippoError(f"config.json in {path} describes {described:,} parameters but the "
-                         f"weights hold {stored:,}: the config does not fit the weights (size "
-                         "fields missing from config.json take transformers' defaults)")
+    for file in files:  # mapped, not read: only the shapes are looked at
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+        if not isinstance(state, dict):
+            raise HippoError(f"{file} holds no state dict of tensors")
+        stored += sum(t.numel() for t in state.values() if isinstance(t, torch.Tensor))
+    return stored
+
+
+def check_shards_present(path: str) -> None:
+    """Every weight file a sharded checkpoint's index names must be there: one missing would
+    otherwise read as a config that does not fit its weights."""
+    import os
+
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = os.path.join(path, index_name)
+        if not os.path.isfile(index_path):
+            continue
+        weight_map = read_json_object(index_path).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise HippoError(f"{index_path} has no weight_map of tensor names to file names")
+        shards = sorted(set(weight_map.values()))
+        missing = [shard for shard in shards if not os.path.isfile(os.path.join(path, shard))]
+        if missing:
+            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            raise HippoError(f"{path} lacks {len(missing)} of the {len(shards)} weight files "
+                             f"that {index_name} lists: {shown}")
 
 
 def chat_ids(tokenizer: PromptTokenizer | None, prefix: str, suffix: str) -> tuple[list[int], list[int]]:

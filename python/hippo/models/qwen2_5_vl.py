@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hippo.models.base import (build_random_model, check_positive_rate, check_token_ids_in_vocabulary,
-                               errors_prefixed, is_int, load_local_checkpoint, preset_for_family, HippoError,
+from hippo.models.base import (build_random_model, check_attention_heads, check_positive_rate,
+                               check_token_ids_in_vocabulary, is_int, load_local_checkpoint, preset_for_family, HippoError,
                                PreparedPrompt, PromptTokenizer, VideoLLMAdapter, visual_span)
 from hippo.models.preprocess import (QwenVideoPreprocess, preprocess_qwen_video, qwen_video_tokens,
                                      settings_from_checkpoint, settings_value)
@@ -47,6 +47,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
     def check_model(model: torch.nn.Module) -> None:
         """What a config.json can get wrong that would fail only in the first prepare or prefill;
         also run on the weightless skeleton before a checkpoint's weights load."""
+        check_attention_heads(model)
         check_token_ids_in_vocabulary(model, {field: field for field in TOKEN_ID_FIELDS})
         check_mrope_section(model)
 
@@ -71,8 +72,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
 
         def check_skeleton(skeleton: torch.nn.Module) -> None:
             cls.check_model(skeleton)
-            with errors_prefixed(path):  # which of a target and a draft is wrong
-                check_preprocess_fits_vision(preprocess, skeleton.config.vision_config)
+            check_preprocess_fits_vision(preprocess, skeleton.config.vision_config)
 
         loaded = load_local_checkpoint(Qwen2_5_VLForConditionalGeneration, path, dtype, "Qwen2.5-VL",
                                        CHAT_PREFIX, CHAT_SUFFIX, check_model=check_skeleton)
