@@ -183,6 +183,14 @@ def test_missing_annotations_say_what_was_looked_for(tmp_path, name, looked_for)
      json.dumps([{"video": "a.mp4", "question": "Q?", "candidates": ["x", "y"], "answer": "x",
                   "start": "abc", "end": 3}]),
      "entry 0: start must be a number of seconds, got 'abc'"),
+    # Options written as the text of a list would read as one option per character.
+    ("videomme", "videomme/test.jsonl",
+     json.dumps({"videoID": "v", "question_id": "1", "question": "Q?",
+                 "options": "['A. x', 'B. y']", "answer": "A"}),
+     "entry 0: options must be a list of options, got a str"),
+    ("mvbench", "json/action_sequence.json",
+     json.dumps([{"video": "a.mp4", "question": "Q?", "candidates": "xy", "answer": "x"}]),
+     "entry 0: candidates must be a list of options, got a str"),
     # Nesting deeper than the decoder's recursion limit.
     ("mvbench", "json/action_sequence.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ("lvbench", "video_info.meta.jsonl", "[" * 100_000 + "]" * 100_000,

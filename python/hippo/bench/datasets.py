@@ -182,7 +182,7 @@ def _read_videomme(root: Path) -> Iterator[VideoQuestion]:
                               "videomme/*.json", "*.parquet", "*.jsonl", "*.json")
 
     def convert(index: int, row: dict) -> list[VideoQuestion]:
-        options = list(row["options"])
+        options = _options(row["options"], "options")
         return [VideoQuestion(
             dataset="videomme", question_id=str(row["question_id"]),
             video=_find_video([root / "data", root / "videos"], str(row["videoID"])),
@@ -204,7 +204,7 @@ def _read_mvbench(root: Path) -> Iterator[VideoQuestion]:
         folders = [*official_folders, root / renamed, root / "data0613" / renamed]
 
         def convert(index: int, row: dict) -> list[VideoQuestion]:
-            options = list(row["candidates"])
+            options = _options(row["candidates"], "candidates")
             video = _find_video(folders, str(row["video"]))
             bounded = task in _MVBENCH_BOUNDED_TASKS and any(
                 video.is_relative_to(folder) for folder in official_folders)
@@ -225,7 +225,7 @@ def _read_longvideobench(root: Path) -> Iterator[VideoQuestion]:
     files = _find_annotations(root, "LongVideoBench", "lvb_val.json", "lvb_test_wo_gt.json")
 
     def convert(index: int, row: dict) -> list[VideoQuestion]:
-        options = list(row["candidates"])
+        options = _options(row["candidates"], "candidates")
         return [VideoQuestion(
             dataset="longvideobench", question_id=str(row["id"]),
             video=_find_video([root / "videos"], str(row["video_path"])),
@@ -245,7 +245,7 @@ def _read_mlvu(root: Path) -> Iterator[VideoQuestion]:
         default_task = path.stem.split("_", 1)[-1]  # "1_plotQA" -> "plotQA"
 
         def convert(index: int, row: dict) -> list[VideoQuestion]:
-            options = list(row.get("candidates") or [])
+            options = _options(row.get("candidates") or [], "candidates")
             if not options:  # open-ended task (sub-scene captioning, summary)
                 return []
             return [VideoQuestion(
@@ -404,6 +404,14 @@ def _find_video(folders: list[Path], name: str) -> Path:
             if (folder / candidate).exists():
                 return folder / candidate
     return folders[0] / (name if Path(name).suffix else name + _VIDEO_EXTENSIONS[0])
+
+
+def _options(value: object, field: str) -> list:
+    """A row's answer options, which must be a list: a string (a list written as its text)
+    would read as one option per character."""
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{field} must be a list of options, got a {type(value).__name__}")
+    return list(value)
 
 
 def _choice_prompt(question: str, options: list) -> str:
