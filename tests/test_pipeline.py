@@ -66,7 +66,8 @@ def test_frames_beyond_the_context_are_refused_before_decoding(monkeypatch):
     monkeypatch.setattr(Qwen2_5_VLAdapter, "prepare", no_decoding)
     assert tokens >= 100
     message = (f"16 frames of 112x112 make {tokens} visual tokens; with the prompt's {text} text "
-               f"tokens and 4 new tokens that is {tokens + text + 4}, beyond the 100 positions")
+               f"tokens and 4 new tokens that is {tokens + text + 4}, beyond the 100 positions "
+               f"of the target \\(qwen2_5_vl\\)")
     with pytest.raises(HippoError, match=message):
         pipeline.generate(sample_video_path(), "what moves?", 4, num_frames=16)
     with pytest.raises(HippoError, match=message):
@@ -190,6 +191,11 @@ def test_bad_requests_are_clear_errors(tmp_path):
         pipeline.generate(sample_video_path(), "hi", 4.5, num_frames=2)
     with pytest.raises(HippoError, match="video must be a file path"):
         pipeline.generate(sample_video_path().read_bytes(), "hi", 4)
+    with pytest.raises(HippoError, match="the prompt is not valid UTF-8"):
+        pipeline.generate(sample_video_path(), b"\xe9t\xe9".decode("utf-8", "surrogateescape"), 4,
+                          num_frames=2)
+    with pytest.raises(HippoError, match="got the URL https://example.com/a.mp4: download it"):
+        pipeline.generate("https://example.com/a.mp4", "hi", 4, num_frames=2)
     with pytest.raises(HippoError, match="prompt must be a str"):
         pipeline.generate(sample_video_path(), None, 4, num_frames=2)
     with pytest.raises(HippoError, match="eos_token_id"):

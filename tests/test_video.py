@@ -190,7 +190,7 @@ def test_bad_time_windows():
     # Just before the end, within rounding of the last frame's end: no frame is left.
     with pytest.raises(HippoError, match="starts after the video ends"):
         sample_indices(info, num_frames=1, window=(9.9999999999, None))
-    with pytest.raises(HippoError, match="window 0-0.05 s holds 1 frames, 2 requested"):
+    with pytest.raises(HippoError, match="window 0-0.05 s holds 1 frame, 2 requested"):
         sample_indices(info, num_frames=2, window=(0.0, 0.05))
     with pytest.raises(HippoError, match="starts after the video ends"):
         sample_indices(info, num_frames=1, window=(10.0, None))
@@ -215,7 +215,7 @@ def test_one_frame_video(tmp_path, backend):
     assert probe_video(path, backend=backend).num_frames == 1
     assert load_video(path, num_frames=1, backend=backend).shape == (1, 56, 56, 3)
     assert load_video(path, fps=1.0, backend=backend).shape == (1, 56, 56, 3)
-    with pytest.raises(HippoError, match="video has 1 frames, 2 requested"):
+    with pytest.raises(HippoError, match="video has 1 frame, 2 requested: ask for at most 1"):
         load_video(path, num_frames=2, backend=backend)
 
 

@@ -207,13 +207,14 @@ def _checked_generate_options(args: argparse.Namespace) -> HippoOptions:
     sampling and decoding options, the draft's device, the video and its sampling request, the
     model paths), in the library's own validators; the HippoOptions to decode with."""
     from hippo.models import resolve_device
+    from hippo.models.base import check_utf8
     from hippo.pipeline import DEFAULT_FRAMES, HippoOptions, check_draft_model_options
     from hippo.preserve import PreservationOptions
     from hippo.runtime.autoregressive import SamplingOptions
     from hippo.video import check_video_request
 
     _refuse_contradictions(args)
-    _check_utf8(args.prompt)
+    check_utf8(args.prompt, "--prompt")  # before any model loads
     check_at_least_one(args, "max_new_tokens")
     SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed)  # validates them
     preservation = PreservationOptions(**_given(args, _PRESERVATION_FIELDS))
@@ -250,18 +251,6 @@ def _given(args: argparse.Namespace, fields: dict[str, str]) -> dict:
     """{field: value} of the options given on the command line (argparse left the others None)."""
     return {field: getattr(args, name) for name, field in fields.items()
             if getattr(args, name) is not None}
-
-
-def _check_utf8(prompt: str) -> None:
-    """Python keeps bytes of the command line that are not UTF-8 as lone surrogates, which
-    tokenizers reject with a TypeError: say what is wrong instead."""
-    from hippo.models import HippoError
-
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as error:
-        raise HippoError(f"--prompt is not valid UTF-8 (byte {error.start} of it): pass the text "
-                         "in UTF-8 (check the terminal's or the shell's encoding)") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

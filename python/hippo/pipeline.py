@@ -230,7 +230,7 @@ class HippoPipeline:
             raise HippoError(
                 f"context too long: {count} frames of {width}x{height} make {visual} visual tokens; "
                 f"with the prompt's {text} text tokens{with_new} that is {total}, beyond the "
-                f"{adapter.max_positions} positions of the {adapter.family} model: ask for fewer "
+                f"{adapter.max_positions} positions of the {role} ({adapter.family}): ask for fewer "
                 f"frames (num_frames, a lower fps or a time window)"
                 f"{', fewer new tokens' if new_tokens else ''} or a shorter prompt")
 

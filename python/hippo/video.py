@@ -151,7 +151,8 @@ def sample_indices(info: VideoInfo, num_frames: int | None = None, fps: float | 
         span = last - first + 1
         if num_frames > span and not repeat_frames:
             where = "video has" if window is None else f"{_describe(window)} holds"
-            raise HippoError(f"{where} {span} frames, {num_frames} requested")
+            raise HippoError(f"{where} {span} frame{'s' if span != 1 else ''}, {num_frames} "
+                             f"requested: ask for at most {span} (num_frames) or sample by fps")
         if sampling == "segment_midpoints":
             return _segment_midpoints(first, last, num_frames)
         return np.linspace(first, last, num_frames).round().astype(int).tolist()
@@ -273,6 +274,9 @@ def _checked_source(path: str | Path) -> Path:
                          f"got {type(path).__name__} {short_repr(path)}")
     if not os.fspath(path):  # Path("") would read as the current directory
         raise HippoError("the video path is empty: give a video file or a folder of frames")
+    if "://" in os.fspath(path):  # Path() would fold the // and report no such file
+        raise HippoError(f"the video must be a local file or folder of frames, got the URL "
+                         f"{os.fspath(path)}: download it first (hippo downloads nothing)")
     path = Path(path)
     if not path.exists():
         raise HippoError(f"video file not found: {path}")

@@ -32,6 +32,17 @@ def errors_prefixed(prefix: str) -> Iterator[None]:
         raise HippoError(f"{prefix}: {err}") from err
 
 
+def check_utf8(prompt: str, name: str = "the prompt") -> None:
+    """Python keeps bytes of a command line or file that are not UTF-8 as lone surrogates,
+    which tokenizers reject with a TypeError: say what is wrong instead."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise HippoError(f"{name} is not valid UTF-8 (character {error.start} is a lone "
+                         "surrogate, from bytes that were not UTF-8): pass the text in UTF-8 "
+                         "(check the terminal's or the shell's encoding)") from None
+
+
 def is_int(value: object) -> bool:
     """An integer (Python's or numpy's), and not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
@@ -225,6 +236,7 @@ class VideoLLMAdapter:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise HippoError(f"{self.family} model has no tokenizer: pass the prompt as token ids")
+            check_utf8(prompt)
             ids = self.tokenizer.encode(prompt)
         else:
             if not all(is_int(i) for i in prompt):
@@ -268,11 +280,16 @@ class VideoLLMAdapter:
         return int(limit) if limit is not None else None
 
 
-def check_attention_heads(model: torch.nn.Module) -> None:
-    """Grouped-query attention shares each kv head among num_attention_heads /
-    num_key_value_heads query heads: a config whose counts do not divide would load, then fail
-    in the first prefill's attention."""
+def check_text_config(model: torch.nn.Module) -> None:
+    """Values of the language model's config that would load, then fail in the first prompt:
+    grouped-query attention shares each kv head among num_attention_heads / num_key_value_heads
+    query heads (the counts must divide), and a context of max_position_embeddings positions
+    must hold at least one."""
     config = model.model.language_model.config
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and not (is_int(limit) and limit > 0):
+        raise HippoError(f"config.json: max_position_embeddings must be a positive integer (the "
+                         f"model's context), got {limit!r}")
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if not (is_int(heads) and is_int(kv_heads) and heads > 0 and kv_heads > 0 and heads % kv_heads == 0):

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hippo.models.base import (build_random_model, check_attention_heads, check_token_ids_in_vocabulary,
+from hippo.models.base import (build_random_model, check_text_config, check_token_ids_in_vocabulary,
                                is_int, load_local_checkpoint, preset_for_family, HippoError, PreparedPrompt,
                                PromptTokenizer, VideoLLMAdapter, visual_span)
 from hippo.models.preprocess import (SIGLIP_MEAN, SIGLIP_STD, SiglipVideoPreprocess, preprocess_siglip_video,
@@ -50,7 +50,7 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
     def check_model(model: torch.nn.Module) -> None:
         """What a config.json can get wrong that would fail only in the first prepare; also run
         on the weightless skeleton before a checkpoint's weights load."""
-        check_attention_heads(model)
+        check_text_config(model)
         check_token_ids_in_vocabulary(model, TOKEN_ID_FIELDS)
         check_feature_layers(model.config)
 

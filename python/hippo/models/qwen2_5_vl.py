@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hippo.models.base import (build_random_model, check_attention_heads, check_positive_rate,
+from hippo.models.base import (build_random_model, check_positive_rate, check_text_config,
                                check_token_ids_in_vocabulary, is_int, load_local_checkpoint, preset_for_family, HippoError,
                                PreparedPrompt, PromptTokenizer, VideoLLMAdapter, visual_span)
 from hippo.models.preprocess import (QwenVideoPreprocess, preprocess_qwen_video, qwen_video_tokens,
@@ -47,7 +47,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
     def check_model(model: torch.nn.Module) -> None:
         """What a config.json can get wrong that would fail only in the first prepare or prefill;
         also run on the weightless skeleton before a checkpoint's weights load."""
-        check_attention_heads(model)
+        check_text_config(model)
         check_token_ids_in_vocabulary(model, {field: field for field in TOKEN_ID_FIELDS})
         check_mrope_section(model)
 
