@@ -47,6 +47,11 @@ def test_generate_prints_json_and_matches_ar(capsys):
     assert hippo["tokens"] == ar["tokens"] and len(ar["tokens"]) <= 10
     assert main(_generate("--json", "--draft-priority")) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] == ar["tokens"]
+    # Step-invariant kernels on both sides (on the CPU: hippo_ext's references).
+    assert main(_generate("--json", "--step-invariant", "--gamma", "3")) == 0
+    invariant = json.loads(capsys.readouterr().out)["tokens"]
+    assert main(_generate_ar("--json", "--step-invariant")) == 0
+    assert invariant == json.loads(capsys.readouterr().out)["tokens"]
     assert {"mean_accepted_tokens", "acceptance_rate", "tokens_per_s"} <= set(hippo["stats"])
 
 
@@ -496,6 +501,9 @@ CHECKED_BEFORE_LOADING = {  # argv, what the one-line error says (the flag, not 
         "--selection apply only to speculative decoding (--mode sequential or parallel), "
         "not --mode ar"),
     "gamma_with_ar": (_generate_ar("--gamma", "3"), "--gamma applies only to speculative"),
+    "step_invariance_with_gemm_prologues": (
+        _generate("--step-invariant", "--gemm-prologues", "draft"),
+        "--step-invariant cannot be combined with --gemm-prologues 'draft'"),
     "draft_gemm_prologues_with_ar": (_generate_ar("--gemm-prologues", "draft"),
                                      "--gemm-prologues draft applies only to speculative"),
     # Options that only a draft model of its own uses, without one (self-speculation).

@@ -43,15 +43,34 @@ def float64_linear(x, weight, bias):
     return out + bias.double() if bias is not None else out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows,in_features,out_features", [
-    ((1,), 1, 1), ((3,), 7, 5), ((1, 9), 64, 33), ((2, 17), 96, 130), ((40,), 32, 64)])
-def test_cpu_is_atens_linear(gen, dtype, rows, in_features, out_features):
+    ((1,), 1, 1), ((3,), 7, 5), ((1, 9), 64, 33), ((2, 17), 96, 130), ((40,), 33, 64),
+    ((2,), 0, 3), ((0,), 5, 4), ((1, 3), 4864, 17)])
+def test_cpu_matches_float64(gen, dtype, rows, in_features, out_features):
+    """K below, at and off the 16 partial sums, K = 0 (the bias alone), no rows."""
     x, weight, bias = random_problem(rows, in_features, out_features, dtype, "cpu", gen)
     for b in (bias, None):
-        for impl in hippo_ext.linear.SKINNY_LINEAR_IMPLS:  # CUDA kernels; ATen's on the CPU
+        for impl in hippo_ext.linear.SKINNY_LINEAR_IMPLS:  # CUDA kernels: the same on the CPU
             out = hippo_ext.skinny_linear(x, weight, b, impl=impl)
-            assert torch.equal(out, F.linear(x, weight, b))
+            assert out.shape == (*rows, out_features) and out.dtype == dtype
+            torch.testing.assert_close(out.double(), float64_linear(x, weight, b),
+                                       rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features,out_features", [(64, 33), (897, 130), (4864, 96)])
+def test_cpu_rows_do_not_depend_on_m(gen, dtype, in_features, out_features):
+    """As on CUDA: a verify step's rows equal single-token steps' bit for bit, wherever the
+    row sits in memory (F.linear's rows depend on M: BLAS picks its kernel by it)."""
+    rows = 17
+    x, weight, bias = random_problem((rows,), in_features, out_features, dtype, "cpu", gen)
+    together = hippo_ext.skinny_linear(x, weight, bias)
+    for m in range(rows):
+        assert torch.equal(hippo_ext.skinny_linear(x[m:m + 1], weight, bias)[0], together[m])
+        assert torch.equal(hippo_ext.skinny_linear(x[m:m + 1].clone(), weight, bias)[0], together[m])
+    for first in (2, 9):
+        assert torch.equal(hippo_ext.skinny_linear(x[:first], weight, bias), together[:first])
 
 
 # (M, K, N): M across the four n8 tiles and beyond the kernel (33 -> ATen); K with one k32 block,

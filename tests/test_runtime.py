@@ -554,16 +554,14 @@ KERNEL_OPTIONS = {"skinny_gemm": dict(skinny_gemm=True),
 @pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
 @pytest.mark.parametrize("option", list(KERNEL_OPTIONS))
 def test_kernel_options_match_the_default_runtime(device, family, option):
-    """Equal logits on the CPU; within bf16 noise on CUDA."""
+    """Within fp32 rounding on the CPU (skinny_linear's CPU reference sums in its own order,
+    not BLAS's); within bf16 noise on CUDA."""
     model, positions_for = build(family)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model = model.to(device=device, dtype=dtype)
     default = step_logits(model, positions_for, device)
     changed = step_logits(model, positions_for, device, **KERNEL_OPTIONS[option])
-    if device == "cpu":
-        assert torch.equal(default, changed)
-    else:
-        assert (default - changed).norm() / changed.norm() < 1e-2
+    assert (default - changed).norm() / changed.norm() < (1e-6 if device == "cpu" else 1e-2)
 
 
 def count_calls(monkeypatch, module, names: tuple[str, ...]) -> list[str]:
@@ -634,27 +632,35 @@ def test_skinny_gemm_needs_the_fused_path():
         LanguageModelRuntime.from_hf(model, max_seq_len=32, fused=False, skinny_gemm=True)
 
 
-def test_step_invariance_needs_cuda():
+def test_step_invariance_needs_hippo_ext_kernels():
     model, _ = build("qwen2")
-    with pytest.raises(HippoError, match="step_invariant"):
-        LanguageModelRuntime.from_hf(model, max_seq_len=32, step_invariant=True)
+    for options in (dict(fused=False), dict(step_attention="sdpa")):
+        with pytest.raises(HippoError, match="step_invariant=True needs step_attention='hippo_ext' "
+                                             "and the fused layer path"):
+            LanguageModelRuntime.from_hf(model, max_seq_len=32, step_invariant=True, **options)
 
 
-@requires_cuda
-@pytest.mark.cuda
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda,
+                                                                        pytest.mark.cuda])])
 @pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
-def test_step_invariant_verify_equals_single_steps_bitwise(family):
+def test_step_invariant_verify_equals_single_steps_bitwise(family, device):
     """With step_invariant=True a verify step's logits are exactly those of single-token steps,
-    in bf16: speculative decoding then reproduces the runtime's own greedy output."""
-    model, positions_for = cuda_model(family, 256)
-    model = model.to(torch.bfloat16)
+    in fp32 on the CPU (whose BLAS and SDPA round a row differently with every step size: the
+    default runtime's differ by ~1e-7) and in bf16 on CUDA: speculative decoding then
+    reproduces the runtime's own greedy output."""
+    if device == "cuda":
+        model, positions_for = cuda_model(family, 256)
+        model = model.to(torch.bfloat16)
+    else:
+        model, positions_for = build(family)
     runtime = LanguageModelRuntime.from_hf(model, max_seq_len=128, step_invariant=True)
-    ids = torch.randint(0, VOCAB, (1, 80), device="cuda")
-    positions = positions_for(80).cuda()
+    assert runtime.step_attention == "hippo_ext" and runtime.skinny_gemm
+    ids = torch.randint(0, VOCAB, (1, 80), device=device)
+    positions = positions_for(80).to(device)
     runtime.prefill(runtime.embed(ids[:, :40]), positions[..., :40])
     with pytest.raises(HippoError, match="up to 32 tokens, got 33"):  # cuBLAS would take it
         runtime.step(ids[:, 40:73], positions[..., 40:73])
-    for count in (5, 9, 17, 32):
+    for count in (2, 5, 9, 17, 32):
         verify = runtime.step(ids[:, 40:40 + count], positions[..., 40:40 + count]).clone()
         runtime.rollback(40)
         singles = [runtime.step(ids[:, 40 + i:41 + i], positions[..., 40 + i:41 + i]).clone()

@@ -141,6 +141,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft-device", help="where the draft runs (default: the target's)")
     gen.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                      help="default: bfloat16 for checkpoints, float32 for presets")
+    gen.add_argument("--step-invariant", action="store_true",
+                     help="verify steps round exactly as one-token steps, so the output is the "
+                          "target's AR output bit for bit even at near-ties of its top logits "
+                          "(CPU; CUDA in bf16/fp16; costs some speed)")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
 
     commands.add_parser("info", help="versions, hippo_ext's kernels and whether they run on each "
@@ -220,7 +224,8 @@ def _checked_generate_options(args: argparse.Namespace) -> HippoOptions:
     preservation = PreservationOptions(**_given(args, _PRESERVATION_FIELDS))
     draft_device = resolve_device(args.draft_device) if args.draft_device else None
     options = HippoOptions(mode=args.mode, preservation=preservation, draft_device=draft_device,
-                           gemm_prologues=args.gemm_prologues, **_given(args, _DRAFT_FIELDS))
+                           gemm_prologues=args.gemm_prologues,
+                           step_invariant=args.step_invariant, **_given(args, _DRAFT_FIELDS))
     check_draft_model_options(options, has_draft=args.draft is not None)
     frames = DEFAULT_FRAMES if args.frames is None and args.fps is None else args.frames
     check_video_request(args.video, frames, args.fps, start=args.start, end=args.end)
@@ -360,7 +365,8 @@ _API_FLAGS = {
     "demo": dict(num_frames="--frames", max_new_tokens="--max-new-tokens"),
     "generate": dict(num_frames="--frames", fps="--fps", max_new_tokens="--max-new-tokens",
                      keep_ratio="--keep-ratio", gamma="--gamma", draft_prefill="--draft-prefill",
-                     temperature="--temperature", top_k="--top-k", top_p="--top-p", seed="--seed"),
+                     temperature="--temperature", top_k="--top-k", top_p="--top-p", seed="--seed",
+                     step_invariant="--step-invariant", gemm_prologues="--gemm-prologues"),
     "info": {},
     "bench": dict(num_frames="--num-frames", max_new_tokens="--max-new-tokens",
                   keep_ratio="--keep-ratio", gamma="--gamma"),

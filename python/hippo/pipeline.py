@@ -58,6 +58,9 @@ class HippoOptions:
     preservation: which visual tokens the draft keeps (keep ratio, method, weights, layers...).
     draft_device: where the draft runs (default: where its model is); another GPU, for example.
     use_cuda_graphs / step_invariant: passed to both runtimes (see LanguageModelRuntime).
+        step_invariant=True makes the output the runtime's own AR output bit for bit (CPU, and
+        CUDA in bf16/fp16), near-ties of the target's top logits included; without it a verify
+        step rounds differently from one-token steps and may pick the other token of a tie.
     gemm_prologues: the runtimes that run the norms, gating and RoPE inside their GEMMs (see
         LanguageModelRuntime): "none", "draft" (the small, launch-bound model, where fewer
         kernels pay most) or "both"; opt-in, measured slower on an H200 (2026-11-27).
@@ -97,6 +100,10 @@ class HippoOptions:
         if self.gemm_prologues not in GEMM_PROLOGUE_ROLES:
             raise HippoError(f"unknown gemm_prologues {self.gemm_prologues!r}; choose one of "
                              f"{', '.join(GEMM_PROLOGUE_ROLES)}")
+        if self.step_invariant and self.gemm_prologues != "none":
+            # Their fused GEMMs run single-token steps only, wider ones cuBLAS: rows would differ.
+            raise HippoError(f"step_invariant cannot be combined with gemm_prologues "
+                             f"{self.gemm_prologues!r}")
 
     @property
     def largest_gamma(self) -> int:

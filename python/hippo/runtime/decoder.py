@@ -143,9 +143,11 @@ class LanguageModelRuntime:
             step holds (up to STEP_INVARIANT_MAX_TOKENS = 32; larger steps are refused), bit
             for bit: a verify step of g + 1 tokens then gives exactly the logits that g + 1
             single-token steps would, so speculative decoding reproduces
-            the runtime's own autoregressive output even in bf16. Needs CUDA and hippo_ext's
-            decode_attention; turns on skinny_gemm and decode_attention's row-invariant layout
-            (which costs single-token steps some attention speed).
+            the runtime's own autoregressive output bit for bit, in fp32 as in bf16. Needs
+            hippo_ext's decode_attention (on CUDA: bf16/fp16, head dim 64, 80 or 128; on the
+            CPU: its reference, chosen then) and the fused layer path; turns on skinny_gemm and
+            decode_attention's row-invariant layout (which costs single-token steps some
+            attention speed on CUDA; on the CPU, the plain dot products are slower than BLAS).
     """
 
     def __init__(self, text_model: nn.Module, lm_head: nn.Module, max_seq_len: int,
@@ -177,7 +179,7 @@ class LanguageModelRuntime:
         self.cache = StaticKVCache(len(self.layers), batch, self.num_kv_heads, max_seq_len,
                                    self.head_dim, dtype=self.dtype, device=self.device)
         self.step_attention = _choose_step_attention(step_attention, self.device, self.dtype,
-                                                     self.head_dim)
+                                                     self.head_dim, step_invariant)
         use_fused = _choose_fused(fused, self.device, text_model)
         is_cuda = self.device.type == "cuda"
         self.use_cuda_graphs = is_cuda if use_cuda_graphs is None else use_cuda_graphs
@@ -597,11 +599,12 @@ def _decode_attention_supports(device: torch.device, dtype: torch.dtype,
 
 
 def _choose_step_attention(requested: str | None, device: torch.device, dtype: torch.dtype,
-                           head_dim: int) -> str:
+                           head_dim: int, step_invariant: bool = False) -> str:
     """hippo_ext on CUDA where its kernel applies, SDPA otherwise (and on the CPU by default,
-    where it is what HF runs)."""
+    where it is what HF runs, unless step_invariant asks for the CPU reference's rows)."""
     if requested is None:
-        use_kernel = device.type == "cuda" and _decode_attention_supports(device, dtype, head_dim)
+        wanted = device.type == "cuda" or step_invariant
+        use_kernel = wanted and _decode_attention_supports(device, dtype, head_dim)
         return "hippo_ext" if use_kernel else "sdpa"
     if requested not in STEP_ATTENTION_BACKENDS:
         raise HippoError(f"unknown step_attention {requested!r}; choose one of "
@@ -624,12 +627,13 @@ def _widest_output(layers: Sequence[nn.Module], lm_head: nn.Module) -> int:
 
 def _check_step_invariance_possible(device: torch.device, step_attention: str,
                                     fused: bool) -> None:
-    """step_invariant rests on CUDA kernels whose rows do not depend on the step size."""
-    if device.type != "cuda" or step_attention != "hippo_ext" or not fused:
+    """step_invariant rests on hippo_ext's kernels, whose rows do not depend on the step size
+    (on CUDA and in the CPU references; cuBLAS, CPU BLAS and SDPA give no such promise)."""
+    if step_attention != "hippo_ext" or not fused:
         raise HippoError(
-            "step_invariant=True needs a CUDA model with step_attention='hippo_ext' and the "
-            f"fused layer path (got device {device.type}, step_attention={step_attention!r}, "
-            f"fused={fused}): its guarantee rests on hippo_ext's CUDA kernels")
+            "step_invariant=True needs step_attention='hippo_ext' and the fused layer path (got "
+            f"device {device.type}, step_attention={step_attention!r}, fused={fused}): its "
+            "guarantee rests on hippo_ext's kernels (CUDA: bf16/fp16, head dim 64, 80 or 128)")
 
 
 def _check_gemm_prologues_possible(requested: bool, fused: bool, step_invariant: bool,
