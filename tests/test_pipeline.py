@@ -27,6 +27,30 @@ def test_generate_from_a_video_file_returns_tokens_text_and_stats():
     assert ar.stats.mean_accepted_tokens == 1.0
 
 
+def test_runtimes_follow_models_moved_or_given_new_weights():
+    """A pipeline keeps its runtimes between generations; a model cast (`.to()`) or given new
+    tensors (load_state_dict(assign=True), peft's merge) since must get new ones, not decode
+    with the old fused weights or fail on a dtype mismatch."""
+    target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
+    pipeline = HippoPipeline(target, draft, gamma=3)
+    pipeline.generate(sample_video_path(), "what moves?", 8, num_frames=4)
+    with torch.no_grad():
+        for model in (target.model, draft.model):
+            state = {name: torch.randn_like(value) * value.std() + value.mean()
+                     for name, value in model.state_dict().items()}
+            model.load_state_dict(state, assign=True)
+    fresh = HippoPipeline(target, draft, gamma=3).generate(sample_video_path(), "what moves?", 8,
+                                                           num_frames=4)
+    again = pipeline.generate(sample_video_path(), "what moves?", 8, num_frames=4)
+    assert again.tokens == fresh.tokens
+    for model in (target.model, draft.model):
+        model.to(torch.bfloat16)
+    fresh = HippoPipeline(target, draft, gamma=3).generate(sample_video_path(), "what moves?", 8,
+                                                           num_frames=4)
+    assert pipeline.generate(sample_video_path(), "what moves?", 8,
+                             num_frames=4).tokens == fresh.tokens
+
+
 def test_a_time_window_of_a_file_equals_its_frames_cut_by_hand():
     from hippo.video import load_video
 

@@ -151,6 +151,33 @@ def test_fused_projections_borrow_hf_weights(family):
     torch.testing.assert_close(outputs[1], before[:, 8:], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("replaced", ["self_attn.k_proj.weight", "self_attn.v_proj.bias",
+                                      "mlp.up_proj.weight"])
+def test_a_replaced_projection_is_fused_again(replaced):
+    """A parameter that fusing made a slice, replaced afterwards (peft's merge sets `.data`,
+    load_state_dict(assign=True) swaps the tensor): the old runtime says it no longer matches,
+    and a new one fuses again rather than keep the old numbers of the fused tensor."""
+    model, positions_for = build("qwen2")
+    old = LanguageModelRuntime.from_hf(model, max_seq_len=32)
+    assert old.matches_model()
+    layers = text_model_of(model).layers
+    with torch.no_grad():  # in place: the runtime reads the new numbers as they are
+        for layer in layers:
+            layer.get_parameter(replaced).mul_(1.0)
+    assert old.matches_model()
+    for layer in layers:
+        parameter = layer.get_parameter(replaced)
+        parameter.data = torch.randn_like(parameter)
+    assert not old.matches_model()
+    ids = torch.randint(0, VOCAB, (1, 12))
+    outputs = []
+    for runtime in (LanguageModelRuntime.from_hf(model, max_seq_len=32),
+                    LanguageModelRuntime.from_hf(model, max_seq_len=32, fused=False)):
+        runtime.prefill(runtime.embed(ids[:, :8]), positions_for(8))
+        outputs.append(runtime.step(ids[:, 8:12], positions_for(4, 8)))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=ATOL, rtol=0)
+
+
 def test_prefill_returns_only_last_row_by_default():
     model, _ = build("qwen2")
     runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32)
@@ -542,9 +569,9 @@ def step_logits(model, positions_for, device, **options) -> torch.Tensor:
     return torch.cat(steps, dim=1).double()
 
 
-# Runtime options that change which kernels run, never the arithmetic (on the CPU they run the
-# very same ATen ops): skinny_linear for the GEMMs; the norms and gating inside the GEMMs (in the
-# single-token steps).
+# Runtime options that change which kernels run, not what they compute (on the CPU
+# skinny_linear's reference sums in its own order, so within fp32 rounding): skinny_linear for
+# the GEMMs; the norms and gating inside the GEMMs (in the single-token steps).
 KERNEL_OPTIONS = {"skinny_gemm": dict(skinny_gemm=True),
                   "gemm_prologues": dict(gemm_prologues=True)}
 

@@ -322,9 +322,10 @@ class HippoPipeline:
 
     def _runtime(self, role: str, model: VideoLLMAdapter, capacity: int) -> LanguageModelRuntime:
         """The role's runtime with room for `capacity` positions (rebuilt when too small, with
-        room rounded up to whole CACHE_GRANULEs)."""
+        room rounded up to whole CACHE_GRANULEs, or when the model's weights were replaced or
+        moved since it was built)."""
         runtime = self._runtimes.get(role)
-        if runtime is None or runtime.cache.max_seq_len < capacity:
+        if runtime is None or runtime.cache.max_seq_len < capacity or not runtime.matches_model():
             self._runtimes.pop(role, None)
             del runtime  # free the old cache and graphs before allocating the new ones
             capacity = -(-capacity // CACHE_GRANULE) * CACHE_GRANULE

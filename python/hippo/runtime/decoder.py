@@ -214,6 +214,20 @@ class LanguageModelRuntime:
         # Last, once every check has passed: fusing rewrites the HF model's parameters.
         self.fused = ([fuse_layer_projections(layer) for layer in self.layers]
                       if use_fused else None)
+        self._weights_seen = self._weights_now()
+
+    def matches_model(self) -> bool:
+        """Whether the model's parameters are still the tensors this runtime was
+        built on (same storage, dtype, device and shape). Replacing one (`.to()`,
+        load_state_dict(assign=True), `.data =`) leaves the runtime's fused copies, cache dtype
+        and captured graphs behind: such a runtime must be rebuilt. Writing into them in place
+        (load_state_dict, copy_) is seen by the runtime as it is."""
+        return self._weights_now() == self._weights_seen
+
+    def _weights_now(self) -> list[tuple]:
+        # Parameters only: dynamic RoPE re-registers its inv_freq buffer as contexts grow.
+        tensors = [*self.text_model.parameters(), *self.lm_head.parameters()]
+        return [(t.data_ptr(), t.dtype, t.device, t.shape) for t in tensors]
 
     @classmethod
     def from_hf(cls, model: nn.Module, max_seq_len: int, batch: int = 1,

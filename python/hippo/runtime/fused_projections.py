@@ -60,7 +60,26 @@ def _point_at_slices(modules: Sequence[nn.Module], name: str, fused: torch.Tenso
 
 
 def _still_views(fused: FusedProjections, attention: nn.Module, mlp: nn.Module) -> bool:
-    return (attention.q_proj.weight.data_ptr() == fused.qkv_weight.data_ptr()
-            and attention.q_proj.bias.data_ptr() == fused.qkv_bias.data_ptr()
-            and mlp.gate_proj.weight.data_ptr() == fused.gate_up_weight.data_ptr()
-            and attention.q_proj.weight.dtype == fused.qkv_weight.dtype)
+    """Whether every parameter that fusing made a slice is still that slice: one replaced
+    (`.data =`, load_state_dict(assign=True), peft's merge, `.to()`) must not be shadowed by the
+    old numbers in the fused tensor."""
+    projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+    return (_are_slices(projections, "weight", fused.qkv_weight)
+            and _are_slices(projections, "bias", fused.qkv_bias)
+            and _are_slices((mlp.gate_proj, mlp.up_proj), "weight", fused.gate_up_weight))
+
+
+def _are_slices(modules: Sequence[nn.Module], name: str, fused: torch.Tensor) -> bool:
+    """Whether the modules' parameters `name` are, in order, the rows of `fused`."""
+    start = 0
+    for module in modules:
+        parameter = getattr(module, name)
+        if parameter is None:
+            return False
+        rows = fused[start:start + parameter.shape[0]]
+        if (parameter.dtype != fused.dtype or parameter.device != fused.device
+                or parameter.shape != rows.shape or parameter.stride() != rows.stride()
+                or parameter.data_ptr() != rows.data_ptr()):
+            return False
+        start += parameter.shape[0]
+    return start == fused.shape[0]
