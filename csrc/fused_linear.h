@@ -56,6 +56,9 @@ inline std::pair<SkinnyShape, RotaryShape> check_qkv_projection_inputs(
       {x.size(0), x.size(1), gemm.out_features, x.scalar_type(), x.device(), "weight.size(0)", "x"},
       cos, sin, cache, layer,
       length, op);
+  // The GEMM reads x and the residual while its epilogue writes the cache.
+  check_apart_from_cache(x, cache, op, "x");
+  check_apart_from_cache(residual, cache, op, "residual");
   return {gemm, rotary};
 }
 

@@ -58,6 +58,14 @@ struct QkvRows {
   const char* rows_name = "qkv";
 };
 
+// The kernels read their inputs while they write the cache: none may share its memory (a qkv
+// that views the cache would read values its own keys have overwritten).
+inline void check_apart_from_cache(const at::Tensor& t, const at::Tensor& cache, const char* op,
+                                   const char* name) {
+  HIPPO_CHECK(at::get_overlap_status(t, cache) == at::MemOverlapStatus::No, op, name,
+              " must not share memory with the cache");
+}
+
 inline RotaryShape check_rotary_operands(const QkvRows& qkv, const at::Tensor& cos,
                                          const at::Tensor& sin, const at::Tensor& cache,
                                          int64_t layer, const at::Tensor& length, const char* op) {
@@ -67,9 +75,7 @@ inline RotaryShape check_rotary_operands(const QkvRows& qkv, const at::Tensor& c
   HIPPO_CHECK(cache.device() == qkv.device, op, qkv.rows_name, " is on ", qkv.device, " but cache is on ",
               cache.device());
   check_cache_lengths(length, cache, op);
-  // The kernels read length while they write the cache.
-  HIPPO_CHECK(at::get_overlap_status(length, cache) == at::MemOverlapStatus::No, op,
-              "length must not share memory with the cache");
+  check_apart_from_cache(length, cache, op, "length");
 
   RotaryShape s;
   s.batch = qkv.batch;
@@ -99,6 +105,7 @@ inline RotaryShape check_rotary_operands(const QkvRows& qkv, const at::Tensor& c
     HIPPO_CHECK(table->device() == qkv.device, op, name, " is on ", table->device(), " but ", qkv.rows_name, " is on ",
                 qkv.device);
     check_contiguous(*table, op, name);
+    check_apart_from_cache(*table, cache, op, name);
   }
   return s;
 }
@@ -110,8 +117,11 @@ inline RotaryShape check_rotary_kv_append_inputs(const at::Tensor& qkv, const at
   check_dim(qkv, 3, op, "qkv");
   check_floating(qkv, op, "qkv");
   check_contiguous(qkv, op, "qkv");
-  return check_rotary_operands({qkv.size(0), qkv.size(1), qkv.size(2), qkv.scalar_type(), qkv.device()},
-                               cos, sin, cache, layer, length, op);
+  const RotaryShape s = check_rotary_operands(
+      {qkv.size(0), qkv.size(1), qkv.size(2), qkv.scalar_type(), qkv.device()}, cos, sin, cache, layer,
+      length, op);
+  check_apart_from_cache(qkv, cache, op, "qkv");
+  return s;
 }
 
 // Index values (on the CPU path always): S <= length[b] <= S_max, so every new token has a slot

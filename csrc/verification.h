@@ -49,8 +49,11 @@ C10_HOST_DEVICE inline bool sampling_accepts(float uniform, float draft_prob, fl
 // inconsistent inputs, the token is drawn from p instead.
 constexpr float kZeroResidualRelativeMass = 1e-6f;
 
-C10_HOST_DEVICE inline bool residual_has_mass(float residual_total, float target_total) {
-  return residual_total > kZeroResidualRelativeMass * target_total;
+// In the sums' own precision (double, on the CPU and CUDA): narrowed to float, sums of huge
+// unnormalised probabilities would become inf and compare false.
+template <typename Sum>
+C10_HOST_DEVICE inline bool residual_has_mass(Sum residual_total, Sum target_total) {
+  return residual_total > static_cast<Sum>(kZeroResidualRelativeMass) * target_total;
 }
 
 // ---- shape / dtype / device checks ---------------------------------------------------------------

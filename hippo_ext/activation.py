@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hippo_ext._fake import register_fake
+from hippo_ext._fake import fake_error, register_fake
 
 __all__ = ["silu_and_mul"]
 
@@ -26,4 +26,6 @@ def reference_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 @register_fake("silu_and_mul")
 def _silu_and_mul_fake(x):
+    if x.dim() == 0:  # the shape arithmetic below reads the last dimension
+        raise fake_error("silu_and_mul", "x must have at least one dimension, got a scalar")
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)

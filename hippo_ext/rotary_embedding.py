@@ -61,7 +61,7 @@ def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor,
     product, cos/sin, scaling, cast), so the tables equal HF's bit for bit.
     """
     return torch.ops.hippo_ext.rotary_tables.default(
-        positions, inv_freq.float(),
+        positions, inv_freq.float().contiguous(),
         [as_int(n, "rotary_tables", "mrope_section") for n in mrope_section], float(scaling), dtype)
 
 

@@ -128,10 +128,14 @@ def select_visual_tokens(
 def _select_visual_tokens_fake(queries, keys, features, visual_start, num_visual, num_keep,
                                per_frame, w_global, w_temporal, w_spatial, scale):
     frames, grid_h, grid_w = features.shape[0], features.shape[1], features.shape[2]
-    if not 0 <= num_keep <= frames * grid_h * grid_w:
+    grid = frames * grid_h * grid_w
+    if not 0 <= num_keep <= grid:
+        raise fake_error("select_visual_tokens", f"num_keep must lie in [0, {grid}], got {num_keep}")
+    if num_visual < grid:  # the kept count below would be short of the span's extra tokens
         raise fake_error("select_visual_tokens",
-                         f"num_keep must lie in [0, {frames * grid_h * grid_w}], got {num_keep}")
-    kept = features.new_empty((num_keep + num_visual - frames * grid_h * grid_w,), dtype=torch.int64)
+                         f"num_visual ({num_visual}) must cover the T*Hg*Wg = {grid} grid tokens "
+                         f"of features {list(features.shape)}")
+    kept = features.new_empty((num_keep + num_visual - grid,), dtype=torch.int64)
     scores = [features.new_empty((frames, grid_h, grid_w), dtype=torch.float32) for _ in range(4)]
     return (kept, *scores)
 

@@ -71,3 +71,8 @@ def test_opcheck(device, gen, dtype):
 def test_bad_inputs(device, bad, match):
     with pytest.raises(RuntimeError, match=match):
         hippo_ext.silu_and_mul(bad(device))
+
+
+def test_the_fake_refuses_a_scalar_as_the_op_does():
+    with pytest.raises(RuntimeError, match="x must have at least one dimension, got a scalar"):
+        hippo_ext.silu_and_mul(torch.tensor(1.0, device="meta"))

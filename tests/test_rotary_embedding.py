@@ -178,6 +178,13 @@ BAD_INPUTS = {
                    .view(torch.long).copy_(a["length"])},
         "length must not share memory with the cache"),
     "int_qkv": (lambda a: {**a, "qkv": a["qkv"].long()}, "float32, bfloat16 or float16"),
+    # Rows read while keys are written: a qkv viewing the cache would lose values to its keys.
+    "qkv_in_the_cache": (lambda a: {**a, "qkv": a["cache"].view(-1)[:a["qkv"].numel()]
+                                    .view(a["qkv"].shape)},
+                         "qkv must not share memory with the cache"),
+    "cos_in_the_cache": (lambda a: {**a, "cos": a["cache"].view(-1)[-a["cos"].numel():]
+                                    .view(a["cos"].shape)},
+                         "cos must not share memory with the cache"),
 }
 
 

@@ -357,6 +357,10 @@ def test_fake_shapes(gen):
         out = OP(*fake, inputs["visual_start"], inputs["num_visual"], 5, False, 1.0, 1.0, 1.0, 0.1)
     assert out[0].shape == (7,) and out[0].dtype == torch.int64
     assert all(o.shape == (2, 3, 4) and o.dtype == torch.float32 for o in out[1:])
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:  # as the C++ op refuses it
+        fake = [mode.from_tensor(inputs[k]) for k in ("queries", "keys", "features")]
+        with pytest.raises(RuntimeError, match="num_visual \\(20\\) must cover the T\\*Hg\\*Wg = 24"):
+            OP(*fake, inputs["visual_start"], 20, 5, False, 1.0, 1.0, 1.0, 0.1)
 
 
 def _call(inputs, num_keep=3, **changes):

@@ -255,6 +255,21 @@ def test_verify_sampling_edge_rules(device):
     assert next_token.cpu().tolist() == [0, 2, inverse_cdf([0.125] * 4, 0.6)]
 
 
+def test_verify_sampling_residual_of_huge_unnormalised_probabilities(device):
+    """Probabilities need not be normalised: sums beyond float32's range (3e38 x 11) must still
+    tell a residual with mass from none, so that a token without residual mass is never drawn."""
+    vocab = 11
+    p = torch.full((1, 2, vocab), 3e38)
+    p[0, 0, 1] = 1e38
+    q = torch.zeros(1, 1, vocab)
+    q[0, 0, 1] = 3.4e38
+    uniforms = torch.tensor([[1.0, 0.11]])
+    for scale in (1.0, 1e-38):  # the same distributions, normalisable in float32
+        num_accepted, next_token = verify_sampling(
+            *to(device, torch.tensor([[1]]), q * scale, p * scale, uniforms))
+        assert num_accepted.item() == 0 and next_token.item() == 2  # 1 has no residual mass
+
+
 # Distributions with entries k/32, exact in every dtype, that differ a lot between p and q.
 P_ROWS = [[13, 10, 3, 3, 2, 1], [2, 2, 4, 8, 8, 8], [1, 2, 4, 8, 16, 1]]
 Q_ROWS = [[3, 3, 10, 10, 3, 3], [8, 8, 8, 4, 2, 2]]

@@ -155,7 +155,7 @@ int64_t sample_emitted_token(const scalar_t* target_row, const scalar_t* draft_r
     };
     double residual_total = 0.0;
     for (int64_t j = 0; j < vocab; ++j) residual_total += residual(j);
-    if (residual_has_mass(static_cast<float>(residual_total), static_cast<float>(target_total))) {
+    if (residual_has_mass(residual_total, target_total)) {
       return inverse_cdf(vocab, uniform, residual_total, residual);
     }
   }

@@ -359,7 +359,7 @@ __global__ void __launch_bounds__(kBlock)
   }
   const double2 total = Double2Reduce(temp.reduce).Reduce(sums, Double2Sum{});
   if (threadIdx.x == 0) {
-    use_residual = n < args.g && residual_has_mass(static_cast<float>(total.x), static_cast<float>(total.y));
+    use_residual = n < args.g && residual_has_mass(total.x, total.y);
     threshold = static_cast<double>(args.uniforms[b * (args.g + 1) + args.g]) *
                 (use_residual ? total.x : total.y);
     found_token = INT_MAX;
