@@ -93,6 +93,7 @@ inline void check_decode_attention_workspace(const std::optional<at::Tensor>& wo
                                              const DecodeAttentionShape& s) {
   if (!workspace.has_value()) return;
   const char* op = kDecodeAttentionOp;
+  check_dim(*workspace, 1, op, "workspace");  // as skinny_linear's: a flat list of semaphores
   check_dtype(*workspace, at::kInt, op, "workspace");
   check_same_device(*workspace, cache, op, "workspace", "cache");
   check_contiguous(*workspace, op, "workspace");

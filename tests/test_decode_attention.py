@@ -569,6 +569,8 @@ BAD_INPUTS = {
         3, dtype=torch.int32)}, "workspace needs at least"),
     "workspace_non_contiguous": (lambda a: {**a, "workspace": a["length"].new_zeros(
         8, dtype=torch.int32)[::2]}, "contiguous"),
+    "workspace_2d": (lambda a: {**a, "workspace": a["length"].new_zeros(
+        2, 4, dtype=torch.int32)}, "workspace must have 1 dimensions"),
     # The kernels scale in float32: NaN would be dropped by the running max, 1e39 is inf there.
     "nan_scale": (lambda a: {**a, "scale": float("nan")}, "scale must be finite"),
     "scale_beyond_float32": (lambda a: {**a, "scale": 1e39}, "scale must be finite"),
