@@ -8,8 +8,8 @@
 // each output row is bitwise the same whether it is computed alone or with the others: a verify
 // step's rows equal the decode steps' for these GEMMs. HIPPO_SKINNY_KERNEL=fma runs M <= 16 on
 // an FMA kernel instead, which slices K among the warps of a block, again by N, K and the GPU
-// (rows independent of M up to 16; opt-in). The CPU reference's rows do not depend on M either
-// (one dot product per output, summed in an order set by K).
+// (rows independent of M up to 16; opt-in). The CPU reference's rows do not depend on M either,
+// up to kSkinnyMaxRows (one dot product per output, summed in an order set by K).
 // workspace: int32 [>= ceil(N / 64)] zeros, left zeroed (the split-K semaphores of the CUDA
 // kernel; unused on the CPU). One workspace per stream: concurrent calls must not share it.
 #pragma once

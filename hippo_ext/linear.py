@@ -33,9 +33,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     sliced among them inside the block by a plan independent of the number of rows; rows
     independent of M up to 16; opt-in: 4% off a 7B decode step's GEMMs, 2-3x cuBLAS from M = 5,
     on an H200 before its K slices).
-    Other shapes and dtypes on CUDA use ATen's linear. The CPU computes each output as one
-    dot product summed in an order set by K alone (fp32 accumulation), so
-    there too row m does not depend on M (ATen's linear would: BLAS picks its kernel by M).
+    Other shapes and dtypes on CUDA use ATen's linear. The CPU computes each output of up to
+    32 rows as one dot product summed in an order set by K alone (fp32 accumulation), so
+    there too row m does not depend on M (ATen's linear's would: BLAS picks its kernel by M);
+    more rows (a prefill) take ATen's linear.
     On Hopper, where programmatic dependent launch is on (unless HIPPO_PDL=0), the FMA kernel
     loads its first weights and its bias before the previous kernel in the stream has
     finished: neither may be written by the kernel launched just before.

@@ -1,7 +1,8 @@
-// CPU reference of skinny_linear. Each output is one dot product of a row of x with a row of the
-// weight, summed in an order that depends on K only, so that, as on CUDA, row m of the result
-// is bitwise the same whatever M is (a verify step's rows equal single-token steps'; ATen's
-// linear picks its BLAS kernel, and with it the order of the sums, by the number of rows).
+// CPU reference of skinny_linear. Up to kSkinnyMaxRows rows (a step's), each output is one dot
+// product of a row of x with a row of the weight, summed in an order that depends on K only, so
+// that, as on CUDA, row m of the result is bitwise the same whatever M is (a verify step's rows
+// equal single-token steps'; ATen's linear picks its BLAS kernel, and with it the order of the
+// sums, by the number of rows). More rows (a prefill) take ATen's linear, as on CUDA.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -50,6 +51,7 @@ at::Tensor skinny_linear_cpu(const at::Tensor& x, const at::Tensor& weight, cons
                              const at::Tensor& workspace, c10::string_view impl) {
   // The workspace is the CUDA kernel's and impl picks a CUDA kernel: both are only validated.
   const SkinnyShape s = check_skinny_linear_inputs(x, weight, bias, workspace, impl);
+  if (s.rows > kSkinnyMaxRows) return at::linear(x, weight, bias);
   std::vector<int64_t> out_sizes(x.sizes().begin(), x.sizes().end());
   out_sizes.back() = s.out_features;
   at::Tensor out = at::empty(out_sizes, x.options());
