@@ -33,7 +33,7 @@ from hippo.models.agreement import (QWEN2_0_5B, QWEN2_7B, TINY_DRAFT, TINY_TARGE
 from hippo.cli import add_gemm_prologues_argument
 from hippo.pipeline import HippoPipeline
 from hippo.preserve import PreservationOptions
-from hippo.report import markdown_table, stats_row
+from hippo.report import markdown_table, rounded, stats_row
 from hippo.speculative.acceptance import SamplingOptions
 from hippo.speculative.divergence import Parting, find_parting
 
@@ -60,7 +60,7 @@ def _row(label: str, gamma, eps: float, output, baseline, parting: Parting | Non
     row.update({"round ms": round(1e3 * s.decode_s / rounds, 3),
                 "draft ms/round": round(1e3 * s.draft_s / rounds, 3),
                 "verify ms/round": round(1e3 * s.verify_s / rounds, 3),
-                "mean g": round(s.mean_gamma, 2), "matches_ar": parting is None,
+                "mean g": rounded(s.mean_gamma), "matches_ar": parting is None,
                 "parting": "" if parting is None else parting.describe()})
     return row
 

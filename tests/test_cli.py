@@ -126,6 +126,21 @@ def test_bench_without_matplotlib_writes_the_json_and_says_why_no_figure(capsys,
     assert (tmp_path / "bench.json").exists() and not (tmp_path / "bench.png").exists()
 
 
+def test_the_bench_figure_says_what_its_methods_left_out():
+    from hippo.bench.plot import _why_empty
+
+    assert "add hf_generate to --methods" in _why_empty([{"method": "hippo", "pair_MAT": 2.0}])
+    assert "add sequential to --methods" in _why_empty(
+        [{"method": "hippo", "pair_MAT": None, "x hf_generate": 1.7}])
+
+
+def test_bench_needs_two_new_tokens(capsys, tmp_path):
+    """Decoding is timed after the prefill's token: with one, every speedup would be noise."""
+    assert main(["bench", "--preset", "tiny", "--new-tokens", "1", "--out-dir",
+                 str(tmp_path)]) == EXIT_USER_ERROR
+    assert "--new-tokens must be at least 2" in capsys.readouterr().err
+
+
 def test_bench_runs_with_the_opt_in_gemm_prologues_and_draft_priority(capsys, tmp_path):
     argv = ["bench", "--preset", "tiny", "--eps", "0.1", "--new-tokens", "8", "--gamma", "4",
             "--methods", "hippo_ar", "sequential", "hippo", "--gemm-prologues", "both",
@@ -561,3 +576,11 @@ def test_a_hippo_ext_that_does_not_import_is_one_line(capsys, monkeypatch):
     assert main(["info"]) == EXIT_USER_ERROR
     err = capsys.readouterr().err
     assert err.startswith("hippo: error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_tables_show_rates_over_nothing_as_n_a():
+    from hippo.report import markdown_table
+
+    table = markdown_table([{"method": "AR", "MAT": 1.0, "acceptance": None},
+                            {"method": "HIPPO", "MAT": 2.5, "acceptance": 0.8, "speedup": 1.4}])
+    assert table.splitlines()[2] == "| AR | 1.0 | n/a |  |"

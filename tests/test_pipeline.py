@@ -51,6 +51,26 @@ def test_runtimes_follow_models_moved_or_given_new_weights():
                              num_frames=4).tokens == fresh.tokens
 
 
+def test_a_full_draft_prefill_is_draft_prefill_time_on_the_cpu(monkeypatch):
+    """Without a side stream to overlap the target's prefill, the draft's full prefill runs
+    before it and is the draft's time (it was in no phase)."""
+    import time
+
+    import hippo.pipeline
+
+    prefill_full = hippo.pipeline.prefill_full
+
+    def slow_prefill_full(*args, **kwargs):
+        time.sleep(0.2)
+        return prefill_full(*args, **kwargs)
+
+    monkeypatch.setattr(hippo.pipeline, "prefill_full", slow_prefill_full)
+    target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
+    stats = HippoPipeline(target, draft, draft_prefill="full+compact").generate(
+        sample_video_path(), "what moves?", 4, num_frames=4).stats
+    assert stats.draft_prefill_s >= 0.2 and stats.prefill_s < stats.draft_prefill_s
+
+
 def test_a_time_window_of_a_file_equals_its_frames_cut_by_hand():
     from hippo.video import load_video
 

@@ -220,6 +220,35 @@ def test_statistics_add_up(device):
                                          "prefill_s", "selection_s", "draft_s", "verify_s"}
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_statistics_count_only_what_was_emitted(mode):
+    """A draft that is always right (the target itself over its whole cache) and a g beyond
+    what is left to emit: candidates verified past max_new_tokens are not counted as drafted
+    or accepted (accepted could exceed the tokens emitted)."""
+    from hippo.preserve import PreservationOptions
+
+    target = load_adapter("tiny-qwen2.5-vl", seed=0)
+    frames = sample_frames("qwen2_5_vl", 2)
+    pipeline = HippoPipeline(target, None, mode=mode, gamma=8,
+                             preservation=PreservationOptions(keep_ratio=1.0))
+    for tokens in (5, 13):
+        stats = pipeline.generate(frames, PROMPT, tokens, eos_token_id=None).stats
+        assert stats.tokens == tokens and stats.accepted == stats.drafted
+        assert stats.accepted <= tokens - 1 and stats.acceptance_rate == 1.0
+
+
+def test_rates_over_nothing_are_none():
+    """One token (the prefill's): no step ran, nothing was decoded or drafted; AR drafts
+    nothing. None, not 0 (which read as measurements, and gave speedups of noise)."""
+    target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
+    frames = sample_frames("qwen2_5_vl", 2)
+    one = HippoPipeline(target, draft).generate(frames, PROMPT, 1).stats
+    assert one.tokens == 1 and one.mean_accepted_tokens is None
+    assert one.decode_s_per_token is None and one.acceptance_rate is None
+    ar = HippoPipeline(target, draft, mode="ar").generate(frames, PROMPT, 4).stats
+    assert ar.mean_accepted_tokens == 1.0 and ar.acceptance_rate is None
+
+
 def test_adaptive_gamma_follows_step_times():
     from hippo.speculative.draft_length import DraftLength
 

@@ -191,11 +191,15 @@ def _generate(args: argparse.Namespace) -> None:
         print(json.dumps({"text": out.text, "tokens": out.tokens, "stats": stats}))
         return
     print(out.text if out.text is not None else out.tokens)
-    print(f"\n{out.stats.tokens} tokens, MAT {out.stats.mean_accepted_tokens:.2f}, acceptance "
-          f"{out.stats.acceptance_rate:.2f}, {out.stats.tokens_per_s:.1f} tokens/s "
+    print(f"\n{out.stats.tokens} tokens, MAT {_two_places(out.stats.mean_accepted_tokens)}, "
+          f"acceptance {_two_places(out.stats.acceptance_rate)}, {out.stats.tokens_per_s:.1f} tokens/s "
           f"({args.mode}; prefill {1e3 * out.stats.prefill_s:.0f} ms, selection "
           f"{1e3 * out.stats.selection_s:.1f} ms, draft {1e3 * out.stats.draft_s:.0f} ms, "
           f"verify {1e3 * out.stats.verify_s:.0f} ms)", file=sys.stderr)
+
+
+def _two_places(rate: float | None) -> str:
+    return "n/a" if rate is None else f"{rate:.2f}"
 
 
 # generate's options that shape the draft's side, by the HippoOptions (or PreservationOptions)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -394,7 +394,10 @@ class HippoPipeline:
         full_draft = options.draft_prefill == "full+compact" and draft_prompt is not None
         overlap = _SideStream(draft.device)
         if full_draft:  # issued first, on its own stream: it overlaps the target prefill
-            with overlap:
+            # Without a side stream (the CPU) it runs here and now, and is the draft's time.
+            timed = _timed(stats, "draft_prefill", draft.device) if overlap.stream is None \
+                else nullcontext()
+            with timed, overlap:
                 prefill_full(draft, draft_prompt)
         with _timed(stats, "prefill", target.device):
             target.reset()

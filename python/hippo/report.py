@@ -7,23 +7,35 @@ from collections.abc import Sequence
 from hippo.speculative.statistics import GenerationStats
 
 
+def rounded(value: float | None, digits: int = 2) -> float | None:
+    """round(), passing None (a rate over nothing) through."""
+    return None if value is None else round(value, digits)
+
+
+def ratio(numerator: float | None, denominator: float | None, digits: int = 2) -> float | None:
+    """numerator / denominator rounded; None where either is missing or the denominator 0."""
+    if numerator is None or not denominator:
+        return None
+    return round(numerator / denominator, digits)
+
+
 def stats_row(label: str, stats: GenerationStats, baseline: GenerationStats | None = None,
               **extra: object) -> dict:
-    """One row: MAT and acceptance beside every time (never a speedup without its MAT)."""
-    decode_ms_per_token = 1e3 * stats.decode_s_per_token
+    """One row: MAT and acceptance beside every time (never a speedup without its MAT). Rates
+    over nothing (one token, AR's acceptance) are None."""
+    per_token = stats.decode_s_per_token
     row = {"method": label, **extra, "tokens": stats.tokens,
-           "MAT": round(stats.mean_accepted_tokens, 2),
-           "acceptance": round(stats.acceptance_rate, 3),
+           "MAT": rounded(stats.mean_accepted_tokens),
+           "acceptance": rounded(stats.acceptance_rate, 3),
            "prefill ms": round(1e3 * stats.prefill_s, 1),
            "selection ms": round(1e3 * stats.selection_s, 2),
            "draft prefill ms": round(1e3 * stats.draft_prefill_s, 1),
            "draft ms": round(1e3 * stats.draft_s, 1),
            "verify ms": round(1e3 * stats.verify_s, 1),
-           "decode ms/token": round(decode_ms_per_token, 3),
+           "decode ms/token": rounded(None if per_token is None else 1e3 * per_token, 3),
            "tokens/s": round(stats.tokens_per_s, 1)}
     if baseline is not None:
-        base = 1e3 * baseline.decode_s_per_token
-        row["decode speedup"] = round(base / decode_ms_per_token, 2) if decode_ms_per_token else 0
+        row["decode speedup"] = ratio(baseline.decode_s_per_token, per_token)
     return row
 
 
@@ -34,5 +46,14 @@ def markdown_table(rows: Sequence[dict]) -> str:
     for row in rows:
         columns += [c for c in row if c not in columns]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(row, c) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _cell(row: dict, column: str) -> str:
+    """A value as the table shows it: blank where the row has no such column, n/a where it
+    has one but the value is a rate over nothing (None)."""
+    if column not in row:
+        return ""
+    value = row[column]
+    return "n/a" if value is None else str(value)

@@ -68,6 +68,9 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     _apply_mode_defaults(args)
     check_at_least_one(args, "new_tokens", "gamma", "limit", "max_new_tokens", "num_frames",
                        "frames")
+    if args.new_tokens is not None and args.new_tokens < 2:  # decode times start after the first
+        raise HippoError(f"--new-tokens must be at least 2: decoding is timed after the "
+                         f"prefill's token, got {args.new_tokens}")
     if args.gamma is not None and args.gamma > MAX_DRAFT_LENGTH:  # no 'auto' here, unlike generate
         raise HippoError(f"--gamma must be at most {MAX_DRAFT_LENGTH}, got {args.gamma}")
     out_dir = Path(args.out_dir)

@@ -10,6 +10,7 @@ from hippo.bench.datasets import VideoQuestion, chosen_letter, read_dataset
 from hippo.models import load_adapter
 from hippo.models.base import HippoError, resolve_device
 from hippo.pipeline import HippoPipeline
+from hippo.report import ratio, rounded
 from hippo.preserve import PreservationOptions
 from hippo.speculative.acceptance import SamplingOptions
 from hippo.video import load_video
@@ -57,12 +58,12 @@ def _run_question(question: VideoQuestion, autoregressive: HippoPipeline, hippo:
     greedy, eos = SamplingOptions(), hippo.eos_ids()
     ar = autoregressive.generate_prepared(*prompts, max_new_tokens, greedy, eos)
     out = hippo.generate_prepared(*prompts, max_new_tokens, greedy, eos)
-    ar_ms = 1e3 * ar.stats.decode_s_per_token
-    hippo_ms = 1e3 * out.stats.decode_s_per_token
-    return dict(row, tokens=out.stats.tokens, MAT=round(out.stats.mean_accepted_tokens, 2),
-                acceptance=round(out.stats.acceptance_rate, 3), ar_ms_per_token=round(ar_ms, 3),
-                hippo_ms_per_token=round(hippo_ms, 3),
-                speedup=round(ar_ms / hippo_ms, 2) if hippo_ms else None,
+    ar_s, hippo_s = ar.stats.decode_s_per_token, out.stats.decode_s_per_token
+    return dict(row, tokens=out.stats.tokens, MAT=rounded(out.stats.mean_accepted_tokens),
+                acceptance=rounded(out.stats.acceptance_rate, 3),
+                ar_ms_per_token=rounded(None if ar_s is None else 1e3 * ar_s, 3),
+                hippo_ms_per_token=rounded(None if hippo_s is None else 1e3 * hippo_s, 3),
+                speedup=ratio(ar_s, hippo_s),
                 matched_ar=out.tokens == ar.tokens, answer=out.text, expected=question.answer,
                 correct=_is_correct(out.text, question.answer),
                 _steps=out.stats.target_steps, _ar_s=ar.stats.decode_s,

@@ -22,6 +22,7 @@ from hippo.bench.hf_baselines import hf_generate
 from hippo.models.agreement import (QWEN2_0_5B, QWEN2_7B, TINY_DRAFT, TINY_TARGET,
                                     AgreementPair, LanguageModelShape, synthetic_prompt)
 from hippo.pipeline import HippoPipeline
+from hippo.report import ratio, rounded
 from hippo.preserve import PreservationOptions
 from hippo.speculative.acceptance import SamplingOptions
 from hippo.speculative.divergence import find_parting
@@ -134,18 +135,15 @@ def _rows(measured: dict[str, dict], frames: int, prompt_tokens: int, eps: float
         row = dict(frames=frames, prompt_tokens=prompt_tokens, eps=eps, method=name,
                    gamma=("auto" if name == "hippo" else gamma if name in (
                        "sequential", "hf_assisted") else "-"),
-                   MAT=_round(m["mat"]), pair_MAT=_round(pair_mat),
-                   acceptance=_round(m["acceptance"], 3),
-                   **{"ms/token": round(1e3 * m["per_token"], 3)},
+                   MAT=rounded(m["mat"]), pair_MAT=rounded(pair_mat),
+                   acceptance=rounded(m["acceptance"], 3),
+                   **{"ms/token": rounded(None if m["per_token"] is None else 1e3 * m["per_token"], 3)},
                    total_s=round(m["total_s"], 3), matches_ar=m["tokens"] == reference,
                    parting=m.get("parting", ""),
                    **{"prefill/selection/draft prefill ms": m.get("phases_ms", "-")})
         for base in ("hf_generate", "hippo_ar", "hf_assisted"):
             if base in measured and base != name:
-                row[f"x {base}"] = round(measured[base]["per_token"] / m["per_token"], 2)
+                row[f"x {base}"] = ratio(measured[base]["per_token"], m["per_token"])
         rows.append(row)
     return rows
 
-
-def _round(value: float | None, digits: int = 2):
-    return None if value is None else round(value, digits)

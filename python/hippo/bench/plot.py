@@ -34,11 +34,17 @@ def plot_speedup_vs_mat(rows: list[dict], path: str | Path, title: str) -> Path 
     axes.set_title(title)
     if series:
         axes.legend(fontsize=8)
-    else:  # e.g. --methods without hf_generate: nothing to compare against
-        axes.text(0.5, 0.5, "no speedup over HF generate was measured", ha="center",
-                  transform=axes.transAxes)
+    else:
+        axes.text(0.5, 0.5, _why_empty(rows), ha="center", transform=axes.transAxes)
     figure.tight_layout()
     path = Path(path)
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return path
+
+
+def _why_empty(rows: list[dict]) -> str:
+    """What --methods left out that the figure needs."""
+    if not any(row.get("x hf_generate") is not None for row in rows):
+        return "no speedup over HF generate was measured (add hf_generate to --methods)"
+    return "no MAT of the pair was measured (the x axis: add sequential to --methods)"

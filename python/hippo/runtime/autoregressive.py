@@ -28,9 +28,10 @@ class GenerationResult:
     decode_s: float = 0.0
 
     @property
-    def decode_s_per_token(self) -> float:
+    def decode_s_per_token(self) -> float | None:
+        """None for a single token: nothing was decoded after the prefill."""
         steps = len(self.tokens) - 1
-        return self.decode_s / steps if steps > 0 else 0.0
+        return self.decode_s / steps if steps > 0 else None
 
 
 # Logits divided by a smaller temperature can overflow float32 (to inf, then NaN probabilities).
@@ -160,6 +161,9 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     result.prefill_s = time.perf_counter() - started
 
     positions = prompt.generated_positions(0, max_new_tokens).to(runtime.device)
+    # The step's CUDA graph is captured before decoding is timed, as speculative decoding
+    # captures its steps' (a first capture costs tens of ms: speedups against it would flatter).
+    runtime.capture_steps((1,) if max_new_tokens > 1 else ())
     started = time.perf_counter()
     for index in range(max_new_tokens - 1):
         if result.tokens[-1] in eos_ids:

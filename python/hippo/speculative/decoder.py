@@ -41,6 +41,7 @@ class SpeculativeDecoder:
         self.max_new_tokens = max_new_tokens
         self.eos_ids = eos_ids
         self.emitted: list[int] = []
+        self.emitted_in_round = 0  # how many tokens the round's settle emitted
         self.finished = False
 
     # ------------------------------------------------------------------------------ emitting
@@ -72,7 +73,9 @@ class SpeculativeDecoder:
         draft_stays_ahead: the draft's further drafts remain valid (parallel decoding, when
         every candidate was accepted): keep them.
         """
+        before = len(self.emitted)
         self._emit(accepted + ([correction] if correction is not None else []))
+        self.emitted_in_round = len(self.emitted) - before
         if self.finished:
             return
         last = len(self.emitted) - 1
@@ -129,12 +132,15 @@ class SpeculativeDecoder:
 
     def end_round(self, gamma: int, drafted_steps: int, accepted: int = 0,
                   candidates: int = 0) -> None:
-        """Book-keeping after the round's synchronisation: one target step, `drafted_steps`
-        draft steps, `accepted` of `candidates` verified drafts; phase times and acceptance
-        feed the adaptive g."""
+        """Book-keeping after the round's synchronisation (and its settle): one target step,
+        `drafted_steps` draft steps, `accepted` of `candidates` verified drafts; phase times
+        and acceptance feed the adaptive g. The statistics count the candidates up to the last
+        token the round emitted: those past an eos or max_new_tokens were verified for
+        nothing."""
+        emitted = self.emitted_in_round
         self.stats.rounds += 1
-        self.stats.drafted += candidates
-        self.stats.accepted += accepted
+        self.stats.drafted += min(candidates, emitted)
+        self.stats.accepted += min(accepted, emitted)
         self.stats.gammas.append(gamma)
         times = self.clock.collect()
         self.draft_length.observe(times.get("verify", 0.0),

@@ -35,27 +35,30 @@ class GenerationStats:
     decode_s: float = 0.0
     total_s: float = 0.0
 
+    # Rates over nothing (a generation of one token: no step after the prefill; nothing drafted)
+    # are None, not 0: a 0 would read as a measurement, and speedups from it as noise.
     @property
-    def mean_accepted_tokens(self) -> float:
+    def mean_accepted_tokens(self) -> float | None:
         """MAT: tokens emitted per target step after the prefill (1 for autoregressive decoding)."""
-        return (self.tokens - 1) / self.target_steps if self.target_steps else 0.0
+        return (self.tokens - 1) / self.target_steps if self.target_steps else None
 
     @property
-    def decode_s_per_token(self) -> float:
+    def decode_s_per_token(self) -> float | None:
         """Decoding time per token after the first (the prefill's): the rate speedups compare."""
-        return self.decode_s / max(self.tokens - 1, 1)
+        return self.decode_s / (self.tokens - 1) if self.tokens > 1 else None
 
     @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+    def acceptance_rate(self) -> float | None:
+        """Accepted / drafted; None where nothing was drafted (AR decoding)."""
+        return self.accepted / self.drafted if self.drafted else None
 
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.total_s if self.total_s > 0 else 0.0
 
     @property
-    def mean_gamma(self) -> float:
-        return sum(self.gammas) / len(self.gammas) if self.gammas else 0.0
+    def mean_gamma(self) -> float | None:
+        return sum(self.gammas) / len(self.gammas) if self.gammas else None
 
     def as_dict(self) -> dict:
         data = asdict(self)
