@@ -93,6 +93,8 @@ KERNEL_VARIANTS = {  # the environment each CUDA variant runs under
     "fast": {},  # the defaults: eight-warp blocks for 2+ row tiles, wide register bounds
     "fixed_splits": {BALANCED_SPLITS_ENV: "0"},
     "long_splits": {CHUNK_ENV: "512"},  # 8 tiles per split: the key loop's running maximum moves
+    # Beyond the cache (and an int): one split of all of it (it wrapped to a negative chunk).
+    "one_split": {CHUNK_ENV: str(2**31)},
     "four_warps": {WARPS_ENV: "4"},
     "narrow_registers": {WIDE_ENV: "0"},
     "two_stages": {STAGES_ENV: "2"},  # head dim 128 as on GPUs of 99 KB of shared memory a block

@@ -793,7 +793,8 @@ struct SplitPlan {
 // forces a fixed split length (tuning sweeps).
 SplitPlan plan_splits(int64_t max_seq, int64_t blocks_per_split, int64_t rows, int64_t sm_count,
                       bool row_invariant) {
-  const int64_t forced = env_int("HIPPO_DECODE_ATTENTION_CHUNK", 0);
+  // A forced length beyond the cache is one split of it (the kernel's chunk is an int).
+  const int64_t forced = std::min(env_int("HIPPO_DECODE_ATTENTION_CHUNK", 0), whole_tiles(max_seq));
   if (forced > 0) return {whole_tiles(forced), ceil_div(max_seq, whole_tiles(forced)), false};
   const bool balanced = !row_invariant && env_flag("HIPPO_DECODE_ATTENTION_BALANCED", true);
   const int64_t blocks_per_sm = env_int("HIPPO_DECODE_ATTENTION_BLOCKS_PER_SM", balanced ? 1 : 2);

@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <tuple>
 
 #include "cuda/dependent_launch.cuh"
@@ -82,6 +84,9 @@ template <bool kAdd>
 void run(const at::Tensor& x, const at::Tensor* residual, const at::Tensor& weight,
          const at::Tensor& out, const at::Tensor* sum, const RmsNormShape& s, double eps, const char* op) {
   if (s.rows == 0) return;
+  // One block a row: the grid's x dimension holds at most 2^31 - 1 (wider would wrap).
+  HIPPO_CHECK(s.rows <= std::numeric_limits<int32_t>::max(), op, "at most 2^31 - 1 rows on CUDA, got ",
+              s.rows);
   const c10::cuda::CUDAGuard guard(x.device());
   dispatch_element_type(x.scalar_type(), op, [&](auto element) {
     using T = decltype(element);
