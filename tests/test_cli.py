@@ -189,8 +189,13 @@ def test_bench_runs_a_benchmark_set_from_a_local_copy(capsys, tmp_path, dataset)
     present = sum(1 for q in questions if q.video == questions[0].video)
     assert summary["run"] == present and summary["skipped"] == len(questions) - present
     assert summary["all_matched_ar"] is True and summary["MAT"] >= 1.0
+    from hippo.bench.datasets import chosen_letter
+
     graded = [row["correct"] for row in report["rows"] if row.get("correct") is not None]
     assert summary["accuracy"] == (round(sum(graded) / len(graded), 3) if graded else None)
+    for row in report["rows"]:  # graded against the set's answer, not only summed
+        if row.get("correct") is not None:
+            assert row["correct"] == (chosen_letter(row["answer"]) == row["expected"])
     assert "| dataset |" in capsys.readouterr().out
 
 

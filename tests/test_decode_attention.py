@@ -576,7 +576,8 @@ BAD_INPUTS = {
     # The kernels scale in float32: NaN would be dropped by the running max, 1e39 is inf there.
     "nan_scale": (lambda a: {**a, "scale": float("nan")}, "scale must be finite"),
     "scale_beyond_float32": (lambda a: {**a, "scale": 1e39}, "scale must be finite"),
-    "empty_head_dim": (lambda a: {**a, "query": a["query"][..., :0]}, "head dim"),
+    "empty_head_dim": (lambda a: {**a, "query": a["query"][..., :0], "cache": a["cache"][..., :0]},
+                       "empty head dim or cache"),
 }
 
 

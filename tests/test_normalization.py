@@ -114,7 +114,9 @@ BAD_INPUTS = {
     "weight_dtype": (lambda x, r, w: (x, r, w.double()), "weight dtype"),
     "weight_2d": (lambda x, r, w: (x, r, w[None]), "weight must have 1 dimensions"),
     "int_x": (lambda x, r, w: (x.long(), r.long(), w.long()), "float32, bfloat16 or float16"),
-    "non_contiguous_x": (lambda x, r, w: (x.t(), r.t(), w), "contiguous|weight"),
+    # Strided, with the weight's length: only the contiguity check can refuse it.
+    "non_contiguous_x": (lambda x, r, w: (x.repeat(1, 2)[:, ::2], r.repeat(1, 2)[:, ::2], w),
+                         "x must be contiguous"),
     "scalar_x": (lambda x, r, w: (x[0, 0], r[0, 0], w), "scalar"),
     "empty_hidden": (lambda x, r, w: (x[:, :0], r[:, :0], w[:0]), "empty"),
 }

@@ -102,9 +102,15 @@ def test_a_round_feeds_the_adaptive_length_its_step_times():
     decoder = SpeculativeDecoder(None, None, None, DraftLength("auto", initial=4, max_gamma=12),
                                  stats, _FixedClock(verify=6e-3, draft=3e-3), 64, set())
     for _ in range(4):
+        decoder.emitted_in_round = 3  # what the round's settle emitted: 2 drafts, a correction
         decoder.end_round(4, 3, accepted=2, candidates=3)  # 3 draft steps: 1 ms each
     assert decoder.draft_length.current == 6
     assert (stats.rounds, stats.drafted, stats.accepted, stats.gammas) == (4, 12, 8, [4] * 4)
+    # A round cut short by eos or max_new_tokens after one token: the statistics count the
+    # candidates up to it, the adaptive length all it verified.
+    decoder.emitted_in_round = 1
+    decoder.end_round(4, 3, accepted=3, candidates=3)
+    assert (stats.drafted, stats.accepted) == (13, 9)
 
 
 def test_each_device_draws_its_own_random_stream():

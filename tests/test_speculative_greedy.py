@@ -194,7 +194,17 @@ def test_eos_as_a_correction_or_inside_an_accepted_block(monkeypatch, device, fa
 
 
 @pytest.mark.parametrize("method", ["hippo", "attention", "uniform", "random"])
-def test_every_selection_method_is_lossless(device, method):
+def test_every_selection_method_is_lossless(device, method, monkeypatch):
+    import hippo.pipeline
+
+    chosen = []  # the options token preservation ran with: the method must reach it
+    preserve_tokens = hippo.pipeline.preserve_tokens
+
+    def recording_preserve_tokens(prompt, options, *args):
+        chosen.append((options.method, options.per_frame))
+        return preserve_tokens(prompt, options, *args)
+
+    monkeypatch.setattr(hippo.pipeline, "preserve_tokens", recording_preserve_tokens)
     target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=4, device=device)
     frames = sample_frames("qwen2_5_vl", 4)
     expected = _autoregressive(target, frames)
@@ -203,6 +213,7 @@ def test_every_selection_method_is_lossless(device, method):
                         per_frame=per_frame).generate(frames, PROMPT, MAX_NEW_TOKENS)
         assert out.tokens == expected
         assert out.stats.draft_prompt_tokens < out.stats.prompt_tokens
+        assert chosen.pop() == (method, per_frame)
 
 
 def test_statistics_add_up(device):
