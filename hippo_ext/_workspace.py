@@ -15,6 +15,13 @@ def zeroed_int32(numel: int, device: torch.device | str) -> torch.Tensor:
     return torch.zeros(max(1, int(numel)), dtype=torch.int32, device=device)
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether `device`'s current stream is capturing a CUDA graph (not the current device's:
+    the tensors may live on another GPU)."""
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
 def shared_workspace(op: str, numel: int, device: torch.device) -> torch.Tensor | None:
     """The shared workspace of `op` for the current stream of `device`, grown on demand (to at
     least `numel`, with room to spare), or None when it would have to be allocated inside a
@@ -24,7 +31,7 @@ def shared_workspace(op: str, numel: int, device: torch.device) -> torch.Tensor 
     key = (op, device, stream)
     workspace = _SHARED.get(key)
     if workspace is None or workspace.numel() < numel:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if device.type == "cuda" and _capturing(device):
             return None
         if workspace is not None:
             _RETIRED.append(workspace)
