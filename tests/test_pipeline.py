@@ -380,12 +380,15 @@ def test_resolve_device():
         load_adapter("tiny-qwen2.5-vl", dtype=torch.int8)
 
 
-def test_a_cuda_draft_beside_a_cpu_target_needs_sequential_decoding():
-    """Parallel decoding waits on the target's CUDA stream for the draft's first token; a CPU
-    target has none (checked from the devices alone: no GPU needed)."""
+def test_lanes_on_a_cpu_and_a_gpu_need_sequential_decoding():
+    """Parallel decoding orders the two lanes with CUDA stream events: a CPU target has none to
+    wait on a CUDA draft with, and a CPU draft's early verification read the target's logits
+    unordered with its stream (checked from the devices alone: no GPU needed)."""
     cpu, gpu0, gpu1 = torch.device("cpu"), torch.device("cuda:0"), torch.device("cuda:1")
     for target, draft, mode in [(cpu, cpu, "parallel"), (cpu, gpu0, "sequential"),
-                                (gpu0, gpu1, "parallel"), (gpu0, cpu, "parallel")]:
+                                (gpu0, cpu, "sequential"), (gpu0, gpu1, "parallel")]:
         check_lane_devices(target, draft, mode)
-    with pytest.raises(HippoError, match="parallel decoding with the target on the CPU"):
-        check_lane_devices(cpu, gpu0, "parallel")
+    for target, draft in [(cpu, gpu0), (gpu0, cpu)]:
+        with pytest.raises(HippoError, match="parallel decoding needs the target and the draft "
+                                             "both on CUDA or both on the CPU"):
+            check_lane_devices(target, draft, "parallel")

@@ -917,3 +917,30 @@ def test_no_garbage_collection_holds_the_collector_off_and_restores_it():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_live_runtimes_capture_on_distinct_streams(monkeypatch):
+    """torch hands streams out round-robin from a pool of 32: a runtime rebuilt after many
+    generations could get the other runtime's capture stream, and two graphs captured on one
+    stream hung the GPU when replayed at once. A stream a live owner holds is skipped, and
+    freed with its owner (the pool is faked: no GPU needed)."""
+    import gc
+    from types import SimpleNamespace
+
+    from hippo.runtime import cuda_graphs
+
+    handles = iter([11, 11, 11, 12, 11])  # what the pool hands out, in turn
+    monkeypatch.setattr(torch.cuda, "Stream",
+                        lambda device=None: SimpleNamespace(cuda_stream=next(handles)))
+    monkeypatch.setattr(cuda_graphs, "_CAPTURE_STREAMS", {})
+
+    class Owner:
+        pass
+
+    device = torch.device("cuda:0")
+    first, second = Owner(), Owner()
+    assert cuda_graphs.distinct_capture_stream(first, device).cuda_stream == 11
+    assert cuda_graphs.distinct_capture_stream(second, device).cuda_stream == 12  # 11 twice held
+    del first
+    gc.collect()
+    assert cuda_graphs.distinct_capture_stream(Owner(), device).cuda_stream == 11  # freed

@@ -426,11 +426,14 @@ class HippoPipeline:
 
 
 def check_lane_devices(target: torch.device, draft: torch.device, mode: str) -> None:
-    """Parallel decoding overlaps the draft with the target's verification on CUDA streams;
-    a target on the CPU has none to wait on a CUDA draft with."""
-    if mode == "parallel" and target.type == "cpu" and draft.type == "cuda":
-        raise HippoError("parallel decoding with the target on the CPU needs the draft on the "
-                         "CPU too (or mode='sequential'); the draft is on " + str(draft))
+    """Parallel decoding overlaps the draft with the target's verification on CUDA streams,
+    ordered by events on both sides: a CPU on either side has none (a CPU target cannot wait on
+    a CUDA draft; a CPU draft's early verification would read the target's logits before its
+    stream wrote them). Both lanes on the CPU, or both on CUDA GPUs."""
+    if mode == "parallel" and target.type != draft.type:
+        raise HippoError(f"parallel decoding needs the target and the draft both on CUDA or both "
+                         f"on the CPU (or mode='sequential'); the target is on {target}, the "
+                         f"draft on {draft}")
 
 
 def check_kernels_run(models: Iterable[VideoLLMAdapter], mode: str) -> None:

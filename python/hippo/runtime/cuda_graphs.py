@@ -53,6 +53,27 @@ def no_garbage_collection() -> Iterator[None]:
             gc.enable()
 
 
+# The streams live StepGraphs capture on, per device (by their CUDA handle). torch hands streams
+# out round-robin from a pool of 32 per device, so after enough generations a new runtime's
+# stream could be a live one's: the draft's and the target's graphs would then share that
+# stream's cuBLAS workspace, the hang this module's docstring describes.
+_CAPTURE_STREAMS: dict[torch.device, set[int]] = {}
+_STREAM_TRIES = 64  # twice the pool: every stream of it is seen once no live owner holds it
+
+
+def distinct_capture_stream(owner: object, device: torch.device) -> torch.cuda.Stream:
+    """A stream of `device` that no other live owner captures on, released when `owner` is
+    collected (with more than 32 live owners on one device, a shared one: the pool's size)."""
+    in_use = _CAPTURE_STREAMS.setdefault(device, set())
+    for _ in range(_STREAM_TRIES):
+        stream = torch.cuda.Stream(device=device)
+        if stream.cuda_stream not in in_use:
+            break
+    in_use.add(stream.cuda_stream)
+    weakref.finalize(owner, in_use.discard, stream.cuda_stream)
+    return stream
+
+
 class StepGraphs:
     """The captured steps of one runtime, keyed by the number of tokens per step."""
 
@@ -60,7 +81,7 @@ class StepGraphs:
         # Weakly: the runtime owns these graphs, and a cycle would leave a dropped runtime's
         # cache and graphs to the cycle collector (see no_garbage_collection).
         self._runtime = weakref.ref(runtime)
-        self.stream = torch.cuda.Stream(device=runtime.device)
+        self.stream = distinct_capture_stream(self, runtime.device)
         self.captured: dict[int, CapturedStep] = {}
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
