@@ -137,7 +137,7 @@ def test_bad_options_are_clear_errors():
     for keep_ratio in (1.5, float("nan"), "0.5"):
         with pytest.raises(HippoError, match="keep_ratio"):
             PreservationOptions(keep_ratio=keep_ratio)
-    for weights in ((1, 0), (1, float("nan"), 0), (1, -1, 0), (1, float("inf"), 0), 0.5):
+    for weights in ((1, 0), (1, float("nan"), 0), (1, -1, 0), (1, float("inf"), 0), 0.5, (0, 0, 0)):
         with pytest.raises(HippoError, match="weights"):
             PreservationOptions(weights=weights)
     with pytest.raises(HippoError, match="selection layers"):

@@ -60,6 +60,8 @@ class PreservationOptions:
         weights = tuple(self.weights) if isinstance(self.weights, (tuple, list)) else ()
         if len(weights) != 3 or not all(_is_number(w) and 0 <= w < math.inf for w in weights):
             raise HippoError(f"weights must be three finite non-negative numbers, got {self.weights!r}")
+        if sum(weights) == 0:  # every score 0: the first tokens would win every tie
+            raise HippoError(f"weights must not all be 0 (global, temporal, spatial), got {self.weights!r}")
         if self.query_len is not None and (not is_int(self.query_len) or self.query_len < 1):
             raise HippoError(f"query_len must be an integer of at least 1, got {self.query_len!r}")
         if self.layers is not None and not (isinstance(self.layers, (tuple, list))
