@@ -519,8 +519,7 @@ def load_local_model(model_class: type[torch.nn.Module], path: str, dtype: torch
                 skeleton = model_class(config)
             # What config.json says wrongly first, then whether it fits the weights at all.
             if check_model is not None:
-                with errors_prefixed(path):  # which of a target and a draft is wrong
-                    check_model(skeleton)
+                check_model(skeleton)
             check_config_fits_weights(skeleton, path)
             del skeleton
             # ignore_mismatched_sizes: a tensor whose shape differs from the config's is then
@@ -538,10 +537,16 @@ def load_local_model(model_class: type[torch.nn.Module], path: str, dtype: torch
     for kind in ("missing_keys", "mismatched_keys"):
         names = sorted(_describe_loading_entry(entry) for entry in info.get(kind) or ())
         if names:
-            shown = "; ".join(names[:3]) + (f"; and {len(names) - 3} more" if len(names) > 3 else "")
+            shown = first_few(names, "; ")
             raise HippoError(f"the {label} checkpoint in {path} does not fit its config.json "
                              f"({kind.replace('_', ' ')}: {shown})")
     return model
+
+
+def first_few(items: list[str], separator: str, shown: int = 3) -> str:
+    """The first `shown` items joined, and how many more there are."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return separator.join(items[:shown]) + more
 
 
 def _describe_loading_entry(entry: object) -> str:
@@ -611,7 +616,7 @@ def check_shards_present(path: str) -> None:
         shards = sorted(set(weight_map.values()))
         missing = [shard for shard in shards if not os.path.isfile(os.path.join(path, shard))]
         if missing:
-            shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+            shown = first_few(missing, ", ")
             raise HippoError(f"{path} lacks {len(missing)} of the {len(shards)} weight files "
                              f"that {index_name} lists: {shown}")
 
