@@ -12,6 +12,11 @@ def rounded(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
 
 
+def in_ms(seconds: float | None, digits: int = 3) -> float | None:
+    """Seconds as rounded milliseconds, passing None through."""
+    return None if seconds is None else round(1e3 * seconds, digits)
+
+
 def ratio(numerator: float | None, denominator: float | None, digits: int = 2) -> float | None:
     """numerator / denominator rounded; None where either is missing or the denominator 0."""
     if numerator is None or not denominator:
@@ -32,7 +37,7 @@ def stats_row(label: str, stats: GenerationStats, baseline: GenerationStats | No
            "draft prefill ms": round(1e3 * stats.draft_prefill_s, 1),
            "draft ms": round(1e3 * stats.draft_s, 1),
            "verify ms": round(1e3 * stats.verify_s, 1),
-           "decode ms/token": rounded(None if per_token is None else 1e3 * per_token, 3),
+           "decode ms/token": in_ms(per_token),
            "tokens/s": round(stats.tokens_per_s, 1)}
     if baseline is not None:
         row["decode speedup"] = ratio(baseline.decode_s_per_token, per_token)

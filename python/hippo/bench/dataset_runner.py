@@ -10,8 +10,8 @@ from hippo.bench.datasets import VideoQuestion, chosen_letter, read_dataset
 from hippo.models import load_adapter
 from hippo.models.base import HippoError, resolve_device
 from hippo.pipeline import HippoPipeline
-from hippo.report import ratio, rounded
 from hippo.preserve import PreservationOptions
+from hippo.report import in_ms, ratio, rounded
 from hippo.speculative.acceptance import SamplingOptions
 from hippo.video import load_video
 
@@ -61,8 +61,7 @@ def _run_question(question: VideoQuestion, autoregressive: HippoPipeline, hippo:
     ar_s, hippo_s = ar.stats.decode_s_per_token, out.stats.decode_s_per_token
     return dict(row, tokens=out.stats.tokens, MAT=rounded(out.stats.mean_accepted_tokens),
                 acceptance=rounded(out.stats.acceptance_rate, 3),
-                ar_ms_per_token=rounded(None if ar_s is None else 1e3 * ar_s, 3),
-                hippo_ms_per_token=rounded(None if hippo_s is None else 1e3 * hippo_s, 3),
+                ar_ms_per_token=in_ms(ar_s), hippo_ms_per_token=in_ms(hippo_s),
                 speedup=ratio(ar_s, hippo_s),
                 matched_ar=out.tokens == ar.tokens, answer=out.text, expected=question.answer,
                 correct=_is_correct(out.text, question.answer),

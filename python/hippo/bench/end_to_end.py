@@ -22,8 +22,8 @@ from hippo.bench.hf_baselines import hf_generate
 from hippo.models.agreement import (QWEN2_0_5B, QWEN2_7B, TINY_DRAFT, TINY_TARGET,
                                     AgreementPair, LanguageModelShape, synthetic_prompt)
 from hippo.pipeline import HippoPipeline
-from hippo.report import ratio, rounded
 from hippo.preserve import PreservationOptions
+from hippo.report import in_ms, ratio, rounded
 from hippo.speculative.acceptance import SamplingOptions
 from hippo.speculative.divergence import find_parting
 
@@ -137,7 +137,7 @@ def _rows(measured: dict[str, dict], frames: int, prompt_tokens: int, eps: float
                        "sequential", "hf_assisted") else "-"),
                    MAT=rounded(m["mat"]), pair_MAT=rounded(pair_mat),
                    acceptance=rounded(m["acceptance"], 3),
-                   **{"ms/token": rounded(None if m["per_token"] is None else 1e3 * m["per_token"], 3)},
+                   **{"ms/token": in_ms(m["per_token"])},
                    total_s=round(m["total_s"], 3), matches_ar=m["tokens"] == reference,
                    parting=m.get("parting", ""),
                    **{"prefill/selection/draft prefill ms": m.get("phases_ms", "-")})
