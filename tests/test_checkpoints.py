@@ -180,10 +180,15 @@ def test_broken_checkpoints_are_one_line_errors(capsys, checkpoints, tmp_path, c
 def _edited_config(source: str, destination: Path, edit) -> str:
     """A copy of a checkpoint directory whose config.json `edit` changed (in place, as a dict)."""
     shutil.copytree(source, destination)
-    config = json.loads((destination / "config.json").read_text())
-    edit(config)
-    (destination / "config.json").write_text(json.dumps(config))
+    _edit_config(destination, edit)
     return str(destination)
+
+
+def _edit_config(directory: Path, edit) -> None:
+    """Rewrite the checkpoint's config.json as `edit` changes it (in place, as a dict)."""
+    config = json.loads((directory / "config.json").read_text())
+    edit(config)
+    (directory / "config.json").write_text(json.dumps(config))
 
 
 def _set(*keys_and_value):
@@ -301,13 +306,11 @@ WEIGHT_FILE_ERRORS = {  # how the copy of the qwen checkpoint is broken, what th
     # Smaller than the weights: the count passes, the shapes do not (named, not "see the
     # report above", which is not shown).
     "a_config_narrower_than_its_weights": (
-        lambda d: _set("text_config", "intermediate_size", 64)(config := json.loads(
-            (d / "config.json").read_text())) or (d / "config.json").write_text(json.dumps(config)),
+        lambda d: _edit_config(d, _set("text_config", "intermediate_size", 64)),
         "mlp.down_proj.weight is [64, 128] in the checkpoint, [64, 64] by the config"),
     # transformers warns about the config on stderr before the model refuses to build.
     "a_pad_token_beyond_the_vocabulary": (
-        lambda d: _set("text_config", "vocab_size", 505)(config := json.loads(
-            (d / "config.json").read_text())) or (d / "config.json").write_text(json.dumps(config)),
+        lambda d: _edit_config(d, _set("text_config", "vocab_size", 505)),
         "cannot load the Qwen2.5-VL checkpoint"),
 }
 
