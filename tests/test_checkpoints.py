@@ -236,6 +236,11 @@ OUT_OF_RANGE_CONFIGS = {  # (family, edit, what the error says)
         "num_attention_heads (4) must be a positive multiple of num_key_value_heads (3)"),
     "qwen_context_of_no_position": ("qwen", _set("text_config", "max_position_embeddings", 0),
                                     "max_position_embeddings must be a positive integer"),
+    # transformers' own error is a bare KeyError: 'nonsense'.
+    "qwen_unknown_text_activation": ("qwen", _set("text_config", "hidden_act", "nonsense"),
+                                     "text_config.hidden_act 'nonsense' is not an activation"),
+    "llava_unknown_vision_activation": ("llava", _set("vision_config", "hidden_act", "swishy"),
+                                        "vision_config.hidden_act 'swishy' is not an activation"),
     "llava_heads_not_a_multiple_of_kv_heads": (
         "llava", _set("text_config", "num_key_value_heads", 3),
         "num_attention_heads (4) must be a positive multiple of num_key_value_heads (3)"),

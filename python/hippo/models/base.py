@@ -515,6 +515,8 @@ def load_local_model(model_class: type[torch.nn.Module], path: str, dtype: torch
     try:
         with transformers_quiet():
             config = model_class.config_class.from_pretrained(path, local_files_only=True)
+            with errors_prefixed(path):
+                check_activations_known(config)
             with torch.device("meta"):
                 skeleton = model_class(config)
             # What config.json says wrongly first, then whether it fits the weights at all.
@@ -541,6 +543,23 @@ def load_local_model(model_class: type[torch.nn.Module], path: str, dtype: torch
             raise HippoError(f"the {label} checkpoint in {path} does not fit its config.json "
                              f"({kind.replace('_', ' ')}: {shown})")
     return model
+
+
+def check_activations_known(config: object, where: str = "") -> None:
+    """Every hidden_act in the config and its sub-configs (text, vision) must name an activation
+    transformers has: building the model would otherwise fail with a bare KeyError naming only
+    the value."""
+    from transformers import PretrainedConfig
+    from transformers.activations import ACT2FN
+
+    act = getattr(config, "hidden_act", None)
+    if act is not None and (not isinstance(act, str) or act not in ACT2FN):
+        known = ", ".join(sorted(ACT2FN))
+        raise HippoError(f"config.json: {where}hidden_act {act!r} is not an activation transformers "
+                         f"knows ({known})")
+    for name, value in vars(config).items():
+        if isinstance(value, PretrainedConfig):
+            check_activations_known(value, f"{where}{name}.")
 
 
 def first_few(items: list[str], separator: str, shown: int = 3) -> str:
