@@ -392,3 +392,69 @@ def test_lanes_on_a_cpu_and_a_gpu_need_sequential_decoding():
         with pytest.raises(HippoError, match="parallel decoding needs the target and the draft "
                                              "both on CUDA or both on the CPU"):
             check_lane_devices(target, draft, "parallel")
+
+
+@pytest.mark.parametrize("mode", ["ar", "parallel"])
+def test_a_generation_inside_inference_mode_leaves_the_pipeline_and_the_model_usable(mode):
+    """Servers run requests under torch.inference_mode(). A pipeline whose runtimes were built
+    there kept inference tensors (its KV cache, the fused weights the model's parameters then
+    view): every later generation outside it failed on the cache's in-place updates, and the
+    model could no longer be trained."""
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    pipeline = HippoPipeline(target, draft, mode=mode, gamma=3)
+    with torch.inference_mode():
+        inside = pipeline.generate(sample_video_path(), "what moves?", 8, num_frames=4)
+    outside = pipeline.generate(sample_video_path(), "what moves?", 8, num_frames=4)
+    assert outside.tokens == inside.tokens
+    target.model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+
+
+def test_pipelines_sharing_runtimes_take_turns_across_threads(monkeypatch):
+    """with_options shares the runtimes, hence their KV caches: a generation started in another
+    thread while one is under way must wait for it, not overwrite its cache (that gave wrong
+    tokens in silence, or a rollback error)."""
+    import threading
+
+    from hippo.runtime.decoder import LanguageModelRuntime
+
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    video, prompt = sample_video_path(), "what moves?"
+    base = HippoPipeline(target, draft, mode="sequential", gamma=3)
+    sibling = base.with_options(mode="ar")
+    expected = [base.generate(video, prompt, 12, num_frames=4).tokens,
+                sibling.generate(video, "other", 12, num_frames=2).tokens]
+    paused, sibling_done = threading.Event(), threading.Event()
+    step = LanguageModelRuntime.step
+
+    def pausing_step(self, *args, **kwargs):
+        # The first generation stops after its first step until the other thread's is done
+        # (or, when that one must wait for this one, for a second).
+        if threading.current_thread().name == "first" and not paused.is_set():
+            paused.set()
+            sibling_done.wait(timeout=1.0)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(LanguageModelRuntime, "step", pausing_step)
+    results: dict[str, object] = {}
+
+    def run(name, pipeline, *args, **kwargs):
+        try:
+            if name == "second":
+                paused.wait(timeout=10)
+            results[name] = pipeline.generate(*args, **kwargs).tokens
+        except Exception as error:  # noqa: BLE001 - reported by the assertion
+            results[name] = error
+        finally:
+            if name == "second":
+                sibling_done.set()
+
+    threads = [threading.Thread(target=run, name="first",
+                                args=("first", base, video, prompt, 12), kwargs=dict(num_frames=4)),
+               threading.Thread(target=run, name="second",
+                                args=("second", sibling, video, "other", 12),
+                                kwargs=dict(num_frames=2))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert [results.get("first"), results.get("second")] == expected

@@ -10,6 +10,7 @@ baseline every speedup is measured against.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -151,6 +152,10 @@ class HippoPipeline:
             check_lane_devices(target.device, draft.device, self.options.mode)
         check_kernels_run(self._models().values(), self.options.mode)
         self._runtimes: dict[str, LanguageModelRuntime] = {}
+        # Held by a generation: the runtimes' caches are one generation's state. Shared, with
+        # the runtimes, by the pipelines made by with_options, so that two threads using them
+        # (or this one) take turns instead of corrupting each other's caches.
+        self._lock = threading.Lock()
 
     # --------------------------------------------------------------------------- public API
 
@@ -163,11 +168,12 @@ class HippoPipeline:
 
     def with_options(self, **overrides: object) -> "HippoPipeline":
         """The same pair under other options (mode, gamma, keep ratio, ...). The runtimes, their
-        caches and CUDA graphs are shared when the options they depend on stay the same."""
+        caches and CUDA graphs are shared when the options they depend on stay the same; the
+        pipelines sharing them then run one generation at a time (threads take turns)."""
         pipeline = HippoPipeline(self.target, self.draft, _with_overrides(self.options, overrides))
         if all(getattr(pipeline.options, name) == getattr(self.options, name)
                for name in RUNTIME_OPTIONS):
-            pipeline._runtimes = self._runtimes
+            pipeline._runtimes, pipeline._lock = self._runtimes, self._lock
         return pipeline
 
     def prepare(self, video: str | Path | torch.Tensor, prompt: str | list[int], *,
@@ -299,16 +305,17 @@ class HippoPipeline:
     def _generate_prepared(self, target_prompt: PreparedPrompt,
                            draft_prompt: PreparedPrompt | None, max_new_tokens: int,
                            sampling: SamplingOptions, eos_ids: set[int]) -> HippoOutput:
-        """generate_prepared() on checked arguments."""
+        """generate_prepared() on checked arguments (one at a time per set of runtimes)."""
         _check_context_fits(self.target, target_prompt.length + max_new_tokens)
-        started = time.perf_counter()
-        if self.options.mode == "ar":
-            stats, tokens = self._generate_autoregressive(target_prompt, max_new_tokens,
-                                                          sampling, eos_ids)
-        else:
-            stats, tokens = self._generate_speculative(target_prompt, draft_prompt,
-                                                       max_new_tokens, sampling, eos_ids)
-        stats.total_s = time.perf_counter() - started
+        with self._lock:
+            started = time.perf_counter()
+            if self.options.mode == "ar":
+                stats, tokens = self._generate_autoregressive(target_prompt, max_new_tokens,
+                                                              sampling, eos_ids)
+            else:
+                stats, tokens = self._generate_speculative(target_prompt, draft_prompt,
+                                                           max_new_tokens, sampling, eos_ids)
+            stats.total_s = time.perf_counter() - started
         text = self.target.tokenizer.decode(tokens) if self.target.tokenizer is not None else None
         return HippoOutput(tokens, text, stats)
 

@@ -102,6 +102,11 @@ class StepGraphs:
         return step
 
     def _capture(self, count: int, positions_shape: torch.Size) -> CapturedStep:
+        # Its static buffers outlive the capture: never inference tensors (persistent_tensors).
+        with torch.inference_mode(False), torch.no_grad():
+            return self._capture_now(count, positions_shape)
+
+    def _capture_now(self, count: int, positions_shape: torch.Size) -> CapturedStep:
         runtime = self._runtime()  # alive: only the runtime itself calls into its graphs
         cache = runtime.cache
         device = runtime.device

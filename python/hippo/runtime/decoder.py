@@ -42,6 +42,15 @@ AttendFn = Callable[[int, torch.Tensor], torch.Tensor]
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
+def persistent_tensors(fn: Callable) -> Callable:
+    """Run fn with inference mode off (and grad off): the tensors it makes outlive the call (a
+    runtime's KV cache and lengths, the fused weights its model's parameters then view, graph
+    buffers). Made inside a caller's torch.inference_mode() they would be inference tensors,
+    whose in-place updates (every step advances the cache) fail in every later call outside it,
+    and a model whose parameters view them could no longer be trained."""
+    return torch.inference_mode(False)(torch.no_grad()(fn))
+
+
 def check_flag(name: str, value: object, allow_none: bool = False) -> None:
     """An on/off option must be a bool (None too where it means "the default for the device"):
     a truthy string such as "no" would otherwise switch it on."""
@@ -150,6 +159,7 @@ class LanguageModelRuntime:
             attention speed on CUDA; on the CPU, the plain dot products are slower than BLAS).
     """
 
+    @persistent_tensors
     def __init__(self, text_model: nn.Module, lm_head: nn.Module, max_seq_len: int,
                  batch: int = 1, *, use_cuda_graphs: bool | None = None,
                  step_attention: str | None = None, fused: bool | None = None,
