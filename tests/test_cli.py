@@ -271,6 +271,8 @@ BAD_OPTIONS = {  # argv, what the one-line error says
     "frames_and_fps": (_generate("--fps", "1"), "--frames or --fps, not both"),
     "window_reversed": (_generate("--start", "3", "--end", "1"), "ends (1 s) before it starts"),
     "window_past_the_video": (_generate("--start", "60"), "starts after the video ends (4 s)"),
+    "negative_start": (_generate("--start", "-1"), "--start must be a number of seconds >= 0"),
+    "infinite_end": (_generate("--end", "inf"), "--end must be a number of seconds >= 0"),
     "window_too_short": (_generate("--start", "1", "--end", "1.5"), "holds 2 frames, 4 requested"),
     "top_k_when_greedy": (_generate("--top-k", "3"), "--top-k applies only to sampling"),
     "top_p_when_greedy": (_generate_ar("--top-p", "0.5"), "--top-p applies only to sampling"),

@@ -86,6 +86,19 @@ def test_a_time_window_of_a_file_equals_its_frames_cut_by_hand():
         pipeline.generate(cut, "what moves?", 10, start=1.0)
 
 
+def test_a_rate_above_the_clips_spaces_the_frames_at_the_clips_rate(tmp_path):
+    # --fps 1 on a 0.5 fps clip decodes its every frame, 2 s apart: Qwen2.5-VL's temporal positions
+    # must say so (they were spaced from the rate asked for, as if the frames were 1 s apart).
+    from hippo.assets import write_video
+
+    clip = write_video(tmp_path / "slow.mp4", torch.arange(8, dtype=torch.uint8).mul(30)
+                       .view(8, 1, 1, 1).expand(8, 56, 56, 3).contiguous().numpy(), fps=0.5)
+    pipeline = HippoPipeline(load_adapter("tiny-qwen2.5-vl"), None)
+    asked, own = (pipeline.prepare(clip, "hi", fps=rate)[0] for rate in (1.0, 0.5))
+    assert torch.equal(asked.inputs_embeds, own.inputs_embeds)
+    assert torch.equal(asked.position_ids, own.position_ids)
+
+
 def test_frames_beyond_the_context_are_refused_before_decoding(monkeypatch):
     """A long video at one frame per second: the visual tokens, the prompt's text and the new
     tokens would overflow the model's positions, which is known from the frame count and size

@@ -246,6 +246,31 @@ def test_without_decord_opencv_decodes(monkeypatch):
         load_video(sample_video_path(), num_frames=4, backend="decord")
 
 
+@pytest.mark.parametrize("estimate", [10, 40])
+def test_opencv_counts_frames_when_the_container_only_estimates(tmp_path, monkeypatch, estimate):
+    # mkv and webm carry no frame count: OpenCV then reports duration x frame rate, which a
+    # variable-rate clip does not match (a phone's 30 fps clip with a 60 fps burst). Too high, every
+    # request failed at a frame that does not exist; too low, sampling never reached the clip's end.
+    cv2 = pytest.importorskip("cv2")
+    path = indexed_video(tmp_path / "indexed.mp4", 20)
+
+    real_capture = cv2.VideoCapture
+
+    class EstimatingCapture:  # a wrapper: subclasses of cv2.VideoCapture crash on retrieve()
+        def __init__(self, *args):
+            self._capture = real_capture(*args)
+
+        def __getattr__(self, name):
+            return getattr(self._capture, name)
+
+        def get(self, prop):
+            return float(estimate) if prop == cv2.CAP_PROP_FRAME_COUNT else self._capture.get(prop)
+
+    monkeypatch.setattr(cv2, "VideoCapture", EstimatingCapture)
+    assert probe_video(path, backend="opencv").num_frames == 20
+    assert decoded_indices(load_video(path, num_frames=3, backend="opencv")) == [0, 10, 19]
+
+
 # --- a directory of frames ---------------------------------------------------------------------
 
 def frame_folder(folder, num_frames: int, size=(32, 32), ext=".png", name="frame_{}"):

@@ -367,7 +367,8 @@ def _single_line(text: str) -> str:
 # the library's own.
 _API_FLAGS = {
     "demo": dict(num_frames="--frames", max_new_tokens="--max-new-tokens"),
-    "generate": dict(num_frames="--frames", fps="--fps", max_new_tokens="--max-new-tokens",
+    "generate": dict(num_frames="--frames", fps="--fps", start="--start", end="--end",
+                     max_new_tokens="--max-new-tokens",
                      keep_ratio="--keep-ratio", gamma="--gamma", draft_prefill="--draft-prefill",
                      temperature="--temperature", top_k="--top-k", top_p="--top-p", seed="--seed",
                      step_invariant="--step-invariant", gemm_prologues="--gemm-prologues"),

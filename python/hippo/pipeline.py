@@ -210,7 +210,13 @@ class HippoPipeline:
             admit(*video.shape[:3])
             frames = video
         else:
-            frames = load_video(video, num_frames=num_frames, fps=fps, start=start, end=end, admit=admit)
+            sources = []
+            frames = load_video(video, num_frames=num_frames, fps=fps, start=start, end=end, admit=admit,
+                                on_info=sources.append)
+            if fps is not None and sources[-1].fps > 0:
+                # A rate above the clip's own gives its every frame: Qwen2.5-VL's temporal
+                # positions must be spaced at the rate the frames have, not the one asked for.
+                fps = min(fps, sources[-1].fps)
         target_prompt = self.target.prepare(frames, prompt, fps=fps)
         if self.draft is None:
             return target_prompt, None

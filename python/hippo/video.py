@@ -31,8 +31,10 @@ from hippo.models.base import HippoError, check_positive_rate, is_int, short_rep
 BACKENDS = ("decord", "opencv")
 _PACKAGES = {"decord": "decord", "opencv": "OpenCV (opencv-python-headless)"}
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-# How num_frames frames are spread over a clip: "uniform" (first and last included: lmms-eval's
-# rule) or "segment_midpoints" (the middle of num_frames equal segments: MVBench's).
+# How num_frames frames are spread over a clip: "uniform" (first and last included, each index
+# rounded to the nearest frame as qwen-vl-utils does; lmms-eval's LLaVA loaders truncate instead,
+# which moves some indices down by one) or "segment_midpoints" (the middle of num_frames equal
+# segments: MVBench's).
 FRAME_SAMPLINGS = ("uniform", "segment_midpoints")
 _Result = TypeVar("_Result")
 
@@ -92,6 +94,7 @@ def load_video(
     admit: Callable[[int, int, int], None] | None = None,
     repeat_frames: bool = False,
     sampling: str = "uniform",
+    on_info: Callable[[VideoInfo], None] | None = None,
 ) -> torch.Tensor:
     """Decode sampled frames of a video as a uint8 tensor [T, H, W, 3] (RGB).
 
@@ -106,6 +109,8 @@ def load_video(
       that records its own is read at that.
     admit: called with (frames, height, width) of the request before any frame is decoded;
       it raises HippoError to refuse it (a model whose context the frames would not fit).
+    on_info: called with the source's VideoInfo (its frame rate assumed_fps where it records
+      none) before any frame is decoded: the rate fps sampling really gives is min(fps, its fps).
     repeat_frames: when the clip holds fewer frames than num_frames, spread num_frames indices
       over it anyway, repeating frames (as benchmark harnesses do), instead of refusing.
     sampling: how num_frames frames are spread: "uniform" (first and last included) or
@@ -124,6 +129,8 @@ def load_video(
         info = reader.info
         if info.fps <= 0 and assumed_fps is not None:
             info = dataclasses.replace(info, fps=float(assumed_fps))
+        if on_info is not None:
+            on_info(info)
         indices = sample_indices(info, num_frames=num_frames, fps=fps, window=window,
                                  repeat_frames=repeat_frames, sampling=sampling)
         _check_frames_fit_in_memory(len(indices), info)
@@ -428,14 +435,10 @@ class _OpenCVReader:
         try:
             if not capture.isOpened():
                 raise _DecodeFailure("OpenCV cannot open it")
-            count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
             fps = float(capture.get(cv2.CAP_PROP_FPS))
             height = int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT))
             width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
-            if count <= 0:  # some containers carry no frame count: count by grabbing
-                count = 0
-                while capture.grab():
-                    count += 1
+            count = _opencv_frame_count(cv2, capture)
         finally:
             capture.release()
         self.info = _checked_info(count, fps, height, width)
@@ -457,6 +460,26 @@ class _OpenCVReader:
         finally:
             capture.release()
         return np.stack([decoded[index] for index in indices])
+
+
+def _opencv_frame_count(cv2, capture) -> int:
+    """The stream's frame count, from its packets. CAP_PROP_FRAME_COUNT is the container's count
+    where it has one (mp4, avi) but duration x frame rate where it has none (mkv, webm): for a
+    variable-rate clip (phones, screen and browser recordings) that estimate is off either way,
+    and sampling then fails at a frame that does not exist or never reaches the clip's end. In
+    raw mode (CAP_PROP_FORMAT -1) grab() reads packets without decoding them, as decord counts.
+    Where raw mode is refused, the estimate stands, and a missing one is counted by decoding."""
+    if capture.set(cv2.CAP_PROP_FORMAT, -1):
+        count = 0
+        while capture.grab():
+            count += 1
+        return count
+    count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+    if count <= 0:  # some containers carry no frame count: count by grabbing
+        count = 0
+        while capture.grab():
+            count += 1
+    return count
 
 
 def _frame_files(folder: Path) -> list[Path]:
