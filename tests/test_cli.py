@@ -398,10 +398,12 @@ def test_a_list_option_given_no_values_is_refused(capsys, option):
     assert f"argument {option}: expected at least one argument" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("sampling", [("--temperature", "0.7"), ()])
 @pytest.mark.parametrize("mode", ["ar", "sequential"])
-def test_non_finite_logits_are_a_one_line_error(capsys, monkeypatch, mode):
-    """A checkpoint whose logits overflow (fp16 is the usual cause) cannot be sampled from: one
-    line that says so, from AR's draw and from speculative sampling's verification alike."""
+def test_non_finite_logits_are_a_one_line_error(capsys, monkeypatch, mode, sampling):
+    """A checkpoint whose logits overflow (fp16 is the usual cause) can neither be sampled from
+    nor decoded greedily (the argmax of NaNs is token 0): one line that says so, in AR and in
+    speculative decoding alike."""
     import hippo.models
 
     load = hippo.models.load_adapter
@@ -412,9 +414,9 @@ def test_non_finite_logits_are_a_one_line_error(capsys, monkeypatch, mode):
         return adapter
 
     monkeypatch.setattr(hippo.models, "load_adapter", overflowing)
-    argv = _generate_ar("--temperature", "0.7") if mode == "ar" else \
-        _generate("--temperature", "0.7", "--mode", mode, "--gamma", "3")
-    _assert_one_line_error(capsys, argv, "next-token probabilities are not finite")
+    argv = _generate_ar(*sampling) if mode == "ar" else \
+        _generate(*sampling, "--mode", mode, "--gamma", "3")
+    _assert_one_line_error(capsys, argv, "next-token logits after the prompt are not finite")
 
 
 @pytest.mark.parametrize("argv, needle", [

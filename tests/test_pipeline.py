@@ -471,3 +471,21 @@ def test_pipelines_sharing_runtimes_take_turns_across_threads(monkeypatch):
     for thread in threads:
         thread.join(timeout=60)
     assert [results.get("first"), results.get("second")] == expected
+
+
+@pytest.mark.parametrize("mode", ["ar", "sequential", "parallel"])
+@pytest.mark.parametrize("overflow", ["head", "layers"])
+def test_logits_that_overflow_float16_are_a_clear_error_also_when_greedy(mode, overflow):
+    """A model whose activations overflow fp16 gives NaN or inf logits; greedy decoding took
+    their argmax (token 0 for ever with NaN) in silence, speculative decoding agreeing with it."""
+    target = load_adapter("tiny-qwen2.5-vl", seed=0)
+    with torch.no_grad():
+        if overflow == "head":  # some logits beyond fp16's 65504: +inf
+            target.model.lm_head.weight.mul_(3e5)
+        else:  # the residual stream overflows: NaN after the final norm
+            for layer in target.model.model.language_model.layers:
+                layer.mlp.down_proj.weight.mul_(1e6)
+    target.model.to(torch.float16)
+    pipeline = HippoPipeline(target, None, mode=mode, gamma=3)
+    with pytest.raises(HippoError, match="logits after the prompt are not finite"):
+        pipeline.generate(sample_video_path(), "what moves?", 8, num_frames=2)

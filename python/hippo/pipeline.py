@@ -24,7 +24,7 @@ from hippo.models.base import HippoError, PreparedPrompt, VideoLLMAdapter, check
 from hippo.models.preprocess import check_frames
 from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, preserve_tokens
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive
-from hippo.runtime.autoregressive import eos_id_set, new_token_count
+from hippo.runtime.autoregressive import check_finite_logits, eos_id_set, new_token_count
 from hippo.runtime.decoder import STEP_INVARIANT_MAX_TOKENS, check_flag
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
 from hippo.speculative.decoder import decode_after_prefill
@@ -419,6 +419,7 @@ class HippoPipeline:
             result = target.prefill(target_prompt.inputs_embeds, target_prompt.position_ids,
                                     query_layers=layers if preservation.needs_queries else (),
                                     query_len=query_len if preservation.needs_queries else 0)
+            check_finite_logits(result.logits[:, -1])
             first_token = acceptance.choose(result.logits[:, -1])
         with _timed(stats, "selection", target.device):
             keys = None

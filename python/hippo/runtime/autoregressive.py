@@ -127,6 +127,20 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return scores.reshape(shape)
 
 
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """Refuse prompt logits that are not finite: a model whose activations overflow its dtype
+    (fp16 is the usual one) gives NaN or inf logits, whose argmax is no choice at all (NaN: token
+    0 for ever; inf: the lowest of the tied ids), and greedy decoding would emit it in silence,
+    speculative decoding agreeing with it token for token. One check of the prefill's last row."""
+    finite = torch.isfinite(logits)
+    if bool(finite.all()):
+        return
+    nan = int(torch.isnan(logits).sum())
+    raise HippoError(f"the model's next-token logits after the prompt are not finite ({nan} NaN, "
+                     f"{int((~finite).sum()) - nan} inf of {logits.numel()}, {logits.dtype}): weights "
+                     "or a dtype that overflow? try bfloat16 or float32 (--dtype)")
+
+
 def choose_next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
                       top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
     """[B, V] logits -> [B] next tokens: argmax when temperature == 0, else a sample."""
@@ -156,6 +170,7 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
 
     started = time.perf_counter()
     prefill = runtime.prefill(prompt.inputs_embeds, prompt.position_ids)
+    check_finite_logits(prefill.logits[:, -1])
     token = choose_next_token(prefill.logits[:, -1], temperature, top_k, top_p, generator)
     result = GenerationResult(tokens=[int(token.item())])
     result.prefill_s = time.perf_counter() - started
