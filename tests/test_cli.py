@@ -419,6 +419,27 @@ def test_non_finite_logits_are_a_one_line_error(capsys, monkeypatch, mode, sampl
     _assert_one_line_error(capsys, argv, "next-token logits after the prompt are not finite")
 
 
+def test_a_draft_whose_probabilities_are_not_finite_is_a_one_line_error(capsys, monkeypatch):
+    """The target's logits are finite (its prefill passes the check), the draft's are NaN: the
+    sampling verification refuses the draft's probabilities mid-generation, and the one line
+    says it may be either model."""
+    import hippo.models
+
+    load = hippo.models.load_adapter
+
+    def draft_overflowing(name, *args, **kwargs):
+        adapter = load(name, *args, **kwargs)
+        if name == PAIR[3]:
+            adapter.lm_head.weight.data.fill_(float("nan"))
+        return adapter
+
+    monkeypatch.setattr(hippo.models, "load_adapter", draft_overflowing)
+    _assert_one_line_error(capsys, _generate("--temperature", "0.7", "--mode", "sequential",
+                                             "--gamma", "3"),
+                           "a model's (the target's or the draft's) next-token probabilities "
+                           "are not finite")
+
+
 @pytest.mark.parametrize("argv, needle", [
     (_generate("--gamma", "abc"), "argument --gamma: must be 'auto' or a positive integer"),
     (_generate("--frames", "many"), "argument --frames: invalid int value: 'many'"),

@@ -298,7 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _has_non_finite_probabilities(error):
             # A checkpoint whose logits overflow its dtype (fp16 is the usual one): the user's
             # choice of model or dtype, so one line, not a traceback.
-            print(f"hippo {args.command}: error: the model's next-token probabilities are not "
+            whose = "the model's" if getattr(args, "mode", None) == "ar" else \
+                "a model's (the target's or the draft's)"
+            print(f"hippo {args.command}: error: {whose} next-token probabilities are not "
                   f"finite (NaN or inf logits: weights or a dtype that overflow?; try --dtype "
                   f"bfloat16 or float32) ({_one_line(error)})", file=sys.stderr)
             return EXIT_USER_ERROR
