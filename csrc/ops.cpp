@@ -8,6 +8,7 @@
 //   * no host synchronisation inside an op; index *values* are validated on the CPU
 //     path always and by the Python wrappers on CUDA (opt out with check=False);
 //   * randomness comes in as tensors of uniforms.
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #ifdef HIPPO_PYTHON_MODULE  // setup.py's build; CMake's library for libtorch needs no Python
@@ -30,9 +31,12 @@ TORCH_LIBRARY(hippo_ext, m) {
   // its first T*Hg*Wg tokens are the grid, the rest (e.g. LLaVA-OV's newline) are always kept.
   // Returns kept [num_keep + num_visual - T*Hg*Wg] int64 (span-relative, ascending) and the
   // fused, global, temporal and spatial scores, each [T, Hg, Wg] float32.
+  // The three ints are SymInt: traced from tensor sizes (num_visual = T*Hg*Wg + 1 with T
+  // dynamic) they stay symbolic under torch.compile / torch.export instead of specialising
+  // (one recompile per video length). The kernels take them as int64_t.
   m.def(
-      "select_visual_tokens(Tensor queries, Tensor keys, Tensor features, int visual_start, "
-      "int num_visual, int num_keep, bool per_frame, float w_global, float w_temporal, "
+      "select_visual_tokens(Tensor queries, Tensor keys, Tensor features, SymInt visual_start, "
+      "SymInt num_visual, SymInt num_keep, bool per_frame, float w_global, float w_temporal, "
       "float w_spatial, float scale) -> (Tensor kept, Tensor fused_score, Tensor global_score, "
       "Tensor temporal_score, Tensor spatial_score)");
 
@@ -115,4 +119,21 @@ TORCH_LIBRARY(hippo_ext, m) {
       "qkv_projection(Tensor x, Tensor residual, Tensor norm_weight, float eps, Tensor weight, "
       "Tensor? bias, Tensor cos, Tensor sin, Tensor(a!) cache, int layer, Tensor length) "
       "-> (Tensor, Tensor)");
+}
+
+// No op is differentiable (inference only). Without an Autograd kernel, torch's default fallback
+// lets outputs require grad and backward *warns* and drops the gradient, except where a CPU
+// reference is made of ATen ops, whose own graph then gives a gradient that CUDA does not: one
+// function, gradients on the CPU and none on a GPU. This fallback gives every op one behaviour:
+// under no_grad or inference_mode nothing changes; with inputs that require grad, the forward
+// runs and a backward through any output raises "derivative for hippo_ext::<op> is not
+// implemented".
+TORCH_LIBRARY_IMPL(hippo_ext, Autograd, m) {
+  for (const char* name :
+       {"select_visual_tokens", "verify_greedy", "verify_sampling", "verify_tree_greedy",
+        "kv_gather", "kv_compact_", "decode_attention", "rms_norm", "add_rms_norm",
+        "silu_and_mul", "rotary_kv_append", "rotary_tables", "skinny_linear",
+        "add_rms_norm_linear", "silu_and_mul_linear", "qkv_projection"}) {
+    m.impl(name, torch::autograd::autogradNotImplementedFallback());
+  }
 }

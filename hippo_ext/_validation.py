@@ -49,13 +49,20 @@ def check_strictly_ascending(index: torch.Tensor, op: str, name: str) -> None:
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
-def as_int(value: object, op: str, name: str) -> int:
+def as_int(value: object, op: str, name: str) -> int | torch.SymInt:
     """An integer argument (Python's or numpy's) that the op's int64 schema can take; 2.7 is
-    refused, not truncated to 2, and 2**64 named, not left to the schema's parser."""
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{op}: {name} must be an integer, got {value!r}") from None
+    refused, not truncated to 2, and 2**64 named, not left to the schema's parser. A SymInt
+    (a size traced by torch.compile or torch.export) passes as it is: operator.index would
+    specialise it to its current value."""
+    if isinstance(value, torch.SymInt):  # torch.export's traced size
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):  # also a traced size, to Dynamo
+        number = value
+    else:
+        try:
+            number = operator.index(value)
+        except TypeError:
+            raise TypeError(f"{op}: {name} must be an integer, got {value!r}") from None
     if not INT64_MIN <= number <= INT64_MAX:
         raise ValueError(f"{op}: {name} must fit in int64, got {number}")
     return number

@@ -4,6 +4,7 @@ kernels leave them zeroed; two streams running the same op at once need two work
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 _SHARED: dict[tuple[str, torch.device, int], torch.Tensor] = {}
 # Workspaces that a larger one replaced. A CUDA graph captured while one was current still points
@@ -33,7 +34,14 @@ def shared_workspace(op: str, numel: int, device: torch.device) -> torch.Tensor 
     if workspace is None or workspace.numel() < numel:
         if device.type == "cuda" and _capturing(device):
             return None
+        fresh = zeroed_int32(max(numel, 1 << 12), device)
+        if isinstance(fresh, FakeTensor):
+            # Made while tracing under a fake mode (torch.export, make_fx, FakeTensorMode): it
+            # holds no memory, and kept here it would hand every later eager call a fake
+            # workspace, and with it a fake result. Dynamo traces this code symbolically and
+            # replays the store with a real tensor, so torch.compile still shares one.
+            return fresh
         if workspace is not None:
             _RETIRED.append(workspace)
-        workspace = _SHARED[key] = zeroed_int32(max(numel, 1 << 12), device)
+        workspace = _SHARED[key] = fresh
     return workspace

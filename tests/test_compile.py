@@ -220,3 +220,73 @@ def test_fakes_name_a_bad_shape(case):
     torch._dynamo.reset()
     with pytest.raises(Exception, match=message):
         torch.compile(call, fullgraph=True, backend="eager")()
+
+
+# ---- autograd: the ops are inference only ------------------------------------------------------
+
+@pytest.mark.parametrize("op", sorted(CASES))
+def test_backward_through_an_op_is_an_error(op, gen):
+    """Inputs that require grad (an nn.Parameter outside no_grad) must not give a gradient that
+    is silently missing (the custom kernels: CUDA), or one that exists on the CPU only (where a
+    reference is made of ATen ops): a backward through any output names the op."""
+    fn, make_inputs, mutated = CASES[op]
+    inputs = [x.clone() for x in make_inputs(gen)]
+    for index, x in enumerate(inputs):
+        if x.is_floating_point() and index not in mutated:
+            x.requires_grad_(True)
+    written = [inputs[index] for index in mutated]  # kv_gather returns dst, which it wrote
+    outputs = [t for t in _tensors(fn(*inputs))
+               if t.is_floating_point() and not any(t is w for w in written)]
+    if not outputs or not any(x.requires_grad for x in inputs):
+        pytest.skip("no floating output computed from an input that can require grad")
+    for output in outputs:
+        assert output.requires_grad
+        with pytest.raises(RuntimeError, match=f"derivative for hippo_ext::{op} is not implemented"):
+            torch.autograd.grad(output.sum(), [x for x in inputs if x.requires_grad])
+    with torch.no_grad():
+        assert not any(t.requires_grad for t in _tensors(fn(*[x.clone() for x in inputs])))
+
+
+# ---- select_visual_tokens' int arguments traced from sizes -------------------------------------
+
+def _select_with_sizes_from_features(q: torch.Tensor, k: torch.Tensor, f: torch.Tensor) -> tuple:
+    # LLaVA-OneVision's span: the grid plus one newline token; keep one token per frame
+    return tuple(hippo_ext.select_visual_tokens(q, k, f, 2, f.shape[0] * 12 + 1, f.shape[0],
+                                                per_frame=True))
+
+
+def test_sizes_traced_from_shapes_stay_symbolic(gen):
+    """num_visual and num_keep computed from a dynamic frame count: one graph for every video
+    length (an int schema argument, or operator.index on the size, would specialise them)."""
+    graphs = []
+
+    def backend(graph: torch.fx.GraphModule, example_inputs: list) -> Callable[..., object]:
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(_select_with_sizes_from_features, fullgraph=True, backend=backend)
+    for frames in (2, 5, 7):
+        q, k = _randn(gen, 1, 2, 2, 4), _randn(gen, 1, 1, 100, 4)
+        features = _randn(gen, frames, 3, 4, 5)
+        torch._dynamo.mark_dynamic(features, 0)
+        for have, want in zip(compiled(q, k, features), _select_with_sizes_from_features(q, k, features),
+                              strict=True):
+            assert torch.equal(have, want)
+    assert len(graphs) == 1
+
+
+def test_export_with_a_dynamic_frame_count(gen):
+    frames = torch.export.Dim("frames", min=2, max=8)
+    q, k = _randn(gen, 1, 2, 2, 4), _randn(gen, 1, 1, 100, 4)
+
+    class Selects(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, f: torch.Tensor) -> tuple:
+            return _select_with_sizes_from_features(q, k, f)
+
+    program = torch.export.export(Selects(), (q, k, _randn(gen, 3, 3, 4, 5)),
+                                  dynamic_shapes=(None, None, {0: frames}))
+    features = _randn(gen, 6, 3, 4, 5)
+    for have, want in zip(program.module()(q, k, features),
+                          _select_with_sizes_from_features(q, k, features), strict=True):
+        assert torch.equal(have, want)

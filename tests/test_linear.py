@@ -260,3 +260,31 @@ def test_shared_workspace_grows_without_freeing_the_old_one():
     del small
     gc.collect()
     assert old() is not None, "the replaced workspace was freed"
+
+
+@pytest.mark.parametrize("op", ["skinny_linear", "decode_attention"])
+def test_export_leaves_no_fake_workspace_behind(op, monkeypatch):
+    """torch.export (non-strict, the default) runs the wrappers under a fake mode: a shared
+    workspace first made there must not be kept, or every later eager call of the op in the
+    process gets a fake workspace and returns a FakeTensor (no data) without an error."""
+    from hippo_ext import _workspace
+
+    monkeypatch.setattr(_workspace, "_SHARED", {})  # as in a fresh process: none made yet
+    gen = torch.Generator().manual_seed(0)
+    x, weight = torch.randn(2, 8, generator=gen), torch.randn(5, 8, generator=gen)
+    query, cache = torch.randn(1, 2, 2, 4, generator=gen), torch.randn(1, 2, 1, 1, 6, 4, generator=gen)
+    length = torch.tensor([3])
+    if op == "skinny_linear":
+        call = lambda: hippo_ext.skinny_linear(x, weight)  # noqa: E731
+    else:
+        call = lambda: hippo_ext.decode_attention(query, cache, 0, length)  # noqa: E731
+
+    class Calls(torch.nn.Module):
+        def forward(self) -> torch.Tensor:
+            return call()
+
+    program = torch.export.export(Calls(), ())
+    eager = call()
+    assert type(eager) is torch.Tensor
+    assert all(type(w) is torch.Tensor for w in _workspace._SHARED.values())
+    torch.testing.assert_close(program.module()(), eager, rtol=0, atol=0)
