@@ -324,6 +324,23 @@ def test_warp_logits_matches_hf_warpers():
     assert kept.tolist() == [5, 5, 5]
 
 
+def test_sampling_options_of_ints_and_numpy_scalars_sample():
+    """temperature=2 or numpy scalars pass SamplingOptions' checks: they must also sample (HF's
+    warpers take only a float temperature and an int top_k)."""
+    import numpy as np
+
+    from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
+
+    logits = torch.randn(1, 50)
+    for options in (dict(temperature=2), dict(temperature=np.float32(0.7), top_k=np.int64(5)),
+                    dict(temperature=1, top_k=np.int32(3), top_p=np.float64(0.9))):
+        sampling = SamplingOptions(**options, seed=0)
+        assert TokenAcceptance(sampling, 50).choose(logits).shape == (1,)
+        tokens = choose_next_token(logits, options["temperature"], options.get("top_k"),
+                                   options.get("top_p"), torch.Generator().manual_seed(0))
+        assert tokens.shape == (1,)
+
+
 @pytest.mark.parametrize("warp", [dict(temperature=0.3), dict(temperature=2.0, top_k=4),
                                   dict(temperature=0.7, top_p=0.8)])
 def test_autoregressive_sampling_follows_the_warped_distribution(warp):

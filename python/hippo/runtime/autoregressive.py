@@ -118,6 +118,11 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
     shape = logits.shape
     scores = logits.reshape(-1, shape[-1]).float()
+    # HF's warpers take only a Python float temperature and int top_k: the ints and numpy
+    # scalars SamplingOptions accepts (temperature=2, top_k=np.int64(5)) failed in the first warp.
+    temperature = float(temperature)
+    top_k = operator.index(top_k) if top_k is not None else None
+    top_p = float(top_p) if top_p is not None else None
     if temperature != 1.0:
         scores = TemperatureLogitsWarper(temperature)(None, scores)
     if top_k is not None and top_k != 0:
