@@ -99,7 +99,7 @@ def _padded(tokens: list[int], eos: int | None, generated: int) -> tuple[int, ..
 
 
 def _sample_runs(target_model, draft_model, mode: str, warp: dict, runs: int,
-                 acceptance_factory=TokenAcceptance, gamma: int = 2,
+                 acceptance_factory=TokenAcceptance, gamma: int | str = 2,
                  generated: int = GENERATED, eos: int | None = None) -> torch.Tensor:
     """Counts [V + 1] * generated of the emitted tokens over `runs` seeded generations, on the
     models' device (on CUDA: graph-captured steps, parallel rounds on two streams)."""
@@ -120,7 +120,8 @@ def _sample_runs(target_model, draft_model, mode: str, warp: dict, runs: int,
         first = acceptance.choose(logits[:, -1])
         decoder = decode_after_prefill(
             target, draft, first, positions_after, mode=mode, acceptance=acceptance,
-            draft_length=DraftLength(gamma), max_new_tokens=generated, eos_ids=eos_ids)
+            draft_length=DraftLength(gamma, initial=2, max_gamma=4, mode=mode),
+            max_new_tokens=generated, eos_ids=eos_ids)
         assert decoder.emitted == list(_padded(decoder.emitted, eos, len(decoder.emitted)))
         counts[_padded(decoder.emitted, eos, generated)] += 1
     return counts
@@ -158,6 +159,18 @@ def test_sampling_matches_target_distribution(target_model, mode, draft, warp):
     counts = _sample_runs(target_model, draft_model, mode, warp, RUNS)
     # Each speculative token marginally, and the first two jointly. With g = 2, parallel
     # decoding's pre-verify rounds and post-verify rounds (after a full acceptance) both emit.
+    for token in range(1, GENERATED):
+        assert _marginals_pass(counts, exact, (token,)), token
+    assert _marginals_pass(counts, exact, (1, 2))
+
+
+@pytest.mark.parametrize("mode, gamma", [("sequential", 1), ("parallel", 1), ("parallel", "auto")])
+def test_sampling_matches_target_distribution_at_other_draft_lengths(target_model, mode, gamma):
+    """g = 1 (every round one candidate, parallel rounds all pre-/post-verify of one token) and
+    an adaptive g (parallel: it follows the measured step times, from 2 up to 4)."""
+    warp = WARPS[1]
+    exact = _exact_distribution(target_model, warp)
+    counts = _sample_runs(target_model, DRAFTS["perturbed"](), mode, warp, RUNS, gamma=gamma)
     for token in range(1, GENERATED):
         assert _marginals_pass(counts, exact, (token,)), token
     assert _marginals_pass(counts, exact, (1, 2))
