@@ -29,13 +29,20 @@ DEFAULT_CUDA_ARCHS = "8.0+PTX;9.0a"
 if "CUDA_HOME" not in os.environ and os.path.exists("/usr/local/cuda/bin/nvcc"):
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-from torch.utils.cpp_extension import (  # noqa: E402  (after CUDA_HOME is settled)
+NO_TORCH = ("hippo_ext compiles against the torch it will run with, and none is importable here. "
+            "Install torch into this environment first, then build with `pip install "
+            "--no-build-isolation .` (`python -m build --no-isolation` for a wheel or sdist): "
+            "an isolated build environment has no torch.")
+try:
+    import torch  # noqa: E402  (after CUDA_HOME is settled)
+except ImportError as error:
+    raise SystemExit(f"error: {NO_TORCH} ({error})") from None
+from torch.utils.cpp_extension import (  # noqa: E402
     CUDA_HOME,
     BuildExtension,
     CppExtension,
     CUDAExtension,
 )
-import torch  # noqa: E402
 
 
 def _version() -> str:

@@ -114,6 +114,29 @@ def test_the_pinned_environment_installs_every_declared_dependency(
     assert sorted(declared - pinned) == []
 
 
+SETUP_WITHOUT_TORCH = """
+import runpy, sys
+sys.modules["torch"] = None  # what an isolated build environment gives setup.py: no torch
+sys.argv[0] = "setup.py"
+runpy.run_path("setup.py", run_name="__main__")
+"""
+
+
+def test_an_isolated_build_stops_and_says_how_to_build() -> None:
+    """`pip install .` without --no-build-isolation must not fetch some other torch (gigabytes of
+    a CUDA build) and compile against it in silence: torch is no build requirement, and setup.py
+    without a torch stops with the command that builds against the environment's."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    requires = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert "torch" not in _requirement_names(requires)
+    done = subprocess.run([sys.executable, "-c", SETUP_WITHOUT_TORCH, "--name"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "pip install --no-build-isolation ." in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 LOAD_CMAKE_LIBRARY = """
 import sys, torch
 library, dispatch_keys, ops = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
