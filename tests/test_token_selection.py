@@ -280,6 +280,27 @@ def test_nan_inputs_show_in_the_scores_and_rank_first(device, gen, per_frame):
     assert bool(out.global_score.isnan().all()) and bool(out.fused_score.isnan().all())
 
 
+def test_nan_key_alone_in_its_key_tile_shows_in_every_global_score(device, gen):
+    """A NaN key makes the softmax of every query row that sees it NaN, so every global score is
+    NaN, on any device. On CUDA the keys are processed in tiles of 128: here the query row sees
+    only key 128 of the second tile (its own position), which is NaN, so that tile's max is -inf
+    (fmaxf drops NaN) and its sum NaN; the NaN must not be dropped with the tile. The visual span
+    does not contain that key, so no column is NaN by itself."""
+    inputs = make_inputs(gen, layers=1, q_heads=2, kv_heads=1, num_queries=1, seq_len=129,
+                         frames=2, grid_h=2, grid_w=2, channels=8, visual_start=5, device=device)
+    inputs["keys"][0, 0, 128, 3] = float("nan")
+    out = run_op(inputs, num_keep=3, scale=0.25)
+    assert bool(out.global_score.isnan().all())
+    assert bool(out.fused_score.isnan().all())
+    # The same with the NaN in a full tile of keys that a row sees nothing else of (the last
+    # tile, [128, 256), all NaN) and several query rows.
+    inputs = make_inputs(gen, layers=1, q_heads=2, kv_heads=1, num_queries=3, seq_len=200,
+                         frames=2, grid_h=2, grid_w=2, channels=8, visual_start=5, device=device)
+    inputs["keys"][:, :, 128:] = float("nan")
+    out = run_op(inputs, num_keep=3, scale=0.25)
+    assert bool(out.global_score.isnan().all())
+
+
 @pytest.mark.parametrize("weights", [(-1.0, 0.5, 0.0), (-1.0, -1.0, -1.0)])
 @pytest.mark.parametrize("per_frame", [False, True])
 def test_negative_weights_rank_like_the_reference(device, gen, per_frame, weights):

@@ -319,7 +319,11 @@ __global__ void __launch_bounds__(kThreads) grid_columns_kernel(AttentionParams 
 
 // Between the passes: one warp per (layer, KV head, row) combines the per-tile (max, sum of exp)
 // partials into the row's softmax statistics, in a fixed order. Tile 0 holds key 0, which every
-// row sees, so the max is finite and the sum at least 1.
+// row sees, so the max is finite and the sum at least 1 (for finite scores).
+// A tile is left out when its sum is 0 (no key of it visible to the row), not when its max is
+// -inf: a tile whose only visible scores are NaN has max -inf (fmaxf drops NaN) and sum NaN, and
+// that NaN must reach the row's statistics (NaN * exp(-inf) is NaN), as on the CPU, where a NaN
+// score makes the row's softmax sum NaN.
 __global__ void __launch_bounds__(kThreads) combine_row_stats_kernel(
     const float* partial_max, const float* partial_sum, int64_t total_rows, int num_tiles,
     float* row_max, float* row_inv_sum) {
@@ -333,7 +337,7 @@ __global__ void __launch_bounds__(kThreads) combine_row_stats_kernel(
   m = warp_max(m);
   float sum = 0.f;
   for (int t = lane; t < num_tiles; t += 32) {
-    if (tile_max[t] != -INFINITY) sum += tile_sum[t] * expf(tile_max[t] - m);
+    if (tile_sum[t] != 0.f) sum += tile_sum[t] * expf(tile_max[t] - m);
   }
   sum = warp_sum(sum);
   if (lane == 0) {
