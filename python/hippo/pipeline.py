@@ -217,6 +217,14 @@ class HippoPipeline:
                 # A rate above the clip's own gives its every frame: Qwen2.5-VL's temporal
                 # positions must be spaced at the rate the frames have, not the one asked for.
                 fps = min(fps, sources[-1].fps)
+            elif fps is None and sources[-1].fps > 0:
+                # num_frames spread over the clip (or the window): their rate is what spaces
+                # Qwen2.5-VL's temporal positions, as HF's processor takes it from the video's
+                # metadata (sampled_fps: frames sampled / frames in the clip * its fps).
+                first = 0.0 if start is None else start
+                last = sources[-1].duration if end is None else min(end, sources[-1].duration)
+                if last > first:
+                    fps = frames.shape[0] / (last - first)
         target_prompt = self.target.prepare(frames, prompt, fps=fps)
         if self.draft is None:
             return target_prompt, None
@@ -330,7 +338,7 @@ class HippoPipeline:
     def eos_ids(self, eos_token_id: int | list[int] | None | str = USE_TARGET_EOS) -> set[int]:
         """The stop tokens: the target's own by default, none for None."""
         if isinstance(eos_token_id, str) and eos_token_id == USE_TARGET_EOS:
-            eos_token_id = self.target.eos_token_id
+            eos_token_id = self.target.eos_token_ids or None
         return eos_id_set(eos_token_id, self.vocab)
 
     def _runtime(self, role: str, model: VideoLLMAdapter, capacity: int) -> LanguageModelRuntime:

@@ -66,6 +66,10 @@ class SyntheticAdapter(VideoLLMAdapter):
     def eos_token_id(self) -> int | None:
         return None
 
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return []
+
 
 def _qwen2(shape: LanguageModelShape, vocab: int, dtype: torch.dtype, device: str):
     from transformers import Qwen2Config, Qwen2ForCausalLM

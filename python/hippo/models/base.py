@@ -212,6 +212,17 @@ class VideoLLMAdapter:
         return None if eos is None else int(eos)
 
     @property
+    def eos_token_ids(self) -> list[int]:
+        """Every id that ends a generation, as HF `generate` stops: eos_token_id (the
+        tokenizer's), then generation_config.json's eos_token_id, an id or a list
+        (Qwen2.5-VL-Instruct's is [<|im_end|>, <|endoftext|>])."""
+        ids = [] if self.eos_token_id is None else [self.eos_token_id]
+        configured = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        configured = configured if isinstance(configured, (list, tuple)) else [configured]
+        ids += [int(i) for i in configured if is_int(i) and int(i) not in ids]
+        return ids
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

@@ -86,7 +86,10 @@ def check_settings(owner: str, sizes: dict[str, object], mean: object, std: obje
         raise HippoError(f"{owner}: image_std must not contain 0, got {std!r}")
 
 
-# Where a checkpoint keeps its video preprocessing settings, the first one present being used.
+# Where a checkpoint keeps its video preprocessing settings, in transformers' order: the
+# "video_processor" entry of processor_config.json (what processors saved by transformers 5
+# write, and their only copy), else the first of these files present.
+PROCESSOR_FILE = "processor_config.json"
 PREPROCESSOR_FILES = ("video_preprocessor_config.json", "preprocessor_config.json")
 Settings = TypeVar("Settings")
 
@@ -94,6 +97,14 @@ Settings = TypeVar("Settings")
 def settings_from_checkpoint(path: str, build: Callable[[dict], Settings]) -> Settings:
     """build(the checkpoint's preprocessing JSON, {} where it has none), its errors naming the
     file: a target and a draft each have one, and the user must know which one to correct."""
+    nested = find_checkpoint_file(path, PROCESSOR_FILE)
+    if nested is not None:
+        video = read_json_object(nested).get("video_processor")
+        if video is not None:
+            with errors_prefixed(f"{nested} (video_processor)"):
+                if not isinstance(video, dict):
+                    raise HippoError(f"the video_processor entry must be an object, got {video!r}")
+                return build(video)
     file = find_checkpoint_file(path, *PREPROCESSOR_FILES)
     raw = read_json_object(file) if file is not None else {}
     with errors_prefixed(file or path):
