@@ -489,3 +489,30 @@ def test_logits_that_overflow_float16_are_a_clear_error_also_when_greedy(mode, o
     pipeline = HippoPipeline(target, None, mode=mode, gamma=3)
     with pytest.raises(HippoError, match="logits after the prompt are not finite"):
         pipeline.generate(sample_video_path(), "what moves?", 8, num_frames=2)
+
+
+def _with_rope(adapter, rope_parameters: dict, max_positions: int) -> None:
+    """The adapter's language model with another RoPE (as its config.json could ask)."""
+    text = adapter.text_model
+    text.config.max_position_embeddings = max_positions
+    text.config.rope_parameters = rope_parameters
+    text.rotary_emb = type(text.rotary_emb)(config=text.config)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_a_rope_switching_inside_the_context_is_refused_for_speculative_decoding(mode):
+    """longrope switches to its long factors once a call's largest position passes
+    original_max_position_embeddings: a verify step straddling it differs from the target's
+    AR steps (seen: the output left the AR output after 20 tokens), so speculative decoding
+    is refused; AR decoding (HF generate's arithmetic) and dynamic NTK, which switches only
+    past the context the pipeline admits, stay allowed."""
+    target, draft = make_pair("llava_onevision", "perturbed-copy", seed=0)
+    half = target.text_model.rotary_emb.inv_freq.numel()
+    _with_rope(target, {"rope_type": "longrope", "rope_theta": 1e4,
+                        "original_max_position_embeddings": 53, "short_factor": [1.0] * half,
+                        "long_factor": [1.0 + 3 * i for i in range(half)]}, 212)
+    with pytest.raises(HippoError, match="would not be lossless with the target's rope_type 'longrope'"):
+        HippoPipeline(target, draft, mode=mode)
+    HippoPipeline(target, draft, mode="ar")
+    _with_rope(target, {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 8.0}, 212)
+    HippoPipeline(target, draft, mode=mode)

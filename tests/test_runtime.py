@@ -739,6 +739,38 @@ def test_dependent_launch_changes_no_bit(monkeypatch, options):
     assert torch.equal(logits["0"], logits["1"])
 
 
+def qwen2_with_rope(rope_parameters: dict, max_positions: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        initializer_range=0.2, rope_parameters=rope_parameters)).eval()
+
+
+LONGROPE = {"rope_type": "longrope", "rope_theta": 1e4, "original_max_position_embeddings": 12,
+            "short_factor": [1.0] * 8, "long_factor": [1.0 + 3 * i for i in range(8)]}
+DYNAMIC = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 8.0}
+
+
+@pytest.mark.parametrize("rope", [LONGROPE, DYNAMIC], ids=["longrope", "dynamic"])
+def test_step_invariance_refuses_ropes_that_switch_by_the_steps_largest_position(rope):
+    """HF picks longrope's factors (and dynamic NTK's scale) from the largest position of each
+    call: a step of 4 tokens crossing the switch rotates its first tokens otherwise than 4
+    one-token steps do, which step_invariant promises equal."""
+    model = qwen2_with_rope(rope, max_positions=48 if rope is LONGROPE else 12)
+    ids = torch.randint(0, VOCAB, (1, 14))
+    single = LanguageModelRuntime.from_hf(model, max_seq_len=16)
+    single.prefill(single.embed(ids[:, :10]), linear_positions(10))
+    rows = [single.step(ids[:, i:i + 1], linear_positions(1, i)) for i in range(10, 14)]
+    block = LanguageModelRuntime.from_hf(model, max_seq_len=16)
+    block.prefill(block.embed(ids[:, :10]), linear_positions(10))
+    together = block.step(ids[:, 10:14], linear_positions(4, 10))
+    assert (together - torch.cat(rows, 1)).abs().max() > 1e-3  # the switch shows
+    with pytest.raises(HippoError, match="step_invariant=True cannot hold with rope_type"):
+        LanguageModelRuntime.from_hf(model, max_seq_len=16, step_invariant=True)
+
+
 def test_fused_needs_a_silu_mlp():
     from transformers import Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(0)

@@ -25,7 +25,7 @@ from hippo.models.preprocess import check_frames
 from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, preserve_tokens
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive
 from hippo.runtime.autoregressive import check_finite_logits, eos_id_set, new_token_count
-from hippo.runtime.decoder import STEP_INVARIANT_MAX_TOKENS, check_flag
+from hippo.runtime.decoder import STEP_INVARIANT_MAX_TOKENS, check_flag, rope_switches_within
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
 from hippo.speculative.decoder import decode_after_prefill
 from hippo.speculative.draft_cache import (DRAFT_PREFILLS, compact_to_kept, copy_kept_cache,
@@ -151,6 +151,7 @@ class HippoPipeline:
         if draft is not None:
             check_lane_devices(target.device, draft.device, self.options.mode)
         check_kernels_run(self._models().values(), self.options.mode)
+        check_rope_lossless(target, self.options.mode)
         self._runtimes: dict[str, LanguageModelRuntime] = {}
         # Held by a generation: the runtimes' caches are one generation's state. Shared, with
         # the runtimes, by the pipelines made by with_options, so that two threads using them
@@ -456,6 +457,22 @@ def check_lane_devices(target: torch.device, draft: torch.device, mode: str) -> 
         raise HippoError(f"parallel decoding needs the target and the draft both on CUDA or both "
                          f"on the CPU (or mode='sequential'); the target is on {target}, the "
                          f"draft on {draft}")
+
+
+def check_rope_lossless(target: VideoLLMAdapter, mode: str) -> None:
+    """Speculative decoding is lossless only if a verify step of g + 1 tokens gives the target
+    logits that g + 1 one-token steps (its AR output, HF `generate`) give. A RoPE whose
+    frequencies HF picks per call from its largest position (longrope switching to its long
+    factors inside the context the pipeline admits) breaks that in silence: refused here."""
+    if mode == "ar":
+        return
+    rotary = target.text_model.rotary_emb
+    limit = target.max_positions
+    if rope_switches_within(rotary, limit if limit is not None else 2**62):
+        raise HippoError(f"{mode} decoding would not be lossless with the target's rope_type "
+                         f"{rotary.rope_type!r}: HF switches its frequencies by the largest "
+                         "position of each call, so verify steps crossing the switch differ from "
+                         "autoregressive decoding; use mode='ar'")
 
 
 def check_kernels_run(models: Iterable[VideoLLMAdapter], mode: str) -> None:

@@ -204,6 +204,7 @@ class LanguageModelRuntime:
         self.gemm_prologues = gemm_prologues
         if step_invariant:
             _check_step_invariance_possible(self.device, self.step_attention, use_fused)
+            _reject_step_dependent_rope(self.rotary_emb)
             skinny_gemm = True
         self.step_invariant = step_invariant
         if skinny_gemm and not use_fused:
@@ -705,6 +706,34 @@ def _is_dynamic_rope(rotary_emb: nn.Module) -> bool:
     """RoPE variants whose frequencies depend on the positions seen (HF recomputes them)."""
     rope_type = str(getattr(rotary_emb, "rope_type", "default"))
     return "dynamic" in rope_type or rope_type == "longrope"
+
+
+def rope_switches_within(rotary_emb: nn.Module, positions: int) -> bool:
+    """Whether HF's RoPE of this module gives a block of tokens other frequencies than it gives
+    the same tokens one call each, somewhere below `positions`: HF picks the frequencies of a
+    whole call from its largest position (longrope: the long factors once that position passes
+    original_max_position_embeddings; dynamic NTK: rescaled past max_position_embeddings), so a
+    verify step crossing that bound rotates its earlier tokens as autoregressive decoding (one
+    token per call, HF `generate`) does not."""
+    rope_type = str(getattr(rotary_emb, "rope_type", "default"))
+    config = getattr(rotary_emb, "config", None)
+    if rope_type == "longrope":
+        parameters = getattr(config, "rope_parameters", None) or {}
+        bound = parameters.get("original_max_position_embeddings")
+    elif "dynamic" in rope_type:
+        bound = getattr(rotary_emb, "original_max_seq_len", None)
+    else:
+        return False
+    return bound is None or positions > int(bound)
+
+
+def _reject_step_dependent_rope(rotary_emb: nn.Module) -> None:
+    """step_invariant promises a step's rows equal one-token steps' at every length."""
+    if _is_dynamic_rope(rotary_emb):
+        raise HippoError(f"step_invariant=True cannot hold with rope_type "
+                         f"{rotary_emb.rope_type!r}: HF picks its frequencies from the largest "
+                         "position of each step, so a step of several tokens crossing the "
+                         "original context rotates them as single-token steps do not")
 
 
 def _reject_dynamic_rope(rotary_emb: nn.Module) -> None:
