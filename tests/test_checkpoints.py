@@ -90,6 +90,73 @@ def test_the_checkpoint_tokenizer_and_chat_template_are_used(checkpoints):
     assert adapter.preprocess.max_pixels == 112 * 112  # from video_preprocessor_config.json
 
 
+# A fine-tune's own template: another system prompt (Qwen), a space between video and text (LLaVA).
+QWEN_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nyou are a square .<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% for content in message['content'] %}"
+    "{% if content['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for content in message['content'] if content['type'] == 'video' %}<video>{% endfor %}"
+    "{% for content in message['content'] if content['type'] == 'text' %} {{ content['text'] }}"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% endif %}")
+# A text-only template (tokenizer_config.json's of a language model): it prints the content list.
+TEXT_ONLY_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+                      "{{ message['content'] }}<|im_end|>\n{% endfor %}")
+
+
+def _with_template(source: str, destination: Path, template: str, where: str) -> str:
+    shutil.copytree(source, destination)
+    if where == "chat_template.jinja":
+        (destination / where).write_text(template)
+    elif where == "chat_template.json":
+        (destination / where).write_text(json.dumps({"chat_template": template}))
+    else:  # the tokenizer's own
+        _edit_json(destination / "tokenizer_config.json", _set("chat_template", template))
+    return str(destination)
+
+
+@pytest.mark.parametrize("where", ["chat_template.jinja", "chat_template.json", "tokenizer"])
+def test_a_checkpoints_own_chat_template_builds_its_prompts(checkpoints, tmp_path, where):
+    """The text around the video and the prompt comes from the checkpoint's template, cut at the
+    video placeholder and the user's text, as HF's processor would render it."""
+    path = _with_template(checkpoints["qwen"], tmp_path / "qwen", QWEN_TEMPLATE, where)
+    adapter = load_adapter(path)
+    tokenizer = adapter.tokenizer
+    assert adapter.prompt_prefix_ids == tokenizer.encode(
+        "<|im_start|>system\nyou are a square .<|im_end|>\n<|im_start|>user\n")
+    assert adapter.prompt_suffix_ids == tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")
+    ids = adapter.prompt_ids(3, "what moves ?")
+    video, vision = adapter.model.config.video_token_id, adapter.model.config.vision_start_token_id
+    assert ids == (adapter.prompt_prefix_ids + [vision] + [video] * 3
+                   + [adapter.model.config.vision_end_token_id] + tokenizer.encode("what moves ?")
+                   + adapter.prompt_suffix_ids)
+
+
+def test_a_llava_template_sets_the_text_between_video_and_prompt(checkpoints, tmp_path, capsys):
+    path = _with_template(checkpoints["llava"], tmp_path / "llava", LLAVA_TEMPLATE,
+                          "chat_template.jinja")
+    adapter = load_adapter(path)
+    assert adapter.text_separator == " "
+    assert adapter.prompt_prefix_ids == adapter.tokenizer.encode("<|im_start|>user\n")
+    # and it decodes: the draft (another template) only has to agree on the tokenizer
+    assert main(_generate(path, checkpoints["llava-draft"], "--mode", "sequential")) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"]
+
+
+def test_a_template_that_cannot_render_a_video_turn_leaves_the_builtin_format(checkpoints, tmp_path):
+    builtin = load_adapter(checkpoints["qwen"])
+    path = _with_template(checkpoints["qwen"], tmp_path / "qwen", TEXT_ONLY_TEMPLATE, "tokenizer")
+    with pytest.warns(UserWarning, match="its chat template does not render a video turn"):
+        adapter = load_adapter(path)
+    assert adapter.prompt_prefix_ids == builtin.prompt_prefix_ids
+    assert adapter.prompt_suffix_ids == builtin.prompt_suffix_ids
+
+
 def test_checkpoints_with_different_tokenizers_are_a_clear_error(capsys, checkpoints):
     argv = _generate(checkpoints["qwen"], checkpoints["qwen-other-vocab"])
     assert main(argv) == EXIT_USER_ERROR
@@ -186,9 +253,13 @@ def _edited_config(source: str, destination: Path, edit) -> str:
 
 def _edit_config(directory: Path, edit) -> None:
     """Rewrite the checkpoint's config.json as `edit` changes it (in place, as a dict)."""
-    config = json.loads((directory / "config.json").read_text())
-    edit(config)
-    (directory / "config.json").write_text(json.dumps(config))
+    _edit_json(directory / "config.json", edit)
+
+
+def _edit_json(file: Path, edit) -> None:
+    content = json.loads(file.read_text())
+    edit(content)
+    file.write_text(json.dumps(content))
 
 
 def _set(*keys_and_value):

@@ -14,6 +14,7 @@ import torch
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
+    from hippo.models.chat_format import ChatFormat
     from hippo.models.presets import Preset
 
 
@@ -173,6 +174,7 @@ class VideoLLMAdapter:
     tokenizer: PromptTokenizer | None
     prompt_prefix_ids: list[int]
     prompt_suffix_ids: list[int]
+    text_separator: str = ""  # the chat format's text between the video and a prompt given as text
 
     # -- construction (each family) ---------------------------------------------------------------
     @classmethod
@@ -248,7 +250,7 @@ class VideoLLMAdapter:
             if self.tokenizer is None:
                 raise HippoError(f"{self.family} model has no tokenizer: pass the prompt as token ids")
             check_utf8(prompt)
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode(self.text_separator + prompt)
         else:
             if not all(is_int(i) for i in prompt):
                 raise HippoError("a prompt given as a list must hold integer token ids")
@@ -451,18 +453,22 @@ class LocalCheckpoint:
     tokenizer: PromptTokenizer | None
     prompt_prefix_ids: list[int]
     prompt_suffix_ids: list[int]
+    text_separator: str  # put before a prompt given as text (between the video and it)
 
 
 def load_local_checkpoint(model_class: type[torch.nn.Module], path: str, dtype: torch.dtype, label: str,
-                          chat_prefix: str, chat_suffix: str,
+                          builtin_chat: ChatFormat, video_placeholder: str,
                           check_model: Callable[[torch.nn.Module], None] | None = None
                           ) -> LocalCheckpoint:
-    """The checkpoint's tokenizer and the chat-format ids it makes of the family's chat text, then
-    its weights (see load_local_model). The tokenizer comes first so that the ids it gives are
-    checked against the weightless skeleton, with the family's config checks, before the weights
-    load."""
+    """The checkpoint's tokenizer and the chat-format ids it makes of its own chat template (or
+    the family's built-in format; see chat_format.py), then its weights (see load_local_model).
+    The tokenizer comes first so that the ids it gives are checked against the weightless
+    skeleton, with the family's config checks, before the weights load."""
+    from hippo.models.chat_format import checkpoint_chat_format
+
     tokenizer = load_local_tokenizer(path)
-    prefix, suffix = chat_ids(tokenizer, chat_prefix, chat_suffix)
+    chat = checkpoint_chat_format(path, tokenizer, video_placeholder, builtin_chat)
+    prefix, suffix = chat_ids(tokenizer, chat.prefix, chat.suffix)
 
     def check_skeleton(skeleton: torch.nn.Module) -> None:
         if check_model is not None:
@@ -471,7 +477,7 @@ def load_local_checkpoint(model_class: type[torch.nn.Module], path: str, dtype: 
         check_tokenizer_fits_embeddings(skeleton, path, tokenizer, prefix + suffix)
 
     model = load_local_model(model_class, path, dtype, label, check_model=check_skeleton)
-    return LocalCheckpoint(model, tokenizer, prefix, suffix)
+    return LocalCheckpoint(model, tokenizer, prefix, suffix, chat.separator)
 
 
 def check_tokenizer_fits_embeddings(model: torch.nn.Module, path: str, tokenizer: PromptTokenizer | None,

@@ -16,15 +16,17 @@ import torch
 from hippo.models.base import (build_random_model, check_text_config, check_token_ids_in_vocabulary,
                                is_int, load_local_checkpoint, preset_for_family, HippoError, PreparedPrompt,
                                PromptTokenizer, VideoLLMAdapter, visual_span)
+from hippo.models.chat_format import ChatFormat
 from hippo.models.preprocess import (SIGLIP_MEAN, SIGLIP_STD, SiglipVideoPreprocess, preprocess_siglip_video,
                                      settings_from_checkpoint, settings_value)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-CHAT_PREFIX = "<|im_start|>user "
-CHAT_VIDEO_TEXT_SEPARATOR = "\n"
-CHAT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+# llava-hf's chat format for a user turn of [video, text] (a checkpoint's own template wins).
+CHAT_FORMAT = ChatFormat(prefix="<|im_start|>user ", separator="\n",
+                         suffix="<|im_end|>\n<|im_start|>assistant\n")
+VIDEO_PLACEHOLDER = "<video>"  # what llava-hf's template writes for a video
 # The placeholder ids the adapter puts in prompts (or refuses in them), as config.json names them.
 TOKEN_ID_FIELDS = {"video_token_id": "video_token_index", "image_token_id": "image_token_index"}
 
@@ -73,11 +75,11 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
 
         preprocess = preprocess_from_checkpoint(path)  # a small file: judged before the weights load
         loaded = load_local_checkpoint(LlavaOnevisionForConditionalGeneration, path, dtype, "LLaVA-OneVision",
-                                       CHAT_PREFIX, CHAT_SUFFIX, check_model=cls.check_model)
+                                       CHAT_FORMAT, VIDEO_PLACEHOLDER, check_model=cls.check_model)
         model = loaded.model.to(device)
         preprocess = replace(preprocess, size=model.config.vision_config.image_size)
         return cls(model, loaded.tokenizer, preprocess, loaded.prompt_prefix_ids, loaded.prompt_suffix_ids,
-                   CHAT_VIDEO_TEXT_SEPARATOR)
+                   loaded.text_separator)
 
     # -- prompts -----------------------------------------------------------------------------------
     @property
@@ -89,11 +91,6 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         """Every frame is resized to one size and pooled to pooled_side^2 tokens; one newline
         token follows the video."""
         return num_frames * self.pooled_side ** 2 + 1
-
-    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            prompt = self.text_separator + prompt
-        return super().encode_prompt(prompt)
 
     def prompt_ids(self, num_visual: int, prompt: str | list[int]) -> list[int]:
         return (self.prompt_prefix_ids + [self.model.config.video_token_id] * num_visual

@@ -14,14 +14,18 @@ import torch
 from hippo.models.base import (build_random_model, check_positive_rate, check_text_config,
                                check_token_ids_in_vocabulary, is_int, load_local_checkpoint, preset_for_family, HippoError,
                                PreparedPrompt, PromptTokenizer, VideoLLMAdapter, visual_span)
+from hippo.models.chat_format import ChatFormat
 from hippo.models.preprocess import (QwenVideoPreprocess, preprocess_qwen_video, qwen_video_tokens,
                                      settings_from_checkpoint, settings_value)
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-CHAT_PREFIX = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-CHAT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n"
+# Qwen2.5-VL's chat format for a user turn of [video, text] (a checkpoint's own template wins).
+CHAT_FORMAT = ChatFormat(
+    prefix="<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n",
+    separator="", suffix="<|im_end|>\n<|im_start|>assistant\n")
+VIDEO_PLACEHOLDER = "<|vision_start|><|video_pad|><|vision_end|>"  # what its template writes
 VIDEO_MM_TYPE = 2  # mm_token_type_ids: text 0, image 1, video 2
 # The special ids the adapter puts in prompts (or refuses in them); config.json names them alike.
 TOKEN_ID_FIELDS = ("video_token_id", "image_token_id", "vision_start_token_id", "vision_end_token_id")
@@ -34,12 +38,13 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
     family = "qwen2_5_vl"
 
     def __init__(self, model: torch.nn.Module, tokenizer: PromptTokenizer | None, preprocess: QwenVideoPreprocess,
-                 prompt_prefix_ids: list[int], prompt_suffix_ids: list[int]) -> None:
+                 prompt_prefix_ids: list[int], prompt_suffix_ids: list[int], text_separator: str = "") -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.prompt_prefix_ids = list(prompt_prefix_ids)
         self.prompt_suffix_ids = list(prompt_suffix_ids)
+        self.text_separator = text_separator
         check_preprocess_fits_vision(preprocess, model.config.vision_config)
         self.check_model(model)
 
@@ -75,9 +80,9 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
             check_preprocess_fits_vision(preprocess, skeleton.config.vision_config)
 
         loaded = load_local_checkpoint(Qwen2_5_VLForConditionalGeneration, path, dtype, "Qwen2.5-VL",
-                                       CHAT_PREFIX, CHAT_SUFFIX, check_model=check_skeleton)
+                                       CHAT_FORMAT, VIDEO_PLACEHOLDER, check_model=check_skeleton)
         return cls(loaded.model.to(device), loaded.tokenizer, preprocess, loaded.prompt_prefix_ids,
-                   loaded.prompt_suffix_ids)
+                   loaded.prompt_suffix_ids, loaded.text_separator)
 
     # -- prompts -----------------------------------------------------------------------------------
     def visual_tokens(self, num_frames: int, height: int, width: int) -> int:
