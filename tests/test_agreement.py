@@ -76,3 +76,30 @@ def test_bench_speculative_runs_on_the_cpu(tmp_path):
                                                "parallel g=auto"]
     assert all(row["matches_ar"] for row in rows)
     assert "| method |" in result.stdout
+
+
+def test_hf_assisted_baseline_drafts_gamma_tokens_per_round(pair):
+    """`hippo bench`'s hf_assisted row is labelled with its g: each round must draft g tokens.
+    HF's default assistant_confidence_threshold (0.4) stopped every round after one draft token
+    on this pair (its distributions are near-flat), so the baseline ran at g = 1."""
+    from hippo.bench.hf_baselines import hf_generate
+
+    pair.set_eps(1e-6)  # the two agree: every drafted token is accepted
+    prompt = synthetic_prompt(pair.target, frames=2, grid=(2, 2))
+    model, widths = pair.target.model, []
+    forward = model.forward
+
+    def recording_forward(*args, **kwargs):
+        widths.append(kwargs["input_ids"].shape[1])
+        return forward(*args, **kwargs)
+
+    model.forward = recording_forward
+    try:
+        run = hf_generate(model, prompt.input_ids, 16, assistant=pair.draft.model,
+                          num_assistant_tokens=4)
+    finally:
+        del model.forward
+    assert len(run.tokens) == 16
+    last_prefill = max(i for i, width in enumerate(widths) if width >= prompt.length)
+    timed = widths[last_prefill:]  # the timed 16-token call: its first round, then the next
+    assert timed[:3] == [prompt.length + 4, 5, 5], widths  # 4 drafted tokens in each round

@@ -116,11 +116,52 @@ def test_bench_tiny_writes_table_json_and_plot(capsys, tmp_path):
     assert high["MAT"] > low["MAT"]  # the knob moves acceptance
 
 
+def test_bench_json_says_how_it_was_run(tmp_path):
+    """bench.json alone must say what produced its numbers: the options that change them
+    (new tokens, keep ratio, ...) and the versions and date, not only the preset's shapes."""
+    argv = ["bench", "--preset", "tiny", "--eps", "0.1", "--new-tokens", "6", "--gamma", "3",
+            "--keep-ratio", "0.25", "--methods", "hippo_ar", "sequential", "sequential",
+            "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert report["run"] == dict(frames=[4], eps=[0.1], vocab=1000, grid=[6, 6], new_tokens=6,
+                                 gamma=3, methods=["hippo_ar", "sequential"], keep_ratio=0.25,
+                                 gemm_prologues="none", draft_priority=False)
+    environment = report["environment"]
+    assert environment["torch"] == torch.__version__ and environment["hippo"]
+    assert environment["transformers"] and environment["date"][:2] == "20"
+
+
+def test_bench_dataset_json_says_how_it_was_run(tmp_path):
+    import shutil
+
+    from hippo.assets import make_synthetic_video
+    from hippo.bench.datasets import read_dataset
+
+    root = tmp_path / "lvbench"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "datasets" / "lvbench", root)
+    make_synthetic_video(read_dataset("lvbench", root)[0].video, num_frames=8, height=56,
+                         width=56, fps=4.0)
+    argv = ["bench", "--dataset", "lvbench", "--root", str(root), "--max-new-tokens", "4",
+            "--num-frames", "4", "--keep-ratio", "0.5", "--out-dir", str(tmp_path / "out")]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "lvbench.json").read_text())
+    assert report["run"] == dict(root=str(root.resolve()), target="tiny-qwen2.5-vl",
+                                 draft="tiny-qwen2.5-vl-draft", limit=None, max_new_tokens=4,
+                                 num_frames=4, keep_ratio=0.5)
+    assert (report["summary"]["device"], report["summary"]["dtype"]) == ("CPU", "float32")
+    assert report["environment"]["torch"] == torch.__version__
+    assert report["summary"]["graded"] == 2  # the two questions run, both with answers
+    assert all(len(row["prefill/selection/draft prefill ms"]) == 3
+               for row in report["rows"] if "skipped" not in row)
+
+
 def test_bench_without_matplotlib_writes_the_json_and_says_why_no_figure(capsys, tmp_path,
                                                                          monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     argv = ["bench", "--preset", "tiny", "--eps", "0.1", "--new-tokens", "8", "--gamma", "4",
             "--methods", "hippo_ar", "sequential", "--out-dir", str(tmp_path)]
+    (tmp_path / "bench.png").write_bytes(b"an earlier run's figure")  # not left beside the JSON
     assert main(argv) == 0
     assert "no figure: matplotlib is not installed" in capsys.readouterr().out
     assert (tmp_path / "bench.json").exists() and not (tmp_path / "bench.png").exists()

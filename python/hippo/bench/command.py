@@ -3,7 +3,9 @@ directory (`--dataset NAME --root DIR`)."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 from dataclasses import asdict
 from pathlib import Path
 
@@ -98,10 +100,20 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
                           draft_priority=args.draft_priority)
     print(markdown_table(rows))
     report = dict(preset=name, device=device, dtype=str(preset.dtype),
-                  target=asdict(preset.target), draft=asdict(preset.draft), rows=rows)
+                  target=asdict(preset.target), draft=asdict(preset.draft),
+                  run=dict(frames=list(args.frames or preset.frames),
+                           eps=list(args.eps or preset.eps), vocab=preset.vocab,
+                           grid=list(preset.grid),
+                           new_tokens=args.new_tokens or preset.new_tokens, gamma=args.gamma,
+                           methods=list(dict.fromkeys(args.methods or METHODS)),
+                           keep_ratio=args.keep_ratio, gemm_prologues=args.gemm_prologues,
+                           draft_priority=args.draft_priority),
+                  environment=_environment(), rows=rows)
     (out_dir / "bench.json").write_text(json.dumps(report, indent=1))
     figure = plot_speedup_vs_mat(rows, out_dir / "bench.png", f"hippo bench {name} ({device})")
     if figure is None:
+        # An earlier run's figure would read as this run's.
+        (out_dir / "bench.png").unlink(missing_ok=True)
         print(f"wrote {out_dir / 'bench.json'} (no figure: matplotlib is not installed; "
               "pip install matplotlib, or the bench extra: pip install '.[bench]')")
     else:
@@ -123,9 +135,26 @@ def _run_dataset(args: argparse.Namespace, out_dir: Path) -> list[dict]:
         keep_ratio=args.keep_ratio)
     print(markdown_table(rows))
     print(markdown_table([summary]))
-    (out_dir / f"{args.dataset}.json").write_text(json.dumps(dict(summary=summary, rows=rows),
-                                                             indent=1))
+    run = dict(root=str(Path(args.root).expanduser().resolve()), target=args.target,
+               draft=args.draft, limit=args.limit, max_new_tokens=args.max_new_tokens,
+               num_frames=args.num_frames, keep_ratio=args.keep_ratio)
+    report = dict(summary=summary, run=run, environment=_environment(), rows=rows)
+    (out_dir / f"{args.dataset}.json").write_text(json.dumps(report, indent=1))
     if rows and summary["run"] == 0:
         raise HippoError(f"none of the {len(rows)} questions could be run; the first: "
                          f"{rows[0]['skipped']}")
     return rows
+
+
+def _environment() -> dict:
+    """What produced the numbers: versions, threads and date, so that a JSON file read later (or
+    beside another) says where it came from."""
+    import transformers
+
+    import hippo
+
+    return dict(hippo=hippo.__version__, torch=torch.__version__,
+                transformers=transformers.__version__, python=platform.python_version(),
+                cuda=torch.version.cuda,
+                threads=torch.get_num_threads(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))

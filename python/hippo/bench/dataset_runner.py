@@ -38,7 +38,11 @@ def run_benchmark_set(name: str, root: str, *, target: str, draft: str | None,
         for question in bar:
             rows.append(_run_question(question, autoregressive, hippo, max_new_tokens,
                                       num_frames))
-    return _summary(name, rows), rows
+    summary = _summary(name, rows)
+    # Where and in what the numbers were made (the models' own, not the options that asked).
+    summary.update(device=torch.cuda.get_device_name(where) if where.type == "cuda" else "CPU",
+                   dtype=str(target_adapter.dtype).removeprefix("torch."))
+    return summary, rows
 
 
 def _run_question(question: VideoQuestion, autoregressive: HippoPipeline, hippo: HippoPipeline,
@@ -64,6 +68,9 @@ def _run_question(question: VideoQuestion, autoregressive: HippoPipeline, hippo:
                 ar_ms_per_token=in_ms(ar_s), hippo_ms_per_token=in_ms(hippo_s),
                 speedup=ratio(ar_s, hippo_s),
                 matched_ar=out.tokens == ar.tokens, answer=out.text, expected=question.answer,
+                # what HIPPO adds before decoding (the speedups above are of decoding alone)
+                **{"prefill/selection/draft prefill ms": [round(1e3 * t, 2) for t in (
+                    out.stats.prefill_s, out.stats.selection_s, out.stats.draft_prefill_s)]},
                 correct=_is_correct(out.text, question.answer),
                 _steps=out.stats.target_steps, _ar_s=ar.stats.decode_s,
                 _hippo_s=out.stats.decode_s)
@@ -82,6 +89,7 @@ def _summary(name: str, rows: list[dict]) -> dict:
     hippo_s = sum(row.pop("_hippo_s") for row in done)
     graded = [row["correct"] for row in done if row["correct"] is not None]
     return dict(dataset=name, questions=len(rows), run=len(done), skipped=len(rows) - len(done),
+                graded=len(graded),  # run with a known answer: accuracy's denominator
                 accuracy=round(sum(graded) / len(graded), 3) if graded else None,
                 MAT=round(tokens / steps, 2) if steps else None,
                 speedup=round(ar_s / hippo_s, 2) if hippo_s else None,

@@ -40,8 +40,14 @@ def hf_generate(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int
     with a constant number of assistant tokens per round."""
     kwargs = {}
     if assistant is not None:
-        assistant.generation_config.num_assistant_tokens = num_assistant_tokens
-        assistant.generation_config.num_assistant_tokens_schedule = "constant"
+        config = assistant.generation_config
+        config.num_assistant_tokens = num_assistant_tokens
+        config.num_assistant_tokens_schedule = "constant"
+        # HF's default threshold (0.4) ends a round's drafting at the first draft token whose
+        # probability is below it (and, with scikit-learn installed, retunes it from call to
+        # call): rounds would draft fewer than num_assistant_tokens, down to one per round on a
+        # synthetic pair, whose near-flat distributions never reach 0.4. 0 turns it off.
+        config.assistant_confidence_threshold = 0.0
         kwargs["assistant_model"] = assistant
     pad = model.generation_config.pad_token_id
     kwargs["pad_token_id"] = 0 if pad is None else pad
