@@ -281,8 +281,10 @@ def time_autoregressive(model, runtime: LanguageModelRuntime, context: int, toke
         synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         synchronize()
         started = time.perf_counter()
-        model.generate(ids, do_sample=False, max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, pad_token_id=0)
+        # The mask says every prompt id is real: with pad_token_id given and no mask, HF masks
+        # the random prompt's 0 ids out as padding and times another path.
+        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)
         synchronize()
         return time.perf_counter() - started
 
