@@ -2,6 +2,9 @@
 make (mismatched pair, incompatible layouts, bad options, bad video, too few tokens)."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -516,3 +519,18 @@ def test_a_rope_switching_inside_the_context_is_refused_for_speculative_decoding
     HippoPipeline(target, draft, mode="ar")
     _with_rope(target, {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 8.0}, 212)
     HippoPipeline(target, draft, mode=mode)
+
+
+def test_release_frees_the_runtimes_of_every_pipeline_sharing_them():
+    """A server frees a long request's cache with release(); the next generation rebuilds a
+    runtime of the size it needs and decodes the same tokens."""
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    pipeline = HippoPipeline(target, draft, mode="sequential", gamma=3)
+    sibling = pipeline.with_options(mode="parallel")
+    before = pipeline.generate(sample_video_path(), "what moves?", 8, num_frames=4).tokens
+    cache = weakref.ref(pipeline.runtime("target").cache.tensor)
+    sibling.release()
+    gc.collect()
+    assert pipeline.runtime("target") is None and pipeline.runtime("draft") is None
+    assert cache() is None, "the KV cache is still alive"
+    assert pipeline.generate(sample_video_path(), "what moves?", 8, num_frames=4).tokens == before

@@ -167,6 +167,14 @@ class HippoPipeline:
             raise HippoError(f"role must be 'target' or 'draft', got {role!r}")
         return self._runtimes.get(role)
 
+    def release(self) -> None:
+        """Free the runtimes' KV caches and CUDA graphs (they never shrink: after one very long
+        request its cache stays allocated); the next generation builds what it needs. Also
+        releases them for the pipelines with_options shares them with; waits for a generation
+        under way in another thread."""
+        with self._lock:
+            self._runtimes.clear()
+
     def with_options(self, **overrides: object) -> "HippoPipeline":
         """The same pair under other options (mode, gamma, keep ratio, ...). The runtimes, their
         caches and CUDA graphs are shared when the options they depend on stay the same; the
