@@ -229,3 +229,56 @@ def test_rounds_with_nothing_accepted_lower_the_acceptance_estimate():
     for _ in range(8):
         policy.observe(5e-3, 1e-3, accepted=0, drafted=10)
     assert policy.current == 1
+
+
+def test_sequential_acceptance_counts_the_judged_candidates():
+    """Leviathan et al.'s a is the rate per candidate the target judged: after a rejection the
+    rest of the block was never judged. 3 accepted of 8 drafted is 3 of 4 judged (a = 0.75),
+    not 3/8; a whole block accepted is a = 1."""
+    policy = DraftLength("auto", initial=8, max_gamma=12, mode="sequential")
+    policy.observe(1.0, 0.05, accepted=3, drafted=8)
+    assert policy._acceptance == pytest.approx(0.75)
+    policy = DraftLength("auto", initial=8, max_gamma=12, mode="sequential")
+    policy.observe(1.0, 0.05, accepted=8, drafted=8)
+    assert policy._acceptance == 1.0 and policy.current == 12
+
+
+@pytest.mark.parametrize("a, draft_cost", [(0.8, 0.05), (0.9, 0.05), (0.9, 0.2)])
+def test_adaptive_sequential_length_is_as_fast_as_the_best_fixed_one(a, draft_cost):
+    """A stationary model (each draft token accepted with probability a, a draft step costing
+    draft_cost target steps): the adaptive g's tokens per second come within 3% of the best
+    fixed g's (accepted / drafted as the acceptance kept g near half its best: 7-15% slower)."""
+    import random
+
+    from hippo.speculative.draft_length import best_sequential_length
+
+    def simulate(policy: DraftLength, rounds: int = 2000) -> float:
+        rng, tokens, seconds = random.Random(0), 0, 0.0
+        for _ in range(rounds):
+            g = policy.current
+            accepted = 0
+            while accepted < g and rng.random() < a:
+                accepted += 1
+            tokens += accepted + 1
+            seconds += g * draft_cost + 1.0
+            policy.observe(1.0, draft_cost, accepted, g)
+        return tokens / seconds
+
+    best = best_sequential_length(a, 1.0, draft_cost, 12)
+    adaptive = simulate(DraftLength("auto", max_gamma=12, mode="sequential"))
+    fixed = simulate(DraftLength(best))
+    assert adaptive > 0.97 * fixed
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_adaptive_gamma_ignores_timings_that_are_not_numbers(mode):
+    """A NaN or infinite step time leaves the averages as they were (it made round() raise in
+    the parallel rule and pinned the sequential g to 1 for good)."""
+    policy = DraftLength("auto", initial=4, max_gamma=12, mode=mode)
+    policy.observe(6e-3, 1e-3, accepted=6, drafted=6)
+    before = policy.current
+    for bad in (float("nan"), float("inf")):
+        policy.observe(bad, 1e-3, accepted=6, drafted=6)
+        policy.observe(6e-3, bad, accepted=6, drafted=6)
+    assert 1 < policy.current <= 12 and policy._target_step_s == pytest.approx(6e-3)
+    assert before == policy.current

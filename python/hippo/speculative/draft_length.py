@@ -8,14 +8,21 @@ Sequential decoding: the round takes g * T_draft + T_verify and emits on average
 (1 - a^(g+1)) / (1 - a) tokens when each draft token is accepted with probability a (Leviathan et
 al.'s expected block length); g is the length that maximises tokens per second.
 
-Step times (PhaseClock) and the acceptance rate are smoothed over rounds.
+Step times (PhaseClock) are smoothed over rounds. a is the rate per *judged* candidate (the
+accepted ones and the first rejected one; those after a rejection were never judged): accepted /
+drafted would read a = 0.9 at g = 8 as 0.64 and keep g far below its best. Its counts decay by
+ACCEPTANCE_MEMORY a round, so that a ratio of sums over about ten rounds estimates it (a mean of
+per-round ratios is both biased and too noisy to choose g from).
 """
 from __future__ import annotations
+
+import math
 
 from hippo.models.base import HippoError, is_int
 
 MAX_DRAFT_LENGTH = 32  # a sequential verify step of g + 1 tokens stays within the runtime's 64
 SMOOTHING = 0.5
+ACCEPTANCE_MEMORY = 0.9
 RULES = ("parallel", "sequential")
 
 
@@ -40,17 +47,21 @@ class DraftLength:
         self._target_step_s: float | None = None
         self._draft_step_s: float | None = None
         self._acceptance: float | None = None
+        self._accepted = self._judged = 0.0
 
     def observe(self, target_step_s: float, draft_step_s: float, accepted: int = 0,
                 drafted: int = 0) -> None:
         """One round's time per target step and per draft step (0: not seen), and how many of
-        its drafted candidates were accepted."""
+        the `drafted` candidates it verified were accepted (fewer than all: the next was rejected)."""
         if not self.adaptive:
             return
         self._target_step_s = _smooth(self._target_step_s, target_step_s)
         self._draft_step_s = _smooth(self._draft_step_s, draft_step_s)
         if drafted > 0:
-            self._acceptance = _smooth(self._acceptance, accepted / drafted, allow_zero=True)
+            judged = accepted + (1 if accepted < drafted else 0)
+            self._accepted = ACCEPTANCE_MEMORY * self._accepted + accepted
+            self._judged = ACCEPTANCE_MEMORY * self._judged + judged
+            self._acceptance = self._accepted / self._judged
         if not (self._target_step_s and self._draft_step_s):
             return
         if self.mode == "parallel" or self._acceptance is None:
@@ -71,7 +82,8 @@ def best_sequential_length(acceptance: float, target_step_s: float, draft_step_s
     return max(range(1, max_gamma + 1), key=tokens_per_second)
 
 
-def _smooth(previous: float | None, latest: float, allow_zero: bool = False) -> float | None:
-    if latest < 0 or (latest == 0 and not allow_zero):
+def _smooth(previous: float | None, latest: float) -> float | None:
+    """A step time into its running average; 0 (not seen), negative, NaN or inf leave it as it was."""
+    if not math.isfinite(latest) or latest <= 0:
         return previous
     return latest if previous is None else SMOOTHING * previous + (1 - SMOOTHING) * latest
