@@ -38,6 +38,10 @@ inline DecodeAttentionShape check_decode_attention_inputs(
     double scale, const std::optional<at::Tensor>& tree_mask) {
   const char* op = kDecodeAttentionOp;
   check_finite_as_float(scale, op, "scale");
+  // The kernels fold log2(e) into the scale (scores go through exp2): it must stay finite too.
+  HIPPO_CHECK(finite_as_float(scale * 1.4426950408889634), op,
+              "scale times log2(e) must be finite as a float32 (|scale| below about 2.36e38), got ",
+              scale);
   check_dim(query, 4, op, "query");
   check_kv_cache(cache, op, "cache");
   check_cache_lengths(length, cache, op);

@@ -64,6 +64,11 @@ def decode_attention(
     On CUDA the kernel takes bfloat16 or float16 and head dims 64, 80 and 128 (the CPU
     reference any floating dtype and head dim), and the cache must start at a 16-byte aligned
     address; anything else raises a clear error.
+
+    Non-finite values: a NaN query or a NaN key a row sees makes that row NaN everywhere. A
+    non-finite *value* of a block token that a row does not see (a later draft, masked by
+    causality or the tree) leaves the row finite on the CPU, but on CUDA the tensor-core kernel
+    multiplies it by a zero weight, which gives NaN in that row's column, as SDPA does.
     """
     if scale is None:
         scale = default_scale(query)

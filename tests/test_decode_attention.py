@@ -301,6 +301,21 @@ def test_a_nan_key_spoils_the_rows_that_see_it(device, gen, cuda_kernel):
     assert torch.isfinite(out[0, :, :2]).all()
 
 
+def test_a_key_scoring_minus_inf_weighs_nothing(device, gen, cuda_kernel):
+    """A visible key whose score is -inf (an infinite key element against positive query
+    elements) gets weight 0, as on the CPU and in the reference, also as the first key of a
+    split: the plain SIMT kernel's online softmax took exp2(-inf - -inf) = NaN there."""
+    dtype = dtypes_for(device)[0]
+    query, cache, length = make_inputs(
+        gen, batch=1, q_len=3, q_heads=4, kv_heads=2, head_dim=64, lengths=[100],
+        max_seq=128, dtype=dtype, device=device)
+    query[..., 0] = query[..., 0].abs() + 0.5
+    cache[0, 0, 0, :, 0, 0] = -math.inf  # key 0 of both kv heads: the first key of split 0
+    out = decode_attention(query, cache, 0, length)
+    assert torch.isfinite(out).all()
+    assert_close_to_reference(out, query, cache, 0, length)
+
+
 @pytest.mark.parametrize("poison", [1e4, float("nan")])
 def test_garbage_beyond_length_is_ignored(device, gen, cuda_kernel, poison):
     dtype = dtypes_for(device)[0]
@@ -576,6 +591,9 @@ BAD_INPUTS = {
     # The kernels scale in float32: NaN would be dropped by the running max, 1e39 is inf there.
     "nan_scale": (lambda a: {**a, "scale": float("nan")}, "scale must be finite"),
     "scale_beyond_float32": (lambda a: {**a, "scale": 1e39}, "scale must be finite"),
+    # finite as a float32, but not once the kernels fold log2(e) in (they gave NaN rows)
+    "scale_times_log2e_beyond_float32": (lambda a: {**a, "scale": -3e38},
+                                         "scale times log2\\(e\\) must be finite"),
     "empty_head_dim": (lambda a: {**a, "query": a["query"][..., :0], "cache": a["cache"][..., :0]},
                        "empty head dim or cache"),
 }

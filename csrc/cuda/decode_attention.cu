@@ -746,8 +746,12 @@ __global__ void __launch_bounds__(kThreads) split_kernel_simple(const Params p) 
     }
     const float score = warp_sum(dot) * p.scale_log2;
     const float new_max = fmaxf(running_max, score);
-    const float rescale = exp2f(running_max - new_max);
-    const float weight = exp2f(score - new_max);
+    // Against exp2_shift(new_max), as in the MMA kernel: a visible key whose score is -inf (an
+    // infinite query or key element) weighs 0 as on the CPU, even as the split's first key,
+    // where exp2(-inf - -inf) would be NaN and spoil the row.
+    const float shift = exp2_shift(new_max);
+    const float rescale = exp2f(running_max - shift);
+    const float weight = exp2f(score - shift);
     running_max = new_max;
     running_sum = running_sum * rescale + weight;
 #pragma unroll
