@@ -17,9 +17,11 @@ Qwen2ForCausalLM models, prefills a context of each requested length and times w
   * the runtime's prefill of the context (SDPA);
   * per-token time of greedy AR: hippo's generate_autoregressive (one graph step per token,
     one host read of the token) against HF `generate` (prefill subtracted);
-  * the floor: (weight bytes + KV bytes read) / copy bandwidth (H100 3.0e12 B/s, H200 4.3e12).
-    Weight bytes count every parameter once, except an untied input embedding (a step reads one
-    row of it).
+  * the floor: (weight bytes + KV bytes read) / copy bandwidth (timing.hbm_bandwidth: recorded
+    for the lent H100 SXM, 3.0e12 B/s, and H200, 4.3e12; measured on any other card; the table's
+    first line says which). Weight bytes count every parameter once, except an untied input
+    embedding (a step reads one row of it): for the 7B shape 14.14 GB, 4.71 ms on an H100,
+    where counting the embedding too (15.23 GB) gives 5.08 ms.
 and prints one markdown table. `--tiny` runs a tiny fp32 model on the CPU as a smoke test (host
 clock, no floor). `--quick` picks sizes that fit in about a minute on an H100.
 """
@@ -37,16 +39,14 @@ import torch
 
 from hippo.models.base import HippoError
 from hippo.runtime import LanguageModelRuntime
-
-# Device-to-device copy bandwidth (read + write) measured on the lent cards.
-HBM_BYTES_PER_S = {"H200": 4.3e12, "H100": 3.0e12}
+from timing import hbm_bandwidth  # same folder: run as a script from the repository root
 
 MODEL_SHAPES = {
     "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28,
                num_key_value_heads=4, intermediate_size=18944, vocab_size=152064,
                tie_word_embeddings=False),
     "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
-                 num_key_value_heads=2, intermediate_size=4864, vocab_size=152064,
+                 num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
                  tie_word_embeddings=True),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, intermediate_size=128, vocab_size=512,
@@ -187,11 +187,9 @@ def kv_bytes(runtime: LanguageModelRuntime, context: int) -> int:
             * cache.element_size())
 
 
-def bandwidth(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((bw for key, bw in HBM_BYTES_PER_S.items() if key in name), 3.0e12)
+def bandwidth(device: torch.device) -> tuple[float, str] | None:
+    """(bytes/s, where it comes from) of the floors; None on the CPU (no floor)."""
+    return hbm_bandwidth(device) if device.type == "cuda" else None
 
 
 def time_ms(fn: Callable[[], object], iters: int, device: torch.device,
@@ -314,6 +312,7 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
     runtime = LanguageModelRuntime.from_hf(model, max_seq_len=max(contexts) + headroom)
     variants = build_variants(model, max(contexts) + max(step_sizes), args.variants)
     bw = bandwidth(device)
+    bw = bw[0] if bw else None
     rows = []
     for context in contexts:
         prefill_ms = time_prefill(runtime, context, args.prefill_reps, device)
@@ -352,7 +351,11 @@ def markdown_header(device: torch.device, dtype: torch.dtype) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     header = ["model", "context", "step", "hippo ms", *(f"hippo {name} ms" for name in VARIANTS),
               "HF eager ms", "floor ms", "hippo / floor", "HF / hippo"]
-    lines = [f"Device: {name}, {str(dtype).removeprefix('torch.')}, batch 1, random weights",
+    bw = bandwidth(device)
+    floors = (f"floors at {bw[0] / 1e12:.2f} TB/s ({bw[1]})" if bw
+              else "host clock, no floors: absolute times count from a GPU run only")
+    lines = [f"Device: {name}, {str(dtype).removeprefix('torch.')}, batch 1, random weights; "
+             + floors,
              "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines)
 

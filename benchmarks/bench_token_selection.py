@@ -76,4 +76,5 @@ def test_select_visual_tokens_eager(measure, device):
     args, bytes_moved, info = make_problem(device)
     scale = 1 / math.sqrt(args["queries"].shape[-1])
     measure(lambda: reference_select_visual_tokens(**args, scale=scale), device,
-            bytes_moved=bytes_moved, impl="eager (per-layer attention, cosine_similarity)", **info)
+            bytes_moved=bytes_moved, graph=True,
+            impl="eager (per-layer attention, cosine_similarity)", **info)

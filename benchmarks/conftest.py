@@ -7,7 +7,8 @@ included). On the GPU we also record:
   * cuda_graph_us: per-call time of back-to-back calls replayed from one CUDA graph, which is how
     the runtime runs these ops (decode and verify steps are graph-captured). With several input
     sets the calls cycle through them, so that repeats are not served from the L2 cache.
-and the op's HBM floor (bytes it must move once / the card's measured copy bandwidth).
+and the op's HBM floor (bytes it must move once / the card's copy bandwidth: recorded for the
+lent H100 SXM and H200, measured on any other card; timing.hbm_bandwidth).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import hippo_ext  # noqa: F401
-from timing import cuda_graph_us, cuda_median_us, hbm_bytes_per_s
+from timing import cuda_graph_us, cuda_median_us, hbm_bandwidth
 
 
 @pytest.fixture
@@ -42,8 +43,10 @@ def measure(benchmark):
                 except RuntimeError as error:  # e.g. a baseline that syncs with the host
                     extra["cuda_graph_us"] = f"not capturable: {str(error).splitlines()[0][:60]}"
             if bytes_moved is not None:
-                floor = bytes_moved / hbm_bytes_per_s() * 1e6
+                bandwidth, source = hbm_bandwidth()
+                floor = bytes_moved / bandwidth * 1e6
                 extra["hbm_floor_us"] = round(floor, 2)
+                extra["hbm_bandwidth"] = f"{bandwidth / 1e12:.2f} TB/s ({source})"
                 best = extra.get("cuda_graph_us")
                 best = best if isinstance(best, float) else extra["cuda_event_median_us"]
                 extra["x_floor"] = round(best / max(floor, 1e-9), 2)

@@ -13,7 +13,8 @@ def rows(report: dict) -> list[str]:
     lines = ["| benchmark | host median (us) | CUDA-event median, one eager call (us) "
              "| in a CUDA graph, per call (us) | HBM floor (us) | x floor | info |",
              "|---|---|---|---|---|---|---|"]
-    skip = {"cuda_event_median_us", "cuda_graph_us", "hbm_floor_us", "x_floor", "gpu"}
+    skip = {"cuda_event_median_us", "cuda_graph_us", "hbm_floor_us", "x_floor", "gpu",
+            "hbm_bandwidth"}
     for bench in report["benchmarks"]:
         extra = bench.get("extra_info", {})
         info = ", ".join(f"{k}={v}" for k, v in extra.items() if k not in skip)
@@ -29,9 +30,16 @@ def main(path: str) -> None:
     with open(path) as f:
         report = json.load(f)
     machine = report.get("machine_info", {})
-    gpus = {b.get("extra_info", {}).get("gpu") for b in report["benchmarks"]} - {None}
-    print(f"<!-- {report.get('datetime', '')} {machine.get('cpu', {}).get('brand_raw', '')} "
-          f"{', '.join(sorted(gpus))} -->")
+    extras = [b.get("extra_info", {}) for b in report["benchmarks"]]
+    gpus = {extra.get("gpu") for extra in extras} - {None}
+    cpu = machine.get("cpu", {}).get("brand_raw", "")
+    print(f"<!-- {report.get('datetime', '')} {cpu} {', '.join(sorted(gpus))} -->")
+    if gpus:
+        floors = sorted({extra["hbm_bandwidth"] for extra in extras if "hbm_bandwidth" in extra})
+        print(f"Device: {', '.join(sorted(gpus))}; floors at {'; '.join(floors) or 'n/a'}.\n")
+    else:
+        print(f"Device: CPU ({cpu or 'unknown'}): host-clock times of the CPU kernels, no CUDA "
+              "columns and no floors; absolute times count from a GPU run only.\n")
     print("\n".join(rows(report)))
 
 
