@@ -134,7 +134,8 @@ def test_fused_projections_borrow_hf_weights(family):
     again = LanguageModelRuntime.from_hf(model, max_seq_len=32)  # reuses the fused layout
     for layer, fused, fused_again in zip(runtime.layers, runtime.fused, again.fused):
         attention = layer.self_attn
-        assert fused_again is fused
+        for name in ("qkv_weight", "qkv_bias", "gate_up_weight"):  # the same memory, not a copy
+            assert getattr(fused_again, name).data_ptr() == getattr(fused, name).data_ptr()
         assert attention.q_proj.weight.data_ptr() == fused.qkv_weight.data_ptr()
         assert attention.v_proj.bias.untyped_storage().data_ptr() == \
             fused.qkv_bias.untyped_storage().data_ptr()
@@ -149,6 +150,56 @@ def test_fused_projections_borrow_hf_weights(family):
         outputs.append(rt.step(ids[:, 8:12], positions_for(4, 8)))
     torch.testing.assert_close(outputs[0], outputs[1], atol=ATOL, rtol=0)
     torch.testing.assert_close(outputs[1], before[:, 8:], atol=ATOL, rtol=0)
+
+
+def tensors_reachable_from(root: object) -> list[torch.Tensor]:
+    """Every tensor in the object graph under root (not through classes, modules or functions)."""
+    import gc
+    import types
+
+    seen, found, todo = set(), [], [root]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen or isinstance(obj, (type, types.ModuleType, types.FunctionType)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        todo.extend(gc.get_referents(obj))
+    return found
+
+
+@pytest.mark.parametrize("move", ["cast", "assign", "deepcopy"])
+def test_fusing_keeps_no_second_reference_to_the_weights(move):
+    """Once the runtime is gone, the model holds its weights once: a model cast after hippo ran
+    (`.to(dtype)`, `.to(device)`, load_state_dict(assign=True)) frees the old fused tensors, and
+    a deepcopy copies them once (a reference kept on the layer held a whole copy of q/k/v and
+    gate/up of the old dtype or device, and deepcopy duplicated it)."""
+    import copy
+    import gc
+    import weakref
+
+    model, positions_for = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32)
+    fused = [weakref.ref(getattr(f, name)) for f in runtime.fused
+             for name in ("qkv_weight", "qkv_bias", "gate_up_weight")]
+    del runtime
+    if move == "deepcopy":
+        model = copy.deepcopy(model)
+    elif move == "cast":
+        model.to(torch.bfloat16)
+    else:
+        model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()},
+                              assign=True)
+    gc.collect()
+    if move != "deepcopy":
+        assert all(ref() is None for ref in fused)
+    held = {t.untyped_storage().data_ptr() for t in tensors_reachable_from(model)}
+    assert held == {t.untyped_storage().data_ptr()
+                    for t in [*model.parameters(), *model.buffers()]}
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32)  # fuses the new tensors
+    ids = torch.randint(0, VOCAB, (1, 8))
+    runtime.prefill(runtime.embed(ids), positions_for(8))
 
 
 @pytest.mark.parametrize("replaced", ["self_attn.k_proj.weight", "self_attn.v_proj.bias",
