@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import hippo_ext
 from hippo.models import load_adapter
 from hippo.models.base import HippoError
 from hippo.preserve import (PreservationOptions, kept_prompt_length, kept_prompt_positions,
@@ -231,3 +232,34 @@ def test_compacted_cache_equals_kept_slice_of_full_cache(device, family, source)
                           layer_index)
         expected = _reference_logits(adapter, draft.embed(ids), next_position, sliced)
     torch.testing.assert_close(step_logits, expected, rtol=1e-4, atol=1e-4)
+
+
+GLOBAL_SCORE_PROMPT = "which way does it move?"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_PRESETS))
+def test_global_score_equals_hf_eager_attention(family):
+    """DESIGN.md's global score end to end: the runtime's prefill queries and cached keys through
+    select_visual_tokens equal HF's own eager attention weights, averaged over the selection
+    layers, every head and the last Lq prompt queries, on the grid's columns."""
+    adapter = load_adapter(FAMILY_PRESETS[family][0], seed=0)
+    frames = sample_frames(family, 4)
+    prompt = adapter.prepare(frames, GLOBAL_SCORE_PROMPT)
+    runtime = LanguageModelRuntime.from_hf(adapter.model, max_seq_len=prompt.length + 8)
+    options = PreservationOptions()
+    layers = options.selection_layers(len(runtime.layers))
+    query_len = options.text_query_len(prompt)
+    result = runtime.prefill(prompt.inputs_embeds, prompt.position_ids, query_layers=layers,
+                             query_len=query_len)
+    selected = hippo_ext.select_visual_tokens(
+        result.queries, runtime.cache.layer_keys(layers, prompt.length), prompt.visual_features,
+        prompt.visual_start, prompt.num_visual, keep_ratio=0.1)
+    adapter.model.set_attn_implementation("eager")
+    with torch.no_grad():
+        attentions = adapter.model(**adapter.generate_kwargs(frames, GLOBAL_SCORE_PROMPT),
+                                   output_attentions=True).attentions
+    grid = prompt.grid[0] * prompt.grid[1] * prompt.grid[2]
+    start, length = prompt.visual_start, prompt.length
+    expected = torch.stack([attentions[layer][0, :, length - query_len:, start:start + grid]
+                            for layer in layers]).mean((0, 1, 2))
+    torch.testing.assert_close(selected.global_score.flatten(), expected.float(), atol=1e-7, rtol=1e-5)

@@ -39,7 +39,8 @@ class PreservationOptions:
         depth (the first and last quarter's boundaries and the middle).
     query_len: how many of the last prompt tokens act as text queries; None takes every prompt
         token after the video (the question and the chat suffix), at least one.
-    per_frame: a quota per frame instead of a global top-k.
+    per_frame: a quota per grid frame instead of a global top-k (Qwen2.5-VL: a grid frame is a
+        temporal patch of two sampled frames).
     seed: the generator seed of "random", in [0, 2**62].
     """
 
