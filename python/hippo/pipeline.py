@@ -32,7 +32,7 @@ from hippo.speculative.draft_cache import (DRAFT_PREFILLS, compact_to_kept, copy
                                            prefill_full, prefill_pruned)
 from hippo.speculative.draft_length import DraftLength
 from hippo.speculative.statistics import GenerationStats
-from hippo.video import load_video
+from hippo.video import VideoInfo, load_video
 
 MODES = ("ar", "sequential", "parallel")
 DEFAULT_FRAMES = 16
@@ -219,21 +219,10 @@ class HippoPipeline:
             admit(*video.shape[:3])
             frames = video
         else:
-            sources = []
+            sources: list[VideoInfo] = []
             frames = load_video(video, num_frames=num_frames, fps=fps, start=start, end=end, admit=admit,
                                 on_info=sources.append)
-            if fps is not None and sources[-1].fps > 0:
-                # A rate above the clip's own gives its every frame: Qwen2.5-VL's temporal
-                # positions must be spaced at the rate the frames have, not the one asked for.
-                fps = min(fps, sources[-1].fps)
-            elif fps is None and sources[-1].fps > 0:
-                # num_frames spread over the clip (or the window): their rate is what spaces
-                # Qwen2.5-VL's temporal positions, as HF's processor takes it from the video's
-                # metadata (sampled_fps: frames sampled / frames in the clip * its fps).
-                first = 0.0 if start is None else start
-                last = sources[-1].duration if end is None else min(end, sources[-1].duration)
-                if last > first:
-                    fps = frames.shape[0] / (last - first)
+            fps = _sampled_rate(sources[-1], fps, frames.shape[0], start, end)
         target_prompt = self.target.prepare(frames, prompt, fps=fps)
         if self.draft is None:
             return target_prompt, None
@@ -465,6 +454,21 @@ def check_lane_devices(target: torch.device, draft: torch.device, mode: str) -> 
         raise HippoError(f"parallel decoding needs the target and the draft both on CUDA or both "
                          f"on the CPU (or mode='sequential'); the target is on {target}, the "
                          f"draft on {draft}")
+
+
+def _sampled_rate(source: VideoInfo, fps: float | None, count: int, start: float | None,
+                  end: float | None) -> float | None:
+    """The rate of `count` frames decoded from `source`, which spaces Qwen2.5-VL's temporal
+    positions (as qwen-vl-utils gives HF's processor the sampled rate): `fps` up to the clip's
+    own (a higher one gives every frame), or `count` frames over the clip or its window; `fps`
+    as asked where the clip records no rate."""
+    if source.fps <= 0:
+        return fps
+    if fps is not None:
+        return min(fps, source.fps)
+    first = 0.0 if start is None else start
+    last = source.duration if end is None else min(end, source.duration)
+    return count / (last - first) if last > first else None
 
 
 def check_rope_lossless(target: VideoLLMAdapter, mode: str) -> None:
