@@ -142,6 +142,10 @@ def test_identical_frames_have_exactly_no_novelty(device, gen, dtype, channels):
     inputs = make_inputs(gen, frames=4, grid_h=3, grid_w=5, channels=channels, dtype=dtype,
                          device=device)
     features = inputs["features"]
+    # A token whose squared norm is under the cosine's 1e-8 floor has a cosine under 1 with
+    # itself: with one channel, a draw under 1e-4 in size (HIPPO_TEST_SEED=17, about one seed
+    # in 700) gave frame 1 a novelty of 0.86. Such tokens are not what this test is about.
+    features[features.abs() < 1e-2] = 0.5
     features[1:3] = features[0]
     out = run_op(inputs, num_keep=6, weights=(1, 1, 1))
     temporal = out.temporal_score.cpu()
