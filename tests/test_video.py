@@ -251,7 +251,7 @@ def test_opencv_counts_frames_when_the_container_only_estimates(tmp_path, monkey
     # mkv and webm carry no frame count: OpenCV then reports duration x frame rate, which a
     # variable-rate clip does not match (a phone's 30 fps clip with a 60 fps burst). Too high, every
     # request failed at a frame that does not exist; too low, sampling never reached the clip's end.
-    cv2 = pytest.importorskip("cv2")
+    import cv2  # a declared dependency (the fallback decoder)
     path = indexed_video(tmp_path / "indexed.mp4", 20)
 
     real_capture = cv2.VideoCapture
