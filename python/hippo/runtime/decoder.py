@@ -715,15 +715,13 @@ def rope_switches_within(rotary_emb: nn.Module, positions: int) -> bool:
     original_max_position_embeddings; dynamic NTK: rescaled past max_position_embeddings), so a
     verify step crossing that bound rotates its earlier tokens as autoregressive decoding (one
     token per call, HF `generate`) does not."""
-    rope_type = str(getattr(rotary_emb, "rope_type", "default"))
-    config = getattr(rotary_emb, "config", None)
-    if rope_type == "longrope":
-        parameters = getattr(config, "rope_parameters", None) or {}
-        bound = parameters.get("original_max_position_embeddings")
-    elif "dynamic" in rope_type:
-        bound = getattr(rotary_emb, "original_max_seq_len", None)
-    else:
+    if not _is_dynamic_rope(rotary_emb):
         return False
+    if rotary_emb.rope_type == "longrope":
+        parameters = getattr(getattr(rotary_emb, "config", None), "rope_parameters", None) or {}
+        bound = parameters.get("original_max_position_embeddings")
+    else:
+        bound = getattr(rotary_emb, "original_max_seq_len", None)
     return bound is None or positions > int(bound)
 
 
