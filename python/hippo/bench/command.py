@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 from dataclasses import asdict
 from pathlib import Path
 
@@ -147,14 +146,11 @@ def _run_dataset(args: argparse.Namespace, out_dir: Path) -> list[dict]:
 
 
 def _environment() -> dict:
-    """What produced the numbers: versions, threads and date, so that a JSON file read later (or
-    beside another) says where it came from."""
-    import transformers
+    """What produced the numbers: `hippo info`'s installation report (versions, kernels, GPUs,
+    decoders) with torch's bare version, the threads and the date, so that a JSON file read later
+    (or beside another) says where it came from."""
+    from hippo.info import installation_report
 
-    import hippo
-
-    return dict(hippo=hippo.__version__, torch=torch.__version__,
-                transformers=transformers.__version__, python=platform.python_version(),
-                cuda=torch.version.cuda,
+    return dict(installation_report(), torch=torch.__version__, cuda=torch.version.cuda,
                 threads=torch.get_num_threads(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
