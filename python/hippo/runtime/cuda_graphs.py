@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+# decoder.py imports this module only when a runtime first uses CUDA graphs: no import cycle.
+from hippo.runtime.decoder import persistent_tensors
+
 if TYPE_CHECKING:
     from hippo.runtime.decoder import LanguageModelRuntime
 
@@ -101,12 +104,8 @@ class StepGraphs:
             step = self.captured[count] = self._capture(count, positions_shape)
         return step
 
+    @persistent_tensors  # its static buffers outlive the capture
     def _capture(self, count: int, positions_shape: torch.Size) -> CapturedStep:
-        # Its static buffers outlive the capture: never inference tensors (persistent_tensors).
-        with torch.inference_mode(False), torch.no_grad():
-            return self._capture_now(count, positions_shape)
-
-    def _capture_now(self, count: int, positions_shape: torch.Size) -> CapturedStep:
         runtime = self._runtime()  # alive: only the runtime itself calls into its graphs
         cache = runtime.cache
         device = runtime.device
