@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hippo.models.base import HippoError
+from hippo.models.base import HippoError, device_name
 from hippo.runtime import LanguageModelRuntime
 from timing import hbm_bandwidth  # same folder: run as a script from the repository root
 
@@ -348,7 +348,7 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
 
 
 def markdown_header(device: torch.device, dtype: torch.dtype) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    name = device_name(device)
     header = ["model", "context", "step", "hippo ms", *(f"hippo {name} ms" for name in VARIANTS),
               "HF eager ms", "floor ms", "hippo / floor", "HF / hippo"]
     bw = bandwidth(device)

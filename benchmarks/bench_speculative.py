@@ -31,6 +31,7 @@ import torch
 from hippo.models.agreement import (QWEN2_0_5B, QWEN2_7B, TINY_DRAFT, TINY_TARGET,
                                     AgreementPair, synthetic_prompt)
 from hippo.cli import add_gemm_prologues_argument
+from hippo.models.base import device_name
 from hippo.pipeline import HippoPipeline
 from hippo.preserve import PreservationOptions
 from hippo.report import markdown_table, rounded, stats_row
@@ -90,8 +91,7 @@ def main() -> None:
     frames = args.frames or preset["frames"]
     prompts = [synthetic_prompt(adapter, frames=frames, grid=preset["grid"])
                for adapter in (pair.target, pair.draft)]
-    device_name = (torch.cuda.get_device_name() if preset["device"] == "cuda" else "CPU")
-    print(f"# {args.preset}: {device_name}, {preset['dtype']}, prompt {prompts[0].length} "
+    print(f"# {args.preset}: {device_name(preset['device'])}, {preset['dtype']}, prompt {prompts[0].length} "
           f"tokens ({frames} frames), keep ratio {args.keep_ratio}, {args.new_tokens} new "
           f"tokens; built in {time.perf_counter() - started:.1f} s")
 

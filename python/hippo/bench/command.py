@@ -12,7 +12,7 @@ import torch
 
 from hippo.cli import (add_gemm_prologues_argument, check_at_least_one, check_model_source, flag,
                        refuse_options)
-from hippo.models.base import HippoError
+from hippo.models.base import HippoError, device_name
 from hippo.speculative.draft_length import MAX_DRAFT_LENGTH
 
 
@@ -89,7 +89,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     preset = PRESETS[name]
     if preset.device == "cuda" and not torch.cuda.is_available():
         raise HippoError("the 7b preset needs a CUDA GPU; use --preset tiny on a CPU")
-    device = torch.cuda.get_device_name() if preset.device == "cuda" else "CPU"
+    device = device_name(preset.device)
     print(f"hippo bench --preset {name}: synthetic agreement pairs (random weights; acceptance "
           f"measured, never faked) on {device}")
     rows = run_end_to_end(preset, frames=tuple(args.frames or ()) or None,

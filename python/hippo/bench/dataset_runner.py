@@ -8,7 +8,7 @@ import torch
 
 from hippo.bench.datasets import VideoQuestion, chosen_letter, read_dataset
 from hippo.models import load_adapter
-from hippo.models.base import HippoError, resolve_device
+from hippo.models.base import HippoError, device_name, resolve_device
 from hippo.pipeline import HippoPipeline
 from hippo.preserve import PreservationOptions
 from hippo.report import in_ms, ratio, rounded
@@ -40,7 +40,7 @@ def run_benchmark_set(name: str, root: str, *, target: str, draft: str | None,
                                       num_frames))
     summary = _summary(name, rows)
     # Where and in what the numbers were made (the models' own, not the options that asked).
-    summary.update(device=torch.cuda.get_device_name(where) if where.type == "cuda" else "CPU",
+    summary.update(device=device_name(where),
                    dtype=str(target_adapter.dtype).removeprefix("torch."))
     return summary, rows
 

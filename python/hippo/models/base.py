@@ -61,6 +61,12 @@ def short_repr(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def device_name(device: str | torch.device) -> str:
+    """The GPU's model name for a CUDA device, "CPU" otherwise (what reports print)."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """Where to run: `device` checked (cpu or an existing CUDA GPU), or by default the GPU when
     one is present, else the CPU."""
