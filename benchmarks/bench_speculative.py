@@ -91,7 +91,8 @@ def main() -> None:
     frames = args.frames or preset["frames"]
     prompts = [synthetic_prompt(adapter, frames=frames, grid=preset["grid"])
                for adapter in (pair.target, pair.draft)]
-    print(f"# {args.preset}: {device_name(preset['device'])}, {preset['dtype']}, prompt {prompts[0].length} "
+    device = device_name(preset["device"])
+    print(f"# {args.preset}: {device}, {preset['dtype']}, prompt {prompts[0].length} "
           f"tokens ({frames} frames), keep ratio {args.keep_ratio}, {args.new_tokens} new "
           f"tokens; built in {time.perf_counter() - started:.1f} s")
 
@@ -128,7 +129,7 @@ def main() -> None:
         print(markdown_table([r for r in rows if r["eps"] == eps]), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(preset=args.preset, device=device_name, rows=rows), f, indent=1)
+            json.dump(dict(preset=args.preset, device=device, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
