@@ -274,6 +274,59 @@ def test_rollback_to_device_tensor():
     torch.testing.assert_close(logits, expected[:, 9:], atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
+def test_prefill_after_rollback_to_row_lengths_continues_each_row(family, fused):
+    """Rows of different lengths (a right-padded prompt rolled back to each row's own length by
+    a device tensor): a further prefill of S tokens continues every row's own prefix, as steps
+    do, each row following HF's forward of that sequence alone. It used to mask every row as
+    the longest, so the shorter rows saw the stale padding past their length."""
+    model, positions_for = build(family)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, batch=3, fused=fused)
+    lengths, chunk = [5, 8, 12], 4
+    ids = torch.randint(0, VOCAB, (3, 16))
+    embeds = runtime.embed(ids)
+    positions = positions_for(16)
+    runtime.prefill(embeds[:, :12], torch.cat([positions] * 3, dim=-2)[..., :12])
+    runtime.rollback(torch.tensor(lengths))
+    chunk_embeds = torch.stack([embeds[b, n:n + chunk] for b, n in enumerate(lengths)])
+    chunk_positions = torch.cat([positions[..., n:n + chunk] for n in lengths], dim=-2)
+    logits = runtime.prefill(chunk_embeds, chunk_positions, all_logits=True).logits
+    assert runtime.cache.length.tolist() == [n + chunk for n in lengths]
+    for b, n in enumerate(lengths):
+        expected = hf_logits(model, embeds[b:b + 1], positions)[0, n:n + chunk]
+        torch.testing.assert_close(logits[b], expected, atol=ATOL, rtol=0)
+
+
+def test_prefill_after_rollback_to_row_lengths_refuses_overflow():
+    model, _ = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=16, batch=2)
+    embeds = runtime.embed(torch.randint(0, VOCAB, (2, 12)))
+    runtime.prefill(embeds, linear_positions(12).expand(2, 12))
+    runtime.rollback(torch.tensor([5, 12]))
+    with pytest.raises(HippoError, match="prefill of 5 positions at length 12 exceeds"):
+        runtime.prefill(embeds[:, :5], linear_positions(5).expand(2, 5))
+    assert runtime.cache.length.tolist() == [5, 12]  # refused before anything moved
+
+
+@pytest.mark.parametrize("length,message", [
+    (torch.tensor([7.9, 8.0]), "must hold integers"),
+    (torch.tensor([True, False]), "must hold integers"),
+    (torch.tensor([5, 6, 7]), r"scalar or \[B\] = \[2\]"),
+    (torch.tensor([[5, 6]]), r"scalar or \[B\] = \[2\]"),
+], ids=["float", "bool", "other-batch", "2-d"])
+def test_rollback_to_device_tensor_refuses_floats_and_other_shapes(length, message):
+    """A float length tensor was cut to integers in silence (7.9 -> 7), where an int 7.9 is
+    refused; a tensor of another batch failed inside expand_as."""
+    cache = StaticKVCache(1, 2, 1, 16, 4, dtype=torch.float32, device="cpu")
+    cache.fill_to(9)
+    with pytest.raises(HippoError, match=message):
+        cache.rollback(length)
+    assert cache.length.tolist() == [9, 9] and cache.host_length == 9
+    cache.rollback(torch.tensor(4, dtype=torch.int32))  # a scalar serves every row
+    assert cache.length.tolist() == [4, 4]
+
+
 def reference_queries(model, layer: int, embeds: torch.Tensor,
                       positions: torch.Tensor) -> torch.Tensor:
     """Float64 post-RoPE queries [Hq, S, D] of one layer, from the HF layer's input hidden
@@ -324,6 +377,21 @@ def text_prompt(runtime: LanguageModelRuntime, input_ids: torch.Tensor) -> Prepa
     return PreparedPrompt(input_ids=input_ids, inputs_embeds=runtime.embed(input_ids),
                           position_ids=positions, rope_delta=0, visual_start=0, num_visual=0,
                           grid=(0, 0, 0), visual_features=torch.zeros(0, 0, 0, 0))
+
+
+
+@pytest.mark.parametrize("runtime_batch,prompt_batch", [(2, 2), (2, 1), (1, 2)])
+def test_autoregressive_baseline_refuses_batches_above_one(runtime_batch, prompt_batch):
+    """The baseline generates one sequence: a batched runtime or prompt is refused up front
+    (a batch-2 runtime with a batch-2 prompt ran the prefill, then failed in Tensor.item())."""
+    model, _ = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, batch=runtime_batch)
+    prompt = text_prompt(runtime, torch.randint(0, VOCAB, (1, 6)))
+    prompt.input_ids = prompt.input_ids.expand(prompt_batch, -1)
+    prompt.inputs_embeds = prompt.inputs_embeds.expand(prompt_batch, -1, -1)
+    prompt.position_ids = prompt.position_ids.expand(prompt_batch, -1)
+    with pytest.raises(HippoError, match="one sequence: it needs a runtime of batch 1"):
+        generate_autoregressive(runtime, prompt, 4)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])

@@ -145,6 +145,16 @@ def test_bad_decoding_arguments_are_clear_errors():
     with pytest.raises(HippoError, match="is not a token id"):
         decode(16, 4, {-1})
     assert len(decode(16, 4, None).emitted) == 4  # None: no stop token
+    batched = LanguageModelRuntime.from_hf(target.model, 32, batch=2)
+    with pytest.raises(HippoError, match="one sequence: .* got target batch 1, draft batch 2"):
+        decode_after_prefill(runtimes[0], batched, torch.tensor([5]),
+                             torch.arange(3, 19)[None], mode="sequential",
+                             acceptance=acceptance, draft_length=DraftLength(3),
+                             max_new_tokens=4, eos_ids=())
+    with pytest.raises(HippoError, match="and 2 first tokens"):  # was Tensor.item()'s error
+        decode_after_prefill(*runtimes, torch.tensor([5, 6]), torch.arange(3, 19)[None],
+                             mode="sequential", acceptance=acceptance,
+                             draft_length=DraftLength(3), max_new_tokens=4, eos_ids=())
     with pytest.raises(HippoError, match="options must be a SamplingOptions"):
         TokenAcceptance(None, 7)
     with pytest.raises(HippoError, match="vocab must be a positive integer"):

@@ -204,6 +204,11 @@ def _check_request(runtime: LanguageModelRuntime, prompt: PreparedPrompt,
     if not isinstance(prompt, PreparedPrompt):
         raise HippoError(f"prompt must be a PreparedPrompt (an adapter's prepare()), got "
                          f"{type(prompt).__name__}")
+    batches = (runtime.cache.batch, int(prompt.inputs_embeds.shape[0]))
+    if batches != (1, 1):
+        raise HippoError(f"the autoregressive baseline generates one sequence: it needs a "
+                         f"runtime of batch 1 and a prompt of batch 1, got runtime batch "
+                         f"{batches[0]} and prompt batch {batches[1]}")
     max_new_tokens = new_token_count(max_new_tokens)
     if prompt.length + max_new_tokens > runtime.cache.max_seq_len:
         raise HippoError(

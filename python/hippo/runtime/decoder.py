@@ -114,7 +114,9 @@ class LanguageModelRuntime:
             `Qwen2ForCausalLM.model` or `Qwen2_5_VLForConditionalGeneration.model.language_model`.
         lm_head: the HF output head.
         max_seq_len: cache capacity (prompt plus every generated or drafted token).
-        batch: batch size of the cache (token selection and the AR baseline use 1).
+        batch: batch size of the cache (token selection, the AR baseline and speculative
+            decoding use 1). Prompts of different lengths: right-pad them to one prefill with
+            all_logits=True, then rollback(torch.tensor(lengths)); each row goes on from its own.
         use_cuda_graphs: capture each step shape as a CUDA graph (default: on CUDA). False runs
             the same step code eagerly, for debugging.
         step_attention: "hippo_ext" (decode_attention over the static cache; default on CUDA
@@ -291,7 +293,9 @@ class LanguageModelRuntime:
         """Run the prompt [B, S, hidden] at the current cache length (normally 0) and cache it.
 
         position_ids: [B, S] (1-D RoPE) or [3, B, S] (M-RoPE; [B, S] is broadcast to the three
-        sections as HF does). Prefill runs eagerly with PyTorch SDPA on every device.
+        sections as HF does). Prefill runs eagerly with PyTorch SDPA on every device. After a
+        rollback to a device tensor [B] of different lengths, each row's prompt continues that
+        row's own prefix (its positions are still the caller's to give).
         """
         self._check_prompt_inputs(inputs_embeds, position_ids)
         batch, seq_len, _ = inputs_embeds.shape
@@ -299,6 +303,10 @@ class LanguageModelRuntime:
         query_layers = self._check_query_request(query_layers, query_len, batch, seq_len)
         positions = self._normalise_positions(position_ids, batch, seq_len)
         start = self.cache.current_length()
+        # After a rollback to a device tensor the rows may hold different lengths: each row's
+        # prompt then continues its own prefix (start is the longest, known on the host now).
+        row_starts = self.cache.length.clone() if self.cache.host_length is None else None
+        self.cache.check_room(start, seq_len, "prefill")  # before the length moves
         self.cache.reserve(seq_len, "prefill")
         self.cache.advance(seq_len)
 
@@ -309,7 +317,7 @@ class LanguageModelRuntime:
         def attend(index: int, q: torch.Tensor) -> torch.Tensor:
             if index in query_layers:  # [Hq, Lq, D] of the last Lq prompt tokens
                 queries[index] = q[0, seq_len - query_len:].transpose(0, 1).clone()
-            return self._prefill_attention(index, q, start)
+            return self._prefill_attention(index, q, start, row_starts)
 
         logits = self._logits(hidden, cos, sin, attend, last_only=not all_logits)
         ordered = [queries[layer] for layer in query_layers]
@@ -518,14 +526,23 @@ class LanguageModelRuntime:
             hidden = hidden[:, -1:]
         return self.text_model.norm(hidden)
 
-    def _prefill_attention(self, index: int, q: torch.Tensor, start: int) -> torch.Tensor:
+    def _prefill_attention(self, index: int, q: torch.Tensor, start: int,
+                           row_starts: torch.Tensor | None = None) -> torch.Tensor:
         """q [B, S, Hq, D] of prompt positions [start, start + S), whose keys and values are
-        cached already: causal attention over the cache's first start + S positions."""
+        cached already: causal attention over the cache's first start + S positions. With
+        row_starts [B] (rows of different lengths, start the longest), row b's prompt sits at
+        [row_starts[b], row_starts[b] + S) and sees its own prefix only."""
         batch, seq_len, _, _ = q.shape
         end = start + seq_len
         keys, values = self.cache.keys(index)[:, :, :end], self.cache.values(index)[:, :, :end]
         q = q.transpose(1, 2)
-        if start == 0:
+        if row_starts is not None:
+            key_pos = torch.arange(end, device=self.device)
+            query_pos = row_starts[:, None] + torch.arange(seq_len, device=self.device)
+            mask = (key_pos[None, None, :] <= query_pos[:, :, None])[:, None]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                 scale=self.scale, enable_gqa=True)
+        elif start == 0:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True,
                                                  scale=self.scale, enable_gqa=True)
         else:  # continuing a cached prefix: each new token sees the prefix and itself causally

@@ -74,13 +74,17 @@ class StaticKVCache:
         fit. Called before the (possibly captured) device work of an append."""
         if self.host_length is None:
             return
-        if self.host_length + count > self.max_seq_len:
+        self.check_room(self.host_length, count, what)
+        self.host_length += count
+
+    def check_room(self, start: int, count: int, what: str = "append") -> None:
+        """Raise unless `count` positions fit after `start`."""
+        if start + count > self.max_seq_len:
             raise HippoError(
                 "prompt plus max_new_tokens beyond the cache: "
-                f"{what} of {count} positions at length {self.host_length} exceeds the "
+                f"{what} of {count} positions at length {start} exceeds the "
                 f"cache's max_seq_len {self.max_seq_len}; build the runtime with a larger "
                 "max_seq_len or ask for fewer tokens")
-        self.host_length += count
 
     def write_positions(self, count: int) -> torch.Tensor:
         """[B, count] cache positions of the `count` newest tokens, assuming `length` already
@@ -108,6 +112,14 @@ class StaticKVCache:
         speculative decoding free of host syncs at the price of host-side overflow checks.
         """
         if isinstance(new_length, torch.Tensor):
+            # Dtype and shape are known on the host (the values are not: no sync here).
+            if new_length.is_floating_point() or new_length.is_complex() \
+                    or new_length.dtype == torch.bool:
+                raise HippoError(f"rollback: a length tensor must hold integers, got "
+                                 f"{new_length.dtype}")
+            if new_length.dim() > 1 or new_length.numel() not in (1, self.batch):
+                raise HippoError(f"rollback: a length tensor must be a scalar or [B] = "
+                                 f"[{self.batch}], got shape {tuple(new_length.shape)}")
             self.length.copy_(new_length.to(self.length.dtype).expand_as(self.length))
             self.host_length = None
             return

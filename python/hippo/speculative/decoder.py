@@ -159,6 +159,11 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
     prompt; positions [..., n] the position ids of generated tokens 0, 1, ... (n at least
     max_new_tokens + 2 * the largest g + 2); draft_priority puts the draft's steps on a
     high-priority CUDA stream. Returns the finished decoder (emitted, stats)."""
+    batches = (target.cache.batch, draft.cache.batch, first_token.numel())
+    if batches != (1, 1, 1):
+        raise HippoError(f"speculative decoding generates one sequence: it needs runtimes of "
+                         f"batch 1 and one first token, got target batch {batches[0]}, draft "
+                         f"batch {batches[1]} and {batches[2]} first tokens")
     max_new_tokens = new_token_count(max_new_tokens)
     eos_ids = eos_id_set(eos_ids, acceptance.vocab)
     capacity = positions.shape[-1]
