@@ -832,6 +832,76 @@ def test_step_invariant_verify_equals_single_steps_bitwise(family, device):
         assert torch.equal(verify, torch.cat(singles, dim=1)), f"{count}-token step differs"
 
 
+def assert_steps_equal_single_steps(runtime, ids, positions, start, counts):
+    for count in counts:
+        window = slice(start, start + count)
+        verify = runtime.step(ids[:, window], positions[..., window]).clone()
+        runtime.rollback(start)
+        singles = [runtime.step(ids[:, start + i:start + i + 1],
+                                positions[..., start + i:start + i + 1]).clone()
+                   for i in range(count)]
+        runtime.rollback(start)
+        assert torch.equal(verify, torch.cat(singles, dim=1)), f"{count}-token step differs"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda,
+                                                                        pytest.mark.cuda])])
+def test_step_invariant_counts_the_rows_of_every_batch_row(device):
+    """skinny_linear keeps rows independent of M up to 32 rows of batch x tokens, not 32 tokens
+    per batch row: with batch 2 a 17-token step (34 rows) would run ATen's linear (cuBLAS), whose
+    rows depend on M. It is refused; 16 tokens still equal single-token steps."""
+    if device == "cuda":
+        model, positions_for = cuda_model("qwen2", 256)
+        model = model.to(torch.bfloat16)
+    else:
+        model, positions_for = build("qwen2")
+    batch = 2
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=128, batch=batch,
+                                           step_invariant=True)
+    ids = torch.randint(0, VOCAB, (batch, 80), device=device)
+    positions = positions_for(80).expand(batch, 80).contiguous().to(device)
+    runtime.prefill(runtime.embed(ids[:, :40]), positions[..., :40])
+    with pytest.raises(HippoError, match="up to 16 tokens, got 17"):
+        runtime.step(ids[:, 40:57], positions[..., 40:57])
+    assert_steps_equal_single_steps(runtime, ids, positions, 40, (2, 9, 16))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda,
+                                                                        pytest.mark.cuda])])
+def test_step_invariant_with_the_fma_kernel_holds_16_rows(device, monkeypatch):
+    """HIPPO_SKINNY_KERNEL=fma runs skinny_linear's FMA kernel up to 16 rows and tensor cores
+    beyond, which round otherwise: a 17-token step would differ from single-token steps, so it
+    is refused; steps of up to 16 tokens stay bitwise equal to them."""
+    monkeypatch.setenv("HIPPO_SKINNY_KERNEL", "fma")
+    if device == "cuda":
+        model, positions_for = cuda_model("qwen2", 256)
+        model = model.to(torch.bfloat16)
+    else:
+        model, positions_for = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=128, step_invariant=True)
+    ids = torch.randint(0, VOCAB, (1, 80), device=device)
+    positions = positions_for(80).to(device)
+    runtime.prefill(runtime.embed(ids[:, :40]), positions[..., :40])
+    with pytest.raises(HippoError, match="up to 16 tokens, got 17"):
+        runtime.step(ids[:, 40:57], positions[..., 40:57])
+    assert_steps_equal_single_steps(runtime, ids, positions, 40, (2, 9, 16))
+
+
+def test_step_invariant_refuses_gemm_widths_cublas_would_take():
+    """On CUDA skinny_linear runs K % 32 != 0 on cuBLAS (rows then depend on M): a model with
+    one head of 80 (hidden 80) cannot be step-invariant there; the CPU reference takes any K."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from hippo.runtime import decoder
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=80, intermediate_size=160,
+                         num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1)
+    model = Qwen2ForCausalLM(config).eval()
+    layers, head = list(model.model.layers), model.lm_head
+    decoder._check_row_invariant_gemm_widths(layers, head, torch.device("cpu"))
+    with pytest.raises(HippoError, match=r"multiples of 32 on CUDA .*got \[80\]"):
+        decoder._check_row_invariant_gemm_widths(layers, head, torch.device("cuda"))
+
+
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("options", [{}, {"step_invariant": True}, {"gemm_prologues": True}])

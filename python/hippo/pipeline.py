@@ -25,7 +25,7 @@ from hippo.models.preprocess import check_frames
 from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, preserve_tokens
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive
 from hippo.runtime.autoregressive import check_finite_logits, eos_id_set, new_token_count
-from hippo.runtime.decoder import STEP_INVARIANT_MAX_TOKENS, check_flag, rope_switches_within
+from hippo.runtime.decoder import check_flag, rope_switches_within, step_invariant_max_rows
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
 from hippo.speculative.decoder import decode_after_prefill
 from hippo.speculative.draft_cache import (DRAFT_PREFILLS, compact_to_kept, copy_kept_cache,
@@ -94,10 +94,11 @@ class HippoOptions:
         for name in ("step_invariant", "draft_priority", "use_cuda_graphs"):
             check_flag(name, getattr(self, name), allow_none=name == "use_cuda_graphs")
         DraftLength(self.gamma, max_gamma=self.max_gamma)  # validates both
-        if self.step_invariant and self.largest_gamma + 1 > STEP_INVARIANT_MAX_TOKENS:
-            raise HippoError(f"step_invariant=True covers verify steps of up to "
-                             f"{STEP_INVARIANT_MAX_TOKENS} tokens: gamma (max_gamma when 'auto') "
-                             f"at most {STEP_INVARIANT_MAX_TOKENS - 1}, got {self.largest_gamma}")
+        most = step_invariant_max_rows()
+        if self.step_invariant and self.largest_gamma + 1 > most:
+            raise HippoError(f"step_invariant=True covers verify steps of up to {most} tokens: "
+                             f"gamma (max_gamma when 'auto') at most {most - 1}, got "
+                             f"{self.largest_gamma}")
         if self.gemm_prologues not in GEMM_PROLOGUE_ROLES:
             raise HippoError(f"unknown gemm_prologues {self.gemm_prologues!r}; choose one of "
                              f"{', '.join(GEMM_PROLOGUE_ROLES)}")

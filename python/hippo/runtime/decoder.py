@@ -11,6 +11,7 @@ model of Qwen2.5-VL (M-RoPE, position ids [3, B, S]).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -25,9 +26,14 @@ from hippo.runtime.static_cache import StaticKVCache
 
 STEP_ATTENTION_BACKENDS = ("sdpa", "hippo_ext")
 MAX_STEP_TOKENS = 64  # decode_attention's query-block limit
-# skinny_linear's tensor-core kernel takes up to 32 rows; it hands larger steps to cuBLAS, whose
-# rows depend on the step size.
+# skinny_linear's tensor-core kernel takes up to 32 rows (batch x tokens); it hands larger steps
+# to cuBLAS, whose rows depend on the step size.
 STEP_INVARIANT_MAX_TOKENS = 32
+# With HIPPO_SKINNY_KERNEL=fma its FMA kernel takes up to 16 rows and more run tensor cores,
+# which round otherwise: a step_invariant runtime's steps then hold at most 16 rows.
+SKINNY_FMA_MAX_ROWS = 16
+# The tensor-core kernel takes K % 32 == 0; other widths run cuBLAS.
+SKINNY_KEY_BLOCK = 32
 # The GEMMs with the norm or gating in front of them, and RoPE behind q/k/v (gemm_prologues=True).
 GEMM_PROLOGUE_OPS = ("qkv_projection", "add_rms_norm_linear", "silu_and_mul_linear")
 # Steps of at most this many rows (batch x tokens) run those ops; wider steps (verify steps,
@@ -151,7 +157,8 @@ class LanguageModelRuntime:
             kernel's loads were pipelined and K sliced among its warps, and with o_proj and the
             head on cuBLAS.
         step_invariant: make a step's logits for each token independent of how many tokens the
-            step holds (up to STEP_INVARIANT_MAX_TOKENS = 32; larger steps are refused), bit
+            step holds (up to STEP_INVARIANT_MAX_TOKENS = 32 rows of batch x tokens, 16 with
+            HIPPO_SKINNY_KERNEL=fma; larger steps are refused), bit
             for bit: a verify step of g + 1 tokens then gives exactly the logits that g + 1
             single-token steps would, so speculative decoding reproduces
             the runtime's own autoregressive output bit for bit, in fp32 as in bf16. Needs
@@ -206,6 +213,7 @@ class LanguageModelRuntime:
         self.gemm_prologues = gemm_prologues
         if step_invariant:
             _check_step_invariance_possible(self.device, self.step_attention, use_fused)
+            _check_row_invariant_gemm_widths(self.layers, lm_head, self.device)
             _reject_step_dependent_rope(self.rotary_emb)
             skinny_gemm = True
         self.step_invariant = step_invariant
@@ -336,9 +344,11 @@ class LanguageModelRuntime:
         self._check_batch(batch)
         if not 1 <= count <= MAX_STEP_TOKENS:
             raise HippoError(f"a step takes 1..{MAX_STEP_TOKENS} tokens, got {count}")
-        if self.step_invariant and count > STEP_INVARIANT_MAX_TOKENS:
-            raise HippoError(f"step_invariant=True holds for steps of up to "
-                             f"{STEP_INVARIANT_MAX_TOKENS} tokens, got {count}")
+        if self.step_invariant and batch * count > step_invariant_max_rows():
+            rows = step_invariant_max_rows()
+            raise HippoError(f"step_invariant=True holds for steps of up to {rows // batch} "
+                             f"tokens, got {count} (at most {rows} rows of batch x tokens, "
+                             f"batch {batch})")
         positions = self._normalise_positions(position_ids, batch, count)
         self.cache.reserve(count, "step")
         if self._graphs is not None:
@@ -366,7 +376,8 @@ class LanguageModelRuntime:
             return
         room = self.cache.max_seq_len - self.cache.host_length
         for count in counts:
-            if count > room or (self.step_invariant and count > STEP_INVARIANT_MAX_TOKENS):
+            if count > room or (self.step_invariant
+                                and self.cache.batch * count > step_invariant_max_rows()):
                 continue
             shape = ((3, self.cache.batch, count) if self.uses_mrope
                      else (self.cache.batch, count))
@@ -676,6 +687,29 @@ def _check_step_invariance_possible(device: torch.device, step_attention: str,
             "step_invariant=True needs step_attention='hippo_ext' and the fused layer path (got "
             f"device {device.type}, step_attention={step_attention!r}, fused={fused}): its "
             "guarantee rests on hippo_ext's kernels (CUDA: bf16/fp16, head dim 64, 80 or 128)")
+
+
+def step_invariant_max_rows() -> int:
+    """The most rows (batch x tokens) a step_invariant step may hold: those skinny_linear's
+    kernel of the moment keeps independent of the row count (read when the step runs, as the
+    kernel reads HIPPO_SKINNY_KERNEL when it is launched or captured)."""
+    fma = os.environ.get("HIPPO_SKINNY_KERNEL") == "fma"
+    return SKINNY_FMA_MAX_ROWS if fma else STEP_INVARIANT_MAX_TOKENS
+
+
+def _check_row_invariant_gemm_widths(layers: Sequence[nn.Module], lm_head: nn.Module,
+                                     device: torch.device) -> None:
+    """On CUDA skinny_linear hands GEMMs whose K is not a multiple of 32 to cuBLAS, whose rows
+    depend on the step size: step_invariant could not hold for them."""
+    if device.type != "cuda":
+        return
+    attention, mlp = layers[0].self_attn, layers[0].mlp
+    widths = {attention.q_proj.in_features, attention.o_proj.in_features,
+              mlp.down_proj.in_features, lm_head.in_features}
+    odd = sorted(k for k in widths if k % SKINNY_KEY_BLOCK)
+    if odd:
+        raise HippoError(f"step_invariant=True needs GEMM input widths that are multiples of "
+                         f"{SKINNY_KEY_BLOCK} on CUDA (skinny_linear's kernel), got {odd}")
 
 
 def _check_gemm_prologues_possible(requested: bool, fused: bool, step_invariant: bool,
