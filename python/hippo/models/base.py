@@ -181,6 +181,7 @@ class VideoLLMAdapter:
     prompt_prefix_ids: list[int]
     prompt_suffix_ids: list[int]
     text_separator: str = ""  # the chat format's text between the video and a prompt given as text
+    chat: ChatFormat | None = None  # a checkpoint's chat format (text prompts are tokenized in it)
 
     # -- construction (each family) ---------------------------------------------------------------
     @classmethod
@@ -267,6 +268,15 @@ class VideoLLMAdapter:
         if placeholders.intersection(ids):
             raise HippoError("the prompt must not contain video or image placeholder tokens; the adapter adds them")
         return ids
+
+    def ids_after_video(self, prompt: str | list[int]) -> list[int]:
+        """The ids after the video: the user's text and the chat suffix. A text prompt of a
+        checkpoint with a chat format is rendered and tokenized with the suffix as one string, as
+        HF's processor tokenizes the whole prompt; ids are taken as they are."""
+        if isinstance(prompt, str) and self.chat is not None and self.tokenizer is not None:
+            check_utf8(prompt)
+            return self.encode_prompt(self.tokenizer.encode(self.chat.after_video(prompt)))
+        return self.encode_prompt(prompt) + self.prompt_suffix_ids
 
     def prompt_ids(self, num_visual: int, prompt: str | list[int]) -> list[int]:
         """The prompt's token ids with num_visual video placeholders, as the HF processor lays
@@ -460,6 +470,7 @@ class LocalCheckpoint:
     prompt_prefix_ids: list[int]
     prompt_suffix_ids: list[int]
     text_separator: str  # put before a prompt given as text (between the video and it)
+    chat: ChatFormat | None = None
 
 
 def load_local_checkpoint(model_class: type[torch.nn.Module], path: str, dtype: torch.dtype, label: str,
@@ -483,7 +494,8 @@ def load_local_checkpoint(model_class: type[torch.nn.Module], path: str, dtype: 
         check_tokenizer_fits_embeddings(skeleton, path, tokenizer, prefix + suffix)
 
     model = load_local_model(model_class, path, dtype, label, check_model=check_skeleton)
-    return LocalCheckpoint(model, tokenizer, prefix, suffix, chat.separator)
+    return LocalCheckpoint(model, tokenizer, prefix, suffix, chat.separator,
+                           chat if tokenizer is not None else None)
 
 
 def check_tokenizer_fits_embeddings(model: torch.nn.Module, path: str, tokenizer: PromptTokenizer | None,

@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from hippo.models.base import HFPromptTokenizer, PromptTokenizer
+from hippo.models.base import HFPromptTokenizer, HippoError, PromptTokenizer
 
 # Stands for the user's text while rendering: any string the template copies through unchanged.
 _TEXT_MARK = "HIPPOUSERTEXTMARK"
@@ -25,6 +26,18 @@ class ChatFormat:
     prefix: str  # the turn's opening up to the video placeholder (system prompt included)
     separator: str  # between the video and the user's text
     suffix: str  # closing the user's turn and opening the assistant's
+    # The template's rendering of what follows the video for a given text (HF's processor renders
+    # the template for each prompt: a template may change the text, e.g. `| trim` it); None: the
+    # separator, the text and the suffix as they are.
+    render_after_video: Callable[[str], str] | None = field(default=None, compare=False)
+
+    def after_video(self, text: str) -> str:
+        """The chat text after the video for the user's text: tokenized as one string, as HF's
+        processor tokenizes the whole prompt (the text's last characters may merge with the
+        suffix's first ones, e.g. '?' and '\\n' into one token)."""
+        if self.render_after_video is None:
+            return self.separator + text + self.suffix
+        return self.render_after_video(text)
 
 
 def checkpoint_chat_format(path: str, tokenizer: PromptTokenizer | None, video_placeholder: str,
@@ -35,11 +48,25 @@ def checkpoint_chat_format(path: str, tokenizer: PromptTokenizer | None, video_p
     template = _find_template(path, tokenizer)
     if template is None or not isinstance(tokenizer, HFPromptTokenizer):
         return builtin
+    hf = tokenizer.hf
+
+    def render(text: str) -> str:
+        return str(hf.apply_chat_template(
+            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}],
+            chat_template=template, tokenize=False, add_generation_prompt=True))
+
+    def render_after_video(text: str) -> str:
+        # The template's video comes before the text (checked by _cut): a placeholder the user's
+        # text holds stays in it, for the adapter to refuse.
+        try:
+            return render(text).partition(video_placeholder)[2]
+        except Exception as err:  # noqa: BLE001  a template may raise for one prompt only
+            raise HippoError(f"{path}: its chat template failed on this prompt "
+                             f"({type(err).__name__}: {err})") from err
+
     try:
-        rendered = tokenizer.hf.apply_chat_template(
-            [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": _TEXT_MARK}]}],
-            chat_template=template, tokenize=False, add_generation_prompt=True)
-        return _cut(str(rendered), video_placeholder)
+        cut = _cut(render(_TEXT_MARK), video_placeholder)
+        return ChatFormat(cut.prefix, cut.separator, cut.suffix, render_after_video)
     except Exception as err:  # noqa: BLE001  a template may fail in jinja or in its own raise
         warnings.warn(f"{path}: its chat template does not render a video turn as this family's "
                       f"({type(err).__name__}: {err}); prompts use the family's built-in chat "
@@ -58,20 +85,31 @@ def _cut(rendered: str, video_placeholder: str) -> ChatFormat:
 
 
 def _find_template(path: str, tokenizer: PromptTokenizer | None) -> str | None:
-    """The processor's template (chat_template.jinja, or chat_template.json's), which knows
-    videos, before the tokenizer's (tokenizer_config.json's), which may be text only."""
+    """The processor's template (processor_config.json's, which transformers still reads first
+    from processors saved before templates had their own file; chat_template.jinja, or
+    chat_template.json's), which knows videos, before the tokenizer's (tokenizer_config.json's),
+    which may be text only."""
+    template = _json_entry(os.path.join(path, "processor_config.json"))
+    if template is not None:
+        return template
     jinja = os.path.join(path, "chat_template.jinja")
     if os.path.isfile(jinja):
         with open(jinja, encoding="utf-8") as file:
             return file.read()
-    stored = os.path.join(path, "chat_template.json")
-    if os.path.isfile(stored):
-        try:
-            with open(stored, encoding="utf-8") as file:
-                template = json.load(file).get("chat_template")
-        except (OSError, ValueError, AttributeError):
-            template = None
-        if isinstance(template, str):
-            return template
+    template = _json_entry(os.path.join(path, "chat_template.json"))
+    if template is not None:
+        return template
     template = getattr(getattr(tokenizer, "hf", None), "chat_template", None)
+    return template if isinstance(template, str) else None
+
+
+def _json_entry(file: str) -> str | None:
+    """The "chat_template" string of a JSON file, None where there is none."""
+    if not os.path.isfile(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as stream:
+            template = json.load(stream).get("chat_template")
+    except (OSError, ValueError, AttributeError):
+        template = None
     return template if isinstance(template, str) else None

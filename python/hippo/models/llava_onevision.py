@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
 # llava-hf's chat format for a user turn of [video, text] (a checkpoint's own template wins).
+# Its template closes the turn with <|im_end|> and no newline before <|im_start|>assistant.
 CHAT_FORMAT = ChatFormat(prefix="<|im_start|>user ", separator="\n",
-                         suffix="<|im_end|>\n<|im_start|>assistant\n")
+                         suffix="<|im_end|><|im_start|>assistant\n")
 VIDEO_PLACEHOLDER = "<video>"  # what llava-hf's template writes for a video
 # The placeholder ids the adapter puts in prompts (or refuses in them), as config.json names them.
 TOKEN_ID_FIELDS = {"video_token_id": "video_token_index", "image_token_id": "image_token_index"}
@@ -35,12 +36,14 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
     family = "llava_onevision"
 
     def __init__(self, model: torch.nn.Module, tokenizer: PromptTokenizer | None, preprocess: SiglipVideoPreprocess,
-                 prompt_prefix_ids: list[int], prompt_suffix_ids: list[int], text_separator: str = "") -> None:
+                 prompt_prefix_ids: list[int], prompt_suffix_ids: list[int], text_separator: str = "",
+                 chat: ChatFormat | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.prompt_prefix_ids = list(prompt_prefix_ids)
         self.prompt_suffix_ids = list(prompt_suffix_ids)
+        self.chat = chat
         self.text_separator = text_separator  # prepended to a str prompt (the chat format's "\n")
         vision = model.config.vision_config
         if vision.image_size != preprocess.size:
@@ -79,7 +82,7 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         model = loaded.model.to(device)
         preprocess = replace(preprocess, size=model.config.vision_config.image_size)
         return cls(model, loaded.tokenizer, preprocess, loaded.prompt_prefix_ids, loaded.prompt_suffix_ids,
-                   loaded.text_separator)
+                   loaded.text_separator, loaded.chat)
 
     # -- prompts -----------------------------------------------------------------------------------
     @property
@@ -94,7 +97,7 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
 
     def prompt_ids(self, num_visual: int, prompt: str | list[int]) -> list[int]:
         return (self.prompt_prefix_ids + [self.model.config.video_token_id] * num_visual
-                + self.encode_prompt(prompt) + self.prompt_suffix_ids)
+                + self.ids_after_video(prompt))
 
     def hf_inputs(self, frames: torch.Tensor, prompt: str | list[int]) -> dict:
         """The HF model's own inputs for (frames, prompt): what its processor would have produced."""

@@ -38,12 +38,14 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
     family = "qwen2_5_vl"
 
     def __init__(self, model: torch.nn.Module, tokenizer: PromptTokenizer | None, preprocess: QwenVideoPreprocess,
-                 prompt_prefix_ids: list[int], prompt_suffix_ids: list[int], text_separator: str = "") -> None:
+                 prompt_prefix_ids: list[int], prompt_suffix_ids: list[int], text_separator: str = "",
+                 chat: ChatFormat | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.prompt_prefix_ids = list(prompt_prefix_ids)
         self.prompt_suffix_ids = list(prompt_suffix_ids)
+        self.chat = chat
         self.text_separator = text_separator
         check_preprocess_fits_vision(preprocess, model.config.vision_config)
         self.check_model(model)
@@ -82,7 +84,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         loaded = load_local_checkpoint(Qwen2_5_VLForConditionalGeneration, path, dtype, "Qwen2.5-VL",
                                        CHAT_FORMAT, VIDEO_PLACEHOLDER, check_model=check_skeleton)
         return cls(loaded.model.to(device), loaded.tokenizer, preprocess, loaded.prompt_prefix_ids,
-                   loaded.prompt_suffix_ids, loaded.text_separator)
+                   loaded.prompt_suffix_ids, loaded.text_separator, loaded.chat)
 
     # -- prompts -----------------------------------------------------------------------------------
     def visual_tokens(self, num_frames: int, height: int, width: int) -> int:
@@ -93,7 +95,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
     def prompt_ids(self, num_visual: int, prompt: str | list[int]) -> list[int]:
         cfg = self.model.config
         return (self.prompt_prefix_ids + [cfg.vision_start_token_id] + [cfg.video_token_id] * num_visual
-                + [cfg.vision_end_token_id] + self.encode_prompt(prompt) + self.prompt_suffix_ids)
+                + [cfg.vision_end_token_id] + self.ids_after_video(prompt))
 
     def hf_inputs(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> dict:
         """The HF model's own inputs for (frames, prompt): what its processor would have produced."""
