@@ -168,7 +168,8 @@ def test_a_bad_prompt_is_refused_before_the_video_is_read(monkeypatch):
 @pytest.mark.parametrize("roles", ["draft", "both"])
 def test_gemm_prologues_reach_their_runtimes_and_keep_the_output(roles):
     """HippoOptions(gemm_prologues=...) builds the named runtimes with the fused GEMM ops (on the
-    CPU the same arithmetic): the same tokens as the default pipeline."""
+    CPU the same ops composed, o_proj and the head on skinny_linear's reference: fp32 sums in
+    another order, far from these tokens' margins): the same tokens as the default pipeline."""
     target, draft = make_pair("llava_onevision", "perturbed-copy", seed=1)
     default = HippoPipeline(target, draft).generate(sample_video_path(), "what moves?", 10,
                                                     num_frames=4)

@@ -2,7 +2,8 @@
 // HF's modules round (normalization.h, activation.h, rotary_embedding.h). One definition, used by
 // the standalone kernels (rms_norm, add_rms_norm, silu_and_mul, rotary_kv_append) and by the
 // GEMMs that fuse them (add_rms_norm_linear, silu_and_mul_linear, qkv_projection), so both paths
-// compute the same values.
+// compute the same elementwise values. A norm's row sum of squares is reduced in each kernel's
+// own order (threads of a block differ), so the two paths may differ in its last bits.
 #pragma once
 
 #include "cuda/element_types.cuh"

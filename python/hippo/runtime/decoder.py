@@ -148,11 +148,14 @@ class LanguageModelRuntime:
             silu_and_mul_linear), in steps of up to GEMM_PROLOGUE_MAX_ROWS (batch x tokens)
             rows, i.e. decode steps: on CUDA they then run four kernels fewer per layer, on
             skinny_linear's FMA kernel, whose cost grows with the rows (wider steps keep the
-            ops apart around cuBLAS); same arithmetic (on the CPU, the same ops composed). The
-            first layer's norm joins its q/k/v GEMM as well (a zero residual added), and o_proj
-            and the output head take the same FMA kernel (skinny_linear(impl="fma")), so that a
-            decode step runs hippo_ext kernels only, five per layer with decode_attention's
-            fused merge, which programmatic dependent launch overlaps. Needs the fused layer
+            ops apart around cuBLAS); HF's rounding, though not bit for bit the default path's
+            (a norm's sum of squares reduced in another order on CUDA; o_proj and the head on
+            skinny_linear's dot products, which sum in another order than cuBLAS or, on the
+            CPU, than ATen's linear). The first layer's norm joins its q/k/v GEMM as well (a
+            zero residual added), and o_proj and the output head take the same FMA kernel
+            (skinny_linear(impl="fma")), so that a decode step runs hippo_ext kernels only,
+            five per layer with decode_attention's fused merge, which programmatic dependent
+            launch overlaps. Needs the fused layer
             path; opt-in: slower than the default on an H200 (2026-11-27), before the FMA
             kernel's loads were pipelined and K sliced among its warps, and with o_proj and the
             head on cuBLAS.
