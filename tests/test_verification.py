@@ -329,6 +329,42 @@ def test_verify_sampling_bonus_and_g0(device, gen):
     assert next_token.cpu().tolist() == [inverse_cdf(p[b, 0].tolist(), uniforms[b, 0].item()) for b in range(5)]
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_verify_sampling_sparse_rows_of_unlike_alignment(device, gen, dtype):
+    """Top-k rows (whole vocabulary chunks of zeros, so the CUDA pick scans chunk sums that are 0)
+    at an odd vocabulary, q and p as slices at different element offsets and row strides (CUDA:
+    the paired rows' 16-byte alignments differ, so the chunk sums read element by element), and
+    uniforms at 0 and at the largest float below 1: the same tokens as contiguous copies on the
+    CPU reference."""
+    batch, g, vocab = 4, 3, 151937
+
+    def top_k_rows(rows, k):
+        logits = 3 * torch.randn(batch, rows, vocab, generator=gen, dtype=torch.float64)
+        kth = logits.topk(k, -1).values[..., -1:]
+        return torch.softmax(logits.masked_fill(logits < kth, -math.inf), -1).to(dtype)
+
+    target, draft_probs = top_k_rows(g + 1, 40), top_k_rows(g, 40)
+    draft_probs[1] = 2 * target[1, :g]  # row 1: rejected (u > 1/2), no residual mass: p is sampled
+    draft = torch.multinomial(draft_probs.double().reshape(-1, vocab), 1, generator=gen).reshape(batch, g)
+    uniforms = torch.rand(batch, g + 1, generator=gen)
+    uniforms[1, 0] = 0.9
+    uniforms[2, :] = 0.0
+    uniforms[3, -1] = 1.0 - torch.finfo(torch.float32).eps / 2
+    ref = verify_sampling(draft, draft_probs, target, uniforms)
+    assert ref[0][1] == 0
+
+    q_store = torch.zeros(batch, g + 1, vocab + 9, dtype=dtype)
+    p_store = torch.zeros(batch, g + 2, vocab + 4, dtype=dtype)
+    q_store[:, 1:, 1:vocab + 1] = draft_probs
+    p_store[:, 1:, 3:vocab + 3] = target
+    draft_d, uniforms_d, q_store, p_store = to(device, draft, uniforms, q_store, p_store)
+    q_view, p_view = q_store[:, 1:, 1:vocab + 1], p_store[:, 1:, 3:vocab + 3]
+    assert q_view.stride(2) == 1 and p_view.stride(2) == 1
+    out = verify_sampling(draft_d, q_view, p_view, uniforms_d)
+    for o, r in zip(out, ref):
+        assert o.cpu().tolist() == r.tolist()
+
+
 # ---- verify_tree_greedy ------------------------------------------------------------------------------
 
 
@@ -500,6 +536,17 @@ def test_verify_tree_greedy_refuses_trees_beyond_the_node_limit(device):
         else:
             with pytest.raises(RuntimeError, match="the tree's nodes, must be at most 4095, got 4096"):
                 verify_tree_greedy(tokens, parents, logits)
+
+
+def test_cuda_tree_at_the_node_limit_matches_cpu(device, gen):
+    """kMaxTreeNodes = 4095 nodes: the tree kernel's shared memory (3 ints a node) plus any static
+    shared variable must fit 48 KB. ptxas gives a kernel's single static int 16 bytes: with it,
+    4095 nodes asked 49144 + 16 > 49152 bytes and the launch failed (invalid argument)."""
+    skip_unless_cuda(device)
+    tokens, parents, logits = random_tree(2, 4095, 5, torch.bfloat16, gen, match=0.9)
+    for out, ref in zip(verify_tree_greedy(*to(device, tokens, parents, logits)),
+                        verify_tree_greedy(tokens, parents, logits)):
+        assert torch.equal(out.cpu(), ref)
 
 
 # ---- CUDA against the CPU reference ------------------------------------------------------------------

@@ -186,9 +186,12 @@ __global__ void __launch_bounds__(kBlock)
 
 // ---- kernel 2 of the tree ------------------------------------------------------------------------
 
-// One block per batch element. Shared memory: the argmax of each of the N+1 rows, each node's
-// parent and its depth (0 = not accepted). Node acceptance is resolved by one thread in
-// topological order (N is small); the path is written root to leaf, the rest of the row is -1.
+// One block per batch element. Shared memory, all of it dynamic: the argmax of each of the N+1
+// rows, each node's parent and its depth (0 = not accepted), and the accepted path's length. No
+// static __shared__ variable: ptxas rounds even one int up to 16 bytes, and static plus dynamic
+// must fit the 48 KB a block gets without opting in (tree_smem_bytes). Node acceptance is
+// resolved by one thread in topological order (N is small); the path is written root to leaf,
+// the rest of the row is -1.
 __global__ void __launch_bounds__(kBlock)
     tree_finalize_kernel(const ArgmaxPair* __restrict__ partials, int splits,
                          const int64_t* __restrict__ tree_tokens, const int64_t* __restrict__ parents,
@@ -198,7 +201,7 @@ __global__ void __launch_bounds__(kBlock)
   int* row_argmax = tree_smem;            // [nodes + 1]
   int* parent_of = row_argmax + nodes + 1;  // [nodes]
   int* depth = parent_of + nodes;           // [nodes]
-  __shared__ int best_depth;
+  int& best_depth = depth[nodes];           // [1]
 
   const int64_t b = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
@@ -498,6 +501,14 @@ at::Tensor launch_row_argmax_partials(const at::Tensor& logits, const VerifyShap
 
 constexpr int64_t kArgmaxMinChunk = 2048;
 
+// Dynamic shared memory of tree_finalize_kernel (which has no static shared memory): row_argmax
+// [N + 1], parent_of [N], depth [N] and best_depth.
+constexpr size_t tree_smem_bytes(int64_t nodes) {
+  return (3 * static_cast<size_t>(nodes) + 2) * sizeof(int);
+}
+static_assert(tree_smem_bytes(kMaxTreeNodes) <= 48 * 1024,
+              "kMaxTreeNodes must fit the 48 KB of shared memory a block gets without opting in");
+
 std::tuple<at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tensor& draft_tokens,
                                                       const at::Tensor& target_logits) {
   const VerifyShape shape = check_verify_greedy_inputs(draft_tokens, target_logits);
@@ -522,7 +533,7 @@ std::tuple<at::Tensor, at::Tensor> verify_greedy_cuda(const at::Tensor& draft_to
 std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_greedy_cuda(
     const at::Tensor& tree_tokens, const at::Tensor& parents, const at::Tensor& target_logits) {
   // check_... bounds the nodes by kMaxTreeNodes, which the tree kernel's shared memory (3 ints
-  // a node and one more, beside a 4-byte static) fits without opting in past 48 KB.
+  // a node and two more, all dynamic) fits without opting in past 48 KB.
   const VerifyShape shape = check_verify_tree_greedy_inputs(tree_tokens, parents, target_logits);
   const c10::cuda::CUDAGuard guard(target_logits.device());
   at::Tensor num_accepted = at::empty({shape.batch}, tree_tokens.options());
@@ -536,7 +547,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> verify_tree_greedy_cuda(
   const at::Tensor partials =
       launch_row_argmax_partials(target_logits, shape, rows_per_batch, plan, "verify_tree_greedy");
   const int nodes = static_cast<int>(shape.draft_len);
-  const size_t smem = (3 * static_cast<size_t>(nodes) + 1) * sizeof(int);
+  const size_t smem = tree_smem_bytes(nodes);
   tree_finalize_kernel<<<static_cast<unsigned>(shape.batch), kBlock, smem, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const ArgmaxPair*>(partials.const_data_ptr<int>()), plan.splits,
       tree_tokens.const_data_ptr<int64_t>(), parents.const_data_ptr<int64_t>(), nodes,
