@@ -328,6 +328,34 @@ def test_decoded_frames_are_never_resampled_in_silence():
     assert pipeline.generate(frames[[0, 2]], "hi", 2).stats.tokens >= 1
 
 
+def test_decoded_frames_take_fps_as_their_rate_checked_for_every_family():
+    """With decoded frames fps is the rate they were sampled at (Qwen2.5-VL's temporal
+    positions; None is 2 frames per second). A file sampled at num_frames is spaced by the count
+    over its duration: its frames given with that rate make the same prompt. A bad rate is refused
+    for LLaVA too, whose positions ignore it (it was accepted in silence: nan, -1, "2")."""
+    from hippo.video import load_video
+
+    qwen = HippoPipeline(load_adapter("tiny-qwen2.5-vl"), None, mode="ar")
+    frames = load_video(sample_video_path(), num_frames=4)  # 16 frames at 4 fps: 1 frame a second
+    from_file = qwen.prepare(sample_video_path(), "hi", num_frames=4)[0]
+    given = qwen.prepare(frames, "hi", fps=1.0)[0]
+    assert torch.equal(given.position_ids, from_file.position_ids)
+    assert torch.equal(given.inputs_embeds, from_file.inputs_embeds)
+    default, two = (qwen.prepare(frames, "hi", fps=rate)[0] for rate in (None, 2.0))
+    assert torch.equal(default.position_ids, two.position_ids)
+    assert not torch.equal(default.position_ids, from_file.position_ids)
+    for name in ("tiny-qwen2.5-vl", "tiny-llava-onevision"):
+        adapter = load_adapter(name)
+        pipeline = HippoPipeline(adapter, None, mode="ar")
+        for fps in (0, -1.0, float("nan"), float("inf"), "2", True):
+            with pytest.raises(HippoError, match="fps must be a positive number"):
+                pipeline.generate(frames, "hi", 2, fps=fps)
+            with pytest.raises(HippoError, match="fps must be a positive number"):
+                adapter.prepare(frames, [1, 2], fps=fps)
+            with pytest.raises(HippoError, match="fps must be a positive number"):
+                adapter.generate_kwargs(frames, [1, 2], fps=fps)
+
+
 def test_bad_sampling_and_stop_tokens_are_refused_before_the_video_is_read(monkeypatch):
     from hippo import pipeline as module
 

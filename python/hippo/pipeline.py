@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 import hippo_ext
-from hippo.models.base import HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible, resolve_device
+from hippo.models.base import (HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible,
+                               check_positive_rate, resolve_device)
 from hippo.models.preprocess import check_frames
 from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, preserve_tokens
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive
@@ -194,6 +195,11 @@ class HippoPipeline:
         frames are decoded once, each model embeds them with its own vision tower. A video file
         is sampled at num_frames uniform frames or at fps frames per second (not both;
         DEFAULT_FRAMES when neither is given), between start and end seconds when given.
+        Decoded frames (uint8 RGB [T, H, W, 3]) are used as given: fps is then the rate they
+        were sampled at, which spaces Qwen2.5-VL's temporal positions (None: 2 frames per
+        second, one second per temporal patch, as qwen-vl-utils assumes for a list of frames;
+        a file sampled at num_frames gets the count over its duration instead, so pass that
+        rate to get the same positions from its frames).
         max_new_tokens: the tokens to be generated after the prompt; frames whose visual tokens
         plus the prompt's text and these cannot fit a model's context are refused before they
         are decoded."""
@@ -206,6 +212,8 @@ class HippoPipeline:
             # Never ignored in silence: the frames given are the frames used.
             raise HippoError("num_frames samples a video file; with decoded frames pass the ones "
                              f"to use (frames[indices]), got num_frames={num_frames!r}")
+        if fps is not None:  # every family, decoded frames too (LLaVA's positions ignore it)
+            check_positive_rate("fps", fps)
         if num_frames is None and fps is None:
             num_frames = DEFAULT_FRAMES
         new_tokens = new_token_count(max_new_tokens, least=0)
@@ -269,9 +277,9 @@ class HippoPipeline:
                  eos_token_id: int | list[int] | None | str = USE_TARGET_EOS) -> HippoOutput:
         """Generate up to max_new_tokens after (video, prompt); stops after eos (included).
 
-        video: a file path, or frames [T, H, W, 3] uint8 already decoded; num_frames, fps,
-        start and end as in prepare(). eos_token_id: the target's by default; None never stops
-        early. Sampling (temperature > 0) is seeded by `seed` when given: reproducible where the
+        video: a file path, or frames [T, H, W, 3] uint8 RGB already decoded (fps: the rate
+        they were sampled at); num_frames, fps, start and end as in prepare(). eos_token_id:
+        the target's by default; None never stops early. Sampling (temperature > 0) is seeded by `seed` when given: reproducible where the
         rounds do not depend on timing (mode "ar", or a fixed gamma; parallel mode on a CPU
         only); with gamma "auto" or parallel mode on CUDA, runs may differ (each one
         distribution-exact).

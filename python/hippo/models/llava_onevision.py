@@ -13,9 +13,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hippo.models.base import (build_random_model, check_text_config, check_token_ids_in_vocabulary,
-                               is_int, load_local_checkpoint, preset_for_family, HippoError, PreparedPrompt,
-                               PromptTokenizer, VideoLLMAdapter, visual_span)
+from hippo.models.base import (build_random_model, check_positive_rate, check_text_config,
+                               check_token_ids_in_vocabulary, is_int, load_local_checkpoint,
+                               preset_for_family, HippoError, PreparedPrompt, PromptTokenizer,
+                               VideoLLMAdapter, visual_span)
 from hippo.models.chat_format import ChatFormat
 from hippo.models.preprocess import (SIGLIP_MEAN, SIGLIP_STD, SiglipVideoPreprocess, preprocess_siglip_video,
                                      settings_from_checkpoint, settings_value)
@@ -109,11 +110,16 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
 
     def generate_kwargs(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> dict:
         """fps is accepted for a uniform interface, as in prepare()."""
+        if fps is not None:
+            check_positive_rate("fps", fps)
         return self.hf_inputs(frames, prompt)
 
     @torch.no_grad()
     def prepare(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> PreparedPrompt:
-        """fps is accepted for a uniform interface; 1-D positions do not depend on it."""
+        """fps is accepted for a uniform interface (and checked, as Qwen2.5-VL's is); 1-D
+        positions do not depend on it."""
+        if fps is not None:
+            check_positive_rate("fps", fps)
         inputs = self.hf_inputs(frames, prompt)
         cfg, vlm = self.model.config, self.model.model
         input_ids = inputs["input_ids"]
