@@ -312,6 +312,14 @@ OUT_OF_RANGE_CONFIGS = {  # (family, edit, what the error says)
                                      "text_config.hidden_act 'nonsense' is not an activation"),
     "llava_unknown_vision_activation": ("llava", _set("vision_config", "hidden_act", "swishy"),
                                         "vision_config.hidden_act 'swishy' is not an activation"),
+    # hippo_ext's rms_norm refused it with a RuntimeError traceback in the first prefill.
+    "qwen_negative_rms_norm_eps": ("qwen", _set("text_config", "rms_norm_eps", -1.0),
+                                   "rms_norm_eps must be a finite number >= 0, got -1.0"),
+    # HF's window indexing divides by window_size // spatial_merge_size // patch_size (0 here).
+    "qwen_vision_window_smaller_than_a_merged_patch": (
+        "qwen", _set("vision_config", "window_size", 14),
+        "vision_config.window_size must be an integer of at least patch_size x spatial_merge_size "
+        "(28), got 14"),
     "llava_heads_not_a_multiple_of_kv_heads": (
         "llava", _set("text_config", "num_key_value_heads", 3),
         "num_attention_heads (4) must be a positive multiple of num_key_value_heads (3)"),

@@ -312,6 +312,8 @@ BAD_OPTIONS = {  # argv, what the one-line error says
     "frames_and_fps": (_generate("--fps", "1"), "--frames or --fps, not both"),
     "window_reversed": (_generate("--start", "3", "--end", "1"), "ends (1 s) before it starts"),
     "window_past_the_video": (_generate("--start", "60"), "starts after the video ends (4 s)"),
+    # Finite, but times the frame rate beyond a float: an OverflowError traceback before.
+    "window_far_past_the_video": (_generate("--start", "1e308"), "starts after the video ends"),
     "negative_start": (_generate("--start", "-1"), "--start must be a number of seconds >= 0"),
     "infinite_end": (_generate("--end", "inf"), "--end must be a number of seconds >= 0"),
     "window_too_short": (_generate("--start", "1", "--end", "1.5"), "holds 2 frames, 4 requested"),
@@ -614,6 +616,65 @@ def test_late_library_errors_name_the_flags(capsys, tmp_path):
     _assert_one_line_error(capsys, no_rate, "sample it with --frames instead of --fps")
     _assert_one_line_error(capsys, _generate("--max-new-tokens", "40000"),
                            "ask for fewer frames (--frames, a lower --fps or a time window)")
+
+
+def test_quoted_library_messages_keep_their_words(capsys, tmp_path):
+    """Another library's message that hippo's quotes is not hippo's API: its words stay (the
+    UTF-8 decoder's "invalid start byte" read "invalid --start byte")."""
+    checkpoint = tmp_path / "latin1"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_bytes(b'\xff{"model_type": "qwen2_5_vl"}')
+    argv = ["generate", "--target", str(checkpoint), "--video", str(sample_video_path()),
+            "--prompt", "hi", "--mode", "ar"]
+    _assert_one_line_error(capsys, argv, "invalid start byte")
+    from hippo.cli import _with_flag_names
+
+    flags = {"start": "--start", "fps": "--fps"}
+    assert _with_flag_names("start must be >= 0: invalid start byte, fps", flags,
+                            verbatim="invalid start byte") == \
+        "--start must be >= 0: invalid start byte, --fps"
+
+
+def test_a_preset_bench_names_its_own_flags(capsys, tmp_path):
+    """A preset run's token count is --new-tokens: --max-new-tokens is a --dataset run's, refused
+    in a preset run, so the message must not send the user there."""
+    argv = ["bench", "--preset", "tiny", "--frames", "1", "--eps", "0.1", "--new-tokens",
+            "1000000000", "--methods", "hippo_ar", "--out-dir", str(tmp_path)]
+    _assert_one_line_error(capsys, argv, "(prompt plus --new-tokens)")
+
+
+def test_a_preset_bench_error_is_one_line_after_its_progress_bar(capsys, monkeypatch, tmp_path):
+    """stderr captured, as in a log: the preset bench draws no bar there, so the error stands
+    alone."""
+    from hippo.models.base import HippoError
+    from hippo.pipeline import HippoPipeline
+
+    def failing(*args, **kwargs):
+        raise HippoError("the method failed")
+
+    monkeypatch.setattr(HippoPipeline, "generate_prepared", failing)
+    _assert_one_line_error(capsys, ["bench", "--preset", "tiny", "--frames", "1", "--eps", "0.1",
+                                    "--new-tokens", "4", "--out-dir", str(tmp_path)],
+                           "the method failed")
+
+
+def test_an_out_dir_that_takes_no_files_is_refused_before_the_run(capsys, monkeypatch, tmp_path):
+    """A folder that exists but cannot be written (read-only, another user's) failed only when
+    the report was written, after the whole benchmark, without naming --out-dir."""
+    import tempfile
+
+    from hippo.bench import end_to_end
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    def never(*args, **kwargs):
+        raise AssertionError("the benchmark ran before --out-dir was checked")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(end_to_end, "run_end_to_end", never)
+    _assert_one_line_error(capsys, ["bench", "--preset", "tiny", "--out-dir", str(tmp_path)],
+                           f"--out-dir {tmp_path}: cannot write there (Permission denied)")
 
 
 def test_flag_names_leave_paths_and_longer_names_alone():

@@ -121,6 +121,9 @@ def test_sample_indices_without_a_file():
         (dict(num_frames=1, window=(2.05, 2.05)), [20]),  # the frame on screen at that time
         (dict(num_frames=1, window=(0.0, 0.05)), [0]),
         (dict(fps=100.0, window=(9.75, None)), [97, 98, 99]),
+        # Ends whose frame position overflows a float (1e308 s x 10 fps): the video's end.
+        (dict(num_frames=2, window=(5.0, 1e308)), [50, 99]),
+        (dict(fps=2.0, window=(8.0, 1e308)), [80, 85, 90, 95]),
     ],
 )
 def test_sampling_inside_a_time_window(request_kwargs, expected):
@@ -194,6 +197,8 @@ def test_bad_time_windows():
         sample_indices(info, num_frames=2, window=(0.0, 0.05))
     with pytest.raises(HippoError, match="starts after the video ends"):
         sample_indices(info, num_frames=1, window=(10.0, None))
+    with pytest.raises(HippoError, match="starts after the video ends"):  # was an OverflowError
+        sample_indices(info, fps=1.0, window=(1e308, 1e308))
     with pytest.raises(HippoError, match="no frame rate, so a time window"):
         sample_indices(VideoInfo(100, 0.0, 1, 1), num_frames=1, window=(1.0, 2.0))
 

@@ -288,8 +288,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return 1
     except HippoError as error:
-        message = _with_flag_names(_one_line(error), _API_FLAGS[args.command])
-        print(f"hippo {args.command}: error: {message}", file=sys.stderr)
+        message = _with_flag_names(_single_line(str(error)), _command_flags(args),
+                                   verbatim=_wrapped_message(error))
+        print(f"hippo {args.command}: error: {_cut(message) or type(error).__name__}",
+              file=sys.stderr)
         return EXIT_USER_ERROR
     except (ValueError, OSError) as error:  # OSError: paths (missing, not a folder, ...)
         print(f"hippo {args.command}: error: {_one_line(error)}", file=sys.stderr)
@@ -354,10 +356,25 @@ _MAX_ERROR_CHARS = 600
 def _one_line(error: BaseException) -> str:
     """The error's message on one line: its lines joined (transformers' validation errors name
     the field on the first line and the reason on the next), cut at _MAX_ERROR_CHARS."""
-    text = _single_line(str(error))
-    if not text:
-        return type(error).__name__
+    return _cut(_single_line(str(error))) or type(error).__name__
+
+
+def _cut(text: str) -> str:
     return text if len(text) <= _MAX_ERROR_CHARS else text[:_MAX_ERROR_CHARS - 3].rstrip() + "..."
+
+
+def _wrapped_message(error: BaseException) -> str | None:
+    """The message of the first exception not hippo's that a HippoError was raised from (a
+    decoder's, JSON's, transformers'), on one line: text hippo quotes, whose words are not its
+    parameters ("invalid start byte" is no --start)."""
+    from hippo.models.base import HippoError
+
+    cause = error.__cause__
+    while isinstance(cause, HippoError):
+        cause = cause.__cause__
+    if cause is None:
+        return None
+    return _single_line(str(cause)) or None
 
 
 def _single_line(text: str) -> str:
@@ -380,11 +397,24 @@ _API_FLAGS = {
 }
 
 
-def _with_flag_names(message: str, flags: dict[str, str]) -> str:
+def _command_flags(args: argparse.Namespace) -> dict[str, str]:
+    """_API_FLAGS of the command run; a preset bench names its token and frame counts
+    --new-tokens and --frames (--max-new-tokens and --num-frames are a --dataset run's)."""
+    flags = _API_FLAGS[args.command]
+    if args.command == "bench" and not getattr(args, "dataset", None):
+        flags = dict(flags, max_new_tokens="--new-tokens", num_frames="--frames")
+    return flags
+
+
+def _with_flag_names(message: str, flags: dict[str, str], verbatim: str | None = None) -> str:
     """message with each parameter name of `flags` that stands as a word of its own replaced by
-    its flag; names inside a path, a quoted string or a longer name (max_gamma) stay as they are."""
+    its flag; names inside a path, a quoted string or a longer name (max_gamma) stay as they are,
+    and so does `verbatim`, another library's message that hippo's quotes."""
     if not flags:
         return message
+    if verbatim and verbatim in message:
+        head, _, tail = message.partition(verbatim)
+        return _with_flag_names(head, flags) + verbatim + _with_flag_names(tail, flags)
     word = re.compile(r"(?<![\w/.'\"-])(" + "|".join(map(re.escape, flags)) + r")(?![\w/'\"-])")
     return word.sub(lambda match: flags[match.group(1)], message)
 

@@ -194,14 +194,17 @@ def _window_frames(info: VideoInfo, window: tuple[float, float | None]) -> tuple
     if info.fps <= 0:
         raise HippoError("video reports no frame rate, so a time window cannot be placed in it")
     start, end = window
-    first = int(start * info.fps + 1e-6)
-    if first >= info.num_frames:
+    # Compared as floats before any int(): a finite start or end far past the video (1e308 s)
+    # times the frame rate overflows to inf, which int() and math.ceil() refuse.
+    first_position = start * info.fps + 1e-6
+    if first_position >= info.num_frames:
         raise HippoError(f"{_describe(window)} starts after the video ends ({info.duration:.3g} s)")
+    first = int(first_position)
     if end is None:
         return first, info.num_frames - 1
     # Frame i is on screen during [i / fps, (i + 1) / fps); a window shorter than one frame
     # still holds the frame on screen at its start.
-    last = math.ceil(end * info.fps - 1e-6) - 1
+    last = math.ceil(min(end * info.fps, info.num_frames) - 1e-6) - 1
     return first, max(first, min(last, info.num_frames - 1))
 
 

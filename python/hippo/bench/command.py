@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -79,6 +80,11 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise HippoError(f"--out-dir {out_dir}: cannot make the folder ({err.strerror})") from err
+    try:  # a folder that exists but takes no files would fail only after the whole run
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise HippoError(f"--out-dir {out_dir}: cannot write there ({err.strerror or err})") from err
     if args.dataset:
         return _run_dataset(args, out_dir)
     from hippo.bench.end_to_end import METHODS, PRESETS, run_end_to_end

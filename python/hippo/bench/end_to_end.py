@@ -76,14 +76,17 @@ def run_end_to_end(preset: BenchPreset, *, frames: tuple[int, ...] | None = None
                                             max_gamma=max(gamma, 12))}
     rows = []
     work = [(count, eps) for count in frames for eps in eps_values]
-    for count, eps in tqdm(work, desc="bench", disable=not progress):
-        pair.set_eps(eps)
-        prompts = [synthetic_prompt(adapter, frames=count, grid=preset.grid)
-                   for adapter in (pair.target, pair.draft)]
-        measured = _measure_all(pair, pipelines, prompts, new_tokens, gamma, methods)
-        rows += _rows(measured, count, prompts[0].length, eps, gamma)
-        echo(f"frames {count}, eps {eps}: " + ", ".join(
-            f"{r['method']} {r['ms/token']} ms/token" for r in rows[-len(measured):]))
+    # No bar where stderr is no terminal (a log, a pipe), and on a terminal the `with` clears it
+    # before an error propagates: hippo's error line stands alone (as in the dataset runner).
+    with tqdm(work, desc="bench", disable=None if progress else True, leave=False) as bar:
+        for count, eps in bar:
+            pair.set_eps(eps)
+            prompts = [synthetic_prompt(adapter, frames=count, grid=preset.grid)
+                       for adapter in (pair.target, pair.draft)]
+            measured = _measure_all(pair, pipelines, prompts, new_tokens, gamma, methods)
+            rows += _rows(measured, count, prompts[0].length, eps, gamma)
+            echo(f"frames {count}, eps {eps}: " + ", ".join(
+                f"{r['method']} {r['ms/token']} ms/token" for r in rows[-len(measured):]))
     return rows
 
 

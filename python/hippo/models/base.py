@@ -319,6 +319,10 @@ def check_text_config(model: torch.nn.Module) -> None:
     if limit is not None and not (is_int(limit) and limit > 0):
         raise HippoError(f"config.json: max_position_embeddings must be a positive integer (the "
                          f"model's context), got {limit!r}")
+    eps = getattr(config, "rms_norm_eps", None)
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, numbers.Real)
+                            or not math.isfinite(eps) or eps < 0):
+        raise HippoError(f"config.json: rms_norm_eps must be a finite number >= 0, got {eps!r}")
     heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if not (is_int(heads) and is_int(kv_heads) and heads > 0 and kv_heads > 0 and heads % kv_heads == 0):

@@ -57,6 +57,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         check_text_config(model)
         check_token_ids_in_vocabulary(model, {field: field for field in TOKEN_ID_FIELDS})
         check_mrope_section(model)
+        check_vision_window(model)
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -206,6 +207,20 @@ def check_mrope_section(model: torch.nn.Module) -> None:
                          f"sizes summing to {half}")
     raise HippoError(f"config.json: mrope_section {given!r} does not fit head_dim {2 * half}: "
                      f"it must hold positive integers summing to {half} (head_dim / 2)")
+
+
+def check_vision_window(model: torch.nn.Module) -> None:
+    """The vision tower's attention windows hold window_size // spatial_merge_size // patch_size
+    merged patches a side: a window_size below patch_size x spatial_merge_size makes that 0,
+    and HF's window indexing fails with a ZeroDivisionError in the first prepare."""
+    vision = model.config.vision_config
+    window, patch, merge = (getattr(vision, name, None)
+                            for name in ("window_size", "patch_size", "spatial_merge_size"))
+    if not (is_int(patch) and is_int(merge) and patch > 0 and merge > 0):
+        return  # check_preprocess_fits_vision names these
+    if not (is_int(window) and window >= patch * merge):
+        raise HippoError(f"config.json: vision_config.window_size must be an integer of at least "
+                         f"patch_size x spatial_merge_size ({patch * merge}), got {window!r}")
 
 
 def check_preprocess_fits_vision(preprocess: QwenVideoPreprocess, vision: PretrainedConfig) -> None:
