@@ -226,6 +226,11 @@ BROKEN_CHECKPOINTS = {  # (family, file, content, what the error names)
                                     b'{"patch_size": 16}', "patch_size 16 vs patch_size 14"),
     "merge_size_of_another_tower": ("qwen", "video_preprocessor_config.json",
                                     b'{"merge_size": 3}', "merge_size 3 vs spatial_merge_size 2"),
+    # transformers skips an unreadable generation_config.json in silence (and its eos ids)
+    "generation_config_not_json": ("qwen", "generation_config.json", b'{"eos_token_id": [1,',
+                                   "generation_config.json"),
+    "chat_template_json_not_json": ("llava", "chat_template.json", b"{'chat_template': 1}",
+                                    "chat_template.json"),
     # transformers' defaults fill the size fields: a 72B-sized model that must fail before it
     # is allocated, not exhaust memory.
     "config_without_sizes": ("qwen", "config.json", b'{"model_type": "qwen2_5_vl"}',

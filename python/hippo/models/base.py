@@ -488,6 +488,9 @@ def load_local_checkpoint(model_class: type[torch.nn.Module], path: str, dtype: 
     from hippo.models.chat_format import checkpoint_chat_format
 
     tokenizer = load_local_tokenizer(path)
+    # transformers skips a generation_config.json it cannot parse in silence, and with it the
+    # eos ids that stop a generation: read it here first, so that it is one clear error.
+    read_checkpoint_json(path, "generation_config.json")
     chat = checkpoint_chat_format(path, tokenizer, video_placeholder, builtin_chat)
     prefix, suffix = chat_ids(tokenizer, chat.prefix, chat.suffix)
 

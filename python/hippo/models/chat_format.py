@@ -9,13 +9,12 @@ prompts are the ones HF's processor would build from that template.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hippo.models.base import HFPromptTokenizer, HippoError, PromptTokenizer
+from hippo.models.base import HFPromptTokenizer, HippoError, PromptTokenizer, read_json_object
 
 # Stands for the user's text while rendering: any string the template copies through unchanged.
 _TEXT_MARK = "HIPPOUSERTEXTMARK"
@@ -104,12 +103,9 @@ def _find_template(path: str, tokenizer: PromptTokenizer | None) -> str | None:
 
 
 def _json_entry(file: str) -> str | None:
-    """The "chat_template" string of a JSON file, None where there is none."""
+    """The "chat_template" string of a JSON file, None where there is none; a file that is not
+    a JSON object is an error naming it, as every checkpoint JSON file hippo reads."""
     if not os.path.isfile(file):
         return None
-    try:
-        with open(file, encoding="utf-8") as stream:
-            template = json.load(stream).get("chat_template")
-    except (OSError, ValueError, AttributeError):
-        template = None
+    template = read_json_object(file).get("chat_template")
     return template if isinstance(template, str) else None
