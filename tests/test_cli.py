@@ -296,6 +296,17 @@ def test_a_benchmark_set_with_no_runnable_question_is_an_error(capsys, tmp_path)
     assert summary["run"] == 0 and summary["all_matched_ar"] is None
 
 
+def test_a_benchmark_set_with_no_questions_is_an_error(capsys, tmp_path):
+    """An annotation file without a multiple-choice question (an empty list) exited 0 with an
+    all-n/a summary."""
+    root = tmp_path / "mvbench"
+    (root / "json").mkdir(parents=True)
+    (root / "json" / "action_sequence.json").write_text("[]")
+    argv = ["bench", "--dataset", "mvbench", "--root", str(root), "--out-dir", str(tmp_path / "out")]
+    assert main(argv) == EXIT_USER_ERROR
+    assert "hold no multiple-choice question" in capsys.readouterr().err
+
+
 BAD_OPTIONS = {  # argv, what the one-line error says
     "unknown_device": (_generate("--device", "gpu"), "unknown device"),
     "meta_device": (_generate("--device", "meta"), "not supported"),

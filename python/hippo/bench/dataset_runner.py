@@ -25,6 +25,9 @@ def run_benchmark_set(name: str, root: str, *, target: str, draft: str | None,
     from tqdm import tqdm
 
     questions = read_dataset(name, root, limit=limit)
+    if not questions and limit != 0:  # an all-n/a summary would pass for a run
+        raise HippoError(f"the {name} annotations under {root} hold no multiple-choice "
+                         "question hippo can run")
     where = resolve_device(device)
     target_adapter = load_adapter(target, device=where)
     draft_adapter = load_adapter(draft, device=where) if draft else None
