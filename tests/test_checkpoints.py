@@ -331,6 +331,21 @@ OUT_OF_RANGE_CONFIGS = {  # (family, edit, what the error says)
 }
 
 
+@pytest.mark.parametrize("family,edit,needle", [
+    ("llava", _set("vision_feature_select_strategy", 5),
+     "cannot read the LLaVA-OneVision config.json in"),
+    ("qwen", _set("model_type", "llava_onevision"), "cannot read the LLaVA-OneVision config.json"),
+], ids=["field_transformers_refuses", "model_type_of_the_other_family"])
+def test_a_config_transformers_refuses_is_named_as_the_config(capsys, checkpoints, tmp_path,
+                                                              family, edit, needle):
+    """The tokenizer's loader parses config.json too: its faults were reported as "cannot load
+    the tokenizer". config.json is read first, and its error names it."""
+    target = _edited_config(checkpoints[family], tmp_path / family, edit)
+    assert main(_generate(target, None, "--mode", "ar")) == EXIT_USER_ERROR
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert needle in last and "tokenizer" not in last, last
+
+
 @pytest.fixture
 def weights_never_load(monkeypatch):
     """Fails the test if a checkpoint's weights load: errors found in the checkpoint's small

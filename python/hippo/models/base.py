@@ -487,6 +487,8 @@ def load_local_checkpoint(model_class: type[torch.nn.Module], path: str, dtype: 
     skeleton, with the family's config checks, before the weights load."""
     from hippo.models.chat_format import checkpoint_chat_format
 
+    # config.json first: the tokenizer's loader parses it too, and would be blamed for its faults.
+    config = load_local_config(model_class, path, label)
     tokenizer = load_local_tokenizer(path)
     # transformers skips a generation_config.json it cannot parse in silence, and with it the
     # eos ids that stop a generation: read it here first, so that it is one clear error.
@@ -500,7 +502,8 @@ def load_local_checkpoint(model_class: type[torch.nn.Module], path: str, dtype: 
                 check_model(skeleton)
         check_tokenizer_fits_embeddings(skeleton, path, tokenizer, prefix + suffix)
 
-    model = load_local_model(model_class, path, dtype, label, check_model=check_skeleton)
+    model = load_local_model(model_class, path, dtype, label, config=config,
+                             check_model=check_skeleton)
     return LocalCheckpoint(model, tokenizer, prefix, suffix, chat.separator,
                            chat if tokenizer is not None else None)
 
@@ -543,20 +546,35 @@ def transformers_quiet() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_local_model(model_class: type[torch.nn.Module], path: str, dtype: torch.dtype, label: str,
-                     check_model: Callable[[torch.nn.Module], None] | None = None
-                     ) -> torch.nn.Module:
-    """from_pretrained on a local directory only (nothing is ever downloaded). Every parameter
-    must come from the checkpoint: transformers would otherwise initialise what is missing at
-    random and carry on. check_model (the family's config checks) runs on a weightless skeleton
-    first, so that a wrong config.json is refused before the weights load (minutes for a 7B)."""
+def load_local_config(model_class: type[torch.nn.Module], path: str,
+                      label: str) -> PretrainedConfig:
+    """The checkpoint directory's config.json, parsed by the family's config class; whatever is
+    wrong with it is one message naming it."""
     import os
 
     if not os.path.isdir(path):
         raise HippoError(f"no checkpoint directory at {path}")
     try:
         with transformers_quiet():
-            config = model_class.config_class.from_pretrained(path, local_files_only=True)
+            return model_class.config_class.from_pretrained(path, local_files_only=True)
+    except Exception as err:  # noqa: BLE001  transformers' validation raises many types
+        raise HippoError(f"cannot read the {label} config.json in {path}: "
+                         f"{type(err).__name__}: {err}") from err
+
+
+def load_local_model(model_class: type[torch.nn.Module], path: str, dtype: torch.dtype, label: str,
+                     config: PretrainedConfig | None = None,
+                     check_model: Callable[[torch.nn.Module], None] | None = None
+                     ) -> torch.nn.Module:
+    """from_pretrained on a local directory only (nothing is ever downloaded), with `config`
+    (load_local_config's) when already read. Every parameter must come from the checkpoint:
+    transformers would otherwise initialise what is missing at random and carry on. check_model
+    (the family's config checks) runs on a weightless skeleton first, so that a wrong
+    config.json is refused before the weights load (minutes for a 7B)."""
+    if config is None:
+        config = load_local_config(model_class, path, label)
+    try:
+        with transformers_quiet():
             with errors_prefixed(path):
                 check_activations_known(config)
             with torch.device("meta"):
