@@ -13,6 +13,7 @@ from hippo.models import load_adapter
 from hippo.models.base import HippoError
 from hippo.pipeline import HippoOptions, HippoPipeline, check_lane_devices
 from hippo.preserve import PreservationOptions
+from hippo_testing import requires_cuda
 from speculative_testing import make_pair
 
 
@@ -447,19 +448,23 @@ def test_lanes_on_a_cpu_and_a_gpu_need_sequential_decoding():
             check_lane_devices(target, draft, "parallel")
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
+                                                                     requires_cuda])])
 @pytest.mark.parametrize("mode", ["ar", "parallel"])
-def test_a_generation_inside_inference_mode_leaves_the_pipeline_and_the_model_usable(mode):
+def test_a_generation_inside_inference_mode_leaves_the_pipeline_and_the_model_usable(mode,
+                                                                                     device):
     """Servers run requests under torch.inference_mode(). A pipeline whose runtimes were built
     there kept inference tensors (its KV cache, the fused weights the model's parameters then
     view): every later generation outside it failed on the cache's in-place updates, and the
-    model could no longer be trained."""
-    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    model could no longer be trained. On CUDA the runtimes also capture graphs (parallel mode:
+    two streams) inside inference mode."""
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0, device=device)
     pipeline = HippoPipeline(target, draft, mode=mode, gamma=3)
     with torch.inference_mode():
         inside = pipeline.generate(sample_video_path(), "what moves?", 8, num_frames=4)
     outside = pipeline.generate(sample_video_path(), "what moves?", 8, num_frames=4)
     assert outside.tokens == inside.tokens
-    target.model(input_ids=torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    target.model(input_ids=torch.tensor([[1, 2, 3]], device=device)).logits.sum().backward()
 
 
 def test_pipelines_sharing_runtimes_take_turns_across_threads(monkeypatch):
