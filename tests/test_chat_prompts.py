@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from hippo.models import load_adapter
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -172,3 +173,86 @@ def test_a_template_failing_on_one_prompt_is_a_clear_error(checkpoints, tmp_path
     assert adapter.prompt_ids(2, "What moves?")
     with pytest.raises(HippoError, match="chat template failed on this prompt .*not that word"):
         adapter.prompt_ids(2, "a forbidden word")
+
+
+def _edited_json(directory: str, name: str, edit) -> None:
+    file = Path(directory) / name
+    content = json.loads(file.read_text())
+    edit(content)
+    file.write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize("family,draft_template", [
+    ("qwen2_5_vl", TRIMS),  # the same text around the prompt, but the prompt trimmed
+    ("llava_onevision", LLAVA_TEMPLATE.replace("'\n' + content['text']", "' ' + content['text']"))],
+    ids=["trims-the-text", "other-separator"])
+def test_a_draft_whose_template_makes_other_text_ids_is_refused_up_front(checkpoints, tmp_path,
+                                                                         family, draft_template):
+    """Chat-format ids around the prompt that agree do not make the prompts agree: refused when
+    the pair is made, not after both models have embedded the video (with a message blaming
+    the vision preprocessing)."""
+    from hippo.models.base import HippoError
+    from hippo.pipeline import HippoPipeline
+
+    made, _ = checkpoints
+    template = QWEN_TEMPLATE if family == "qwen2_5_vl" else LLAVA_TEMPLATE
+    target = load_adapter(_with(made[family], tmp_path / "target", {"chat_template.jinja": template}))
+    draft = load_adapter(_with(made[family], tmp_path / "draft", {"chat_template.jinja": draft_template}))
+    with pytest.raises(HippoError, match="^target and draft are not a compatible pair: chat templates "
+                                         r"\(they make different ids of a text prompt"):
+        HippoPipeline(target, draft)
+
+
+def test_a_prompt_the_two_templates_tokenize_differently_is_refused_before_the_video(checkpoints, tmp_path):
+    from hippo.models.base import HippoError
+    from hippo.pipeline import HippoPipeline
+
+    made, _ = checkpoints
+    renames = QWEN_TEMPLATE.replace("{{ content['text'] }}", "{{ content['text'] | replace('cat', 'dog') }}")
+    target = load_adapter(_with(made["qwen2_5_vl"], tmp_path / "target", {"chat_template.jinja": QWEN_TEMPLATE}))
+    draft = load_adapter(_with(made["qwen2_5_vl"], tmp_path / "draft", {"chat_template.jinja": renames}))
+    pipeline = HippoPipeline(target, draft)  # the probe prompts hold no 'cat'
+    with pytest.raises(HippoError, match="^target and draft make different token ids of this prompt's text"):
+        pipeline.prepare(str(tmp_path / "no-such-video.mp4"), "a cat?")  # never read
+
+
+def test_tokenizers_with_one_vocabulary_but_other_merges_are_refused(checkpoints, tmp_path):
+    from hippo.models.base import HippoError
+    from hippo.pipeline import HippoPipeline
+
+    made, _ = checkpoints
+    other = _with(made["qwen2_5_vl"], tmp_path / "draft", {})
+    _edited_json(other, "tokenizer.json", lambda t: t["model"].update(merges=t["model"]["merges"][::-1]))
+    target, draft = load_adapter(str(made["qwen2_5_vl"])), load_adapter(other)
+    assert draft.tokenizer.hf.get_vocab() == target.tokenizer.hf.get_vocab()
+    assert draft.tokenizer.encode("Question?") != target.tokenizer.encode("Question?")
+    with pytest.raises(HippoError, match=r"^target and draft are not a compatible pair: tokenizers "
+                                         r"differ \(same size, different merges\)$"):
+        HippoPipeline(target, draft)
+
+
+def test_harmless_tokenizer_differences_make_a_lossless_pair(checkpoints, tmp_path):
+    """Another model_max_length, tokenizer class name or pad token, a generation_config eos list:
+    the prompts' ids are the same, the pair is accepted and decodes as the target alone."""
+    from hippo.assets import sample_video_path
+    from hippo.pipeline import HippoPipeline
+    from hippo.preserve import PreservationOptions
+
+    made, tokenizer = checkpoints
+    other = _with(made["qwen2_5_vl"], tmp_path / "draft", {})
+    _edited_json(other, "tokenizer_config.json", lambda c: c.update(
+        model_max_length=1234, tokenizer_class="PreTrainedTokenizerFast", pad_token="<|im_end|>"))
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    _edited_json(other, "generation_config.json", lambda c: c.update(eos_token_id=eos))
+    target, draft = load_adapter(str(made["qwen2_5_vl"]), dtype=torch.float32), \
+        load_adapter(other, dtype=torch.bfloat16)
+    assert draft.tokenizer.pad_token_id != target.tokenizer.pad_token_id
+    pipeline = HippoPipeline(target, draft, mode="sequential", gamma=3,
+                             preservation=PreservationOptions(keep_ratio=1.0))
+    run = lambda mode: pipeline.with_options(mode=mode).generate(  # noqa: E731
+        sample_video_path(), "What moves?", 12, num_frames=4, eos_token_id=None)
+    baseline = run("ar").tokens
+    for mode in ("sequential", "parallel"):
+        output = run(mode)
+        assert output.tokens == baseline
+        assert output.stats.target_steps < len(baseline) - 1  # the bf16 copy's tokens were accepted

@@ -245,8 +245,15 @@ class HippoPipeline:
                 if model is not None}
 
     def _text_tokens(self, prompt: str | list[int]) -> dict[str, int]:
-        """Each model's count of the prompt's tokens that are not visual."""
-        return {role: adapter.text_tokens(prompt) for role, adapter in self._models().items()}
+        """Each model's count of the prompt's tokens that are not visual. The target's and the
+        draft's text ids must be the same (checked here, before any frame is decoded)."""
+        ids = {role: adapter.prompt_ids(0, prompt) for role, adapter in self._models().items()}
+        if "draft" in ids and ids["draft"] != ids["target"]:
+            raise HippoError(
+                "target and draft make different token ids of this prompt's text (target: "
+                f"{len(ids['target'])} text tokens, draft: {len(ids['draft'])}): their chat "
+                "templates or tokenizers treat it differently; give the draft the target's")
+        return {role: len(role_ids) for role, role_ids in ids.items()}
 
     def _admit_frames(self, count: int, height: int, width: int, *, text_tokens: dict[str, int],
                       new_tokens: int = 0) -> None:

@@ -141,9 +141,11 @@ class PromptTokenizer:
     def decode(self, ids: list[int]) -> str:
         raise NotImplementedError
 
-    def fingerprint(self) -> tuple:
-        """What must be equal for two tokenizers to be interchangeable."""
-        return (self.vocab_size, self.eos_token_id, self.pad_token_id)
+    def fingerprint(self) -> tuple[tuple[str, object], ...]:
+        """What must be equal for two tokenizers to be interchangeable, as (what, value) pairs
+        (named in the error when they differ). The pad id is not among them: hippo never puts
+        one in a prompt (batch 1), so tokenizers that differ in it alone make the same ids."""
+        return (("size", self.vocab_size), ("eos id", self.eos_token_id))
 
 
 class HFPromptTokenizer(PromptTokenizer):
@@ -154,6 +156,7 @@ class HFPromptTokenizer(PromptTokenizer):
         self.vocab_size = len(tokenizer)
         self.eos_token_id = tokenizer.eos_token_id
         self.pad_token_id = tokenizer.pad_token_id
+        self._contents: tuple[tuple[str, object], ...] | None = None  # see fingerprint()
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text, add_special_tokens=False))
@@ -161,10 +164,29 @@ class HFPromptTokenizer(PromptTokenizer):
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode(ids, skip_special_tokens=True)
 
-    def fingerprint(self) -> tuple:
-        # The whole vocabulary, so that two tokenizers with equal sizes but different merges differ.
-        vocab = self.hf.get_vocab()
-        return (self.vocab_size, self.eos_token_id, self.pad_token_id, hash(frozenset(vocab.items())))
+    def fingerprint(self) -> tuple[tuple[str, object], ...]:
+        # The whole vocabulary (tokens of one size may differ), then the BPE merges: two tokenizers
+        # with one vocabulary but other merges split the same text into other ids. Hashed once
+        # (a real tokenizer's serialisation takes a while; every pipeline made checks its pair).
+        if self._contents is None:
+            self._contents = (("vocabulary", hash(frozenset(self.hf.get_vocab().items()))),
+                              ("merges", _merges_hash(self.hf)))
+        return super().fingerprint() + self._contents
+
+
+def _merges_hash(tokenizer: "PreTrainedTokenizerBase") -> int | None:
+    """A hash of the BPE merges of a tokenizers-backed tokenizer, in their order (their
+    priority); None for other tokenizers (no backend, or not BPE)."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    merges = json.loads(backend.to_str()).get("model", {}).get("merges")
+    if merges is None:
+        return None
+    # Saved as "a b" strings by older tokenizers versions, as [a, b] pairs by newer ones.
+    return hash(tuple(tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges))
 
 
 class VideoLLMAdapter:
@@ -378,10 +400,35 @@ def check_compatible(target: VideoLLMAdapter, draft: VideoLLMAdapter) -> int:
     if shared < tokens:
         problems.append(f"vocab size {target.vocab_size} vs {draft.vocab_size}")
     if target.prompt_prefix_ids != draft.prompt_prefix_ids or target.prompt_suffix_ids != draft.prompt_suffix_ids:
-        problems.append("chat-format ids around the prompt")
+        problems.append("chat-format ids around the prompt (their chat templates differ: give "
+                        "the draft the target's chat template)")
+    elif tokenizers is None and target.tokenizer is not None:
+        text = _text_ids_difference(target, draft)
+        if text is not None:
+            problems.append(text)
     if problems:
         raise HippoError("target and draft are not a compatible pair: " + "; ".join(problems))
     return shared
+
+
+# Text prompts on which chat templates that agree around a prompt may still differ: the text
+# between the video and the prompt, the prompt trimmed or not, characters merging across it.
+PROBE_PROMPTS = ("What moves?", "  Is it spaced?\n ")
+
+
+def _text_ids_difference(target: VideoLLMAdapter, draft: VideoLLMAdapter) -> str | None:
+    """Why the two chat formats make other ids of a text prompt (None if they agree on the probe
+    prompts): both prompts must hold the same ids, which speculative decoding would otherwise
+    only find out after both models have embedded the video."""
+    for probe in PROBE_PROMPTS:
+        try:
+            same = target.ids_after_video(probe) == draft.ids_after_video(probe)
+        except HippoError:  # a template refusing a probe: prepare() compares the user's prompt
+            continue
+        if not same:
+            return (f"chat templates (they make different ids of a text prompt such as {probe!r}: "
+                    "give the draft the target's chat template)")
+    return None
 
 
 def tokenizer_difference(target: PromptTokenizer | None, draft: PromptTokenizer | None) -> str | None:
@@ -391,8 +438,16 @@ def tokenizer_difference(target: PromptTokenizer | None, draft: PromptTokenizer 
     if target is None or draft is None:
         missing, present = ("target", "draft") if target is None else ("draft", "target")
         return f"the {missing} has no tokenizer but the {present} has one"
-    if target.fingerprint() != draft.fingerprint():
-        return f"tokenizers differ ({target.vocab_size} vs {draft.vocab_size} ids, or their contents)"
+    t_parts, d_parts = dict(target.fingerprint()), dict(draft.fingerprint())
+    if t_parts.keys() != d_parts.keys():  # tokenizers of different kinds (a preset's and a file's)
+        return "tokenizers differ (of different kinds)"
+    for what, value in t_parts.items():
+        if value != d_parts[what]:
+            if what == "size":
+                return f"tokenizers differ ({target.vocab_size} vs {draft.vocab_size} ids)"
+            if what == "eos id":
+                return f"tokenizers differ (eos id {target.eos_token_id} vs {draft.eos_token_id})"
+            return f"tokenizers differ (same size, different {what})"
     return None
 
 

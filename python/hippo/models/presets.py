@@ -42,8 +42,8 @@ class ByteTokenizer(PromptTokenizer):
     def decode(self, ids: list[int]) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
-    def fingerprint(self) -> tuple:
-        return ("bytes", self.vocab_size, self.eos_token_id, self.pad_token_id)
+    def fingerprint(self) -> tuple[tuple[str, object], ...]:
+        return (("kind", "bytes"),) + super().fingerprint()
 
 
 @dataclass(frozen=True)
