@@ -14,7 +14,7 @@ from hippo.models.base import HippoError
 from hippo.pipeline import HippoOptions, HippoPipeline, check_lane_devices
 from hippo.preserve import PreservationOptions
 from hippo_testing import requires_cuda
-from speculative_testing import make_pair
+from speculative_testing import make_pair, sample_frames
 
 
 def test_generate_from_a_video_file_returns_tokens_text_and_stats():
@@ -561,6 +561,26 @@ def test_a_rope_switching_inside_the_context_is_refused_for_speculative_decoding
     HippoPipeline(target, draft, mode="ar")
     _with_rope(target, {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 8.0}, 212)
     HippoPipeline(target, draft, mode=mode)
+
+
+def test_dynamic_ntk_stays_lossless_when_a_request_fills_the_context():
+    """Dynamic NTK rescales the frequencies of a whole call once its largest position passes
+    max_position_embeddings. Parallel rounds drafted past max_new_tokens, so with prompt +
+    max_new_tokens == max_position_embeddings their last verify steps crossed it and rotated
+    the in-context rows too (seen: token 9 of 12 left the AR output)."""
+    target, draft = make_pair("llava_onevision", "perturbed-copy", seed=0)
+    frames = sample_frames("llava_onevision", 2)
+    new_tokens = 12
+    length = HippoPipeline(target, draft, mode="ar").prepare(frames, "what moves?")[0].length
+    _with_rope(target, {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 8.0},
+               length + new_tokens)
+    expected = HippoPipeline(target, draft, mode="ar").generate(
+        frames, "what moves?", new_tokens, eos_token_id=None).tokens
+    for mode in ("sequential", "parallel"):
+        out = HippoPipeline(target, draft, mode=mode, gamma=8,
+                            preservation=PreservationOptions(keep_ratio=0.5)).generate(
+            frames, "what moves?", new_tokens, eos_token_id=None)
+        assert out.tokens == expected, mode
 
 
 def test_release_frees_the_runtimes_of_every_pipeline_sharing_them():

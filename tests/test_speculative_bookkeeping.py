@@ -292,3 +292,37 @@ def test_adaptive_gamma_ignores_timings_that_are_not_numbers(mode):
         policy.observe(6e-3, bad, accepted=6, drafted=6)
     assert 1 < policy.current <= 12 and policy._target_step_s == pytest.approx(6e-3)
     assert before == policy.current
+
+
+@pytest.mark.parametrize("gamma", [1, 2, 5])
+@pytest.mark.parametrize("mode", MODES)
+def test_no_step_holds_a_token_past_the_request(mode, gamma):
+    """Nothing is drafted past max_new_tokens: runtimes holding exactly prompt +
+    max_new_tokens, what AR needs, suffice (parallel rounds drafted past it and stepped out of
+    the cache mid-generation), and no step feeds a position the request does not reach (a
+    dynamic-NTK RoPE rotates a whole step by its largest position)."""
+    target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
+    prompt = torch.tensor([[1, 2, 3, 4, 5]])
+    length = prompt.shape[1]
+    positions = torch.arange(length)[None]
+    for new_tokens in sorted({1, 2, gamma, gamma + 1, 12}):
+        reference = LanguageModelRuntime.from_hf(target.model, length + new_tokens)
+        token = reference.prefill(reference.embed(prompt), positions).logits[:, -1].argmax(-1)
+        expected = [int(token)]
+        for index in range(new_tokens - 1):
+            logits = reference.step(token[:, None], torch.tensor([[length + index]]))
+            token = logits[:, -1].argmax(-1)
+            expected.append(int(token))
+        runtimes = [LanguageModelRuntime.from_hf(model.model, length + new_tokens)
+                    for model in (target, draft)]
+        for runtime in runtimes:
+            runtime.prefill(runtime.embed(prompt), positions)
+        decoder = decode_after_prefill(
+            *runtimes, torch.tensor([expected[0]]),
+            torch.arange(length, length + new_tokens + 2 * gamma + 2)[None], mode=mode,
+            acceptance=TokenAcceptance(SamplingOptions(), target.vocab_size),
+            draft_length=DraftLength(gamma, mode=mode), max_new_tokens=new_tokens, eos_ids=())
+        assert decoder.emitted == expected, new_tokens
+        # The target has consumed every emitted token but the last, and nothing after it.
+        assert runtimes[0].length <= length + new_tokens - 1, new_tokens
+        assert decoder.stats.accepted <= decoder.stats.drafted

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from hippo.speculative.decoder import SpeculativeDecoder
+from hippo.speculative.sequential import target_only_round, verify_with_bonus
 
 
 class ParallelState:
@@ -40,7 +41,14 @@ def parallel_round(decoder: SpeculativeDecoder, state: ParallelState) -> None:
     target, draft = decoder.target, decoder.draft
     last = len(decoder.emitted) - 1
     pending = state.unverified
-    gamma = decoder.draft_length.current
+    # As in sequential rounds, nothing is drafted past column max_new_tokens - 2, so no step
+    # holds a token past the request: the target never sees a position the request does not
+    # reach (a RoPE that rescales by a call's largest position, dynamic NTK, would rotate the
+    # whole verify step otherwise) and its cache needs no room beyond prompt + max_new_tokens.
+    gamma = min(decoder.draft_length.current, decoder.remaining - 1 - pending)
+    if gamma < 1:
+        _closing_round(decoder, state, last)
+        return
     main = target.main_stream()
     target.fork()
     draft.fork()
@@ -68,6 +76,19 @@ def parallel_round(decoder: SpeculativeDecoder, state: ParallelState) -> None:
         decoder.settle(values[:accepted], correction)
         state.reset()
     decoder.end_round(gamma, drafted, accepted, pending + 1)
+
+
+def _closing_round(decoder: SpeculativeDecoder, state: ParallelState, last: int) -> None:
+    """The round after the drafts reached column max_new_tokens - 2: the target verifies the
+    unverified drafts u_1..u_k with a bonus row (a sequential round's verification; with
+    k = 0 one plain target step) and nothing more is drafted."""
+    pending = state.unverified
+    if pending == 0:
+        target_only_round(decoder, last)
+        return
+    accepted = verify_with_bonus(decoder, last, pending, state.probs)
+    state.reset()
+    decoder.end_round(0, 0, accepted, pending)
 
 
 class _RoundVerification:

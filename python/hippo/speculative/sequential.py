@@ -13,20 +13,29 @@ def sequential_round(decoder: SpeculativeDecoder) -> None:
     last = len(decoder.emitted) - 1  # the newest emitted token: the target has not seen it
     gamma = min(decoder.draft_length.current, decoder.remaining - 1)
     if gamma == 0:
-        _target_only_round(decoder, last)
+        target_only_round(decoder, last)
         return
     drafted, probs = decoder.draft_block(last, gamma)
     decoder.share_drafts(last + 1, last + 1 + drafted)
-    logits = decoder.target_step(last + 1 + drafted)
-    candidates = decoder.target.tokens[:, last + 1:last + 1 + drafted]
+    accepted = verify_with_bonus(decoder, last, drafted, probs)
+    decoder.end_round(gamma, drafted, accepted, drafted)
+
+
+def verify_with_bonus(decoder: SpeculativeDecoder, last: int, count: int,
+                      probs: list[torch.Tensor]) -> int:
+    """One target step over the newest emitted token (column `last`) and the `count` drafts
+    after it, already in the target's tokens (drawn from `probs` when sampling): the accepted
+    drafts and the correction or bonus token are settled. Returns how many were accepted."""
+    logits = decoder.target_step(last + 1 + count)
+    candidates = decoder.target.tokens[:, last + 1:last + 1 + count]
     draft_probs = None if decoder.acceptance.greedy else torch.stack(probs, dim=1)
     verdict = decoder.acceptance.verify(candidates, draft_probs, logits, bonus=True)
     accepted, correction, values = decoder.read_verdict(verdict, candidates)
     decoder.settle(values[:accepted], correction)
-    decoder.end_round(gamma, drafted, accepted, drafted)
+    return accepted
 
 
-def _target_only_round(decoder: SpeculativeDecoder, last: int) -> None:
+def target_only_round(decoder: SpeculativeDecoder, last: int) -> None:
     """One autoregressive target step (the last token of a generation needs no draft)."""
     logits = decoder.target_step(last + 1)
     token = int(decoder.acceptance.choose(logits[:, -1]).item())

@@ -12,9 +12,9 @@ class GenerationStats:
     target_steps: target forward steps after the prefill (decode or verify steps).
     drafted / accepted: draft candidates that were verified, and how many of them the target
         accepted (candidates drafted past a rejection are neither).
-    gammas: the draft length g of each round (mean_gamma: their mean), as a sequential round
-        shrinks it near max_new_tokens; a parallel round may draft fewer after an early stop
-        (draft_steps counts the draft steps that ran).
+    gammas: the draft length g of each round (mean_gamma: their mean), as a round shrinks it
+        near max_new_tokens (0: a round that drafts nothing); a parallel round may draft fewer
+        after an early stop (draft_steps counts the draft steps that ran).
     Times in seconds: prefill (target prefill to its first token), selection (token
     preservation), draft_prefill, draft and verify (busy time of each side; they overlap in
     parallel mode), decode (wall time of the decoding loop) and total (wall time of generate).
