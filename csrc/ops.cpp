@@ -128,12 +128,42 @@ TORCH_LIBRARY(hippo_ext, m) {
 // under no_grad or inference_mode nothing changes; with inputs that require grad, the forward
 // runs and a backward through any output raises "derivative for hippo_ext::<op> is not
 // implemented".
+namespace {
+
+constexpr const char* kOpNames[] = {
+    "select_visual_tokens", "verify_greedy", "verify_sampling", "verify_tree_greedy",
+    "kv_gather", "kv_compact_", "decode_attention", "rms_norm", "add_rms_norm",
+    "silu_and_mul", "rotary_kv_append", "rotary_tables", "skinny_linear",
+    "add_rms_norm_linear", "silu_and_mul_linear", "qkv_projection"};
+
+// Autocast: every op computes in its inputs' dtypes (which it checks against each other), with
+// its own rounding points. Without an Autocast kernel the dispatcher falls through to the
+// backend kernel with autocast still on, and the ATen calls inside the CPU references and the
+// cuBLAS fallbacks (rotary_tables' fp32 matmul, skinny_linear's and the fused GEMMs' at::linear)
+// were cast by the caller's torch.autocast: fp32 RoPE angles computed in bf16 (cos/sin off by up
+// to 2), outputs in the autocast dtype where the op (and its fake) promise the input dtype, a
+// qkv_projection that refused its own cache. The ops run with autocast off instead.
+void without_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                      torch::jit::Stack* stack) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.redispatchBoxed(
+      keys & c10::DispatchKeySet(c10::DispatchKeySet::FULL_AFTER, c10::DispatchKey::AutocastCPU),
+      stack);
+}
+
+void register_without_autocast(torch::Library& m) {
+  for (const char* name : kOpNames) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&without_autocast>());
+  }
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(hippo_ext, Autograd, m) {
-  for (const char* name :
-       {"select_visual_tokens", "verify_greedy", "verify_sampling", "verify_tree_greedy",
-        "kv_gather", "kv_compact_", "decode_attention", "rms_norm", "add_rms_norm",
-        "silu_and_mul", "rotary_kv_append", "rotary_tables", "skinny_linear",
-        "add_rms_norm_linear", "silu_and_mul_linear", "qkv_projection"}) {
+  for (const char* name : kOpNames) {
     m.impl(name, torch::autograd::autogradNotImplementedFallback());
   }
 }
+
+TORCH_LIBRARY_IMPL(hippo_ext, AutocastCPU, m) { register_without_autocast(m); }
+TORCH_LIBRARY_IMPL(hippo_ext, AutocastCUDA, m) { register_without_autocast(m); }

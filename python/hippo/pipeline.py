@@ -26,7 +26,8 @@ from hippo.models.preprocess import check_frames
 from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, preserve_tokens
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive
 from hippo.runtime.autoregressive import check_finite_logits, eos_id_set, new_token_count
-from hippo.runtime.decoder import check_flag, rope_switches_within, step_invariant_max_rows
+from hippo.runtime.decoder import (autocast_off, check_flag, rope_switches_within,
+                                   step_invariant_max_rows)
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
 from hippo.speculative.decoder import decode_after_prefill
 from hippo.speculative.draft_cache import (DRAFT_PREFILLS, compact_to_kept, copy_kept_cache,
@@ -276,6 +277,7 @@ class HippoPipeline:
                 f"{', fewer new tokens' if new_tokens else ''} or a shorter prompt")
 
     @torch.no_grad()
+    @autocast_off
     def generate(self, video: str | Path | torch.Tensor, prompt: str | list[int],
                  max_new_tokens: int = 64, *, num_frames: int | None = None,
                  fps: float | None = None, start: float | None = None, end: float | None = None,
@@ -305,6 +307,7 @@ class HippoPipeline:
         return output
 
     @torch.no_grad()
+    @autocast_off
     def generate_prepared(self, target_prompt: PreparedPrompt, draft_prompt: PreparedPrompt | None,
                           max_new_tokens: int, sampling: SamplingOptions,
                           eos_ids: set[int]) -> HippoOutput:

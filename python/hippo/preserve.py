@@ -156,7 +156,9 @@ def select_kept_visual(prompt: PreparedPrompt, options: PreservationOptions,
         grid = _uniform_indices(prompt.grid, count, options.per_frame)
     else:
         grid = _random_indices(prompt.grid, count, options.per_frame, options.seed)
-    out_of_grid = torch.arange(grid_tokens(prompt), prompt.num_visual)
+    # Host tensors, made on the CPU whatever torch.set_default_device says (the random
+    # selector's generator is a CPU one), then moved to the prompt's device.
+    out_of_grid = torch.arange(grid_tokens(prompt), prompt.num_visual, device="cpu")
     return torch.cat([grid, out_of_grid]).to(device)
 
 
@@ -180,8 +182,9 @@ def preserve_tokens(prompt: PreparedPrompt, options: PreservationOptions,
 def _evenly_spaced(total: int, count: int) -> torch.Tensor:
     """count distinct indices of [0, total) spread evenly (the centres of count equal bins)."""
     if count == 0:
-        return torch.zeros(0, dtype=torch.int64)
-    return ((torch.arange(count, dtype=torch.float64) + 0.5) * total / count).floor().long()
+        return torch.zeros(0, dtype=torch.int64, device="cpu")
+    centres = torch.arange(count, dtype=torch.float64, device="cpu") + 0.5
+    return (centres * total / count).floor().long()
 
 
 def _uniform_indices(grid: tuple[int, int, int], count: int, per_frame: bool) -> torch.Tensor:
@@ -200,7 +203,7 @@ def _random_indices(grid: tuple[int, int, int], count: int, per_frame: bool,
     per = height * width
     generator = torch.Generator().manual_seed(seed)
     if not per_frame:
-        return torch.randperm(frames * per, generator=generator)[:count].sort().values
-    chosen = [torch.randperm(per, generator=generator)[:quota].sort().values + t * per
+        return torch.randperm(frames * per, generator=generator, device="cpu")[:count].sort().values
+    chosen = [torch.randperm(per, generator=generator, device="cpu")[:quota].sort().values + t * per
               for t, quota in enumerate(per_frame_quotas(frames, count))]
     return torch.cat(chosen)

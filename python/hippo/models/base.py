@@ -512,9 +512,20 @@ def preset_for_family(name: str, family: str) -> Preset:
 def build_random_model(model_class: type[torch.nn.Module], config: PretrainedConfig,
                        tokenizer: PromptTokenizer, dtype: torch.dtype,
                        device: str | torch.device, seed: int) -> torch.nn.Module:
-    """A randomly initialised HF model (seeded), generating with the tokenizer's eos/pad ids."""
-    torch.manual_seed(seed)
-    model = model_class(config).to(device=device, dtype=dtype)
+    """A randomly initialised HF model (seeded), generating with the tokenizer's eos/pad ids.
+    The weights depend on `seed` alone: they are drawn in float32 on the CPU from a forked
+    generator, whatever the caller's global RNG state, torch.set_default_dtype and
+    torch.set_default_device (which gave other weights, or a model on meta that cannot be
+    moved), and the caller's random stream goes on as if nothing had been drawn."""
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float32)
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            torch.manual_seed(seed)
+            model = model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to(device=device, dtype=dtype)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model

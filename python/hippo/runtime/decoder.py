@@ -11,6 +11,7 @@ model of Qwen2.5-VL (M-RoPE, position ids [3, B, S]).
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -55,6 +56,22 @@ def persistent_tensors(fn: Callable) -> Callable:
     whose in-place updates (every step advances the cache) fail in every later call outside it,
     and a model whose parameters view them could no longer be trained."""
     return torch.inference_mode(False)(torch.no_grad()(fn))
+
+
+def autocast_off(fn: Callable) -> Callable:
+    """Run fn with torch.autocast off (CPU and CUDA): hippo computes in its models' own dtype,
+    that of the runtime's cache, rounding point for rounding point as HF's modules do without
+    autocast. A caller's autocast (an inference server wrapping every request in it) cast the
+    runtime's GEMMs: an fp32 model's q/k/v came out bf16 and its step failed deep inside
+    rotary_kv_append (cache dtype Float must match the qkv dtype BFloat16). Cast the model to
+    compute in another dtype."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def check_flag(name: str, value: object, allow_none: bool = False) -> None:
@@ -298,6 +315,7 @@ class LanguageModelRuntime:
         self.cache.reset()
 
     @torch.no_grad()
+    @autocast_off
     def prefill(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, *,
                 query_layers: Sequence[int] = (), query_len: int = 0,
                 all_logits: bool = False) -> PrefillResult:
@@ -335,6 +353,7 @@ class LanguageModelRuntime:
         return PrefillResult(logits, torch.stack(ordered) if ordered else None)
 
     @torch.no_grad()
+    @autocast_off
     def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Append n tokens (n = 1: decode; n = g + 1: verify) and return their logits [B, n, V].
 
@@ -358,6 +377,7 @@ class LanguageModelRuntime:
             return self._graphs.run(input_ids, positions)
         return self.step_body(input_ids.to(self.device), positions, self._eager_key_limit())
 
+    @autocast_off
     def capture_steps(self, counts: Iterable[int]) -> None:
         """Capture the CUDA graphs of steps of these token counts now (nothing without CUDA
         graphs), skipping counts the cache has no room for at its current length (all of them

@@ -135,7 +135,10 @@ class _RoundVerification:
             target.stream.wait_event(first_draft_done)
             self._result = self._verify(probs)
             accepted = self._result[0].num_accepted
-            self._host_accepted = torch.empty(1, dtype=torch.int64, pin_memory=True)
+            # device="cpu": under torch.set_default_device("cuda") a pinned tensor without
+            # one is made on the GPU and fails ("Only dense CPU tensors can be pinned").
+            self._host_accepted = torch.empty(1, dtype=torch.int64, device="cpu",
+                                              pin_memory=True)
             self._host_accepted.copy_(accepted, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record(target.stream)
