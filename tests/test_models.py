@@ -218,9 +218,20 @@ def test_hf_generate_runs_and_is_deterministic(name):
     ((50, 70), (56, 56)),      # round(2.5) == 2 (round half to even, as Python and HF)
     ((300, 200), (112, 84)),   # over max_pixels 112*112: beta = sqrt(60000 / 12544)
     ((10, 30), (56, 112)),     # under min_pixels 56*56: beta = sqrt(3136 / 300), ceil
+    ((1, 150), (28, 700)),     # one pixel high is a frame (HF's size too)
+    ((150, 1), (700, 28)),
 ])
 def test_smart_resize_by_hand(hw, expected):
     assert smart_resize(*hw, factor=28, min_pixels=56 * 56, max_pixels=112 * 112) == expected
+
+
+def test_smart_resize_limits_are_inclusive():
+    """HF's bounds: a rounded size of exactly max_pixels stays (not shrunk to 84x140), an aspect
+    ratio of exactly 200 is allowed."""
+    assert smart_resize(100, 130, factor=28, min_pixels=56 * 56, max_pixels=112 * 140) == (112, 140)
+    assert smart_resize(28, 5600, factor=28, min_pixels=28 * 28, max_pixels=28 * 5600) == (28, 5600)
+    with pytest.raises(HippoError, match="aspect ratio must be below 200"):
+        smart_resize(28, 5628, factor=28, min_pixels=28 * 28, max_pixels=28 * 5628)
 
 
 def test_smart_resize_rejects_extreme_aspect():
@@ -228,7 +239,7 @@ def test_smart_resize_rejects_extreme_aspect():
         smart_resize(1, 300, factor=28, min_pixels=56 * 56, max_pixels=112 * 112)
 
 
-@pytest.mark.parametrize("height, width", [(0, 0), (0, 56), (56, -3)])
+@pytest.mark.parametrize("height, width", [(0, 0), (0, 56), (56, -3), (56, 0)])
 def test_frame_sizes_that_are_not_positive_are_refused(height, width):
     """A damaged video may report frames of 0x0: a clear error, not a ZeroDivisionError."""
     with pytest.raises(HippoError, match=f"positive height and width, got {height}x{width}"):
@@ -290,6 +301,12 @@ def test_resize_keeps_constant_frames_and_rounds():
     frame = torch.full((1, 37, 53, 3), 200, dtype=torch.uint8)
     pixels = preprocess_siglip_video(frame, SiglipVideoPreprocess(size=70))
     torch.testing.assert_close(pixels, torch.full_like(pixels, (200 / 255 - 0.5) / 0.5))
+    for level in (0, 255):  # black and white stay exactly so (the clamp's bounds), up and down
+        for size in (70, 20):
+            flat = torch.full((1, 37, 53, 3), level, dtype=torch.uint8)
+            values = preprocess_siglip_video(flat, SiglipVideoPreprocess(size=size, mean=(0, 0, 0),
+                                                                         std=(1, 1, 1))) * 255
+            torch.testing.assert_close(values, torch.full_like(values, float(level)), rtol=0, atol=1e-4)
     noisy = preprocess_siglip_video(make_frames(1, 37, 53), SiglipVideoPreprocess(size=70, mean=(0, 0, 0),
                                                                                       std=(1, 1, 1)))
     values = noisy * 255

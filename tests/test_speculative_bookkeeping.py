@@ -326,3 +326,31 @@ def test_no_step_holds_a_token_past_the_request(mode, gamma):
         # The target has consumed every emitted token but the last, and nothing after it.
         assert runtimes[0].length <= length + new_tokens - 1, new_tokens
         assert decoder.stats.accepted <= decoder.stats.drafted
+
+
+def test_generation_stats_rates_by_hand():
+    """The rates reports and benchmarks print (decode speedup compares decode_s_per_token):
+    each one by hand, and as_dict carries them with the counts (gammas as their mean)."""
+    stats = GenerationStats(mode="sequential", tokens=9, rounds=3, target_steps=4, drafted=10,
+                            accepted=6, gammas=[4, 4, 2], decode_s=0.4, total_s=0.5)
+    assert stats.mean_accepted_tokens == 2.0  # 8 tokens after the prefill's, in 4 steps
+    assert stats.decode_s_per_token == 0.05  # 0.4 s over the 8 decoded tokens
+    assert stats.acceptance_rate == 0.6
+    assert stats.tokens_per_s == 18.0
+    assert stats.mean_gamma == 10 / 3
+    data = stats.as_dict()
+    assert "gammas" not in data and data["mode"] == "sequential" and data["tokens"] == 9
+    assert (data["mean_accepted_tokens"], data["decode_s_per_token"], data["acceptance_rate"],
+            data["tokens_per_s"], data["mean_gamma"]) == (2.0, 0.05, 0.6, 18.0, 10 / 3)
+    # Two tokens: one decoded; nothing timed: no rate (0 tokens/s, not a division by zero).
+    two = GenerationStats(mode="ar", tokens=2, target_steps=1, decode_s=0.25)
+    assert two.decode_s_per_token == 0.25 and two.mean_accepted_tokens == 1.0
+    assert two.tokens_per_s == 0.0 and two.mean_gamma is None
+    one = GenerationStats(mode="ar", tokens=1, decode_s=0.25)  # the prefill's token alone
+    assert one.decode_s_per_token is None and one.mean_accepted_tokens is None
+    fresh = GenerationStats(mode="parallel")
+    assert (fresh.tokens, fresh.rounds, fresh.target_steps, fresh.draft_steps, fresh.drafted,
+            fresh.accepted, fresh.prompt_tokens, fresh.draft_prompt_tokens, fresh.gammas) \
+        == (0, 0, 0, 0, 0, 0, 0, 0, [])
+    assert fresh.tokens_per_s == 0.0 and fresh.decode_s_per_token is None
+    assert all(value == 0.0 for name, value in fresh.as_dict().items() if name.endswith("_s"))

@@ -182,6 +182,26 @@ def test_repeated_frames_fill_a_short_window_when_asked():
     assert sample_indices(info, num_frames=4, window=(2.0, 2.2), repeat_frames=True) == [20, 20, 21, 21]
 
 
+def test_sampling_at_float_boundaries():
+    """Times that land on a frame boundary up to float error: 29 / 7 * 7 is 29.000000000000004
+    (no 30th sample past the clip's end), 0.28 * 25 is 7.000000000000001 (the window ends with
+    frame 6, not 7), 0.29 * 100 is 28.999999999999996 (the window starts with frame 29)."""
+    assert sample_indices(VideoInfo(29, 7.0, 1, 1), fps=7.0) == list(range(29))
+    assert sample_indices(VideoInfo(100, 25.0, 1, 1), num_frames=7, window=(0.0, 0.28)) \
+        == list(range(7))
+    assert sample_indices(VideoInfo(100, 100.0, 1, 1), fps=10.0, window=(0.29, 0.5)) == [29, 39, 49]
+
+
+def test_slow_frame_rates_and_an_empty_window_are_sampled():
+    """A clip of 1 fps or less still has a frame rate (fps sampling and windows work), and a
+    window of no length sampled by fps gives the frame on screen at its time."""
+    assert sample_indices(VideoInfo(10, 1.0, 1, 1), fps=1.0, window=(2.0, 5.0)) == [2, 3, 4]
+    assert sample_indices(VideoInfo(10, 0.5, 1, 1), fps=1.0) == list(range(10))
+    assert video._checked_info(10, 0.5, 2, 3) == VideoInfo(10, 0.5, 2, 3)
+    assert sample_indices(VideoInfo(100, 10.0, 1, 1), fps=2.0, window=(2.0, 2.0)) == [20]
+    assert VideoInfo(10, 0.0, 1, 1).duration == 0.0 and VideoInfo(10, 0.5, 1, 1).duration == 20.0
+
+
 def test_bad_time_windows():
     info = VideoInfo(num_frames=100, fps=10.0, height=1, width=1)
     with pytest.raises(HippoError, match="ends \\(2 s\\) before it starts"):
@@ -195,6 +215,8 @@ def test_bad_time_windows():
         sample_indices(info, num_frames=1, window=(9.9999999999, None))
     with pytest.raises(HippoError, match="window 0-0.05 s holds 1 frame, 2 requested"):
         sample_indices(info, num_frames=2, window=(0.0, 0.05))
+    with pytest.raises(HippoError, match="window 5-5.3 s holds 3 frames, 4 requested"):
+        sample_indices(info, num_frames=4, window=(5.0, 5.3))  # a window that starts late
     with pytest.raises(HippoError, match="starts after the video ends"):
         sample_indices(info, num_frames=1, window=(10.0, None))
     with pytest.raises(HippoError, match="starts after the video ends"):  # was an OverflowError
@@ -409,6 +431,7 @@ def test_a_garbled_stream_is_reported_in_words(tmp_path, backend_choice):
 
 @pytest.mark.parametrize("count, height, width, message", [
     (16, 0, 0, "frames of 0x0 pixels"), (16, 32, -1, "frames of -1x32 pixels"),
+    (16, 0, 32, "frames of 32x0 pixels"),
     (0, 32, 32, "no frames")])
 def test_a_reader_reporting_no_frames_or_no_size_fails_to_decode(count, height, width, message):
     with pytest.raises(video._DecodeFailure, match=message):
