@@ -310,7 +310,7 @@ class HippoPipeline:
     @autocast_off
     def generate_prepared(self, target_prompt: PreparedPrompt, draft_prompt: PreparedPrompt | None,
                           max_new_tokens: int, sampling: SamplingOptions,
-                          eos_ids: set[int]) -> HippoOutput:
+                          eos_ids: set[int] | None) -> HippoOutput:
         """generate() after prepare(): the language-model part alone (what benchmarks time).
         eos_ids: a set of stop ids (eos_ids() gives the target's), or None for none."""
         max_new_tokens = new_token_count(max_new_tokens, least=1)
@@ -352,8 +352,10 @@ class HippoPipeline:
 
     # ---------------------------------------------------------------------------- internals
 
-    def eos_ids(self, eos_token_id: int | list[int] | None | str = USE_TARGET_EOS) -> set[int]:
-        """The stop tokens: the target's own by default, none for None."""
+    def eos_ids(self, eos_token_id: int | list[int] | tuple[int, ...] | set[int] | frozenset[int]
+                | None | str = USE_TARGET_EOS) -> set[int]:
+        """The stop tokens: the target's own by default, none for None; one id or a list, tuple
+        or set of them."""
         if isinstance(eos_token_id, str) and eos_token_id == USE_TARGET_EOS:
             eos_token_id = self.target.eos_token_ids or None
         return eos_id_set(eos_token_id, self.vocab)

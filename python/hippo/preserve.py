@@ -71,6 +71,11 @@ class PreservationOptions:
         check_seed(self.seed)
         if not isinstance(self.per_frame, bool):
             raise HippoError(f"per_frame must be True or False, got {self.per_frame!r}")
+        # Lists are accepted, kept as tuples: the options stay immutable (a caller's list changed
+        # later cannot undo the checks above) and hashable, as a frozen dataclass promises.
+        object.__setattr__(self, "weights", weights)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
 
     @property
     def needs_queries(self) -> bool:

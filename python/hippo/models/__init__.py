@@ -47,8 +47,8 @@ _UNSUPPORTED_HINTS = {
 }
 
 
-def load_adapter(source: str, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                 seed: int = 0) -> VideoLLMAdapter:
+def load_adapter(source: str | os.PathLike[str], *, dtype: torch.dtype | None = None,
+                 device: str | torch.device = "cpu", seed: int = 0) -> VideoLLMAdapter:
     """A preset name (tiny random model, fp32 by default, weights drawn from `seed`) or a local checkpoint
     directory (its config.json's model_type picks the family; bf16 by default; nothing is downloaded)."""
     from hippo.models.presets import PRESETS

@@ -15,15 +15,29 @@ import functools
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from typing_extensions import TypedDict, Unpack  # a dependency of torch (typing's is 3.11+)
 
 import hippo_ext
 from hippo.models.base import HippoError, is_int
 from hippo.runtime.fused_projections import fuse_layer_projections
 from hippo.runtime.static_cache import StaticKVCache
+
+
+class RuntimeOptions(TypedDict, total=False):
+    """The keyword options of LanguageModelRuntime, as from_hf forwards them."""
+
+    use_cuda_graphs: bool | None
+    step_attention: str | None
+    fused: bool | None
+    skinny_gemm: bool
+    gemm_prologues: bool
+    step_invariant: bool
+
 
 STEP_ATTENTION_BACKENDS = ("sdpa", "hippo_ext")
 MAX_STEP_TOKENS = 64  # decode_attention's query-block limit
@@ -47,9 +61,10 @@ GEMM_PROLOGUE_MAX_ROWS = 1
 # attend(layer index, post-RoPE queries [B, S, Hq, D]) -> attention output [B, S, Hq * D]
 AttendFn = Callable[[int, torch.Tensor], torch.Tensor]
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_Function = TypeVar("_Function", bound=Callable[..., Any])
 
 
-def persistent_tensors(fn: Callable) -> Callable:
+def persistent_tensors(fn: _Function) -> _Function:
     """Run fn with inference mode off (and grad off): the tensors it makes outlive the call (a
     runtime's KV cache and lengths, the fused weights its model's parameters then view, graph
     buffers). Made inside a caller's torch.inference_mode() they would be inference tensors,
@@ -58,7 +73,7 @@ def persistent_tensors(fn: Callable) -> Callable:
     return torch.inference_mode(False)(torch.no_grad()(fn))
 
 
-def autocast_off(fn: Callable) -> Callable:
+def autocast_off(fn: _Function) -> _Function:
     """Run fn with torch.autocast off (CPU and CUDA): hippo computes in its models' own dtype,
     that of the runtime's cache, rounding point for rounding point as HF's modules do without
     autocast. A caller's autocast (an inference server wrapping every request in it) cast the
@@ -67,11 +82,11 @@ def autocast_off(fn: Callable) -> Callable:
     compute in another dtype."""
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
             return fn(*args, **kwargs)
 
-    return wrapper
+    return cast(_Function, wrapper)  # the signature kept: typed callers see fn's
 
 
 def check_flag(name: str, value: object, allow_none: bool = False) -> None:
@@ -208,12 +223,14 @@ class LanguageModelRuntime:
 
         attention = self.layers[0].self_attn
         self.head_dim = int(attention.head_dim)
-        self.num_heads = attention.q_proj.out_features // self.head_dim
-        self.num_kv_heads = attention.k_proj.out_features // self.head_dim
+        self.num_heads: int = attention.q_proj.out_features // self.head_dim
+        self.num_kv_heads: int = attention.k_proj.out_features // self.head_dim
         self.scale = float(attention.scaling)
         weight = text_model.embed_tokens.weight
-        self.device, self.dtype = weight.device, weight.dtype
-        self.vocab_rows, self.hidden_size = weight.shape
+        self.device: torch.device = weight.device
+        self.dtype: torch.dtype = weight.dtype
+        self.vocab_rows: int = weight.shape[0]
+        self.hidden_size: int = weight.shape[1]
 
         self.cache = StaticKVCache(len(self.layers), batch, self.num_kv_heads, max_seq_len,
                                    self.head_dim, dtype=self.dtype, device=self.device)
@@ -221,7 +238,7 @@ class LanguageModelRuntime:
                                                      self.head_dim, step_invariant)
         use_fused = _choose_fused(fused, self.device, text_model)
         is_cuda = self.device.type == "cuda"
-        self.use_cuda_graphs = is_cuda if use_cuda_graphs is None else use_cuda_graphs
+        self.use_cuda_graphs: bool = is_cuda if use_cuda_graphs is None else use_cuda_graphs
         if self.use_cuda_graphs and not is_cuda:
             raise HippoError("use_cuda_graphs=True needs the model on a CUDA device")
         self._graphs = None
@@ -272,7 +289,7 @@ class LanguageModelRuntime:
 
     @classmethod
     def from_hf(cls, model: nn.Module, max_seq_len: int, batch: int = 1,
-                **options) -> "LanguageModelRuntime":
+                **options: Unpack[RuntimeOptions]) -> "LanguageModelRuntime":
         """A runtime for the language model inside an HF causal LM or VLM."""
         text_model, lm_head = find_text_model(model)
         return cls(text_model, lm_head, max_seq_len, batch, **options)
