@@ -56,6 +56,24 @@ def test_generation_under_autocast_gives_the_tokens_of_a_plain_call(mode, dtype)
         assert tokens == plain
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_prompts_prepared_under_autocast_are_those_of_a_plain_call(family):
+    """prepare() ran the vision towers under the caller's autocast: an fp32 model's video
+    embeddings came from bf16 GEMMs, so prepare() then generate_prepared() gave other tokens
+    than generate() under the same autocast (the adapters' prepare() alike)."""
+    target, draft = make_pair(family, "small-draft", seed=0)
+    pipeline = HippoPipeline(target, draft, mode="sequential", gamma=3)
+    frames = sample_frames(family, 4)
+    plain = pipeline.prepare(frames, "what moves?")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = pipeline.prepare(frames, "what moves?")
+        alone = target.prepare(frames, "what moves?")
+    for a, b in zip((*plain, plain[0]), (*cast, alone)):
+        assert b.inputs_embeds.dtype == a.inputs_embeds.dtype
+        assert torch.equal(a.inputs_embeds, b.inputs_embeds)
+        assert torch.equal(a.visual_features, b.visual_features)
+
+
 @pytest.mark.parametrize("method", ["uniform", "random"])
 def test_selection_ignores_the_default_device(method):
     """The uniform and random selectors made their indices on torch's default device (then

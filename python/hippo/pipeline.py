@@ -53,9 +53,10 @@ class HippoOptions:
 
     mode: "parallel" (HIPPO: drafting overlaps verification), "sequential" (draft g, then
         verify) or "ar" (the target alone).
-    gamma: draft tokens per round, an int or "auto", at most max_gamma, from step times and the
-        acceptance measured while generating: in parallel mode PEARL's g near T_target /
-        T_draft, in sequential mode the g that maximises expected tokens per second.
+    gamma: draft tokens per round: an int in 1..32 (fixed), or "auto": at most max_gamma
+        (default 12), from step times and the acceptance measured while generating: in parallel
+        mode PEARL's g near T_target / T_draft, in sequential mode the g that maximises expected
+        tokens per second.
     draft_prefill: "pruned" (the draft prefills the kept tokens only) or "full+compact" (it
         prefills everything beside the target, then compacts its cache to the kept tokens).
     preservation: which visual tokens the draft keeps (keep ratio, method, weights, layers...).
@@ -64,6 +65,8 @@ class HippoOptions:
         step_invariant=True makes the output the runtime's own AR output bit for bit (CPU, and
         CUDA in bf16/fp16), near-ties of the target's top logits included; without it a verify
         step rounds differently from one-token steps and may pick the other token of a tie.
+        Verify steps must then fit its rows: gamma (max_gamma when "auto") at most 31, 15 with
+        HIPPO_SKINNY_KERNEL=fma.
     gemm_prologues: the runtimes that run the norms, gating and RoPE inside their GEMMs (see
         LanguageModelRuntime): "none", "draft" (the small, launch-bound model, where fewer
         kernels pay most) or "both"; opt-in, measured slower on an H200 (2026-11-27).
@@ -127,7 +130,7 @@ class HippoPipeline:
     draft=None makes the target its own draft (self-speculation): a second runtime over the
     same weights whose cache is a compacted copy of the target's.
     Runtimes (and their CUDA graphs) are kept between generations and rebuilt only when a
-    generation needs a longer cache.
+    generation needs a longer cache or the model's weights were replaced or moved (`.to()`).
     """
 
     def __init__(self, target: VideoLLMAdapter, draft: VideoLLMAdapter | None = None,
@@ -188,6 +191,7 @@ class HippoPipeline:
             pipeline._runtimes, pipeline._lock = self._runtimes, self._lock
         return pipeline
 
+    @autocast_off  # the vision towers too: generate_prepared's tokens must be generate's
     def prepare(self, video: str | Path | torch.Tensor, prompt: str | list[int], *,
                 num_frames: int | None = None, fps: float | None = None,
                 start: float | None = None, end: float | None = None,

@@ -36,7 +36,8 @@ class PreservationOptions:
         SpecVLM), "uniform" (evenly spaced) or "random" (seeded).
     weights: (w_global, w_temporal, w_spatial) of the "hippo" fusion.
     layers: target layers whose queries give the global score; None picks three spread over the
-        depth (the first and last quarter's boundaries and the middle).
+        depth (the first and last quarter's boundaries and the middle; fewer where they coincide,
+        in models of under three layers).
     query_len: how many of the last prompt tokens act as text queries; None takes every prompt
         token after the video (the question and the chat suffix), at least one.
     per_frame: a quota per grid frame instead of a global top-k (Qwen2.5-VL: a grid frame is a

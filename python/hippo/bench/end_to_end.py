@@ -4,7 +4,8 @@ realistic MAT with the real per-step costs of real model shapes.
 
 Methods: HF `generate` (eager), HF assisted generation (the same draft as assistant, seeing the
 whole prompt), hippo's AR (the target alone through the graph-captured runtime), sequential SD and
-HIPPO (parallel, adaptive g), the last two with the draft on the kept 10% of the video. Every
+HIPPO (parallel, adaptive g), the last two with the draft on the kept visual tokens (keep_ratio,
+10% by default). Every
 row carries the MAT it was measured at (hippo's own methods measure theirs; each eps row also
 gives the sequential MAT as the pair's agreement). Acceptance is never faked: both models run in
 full. Greedy outputs are compared with hippo's AR: hippo's own methods that part from it get a

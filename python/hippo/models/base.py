@@ -195,7 +195,8 @@ class VideoLLMAdapter:
 
     Subclasses set: model (the HF *ForConditionalGeneration), tokenizer (PromptTokenizer or None),
     prompt_prefix_ids / prompt_suffix_ids (chat-format ids around the video and the user text), and
-    implement prepare() and generate_kwargs()."""
+    implement from_preset(), from_pretrained(), prompt_ids(), visual_tokens(), prepare() and
+    generate_kwargs()."""
 
     family: str = ""
     model: torch.nn.Module
@@ -262,7 +263,8 @@ class VideoLLMAdapter:
         return next(self.model.parameters()).dtype
 
     def special_token_ids(self) -> dict[str, int | None]:
-        """Ids that must agree between target and draft (video placeholders, eos, pad)."""
+        """Ids that must agree between target and draft (video and image placeholders, vision
+        start and end, eos; not pad, which no prompt holds: see PromptTokenizer.fingerprint)."""
         cfg = self.model.config
         return {"video_token_id": getattr(cfg, "video_token_id", None),
                 "image_token_id": getattr(cfg, "image_token_id", None),
@@ -549,8 +551,9 @@ def load_local_checkpoint(model_class: type[torch.nn.Module], path: str, dtype: 
                           ) -> LocalCheckpoint:
     """The checkpoint's tokenizer and the chat-format ids it makes of its own chat template (or
     the family's built-in format; see chat_format.py), then its weights (see load_local_model).
-    The tokenizer comes first so that the ids it gives are checked against the weightless
-    skeleton, with the family's config checks, before the weights load."""
+    config.json and the tokenizer come before the weights so that the ids the tokenizer gives
+    are checked against the weightless skeleton, with the family's config checks, before the
+    weights load."""
     from hippo.models.chat_format import checkpoint_chat_format
 
     # config.json first: the tokenizer's loader parses it too, and would be blamed for its faults.

@@ -3,9 +3,12 @@ user's text, and after it (the generation prompt).
 
 Each family has its official format written in (Qwen2.5-VL's template; llava-hf's for
 LLaVA-OneVision / LLaVA-Video). A checkpoint that ships its own chat template (a fine-tune with
-its own system prompt, a LLaVA-Video conversion with another layout) is rendered once for a user
-turn of [video, text] and cut at the family's video placeholder and at the text, so that its
-prompts are the ones HF's processor would build from that template.
+its own system prompt, a LLaVA-Video conversion with another layout) is rendered for a user turn
+of [video, text]: once with a stand-in text, cut at the family's video placeholder and at the
+text (the chat ids around a prompt given as ids, and a check that it renders a video turn at
+all), then for each text prompt, whose text after the video is tokenized whole, so that its
+prompts are the ones HF's processor builds from that template (which renders it per prompt: a
+template may `| trim` the text).
 """
 from __future__ import annotations
 

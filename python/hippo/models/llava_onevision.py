@@ -3,7 +3,8 @@ PreparedPrompt with 1-D positions.
 
 Prompt layout: prefix ids, <video> x (T * ceil(n/2)^2 + 1), the user's text, suffix ids, where n =
 image_size / patch_size: each frame's n x n SigLIP patches are projected and bilinearly pooled to
-ceil(n/2) x ceil(n/2), and one learned newline embedding ends the video (HF's forward appends it).
+ceil(n/2) x ceil(n/2), and one learned newline embedding ends the video (HF appends it: in
+get_video_features from transformers 5.18, in its forward before).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from hippo.models.base import (build_random_model, check_positive_rate, check_te
 from hippo.models.chat_format import ChatFormat
 from hippo.models.preprocess import (SIGLIP_MEAN, SIGLIP_STD, SiglipVideoPreprocess, preprocess_siglip_video,
                                      settings_from_checkpoint, settings_value)
+from hippo.runtime.decoder import autocast_off
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -115,6 +117,7 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         return self.hf_inputs(frames, prompt)
 
     @torch.no_grad()
+    @autocast_off
     def prepare(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> PreparedPrompt:
         """fps is accepted for a uniform interface (and checked, as Qwen2.5-VL's is); 1-D
         positions do not depend on it."""

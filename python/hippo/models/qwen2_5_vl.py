@@ -2,7 +2,8 @@
 
 Prompt layout: prefix ids, <|vision_start|>, video tokens x (T'/2)(H/28)(W/28), <|vision_end|>, the user's
 text, suffix ids (T' = T rounded up to even by repeating the last frame; H, W after smart_resize).
-Real checkpoints use Qwen's chat format; tiny presets use one stand-in id each for the turn markers.
+Real checkpoints use their own chat template (Qwen's format where they ship none or it cannot
+render a video turn; chat_format.py); tiny presets use one stand-in id each for the turn markers.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from hippo.models.base import (build_random_model, check_positive_rate, check_te
 from hippo.models.chat_format import ChatFormat
 from hippo.models.preprocess import (QwenVideoPreprocess, preprocess_qwen_video, qwen_video_tokens,
                                      settings_from_checkpoint, settings_value)
+from hippo.runtime.decoder import autocast_off
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -136,9 +138,11 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         return self.hf_inputs(frames, prompt, fps)
 
     @torch.no_grad()
+    @autocast_off
     def prepare(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> PreparedPrompt:
         """fps: the rate the frames were sampled at (sets the temporal M-RoPE spacing as the HF processor
-        does); None keeps HF's default of one second per temporal patch."""
+        does); None keeps get_rope_index's default of one second per temporal patch (2 frames
+        per second, as qwen-vl-utils assumes for a list of frames; HF's processor assumes 24)."""
         inputs = self.hf_inputs(frames, prompt, fps)
         vlm = self.model.model
         input_ids, grid_thw = inputs["input_ids"], inputs["video_grid_thw"]

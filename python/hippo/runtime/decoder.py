@@ -398,7 +398,8 @@ class LanguageModelRuntime:
     def capture_steps(self, counts: Iterable[int]) -> None:
         """Capture the CUDA graphs of steps of these token counts now (nothing without CUDA
         graphs), skipping counts the cache has no room for at its current length (all of them
-        while that length is known on the device only).
+        while that length is known on the device only) and, with step_invariant, counts beyond
+        its rows (step_invariant_max_rows(), batch x tokens), which step() refuses.
 
         Steps are otherwise captured the first time each size runs. Speculative decoding with
         an adaptive g meets new verify sizes mid-generation, and a capture there costs tens of

@@ -1,7 +1,7 @@
 """Parallel speculative decoding (HIPPO, after PEARL): drafting and verification overlap.
 
 Each round runs one target step and one draft block at the same time, on two streams of one GPU
-or on two devices:
+or on two devices (but a closing round, below):
 
 * post-verify: the target verifies the k unverified drafts u_1..u_k (one step over c, u_1..u_k,
   where c is the newest emitted token) while the draft, assuming all of them will be accepted,
@@ -11,6 +11,9 @@ or on two devices:
 * pre-verify (k = 0, after a rejection or at the start): the target takes one step on c, which
   checks d_1 while the draft goes on drafting; when d_1 is rejected and the host learns it before
   the block is done, drafting stops early and the next round restarts from the correction.
+* closing (nothing is drafted past column max_new_tokens - 2, as in sequential rounds): when the
+  unverified drafts reach that column, the target verifies them in one step with a bonus row, as a
+  sequential round does (a plain target step when there are none), and the draft does nothing.
 
 Greedy output equals the target's own greedy decoding and sampling keeps its distribution: every
 emitted token passes the same verification as in sequential decoding (a candidate drafted under an
