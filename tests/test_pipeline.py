@@ -467,6 +467,49 @@ def test_a_generation_inside_inference_mode_leaves_the_pipeline_and_the_model_us
     target.model(input_ids=torch.tensor([[1, 2, 3]], device=device)).logits.sum().backward()
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda,
+                                                                     requires_cuda])])
+@pytest.mark.parametrize("mode", ["ar", "sequential", "parallel"])
+@pytest.mark.parametrize("failure", [RuntimeError, KeyboardInterrupt])
+def test_a_generation_failing_mid_way_leaves_the_next_one_as_on_a_fresh_pipeline(
+        monkeypatch, mode, failure, device):
+    """A server keeps one pipeline: after a generation fails mid-way (an OOM from a step, an
+    interrupt), the next one must give a fresh pipeline's tokens and statistics. On CUDA the
+    failing round leaves a target step queued on its lane's stream (slowed here), which nothing
+    joins: it must not advance the shared cache after the next generation's reset."""
+    from hippo.runtime.decoder import LanguageModelRuntime
+    from hippo.speculative import SamplingOptions
+
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0, device=device)
+    pipeline = HippoPipeline(target, draft, mode=mode, gamma=3)
+    prompts = pipeline.prepare(sample_frames("qwen2_5_vl", 4), "what moves?")
+    sampling = SamplingOptions()
+    expected = HippoPipeline(target, draft, mode=mode, gamma=3).generate_prepared(
+        *prompts, 12, sampling, None)
+    step, calls = LanguageModelRuntime.step, []
+
+    def failing_step(self, *args, **kwargs):
+        # The draft's first step after the target's third (its third, for "ar") fails; in
+        # parallel mode that target step was issued on its lane's stream and is still queued.
+        is_target = self is pipeline.runtime("target")
+        calls.append(is_target)
+        if is_target and self.device.type == "cuda":
+            torch.cuda._sleep(200_000_000)  # about 0.1 s: queued well past the failure
+        if sum(calls) >= 3 and (mode == "ar" or not is_target):
+            raise failure("out of memory")
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(LanguageModelRuntime, "step", failing_step)
+    with pytest.raises(failure):
+        pipeline.generate_prepared(*prompts, 12, sampling, None)
+    monkeypatch.setattr(LanguageModelRuntime, "step", step)
+    again = pipeline.generate_prepared(*prompts, 12, sampling, None)
+    assert again.tokens == expected.tokens
+    keys = ("tokens", "rounds", "target_steps", "draft_steps", "drafted", "accepted", "gammas")
+    assert [getattr(again.stats, key) for key in keys] == \
+        [getattr(expected.stats, key) for key in keys]
+
+
 def test_pipelines_sharing_runtimes_take_turns_across_threads(monkeypatch):
     """with_options shares the runtimes, hence their KV caches: a generation started in another
     thread while one is under way must wait for it, not overwrite its cache (that gave wrong

@@ -518,6 +518,49 @@ def test_bad_request_is_reported_before_touching_the_file(tmp_path):
         load_video(tmp_path / "missing.mp4", num_frames=0)
 
 
+def test_threads_decoding_at_once_leave_stderr_as_it_was():
+    """Decoders silence fd 2 while they open and read a file. prepare() decodes outside a
+    pipeline's lock, so a server's threads decode at once: each saving and restoring fd 2 on its
+    own, a thread leaving after another had entered restored that one's /dev/null, and the
+    process's stderr stayed silenced for good (every later log line and traceback lost)."""
+    import os
+    import threading
+
+    def silenced() -> bool:
+        return os.path.samestat(os.fstat(2), os.stat(os.devnull))
+
+    original = os.dup(2)
+    try:
+        assert not silenced()
+        first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+        seen = {}
+
+        def first():
+            with video._native_stderr_silenced():
+                first_in.set()
+                second_in.wait(10)
+            first_out.set()
+
+        def second():
+            first_in.wait(10)
+            with video._native_stderr_silenced():
+                second_in.set()
+                first_out.wait(10)
+                seen["inside, after the first left"] = silenced()
+
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert seen == {"inside, after the first left": True}
+        assert not silenced()
+        assert os.path.samestat(os.fstat(2), os.fstat(original))
+    finally:
+        os.dup2(original, 2)
+        os.close(original)
+
+
 def test_write_video_rejects_bad_frames(tmp_path):
     with pytest.raises(HippoError, match="uint8"):
         write_video(tmp_path / "x.mp4", np.zeros((2, 8, 8, 3), np.float32), 4.0)

@@ -344,17 +344,33 @@ class HippoPipeline:
         _check_context_fits(self.target, target_prompt.length + max_new_tokens)
         with self._lock:
             started = time.perf_counter()
-            if self.options.mode == "ar":
-                stats, tokens = self._generate_autoregressive(target_prompt, max_new_tokens,
-                                                              sampling, eos_ids)
-            else:
-                stats, tokens = self._generate_speculative(target_prompt, draft_prompt,
-                                                           max_new_tokens, sampling, eos_ids)
+            try:
+                if self.options.mode == "ar":
+                    stats, tokens = self._generate_autoregressive(target_prompt, max_new_tokens,
+                                                                  sampling, eos_ids)
+                else:
+                    stats, tokens = self._generate_speculative(target_prompt, draft_prompt,
+                                                               max_new_tokens, sampling, eos_ids)
+            except BaseException:
+                self._finish_device_work()
+                raise
             stats.total_s = time.perf_counter() - started
         text = self.target.tokenizer.decode(tokens) if self.target.tokenizer is not None else None
         return HippoOutput(tokens, text, stats)
 
     # ---------------------------------------------------------------------------- internals
+
+    def _finish_device_work(self) -> None:
+        """After a generation failed mid-way (an error, KeyboardInterrupt): wait for the work it
+        issued on the lanes' streams, the full draft prefill's side stream or a capture stream,
+        which nothing joins then. Left running, a target step still queued there would advance
+        the shared cache's length and write its keys after the next generation's reset."""
+        for device in {runtime.device for runtime in self._runtimes.values()}:
+            if device.type == "cuda":
+                try:
+                    torch.cuda.synchronize(device)
+                except Exception:  # noqa: BLE001 - a broken context: the first error is the one
+                    pass
 
     def eos_ids(self, eos_token_id: int | list[int] | tuple[int, ...] | set[int] | frozenset[int]
                 | None | str = USE_TARGET_EOS) -> set[int]:

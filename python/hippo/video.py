@@ -17,6 +17,7 @@ import numbers
 import os
 import re
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -402,26 +403,44 @@ def _decord_reason(error: Exception) -> str:
     return "its decoder rejects the stream" if "Check failed" in reason else reason
 
 
+# fd 2 is one per process: threads decoding at once (prepare() runs outside a pipeline's lock)
+# share one redirection, made by the first to enter and undone by the last to leave. Each saving
+# and restoring fd 2 on its own, interleaved calls restored each other's /dev/null: the process's
+# stderr stayed silenced for good (every later log line and traceback lost).
+_SILENCE_LOCK = threading.Lock()
+_silence = {"depth": 0, "saved": None}
+
+
 @contextmanager
 def _native_stderr_silenced() -> Iterator[None]:
     """File descriptor 2 pointed at /dev/null for the duration: for native libraries that log
     failures to it themselves (decord), which hippo reports as one line of its own. Native code
-    writes to the descriptor whatever sys.stderr is; nothing happens where it is closed."""
+    writes to the descriptor whatever sys.stderr is; nothing happens where it is closed. Safe
+    across threads and nested calls: fd 2 comes back once the last of them is done."""
     fd = 2
-    if sys.stderr is not None:
-        sys.stderr.flush()  # what Python has buffered still goes out
+    with _SILENCE_LOCK:
+        if _silence["depth"] == 0:
+            if sys.stderr is not None:
+                sys.stderr.flush()  # what Python has buffered still goes out
+            try:
+                saved = os.dup(fd)
+            except OSError:
+                saved = None
+            else:
+                with open(os.devnull, "w") as devnull:
+                    os.dup2(devnull.fileno(), fd)
+            _silence["saved"] = saved
+        _silence["depth"] += 1
     try:
-        saved = os.dup(fd)
-    except OSError:
         yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), fd)
-            yield
     finally:
-        os.dup2(saved, fd)
-        os.close(saved)
+        with _SILENCE_LOCK:
+            _silence["depth"] -= 1
+            saved = _silence["saved"]
+            if _silence["depth"] == 0 and saved is not None:
+                _silence["saved"] = None
+                os.dup2(saved, fd)
+                os.close(saved)
 
 
 class _OpenCVReader:
