@@ -125,7 +125,7 @@ PY
       run_parallel_cuda_tests "" test_normalization test_activation test_rotary_embedding \
         test_linear test_fused_linear test_decode_attention test_runtime test_video_llm_ar \
         test_token_selection test_verification test_kv_compaction test_device_support \
-        test_pipeline test_preprocess_vs_hf
+        test_pipeline test_preprocess_vs_hf test_torch_state
       ;;
     ptx)
       # The code a Blackwell GPU runs: the compute_80 PTX of the default build, compiled by the
