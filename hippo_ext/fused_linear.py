@@ -4,11 +4,12 @@ where a decode step ran two or three.
 
 Every op keeps the arithmetic of the ops it fuses (HF's rounding; on CUDA a norm's row sum of
 squares is reduced in another order than add_rms_norm's kernel, so it may differ in its last
-bits): the CPU runs that composition itself; on CUDA, up to 16 rows of bf16/fp16 run skinny_linear's FMA kernel with the norm or the
-gating applied as x is loaded (rows bitwise independent of how many there are), and other
-shapes run the composition. As with skinny_linear's FMA kernel, where programmatic dependent
-launch is on (Hopper, unless HIPPO_PDL=0) the weight and bias are read before the previous
-kernel in the stream has finished: neither may be written by the kernel launched just before.
+bits): the CPU runs that composition itself; on CUDA, up to 16 rows of bf16/fp16 run
+skinny_linear's FMA kernel with the norm or the gating applied as x is loaded (rows bitwise
+independent of how many there are), and other shapes run the composition. As with
+skinny_linear's FMA kernel, where programmatic dependent launch is on (Hopper, unless
+HIPPO_PDL=0) the weight and bias are read before the previous kernel in the stream has finished:
+neither may be written by the kernel launched just before.
 """
 from __future__ import annotations
 

@@ -866,6 +866,18 @@ def test_step_invariant_counts_the_rows_of_every_batch_row(device):
     assert_steps_equal_single_steps(runtime, ids, positions, 40, (2, 9, 16))
 
 
+def test_step_invariant_refuses_a_batch_beyond_its_rows(monkeypatch):
+    """A batch of 33 rows was built and prefilled, then every step, decode's too, was refused
+    ("steps of up to 0 tokens")."""
+    model, _ = build("qwen2")
+    with pytest.raises(HippoError, match="batch 33 leaves no step"):
+        LanguageModelRuntime.from_hf(model, max_seq_len=16, batch=33, step_invariant=True)
+    monkeypatch.setenv("HIPPO_SKINNY_KERNEL", "fma")
+    with pytest.raises(HippoError, match="up to 16 rows"):
+        LanguageModelRuntime.from_hf(model, max_seq_len=16, batch=17, step_invariant=True)
+    LanguageModelRuntime.from_hf(model, max_seq_len=16, batch=16, step_invariant=True)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda,
                                                                         pytest.mark.cuda])])
 def test_step_invariant_with_the_fma_kernel_holds_16_rows(device, monkeypatch):

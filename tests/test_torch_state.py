@@ -74,6 +74,26 @@ def test_prompts_prepared_under_autocast_are_those_of_a_plain_call(family):
         assert torch.equal(a.visual_features, b.visual_features)
 
 
+def test_autocast_off_enters_no_context_where_autocast_is_off(monkeypatch):
+    """runtime.step is decorated: a decode step paid ~15 us for two autocast contexts that had
+    nothing to turn off (and under autocast it still turns it off)."""
+    from hippo.runtime.decoder import autocast_off
+
+    entered = []
+    real = torch.autocast
+
+    def counting(*args, **kwargs):
+        entered.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "autocast", counting)
+    check = autocast_off(lambda: torch.is_autocast_enabled("cpu"))
+    assert check() is False and entered == []
+    with real("cpu", dtype=torch.bfloat16):
+        assert check() is False
+    assert len(entered) == 2
+
+
 @pytest.mark.parametrize("method", ["uniform", "random"])
 def test_selection_ignores_the_default_device(method):
     """The uniform and random selectors made their indices on torch's default device (then

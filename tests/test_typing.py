@@ -76,6 +76,16 @@ LanguageModelRuntime.from_hf(adapter.model, 256, use_cuda_graph=False)  # error:
 '''
 
 
+# Modules the checked calls do not go through, left unanalysed (their names are Any): with them
+# mypy took 35-80 s on 2 cores, without them 5 s. torch's core, torch.nn and torch.autograd (the
+# no_grad decorator) stay checked.
+UNCHECKED = ["transformers.*", "sympy.*", "numpy.*"] + [f"torch.{name}.*" for name in (
+    "_dynamo", "_inductor", "fx", "distributed", "onnx", "export", "_export", "_functorch",
+    "testing", "_higher_order_ops", "_subclasses", "_prims", "_refs", "_decomp", "ao",
+    "quantization", "distributions", "optim", "masked", "nested", "sparse", "jit", "package",
+    "profiler", "func", "signal", "special", "fft", "linalg")]
+
+
 def test_typed_user_code_type_checks(tmp_path: Path) -> None:
     """The documented calls pass mypy, and wrong ones are caught: LanguageModelRuntime's
     constructor, from_hf's options and what the decorated methods return are typed, not Any
@@ -84,7 +94,8 @@ def test_typed_user_code_type_checks(tmp_path: Path) -> None:
     script = tmp_path / "user_code.py"
     script.write_text(USER_CODE.strip("\n") + "\n")
     config = tmp_path / "mypy.ini"
-    config.write_text(f"[mypy]\nfollow_imports = silent\nmypy_path = {ROOT / 'python'}:{ROOT}\n")
+    config.write_text(f"[mypy]\nfollow_imports = silent\nmypy_path = {ROOT / 'python'}:{ROOT}\n"
+                      f"[mypy-{','.join(UNCHECKED)}]\nfollow_imports = skip\n")
     report, _, _ = api.run(["--config-file", str(config), "--cache-dir", str(tmp_path / "cache"),
                             "--strict", str(script)])
     lines = USER_CODE.strip("\n").splitlines()

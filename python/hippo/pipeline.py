@@ -292,10 +292,10 @@ class HippoPipeline:
 
         video: a file path, or frames [T, H, W, 3] uint8 RGB already decoded (fps: the rate
         they were sampled at); num_frames, fps, start and end as in prepare(). eos_token_id:
-        the target's by default; None never stops early. Sampling (temperature > 0) is seeded by `seed` when given: reproducible where the
-        rounds do not depend on timing (mode "ar", or a fixed gamma; parallel mode on a CPU
-        only); with gamma "auto" or parallel mode on CUDA, runs may differ (each one
-        distribution-exact).
+        the target's by default; None never stops early. Sampling (temperature > 0) is seeded
+        by `seed` when given: reproducible where the rounds do not depend on timing (mode
+        "ar", or a fixed gamma; parallel mode on a CPU only); with gamma "auto" or parallel
+        mode on CUDA, runs may differ (each one distribution-exact).
         """
         started = time.perf_counter()
         # Every argument is checked before the video is read.

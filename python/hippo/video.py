@@ -422,14 +422,7 @@ def _native_stderr_silenced() -> Iterator[None]:
         if _silence["depth"] == 0:
             if sys.stderr is not None:
                 sys.stderr.flush()  # what Python has buffered still goes out
-            try:
-                saved = os.dup(fd)
-            except OSError:
-                saved = None
-            else:
-                with open(os.devnull, "w") as devnull:
-                    os.dup2(devnull.fileno(), fd)
-            _silence["saved"] = saved
+            _silence["saved"] = _point_stderr_at_devnull(fd)
         _silence["depth"] += 1
     try:
         yield
@@ -441,6 +434,22 @@ def _native_stderr_silenced() -> Iterator[None]:
                 _silence["saved"] = None
                 os.dup2(saved, fd)
                 os.close(saved)
+
+
+def _point_stderr_at_devnull(fd: int) -> int | None:
+    """fd pointed at /dev/null; returns a duplicate of what it was (None where it could not be
+    redirected: the decoder then runs unsilenced, and no descriptor is left open)."""
+    try:
+        saved = os.dup(fd)
+    except OSError:
+        return None
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), fd)
+    except OSError:  # out of descriptors: the duplicate would leak, one per decode
+        os.close(saved)
+        return None
+    return saved
 
 
 class _OpenCVReader:

@@ -165,28 +165,24 @@ class HFPromptTokenizer(PromptTokenizer):
         return self.hf.decode(ids, skip_special_tokens=True)
 
     def fingerprint(self) -> tuple[tuple[str, object], ...]:
-        # The whole vocabulary (tokens of one size may differ), then the BPE merges: two tokenizers
-        # with one vocabulary but other merges split the same text into other ids. Hashed once
-        # (a real tokenizer's serialisation takes a while; every pipeline made checks its pair).
+        # The whole vocabulary (tokens of one size may differ), then the tokenization model: two
+        # tokenizers with one vocabulary but other BPE merges (or merge options) split the same
+        # text into other ids. Hashed once (a real tokenizer's serialisation takes a while).
         if self._contents is None:
             self._contents = (("vocabulary", hash(frozenset(self.hf.get_vocab().items()))),
-                              ("merges", _merges_hash(self.hf)))
+                              ("merges or model options", _model_hash(self.hf)))
         return super().fingerprint() + self._contents
 
 
-def _merges_hash(tokenizer: "PreTrainedTokenizerBase") -> int | None:
-    """A hash of the BPE merges of a tokenizers-backed tokenizer, in their order (their
-    priority); None for other tokenizers (no backend, or not BPE)."""
-    import json
+def _model_hash(tokenizer: "PreTrainedTokenizerBase") -> int | None:
+    """A hash of a tokenizers-backed tokenizer's model as the tokenizers library serialises it
+    (BPE: its vocabulary, its merges in their order, i.e. their priority, and its options such
+    as ignore_merges; Unigram: its pieces' scores); None for other tokenizers. Pickling the model
+    alone takes a tenth of parsing the whole tokenizer's JSON (0.1 s vs 1.6 s at 152k ids)."""
+    import pickle
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    merges = json.loads(backend.to_str()).get("model", {}).get("merges")
-    if merges is None:
-        return None
-    # Saved as "a b" strings by older tokenizers versions, as [a, b] pairs by newer ones.
-    return hash(tuple(tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in merges))
+    return None if backend is None else hash(pickle.dumps(backend.model))
 
 
 class VideoLLMAdapter:

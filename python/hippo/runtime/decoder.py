@@ -83,6 +83,9 @@ def autocast_off(fn: _Function) -> _Function:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # Entering the two contexts costs ~15 us, paid by every decode step: only where needed.
+        if not (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")):
+            return fn(*args, **kwargs)
         with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
             return fn(*args, **kwargs)
 
@@ -252,6 +255,10 @@ class LanguageModelRuntime:
             _check_step_invariance_possible(self.device, self.step_attention, use_fused)
             _check_row_invariant_gemm_widths(self.layers, lm_head, self.device)
             _reject_step_dependent_rope(self.rotary_emb)
+            if batch > step_invariant_max_rows():  # every step would be refused, even decode's
+                raise HippoError(f"step_invariant=True holds for steps of up to "
+                                 f"{step_invariant_max_rows()} rows (batch x tokens): batch "
+                                 f"{batch} leaves no step it can take")
             skinny_gemm = True
         self.step_invariant = step_invariant
         if skinny_gemm and not use_fused:
