@@ -92,7 +92,17 @@ def test_default_selection_layers_and_text_queries():
         assert after_video > 1  # the question and the assistant turn follow the video
         assert options.text_query_len(prompt) == after_video
         assert PreservationOptions(query_len=5).text_query_len(prompt) == 5
+        assert PreservationOptions(query_len=1).text_query_len(prompt) == 1
         assert PreservationOptions(query_len=10**6).text_query_len(prompt) == prompt.length
+
+
+def test_a_prompt_ending_with_its_video_queries_with_its_last_token():
+    """Nothing after the video (a prompt given as ids may end there): one query token, the
+    last, by default."""
+    from types import SimpleNamespace
+
+    prompt = SimpleNamespace(length=12, visual_start=2, num_visual=10)
+    assert PreservationOptions().text_query_len(prompt) == 1
 
 
 def test_uniform_selection_takes_the_bin_centres():
@@ -132,18 +142,38 @@ def test_random_selection_is_seeded():
     assert pick(3) == pick(3) and pick(3) != pick(4)
 
 
+def test_global_random_selection_has_no_quota_per_frame():
+    """per_frame=False draws one subset of the whole grid: some seeds keep more tokens of one
+    frame than of another (a quota per frame is what per_frame=True asks for)."""
+    _, prompt = _prepared("llava_onevision", num_frames=3)
+    frames, height, width = prompt.grid
+    count = frames * height * width // 2
+    spreads = set()
+    for seed in range(4):
+        kept = preserve_tokens(prompt, PreservationOptions(keep_ratio=0.5, method="random",
+                                                           seed=seed)).visual.tolist()[:count]
+        spreads.add(tuple(sum(1 for i in kept if i // (height * width) == t) for t in range(frames)))
+    quotas = tuple(count // frames + (t < count % frames) for t in range(frames))
+    assert spreads - {quotas}
+
+
 def test_bad_options_are_clear_errors():
     with pytest.raises(HippoError, match="unknown selection method"):
         PreservationOptions(method="topk")
-    for keep_ratio in (1.5, float("nan"), "0.5"):
+    for keep_ratio in (1.5, float("nan"), "0.5", True):  # a bool is no ratio
         with pytest.raises(HippoError, match="keep_ratio"):
             PreservationOptions(keep_ratio=keep_ratio)
-    for weights in ((1, 0), (1, float("nan"), 0), (1, -1, 0), (1, float("inf"), 0), 0.5, (0, 0, 0)):
+    for weights in ((1, 0), (1, float("nan"), 0), (1, -1, 0), (1, float("inf"), 0), 0.5, (0, 0, 0),
+                    (True, 0, 0), ("1", 0, 0), (1, -0.5, 0)):
         with pytest.raises(HippoError, match="weights"):
             PreservationOptions(weights=weights)
-    with pytest.raises(HippoError, match="selection layers"):
-        PreservationOptions(layers=(0, 9)).selection_layers(2)
+    assert PreservationOptions(layers=(0, 1)).selection_layers(2) == (0, 1)
+    assert PreservationOptions(weights=(1, 0, 0)).weights == (1, 0, 0)  # a zero weight is fine
+    for layers in ((0, 9), (0, 2), (-1,), ()):
+        with pytest.raises(HippoError, match="selection layers"):
+            PreservationOptions(layers=layers).selection_layers(2)
     for options, needle in ((dict(query_len="3"), "query_len"), (dict(query_len=2.5), "query_len"),
+                            (dict(query_len=0), "query_len must be an integer of at least 1"),
                             (dict(layers=1), "layers"), (dict(layers=(0.5,)), "layers"),
                             (dict(seed="x"), "seed"), (dict(per_frame="yes"), "per_frame"),
                             # a generator takes neither (2**70 failed deep in torch, mid-generation)
@@ -152,8 +182,9 @@ def test_bad_options_are_clear_errors():
         with pytest.raises(HippoError, match=needle):
             PreservationOptions(**options)
     _, prompt = _prepared("qwen2_5_vl")
-    with pytest.raises(HippoError, match="needs the target's queries"):
-        preserve_tokens(prompt, PreservationOptions())
+    for given in ({}, {"queries": torch.zeros(1, 1, 1, 1)}, {"keys": torch.zeros(1, 1, 1, 1)}):
+        with pytest.raises(HippoError, match="needs the target's queries and keys"):
+            preserve_tokens(prompt, PreservationOptions(), **given)
 
 
 def _reference_logits(adapter, embeds, position_ids, cache=None):
@@ -232,6 +263,20 @@ def test_compacted_cache_equals_kept_slice_of_full_cache(device, family, source)
                           layer_index)
         expected = _reference_logits(adapter, draft.embed(ids), next_position, sliced)
     torch.testing.assert_close(step_logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_draft_prefills_start_from_an_empty_cache():
+    """The pipeline reuses the draft's runtime across generations: each prefill forgets the last
+    prompt's cache (else the draft continues after it, lossless but accepting little)."""
+    adapter, prompt = _prepared("qwen2_5_vl")
+    kept = preserve_tokens(prompt, PreservationOptions(keep_ratio=0.25, method="uniform"))
+    draft = LanguageModelRuntime.from_hf(adapter.model, 2 * prompt.length + 8)
+    with torch.no_grad():
+        for _ in range(2):
+            prefill_pruned(draft, prompt, kept.positions)
+            assert draft.length == kept.length
+            prefill_full(draft, prompt)
+            assert draft.length == prompt.length
 
 
 GLOBAL_SCORE_PROMPT = "which way does it move?"

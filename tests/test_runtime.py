@@ -312,9 +312,10 @@ def test_prefill_after_rollback_to_row_lengths_refuses_overflow():
 @pytest.mark.parametrize("length,message", [
     (torch.tensor([7.9, 8.0]), "must hold integers"),
     (torch.tensor([True, False]), "must hold integers"),
+    (torch.tensor([7 + 0j, 8 + 0j]), "must hold integers"),
     (torch.tensor([5, 6, 7]), r"scalar or \[B\] = \[2\]"),
     (torch.tensor([[5, 6]]), r"scalar or \[B\] = \[2\]"),
-], ids=["float", "bool", "other-batch", "2-d"])
+], ids=["float", "bool", "complex", "other-batch", "2-d"])
 def test_rollback_to_device_tensor_refuses_floats_and_other_shapes(length, message):
     """A float length tensor was cut to integers in silence (7.9 -> 7), where an int 7.9 is
     refused; a tensor of another batch failed inside expand_as."""
@@ -606,8 +607,67 @@ def test_static_cache_layout_and_rollback():
         cache.reserve(8)
 
 
+def test_static_cache_lengths_at_their_bounds():
+    """A cache fills to exactly max_seq_len, its last position written where it belongs;
+    rollback and fill_to take 0, the current length and max_seq_len and refuse -1,
+    max_seq_len + 1 and a roll forward; reset empties it on the device and the host."""
+    cache = StaticKVCache(1, 1, 1, 4, 2, dtype=torch.float32, device="cpu")
+    cache.check_room(1, 3)  # 1 + 3 = max_seq_len fits
+    cache.reserve(4)
+    cache.advance(4)
+    positions = cache.write_positions(4)
+    assert positions.tolist() == [[0, 1, 2, 3]]
+    keys = torch.randn(1, 1, 4, 2)
+    cache.write(0, keys, -keys, positions)
+    torch.testing.assert_close(cache.keys(0), keys)
+    with pytest.raises(HippoError, match="append of 1 positions at length 4 exceeds"):
+        cache.reserve(1)
+    cache.rollback(4)  # to its own length: forgets nothing
+    assert (cache.host_length, cache.length.tolist()) == (4, [4])
+    for length in (-1, 5):
+        with pytest.raises(HippoError, match=f"cannot roll the KV cache back to length {length}"):
+            cache.rollback(length)
+    cache.rollback(0)
+    assert (cache.host_length, cache.length.tolist()) == (0, [0])
+    with pytest.raises(HippoError, match="roll the KV cache forward from length 0 to 1"):
+        cache.rollback(1)
+    for length in (-1, 5):
+        with pytest.raises(HippoError, match=f"cannot fill the KV cache to length {length}"):
+            cache.fill_to(length)
+    for length in (4, 0, 3):
+        cache.fill_to(length)
+        assert (cache.host_length, cache.length.tolist()) == (length, [length])
+    cache.reset()
+    assert (cache.host_length, cache.length.tolist()) == (0, [0])
+    for sizes in ((0, 1, 1, 4, 2), (1, 0, 1, 4, 2), (1, 1, 0, 4, 2), (1, 1, 1, 0, 2), (1, 1, 1, 4, 0),
+                  (1, 1, 1, 4.0, 2)):
+        with pytest.raises(HippoError, match="sizes must be positive integers"):
+            StaticKVCache(*sizes, dtype=torch.float32, device="cpu")
+
+
+def test_writes_stay_in_the_buffer_while_the_host_does_not_know_the_length():
+    """After a rollback to a device tensor the host checks no overflow: positions past the
+    buffer, or before it where a row holds fewer than `count`, are clamped into it (an index
+    out of the buffer fails or writes elsewhere). An integer rollback makes the length known
+    again, and current_length reads the longest row from the device meanwhile."""
+    cache = StaticKVCache(1, 2, 1, 4, 2, dtype=torch.float32, device="cpu")
+    cache.fill_to(4)
+    cache.rollback(torch.tensor([0, 4]))
+    cache.reserve(2)  # not checked: the host does not know the length
+    cache.advance(2)
+    assert cache.host_length is None and cache.current_length() == 6
+    positions = cache.write_positions(3)
+    assert positions.tolist() == [[0, 0, 1], [3, 3, 3]]
+    keys = torch.randn(2, 1, 3, 2)
+    cache.write(0, keys, keys, positions)
+    torch.testing.assert_close(cache.keys(0)[1, :, 3], keys[1, :, 2])
+    cache.rollback(3)
+    assert (cache.host_length, cache.length.tolist()) == (3, [3, 3])
+
+
 @pytest.mark.parametrize("layers, is_view", [((1, 3, 5), True), ((2,), True), ((0, 1, 2, 3, 4, 5), True),
-                                            ((1, 2, 5), False), ((4, 1), False)])
+                                            ((1, 2, 5), False), ((4, 1), False), ((2, 2), False),
+                                            ((1, 4), True)])
 def test_layer_keys_are_a_view_when_evenly_spaced(gen, layers, is_view):
     cache = StaticKVCache(6, 2, 3, 16, 8, dtype=torch.float32, device="cpu")
     cache.tensor.copy_(torch.randn(cache.tensor.shape, generator=gen))
@@ -615,6 +675,8 @@ def test_layer_keys_are_a_view_when_evenly_spaced(gen, layers, is_view):
     expected = torch.stack([cache.tensor[layer, 0, 1, :, :11] for layer in layers])
     assert torch.equal(keys, expected)
     assert (keys.untyped_storage().data_ptr() == cache.tensor.untyped_storage().data_ptr()) == is_view
+    first_row = torch.stack([cache.tensor[layer, 0, 0, :, :11] for layer in layers])
+    assert torch.equal(cache.layer_keys(layers, 11), first_row)  # row 0 by default
 
 
 def test_cpu_decode_attention_backend_matches_sdpa():

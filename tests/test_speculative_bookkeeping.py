@@ -12,7 +12,7 @@ from hippo.runtime import LanguageModelRuntime
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
 from hippo.speculative.decoder import SpeculativeDecoder, decode_after_prefill
 from hippo.speculative.draft_length import DraftLength
-from hippo.speculative.lanes import Lane
+from hippo.speculative.lanes import UNKNOWN_TOKEN, Lane
 from hippo.speculative.statistics import GenerationStats
 from speculative_testing import make_pair, make_pipeline, sample_frames
 
@@ -287,11 +287,72 @@ def test_adaptive_gamma_ignores_timings_that_are_not_numbers(mode):
     policy = DraftLength("auto", initial=4, max_gamma=12, mode=mode)
     policy.observe(6e-3, 1e-3, accepted=6, drafted=6)
     before = policy.current
-    for bad in (float("nan"), float("inf")):
+    for bad in (float("nan"), float("inf"), 0.0, -1e-3):  # 0: not seen; negative: a clock error
         policy.observe(bad, 1e-3, accepted=6, drafted=6)
         policy.observe(6e-3, bad, accepted=6, drafted=6)
     assert 1 < policy.current <= 12 and policy._target_step_s == pytest.approx(6e-3)
     assert before == policy.current
+
+
+def test_a_token_past_the_lanes_table_is_fed_as_the_unknown_token():
+    """A correction the lane's model cannot embed (a wider target's id) is written as
+    UNKNOWN_TOKEN, every id up to the table's last row as itself; the lane feeds every column
+    of its capacity and rolls back to a count of generated tokens."""
+    target, _ = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
+    runtime = LanguageModelRuntime.from_hf(target.model, 16)
+    rows = runtime.text_model.embed_tokens.num_embeddings
+    lane = Lane(runtime, 0, torch.arange(8)[None], 8)
+    assert (lane.table_rows, lane.capacity) == (rows, 8)
+    for column, token in enumerate((rows - 1, rows, rows + 7, 5)):
+        lane.write_token(column, token)
+    assert lane.tokens[0, :4].tolist() == [rows - 1, UNKNOWN_TOKEN, UNKNOWN_TOKEN, 5]
+    lane.write_token(0, 3)
+    assert lane.feed(8).shape[:2] == (1, 8)  # every column up to the capacity has a position
+    lane.rollback(3)
+    assert (lane.fed, runtime.length) == (3, 3)
+
+
+@pytest.mark.parametrize("mode", ["parallel", "sequential"])
+def test_adaptive_gamma_waits_for_both_step_times(mode):
+    """A step time of 0 is one not measured: g stays at `initial` until both sides were timed
+    (the ratio divided by None). Then, with no acceptance counts seen yet, the sequential rule
+    falls back to PEARL's ratio, rounded to the nearest g (5.6 -> 6, not 5); a fixed g never
+    moves, whatever the step times say."""
+    for target_s, draft_s in ((5.6e-3, 0.0), (0.0, 1e-3)):
+        policy = DraftLength("auto", initial=4, max_gamma=12, mode=mode)
+        policy.observe(target_s, draft_s)
+        assert policy.current == 4
+    policy.observe(5.6e-3, 1e-3)
+    assert policy._acceptance is None and policy.current == 6
+    fixed = DraftLength(3, mode=mode)
+    for target_s, draft_s in ((1e-3, 1.0), (1.0, 1e-3)):
+        fixed.observe(target_s, draft_s, accepted=0, drafted=3)
+        assert fixed.current == 3
+
+
+def test_draft_length_arguments_at_their_bounds():
+    """gamma and max_gamma take both ends of 1..32 and initial any int from 1; one past either
+    end, a fraction or an unknown rule is refused. "auto" starts at initial (4) capped by
+    max_gamma (12), with PEARL's parallel rule."""
+    for gamma in (1, 32):
+        assert DraftLength(gamma).current == gamma
+    for max_gamma in (1, 32):
+        assert DraftLength("auto", max_gamma=max_gamma).max_gamma == max_gamma
+    assert DraftLength("auto", initial=1).current == 1
+    assert DraftLength("auto", max_gamma=2).current == 2
+    policy = DraftLength()
+    assert (policy.adaptive, policy.current, policy.max_gamma, policy.mode) == (True, 4, 12, "parallel")
+    for gamma in (0, 33, 2.5, "fast"):
+        with pytest.raises(HippoError, match=r"gamma must be 'auto' or an int in 1\.\.32"):
+            DraftLength(gamma)
+    for max_gamma in (0, 33, 2.5):
+        with pytest.raises(HippoError, match=r"max_gamma must be an int in 1\.\.32"):
+            DraftLength("auto", max_gamma=max_gamma)
+    for initial in (0, 2.5):
+        with pytest.raises(HippoError, match="initial must be an int of at least 1"):
+            DraftLength("auto", initial=initial)
+    with pytest.raises(HippoError, match="unknown draft-length rule 'tree'"):
+        DraftLength(3, mode="tree")
 
 
 @pytest.mark.parametrize("gamma", [1, 2, 5])
