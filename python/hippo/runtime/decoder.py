@@ -359,7 +359,8 @@ class LanguageModelRuntime:
         # After a rollback to a device tensor the rows may hold different lengths: each row's
         # prompt then continues its own prefix (start is the longest, known on the host now).
         row_starts = self.cache.length.clone() if self.cache.host_length is None else None
-        self.cache.check_room(start, seq_len, "prefill")  # before the length moves
+        if row_starts is not None:  # reserve() checks only a length the host knows
+            self.cache.check_room(start, seq_len, "prefill")
         self.cache.reserve(seq_len, "prefill")
         self.cache.advance(seq_len)
 
