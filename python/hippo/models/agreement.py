@@ -51,9 +51,7 @@ class SyntheticAdapter(VideoLLMAdapter):
     family = "synthetic"
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model.eval()
-        self.tokenizer = None
-        self.prompt_prefix_ids, self.prompt_suffix_ids = [], []
+        super().__init__(model, tokenizer=None, prompt_prefix_ids=[], prompt_suffix_ids=[])
 
     @property
     def text_model(self) -> torch.nn.Module:

@@ -199,8 +199,16 @@ class VideoLLMAdapter:
     tokenizer: PromptTokenizer | None
     prompt_prefix_ids: list[int]
     prompt_suffix_ids: list[int]
-    text_separator: str = ""  # the chat format's text between the video and a prompt given as text
     chat: ChatFormat | None = None  # a checkpoint's chat format (text prompts are tokenized in it)
+
+    def __init__(self, model: torch.nn.Module, tokenizer: PromptTokenizer | None,
+                 prompt_prefix_ids: list[int], prompt_suffix_ids: list[int],
+                 chat: ChatFormat | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.prompt_prefix_ids = list(prompt_prefix_ids)
+        self.prompt_suffix_ids = list(prompt_suffix_ids)
+        self.chat = chat
 
     # -- construction (each family) ---------------------------------------------------------------
     @classmethod
@@ -269,6 +277,11 @@ class VideoLLMAdapter:
                 "eos_token_id": self.eos_token_id}
 
     # -- prompts -----------------------------------------------------------------------------------
+    @property
+    def text_separator(self) -> str:
+        """The chat format's text between the video and a prompt given as text."""
+        return self.chat.separator if self.chat is not None else ""
+
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """The user's text as token ids: a str needs a tokenizer; a list of ids is taken as is."""
         if not isinstance(prompt, (str, list, tuple)):
@@ -537,8 +550,7 @@ class LocalCheckpoint:
     tokenizer: PromptTokenizer | None
     prompt_prefix_ids: list[int]
     prompt_suffix_ids: list[int]
-    text_separator: str  # put before a prompt given as text (between the video and it)
-    chat: ChatFormat | None = None
+    chat: ChatFormat | None = None  # None without a tokenizer: prompts are token ids then
 
 
 def load_local_checkpoint(model_class: type[torch.nn.Module], path: str, dtype: torch.dtype, label: str,
@@ -569,8 +581,7 @@ def load_local_checkpoint(model_class: type[torch.nn.Module], path: str, dtype: 
 
     model = load_local_model(model_class, path, dtype, label, config=config,
                              check_model=check_skeleton)
-    return LocalCheckpoint(model, tokenizer, prefix, suffix, chat.separator,
-                           chat if tokenizer is not None else None)
+    return LocalCheckpoint(model, tokenizer, prefix, suffix, chat if tokenizer is not None else None)
 
 
 def check_tokenizer_fits_embeddings(model: torch.nn.Module, path: str, tokenizer: PromptTokenizer | None,

@@ -39,15 +39,10 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
     family = "llava_onevision"
 
     def __init__(self, model: torch.nn.Module, tokenizer: PromptTokenizer | None, preprocess: SiglipVideoPreprocess,
-                 prompt_prefix_ids: list[int], prompt_suffix_ids: list[int], text_separator: str = "",
+                 prompt_prefix_ids: list[int], prompt_suffix_ids: list[int],
                  chat: ChatFormat | None = None) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
+        super().__init__(model, tokenizer, prompt_prefix_ids, prompt_suffix_ids, chat)
         self.preprocess = preprocess
-        self.prompt_prefix_ids = list(prompt_prefix_ids)
-        self.prompt_suffix_ids = list(prompt_suffix_ids)
-        self.chat = chat
-        self.text_separator = text_separator  # prepended to a str prompt (the chat format's "\n")
         vision = model.config.vision_config
         if vision.image_size != preprocess.size:
             raise HippoError(f"frames are resized to {preprocess.size} px but the vision tower takes "
@@ -85,7 +80,7 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
         model = loaded.model.to(device)
         preprocess = replace(preprocess, size=model.config.vision_config.image_size)
         return cls(model, loaded.tokenizer, preprocess, loaded.prompt_prefix_ids, loaded.prompt_suffix_ids,
-                   loaded.text_separator, loaded.chat)
+                   loaded.chat)
 
     # -- prompts -----------------------------------------------------------------------------------
     @property

@@ -40,15 +40,10 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
     family = "qwen2_5_vl"
 
     def __init__(self, model: torch.nn.Module, tokenizer: PromptTokenizer | None, preprocess: QwenVideoPreprocess,
-                 prompt_prefix_ids: list[int], prompt_suffix_ids: list[int], text_separator: str = "",
+                 prompt_prefix_ids: list[int], prompt_suffix_ids: list[int],
                  chat: ChatFormat | None = None) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
+        super().__init__(model, tokenizer, prompt_prefix_ids, prompt_suffix_ids, chat)
         self.preprocess = preprocess
-        self.prompt_prefix_ids = list(prompt_prefix_ids)
-        self.prompt_suffix_ids = list(prompt_suffix_ids)
-        self.chat = chat
-        self.text_separator = text_separator
         check_preprocess_fits_vision(preprocess, model.config.vision_config)
         self.check_model(model)
 
@@ -87,7 +82,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         loaded = load_local_checkpoint(Qwen2_5_VLForConditionalGeneration, path, dtype, "Qwen2.5-VL",
                                        CHAT_FORMAT, VIDEO_PLACEHOLDER, check_model=check_skeleton)
         return cls(loaded.model.to(device), loaded.tokenizer, preprocess, loaded.prompt_prefix_ids,
-                   loaded.prompt_suffix_ids, loaded.text_separator, loaded.chat)
+                   loaded.prompt_suffix_ids, loaded.chat)
 
     # -- prompts -----------------------------------------------------------------------------------
     def visual_tokens(self, num_frames: int, height: int, width: int) -> int:
