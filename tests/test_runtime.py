@@ -485,8 +485,13 @@ def test_cache_overflow_is_a_clear_error():
     model, _ = build("qwen2")
     runtime = LanguageModelRuntime.from_hf(model, max_seq_len=16)
     prompt = text_prompt(runtime, torch.randint(0, 500, (1, 10)))
-    with pytest.raises(HippoError, match="prompt plus max_new_tokens beyond the cache"):
-        generate_autoregressive(runtime, prompt, 7)
+    with pytest.raises(HippoError, match="prompt plus max_new_tokens beyond the cache: 10 "
+                                         r"prompt tokens \+ 8 new tokens need 17 positions"):
+        generate_autoregressive(runtime, prompt, 8)
+    # The last new token is never fed: 7 of them need 16 positions (they were refused).
+    assert len(generate_autoregressive(runtime, prompt, 7).tokens) == 7
+    assert runtime.length == 16
+    runtime.reset()
     runtime.prefill(prompt.inputs_embeds, prompt.position_ids)
     runtime.step(torch.zeros(1, 5, dtype=torch.long), linear_positions(5, 10))
     with pytest.raises(HippoError, match="beyond the cache"):

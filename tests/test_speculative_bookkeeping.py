@@ -4,6 +4,8 @@ statistics, the adaptive g's inputs, and the per-device random streams (tiny ran
 CPU)."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -137,7 +139,8 @@ def test_bad_decoding_arguments_are_clear_errors():
                                     draft_length=DraftLength(3, mode="sequential"),
                                     max_new_tokens=new_tokens, eos_ids=eos_ids)
 
-    with pytest.raises(HippoError, match="positions hold 10 generated positions.*needs 28"):
+    with pytest.raises(HippoError, match="positions hold 10 generated positions.*needs 19 "
+                                         r"\(every new token but the last is fed\)"):
         decode(10, 20)
     for count in (2.5, 0):
         with pytest.raises(HippoError, match="max_new_tokens must be an integer of at least 1"):
@@ -380,13 +383,123 @@ def test_no_step_holds_a_token_past_the_request(mode, gamma):
             runtime.prefill(runtime.embed(prompt), positions)
         decoder = decode_after_prefill(
             *runtimes, torch.tensor([expected[0]]),
-            torch.arange(length, length + new_tokens + 2 * gamma + 2)[None], mode=mode,
+            torch.arange(length, length + new_tokens)[None], mode=mode,
             acceptance=TokenAcceptance(SamplingOptions(), target.vocab_size),
             draft_length=DraftLength(gamma, mode=mode), max_new_tokens=new_tokens, eos_ids=())
         assert decoder.emitted == expected, new_tokens
         # The target has consumed every emitted token but the last, and nothing after it.
         assert runtimes[0].length <= length + new_tokens - 1, new_tokens
         assert decoder.stats.accepted <= decoder.stats.drafted
+
+
+def _greedy(target, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    """The target's own greedy decoding of new_tokens after prompt [1, L] (one token a step)."""
+    length = prompt.shape[1]
+    reference = LanguageModelRuntime.from_hf(target.model, length + new_tokens)
+    token = reference.prefill(reference.embed(prompt),
+                              torch.arange(length)[None]).logits[:, -1].argmax(-1)
+    tokens = [int(token)]
+    for index in range(new_tokens - 1):
+        token = reference.step(token[:, None], torch.tensor([[length + index]]))[:, -1].argmax(-1)
+        tokens.append(int(token))
+    return tokens
+
+
+@pytest.mark.parametrize("kind,seed", [("perturbed-copy", 0), ("small-draft", 1),
+                                       ("small-draft", 2)])
+@pytest.mark.parametrize("mode", MODES)
+def test_caches_of_exactly_the_fed_tokens_suffice(monkeypatch, mode, kind, seed):
+    """Every new token but the last is fed, and nothing more: runtimes holding exactly prompt +
+    fed_token_count(max_new_tokens) positions (the draft: its kept tokens + as many) and that
+    many position ids suffice for every g, fixed or adaptive (its rounds alternate at random
+    here), every max_new_tokens against g and every stop by eos, and give the target's greedy
+    output. The target's cache reaches that length (the bound is tight) and the draft's never
+    passes it (a step beyond a cache is refused; one beyond the positions is caught here)."""
+    from hippo.runtime.autoregressive import fed_token_count
+
+    target, draft = make_pair("qwen2_5_vl", kind, seed=seed)
+    prompt = torch.tensor([[1, 2, 3, 4, 5, 6, 7]])
+    length, kept = prompt.shape[1], 4
+    free = _greedy(target, prompt, 24)
+    feed = Lane.feed
+
+    def checked_feed(lane, end):
+        assert end <= lane.positions.shape[-1], (end, lane.positions.shape)
+        return feed(lane, end)
+
+    monkeypatch.setattr(Lane, "feed", checked_feed)
+    observe = DraftLength.observe
+
+    def random_gamma(policy, *args):  # the adaptive g at random, not from CPU timings
+        observe(policy, *args)
+        if policy.adaptive:
+            policy.current = int(torch.randint(1, policy.max_gamma + 1, (1,)))
+
+    monkeypatch.setattr(DraftLength, "observe", random_gamma)
+    torch.manual_seed(seed)
+    for gamma, new_tokens, stop_at in itertools.product(
+            (1, 2, 5, "auto"), (1, 2, 3, 4, 6, 7, 24), (None, 1, 4)):
+        if stop_at is not None and stop_at >= new_tokens:
+            continue
+        eos_ids = set() if stop_at is None else {free[stop_at]}
+        expected = free[:new_tokens] if stop_at is None else free[:free.index(free[stop_at]) + 1]
+        fed = fed_token_count(new_tokens)
+        runtimes = [LanguageModelRuntime.from_hf(target.model, length + fed),
+                    LanguageModelRuntime.from_hf(draft.model, kept + fed)]
+        runtimes[0].prefill(runtimes[0].embed(prompt), torch.arange(length)[None])
+        runtimes[1].prefill(runtimes[1].embed(prompt[:, :kept]), torch.arange(kept)[None])
+        policy = DraftLength(gamma, max_gamma=6, initial=3, mode=mode)
+        decoder = decode_after_prefill(
+            *runtimes, torch.tensor([free[0]]), torch.arange(length, length + fed)[None],
+            mode=mode, acceptance=TokenAcceptance(SamplingOptions(), target.vocab_size),
+            draft_length=policy, max_new_tokens=new_tokens, eos_ids=eos_ids)
+        case = (gamma, new_tokens, stop_at)
+        assert decoder.emitted == expected, case
+        assert runtimes[0].length <= length + fed and runtimes[1].length <= kept + fed, case
+        if stop_at is None:
+            assert runtimes[0].length == length + fed, case  # the bound is reached
+
+
+def test_a_request_that_fits_autoregressive_decoding_fits_speculative_decoding(monkeypatch):
+    """Speculative decoding needs no room beyond what the target's own decoding needs: position
+    ids for max_new_tokens (as autoregressive decoding takes them) are enough, and a pipeline's
+    target runtime from a mode="ar" generation serves a speculative one of the same request
+    unchanged (they were refused, "needs max_new_tokens + 2 * gamma + 2", and rebuilt larger,
+    capturing every graph again)."""
+    import hippo.pipeline as pipeline_module
+    from hippo.runtime.autoregressive import fed_token_count
+
+    target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
+    prompt = torch.tensor([[1, 2, 3, 4, 5]])
+    length, new_tokens = prompt.shape[1], 9
+    expected = _greedy(target, prompt, new_tokens)
+    for mode in MODES:
+        runtimes = [LanguageModelRuntime.from_hf(model.model, length + new_tokens)
+                    for model in (target, draft)]
+        for runtime in runtimes:
+            runtime.prefill(runtime.embed(prompt), torch.arange(length)[None])
+        decoder = decode_after_prefill(
+            *runtimes, torch.tensor([expected[0]]),
+            torch.arange(length, length + new_tokens)[None], mode=mode,
+            acceptance=TokenAcceptance(SamplingOptions(), target.vocab_size),
+            draft_length=DraftLength(8, mode=mode), max_new_tokens=new_tokens, eos_ids=())
+        assert decoder.emitted == expected, mode
+
+    monkeypatch.setattr(pipeline_module, "CACHE_GRANULE", 1)  # caches of the exact size asked
+    autoregressive = make_pipeline(target, draft, "ar", 8, 0.5)
+    frames = sample_frames("qwen2_5_vl", 4)
+    prompts = autoregressive.prepare(frames, PROMPT, max_new_tokens=new_tokens)
+    tokens = autoregressive.generate_prepared(*prompts, new_tokens, SamplingOptions(), set()).tokens
+    runtime = autoregressive.runtime("target")
+    assert runtime.cache.max_seq_len == prompts[0].length + fed_token_count(new_tokens)
+    for mode, gamma, prefill in (("parallel", 8, "pruned"), ("sequential", "auto", "full+compact")):
+        hippo = autoregressive.with_options(mode=mode, gamma=gamma, draft_prefill=prefill)
+        out = hippo.generate_prepared(*prompts, new_tokens, SamplingOptions(), set())
+        assert out.tokens == tokens, mode
+        assert hippo.runtime("target") is runtime, mode  # not rebuilt
+        assert hippo.runtime("draft").cache.max_seq_len == max(
+            out.stats.draft_prompt_tokens + fed_token_count(new_tokens),
+            prompts[0].length if prefill == "full+compact" else 0)
 
 
 def test_generation_stats_rates_by_hand():

@@ -69,5 +69,8 @@ def test_prompt_beyond_cache_is_a_clear_error():
     adapter = load_adapter("tiny-qwen2.5-vl")
     prepared = adapter.prepare(_frames("tiny-qwen2.5-vl"), "hi")
     runtime = LanguageModelRuntime.from_hf(adapter.model, prepared.length + 4)
-    with pytest.raises(HippoError, match="beyond the cache"):
-        generate_autoregressive(runtime, prepared, max_new_tokens=5)
+    with pytest.raises(HippoError, match=f"beyond the cache: {prepared.length} prompt tokens \\+ 6 "
+                                         f"new tokens need {prepared.length + 5} positions"):
+        generate_autoregressive(runtime, prepared, max_new_tokens=6)
+    # The last new token is never fed: 5 of them fit 4 positions (they were refused).
+    assert len(generate_autoregressive(runtime, prepared, max_new_tokens=5).tokens) >= 1

@@ -25,7 +25,8 @@ from hippo.models.base import (HippoError, PreparedPrompt, VideoLLMAdapter, chec
 from hippo.models.preprocess import check_frames
 from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, preserve_tokens
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive
-from hippo.runtime.autoregressive import check_finite_logits, eos_id_set, new_token_count
+from hippo.runtime.autoregressive import (check_finite_logits, eos_id_set, fed_token_count,
+                                          new_token_count)
 from hippo.runtime.decoder import (autocast_off, check_flag, rope_switches_within,
                                    step_invariant_max_rows)
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
@@ -399,7 +400,8 @@ class HippoPipeline:
     def _generate_autoregressive(self, prompt: PreparedPrompt, max_new_tokens: int,
                                  sampling: SamplingOptions,
                                  eos_ids: set[int]) -> tuple[GenerationStats, list[int]]:
-        runtime = self._runtime("target", self.target, prompt.length + max_new_tokens)
+        runtime = self._runtime("target", self.target,
+                                prompt.length + fed_token_count(max_new_tokens))
         generator = None
         if not sampling.greedy and sampling.seed is not None:
             generator = torch.Generator(runtime.device).manual_seed(sampling.seed)
@@ -421,10 +423,10 @@ class HippoPipeline:
         options = self.options
         preservation = options.preservation
         stats = GenerationStats(mode=options.mode, prompt_tokens=target_prompt.length)
-        margin = max_new_tokens + 2 * options.largest_gamma + 2
+        fed = fed_token_count(max_new_tokens)
         kept_length = kept_prompt_length(target_prompt, preservation.keep_ratio)
-        target = self._runtime("target", self.target, target_prompt.length + margin)
-        draft_capacity = kept_length + margin
+        target = self._runtime("target", self.target, target_prompt.length + fed)
+        draft_capacity = kept_length + fed
         if options.draft_prefill == "full+compact":
             draft_capacity = max(draft_capacity, target_prompt.length)
         draft_model = self.target if self.self_speculative else self.draft
@@ -436,7 +438,7 @@ class HippoPipeline:
         stats.draft_prompt_tokens = kept.length
 
         decoder = decode_after_prefill(
-            target, draft, first_token, target_prompt.generated_positions(0, margin),
+            target, draft, first_token, target_prompt.generated_positions(0, fed),
             mode=options.mode, acceptance=acceptance,
             draft_length=DraftLength(options.gamma, max_gamma=options.max_gamma,
                                      mode=options.mode),

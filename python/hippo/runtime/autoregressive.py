@@ -91,6 +91,18 @@ def new_token_count(value: object, least: int = 1) -> int:
     return operator.index(value)
 
 
+def fed_token_count(max_new_tokens: int) -> int:
+    """How many generated tokens a generation of max_new_tokens feeds a model at most: all but
+    the last, which is emitted and never fed. It is the room a cache needs after the prompt (a
+    draft's after its kept tokens) and the count of generated position ids read (columns 0 ..
+    max_new_tokens - 2), autoregressive and speculative alike: no speculative round drafts past
+    column max_new_tokens - 2 (sequential rounds cap g at the tokens left but one, parallel ones
+    end with a closing round that drafts nothing), so the target feeds at most those columns and
+    the draft one fewer. CUDA graphs need no more: capture_steps skips a size the cache has no
+    room for, and a size captured when it first runs warms up in the room its step reserved."""
+    return max_new_tokens - 1
+
+
 def eos_id_set(eos_token_id: object, vocab: int) -> set[int]:
     """The stop tokens as a set of ids in [0, vocab): from one id, a list, tuple or set of
     them, or None (no stop token)."""
@@ -180,7 +192,7 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     result = GenerationResult(tokens=[int(token.item())])
     result.prefill_s = time.perf_counter() - started
 
-    positions = prompt.generated_positions(0, max_new_tokens).to(runtime.device)
+    positions = prompt.generated_positions(0, fed_token_count(max_new_tokens)).to(runtime.device)
     # The step's CUDA graph is captured before decoding is timed, as speculative decoding
     # captures its steps' (a first capture costs tens of ms: speedups against it would flatter).
     runtime.capture_steps((1,) if max_new_tokens > 1 else ())
@@ -210,10 +222,12 @@ def _check_request(runtime: LanguageModelRuntime, prompt: PreparedPrompt,
                          f"runtime of batch 1 and a prompt of batch 1, got runtime batch "
                          f"{batches[0]} and prompt batch {batches[1]}")
     max_new_tokens = new_token_count(max_new_tokens)
-    if prompt.length + max_new_tokens > runtime.cache.max_seq_len:
+    needed = prompt.length + fed_token_count(max_new_tokens)
+    if needed > runtime.cache.max_seq_len:
         raise HippoError(
             "prompt plus max_new_tokens beyond the cache: "
-            f"{prompt.length} prompt tokens + {max_new_tokens} new tokens > max_seq_len "
+            f"{prompt.length} prompt tokens + {max_new_tokens} new tokens need {needed} "
+            f"positions (the last new token is never fed) > max_seq_len "
             f"{runtime.cache.max_seq_len}")
     return max_new_tokens
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from hippo.models.base import HippoError
-from hippo.runtime.autoregressive import eos_id_set, new_token_count
+from hippo.runtime.autoregressive import eos_id_set, fed_token_count, new_token_count
 from hippo.runtime.decoder import LanguageModelRuntime
 from hippo.speculative.acceptance import TokenAcceptance, Verdict
 from hippo.speculative.draft_length import DraftLength
@@ -157,7 +157,8 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
     """Speculative decoding from prefilled caches: the target's holds the prompt, the draft's its
     view of it (both at their current lengths); first_token [1] is the target's choice after the
     prompt; positions [..., n] the position ids of generated tokens 0, 1, ... (n at least
-    max_new_tokens + 2 * the largest g + 2); draft_priority puts the draft's steps on a
+    fed_token_count(max_new_tokens), max_new_tokens - 1: no step feeds the last token, and each
+    cache needs that much room after its prompt); draft_priority puts the draft's steps on a
     high-priority CUDA stream. Returns the finished decoder (emitted, stats)."""
     batches = (target.cache.batch, draft.cache.batch, first_token.numel())
     if batches != (1, 1, 1):
@@ -166,12 +167,12 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
                          f"batch {batches[1]} and {batches[2]} first tokens")
     max_new_tokens = new_token_count(max_new_tokens)
     eos_ids = eos_id_set(eos_ids, acceptance.vocab)
-    capacity = positions.shape[-1]
-    needed = max_new_tokens + 2 * draft_length.max_gamma + 2
-    if capacity < needed:
-        raise HippoError(f"positions hold {capacity} generated positions; max_new_tokens "
-                         f"{max_new_tokens} with gamma up to {draft_length.max_gamma} needs "
-                         f"{needed} (max_new_tokens + 2 * gamma + 2)")
+    fed = fed_token_count(max_new_tokens)
+    if positions.shape[-1] < fed:
+        raise HippoError(f"positions hold {positions.shape[-1]} generated positions; "
+                         f"max_new_tokens {max_new_tokens} needs {fed} (every new token but "
+                         f"the last is fed)")
+    capacity = max(fed, 1)  # the lanes' columns: the first token's too, when none is fed
     stats = stats or GenerationStats(mode=mode)
     # Every size a round can step with, captured before the first round (CUDA graphs only):
     # target steps of 1..g+1 tokens in sequential rounds (the drafts and the bonus row), of
