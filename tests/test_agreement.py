@@ -103,3 +103,84 @@ def test_hf_assisted_baseline_drafts_gamma_tokens_per_round(pair):
     last_prefill = max(i for i, width in enumerate(widths) if width >= prompt.length)
     timed = widths[last_prefill:]  # the timed 16-token call: its first round, then the next
     assert timed[:3] == [prompt.length + 4, 5, 5], widths  # 4 drafted tokens in each round
+
+
+@pytest.mark.parametrize("eps", [-1.0, float("inf"), float("nan")])
+def test_eps_must_be_positive_and_finite(pair, eps):
+    """A refused eps leaves the pair as it was (a NaN or infinite scale could not be undone)."""
+    pair.set_eps(0.3)
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = pair.target.model(ids).logits
+    with pytest.raises(ValueError, match="positive and finite"):
+        pair.set_eps(eps)
+    assert pair.eps == 0.3
+    with torch.no_grad():
+        torch.testing.assert_close(pair.target.model(ids).logits, before, rtol=0, atol=0)
+
+
+def test_setting_eps_scales_from_the_current_one(pair):
+    """set_eps is absolute: the same eps gives the same logits however it was reached."""
+    ids = torch.randint(0, 300, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        pair.set_eps(0.5)
+        direct = pair.draft.model(ids).logits, pair.target.model(ids).logits
+        pair.set_eps(2.0)
+        pair.set_eps(0.5)
+        again = pair.draft.model(ids).logits, pair.target.model(ids).logits
+    for first, second in zip(direct, again):
+        torch.testing.assert_close(second, first, rtol=1e-4, atol=1e-5)
+
+
+def test_the_synthetic_prompt_is_a_seeded_video_prompt(pair):
+    """text_before text tokens, frames x Hg x Wg visual tokens, text_after text tokens; the
+    embeddings are the model's of the ids; the same seed gives the same prompt."""
+    prompt = synthetic_prompt(pair.target, frames=3, grid=(2, 4), text_before=5, text_after=7,
+                              feature_dim=6, seed=4)
+    assert prompt.length == 5 + 3 * 2 * 4 + 7 and prompt.input_ids.shape == (1, prompt.length)
+    assert (prompt.visual_start, prompt.num_visual, prompt.grid) == (5, 24, (3, 2, 4))
+    assert int(prompt.input_ids.min()) >= 0 and int(prompt.input_ids.max()) < 300
+    assert torch.equal(prompt.position_ids, torch.arange(prompt.length)[None])
+    assert prompt.rope_delta == 0
+    assert prompt.visual_features.shape == (3, 2, 4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(prompt.inputs_embeds,
+                                   pair.target.text_model.embed_tokens(prompt.input_ids))
+    same = synthetic_prompt(pair.target, frames=3, grid=(2, 4), text_before=5, text_after=7,
+                            feature_dim=6, seed=4)
+    assert torch.equal(same.input_ids, prompt.input_ids)
+    assert torch.equal(same.visual_features, prompt.visual_features)
+    other = synthetic_prompt(pair.target, frames=3, grid=(2, 4), text_before=5, text_after=7,
+                             feature_dim=6, seed=5)
+    assert not torch.equal(other.input_ids, prompt.input_ids)
+    default = synthetic_prompt(pair.draft, frames=1, grid=(2, 2))
+    assert (default.visual_start, default.length, default.visual_features.shape[-1]) == (16, 52, 64)
+
+
+def test_a_video_llm_pair_agrees_on_the_video_too():
+    """agreement_adapters (the demo's pair): with the layers scaled away, the target's prompt
+    embeddings, visual ones included, are the draft's lifted (same inner products) and the two
+    give the same logits for a real video prompt."""
+    from hippo.assets import sample_video_path
+    from hippo.models.agreement import agreement_adapters
+    from hippo.video import load_video
+
+    target, draft, knob = agreement_adapters("tiny-qwen2.5-vl", "tiny-qwen2.5-vl-draft", 1e-6)
+    assert knob.eps == 1e-6
+    frames = load_video(sample_video_path(), num_frames=4)
+    prompts = [adapter.prepare(frames, [7, 8, 9]) for adapter in (target, draft)]
+    assert prompts[0].num_visual == prompts[1].num_visual > 0
+    assert torch.equal(prompts[0].input_ids, prompts[1].input_ids)
+    embeds_t, embeds_d = (prompt.inputs_embeds[0].float() for prompt in prompts)
+    assert embeds_t.shape[-1] != embeds_d.shape[-1]
+    torch.testing.assert_close(embeds_t @ embeds_t.T, embeds_d @ embeds_d.T, rtol=1e-4, atol=1e-4)
+    logits = []
+    with torch.no_grad():
+        for adapter, prompt in zip((target, draft), prompts):
+            hidden = adapter.text_model(inputs_embeds=prompt.inputs_embeds,
+                                        position_ids=prompt.position_ids).last_hidden_state
+            logits.append(adapter.lm_head(hidden))
+    # Up to the final RMSNorm's eps, which weighs more in the wider model's mean square of the
+    # visual tokens' small embeddings (about 1% of their logits here; text tokens agree exactly).
+    torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=1e-2)
+    assert torch.equal(logits[0].argmax(-1), logits[1].argmax(-1))

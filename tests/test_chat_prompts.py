@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,11 @@ def test_text_prompts_are_the_ids_hf_makes(checkpoints, tmp_path, template, prom
                                              ("llava_onevision", LLAVA_TEMPLATE)])
 def test_the_builtin_format_is_the_official_template(checkpoints, family, template):
     made, tokenizer = checkpoints
-    adapter = load_adapter(str(made[family]))  # the checkpoint has no template
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapter = load_adapter(str(made[family]))  # the checkpoint has no template
+    # no template is no fault of the checkpoint's: nothing to warn about
+    assert not [w for w in caught if "chat template" in str(w.message)], caught
     assert adapter.prompt_ids(5, "What moves?") == _hf_ids(tokenizer, template, "What moves?",
                                                            PLACEHOLDER[family], 5)
 
@@ -257,3 +262,25 @@ def test_harmless_tokenizer_differences_make_a_lossless_pair(checkpoints, tmp_pa
         output = run(mode)
         assert output.tokens == baseline
         assert output.stats.target_steps < len(baseline) - 1  # the bf16 copy's tokens were accepted
+
+
+@pytest.mark.parametrize("files", [
+    ("chat_template.jinja",), ("chat_template.json",), ("chat_template.jinja", "chat_template.json"),
+    ("processor_config.json", "chat_template.jinja", "chat_template.json")])
+def test_the_template_is_the_one_transformers_processor_loads(checkpoints, tmp_path, files):
+    """Where a checkpoint holds its template in several files, the one HF's processor renders
+    (transformers' own lookup is asked): a legacy chat_template.json comes before a
+    chat_template.jinja beside it."""
+    from transformers.processing_utils import ProcessorMixin
+
+    made, tokenizer = checkpoints
+    templates = {name: QWEN_TEMPLATE.replace("a helpful assistant", f"the {name} assistant")
+                 for name in files}
+    contents = {name: template if name.endswith(".jinja") else json.dumps({"chat_template": template})
+                for name, template in templates.items()}
+    path = _with(made["qwen2_5_vl"], tmp_path / "qwen", contents)
+    expected = ProcessorMixin.get_processor_dict(path, local_files_only=True)[0]["chat_template"]
+    assert expected in templates.values()
+    adapter = load_adapter(path)
+    assert adapter.prompt_ids(2, "What moves?") == _hf_ids(tokenizer, expected, "What moves?",
+                                                           "<|video_pad|>", 2)

@@ -7,6 +7,7 @@ offline (no download anywhere)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -155,6 +156,47 @@ def test_a_template_that_cannot_render_a_video_turn_leaves_the_builtin_format(ch
         adapter = load_adapter(path)
     assert adapter.prompt_prefix_ids == builtin.prompt_prefix_ids
     assert adapter.prompt_suffix_ids == builtin.prompt_suffix_ids
+
+
+QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"  # what Qwen's template writes for it
+VIDEO_TURN = "{% if content['type'] == 'video' %}" + QWEN_VIDEO
+NOT_ONCE = f"expected one {QWEN_VIDEO!r} and the text once"
+UNCUTTABLE_TEMPLATES = {  # a video turn the prefix / separator / suffix cut cannot represent
+    "two-videos": (QWEN_TEMPLATE.replace(QWEN_VIDEO, QWEN_VIDEO * 2), NOT_ONCE),
+    # the question before the video as well as after it: the prefix would hold the stand-in text
+    "text-twice": (QWEN_TEMPLATE.replace(
+        VIDEO_TURN, "{% if content['type'] == 'video' %}{{ message['content'][1]['text'] }}"
+                    + QWEN_VIDEO), NOT_ONCE),
+    "text-before-video": (QWEN_TEMPLATE.replace("in message['content'] %}",
+                                                "in message['content'] | reverse %}"),
+                          "the text comes before the video"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNCUTTABLE_TEMPLATES))
+def test_a_template_whose_video_turn_cannot_be_cut_leaves_the_builtin_format(checkpoints, tmp_path,
+                                                                            case):
+    """The warning says why the template was not used; the prompts are the family's format
+    (never the stand-in text of the user's prompt)."""
+    template, reason = UNCUTTABLE_TEMPLATES[case]
+    builtin = load_adapter(checkpoints["qwen"])
+    path = _with_template(checkpoints["qwen"], tmp_path / "qwen", template, "chat_template.jinja")
+    with pytest.warns(UserWarning, match=re.escape(reason)):
+        adapter = load_adapter(path)
+    assert adapter.prompt_prefix_ids == builtin.prompt_prefix_ids
+    assert adapter.prompt_suffix_ids == builtin.prompt_suffix_ids
+    assert adapter.prompt_ids(2, "what moves ?") == builtin.prompt_ids(2, "what moves ?")
+
+
+def test_a_checkpoint_without_a_tokenizer_loads_beside_a_chat_template(checkpoints, tmp_path):
+    """No tokenizer: prompts are given as ids, in the family's format; a chat template there
+    cannot be rendered without one and is left unused, not an AttributeError at load."""
+    bare = load_adapter(_broken_copy(checkpoints["qwen"], tmp_path / "bare", "tokenizer*", None))
+    path = _broken_copy(checkpoints["qwen"], tmp_path / "templated", "tokenizer*", None)
+    (Path(path) / "chat_template.jinja").write_text(QWEN_TEMPLATE)
+    adapter = load_adapter(path)
+    assert adapter.tokenizer is None
+    assert adapter.prompt_ids(2, [5, 6]) == bare.prompt_ids(2, [5, 6])
 
 
 def test_checkpoints_with_different_tokenizers_are_a_clear_error(capsys, checkpoints):

@@ -7,7 +7,8 @@ shapes (7B-class target, 0.5B-class draft) and one knob, `eps`, for how often th
 * the target's embedding and output head are the draft's, lifted into the target's width through
   one orthonormal map Q (H_draft -> H_target), and its final RMSNorm weight is
   sqrt(H_draft / H_target), so that with the layers' contributions at zero both models give
-  exactly the same logits;
+  the same logits (up to the RMSNorms' eps, which weighs more in the wider model: about 1% on
+  the small visual embeddings, nothing that changes a choice);
 * every layer's output projections (o_proj, down_proj) in both models are scaled by `eps` (> 0):
   as eps goes to 0 the layers add nothing and the two agree always; raising eps lets each
   model's own random layers move its logits, and agreement falls (measured at 7B/0.5B sizes,

@@ -87,20 +87,19 @@ def _cut(rendered: str, video_placeholder: str) -> ChatFormat:
 
 
 def _find_template(path: str, tokenizer: PromptTokenizer | None) -> str | None:
-    """The processor's template (processor_config.json's, which transformers still reads first
-    from processors saved before templates had their own file; chat_template.jinja, or
-    chat_template.json's), which knows videos, before the tokenizer's (tokenizer_config.json's),
-    which may be text only."""
-    template = _json_entry(os.path.join(path, "processor_config.json"))
-    if template is not None:
-        return template
+    """The processor's template, which knows videos, in the order transformers' processor reads
+    it (ProcessorMixin.get_processor_dict): processor_config.json's (processors saved before
+    templates had their own file), chat_template.json's (the legacy file, taken before a
+    chat_template.jinja beside it), chat_template.jinja; then the tokenizer's
+    (tokenizer_config.json's), which may be text only."""
+    for name in ("processor_config.json", "chat_template.json"):
+        template = _json_entry(os.path.join(path, name))
+        if template is not None:
+            return template
     jinja = os.path.join(path, "chat_template.jinja")
     if os.path.isfile(jinja):
         with open(jinja, encoding="utf-8") as file:
             return file.read()
-    template = _json_entry(os.path.join(path, "chat_template.json"))
-    if template is not None:
-        return template
     template = getattr(getattr(tokenizer, "hf", None), "chat_template", None)
     return template if isinstance(template, str) else None
 
