@@ -81,6 +81,33 @@ def test_step_invariant_bf16_greedy_is_exact():
         assert out.tokens == expected, (mode, gamma, priority)
 
 
+def test_caches_of_exactly_the_fed_tokens_suffice_with_cuda_graphs(monkeypatch):
+    """Runtimes sized to prompt + max_new_tokens - 1 (no granule rounding) with every step
+    captured: capture_steps skips the sizes a short request has no room for, and the rounds
+    never step beyond the room; each output equals AR's exactly (step_invariant)."""
+    import hippo.pipeline as pipeline_module
+    from hippo.models.agreement import AgreementPair, LanguageModelShape, synthetic_prompt
+    from hippo.speculative.acceptance import SamplingOptions
+
+    monkeypatch.setattr(pipeline_module, "CACHE_GRANULE", 1)
+    pair = AgreementPair(LanguageModelShape(256, 2, 4, 2, 512),
+                         LanguageModelShape(128, 1, 2, 1, 256), eps=0.3, vocab=1000,
+                         dtype=torch.bfloat16, device="cuda")
+    prompts = [synthetic_prompt(adapter, frames=2, grid=(4, 4)) for adapter in (pair.target,
+                                                                                pair.draft)]
+    expected = HippoPipeline(pair.target, pair.draft, mode="ar", step_invariant=True
+                             ).generate_prepared(*prompts, 12, SamplingOptions(), set()).tokens
+    for mode, gamma, new_tokens in itertools.product(("sequential", "parallel"),
+                                                     (1, 4, 8, "auto"), (1, 2, 3, 5, 12)):
+        pipeline = HippoPipeline(pair.target, pair.draft, mode=mode, gamma=gamma,
+                                 step_invariant=True)
+        out = pipeline.generate_prepared(*prompts, new_tokens, SamplingOptions(), set())
+        case = (mode, gamma, new_tokens)
+        assert out.tokens == expected[:new_tokens], case
+        target = pipeline.runtime("target")
+        assert target.cache.max_seq_len == prompts[0].length + new_tokens - 1, case
+
+
 def test_parallel_rounds_overlap_on_two_streams_without_extra_syncs():
     """The draft's steps and the target's run on separate streams, each replaying its own
     graphs; a generation of many rounds finishes (the hang of graphs sharing a capture stream would not) and memory
