@@ -393,6 +393,110 @@ def test_a_tokenizer_on_one_side_only_names_the_side_without(without):
         check_compatible(pair["target"], pair["draft"])
 
 
+def test_a_draft_whose_logits_do_not_cover_the_tokenizer_is_refused():
+    """The pair shares the smaller logits width: a draft wider than the tokenizer (a padded
+    embedding table, as Qwen2.5-VL 7B's 152064 vs 3B's 151936) is a pair of that width, one
+    narrower could never propose some of the tokenizer's ids. Without tokenizers the widths
+    must be equal."""
+    target, draft = load_adapter(QWEN_PRESETS[0]), load_adapter(QWEN_PRESETS[1])
+    hidden = draft.lm_head.in_features
+    draft.model.lm_head = torch.nn.Linear(hidden, 520, bias=False)
+    assert check_compatible(target, draft) == 512
+    assert check_compatible(draft, target) == 512
+    draft.model.lm_head = torch.nn.Linear(hidden, 500, bias=False)
+    with pytest.raises(HippoError, match=r"^target and draft are not a compatible pair: vocab size 512 vs 500$"):
+        check_compatible(target, draft)
+    target.tokenizer = draft.tokenizer = None  # prompts are token ids then
+    draft.model.lm_head = torch.nn.Linear(hidden, 512, bias=False)
+    assert check_compatible(target, draft) == 512
+    draft.model.lm_head = torch.nn.Linear(hidden, 520, bias=False)
+    with pytest.raises(HippoError, match=r"^target and draft are not a compatible pair: vocab size 512 vs 520$"):
+        check_compatible(target, draft)
+
+
+@pytest.mark.parametrize("differs", ["video_token_id", "vision_end_token_id", "prefix", "suffix"])
+def test_a_draft_with_other_special_or_chat_ids_is_refused(differs):
+    """Each special id the adapters place in a prompt, and the chat-format ids on either side of
+    the user's text, must be the target's: otherwise the two prompts differ."""
+    target, draft = load_adapter(QWEN_PRESETS[0]), load_adapter(QWEN_PRESETS[1])
+    if differs == "prefix":
+        draft.prompt_prefix_ids = draft.prompt_prefix_ids + [7]
+        message = "chat-format ids around the prompt"
+    elif differs == "suffix":
+        draft.prompt_suffix_ids = [7] + draft.prompt_suffix_ids
+        message = "chat-format ids around the prompt"
+    else:
+        value = getattr(target.model.config, differs)
+        setattr(draft.model.config, differs, value + 9)
+        message = f"{differs} {value} vs {value + 9}$"
+    with pytest.raises(HippoError, match=f"^target and draft are not a compatible pair: {message}"):
+        check_compatible(target, draft)
+
+
+def test_tokenizer_differences_name_what_differs():
+    """What a user must fix: the size, the eos id or the kind; the pad id alone is no difference
+    (no prompt holds it)."""
+    from hippo.models.base import PromptTokenizer, tokenizer_difference
+    from hippo.models.presets import ByteTokenizer
+
+    class Other(PromptTokenizer):
+        vocab_size, eos_token_id, pad_token_id = 512, 504, 505
+
+    assert tokenizer_difference(None, None) is None
+    assert tokenizer_difference(ByteTokenizer(512), ByteTokenizer(512, pad_token_id=7)) is None
+    assert tokenizer_difference(ByteTokenizer(512), ByteTokenizer(640)) == \
+        "tokenizers differ (512 vs 640 ids)"
+    assert tokenizer_difference(ByteTokenizer(512, eos_token_id=504),
+                                ByteTokenizer(512, eos_token_id=505)) == \
+        "tokenizers differ (eos id 504 vs 505)"
+    assert tokenizer_difference(ByteTokenizer(512), Other()) == \
+        "tokenizers differ (of different kinds)"
+
+
+def test_eos_ids_are_the_tokenizers_then_the_generation_configs():
+    """As HF generate stops: the tokenizer's eos first, then generation_config.json's (an id or
+    a list), each once; without a tokenizer the generation config's first id is the eos."""
+    a = load_adapter(QWEN_PRESETS[0])
+    eos = a.tokenizer.eos_token_id
+    for configured, expected in (([7, eos, 9], [eos, 7, 9]), (7, [eos, 7]), (eos, [eos]),
+                                 (None, [eos]), ([], [eos])):
+        a.model.generation_config.eos_token_id = configured
+        assert (a.eos_token_id, a.eos_token_ids) == (eos, expected), configured
+    a.tokenizer.eos_token_id = None  # a tokenizer without an eos token
+    a.model.generation_config.eos_token_id = [7, 9]
+    assert (a.eos_token_id, a.eos_token_ids) == (7, [7, 9])
+    a.tokenizer = None
+    for configured, first, expected in (([7, 9, 7], 7, [7, 9]), ((9,), 9, [9]), (9, 9, [9]),
+                                        ([], None, []), (None, None, [])):
+        a.model.generation_config.eos_token_id = configured
+        assert (a.eos_token_id, a.eos_token_ids) == (first, expected), configured
+
+
+def test_prompt_ids_are_checked_at_the_vocabulary_bounds():
+    import numpy as np
+
+    a = adapter(QWEN_PRESETS[0])
+    assert a.encode_prompt([0, a.vocab_size - 1]) == [0, a.vocab_size - 1]
+    assert a.encode_prompt((np.int64(3), 4)) == [3, 4]
+    assert a.encode_prompt("Hi") == list(b"Hi")
+    for bad in ([-1], [a.vocab_size], [3, a.vocab_size + 7]):
+        with pytest.raises(HippoError, match=r"^prompt token ids must lie in \[0, 512\)$"):
+            a.encode_prompt(bad)
+    for bad in ([True], [1.0], ["3"]):
+        with pytest.raises(HippoError, match="^a prompt given as a list must hold integer token ids$"):
+            a.encode_prompt(bad)
+    for placeholder in (a.model.config.video_token_id, a.model.config.image_token_id):
+        with pytest.raises(HippoError, match="must not contain video or image placeholder tokens"):
+            a.encode_prompt([3, placeholder])
+    with pytest.raises(HippoError, match="^prompt must be a str or a list of token ids, got int$"):
+        a.encode_prompt(3)
+    without = load_adapter(QWEN_PRESETS[0])
+    without.tokenizer = None
+    assert without.encode_prompt([72, 105]) == [72, 105]
+    with pytest.raises(HippoError, match="^qwen2_5_vl model has no tokenizer: pass the prompt as token ids$"):
+        without.encode_prompt("Hi")
+
+
 def test_presets_are_named_and_buildable():
     assert sum(p.family == "qwen2_5_vl" for p in PRESETS.values()) >= 2
     assert sum(p.family == "llava_onevision" for p in PRESETS.values()) >= 2
@@ -430,6 +534,67 @@ def test_special_token_ids_must_index_the_embeddings(value):
         check_token_ids_in_vocabulary(fake, {"video_token_index": "video_token_index"})
     fake.config.video_token_index = 511
     check_token_ids_in_vocabulary(fake, {"video_token_index": "video_token_index"})
+
+
+def _text_config(**values):
+    base = {"max_position_embeddings": 128, "rms_norm_eps": 1e-6, "num_attention_heads": 4,
+            "num_key_value_heads": 2}
+    base.update(values)
+    config = SimpleNamespace(**{k: v for k, v in base.items() if v is not None})
+    return SimpleNamespace(model=SimpleNamespace(language_model=SimpleNamespace(config=config)))
+
+
+@pytest.mark.parametrize("values, message", [
+    ({}, None), ({"max_position_embeddings": 1}, None), ({"max_position_embeddings": None}, None),
+    ({"rms_norm_eps": 0.0}, None), ({"rms_norm_eps": None}, None), ({"rms_norm_eps": 1}, None),
+    ({"num_key_value_heads": None}, None), ({"num_key_value_heads": 4}, None),
+    ({"num_key_value_heads": 1}, None),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer"),
+    ({"max_position_embeddings": -5}, "max_position_embeddings must be a positive integer"),
+    ({"max_position_embeddings": 128.0}, "max_position_embeddings must be a positive integer"),
+    ({"max_position_embeddings": True}, "max_position_embeddings must be a positive integer"),
+    ({"rms_norm_eps": -1e-9}, "rms_norm_eps must be a finite number >= 0"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number >= 0"),
+    ({"rms_norm_eps": float("inf")}, "rms_norm_eps must be a finite number >= 0"),
+    ({"rms_norm_eps": True}, "rms_norm_eps must be a finite number >= 0"),
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps must be a finite number >= 0"),
+    ({"num_key_value_heads": 3}, (r"num_attention_heads \(4\) must be a positive multiple of "
+                                  r"num_key_value_heads \(3\)")),
+    ({"num_key_value_heads": 8}, r"num_attention_heads \(4\) must be a positive multiple"),
+    ({"num_attention_heads": -4}, r"num_attention_heads \(-4\) must be"),
+    ({"num_key_value_heads": -2}, r"num_attention_heads \(4\) must be .* \(-2\)"),
+    ({"num_attention_heads": 4.0}, r"num_attention_heads \(4.0\) must be"),
+    ({"num_key_value_heads": 2.0}, r"num_attention_heads \(4\) must be .* \(2.0\)"),
+    ({"num_attention_heads": None, "num_key_value_heads": None}, r"num_attention_heads \(None\) must be"),
+], ids=lambda v: str(v).replace(" ", ""))
+def test_text_config_values_at_their_bounds(values, message):
+    """One position is a context; eps 0 is a valid RMSNorm; kv heads default to the query
+    heads (transformers' rule) and must divide them."""
+    from hippo.models.base import check_text_config
+
+    if message is None:
+        check_text_config(_text_config(**values))
+        return
+    with pytest.raises(HippoError, match=f"^config.json: {message}"):
+        check_text_config(_text_config(**values))
+
+
+def test_the_tokenizers_own_ids_must_index_the_embeddings():
+    """The chat-format ids and eos that the adapter feeds the model itself: ids 0 .. rows-1
+    pass, the largest one beyond is named; no tokenizer (prompts of ids) checks nothing."""
+    from hippo.models.base import check_tokenizer_fits_embeddings
+    from hippo.models.presets import ByteTokenizer
+
+    model = adapter(QWEN_PRESETS[0]).model  # 512 rows
+    check_tokenizer_fits_embeddings(model, "ckpt", ByteTokenizer(512, eos_token_id=511), [0, 511])
+    check_tokenizer_fits_embeddings(model, "ckpt", ByteTokenizer(512, eos_token_id=None), [5])
+    check_tokenizer_fits_embeddings(model, "ckpt", None, [9999])
+    for ids, eos, role, shown in (([3, 600, 512], 5, "the chat template", 600), ([-1], 5, "the chat template", -1),
+                                  ([3], 512, "eos", 512)):
+        with pytest.raises(HippoError, match=rf"^ckpt: the tokenizer gives {role} token id {shown}, but "
+                                             r"the weights embed ids 0 to 511 only: tokenizer and "
+                                             r"weights seem to come from different models$"):
+            check_tokenizer_fits_embeddings(model, "ckpt", ByteTokenizer(512, eos_token_id=eos), ids)
 
 
 @pytest.mark.parametrize("layer, valid", [
