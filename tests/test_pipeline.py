@@ -421,6 +421,28 @@ def test_bad_sampling_options_are_clear_errors(options, message):
         SamplingOptions(**options)
 
 
+def test_sampling_options_at_their_bounds():
+    """The limits are inclusive where documented: temperature MIN_TEMPERATURE (1e-6) and seed
+    2**62 pass, a hair beyond them does not; the defaults are greedy decoding."""
+    from hippo.runtime.autoregressive import MAX_SEED, MIN_TEMPERATURE, SamplingOptions
+
+    assert (MIN_TEMPERATURE, MAX_SEED) == (1e-6, 2**62)
+    assert SamplingOptions().greedy and SamplingOptions(temperature=0).greedy
+    assert not SamplingOptions(temperature=1e-6).greedy
+    for options in (dict(seed=0), dict(seed=2**62), dict(temperature=1.0, top_p=1.0),
+                    dict(temperature=1.0, top_k=0)):
+        SamplingOptions(**options)
+    for options, message in [(dict(temperature=0.99e-6), "overflow"), (dict(seed=2**62 + 1), "seed"),
+                             (dict(temperature=-0.5), "temperature must be >= 0"),
+                             (dict(temperature=True), "temperature must be a number"),
+                             (dict(temperature=1.0, top_p="0.9"), "top_p must be a number"),
+                             (dict(temperature=1.0, top_p=True), "top_p must be a number"),
+                             (dict(temperature=1.0, top_p=0.0), "top_p"),
+                             (dict(temperature=1.0, top_k=-1), "top_k")]:
+        with pytest.raises(HippoError, match=message):
+            SamplingOptions(**options)
+
+
 def test_resolve_device():
     from hippo.models import resolve_device
 

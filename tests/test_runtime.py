@@ -442,6 +442,13 @@ def test_warp_logits_matches_hf_warpers():
     torch.testing.assert_close(warp_logits(logits, 0.6, 10, 0.7), expected)
     kept = torch.isfinite(warp_logits(logits, 1.0, 5, None)).sum(-1)
     assert kept.tolist() == [5, 5, 5]
+    # Temperature 1, top-k 0 and top-p 1 warp nothing, as in HF generate (HF's top-k warper
+    # given 0 keeps one token; its top-p warper given 1 drops the tokens of probability 0).
+    wide = torch.cat([logits, torch.full((3, 2), -200.0)], dim=-1)
+    for warped in (warp_logits(wide), warp_logits(wide, 1.0, 0, 1.0), warp_logits(wide, top_k=0)):
+        torch.testing.assert_close(warped, wide, atol=0, rtol=0)
+    # [..., V]: a [1, n, V] block of rows (speculative verification) warps row by row
+    torch.testing.assert_close(warp_logits(logits[None], 0.6, 10, 0.7), expected[None])
 
 
 def test_sampling_options_of_ints_and_numpy_scalars_sample():
@@ -539,7 +546,85 @@ def test_bad_generation_requests_are_clear_errors():
             generate_autoregressive(runtime, prompt, 4, eos_token_id=eos)
     with pytest.raises(HippoError, match="prompt must be a PreparedPrompt"):
         generate_autoregressive(runtime, None, 4)
+    with pytest.raises(HippoError, match="runtime must be a LanguageModelRuntime, got Qwen2"):
+        generate_autoregressive(model, prompt, 4)
+    for sampling, message in [(dict(top_k=5), "they need a temperature > 0"),
+                              (dict(top_p=0.9), "they need a temperature > 0"),
+                              (dict(temperature=-1.0), "temperature must be >= 0"),
+                              (dict(temperature=1.0, top_p=1.5), "top_p must be in")]:
+        with pytest.raises(HippoError, match=message):  # not greedy in silence, nor HF's error
+            generate_autoregressive(runtime, prompt, 4, **sampling)
     assert len(generate_autoregressive(runtime, prompt, 3, eos_token_id=[VOCAB - 1]).tokens) <= 3
+    assert len(generate_autoregressive(runtime, prompt, 3, eos_token_id=0).tokens) <= 3
+
+
+def test_autoregressive_timings_split_the_prefill_from_the_decoding(monkeypatch):
+    """prefill_s is the prefill's time (to the first token), decode_s the steps' after it, and
+    decode_s_per_token their mean over the tokens after the first. The module's clock jumps an
+    hour inside the prefill and a second inside each step: wall times of a loaded machine would
+    blur the split."""
+    import time
+    from types import SimpleNamespace
+
+    from hippo.runtime import autoregressive
+
+    model, _ = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32)
+    prompt = text_prompt(runtime, torch.randint(0, 500, (1, 6)))
+    jumped = [0.0]
+    prefill, step = runtime.prefill, runtime.step
+
+    def slow(call, seconds):
+        def run(*args, **kwargs):
+            jumped[0] += seconds
+            return call(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(runtime, "prefill", slow(prefill, 3600.0))
+    monkeypatch.setattr(runtime, "step", slow(step, 1.0))
+    monkeypatch.setattr(autoregressive, "time",
+                        SimpleNamespace(perf_counter=lambda: time.perf_counter() + jumped[0]))
+    result = generate_autoregressive(runtime, prompt, 5)
+    assert len(result.tokens) == 5 and jumped[0] == 3604.0
+    assert 3600.0 <= result.prefill_s < 3601.0 and 4.0 <= result.decode_s < 5.0
+    assert 1.0 <= result.decode_s_per_token < 1.25
+    one = generate_autoregressive(runtime, prompt, 1)  # the prefill's token only: no step
+    assert len(one.tokens) == 1 and one.decode_s < 1.0 and one.decode_s_per_token is None
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
+def test_autoregressive_steps_feed_each_token_at_its_position(monkeypatch, family):
+    """Step j feeds generated token j at prompt.generated_positions(j, 1) (rope_delta
+    included). A position off by one keeps test_greedy_ar_equals_hf_generate's output (the
+    tiny random model's attention is too flat to change an argmax): it is checked here."""
+    model, _ = build(family)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32)
+    prompt = text_prompt(runtime, torch.randint(0, 500, (1, 6)))
+    prompt.rope_delta = 3
+    fed = []
+    step = runtime.step
+
+    def spy_step(input_ids, position_ids):
+        fed.append((input_ids.tolist(), position_ids.clone()))
+        return step(input_ids, position_ids)
+
+    monkeypatch.setattr(runtime, "step", spy_step)
+    tokens = generate_autoregressive(runtime, prompt, 5).tokens
+    assert [ids for ids, _ in fed] == [[[token]] for token in tokens[:-1]]
+    for j, (_, positions) in enumerate(fed):
+        assert torch.equal(positions, prompt.generated_positions(j, 1))
+        assert positions.flatten().tolist() == [6 + 3 + j] * positions.numel()
+
+
+def test_generation_result_rates_by_hand():
+    from hippo.runtime.autoregressive import GenerationResult
+
+    fresh = GenerationResult()
+    assert (fresh.tokens, fresh.prefill_s, fresh.decode_s) == ([], 0.0, 0.0)
+    assert fresh.decode_s_per_token is None
+    assert GenerationResult(tokens=[7], decode_s=0.5).decode_s_per_token is None
+    assert GenerationResult(tokens=[7, 8], decode_s=0.5).decode_s_per_token == 0.5
+    assert GenerationResult(tokens=[7, 8, 9, 1, 2], decode_s=0.5).decode_s_per_token == 0.125
 
 
 def test_bad_prompt_inputs_are_refused_before_the_cache_moves():
@@ -1037,6 +1122,54 @@ def test_step_invariance_refuses_ropes_that_switch_by_the_steps_largest_position
     assert (together - torch.cat(rows, 1)).abs().max() > 1e-3  # the switch shows
     with pytest.raises(HippoError, match="step_invariant=True cannot hold with rope_type"):
         LanguageModelRuntime.from_hf(model, max_seq_len=16, step_invariant=True)
+
+
+@pytest.mark.parametrize("change", ["q_proj without bias", "gate_proj with bias"])
+def test_fusing_needs_qwen2_projections(change):
+    """The fused q/k/v GEMM adds one bias of all three and the gate/up GEMM none: a layer laid
+    out otherwise is refused, not run with a bias missing or dropped."""
+    from hippo.runtime.fused_projections import fuse_layer_projections
+
+    model, _ = build("qwen2")
+    layer = text_model_of(model).layers[0]
+    if change == "q_proj without bias":
+        layer.self_attn.q_proj.bias = None
+    else:
+        layer.mlp.gate_proj.bias = torch.nn.Parameter(torch.zeros(layer.mlp.gate_proj.out_features))
+    with pytest.raises(HippoError, match="expected Qwen2 projections"):
+        fuse_layer_projections(layer)
+
+
+@pytest.mark.parametrize("layout", ["q transposed", "k after v", "k in another storage"])
+def test_projections_that_are_not_rows_of_one_storage_are_copied(layout):
+    """q/k/v weights are used in place only when they are, in order, consecutive rows of one
+    storage. Laid out almost so (q transposed there, k and v swapped, or k at the right offset
+    of another storage), the fused weight is the concatenation of what the parameters read, and
+    the fused runtime equals the unfused one."""
+    from hippo.runtime.fused_projections import fuse_layer_projections
+
+    model, positions_for = build("qwen2", num_heads=4, num_kv_heads=4)  # q, k, v all 64 x 64
+    layer = text_model_of(model).layers[0]
+    projections = [getattr(layer.self_attn, name) for name in ("q_proj", "k_proj", "v_proj")]
+    q, k, v = weights = [projection.weight.detach().clone() for projection in projections]
+    if layout == "q transposed":
+        storage = torch.cat([q.t().contiguous(), k, v])
+        views = [storage[:64].t(), storage[64:128], storage[128:]]
+    elif layout == "k after v":
+        storage = torch.cat([q, v, k])
+        views = [storage[:64], storage[128:], storage[64:128]]
+    else:
+        storage, other = torch.cat([q, -k, v]), torch.cat([q, k, v])
+        views = [storage[:64], other[64:128], storage[128:]]
+    for projection, view in zip(projections, views):
+        projection.weight = torch.nn.Parameter(view, requires_grad=False)
+    fused = fuse_layer_projections(layer)
+    torch.testing.assert_close(fused.qkv_weight, torch.cat(weights), atol=0, rtol=0)
+    ids = torch.randint(0, VOCAB, (1, 8))
+    outputs = [LanguageModelRuntime.from_hf(model, max_seq_len=16, fused=fused_path).prefill(
+        model.model.embed_tokens(ids).detach(), positions_for(8)).logits
+        for fused_path in (True, False)]
+    torch.testing.assert_close(outputs[0], outputs[1], atol=ATOL, rtol=0)
 
 
 def test_fused_needs_a_silu_mlp():

@@ -133,15 +133,20 @@ def test_bad_decoding_arguments_are_clear_errors():
         runtime.prefill(runtime.embed(torch.tensor([[1, 2, 3]])), torch.arange(3)[None])
     acceptance = TokenAcceptance(SamplingOptions(), target.vocab_size)
 
-    def decode(count, new_tokens, eos_ids=frozenset()):
+    def decode(count, new_tokens, eos_ids=frozenset(), mode="sequential"):
         return decode_after_prefill(*runtimes, torch.tensor([5]), torch.arange(3, 3 + count)[None],
-                                    mode="sequential", acceptance=acceptance,
+                                    mode=mode, acceptance=acceptance,
                                     draft_length=DraftLength(3, mode="sequential"),
                                     max_new_tokens=new_tokens, eos_ids=eos_ids)
 
     with pytest.raises(HippoError, match="positions hold 10 generated positions.*needs 19 "
                                          r"\(every new token but the last is fed\)"):
         decode(10, 20)
+    with pytest.raises(HippoError, match="positions hold 18 generated positions.*needs 19 "):
+        decode(18, 20)
+    assert len(decode(19, 20, None).emitted) == 20  # exactly enough
+    with pytest.raises(HippoError, match="unknown speculative mode 'greedy'"):
+        decode(16, 4, mode="greedy")  # not parallel decoding in silence
     for count in (2.5, 0):
         with pytest.raises(HippoError, match="max_new_tokens must be an integer of at least 1"):
             decode(16, count)

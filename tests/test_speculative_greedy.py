@@ -226,6 +226,7 @@ def test_statistics_add_up(device):
         assert 1.0 <= stats.mean_accepted_tokens <= (3 + 1)
         assert stats.draft_steps >= stats.drafted - stats.rounds
         assert stats.total_s >= stats.decode_s > 0 and stats.prefill_s > 0
+        assert stats.draft_s > 0 and stats.verify_s > 0  # the phases' times reach the stats
         assert stats.tokens_per_s > 0
         assert set(stats.as_dict()) >= {"mean_accepted_tokens", "acceptance_rate", "rounds",
                                          "prefill_s", "selection_s", "draft_s", "verify_s"}
@@ -246,6 +247,11 @@ def test_statistics_count_only_what_was_emitted(mode):
         stats = pipeline.generate(frames, PROMPT, tokens, eos_token_id=None).stats
         assert stats.tokens == tokens and stats.accepted == stats.drafted
         assert stats.accepted <= tokens - 1 and stats.acceptance_rate == 1.0
+    # An eos inside an accepted block: the candidates after it are not counted either.
+    free = pipeline.generate(frames, PROMPT, 13, eos_token_id=None).tokens
+    stop = next(i for i in range(3, 13) if free.index(free[i]) == i)
+    stats = pipeline.generate(frames, PROMPT, 13, eos_token_id=free[stop]).stats
+    assert stats.tokens == stop + 1 and stats.accepted == stats.drafted <= stop
 
 
 def test_rates_over_nothing_are_none():
@@ -256,6 +262,7 @@ def test_rates_over_nothing_are_none():
     one = HippoPipeline(target, draft).generate(frames, PROMPT, 1).stats
     assert one.tokens == 1 and one.mean_accepted_tokens is None
     assert one.decode_s_per_token is None and one.acceptance_rate is None
+    assert one.draft_s == 0.0 and one.verify_s == 0.0 and one.rounds == 0  # no phase ran
     ar = HippoPipeline(target, draft, mode="ar").generate(frames, PROMPT, 4).stats
     assert ar.mean_accepted_tokens == 1.0 and ar.acceptance_rate is None
 
