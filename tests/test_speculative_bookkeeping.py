@@ -228,6 +228,40 @@ def test_step_counts_are_the_steps_that_ran(monkeypatch, mode):
         assert stats.draft_steps < sum(stats.gammas)
 
 
+def test_a_parallel_block_asks_to_stop_before_each_step_after_the_first(monkeypatch):
+    """stop_early is asked before every draft step but the first, with the probabilities of the
+    steps so far: asked later, a block whose d_1 was already rejected drafts a wasted step (the
+    output stays right, so only this sees it)."""
+    from hippo.speculative.decoder import SpeculativeDecoder
+
+    target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
+    pipeline = make_pipeline(target, draft, "parallel", 4, 0.5)
+    blocks = []
+    draft_block = SpeculativeDecoder.draft_block
+
+    def spy_block(decoder, last, count, stop_early=None):
+        asked = []
+
+        def recorded(probs):
+            asked.append(len(probs))
+            return stop_early(probs)
+
+        drafted, probs = draft_block(decoder, last, count,
+                                     recorded if stop_early is not None else None)
+        if stop_early is not None:
+            blocks.append((count, drafted, asked))
+        return drafted, probs
+
+    monkeypatch.setattr(SpeculativeDecoder, "draft_block", spy_block)
+    pipeline.generate(sample_frames("qwen2_5_vl", 4), "what moves?", 24)
+    assert blocks
+    for count, drafted, asked in blocks:
+        assert asked == list(range(1, len(asked) + 1)), (count, drafted, asked)
+        # asked before each step after the first: all steps ran, or the last answer stopped it
+        assert len(asked) == (drafted if drafted < count else count - 1), (count, drafted, asked)
+    assert any(drafted < count for count, drafted, _ in blocks)  # some block stopped early
+
+
 @pytest.mark.parametrize("mode", ["parallel", "sequential"])
 def test_adaptive_gamma_never_drops_below_one(mode):
     """A draft much slower than the target (time ratio under 0.5) still drafts one token a
