@@ -37,9 +37,14 @@ def test_near_tie_is_a_small_non_negative_gap():
     assert Parting(3, 7, 9, 1.5, torch.bfloat16).near_tie
     assert Parting(3, 7, 9, 0.0, torch.bfloat16).near_tie
     assert not Parting(3, 7, 9, 2.5, torch.bfloat16).near_tie
+    for dtype in (torch.bfloat16, torch.float16, torch.float64):  # float64: the 2-step default
+        assert Parting(3, 7, 9, 2.0, dtype).near_tie and not Parting(3, 7, 9, 2.5, dtype).near_tie
     below = Parting(3, 7, 9, -1.0, torch.bfloat16)  # AR's own arithmetic cannot give this
     assert not below.near_tie and "disagrees" in below.describe()
     assert "NOT a near-tie" in Parting(3, 7, None, math.inf, torch.bfloat16).describe()
+    for steps in (0.0, 0.5):  # no gap, or under a step: a tie, not a disagreement
+        assert Parting(3, 7, 9, steps, torch.bfloat16).describe().endswith(
+            "rounding steps, a near-tie")
 
 
 def _runtime_and_prompt(preset: str, family: str):
@@ -91,6 +96,9 @@ def test_an_output_that_ends_early_is_no_tie():
     _, runtime, prompt = _runtime_and_prompt("tiny-qwen2.5-vl", "qwen2_5_vl")
     parting = find_parting(runtime, prompt, [5, 6, 7], [5, 6])
     assert parting.index == 2 and parting.got is None and not parting.near_tie
+    parting = find_parting(runtime, prompt, [5, 6], [5, 6, 7])  # AR's output ended first
+    assert (parting.index, parting.expected, parting.got) == (2, None, 7)
+    assert parting.margin_steps == math.inf and not parting.near_tie
 
 
 def test_a_replica_recomputes_its_runtime_bit_for_bit():

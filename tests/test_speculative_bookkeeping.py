@@ -87,6 +87,24 @@ def test_sequential_rounds_are_counted_up_to_the_last_target_step(limit, gammas)
     assert stats.tokens == limit
 
 
+@pytest.mark.parametrize("gamma, limit, gammas, drafted", [
+    (4, 2, [0], 0), (4, 12, [4, 4, 2, 0], 10), (4, 7, [4, 1, 0], 5), (1, 5, [1, 1, 1, 0], 3)])
+def test_parallel_rounds_are_counted_up_to_the_last_target_step(gamma, limit, gammas, drafted):
+    """Self-speculation at keep 1.0 accepts everything. A parallel round of g verifies its k
+    unverified drafts and d_1 and keeps d_2..d_g (g = 1 drafts, and verifies, one a round);
+    nothing is drafted past column limit - 2, so the last round verifies what is left with a
+    bonus row (at 12: 3 carried, then 1) or, with nothing left, is the target's alone. Calling
+    g = 1 a closing round, or dropping the carried drafts there, stays exact but verifies
+    nothing, or wastes a step. With no rejection no block stops early: every g is drafted."""
+    target, _ = make_pair("llava_onevision", "small-draft", seed=2)
+    stats = make_pipeline(target, None, "parallel", gamma, 1.0).generate(
+        sample_frames("llava_onevision", 2), PROMPT, limit, eos_token_id=None).stats
+    assert stats.gammas == gammas and stats.draft_steps == sum(gammas)
+    assert stats.rounds == stats.target_steps == len(gammas)
+    assert stats.drafted == stats.accepted == drafted
+    assert stats.tokens == limit
+
+
 class _FixedClock:
     """A phase clock whose every round took the given times."""
 
@@ -115,13 +133,73 @@ def test_a_round_feeds_the_adaptive_length_its_step_times():
     assert (stats.drafted, stats.accepted) == (13, 9)
 
 
+def test_the_phase_clock_gives_each_phase_its_time(monkeypatch):
+    """On the CPU a phase is what perf_counter shows around it: collect() gives each phase's
+    seconds since the last collect (what a round hands the adaptive g), totals the whole
+    generation's (stats.draft_s and verify_s)."""
+    from hippo.speculative import timing
+
+    now = [100.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: now[0])
+    clock, cpu = timing.PhaseClock(), torch.device("cpu")
+    for phase, seconds in (("draft", 0.25), ("verify", 1.0), ("draft", 0.5)):
+        with clock.measure(phase, cpu):
+            now[0] += seconds
+    assert clock.collect() == {"draft": 0.75, "verify": 1.0}
+    with clock.measure("verify", cpu):
+        now[0] += 2.0
+    assert clock.collect() == {"verify": 2.0}
+    assert clock.collect() == {}
+    assert dict(clock.totals) == {"draft": 0.75, "verify": 3.0}
+
+
 def test_each_device_draws_its_own_random_stream():
     """A draft on another device must not replay the target's random numbers."""
     acceptance = TokenAcceptance(SamplingOptions(temperature=1.0, seed=5), vocab=7)
     first, second = acceptance.generator("cpu"), acceptance.generator("cpu:0")
     assert first.initial_seed() != second.initial_seed()
     assert acceptance.generator("cpu") is first
+    assert acceptance.generator(torch.device("cpu")) is first  # a device or its name: one stream
     assert TokenAcceptance(SamplingOptions(), vocab=7).generator("cpu") is None  # greedy
+    assert TokenAcceptance(SamplingOptions(seed=5), vocab=7).generator("cpu") is None
+    unseeded = TokenAcceptance(SamplingOptions(temperature=1.0), vocab=7)
+    assert unseeded.generator("cpu") is None  # the global generator
+    assert 0 <= int(unseeded.choose(torch.zeros(1, 7))) < 7
+
+
+def test_draft_probabilities_span_the_targets_table():
+    """A draft's distribution over the target's vocab: one id narrower (or more) is padded with
+    zeros, a wider one is cut to it (ids the target cannot emit are never proposed)."""
+    acceptance = TokenAcceptance(SamplingOptions(temperature=1.0, seed=0), vocab=7)
+    for width in (5, 6, 7, 9):
+        probs = acceptance.probabilities(torch.zeros(1, width))
+        kept = min(width, 7)
+        assert probs.shape == (1, 7), width
+        assert torch.allclose(probs[0, :kept], torch.full((kept,), 1 / kept))
+        assert not probs[0, kept:].any(), width
+    greedy = TokenAcceptance(SamplingOptions(), vocab=7)  # argmax over the target's ids only
+    for best, token in ((6, 6), (7, 5), (8, 5)):
+        logits = torch.arange(9.0)[None] / 10
+        logits[0, 5], logits[0, best] = 5.0, 9.0
+        assert int(greedy.propose(logits)[0]) == token, best
+
+
+def test_verification_takes_a_row_per_candidate_and_the_bonus_row():
+    """verify() judges m candidates on m + 1 target rows (bonus) or m (no bonus: the last row
+    is only read when a candidate is rejected there); any other count is refused, not read
+    past or short."""
+    acceptance = TokenAcceptance(SamplingOptions(), vocab=7)
+    candidates = torch.tensor([[1, 2]])
+    rows = torch.nn.functional.one_hot(torch.tensor([[1, 2, 6]]), 7).float()  # argmax 1, 2, 6
+    verdict = acceptance.verify(candidates, None, rows, bonus=True)
+    assert (int(verdict.num_accepted), int(verdict.next_token)) == (2, 6)  # the bonus
+    assert int(acceptance.verify(candidates, None, rows[:, :2], bonus=False).num_accepted) == 2
+    verdict = acceptance.verify(torch.tensor([[1, 3]]), None, rows[:, :2], bonus=False)
+    assert (int(verdict.num_accepted), int(verdict.next_token)) == (1, 2)  # the correction
+    for count, bonus in ((2, True), (4, True), (1, False), (3, False)):
+        with pytest.raises(HippoError, match=rf"verification of 2 candidates needs 3 target rows "
+                                             rf"\(bonus\) or 2 \(no bonus\), got {count}"):
+            acceptance.verify(candidates, None, torch.zeros(1, count, 7), bonus=bonus)
 
 
 def test_bad_decoding_arguments_are_clear_errors():
@@ -165,8 +243,10 @@ def test_bad_decoding_arguments_are_clear_errors():
                              draft_length=DraftLength(3), max_new_tokens=4, eos_ids=())
     with pytest.raises(HippoError, match="options must be a SamplingOptions"):
         TokenAcceptance(None, 7)
-    with pytest.raises(HippoError, match="vocab must be a positive integer"):
-        TokenAcceptance(SamplingOptions(), 0)
+    for vocab in (0, 2.5, "7"):
+        with pytest.raises(HippoError, match="vocab must be a positive integer"):
+            TokenAcceptance(SamplingOptions(), vocab)
+    assert TokenAcceptance(SamplingOptions(), 1).vocab == 1
     with pytest.raises(HippoError, match="initial must be an int of at least 1"):
         DraftLength("auto", initial=0)
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from hippo.runtime import LanguageModelRuntime, warp_logits
-from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
+from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance, sample_categorical
 from hippo.speculative.decoder import decode_after_prefill
 from hippo.speculative.draft_length import DraftLength
 from hippo_testing import chi_square_critical, requires_cuda
@@ -225,6 +225,15 @@ def test_sampling_with_longer_blocks_and_an_eos(target_model, mode, draft):
         assert _marginals_pass(counts, exact, (token,)), token
     for pair in ((1, 2), (2, 3), (3, 4)):
         assert _marginals_pass(counts, exact, pair), pair
+
+
+def test_a_zero_exponential_draw_never_picks_a_token_of_probability_zero(monkeypatch):
+    """sample_categorical races p_i / E_i; a draw E_i of exactly 0 would make 0 / 0 a NaN,
+    which argmax picks (a token the target never samples): the race keeps its draws positive."""
+    monkeypatch.setattr(torch.Tensor, "exponential_",
+                        lambda self, generator=None: self.zero_())
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75], [0.0, 0.0, 1.0, 0.0]])
+    assert sample_categorical(probs, None).tolist() == [3, 2]
 
 
 class _ResidualFromTarget(TokenAcceptance):
