@@ -3,6 +3,7 @@ make (mismatched pair, incompatible layouts, bad options, bad video, too few tok
 from __future__ import annotations
 
 import gc
+import time
 import weakref
 
 import pytest
@@ -12,7 +13,7 @@ from hippo.assets import sample_video_path
 from hippo.models import load_adapter
 from hippo.models.base import HippoError
 from hippo.pipeline import HippoOptions, HippoPipeline, check_lane_devices
-from hippo.preserve import PreservationOptions
+from hippo.preserve import PreservationOptions, kept_prompt_length
 from hippo_testing import requires_cuda
 from speculative_testing import make_pair, sample_frames
 
@@ -25,6 +26,9 @@ def test_generate_from_a_video_file_returns_tokens_text_and_stats():
     assert isinstance(out.text, str)
     assert out.stats.mode == "parallel" and out.stats.tokens == len(out.tokens)
     assert out.stats.draft_prompt_tokens < out.stats.prompt_tokens  # 90% of the video pruned
+    prompt = HippoPipeline(target, draft).prepare(sample_video_path(), "what moves?", num_frames=4)[0]
+    assert out.stats.prompt_tokens == prompt.length
+    assert out.stats.draft_prompt_tokens == kept_prompt_length(prompt, 0.1)
     ar = HippoPipeline(target, draft, mode="ar").generate(sample_video_path(), "what moves?", 12,
                                                           num_frames=4)
     assert ar.tokens == out.tokens
@@ -60,7 +64,6 @@ def test_a_full_draft_prefill_is_draft_prefill_time_on_the_cpu(monkeypatch):
     before it and is the draft's time (it was in no phase). The pipeline's clock jumps by an
     hour inside the draft's prefill: a sleep there compared the two prefills' wall times, which
     a loaded machine stretches by tenths of a second (seen: the target's 1 ms prefill at 0.4 s)."""
-    import time
     from types import SimpleNamespace
 
     import hippo.pipeline
@@ -73,14 +76,22 @@ def test_a_full_draft_prefill_is_draft_prefill_time_on_the_cpu(monkeypatch):
         jumped[0] += hour
         return prefill_full(*args, **kwargs)
 
+    load_video = hippo.pipeline.load_video
+
+    def slow_load_video(*args, **kwargs):
+        jumped[0] += 2 * hour
+        return load_video(*args, **kwargs)
+
     monkeypatch.setattr(hippo.pipeline, "prefill_full", slow_prefill_full)
+    monkeypatch.setattr(hippo.pipeline, "load_video", slow_load_video)
     monkeypatch.setattr(hippo.pipeline, "time",
                         SimpleNamespace(perf_counter=lambda: time.perf_counter() + jumped[0]))
     target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
     stats = HippoPipeline(target, draft, draft_prefill="full+compact").generate(
         sample_video_path(), "what moves?", 4, num_frames=4).stats
-    assert jumped[0] == hour  # the draft's full prefill ran once
+    assert jumped[0] == 3 * hour  # the draft's full prefill ran once
     assert hour <= stats.draft_prefill_s < 2 * hour and stats.prefill_s < hour
+    assert 3 * hour <= stats.total_s < 4 * hour  # generate's total: reading the video included
 
 
 def test_a_time_window_of_a_file_equals_its_frames_cut_by_hand():
@@ -94,8 +105,9 @@ def test_a_time_window_of_a_file_equals_its_frames_cut_by_hand():
     assert out.tokens == by_hand.tokens
     whole = pipeline.generate(sample_video_path(), "what moves?", 10, num_frames=4)
     assert out.stats.prompt_tokens == whole.stats.prompt_tokens
-    with pytest.raises(HippoError, match="cut decoded frames yourself"):
-        pipeline.generate(cut, "what moves?", 10, start=1.0)
+    for window in ({"start": 1.0}, {"end": 3.0}):
+        with pytest.raises(HippoError, match="cut decoded frames yourself"):
+            pipeline.generate(cut, "what moves?", 10, **window)
 
 
 def test_a_rate_above_the_clips_spaces_the_frames_at_the_clips_rate(tmp_path):
@@ -191,10 +203,12 @@ def test_sampled_generation_repeats_with_a_seed(mode):
         HippoPipeline(target, draft, mode="sequential", gamma=3)
     run = lambda seed: pipeline.generate(frames, "hi", 16, temperature=0.9, top_p=0.9,  # noqa: E731
                                          seed=seed).tokens
+    torch.manual_seed(0)  # not whatever state an earlier test left (that may be 1234's below)
     first = run(5)
     torch.manual_seed(1234)  # a seeded run must not read the global generator
     assert run(5) == first
     assert run(6) != first
+    assert 1 <= len(pipeline.generate(frames, "hi", 4, temperature=0.9).tokens) <= 4  # no seed
 
 
 def test_mismatched_tokenizers_or_families_are_one_clear_error():
@@ -228,6 +242,8 @@ def test_pair_with_different_visual_layouts_is_a_clear_error():
     # skinny_linear's step-size-independent kernel takes up to 32 rows (a verify step of g + 1).
     (dict(step_invariant=True, gamma=32), "gamma .* at most 31, got 32"),
     (dict(step_invariant=True, max_gamma=32), "gamma .* at most 31, got 32"),
+    (dict(step_invariant=True, gemm_prologues="draft"),
+     "step_invariant cannot be combined with gemm_prologues 'draft'"),
 ])
 def test_bad_options_are_clear_errors(options, message):
     with pytest.raises(HippoError, match=message):
@@ -307,6 +323,8 @@ def test_bad_pipeline_arguments_are_clear_errors():
         HippoPipeline(target, None, modes="ar")
     with pytest.raises(HippoError, match="unknown option 'zzz'"):
         HippoPipeline(target, None).with_options(zzz=1)
+    with pytest.raises(HippoError, match="role must be 'target' or 'draft', got 'verifier'"):
+        HippoPipeline(target, None).runtime("verifier")
     frames = torch.zeros(2, 56, 56, 3, dtype=torch.uint8)
     for count in ("4", None, 4.0, -1):  # refused before any arithmetic on them
         with pytest.raises(HippoError, match=f"max_new_tokens must be an integer of at least 0, got {count!r}"):
@@ -389,22 +407,42 @@ def test_bad_generate_prepared_arguments_are_clear_errors():
     frames = torch.zeros(2, 56, 56, 3, dtype=torch.uint8)
     target_prompt, draft_prompt = pipeline.prepare(frames, "hi")
     other_target, other_draft = pipeline.prepare(torch.zeros(4, 56, 56, 3, dtype=torch.uint8), "hi")
+    # The same token ids on another grid (frames on their side), and the same grid in other ids.
+    _, wide_draft = pipeline.prepare(torch.zeros(2, 56, 112, 3, dtype=torch.uint8), "hi")
+    _, tall_draft = pipeline.prepare(torch.zeros(2, 112, 56, 3, dtype=torch.uint8), "hi")
+    _, other_text_draft = pipeline.prepare(frames, "ho")
+    assert torch.equal(wide_draft.input_ids, tall_draft.input_ids) and wide_draft.grid != tall_draft.grid
+    assert other_text_draft.grid == draft_prompt.grid
     greedy = SamplingOptions()
     for prompts, message in [((target_prompt, None), "draft_prompt must be the draft's PreparedPrompt"),
                              (("hi", draft_prompt), "target_prompt must be a PreparedPrompt"),
                              ((other_target, draft_prompt), "pass the two prompts of one prepare"),
                              ((target_prompt, other_draft), "pass the two prompts of one prepare"),
+                             ((pipeline.prepare(torch.zeros(2, 56, 112, 3, dtype=torch.uint8), "hi")[0],
+                               tall_draft), "pass the two prompts of one prepare"),
+                             ((target_prompt, other_text_draft), "pass the two prompts of one prepare"),
                              ((draft_prompt, target_prompt), "do not fit this model's hidden size")]:
         with pytest.raises(HippoError, match=message):
             pipeline.generate_prepared(*prompts, 4, greedy, set())
     with pytest.raises(HippoError, match="sampling must be a SamplingOptions"):
         pipeline.generate_prepared(target_prompt, draft_prompt, 4, None, set())
+    for count in (0, 4.5):
+        with pytest.raises(HippoError, match="max_new_tokens must be an integer of at least 1"):
+            pipeline.generate_prepared(target_prompt, draft_prompt, count, greedy, set())
     with pytest.raises(HippoError, match="eos_token_id 1000000 is not a token id"):
         pipeline.generate_prepared(target_prompt, draft_prompt, 4, greedy, {10**6})
-    expected = pipeline.generate_prepared(target_prompt, draft_prompt, 4, greedy, set()).tokens
+    started = time.perf_counter()
+    out = pipeline.generate_prepared(target_prompt, draft_prompt, 4, greedy, set())
+    wall = time.perf_counter() - started
+    expected = out.tokens
+    # Its statistics time the whole generation (benchmarks report them).
+    assert 0 < out.stats.prefill_s + out.stats.draft_prefill_s <= out.stats.total_s <= wall
     assert pipeline.generate_prepared(target_prompt, draft_prompt, 4, greedy, None).tokens == expected
-    # AR decoding uses no draft prompt.
+    assert pipeline.generate_prepared(target_prompt, draft_prompt, 1, greedy, None).tokens == expected[:1]
+    # AR decoding, and a self-speculating pipeline, use no draft prompt.
     assert pipeline.with_options(mode="ar").generate_prepared(
+        target_prompt, None, 4, greedy, set()).tokens == expected
+    assert HippoPipeline(target, None, mode="sequential", gamma=2).generate_prepared(
         target_prompt, None, 4, greedy, set()).tokens == expected
 
 
@@ -661,3 +699,197 @@ def test_release_frees_the_runtimes_of_every_pipeline_sharing_them():
     assert pipeline.runtime("target") is None and pipeline.runtime("draft") is None
     assert cache() is None, "the KV cache is still alive"
     assert pipeline.generate(sample_video_path(), "what moves?", 8, num_frames=4).tokens == before
+
+
+def test_runtimes_are_reused_and_sized_in_whole_granules(monkeypatch):
+    """Caches are sized in whole CACHE_GRANULEs (256 positions): a request a little longer than
+    the last reuses the runtimes, one beyond a runtime's room rebuilds it larger (its old cache
+    freed first); the draft's cache holds the kept tokens only, the whole prompt for a full
+    prefill. Pipelines from with_options share the runtimes only under the same runtime options."""
+    from hippo.runtime.decoder import LanguageModelRuntime
+
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    pipeline = HippoPipeline(target, draft, mode="sequential", gamma=3)
+    frames = torch.randint(0, 256, (34, 112, 112, 3), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    prompt, _ = pipeline.prepare(frames, "what moves?")
+    kept = kept_prompt_length(prompt, PreservationOptions().keep_ratio)
+    # Up to the target's 512 positions exactly: beyond the draft's 256 kept-token positions.
+    new_tokens = 512 - prompt.length + 1
+    assert 256 < prompt.length and kept + new_tokens - 1 > 256
+    roles = ("target", "draft")
+
+    def sizes(p: HippoPipeline) -> dict[str, int]:
+        return {role: p.runtime(role).cache.max_seq_len for role in roles}
+
+    expected = pipeline.with_options(mode="ar").generate(frames, "what moves?", 4).tokens
+    assert pipeline.generate(frames, "what moves?", 4).tokens == expected
+    assert sizes(pipeline) == {"target": 512, "draft": 256}
+    runtimes = {role: weakref.ref(pipeline.runtime(role)) for role in roles}
+    pipeline.generate(frames, "what moves?", 8)  # a few tokens more: the same runtimes
+    assert all(pipeline.runtime(role) is runtimes[role]() for role in roles)
+    sibling = pipeline.with_options(mode="parallel", gamma="auto")
+    assert all(sibling.runtime(role) is runtimes[role]() for role in roles)
+    assert pipeline.with_options(step_invariant=True).runtime("target") is None
+    old_caches = {model: weakref.ref(pipeline.runtime(role).cache.tensor)
+                  for role, model in (("target", target.model), ("draft", draft.model))}
+    built = []
+    from_hf = LanguageModelRuntime.from_hf
+
+    def recording_from_hf(model, *args, **kwargs):
+        gc.collect()
+        built.append((model is draft.model, old_caches[model]() is not None))
+        return from_hf(model, *args, **kwargs)
+
+    monkeypatch.setattr(LanguageModelRuntime, "from_hf", recording_from_hf)
+    long = pipeline.generate(frames, "what moves?", new_tokens, eos_token_id=None)
+    assert len(long.tokens) == new_tokens
+    assert built == [(True, False)]  # the draft's alone, its old cache freed first
+    assert pipeline.runtime("target") is runtimes["target"]()
+    assert sizes(pipeline) == {"target": 512, "draft": 512}
+    # One token more: the target's room is 768 positions, the draft's still 512; AR alike.
+    longer = pipeline.generate(frames, "what moves?", new_tokens + 1, eos_token_id=None).tokens
+    assert longer[:-1] == long.tokens and sizes(pipeline) == {"target": 768, "draft": 512}
+    autoregressive = HippoPipeline(target, None, mode="ar")
+    assert autoregressive.generate(frames, "what moves?", new_tokens + 1,
+                                   eos_token_id=None).tokens == longer
+    assert autoregressive.runtime("target").cache.max_seq_len == 768
+    # A full prefill fills the draft's cache with the whole prompt before compacting it.
+    full = HippoPipeline(target, draft, mode="sequential", gamma=3, draft_prefill="full+compact")
+    assert full.generate(frames, "what moves?", 4).tokens == expected
+    assert sizes(full) == {"target": 512, "draft": 512}
+
+
+def test_a_model_without_a_trained_context_takes_any_length_and_prepared_prompts_are_checked(
+        monkeypatch):
+    """A config without max_position_embeddings sets no limit; with one, generate_prepared
+    refuses max_new_tokens beyond it (prepare() was told none)."""
+    from hippo.models.qwen2_5_vl import Qwen2_5_VLAdapter
+    from hippo.speculative import SamplingOptions
+
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    frames = sample_frames("qwen2_5_vl", 2)
+    expected = HippoPipeline(target, draft, mode="sequential", gamma=3).generate(
+        frames, "what moves?", 6, eos_token_id=None).tokens
+    monkeypatch.setattr(Qwen2_5_VLAdapter, "max_positions", property(lambda self: None))
+    for mode in ("ar", "sequential", "parallel"):
+        assert HippoPipeline(target, draft, mode=mode, gamma=3).generate(
+            frames, "what moves?", 6, eos_token_id=None).tokens == expected
+    pipeline = HippoPipeline(target, draft, mode="sequential", gamma=3)
+    prompts = pipeline.prepare(frames, "what moves?")
+    limit = prompts[0].length + 6
+    monkeypatch.setattr(Qwen2_5_VLAdapter, "max_positions", property(lambda self: limit))
+    assert pipeline.generate_prepared(*prompts, 6, SamplingOptions(), None).tokens == expected
+    with pytest.raises(HippoError, match=f"context too long: {limit + 1} tokens \\(prompt plus "
+                                         f"max_new_tokens\\) exceed the model's {limit} positions"):
+        pipeline.generate_prepared(*prompts, 7, SamplingOptions(), None)
+
+
+def test_a_files_frames_are_spaced_at_the_rate_they_were_sampled_at():
+    """fps as asked up to the clip's own rate; num_frames frames over the clip or its window
+    (its end cut at the clip's); fps as asked, or None, where the clip records no rate."""
+    from hippo.pipeline import _sampled_rate
+    from hippo.video import VideoInfo
+
+    clip = VideoInfo(num_frames=41, fps=10.0, height=56, width=56)  # 4.1 s
+    assert _sampled_rate(clip, 3.0, 13, None, None) == 3.0  # not 13 frames / 4.1 s
+    assert _sampled_rate(clip, 3.0, 7, 1.0, 3.2) == 3.0
+    assert _sampled_rate(clip, 25.0, 41, None, None) == 10.0
+    assert _sampled_rate(clip, None, 8, None, None) == pytest.approx(8 / 4.1)
+    assert _sampled_rate(clip, None, 4, 1.0, 3.0) == 2.0
+    assert _sampled_rate(clip, None, 4, 2.1, 9.0) == pytest.approx(2.0)  # the window ends with the clip
+    assert _sampled_rate(clip, None, 1, 2.0, 2.0) is None  # an instant's frame (load_video takes it)
+    unknown = VideoInfo(num_frames=6, fps=0.0, height=56, width=56)  # a folder of frames
+    assert _sampled_rate(unknown, None, 4, None, None) is None
+    assert _sampled_rate(unknown, 3.0, 4, None, None) == 3.0
+
+
+def test_default_options_and_frame_count():
+    """What a pipeline does unless told otherwise (README, HippoOptions' docstring): parallel
+    decoding with gamma 'auto' up to 12, a pruned draft prefill, DEFAULT_FRAMES (16) frames."""
+    options = HippoOptions()
+    assert (options.mode, options.gamma, options.max_gamma, options.largest_gamma,
+            options.draft_prefill, options.gemm_prologues) == ("parallel", "auto", 12, 12,
+                                                               "pruned", "none")
+    pipeline = HippoPipeline(load_adapter("tiny-llava-onevision"), None, mode="ar")
+    default = pipeline.prepare(sample_video_path(), "hi")[0]
+    sixteen = pipeline.prepare(sample_video_path(), "hi", num_frames=16)[0]
+    assert torch.equal(default.inputs_embeds, sixteen.inputs_embeds)
+    assert default.num_visual == pipeline.target.visual_tokens(16, 56, 56)
+    frames = sample_frames("llava_onevision", 2)
+    assert len(pipeline.generate(frames, "hi", eos_token_id=None).tokens) == 64  # max_new_tokens
+
+
+@pytest.mark.parametrize("mode", ["ar", "sequential", "parallel"])
+def test_generation_stops_after_the_targets_eos_by_default(monkeypatch, mode):
+    """eos_token_id left out: the target's stop ids end the generation (eos included), none when
+    it has none; AR statistics count one target step per token after the prefill's."""
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    frames = sample_frames("qwen2_5_vl", 2)
+    pipeline = HippoPipeline(target, draft, mode=mode, gamma=3)
+    tokens = pipeline.generate(frames, "what moves?", 12, eos_token_id=None).tokens
+    end = next(i for i in range(2, 12) if tokens[i] not in tokens[:i])
+    monkeypatch.setattr(type(target), "eos_token_ids", property(lambda self: [tokens[end]]))
+    assert pipeline.eos_ids() == {tokens[end]}
+    out = pipeline.generate(frames, "what moves?", 12)
+    assert out.tokens == tokens[:end + 1] and out.stats.tokens == end + 1
+    if mode == "ar":
+        assert (out.stats.target_steps, out.stats.rounds) == (end, end)
+        one = pipeline.generate(frames, "what moves?", 1).stats
+        assert (one.tokens, one.target_steps, one.rounds) == (1, 0, 0)
+    monkeypatch.setattr(type(target), "eos_token_ids", property(lambda self: []))
+    assert pipeline.eos_ids() == set()
+    assert pipeline.generate(frames, "what moves?", 12).tokens == tokens
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava_onevision"])
+def test_generated_tokens_take_the_positions_after_the_prompt(family):
+    """Speculative decoding feeds its tokens at the positions AR decoding gives them, right after
+    the prompt's. The tiny models' greedy tokens do not notice a shift by one position; a target
+    whose attention is sharp (queries scaled up) does within a few tokens."""
+    target, draft = make_pair(family, "perturbed-copy", seed=0)
+    with torch.no_grad():
+        for layer in target.text_model.layers:
+            layer.self_attn.q_proj.weight.mul_(30.0)
+    frames = sample_frames(family, 2)
+
+    def run(mode: str) -> list[int]:
+        pipeline = HippoPipeline(target, draft, mode=mode, gamma=3, step_invariant=True)
+        return pipeline.generate(frames, "what moves?", 16, eos_token_id=None).tokens
+
+    expected = run("ar")
+    assert run("sequential") == expected
+    assert run("parallel") == expected
+
+
+def test_a_pipeline_for_hippo_decoding_is_refused_where_the_kernels_do_not_run(monkeypatch):
+    """Checked when the pipeline is made, not at the first launch; mode='ar' needs no kernels."""
+    import hippo_ext
+
+    target = load_adapter("tiny-qwen2.5-vl")
+    monkeypatch.setattr(hippo_ext, "kernels_unsupported", lambda device: "simulated: no kernels")
+    for mode in ("sequential", "parallel"):
+        with pytest.raises(HippoError, match=f"{mode} decoding on cpu needs hippo_ext's kernels, "
+                                             "which cannot run there: simulated: no kernels"):
+            HippoPipeline(target, None, mode=mode)
+    HippoPipeline(target, None, mode="ar")
+
+
+@pytest.mark.parametrize("method", ["hippo", "uniform"])
+def test_self_speculation_keeping_every_token_accepts_every_draft(method):
+    """Self-speculation drafts with the target over a copy of its own cache: keeping every visual
+    token, the draft is the target and every drafted token is accepted (the output is the AR
+    output either way). "uniform" selection reads no attention from the target's prefill."""
+    target = load_adapter("tiny-qwen2.5-vl", seed=0)
+    frames = sample_frames("qwen2_5_vl", 2)
+    expected = HippoPipeline(target, None, mode="ar").generate(frames, "what moves?", 12,
+                                                               eos_token_id=None).tokens
+    for keep_ratio in (1.0, 0.5):
+        pipeline = HippoPipeline(target, None, mode="sequential", gamma=3,
+                                 preservation=PreservationOptions(keep_ratio=keep_ratio,
+                                                                  method=method))
+        for _ in range(2):  # the second on reused runtimes
+            out = pipeline.generate(frames, "what moves?", 12, eos_token_id=None)
+            assert out.tokens == expected
+            if keep_ratio == 1.0:
+                assert out.stats.drafted > 0 and out.stats.accepted == out.stats.drafted
