@@ -781,8 +781,34 @@ def test_a_model_without_a_trained_context_takes_any_length_and_prepared_prompts
     monkeypatch.setattr(Qwen2_5_VLAdapter, "max_positions", property(lambda self: limit))
     assert pipeline.generate_prepared(*prompts, 6, SamplingOptions(), None).tokens == expected
     with pytest.raises(HippoError, match=f"context too long: {limit + 1} tokens \\(prompt plus "
-                                         f"max_new_tokens\\) exceed the model's {limit} positions"):
+                                         f"max_new_tokens\\) exceed the target's {limit} "
+                                         "positions \\(qwen2_5_vl\\)"):
         pipeline.generate_prepared(*prompts, 7, SamplingOptions(), None)
+
+
+def test_a_drafts_context_bounds_the_modes_that_run_it(monkeypatch):
+    """A request beyond the draft's context (not the target's) is refused by the speculative
+    modes, which run the draft over the target's positions, from generate() and
+    generate_prepared() alike; mode "ar" never runs the draft and takes it (generate() refused
+    it, generate_prepared() took it even in the speculative modes)."""
+    from hippo.speculative import SamplingOptions
+
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    frames = sample_frames("qwen2_5_vl", 2)
+    prompts = HippoPipeline(target, draft, mode="ar").prepare(frames, "what moves?")
+    monkeypatch.setattr(draft.text_model.config, "max_position_embeddings", prompts[0].length + 4)
+    ar = HippoPipeline(target, draft, mode="ar")
+    expected = ar.generate(frames, "what moves?", 8, eos_token_id=None).tokens
+    assert len(expected) == 8
+    assert ar.generate_prepared(*prompts, 8, SamplingOptions(), None).tokens == expected
+    for mode in ("sequential", "parallel"):
+        pipeline = HippoPipeline(target, draft, mode=mode, gamma=3)
+        with pytest.raises(HippoError, match="positions of the draft"):
+            pipeline.generate(frames, "what moves?", 8, eos_token_id=None)
+        with pytest.raises(HippoError, match=f"exceed the draft's {prompts[0].length + 4} "):
+            pipeline.generate_prepared(*prompts, 8, SamplingOptions(), None)
+        assert pipeline.generate_prepared(*prompts, 4, SamplingOptions(), None).tokens == \
+            expected[:4]
 
 
 def test_a_files_frames_are_spaced_at_the_rate_they_were_sampled_at():

@@ -250,6 +250,15 @@ class HippoPipeline:
         return {role: model for role, model in (("target", self.target), ("draft", self.draft))
                 if model is not None}
 
+    def _running_models(self) -> dict[str, VideoLLMAdapter]:
+        """The models this mode runs over the generation's positions, whose contexts must hold
+        them: the target, and a draft model in the speculative modes (its positions are the
+        target's); mode "ar" never runs the draft."""
+        models = self._models()
+        if self.options.mode == "ar":
+            models.pop("draft", None)
+        return models
+
     def _text_tokens(self, prompt: str | list[int]) -> dict[str, int]:
         """Each model's count of the prompt's tokens that are not visual. The target's and the
         draft's text ids must be the same (checked here, before any frame is decoded)."""
@@ -266,7 +275,7 @@ class HippoPipeline:
         """Refuse, before decoding or embedding them, frames whose visual tokens plus the
         prompt's text and the tokens to be generated would overflow a model's context (a long
         video at one frame per second). _check_context_fits checks the prepared prompt again."""
-        for role, adapter in self._models().items():
+        for role, adapter in self._running_models().items():
             if adapter.max_positions is None:
                 continue
             visual, text = adapter.visual_tokens(count, height, width), text_tokens[role]
@@ -342,7 +351,8 @@ class HippoPipeline:
                            draft_prompt: PreparedPrompt | None, max_new_tokens: int,
                            sampling: SamplingOptions, eos_ids: set[int]) -> HippoOutput:
         """generate_prepared() on checked arguments (one at a time per set of runtimes)."""
-        _check_context_fits(self.target, target_prompt.length + max_new_tokens)
+        for role, adapter in self._running_models().items():
+            _check_context_fits(adapter, role, target_prompt.length + max_new_tokens)
         with self._lock:
             started = time.perf_counter()
             try:
@@ -602,13 +612,14 @@ def _with_overrides(options: HippoOptions, overrides: dict) -> HippoOptions:
     return replace(options, **overrides) if overrides else options
 
 
-def _check_context_fits(adapter: VideoLLMAdapter, length: int) -> None:
-    """The prompt plus every new token must fit the model's trained context."""
+def _check_context_fits(adapter: VideoLLMAdapter, role: str, length: int) -> None:
+    """The prompt plus every new token must fit the trained context of a model that runs."""
     limit = adapter.max_positions
     if limit is not None and length > limit:
         raise HippoError(
             f"context too long: {length} tokens (prompt plus max_new_tokens) exceed the "
-            f"model's {limit} positions; use fewer frames or ask for fewer tokens")
+            f"{role}'s {limit} positions ({adapter.family}); use fewer frames or ask for fewer "
+            f"tokens")
 
 
 def _check_same_layout(target: PreparedPrompt, draft: PreparedPrompt,
