@@ -46,6 +46,23 @@ def test_a_processor_config_without_video_settings_falls_back_to_the_older_files
     assert qwen_preprocess(str(tmp_path)).max_pixels == 12845056
 
 
+@pytest.mark.parametrize("content, bounds", [
+    ({"size": {"min_pixels": 3136, "max_pixels": 12544}}, (3136, 12544)),
+    ({"max_pixels": 50176, "size": {"shortest_edge": 6272, "longest_edge": 12544}}, (6272, 50176))])
+def test_qwen_pixel_bounds_are_read_from_size_under_either_name(tmp_path, content, bounds):
+    """A bound given on its own wins over 'size', which names it shortest/longest_edge or min/max_pixels."""
+    _write(tmp_path, "preprocessor_config.json", content)
+    settings = qwen_preprocess(str(tmp_path))
+    assert (settings.min_pixels, settings.max_pixels) == bounds
+
+
+def test_a_preprocessing_size_that_is_not_an_object_names_its_file(tmp_path):
+    _write(tmp_path, "preprocessor_config.json", {"size": 448})
+    with pytest.raises(HippoError, match=r"preprocessor_config.json: the preprocessing 'size' entry must "
+                                         r"be an object, got 448$"):
+        qwen_preprocess(str(tmp_path))
+
+
 def test_a_bad_nested_video_processor_names_its_file(tmp_path):
     _write(tmp_path, "processor_config.json", {"video_processor": [1, 2]})
     with pytest.raises(HippoError, match=r"processor_config.json \(video_processor\)"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -143,6 +144,23 @@ def test_qwen_visual_span_grid_features(name):
     torch.testing.assert_close(prepared.inputs_embeds[0, start:start + n], prepared.visual_features.reshape(n, -1))
     assert prepared.inputs_embeds.shape == (1, prepared.length, hidden)
     assert prepared.position_ids.shape == (3, 1, prepared.length)
+
+
+@torch.no_grad()
+def test_qwen_grid_of_wide_frames_is_hfs_rows_by_columns():
+    """56x112 frames make a grid of 2 rows by 4 columns: prepared.grid, the features laid out in
+    it and the M-RoPE height and width positions all follow HF's video_grid_thw (t, h, w)."""
+    a = adapter(QWEN_PRESETS[0])
+    frames = make_frames(4, 56, 112)
+    prepared = a.prepare(frames, PROMPT_IDS)
+    inputs = a.hf_inputs(frames, PROMPT_IDS)
+    assert inputs["video_grid_thw"].tolist() == [[2, 4, 8]]  # patches; merged 2x2 to tokens
+    assert prepared.grid == (2, 2, 4)
+    features = a.model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+    torch.testing.assert_close(prepared.visual_features, torch.cat(features.pooler_output).reshape(2, 2, 4, -1))
+    start, n = prepared.visual_start, prepared.num_visual
+    span = prepared.position_ids[:, 0, start:start + n].reshape(3, 2, 2, 4) - start
+    assert span[1, 1].tolist() == [[0] * 4, [1] * 4] and span[2, 1].tolist() == [[0, 1, 2, 3]] * 2
 
 
 @pytest.mark.parametrize("name,side", [(LLAVA_PRESETS[0], 2), (LLAVA_PRESETS[1], 3)])
@@ -616,7 +634,10 @@ def test_vision_feature_layer_must_index_the_hidden_states(layer, valid):
 @pytest.mark.parametrize("sections, message", [
     ([1, 1, 1], r"mrope_section \[1, 1, 1\] does not fit head_dim 16: .* summing to 8"),
     ([0, 4, 4], r"mrope_section \[0, 4, 4\] does not fit head_dim 16"),
-    (None, r"gives no mrope_section .* default \[16, 24, 24\] does not fit head_dim 16")])
+    (None, r"gives no mrope_section .* default \[16, 24, 24\] does not fit head_dim 16"),
+    # transformers splits the rotary frequencies by them: whole sizes only, in a list.
+    ([2.0, 3, 3], r"mrope_section \[2.0, 3, 3\] does not fit head_dim 16"),
+    (8, r"mrope_section 8 does not fit head_dim 16")])
 def test_mrope_sections_must_fit_the_head_dim(monkeypatch, sections, message):
     """tiny-qwen2.5-vl has head_dim 16: its sections (2, 3, 3) sum to 8; others would fail in
     the rotary kernel of the first prefill. Missing, transformers takes its default."""
@@ -649,3 +670,95 @@ def test_an_fps_too_low_for_mrope_positions_is_refused():
     start, tokens_per_patch = prepared.visual_start, prepared.num_visual // 2
     temporal = prepared.position_ids[0, 0]
     assert int(temporal[start + tokens_per_patch] - temporal[start]) == 4000
+
+
+@pytest.mark.parametrize("sections", [[1, 3, 4], (2, 3, 3), [8]])
+def test_mrope_sections_of_one_frequency_fit(monkeypatch, sections):
+    model = adapter(QWEN_PRESETS[0]).model
+    monkeypatch.setitem(model.config.text_config.rope_parameters, "mrope_section", sections)
+    monkeypatch.setattr(model.model.language_model.rotary_emb, "mrope_section", sections)
+    check_mrope_section(model)
+
+
+def test_mrope_sections_that_do_not_fit_a_config_without_rope_parameters(monkeypatch):
+    model = adapter(QWEN_PRESETS[0]).model
+    monkeypatch.setattr(model.config.text_config, "rope_parameters", None)
+    check_mrope_section(model)  # the rotary module's own sections fit
+    monkeypatch.setattr(model.model.language_model.rotary_emb, "mrope_section", [16, 24, 24])
+    with pytest.raises(HippoError, match=r"gives no mrope_section .* \[16, 24, 24\] does not fit head_dim 16"):
+        check_mrope_section(model)
+
+
+@pytest.mark.parametrize("window, patch, merge, valid", [
+    (28, 14, 2, True), (112, 14, 2, True), (2, 1, 2, True), (14, 14, 1, True),
+    (27, 14, 2, False), (1, 1, 2, False), (13, 14, 1, False), (None, 14, 2, False),
+    ("112", 14, 2, False), (112.0, 14, 2, False),
+    # No patch or merge size: check_preprocess_fits_vision names those, not the window.
+    (None, 0, 2, True), (None, 14, 0, True), (None, -14, 2, True), (None, None, 2, True),
+    (None, 14, None, True), (None, 14.0, 2, True)])
+def test_the_vision_window_must_hold_a_merged_patch(window, patch, merge, valid):
+    from hippo.models.qwen2_5_vl import check_vision_window
+
+    model = SimpleNamespace(config=SimpleNamespace(vision_config=SimpleNamespace(
+        window_size=window, patch_size=patch, spatial_merge_size=merge)))
+    if valid:
+        check_vision_window(model)
+        return
+    with pytest.raises(HippoError, match=rf"^config.json: vision_config.window_size must be an integer of "
+                                         rf"at least patch_size x spatial_merge_size \({patch * merge}\), "
+                                         rf"got {window!r}$"):
+        check_vision_window(model)
+
+
+def test_a_qwen_adapter_built_from_a_model_checks_it_and_its_preprocessing(monkeypatch):
+    from dataclasses import replace
+
+    from hippo.models.qwen2_5_vl import Qwen2_5_VLAdapter
+
+    a = adapter(QWEN_PRESETS[0])
+    ids = (a.prompt_prefix_ids, a.prompt_suffix_ids)
+    with pytest.raises(HippoError, match=r"do not fit the vision tower: patch_size 16 vs patch_size 14$"):
+        Qwen2_5_VLAdapter(a.model, a.tokenizer, replace(a.preprocess, patch_size=16), *ids)
+    monkeypatch.setattr(a.model.config.vision_config, "window_size", 14)
+    with pytest.raises(HippoError, match="window_size must be an integer of at least"):
+        Qwen2_5_VLAdapter(a.model, a.tokenizer, a.preprocess, *ids)
+
+
+@pytest.mark.parametrize("num_frames", [2, 4, 8])
+@torch.no_grad()
+def test_the_lowest_fps_for_mrope_positions_is_exact(num_frames):
+    """The video's last temporal patch may sit 2**31 - 1 positions after its first, not one
+    more: (temporal patches - 1, or 1 for one patch) x 2 frames a patch / fps x tokens_per_second
+    2. The error names the lowest rate for this video (56x56: 4x4 patches, unlike its 1, 2, 4
+    temporal patches)."""
+    a = adapter(QWEN_PRESETS[0])
+    frames = make_frames(num_frames, 56, 56)
+    spacing = max(num_frames // 2 - 1, 1) * 2 * 2
+    lowest, below = spacing / (2**31 - 1), spacing / 2**31
+    a.prepare(frames, PROMPT_IDS, fps=lowest)
+    message = (f"fps {below:g} is too low: the video's temporal positions would reach about 2.15e+09, "
+               f"beyond the model's 2,147,483,647: sample at fps >= {lowest:.3g}")
+    with pytest.raises(HippoError, match=f"^{re.escape(message)}$"):
+        a.prepare(frames, PROMPT_IDS, fps=below)
+
+
+def test_a_llava_adapter_built_from_a_model_checks_it_and_its_preprocessing(monkeypatch):
+    from dataclasses import replace
+
+    from hippo.models.llava_onevision import LlavaOnevisionAdapter
+
+    a = adapter(LLAVA_PRESETS[0])
+    ids = (a.prompt_prefix_ids, a.prompt_suffix_ids)
+    with pytest.raises(HippoError, match="^frames are resized to 70 px but the vision tower takes 56 px$"):
+        LlavaOnevisionAdapter(a.model, a.tokenizer, replace(a.preprocess, size=70), *ids)
+    monkeypatch.setattr(a.model.config, "vision_feature_layer", 7)
+    with pytest.raises(HippoError, match="vision_feature_layer 7 does not index"):
+        LlavaOnevisionAdapter(a.model, a.tokenizer, a.preprocess, *ids)
+
+
+@pytest.mark.parametrize("name", [QWEN_PRESETS[0], LLAVA_PRESETS[0]])
+def test_a_preset_built_by_its_class_has_load_adapters_default_weights(name):
+    built = adapter_class(PRESETS[name].family).from_preset(name)
+    loaded = load_adapter(name)
+    for (key, mine), theirs in zip(built.model.state_dict().items(), loaded.model.state_dict().values()):
+        assert torch.equal(mine, theirs), key

@@ -278,16 +278,37 @@ def test_llava_preset_prompt_token_count_matches_hf_processor(name, t):
     assert adapter.prepare(frames, PROMPT_IDS).num_visual == count
 
 
-def test_llava_384px_prompt_token_count_matches_hf_processor():
-    """The released checkpoints' SigLIP (384 px, patch 14): 196 tokens a frame + 1 newline."""
+def llava_adapter_of_size(size: int) -> LlavaOnevisionAdapter:
     base = PRESETS["tiny-llava-onevision"]
-    preset = Preset("tiny-llava-384", "llava_onevision", base.text, vision_image_size=384)
+    preset = Preset(f"tiny-llava-{size}", "llava_onevision", base.text, vision_image_size=size)
     tokenizer = preset.tokenizer()
     model = build_random_model(LlavaOnevisionForConditionalGeneration, preset.llava_config(), tokenizer,
                                torch.float32, "cpu", seed=0)
-    adapter = LlavaOnevisionAdapter(model, tokenizer, preset.llava_preprocess(), list(preset.prompt_prefix_ids),
-                                    list(preset.prompt_suffix_ids))
+    return LlavaOnevisionAdapter(model, tokenizer, preset.llava_preprocess(), list(preset.prompt_prefix_ids),
+                                 list(preset.prompt_suffix_ids))
+
+
+def test_llava_384px_prompt_token_count_matches_hf_processor():
+    """The released checkpoints' SigLIP (384 px, patch 14): 196 tokens a frame + 1 newline."""
+    adapter = llava_adapter_of_size(384)
     frames = smooth_frames(2, 240, 320)
     count = hf_llava_video_token_count(frames, 384, 14)
     assert count == 2 * 196 + 1
     assert adapter_video_token_count(adapter, frames) == count
+
+
+@torch.no_grad()
+def test_llava_frames_of_a_size_beyond_whole_patches_match_hf():
+    """60 px in 14 px patches: SigLIP sees 4 x 4 patches (the 4 px left over are dropped), pooled
+    to 2 x 2, not to ceil(60 / 14 / 2) = 3 a side (384 px rounds alike either way)."""
+    adapter = llava_adapter_of_size(60)
+    frames = smooth_frames(2, 50, 70)
+    count = hf_llava_video_token_count(frames, 60, 14)
+    assert count == 2 * 4 + 1
+    assert adapter_video_token_count(adapter, frames) == count
+    prepared = adapter.prepare(frames, PROMPT_IDS)
+    assert prepared.grid == (2, 2, 2) and prepared.num_visual == count
+    reference = adapter.model(**adapter.hf_inputs(frames, PROMPT_IDS), use_cache=False).logits
+    logits = adapter.lm_head(adapter.text_model(inputs_embeds=prepared.inputs_embeds,
+                                                position_ids=prepared.position_ids).last_hidden_state)
+    torch.testing.assert_close(logits, reference, rtol=1e-5, atol=1e-5)
