@@ -737,9 +737,14 @@ def test_the_lowest_fps_for_mrope_positions_is_exact(num_frames):
     lowest, below = spacing / (2**31 - 1), spacing / 2**31
     a.prepare(frames, PROMPT_IDS, fps=lowest)
     message = (f"fps {below:g} is too low: the video's temporal positions would reach about 2.15e+09, "
-               f"beyond the model's 2,147,483,647: sample at fps >= {lowest:.3g}")
-    with pytest.raises(HippoError, match=f"^{re.escape(message)}$"):
+               f"beyond the model's 2,147,483,647: sample at fps >= ")
+    with pytest.raises(HippoError, match=f"^{re.escape(message)}") as refused:
         a.prepare(frames, PROMPT_IDS, fps=below)
+    suggested = str(refused.value).rsplit(">= ", 1)[1]
+    # three digits, rounded up (rounded down they were refused themselves), and taken
+    assert len(suggested.split("e")[0].replace(".", "")) <= 3
+    assert lowest <= float(suggested) < lowest * 1.01
+    a.prepare(frames, PROMPT_IDS, fps=float(suggested))
 
 
 def test_a_llava_adapter_built_from_a_model_checks_it_and_its_preprocessing(monkeypatch):

@@ -8,6 +8,7 @@ render a video turn; chat_format.py); tiny presets use one stand-in id each for 
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 from typing import TYPE_CHECKING
 
 import torch
@@ -127,7 +128,7 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
         lowest = max(groups - 1, 1) * self.preprocess.temporal_patch_size * per_second / MAX_POSITION
         raise HippoError(f"fps {fps:g} is too low: the video's temporal positions would reach "
                          f"about {extent:.3g}, beyond the model's {MAX_POSITION:,}: sample at "
-                         f"fps >= {lowest:.3g}")
+                         f"fps >= {_rounded_up(lowest)}")
 
     def generate_kwargs(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> dict:
         return self.hf_inputs(frames, prompt, fps)
@@ -231,3 +232,13 @@ def check_preprocess_fits_vision(preprocess: QwenVideoPreprocess, vision: Pretra
     if wrong:
         raise HippoError("the video preprocessing settings do not fit the vision tower: "
                          + "; ".join(wrong))
+
+
+def _rounded_up(value: float, digits: int = 3) -> str:
+    """`value` to `digits` significant digits, rounded up where rounding went down: a lower bound
+    rounded down would itself be refused."""
+    shown = f"{value:.{digits}g}"
+    if float(shown) < value:  # one unit more in the last digit shown
+        last = Decimal(shown)
+        shown = f"{float(last + Decimal(1).scaleb(last.adjusted() - digits + 1)):.{digits}g}"
+    return shown
