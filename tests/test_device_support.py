@@ -104,11 +104,22 @@ def uncovered_gpu(simulated_gpu):
 def test_the_runtime_runs_hf_modules_and_sdpa_where_the_kernels_do_not_run(uncovered_gpu):
     assert decoder._choose_fused(None, CUDA, SILU_TEXT_MODEL) is False
     assert decoder._choose_step_attention(None, CUDA, torch.bfloat16, 128) == "sdpa"
+    assert decoder._choose_step_attention("sdpa", CUDA, torch.bfloat16, 128) == "sdpa"
+    assert decoder._choose_fused(False, CUDA, SILU_TEXT_MODEL) is False
 
 
 def test_the_runtime_uses_the_kernels_where_they_run(simulated_gpu):
     assert decoder._choose_fused(None, CUDA, SILU_TEXT_MODEL) is True
     assert decoder._choose_step_attention(None, CUDA, torch.bfloat16, 128) == "hippo_ext"
+    # decode_attention's CUDA kernel takes bf16/fp16 and head dims 64/80/128: SDPA otherwise.
+    for dtype, head_dim in ((torch.float32, 128), (torch.float16, 96)):
+        assert decoder._choose_step_attention(None, CUDA, dtype, head_dim) == "sdpa"
+        with pytest.raises(HippoError, match="step_attention='hippo_ext' has no kernel for cuda"):
+            decoder._choose_step_attention("hippo_ext", CUDA, dtype, head_dim)
+    # On the CPU SDPA is HF's path; step_invariant asks for decode_attention's reference.
+    cpu = torch.device("cpu")
+    assert decoder._choose_step_attention(None, cpu, torch.float32, 96) == "sdpa"
+    assert decoder._choose_step_attention(None, cpu, torch.float32, 96, True) == "hippo_ext"
 
 
 def test_asking_the_runtime_for_kernels_that_do_not_run_is_an_error_with_the_reason(uncovered_gpu):

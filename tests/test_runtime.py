@@ -2,6 +2,8 @@
 its CUDA-graph path on a GPU (skipped without one)."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -229,14 +231,47 @@ def test_a_replaced_projection_is_fused_again(replaced):
     torch.testing.assert_close(outputs[0], outputs[1], atol=ATOL, rtol=0)
 
 
-def test_prefill_returns_only_last_row_by_default():
+@pytest.mark.parametrize("fused", [True, False])
+def test_prefill_returns_only_last_row_by_default(fused):
     model, _ = build("qwen2")
-    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, fused=fused)
     embeds = runtime.embed(torch.randint(0, VOCAB, (1, 7)))
     full = hf_logits(model, embeds, linear_positions(7))
     logits = runtime.prefill(embeds, linear_positions(7)).logits
     assert logits.shape == (1, 1, VOCAB)
     torch.testing.assert_close(logits, full[:, -1:], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
+def test_a_second_prefill_continues_the_cached_prefix(family, fused):
+    """A prompt prefilled in three calls, the first of a single token (the cache length known
+    on the host): each chunk attends to those before it and causally within itself, as HF's
+    forward of the whole prompt."""
+    model, positions_for = build(family)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, fused=fused)
+    embeds = runtime.embed(torch.randint(0, VOCAB, (1, 13)))
+    positions = positions_for(13)
+    expected = hf_logits(model, embeds, positions)
+    chunks = [runtime.prefill(embeds[:, start:end], positions[..., start:end],
+                              all_logits=True).logits for start, end in ((0, 1), (1, 7), (7, 13))]
+    assert runtime.length == 13
+    torch.testing.assert_close(torch.cat(chunks, 1), expected, atol=ATOL, rtol=0)
+
+
+def test_mrope_takes_one_row_of_positions_for_its_three_sections():
+    """M-RoPE position ids [B, S] serve all three sections, as HF broadcasts them: a text-only
+    prompt and its steps give the logits of [3, B, S] ids repeating that row."""
+    model, _ = build("qwen2_5_vl")
+    ids = torch.randint(0, VOCAB, (1, 12))
+    logits = {}
+    for name, positions in (("rows", linear_positions(12)),
+                            ("sections", linear_positions(12)[None].expand(3, 1, 12))):
+        runtime = LanguageModelRuntime.from_hf(model, max_seq_len=16)
+        prefill = runtime.prefill(runtime.embed(ids[:, :8]), positions[..., :8], all_logits=True)
+        step = runtime.step(ids[:, 8:12], positions[..., 8:12])
+        logits[name] = torch.cat([prefill.logits, step], dim=1)
+    torch.testing.assert_close(logits["rows"], logits["sections"], atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
@@ -518,8 +553,9 @@ def test_bad_inputs_are_clear_errors():
         runtime.prefill(embeds, mrope_positions(4))
     with pytest.raises(HippoError, match="query_len"):
         runtime.prefill(embeds, linear_positions(4), query_layers=[0], query_len=5)
-    with pytest.raises(HippoError, match="query layers"):
-        runtime.prefill(embeds, linear_positions(4), query_layers=[2], query_len=1)
+    for layer in (2, -1):  # -1 is no layer index here, not the last layer
+        with pytest.raises(HippoError, match=rf"query layers \[{layer}\] out of range 0..1"):
+            runtime.prefill(embeds, linear_positions(4), query_layers=[layer], query_len=1)
     with pytest.raises(HippoError, match="roll the KV cache forward"):
         runtime.rollback(3)
     with pytest.raises(HippoError, match="unsupported model type"):
@@ -644,8 +680,14 @@ def test_bad_prompt_inputs_are_refused_before_the_cache_moves():
         with pytest.raises(HippoError, match=message):
             runtime.prefill(bad_embeds, bad_positions)
         assert runtime.length == 0
+    for bad_batch in (2, 0):  # not broadcast, nor an error deep in the cache write
+        message = f"batch {bad_batch} does not match the runtime's batch 1"
+        with pytest.raises(HippoError, match=message):
+            runtime.prefill(embeds.expand(bad_batch, 4, 64),
+                            linear_positions(4).expand(bad_batch, 4))
+        assert runtime.length == 0
     for layers, query_len, message in [(["a"], 2, "query_layers"), (1, 2, "query_layers"),
-                                       ([0], 2.5, "query_len")]:
+                                       ([0], 2.5, "query_len"), ([0], 0, "query_len")]:
         with pytest.raises(HippoError, match=message):
             runtime.prefill(embeds, linear_positions(4), query_layers=layers, query_len=query_len)
         assert runtime.length == 0
@@ -657,6 +699,50 @@ def test_bad_prompt_inputs_are_refused_before_the_cache_moves():
                          ([[1, 2]], "input_ids must be an integer tensor")]:
         with pytest.raises(HippoError, match=message):
             runtime.embed(bad)
+
+
+def test_bad_steps_are_refused_before_the_cache_moves():
+    """A step of another batch than the runtime's, or of a token count outside 1..64
+    (decode_attention's query block), is refused with the length unchanged."""
+    model, _ = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=128)
+    runtime.prefill(runtime.embed(torch.zeros(1, 4, dtype=torch.long)), linear_positions(4))
+    with pytest.raises(HippoError, match="batch 2 does not match the runtime's batch 1"):
+        runtime.step(torch.zeros(2, 1, dtype=torch.long), linear_positions(1, 4).expand(2, 1))
+    for count in (0, 65):
+        with pytest.raises(HippoError, match=f"a step takes 1..64 tokens, got {count}"):
+            runtime.step(torch.zeros(1, count, dtype=torch.long), linear_positions(count, 4))
+    assert runtime.length == 4
+    logits = runtime.step(torch.zeros(1, 64, dtype=torch.long), linear_positions(64, 4))
+    assert logits.shape == (1, 64, VOCAB)
+
+
+def test_steps_refuse_float_ids_and_positions_before_the_cache_moves():
+    """As prefill does: float position ids were cut to integers in silence (4.7 -> 4), and
+    float token ids failed inside the embedding lookup after the cache length had advanced."""
+    model, _ = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=16)
+    runtime.prefill(runtime.embed(torch.zeros(1, 4, dtype=torch.long)), linear_positions(4))
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    for bad_ids, bad_positions, message in [
+            (ids, linear_positions(1, 4) + 0.7, "position_ids must be an integer tensor"),
+            (ids.float(), linear_positions(1, 4), "input_ids must be an integer tensor"),
+            (ids, [[4]], "position_ids must be an integer tensor")]:
+        with pytest.raises(HippoError, match=message):
+            runtime.step(bad_ids, bad_positions)
+        assert runtime.length == 4
+
+
+def test_queries_are_refused_for_a_batch_above_one():
+    """Token selection reads the queries of one prompt: a batch of two is refused, not answered
+    with row 0's queries."""
+    model, _ = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=16, batch=2)
+    embeds = runtime.embed(torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(HippoError, match="batch 1 only"):
+        runtime.prefill(embeds, linear_positions(4).expand(2, 4), query_layers=[0], query_len=2)
+    assert runtime.length == 0
+    assert runtime.prefill(embeds, linear_positions(4).expand(2, 4)).queries is None
 
 
 def test_bad_cache_lengths_and_options_are_clear_errors():
@@ -679,6 +765,8 @@ def test_bad_cache_lengths_and_options_are_clear_errors():
         allowed = "True, False or None" if option in ("fused", "use_cuda_graphs") else "True or False"
         with pytest.raises(HippoError, match=f"{option} must be {allowed}, got"):
             LanguageModelRuntime.from_hf(model, max_seq_len=8, **{option: value})
+    with pytest.raises(HippoError, match=r"unknown step_attention 'flash'; choose one of \("):
+        LanguageModelRuntime.from_hf(model, max_seq_len=8, step_attention="flash")
 
 
 def test_static_cache_layout_and_rollback():
@@ -769,16 +857,20 @@ def test_layer_keys_are_a_view_when_evenly_spaced(gen, layers, is_view):
     assert torch.equal(cache.layer_keys(layers, 11), first_row)  # row 0 by default
 
 
-def test_cpu_decode_attention_backend_matches_sdpa():
-    """The hippo_ext op on the CPU through the runtime's CUDA code path (layout, length, scale)."""
+def test_cpu_decode_attention_backend_matches_sdpa(monkeypatch):
+    """The hippo_ext op on the CPU through the runtime's CUDA code path (layout, length, scale);
+    each backend's steps run that backend (prefill runs SDPA with either)."""
     model, positions_for = build("qwen2_5_vl")
     ids = torch.randint(0, VOCAB, (1, 16))
     positions = positions_for(16)
+    assert LanguageModelRuntime.from_hf(model, max_seq_len=32).step_attention == "sdpa"  # HF's
+    calls = count_calls(monkeypatch, hippo_ext, ("decode_attention",))
     outputs = []
     for backend in ("sdpa", "hippo_ext"):
         runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, step_attention=backend)
         runtime.prefill(runtime.embed(ids[:, :10]), positions[..., :10])
         outputs.append(runtime.step(ids[:, 10:16], positions[..., 10:16]))
+        assert len(calls) == (len(runtime.layers) if backend == "hippo_ext" else 0)
     torch.testing.assert_close(outputs[1], outputs[0], atol=ATOL, rtol=0)
 
 
@@ -1062,6 +1154,9 @@ def test_step_invariant_refuses_gemm_widths_cublas_would_take():
     model = Qwen2ForCausalLM(config).eval()
     layers, head = list(model.model.layers), model.lm_head
     decoder._check_row_invariant_gemm_widths(layers, head, torch.device("cpu"))
+    even, _ = build("qwen2")  # hidden 64, intermediate 128: every K a multiple of 32
+    decoder._check_row_invariant_gemm_widths(list(even.model.layers), even.lm_head,
+                                             torch.device("cuda"))
     with pytest.raises(HippoError, match=r"multiples of 32 on CUDA .*got \[80\]"):
         decoder._check_row_invariant_gemm_widths(layers, head, torch.device("cuda"))
 
@@ -1122,6 +1217,29 @@ def test_step_invariance_refuses_ropes_that_switch_by_the_steps_largest_position
     assert (together - torch.cat(rows, 1)).abs().max() > 1e-3  # the switch shows
     with pytest.raises(HippoError, match="step_invariant=True cannot hold with rope_type"):
         LanguageModelRuntime.from_hf(model, max_seq_len=16, step_invariant=True)
+
+
+def test_rope_switches_only_where_hf_picks_frequencies_by_the_largest_position():
+    """rope_switches_within (the pipeline's lossless check) and the CUDA-graph check: a default
+    RoPE never switches, at any length; longrope switches past original_max_position_embeddings
+    (not max_position_embeddings), dynamic NTK past max_position_embeddings; CUDA graphs refuse
+    both (their frequencies are recomputed from the positions on the host)."""
+    from hippo.runtime import decoder
+    default = build("qwen2")[0].model.rotary_emb
+    assert not decoder.rope_switches_within(default, 10**9)
+    decoder._reject_dynamic_rope(default)
+    longrope = qwen2_with_rope(LONGROPE, max_positions=48).model.rotary_emb
+    assert not decoder.rope_switches_within(longrope, 12)
+    assert decoder.rope_switches_within(longrope, 13)
+    dynamic = qwen2_with_rope(DYNAMIC, max_positions=20).model.rotary_emb
+    assert not decoder.rope_switches_within(dynamic, 20)
+    assert decoder.rope_switches_within(dynamic, 21)
+    for rotary in (longrope, dynamic):
+        with pytest.raises(HippoError, match="run with use_cuda_graphs=False"):
+            decoder._reject_dynamic_rope(rotary)
+    # Without a bound to read, the switch is assumed anywhere.
+    unbounded = [SimpleNamespace(rope_type="longrope"), SimpleNamespace(rope_type="dynamic")]
+    assert all(decoder.rope_switches_within(rotary, 1) for rotary in unbounded)
 
 
 @pytest.mark.parametrize("change", ["q_proj without bias", "gate_proj with bias"])

@@ -387,6 +387,10 @@ class LanguageModelRuntime:
         With CUDA graphs the returned tensor is the graph's static output buffer: the next step
         of the same n overwrites it, so clone what must survive.
         """
+        # dtype checks only (no host sync): floats would be cut to integers, or fail in the
+        # embedding lookup once the cache length had moved.
+        check_index_tensor("input_ids", input_ids, "an integer tensor of token ids")
+        check_index_tensor("position_ids", position_ids)
         batch, count = input_ids.shape
         self._check_batch(batch)
         if not 1 <= count <= MAX_STEP_TOKENS:
