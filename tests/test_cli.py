@@ -111,6 +111,7 @@ def test_bench_tiny_writes_table_json_and_plot(capsys, tmp_path):
     assert methods == {"hf_generate", "hf_assisted", "hippo_ar", "sequential", "hippo"}
     assert all(row["matches_ar"] for row in report["rows"] if row["method"] != "hf_assisted")
     assert (tmp_path / "bench.png").stat().st_size > 1000
+    assert out.endswith(f"wrote {tmp_path / 'bench.json'} and {tmp_path / 'bench.png'}\n")
     high, low = (next(r for r in report["rows"] if r["method"] == "sequential" and r["eps"] == e)
                  for e in (0.1, 1.0))
     assert high["MAT"] > low["MAT"]  # the knob moves acceptance
@@ -237,7 +238,8 @@ def test_bench_runs_a_benchmark_set_from_a_local_copy(capsys, tmp_path, dataset)
     for row in report["rows"]:  # graded against the set's answer, not only summed
         if row.get("correct") is not None:
             assert row["correct"] == (chosen_letter(row["answer"]) == row["expected"])
-    assert "| dataset |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| question | task |" in out and "| dataset |" in out  # the rows, then the summary
 
 
 def test_bench_runs_a_question_whose_video_is_a_folder_of_frames(capsys, tmp_path, monkeypatch):
@@ -727,3 +729,274 @@ def test_tables_show_rates_over_nothing_as_n_a():
     table = markdown_table([{"method": "AR", "MAT": 1.0, "acceptance": None},
                             {"method": "HIPPO", "MAT": 2.5, "acceptance": 0.8, "speedup": 1.4}])
     assert table.splitlines()[2] == "| AR | 1.0 | n/a |  |"
+
+
+def test_generate_prints_the_text_and_a_stats_line(capsys):
+    """Without --json: the text on stdout, and one line of counts and rates on stderr (the text
+    alone can be piped on); rates over nothing (AR's acceptance) read n/a."""
+    argv = _generate("--mode", "sequential", "--gamma", "3")
+    assert main([*argv, "--json"]) == 0
+    run = json.loads(capsys.readouterr().out)
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"{run['text']}\n"
+    stats = run["stats"]
+    line = captured.err.strip()
+    assert line.startswith(f"{stats['tokens']} tokens, MAT {stats['mean_accepted_tokens']:.2f}, "
+                           f"acceptance {stats['acceptance_rate']:.2f}, "), line
+    assert "tokens/s (sequential; prefill " in line and line.endswith(" ms)"), line
+    assert main(_generate_ar()) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() and ", MAT 1.00, acceptance n/a, " in captured.err
+    assert "(ar; prefill " in captured.err
+
+
+def test_gamma_auto_is_a_draft_option(capsys, no_model_loads):
+    """--gamma auto is given like a number: taken for speculative decoding, refused with --mode
+    ar (where it would do nothing) like any other --gamma."""
+    from hippo.cli import _checked_generate_options, _parser
+
+    options = _checked_generate_options(_parser().parse_args(_generate("--gamma", "auto")))
+    assert options.gamma == "auto"
+    assert _checked_generate_options(_parser().parse_args(_generate("--gamma", "5"))).gamma == 5
+    _assert_one_line_error(capsys, _generate_ar("--gamma", "auto"),
+                           "--gamma applies only to speculative decoding")
+
+
+def test_generate_with_gamma_auto_matches_ar(capsys):
+    assert main(_generate("--json", "--gamma", "auto", "--mode", "sequential")) == 0
+    auto = json.loads(capsys.readouterr().out)["tokens"]
+    assert main(_generate_ar("--json")) == 0
+    assert auto == json.loads(capsys.readouterr().out)["tokens"]
+
+
+def test_a_target_without_a_tokenizer_is_a_one_line_error(capsys, monkeypatch):
+    """hippo generate encodes --prompt: a checkpoint without a tokenizer is named, not a
+    traceback from encoding with None."""
+    import hippo.models
+
+    load = hippo.models.load_adapter
+
+    def without_tokenizer(*args, **kwargs):
+        adapter = load(*args, **kwargs)
+        adapter.tokenizer = None
+        return adapter
+
+    monkeypatch.setattr(hippo.models, "load_adapter", without_tokenizer)
+    _assert_one_line_error(capsys, _generate_ar(), "tiny-qwen2.5-vl has no tokenizer")
+
+
+def test_defaults_of_demo_and_generate(monkeypatch):
+    """What a command runs with when an option is left out (the defaults its -h promises)."""
+    import hippo.demo
+    from hippo.models.base import HippoError
+    from hippo.pipeline import HippoPipeline
+
+    calls = []
+    monkeypatch.setattr(hippo.demo, "run_demo", lambda **kwargs: calls.append(kwargs))
+    assert main(["demo"]) == 0
+    assert calls == [dict(device=None, eps=0.1, frames=16, max_new_tokens=96)]
+
+    def recording(pipeline, video, prompt, max_new_tokens, **kwargs):
+        calls.append((pipeline.options.mode, max_new_tokens, kwargs))
+        raise HippoError("recorded")
+
+    monkeypatch.setattr(HippoPipeline, "generate", recording)
+    assert main(["generate", *PAIR, "--video", str(sample_video_path()), "--prompt", "hi"]) \
+        == EXIT_USER_ERROR
+    mode, max_new_tokens, kwargs = calls[1]
+    assert (mode, max_new_tokens) == ("parallel", 128)
+    assert kwargs == dict(num_frames=None, fps=None, start=None, end=None, temperature=0.0,
+                          top_k=None, top_p=None, seed=None)
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(capsys, monkeypatch, tmp_path):
+    """`hippo ... | head`: exit status 1, no error line, and stdout pointed at /dev/null so that
+    flushing it at exit does not fail again."""
+    import os
+
+    import hippo.info
+
+    def broken_pipe():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(hippo.info, "print_report", broken_pipe)
+    with open(tmp_path / "stdout", "w") as stdout:
+        monkeypatch.setattr(sys, "stdout", stdout)
+        saved = os.dup(stdout.fileno())
+        try:
+            assert main(["info"]) == 1
+            now, null = os.fstat(stdout.fileno()), os.stat(os.devnull)
+            assert (now.st_dev, now.st_ino) == (null.st_dev, null.st_ino)
+        finally:
+            os.dup2(saved, stdout.fileno())
+            os.close(saved)
+    assert capsys.readouterr().err == ""
+
+
+def test_an_interrupt_exits_with_status_130(capsys, monkeypatch):
+    """Ctrl-C: the shell's convention (128 + SIGINT), no traceback."""
+    import hippo.info
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hippo.info, "print_report", interrupted)
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err == ""
+
+
+def test_each_command_names_its_own_flags(capsys, monkeypatch, tmp_path):
+    """A library message's max_new_tokens is generate's --max-new-tokens (a preset bench's
+    --new-tokens), its num_frames a benchmark set run's --num-frames (generate's --frames)."""
+    from hippo.models.base import HippoError
+    from hippo.pipeline import HippoPipeline
+
+    def failing(*args, **kwargs):
+        raise HippoError("max_new_tokens and num_frames")
+
+    monkeypatch.setattr(HippoPipeline, "generate", failing)
+    _assert_one_line_error(capsys, _generate(), "error: --max-new-tokens and --frames")
+    root = _mvbench_copy(tmp_path / "mvbench")
+    argv = ["bench", "--dataset", "mvbench", "--root", str(root), "--num-frames", "2",
+            "--max-new-tokens", "40000", "--out-dir", str(tmp_path / "out")]
+    monkeypatch.undo()
+    _assert_one_line_error(capsys, argv, "ask for fewer frames (--num-frames, a lower fps")
+    from hippo.cli import _with_flag_names
+
+    # `hippo info` has no flags to name: its messages stay as they are.
+    message = "gamma failed (see above): 1 - 2"
+    assert _with_flag_names(message, {}) == message
+
+
+def test_an_error_raised_from_another_quotes_only_what_it_says(capsys, tmp_path):
+    """A HippoError raised from an OSError says what it means to (the strerror), without the
+    OSError's own text appended."""
+    taken = tmp_path / "taken.txt"
+    taken.write_text("not a folder")
+    assert main(["bench", "--preset", "tiny", "--out-dir", str(taken)]) == EXIT_USER_ERROR
+    assert capsys.readouterr().err == \
+        f"hippo bench: error: --out-dir {taken}: cannot make the folder (File exists)\n"
+
+
+def test_an_error_of_exactly_the_longest_length_is_not_cut():
+    from hippo.cli import _MAX_ERROR_CHARS, _one_line
+
+    assert _one_line(RuntimeError("x" * _MAX_ERROR_CHARS)) == "x" * _MAX_ERROR_CHARS
+    assert _one_line(RuntimeError("x" * (_MAX_ERROR_CHARS + 1))).endswith("x...")
+
+
+def test_the_draft_loads_where_it_runs(monkeypatch):
+    """The draft's model loads on --draft-device, else on the target's device (not the default
+    one: `--device cpu` on a GPU machine keeps both models on the CPU)."""
+    import hippo.models
+    from hippo.models.base import HippoError
+
+    devices = []
+
+    def recording(name, *args, device=None, **kwargs):
+        devices.append((name, device))
+        if name == PAIR[3]:  # the draft: recorded, no need to run
+            raise HippoError("recorded")
+        return load(name, *args, device=device, **kwargs)
+
+    load = hippo.models.load_adapter
+    monkeypatch.setattr(hippo.models, "load_adapter", recording)
+    assert main(_generate("--device", "cpu", "--mode", "sequential")) == EXIT_USER_ERROR
+    # cpu:1: a device other than the target's that a machine without a GPU has too.
+    assert main(_generate("--device", "cpu", "--draft-device", "cpu:1", "--mode", "sequential")) \
+        == EXIT_USER_ERROR
+    cpu = torch.device("cpu")
+    assert devices == [(PAIR[1], cpu), (PAIR[3], cpu), (PAIR[1], cpu),
+                       (PAIR[3], torch.device("cpu", 1))]
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_bench_runs_the_preset_asked_for_else_the_device_s(capsys, monkeypatch, tmp_path, gpu):
+    """No --preset: 7b with a GPU, tiny without; --preset tiny is tiny on a GPU too; the 7b
+    preset on a machine without one is one line that says so, before anything runs. (The GPU is
+    simulated: run_end_to_end records the preset it is given.)"""
+    from hippo.bench import end_to_end
+    from hippo.models.base import HippoError
+
+    ran = []
+
+    def recording(preset, **kwargs):
+        ran.append(preset)
+        raise HippoError("recorded")
+
+    monkeypatch.setattr(end_to_end, "run_end_to_end", recording)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Simulated GPU")
+    for preset in ([], ["--preset", "tiny"], ["--preset", "7b"]):
+        argv = ["bench", *preset, "--out-dir", str(tmp_path)]
+        if preset == ["--preset", "7b"] and not gpu:
+            _assert_one_line_error(capsys, argv, "the 7b preset needs a CUDA GPU; use --preset "
+                                                 "tiny on a CPU")
+            continue
+        assert main(argv) == EXIT_USER_ERROR
+        name = preset[1] if preset else ("7b" if gpu else "tiny")
+        assert ran.pop() is end_to_end.PRESETS[name]
+        assert capsys.readouterr().out.startswith(
+            f"hippo bench --preset {name}: synthetic agreement pairs (random weights; acceptance "
+            f"measured, never faked) on {'Simulated GPU' if name == '7b' else 'CPU'}\n")
+    assert ran == []
+
+
+@pytest.mark.parametrize("option", ["--target", "--draft"])
+def test_bench_checks_a_set_s_models_before_loading_them(capsys, no_model_loads, tmp_path, option):
+    _assert_one_line_error(capsys, ["bench", "--dataset", "mlvu", "--root", str(tmp_path),
+                                    option, "/no/model", "--out-dir", str(tmp_path / "out")],
+                           f"{option} /no/model: no such checkpoint directory, nor a preset")
+
+
+def test_bench_defaults(monkeypatch, tmp_path):
+    """What a preset run and a benchmark set run use when their options are left out (the
+    defaults -h promises)."""
+    from hippo.bench import dataset_runner, end_to_end
+    from hippo.bench.end_to_end import METHODS
+    from hippo.models.base import HippoError
+
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        raise HippoError("recorded")
+
+    monkeypatch.setattr(end_to_end, "run_end_to_end", recording)
+    monkeypatch.setattr(dataset_runner, "run_benchmark_set", recording)
+    assert main(["bench", "--preset", "tiny", "--out-dir", str(tmp_path)]) == EXIT_USER_ERROR
+    assert calls.pop() == dict(frames=None, eps_values=None, gamma=12, new_tokens=None,
+                               methods=METHODS, keep_ratio=0.1, gemm_prologues="none",
+                               draft_priority=False)
+    assert main(["bench", "--dataset", "mlvu", "--root", str(tmp_path), "--out-dir",
+                 str(tmp_path)]) == EXIT_USER_ERROR
+    assert calls.pop() == dict(target="tiny-qwen2.5-vl", draft="tiny-qwen2.5-vl-draft",
+                               limit=None, max_new_tokens=64, num_frames=16, keep_ratio=0.1)
+    # The bounds themselves are taken: two new tokens, the longest draft.
+    assert main(["bench", "--preset", "tiny", "--new-tokens", "2", "--gamma", "32", "--out-dir",
+                 str(tmp_path)]) == EXIT_USER_ERROR
+    assert (calls[-1]["new_tokens"], calls[-1]["gamma"]) == (2, 32)
+    # Values given reach the run as given.
+    assert main(["bench", "--preset", "tiny", "--frames", "2", "3", "--eps", "0.5", "--methods",
+                 "hippo", "--out-dir", str(tmp_path)]) == EXIT_USER_ERROR
+    assert (calls[-1]["frames"], calls[-1]["eps_values"], calls[-1]["methods"]) == \
+        ((2, 3), (0.5,), ("hippo",))
+
+
+def test_bench_json_says_what_ran_given_or_by_default(capsys, monkeypatch, tmp_path):
+    """bench.json's run is what the benchmark ran with: the values given, else the preset's
+    (the rows are faked here: only the report is under test)."""
+    from hippo.bench import end_to_end
+
+    preset = end_to_end.PRESETS["tiny"]
+    monkeypatch.setattr(end_to_end, "run_end_to_end", lambda *args, **kwargs: [])
+    assert main(["bench", "--preset", "tiny", "--out-dir", str(tmp_path)]) == 0
+    run = json.loads((tmp_path / "bench.json").read_text())["run"]
+    assert (run["frames"], run["eps"], run["new_tokens"], run["gamma"]) == \
+        (list(preset.frames), list(preset.eps), preset.new_tokens, 12)
+    argv = ["bench", "--preset", "tiny", "--frames", "2", "3", "--eps", "0.5", "--new-tokens", "7",
+            "--out-dir", str(tmp_path)]
+    assert main(argv) == 0
+    run = json.loads((tmp_path / "bench.json").read_text())["run"]
+    assert (run["frames"], run["eps"], run["new_tokens"]) == ([2, 3], [0.5], 7)
