@@ -477,6 +477,19 @@ def test_draft_length_arguments_at_their_bounds():
         DraftLength(3, mode="tree")
 
 
+def _greedy(target, prompt: torch.Tensor, new_tokens: int) -> list[int]:
+    """The target's own greedy decoding of new_tokens after prompt [1, L] (one token a step)."""
+    length = prompt.shape[1]
+    reference = LanguageModelRuntime.from_hf(target.model, length + new_tokens)
+    token = reference.prefill(reference.embed(prompt),
+                              torch.arange(length)[None]).logits[:, -1].argmax(-1)
+    tokens = [int(token)]
+    for index in range(new_tokens - 1):
+        token = reference.step(token[:, None], torch.tensor([[length + index]]))[:, -1].argmax(-1)
+        tokens.append(int(token))
+    return tokens
+
+
 @pytest.mark.parametrize("gamma", [1, 2, 5])
 @pytest.mark.parametrize("mode", MODES)
 def test_no_step_holds_a_token_past_the_request(mode, gamma):
@@ -489,13 +502,7 @@ def test_no_step_holds_a_token_past_the_request(mode, gamma):
     length = prompt.shape[1]
     positions = torch.arange(length)[None]
     for new_tokens in sorted({1, 2, gamma, gamma + 1, 12}):
-        reference = LanguageModelRuntime.from_hf(target.model, length + new_tokens)
-        token = reference.prefill(reference.embed(prompt), positions).logits[:, -1].argmax(-1)
-        expected = [int(token)]
-        for index in range(new_tokens - 1):
-            logits = reference.step(token[:, None], torch.tensor([[length + index]]))
-            token = logits[:, -1].argmax(-1)
-            expected.append(int(token))
+        expected = _greedy(target, prompt, new_tokens)
         runtimes = [LanguageModelRuntime.from_hf(model.model, length + new_tokens)
                     for model in (target, draft)]
         for runtime in runtimes:
@@ -509,19 +516,6 @@ def test_no_step_holds_a_token_past_the_request(mode, gamma):
         # The target has consumed every emitted token but the last, and nothing after it.
         assert runtimes[0].length <= length + new_tokens - 1, new_tokens
         assert decoder.stats.accepted <= decoder.stats.drafted
-
-
-def _greedy(target, prompt: torch.Tensor, new_tokens: int) -> list[int]:
-    """The target's own greedy decoding of new_tokens after prompt [1, L] (one token a step)."""
-    length = prompt.shape[1]
-    reference = LanguageModelRuntime.from_hf(target.model, length + new_tokens)
-    token = reference.prefill(reference.embed(prompt),
-                              torch.arange(length)[None]).logits[:, -1].argmax(-1)
-    tokens = [int(token)]
-    for index in range(new_tokens - 1):
-        token = reference.step(token[:, None], torch.tensor([[length + index]]))[:, -1].argmax(-1)
-        tokens.append(int(token))
-    return tokens
 
 
 @pytest.mark.parametrize("kind,seed", [("perturbed-copy", 0), ("small-draft", 1),
