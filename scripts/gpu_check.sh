@@ -12,6 +12,7 @@
 #   scripts/gpu_check.sh build gemm             # decode-width GEMMs: cuBLAS, the FMA kernel, fused ops
 #   scripts/gpu_check.sh build ncu              # Nsight Compute on decode_attention's split kernel
 #   scripts/gpu_check.sh build speculative      # HIPPO decoding: CUDA tests, time per round
+#   scripts/gpu_check.sh build speculative_tests  # ... its CUDA tests alone
 #   scripts/gpu_check.sh build e2e              # hippo demo and hippo bench --preset 7b (short sweep)
 #   scripts/gpu_check.sh build fast ptx         # ... then the CUDA tests again on PTX compiled by the
 #                                               # driver (what Blackwell runs); rebuilds: run it last
@@ -229,12 +230,13 @@ PY
       code=$?; echo "ncu exit $code"; [ $code = 0 ] || fail ncu
       grep -E "split_kernel|Duration|DRAM Throughput|Warp Cycles Per Issued|Achieved Occupancy|excessive" "$LOGS/ncu.txt" | head -60
       ;;
-    speculative)
+    speculative_tests|speculative)
       # HIPPO decoding on the GPU: its CUDA tests (graphs, two streams, bf16 near-ties, sampling
-      # distribution-exact), then time per round, sequential vs parallel, at a 7B/0.5B
-      # agreement pair with 32 frames.
+      # distribution-exact), then (`speculative` only) time per round, sequential vs parallel,
+      # at a 7B/0.5B agreement pair with 32 frames.
       run_parallel_cuda_tests "-s" test_speculative_cuda test_speculative_greedy \
         test_speculative_sampling test_preserve
+      [ "$phase" = speculative ] || { echo "=== $phase took $((SECONDS - started)) s"; pack; continue; }
       PYTHONPATH=python:. timeout "${SPECULATIVE_TIMEOUT:-400}" $PY benchmarks/bench_speculative.py --preset 7b \
         --json "$LOGS/speculative.json" ${SPECULATIVE_ARGS:-} 2>&1 | tee "$LOGS/speculative.md" | tail -30 \
         || fail speculative

@@ -31,7 +31,7 @@ def test_the_script_parses():
 def test_every_file_with_cuda_tests_runs_in_fast_or_speculative():
     """`-m cuda` in those two phases is the only GPU run most CUDA tests get: a test file they do
     not name is never run on a GPU (test_preprocess_vs_hf's and test_pipeline's were not)."""
-    named = set(re.findall(r"\btest_\w+", _phase("fast") + _phase("speculative")))
+    named = set(re.findall(r"\btest_\w+", _phase("fast") + _phase("speculative_tests|speculative")))
     for name in named:
         assert (ROOT / "tests" / f"{name}.py").exists(), f"gpu_check.sh names {name}, which is gone"
     collected = subprocess.run(
