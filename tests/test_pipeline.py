@@ -566,6 +566,12 @@ def test_a_generation_failing_mid_way_leaves_the_next_one_as_on_a_fresh_pipeline
     again = pipeline.generate_prepared(*prompts, 12, sampling, None)
     assert again.tokens == expected.tokens
     keys = ("tokens", "rounds", "target_steps", "draft_steps", "drafted", "accepted", "gammas")
+    if mode == "parallel" and device == "cuda":
+        # How many draft steps a pre-verify round takes before the host sees its first draft
+        # rejected depends on timing on a GPU (two fresh pipelines differ too): bounds only.
+        keys = tuple(key for key in keys if key != "draft_steps")
+        gammas = again.stats.gammas  # each drafting round takes its first step at least
+        assert sum(g > 0 for g in gammas) <= again.stats.draft_steps <= sum(gammas)
     assert [getattr(again.stats, key) for key in keys] == \
         [getattr(expected.stats, key) for key in keys]
 

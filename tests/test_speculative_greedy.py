@@ -34,17 +34,21 @@ def test_greedy_equals_target_autoregressive(device, family, kind, seed, num_fra
     target, draft = make_pair(family, kind, seed, device)
     frames = sample_frames(family, num_frames)
     expected = _autoregressive(target, frames)
-    accepted = drafted = 0
+    accepted, drafted = dict.fromkeys(MODES, 0), dict.fromkeys(MODES, 0)
     for keep, gamma, mode, prefill in itertools.product(KEEP_RATIOS, GAMMAS, MODES,
                                                         DRAFT_PREFILLS):
         out = make_pipeline(target, draft, mode, gamma, keep, prefill).generate(
             frames, PROMPT, MAX_NEW_TOKENS)
         assert out.tokens == expected, (keep, gamma, mode, prefill)
         assert out.stats.tokens == len(expected)
-        accepted += out.stats.accepted
-        drafted += out.stats.drafted
-    # The pair must exercise acceptance and rejection both, not one path only.
-    assert 0.05 * drafted < accepted < 0.95 * drafted, (accepted, drafted)
+        accepted[mode] += out.stats.accepted
+        drafted[mode] += out.stats.drafted
+    # The pair must exercise acceptance and rejection both, in each mode, not one path only.
+    for mode in MODES:
+        assert 0 < accepted[mode] < drafted[mode], (mode, accepted, drafted)
+    if device == "cpu":  # the pairs' agreement was set on the CPU: about half the drafts pass
+        total_accepted, total_drafted = sum(accepted.values()), sum(drafted.values())
+        assert 0.05 * total_drafted < total_accepted < 0.95 * total_drafted, (accepted, drafted)
 
 
 @pytest.mark.parametrize("mode", MODES)
