@@ -8,7 +8,8 @@ Qwen2ForCausalLM models, prefills a context of each requested length and times w
     replay followed by a rollback to the context length (one tiny fill kernel);
   * the same steps under the runtime options in VARIANTS (skinny_gemm and step_invariant, each
     with skinny_linear's tensor-core and FMA kernels; the defaults switched off one at a time:
-    programmatic dependent launch, decode_attention's eight-warp blocks and wide registers;
+    programmatic dependent launch, the decode steps' GEMMs on the FMA kernel (fma_decode),
+    decode_attention's eight-warp blocks and wide registers;
     decode_attention's fused merge; the decode steps' GEMMs on the FMA kernel with the norms,
     gating and RoPE inside them, with and without the fused merge; HF's modules), each its own
     runtime on the same weights;
@@ -70,6 +71,8 @@ VARIANTS = {
     "step_invariant fma": Variant(dict(step_invariant=True), FMA),
     # the default's programmatic dependent launch of hippo_ext kernels turned off
     "no PDL": Variant({}, (("HIPPO_PDL", "0"),)),
+    # the decode steps' GEMMs on cuBLAS (the default's fma_decode runs them on the FMA kernel)
+    "cuBLAS decode": Variant(dict(fma_decode=False)),
     # verify steps' attention in four-warp blocks (the default runs eight for 2+ row tiles)
     "attention 4 warps": Variant({}, (("HIPPO_DECODE_ATTENTION_WARPS", "4"),)),
     # the split kernel under its narrower launch bounds (the default opens the register file)

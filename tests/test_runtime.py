@@ -12,7 +12,7 @@ from hippo.models.base import HippoError, PreparedPrompt
 from hippo_testing import chi_square, chi_square_critical, requires_cuda
 from hippo.runtime import (LanguageModelRuntime, StaticKVCache, choose_next_token,
                            generate_autoregressive, warp_logits)
-from hippo.runtime.decoder import GEMM_PROLOGUE_MAX_ROWS, GEMM_PROLOGUE_OPS
+from hippo.runtime.decoder import FMA_GEMM_MAX_ROWS, GEMM_PROLOGUE_OPS
 
 VOCAB = 512
 ATOL = 2e-5
@@ -952,8 +952,11 @@ def step_logits(model, positions_for, device, **options) -> torch.Tensor:
 # Runtime options that change which kernels run, not what they compute (on the CPU
 # skinny_linear's reference sums in its own order, so within fp32 rounding): skinny_linear for
 # the GEMMs; the norms and gating inside the GEMMs (in the single-token steps).
+# fma_decode: every GEMM of the single-token steps on skinny_linear's FMA kernel (the CUDA
+# default, so asked for and refused both).
 KERNEL_OPTIONS = {"skinny_gemm": dict(skinny_gemm=True),
-                  "gemm_prologues": dict(gemm_prologues=True)}
+                  "gemm_prologues": dict(gemm_prologues=True),
+                  "fma_decode": dict(fma_decode=True), "no fma_decode": dict(fma_decode=False)}
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[requires_cuda,
@@ -998,7 +1001,7 @@ def count_fma_gemms(monkeypatch) -> list[str]:
 
 @pytest.mark.parametrize("gemm_prologues,batch", [(False, 1), (True, 1), (True, 2)])
 def test_gemm_prologues_run_in_decode_steps_only(monkeypatch, gemm_prologues, batch):
-    """The fused GEMM ops serve steps of up to GEMM_PROLOGUE_MAX_ROWS rows, batch x tokens
+    """The fused GEMM ops serve steps of up to FMA_GEMM_MAX_ROWS rows, batch x tokens
     (their kernel's cost grows with the rows): every layer's q/k/v (the first adding a zero
     residual), gate/up and down GEMM; o_proj and the output head then take their FMA kernel
     too. Wider steps, batched ones included, and prefill keep the ops apart around cuBLAS, as
@@ -1011,17 +1014,72 @@ def test_gemm_prologues_run_in_decode_steps_only(monkeypatch, gemm_prologues, ba
     runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, batch=batch,
                                            gemm_prologues=gemm_prologues)
     runtime.prefill(runtime.embed(ids[:, :20]), positions[..., :20])
-    wide = GEMM_PROLOGUE_MAX_ROWS + 1
+    wide = FMA_GEMM_MAX_ROWS + 1
     runtime.step(ids[:, 20:20 + wide], positions[..., 20:20 + wide])
     assert calls == [] and fma_gemms == []
     start = 20 + wide
     runtime.step(ids[:, start:start + 1], positions[..., start:start + 1])
     layers = len(runtime.layers)
-    narrow = batch <= GEMM_PROLOGUE_MAX_ROWS
+    narrow = batch <= FMA_GEMM_MAX_ROWS
     expected = {"qkv_projection": layers, "add_rms_norm_linear": layers,
                 "silu_and_mul_linear": layers} if gemm_prologues and narrow else {}
     assert {name: calls.count(name) for name in set(calls)} == expected
     assert len(fma_gemms) == (layers + 1 if gemm_prologues and narrow else 0)  # o_proj, head
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fma_decode_runs_every_gemm_of_decode_steps_on_the_fma_kernel(monkeypatch, batch):
+    """fma_decode: the q/k/v, o_proj, gate/up and down GEMMs of every layer and the output head
+    take skinny_linear's FMA kernel in steps of up to FMA_GEMM_MAX_ROWS rows (batch x tokens),
+    cuBLAS in wider steps (batched decode steps too) and in prefill, with no prologue op."""
+    model, positions_for = build("qwen2")
+    ids = torch.randint(0, VOCAB, (batch, 30))
+    positions = torch.cat([positions_for(30)] * batch, dim=-2)
+    prologue_ops = count_calls(monkeypatch, hippo_ext, GEMM_PROLOGUE_OPS)
+    fma_gemms = count_fma_gemms(monkeypatch)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, batch=batch, fma_decode=True)
+    assert runtime.fma_decode and runtime.replica().fma_decode
+    runtime.prefill(runtime.embed(ids[:, :20]), positions[..., :20])
+    wide = FMA_GEMM_MAX_ROWS + 1
+    runtime.step(ids[:, 20:20 + wide], positions[..., 20:20 + wide])
+    assert fma_gemms == []
+    start = 20 + wide
+    runtime.step(ids[:, start:start + 1], positions[..., start:start + 1])
+    narrow = batch <= FMA_GEMM_MAX_ROWS
+    assert len(fma_gemms) == (4 * len(runtime.layers) + 1 if narrow else 0)
+    assert prologue_ops == []
+
+
+def test_fma_decode_is_a_cuda_default_where_no_other_option_picks_the_gemms():
+    """On by default for CUDA's fused path only (on the CPU skinny_linear's reference is slower
+    than BLAS); asked for beside an option that picks the GEMMs itself, or without the fused
+    path, an error naming both."""
+    model, _ = build("qwen2")
+    assert not LanguageModelRuntime.from_hf(model, max_seq_len=32).fma_decode
+    assert LanguageModelRuntime.from_hf(model, max_seq_len=32, fma_decode=True).fma_decode
+    for options, conflict in ((dict(fused=False), "fused"),
+                              (dict(skinny_gemm=True), "skinny_gemm"),
+                              (dict(gemm_prologues=True), "gemm_prologues"),
+                              (dict(step_invariant=True, step_attention="hippo_ext"),
+                               "step_invariant")):
+        with pytest.raises(HippoError, match=f"fma_decode=True.*{conflict}"):
+            LanguageModelRuntime.from_hf(model, max_seq_len=32, fma_decode=True, **options)
+        assert not LanguageModelRuntime.from_hf(model, max_seq_len=32, **options).fma_decode
+    with pytest.raises(HippoError, match="fma_decode"):
+        LanguageModelRuntime.from_hf(model, max_seq_len=32, fma_decode="yes")
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("options,expected", [(dict(), True), (dict(fma_decode=False), False),
+                                              (dict(skinny_gemm=True), False),
+                                              (dict(gemm_prologues=True), False),
+                                              (dict(fused=False), False)])
+def test_cuda_fma_decode_by_default(options, expected):
+    model, _ = build("qwen2")
+    model = model.to(device="cuda", dtype=torch.bfloat16)
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, **options)
+    assert runtime.fma_decode == expected
 
 
 def test_gemm_prologues_need_the_fused_path_and_no_step_invariance():

@@ -35,6 +35,7 @@ class RuntimeOptions(TypedDict, total=False):
     step_attention: str | None
     fused: bool | None
     skinny_gemm: bool
+    fma_decode: bool | None
     gemm_prologues: bool
     step_invariant: bool
 
@@ -55,8 +56,10 @@ GEMM_PROLOGUE_OPS = ("qkv_projection", "add_rms_norm_linear", "silu_and_mul_line
 # batched decode steps, prefill of more than one token) run the norms, gating and RoPE apart
 # around cuBLAS. The ops' CUDA kernel does plain FMAs whose cost grows with every row, where
 # cuBLAS's stays flat up to 17 rows: with it, a 5-token verify step of the 0.5B model took 2.2x
-# as long as with cuBLAS (H200, 2026-11-27).
-GEMM_PROLOGUE_MAX_ROWS = 1
+# as long as with cuBLAS (H200, 2026-11-27). fma_decode's GEMMs take the FMA kernel in the same
+# steps: one row, where it beat cuBLAS (H200, 2026-11-28: 0.5B decode step 0.76 ms against 0.98,
+# 7B 4.22 against 4.57; verify steps of 5 and 9 tokens 1.2-2.8x slower).
+FMA_GEMM_MAX_ROWS = 1
 
 # attend(layer index, post-RoPE queries [B, S, Hq, D]) -> attention output [B, S, Hq * D]
 AttendFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -180,7 +183,7 @@ class LanguageModelRuntime:
         gemm_prologues: run each layer's add_rms_norm before the q/k/v and gate/up GEMMs and
             silu_and_mul before the down GEMM inside those GEMMs, and RoPE with the cache
             append after the q/k/v GEMM (hippo_ext.qkv_projection, add_rms_norm_linear,
-            silu_and_mul_linear), in steps of up to GEMM_PROLOGUE_MAX_ROWS (batch x tokens)
+            silu_and_mul_linear), in steps of up to FMA_GEMM_MAX_ROWS (batch x tokens)
             rows, i.e. decode steps: on CUDA they then run four kernels fewer per layer, on
             skinny_linear's FMA kernel, whose cost grows with the rows (wider steps keep the
             ops apart around cuBLAS); HF's rounding, though not bit for bit the default path's
@@ -194,6 +197,15 @@ class LanguageModelRuntime:
             path; opt-in: slower than the default on an H200 (2026-11-27), before the FMA
             kernel's loads were pipelined and K sliced among its warps, and with o_proj and the
             head on cuBLAS.
+        fma_decode: run every GEMM of a decode step (FMA_GEMM_MAX_ROWS rows, batch x tokens) on
+            skinny_linear's FMA kernel, wider steps on cuBLAS: on an H200 it took 23% off a
+            0.5B decode step and 8% off a 7B one (2026-11-28), where it loses at verify widths.
+            None (the default): on for CUDA models on the fused path without skinny_gemm,
+            step_invariant or gemm_prologues (which choose their GEMMs themselves), off
+            otherwise (on the CPU, skinny_linear's reference is slower than BLAS). True asks
+            for it (an error where it cannot run, e.g. beside skinny_gemm); False: cuBLAS.
+            A decode step's logits then round as the FMA kernel's dot products do, not as
+            cuBLAS's (they were another cuBLAS kernel's than a verify step's before too).
         step_invariant: make a step's logits for each token independent of how many tokens the
             step holds (up to STEP_INVARIANT_MAX_TOKENS = 32 rows of batch x tokens, 16 with
             HIPPO_SKINNY_KERNEL=fma; larger steps are refused), bit
@@ -210,9 +222,10 @@ class LanguageModelRuntime:
     def __init__(self, text_model: nn.Module, lm_head: nn.Module, max_seq_len: int,
                  batch: int = 1, *, use_cuda_graphs: bool | None = None,
                  step_attention: str | None = None, fused: bool | None = None,
-                 skinny_gemm: bool = False, gemm_prologues: bool = False,
-                 step_invariant: bool = False) -> None:
-        for name, value in (("use_cuda_graphs", use_cuda_graphs), ("fused", fused)):
+                 skinny_gemm: bool = False, fma_decode: bool | None = None,
+                 gemm_prologues: bool = False, step_invariant: bool = False) -> None:
+        for name, value in (("use_cuda_graphs", use_cuda_graphs), ("fused", fused),
+                            ("fma_decode", fma_decode)):
             check_flag(name, value, allow_none=True)
         for name, value in (("skinny_gemm", skinny_gemm), ("gemm_prologues", gemm_prologues),
                             ("step_invariant", step_invariant)):
@@ -264,10 +277,12 @@ class LanguageModelRuntime:
         if skinny_gemm and not use_fused:
             raise HippoError("skinny_gemm=True needs the fused layer path (fused=True)")
         self.skinny_gemm = skinny_gemm
+        self.fma_decode: bool = _choose_fma_decode(fma_decode, self.device, use_fused,
+                                                   skinny_gemm, gemm_prologues)
         # Split-K semaphores of skinny_linear: one workspace per runtime, hence per stream.
         self._gemm_workspace = (
             hippo_ext.skinny_linear_workspace(_widest_output(self.layers, lm_head), self.device)
-            if skinny_gemm or gemm_prologues else None)
+            if skinny_gemm or gemm_prologues or self.fma_decode else None)
         # The first layer's residual in a step that runs the prologue ops (one row: B = S = 1).
         self._zero_residual = (
             torch.zeros(1, 1, weight.shape[1], dtype=self.dtype, device=self.device)
@@ -309,7 +324,8 @@ class LanguageModelRuntime:
             self.text_model, self.lm_head, self.cache.max_seq_len, self.cache.batch,
             use_cuda_graphs=use_cuda_graphs, step_attention=self.step_attention,
             fused=self.fused is not None, skinny_gemm=self.skinny_gemm,
-            gemm_prologues=self.gemm_prologues, step_invariant=self.step_invariant)
+            fma_decode=self.fma_decode, gemm_prologues=self.gemm_prologues,
+            step_invariant=self.step_invariant)
 
     # ----------------------------------------------------------------------------- public API
 
@@ -483,29 +499,29 @@ class LanguageModelRuntime:
         cache, and returns the attention output [B, S, Hq * D]."""
         if self.fused is None:
             return self.lm_head(self._run_hf_layers(hidden, cos, sin, attend, last_only))
-        prologues = self._runs_gemm_prologues(hidden)  # one choice for the whole step
+        gemms = self._step_gemms(hidden)  # one choice for the whole step
         residual = None
         for index in range(len(self.layers)):
             hidden, residual = self._fused_layer(index, hidden, residual, cos, sin, attend,
-                                                 prologues)
+                                                 gemms)
         if last_only:
             hidden, residual = hidden[:, -1:].contiguous(), residual[:, -1:].contiguous()
         # The final norm stays apart from the output head even with the prologue ops: the head's
         # thousands of blocks would each redo the norm's row reduction.
         norm = self.text_model.norm
         normed = hippo_ext.add_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)[0]
-        return self._linear(normed, self.lm_head.weight, self.lm_head.bias, prologues)
+        return self._linear(normed, self.lm_head.weight, self.lm_head.bias, gemms)
 
     def _fused_layer(self, index: int, delta: torch.Tensor, residual: torch.Tensor | None,
                      cos: torch.Tensor, sin: torch.Tensor, attend: AttendFn,
-                     prologues: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     gemms: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One decoder layer as four hippo_ext ops, four GEMMs and the attention, with HF's
-        arithmetic (with `prologues`, the norms, gating and RoPE inside the GEMMs). The residual
-        stream is carried beside the layer's output `delta` so that each residual add fuses into
-        the next RMSNorm. Returns (delta, residual)."""
+        arithmetic (with gemms "prologues", the norms, gating and RoPE inside the GEMMs). The
+        residual stream is carried beside the layer's output `delta` so that each residual add
+        fuses into the next RMSNorm. Returns (delta, residual)."""
         layer, fused = self.layers[index], self.fused[index]
         norm = layer.input_layernorm
-        if prologues:  # norm, q/k/v GEMM, RoPE and the cache append: one op
+        if gemms == "prologues":  # norm, q/k/v GEMM, RoPE and the cache append: one op
             # The first layer's input is the embedding itself: rms_norm(x) is exactly
             # add_rms_norm(x, 0), and the residual stream it returns is x.
             q, residual = hippo_ext.qkv_projection(
@@ -515,23 +531,28 @@ class LanguageModelRuntime:
         elif residual is None:  # the first layer: its input is the embedding itself
             residual = delta
             normed = hippo_ext.rms_norm(delta, norm.weight, norm.variance_epsilon)
-            q = self._rotary_append(self._linear(normed, fused.qkv_weight, fused.qkv_bias),
-                                    cos, sin, index)
+            q = self._rotary_append(
+                self._linear(normed, fused.qkv_weight, fused.qkv_bias, gemms), cos, sin, index)
         else:
             qkv, residual = self._norm_linear(delta, residual, norm, fused.qkv_weight,
-                                              fused.qkv_bias, prologues=False)
+                                              fused.qkv_bias, gemms)
             q = self._rotary_append(qkv, cos, sin, index)
         o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
-        delta = self._linear(attend(index, q), o_proj.weight, o_proj.bias, prologues)
+        delta = self._linear(attend(index, q), o_proj.weight, o_proj.bias, gemms)
         gate_up, residual = self._norm_linear(delta, residual, layer.post_attention_layernorm,
-                                              fused.gate_up_weight, None, prologues)
-        return self._gated_linear(gate_up, down_proj.weight, down_proj.bias, prologues), residual
+                                              fused.gate_up_weight, None, gemms)
+        return self._gated_linear(gate_up, down_proj.weight, down_proj.bias, gemms), residual
 
-    def _runs_gemm_prologues(self, hidden: torch.Tensor) -> bool:
-        """Whether this step ([B, S, hidden] input) runs the GEMM prologue ops, and its other
-        GEMMs (o_proj, the output head) on their FMA kernel: with gemm_prologues, in steps of
-        up to GEMM_PROLOGUE_MAX_ROWS rows."""
-        return self.gemm_prologues and hidden.shape[0] * hidden.shape[1] <= GEMM_PROLOGUE_MAX_ROWS
+    def _step_gemms(self, hidden: torch.Tensor) -> str:
+        """How this step ([B, S, hidden] input) runs its GEMMs: "prologues" (the GEMM prologue
+        ops, the other GEMMs on the FMA kernel) with gemm_prologues, and "fma" (every GEMM on
+        skinny_linear's FMA kernel) with fma_decode, in steps of up to FMA_GEMM_MAX_ROWS rows;
+        "default" (cuBLAS, or skinny_linear's own choice with skinny_gemm) otherwise."""
+        if hidden.shape[0] * hidden.shape[1] > FMA_GEMM_MAX_ROWS:
+            return "default"
+        if self.gemm_prologues:
+            return "prologues"
+        return "fma" if self.fma_decode else "default"
 
     def _rotary_append(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        index: int) -> torch.Tensor:
@@ -541,29 +562,30 @@ class LanguageModelRuntime:
 
     def _norm_linear(self, delta: torch.Tensor, residual: torch.Tensor, norm: nn.Module,
                      weight: torch.Tensor, bias: torch.Tensor | None,
-                     prologues: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                     gemms: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(the GEMM of RMSNorm(delta + residual), delta + residual): one op with the GEMM
         prologues, add_rms_norm then the GEMM otherwise."""
-        if prologues:
+        if gemms == "prologues":
             return hippo_ext.add_rms_norm_linear(delta, residual, norm.weight,
                                                  norm.variance_epsilon, weight, bias)
         normed, residual = hippo_ext.add_rms_norm(delta, residual, norm.weight,
                                                   norm.variance_epsilon)
-        return self._linear(normed, weight, bias), residual
+        return self._linear(normed, weight, bias, gemms), residual
 
     def _gated_linear(self, gate_up: torch.Tensor, weight: torch.Tensor,
-                      bias: torch.Tensor | None, prologues: bool) -> torch.Tensor:
+                      bias: torch.Tensor | None, gemms: str) -> torch.Tensor:
         """The down projection of the SwiGLU gating of gate_up [..., 2I]: one op with the GEMM
         prologues."""
-        if prologues:
+        if gemms == "prologues":
             return hippo_ext.silu_and_mul_linear(gate_up, weight, bias)
-        return self._linear(hippo_ext.silu_and_mul(gate_up), weight, bias)
+        return self._linear(hippo_ext.silu_and_mul(gate_up), weight, bias, gemms)
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                prologues: bool = False) -> torch.Tensor:
-        """A GEMM of the fused path: in a step that runs the GEMM prologue ops, skinny_linear's
-        FMA kernel, as theirs; otherwise cuBLAS, or skinny_linear with skinny_gemm=True."""
-        if prologues:
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                gemms: str) -> torch.Tensor:
+        """A GEMM of the fused path: skinny_linear's FMA kernel in a step whose GEMMs take it
+        (gemms "fma", or "prologues", as the prologue ops'); otherwise cuBLAS, or
+        skinny_linear with skinny_gemm=True."""
+        if gemms != "default":
             return hippo_ext.skinny_linear(x, weight, bias, workspace=self._gemm_workspace,
                                            impl="fma")
         if not self.skinny_gemm:
@@ -797,6 +819,24 @@ def _choose_fused(requested: bool | None, device: torch.device, text_model: nn.M
     if requested and reason is not None:
         raise HippoError(f"fused=True cannot run: {reason}; use fused=False")
     return reason is None if requested is None else requested
+
+
+def _choose_fma_decode(requested: bool | None, device: torch.device, fused: bool,
+                       skinny_gemm: bool, gemm_prologues: bool) -> bool:
+    """fma_decode: on CUDA's fused path by default, where no other option picks the GEMMs;
+    asked for where one does (or without the fused path), an error."""
+    conflict = ("skinny_gemm" if skinny_gemm else "gemm_prologues" if gemm_prologues
+                else None)
+    if requested:
+        if not fused:
+            raise HippoError("fma_decode=True needs the fused layer path (fused=True)")
+        if conflict is not None:
+            raise HippoError(f"fma_decode=True cannot be combined with {conflict}=True (or "
+                             "step_invariant=True): that option chooses the GEMMs itself")
+        return True
+    if requested is None:
+        return device.type == "cuda" and fused and conflict is None
+    return False
 
 
 def _reject_unsupported_attention(text_model: nn.Module) -> None:
