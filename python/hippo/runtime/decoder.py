@@ -194,9 +194,8 @@ class LanguageModelRuntime:
             (skinny_linear(impl="fma")), so that a decode step runs hippo_ext kernels only,
             five per layer with decode_attention's fused merge, which programmatic dependent
             launch overlaps. Needs the fused layer
-            path; opt-in: slower than the default on an H200 (2026-11-27), before the FMA
-            kernel's loads were pipelined and K sliced among its warps, and with o_proj and the
-            head on cuBLAS.
+            path; opt-in: slower than the default (fma_decode) on an H200, 2026-11-28: 0.5B
+            decode step 0.87 against 0.75 ms, 7B 5.86 against 4.29.
         fma_decode: run every GEMM of a decode step (FMA_GEMM_MAX_ROWS rows, batch x tokens) on
             skinny_linear's FMA kernel, wider steps on cuBLAS: on an H200 it took 23% off a
             0.5B decode step and 8% off a 7B one (2026-11-28), where it loses at verify widths.
