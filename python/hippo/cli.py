@@ -78,7 +78,7 @@ def check_model_source(option: str, source: str | None) -> None:
 
 def add_gemm_prologues_argument(parser: argparse.ArgumentParser, default: str | None = "none") -> None:
     """--gemm-prologues: which runtimes run the norms, gating and RoPE inside their GEMMs
-    (HippoOptions.gemm_prologues; opt-in kernels, measured slower on an H200: 2026-11-27,
+    (HippoOptions.gemm_prologues; opt-in kernels, measured slower on an H200: 2026-11-28,
     benchmarks/RESULTS.md)."""
     parser.add_argument("--gemm-prologues", choices=("none", "draft", "both"), default=default,
                         help="runtimes with the norms, gating and RoPE inside the GEMMs of their "
