@@ -352,6 +352,10 @@ OUT_OF_RANGE_CONFIGS = {  # (family, edit, what the error says)
     "qwen_heads_not_a_multiple_of_kv_heads": (
         "qwen", _set("text_config", "num_key_value_heads", 3),
         "num_attention_heads (4) must be a positive multiple of num_key_value_heads (3)"),
+    # transformers' model construction divided by it (a ZeroDivisionError quoted).
+    "llava_no_kv_heads": ("llava", _set("text_config", "num_key_value_heads", 0),
+                          "num_attention_heads (4) must be a positive multiple of "
+                          "num_key_value_heads (0)"),
     "qwen_context_of_no_position": ("qwen", _set("text_config", "max_position_embeddings", 0),
                                     "max_position_embeddings must be a positive integer"),
     # transformers' own error is a bare KeyError: 'nonsense'.

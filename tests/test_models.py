@@ -581,6 +581,7 @@ def _text_config(**values):
     ({"num_key_value_heads": 8}, r"num_attention_heads \(4\) must be a positive multiple"),
     ({"num_attention_heads": -4}, r"num_attention_heads \(-4\) must be"),
     ({"num_key_value_heads": -2}, r"num_attention_heads \(4\) must be .* \(-2\)"),
+    ({"num_key_value_heads": 0}, r"num_attention_heads \(4\) must be .* \(0\)"),
     ({"num_attention_heads": 4.0}, r"num_attention_heads \(4.0\) must be"),
     ({"num_key_value_heads": 2.0}, r"num_attention_heads \(4\) must be .* \(2.0\)"),
     ({"num_attention_heads": None, "num_key_value_heads": None}, r"num_attention_heads \(None\) must be"),

@@ -343,11 +343,15 @@ class VideoLLMAdapter:
 
 
 def check_text_config(model: torch.nn.Module) -> None:
-    """Values of the language model's config that would load, then fail in the first prompt:
-    grouped-query attention shares each kv head among num_attention_heads / num_key_value_heads
-    query heads (the counts must divide), and a context of max_position_embeddings positions
-    must hold at least one."""
-    config = model.model.language_model.config
+    """check_text_config_values on the language model's config."""
+    check_text_config_values(model.model.language_model.config)
+
+
+def check_text_config_values(config: object) -> None:
+    """Values of a language model's config that would load, then fail in the first prompt (or,
+    for a kv head count of 0, in transformers' model construction): grouped-query attention
+    shares each kv head among num_attention_heads / num_key_value_heads query heads (the counts
+    must divide), and a context of max_position_embeddings positions must hold at least one."""
     limit = getattr(config, "max_position_embeddings", None)
     if limit is not None and not (is_int(limit) and limit > 0):
         raise HippoError(f"config.json: max_position_embeddings must be a positive integer (the "
@@ -357,7 +361,9 @@ def check_text_config(model: torch.nn.Module) -> None:
                             or not math.isfinite(eps) or eps < 0):
         raise HippoError(f"config.json: rms_norm_eps must be a finite number >= 0, got {eps!r}")
     heads = getattr(config, "num_attention_heads", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if kv_heads is None:  # transformers' rule: as many as the query heads
+        kv_heads = heads
     if not (is_int(heads) and is_int(kv_heads) and heads > 0 and kv_heads > 0 and heads % kv_heads == 0):
         raise HippoError(f"config.json: num_attention_heads ({heads}) must be a positive multiple of "
                          f"num_key_value_heads ({kv_heads})")
@@ -653,6 +659,8 @@ def load_local_model(model_class: type[torch.nn.Module], path: str, dtype: torch
         with transformers_quiet():
             with errors_prefixed(path):
                 check_activations_known(config)
+                # Before the skeleton: a kv head count of 0 fails inside its construction.
+                check_text_config_values(config.get_text_config())
             with torch.device("meta"):
                 skeleton = model_class(config)
             # What config.json says wrongly first, then whether it fits the weights at all.
