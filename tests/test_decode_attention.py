@@ -566,6 +566,7 @@ BAD_INPUTS = {
     "dtype_mismatch": (lambda a: {**a, "query": a["query"].double()}, "dtype|float"),
     "non_contiguous_cache": (lambda a: {**a, "cache": a["cache"].transpose(4, 5)}, "contiguous"),
     "cache_wrong_dims": (lambda a: {**a, "cache": a["cache"][0]}, "cache"),
+    "cache_3d": (lambda a: {**a, "cache": a["cache"][0, 0, 0]}, "cache must have 6 dimensions"),
     "query_wrong_dims": (lambda a: {**a, "query": a["query"][0]}, "query"),
     "heads_not_multiple": (lambda a: {**a, "query": a["query"][:, :, :3]}, "multiple"),
     "head_dim_mismatch": (lambda a: {**a, "query": a["query"][..., :32]}, "head dim"),
@@ -632,6 +633,61 @@ def test_cpu_checks_lengths_even_without_wrapper_check():
     args = _good("cpu")
     with pytest.raises(RuntimeError, match="length"):
         _call({**args, "length": args["length"].clone().fill_(9), "check": False})
+
+
+def _with_wrapper_checks(monkeypatch):
+    """The host-side checks the wrapper runs for CUDA tensors, run on the CPU too (where the C++
+    op would otherwise check first, with its own message)."""
+    import hippo_ext.attention as module
+
+    monkeypatch.setattr(module, "wants_value_check", lambda tensor, check: check)
+
+
+@pytest.mark.parametrize("lengths", [[5, 2], [9, 3]])  # below Lq = 3, beyond S_max = 8
+def test_wrapper_length_check(monkeypatch, lengths):
+    _with_wrapper_checks(monkeypatch)
+    args = _good("cpu")
+    with pytest.raises(RuntimeError, match=r"length values must lie in \[3, 9\), got min"):
+        _call({**args, "length": torch.tensor(lengths)})
+    with pytest.raises(RuntimeError, match=r"must lie in \[Lq, S_max\]"):  # check=False: the op's
+        _call({**args, "length": torch.tensor(lengths), "check": False})
+    _call({**args, "length": torch.tensor([8, 3])})  # the bounds Lq and S_max pass
+
+
+# Bad shapes with out-of-range lengths too: the op's own message, not the length check's, which
+# would read its bounds from the wrong dimensions.
+@pytest.mark.parametrize("make_bad, message", [
+    (lambda a: {**a, "query": a["query"][0]}, "query must have 4 dimensions"),
+    (lambda a: {**a, "cache": a["cache"][0, 0]}, "cache must have 6 dimensions"),
+    (lambda a: {**a, "length": a["length"].float()}, "length must be int32 or int64"),
+])
+def test_wrapper_length_check_leaves_bad_shapes_to_the_op(monkeypatch, make_bad, message):
+    _with_wrapper_checks(monkeypatch)
+    with pytest.raises(RuntimeError, match=message):
+        _call(make_bad({**_good("cpu"), "length": torch.tensor([5, 2])}))
+
+
+def test_workspace_size():
+    """decode_attention_workspace: int32 zeros, one per (batch row, kv head), never empty."""
+    for batch, kv_heads, numel in [(2, 3, 6), (0, 3, 1)]:
+        workspace = decode_attention_workspace(batch, kv_heads, "cpu")
+        assert workspace.shape == (numel,) and workspace.dtype == torch.int32
+        assert not workspace.any()
+    args = _good("cpu")  # B = 2, Hkv = 2: exactly enough
+    torch.testing.assert_close(_call({**args, "workspace": decode_attention_workspace(2, 2, "cpu")}),
+                               _call(args), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("batch, kv_heads", [(65, 64), (64, 65)])
+def test_shared_workspace_grows_past_its_first_size(monkeypatch, batch, kv_heads):
+    """Without a workspace argument the wrapper's shared one is sized for B * Hkv semaphores,
+    also beyond the 4096 it starts with (4160 here, more than B * B or Hkv * Hkv)."""
+    import hippo_ext._workspace as workspaces
+
+    monkeypatch.setattr(workspaces, "_SHARED", {})  # this test's own, not one an earlier test grew
+    query, cache = torch.ones(batch, 1, kv_heads, 1), torch.ones(1, 2, batch, kv_heads, 1, 1)
+    out = decode_attention(query, cache, 0, torch.ones(batch, dtype=torch.int32))
+    assert torch.equal(out, query)  # one key: softmax weight 1 on its value
 
 
 def test_has_no_cuda_without_gpu_is_fine():

@@ -248,6 +248,7 @@ def gather_inputs(device: str, dtype: torch.dtype = torch.float32):
         (lambda s, i, d: (s[..., :4], i, d[..., :4]), "src must be contiguous"),
         (lambda s, i, d: (s, i, d.transpose(4, 5).contiguous().transpose(4, 5)), "dst must be contiguous"),
         (lambda s, i, d: (s[0], i, d[0]), "src must have 6 dimensions"),
+        (lambda s, i, d: (s[0, 0, 0, 0], i[0], d[0, 0, 0, 0]), "src must have 6 dimensions"),  # [K] too
         (lambda s, i, d: (s.int(), i, d.int()), "float32, bfloat16 or float16"),
         (lambda s, i, d: (s, i, torch.zeros(2, 2, 3, 2, 4, 8, device=d.device)), "agree in every dimension"),
         (lambda s, i, d: (s, i, s), "must not share memory"),
@@ -358,6 +359,7 @@ def test_unchecked_bad_index_stays_in_bounds(gen):
     "op, index, message",
     [
         ("gather", [[0, 2, 9], [1, 3, 5]], r"must lie in \[0, 9\)"),
+        ("gather", [[0, 2, 4], [1, 3, 5], [-1, 3, 5]], r"must lie in \[0, 9\)"),  # B = 3
         ("compact", [[0, 2, 9], [1, 3, 5]], r"must lie in \[0, 9\)"),
         ("compact", [[0, 2, 2], [1, 3, 5]], "strictly ascending along its last dimension"),
         ("compact", [[0, 3, 2], [1, 3, 5]], "strictly ascending along its last dimension"),
@@ -369,16 +371,45 @@ def test_wrapper_value_checks(monkeypatch, op, index, message):
     import hippo_ext.kv_compaction as module
 
     monkeypatch.setattr(module, "wants_value_check", lambda index, check: check)
-    cache = torch.randn(cache_shape(2, 2, 2, 9, 8))
+    batch = len(index)
+    cache = torch.randn(cache_shape(2, batch, 4, 9, 8))  # B, 2 and Hkv = 4 told apart
     before = cache.clone()
     index = torch.tensor(index)
     with pytest.raises(RuntimeError, match=message):
         if op == "gather":
-            module.kv_gather(cache, index, torch.zeros(cache_shape(2, 2, 2, 3, 8)))
+            module.kv_gather(cache, index, torch.zeros(cache_shape(2, batch, 4, 3, 8)))
         else:
             module.kv_compact_(cache, index)
     assert torch.equal(cache, before)
-    module.kv_compact_(cache, torch.tensor([[0, 2, 8], [1, 3, 5]]), check=True)  # valid passes
+    module.kv_compact_(cache, torch.tensor([[0, 2, 8]] * batch), check=True)  # valid passes
+
+
+# Bad shapes with out-of-range values too: the op's own message (as on the CPU), not the value
+# check's, which would read its bounds from the wrong dimensions.
+@pytest.mark.parametrize(
+    "op, mutate, message",
+    [
+        ("gather", lambda s, i, d: (s, i.int(), d), "index must be Long"),
+        ("gather", lambda s, i, d: (s, i[0, :2], d), r"index must have 2 dimensions"),  # K == B
+        ("gather", lambda s, i, d: (s[0], i, d), "src must have 6 dimensions"),
+        ("gather", lambda s, i, d: (s, i, d[0]), "dst must have 6 dimensions"),
+        ("gather", lambda s, i, d: (s, i[:1], d), r"index must be \[B, K\]"),
+        ("gather", lambda s, i, d: (s, torch.cat([i, i], dim=1), d), "S2 = 4"),
+        ("compact", lambda s, i, d: (s, i.int(), None), "index must be Long"),
+        ("compact", lambda s, i, d: (s, i[:1], None), r"index must be \[B, K\]"),
+    ],
+)
+def test_wrapper_value_checks_leave_bad_shapes_to_the_op(monkeypatch, op, mutate, message):
+    import hippo_ext.kv_compaction as module
+
+    monkeypatch.setattr(module, "wants_value_check", lambda index, check: check)
+    src, index, dst = gather_inputs("cpu")
+    src, index, dst = mutate(src, index + 20, dst)  # every value >= S = 9
+    with pytest.raises(RuntimeError, match=message):
+        if op == "gather":
+            module.kv_gather(src, index, dst)
+        else:
+            module.kv_compact_(src, index)
 
 
 def test_wide_slots(device, gen):

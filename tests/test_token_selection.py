@@ -353,6 +353,29 @@ def test_keep_ratio_and_result_type(device, gen):
                              inputs["visual_start"], inputs["num_visual"])
 
 
+def test_keep_ratio_must_lie_in_the_unit_interval(device, gen):
+    inputs = make_inputs(gen, frames=2, grid_h=2, grid_w=3, extra_visual=1, device=device)
+    args = [inputs[k] for k in ("queries", "keys", "features", "visual_start", "num_visual")]
+    # The bounds themselves are accepted: keep nothing of the grid, or all of it.
+    assert select_visual_tokens(*args, keep_ratio=0.0).kept.tolist() == [12]
+    assert select_visual_tokens(*args, keep_ratio=1.0).kept.tolist() == list(range(13))
+    for ratio in (1.5, -0.1, float("nan")):  # 1.5 would otherwise keep the whole grid silently
+        with pytest.raises(ValueError, match=r"keep_ratio must lie in \[0, 1\]"):
+            select_visual_tokens(*args, keep_ratio=ratio)
+    with pytest.raises(ValueError, match="exactly one"):
+        select_visual_tokens(*args, 3, keep_ratio=0.5)
+
+
+def test_default_weights_are_equal(device, gen):
+    """The docstring's default: equal weights (1/3 each, so a fused score lies in [0, 1])."""
+    inputs = make_inputs(gen, frames=3, grid_h=3, grid_w=4, device=device)
+    default = select_visual_tokens(inputs["queries"], inputs["keys"], inputs["features"],
+                                   inputs["visual_start"], inputs["num_visual"], 9)
+    explicit = run_op(inputs, num_keep=9, weights=(1 / 3, 1 / 3, 1 / 3))
+    for have, want in zip(default, explicit, strict=True):
+        assert torch.equal(have, want)
+
+
 def test_whole_op_matches_eager_reference(device, gen):
     inputs = make_inputs(gen, layers=2, q_heads=6, kv_heads=2, num_queries=4, frames=3,
                          grid_h=4, grid_w=4, extra_visual=1, device=device)
@@ -377,15 +400,22 @@ def test_opcheck(device, gen, per_frame):
 
 def test_fake_shapes(gen):
     inputs = make_inputs(gen, frames=2, grid_h=3, grid_w=4, extra_visual=2)
-    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
-        fake = [mode.from_tensor(inputs[k]) for k in ("queries", "keys", "features")]
-        out = OP(*fake, inputs["visual_start"], inputs["num_visual"], 5, False, 1.0, 1.0, 1.0, 0.1)
+
+    def fake_op(num_keep, num_visual=inputs["num_visual"]):
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake = [mode.from_tensor(inputs[k]) for k in ("queries", "keys", "features")]
+            return OP(*fake, inputs["visual_start"], num_visual, num_keep, False, 1.0, 1.0, 1.0, 0.1)
+
+    out = fake_op(5)
     assert out[0].shape == (7,) and out[0].dtype == torch.int64
     assert all(o.shape == (2, 3, 4) and o.dtype == torch.float32 for o in out[1:])
-    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:  # as the C++ op refuses it
-        fake = [mode.from_tensor(inputs[k]) for k in ("queries", "keys", "features")]
-        with pytest.raises(RuntimeError, match="num_visual \\(20\\) must cover the T\\*Hg\\*Wg = 24"):
-            OP(*fake, inputs["visual_start"], 20, 5, False, 1.0, 1.0, 1.0, 0.1)
+    # num_keep's bounds [0, T*Hg*Wg] are accepted and what lies beyond refused, as by the C++ op
+    assert [fake_op(num_keep)[0].shape for num_keep in (0, 24)] == [(2,), (26,)]
+    for num_keep in (-1, 25):
+        with pytest.raises(RuntimeError, match=r"num_keep must lie in \[0, 24\]"):
+            fake_op(num_keep)
+    with pytest.raises(RuntimeError, match="num_visual \\(20\\) must cover the T\\*Hg\\*Wg = 24"):
+        fake_op(5, num_visual=20)  # as the C++ op refuses it
 
 
 def _call(inputs, num_keep=3, **changes):
