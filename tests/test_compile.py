@@ -211,6 +211,24 @@ BAD_SHAPES_UNDER_COMPILE = {
             torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.ones(4), 1e-6, torch.randn(12, 4),
             None, torch.randn(1, 1, 0), torch.randn(1, 1, 0), _cache(0), 0, torch.tensor([1])),
         "q/k/v width must be"),
+    # Widths the fake's division would turn into a head count without a word: an odd D, a
+    # width that is no multiple of D, no query heads left after the keys and values.
+    "rotary_kv_append, odd head dim": (
+        lambda: torch.ops.hippo_ext.rotary_kv_append(
+            torch.randn(1, 1, 12), torch.randn(1, 1, 3), torch.randn(1, 1, 3), _cache(3), 0,
+            torch.tensor([1])),
+        "q/k/v width must be"),
+    "rotary_kv_append, width not a multiple of the head dim": (
+        lambda: torch.ops.hippo_ext.rotary_kv_append(
+            torch.randn(1, 1, 13), torch.randn(1, 1, 4), torch.randn(1, 1, 4), _cache(4), 0,
+            torch.tensor([1])),
+        "q/k/v width must be"),
+    "qkv_projection, no query heads": (  # 4 * D rows: two key and two value heads, no query
+        lambda: torch.ops.hippo_ext.qkv_projection(
+            torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.ones(4), 1e-6, torch.randn(16, 4),
+            None, torch.randn(1, 1, 4), torch.randn(1, 1, 4), torch.zeros(1, 2, 1, 2, 8, 4), 0,
+            torch.tensor([1])),
+        "q/k/v width must be"),
 }
 
 
@@ -220,6 +238,26 @@ def test_fakes_name_a_bad_shape(case):
     torch._dynamo.reset()
     with pytest.raises(Exception, match=message):
         torch.compile(call, fullgraph=True, backend="eager")()
+
+
+@pytest.mark.parametrize("op", ["rotary_kv_append", "qkv_projection"])
+def test_fakes_read_kv_heads_and_head_dim_from_the_cache(op, gen):
+    """B = 3, Hq = 1, Hkv = 2, D = 2 (CASES has B = Hkv = 2, Hq = 4, D = 4): the query heads the
+    fake derives from the q/k/v width are the eager op's."""
+    cache, length = torch.zeros(2, 2, 3, 2, 5, 2), torch.tensor([2, 3, 5])
+    cos, sin = _randn(gen, 3, 2, 2), _randn(gen, 3, 2, 2)
+    if op == "rotary_kv_append":
+        fn = lambda qkv, c, s, kv, n: hippo_ext.rotary_kv_append(qkv, c, s, kv, 1, n)  # noqa: E731
+        inputs = (_randn(gen, 3, 2, (1 + 2 * 2) * 2), cos, sin, cache, length)
+    else:
+        fn = lambda x, r, w, weight, c, s, kv, n: hippo_ext.qkv_projection(  # noqa: E731
+            x, r, w, 1e-6, weight, None, c, s, kv, 1, n)
+        inputs = (_randn(gen, 3, 2, 5), _randn(gen, 3, 2, 5), _randn(gen, 5), _randn(gen, (1 + 2 * 2) * 2, 5),
+                  cos, sin, cache, length)
+    expected = _tensors(fn(*[x.clone() for x in inputs]))
+    assert expected[0].shape == (3, 2, 1, 2)
+    got = _tensors(fn(*[x.to("meta") for x in inputs]))
+    assert [(t.shape, t.dtype) for t in got] == [(t.shape, t.dtype) for t in expected]
 
 
 # ---- autograd: the ops are inference only ------------------------------------------------------

@@ -232,6 +232,24 @@ def test_bad_inputs(device, case):
                                 workspace=args["workspace"], impl=args["impl"])
 
 
+@pytest.mark.parametrize("out_features", [1, 64, 65, 130])
+def test_workspace_fits_its_out_features(out_features):
+    """skinny_linear_workspace(N): zeroed int32, ceil(N / 64) semaphores (one per block of the
+    kernel's outputs), which the op takes for N outputs."""
+    workspace = hippo_ext.skinny_linear_workspace(out_features, "cpu")
+    assert workspace.dtype == torch.int32 and not workspace.any()
+    assert workspace.numel() == -(-out_features // 64)
+    x, weight = torch.randn(2, 32), torch.randn(out_features, 32)
+    torch.testing.assert_close(hippo_ext.skinny_linear(x, weight, workspace=workspace), x @ weight.T)
+
+
+def test_scalar_weight_is_named_with_the_shared_workspace():
+    """The shared workspace is sized from weight's shape: a 0-d weight must reach the op's
+    check, not fail on weight.shape[0]."""
+    with pytest.raises(RuntimeError, match="weight must have 2 dimensions"):
+        hippo_ext.skinny_linear(torch.randn(2, 8), torch.tensor(1.0))
+
+
 @requires_cuda
 @pytest.mark.cuda
 def test_device_mix():
@@ -254,12 +272,15 @@ def test_shared_workspace_grows_without_freeing_the_old_one():
     small = _workspace.shared_workspace("test_growth", 10, device)
     assert small is not None and small.numel() >= 10 and not small.any()
     assert _workspace.shared_workspace("test_growth", 10, device) is small  # reused, not remade
+    assert _workspace.shared_workspace("test_growth", small.numel(), device) is small  # it fits
     old = weakref.ref(small)
     grown = _workspace.shared_workspace("test_growth", small.numel() + 1, device)
     assert grown is not small and grown.numel() > small.numel() and not grown.any()
     del small
     gc.collect()
     assert old() is not None, "the replaced workspace was freed"
+    wide = _workspace.shared_workspace("test_growth", 5000, device)  # beyond the 4096 minimum
+    assert wide.numel() >= 5000 and not wide.any()
 
 
 @pytest.mark.parametrize("op", ["skinny_linear", "decode_attention"])

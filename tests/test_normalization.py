@@ -67,6 +67,18 @@ def test_eps_matters_for_tiny_rows(device):
         torch.testing.assert_close(hippo_ext.rms_norm(x, weight, eps), eager_rms_norm(x, weight, eps))
 
 
+def test_default_eps_is_qwen2s(device):
+    """eps defaults to 1e-6 (HF's Qwen2RMSNorm, and the signature's): on rows this small the
+    eps shows in every output."""
+    x = torch.full((2, 8), 1e-4, device=device)
+    weight = torch.ones(8, device=device)
+    expected = hippo_ext.rms_norm(x, weight, 1e-6)
+    assert not torch.equal(expected, hippo_ext.rms_norm(x, weight, 2e-6))
+    assert torch.equal(hippo_ext.rms_norm(x, weight), expected)
+    assert torch.equal(hippo_ext.add_rms_norm(x, torch.zeros_like(x), weight)[0], expected)
+    assert torch.equal(eager_rms_norm(x, weight), eager_rms_norm(x, weight, 1e-6))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_unaligned_rows_take_the_scalar_path(device, gen, dtype):
     """A contiguous x that starts one element into its storage cannot use 16-byte packs."""

@@ -315,3 +315,14 @@ def test_integer_arguments_are_not_truncated(device):
     with pytest.raises(TypeError, match="mrope_section must be an integer"):
         hippo_ext.rotary_tables(torch.arange(12, device=device).view(3, 1, 4),
                                 torch.rand(8, device=device), [2.9, 2.9, 2.2])
+
+
+def test_rotary_tables_defaults(device, gen):
+    """Without mrope_section, scaling and dtype: 1-D RoPE, unscaled, float32 tables."""
+    positions = torch.randint(0, 1000, (2, 5), generator=gen).to(device)
+    inv_freq = torch.rand(4, generator=gen).to(device)
+    cos, sin = hippo_ext.rotary_tables(positions, inv_freq)
+    assert cos.dtype == sin.dtype == torch.float32 and cos.shape == (2, 5, 8)
+    want_cos, want_sin = hippo_ext.rotary_tables(positions, inv_freq, (), 1.0, torch.float32)
+    assert torch.equal(cos, want_cos) and torch.equal(sin, want_sin)
+    assert not torch.equal(cos, hippo_ext.rotary_tables(positions, inv_freq, (), 2.0)[0])

@@ -522,6 +522,13 @@ def test_verify_tree_greedy_bad_input(parents, tokens, match):
         verify_tree_greedy(torch.tensor([[0, 0, 0]]), torch.tensor([[-1, 0, 1]]), torch.randn(1, 3, 10))
 
 
+def test_verify_tree_greedy_broadcasts_only_1d_parents():
+    """[N] parents are shared by the batch; a [1, N] one for B = 2 is refused, not broadcast."""
+    with pytest.raises(RuntimeError, match=r"parents.size\(0\) must be 2, got shape \[1, 3\]"):
+        verify_tree_greedy(torch.zeros(2, 3, dtype=torch.long), torch.tensor([[-1, 0, 1]]),
+                           torch.randn(2, 4, 10))
+
+
 def test_verify_tree_greedy_refuses_trees_beyond_the_node_limit(device):
     """4095 nodes (the CUDA kernel's shared memory without opting in) run; 4096 are refused
     alike on every device."""
