@@ -105,6 +105,47 @@ def test_hf_assisted_baseline_drafts_gamma_tokens_per_round(pair):
     assert timed[:3] == [prompt.length + 4, 5, 5], widths  # 4 drafted tokens in each round
 
 
+def test_hf_baselines_time_decoding_without_the_prefill(monkeypatch):
+    """Decode time per token is (t(n tokens) - t(1 token)) / (n - 1), after a warm-up, on a
+    simulated clock: each generate call costs 0.5 s of prefill and 0.25 s per token. A model
+    without a pad id gets 0; with an assistant, HF drafts a constant g at no threshold."""
+    from types import SimpleNamespace
+
+    from hippo.bench import hf_baselines
+
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(hf_baselines, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+
+    class Model:
+        def __init__(self, pad_token_id):
+            self.generation_config = SimpleNamespace(pad_token_id=pad_token_id)
+            self.calls = []
+
+        def generate(self, *, input_ids, attention_mask, max_new_tokens, min_new_tokens,
+                     do_sample, **kwargs):
+            assert torch.equal(attention_mask, torch.ones_like(input_ids)) and not do_sample
+            self.calls.append((max_new_tokens, min_new_tokens, kwargs))
+            clock.now += 0.5 + 0.25 * max_new_tokens
+            return torch.cat([input_ids, 100 + torch.arange(max_new_tokens)[None]], dim=1)
+
+    model, prompt = Model(None), torch.tensor([[7, 8, 9]])
+    run = hf_baselines.hf_generate(model, prompt, 9)
+    assert run.tokens == list(range(100, 109))
+    assert run.total_s == pytest.approx(0.5 + 9 * 0.25)
+    assert run.decode_s_per_token == pytest.approx(0.25)
+    assert model.calls == [(n, n, dict(pad_token_id=0)) for n in (2, 1, 9)]  # warm-up first
+    assert hf_baselines.hf_generate(model, prompt, 2).decode_s_per_token == pytest.approx(0.25)
+    assert hf_baselines.hf_generate(model, prompt, 1).decode_s_per_token == 0.0
+
+    model, assistant = Model(3), Model(None)
+    assistant.generation_config.assistant_confidence_threshold = 0.4
+    hf_baselines.hf_generate(model, prompt, 4, assistant=assistant, num_assistant_tokens=5)
+    assert model.calls[-1] == (4, 4, dict(assistant_model=assistant, pad_token_id=3))
+    config = assistant.generation_config
+    assert (config.num_assistant_tokens, config.num_assistant_tokens_schedule,
+            config.assistant_confidence_threshold) == (5, "constant", 0.0)
+
+
 @pytest.mark.parametrize("eps", [-1.0, float("inf"), float("nan")])
 def test_eps_must_be_positive_and_finite(pair, eps):
     """A refused eps leaves the pair as it was (a NaN or infinite scale could not be undone)."""

@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from hippo.assets import sample_video_path
 from hippo.cli import EXIT_USER_ERROR, main
@@ -45,6 +46,15 @@ def _save_checkpoint(directory: Path, preset: str, seed: int,
         (directory / "video_preprocessor_config.json").write_text(json.dumps(
             {"min_pixels": 56 * 56, "max_pixels": 112 * 112}))
     return directory
+
+
+def test_load_adapter_s_default_dtypes(tmp_path):
+    """As documented: a checkpoint loads in bf16 unless a dtype is given, a preset in fp32."""
+    directory = _save_checkpoint(tmp_path / "qwen", "tiny-qwen2.5-vl", 0)
+    assert load_adapter(str(directory)).model.dtype == torch.bfloat16
+    assert load_adapter(directory, dtype=torch.float32).model.dtype == torch.float32
+    assert load_adapter("tiny-qwen2.5-vl").model.dtype == torch.float32
+    assert load_adapter("tiny-qwen2.5-vl", dtype=torch.bfloat16).model.dtype == torch.bfloat16
 
 
 @pytest.fixture(scope="module")

@@ -176,6 +176,146 @@ def test_the_bench_figure_says_what_its_methods_left_out():
         [{"method": "hippo", "pair_MAT": None, "x hf_generate": 1.7}])
 
 
+def test_the_bench_figure_draws_each_method_s_speedup_against_the_pair_s_mat(tmp_path, monkeypatch):
+    """One line per (method, frames), its points in MAT order; rows without the pair's MAT or a
+    speedup over HF generate are left out. The figure is closed once written."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from hippo.bench.plot import plot_speedup_vs_mat
+
+    drawn = []
+    subplots = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: drawn.append(subplots(*a, **k)) or drawn[-1])
+    rows = [dict(method="hippo", frames=4, pair_MAT=3.0, **{"x hf_generate": 2.0}),
+            dict(method="hippo", frames=4, pair_MAT=1.5, **{"x hf_generate": 1.2}),
+            dict(method="sequential", frames=4, pair_MAT=1.5, **{"x hf_generate": 1.1}),
+            dict(method="hippo", frames=8, pair_MAT=2.0, **{"x hf_generate": 1.8}),
+            dict(method="hippo_ar", frames=4, pair_MAT=None, **{"x hf_generate": 1.3}),
+            dict(method="hf_generate", frames=4, pair_MAT=1.5)]
+    path = plot_speedup_vs_mat(rows, str(tmp_path / "speedup.png"), "the title")
+    assert path == tmp_path / "speedup.png" and path.stat().st_size > 1000
+    figure, axes = drawn[0]
+    assert figure.number not in plt.get_fignums()
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata()))
+             for line in axes.get_lines()}
+    one = [label for label, (_, y) in lines.items() if label.startswith("_")]
+    assert len(one) == 1 and lines.pop(one[0])[1] == [1.0, 1.0]  # the no-speedup line
+    assert lines == {"hippo (4 frames)": ([1.5, 3.0], [1.2, 2.0]),
+                     "hippo (8 frames)": ([2.0], [1.8]),
+                     "sequential (4 frames)": ([1.5], [1.1])}
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == sorted(lines)
+    assert axes.get_title() == "the title"
+    assert axes.get_xlabel() == "measured MAT (sequential SD, same pair)"
+    assert axes.get_ylabel() == "decode speedup over HF generate"
+    # Nothing to draw: no legend, the reason written in its place.
+    drawn.clear()
+    plot_speedup_vs_mat(rows[-2:], tmp_path / "empty.png", "empty")
+    figure, axes = drawn[0]
+    assert axes.get_legend() is None
+    assert [text.get_text() for text in axes.texts] == [
+        "no MAT of the pair was measured (the x axis: add sequential to --methods)"]
+
+
+def test_bench_rows_by_hand():
+    """What one (frames, eps) measurement becomes in bench.json and its table: each method's g,
+    its MAT beside the pair's (sequential SD's), rounded times, whether it matches hippo's AR,
+    and its decode speedup over each baseline (the baseline's time per token over its own)."""
+    from hippo.bench.end_to_end import _rows
+
+    measured = {
+        "hf_generate": dict(tokens=[1, 2, 3], total_s=1.23456, per_token=0.04, mat=1.0,
+                            acceptance=None),
+        "hf_assisted": dict(tokens=[1, 2, 4], total_s=0.9, per_token=0.02, mat=None,
+                            acceptance=None),
+        "hippo_ar": dict(tokens=[1, 2, 3], total_s=0.5, per_token=0.01, mat=1.0, acceptance=None,
+                         phases_ms=[1.5, 0.0, 0.0]),
+        "sequential": dict(tokens=[1, 2, 3], total_s=0.3, per_token=0.005, mat=2.3456,
+                           acceptance=0.61234, phases_ms=[1.5, 0.25, 0.5], parting=""),
+        "hippo": dict(tokens=[1, 2, 5], total_s=0.23456, per_token=0.0041234, mat=3.14159,
+                      acceptance=0.5, phases_ms=[1.5, 0.25, 0.5], parting="parts at token 2"),
+    }
+    rows = {row["method"]: row for row in _rows(measured, 4, 150, 0.5, 6)}
+    assert list(rows) == list(measured)
+    assert rows["hippo"] == {
+        "frames": 4, "prompt_tokens": 150, "eps": 0.5, "method": "hippo", "gamma": "auto",
+        "MAT": 3.14, "pair_MAT": 2.35, "acceptance": 0.5, "ms/token": 4.123, "total_s": 0.235,
+        "matches_ar": False, "parting": "parts at token 2",
+        "prefill/selection/draft prefill ms": [1.5, 0.25, 0.5],
+        "x hf_generate": 9.7, "x hippo_ar": 2.43, "x hf_assisted": 4.85}
+    assert {name: row["gamma"] for name, row in rows.items()} == dict(
+        hf_generate="-", hf_assisted=6, hippo_ar="-", sequential=6, hippo="auto")
+    assert {name: row["matches_ar"] for name, row in rows.items()} == dict(
+        hf_generate=True, hf_assisted=False, hippo_ar=True, sequential=True, hippo=False)
+    assert rows["sequential"]["acceptance"] == 0.612 and rows["sequential"]["MAT"] == 2.35
+    assert rows["hf_generate"]["total_s"] == 1.235 and rows["hf_assisted"]["MAT"] is None
+    assert rows["hf_generate"]["prefill/selection/draft prefill ms"] == "-"
+    assert rows["hf_generate"]["parting"] == ""
+    assert {k: v for k, v in rows["hippo_ar"].items() if k.startswith("x ")} == {
+        "x hf_generate": 4.0, "x hf_assisted": 2.0}
+    assert "x hf_generate" not in rows["hf_generate"]
+    # Without sequential SD there is no pair MAT to put beside the others.
+    del measured["sequential"]
+    assert all(row["pair_MAT"] is None for row in _rows(measured, 4, 150, 0.5, 6))
+
+
+def test_bench_configures_each_method_and_runs_every_frames_eps_pair(monkeypatch):
+    """hippo's three methods share the options given; sequential SD drafts g, HIPPO g="auto" up
+    to max(g, 12); every (frames, eps) is run with the pair at that eps, the preset's where none
+    are given (the measurements are faked here: what they are measured with is under test)."""
+    from hippo.bench import end_to_end
+
+    runs = []
+
+    def measured(pair, pipelines, prompts, new_tokens, gamma, methods):
+        runs.append(dict(eps=pair.eps, pipelines=pipelines, lengths=[p.length for p in prompts],
+                         new_tokens=new_tokens, gamma=gamma, methods=methods))
+        return {"hippo_ar": dict(tokens=[1], total_s=0.1, per_token=0.0125, mat=1.0,
+                                 acceptance=None)}
+
+    monkeypatch.setattr(end_to_end, "_measure_all", measured)
+    lines, preset = [], end_to_end.PRESETS["tiny"]
+    rows = end_to_end.run_end_to_end(
+        preset, frames=(2, 4), gamma=4, new_tokens=5, methods=("hippo_ar", "hippo"),
+        keep_ratio=0.25, gemm_prologues="draft", draft_priority=True, progress=False,
+        echo=lines.append)
+    pairs = [(count, eps) for count in (2, 4) for eps in preset.eps]
+    assert [(row["frames"], row["eps"]) for row in rows] == pairs
+    assert [run["eps"] for run in runs] == [eps for _, eps in pairs]
+    assert lines == [f"frames {count}, eps {eps}: hippo_ar 12.5 ms/token" for count, eps in pairs]
+    short, long = runs[0]["lengths"], runs[-1]["lengths"]
+    assert short[0] == rows[0]["prompt_tokens"] == 16 + 2 * 36 + 32 and long[0] == short[0] + 72
+    assert all(run["new_tokens"] == 5 and run["gamma"] == 4 for run in runs)
+    assert runs[0]["methods"] == ("hippo_ar", "hippo")
+    options = {name: pipeline.options for name, pipeline in runs[0]["pipelines"].items()}
+    assert {name: (o.mode, o.gamma) for name, o in options.items()} == dict(
+        hippo_ar=("ar", "auto"), sequential=("sequential", 4), hippo=("parallel", "auto"))
+    assert options["hippo"].max_gamma == 12  # max(g, 12)
+    assert all((o.preservation.keep_ratio, o.gemm_prologues, o.draft_priority) == (0.25, "draft", True)
+               for o in options.values())
+    # Frames and new tokens left out: the preset's.
+    runs.clear()
+    end_to_end.run_end_to_end(preset, eps_values=(0.5,), progress=False, echo=lines.append)
+    assert [(run["lengths"][0], run["new_tokens"]) for run in runs] == [(16 + 4 * 36 + 32, 64)]
+
+
+def test_the_bench_presets_are_what_their_names_say():
+    """7b: Qwen2-7B / 0.5B shapes and vocabulary, bf16 on a GPU, 196 tokens a frame (a 384-px
+    LLaVA-OneVision frame); tiny: the CPU pair. eps grows along a preset (MAT falls)."""
+    from hippo.bench.end_to_end import PRESETS, TOKENS_PER_FRAME
+    from hippo.models.agreement import QWEN2_0_5B, QWEN2_7B, QWEN2_VOCAB, TINY_DRAFT, TINY_TARGET
+
+    big, tiny = PRESETS["7b"], PRESETS["tiny"]
+    assert (big.target, big.draft, big.vocab, big.device, big.dtype) == (
+        QWEN2_7B, QWEN2_0_5B, QWEN2_VOCAB, "cuda", torch.bfloat16)
+    assert big.grid == TOKENS_PER_FRAME == (14, 14)
+    assert (tiny.target, tiny.draft, tiny.device, tiny.dtype) == (TINY_TARGET, TINY_DRAFT, "cpu",
+                                                                 torch.float32)
+    for preset in PRESETS.values():
+        assert list(preset.eps) == sorted(set(preset.eps)) and preset.eps[0] > 0
+        assert preset.new_tokens >= 2 and all(count > 0 for count in preset.frames)
+
+
 def test_bench_needs_two_new_tokens(capsys, tmp_path):
     """Decoding is timed after the prefill's token: with one, every speedup would be noise."""
     assert main(["bench", "--preset", "tiny", "--new-tokens", "1", "--out-dir",
@@ -705,6 +845,28 @@ def test_the_demo_says_how_many_frames_its_video_has(capsys):
                            "got 100")
 
 
+def test_the_demo_takes_all_of_its_sample_video_s_frames():
+    """--frames 16 (the default) is the whole clip, not one too many."""
+    from hippo.assets import SAMPLE_FRAMES
+    from hippo.demo import _sample_video
+
+    assert _sample_video(SAMPLE_FRAMES).shape[0] == SAMPLE_FRAMES == 16
+
+
+def test_each_demo_method_runs_as_labelled_with_the_keep_ratio_asked_for():
+    from hippo.demo import METHODS, _configured
+    from hippo.models import load_adapter
+    from hippo.pipeline import HippoPipeline
+
+    base = HippoPipeline(load_adapter("tiny-qwen2.5-vl"), load_adapter("tiny-qwen2.5-vl-draft"))
+    configured = {label: _configured(base, options, 0.25).options for label, options in METHODS}
+    assert {label: (o.mode, o.gamma) for label, o in configured.items()} == {
+        "AR (target alone)": ("ar", "auto"), "sequential SD": ("sequential", 6),
+        "HIPPO (parallel)": ("parallel", "auto")}
+    assert all(o.preservation.keep_ratio == 0.25 for o in configured.values())
+    assert base.options.preservation.keep_ratio != 0.25  # the base pipeline is left as it was
+
+
 def test_an_unwritable_cache_folder_is_named(capsys, tmp_path, monkeypatch):
     """$HIPPO_CACHE_DIR below a regular file: the sample video cannot be written there."""
     (tmp_path / "a_file").write_text("")
@@ -728,7 +890,36 @@ def test_tables_show_rates_over_nothing_as_n_a():
 
     table = markdown_table([{"method": "AR", "MAT": 1.0, "acceptance": None},
                             {"method": "HIPPO", "MAT": 2.5, "acceptance": 0.8, "speedup": 1.4}])
-    assert table.splitlines()[2] == "| AR | 1.0 | n/a |  |"
+    assert table.splitlines() == ["| method | MAT | acceptance | speedup |", "|---|---|---|---|",
+                                  "| AR | 1.0 | n/a |  |", "| HIPPO | 2.5 | 0.8 | 1.4 |"]
+    assert markdown_table([]) == ""
+
+
+def test_a_stats_row_by_hand():
+    """The demo's table row: each column from the statistics, in order, rounded as labelled,
+    and the decode speedup as the baseline's time per token over the row's."""
+    from hippo.report import in_ms, ratio, rounded, stats_row
+    from hippo.speculative.statistics import GenerationStats
+
+    stats = GenerationStats("parallel", tokens=11, target_steps=3, drafted=9, accepted=7, prefill_s=0.01234,
+                            selection_s=0.0004567, draft_prefill_s=0.00321, draft_s=0.04567,
+                            verify_s=0.07891, decode_s=0.123456, total_s=0.75)
+    baseline = GenerationStats("ar", tokens=11, decode_s=0.3, total_s=0.5)
+    row = stats_row("HIPPO", stats, baseline, gamma=4)
+    assert list(row.items()) == [
+        ("method", "HIPPO"), ("gamma", 4), ("tokens", 11), ("MAT", 3.33), ("acceptance", 0.778),
+        ("prefill ms", 12.3), ("selection ms", 0.46), ("draft prefill ms", 3.2),
+        ("draft ms", 45.7), ("verify ms", 78.9), ("decode ms/token", 12.346),
+        ("tokens/s", 14.7), ("decode speedup", 2.43)]
+    # AR over one token: the rates over nothing are None (n/a in a table), no speedup column
+    # without a baseline.
+    alone = stats_row("AR", GenerationStats("ar", tokens=1, total_s=0.5))
+    assert (alone["MAT"], alone["acceptance"], alone["decode ms/token"]) == (None, None, None)
+    assert "decode speedup" not in alone
+    assert (rounded(None), rounded(2.345678), rounded(2.345678, 3)) == (None, 2.35, 2.346)
+    assert (in_ms(None), in_ms(0.0123456), in_ms(0.0123456, 1)) == (None, 12.346, 12.3)
+    assert (ratio(3.0, 0.7), ratio(3.0, 0.7, 3), ratio(None, 1.0), ratio(1.0, None),
+            ratio(1.0, 0.0), ratio(0.0, 2.0)) == (4.29, 4.286, None, None, None, 0.0)
 
 
 def test_generate_prints_the_text_and_a_stats_line(capsys):

@@ -50,3 +50,21 @@ def test_without_cuda_kernels_gpus_are_only_described(two_gpus, monkeypatch):
 def test_no_video_decoder_is_reported(monkeypatch):
     monkeypatch.setattr(info, "available_backends", lambda: [])
     assert dict(info.installation_report())["video decoders"] == "none installed"
+
+
+@pytest.mark.parametrize("cuda,available,expected", [
+    (None, False, "(CPU build)"), ("12.4", False, "(CUDA 12.4; no GPU visible)"),
+    ("12.4", True, "(CUDA 12.4; a GPU is visible)")])
+def test_the_torch_line_says_which_build_and_whether_a_gpu_is_visible(monkeypatch, cuda,
+                                                                      available, expected):
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    assert info._torch_build() == f"{torch.__version__} {expected}"
+
+
+def test_the_report_s_values_start_in_one_column(capsys, monkeypatch):
+    monkeypatch.setattr(info, "installation_report",
+                        lambda: [("hippo", "1"), ("video decoders", "opencv"), ("torch", "2")])
+    info.print_report()
+    assert capsys.readouterr().out.splitlines() == [
+        "hippo           1", "video decoders  opencv", "torch           2"]

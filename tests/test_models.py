@@ -371,6 +371,13 @@ def test_unknown_sources_raise(tmp_path):
         load_adapter(str(tmp_path))
 
 
+def test_a_bad_device_or_dtype_is_named_before_building():
+    with pytest.raises(HippoError, match="device 'cuda:99'"):
+        load_adapter(QWEN_PRESETS[0], device="cuda:99")
+    with pytest.raises(HippoError, match="dtype must be a floating-point torch.dtype, got 'bfloat16'"):
+        load_adapter(QWEN_PRESETS[0], dtype="bfloat16")
+
+
 @pytest.mark.parametrize("model_type", [["qwen2_5_vl"], {"name": "qwen2_5_vl"}, 5, True])
 def test_a_model_type_that_is_not_a_string_is_refused(tmp_path, model_type):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
@@ -525,6 +532,59 @@ def test_presets_are_named_and_buildable():
     a = adapter(LLAVA_PRESETS[0])
     assert hasattr(a.text_model, "embed_tokens") and hasattr(a.text_model, "rotary_emb")
     assert a.eos_token_id == 504 and a.vocab_size == 512
+
+
+def test_the_tiny_vocabularies_special_ids_are_distinct_and_above_the_bytes():
+    from hippo.models import presets
+
+    ids = [presets.VIDEO_TOKEN_ID, presets.IMAGE_TOKEN_ID, presets.VISION_START_TOKEN_ID,
+           presets.VISION_END_TOKEN_ID, presets.EOS_TOKEN_ID, presets.PAD_TOKEN_ID,
+           presets.USER_TURN_ID, presets.ASSISTANT_TURN_ID]
+    assert len(set(ids)) == len(ids) and all(256 <= i < 512 for i in ids)
+
+
+def test_an_unknown_preset_lists_the_known_ones():
+    from hippo.models.presets import get_preset
+
+    assert get_preset("tiny-qwen2.5-vl") is PRESETS["tiny-qwen2.5-vl"]
+    with pytest.raises(HippoError, match="unknown preset 'tiny'; known: demo-qwen2.5-vl, "):
+        get_preset("tiny")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_each_preset_is_what_its_notes_say(name):
+    """The notes document a preset: its heads (GQA/MHA q/kv), layers, head_dim and LLaVA patch
+    grid are the config's; one 512-id vocabulary per family but for the -v640 presets, which are
+    their base preset with another vocabulary (a mismatched pair on purpose)."""
+    preset = PRESETS[name]
+    config = preset.qwen_config() if preset.family == "qwen2_5_vl" else preset.llava_config()
+    text = config.text_config
+    head_dim, rest = divmod(text.hidden_size, text.num_attention_heads)
+    assert rest == 0 and text.num_attention_heads % text.num_key_value_heads == 0
+    assert text.vocab_size == preset.tokenizer().vocab_size == (640 if name.endswith("-v640") else 512)
+    if name.endswith("-v640"):
+        base = PRESETS[name.removesuffix("-v640")]
+        assert (preset.family, preset.vision_image_size) == (base.family, base.vision_image_size)
+        assert preset.text.__class__(**{**vars(base.text), "vocab_size": 640}) == preset.text
+    notes = preset.notes
+    if heads := re.search(r"(GQA|MHA) (\d+)/(\d+)", notes):
+        q, kv = int(heads[2]), int(heads[3])
+        assert (text.num_attention_heads, text.num_key_value_heads) == (q, kv)
+        assert (heads[1] == "MHA") == (q == kv)
+    if dim := re.search(r"head_dim (\d+)", notes):
+        assert head_dim == int(dim[1])
+    if layers := re.search(r"(\d+) layers?\b", notes):
+        assert text.num_hidden_layers == int(layers[1])
+    if grid := re.search(r"(\d+)x\1 patches pooled to (\d+)x\2", notes):
+        side = preset.vision_image_size // config.vision_config.patch_size
+        assert (side, math.ceil(side / 2)) == (int(grid[1]), int(grid[2]))
+    if "same 56-px frames" in notes:
+        assert preset.vision_image_size == PRESETS["tiny-llava-onevision"].vision_image_size == 56
+    if preset.family == "qwen2_5_vl":  # mrope_section sums to head_dim / 2
+        assert sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+        # Tiny videos stay at a handful of tokens: 56x56 .. 112x112 pixels per frame.
+        assert (preset.qwen_preprocess().min_pixels, preset.qwen_preprocess().max_pixels) == (
+            56 * 56, 112 * 112)
 
 
 @pytest.mark.parametrize("name", QWEN_PRESETS + LLAVA_PRESETS)

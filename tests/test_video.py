@@ -562,6 +562,60 @@ def test_threads_decoding_at_once_leave_stderr_as_it_was():
         os.close(original)
 
 
+def test_synthetic_frames_by_hand():
+    """A static background in 50..150 and a bright square of side min(H, W) // 5 moving from the
+    top-left corner (first frame) to the bottom-right one (last frame) in rounded steps."""
+    frames = synthetic_frames(3, 10, 15)
+    assert frames.shape == (3, 10, 15, 3) and frames.dtype == np.uint8
+    square = [np.argwhere(frame.min(axis=-1) == 245) for frame in frames]
+    corners = [(tuple(s.min(axis=0)), tuple(s.max(axis=0)), len(s)) for s in square]
+    assert corners == [((0, 0), (1, 1), 4), ((4, 6), (5, 7), 4), ((8, 13), (9, 14), 4)]
+    still = (frames.min(axis=-1) != 245).all(axis=0)  # pixels no square covers
+    assert (frames[:, still] == frames[0, still]).all()  # a static background
+    assert 50 <= frames[:, still].min() and frames[:, still].max() <= 150
+    one = synthetic_frames(1, 4, 4).min(axis=-1) == 245  # one frame: a 1-pixel square, top-left
+    assert one.sum() == 1 and one[0, 0, 0]
+
+
+def test_the_sample_clip_is_pinned_to_its_version():
+    """Cached clips are reused by their file name: content that changes without a bump of
+    _SAMPLE_VERSION (part of the name) would leave every existing cache on the old clip."""
+    from hippo import assets
+
+    # Per-channel statistics, not a hash: float32 sin may differ by a rounding step across CPUs.
+    pixels = synthetic_frames(SAMPLE_FRAMES, SAMPLE_HEIGHT, SAMPLE_WIDTH).reshape(-1, 3) / 1.0
+    assert assets._SAMPLE_VERSION == 1
+    assert pixels.mean(axis=0).tolist() == pytest.approx([105.113, 105.048, 105.169], abs=0.01)
+    assert pixels.std(axis=0).tolist() == pytest.approx([37.238, 37.199, 37.26], abs=0.01)
+    assert sample_video_path().name == "sample_v1_16x112x112.mp4"
+    # As documented: 16 frames, 112x112, 4 fps (the demo's --frames default is 16).
+    assert (SAMPLE_FRAMES, SAMPLE_HEIGHT, SAMPLE_WIDTH, SAMPLE_FPS) == (16, 112, 112, 4.0)
+
+
+def test_the_cache_folder_is_hippo_s_else_xdg_s_else_the_temp_dir(tmp_path, monkeypatch):
+    import tempfile
+    from pathlib import Path
+
+    from hippo.assets import _cache_dir
+
+    monkeypatch.setenv("HIPPO_CACHE_DIR", str(tmp_path / "mine"))
+    assert _cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv("HIPPO_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert _cache_dir() == tmp_path / "xdg" / "hippo" and (tmp_path / "xdg" / "hippo").is_dir()
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a_file"))  # cannot hold a folder
+    assert _cache_dir() == Path(tempfile.gettempdir()) / "hippo"
+
+
+def test_write_video_takes_a_string_path_and_names_a_container_it_cannot_write(tmp_path):
+    frames = synthetic_frames(2, 16, 16)
+    written = write_video(str(tmp_path / "clip.avi"), frames, 4.0)
+    assert written == tmp_path / "clip.avi" and probe_video(written).num_frames == 2
+    with pytest.raises(HippoError, match="OpenCV cannot write a 16x16 mp4v video to .*clip.xyz"):
+        write_video(tmp_path / "clip.xyz", frames, 4.0)
+
+
 def test_write_video_rejects_bad_frames(tmp_path):
     with pytest.raises(HippoError, match="uint8"):
         write_video(tmp_path / "x.mp4", np.zeros((2, 8, 8, 3), np.float32), 4.0)
