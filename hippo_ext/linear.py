@@ -31,8 +31,9 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     equal single-token steps'). With impl="fma" (or impl="auto" and the environment variable
     HIPPO_SKINNY_KERNEL=fma), M <= 16 runs an FMA kernel instead (1-8 warps per two outputs, K
     sliced among them inside the block by a plan independent of the number of rows; rows
-    independent of M up to 16; beats cuBLAS at M = 1, 1.2-2.7x slower at M = 5 and 9 on an H200,
-    2026-11-28: the runtime's decode steps ask for it by name, fma_decode).
+    independent of M up to 16). On an H200 (2026-11-28) it made whole decode steps 8-30% faster
+    than cuBLAS and steps of 5 and 9 rows 1.2-2.7x slower: the runtime's decode steps ask for
+    it by name (fma_decode).
     Other shapes and dtypes on CUDA use ATen's linear. The CPU computes each output of up to
     32 rows as one dot product summed in an order set by K alone (fp32 accumulation), so
     there too row m does not depend on M (ATen's linear's would: BLAS picks its kernel by M);
