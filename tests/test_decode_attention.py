@@ -654,6 +654,20 @@ def test_wrapper_length_check(monkeypatch, lengths):
     _call({**args, "length": torch.tensor([8, 3])})  # the bounds Lq and S_max pass
 
 
+def test_wrapper_length_check_of_one_row_and_of_none(monkeypatch, gen):
+    """Batch 1, HIPPO's decoding, is checked like any other; B = 0 has nothing to check (no min()
+    of an empty tensor)."""
+    _with_wrapper_checks(monkeypatch)
+    args = _good("cpu")
+    one = {**args, "query": args["query"][:1], "cache": args["cache"][:, :, :1].contiguous()}
+    with pytest.raises(RuntimeError, match=r"length values must lie in \[3, 9\), got min 9 and max 9"):
+        _call({**one, "length": torch.tensor([9])})
+    _call({**one, "length": torch.tensor([8])})
+    query, cache, length = make_inputs(gen, batch=0, q_len=1, q_heads=4, kv_heads=2, head_dim=64,
+                                       lengths=[], max_seq=16, dtype=torch.float32, device="cpu")
+    assert decode_attention(query, cache, 0, length).shape == query.shape
+
+
 # Bad shapes with out-of-range lengths too: the op's own message, not the length check's, which
 # would read its bounds from the wrong dimensions.
 @pytest.mark.parametrize("make_bad, message", [

@@ -363,6 +363,8 @@ def test_unchecked_bad_index_stays_in_bounds(gen):
         ("compact", [[0, 2, 9], [1, 3, 5]], r"must lie in \[0, 9\)"),
         ("compact", [[0, 2, 2], [1, 3, 5]], "strictly ascending along its last dimension"),
         ("compact", [[0, 3, 2], [1, 3, 5]], "strictly ascending along its last dimension"),
+        ("compact", [[1, 0, 2], [1, 3, 5]], "strictly ascending along its last dimension"),
+        ("compact", [[3, 2], [1, 5]], "strictly ascending along its last dimension"),  # K = 2
     ],
 )
 def test_wrapper_value_checks(monkeypatch, op, index, message):
@@ -382,6 +384,19 @@ def test_wrapper_value_checks(monkeypatch, op, index, message):
             module.kv_compact_(cache, index)
     assert torch.equal(cache, before)
     module.kv_compact_(cache, torch.tensor([[0, 2, 8]] * batch), check=True)  # valid passes
+
+
+def test_wrapper_value_checks_of_an_empty_index(monkeypatch):
+    """K = 0: nothing to check (no min() of an empty tensor) and nothing to move."""
+    import hippo_ext.kv_compaction as module
+
+    monkeypatch.setattr(module, "wants_value_check", lambda index, check: check)
+    cache = torch.randn(cache_shape(2, 2, 4, 9, 8))
+    before = cache.clone()
+    empty = torch.zeros(2, 0, dtype=torch.long)
+    module.kv_gather(cache, empty, torch.zeros(cache_shape(2, 2, 4, 3, 8)))
+    module.kv_compact_(cache, empty)
+    assert torch.equal(cache, before)
 
 
 # Bad shapes with out-of-range values too: the op's own message (as on the CPU), not the value

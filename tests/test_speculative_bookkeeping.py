@@ -105,6 +105,32 @@ def test_parallel_rounds_are_counted_up_to_the_last_target_step(gamma, limit, ga
     assert stats.tokens == limit
 
 
+def test_a_parallel_round_verifies_once_and_reports_what_it_judged(monkeypatch):
+    """One verification a round: a pre-verify round's early check is its verdict, not a fresh
+    draw of uniforms per draft step or at the end. And the adaptive g hears each round's
+    accepted count out of the candidates it judged (u_1..u_k and d_1; a closing round's k):
+    under self-speculation, all of them, as test_parallel_rounds_are_counted_... counts them."""
+    observed, verified = [], []
+    observe, verify = DraftLength.observe, TokenAcceptance.verify
+
+    def spy_observe(policy, target_step_s, draft_step_s, accepted=0, drafted=0):
+        observed.append((accepted, drafted))
+        return observe(policy, target_step_s, draft_step_s, accepted, drafted)
+
+    def spy_verify(acceptance, candidates, draft_probs, target_logits, *, bonus):
+        verified.append(candidates.shape[1])
+        return verify(acceptance, candidates, draft_probs, target_logits, bonus=bonus)
+
+    monkeypatch.setattr(DraftLength, "observe", spy_observe)
+    monkeypatch.setattr(TokenAcceptance, "verify", spy_verify)
+    target, _ = make_pair("llava_onevision", "small-draft", seed=2)
+    stats = make_pipeline(target, None, "parallel", 4, 1.0).generate(
+        sample_frames("llava_onevision", 2), PROMPT, 12, eos_token_id=None).stats
+    assert stats.gammas == [4, 4, 2, 0]  # pre-verify, two post-verify rounds, closing with 1 left
+    assert verified == [1, 4, 4, 1]
+    assert observed == [(1, 1), (4, 4), (4, 4), (1, 1)]
+
+
 class _FixedClock:
     """A phase clock whose every round took the given times."""
 

@@ -479,6 +479,19 @@ def test_bad_inputs(device, gen):
             run_op(inputs, num_keep=3, weights=weights)
     with pytest.raises(RuntimeError, match="queries must be non-empty"):  # D = 0: no 1/sqrt(0)
         _call(inputs, queries=q[..., :0], keys=k[..., :0])
+    # The wrapper's default scale leaves a bad shape to the op too (no ZeroDivisionError, no
+    # IndexError on a 0-d tensor).
+    with pytest.raises(RuntimeError, match="queries must be non-empty"):
+        run_op({**inputs, "queries": q[..., :0], "keys": k[..., :0]}, num_keep=3)
+    with pytest.raises(RuntimeError, match="queries must have 4 dimensions"):
+        run_op({**inputs, "queries": q[0, 0, 0, 0]}, num_keep=3)
+    # int64's bounds: the last values in are passed on (the op then judges them), the first out named.
+    for number in (2**63, -(2**63) - 1):
+        with pytest.raises(ValueError, match=f"num_keep must fit in int64, got {number}"):
+            run_op(inputs, num_keep=number)
+    for number in (2**63 - 1, -(2**63)):
+        with pytest.raises(RuntimeError, match=rf"num_keep must lie in \[0, {grid_tokens}\], got {number}"):
+            run_op(inputs, num_keep=number)
 
 
 @requires_cuda

@@ -508,6 +508,51 @@ def test_verify_sampling_bad_input(edit, match):
         verify_sampling(**args)
 
 
+def _with_wrapper_checks(monkeypatch):
+    """The host-side value checks the wrapper runs for CUDA tensors, run on the CPU too, ahead of
+    the C++ op's own (whose messages go on with ", got <value> at flat position ...")."""
+    import hippo_ext.verification as module
+
+    monkeypatch.setattr(module, "wants_value_check", lambda tensor, check: check)
+    return module
+
+
+def _sampling_ok() -> dict:
+    return dict(draft_tokens=torch.zeros(2, 3, dtype=torch.long), draft_probs=torch.rand(2, 3, 10),
+                target_probs=torch.rand(2, 4, 10), uniforms=torch.rand(2, 4))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda a: a["uniforms"].__setitem__((0, 1), float("nan")), r"uniforms values must lie in \[0, 1\]$"),
+    (lambda a: a["uniforms"].__setitem__((1, 3), 1.5), r"uniforms values must lie in \[0, 1\]$"),
+    (lambda a: a["uniforms"].__setitem__((1, 0), -0.25), r"uniforms values must lie in \[0, 1\]$"),
+    (lambda a: a["draft_probs"].__setitem__((1, 2, 0), float("nan")),
+     r"draft_probs must be finite and non-negative \(probabilities\)$"),
+    (lambda a: a["target_probs"].__setitem__((0, 3, 7), -0.5),
+     r"target_probs must be finite and non-negative \(probabilities\)$"),
+    (lambda a: a["target_probs"].__setitem__((1, 0), float("inf")),
+     r"target_probs must be finite and non-negative \(probabilities\)$"),
+])
+def test_verify_sampling_wrapper_value_checks(monkeypatch, edit, match):
+    """What the CUDA path refuses before its kernel runs (a NaN uniform would reject every draft
+    in silence), checked on the CPU."""
+    module = _with_wrapper_checks(monkeypatch)
+    args = _sampling_ok()
+    edit(args)
+    with pytest.raises(RuntimeError, match=match):
+        module.verify_sampling(**args)
+
+
+def test_verify_sampling_wrapper_value_checks_pass_the_bounds(monkeypatch):
+    """Uniforms of exactly 0 and 1, and probabilities of exactly 0, are valid."""
+    module = _with_wrapper_checks(monkeypatch)
+    args = _sampling_ok()
+    args["uniforms"][0] = torch.tensor([0.0, 1.0, 0.0, 1.0])
+    args["draft_probs"][1, :, 4:] = 0.0
+    args["target_probs"][0, 2:] = 0.0
+    module.verify_sampling(**args)
+
+
 @pytest.mark.parametrize("parents, tokens, match", [
     ([[-1, 0, 2]], [[0, 0, 0]], r"parents\[0, 2\] must lie in \[-1, 2\)"),
     ([[-1, -2, 0]], [[0, 0, 0]], r"parents\[0, 1\] must lie in \[-1, 1\)"),
