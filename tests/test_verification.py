@@ -481,6 +481,29 @@ def test_verify_greedy_bad_input(make, match):
         verify_greedy(*make(*_greedy_ok()))
 
 
+# Bad values of verify_sampling's inputs: (edit, message, how the C++ op's message goes on; the
+# wrapper's host-side check, run for CUDA tensors, stops before that).
+_UNIFORMS = r"uniforms values must lie in \[0, 1\]"
+_PROBABILITIES = r"_probs must be finite and non-negative \(probabilities\)"
+BAD_SAMPLING_VALUES = [
+    # A NaN or out-of-range uniform would silently reject every draft.
+    (lambda a: a["uniforms"].__setitem__((0, 1), float("nan")), _UNIFORMS, ""),
+    (lambda a: a["uniforms"].__setitem__((1, 3), 1.5), _UNIFORMS, ""),
+    (lambda a: a["uniforms"].__setitem__((1, 0), -0.25), _UNIFORMS, ""),
+    # A NaN q(x) or p(x) would read as a rejection, and negative or infinite mass skew the draw.
+    (lambda a: a["draft_probs"].__setitem__((1, 2, 0), float("nan")), "draft" + _PROBABILITIES,
+     ", got nan at flat position 50"),
+    (lambda a: a["target_probs"].__setitem__((0, 3, 7), -0.5), "target" + _PROBABILITIES,
+     r", got -0.5 at flat position 37 \(1 such values\)"),
+    (lambda a: a["target_probs"].__setitem__((1, 0), float("inf")), "target" + _PROBABILITIES, ""),
+]
+
+
+def _sampling_ok() -> dict:
+    return dict(draft_tokens=torch.zeros(2, 3, dtype=torch.long), draft_probs=torch.rand(2, 3, 10),
+                target_probs=torch.rand(2, 4, 10), uniforms=torch.rand(2, 4))
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda a: a.update(uniforms=a["uniforms"].double()), "uniforms must be Float"),
     (lambda a: a.update(uniforms=a["uniforms"][:, :3]), r"g\+1 = 4 columns"),
@@ -489,20 +512,9 @@ def test_verify_greedy_bad_input(make, match):
     (lambda a: a.update(draft_probs=a["draft_probs"][:, :2]), "g = 3 rows"),
     (lambda a: a.update(target_probs=a["target_probs"][:, :3]), r"g\+1 = 4 rows"),
     (lambda a: a.update(draft_tokens=a["draft_tokens"] + 10), r"values must lie in \[0, 10\)"),
-    # A NaN or out-of-range uniform would silently reject every draft.
-    (lambda a: a["uniforms"].__setitem__((0, 1), float("nan")), r"uniforms values must lie in \[0, 1\]"),
-    (lambda a: a["uniforms"].__setitem__((1, 3), 1.5), r"uniforms values must lie in \[0, 1\]"),
-    (lambda a: a["uniforms"].__setitem__((1, 0), -0.25), r"uniforms values must lie in \[0, 1\]"),
-    # A NaN q(x) or p(x) would read as a rejection, and negative or infinite mass skew the draw.
-    (lambda a: a["draft_probs"].__setitem__((1, 2, 0), float("nan")),
-     r"draft_probs must be finite and non-negative \(probabilities\), got nan at flat position 50"),
-    (lambda a: a["target_probs"].__setitem__((0, 3, 7), -0.5),
-     r"target_probs must be finite and non-negative.*got -0.5 at flat position 37 \(1 such values\)"),
-    (lambda a: a["target_probs"].__setitem__((1, 0), float("inf")), r"target_probs must be finite"),
-])
+] + [(edit, message + op_goes_on) for edit, message, op_goes_on in BAD_SAMPLING_VALUES])
 def test_verify_sampling_bad_input(edit, match):
-    args = dict(draft_tokens=torch.zeros(2, 3, dtype=torch.long), draft_probs=torch.rand(2, 3, 10),
-                target_probs=torch.rand(2, 4, 10), uniforms=torch.rand(2, 4))
+    args = _sampling_ok()
     edit(args)
     with pytest.raises(RuntimeError, match=match):
         verify_sampling(**args)
@@ -517,22 +529,8 @@ def _with_wrapper_checks(monkeypatch):
     return module
 
 
-def _sampling_ok() -> dict:
-    return dict(draft_tokens=torch.zeros(2, 3, dtype=torch.long), draft_probs=torch.rand(2, 3, 10),
-                target_probs=torch.rand(2, 4, 10), uniforms=torch.rand(2, 4))
-
-
-@pytest.mark.parametrize("edit, match", [
-    (lambda a: a["uniforms"].__setitem__((0, 1), float("nan")), r"uniforms values must lie in \[0, 1\]$"),
-    (lambda a: a["uniforms"].__setitem__((1, 3), 1.5), r"uniforms values must lie in \[0, 1\]$"),
-    (lambda a: a["uniforms"].__setitem__((1, 0), -0.25), r"uniforms values must lie in \[0, 1\]$"),
-    (lambda a: a["draft_probs"].__setitem__((1, 2, 0), float("nan")),
-     r"draft_probs must be finite and non-negative \(probabilities\)$"),
-    (lambda a: a["target_probs"].__setitem__((0, 3, 7), -0.5),
-     r"target_probs must be finite and non-negative \(probabilities\)$"),
-    (lambda a: a["target_probs"].__setitem__((1, 0), float("inf")),
-     r"target_probs must be finite and non-negative \(probabilities\)$"),
-])
+@pytest.mark.parametrize("edit, match", [(edit, message + "$")
+                                         for edit, message, _ in BAD_SAMPLING_VALUES])
 def test_verify_sampling_wrapper_value_checks(monkeypatch, edit, match):
     """What the CUDA path refuses before its kernel runs (a NaN uniform would reject every draft
     in silence), checked on the CPU."""
