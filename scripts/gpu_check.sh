@@ -236,10 +236,11 @@ PY
       # at a 7B/0.5B agreement pair with 32 frames.
       run_parallel_cuda_tests "-s" test_speculative_cuda test_speculative_greedy \
         test_speculative_sampling test_preserve
-      [ "$phase" = speculative ] || { echo "=== $phase took $((SECONDS - started)) s"; pack; continue; }
-      PYTHONPATH=python:. timeout "${SPECULATIVE_TIMEOUT:-400}" $PY benchmarks/bench_speculative.py --preset 7b \
-        --json "$LOGS/speculative.json" ${SPECULATIVE_ARGS:-} 2>&1 | tee "$LOGS/speculative.md" | tail -30 \
-        || fail speculative
+      if [ "$phase" = speculative ]; then
+        PYTHONPATH=python:. timeout "${SPECULATIVE_TIMEOUT:-400}" $PY benchmarks/bench_speculative.py --preset 7b \
+          --json "$LOGS/speculative.json" ${SPECULATIVE_ARGS:-} 2>&1 | tee "$LOGS/speculative.md" | tail -30 \
+          || fail speculative
+      fi
       ;;
     e2e)
       # hippo demo, then the end-to-end benchmark (7B/0.5B agreement pair, 32 frames, three

@@ -179,7 +179,6 @@ def test_the_bench_figure_says_what_its_methods_left_out():
 def test_the_bench_figure_draws_each_method_s_speedup_against_the_pair_s_mat(tmp_path, monkeypatch):
     """One line per (method, frames), its points in MAT order; rows without the pair's MAT or a
     speedup over HF generate are left out. The figure is closed once written."""
-    pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
     from hippo.bench.plot import plot_speedup_vs_mat
