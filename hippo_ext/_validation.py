@@ -50,13 +50,15 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def as_int(value: object, op: str, name: str) -> int | torch.SymInt:
-    """An integer argument (Python's or numpy's) that the op's int64 schema can take; 2.7 is
-    refused, not truncated to 2, and 2**64 named, not left to the schema's parser. A SymInt
-    (a size traced by torch.compile or torch.export) passes as it is: operator.index would
-    specialise it to its current value."""
+    """An integer argument (Python's or numpy's) that the op's int64 schema can take; 2.7 and
+    True are refused, not read as 2 and 1, and 2**64 named, not left to the schema's parser. A
+    SymInt (a size traced by torch.compile or torch.export) passes as it is: operator.index
+    would specialise it to its current value."""
     if isinstance(value, torch.SymInt):  # torch.export's traced size
         return value
-    if isinstance(value, int) and not isinstance(value, bool):  # also a traced size, to Dynamo
+    if isinstance(value, bool):  # an int to operator.index; num_keep=True is a slip, not 1
+        raise TypeError(f"{op}: {name} must be an integer, got the bool {value!r}")
+    if isinstance(value, int):  # also a traced size, to Dynamo
         number = value
     else:
         try:

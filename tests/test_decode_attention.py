@@ -607,6 +607,13 @@ def test_bad_inputs(device, case):
         _call(make_bad(_good(device)))
 
 
+@pytest.mark.parametrize("layer", [1.7, True, "1"])
+def test_layer_must_be_an_integer(device, layer):
+    # Not truncated to 1 or read as 1: the wrong layer would be a silent wrong answer.
+    with pytest.raises(TypeError, match=f"decode_attention: layer must be an integer, got .*{layer!r}"):
+        _call({**_good(device), "layer": layer})
+
+
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("moved", ["query", "length", "tree_mask"])

@@ -386,6 +386,7 @@ QKV_BAD_INPUTS = {
     "norm_weight_size": (lambda a: {**a, "norm_weight": a["norm_weight"][:63]},
                          "norm_weight has 63 entries"),
     "layer_not_an_integer": (lambda a: {**a, "layer": 1.7}, "layer must be an integer"),
+    "layer_a_bool": (lambda a: {**a, "layer": True}, "layer must be an integer, got the bool"),
     "length_in_the_cache": (  # read while the cache is written
         lambda a: {**a, "length": a["cache"].view(-1).view(torch.uint8)[:8 * a["length"].numel()]
                    .view(torch.long).copy_(a["length"])},

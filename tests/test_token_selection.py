@@ -472,6 +472,8 @@ def test_bad_inputs(device, gen):
             False, 1.0, 1.0, 1.0, 0.25)
     with pytest.raises(TypeError, match="num_keep must be an integer"):
         run_op(inputs, num_keep=2.7)
+    with pytest.raises(TypeError, match="num_keep must be an integer, got the bool True"):
+        run_op(inputs, num_keep=True)  # would keep one token
     with pytest.raises(ValueError, match="num_keep must fit in int64"):
         run_op(inputs, num_keep=2**64)
     for weights in ((1.0, 1.0), (1.0, 1.0, 1.0, 1.0)):
