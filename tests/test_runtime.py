@@ -719,7 +719,8 @@ def test_bad_steps_are_refused_before_the_cache_moves():
 
 def test_steps_refuse_float_ids_and_positions_before_the_cache_moves():
     """As prefill does: float position ids were cut to integers in silence (4.7 -> 4), and
-    float token ids failed inside the embedding lookup after the cache length had advanced."""
+    float token ids failed inside the embedding lookup after the cache length had advanced, as
+    ids out of the vocabulary did (an unnamed IndexError on the CPU)."""
     model, _ = build("qwen2")
     runtime = LanguageModelRuntime.from_hf(model, max_seq_len=16)
     runtime.prefill(runtime.embed(torch.zeros(1, 4, dtype=torch.long)), linear_positions(4))
@@ -727,10 +728,15 @@ def test_steps_refuse_float_ids_and_positions_before_the_cache_moves():
     for bad_ids, bad_positions, message in [
             (ids, linear_positions(1, 4) + 0.7, "position_ids must be an integer tensor"),
             (ids.float(), linear_positions(1, 4), "input_ids must be an integer tensor"),
-            (ids, [[4]], "position_ids must be an integer tensor")]:
+            (ids, [[4]], "position_ids must be an integer tensor"),
+            (ids + VOCAB, linear_positions(1, 4),
+             rf"^input_ids must lie in \[0, {VOCAB}\), got ids from {VOCAB} to {VOCAB}$"),
+            (torch.tensor([[3, -1]]), linear_positions(2, 4), "got ids from -1 to 3")]:
         with pytest.raises(HippoError, match=message):
             runtime.step(bad_ids, bad_positions)
         assert runtime.length == 4
+    # The last id of the vocabulary is in.
+    assert runtime.step(ids + VOCAB - 1, linear_positions(1, 4)).shape == (1, 1, VOCAB)
 
 
 def test_queries_are_refused_for_a_batch_above_one():

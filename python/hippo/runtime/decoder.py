@@ -337,13 +337,17 @@ class LanguageModelRuntime:
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """[B, S] token ids -> [B, S, hidden] input embeddings."""
         check_index_tensor("input_ids", input_ids, "an integer tensor of token ids")
-        # Checked here, not by the lookup: out of range, it is a device-side assert on CUDA.
+        self._check_token_range(input_ids)
+        return self.text_model.embed_tokens(input_ids.to(self.device))
+
+    def _check_token_range(self, input_ids: torch.Tensor) -> None:
+        """Checked here, not by the lookup: out of range, it is a device-side assert on CUDA and
+        an unnamed IndexError on the CPU."""
         if input_ids.numel():
             low, high = torch.aminmax(input_ids.long())
             if int(low) < 0 or int(high) >= self.vocab_rows:
                 raise HippoError(f"input_ids must lie in [0, {self.vocab_rows}), got ids from "
                                  f"{int(low)} to {int(high)}")
-        return self.text_model.embed_tokens(input_ids.to(self.device))
 
     def rollback(self, length: int | torch.Tensor) -> None:
         """Forget every cached position from `length` on (int, or a device tensor [B])."""
@@ -402,10 +406,13 @@ class LanguageModelRuntime:
         With CUDA graphs the returned tensor is the graph's static output buffer: the next step
         of the same n overwrites it, so clone what must survive.
         """
-        # dtype checks only (no host sync): floats would be cut to integers, or fail in the
-        # embedding lookup once the cache length had moved.
+        # dtype checks (floats would be cut to integers, or fail in the embedding lookup once
+        # the cache length had moved), and the id range of ids on the CPU, where it costs no
+        # sync; ids already on a GPU (every step of a decoding loop there) go unchecked.
         check_index_tensor("input_ids", input_ids, "an integer tensor of token ids")
         check_index_tensor("position_ids", position_ids)
+        if not input_ids.is_cuda:
+            self._check_token_range(input_ids)
         batch, count = input_ids.shape
         self._check_batch(batch)
         if not 1 <= count <= MAX_STEP_TOKENS:
