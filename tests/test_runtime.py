@@ -739,6 +739,46 @@ def test_steps_refuse_float_ids_and_positions_before_the_cache_moves():
     assert runtime.step(ids + VOCAB - 1, linear_positions(1, 4)).shape == (1, 1, VOCAB)
 
 
+def _failing_once(monkeypatch, runtime, error: Exception):
+    """Make the runtime's next layer pass raise `error` (after the cache length advanced)."""
+    logits = runtime._logits
+
+    def fail(*args, **kwargs):
+        monkeypatch.setattr(runtime, "_logits", logits)
+        raise error
+
+    monkeypatch.setattr(runtime, "_logits", fail)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen2_5_vl"])
+def test_a_step_or_prefill_that_fails_part_way_leaves_the_cache_as_it_was(monkeypatch, family):
+    """Memory running out in a long prefill, or any error after the length advanced, left the
+    cache longer than what it held: the next prefill or step then attended to scratch
+    positions or was refused for room. The length comes back, and the runtime goes on as if the
+    failed call had never been made."""
+    model, positions_for = build(family)
+    failing = LanguageModelRuntime.from_hf(model, max_seq_len=24)
+    clean = LanguageModelRuntime.from_hf(model, max_seq_len=24)
+    prompt = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(0))
+    embeds = failing.embed(prompt)
+    _failing_once(monkeypatch, failing, torch.OutOfMemoryError("out of memory"))
+    with pytest.raises(torch.OutOfMemoryError):
+        failing.prefill(embeds, positions_for(16))
+    assert failing.length == 0 and failing.cache.length.tolist() == [0]
+    for runtime in (failing, clean):
+        runtime.prefill(embeds, positions_for(16))
+    ids = torch.tensor([[7, 8, 9]])
+    _failing_once(monkeypatch, failing, RuntimeError("a kernel failed"))
+    with pytest.raises(RuntimeError, match="a kernel failed"):
+        failing.step(ids, positions_for(3, 16))
+    assert failing.length == 16 and failing.cache.length.tolist() == [16]
+    # The cache still has room for the 8 positions left, and the steps equal a clean runtime's.
+    for count in (3, 5):
+        args = ids.repeat(1, 2)[:, :count], positions_for(count, failing.length)
+        torch.testing.assert_close(failing.step(*args), clean.step(*args), atol=0, rtol=0)
+    assert failing.length == clean.length == 24
+
+
 def test_queries_are_refused_for_a_batch_above_one():
     """Token selection reads the queries of one prompt: a batch of two is refused, not answered
     with row 0's queries."""
@@ -1474,6 +1514,40 @@ def test_thousand_graph_steps_with_rollbacks_do_not_grow_memory(dtype, hidden, b
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() == baseline
     assert graphed.length == 16 and graphed.cache.length.tolist() == [16]
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_a_failed_capture_gives_the_stream_and_the_length_back(monkeypatch):
+    """An error inside a graph capture invalidates it, and torch.cuda.graph's exit, whose
+    capture_end then raises, left its capture stream current: the caller's later work ran
+    there, unordered with its own stream. The caller's stream and the cache length come back,
+    and the next step of that size captures and replays as the eager path runs."""
+    model, positions_for = cuda_model("qwen2", 256)
+    model.to(torch.bfloat16)
+    graphed = LanguageModelRuntime.from_hf(model, max_seq_len=48)
+    eager = LanguageModelRuntime.from_hf(model, max_seq_len=48, use_cuda_graphs=False)
+    ids = torch.randint(0, VOCAB, (1, 19), device="cuda")
+    positions = positions_for(19).cuda()
+    for runtime in (graphed, eager):
+        runtime.prefill(runtime.embed(ids[:, :16]), positions[..., :16])
+    body = graphed.step_body
+
+    def syncing_while_capturing(*args):
+        logits = body(*args)
+        if torch.cuda.is_current_stream_capturing():
+            logits.sum().item()  # a host sync: not permitted inside a capture
+        return logits
+
+    monkeypatch.setattr(graphed, "step_body", syncing_while_capturing)
+    stream = torch.cuda.current_stream()
+    args = ids[:, 16:19], positions[..., 16:19]
+    with pytest.raises(RuntimeError):
+        graphed.step(*args)
+    assert torch.cuda.current_stream() == stream
+    assert graphed.length == 16 and graphed.cache.length.tolist() == [16]
+    monkeypatch.setattr(graphed, "step_body", body)
+    torch.testing.assert_close(graphed.step(*args).clone(), eager.step(*args), atol=0, rtol=0)
 
 
 def test_capture_steps_is_a_no_op_without_graphs_and_checks_counts():

@@ -118,13 +118,22 @@ class StepGraphs:
         # advanced is restored afterwards.
         saved_length = cache.length.clone()
         current = torch.cuda.current_stream(device)
-        self.stream.wait_stream(current)
-        with torch.cuda.stream(self.stream):
-            runtime.step_body(input_ids, positions, key_limit)
-        current.wait_stream(self.stream)
-        cache.length.copy_(saved_length)
+        try:
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                runtime.step_body(input_ids, positions, key_limit)
+            current.wait_stream(self.stream)
+            cache.length.copy_(saved_length)
 
-        graph = torch.cuda.CUDAGraph()
-        with no_garbage_collection(), torch.cuda.graph(graph, stream=self.stream):
-            logits = runtime.step_body(input_ids, positions, key_limit)
+            graph = torch.cuda.CUDAGraph()
+            with no_garbage_collection(), torch.cuda.graph(graph, stream=self.stream):
+                logits = runtime.step_body(input_ids, positions, key_limit)
+        except Exception:
+            # torch.cuda.graph leaves its capture stream current when ending an invalidated
+            # capture raises (what an error inside the capture leads to): the caller's stream
+            # comes back, and the length the warm-up may have advanced.
+            torch.cuda.set_stream(current)
+            current.wait_stream(self.stream)
+            cache.length.copy_(saved_length)
+            raise
         return CapturedStep(graph, input_ids, positions, logits)

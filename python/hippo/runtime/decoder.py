@@ -380,11 +380,6 @@ class LanguageModelRuntime:
         row_starts = self.cache.length.clone() if self.cache.host_length is None else None
         if row_starts is not None:  # reserve() checks only a length the host knows
             self.cache.check_room(start, seq_len, "prefill")
-        self.cache.reserve(seq_len, "prefill")
-        self.cache.advance(seq_len)
-
-        hidden = inputs_embeds.to(device=self.device, dtype=self.dtype).contiguous()
-        cos, sin = self._rotary_tables(hidden, positions)
         queries = {}
 
         def attend(index: int, q: torch.Tensor) -> torch.Tensor:
@@ -392,7 +387,12 @@ class LanguageModelRuntime:
                 queries[index] = q[0, seq_len - query_len:].transpose(0, 1).clone()
             return self._prefill_attention(index, q, start, row_starts)
 
-        logits = self._logits(hidden, cos, sin, attend, last_only=not all_logits)
+        with self.cache.restored_on_error():
+            self.cache.reserve(seq_len, "prefill")
+            self.cache.advance(seq_len)
+            hidden = inputs_embeds.to(device=self.device, dtype=self.dtype).contiguous()
+            cos, sin = self._rotary_tables(hidden, positions)
+            logits = self._logits(hidden, cos, sin, attend, last_only=not all_logits)
         ordered = [queries[layer] for layer in query_layers]
         return PrefillResult(logits, torch.stack(ordered) if ordered else None)
 
@@ -423,10 +423,11 @@ class LanguageModelRuntime:
                              f"tokens, got {count} (at most {rows} rows of batch x tokens, "
                              f"batch {batch})")
         positions = self._normalise_positions(position_ids, batch, count)
-        self.cache.reserve(count, "step")
-        if self._graphs is not None:
-            return self._graphs.run(input_ids, positions)
-        return self.step_body(input_ids.to(self.device), positions, self._eager_key_limit())
+        with self.cache.restored_on_error():
+            self.cache.reserve(count, "step")
+            if self._graphs is not None:
+                return self._graphs.run(input_ids, positions)
+            return self.step_body(input_ids.to(self.device), positions, self._eager_key_limit())
 
     @autocast_off
     def capture_steps(self, counts: Iterable[int]) -> None:

@@ -8,6 +8,8 @@ change of the length alone.
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -100,6 +102,20 @@ class StaticKVCache:
         index = positions[:, None, :, None].expand_as(keys)
         self.keys(layer).scatter_(2, index, keys)
         self.values(layer).scatter_(2, index, values)
+
+    @contextmanager
+    def restored_on_error(self) -> Iterator[None]:
+        """An append that raises part-way (memory running out in a long prefill, a CUDA graph
+        capture failing) leaves the length where it found it, on the host and the device, so
+        that the cache stays usable: when the host knows that length (no sync to learn it)."""
+        start = self.host_length
+        try:
+            yield
+        except Exception:
+            if start is not None:
+                self.length.fill_(start)
+                self.host_length = start
+            raise
 
     def advance(self, count: int) -> None:
         """Add `count` to the device length (in place, capturable)."""
