@@ -1,7 +1,8 @@
 """add_rms_norm_linear, silu_and_mul_linear and qkv_projection (one kernel: the norm or the
 gating inside skinny_linear's FMA kernel, and for qkv_projection RoPE and the cache append after
-it) against what the runtime runs by default in their place: the standalone hippo_ext ops around
-cuBLAS (two or three kernels), at the 7B- and 0.5B-shaped layer GEMMs that follow an RMSNorm
+it) against the standalone hippo_ext ops around cuBLAS (two or three kernels: what the runtime
+runs in their place in verify steps; its decode steps, with fma_decode, run the GEMM on
+skinny_linear's FMA kernel instead), at the 7B- and 0.5B-shaped layer GEMMs that follow an RMSNorm
 (q/k/v, gate/up) or the gating (down), for decode and verify widths. The floor is the weight
 bytes once. On the CPU (where both sides are the same composition) small shapes run as a smoke
 test. The fused kernel runs with its plan of K slices per output pair and with one slice (what

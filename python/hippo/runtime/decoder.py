@@ -58,7 +58,7 @@ GEMM_PROLOGUE_OPS = ("qkv_projection", "add_rms_norm_linear", "silu_and_mul_line
 # cuBLAS's stays flat up to 17 rows: with it, a 5-token verify step of the 0.5B model took 2.2x
 # as long as with cuBLAS (H200, 2026-11-27). fma_decode's GEMMs take the FMA kernel in the same
 # steps: one row, where it beat cuBLAS (H200, 2026-11-28: 0.5B decode step 0.76 ms against 0.98,
-# 7B 4.22 against 4.57; verify steps of 5 and 9 tokens 1.2-2.8x slower).
+# 7B 4.22 against 4.57; verify steps of 5 and 9 tokens 1.2-2.7x slower).
 FMA_GEMM_MAX_ROWS = 1
 
 # attend(layer index, post-RoPE queries [B, S, Hq, D]) -> attention output [B, S, Hq * D]

@@ -3,7 +3,8 @@
 Greedy speculative decoding emits exactly the target's argmax tokens, but "the target's logits"
 differ by rounding with the shape of the step that computes them: a verify step over g + 1
 tokens and a one-token step may round the same logit differently (cuBLAS and CPU BLAS pick their
-kernels, and so the order of their sums, by the number of rows). Where the target's two best
+kernels, and so the order of their sums, by the number of rows; on CUDA the runtime's one-token
+steps run their GEMMs on skinny_linear's FMA kernel, fma_decode). Where the target's two best
 logits lie within that rounding of each other, it can flip the argmax, and the two outputs part
 there (`step_invariant=True` rules it out). Any other parting is a bug.
 This module tells the two apart: it recomputes the target's logits at the first differing token
