@@ -28,6 +28,15 @@
 # each), ATTENTION_TIMEOUT, GEMM_TIMEOUT, BUILD_TIMEOUT, SPECULATIVE_ARGS, SPECULATIVE_TIMEOUT,
 # E2E_ARGS.
 set -uo pipefail
+PHASES="build toolchain probe tests fast ptx bench sanitize profile attention gemm ncu speculative
+speculative_tests runtime e2e"
+usage() { sed -n '2,/^set -uo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; echo "Phases: "$PHASES; }
+case " ${*:--h} " in *" -h "*|*" --help "*) usage; exit 0 ;; esac
+# Every phase named is checked before any runs: a misspelt last phase found after the build and
+# the tests would have spent their device time for nothing.
+for phase in "$@"; do
+  [[ " "$(echo $PHASES)" " == *" $phase "* ]] || { echo "unknown phase $phase"; usage; exit 2; }
+done
 OUT=${OUT:-/tmp/hippo_out}
 LOGS=${LOGS:-$(mktemp -d /tmp/hippo_logs.XXXXXX)}
 mkdir -p "$OUT" "$LOGS"

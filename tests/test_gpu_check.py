@@ -57,3 +57,24 @@ def test_logs_come_back_in_two_files_and_a_failed_phase_fails_the_run(tmp_path):
     assert "=== runtime" in (out / "summary.txt").read_text()
     with tarfile.open(out / "logs.tgz") as logs:
         assert "./runtime.md" in logs.getnames()
+
+
+def test_the_phase_list_is_the_case_statement_s():
+    """The names checked before any phase runs are the phases the script has."""
+    listed = re.search(r'^PHASES="([^"]*)"', SCRIPT.read_text(), re.M).group(1).split()
+    labels = re.findall(r"^    ([a-z0-9_|]+)\)$", SCRIPT.read_text(), re.M)
+    assert sorted(listed) == sorted(name for label in labels for name in label.split("|"))
+
+
+@pytest.mark.parametrize("args,code", [(["build", "fast", "speculatve"], 2), (["--help"], 0),
+                                       ([], 0)])
+def test_a_misspelt_phase_or_help_runs_nothing(tmp_path, args, code):
+    """A misspelt last phase was found after the build and the tests had spent their device
+    time; it now stops the script before anything runs (no build, no $OUT), as --help does."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), LOGS=str(tmp_path / "logs"))
+    run = subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == code, run.stdout + run.stderr
+    assert "Phases: build toolchain" in run.stdout
+    assert ("unknown phase speculatve" in run.stdout) == (code == 2)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "logs").exists()
