@@ -113,12 +113,13 @@ class Row:
     hippo_ms: float
     hf_ms: float | None
     floor_ms: float | None
-    variant_ms: dict[str, float | None] | None = None  # the same step in each VARIANTS runtime
+    variant_ms: dict[str, float | None] | None = None  # the same step in each variant runtime
 
-    def cells(self) -> list[str]:
+    def cells(self, variants: list[str]) -> list[str]:
+        """The row's cells, with a column for each of `variants` (the runs asked for)."""
         ratio = f"{self.hippo_ms / self.floor_ms:.2f}x" if self.floor_ms else "n/a"
         speedup = f"{self.hf_ms / self.hippo_ms:.1f}x" if self.hf_ms else "n/a"
-        variants = [_fmt((self.variant_ms or {}).get(name)) for name in VARIANTS]
+        variants = [_fmt((self.variant_ms or {}).get(name)) for name in variants]
         return [self.model, str(self.context), self.what, f"{self.hippo_ms:.3f}", *variants,
                 _fmt(self.hf_ms), _fmt(self.floor_ms), ratio, speedup]
 
@@ -354,9 +355,10 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
     return rows
 
 
-def markdown_header(device: torch.device, dtype: torch.dtype) -> str:
+def markdown_header(device: torch.device, dtype: torch.dtype, variants: list[str]) -> str:
+    """The table's head: a column per variant asked for (none with --no-variants)."""
     name = device_name(device)
-    header = ["model", "context", "step", "hippo ms", *(f"hippo {name} ms" for name in VARIANTS),
+    header = ["model", "context", "step", "hippo ms", *(f"hippo {name} ms" for name in variants),
               "HF eager ms", "floor ms", "hippo / floor", "HF / hippo"]
     bw = bandwidth(device)
     floors = (f"floors at {bw[0] / 1e12:.2f} TB/s ({bw[1]})" if bw
@@ -367,8 +369,8 @@ def markdown_header(device: torch.device, dtype: torch.dtype) -> str:
     return "\n".join(lines)
 
 
-def markdown_rows(rows: list[Row]) -> str:
-    return "\n".join("| " + " | ".join(row.cells()) + " |" for row in rows)
+def markdown_rows(rows: list[Row], variants: list[str]) -> str:
+    return "\n".join("| " + " | ".join(row.cells(variants)) + " |" for row in rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -380,10 +382,11 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("bench_runtime needs a CUDA GPU (or --tiny for a CPU smoke test)")
         device, dtype = torch.device("cuda"), torch.bfloat16
     # Rows are printed per model as they are measured, so that a run cut short keeps its tables.
-    print(markdown_header(device, dtype), flush=True)
+    print(markdown_header(device, dtype, args.variants), flush=True)
     with torch.no_grad():
         for shape in args.models.split(","):
-            print(markdown_rows(bench_model(shape.strip(), args, device, dtype)), flush=True)
+            rows = bench_model(shape.strip(), args, device, dtype)
+            print(markdown_rows(rows, args.variants), flush=True)
 
 
 if __name__ == "__main__":

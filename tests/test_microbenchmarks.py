@@ -40,6 +40,28 @@ def test_bench_runtime_smoke_test_runs_on_the_cpu() -> None:
     rows = [line for line in done.stdout.splitlines() if line.startswith("| tiny |")]
     assert any("| decode (1) |" in row for row in rows)
     assert any("| verify (9) |" in row for row in rows)
+    header = next(line for line in done.stdout.splitlines() if line.startswith("| model |"))
+    assert all(row.count("|") == header.count("|") for row in rows)
+
+
+def test_bench_runtime_tables_hold_the_variants_asked_for(monkeypatch) -> None:
+    """A column per variant asked for, in the order asked: unasked ones printed n/a in every
+    row, like a step a variant refused."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_runtime
+    asked = list(bench_runtime.VARIANTS)[:2][::-1]
+    row = bench_runtime.Row("7b", 6400, "decode (1)", 4.0, None, 3.0,
+                            {asked[0]: 5.0, asked[1]: None})
+    for variants in ([], asked[:1], asked):
+        header = bench_runtime.markdown_header(torch.device("cpu"), torch.float32, variants)
+        columns = header.splitlines()[2].split(" | ")
+        assert [c for c in columns if c.startswith("hippo ") and c != "hippo ms"] == [
+            f"hippo {name} ms" for name in variants] + ["hippo / floor"]
+        cells = row.cells(variants)
+        assert len(cells) == len(columns)
+        assert cells[4:4 + len(variants)] == ["5.000", "n/a"][:len(variants)]
+    assert bench_runtime.parse_args(["--variants", ",".join(asked)]).variants == asked
+    assert bench_runtime.parse_args(["--no-variants"]).variants == []
 
 
 def test_floor_bandwidth_is_recorded_only_for_the_lent_cards(monkeypatch) -> None:
