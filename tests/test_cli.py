@@ -614,10 +614,11 @@ def test_non_finite_logits_are_a_one_line_error(capsys, monkeypatch, mode, sampl
     _assert_one_line_error(capsys, argv, "next-token logits after the prompt are not finite")
 
 
-def test_a_draft_whose_probabilities_are_not_finite_is_a_one_line_error(capsys, monkeypatch):
+@pytest.mark.parametrize("sampling", [("--temperature", "0.7"), ()])
+def test_a_draft_whose_logits_are_not_finite_is_a_one_line_error(capsys, monkeypatch, sampling):
     """The target's logits are finite (its prefill passes the check), the draft's are NaN: the
-    sampling verification refuses the draft's probabilities mid-generation, and the one line
-    says it may be either model."""
+    round that reads its first draft step names the draft (greedy decoding went on in silence,
+    accepting nothing)."""
     import hippo.models
 
     load = hippo.models.load_adapter
@@ -629,10 +630,44 @@ def test_a_draft_whose_probabilities_are_not_finite_is_a_one_line_error(capsys, 
         return adapter
 
     monkeypatch.setattr(hippo.models, "load_adapter", draft_overflowing)
-    _assert_one_line_error(capsys, _generate("--temperature", "0.7", "--mode", "sequential",
-                                             "--gamma", "3"),
-                           "a model's (the target's or the draft's) next-token probabilities "
-                           "are not finite")
+    _assert_one_line_error(capsys, _generate(*sampling, "--mode", "sequential", "--gamma", "3"),
+                           "the draft's next-token logits are not finite (NaN or inf, "
+                           "torch.float32) at new token 2")
+
+
+@pytest.mark.parametrize("sampling", [("--temperature", "0.7"), ()])
+@pytest.mark.parametrize("mode", ["ar", "parallel"])
+def test_logits_turning_non_finite_mid_generation_are_a_one_line_error(capsys, monkeypatch, mode,
+                                                                         sampling):
+    """The prompt's logits are finite, the target's turn NaN from its third step on: greedy
+    decoding printed token 0 for ever and exited 0; now one line names the model and the
+    token."""
+    import hippo.models
+    from hippo.runtime.decoder import LanguageModelRuntime
+
+    load, targets = hippo.models.load_adapter, []
+
+    def recorded(name, *args, **kwargs):
+        adapter = load(name, *args, **kwargs)
+        if name == PAIR[1]:
+            targets.append(adapter)
+        return adapter
+
+    step, calls = LanguageModelRuntime.step, []
+
+    def spoilt_step(self, *args, **kwargs):
+        logits = step(self, *args, **kwargs)
+        if self.lm_head is targets[0].lm_head:
+            calls.append(1)
+            if len(calls) >= 3:
+                logits = torch.full_like(logits, float("nan"))
+        return logits
+
+    monkeypatch.setattr(hippo.models, "load_adapter", recorded)
+    monkeypatch.setattr(LanguageModelRuntime, "step", spoilt_step)
+    argv = _generate_ar(*sampling) if mode == "ar" else _generate(*sampling, "--mode", mode)
+    whose = "the model's" if mode == "ar" else "the target's"
+    _assert_one_line_error(capsys, argv, f"{whose} next-token logits are not finite")
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -645,6 +645,93 @@ def test_logits_that_overflow_float16_are_a_clear_error_also_when_greedy(mode, o
         pipeline.generate(sample_video_path(), "what moves?", 8, num_frames=2)
 
 
+
+def _spoil(logits: torch.Tensor, value: str) -> None:
+    """Logits as an overflowing model gives them: all NaN, or one +inf (whose argmax looks
+    like any other token)."""
+    if value == "nan":
+        logits.fill_(float("nan"))
+    else:
+        logits[..., 7] = float("inf")
+
+
+NON_FINITE_PAIRS = [("qwen2_5_vl", "small-draft", 0), ("llava_onevision", "perturbed-copy", 1)]
+
+
+@pytest.mark.parametrize("column, value", [(2, "nan"), (11, "inf")])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("mode", ["ar", "sequential", "parallel"])
+@pytest.mark.parametrize("family, kind, seed", NON_FINITE_PAIRS)
+def test_target_logits_turning_non_finite_mid_generation_are_a_clear_error(
+        monkeypatch, family, kind, seed, mode, temperature, column, value):
+    """Logits that overflow after the prompt (its logits pass the prefill's check): greedy
+    decoding emitted their argmax in silence (token 0 for ever with NaN, AR and speculative
+    alike) and a round of the target alone sampled token 0; sampling elsewhere failed with
+    torch's or verify_sampling's RuntimeError. Every mode names the first token whose logits
+    are not finite, the same one: row `column` and the ones after it are spoilt (12 tokens:
+    column 11 is the last, a round of the target alone in sequential decoding)."""
+    from hippo.runtime.decoder import LanguageModelRuntime
+    from hippo.speculative import SamplingOptions
+
+    target, draft = make_pair(family, kind, seed)
+    pipeline = HippoPipeline(target, draft, mode=mode, gamma=3)
+    prompts = pipeline.prepare(sample_frames(family, 4), "what moves?")
+    step = LanguageModelRuntime.step
+
+    def spoilt_step(self, input_ids, position_ids):
+        logits = step(self, input_ids, position_ids)
+        if self is pipeline.runtime("target"):
+            # row r was fed the token at cache position length - n + r and chooses the next
+            first = self.length - input_ids.shape[1] + 1 - prompts[0].length
+            logits = logits.clone()
+            _spoil(logits[:, max(column - first, 0):], value)
+        return logits
+
+    monkeypatch.setattr(LanguageModelRuntime, "step", spoilt_step)
+    sampling = SamplingOptions(temperature, seed=0 if temperature else None)
+    whose = "the model's" if mode == "ar" else "the target's"
+    with pytest.raises(HippoError, match=f"{whose} next-token logits are not finite .* at new "
+                                         f"token {column + 1}:"):
+        pipeline.generate_prepared(*prompts, 12, sampling, None)
+    monkeypatch.setattr(LanguageModelRuntime, "step", step)
+    assert len(pipeline.generate_prepared(*prompts, 12, sampling, None).tokens) == 12
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+@pytest.mark.parametrize("family, kind, seed", NON_FINITE_PAIRS)
+def test_draft_logits_turning_non_finite_mid_generation_are_a_clear_error(
+        monkeypatch, family, kind, seed, mode, temperature, value):
+    """The draft's logits overflow from its third step on: its argmax or sample is no
+    proposal (greedy decoding stayed right but accepted nothing, in silence; sampling failed
+    with verify_sampling's RuntimeError on the CPU, and would verify a token that was never
+    drawn from the draft's distribution where the check is off). The round that read it
+    names the draft."""
+    from hippo.runtime.decoder import LanguageModelRuntime
+    from hippo.speculative import SamplingOptions
+
+    target, draft = make_pair(family, kind, seed)
+    pipeline = HippoPipeline(target, draft, mode=mode, gamma=3)
+    prompts = pipeline.prepare(sample_frames(family, 4), "what moves?")
+    step, calls = LanguageModelRuntime.step, []
+
+    def spoilt_step(self, input_ids, position_ids):
+        logits = step(self, input_ids, position_ids)
+        if self is pipeline.runtime("draft"):
+            calls.append(len(calls))
+            if len(calls) >= 3:
+                logits = logits.clone()
+                _spoil(logits, value)
+        return logits
+
+    monkeypatch.setattr(LanguageModelRuntime, "step", spoilt_step)
+    sampling = SamplingOptions(temperature, seed=0 if temperature else None)
+    with pytest.raises(HippoError, match="the draft's next-token logits are not finite"):
+        pipeline.generate_prepared(*prompts, 12, sampling, None)
+    assert len(calls) >= 3
+
+
 def _with_rope(adapter, rope_parameters: dict, max_positions: int) -> None:
     """The adapter's language model with another RoPE (as its config.json could ask)."""
     text = adapter.text_model

@@ -158,13 +158,37 @@ def check_finite_logits(logits: torch.Tensor) -> None:
                      "or a dtype that overflow? try bfloat16 or float32 (--dtype)")
 
 
+def finite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[..., V] logits -> [...] bool: every logit of the row is finite (no NaN, no inf). Stays
+    on the device, two kernels (a row sum, whose NaN or inf any non-finite logit makes, summed
+    in float32 so that fp16 rows of large finite logits do not overflow it; then isfinite):
+    callers read it with a token they read anyway, so the check adds no host synchronisation."""
+    return torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
+
+
+def non_finite_logits_error(whose: str, new_token: int, dtype: torch.dtype) -> HippoError:
+    """The error of logits that turned NaN or inf during a generation; new_token counts the
+    generated tokens from 1 (the one the logits were to choose)."""
+    return HippoError(f"{whose} next-token logits are not finite (NaN or inf, {dtype}) at new "
+                      f"token {new_token}: weights or a dtype that overflow? try bfloat16 or "
+                      "float32 (--dtype)")
+
+
 def choose_next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
                       top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
-    """[B, V] logits -> [B] next tokens: argmax when temperature == 0, else a sample."""
+    """[B, V] logits -> [B] next tokens: argmax when temperature == 0, else a sample; -1 for a
+    row whose logits are not finite (the argmax of NaNs is token 0, of an inf its id: no choice
+    at all), so that reading the token refuses it without a host synchronisation of its own."""
+    finite = finite_rows(logits)
     if temperature == 0.0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(warp_logits(logits, temperature, top_k, top_p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        token = logits.argmax(dim=-1)
+    else:
+        probs = torch.softmax(warp_logits(logits, temperature, top_k, top_p), dim=-1)
+        # A non-finite row's probabilities are NaN, which torch.multinomial refuses with a bare
+        # RuntimeError on the CPU: it draws from ones instead, and its token is -1 below.
+        probs = torch.nan_to_num(probs, nan=1.0)
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.where(finite, token, -1)
 
 
 @torch.no_grad()
@@ -189,7 +213,7 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     prefill = runtime.prefill(prompt.inputs_embeds, prompt.position_ids)
     check_finite_logits(prefill.logits[:, -1])
     token = choose_next_token(prefill.logits[:, -1], temperature, top_k, top_p, generator)
-    result = GenerationResult(tokens=[int(token.item())])
+    result = GenerationResult(tokens=[int(token.item())])  # finite: checked above
     result.prefill_s = time.perf_counter() - started
 
     positions = prompt.generated_positions(0, fed_token_count(max_new_tokens)).to(runtime.device)
@@ -202,7 +226,10 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
             break
         logits = runtime.step(token[:, None], positions[..., index:index + 1])
         token = choose_next_token(logits[:, -1], temperature, top_k, top_p, generator)
-        result.tokens.append(int(token.item()))
+        value = int(token.item())  # the step's one synchronisation; -1: logits not finite
+        if value < 0:
+            raise non_finite_logits_error("the model's", len(result.tokens) + 1, logits.dtype)
+        result.tokens.append(value)
     synchronize()
     result.decode_s = time.perf_counter() - started
     return result

@@ -14,7 +14,7 @@ import torch
 
 import hippo_ext
 from hippo.models.base import HippoError, is_int
-from hippo.runtime.autoregressive import SamplingOptions, warp_logits
+from hippo.runtime.autoregressive import SamplingOptions, finite_rows, warp_logits
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -30,10 +30,13 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -
 @dataclass
 class Verdict:
     """Device tensors [1] of one verification: how many candidates were accepted and the token
-    emitted after them (a correction, or the bonus when all were and a bonus row was given)."""
+    emitted after them (a correction, or the bonus when all were and a bonus row was given);
+    target_finite [rows], whether each of the target's rows of logits is finite (None: not
+    checked), read with the verdict."""
 
     num_accepted: torch.Tensor
     next_token: torch.Tensor
+    target_finite: torch.Tensor | None = None
 
 
 class TokenAcceptance:
@@ -111,12 +114,21 @@ class TokenAcceptance:
         if rows.shape[1] != count + 1:
             raise HippoError(f"verification of {count} candidates needs {count + 1} target rows "
                              f"(bonus) or {count} (no bonus), got {target_logits.shape[1]}")
+        finite = finite_rows(target_logits[0])
         if self.greedy:
             accepted, token = hippo_ext.verify_greedy(candidates, rows, check=False)
-            return Verdict(accepted, token)
+            return Verdict(accepted, token, finite)
         target_probs = self.probabilities(rows)
+        draft_probs = draft_probs.to(target_probs.device)
+        if not target_probs.is_cuda:
+            # Non-finite logits (either model's) give NaN probabilities, which the CPU op's
+            # value check refuses with a bare RuntimeError: zeros instead, and the decoder
+            # refuses the round by name when it reads the finite flags with the verdict. (The
+            # CUDA op checks no values: a NaN reads as a rejection there.)
+            target_probs = torch.nan_to_num(target_probs, nan=0.0)
+            draft_probs = torch.nan_to_num(draft_probs, nan=0.0)
         uniforms = torch.rand(1, count + 1, device=rows.device,
                               generator=self.generator(rows.device))
         accepted, token = hippo_ext.verify_sampling(
-            candidates, draft_probs.to(target_probs.device), target_probs, uniforms, check=False)
-        return Verdict(accepted, token)
+            candidates, draft_probs, target_probs, uniforms, check=False)
+        return Verdict(accepted, token, finite)

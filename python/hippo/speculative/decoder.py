@@ -13,7 +13,8 @@ from collections.abc import Callable
 import torch
 
 from hippo.models.base import HippoError
-from hippo.runtime.autoregressive import eos_id_set, fed_token_count, new_token_count
+from hippo.runtime.autoregressive import (eos_id_set, fed_token_count, finite_rows,
+                                          new_token_count, non_finite_logits_error)
 from hippo.runtime.decoder import LanguageModelRuntime
 from hippo.speculative.acceptance import TokenAcceptance, Verdict
 from hippo.speculative.draft_length import DraftLength
@@ -43,6 +44,9 @@ class SpeculativeDecoder:
         self.emitted: list[int] = []
         self.emitted_in_round = 0  # how many tokens the round's settle emitted
         self.finished = False
+        # (column, [1] bool on the draft's device) of each draft step since the last verdict:
+        # whether its logits were finite, read with the round's verdict.
+        self.draft_finite: list[tuple[int, torch.Tensor]] = []
 
     # ------------------------------------------------------------------------------ emitting
 
@@ -107,6 +111,7 @@ class SpeculativeDecoder:
                 logits = draft.feed(last + index + 1)
                 token, token_probs = self.acceptance.propose(logits[:, -1])
                 draft.tokens[:, last + index + 1] = token
+                self.draft_finite.append((last + index + 1, finite_rows(logits[:, -1])))
                 probs.append(token_probs)
         self.stats.draft_steps += len(probs)
         return len(probs), probs
@@ -126,9 +131,38 @@ class SpeculativeDecoder:
                                                    non_blocking=True)
 
     def read_verdict(self, verdict: Verdict, candidates: torch.Tensor) -> tuple[int, int, list[int]]:
-        """(accepted count, next token, candidate values): the round's one synchronisation."""
-        values = torch.cat([verdict.num_accepted, verdict.next_token, candidates[0]]).tolist()
-        return int(values[0]), int(values[1]), [int(v) for v in values[2:]]
+        """(accepted count, next token, candidate values): the round's one synchronisation. It
+        reads the finite flags of the target's rows and of the round's draft steps too, and
+        refuses logits that are NaN or inf: the target's in a row it used (up to the first
+        rejection; the rows after it, fed rejected drafts, are never AR's), the draft's in any
+        step (its argmax or sample is no proposal, and sampling's verification assumes one)."""
+        target_rows = [] if verdict.target_finite is None else [verdict.target_finite]
+        drafts, self.draft_finite = self.draft_finite, []
+        device = candidates.device
+        flags = [flag.to(device, non_blocking=True) for _, flag in drafts]
+        values = torch.cat([verdict.num_accepted, verdict.next_token, candidates[0],
+                            *target_rows, *flags]).tolist()
+        count = candidates.shape[1]
+        accepted, token = int(values[0]), int(values[1])
+        split = len(values) - len(flags)
+        first = len(self.emitted)  # the column target row 0 chooses (candidate 0's)
+        used_rows = values[2 + count:split][:accepted + 1]
+        bad = next((first + row for row, finite in enumerate(used_rows) if not finite), None)
+        if bad is not None:
+            raise non_finite_logits_error("the target's", bad + 1, self.target.runtime.dtype)
+        bad = next((column for (column, _), finite in zip(drafts, values[split:])
+                    if not finite), None)
+        if bad is not None:
+            raise non_finite_logits_error("the draft's", bad + 1, self.draft.runtime.dtype)
+        return accepted, token, [int(v) for v in values[2:2 + count]]
+
+    def choose_alone(self, logits: torch.Tensor, column: int) -> int:
+        """The target's token from [1, V] logits without a draft (a round of the target alone),
+        read with its finite flag in one synchronisation."""
+        token, finite = torch.cat([self.acceptance.choose(logits), finite_rows(logits)]).tolist()
+        if not finite:
+            raise non_finite_logits_error("the target's", column + 1, self.target.runtime.dtype)
+        return int(token)
 
     def end_round(self, gamma: int, drafted_steps: int, accepted: int = 0,
                   candidates: int = 0) -> None:

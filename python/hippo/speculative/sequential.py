@@ -38,6 +38,6 @@ def verify_with_bonus(decoder: SpeculativeDecoder, last: int, count: int,
 def target_only_round(decoder: SpeculativeDecoder, last: int) -> None:
     """One autoregressive target step (the last token of a generation needs no draft)."""
     logits = decoder.target_step(last + 1)
-    token = int(decoder.acceptance.choose(logits[:, -1]).item())
+    token = decoder.choose_alone(logits[:, -1], last + 1)
     decoder.settle([], token)
     decoder.end_round(0, 0)
