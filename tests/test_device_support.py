@@ -131,6 +131,24 @@ def test_asking_the_runtime_for_kernels_that_do_not_run_is_an_error_with_the_rea
         decoder._check_gemm_prologues_possible(True, True, False, CUDA)
 
 
+# (requested, device, fused, skinny_gemm, gemm_prologues) -> fma_decode
+FMA_DECODE_CHOICES = [
+    ((None, CUDA, True, False, False), True),  # the CUDA fused path's default
+    ((False, CUDA, True, False, False), False),  # cuBLAS asked for (the bench's column)
+    ((None, CUDA, False, False, False), False),  # HF's modules: no GEMM of its own to choose
+    ((None, CUDA, True, True, False), False),  # skinny_gemm (and step_invariant) choose theirs
+    ((None, CUDA, True, False, True), False),  # so do the prologue ops
+    ((None, torch.device("cpu"), True, False, False), False),  # slower than BLAS there
+    ((True, torch.device("cpu"), True, False, False), True),
+]
+
+
+@pytest.mark.parametrize("args,expected", FMA_DECODE_CHOICES)
+def test_fma_decode_is_chosen_for_cuda_where_no_other_option_picks_the_gemms(args, expected):
+    """The choice the CUDA runtime makes (tests/test_runtime.py asks a real GPU), on the CPU."""
+    assert decoder._choose_fma_decode(*args) is expected
+
+
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
 def test_hippo_decoding_on_a_gpu_the_kernels_do_not_run_on_is_refused(uncovered_gpu, mode):
     models = [SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=CUDA)]

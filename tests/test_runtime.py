@@ -813,6 +813,20 @@ def test_bad_cache_lengths_and_options_are_clear_errors():
             LanguageModelRuntime.from_hf(model, max_seq_len=8, **{option: value})
     with pytest.raises(HippoError, match=r"unknown step_attention 'flash'; choose one of \("):
         LanguageModelRuntime.from_hf(model, max_seq_len=8, step_attention="flash")
+    with pytest.raises(HippoError, match="use_cuda_graphs=True needs the model on a CUDA device"):
+        LanguageModelRuntime.from_hf(model, max_seq_len=8, use_cuda_graphs=True)
+
+
+def test_sliding_window_layers_are_refused():
+    """The runtime's steps attend to every cached position: a model with sliding-window layers
+    is refused by name, not decoded with attention its layers do not have."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert "sliding_attention" in config.layer_types
+    with pytest.raises(HippoError, match="sliding-window attention layers are not supported"):
+        LanguageModelRuntime.from_hf(Qwen2ForCausalLM(config).eval(), max_seq_len=16)
 
 
 def test_static_cache_layout_and_rollback():
@@ -1126,6 +1140,56 @@ def test_cuda_fma_decode_by_default(options, expected):
     model = model.to(device="cuda", dtype=torch.bfloat16)
     runtime = LanguageModelRuntime.from_hf(model, max_seq_len=32, **options)
     assert runtime.fma_decode == expected
+
+
+def test_the_default_cpu_runtime_runs_its_gemms_on_aten(monkeypatch):
+    """Built directly with its defaults on the CPU: a batch of one, eager, the fused path, and
+    every GEMM of prefill, decode and verify steps on ATen's linear (skinny_linear's CPU
+    reference is slower than BLAS; it runs only when an option asks for it)."""
+    model, positions_for = build("qwen2")
+    ids = torch.randint(0, VOCAB, (1, 12))
+    calls = count_calls(monkeypatch, hippo_ext, ("skinny_linear",) + GEMM_PROLOGUE_OPS)
+    runtime = LanguageModelRuntime(model.model, model.lm_head, 16)
+    assert runtime.cache.batch == 1 and runtime.fused is not None
+    assert (runtime.use_cuda_graphs, runtime.skinny_gemm, runtime.fma_decode,
+            runtime.gemm_prologues, runtime.step_invariant) == (False, False, False, False, False)
+    runtime.prefill(runtime.embed(ids[:, :8]), positions_for(8))
+    runtime.step(ids[:, 8:9], positions_for(1, 8))
+    runtime.step(ids[:, 9:12], positions_for(3, 9))
+    assert calls == []
+
+
+@pytest.mark.parametrize("option", ["skinny_gemm", "fma_decode", "gemm_prologues"])
+def test_skinny_linear_gets_the_runtimes_own_workspace_sized_for_its_widest_gemm(monkeypatch,
+                                                                                  option):
+    """skinny_linear's split-K semaphores: every call of a runtime's steps passes that runtime's
+    own workspace (a draft and a target on two streams must not share one, nor a CUDA graph
+    capture find none), holding the widest GEMM: here the fused gate/up (2 x 128 outputs),
+    wider than the output head (96)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=96, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = Qwen2ForCausalLM(config).eval()
+    ids = torch.randint(0, 96, (1, 12))
+    workspaces = []
+    skinny_linear = hippo_ext.skinny_linear
+
+    def recorded(*args, workspace=None, **kwargs):
+        workspaces.append(workspace)
+        return skinny_linear(*args, workspace=workspace, **kwargs)
+    monkeypatch.setattr(hippo_ext, "skinny_linear", recorded)
+    runtimes = [LanguageModelRuntime.from_hf(model, max_seq_len=16, **{option: True})
+                for _ in range(2)]
+    own = []
+    for runtime in runtimes:
+        workspaces.clear()
+        runtime.prefill(runtime.embed(ids[:, :8]), linear_positions(8))
+        runtime.step(ids[:, 8:9], linear_positions(1, 8))
+        assert workspaces and workspaces[0] is not None
+        assert all(workspace is workspaces[0] for workspace in workspaces)
+        own.append(workspaces[0])
+    assert own[0] is not own[1]
 
 
 def test_gemm_prologues_need_the_fused_path_and_no_step_invariance():
