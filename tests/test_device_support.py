@@ -12,7 +12,7 @@ import torch
 import hippo_ext
 from hippo.models.base import HippoError
 from hippo.pipeline import check_kernels_run
-from hippo.runtime import decoder
+from hippo.runtime import kernel_choice
 from hippo_ext import _device_support
 from hippo_testing import requires_cuda
 
@@ -102,33 +102,33 @@ def uncovered_gpu(simulated_gpu):
 
 
 def test_the_runtime_runs_hf_modules_and_sdpa_where_the_kernels_do_not_run(uncovered_gpu):
-    assert decoder._choose_fused(None, CUDA, SILU_TEXT_MODEL) is False
-    assert decoder._choose_step_attention(None, CUDA, torch.bfloat16, 128) == "sdpa"
-    assert decoder._choose_step_attention("sdpa", CUDA, torch.bfloat16, 128) == "sdpa"
-    assert decoder._choose_fused(False, CUDA, SILU_TEXT_MODEL) is False
+    assert kernel_choice.choose_fused(None, CUDA, SILU_TEXT_MODEL) is False
+    assert kernel_choice.choose_step_attention(None, CUDA, torch.bfloat16, 128) == "sdpa"
+    assert kernel_choice.choose_step_attention("sdpa", CUDA, torch.bfloat16, 128) == "sdpa"
+    assert kernel_choice.choose_fused(False, CUDA, SILU_TEXT_MODEL) is False
 
 
 def test_the_runtime_uses_the_kernels_where_they_run(simulated_gpu):
-    assert decoder._choose_fused(None, CUDA, SILU_TEXT_MODEL) is True
-    assert decoder._choose_step_attention(None, CUDA, torch.bfloat16, 128) == "hippo_ext"
+    assert kernel_choice.choose_fused(None, CUDA, SILU_TEXT_MODEL) is True
+    assert kernel_choice.choose_step_attention(None, CUDA, torch.bfloat16, 128) == "hippo_ext"
     # decode_attention's CUDA kernel takes bf16/fp16 and head dims 64/80/128: SDPA otherwise.
     for dtype, head_dim in ((torch.float32, 128), (torch.float16, 96)):
-        assert decoder._choose_step_attention(None, CUDA, dtype, head_dim) == "sdpa"
+        assert kernel_choice.choose_step_attention(None, CUDA, dtype, head_dim) == "sdpa"
         with pytest.raises(HippoError, match="step_attention='hippo_ext' has no kernel for cuda"):
-            decoder._choose_step_attention("hippo_ext", CUDA, dtype, head_dim)
+            kernel_choice.choose_step_attention("hippo_ext", CUDA, dtype, head_dim)
     # On the CPU SDPA is HF's path; step_invariant asks for decode_attention's reference.
     cpu = torch.device("cpu")
-    assert decoder._choose_step_attention(None, cpu, torch.float32, 96) == "sdpa"
-    assert decoder._choose_step_attention(None, cpu, torch.float32, 96, True) == "hippo_ext"
+    assert kernel_choice.choose_step_attention(None, cpu, torch.float32, 96) == "sdpa"
+    assert kernel_choice.choose_step_attention(None, cpu, torch.float32, 96, True) == "hippo_ext"
 
 
 def test_asking_the_runtime_for_kernels_that_do_not_run_is_an_error_with_the_reason(uncovered_gpu):
     with pytest.raises(HippoError, match="fused=True cannot run: Simulated has compute capab"):
-        decoder._choose_fused(True, CUDA, SILU_TEXT_MODEL)
+        kernel_choice.choose_fused(True, CUDA, SILU_TEXT_MODEL)
     with pytest.raises(HippoError, match="step_attention='hippo_ext' has no kernel for cuda"):
-        decoder._choose_step_attention("hippo_ext", CUDA, torch.bfloat16, 128)
+        kernel_choice.choose_step_attention("hippo_ext", CUDA, torch.bfloat16, 128)
     with pytest.raises(HippoError, match="gemm_prologues=True cannot run: Simulated has"):
-        decoder._check_gemm_prologues_possible(True, True, False, CUDA)
+        kernel_choice.check_gemm_prologues_possible(True, True, False, CUDA)
 
 
 # (requested, device, fused, skinny_gemm, gemm_prologues) -> fma_decode
@@ -146,7 +146,7 @@ FMA_DECODE_CHOICES = [
 @pytest.mark.parametrize("args,expected", FMA_DECODE_CHOICES)
 def test_fma_decode_is_chosen_for_cuda_where_no_other_option_picks_the_gemms(args, expected):
     """The choice the CUDA runtime makes (tests/test_runtime.py asks a real GPU), on the CPU."""
-    assert decoder._choose_fma_decode(*args) is expected
+    assert kernel_choice.choose_fma_decode(*args) is expected
 
 
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
@@ -159,8 +159,8 @@ def test_hippo_decoding_on_a_gpu_the_kernels_do_not_run_on_is_refused(uncovered_
 
 def test_on_other_devices_the_runtime_runs_hf_modules_and_hippo_decoding_is_refused():
     mps = torch.device("mps")
-    assert decoder._choose_fused(None, mps, SILU_TEXT_MODEL) is False
-    assert decoder._choose_step_attention(None, mps, torch.float16, 128) == "sdpa"
+    assert kernel_choice.choose_fused(None, mps, SILU_TEXT_MODEL) is False
+    assert kernel_choice.choose_step_attention(None, mps, torch.float16, 128) == "sdpa"
     with pytest.raises(HippoError, match="parallel decoding on mps needs hippo_ext's kernels"):
         check_kernels_run([SimpleNamespace(device=mps)], "parallel")
 

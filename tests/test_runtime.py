@@ -12,7 +12,7 @@ from hippo.models.base import HippoError, PreparedPrompt
 from hippo_testing import chi_square, chi_square_critical, requires_cuda
 from hippo.runtime import (LanguageModelRuntime, StaticKVCache, choose_next_token,
                            generate_autoregressive, warp_logits)
-from hippo.runtime.decoder import FMA_GEMM_MAX_ROWS, GEMM_PROLOGUE_OPS
+from hippo.runtime.kernel_choice import FMA_GEMM_MAX_ROWS, GEMM_PROLOGUE_OPS
 
 VOCAB = 512
 ATOL = 2e-5
@@ -1316,17 +1316,17 @@ def test_step_invariant_refuses_gemm_widths_cublas_would_take():
     one head of 80 (hidden 80) cannot be step-invariant there; the CPU reference takes any K."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from hippo.runtime import decoder
+    from hippo.runtime import kernel_choice
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=80, intermediate_size=160,
                          num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1)
     model = Qwen2ForCausalLM(config).eval()
     layers, head = list(model.model.layers), model.lm_head
-    decoder._check_row_invariant_gemm_widths(layers, head, torch.device("cpu"))
+    kernel_choice.check_row_invariant_gemm_widths(layers, head, torch.device("cpu"))
     even, _ = build("qwen2")  # hidden 64, intermediate 128: every K a multiple of 32
-    decoder._check_row_invariant_gemm_widths(list(even.model.layers), even.lm_head,
-                                             torch.device("cuda"))
+    kernel_choice.check_row_invariant_gemm_widths(list(even.model.layers), even.lm_head,
+                                                  torch.device("cuda"))
     with pytest.raises(HippoError, match=r"multiples of 32 on CUDA .*got \[80\]"):
-        decoder._check_row_invariant_gemm_widths(layers, head, torch.device("cuda"))
+        kernel_choice.check_row_invariant_gemm_widths(layers, head, torch.device("cuda"))
 
 
 @requires_cuda

@@ -4,15 +4,15 @@ The weights are borrowed, never copied (q/k/v and gate/up are concatenated once,
 parameters becoming views: fused_projections.py), and the arithmetic is HF's: each layer runs
 as nine ops, hippo_ext's fused RMSNorm (residual add included), RoPE plus cache append and
 SwiGLU gating around four GEMMs and the attention, each rounding where HF's modules round
-(`fused=False` runs HF's modules themselves). Around that: a static KV cache (static_cache.py), prefill from input embeddings
-with explicit position ids, and decode/verify steps of static shape that CUDA graphs capture
-(cuda_graphs.py). Works for Qwen2 (1-D RoPE: LLaVA-OneVision, LLaVA-Video) and for the text
-model of Qwen2.5-VL (M-RoPE, position ids [3, B, S]).
+(`fused=False` runs HF's modules themselves). Around that: a static KV cache (static_cache.py),
+prefill from input embeddings with explicit position ids, and decode/verify steps of static
+shape that CUDA graphs capture (cuda_graphs.py), on the kernels that kernel_choice.py picks for
+the device and the options. Works for Qwen2 (1-D RoPE: LLaVA-OneVision, LLaVA-Video) and for the
+text model of Qwen2.5-VL (M-RoPE, position ids [3, B, S]).
 """
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
@@ -25,6 +25,11 @@ from typing_extensions import TypedDict, Unpack  # a dependency of torch (typing
 import hippo_ext
 from hippo.models.base import HippoError, is_int
 from hippo.runtime.fused_projections import fuse_layer_projections
+from hippo.runtime.kernel_choice import (FMA_GEMM_MAX_ROWS, check_gemm_prologues_possible,
+                                         check_row_invariant_gemm_widths,
+                                         check_step_invariance_possible, choose_fma_decode,
+                                         choose_fused, choose_step_attention,
+                                         step_invariant_max_rows, widest_output)
 from hippo.runtime.static_cache import StaticKVCache
 
 
@@ -40,26 +45,7 @@ class RuntimeOptions(TypedDict, total=False):
     step_invariant: bool
 
 
-STEP_ATTENTION_BACKENDS = ("sdpa", "hippo_ext")
 MAX_STEP_TOKENS = 64  # decode_attention's query-block limit
-# skinny_linear's tensor-core kernel takes up to 32 rows (batch x tokens); it hands larger steps
-# to cuBLAS, whose rows depend on the step size.
-STEP_INVARIANT_MAX_TOKENS = 32
-# With HIPPO_SKINNY_KERNEL=fma its FMA kernel takes up to 16 rows and more run tensor cores,
-# which round otherwise: a step_invariant runtime's steps then hold at most 16 rows.
-SKINNY_FMA_MAX_ROWS = 16
-# The tensor-core kernel takes K % 32 == 0; other widths run cuBLAS.
-SKINNY_KEY_BLOCK = 32
-# The GEMMs with the norm or gating in front of them, and RoPE behind q/k/v (gemm_prologues=True).
-GEMM_PROLOGUE_OPS = ("qkv_projection", "add_rms_norm_linear", "silu_and_mul_linear")
-# Steps of at most this many rows (batch x tokens) run those ops; wider steps (verify steps,
-# batched decode steps, prefill of more than one token) run the norms, gating and RoPE apart
-# around cuBLAS. The ops' CUDA kernel does plain FMAs whose cost grows with every row, where
-# cuBLAS's stays flat up to 17 rows: with it, a 5-token verify step of the 0.5B model took 2.2x
-# as long as with cuBLAS (H200, 2026-11-27). fma_decode's GEMMs take the FMA kernel in the same
-# steps: one row, where it beat cuBLAS (H200, 2026-11-28: 0.5B decode step 0.76 ms against 0.98,
-# 7B 4.22 against 4.57; verify steps of 5 and 9 tokens 1.2-2.7x slower).
-FMA_GEMM_MAX_ROWS = 1
 
 # attend(layer index, post-RoPE queries [B, S, Hq, D]) -> attention output [B, S, Hq * D]
 AttendFn = Callable[[int, torch.Tensor], torch.Tensor]
@@ -249,9 +235,9 @@ class LanguageModelRuntime:
 
         self.cache = StaticKVCache(len(self.layers), batch, self.num_kv_heads, max_seq_len,
                                    self.head_dim, dtype=self.dtype, device=self.device)
-        self.step_attention = _choose_step_attention(step_attention, self.device, self.dtype,
-                                                     self.head_dim, step_invariant)
-        use_fused = _choose_fused(fused, self.device, text_model)
+        self.step_attention = choose_step_attention(step_attention, self.device, self.dtype,
+                                                    self.head_dim, step_invariant)
+        use_fused = choose_fused(fused, self.device, text_model)
         is_cuda = self.device.type == "cuda"
         self.use_cuda_graphs: bool = is_cuda if use_cuda_graphs is None else use_cuda_graphs
         if self.use_cuda_graphs and not is_cuda:
@@ -261,11 +247,11 @@ class LanguageModelRuntime:
             _reject_dynamic_rope(self.rotary_emb)
             from hippo.runtime.cuda_graphs import StepGraphs
             self._graphs = StepGraphs(self)
-        _check_gemm_prologues_possible(gemm_prologues, use_fused, step_invariant, self.device)
+        check_gemm_prologues_possible(gemm_prologues, use_fused, step_invariant, self.device)
         self.gemm_prologues = gemm_prologues
         if step_invariant:
-            _check_step_invariance_possible(self.device, self.step_attention, use_fused)
-            _check_row_invariant_gemm_widths(self.layers, lm_head, self.device)
+            check_step_invariance_possible(self.device, self.step_attention, use_fused)
+            check_row_invariant_gemm_widths(self.layers, lm_head, self.device)
             _reject_step_dependent_rope(self.rotary_emb)
             if batch > step_invariant_max_rows():  # every step would be refused, even decode's
                 raise HippoError(f"step_invariant=True holds for steps of up to "
@@ -276,11 +262,11 @@ class LanguageModelRuntime:
         if skinny_gemm and not use_fused:
             raise HippoError("skinny_gemm=True needs the fused layer path (fused=True)")
         self.skinny_gemm = skinny_gemm
-        self.fma_decode: bool = _choose_fma_decode(fma_decode, self.device, use_fused,
-                                                   skinny_gemm, gemm_prologues)
+        self.fma_decode: bool = choose_fma_decode(fma_decode, self.device, use_fused,
+                                                  skinny_gemm, gemm_prologues)
         # Split-K semaphores of skinny_linear: one workspace per runtime, hence per stream.
         self._gemm_workspace = (
-            hippo_ext.skinny_linear_workspace(_widest_output(self.layers, lm_head), self.device)
+            hippo_ext.skinny_linear_workspace(widest_output(self.layers, lm_head), self.device)
             if skinny_gemm or gemm_prologues or self.fma_decode else None)
         # The first layer's residual in a step that runs the prologue ops (one row: B = S = 1).
         self._zero_residual = (
@@ -717,133 +703,6 @@ class LanguageModelRuntime:
         if bad:
             raise HippoError(f"query layers {bad} out of range 0..{len(self.layers) - 1}")
         return layers
-
-
-DECODE_ATTENTION_CUDA_DTYPES = (torch.bfloat16, torch.float16)
-DECODE_ATTENTION_CUDA_HEAD_DIMS = (64, 80, 128)
-
-
-def _decode_attention_supports(device: torch.device, dtype: torch.dtype,
-                               head_dim: int) -> bool:
-    """Whether hippo_ext.decode_attention has a kernel for this device, dtype and head dim (its
-    CUDA kernel takes bf16/fp16 and head dims 64, 80, 128; the CPU reference takes all)."""
-    if hippo_ext.kernels_unsupported(device) is not None:
-        return False
-    return device.type != "cuda" or (dtype in DECODE_ATTENTION_CUDA_DTYPES
-                                     and head_dim in DECODE_ATTENTION_CUDA_HEAD_DIMS)
-
-
-def _choose_step_attention(requested: str | None, device: torch.device, dtype: torch.dtype,
-                           head_dim: int, step_invariant: bool = False) -> str:
-    """hippo_ext on CUDA where its kernel applies, SDPA otherwise (and on the CPU by default,
-    where it is what HF runs, unless step_invariant asks for the CPU reference's rows)."""
-    if requested is None:
-        wanted = device.type == "cuda" or step_invariant
-        use_kernel = wanted and _decode_attention_supports(device, dtype, head_dim)
-        return "hippo_ext" if use_kernel else "sdpa"
-    if requested not in STEP_ATTENTION_BACKENDS:
-        raise HippoError(f"unknown step_attention {requested!r}; choose one of "
-                         f"{STEP_ATTENTION_BACKENDS}")
-    if requested == "hippo_ext" and not _decode_attention_supports(device, dtype, head_dim):
-        raise HippoError(
-            f"step_attention='hippo_ext' has no kernel for {device.type}, {dtype}, head dim "
-            f"{head_dim} (CUDA: bf16/fp16, head dim 64/80/128, a GPU the build covers); "
-            "use step_attention='sdpa'")
-    return requested
-
-
-def _widest_output(layers: Sequence[nn.Module], lm_head: nn.Module) -> int:
-    """The most output features of any GEMM of a step (the output head, normally)."""
-    mlp, attention = layers[0].mlp, layers[0].self_attn
-    qkv = sum(p.out_features for p in (attention.q_proj, attention.k_proj, attention.v_proj))
-    return max(qkv, attention.o_proj.out_features, 2 * mlp.gate_proj.out_features,
-               mlp.down_proj.out_features, lm_head.out_features)
-
-
-def _check_step_invariance_possible(device: torch.device, step_attention: str,
-                                    fused: bool) -> None:
-    """step_invariant rests on hippo_ext's kernels, whose rows do not depend on the step size
-    (on CUDA and in the CPU references; cuBLAS, CPU BLAS and SDPA give no such promise)."""
-    if step_attention != "hippo_ext" or not fused:
-        raise HippoError(
-            "step_invariant=True needs step_attention='hippo_ext' and the fused layer path (got "
-            f"device {device.type}, step_attention={step_attention!r}, fused={fused}): its "
-            "guarantee rests on hippo_ext's kernels (CUDA: bf16/fp16, head dim 64, 80 or 128)")
-
-
-def step_invariant_max_rows() -> int:
-    """The most rows (batch x tokens) a step_invariant step may hold: those skinny_linear's
-    kernel of the moment keeps independent of the row count (read when the step runs, as the
-    kernel reads HIPPO_SKINNY_KERNEL when it is launched or captured)."""
-    fma = os.environ.get("HIPPO_SKINNY_KERNEL") == "fma"
-    return SKINNY_FMA_MAX_ROWS if fma else STEP_INVARIANT_MAX_TOKENS
-
-
-def _check_row_invariant_gemm_widths(layers: Sequence[nn.Module], lm_head: nn.Module,
-                                     device: torch.device) -> None:
-    """On CUDA skinny_linear hands GEMMs whose K is not a multiple of 32 to cuBLAS, whose rows
-    depend on the step size: step_invariant could not hold for them."""
-    if device.type != "cuda":
-        return
-    attention, mlp = layers[0].self_attn, layers[0].mlp
-    widths = {attention.q_proj.in_features, attention.o_proj.in_features,
-              mlp.down_proj.in_features, lm_head.in_features}
-    odd = sorted(k for k in widths if k % SKINNY_KEY_BLOCK)
-    if odd:
-        raise HippoError(f"step_invariant=True needs GEMM input widths that are multiples of "
-                         f"{SKINNY_KEY_BLOCK} on CUDA (skinny_linear's kernel), got {odd}")
-
-
-def _check_gemm_prologues_possible(requested: bool, fused: bool, step_invariant: bool,
-                                   device: torch.device) -> None:
-    """gemm_prologues replaces ops of the fused layer path in decode steps; wider steps run
-    cuBLAS, whose rows depend on the step size, which step_invariant rules out."""
-    if not requested:
-        return
-    if not fused:
-        raise HippoError("gemm_prologues=True needs the fused layer path (fused=True)")
-    if step_invariant:
-        raise HippoError("gemm_prologues=True cannot be combined with step_invariant=True")
-    reason = hippo_ext.kernels_unsupported(device)
-    if reason is not None:
-        raise HippoError(f"gemm_prologues=True cannot run: {reason}")
-
-
-def _fused_layers_unsupported(device: torch.device, text_model: nn.Module) -> str | None:
-    """Why the fused layer path cannot run here, or None when it can."""
-    reason = hippo_ext.kernels_unsupported(device)
-    if reason is not None:
-        return reason
-    activation = getattr(text_model.config, "hidden_act", None)
-    if activation not in ("silu", "swish"):
-        return f"the MLP activation is {activation!r}, not SiLU"
-    return None
-
-
-def _choose_fused(requested: bool | None, device: torch.device, text_model: nn.Module) -> bool:
-    """Fused layers wherever they can run (default), HF's modules otherwise."""
-    reason = _fused_layers_unsupported(device, text_model)
-    if requested and reason is not None:
-        raise HippoError(f"fused=True cannot run: {reason}; use fused=False")
-    return reason is None if requested is None else requested
-
-
-def _choose_fma_decode(requested: bool | None, device: torch.device, fused: bool,
-                       skinny_gemm: bool, gemm_prologues: bool) -> bool:
-    """fma_decode: on CUDA's fused path by default, where no other option picks the GEMMs;
-    asked for where one does (or without the fused path), an error."""
-    conflict = ("skinny_gemm" if skinny_gemm else "gemm_prologues" if gemm_prologues
-                else None)
-    if requested:
-        if not fused:
-            raise HippoError("fma_decode=True needs the fused layer path (fused=True)")
-        if conflict is not None:
-            raise HippoError(f"fma_decode=True cannot be combined with {conflict}=True (or "
-                             "step_invariant=True): that option chooses the GEMMs itself")
-        return True
-    if requested is None:
-        return device.type == "cuda" and fused and conflict is None
-    return False
 
 
 def _reject_unsupported_attention(text_model: nn.Module) -> None:
