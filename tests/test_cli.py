@@ -614,11 +614,11 @@ def test_non_finite_logits_are_a_one_line_error(capsys, monkeypatch, mode, sampl
     _assert_one_line_error(capsys, argv, "next-token logits after the prompt are not finite")
 
 
-@pytest.mark.parametrize("sampling", [("--temperature", "0.7"), ()])
-def test_a_draft_whose_logits_are_not_finite_is_a_one_line_error(capsys, monkeypatch, sampling):
-    """The target's logits are finite (its prefill passes the check), the draft's are NaN: the
-    round that reads its first draft step names the draft (greedy decoding went on in silence,
-    accepting nothing)."""
+def test_a_draft_whose_logits_are_not_finite_is_a_one_line_error_when_sampling(capsys,
+                                                                               monkeypatch):
+    """The target's logits are finite (its prefill passes the check), the draft's are NaN:
+    sampling, the round that tests its first candidate names the draft and that token (the
+    second new one); greedy, its proposals are only rejected, and the output is the target's."""
     import hippo.models
 
     load = hippo.models.load_adapter
@@ -629,10 +629,15 @@ def test_a_draft_whose_logits_are_not_finite_is_a_one_line_error(capsys, monkeyp
             adapter.lm_head.weight.data.fill_(float("nan"))
         return adapter
 
+    assert main(_generate_ar("--max-new-tokens", "8")) == 0
+    expected = capsys.readouterr().out
     monkeypatch.setattr(hippo.models, "load_adapter", draft_overflowing)
-    _assert_one_line_error(capsys, _generate(*sampling, "--mode", "sequential", "--gamma", "3"),
+    _assert_one_line_error(capsys, _generate("--temperature", "0.7", "--mode", "sequential",
+                                             "--gamma", "3"),
                            "the draft's next-token logits are not finite (NaN or inf, "
                            "torch.float32) at new token 2")
+    assert main(_generate("--mode", "sequential", "--gamma", "3", "--max-new-tokens", "8")) == 0
+    assert capsys.readouterr().out == expected
 
 
 @pytest.mark.parametrize("sampling", [("--temperature", "0.7"), ()])

@@ -701,19 +701,24 @@ def test_target_logits_turning_non_finite_mid_generation_are_a_clear_error(
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
 @pytest.mark.parametrize("family, kind, seed", NON_FINITE_PAIRS)
-def test_draft_logits_turning_non_finite_mid_generation_are_a_clear_error(
-        monkeypatch, family, kind, seed, mode, temperature, value):
-    """The draft's logits overflow from its third step on: its argmax or sample is no
-    proposal (greedy decoding stayed right but accepted nothing, in silence; sampling failed
-    with verify_sampling's RuntimeError on the CPU, and would verify a token that was never
-    drawn from the draft's distribution where the check is off). The round that read it
-    names the draft."""
+def test_draft_logits_turning_non_finite_mid_generation(monkeypatch, family, kind, seed, mode,
+                                                         temperature, value):
+    """The draft's logits overflow from its third step on. Greedy, its tokens are proposals
+    only: they are rejected and the output is the target's own (AR's). Sampling, a candidate
+    drawn from no distribution cannot pass the acceptance test (verify_sampling's RuntimeError
+    on the CPU; a token judged against NaN where the check is off): the round that tests it
+    names the draft and the token, the third new one (the prefill chose the first, and the
+    draft's steps go one token at a time after its first)."""
     from hippo.runtime.decoder import LanguageModelRuntime
     from hippo.speculative import SamplingOptions
 
     target, draft = make_pair(family, kind, seed)
     pipeline = HippoPipeline(target, draft, mode=mode, gamma=3)
     prompts = pipeline.prepare(sample_frames(family, 4), "what moves?")
+    sampling = SamplingOptions(temperature, seed=0 if temperature else None)
+    expected = None if temperature else \
+        HippoPipeline(target, draft, mode="ar").generate_prepared(*prompts, 12, sampling,
+                                                                  None).tokens
     step, calls = LanguageModelRuntime.step, []
 
     def spoilt_step(self, input_ids, position_ids):
@@ -726,10 +731,55 @@ def test_draft_logits_turning_non_finite_mid_generation_are_a_clear_error(
         return logits
 
     monkeypatch.setattr(LanguageModelRuntime, "step", spoilt_step)
-    sampling = SamplingOptions(temperature, seed=0 if temperature else None)
-    with pytest.raises(HippoError, match="the draft's next-token logits are not finite"):
-        pipeline.generate_prepared(*prompts, 12, sampling, None)
+    if temperature:
+        with pytest.raises(HippoError, match=r"^the draft's next-token logits are not finite "
+                                             r"\(NaN or inf, torch\.float32\) at new token "):
+            pipeline.generate_prepared(*prompts, 12, sampling, None)
+    else:
+        assert pipeline.generate_prepared(*prompts, 12, sampling, None).tokens == expected
     assert len(calls) >= 3
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("mode, whose", [("sequential", "target"), ("sequential", "draft"),
+                                         ("parallel", "target"), ("parallel", "draft")])
+def test_logits_non_finite_only_after_an_accepted_eos_are_never_refused(monkeypatch, mode,
+                                                                         whose, temperature):
+    """Logits that turn NaN only after the eos: AR stops at the eos and never computes them,
+    and speculative decoding, whose round accepted the eos among its candidates (a draft that
+    is an exact copy: every candidate is accepted), emits the same tokens rather than refusing
+    the round for a row or a draft step whose token is never emitted (a parallel round drafts
+    past its candidates, and those drafts are tested in the next round, after the eos)."""
+    from hippo.runtime.decoder import LanguageModelRuntime
+    from hippo.speculative import SamplingOptions
+    from speculative_testing import FAMILY_PRESETS, make_pipeline
+
+    name = FAMILY_PRESETS["llava_onevision"][2]
+    target, draft = load_adapter(name, seed=1), load_adapter(name, seed=1)
+    sampling = SamplingOptions(temperature, seed=0 if temperature else None)
+    pipeline = make_pipeline(target, draft, mode, 3, 1.0)
+    prompts = pipeline.prepare(sample_frames("llava_onevision", 4), "what moves?")
+    tokens = pipeline.generate_prepared(*prompts, 12, sampling, None).tokens  # the same seed
+    if not temperature:
+        ar = make_pipeline(target, draft, "ar", 3, 1.0)
+        assert ar.generate_prepared(*prompts, 12, sampling, None).tokens == tokens
+    eos = next(i for i in range(2, 11) if tokens[i] not in tokens[:i])  # its first occurrence
+    prompt_length = prompts[0 if whose == "target" else 1].length
+    step = LanguageModelRuntime.step
+
+    def spoilt_step(self, input_ids, position_ids):
+        logits = step(self, input_ids, position_ids)
+        if self is pipeline.runtime(whose):
+            # row r chooses column length - n + 1 + r after the prompt: spoil those past eos
+            first = self.length - input_ids.shape[1] + 1 - prompt_length
+            logits = logits.clone()
+            logits[:, max(eos + 1 - first, 0):] = float("nan")
+        return logits
+
+    monkeypatch.setattr(LanguageModelRuntime, "step", spoilt_step)
+    out = pipeline.generate_prepared(*prompts, 12, sampling, {tokens[eos]})
+    assert out.tokens == tokens[:eos + 1]
+    assert out.stats.accepted > 0
 
 
 def _with_rope(adapter, rope_parameters: dict, max_positions: int) -> None:

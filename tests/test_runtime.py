@@ -779,6 +779,44 @@ def test_a_step_or_prefill_that_fails_part_way_leaves_the_cache_as_it_was(monkey
     assert failing.length == clean.length == 24
 
 
+def test_an_interrupted_prefill_leaves_the_cache_as_it_was(monkeypatch):
+    """Ctrl-C in a long prefill (a KeyboardInterrupt, no Exception) left the length advanced
+    over positions never written: the next step attended to them."""
+    model, positions_for = build("qwen2")
+    runtime = LanguageModelRuntime.from_hf(model, max_seq_len=24)
+    embeds = runtime.embed(torch.randint(0, VOCAB, (1, 16)))
+    _failing_once(monkeypatch, runtime, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        runtime.prefill(embeds, positions_for(16))
+    assert runtime.length == 0 and runtime.cache.length.tolist() == [0]
+
+
+def test_finite_rows_flags_nan_and_inf_in_three_ops():
+    """NaN, +inf and -inf rows are flagged, large finite fp16 rows are not; three ATen ops (a
+    kernel each on CUDA: torch.isfinite alone took four), in bool or int64."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hippo.runtime.autoregressive import finite_rows
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func not in (torch.ops.aten.empty.memory_format,):  # an allocation, no kernel
+                self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    logits = torch.full((4, 8), 60000.0, dtype=torch.float16)  # sums past fp16's range
+    logits[1, 3], logits[2, 0], logits[3, 7] = float("nan"), float("inf"), float("-inf")
+    for dtype, expected in [(torch.bool, [True, False, False, False]), (torch.int64, [1, 0, 0, 0])]:
+        with Ops() as ops:
+            finite = finite_rows(logits, dtype)
+        assert finite.dtype == dtype and finite.tolist() == expected
+        assert len(ops.ops) == 3, ops.ops
+
+
 def test_queries_are_refused_for_a_batch_above_one():
     """Token selection reads the queries of one prompt: a batch of two is refused, not answered
     with row 0's queries."""

@@ -158,12 +158,16 @@ def check_finite_logits(logits: torch.Tensor) -> None:
                      "or a dtype that overflow? try bfloat16 or float32 (--dtype)")
 
 
-def finite_rows(logits: torch.Tensor) -> torch.Tensor:
-    """[..., V] logits -> [...] bool: every logit of the row is finite (no NaN, no inf). Stays
-    on the device, two kernels (a row sum, whose NaN or inf any non-finite logit makes, summed
-    in float32 so that fp16 rows of large finite logits do not overflow it; then isfinite):
-    callers read it with a token they read anyway, so the check adds no host synchronisation."""
-    return torch.isfinite(logits.sum(dim=-1, dtype=torch.float32))
+def finite_rows(logits: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """[..., V] logits -> [...] `dtype` (bool, or int64 to join a cat of int64s in one kernel):
+    every logit of the row is finite (no NaN, no inf). Stays on the device, three kernels (a row
+    sum, whose NaN or inf any non-finite logit makes, summed in float32 so that fp16 rows of
+    large finite logits do not overflow it; its abs; a comparison with inf, which NaN and inf
+    fail; torch.isfinite would take four after the sum): callers read it with a token they read
+    anyway, so the check adds no host synchronisation."""
+    total = logits.sum(dim=-1, dtype=torch.float32).abs_()
+    return torch.lt(total, math.inf, out=torch.empty(total.shape, dtype=dtype,
+                                                     device=total.device))
 
 
 def non_finite_logits_error(whose: str, new_token: int, dtype: torch.dtype) -> HippoError:

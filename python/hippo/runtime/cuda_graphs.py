@@ -128,12 +128,16 @@ class StepGraphs:
             graph = torch.cuda.CUDAGraph()
             with no_garbage_collection(), torch.cuda.graph(graph, stream=self.stream):
                 logits = runtime.step_body(input_ids, positions, key_limit)
-        except Exception:
+        except BaseException:
             # torch.cuda.graph leaves its capture stream current when ending an invalidated
             # capture raises (what an error inside the capture leads to): the caller's stream
-            # comes back, and the length the warm-up may have advanced.
+            # comes back, and the length the warm-up may have advanced (a failure of that
+            # restore, a sticky CUDA error, does not hide the first error).
             torch.cuda.set_stream(current)
-            current.wait_stream(self.stream)
-            cache.length.copy_(saved_length)
+            try:
+                current.wait_stream(self.stream)
+                cache.length.copy_(saved_length)
+            except Exception:
+                pass
             raise
         return CapturedStep(graph, input_ids, positions, logits)

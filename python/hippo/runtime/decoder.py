@@ -394,10 +394,10 @@ class LanguageModelRuntime:
         """
         # dtype checks (floats would be cut to integers, or fail in the embedding lookup once
         # the cache length had moved), and the id range of ids on the CPU, where it costs no
-        # sync; ids already on a GPU (every step of a decoding loop there) go unchecked.
+        # sync; ids already on an accelerator (every step of a decoding loop there) go unchecked.
         check_index_tensor("input_ids", input_ids, "an integer tensor of token ids")
         check_index_tensor("position_ids", position_ids)
-        if not input_ids.is_cuda:
+        if input_ids.device.type == "cpu":  # MPS and XPU ids: a sync as on CUDA
             self._check_token_range(input_ids)
         batch, count = input_ids.shape
         self._check_batch(batch)

@@ -111,10 +111,13 @@ class StaticKVCache:
         start = self.host_length
         try:
             yield
-        except Exception:
+        except BaseException:  # a KeyboardInterrupt in a long prefill too
             if start is not None:
-                self.length.fill_(start)
                 self.host_length = start
+                try:
+                    self.length.fill_(start)
+                except Exception:  # a sticky CUDA error fails it too: the first error is the one
+                    pass           # to raise, with its own context
             raise
 
     def advance(self, count: int) -> None:

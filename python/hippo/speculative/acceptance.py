@@ -31,12 +31,14 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None) -
 class Verdict:
     """Device tensors [1] of one verification: how many candidates were accepted and the token
     emitted after them (a correction, or the bonus when all were and a bonus row was given);
-    target_finite [rows], whether each of the target's rows of logits is finite (None: not
-    checked), read with the verdict."""
+    and, read with them, int64 flags: target_finite [rows], 1 where the target's row of logits
+    is finite, draft_finite [m] (sampling), 1 where the distribution a candidate was drawn from
+    is (None: not checked)."""
 
     num_accepted: torch.Tensor
     next_token: torch.Tensor
     target_finite: torch.Tensor | None = None
+    draft_finite: torch.Tensor | None = None
 
 
 class TokenAcceptance:
@@ -114,12 +116,16 @@ class TokenAcceptance:
         if rows.shape[1] != count + 1:
             raise HippoError(f"verification of {count} candidates needs {count + 1} target rows "
                              f"(bonus) or {count} (no bonus), got {target_logits.shape[1]}")
-        finite = finite_rows(target_logits[0])
+        finite = finite_rows(target_logits[0], torch.int64)  # cat with the verdict's int64s
         if self.greedy:
             accepted, token = hippo_ext.verify_greedy(candidates, rows, check=False)
             return Verdict(accepted, token, finite)
         target_probs = self.probabilities(rows)
         draft_probs = draft_probs.to(target_probs.device)
+        # A greedy draft's tokens are mere proposals (a broken draft's are rejected and the
+        # output stays the target's), but a sampled candidate's distribution enters the
+        # acceptance test: one that is not finite drew from no distribution at all.
+        draft_finite = finite_rows(draft_probs[0], torch.int64)
         if not target_probs.is_cuda:
             # Non-finite logits (either model's) give NaN probabilities, which the CPU op's
             # value check refuses with a bare RuntimeError: zeros instead, and the decoder
@@ -131,4 +137,4 @@ class TokenAcceptance:
                               generator=self.generator(rows.device))
         accepted, token = hippo_ext.verify_sampling(
             candidates, draft_probs, target_probs, uniforms, check=False)
-        return Verdict(accepted, token, finite)
+        return Verdict(accepted, token, finite, draft_finite)

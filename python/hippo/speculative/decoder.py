@@ -44,9 +44,6 @@ class SpeculativeDecoder:
         self.emitted: list[int] = []
         self.emitted_in_round = 0  # how many tokens the round's settle emitted
         self.finished = False
-        # (column, [1] bool on the draft's device) of each draft step since the last verdict:
-        # whether its logits were finite, read with the round's verdict.
-        self.draft_finite: list[tuple[int, torch.Tensor]] = []
 
     # ------------------------------------------------------------------------------ emitting
 
@@ -111,7 +108,6 @@ class SpeculativeDecoder:
                 logits = draft.feed(last + index + 1)
                 token, token_probs = self.acceptance.propose(logits[:, -1])
                 draft.tokens[:, last + index + 1] = token
-                self.draft_finite.append((last + index + 1, finite_rows(logits[:, -1])))
                 probs.append(token_probs)
         self.stats.draft_steps += len(probs)
         return len(probs), probs
@@ -131,37 +127,47 @@ class SpeculativeDecoder:
                                                    non_blocking=True)
 
     def read_verdict(self, verdict: Verdict, candidates: torch.Tensor) -> tuple[int, int, list[int]]:
-        """(accepted count, next token, candidate values): the round's one synchronisation. It
-        reads the finite flags of the target's rows and of the round's draft steps too, and
-        refuses logits that are NaN or inf: the target's in a row it used (up to the first
-        rejection; the rows after it, fed rejected drafts, are never AR's), the draft's in any
-        step (its argmax or sample is no proposal, and sampling's verification assumes one)."""
-        target_rows = [] if verdict.target_finite is None else [verdict.target_finite]
-        drafts, self.draft_finite = self.draft_finite, []
-        device = candidates.device
-        flags = [flag.to(device, non_blocking=True) for _, flag in drafts]
+        """(accepted count, next token, candidate values): the round's one synchronisation.
+
+        It reads the verdict's finite flags too and refuses what is NaN or inf where it chose a
+        token the round emits: a target row up to the first rejection (rows after it were fed
+        rejected drafts, which AR never computes), and, sampling, the distribution of a
+        candidate the test looked at; neither past an accepted eos nor past max_new_tokens
+        (AR stops there, and the two must agree on what they refuse)."""
+        flags = [flag for flag in (verdict.target_finite, verdict.draft_finite)
+                 if flag is not None]
         values = torch.cat([verdict.num_accepted, verdict.next_token, candidates[0],
-                            *target_rows, *flags]).tolist()
+                            *flags]).tolist()
         count = candidates.shape[1]
         accepted, token = int(values[0]), int(values[1])
-        split = len(values) - len(flags)
-        first = len(self.emitted)  # the column target row 0 chooses (candidate 0's)
-        used_rows = values[2 + count:split][:accepted + 1]
-        bad = next((first + row for row, finite in enumerate(used_rows) if not finite), None)
+        drafted = [int(v) for v in values[2:2 + count]]
+        emitted = next((index + 1 for index, value in enumerate(drafted[:accepted])
+                        if value in self.eos_ids), accepted + 1)
+        emitted = min(emitted, self.remaining)  # tokens this round can emit
+        first = len(self.emitted)  # the column of candidate 0 and of target row 0
+        rows = values[2 + count:]
+        if verdict.target_finite is not None:
+            target_rows = verdict.target_finite.numel()
+            self._refuse_non_finite("the target's", self.target, rows[:target_rows][:emitted],
+                                    first)
+            rows = rows[target_rows:]
+        if verdict.draft_finite is not None:
+            self._refuse_non_finite("the draft's", self.draft, rows[:min(emitted, count)], first)
+        return accepted, token, drafted
+
+    @staticmethod
+    def _refuse_non_finite(whose: str, lane: Lane, flags: list, first: int) -> None:
+        """Raise for the first 0 of flags, which stand for columns first, first + 1, ..."""
+        bad = next((first + index for index, finite in enumerate(flags) if not finite), None)
         if bad is not None:
-            raise non_finite_logits_error("the target's", bad + 1, self.target.runtime.dtype)
-        bad = next((column for (column, _), finite in zip(drafts, values[split:])
-                    if not finite), None)
-        if bad is not None:
-            raise non_finite_logits_error("the draft's", bad + 1, self.draft.runtime.dtype)
-        return accepted, token, [int(v) for v in values[2:2 + count]]
+            raise non_finite_logits_error(whose, bad + 1, lane.runtime.dtype)
 
     def choose_alone(self, logits: torch.Tensor, column: int) -> int:
         """The target's token from [1, V] logits without a draft (a round of the target alone),
         read with its finite flag in one synchronisation."""
-        token, finite = torch.cat([self.acceptance.choose(logits), finite_rows(logits)]).tolist()
-        if not finite:
-            raise non_finite_logits_error("the target's", column + 1, self.target.runtime.dtype)
+        token, finite = torch.cat([self.acceptance.choose(logits),
+                                   finite_rows(logits, torch.int64)]).tolist()
+        self._refuse_non_finite("the target's", self.target, [finite], column)
         return int(token)
 
     def end_round(self, gamma: int, drafted_steps: int, accepted: int = 0,
