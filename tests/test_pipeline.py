@@ -663,17 +663,18 @@ NON_FINITE_PAIRS = [("qwen2_5_vl", "small-draft", 0), ("llava_onevision", "pertu
 @pytest.mark.parametrize("mode", ["ar", "sequential", "parallel"])
 @pytest.mark.parametrize("family, kind, seed", NON_FINITE_PAIRS)
 def test_target_logits_turning_non_finite_mid_generation_are_a_clear_error(
-        monkeypatch, family, kind, seed, mode, temperature, column, value):
+        monkeypatch, device, family, kind, seed, mode, temperature, column, value):
     """Logits that overflow after the prompt (its logits pass the prefill's check): greedy
     decoding emitted their argmax in silence (token 0 for ever with NaN, AR and speculative
     alike) and a round of the target alone sampled token 0; sampling elsewhere failed with
     torch's or verify_sampling's RuntimeError. Every mode names the first token whose logits
     are not finite, the same one: row `column` and the ones after it are spoilt (12 tokens:
-    column 11 is the last, a round of the target alone in sequential decoding)."""
+    column 11 is the last, a round of the target alone in sequential decoding). On CUDA the
+    flags cross streams and graphs: they are read with the round's one synchronisation."""
     from hippo.runtime.decoder import LanguageModelRuntime
     from hippo.speculative import SamplingOptions
 
-    target, draft = make_pair(family, kind, seed)
+    target, draft = make_pair(family, kind, seed, device=device)
     pipeline = HippoPipeline(target, draft, mode=mode, gamma=3)
     prompts = pipeline.prepare(sample_frames(family, 4), "what moves?")
     step = LanguageModelRuntime.step
@@ -701,8 +702,8 @@ def test_target_logits_turning_non_finite_mid_generation_are_a_clear_error(
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 @pytest.mark.parametrize("mode", ["sequential", "parallel"])
 @pytest.mark.parametrize("family, kind, seed", NON_FINITE_PAIRS)
-def test_draft_logits_turning_non_finite_mid_generation(monkeypatch, family, kind, seed, mode,
-                                                         temperature, value):
+def test_draft_logits_turning_non_finite_mid_generation(monkeypatch, device, family, kind, seed,
+                                                         mode, temperature, value):
     """The draft's logits overflow from its third step on. Greedy, its tokens are proposals
     only: they are rejected and the output is the target's own (AR's). Sampling, a candidate
     drawn from no distribution cannot pass the acceptance test (verify_sampling's RuntimeError
@@ -712,7 +713,7 @@ def test_draft_logits_turning_non_finite_mid_generation(monkeypatch, family, kin
     from hippo.runtime.decoder import LanguageModelRuntime
     from hippo.speculative import SamplingOptions
 
-    target, draft = make_pair(family, kind, seed)
+    target, draft = make_pair(family, kind, seed, device=device)
     pipeline = HippoPipeline(target, draft, mode=mode, gamma=3)
     prompts = pipeline.prepare(sample_frames(family, 4), "what moves?")
     sampling = SamplingOptions(temperature, seed=0 if temperature else None)
