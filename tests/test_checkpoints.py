@@ -381,6 +381,17 @@ OUT_OF_RANGE_CONFIGS = {  # (family, edit, what the error says)
         "qwen", _set("vision_config", "window_size", 14),
         "vision_config.window_size must be an integer of at least patch_size x spatial_merge_size "
         "(28), got 14"),
+    # transformers asked for the quantization library; with it installed, hippo's runtime would
+    # have met packed weights it has no kernels for.
+    "qwen_awq_quantized": ("qwen", _set("quantization_config", {
+        "quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}),
+        "config.json: quantization_config (awq): quantized checkpoints are not supported"),
+    "llava_bitsandbytes_quantized": ("llava", _set("quantization_config", {
+        "quant_method": "bitsandbytes", "load_in_4bit": True}),
+        "quantization_config (bitsandbytes): quantized checkpoints are not supported"),
+    "qwen_fp8_text_model": ("qwen", _set("text_config", "quantization_config", {
+        "quant_method": "fp8", "activation_scheme": "dynamic"}),
+        "config.json: text_config.quantization_config (fp8): quantized checkpoints"),
     "llava_heads_not_a_multiple_of_kv_heads": (
         "llava", _set("text_config", "num_key_value_heads", 3),
         "num_attention_heads (4) must be a positive multiple of num_key_value_heads (3)"),

@@ -658,6 +658,7 @@ def load_local_model(model_class: type[torch.nn.Module], path: str, dtype: torch
     try:
         with transformers_quiet():
             with errors_prefixed(path):
+                check_not_quantized(config)
                 check_activations_known(config)
                 # Before the skeleton: a kv head count of 0 fails inside its construction.
                 check_text_config_values(config.get_text_config())
@@ -687,6 +688,21 @@ def load_local_model(model_class: type[torch.nn.Module], path: str, dtype: torch
             raise HippoError(f"the {label} checkpoint in {path} does not fit its config.json "
                              f"({kind.replace('_', ' ')}: {shown})")
     return model
+
+
+def check_not_quantized(config: PretrainedConfig) -> None:
+    """hippo's runtime borrows a model's plain Linear weights (bf16, fp16 or fp32) and runs its
+    own kernels on them: the packed weights of a quantized checkpoint (AWQ, GPTQ, bitsandbytes,
+    FP8, ...) have no kernels in hippo. Refused by name from config.json, before transformers
+    asks for its quantization library (whose install would only lead to a failure later)."""
+    for where, part in (("", config), ("text_config.", config.get_text_config())):
+        quantization = getattr(part, "quantization_config", None)
+        if quantization:
+            method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                      else getattr(quantization, "quant_method", None))
+            raise HippoError(f"config.json: {where}quantization_config ({method or 'unnamed'}): "
+                             "quantized checkpoints are not supported; hippo runs bf16, fp16 or "
+                             "fp32 weights (use the unquantized checkpoint)")
 
 
 def check_activations_known(config: object, where: str = "") -> None:
