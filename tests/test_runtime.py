@@ -855,6 +855,17 @@ def test_bad_cache_lengths_and_options_are_clear_errors():
         LanguageModelRuntime.from_hf(model, max_seq_len=8, use_cuda_graphs=True)
 
 
+def test_a_model_in_a_dtype_the_kernels_do_not_take_is_refused():
+    """A float64 model failed in its first prefill, inside rotary_tables, with a RuntimeError;
+    it is refused by name when the runtime is built, before its weights are fused."""
+    model, _ = build("qwen2")
+    model.double()
+    with pytest.raises(HippoError, match=r"^the model's dtype must be one of float32, bfloat16, "
+                                         r"float16, got torch.float64$"):
+        LanguageModelRuntime.from_hf(model, max_seq_len=16)
+    assert model.model.layers[0].self_attn.q_proj.weight._base is None  # nothing fused
+
+
 def test_sliding_window_layers_are_refused():
     """The runtime's steps attend to every cached position: a model with sliding-window layers
     is refused by name, not decoded with attention its layers do not have."""

@@ -6,8 +6,8 @@ import os
 import torch
 
 from hippo.models.base import (
-    HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible, is_int, read_checkpoint_json,
-    resolve_device, short_repr)
+    HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible, check_model_dtype, is_int,
+    read_checkpoint_json, resolve_device, short_repr)
 
 # model_type in a checkpoint's config.json -> family (LLaVA-Video checkpoints are llava_onevision too).
 FAMILIES = ("qwen2_5_vl", "llava_onevision")
@@ -59,8 +59,8 @@ def load_adapter(source: str | os.PathLike[str], *, dtype: torch.dtype | None = 
         raise HippoError(f"seed must be an integer, got {seed!r}")
     source = os.fspath(source)
     device = resolve_device(device)
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise HippoError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    if dtype is not None:
+        check_model_dtype(dtype)
     if source in PRESETS:
         preset = PRESETS[source]
         return adapter_class(preset.family).from_preset(source, dtype=dtype or torch.float32, device=device,

@@ -67,6 +67,18 @@ def device_name(device: str | torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
 
 
+# The dtypes hippo's kernels take (fp32 on the CPU; bf16 and fp16 everywhere): a float64 or
+# float8 model would fail inside its first prefill (rotary_tables' dtype check).
+MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_model_dtype(dtype: object, what: str = "dtype") -> None:
+    """Refuse a model dtype hippo's kernels do not take, naming the ones they do."""
+    if dtype not in MODEL_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in MODEL_DTYPES)
+        raise HippoError(f"{what} must be one of {names}, got {dtype!r}")
+
+
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """Where to run: `device` checked (cpu or an existing CUDA GPU), or by default the GPU when
     one is present, else the CPU."""

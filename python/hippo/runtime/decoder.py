@@ -23,7 +23,7 @@ from torch import nn
 from typing_extensions import TypedDict, Unpack  # a dependency of torch (typing's is 3.11+)
 
 import hippo_ext
-from hippo.models.base import HippoError, is_int
+from hippo.models.base import HippoError, check_model_dtype, is_int
 from hippo.runtime.fused_projections import fuse_layer_projections
 from hippo.runtime.kernel_choice import (FMA_GEMM_MAX_ROWS, check_gemm_prologues_possible,
                                          check_row_invariant_gemm_widths,
@@ -230,6 +230,7 @@ class LanguageModelRuntime:
         weight = text_model.embed_tokens.weight
         self.device: torch.device = weight.device
         self.dtype: torch.dtype = weight.dtype
+        check_model_dtype(self.dtype, "the model's dtype")
         self.vocab_rows: int = weight.shape[0]
         self.hidden_size: int = weight.shape[1]
 
