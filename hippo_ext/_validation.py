@@ -14,15 +14,17 @@ import torch
 
 
 def wants_value_check(tensor: torch.Tensor, check: bool) -> bool:
-    """CPU ops validate values themselves; CUDA ops are validated here unless opted out."""
-    return check and tensor.is_cuda
+    """CPU ops validate values themselves; CUDA ops are validated here unless opted out. Not a
+    tensor at all (a Python int or list): no check here, so that the op's schema names the
+    argument that must be a tensor, rather than an AttributeError from this check."""
+    return check and isinstance(tensor, torch.Tensor) and tensor.is_cuda
 
 
 def check_index_range(index: torch.Tensor, upper: int, op: str, name: str, lower: int = 0) -> None:
     """Raise unless every value of index lies in [lower, upper)."""
     if index.numel() == 0:
         return
-    lo, hi = int(index.min()), int(index.max())
+    lo, hi = torch.stack(torch.aminmax(index)).tolist()  # one host sync, not one per bound
     if lo < lower or hi >= upper:
         raise RuntimeError(
             f"{op}: {name} values must lie in [{lower}, {upper}), got min {lo} and max {hi}")

@@ -54,7 +54,8 @@ def decode_attention(
             than in a second kernel. Default: a shared one per device and stream, except inside
             a CUDA-graph capture that finds none (then two kernels run).
         check: on CUDA, verify Lq <= length[b] <= S_max first (a host sync); pass False inside
-            CUDA graphs. The kernel clamps lengths whatever their values; a query row that
+            CUDA graphs and in code compiled with torch.compile(fullgraph=True), which cannot
+            trace the check. The kernel clamps lengths whatever their values; a query row that
             sees no key yields zeros.
 
     Returns:

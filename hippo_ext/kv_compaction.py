@@ -5,7 +5,9 @@ contiguous, in float32, bfloat16 or float16. ``index`` is ``[B, K]`` int64: the 
 for each batch element. Both ops move every layer, key and value at once (one launch on CUDA) and
 write only slots ``[0, K)`` of each row; slots ``>= K`` keep their contents.
 
-As a shorthand, a 1-D ``index [K]`` is accepted when ``B == 1``.
+As a shorthand, a 1-D ``index [K]`` is accepted when ``B == 1``. Rows that keep different
+numbers of slots share K = the largest count: pad a shorter row's index with any further
+ascending positions below S (slots past its new length, which the caller then sets per row).
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ __all__ = ["kv_compact_", "kv_gather"]
 
 def _batched(index: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     """[K] -> [1, K] when the cache has a single batch element; anything else is left to the op."""
-    if index.dim() == 1 and cache.dim() == 6 and cache.size(2) == 1:
+    if (isinstance(index, torch.Tensor) and isinstance(cache, torch.Tensor) and index.dim() == 1
+            and cache.dim() == 6 and cache.size(2) == 1):
         return index.unsqueeze(0)
     return index
 
@@ -39,8 +42,10 @@ def kv_gather(src: torch.Tensor, index: torch.Tensor, dst: torch.Tensor, *, chec
     ``index [B, K]`` int64 holds positions in ``[0, S)``, in any order, repeats allowed.
 
     On CUDA, ``check=True`` verifies the range of the index values first (a host synchronisation);
-    pass ``check=False`` inside CUDA graphs. Unchecked out-of-range entries are skipped (their
-    destination slot keeps its contents); memory outside the tensors is never touched.
+    pass ``check=False`` inside CUDA graphs and in code compiled with
+    ``torch.compile(fullgraph=True)``, which cannot trace the check. Unchecked out-of-range entries
+    are skipped (their destination slot keeps its contents); memory outside the tensors is never
+    touched.
     The CPU path always checks.
     """
     index = _batched(index, src)

@@ -17,8 +17,11 @@ def rotary_kv_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     Args:
         qkv: [B, S, (Hq + 2 Hkv) D] contiguous: per token Hq query heads, Hkv key heads, Hkv
             value heads (one concatenated q/k/v projection's output).
-        cos, sin: [B, S, D] rotary tables of qkv's dtype (HF's ``rotary_emb`` output; for
-            M-RoPE the sections are already merged).
+        cos, sin: [B, S, D] contiguous rotary tables of qkv's dtype (HF's ``rotary_emb``
+            output; for M-RoPE the sections are already merged). B is not broadcast: a
+            [1, S, D] table (position ids shared by the batch) must be expanded and made
+            contiguous. The positions they encode are independent of ``length`` (after
+            kv_compact_ they differ).
         cache: [layers, 2, B, Hkv, S_max, D] static cache of qkv's dtype; Hkv and D are read
             from it.
         layer: the layer whose slots receive the keys (index 0) and values (index 1).
@@ -26,7 +29,8 @@ def rotary_kv_append(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
             occupy positions [length[b] - S, length[b]). Read on the device, so one captured
             CUDA graph serves every length.
         check: on CUDA, verify S <= length[b] <= S_max first (a host sync); pass False inside
-            CUDA graphs. Unchecked out-of-range slots are skipped, never written.
+            CUDA graphs and in code compiled with torch.compile(fullgraph=True), which cannot
+            trace the check. Unchecked out-of-range slots are skipped, never written.
 
     Returns:
         q [B, S, Hq, D]: the rotated queries, in the layout decode_attention takes.

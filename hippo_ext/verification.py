@@ -11,9 +11,10 @@ Three ops, each returning static-shape int64 tensors (CUDA-graph capturable, no 
 Logits and probabilities are ``[B, rows, V]`` float32, bfloat16 or float16 with a contiguous last
 dimension (outer strides are free, so a slice of a model's output can be passed as is); tokens are
 int64. On CUDA, ``check=True`` (the default) validates token and parent *values* first (a host
-synchronisation); pass ``check=False`` inside CUDA graphs. Unchecked out-of-range draft tokens are
-treated as rejected and unchecked bad parents as non-accepted nodes; kernels never read outside
-the tensors. The CPU path always validates.
+synchronisation); pass ``check=False`` inside CUDA graphs and in code compiled with
+``torch.compile(fullgraph=True)``, which cannot trace the check. Unchecked out-of-range draft
+tokens are treated as rejected and unchecked bad parents as non-accepted nodes; kernels never read
+outside the tensors. The CPU path always validates.
 """
 from __future__ import annotations
 
@@ -128,7 +129,8 @@ def verify_tree_greedy(
         (the lowest node index among equally deep ones), the rest is ``-1``; ``next_token`` is the
         argmax of the row after that node (row 0 when nothing was accepted).
     """
-    if parents.dim() == 1 and tree_tokens.dim() == 2:
+    if (isinstance(parents, torch.Tensor) and isinstance(tree_tokens, torch.Tensor)
+            and parents.dim() == 1 and tree_tokens.dim() == 2):
         parents = parents.expand(tree_tokens.size(0), -1).contiguous()
     if wants_value_check(tree_tokens, check):
         _check_tokens(tree_tokens, target_logits, "verify_tree_greedy", "tree_tokens", check)

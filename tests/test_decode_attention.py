@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import hippo_ext
 from hippo_ext import decode_attention, decode_attention_workspace
 
 from hippo_testing import HAS_CUDA, capture_cuda_graph, rel_error, requires_cuda
@@ -714,3 +715,30 @@ def test_shared_workspace_grows_past_its_first_size(monkeypatch, batch, kv_heads
 def test_has_no_cuda_without_gpu_is_fine():
     """Guards the test module itself: CUDA cases must skip, not fail, without a GPU."""
     assert HAS_CUDA == torch.cuda.is_available()
+
+
+def _python_value_calls():
+    cache = torch.zeros(1, 2, 1, 2, 8, 4)
+    query, qkv, table = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 32), torch.ones(1, 1, 4)
+    logits = torch.randn(1, 3, 11)
+    draft = torch.zeros(1, 2, dtype=torch.long)
+    return [
+        ("length", lambda: hippo_ext.decode_attention(query, cache, 0, 5)),
+        ("length", lambda: hippo_ext.decode_attention(query, cache, 0, [5])),
+        ("length", lambda: hippo_ext.rotary_kv_append(qkv, table, table, cache, 0, 5)),
+        ("index", lambda: hippo_ext.kv_gather(cache, [0, 1], torch.zeros_like(cache))),
+        ("index", lambda: hippo_ext.kv_compact_(cache, [0, 2])),
+        ("draft_tokens", lambda: hippo_ext.verify_greedy([[1, 2]], logits)),
+        ("uniforms", lambda: hippo_ext.verify_sampling(draft, logits.softmax(-1)[:, :2],
+                                                       logits.softmax(-1), [[0.5] * 3])),
+        ("parents", lambda: hippo_ext.verify_tree_greedy(draft, [-1, 0], logits)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_python_value_calls())))
+def test_a_python_value_for_a_tensor_argument_is_refused_by_name(case):
+    """A Python int or list where a tensor goes (length=5 for one sequence) is the schema's
+    error naming the argument, not an AttributeError from the wrapper's value check."""
+    name, call = _python_value_calls()[case]
+    with pytest.raises(RuntimeError, match=f"argument '{name}'"):
+        call()

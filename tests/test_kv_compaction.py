@@ -439,3 +439,19 @@ def test_wide_slots(device, gen):
     expected = reference_compact(src, index)
     hippo_ext.kv_compact_(src, index)
     assert torch.equal(src, expected)
+
+
+def test_the_wrappers_index_range_check():
+    """The value check the wrappers run on CUDA (one host sync), on host tensors: [lower, upper)
+    inclusive of lower, exclusive of upper, any integer dtype, nothing to check when empty."""
+    from hippo_ext._validation import check_index_range
+
+    for dtype in (torch.int64, torch.int32, torch.uint8):
+        check_index_range(torch.tensor([0, 7, 3], dtype=dtype), 8, "op", "index")
+        check_index_range(torch.tensor([2, 8], dtype=dtype), 9, "op", "length", lower=2)
+    check_index_range(torch.empty(0, dtype=torch.int64), 0, "op", "index")
+    for values, lower, bounds in [([0, 8], 0, "min 0 and max 8"), ([-1, 3], 0, "min -1 and max 3"),
+                                  ([1, 5], 2, "min 1 and max 5")]:
+        with pytest.raises(RuntimeError, match=rf"^op: index values must lie in \[{lower}, 8\), "
+                                               rf"got {bounds}$"):
+            check_index_range(torch.tensor(values), 8, "op", "index", lower=lower)
