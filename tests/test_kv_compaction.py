@@ -455,3 +455,20 @@ def test_the_wrappers_index_range_check():
         with pytest.raises(RuntimeError, match=rf"^op: index values must lie in \[{lower}, 8\), "
                                                rf"got {bounds}$"):
             check_index_range(torch.tensor(values), 8, "op", "index", lower=lower)
+    with pytest.raises(RuntimeError, match=r"^op: index values must lie in \[0, 8\), got min -1"):
+        check_index_range(torch.tensor([-1, 3]), 8, "op", "index")  # lower: 0 by default
+
+
+def test_the_wrappers_check_values_of_cuda_tensors_unless_opted_out():
+    """CPU ops check their own values; a CUDA tensor is checked by the wrapper unless
+    check=False (a fake one here: no GPU needed); a Python value is left to the schema."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from hippo_ext._validation import wants_value_check
+
+    with FakeTensorMode():
+        on_cuda = torch.empty(3, dtype=torch.int64, device="cuda")
+    assert wants_value_check(on_cuda, True) is True
+    assert wants_value_check(on_cuda, False) is False
+    assert wants_value_check(torch.empty(3, dtype=torch.int64), True) is False
+    assert wants_value_check(5, True) is False

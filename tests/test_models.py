@@ -371,6 +371,20 @@ def test_unknown_sources_raise(tmp_path):
         load_adapter(str(tmp_path))
 
 
+def test_a_quantization_config_object_is_named_by_its_method():
+    """config.json gives quantization_config as a dict; a config built in Python may hold
+    transformers' object instead (quant_method an attribute): refused and named alike."""
+    from transformers import Qwen2Config
+
+    from hippo.models.base import check_not_quantized
+
+    config = Qwen2Config()
+    config.quantization_config = SimpleNamespace(quant_method="gptq", bits=4)
+    with pytest.raises(HippoError, match=r"^config.json: quantization_config \(gptq\): "
+                                         r"quantized checkpoints are not supported"):
+        check_not_quantized(config)
+
+
 def test_a_bad_device_or_dtype_is_named_before_building():
     with pytest.raises(HippoError, match="device 'cuda:99'"):
         load_adapter(QWEN_PRESETS[0], device="cuda:99")

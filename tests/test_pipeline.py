@@ -708,8 +708,8 @@ def test_draft_logits_turning_non_finite_mid_generation(monkeypatch, device, fam
     only: they are rejected and the output is the target's own (AR's). Sampling, a candidate
     drawn from no distribution cannot pass the acceptance test (verify_sampling's RuntimeError
     on the CPU; a token judged against NaN where the check is off): the round that tests it
-    names the draft and the token, the third new one (the prefill chose the first, and the
-    draft's steps go one token at a time after its first)."""
+    names the draft and the token, the fourth new one (the prefill chose the first, and the
+    draft's first three steps the next three: its third is the first spoilt)."""
     from hippo.runtime.decoder import LanguageModelRuntime
     from hippo.speculative import SamplingOptions
 
@@ -734,7 +734,8 @@ def test_draft_logits_turning_non_finite_mid_generation(monkeypatch, device, fam
     monkeypatch.setattr(LanguageModelRuntime, "step", spoilt_step)
     if temperature:
         with pytest.raises(HippoError, match=r"^the draft's next-token logits are not finite "
-                                             r"\(NaN or inf, torch\.float32\) at new token "):
+                                             r"\(NaN or inf, torch\.float32\) at new token "
+                                             r"4:"):
             pipeline.generate_prepared(*prompts, 12, sampling, None)
     else:
         assert pipeline.generate_prepared(*prompts, 12, sampling, None).tokens == expected
@@ -781,6 +782,97 @@ def test_logits_non_finite_only_after_an_accepted_eos_are_never_refused(monkeypa
     out = pipeline.generate_prepared(*prompts, 12, sampling, {tokens[eos]})
     assert out.tokens == tokens[:eos + 1]
     assert out.stats.accepted > 0
+
+
+@pytest.mark.parametrize("mode", ["ar", "sequential", "parallel"])
+def test_a_non_finite_row_that_chose_an_accepted_eos_is_refused(monkeypatch, mode):
+    """The row whose +inf chose the eos (an exact copy drafts it, and the target accepts it:
+    its argmax) is the eos's own choice, which AR computes and refuses: a round that accepted
+    the eos among its candidates refuses it too, rather than stopping on it in silence."""
+    from hippo.runtime.decoder import LanguageModelRuntime
+    from hippo.speculative import SamplingOptions
+    from speculative_testing import FAMILY_PRESETS, make_pipeline
+
+    name = FAMILY_PRESETS["llava_onevision"][2]
+    target, draft = load_adapter(name, seed=1), load_adapter(name, seed=1)
+    pipeline = make_pipeline(target, draft, mode, 3, 1.0)
+    prompts = pipeline.prepare(sample_frames("llava_onevision", 4), "what moves?")
+    sampling = SamplingOptions(0.0)
+    tokens = pipeline.generate_prepared(*prompts, 12, sampling, None).tokens
+    eos = 1  # chosen by the target's step on token 0: a candidate in both round plans
+    assert tokens[eos] != tokens[0]
+    step = LanguageModelRuntime.step
+
+    def spoilt_step(self, input_ids, position_ids):
+        logits = step(self, input_ids, position_ids)
+        first = self.length - input_ids.shape[1] + 1 - prompts[0].length  # row 0's column
+        if self is pipeline.runtime("target") and 0 <= eos - first < logits.shape[1]:
+            logits = logits.clone()
+            logits[:, eos - first, tokens[eos]] = float("inf")
+        return logits
+
+    monkeypatch.setattr(LanguageModelRuntime, "step", spoilt_step)
+    whose = "the model's" if mode == "ar" else "the target's"
+    with pytest.raises(HippoError, match=f"^{whose} next-token logits are not finite .* at new "
+                                         f"token {eos + 1}:"):
+        pipeline.generate_prepared(*prompts, 12, sampling, {tokens[eos]})
+
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_target_rows_fed_rejected_drafts_are_never_refused(monkeypatch, mode):
+    """A draft that always proposes a token the target never emits: every candidate is rejected
+    and the target's rows fed those drafts (NaN here) choose nothing that is emitted, nor does
+    AR ever compute them. The output is AR's, not a refusal."""
+    from hippo.runtime.decoder import LanguageModelRuntime
+    from hippo.speculative import SamplingOptions
+
+    target, draft = make_pair("qwen2_5_vl", "small-draft", 0)
+    pipeline = HippoPipeline(target, draft, mode=mode, gamma=3)
+    prompts = pipeline.prepare(sample_frames("qwen2_5_vl", 4), "what moves?")
+    sampling = SamplingOptions(0.0)
+    expected = HippoPipeline(target, draft, mode="ar").generate_prepared(
+        *prompts, 12, sampling, None).tokens
+    never = next(token for token in range(100) if token not in expected)
+    step, spoilt = LanguageModelRuntime.step, []
+
+    def forcing_step(self, input_ids, position_ids):
+        logits = step(self, input_ids, position_ids)
+        if self is pipeline.runtime("draft"):
+            logits = logits.clone()
+            logits[..., never] = 1e4  # finite: the draft's proposal, always rejected
+        elif (input_ids[0] == never).any():
+            logits = logits.clone()
+            logits[:, input_ids[0] == never] = float("nan")
+            spoilt.append(True)
+        return logits
+
+    monkeypatch.setattr(LanguageModelRuntime, "step", forcing_step)
+    out = pipeline.generate_prepared(*prompts, 12, sampling, None)
+    assert out.tokens == expected and out.stats.accepted == 0
+    assert spoilt or mode == "parallel"  # a parallel round feeds the target no rejected draft
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("mode", ["ar", "sequential", "parallel"])
+def test_token_zero_is_emitted_like_any_other(monkeypatch, mode, temperature):
+    """-1 marks a row whose logits are not finite: token 0, chosen from finite logits (the
+    argmax of NaNs is 0, but these are not NaN), is emitted, not refused."""
+    from hippo.runtime.decoder import LanguageModelRuntime
+    from hippo.speculative import SamplingOptions
+
+    target, draft = make_pair("qwen2_5_vl", "small-draft", 0)
+    pipeline = HippoPipeline(target, draft, mode=mode, gamma=3)
+    prompts = pipeline.prepare(sample_frames("qwen2_5_vl", 4), "what moves?")
+    step = LanguageModelRuntime.step
+
+    def zero_step(self, input_ids, position_ids):
+        logits = step(self, input_ids, position_ids).clone()
+        logits[..., 0] = 1e4
+        return logits
+
+    monkeypatch.setattr(LanguageModelRuntime, "step", zero_step)
+    sampling = SamplingOptions(temperature, seed=0 if temperature else None)
+    assert pipeline.generate_prepared(*prompts, 8, sampling, None).tokens[1:] == [0] * 7
 
 
 def _with_rope(adapter, rope_parameters: dict, max_positions: int) -> None:

@@ -815,6 +815,8 @@ def test_finite_rows_flags_nan_and_inf_in_three_ops():
             finite = finite_rows(logits, dtype)
         assert finite.dtype == dtype and finite.tolist() == expected
         assert len(ops.ops) == 3, ops.ops
+    # [..., V]: the rows of a [B, n, V] step's logits, each over its own vocabulary.
+    assert finite_rows(logits.view(2, 2, 8)).tolist() == [[True, False], [False, False]]
 
 
 def test_queries_are_refused_for_a_batch_above_one():
