@@ -144,6 +144,10 @@ def warp_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return scores.reshape(shape)
 
 
+# What non-finite logits usually mean, said by both refusals (after the prompt, and later).
+OVERFLOW_HINT = "weights or a dtype that overflow? try bfloat16 or float32 (--dtype)"
+
+
 def check_finite_logits(logits: torch.Tensor) -> None:
     """Refuse prompt logits that are not finite: a model whose activations overflow its dtype
     (fp16 is the usual one) gives NaN or inf logits, whose argmax is no choice at all (NaN: token
@@ -154,8 +158,8 @@ def check_finite_logits(logits: torch.Tensor) -> None:
         return
     nan = int(torch.isnan(logits).sum())
     raise HippoError(f"the model's next-token logits after the prompt are not finite ({nan} NaN, "
-                     f"{int((~finite).sum()) - nan} inf of {logits.numel()}, {logits.dtype}): weights "
-                     "or a dtype that overflow? try bfloat16 or float32 (--dtype)")
+                     f"{int((~finite).sum()) - nan} inf of {logits.numel()}, {logits.dtype}): "
+                     + OVERFLOW_HINT)
 
 
 def finite_rows(logits: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
@@ -174,8 +178,7 @@ def non_finite_logits_error(whose: str, new_token: int, dtype: torch.dtype) -> H
     """The error of logits that turned NaN or inf during a generation; new_token counts the
     generated tokens from 1 (the one the logits were to choose)."""
     return HippoError(f"{whose} next-token logits are not finite (NaN or inf, {dtype}) at new "
-                      f"token {new_token}: weights or a dtype that overflow? try bfloat16 or "
-                      "float32 (--dtype)")
+                      f"token {new_token}: {OVERFLOW_HINT}")
 
 
 def choose_next_token(logits: torch.Tensor, temperature: float, top_k: int | None,
