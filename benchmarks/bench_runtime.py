@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from hippo.models.base import HippoError, device_name
+from hippo.devices import device_name
+from hippo.errors import HippoError
 from hippo.runtime import LanguageModelRuntime
 from timing import hbm_bandwidth  # same folder: run as a script from the repository root
 

@@ -31,7 +31,7 @@ import torch
 from hippo.models.agreement import (QWEN2_0_5B, QWEN2_7B, TINY_DRAFT, TINY_TARGET,
                                     AgreementPair, synthetic_prompt)
 from hippo.cli import add_gemm_prologues_argument
-from hippo.models.base import device_name
+from hippo.devices import device_name
 from hippo.pipeline import HippoPipeline
 from hippo.preserve import PreservationOptions
 from hippo.report import markdown_table, rounded, stats_row

@@ -10,7 +10,7 @@ import torch
 
 from hippo.assets import make_synthetic_video
 from hippo.models import load_adapter
-from hippo.models.base import HippoError
+from hippo.errors import HippoError
 from hippo.models.llava_onevision import preprocess_from_checkpoint as llava_preprocess
 from hippo.models.qwen2_5_vl import preprocess_from_checkpoint as qwen_preprocess
 from hippo.pipeline import HippoPipeline

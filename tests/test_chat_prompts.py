@@ -152,7 +152,7 @@ def test_a_template_in_processor_config_comes_first_as_in_transformers(checkpoin
 
 @pytest.mark.parametrize("prompt", ["a <video> b", "<|vision_start|><|video_pad|><|vision_end|>"])
 def test_a_text_holding_the_placeholder_is_still_refused(checkpoints, tmp_path, prompt):
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
 
     made, _ = checkpoints
     for family, template in (("qwen2_5_vl", QWEN_TEMPLATE), ("llava_onevision", LLAVA_TEMPLATE)):
@@ -166,7 +166,7 @@ def test_a_text_holding_the_placeholder_is_still_refused(checkpoints, tmp_path, 
 def test_a_template_failing_on_one_prompt_is_a_clear_error(checkpoints, tmp_path):
     """A template may refuse some prompts (raise_exception): that is one HippoError naming the
     checkpoint, at prepare time, not a jinja exception from inside the adapter."""
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
 
     made, _ = checkpoints
     picky = QWEN_TEMPLATE.replace(
@@ -196,7 +196,7 @@ def test_a_draft_whose_template_makes_other_text_ids_is_refused_up_front(checkpo
     """Chat-format ids around the prompt that agree do not make the prompts agree: refused when
     the pair is made, not after both models have embedded the video (with a message blaming
     the vision preprocessing)."""
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
     from hippo.pipeline import HippoPipeline
 
     made, _ = checkpoints
@@ -209,7 +209,7 @@ def test_a_draft_whose_template_makes_other_text_ids_is_refused_up_front(checkpo
 
 
 def test_a_prompt_the_two_templates_tokenize_differently_is_refused_before_the_video(checkpoints, tmp_path):
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
     from hippo.pipeline import HippoPipeline
 
     made, _ = checkpoints
@@ -222,7 +222,7 @@ def test_a_prompt_the_two_templates_tokenize_differently_is_refused_before_the_v
 
 
 def test_tokenizers_with_one_vocabulary_but_other_merges_are_refused(checkpoints, tmp_path):
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
     from hippo.pipeline import HippoPipeline
 
     made, _ = checkpoints

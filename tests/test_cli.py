@@ -695,7 +695,7 @@ def test_argument_errors_are_one_line_without_the_usage_block(capsys, argv, need
 def test_a_progress_bar_leaves_no_trace_before_the_error_line(capsys, monkeypatch):
     """stderr captured here, as in a log or a pipe: no bar is drawn where no terminal shows it,
     and an error raised while a method runs is the only line."""
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
     from hippo.pipeline import HippoPipeline
 
     def failing(*args, **kwargs):
@@ -838,7 +838,7 @@ def test_a_preset_bench_names_its_own_flags(capsys, tmp_path):
 def test_a_preset_bench_error_is_one_line_after_its_progress_bar(capsys, monkeypatch, tmp_path):
     """stderr captured, as in a log: the preset bench draws no bar there, so the error stands
     alone."""
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
     from hippo.pipeline import HippoPipeline
 
     def failing(*args, **kwargs):
@@ -1019,7 +1019,7 @@ def test_a_target_without_a_tokenizer_is_a_one_line_error(capsys, monkeypatch):
 def test_defaults_of_demo_and_generate(monkeypatch):
     """What a command runs with when an option is left out (the defaults its -h promises)."""
     import hippo.demo
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
     from hippo.pipeline import HippoPipeline
 
     calls = []
@@ -1079,7 +1079,7 @@ def test_an_interrupt_exits_with_status_130(capsys, monkeypatch):
 def test_each_command_names_its_own_flags(capsys, monkeypatch, tmp_path):
     """A library message's max_new_tokens is generate's --max-new-tokens (a preset bench's
     --new-tokens), its num_frames a benchmark set run's --num-frames (generate's --frames)."""
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
     from hippo.pipeline import HippoPipeline
 
     def failing(*args, **kwargs):
@@ -1120,7 +1120,7 @@ def test_the_draft_loads_where_it_runs(monkeypatch):
     """The draft's model loads on --draft-device, else on the target's device (not the default
     one: `--device cpu` on a GPU machine keeps both models on the CPU)."""
     import hippo.models
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
 
     devices = []
 
@@ -1147,7 +1147,7 @@ def test_bench_runs_the_preset_asked_for_else_the_device_s(capsys, monkeypatch, 
     preset on a machine without one is one line that says so, before anything runs. (The GPU is
     simulated: run_end_to_end records the preset it is given.)"""
     from hippo.bench import end_to_end
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
 
     ran = []
 
@@ -1185,7 +1185,7 @@ def test_bench_defaults(monkeypatch, tmp_path):
     defaults -h promises)."""
     from hippo.bench import dataset_runner, end_to_end
     from hippo.bench.end_to_end import METHODS
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
 
     calls = []
 

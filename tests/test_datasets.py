@@ -14,7 +14,7 @@ import pyarrow.parquet  # a declared dependency (requirements.txt): no skip
 import pytest
 
 from hippo.bench.datasets import DATASETS, VideoQuestion, chosen_letter, read_dataset
-from hippo.models.base import HippoError
+from hippo.errors import HippoError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "datasets"
 INSTRUCTION = "Answer with the option's letter from the given choices directly."

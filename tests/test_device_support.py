@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hippo_ext
-from hippo.models.base import HippoError
+from hippo.errors import HippoError
 from hippo.pipeline import check_kernels_run
 from hippo.runtime import kernel_choice
 from hippo_ext import _device_support

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hippo.models import HippoError, adapter_class, check_compatible, load_adapter
-from hippo.models.base import check_token_ids_in_vocabulary
+from hippo.models.checkpoint import check_token_ids_in_vocabulary
 from hippo.models.llava_onevision import check_feature_layers
 from hippo.models.preprocess import (QwenVideoPreprocess, SiglipVideoPreprocess, preprocess_qwen_video,
                                      preprocess_siglip_video, qwen_patchify, qwen_video_tokens,
@@ -376,7 +376,7 @@ def test_a_quantization_config_object_is_named_by_its_method():
     transformers' object instead (quant_method an attribute): refused and named alike."""
     from transformers import Qwen2Config
 
-    from hippo.models.base import check_not_quantized
+    from hippo.models.checkpoint import check_not_quantized
 
     config = Qwen2Config()
     config.quantization_config = SimpleNamespace(quant_method="gptq", bits=4)
@@ -481,7 +481,8 @@ def test_a_draft_with_other_special_or_chat_ids_is_refused(differs):
 def test_tokenizer_differences_name_what_differs():
     """What a user must fix: the size, the eos id or the kind; the pad id alone is no difference
     (no prompt holds it)."""
-    from hippo.models.base import PromptTokenizer, tokenizer_difference
+    from hippo.models.pairing import tokenizer_difference
+    from hippo.models.tokenizer import PromptTokenizer
     from hippo.models.presets import ByteTokenizer
 
     class Other(PromptTokenizer):
@@ -669,7 +670,7 @@ def _text_config(**values):
 def test_text_config_values_at_their_bounds(values, message):
     """One position is a context; eps 0 is a valid RMSNorm; kv heads default to the query
     heads (transformers' rule) and must divide them."""
-    from hippo.models.base import check_text_config
+    from hippo.models.checkpoint import check_text_config
 
     if message is None:
         check_text_config(_text_config(**values))
@@ -681,7 +682,7 @@ def test_text_config_values_at_their_bounds(values, message):
 def test_the_tokenizers_own_ids_must_index_the_embeddings():
     """The chat-format ids and eos that the adapter feeds the model itself: ids 0 .. rows-1
     pass, the largest one beyond is named; no tokenizer (prompts of ids) checks nothing."""
-    from hippo.models.base import check_tokenizer_fits_embeddings
+    from hippo.models.checkpoint import check_tokenizer_fits_embeddings
     from hippo.models.presets import ByteTokenizer
 
     model = adapter(QWEN_PRESETS[0]).model  # 512 rows

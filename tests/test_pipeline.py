@@ -11,7 +11,7 @@ import torch
 
 from hippo.assets import sample_video_path
 from hippo.models import load_adapter
-from hippo.models.base import HippoError
+from hippo.errors import HippoError
 from hippo.pipeline import HippoOptions, HippoPipeline, check_lane_devices
 from hippo.preserve import PreservationOptions, kept_prompt_length
 from hippo_testing import requires_cuda

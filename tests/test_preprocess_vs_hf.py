@@ -31,7 +31,7 @@ from transformers import (LlavaOnevisionForConditionalGeneration, LlavaOnevision
                           Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
 from hippo.models import load_adapter  # noqa: E402
-from hippo.models.base import build_random_model  # noqa: E402
+from hippo.models.presets import build_random_model  # noqa: E402
 from hippo_testing import requires_cuda  # noqa: E402
 from hippo.models.llava_onevision import LlavaOnevisionAdapter  # noqa: E402
 from hippo.models.preprocess import (SIGLIP_MEAN, SIGLIP_STD, QwenVideoPreprocess,  # noqa: E402

@@ -10,7 +10,7 @@ import torch
 
 import hippo_ext
 from hippo.models import load_adapter
-from hippo.models.base import HippoError
+from hippo.errors import HippoError
 from hippo.preserve import (PreservationOptions, kept_prompt_length, kept_prompt_positions,
                             preserve_tokens)
 from hippo.runtime import LanguageModelRuntime, find_text_model

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import hippo_ext
-from hippo.models.base import HippoError, PreparedPrompt
+from hippo.errors import HippoError
+from hippo.models.base import PreparedPrompt
 from hippo_testing import chi_square, chi_square_critical, requires_cuda
 from hippo.runtime import (LanguageModelRuntime, StaticKVCache, choose_next_token,
                            generate_autoregressive, warp_logits)

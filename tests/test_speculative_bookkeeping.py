@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from hippo.models.base import HippoError
+from hippo.errors import HippoError
 from hippo.runtime import LanguageModelRuntime
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
 from hippo.speculative.decoder import SpeculativeDecoder, decode_after_prefill

@@ -12,7 +12,7 @@ import torch
 import hippo.video as video
 from hippo.assets import SAMPLE_FPS, SAMPLE_FRAMES, SAMPLE_HEIGHT, SAMPLE_WIDTH
 from hippo.assets import make_synthetic_video, sample_video_path, synthetic_frames, write_video
-from hippo.models.base import HippoError
+from hippo.errors import HippoError
 from hippo.video import VideoInfo, load_video, probe_video, sample_indices
 
 HAS_DECORD = video._decord_available()

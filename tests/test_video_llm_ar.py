@@ -8,7 +8,7 @@ import torch
 
 from hippo.assets import sample_video_path
 from hippo.models import load_adapter
-from hippo.models.base import HippoError
+from hippo.errors import HippoError
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive
 from hippo.video import load_video
 

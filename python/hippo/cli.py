@@ -47,7 +47,7 @@ def flag(name: str) -> str:
 def refuse_options(flags: Sequence[str], where: str) -> None:
     """Refuse options given where they do nothing, rather than ignore them: one error that names
     them all."""
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
 
     if flags:
         verb = "applies" if len(flags) == 1 else "apply"
@@ -56,7 +56,7 @@ def refuse_options(flags: Sequence[str], where: str) -> None:
 
 def check_at_least_one(args: argparse.Namespace, *names: str) -> None:
     """Refuse count options (ints, or lists of them) below 1, named by their flags."""
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
 
     for name in names:
         values = getattr(args, name, None)
@@ -68,7 +68,7 @@ def check_at_least_one(args: argparse.Namespace, *names: str) -> None:
 def check_model_source(option: str, source: str | None) -> None:
     """A model option that is neither a preset nor a directory, refused before any model loads
     (a 7B checkpoint takes minutes) and named by its flag; load_adapter checks the rest."""
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
     from hippo.models.presets import PRESETS
 
     if source is not None and source not in PRESETS and not os.path.isdir(source):
@@ -215,7 +215,7 @@ def _checked_generate_options(args: argparse.Namespace) -> HippoOptions:
     sampling and decoding options, the draft's device, the video and its sampling request, the
     model paths), in the library's own validators; the HippoOptions to decode with."""
     from hippo.models import resolve_device
-    from hippo.models.base import check_utf8
+    from hippo.errors import check_utf8
     from hippo.pipeline import DEFAULT_FRAMES, HippoOptions, check_draft_model_options
     from hippo.preserve import PreservationOptions
     from hippo.runtime.autoregressive import SamplingOptions
@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hippo: error: {_one_line(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
     args = _parser().parse_args(argv)
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
 
     try:
         if args.command == "demo":
@@ -367,7 +367,7 @@ def _wrapped_message(error: BaseException) -> str | None:
     """The message of the first exception not hippo's that a HippoError was raised from (a
     decoder's, JSON's, transformers'), on one line: text hippo quotes, whose words are not its
     parameters ("invalid start byte" is no --start)."""
-    from hippo.models.base import HippoError
+    from hippo.errors import HippoError
 
     cause = error.__cause__
     while isinstance(cause, HippoError):

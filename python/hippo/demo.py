@@ -16,7 +16,8 @@ import torch
 
 from hippo.assets import SAMPLE_FRAMES, sample_video_path
 from hippo.models.agreement import agreement_adapters
-from hippo.models.base import HippoError, is_int, resolve_device
+from hippo.devices import resolve_device
+from hippo.errors import HippoError, is_int
 from hippo.pipeline import HippoPipeline
 from hippo.report import markdown_table, stats_row
 from hippo.video import load_video

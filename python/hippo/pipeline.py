@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 
 import hippo_ext
-from hippo.models.base import (HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible,
-                               check_positive_rate, resolve_device)
+from hippo.devices import resolve_device
+from hippo.errors import HippoError, check_positive_rate
+from hippo.models.base import PreparedPrompt, VideoLLMAdapter
+from hippo.models.pairing import check_compatible
 from hippo.models.preprocess import check_frames
 from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, preserve_tokens
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive

@@ -19,7 +19,8 @@ import torch
 
 import hippo_ext
 from hippo_ext.token_selection import kept_count, per_frame_quotas
-from hippo.models.base import HippoError, PreparedPrompt, is_int
+from hippo.errors import HippoError, is_int
+from hippo.models.base import PreparedPrompt
 from hippo.runtime.autoregressive import check_seed
 
 SELECTION_METHODS = ("hippo", "attention", "uniform", "random")

@@ -27,7 +27,7 @@ from typing import Callable, Protocol, TypeVar
 import numpy as np
 import torch
 
-from hippo.models.base import HippoError, check_positive_rate, is_int, short_repr
+from hippo.errors import HippoError, check_positive_rate, is_int, short_repr
 
 BACKENDS = ("decord", "opencv")
 _PACKAGES = {"decord": "decord", "opencv": "OpenCV (opencv-python-headless)"}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hippo.models.base import HippoError
+from hippo.errors import HippoError
 
 # Qwen2.5-VL wants H, W multiples of 28 and an even frame count; a moving square on a static
 # background gives temporal novelty something to find.

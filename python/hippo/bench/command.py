@@ -13,7 +13,8 @@ import torch
 
 from hippo.cli import (add_gemm_prologues_argument, check_at_least_one, check_model_source, flag,
                        refuse_options)
-from hippo.models.base import HippoError, device_name
+from hippo.devices import device_name
+from hippo.errors import HippoError
 from hippo.speculative.draft_length import MAX_DRAFT_LENGTH
 
 

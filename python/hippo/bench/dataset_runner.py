@@ -8,7 +8,8 @@ import torch
 
 from hippo.bench.datasets import VideoQuestion, chosen_letter, read_dataset
 from hippo.models import load_adapter
-from hippo.models.base import HippoError, device_name, resolve_device
+from hippo.devices import device_name, resolve_device
+from hippo.errors import HippoError
 from hippo.pipeline import HippoPipeline
 from hippo.preserve import PreservationOptions
 from hippo.report import in_ms, ratio, rounded

@@ -77,7 +77,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from hippo.models.base import HippoError
+from hippo.errors import HippoError
 
 DATASETS = ("videomme", "mvbench", "longvideobench", "mlvu", "lvbench", "vdc")
 

@@ -5,9 +5,11 @@ import os
 
 import torch
 
-from hippo.models.base import (
-    HippoError, PreparedPrompt, VideoLLMAdapter, check_compatible, check_model_dtype, is_int,
-    read_checkpoint_json, resolve_device, short_repr)
+from hippo.devices import check_model_dtype, resolve_device
+from hippo.errors import HippoError, is_int, short_repr
+from hippo.models.base import PreparedPrompt, VideoLLMAdapter
+from hippo.models.checkpoint import read_checkpoint_json
+from hippo.models.pairing import check_compatible
 
 # model_type in a checkpoint's config.json -> family (LLaVA-Video checkpoints are llava_onevision too).
 FAMILIES = ("qwen2_5_vl", "llava_onevision")

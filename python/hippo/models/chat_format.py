@@ -17,7 +17,9 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hippo.models.base import HFPromptTokenizer, HippoError, PromptTokenizer, read_json_object
+from hippo.errors import HippoError
+from hippo.models.checkpoint import read_json_object
+from hippo.models.tokenizer import HFPromptTokenizer, PromptTokenizer
 
 # Stands for the user's text while rendering: any string the template copies through unchanged.
 _TEXT_MARK = "HIPPOUSERTEXTMARK"

@@ -27,7 +27,8 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 
-from hippo.models.base import HippoError, errors_prefixed, find_checkpoint_file, read_json_object
+from hippo.errors import HippoError, errors_prefixed
+from hippo.models.checkpoint import find_checkpoint_file, read_json_object
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -10,11 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from hippo.models.base import HippoError, PromptTokenizer
+import torch
+
+from hippo.errors import HippoError
 from hippo.models.preprocess import SIGLIP_MEAN, SIGLIP_STD, QwenVideoPreprocess, SiglipVideoPreprocess
+from hippo.models.tokenizer import PromptTokenizer
 
 if TYPE_CHECKING:
-    from transformers import LlavaOnevisionConfig, Qwen2_5_VLConfig
+    from transformers import LlavaOnevisionConfig, PretrainedConfig, Qwen2_5_VLConfig
 
 # Special ids of the tiny vocabularies (bytes are ids 0..255).
 VIDEO_TOKEN_ID = 500
@@ -141,3 +144,33 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise HippoError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
+
+
+def preset_for_family(name: str, family: str) -> Preset:
+    """The named tiny preset, which must belong to `family`."""
+    preset = get_preset(name)
+    if preset.family != family:
+        raise HippoError(f"preset {name!r} is a {preset.family} model, not {family}")
+    return preset
+
+
+def build_random_model(model_class: type[torch.nn.Module], config: PretrainedConfig,
+                       tokenizer: PromptTokenizer, dtype: torch.dtype,
+                       device: str | torch.device, seed: int) -> torch.nn.Module:
+    """A randomly initialised HF model (seeded), generating with the tokenizer's eos/pad ids.
+    The weights depend on `seed` alone: they are drawn in float32 on the CPU from a forked
+    generator, whatever the caller's global RNG state, torch.set_default_dtype and
+    torch.set_default_device (which gave other weights, or a model on meta that cannot be
+    moved), and the caller's random stream goes on as if nothing had been drawn."""
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(torch.float32)
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+            torch.manual_seed(seed)
+            model = model_class(config)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to(device=device, dtype=dtype)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

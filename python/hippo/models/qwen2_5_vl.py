@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hippo.models.base import (build_random_model, check_positive_rate, check_text_config,
-                               check_token_ids_in_vocabulary, is_int, load_local_checkpoint, preset_for_family, HippoError,
-                               PreparedPrompt, PromptTokenizer, VideoLLMAdapter, visual_span)
+from hippo.errors import HippoError, check_positive_rate, is_int
+from hippo.models.base import PreparedPrompt, VideoLLMAdapter, visual_span
+from hippo.models.checkpoint import check_text_config, check_token_ids_in_vocabulary, load_local_checkpoint
+from hippo.models.presets import build_random_model, preset_for_family
+from hippo.models.tokenizer import PromptTokenizer
 from hippo.models.chat_format import ChatFormat
 from hippo.models.preprocess import (QwenVideoPreprocess, preprocess_qwen_video, qwen_video_tokens,
                                      settings_from_checkpoint, settings_value)

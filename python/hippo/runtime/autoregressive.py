@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hippo.models.base import HippoError, PreparedPrompt, is_int
+from hippo.errors import HippoError, is_int
+from hippo.models.base import PreparedPrompt
 from hippo.runtime.decoder import LanguageModelRuntime
 
 

@@ -23,7 +23,8 @@ from torch import nn
 from typing_extensions import TypedDict, Unpack  # a dependency of torch (typing's is 3.11+)
 
 import hippo_ext
-from hippo.models.base import HippoError, check_model_dtype, is_int
+from hippo.devices import check_model_dtype
+from hippo.errors import HippoError, is_int
 from hippo.runtime.fused_projections import fuse_layer_projections
 from hippo.runtime.kernel_choice import (FMA_GEMM_MAX_ROWS, check_gemm_prologues_possible,
                                          check_row_invariant_gemm_widths,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hippo.models.base import HippoError
+from hippo.errors import HippoError
 
 
 @dataclass

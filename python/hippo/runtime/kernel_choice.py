@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import hippo_ext
-from hippo.models.base import HippoError
+from hippo.errors import HippoError
 
 STEP_ATTENTION_BACKENDS = ("sdpa", "hippo_ext")
 # skinny_linear's tensor-core kernel takes up to 32 rows (batch x tokens); it hands larger steps

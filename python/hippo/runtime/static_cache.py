@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import torch
 
-from hippo.models.base import HippoError, is_int
+from hippo.errors import HippoError, is_int
 
 KEYS, VALUES = 0, 1
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 import hippo_ext
-from hippo.models.base import HippoError, is_int
+from hippo.errors import HippoError, is_int
 from hippo.runtime.autoregressive import SamplingOptions, finite_rows, warp_logits
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from hippo.models.base import HippoError
+from hippo.errors import HippoError
 from hippo.runtime.autoregressive import (eos_id_set, fed_token_count, finite_rows,
                                           new_token_count, non_finite_logits_error)
 from hippo.runtime.decoder import LanguageModelRuntime

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 
-from hippo.models.base import HippoError, is_int
+from hippo.errors import HippoError, is_int
 
 MAX_DRAFT_LENGTH = 32  # a sequential verify step of g + 1 tokens stays within the runtime's 64
 SMOOTHING = 0.5
