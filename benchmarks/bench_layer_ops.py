@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import hippo_ext
-from hippo.runtime.decoder import apply_rope
+from hippo.runtime.rope import apply_rope
 from hippo_ext.activation import reference_silu_and_mul
 from hippo_ext.normalization import reference_rms_norm
 from timing import bench_devices

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import hippo_ext
-from hippo.runtime.decoder import apply_rope as eager_rope  # HF's apply_rotary_pos_emb, verbatim
+from hippo.runtime.rope import apply_rope as eager_rope  # HF's apply_rotary_pos_emb, verbatim
 from hippo_testing import capture_cuda_graph, requires_cuda
 
 OP = torch.ops.hippo_ext.rotary_kv_append.default

@@ -1444,22 +1444,22 @@ def test_rope_switches_only_where_hf_picks_frequencies_by_the_largest_position()
     RoPE never switches, at any length; longrope switches past original_max_position_embeddings
     (not max_position_embeddings), dynamic NTK past max_position_embeddings; CUDA graphs refuse
     both (their frequencies are recomputed from the positions on the host)."""
-    from hippo.runtime import decoder
+    from hippo.runtime import rope
     default = build("qwen2")[0].model.rotary_emb
-    assert not decoder.rope_switches_within(default, 10**9)
-    decoder._reject_dynamic_rope(default)
+    assert not rope.rope_switches_within(default, 10**9)
+    rope.reject_dynamic_rope(default)
     longrope = qwen2_with_rope(LONGROPE, max_positions=48).model.rotary_emb
-    assert not decoder.rope_switches_within(longrope, 12)
-    assert decoder.rope_switches_within(longrope, 13)
+    assert not rope.rope_switches_within(longrope, 12)
+    assert rope.rope_switches_within(longrope, 13)
     dynamic = qwen2_with_rope(DYNAMIC, max_positions=20).model.rotary_emb
-    assert not decoder.rope_switches_within(dynamic, 20)
-    assert decoder.rope_switches_within(dynamic, 21)
+    assert not rope.rope_switches_within(dynamic, 20)
+    assert rope.rope_switches_within(dynamic, 21)
     for rotary in (longrope, dynamic):
         with pytest.raises(HippoError, match="run with use_cuda_graphs=False"):
-            decoder._reject_dynamic_rope(rotary)
+            rope.reject_dynamic_rope(rotary)
     # Without a bound to read, the switch is assumed anywhere.
     unbounded = [SimpleNamespace(rope_type="longrope"), SimpleNamespace(rope_type="dynamic")]
-    assert all(decoder.rope_switches_within(rotary, 1) for rotary in unbounded)
+    assert all(rope.rope_switches_within(rotary, 1) for rotary in unbounded)
 
 
 @pytest.mark.parametrize("change", ["q_proj without bias", "gate_proj with bias"])

@@ -29,7 +29,8 @@ from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, 
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive
 from hippo.runtime.autoregressive import (check_finite_logits, eos_id_set, fed_token_count,
                                           new_token_count)
-from hippo.runtime.decoder import autocast_off, check_flag, rope_switches_within
+from hippo.runtime.decoder import autocast_off, check_flag
+from hippo.runtime.rope import rope_switches_within
 from hippo.runtime.kernel_choice import step_invariant_max_rows
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
 from hippo.speculative.decoder import decode_after_prefill

@@ -31,6 +31,8 @@ from hippo.runtime.kernel_choice import (FMA_GEMM_MAX_ROWS, check_gemm_prologues
                                          check_step_invariance_possible, choose_fma_decode,
                                          choose_fused, choose_step_attention,
                                          step_invariant_max_rows, widest_output)
+from hippo.runtime.rope import (apply_rope, is_dynamic_rope, reject_dynamic_rope,
+                                reject_step_dependent_rope)
 from hippo.runtime.static_cache import StaticKVCache
 
 
@@ -107,18 +109,6 @@ class PrefillResult:
 
     logits: torch.Tensor
     queries: torch.Tensor | None
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the last dimension: RoPE's rotation by 90 degrees."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, H, S, D] rotated by cos/sin [B, S, D] (written in HF's order for bitwise parity)."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return (x * cos) + (rotate_half(x) * sin)
 
 
 def find_text_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -246,7 +236,7 @@ class LanguageModelRuntime:
             raise HippoError("use_cuda_graphs=True needs the model on a CUDA device")
         self._graphs = None
         if self.use_cuda_graphs:
-            _reject_dynamic_rope(self.rotary_emb)
+            reject_dynamic_rope(self.rotary_emb)
             from hippo.runtime.cuda_graphs import StepGraphs
             self._graphs = StepGraphs(self)
         check_gemm_prologues_possible(gemm_prologues, use_fused, step_invariant, self.device)
@@ -254,7 +244,7 @@ class LanguageModelRuntime:
         if step_invariant:
             check_step_invariance_possible(self.device, self.step_attention, use_fused)
             check_row_invariant_gemm_widths(self.layers, lm_head, self.device)
-            _reject_step_dependent_rope(self.rotary_emb)
+            reject_step_dependent_rope(self.rotary_emb)
             if batch > step_invariant_max_rows():  # every step would be refused, even decode's
                 raise HippoError(f"step_invariant=True holds for steps of up to "
                                  f"{step_invariant_max_rows()} rows (batch x tokens): batch "
@@ -479,7 +469,7 @@ class LanguageModelRuntime:
         rotary_kv_append takes them. The fused path computes them in one hippo_ext kernel with
         HF's arithmetic where the frequencies are static; HF's module does it otherwise."""
         rope = self.rotary_emb
-        if self.fused is not None and not _is_dynamic_rope(rope):
+        if self.fused is not None and not is_dynamic_rope(rope):
             return hippo_ext.rotary_tables(positions, rope.inv_freq,
                                            getattr(rope, "mrope_section", None) or (),
                                            rope.attention_scaling, self.dtype)
@@ -712,42 +702,3 @@ def _reject_unsupported_attention(text_model: nn.Module) -> None:
     if "sliding_attention" in layer_types:
         raise HippoError("sliding-window attention layers are not supported by hippo's runtime "
                          "(set use_sliding_window=False, as Qwen2 checkpoints ship)")
-
-
-def _is_dynamic_rope(rotary_emb: nn.Module) -> bool:
-    """RoPE variants whose frequencies depend on the positions seen (HF recomputes them)."""
-    rope_type = str(getattr(rotary_emb, "rope_type", "default"))
-    return "dynamic" in rope_type or rope_type == "longrope"
-
-
-def rope_switches_within(rotary_emb: nn.Module, positions: int) -> bool:
-    """Whether HF's RoPE of this module gives a block of tokens other frequencies than it gives
-    the same tokens one call each, somewhere below `positions`: HF picks the frequencies of a
-    whole call from its largest position (longrope: the long factors once that position passes
-    original_max_position_embeddings; dynamic NTK: rescaled past max_position_embeddings), so a
-    verify step crossing that bound rotates its earlier tokens as autoregressive decoding (one
-    token per call, HF `generate`) does not."""
-    if not _is_dynamic_rope(rotary_emb):
-        return False
-    if rotary_emb.rope_type == "longrope":
-        parameters = getattr(getattr(rotary_emb, "config", None), "rope_parameters", None) or {}
-        bound = parameters.get("original_max_position_embeddings")
-    else:
-        bound = getattr(rotary_emb, "original_max_seq_len", None)
-    return bound is None or positions > int(bound)
-
-
-def _reject_step_dependent_rope(rotary_emb: nn.Module) -> None:
-    """step_invariant promises a step's rows equal one-token steps' at every length."""
-    if _is_dynamic_rope(rotary_emb):
-        raise HippoError(f"step_invariant=True cannot hold with rope_type "
-                         f"{rotary_emb.rope_type!r}: HF picks its frequencies from the largest "
-                         "position of each step, so a step of several tokens crossing the "
-                         "original context rotates them as single-token steps do not")
-
-
-def _reject_dynamic_rope(rotary_emb: nn.Module) -> None:
-    if _is_dynamic_rope(rotary_emb):
-        rope_type = rotary_emb.rope_type
-        raise HippoError(f"rope_type {rope_type!r} recomputes frequencies from the positions "
-                         "(a host sync); run with use_cuda_graphs=False")
