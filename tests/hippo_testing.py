@@ -2,6 +2,7 @@
 tests/ and benchmarks/ are collected in one run)."""
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from typing import TypeVar
@@ -65,3 +66,41 @@ def chi_square_critical(df: int, z: float = 4.75) -> float:
     """Wilson-Hilferty quantile of chi2(df) at the normal quantile z (4.75: about 1e-6)."""
     c = 2.0 / (9.0 * df)
     return df * (1.0 - c + z * math.sqrt(c)) ** 3
+
+
+# The byte-level BPE tokenizer of bpe_tokenizer(): Qwen2's special tokens and split pattern.
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>", "<image>", "<video>"]
+QWEN_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
+              r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+CORPUS = ["You are a helpful assistant.", "system\n", "user\n", "assistant\n", "user ",
+          "What moves?\n", "Question?\nAnswer briefly.", "  spaced out  \n", "?\n", ".\n"] * 4
+
+
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer as Qwen2's (its pre-tokenizer, NFC, special tokens), trained on
+    a small corpus: 400 ids, so that "?\n" is one token as in the real vocabulary."""
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
+    from transformers import Qwen2Tokenizer
+
+    backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    model = json.loads(backend.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None,
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL})
+    assert tokenizer.tokenize("Question?\nAnswer") == ["Question", "?Ċ", "Answer"]  # "?\n" is one
+    return tokenizer

@@ -15,13 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from hippo.models import load_adapter
-
-QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|image_pad|>", "<|video_pad|>", "<image>", "<video>"]
-QWEN_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"""
-              r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
-CORPUS = ["You are a helpful assistant.", "system\n", "user\n", "assistant\n", "user ",
-          "What moves?\n", "Question?\nAnswer briefly.", "  spaced out  \n", "?\n", ".\n"] * 4
+from hippo_testing import bpe_tokenizer
 
 # Qwen2.5-VL-Instruct's template (add_vision_id branches left out), and llava-hf's for
 # LLaVA-OneVision: transformers' own test pins the latter's output for
@@ -43,37 +37,10 @@ LLAVA_TEMPLATE = (
 PLACEHOLDER = {"qwen2_5_vl": "<|video_pad|>", "llava_onevision": "<video>"}
 
 
-def _tokenizer():
-    from tokenizers import (
-        Regex,
-        Tokenizer,
-        models,
-        normalizers,
-        pre_tokenizers,
-        trainers,
-    )
-    from transformers import Qwen2Tokenizer
-
-    backend = Tokenizer(models.BPE())
-    backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    backend.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    model = json.loads(backend.to_str())["model"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-    tokenizer = Qwen2Tokenizer(vocab=model["vocab"], merges=merges, unk_token=None,
-                               eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL})
-    assert tokenizer.tokenize("Question?\nAnswer") == ["Question", "?Ċ", "Answer"]  # "?\n" is one
-    return tokenizer
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A tiny Qwen2.5-VL and LLaVA-OneVision checkpoint with the BPE tokenizer, no template."""
-    tokenizer = _tokenizer()
+    tokenizer = bpe_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
     made = {}
     for family, preset in (("qwen2_5_vl", "tiny-qwen2.5-vl"), ("llava_onevision", "tiny-llava-onevision")):

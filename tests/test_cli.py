@@ -55,6 +55,45 @@ def test_generate_prints_json_and_matches_ar(capsys):
     assert {"mean_accepted_tokens", "acceptance_rate", "tokens_per_s"} <= set(hippo["stats"])
 
 
+
+def _stream_spy(monkeypatch, capsys, fail_at: int | None = None) -> list[str]:
+    """Wraps the on_tokens callback that `hippo generate` hands the pipeline: records what stdout
+    holds after each call (so that the text is seen arriving while the generation runs), and
+    raises a HippoError at call `fail_at`."""
+    from hippo.errors import HippoError
+    from hippo.pipeline import HippoPipeline
+
+    generate, seen = HippoPipeline.generate, []
+
+    def spying_generate(self, *args, on_tokens=None, **kwargs):
+        def spy(tokens):
+            on_tokens(tokens)
+            seen.append(capsys.readouterr().out)
+            if len(seen) == fail_at:
+                raise HippoError("stopped on purpose")
+        return generate(self, *args, on_tokens=spy if on_tokens else None, **kwargs)
+
+    monkeypatch.setattr(HippoPipeline, "generate", spying_generate)
+    return seen
+
+
+def test_generate_prints_the_text_as_it_is_generated(capsys, monkeypatch):
+    """The text on stdout is the JSON's, printed piece by piece as rounds end; a failure part-way
+    ends the line of what was printed, and says why on stderr."""
+    assert main(_generate("--json", "--gamma", "2", "--max-new-tokens", "16")) == 0
+    expected = json.loads(capsys.readouterr().out)["text"]
+    seen = _stream_spy(monkeypatch, capsys)
+    assert main(_generate("--gamma", "2", "--max-new-tokens", "16")) == 0
+    rest = capsys.readouterr().out
+    assert "".join(seen) + rest == expected + "\n"
+    assert len(seen) > 2 and sum(bool(piece) for piece in seen) > 2, seen  # arrived in pieces
+    seen = _stream_spy(monkeypatch, capsys, fail_at=3)
+    assert main(_generate("--gamma", "2", "--max-new-tokens", "16")) == EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    printed = "".join(seen) + captured.out
+    assert printed.endswith("\n") and expected.startswith(printed[:-1]), (printed, expected)
+    assert captured.err.strip() == "hippo generate: error: stopped on purpose"
+
 def test_generate_sampling_and_self_speculation(capsys):
     # Rounds that do not depend on timing (README): a fixed g (with --gamma auto, g follows
     # measured step times) and sequential mode (on a GPU, a parallel draft runs ahead for as
@@ -1036,6 +1075,7 @@ def test_defaults_of_demo_and_generate(monkeypatch):
         == EXIT_USER_ERROR
     mode, max_new_tokens, kwargs = calls[1]
     assert (mode, max_new_tokens) == ("parallel", 128)
+    assert callable(kwargs.pop("on_tokens"))  # the text is streamed
     assert kwargs == dict(num_frames=None, fps=None, start=None, end=None, temperature=0.0,
                           top_k=None, top_p=None, seed=None)
 

@@ -11,11 +11,12 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
     from hippo.pipeline import HippoOptions
+    from hippo.streaming import IncrementalText
 
 EXIT_USER_ERROR = 2
 
@@ -170,6 +171,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     from hippo.models import HippoError, load_adapter, resolve_device
     from hippo.pipeline import HippoPipeline
+    from hippo.streaming import IncrementalText
 
     # Everything that needs no model is checked first: loading a 7B pair takes minutes.
     options = _checked_generate_options(args)
@@ -182,20 +184,35 @@ def _generate(args: argparse.Namespace) -> None:
     draft = load_adapter(args.draft, dtype=dtype, device=options.draft_device or device) \
         if args.draft else None
     pipeline = HippoPipeline(target, draft, options)
-    out = pipeline.generate(args.video, args.prompt, args.max_new_tokens, num_frames=args.frames,
-                            fps=args.fps, start=args.start, end=args.end,
-                            temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed)
+    # The text is printed as the tokens are emitted, unless it is wanted as JSON.
+    text = None if args.json else IncrementalText(target.tokenizer)
+    try:
+        out = pipeline.generate(args.video, args.prompt, args.max_new_tokens,
+                                num_frames=args.frames, fps=args.fps, start=args.start,
+                                end=args.end, temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed,
+                                on_tokens=_printer(text) if text is not None else None)
+    finally:
+        if text is not None and text.tokens:  # what a failure left unfinished ends its line
+            print(text.finish(), flush=True)
     stats = out.stats.as_dict()
     if args.json:
         print(json.dumps({"text": out.text, "tokens": out.tokens, "stats": stats}))
         return
-    print(out.text if out.text is not None else out.tokens)
     print(f"\n{out.stats.tokens} tokens, MAT {_two_places(out.stats.mean_accepted_tokens)}, "
           f"acceptance {_two_places(out.stats.acceptance_rate)}, {out.stats.tokens_per_s:.1f} tokens/s "
           f"({args.mode}; prefill {1e3 * out.stats.prefill_s:.0f} ms, selection "
           f"{1e3 * out.stats.selection_s:.1f} ms, draft {1e3 * out.stats.draft_s:.0f} ms, "
           f"verify {1e3 * out.stats.verify_s:.0f} ms)", file=sys.stderr)
+
+
+def _printer(text: IncrementalText) -> Callable[[list[int]], None]:
+    """An on_tokens callback printing the text of the tokens as they come."""
+    def print_tokens(tokens: list[int]) -> None:
+        piece = text.push(tokens)
+        if piece:
+            print(piece, end="", flush=True)
+    return print_tokens
 
 
 def _two_places(rate: float | None) -> str:

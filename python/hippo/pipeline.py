@@ -30,14 +30,15 @@ from hippo.runtime import LanguageModelRuntime, generate_autoregressive
 from hippo.runtime.autoregressive import (check_finite_logits, eos_id_set, fed_token_count,
                                           new_token_count)
 from hippo.runtime.decoder import autocast_off, check_flag
-from hippo.runtime.rope import rope_switches_within
 from hippo.runtime.kernel_choice import step_invariant_max_rows
+from hippo.runtime.rope import rope_switches_within
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
 from hippo.speculative.decoder import decode_after_prefill
 from hippo.speculative.draft_cache import (DRAFT_PREFILLS, compact_to_kept, copy_kept_cache,
                                            prefill_full, prefill_pruned)
 from hippo.speculative.draft_length import DraftLength
 from hippo.speculative.statistics import GenerationStats
+from hippo.streaming import TokenCallback, check_token_callback
 from hippo.video import VideoInfo, load_video
 
 MODES = ("ar", "sequential", "parallel")
@@ -167,7 +168,7 @@ class HippoPipeline:
         # Held by a generation: the runtimes' caches are one generation's state. Shared, with
         # the runtimes, by the pipelines made by with_options, so that two threads using them
         # (or this one) take turns instead of corrupting each other's caches.
-        self._lock = threading.Lock()
+        self._lock = _RuntimesInUse()
 
     # --------------------------------------------------------------------------- public API
 
@@ -301,7 +302,8 @@ class HippoPipeline:
                  fps: float | None = None, start: float | None = None, end: float | None = None,
                  temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,
-                 eos_token_id: int | list[int] | None | str = USE_TARGET_EOS) -> HippoOutput:
+                 eos_token_id: int | list[int] | None | str = USE_TARGET_EOS,
+                 on_tokens: TokenCallback | None = None) -> HippoOutput:
         """Generate up to max_new_tokens after (video, prompt); stops after eos (included).
 
         video: a file path, or frames [T, H, W, 3] uint8 RGB already decoded (fps: the rate
@@ -309,18 +311,22 @@ class HippoPipeline:
         the target's by default; None never stops early. Sampling (temperature > 0) is seeded
         by `seed` when given: reproducible where the rounds do not depend on timing (mode
         "ar", or a fixed gamma; parallel mode on a CPU only); with gamma "auto" or parallel
-        mode on CUDA, runs may differ (each one distribution-exact).
+        mode on CUDA, runs may differ (each one distribution-exact). on_tokens(tokens) is called
+        with each group of tokens as it is emitted (streaming; see hippo.streaming): the groups
+        concatenate to the output's tokens. It must not start another generation on this
+        pipeline (or one sharing its runtimes).
         """
         started = time.perf_counter()
         # Every argument is checked before the video is read.
         max_new_tokens = new_token_count(max_new_tokens, least=1)
         sampling = SamplingOptions(temperature, top_k, top_p, seed)
         eos_ids = self.eos_ids(eos_token_id)
+        check_token_callback(on_tokens)
         target_prompt, draft_prompt = self.prepare(video, prompt, num_frames=num_frames, fps=fps,
                                                    start=start, end=end,
                                                    max_new_tokens=max_new_tokens)
         output = self._generate_prepared(target_prompt, draft_prompt, max_new_tokens, sampling,
-                                         eos_ids)
+                                         eos_ids, on_tokens)
         output.stats.total_s = time.perf_counter() - started
         return output
 
@@ -328,15 +334,18 @@ class HippoPipeline:
     @autocast_off
     def generate_prepared(self, target_prompt: PreparedPrompt, draft_prompt: PreparedPrompt | None,
                           max_new_tokens: int, sampling: SamplingOptions,
-                          eos_ids: set[int] | None) -> HippoOutput:
+                          eos_ids: set[int] | None, *,
+                          on_tokens: TokenCallback | None = None) -> HippoOutput:
         """generate() after prepare(): the language-model part alone (what benchmarks time).
-        eos_ids: a set of stop ids (eos_ids() gives the target's), or None for none."""
+        eos_ids: a set of stop ids (eos_ids() gives the target's), or None for none; on_tokens
+        as in generate()."""
         max_new_tokens = new_token_count(max_new_tokens, least=1)
         self._check_prepared(target_prompt, draft_prompt)
         if not isinstance(sampling, SamplingOptions):
             raise HippoError(f"sampling must be a SamplingOptions, got {type(sampling).__name__}")
+        check_token_callback(on_tokens)
         return self._generate_prepared(target_prompt, draft_prompt, max_new_tokens, sampling,
-                                       self.eos_ids(eos_ids))
+                                       self.eos_ids(eos_ids), on_tokens)
 
     def _check_prepared(self, target_prompt: object, draft_prompt: object) -> None:
         """The prompts of prepare(): the draft's is needed by a draft model's speculative
@@ -353,7 +362,8 @@ class HippoPipeline:
 
     def _generate_prepared(self, target_prompt: PreparedPrompt,
                            draft_prompt: PreparedPrompt | None, max_new_tokens: int,
-                           sampling: SamplingOptions, eos_ids: set[int]) -> HippoOutput:
+                           sampling: SamplingOptions, eos_ids: set[int],
+                           on_tokens: TokenCallback | None) -> HippoOutput:
         """generate_prepared() on checked arguments (one at a time per set of runtimes)."""
         for role, adapter in self._running_models().items():
             _check_context_fits(adapter, role, target_prompt.length + max_new_tokens)
@@ -362,10 +372,11 @@ class HippoPipeline:
             try:
                 if self.options.mode == "ar":
                     stats, tokens = self._generate_autoregressive(target_prompt, max_new_tokens,
-                                                                  sampling, eos_ids)
+                                                                  sampling, eos_ids, on_tokens)
                 else:
                     stats, tokens = self._generate_speculative(target_prompt, draft_prompt,
-                                                               max_new_tokens, sampling, eos_ids)
+                                                               max_new_tokens, sampling, eos_ids,
+                                                               on_tokens)
             except BaseException:
                 self._finish_device_work()
                 raise
@@ -412,8 +423,9 @@ class HippoPipeline:
         return runtime
 
     def _generate_autoregressive(self, prompt: PreparedPrompt, max_new_tokens: int,
-                                 sampling: SamplingOptions,
-                                 eos_ids: set[int]) -> tuple[GenerationStats, list[int]]:
+                                 sampling: SamplingOptions, eos_ids: set[int],
+                                 on_tokens: TokenCallback | None
+                                 ) -> tuple[GenerationStats, list[int]]:
         runtime = self._runtime("target", self.target,
                                 prompt.length + fed_token_count(max_new_tokens))
         generator = None
@@ -422,7 +434,7 @@ class HippoPipeline:
         result = generate_autoregressive(
             runtime, prompt, max_new_tokens, list(eos_ids) or None,
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-            generator=generator)
+            generator=generator, on_tokens=on_tokens)
         steps = max(len(result.tokens) - 1, 0)
         stats = GenerationStats(mode="ar", prompt_tokens=prompt.length, target_steps=steps,
                                 rounds=steps, tokens=len(result.tokens),
@@ -432,8 +444,9 @@ class HippoPipeline:
 
     def _generate_speculative(self, target_prompt: PreparedPrompt,
                               draft_prompt: PreparedPrompt | None, max_new_tokens: int,
-                              sampling: SamplingOptions,
-                              eos_ids: set[int]) -> tuple[GenerationStats, list[int]]:
+                              sampling: SamplingOptions, eos_ids: set[int],
+                              on_tokens: TokenCallback | None
+                              ) -> tuple[GenerationStats, list[int]]:
         options = self.options
         preservation = options.preservation
         stats = GenerationStats(mode=options.mode, prompt_tokens=target_prompt.length)
@@ -457,7 +470,7 @@ class HippoPipeline:
             draft_length=DraftLength(options.gamma, max_gamma=options.max_gamma,
                                      mode=options.mode),
             max_new_tokens=max_new_tokens, eos_ids=eos_ids, stats=stats,
-            draft_priority=options.draft_priority)
+            draft_priority=options.draft_priority, on_tokens=on_tokens)
         return stats, decoder.emitted
 
     def _prefill(self, target: LanguageModelRuntime, draft: LanguageModelRuntime,
@@ -500,6 +513,28 @@ class HippoPipeline:
             else:
                 prefill_pruned(draft, draft_prompt, kept.positions)
         return kept, first_token
+
+
+class _RuntimesInUse:
+    """The lock a generation holds on its runtimes: threads take turns, and the thread holding
+    it is refused (a generation or release() started from an on_tokens callback would wait
+    for itself for ever)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holder: int | None = None
+
+    def __enter__(self) -> None:
+        if self._holder == threading.get_ident():
+            raise HippoError("the pipeline's runtimes are in use by the generation this thread is "
+                             "running (called from its on_tokens callback?): collect the tokens, "
+                             "and generate or release after it returns")
+        self._lock.acquire()
+        self._holder = threading.get_ident()
+
+    def __exit__(self, *exc: object) -> None:
+        self._holder = None
+        self._lock.release()
 
 
 def check_lane_devices(target: torch.device, draft: torch.device, mode: str) -> None:

@@ -17,6 +17,7 @@ import torch
 from hippo.errors import HippoError, is_int
 from hippo.models.base import PreparedPrompt
 from hippo.runtime.decoder import LanguageModelRuntime
+from hippo.streaming import TokenCallback, check_token_callback
 
 
 @dataclass
@@ -204,15 +205,18 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
                             max_new_tokens: int, eos_token_id: int | list[int] | None = None, *,
                             temperature: float = 0.0, top_k: int | None = None,
                             top_p: float | None = None,
-                            generator: torch.Generator | None = None) -> GenerationResult:
+                            generator: torch.Generator | None = None,
+                            on_tokens: TokenCallback | None = None) -> GenerationResult:
     """Generate up to max_new_tokens after the prompt, one runtime step per token.
 
     Stops after an eos token (included, as HF generate does). Generated token j sits at
     `prompt.generated_positions(j, 1)`. The runtime's cache is reset first. A sampling
-    generator must live on the runtime's device.
+    generator must live on the runtime's device. on_tokens([token]) is called with each token
+    as it is chosen (hippo.streaming).
     """
     max_new_tokens = _check_request(runtime, prompt, max_new_tokens)
     SamplingOptions(temperature, top_k, top_p)  # validates them
+    check_token_callback(on_tokens)
     eos_ids = eos_id_set(eos_token_id, runtime.lm_head.out_features)
     runtime.reset()
     synchronize = _synchronizer(runtime.device)
@@ -223,6 +227,8 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     token = choose_next_token(prefill.logits[:, -1], temperature, top_k, top_p, generator)
     result = GenerationResult(tokens=[int(token.item())])  # finite: checked above
     result.prefill_s = time.perf_counter() - started
+    if on_tokens is not None:
+        on_tokens(result.tokens[:])
 
     positions = prompt.generated_positions(0, fed_token_count(max_new_tokens)).to(runtime.device)
     # The step's CUDA graph is captured before decoding is timed, as speculative decoding
@@ -238,6 +244,8 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
         if value < 0:
             raise non_finite_logits_error("the model's", len(result.tokens) + 1, logits.dtype)
         result.tokens.append(value)
+        if on_tokens is not None:
+            on_tokens([value])
     synchronize()
     result.decode_s = time.perf_counter() - started
     return result

@@ -21,6 +21,7 @@ from hippo.speculative.draft_length import DraftLength
 from hippo.speculative.lanes import Lane
 from hippo.speculative.statistics import GenerationStats
 from hippo.speculative.timing import PhaseClock
+from hippo.streaming import TokenCallback, check_token_callback
 
 
 class SpeculativeDecoder:
@@ -34,8 +35,10 @@ class SpeculativeDecoder:
 
     def __init__(self, target: Lane, draft: Lane, acceptance: TokenAcceptance,
                  draft_length: DraftLength, stats: GenerationStats, clock: PhaseClock,
-                 max_new_tokens: int, eos_ids: set[int]) -> None:
+                 max_new_tokens: int, eos_ids: set[int],
+                 on_tokens: TokenCallback | None = None) -> None:
         self.target, self.draft = target, draft
+        self.on_tokens = on_tokens
         self.acceptance = acceptance
         self.draft_length = draft_length
         self.stats, self.clock = stats, clock
@@ -59,12 +62,16 @@ class SpeculativeDecoder:
         return self.max_new_tokens - len(self.emitted)
 
     def _emit(self, tokens: list[int]) -> None:
-        """Append tokens, stopping exactly after an eos or at max_new_tokens."""
+        """Append tokens, stopping exactly after an eos or at max_new_tokens, and hand the
+        ones appended to on_tokens."""
+        before = len(self.emitted)
         for token in tokens:
             if self.finished:
-                return
+                break
             self.emitted.append(token)
             self.finished = token in self.eos_ids or len(self.emitted) >= self.max_new_tokens
+        if self.on_tokens is not None and len(self.emitted) > before:
+            self.on_tokens(self.emitted[before:])
 
     def settle(self, accepted: list[int], correction: int | None, *,
                draft_stays_ahead: bool = False) -> None:
@@ -193,13 +200,15 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
                          acceptance: TokenAcceptance, draft_length: DraftLength,
                          max_new_tokens: int, eos_ids: set[int],
                          stats: GenerationStats | None = None,
-                         draft_priority: bool = False) -> SpeculativeDecoder:
+                         draft_priority: bool = False,
+                         on_tokens: TokenCallback | None = None) -> SpeculativeDecoder:
     """Speculative decoding from prefilled caches: the target's holds the prompt, the draft's its
     view of it (both at their current lengths); first_token [1] is the target's choice after the
     prompt; positions [..., n] the position ids of generated tokens 0, 1, ... (n at least
     fed_token_count(max_new_tokens), max_new_tokens - 1: no step feeds the last token, and each
     cache needs that much room after its prompt); draft_priority puts the draft's steps on a
-    high-priority CUDA stream. Returns the finished decoder (emitted, stats)."""
+    high-priority CUDA stream; on_tokens is handed each group of emitted tokens
+    (hippo.streaming). Returns the finished decoder (emitted, stats)."""
     batches = (target.cache.batch, draft.cache.batch, first_token.numel())
     if batches != (1, 1, 1):
         raise HippoError(f"speculative decoding generates one sequence: it needs runtimes of "
@@ -207,6 +216,7 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
                          f"batch {batches[1]} and {batches[2]} first tokens")
     max_new_tokens = new_token_count(max_new_tokens)
     eos_ids = eos_id_set(eos_ids, acceptance.vocab)
+    check_token_callback(on_tokens)
     fed = fed_token_count(max_new_tokens)
     if positions.shape[-1] < fed:
         raise HippoError(f"positions hold {positions.shape[-1]} generated positions; "
@@ -225,7 +235,7 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
     decoder = SpeculativeDecoder(Lane(target, target.length, positions, capacity),
                                  Lane(draft, draft.length, positions, capacity,
                                       high_priority=draft_priority), acceptance,
-                                 draft_length, stats, clock, max_new_tokens, eos_ids)
+                                 draft_length, stats, clock, max_new_tokens, eos_ids, on_tokens)
     decoder.start(first_token)
     run_decoding(decoder, mode)
     stats.draft_s += clock.totals.get("draft", 0.0)

@@ -1,0 +1,83 @@
+"""Streaming: generated tokens handed to the caller as they become final, and their text.
+
+A generation calls `on_tokens(tokens)` with each group of tokens it emits, in order: the token
+after the prompt, then what each speculative round accepted (its accepted drafts and the
+target's correction or bonus token; one token per step in autoregressive decoding). Tokens are
+final when handed over (never withdrawn), the groups concatenate to the output's tokens, and
+nothing is handed past an eos or max_new_tokens. The callback runs on the host right after the
+round's one synchronisation, so it adds no synchronisation, but its time counts in the decode
+time and delays the next round: keep it short (hand the tokens to another thread for slow work).
+An exception it raises ends the generation and reaches the caller of generate().
+
+IncrementalText turns the growing token list into text that can be printed piece by piece: a
+character whose UTF-8 bytes span several tokens (byte-level BPE, the byte tokenizer of the tiny
+presets) is given out once its last byte is there, and each token is decoded in the context of
+the tokens before it (tokenizers that drop a word's leading space at the start of a text).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from hippo.errors import HippoError
+
+if TYPE_CHECKING:
+    from hippo.models.tokenizer import PromptTokenizer
+
+TokenCallback = Callable[[list[int]], object]
+
+# What a decoder gives for bytes that do not (yet) form a whole UTF-8 character.
+_INCOMPLETE = "\ufffd"
+# Tokens of context decoded before the new ones: enough for a tokenizer's spacing rules.
+_CONTEXT_TOKENS = 5
+
+
+def check_token_callback(on_tokens: object) -> None:
+    """on_tokens must be None or callable (a string or a list there is a mistake, found before
+    the video is read rather than after the first token)."""
+    if on_tokens is not None and not callable(on_tokens):
+        raise HippoError(f"on_tokens must be a callable taking a list of token ids, or None; got "
+                         f"{type(on_tokens).__name__}")
+
+
+class IncrementalText:
+    """The text of a token list that grows at its end, handed out in pieces whose concatenation
+    is the decoded text of the whole list (for tokenizers whose decoded text of a list begins
+    with that of its prefixes, as byte-level BPE and sentencepiece ones' does).
+
+    push(tokens) returns the text that is final after them: all of it but a character whose
+    last bytes are still to come. finish() returns the rest (the replacement characters of
+    bytes that never completed)."""
+
+    def __init__(self, tokenizer: PromptTokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self._given = 0  # tokens whose whole text was handed out
+        self._context = 0  # first token decoded with the ones after _given (a few before it)
+        self._extra = 0  # characters handed out of the text the tokens after _given add
+
+    def push(self, tokens: list[int]) -> str:
+        self.tokens.extend(tokens)
+        text = self._text_after_given()
+        if text.endswith(_INCOMPLETE):  # hold the unfinished character back
+            final = text.rstrip(_INCOMPLETE)
+            piece, self._extra = final[self._extra:], max(self._extra, len(final))
+            return piece
+        return self._advance(text)
+
+    def finish(self) -> str:
+        """The text of the tokens not yet handed out, complete or not."""
+        return self._advance(self._text_after_given())
+
+    def _text_after_given(self) -> str:
+        """The text the tokens after _given add, decoded in the context of a few before."""
+        given = self.tokenizer.decode(self.tokens[self._context:self._given])
+        window = self.tokenizer.decode(self.tokens[self._context:])
+        return window[len(given):]
+
+    def _advance(self, text: str) -> str:
+        """What of `text` is not handed out yet; every token's text is handed out after it."""
+        piece = text[self._extra:]
+        self._given, self._extra = len(self.tokens), 0
+        self._context = max(0, self._given - _CONTEXT_TOKENS)
+        return piece

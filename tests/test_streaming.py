@@ -1,0 +1,265 @@
+"""Streaming (hippo.streaming): on_tokens receives every emitted token once, in order, as soon as
+the round that emitted it is read, and nothing past an eos or max_new_tokens; it changes no
+token; IncrementalText gives out the text of a growing token list piece by piece."""
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+from hippo.assets import sample_video_path
+from hippo.errors import HippoError
+from hippo.models import load_adapter
+from hippo.models.tokenizer import HFPromptTokenizer
+from hippo.pipeline import HippoPipeline
+from hippo.streaming import IncrementalText
+from hippo_testing import bpe_tokenizer
+from speculative_testing import FAMILY_PRESETS, make_pair, make_pipeline, sample_frames
+
+MODES = ("ar", "sequential", "parallel")
+PROMPT = "what moves?"
+
+
+class Recorder:
+    """An on_tokens callback that keeps each group it is handed, and what had been emitted
+    when it was called (the statistics' token count is only set at the end)."""
+
+    def __init__(self) -> None:
+        self.groups: list[list[int]] = []
+
+    def __call__(self, tokens: list[int]) -> None:
+        assert isinstance(tokens, list) and tokens and all(type(t) is int for t in tokens)
+        self.groups.append(list(tokens))
+
+    @property
+    def tokens(self) -> list[int]:
+        return [token for group in self.groups for token in group]
+
+
+def _pipeline(target, draft, mode: str, gamma) -> HippoPipeline:
+    if mode == "ar":
+        return HippoPipeline(target, mode="ar")
+    return make_pipeline(target, draft, mode, gamma, 0.5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", sorted(FAMILY_PRESETS))
+def test_the_groups_are_the_output_round_by_round(family, mode):
+    """Greedy and sampled, with and without an eos inside a block: the groups concatenate to the
+    output, which equals the output without a callback; AR hands one token per step, a
+    speculative decoder the first token and then one group per round that emitted any."""
+    target, draft = make_pair(family, "small-draft", seed=1)
+    frames = sample_frames(family, 4)
+    for gamma in (1, 3, "auto"):
+        pipeline = _pipeline(target, draft, mode, gamma)
+        free = pipeline.generate(frames, PROMPT, 24, eos_token_id=None).tokens
+        for eos, sampling in ((None, {}), (free[6], {}), (None, dict(temperature=0.9, seed=3))):
+            plain = pipeline.generate(frames, PROMPT, 24, eos_token_id=eos, **sampling)
+            recorder = Recorder()
+            out = pipeline.generate(frames, PROMPT, 24, eos_token_id=eos, on_tokens=recorder,
+                                    **sampling)
+            assert recorder.tokens == out.tokens
+            if not sampling or mode == "ar" or gamma != "auto":  # g by timing: runs may differ
+                assert out.tokens == plain.tokens
+            if eos is not None:
+                assert out.tokens[-1] == eos and eos not in out.tokens[:-1]
+            if mode == "ar":
+                assert [len(group) for group in recorder.groups] == [1] * len(out.tokens)
+            else:
+                assert recorder.groups[0] == out.tokens[:1]
+                assert len(recorder.groups) <= out.stats.rounds + 1
+                if mode == "sequential":  # every sequential round emits
+                    assert len(recorder.groups) == out.stats.rounds + 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_max_new_tokens_cuts_the_last_group(mode):
+    """A round that accepts past max_new_tokens hands over only the tokens up to it."""
+    target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
+    frames = sample_frames("qwen2_5_vl", 4)
+    for limit in (1, 2, 5, 8):
+        recorder = Recorder()
+        out = _pipeline(target, draft, mode, 6).generate(frames, PROMPT, limit, eos_token_id=None,
+                                                          on_tokens=recorder)
+        assert len(out.tokens) == limit and recorder.tokens == out.tokens
+
+
+def test_tokens_are_handed_over_while_the_generation_runs(monkeypatch):
+    """Each group arrives when its round ends, before the next round's target step runs."""
+    from hippo.runtime.decoder import LanguageModelRuntime
+
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    frames = sample_frames("qwen2_5_vl", 4)
+    handed_at_step: list[int] = []
+    steps = [0]
+    step = LanguageModelRuntime.step
+
+    def counting_step(self, *args, **kwargs):
+        steps[0] += 1
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(LanguageModelRuntime, "step", counting_step)
+    out = _pipeline(target, draft, "sequential", 2).generate(
+        frames, PROMPT, 16, eos_token_id=None, on_tokens=lambda tokens: handed_at_step.append(steps[0]))
+    assert len(handed_at_step) == out.stats.rounds + 1
+    assert handed_at_step == sorted(handed_at_step) and len(set(handed_at_step)) == len(handed_at_step)
+    assert handed_at_step[-1] == steps[0]  # the last group: right after the last step
+
+
+def test_a_bad_callback_is_refused_before_the_video_is_read():
+    target = load_adapter("tiny-qwen2.5-vl")
+    for bad in ("print", [print], 3):
+        with pytest.raises(HippoError, match="on_tokens must be a callable"):
+            HippoPipeline(target, mode="ar").generate("/no/such/video.mp4", PROMPT, 4, on_tokens=bad)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_callback_that_raises_ends_the_generation_and_leaves_the_pipeline_usable(mode):
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=2)
+    frames = sample_frames("qwen2_5_vl", 4)
+    pipeline = _pipeline(target, draft, mode, 3)
+    expected = pipeline.generate(frames, PROMPT, 12, eos_token_id=None).tokens
+
+    class Stop(Exception):
+        pass
+
+    calls = [0]
+
+    def stop_at_the_third_group(tokens):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise Stop
+
+    with pytest.raises(Stop):
+        pipeline.generate(frames, PROMPT, 12, eos_token_id=None, on_tokens=stop_at_the_third_group)
+    assert calls[0] == 3
+    assert pipeline.generate(frames, PROMPT, 12, eos_token_id=None).tokens == expected
+
+
+def test_a_generation_started_from_the_callback_is_refused_not_a_deadlock():
+    """The callback runs while its generation holds the runtimes: generating (on the pipeline or
+    a sibling sharing its runtimes) or releasing them from there would wait for itself."""
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    frames = sample_frames("qwen2_5_vl", 4)
+    pipeline = _pipeline(target, draft, "sequential", 3)
+    sibling = pipeline.with_options(mode="ar")
+    expected = pipeline.generate(frames, PROMPT, 8, eos_token_id=None).tokens
+    for reentry in (lambda: pipeline.generate(frames, PROMPT, 2), lambda: sibling.generate(frames, PROMPT, 2),
+                    pipeline.release):
+        outcome: list[BaseException] = []
+
+        def generate_inside(tokens, reentry=reentry):
+            reentry()
+
+        def run():
+            try:
+                pipeline.generate(frames, PROMPT, 8, on_tokens=generate_inside)
+            except BaseException as error:  # noqa: BLE001 - checked below
+                outcome.append(error)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(timeout=120)
+        assert not thread.is_alive(), "the generation waited for itself"
+        assert len(outcome) == 1 and isinstance(outcome[0], HippoError), outcome
+        assert "in use by the generation this thread is running" in str(outcome[0])
+    assert pipeline.generate(frames, PROMPT, 8, eos_token_id=None).tokens == expected
+
+
+def test_generate_prepared_streams_too():
+    target, draft = make_pair("llava_onevision", "small-draft", seed=0)
+    pipeline = _pipeline(target, draft, "parallel", 2)
+    prompts = pipeline.prepare(sample_video_path(), PROMPT, num_frames=3)
+    from hippo.speculative.acceptance import SamplingOptions
+
+    recorder = Recorder()
+    out = pipeline.generate_prepared(*prompts, 10, SamplingOptions(), None, on_tokens=recorder)
+    assert recorder.tokens == out.tokens and len(out.tokens) == 10
+    with pytest.raises(HippoError, match="on_tokens must be a callable"):
+        pipeline.generate_prepared(*prompts, 10, SamplingOptions(), None, on_tokens="x")
+
+
+def _pieces(tokenizer, tokens: list[int], rng: random.Random) -> list[str]:
+    """IncrementalText's pieces for the tokens pushed in random groups, and the finish."""
+    text, pieces, index = IncrementalText(tokenizer), [], 0
+    while index < len(tokens):
+        size = rng.choice((1, 1, 2, 3, 7))
+        pieces.append(text.push(tokens[index:index + size]))
+        index += size
+    return pieces + [text.finish()]
+
+
+def test_incremental_text_of_bytes_waits_for_whole_characters():
+    """The byte tokenizer of the presets (ids 0-255 are bytes): a character of 2-4 UTF-8 bytes
+    comes out once its last byte is pushed, never as replacement characters in between."""
+    tokenizer = load_adapter("tiny-qwen2.5-vl").tokenizer
+    sentence = "Ça va? 猫が歩く 🐈 — naïve café"
+    ids = list(sentence.encode("utf-8"))
+    text = IncrementalText(tokenizer)
+    given = "".join(text.push([token]) for token in ids)
+    assert given + text.finish() == sentence
+    assert given == sentence  # the last byte completes the last character
+    text = IncrementalText(tokenizer)
+    cat = "🐈".encode("utf-8")
+    assert [text.push([b]) for b in cat] == ["", "", "", "🐈"]
+    rng = random.Random(0)
+    for _ in range(50):
+        chars = [rng.choice("aé猫🐈 \n?") for _ in range(rng.randrange(0, 30))]
+        data = list("".join(chars).encode("utf-8"))
+        pieces = _pieces(tokenizer, data, rng)
+        assert "".join(pieces) == tokenizer.decode(data)
+        assert not any(piece.endswith("\ufffd") for piece in pieces[:-1])
+
+
+def test_incremental_text_ends_with_the_bytes_that_never_completed():
+    tokenizer = load_adapter("tiny-qwen2.5-vl").tokenizer
+    text = IncrementalText(tokenizer)
+    assert text.push(list("ok ".encode()) + [0xE7, 0x8C]) == "ok "
+    assert text.finish() == "\ufffd"  # a cut-off character, as decode gives it
+    assert text.finish() == ""
+    # A stray continuation byte in the middle is given out with the text after it.
+    text = IncrementalText(tokenizer)
+    assert text.push([0x80]) == ""
+    assert text.push([ord("a")]) == "\ufffda"
+
+
+def test_incremental_text_of_a_byte_level_bpe_tokenizer_is_its_decoded_text():
+    """Random token sequences of a Qwen2-style byte-level BPE tokenizer (tokens that are parts of
+    multi-byte characters, special tokens, which decode skips), pushed in random groups."""
+    tokenizer = HFPromptTokenizer(bpe_tokenizer())
+    rng = random.Random(1)
+    words = tokenizer.encode("Question?\nAnswer briefly. 猫 café — 🐈")
+    for _ in range(60):
+        tokens = [rng.choice(words) if rng.random() < 0.7 else rng.randrange(tokenizer.vocab_size)
+                  for _ in range(rng.randrange(0, 40))]
+        pieces = _pieces(tokenizer, tokens, rng)
+        assert "".join(pieces) == tokenizer.decode(tokens), tokens
+    assert "".join(_pieces(tokenizer, words, rng)) == "Question?\nAnswer briefly. 猫 café — 🐈"
+
+
+def _metaspace_tokenizer() -> HFPromptTokenizer:
+    """A sentencepiece-style tokenizer (Llama's, Mistral's): a word's leading space is part of its
+    token, and decoding drops it at the start of a text, so a token decoded alone loses it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.train_from_iterator(["Hello world, what moves here?", "the cat walks away"] * 4,
+                                trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"],
+                                                    show_progress=False))
+    return HFPromptTokenizer(PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>",
+                                                     unk_token="<unk>"))
+
+
+def test_incremental_text_keeps_the_spaces_a_token_alone_would_lose():
+    tokenizer = _metaspace_tokenizer()
+    ids = tokenizer.encode("Hello world the cat walks")
+    assert tokenizer.decode(ids[-1:]) == "walks"  # its space is dropped when decoded alone
+    text = IncrementalText(tokenizer)
+    assert "".join(text.push([token]) for token in ids) + text.finish() == "Hello world the cat walks"
+    rng = random.Random(2)
+    for _ in range(40):
+        tokens = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(0, 30))]
+        assert "".join(_pieces(tokenizer, tokens, rng)) == tokenizer.decode(tokens), tokens
