@@ -84,6 +84,31 @@ def test_max_new_tokens_cuts_the_last_group(mode):
         assert len(out.tokens) == limit and recorder.tokens == out.tokens
 
 
+
+@pytest.mark.parametrize("mode", MODES)
+def test_returning_true_stops_after_the_tokens_handed_over(mode):
+    """A callback returning True ends the generation after its group (a client gone, a stop
+    string seen): the output is what was handed over, a prefix of the free run; any other
+    return value (file.write's count, None) goes on."""
+    target, draft = make_pair("llava_onevision", "small-draft", seed=0)
+    frames = sample_frames("llava_onevision", 3)
+    pipeline = _pipeline(target, draft, mode, 3)
+    free = pipeline.generate(frames, PROMPT, 20, eos_token_id=None).tokens
+    for enough in (1, 2, 6, 11):
+        recorder = Recorder()
+
+        def stop_when_enough(tokens):
+            recorder(tokens)
+            return len(recorder.tokens) >= enough
+
+        out = pipeline.generate(frames, PROMPT, 20, eos_token_id=None, on_tokens=stop_when_enough)
+        assert out.tokens == recorder.tokens == free[:len(out.tokens)]
+        assert len(out.tokens) - len(recorder.groups[-1]) < enough <= len(out.tokens)
+        assert out.stats.tokens == len(out.tokens)
+    counts = pipeline.generate(frames, PROMPT, 20, eos_token_id=None, on_tokens=len)
+    assert counts.tokens == free
+    assert pipeline.generate(frames, PROMPT, 20, eos_token_id=None).tokens == free
+
 def test_tokens_are_handed_over_while_the_generation_runs(monkeypatch):
     """Each group arrives when its round ends, before the next round's target step runs."""
     from hippo.runtime.decoder import LanguageModelRuntime

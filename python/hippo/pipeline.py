@@ -313,8 +313,8 @@ class HippoPipeline:
         "ar", or a fixed gamma; parallel mode on a CPU only); with gamma "auto" or parallel
         mode on CUDA, runs may differ (each one distribution-exact). on_tokens(tokens) is called
         with each group of tokens as it is emitted (streaming; see hippo.streaming): the groups
-        concatenate to the output's tokens. It must not start another generation on this
-        pipeline (or one sharing its runtimes).
+        concatenate to the output's tokens; returning True stops the generation after them. It
+        must not start another generation on this pipeline (or one sharing its runtimes).
         """
         started = time.perf_counter()
         # Every argument is checked before the video is read.

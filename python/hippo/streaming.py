@@ -7,7 +7,10 @@ final when handed over (never withdrawn), the groups concatenate to the output's
 nothing is handed past an eos or max_new_tokens. The callback runs on the host right after the
 round's one synchronisation, so it adds no synchronisation, but its time counts in the decode
 time and delays the next round: keep it short (hand the tokens to another thread for slow work).
-An exception it raises ends the generation and reaches the caller of generate().
+It may end the generation: returning True (the bool: a callback that returns a count,
+as file.write does, goes on) stops it after the tokens just handed over, as an eos would (a
+client gone, a stop string seen); an exception it raises ends the generation and reaches the
+caller of generate().
 
 IncrementalText turns the growing token list into text that can be printed piece by piece: a
 character whose UTF-8 bytes span several tokens (byte-level BPE, the byte tokenizer of the tiny
@@ -25,6 +28,11 @@ if TYPE_CHECKING:
     from hippo.models.tokenizer import PromptTokenizer
 
 TokenCallback = Callable[[list[int]], object]
+
+
+def asks_to_stop(on_tokens: TokenCallback | None, tokens: list[int]) -> bool:
+    """Hand `tokens` to the callback (when there is one); whether it asked to stop."""
+    return on_tokens is not None and on_tokens(tokens) is True
 
 # What a decoder gives for bytes that do not (yet) form a whole UTF-8 character.
 _INCOMPLETE = "\ufffd"

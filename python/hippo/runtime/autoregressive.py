@@ -17,7 +17,7 @@ import torch
 from hippo.errors import HippoError, is_int
 from hippo.models.base import PreparedPrompt
 from hippo.runtime.decoder import LanguageModelRuntime
-from hippo.streaming import TokenCallback, check_token_callback
+from hippo.streaming import TokenCallback, asks_to_stop, check_token_callback
 
 
 @dataclass
@@ -212,7 +212,7 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     Stops after an eos token (included, as HF generate does). Generated token j sits at
     `prompt.generated_positions(j, 1)`. The runtime's cache is reset first. A sampling
     generator must live on the runtime's device. on_tokens([token]) is called with each token
-    as it is chosen (hippo.streaming).
+    as it is chosen, and stops the generation by returning True (hippo.streaming).
     """
     max_new_tokens = _check_request(runtime, prompt, max_new_tokens)
     SamplingOptions(temperature, top_k, top_p)  # validates them
@@ -227,8 +227,7 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     token = choose_next_token(prefill.logits[:, -1], temperature, top_k, top_p, generator)
     result = GenerationResult(tokens=[int(token.item())])  # finite: checked above
     result.prefill_s = time.perf_counter() - started
-    if on_tokens is not None:
-        on_tokens(result.tokens[:])
+    stopped = asks_to_stop(on_tokens, result.tokens[:])
 
     positions = prompt.generated_positions(0, fed_token_count(max_new_tokens)).to(runtime.device)
     # The step's CUDA graph is captured before decoding is timed, as speculative decoding
@@ -236,7 +235,7 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     runtime.capture_steps((1,) if max_new_tokens > 1 else ())
     started = time.perf_counter()
     for index in range(max_new_tokens - 1):
-        if result.tokens[-1] in eos_ids:
+        if stopped or result.tokens[-1] in eos_ids:
             break
         logits = runtime.step(token[:, None], positions[..., index:index + 1])
         token = choose_next_token(logits[:, -1], temperature, top_k, top_p, generator)
@@ -244,8 +243,7 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
         if value < 0:
             raise non_finite_logits_error("the model's", len(result.tokens) + 1, logits.dtype)
         result.tokens.append(value)
-        if on_tokens is not None:
-            on_tokens([value])
+        stopped = asks_to_stop(on_tokens, [value])
     synchronize()
     result.decode_s = time.perf_counter() - started
     return result

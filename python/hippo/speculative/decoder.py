@@ -21,7 +21,7 @@ from hippo.speculative.draft_length import DraftLength
 from hippo.speculative.lanes import Lane
 from hippo.speculative.statistics import GenerationStats
 from hippo.speculative.timing import PhaseClock
-from hippo.streaming import TokenCallback, check_token_callback
+from hippo.streaming import TokenCallback, asks_to_stop, check_token_callback
 
 
 class SpeculativeDecoder:
@@ -63,15 +63,15 @@ class SpeculativeDecoder:
 
     def _emit(self, tokens: list[int]) -> None:
         """Append tokens, stopping exactly after an eos or at max_new_tokens, and hand the
-        ones appended to on_tokens."""
+        ones appended to on_tokens (which may ask to stop after them)."""
         before = len(self.emitted)
         for token in tokens:
             if self.finished:
                 break
             self.emitted.append(token)
             self.finished = token in self.eos_ids or len(self.emitted) >= self.max_new_tokens
-        if self.on_tokens is not None and len(self.emitted) > before:
-            self.on_tokens(self.emitted[before:])
+        if len(self.emitted) > before and asks_to_stop(self.on_tokens, self.emitted[before:]):
+            self.finished = True
 
     def settle(self, accepted: list[int], correction: int | None, *,
                draft_stays_ahead: bool = False) -> None:
