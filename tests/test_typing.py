@@ -68,6 +68,8 @@ pipeline = HippoPipeline(adapter, None)
 target_prompt, draft_prompt = pipeline.prepare("clip.mp4", "hi", num_frames=4)
 pipeline.generate_prepared(target_prompt, draft_prompt, 8, SamplingOptions(), None)
 pipeline.generate("clip.mp4", "hi").no_such_field  # error: HippoOutput, not Any
+pipeline.generate("clip.mp4", "hi", on_tokens=lambda tokens: print(tokens[0] + 1))
+pipeline.generate("clip.mp4", "hi", on_tokens=lambda tokens: tokens.no_such)  # error: list[int]
 pipeline.generate_prepared(target_prompt, None, 8, SamplingOptions(), None).no_such  # error
 runtime.prefill(embeds, torch.zeros(1, 1, dtype=torch.long)).no_such_field  # error
 runtime.step(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1)).no_such_field  # error
