@@ -44,11 +44,12 @@ def _pipeline(target, draft, mode: str, gamma) -> HippoPipeline:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family", sorted(FAMILY_PRESETS))
-def test_the_groups_are_the_output_round_by_round(family, mode):
+def test_the_groups_are_the_output_round_by_round(device, family, mode):
     """Greedy and sampled, with and without an eos inside a block: the groups concatenate to the
     output, which equals the output without a callback; AR hands one token per step, a
-    speculative decoder the first token and then one group per round that emitted any."""
-    target, draft = make_pair(family, "small-draft", seed=1)
+    speculative decoder the first token and then one group per round that emitted any. On a
+    GPU too (two streams, CUDA graphs, the parallel draft running ahead)."""
+    target, draft = make_pair(family, "small-draft", seed=1, device=device)
     frames = sample_frames(family, 4)
     for gamma in (1, 3, "auto"):
         pipeline = _pipeline(target, draft, mode, gamma)
@@ -59,7 +60,9 @@ def test_the_groups_are_the_output_round_by_round(family, mode):
             out = pipeline.generate(frames, PROMPT, 24, eos_token_id=eos, on_tokens=recorder,
                                     **sampling)
             assert recorder.tokens == out.tokens
-            if not sampling or mode == "ar" or gamma != "auto":  # g by timing: runs may differ
+            # g by timing (gamma "auto"; a parallel draft's lead on a GPU): sampled runs differ.
+            timed = gamma == "auto" or (mode == "parallel" and device != "cpu")
+            if not sampling or mode == "ar" or not timed:
                 assert out.tokens == plain.tokens
             if eos is not None:
                 assert out.tokens[-1] == eos and eos not in out.tokens[:-1]
