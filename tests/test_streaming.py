@@ -100,7 +100,7 @@ def test_returning_true_stops_after_the_tokens_handed_over(mode):
     for enough in (1, 2, 6, 11):
         recorder = Recorder()
 
-        def stop_when_enough(tokens):
+        def stop_when_enough(tokens, recorder=recorder, enough=enough):
             recorder(tokens)
             return len(recorder.tokens) >= enough
 
@@ -179,7 +179,7 @@ def test_a_generation_started_from_the_callback_is_refused_not_a_deadlock():
         def generate_inside(tokens, reentry=reentry):
             reentry()
 
-        def run():
+        def run(outcome=outcome):
             try:
                 pipeline.generate(frames, PROMPT, 8, on_tokens=generate_inside)
             except BaseException as error:  # noqa: BLE001 - checked below
@@ -228,7 +228,7 @@ def test_incremental_text_of_bytes_waits_for_whole_characters():
     assert given + text.finish() == sentence
     assert given == sentence  # the last byte completes the last character
     text = IncrementalText(tokenizer)
-    cat = "🐈".encode("utf-8")
+    cat = "🐈".encode()
     assert [text.push([b]) for b in cat] == ["", "", "", "🐈"]
     rng = random.Random(0)
     for _ in range(50):
@@ -242,7 +242,7 @@ def test_incremental_text_of_bytes_waits_for_whole_characters():
 def test_incremental_text_ends_with_the_bytes_that_never_completed():
     tokenizer = load_adapter("tiny-qwen2.5-vl").tokenizer
     text = IncrementalText(tokenizer)
-    assert text.push(list("ok ".encode()) + [0xE7, 0x8C]) == "ok "
+    assert text.push([*b"ok ", 0xE7, 0x8C]) == "ok "
     assert text.finish() == "\ufffd"  # a cut-off character, as decode gives it
     assert text.finish() == ""
     # A stray continuation byte in the middle is given out with the text after it.
@@ -290,4 +290,26 @@ def test_incremental_text_keeps_the_spaces_a_token_alone_would_lose():
     rng = random.Random(2)
     for _ in range(40):
         tokens = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(0, 30))]
+        assert "".join(_pieces(tokenizer, tokens, rng)) == tokenizer.decode(tokens), tokens
+
+
+def test_incremental_text_keeps_the_space_of_a_word_after_special_tokens():
+    """Special tokens decode to nothing: after a run of them (longer than the few tokens of
+    context), the next word still keeps the space it has in the decoded text."""
+    tokenizer = _metaspace_tokenizer()
+    hello, world = tokenizer.encode("Hello world")[:1], tokenizer.encode("Hello world")[1:]
+    for run in (1, 5, 12):
+        ids = hello + [tokenizer.eos_token_id] * run + world
+        text = IncrementalText(tokenizer)
+        given = "".join(text.push([token]) for token in ids) + text.finish()
+        assert given == tokenizer.decode(ids) == "Hello world", run
+        text = IncrementalText(tokenizer)  # the word and the run in one group
+        given = text.push(ids[:1 + run]) + text.push(ids[1 + run:]) + text.finish()
+        assert given == "Hello world", run
+    rng = random.Random(3)
+    for _ in range(40):
+        tokens = []
+        while len(tokens) < 30:
+            tokens += [tokenizer.eos_token_id] * rng.randrange(1, 9) if rng.random() < 0.2 \
+                else [rng.randrange(tokenizer.vocab_size)]
         assert "".join(_pieces(tokenizer, tokens, rng)) == tokenizer.decode(tokens), tokens

@@ -63,6 +63,7 @@ class IncrementalText:
         self._given = 0  # tokens whose whole text was handed out
         self._context = 0  # first token decoded with the ones after _given (a few before it)
         self._extra = 0  # characters handed out of the text the tokens after _given add
+        self._given_text = ""  # the text of tokens[_context:_given]
 
     def push(self, tokens: list[int]) -> str:
         self.tokens.extend(tokens)
@@ -79,13 +80,21 @@ class IncrementalText:
 
     def _text_after_given(self) -> str:
         """The text the tokens after _given add, decoded in the context of a few before."""
-        given = self.tokenizer.decode(self.tokens[self._context:self._given])
         window = self.tokenizer.decode(self.tokens[self._context:])
-        return window[len(given):]
+        return window[len(self._given_text):]
 
     def _advance(self, text: str) -> str:
         """What of `text` is not handed out yet; every token's text is handed out after it."""
         piece = text[self._extra:]
         self._given, self._extra = len(self.tokens), 0
-        self._context = max(0, self._given - _CONTEXT_TOKENS)
+        # Tokens that decode to nothing (special tokens, which decode skips) are no context: a
+        # context of them alone would put the next token at the start of a text, where a
+        # sentencepiece decoder drops its leading space. The context then stays where it was.
+        context = max(0, self._given - _CONTEXT_TOKENS)
+        given = self.tokenizer.decode(self.tokens[context:self._given])
+        if given or context == self._context:
+            self._context = context
+        else:
+            given = self.tokenizer.decode(self.tokens[self._context:self._given])
+        self._given_text = given
         return piece
