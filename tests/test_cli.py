@@ -94,6 +94,23 @@ def test_generate_prints_the_text_as_it_is_generated(capsys, monkeypatch):
     assert printed.endswith("\n") and expected.startswith(printed[:-1]), (printed, expected)
     assert captured.err.strip() == "hippo generate: error: stopped on purpose"
 
+
+def test_generate_stops_at_a_stop_string(capsys):
+    """--stop (repeatable) ends the text after the token that completes one of them; an empty
+    one is refused by its flag's name."""
+    assert main(_generate("--json", "--gamma", "2", "--max-new-tokens", "24")) == 0
+    free = json.loads(capsys.readouterr().out)
+    stop = next(free["text"][i:i + 2] for i in range(1, len(free["text"]) - 1)
+                if "\ufffd" not in free["text"][i:i + 2])
+    assert main(_generate("--json", "--gamma", "2", "--max-new-tokens", "24",
+                          "--stop", "\x00none", "--stop", stop)) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"].endswith(stop) and out["text"].count(stop) == 1
+    assert out["tokens"] == free["tokens"][:len(out["tokens"])]
+    assert main(_generate("--gamma", "2", "--max-new-tokens", "24", "--stop", stop)) == 0
+    assert capsys.readouterr().out == out["text"] + "\n"
+    _assert_one_line_error(capsys, _generate("--stop", ""), "--stop must be a non-empty string")
+
 def test_generate_sampling_and_self_speculation(capsys):
     # Rounds that do not depend on timing (README): a fixed g (with --gamma auto, g follows
     # measured step times) and sequential mode (on a GPU, a parallel draft runs ahead for as
@@ -1077,7 +1094,7 @@ def test_defaults_of_demo_and_generate(monkeypatch):
     assert (mode, max_new_tokens) == ("parallel", 128)
     assert callable(kwargs.pop("on_tokens"))  # the text is streamed
     assert kwargs == dict(num_frames=None, fps=None, start=None, end=None, temperature=0.0,
-                          top_k=None, top_p=None, seed=None)
+                          top_k=None, top_p=None, seed=None, stop=None)
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(capsys, monkeypatch, tmp_path):

@@ -138,6 +138,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="seeds sampling: the same tokens again with --mode ar or a fixed --gamma "
                           "(not with --gamma auto, nor in parallel mode on a GPU: see README)")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    gen.add_argument("--stop", action="append", metavar="TEXT",
+                     help="stop after the token that completes TEXT (kept); repeat for several; "
+                          "a newline in bash: --stop $'\\n'")
     gen.add_argument("--device", help="where the target runs (default: cuda when present)")
     gen.add_argument("--draft-device", help="where the draft runs (default: the target's)")
     gen.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
@@ -190,7 +193,7 @@ def _generate(args: argparse.Namespace) -> None:
         out = pipeline.generate(args.video, args.prompt, args.max_new_tokens,
                                 num_frames=args.frames, fps=args.fps, start=args.start,
                                 end=args.end, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed,
+                                top_p=args.top_p, seed=args.seed, stop=args.stop,
                                 on_tokens=_printer(text) if text is not None else None)
     finally:
         if text is not None and text.tokens:  # what a failure left unfinished ends its line
@@ -236,12 +239,14 @@ def _checked_generate_options(args: argparse.Namespace) -> HippoOptions:
     from hippo.pipeline import DEFAULT_FRAMES, HippoOptions, check_draft_model_options
     from hippo.preserve import PreservationOptions
     from hippo.runtime.autoregressive import SamplingOptions
+    from hippo.streaming import stop_strings
     from hippo.video import check_video_request
 
     _refuse_contradictions(args)
     check_utf8(args.prompt, "--prompt")  # before any model loads
     check_at_least_one(args, "max_new_tokens")
     SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed)  # validates them
+    stop_strings(args.stop)  # validates them
     preservation = PreservationOptions(**_given(args, _PRESERVATION_FIELDS))
     draft_device = resolve_device(args.draft_device) if args.draft_device else None
     options = HippoOptions(mode=args.mode, preservation=preservation, draft_device=draft_device,
@@ -407,7 +412,8 @@ _API_FLAGS = {
                      max_new_tokens="--max-new-tokens",
                      keep_ratio="--keep-ratio", gamma="--gamma", draft_prefill="--draft-prefill",
                      temperature="--temperature", top_k="--top-k", top_p="--top-p", seed="--seed",
-                     step_invariant="--step-invariant", gemm_prologues="--gemm-prologues"),
+                     step_invariant="--step-invariant", gemm_prologues="--gemm-prologues",
+                     stop="--stop"),
     "info": {},
     "bench": dict(num_frames="--num-frames", max_new_tokens="--max-new-tokens",
                   keep_ratio="--keep-ratio", gamma="--gamma"),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,7 +38,7 @@ from hippo.speculative.draft_cache import (DRAFT_PREFILLS, compact_to_kept, copy
                                            prefill_full, prefill_pruned)
 from hippo.speculative.draft_length import DraftLength
 from hippo.speculative.statistics import GenerationStats
-from hippo.streaming import TokenCallback, check_token_callback
+from hippo.streaming import StopStrings, TokenCallback, check_token_callback, stop_strings
 from hippo.video import VideoInfo, load_video
 
 MODES = ("ar", "sequential", "parallel")
@@ -303,8 +303,10 @@ class HippoPipeline:
                  temperature: float = 0.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None,
                  eos_token_id: int | list[int] | None | str = USE_TARGET_EOS,
-                 on_tokens: TokenCallback | None = None) -> HippoOutput:
-        """Generate up to max_new_tokens after (video, prompt); stops after eos (included).
+                 on_tokens: TokenCallback | None = None,
+                 stop: str | Sequence[str] | None = None) -> HippoOutput:
+        """Generate up to max_new_tokens after (video, prompt); stops after eos (included), or
+        after the token that completes one of the `stop` strings in the text (included).
 
         video: a file path, or frames [T, H, W, 3] uint8 RGB already decoded (fps: the rate
         they were sampled at); num_frames, fps, start and end as in prepare(). eos_token_id:
@@ -322,11 +324,12 @@ class HippoPipeline:
         sampling = SamplingOptions(temperature, top_k, top_p, seed)
         eos_ids = self.eos_ids(eos_token_id)
         check_token_callback(on_tokens)
+        stop = self._stop_strings(stop)
         target_prompt, draft_prompt = self.prepare(video, prompt, num_frames=num_frames, fps=fps,
                                                    start=start, end=end,
                                                    max_new_tokens=max_new_tokens)
         output = self._generate_prepared(target_prompt, draft_prompt, max_new_tokens, sampling,
-                                         eos_ids, on_tokens)
+                                         eos_ids, on_tokens, stop)
         output.stats.total_s = time.perf_counter() - started
         return output
 
@@ -335,17 +338,18 @@ class HippoPipeline:
     def generate_prepared(self, target_prompt: PreparedPrompt, draft_prompt: PreparedPrompt | None,
                           max_new_tokens: int, sampling: SamplingOptions,
                           eos_ids: set[int] | None, *,
-                          on_tokens: TokenCallback | None = None) -> HippoOutput:
+                          on_tokens: TokenCallback | None = None,
+                          stop: str | Sequence[str] | None = None) -> HippoOutput:
         """generate() after prepare(): the language-model part alone (what benchmarks time).
         eos_ids: a set of stop ids (eos_ids() gives the target's), or None for none; on_tokens
-        as in generate()."""
+        and stop as in generate()."""
         max_new_tokens = new_token_count(max_new_tokens, least=1)
         self._check_prepared(target_prompt, draft_prompt)
         if not isinstance(sampling, SamplingOptions):
             raise HippoError(f"sampling must be a SamplingOptions, got {type(sampling).__name__}")
         check_token_callback(on_tokens)
         return self._generate_prepared(target_prompt, draft_prompt, max_new_tokens, sampling,
-                                       self.eos_ids(eos_ids), on_tokens)
+                                       self.eos_ids(eos_ids), on_tokens, self._stop_strings(stop))
 
     def _check_prepared(self, target_prompt: object, draft_prompt: object) -> None:
         """The prompts of prepare(): the draft's is needed by a draft model's speculative
@@ -363,20 +367,24 @@ class HippoPipeline:
     def _generate_prepared(self, target_prompt: PreparedPrompt,
                            draft_prompt: PreparedPrompt | None, max_new_tokens: int,
                            sampling: SamplingOptions, eos_ids: set[int],
-                           on_tokens: TokenCallback | None) -> HippoOutput:
+                           on_tokens: TokenCallback | None,
+                           stop: tuple[str, ...]) -> HippoOutput:
         """generate_prepared() on checked arguments (one at a time per set of runtimes)."""
         for role, adapter in self._running_models().items():
             _check_context_fits(adapter, role, target_prompt.length + max_new_tokens)
         with self._lock:
             started = time.perf_counter()
+            stop_at = StopStrings(self.target.tokenizer, stop) \
+                if stop and self.target.tokenizer is not None else None
             try:
                 if self.options.mode == "ar":
                     stats, tokens = self._generate_autoregressive(target_prompt, max_new_tokens,
-                                                                  sampling, eos_ids, on_tokens)
+                                                                  sampling, eos_ids, on_tokens,
+                                                                  stop_at)
                 else:
                     stats, tokens = self._generate_speculative(target_prompt, draft_prompt,
                                                                max_new_tokens, sampling, eos_ids,
-                                                               on_tokens)
+                                                               on_tokens, stop_at)
             except BaseException:
                 self._finish_device_work()
                 raise
@@ -397,6 +405,14 @@ class HippoPipeline:
                     torch.cuda.synchronize(device)
                 except Exception:  # noqa: BLE001 - a broken context: the first error is the one
                     pass
+
+    def _stop_strings(self, stop: object) -> tuple[str, ...]:
+        """The stop strings, checked (they are matched in the target tokenizer's text)."""
+        strings = stop_strings(stop)
+        if strings and self.target.tokenizer is None:
+            raise HippoError("stop strings are matched in the text, and the target has no "
+                             "tokenizer to decode it: stop on token ids (eos_token_id) instead")
+        return strings
 
     def eos_ids(self, eos_token_id: int | list[int] | tuple[int, ...] | set[int] | frozenset[int]
                 | None | str = USE_TARGET_EOS) -> set[int]:
@@ -424,7 +440,7 @@ class HippoPipeline:
 
     def _generate_autoregressive(self, prompt: PreparedPrompt, max_new_tokens: int,
                                  sampling: SamplingOptions, eos_ids: set[int],
-                                 on_tokens: TokenCallback | None
+                                 on_tokens: TokenCallback | None, stop: StopStrings | None
                                  ) -> tuple[GenerationStats, list[int]]:
         runtime = self._runtime("target", self.target,
                                 prompt.length + fed_token_count(max_new_tokens))
@@ -434,7 +450,7 @@ class HippoPipeline:
         result = generate_autoregressive(
             runtime, prompt, max_new_tokens, list(eos_ids) or None,
             temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-            generator=generator, on_tokens=on_tokens)
+            generator=generator, on_tokens=on_tokens, stop=stop)
         steps = max(len(result.tokens) - 1, 0)
         stats = GenerationStats(mode="ar", prompt_tokens=prompt.length, target_steps=steps,
                                 rounds=steps, tokens=len(result.tokens),
@@ -445,7 +461,7 @@ class HippoPipeline:
     def _generate_speculative(self, target_prompt: PreparedPrompt,
                               draft_prompt: PreparedPrompt | None, max_new_tokens: int,
                               sampling: SamplingOptions, eos_ids: set[int],
-                              on_tokens: TokenCallback | None
+                              on_tokens: TokenCallback | None, stop: StopStrings | None
                               ) -> tuple[GenerationStats, list[int]]:
         options = self.options
         preservation = options.preservation
@@ -470,7 +486,7 @@ class HippoPipeline:
             draft_length=DraftLength(options.gamma, max_gamma=options.max_gamma,
                                      mode=options.mode),
             max_new_tokens=max_new_tokens, eos_ids=eos_ids, stats=stats,
-            draft_priority=options.draft_priority, on_tokens=on_tokens)
+            draft_priority=options.draft_priority, on_tokens=on_tokens, stop=stop)
         return stats, decoder.emitted
 
     def _prefill(self, target: LanguageModelRuntime, draft: LanguageModelRuntime,

@@ -19,7 +19,7 @@ the tokens before it (tokenizers that drop a word's leading space at the start o
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from hippo.errors import HippoError
@@ -33,6 +33,7 @@ TokenCallback = Callable[[list[int]], object]
 def asks_to_stop(on_tokens: TokenCallback | None, tokens: list[int]) -> bool:
     """Hand `tokens` to the callback (when there is one); whether it asked to stop."""
     return on_tokens is not None and on_tokens(tokens) is True
+
 
 # What a decoder gives for bytes that do not (yet) form a whole UTF-8 character.
 _INCOMPLETE = "\ufffd"
@@ -98,3 +99,38 @@ class IncrementalText:
             given = self.tokenizer.decode(self.tokens[self._context:self._given])
         self._given_text = given
         return piece
+
+
+class StopStrings:
+    """Ends a generation at the token that completes one of `strings` in its text, that token
+    kept (as HF generate's stop_strings and a stop in vLLM's output before it is cut). Told
+    every token as it is emitted, so that a speculative round's accepted block is cut exactly
+    where decoding one token at a time stops. Special tokens decode to no text: they never
+    complete a stop string (the eos ids stop those)."""
+
+    def __init__(self, tokenizer: PromptTokenizer, strings: Sequence[str]) -> None:
+        self.strings = tuple(strings)
+        self._text = IncrementalText(tokenizer)
+        # The text before a new piece that a stop string ending in the piece can start in.
+        self._reach = max(len(string) for string in self.strings) - 1
+        self._tail = ""
+
+    def completed_by(self, token: int) -> bool:
+        """Whether `token`, the next one emitted, completes a stop string."""
+        piece = self._text.push([token])
+        if not piece:
+            return False
+        window = self._tail + piece
+        self._tail = window[max(0, len(window) - self._reach):] if self._reach else ""
+        return any(string in window for string in self.strings)
+
+
+def stop_strings(stop: object) -> tuple[str, ...]:
+    """The stop strings a caller gave (one string, or a list or tuple of them; None for none)
+    as a tuple, checked: each a non-empty str."""
+    if stop is None:
+        return ()
+    strings = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):
+        raise HippoError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return tuple(strings)

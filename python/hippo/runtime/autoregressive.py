@@ -17,7 +17,7 @@ import torch
 from hippo.errors import HippoError, is_int
 from hippo.models.base import PreparedPrompt
 from hippo.runtime.decoder import LanguageModelRuntime
-from hippo.streaming import TokenCallback, asks_to_stop, check_token_callback
+from hippo.streaming import StopStrings, TokenCallback, asks_to_stop, check_token_callback
 
 
 @dataclass
@@ -206,13 +206,15 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
                             temperature: float = 0.0, top_k: int | None = None,
                             top_p: float | None = None,
                             generator: torch.Generator | None = None,
-                            on_tokens: TokenCallback | None = None) -> GenerationResult:
+                            on_tokens: TokenCallback | None = None,
+                            stop: StopStrings | None = None) -> GenerationResult:
     """Generate up to max_new_tokens after the prompt, one runtime step per token.
 
     Stops after an eos token (included, as HF generate does). Generated token j sits at
     `prompt.generated_positions(j, 1)`. The runtime's cache is reset first. A sampling
     generator must live on the runtime's device. on_tokens([token]) is called with each token
-    as it is chosen, and stops the generation by returning True (hippo.streaming).
+    as it is chosen, and stops the generation by returning True; `stop` stops it after the
+    token that completes a stop string (hippo.streaming).
     """
     max_new_tokens = _check_request(runtime, prompt, max_new_tokens)
     SamplingOptions(temperature, top_k, top_p)  # validates them
@@ -227,7 +229,7 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     token = choose_next_token(prefill.logits[:, -1], temperature, top_k, top_p, generator)
     result = GenerationResult(tokens=[int(token.item())])  # finite: checked above
     result.prefill_s = time.perf_counter() - started
-    stopped = asks_to_stop(on_tokens, result.tokens[:])
+    stopped = _stops(result.tokens[0], on_tokens, stop)
 
     positions = prompt.generated_positions(0, fed_token_count(max_new_tokens)).to(runtime.device)
     # The step's CUDA graph is captured before decoding is timed, as speculative decoding
@@ -243,10 +245,17 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
         if value < 0:
             raise non_finite_logits_error("the model's", len(result.tokens) + 1, logits.dtype)
         result.tokens.append(value)
-        stopped = asks_to_stop(on_tokens, [value])
+        stopped = _stops(value, on_tokens, stop)
     synchronize()
     result.decode_s = time.perf_counter() - started
     return result
+
+
+def _stops(token: int, on_tokens: TokenCallback | None, stop: StopStrings | None) -> bool:
+    """Whether decoding stops after `token`, for a stop string it completes or because the
+    callback, which is handed the token either way, asks to."""
+    completes = stop is not None and stop.completed_by(token)
+    return asks_to_stop(on_tokens, [token]) or completes
 
 
 def _check_request(runtime: LanguageModelRuntime, prompt: PreparedPrompt,

@@ -21,7 +21,7 @@ from hippo.speculative.draft_length import DraftLength
 from hippo.speculative.lanes import Lane
 from hippo.speculative.statistics import GenerationStats
 from hippo.speculative.timing import PhaseClock
-from hippo.streaming import TokenCallback, asks_to_stop, check_token_callback
+from hippo.streaming import StopStrings, TokenCallback, asks_to_stop, check_token_callback
 
 
 class SpeculativeDecoder:
@@ -36,9 +36,10 @@ class SpeculativeDecoder:
     def __init__(self, target: Lane, draft: Lane, acceptance: TokenAcceptance,
                  draft_length: DraftLength, stats: GenerationStats, clock: PhaseClock,
                  max_new_tokens: int, eos_ids: set[int],
-                 on_tokens: TokenCallback | None = None) -> None:
+                 on_tokens: TokenCallback | None = None,
+                 stop: StopStrings | None = None) -> None:
         self.target, self.draft = target, draft
-        self.on_tokens = on_tokens
+        self.on_tokens, self.stop = on_tokens, stop
         self.acceptance = acceptance
         self.draft_length = draft_length
         self.stats, self.clock = stats, clock
@@ -62,14 +63,16 @@ class SpeculativeDecoder:
         return self.max_new_tokens - len(self.emitted)
 
     def _emit(self, tokens: list[int]) -> None:
-        """Append tokens, stopping exactly after an eos or at max_new_tokens, and hand the
-        ones appended to on_tokens (which may ask to stop after them)."""
+        """Append tokens, stopping exactly after an eos, at max_new_tokens or after the token
+        that completes a stop string, and hand the ones appended to on_tokens (which may ask
+        to stop after them)."""
         before = len(self.emitted)
         for token in tokens:
             if self.finished:
                 break
             self.emitted.append(token)
-            self.finished = token in self.eos_ids or len(self.emitted) >= self.max_new_tokens
+            self.finished = (token in self.eos_ids or len(self.emitted) >= self.max_new_tokens
+                             or (self.stop is not None and self.stop.completed_by(token)))
         if len(self.emitted) > before and asks_to_stop(self.on_tokens, self.emitted[before:]):
             self.finished = True
 
@@ -201,14 +204,16 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
                          max_new_tokens: int, eos_ids: set[int],
                          stats: GenerationStats | None = None,
                          draft_priority: bool = False,
-                         on_tokens: TokenCallback | None = None) -> SpeculativeDecoder:
+                         on_tokens: TokenCallback | None = None,
+                         stop: StopStrings | None = None) -> SpeculativeDecoder:
     """Speculative decoding from prefilled caches: the target's holds the prompt, the draft's its
     view of it (both at their current lengths); first_token [1] is the target's choice after the
     prompt; positions [..., n] the position ids of generated tokens 0, 1, ... (n at least
     fed_token_count(max_new_tokens), max_new_tokens - 1: no step feeds the last token, and each
     cache needs that much room after its prompt); draft_priority puts the draft's steps on a
-    high-priority CUDA stream; on_tokens is handed each group of emitted tokens
-    (hippo.streaming). Returns the finished decoder (emitted, stats)."""
+    high-priority CUDA stream; on_tokens is handed each group of emitted tokens and `stop`
+    ends the generation at a stop string (hippo.streaming). Returns the finished decoder
+    (emitted, stats)."""
     batches = (target.cache.batch, draft.cache.batch, first_token.numel())
     if batches != (1, 1, 1):
         raise HippoError(f"speculative decoding generates one sequence: it needs runtimes of "
@@ -235,7 +240,8 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
     decoder = SpeculativeDecoder(Lane(target, target.length, positions, capacity),
                                  Lane(draft, draft.length, positions, capacity,
                                       high_priority=draft_priority), acceptance,
-                                 draft_length, stats, clock, max_new_tokens, eos_ids, on_tokens)
+                                 draft_length, stats, clock, max_new_tokens, eos_ids, on_tokens,
+                                 stop)
     decoder.start(first_token)
     run_decoding(decoder, mode)
     stats.draft_s += clock.totals.get("draft", 0.0)
