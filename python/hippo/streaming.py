@@ -1,4 +1,5 @@
-"""Streaming: generated tokens handed to the caller as they become final, and their text.
+"""Streaming: generated tokens handed to the caller as they become final, their text, and
+stop strings found in it.
 
 A generation calls `on_tokens(tokens)` with each group of tokens it emits, in order: the token
 after the prompt, then what each speculative round accepted (its accepted drafts and the
@@ -16,6 +17,7 @@ IncrementalText turns the growing token list into text that can be printed piece
 character whose UTF-8 bytes span several tokens (byte-level BPE, the byte tokenizer of the tiny
 presets) is given out once its last byte is there, and each token is decoded in the context of
 the tokens before it (tokenizers that drop a word's leading space at the start of a text).
+StopStrings, on top of it, ends a generation at the token that completes a stop string.
 """
 from __future__ import annotations
 
