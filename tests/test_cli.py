@@ -105,6 +105,7 @@ def test_generate_stops_at_a_stop_string(capsys):
     assert main(_generate("--json", "--gamma", "2", "--max-new-tokens", "24",
                           "--stop", "\x00none", "--stop", stop)) == 0
     out = json.loads(capsys.readouterr().out)
+    assert (free["finish_reason"], out["finish_reason"]) == ("max_new_tokens", "stop_string")
     assert out["text"].endswith(stop) and out["text"].count(stop) == 1
     assert out["tokens"] == free["tokens"][:len(out["tokens"])]
     assert main(_generate("--gamma", "2", "--max-new-tokens", "24", "--stop", stop)) == 0

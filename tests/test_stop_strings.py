@@ -130,3 +130,31 @@ def test_stop_strings_need_the_targets_tokenizer():
     with pytest.raises(HippoError, match="the target has no tokenizer"):
         pipeline.generate_prepared(*prompts, 4, SamplingOptions(), None, stop="x")
     assert len(pipeline.generate_prepared(*prompts, 4, SamplingOptions(), None).tokens) == 4
+
+
+@pytest.mark.parametrize("mode", ["ar", "sequential", "parallel"])
+def test_the_output_says_why_the_generation_ended(mode):
+    """finish_reason: eos, stop_string, max_new_tokens or callback; where several hold at the
+    last token, in that order, the same in every mode (a stop string completed by the last token
+    allowed is the reason, as is an eos token that is also the last allowed)."""
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=2)
+    frames = sample_frames("qwen2_5_vl", 4)
+    pipeline = make_pipeline(target, draft, mode, 3, 0.5) if mode != "ar" \
+        else HippoPipeline(target, mode="ar")
+    free = pipeline.generate(frames, PROMPT, 24, eos_token_id=None)
+    assert free.finish_reason == "max_new_tokens"
+    eos = free.tokens[9]
+    assert pipeline.generate(frames, PROMPT, 24, eos_token_id=eos).finish_reason == "eos"
+    cut = pipeline.generate(frames, PROMPT, 10, eos_token_id=eos)  # eos is the 10th token too
+    assert (cut.tokens[-1], cut.finish_reason) == (eos, "eos")
+    last = next(i for i in range(5, 24) if "\ufffd" not in target.tokenizer.decode(free.tokens[i:i + 1])
+                and target.tokenizer.decode(free.tokens[i:i + 1]))
+    stop = target.tokenizer.decode(free.tokens[last:last + 1])
+    index = _first_completion(target.tokenizer, free.tokens, [stop])
+    out = pipeline.generate(frames, PROMPT, 24, eos_token_id=None, stop=stop)
+    assert (len(out.tokens), out.finish_reason) == (index + 1, "stop_string")
+    out = pipeline.generate(frames, PROMPT, index + 1, eos_token_id=None, stop=stop)
+    assert (len(out.tokens), out.finish_reason) == (index + 1, "stop_string")
+    out = pipeline.generate(frames, PROMPT, 24, eos_token_id=None,
+                            on_tokens=lambda tokens: True)
+    assert (out.tokens, out.finish_reason) == (free.tokens[:1], "callback")

@@ -200,7 +200,8 @@ def _generate(args: argparse.Namespace) -> None:
             print(text.finish(), flush=True)
     stats = out.stats.as_dict()
     if args.json:
-        print(json.dumps({"text": out.text, "tokens": out.tokens, "stats": stats}))
+        print(json.dumps({"text": out.text, "tokens": out.tokens,
+                          "finish_reason": out.finish_reason, "stats": stats}))
         return
     print(f"\n{out.stats.tokens} tokens, MAT {_two_places(out.stats.mean_accepted_tokens)}, "
           f"acceptance {_two_places(out.stats.acceptance_rate)}, {out.stats.tokens_per_s:.1f} tokens/s "

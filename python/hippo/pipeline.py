@@ -44,6 +44,9 @@ from hippo.video import VideoInfo, load_video
 MODES = ("ar", "sequential", "parallel")
 DEFAULT_FRAMES = 16
 USE_TARGET_EOS = "target"
+# Why a generation ended, in this order where several hold at its last token: an eos token,
+# a stop string, max_new_tokens, an on_tokens callback that returned True.
+FINISH_REASONS = ("eos", "stop_string", "max_new_tokens", "callback")
 RUNTIME_OPTIONS = ("use_cuda_graphs", "step_invariant", "gemm_prologues", "draft_device")
 # Which runtimes run the fused GEMM ops, by HippoOptions.gemm_prologues.
 GEMM_PROLOGUE_ROLES = {"none": (), "draft": ("draft",), "both": ("target", "draft")}
@@ -125,9 +128,13 @@ class HippoOptions:
 
 @dataclass
 class HippoOutput:
+    """tokens: the generated ids; text: their text (None without a tokenizer); stats: the
+    generation's statistics; finish_reason: why it ended, one of FINISH_REASONS."""
+
     tokens: list[int]
     text: str | None
     stats: GenerationStats
+    finish_reason: str
 
 
 class HippoPipeline:
@@ -390,7 +397,8 @@ class HippoPipeline:
                 raise
             stats.total_s = time.perf_counter() - started
         text = self.target.tokenizer.decode(tokens) if self.target.tokenizer is not None else None
-        return HippoOutput(tokens, text, stats)
+        return HippoOutput(tokens, text, stats,
+                           finish_reason(tokens, eos_ids, stop_at, max_new_tokens))
 
     # ---------------------------------------------------------------------------- internals
 
@@ -551,6 +559,17 @@ class _RuntimesInUse:
     def __exit__(self, *exc: object) -> None:
         self._holder = None
         self._lock.release()
+
+
+def finish_reason(tokens: list[int], eos_ids: set[int], stop: StopStrings | None,
+                  max_new_tokens: int) -> str:
+    """Why a generation of `tokens` ended (FINISH_REASONS): nothing but a callback ends one
+    before max_new_tokens otherwise."""
+    if tokens[-1] in eos_ids:
+        return "eos"
+    if stop is not None and stop.completed:
+        return "stop_string"
+    return "max_new_tokens" if len(tokens) >= max_new_tokens else "callback"
 
 
 def check_lane_devices(target: torch.device, draft: torch.device, mode: str) -> None:

@@ -116,6 +116,7 @@ class StopStrings:
         # The text before a new piece that a stop string ending in the piece can start in.
         self._reach = max(len(string) for string in self.strings) - 1
         self._tail = ""
+        self.completed = False  # whether a token completed one
 
     def completed_by(self, token: int) -> bool:
         """Whether `token`, the next one emitted, completes a stop string."""
@@ -124,7 +125,8 @@ class StopStrings:
             return False
         window = self._tail + piece
         self._tail = window[max(0, len(window) - self._reach):] if self._reach else ""
-        return any(string in window for string in self.strings)
+        self.completed = any(string in window for string in self.strings)
+        return self.completed
 
 
 def stop_strings(stop: object) -> tuple[str, ...]:

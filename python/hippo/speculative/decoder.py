@@ -71,8 +71,11 @@ class SpeculativeDecoder:
             if self.finished:
                 break
             self.emitted.append(token)
-            self.finished = (token in self.eos_ids or len(self.emitted) >= self.max_new_tokens
-                             or (self.stop is not None and self.stop.completed_by(token)))
+            # The stop string before the count: a string completed by the last token allowed
+            # is the reason the generation ended, as in AR decoding, which checks every token.
+            self.finished = (token in self.eos_ids
+                             or (self.stop is not None and self.stop.completed_by(token))
+                             or len(self.emitted) >= self.max_new_tokens)
         if len(self.emitted) > before and asks_to_stop(self.on_tokens, self.emitted[before:]):
             self.finished = True
 
