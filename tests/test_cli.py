@@ -1029,7 +1029,9 @@ def test_generate_prints_the_text_and_a_stats_line(capsys):
     assert captured.out == f"{run['text']}\n"
     stats = run["stats"]
     line = captured.err.strip()
-    assert line.startswith(f"{stats['tokens']} tokens, MAT {stats['mean_accepted_tokens']:.2f}, "
+    ended = run["finish_reason"].replace("_", " ")
+    assert line.startswith(f"{stats['tokens']} tokens (ended by {ended}), "
+                           f"MAT {stats['mean_accepted_tokens']:.2f}, "
                            f"acceptance {stats['acceptance_rate']:.2f}, "), line
     assert "tokens/s (sequential; prefill " in line and line.endswith(" ms)"), line
     assert main(_generate_ar()) == 0

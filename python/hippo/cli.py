@@ -203,7 +203,8 @@ def _generate(args: argparse.Namespace) -> None:
         print(json.dumps({"text": out.text, "tokens": out.tokens,
                           "finish_reason": out.finish_reason, "stats": stats}))
         return
-    print(f"\n{out.stats.tokens} tokens, MAT {_two_places(out.stats.mean_accepted_tokens)}, "
+    print(f"\n{out.stats.tokens} tokens (ended by {out.finish_reason.replace('_', ' ')}), "
+          f"MAT {_two_places(out.stats.mean_accepted_tokens)}, "
           f"acceptance {_two_places(out.stats.acceptance_rate)}, {out.stats.tokens_per_s:.1f} tokens/s "
           f"({args.mode}; prefill {1e3 * out.stats.prefill_s:.0f} ms, selection "
           f"{1e3 * out.stats.selection_s:.1f} ms, draft {1e3 * out.stats.draft_s:.0f} ms, "
