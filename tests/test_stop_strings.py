@@ -102,6 +102,15 @@ def test_stop_strings_match_the_text_decoded_whole(tokenizer_kind):
             strings.append(text[-12:].replace("\ufffd", "") or "x")  # a long one
         stop = StopStrings(tokenizer, strings)
         hits = [i for i, token in enumerate(tokens) if stop.completed_by(token)]
+        # first_completion looks ahead (a speculative round's accepted drafts) and leaves the
+        # state as it was: peeking before every token changes nothing that follows
+        stop, peeks, peeked_hits = StopStrings(tokenizer, strings), [], []
+        for i, token in enumerate(tokens):
+            peeks.append(stop.first_completion(tokens[i:]))
+            if stop.completed_by(token):
+                peeked_hits.append(i)
+        assert peeked_hits == hits
+        assert peeks == [next((j - i for j in hits if j >= i), None) for i in range(len(tokens))]
         assert (hits[0] if hits else None) == _first_completion(tokenizer, tokens, strings), \
             (tokens, strings)
 
@@ -118,6 +127,13 @@ def test_bad_stop_strings_are_refused_before_the_video_is_read(bad):
     target = load_adapter("tiny-qwen2.5-vl")
     with pytest.raises(HippoError, match="stop must be a non-empty string or a list of them"):
         HippoPipeline(target, mode="ar").generate("/no/such/video.mp4", PROMPT, 4, stop=bad)
+
+
+def test_stop_strings_made_directly_are_checked_too():
+    tokenizer = load_adapter("tiny-qwen2.5-vl").tokenizer
+    for bad in ([], ["a", ""], [b"a"]):
+        with pytest.raises(HippoError, match="stop"):
+            StopStrings(tokenizer, bad)
 
 
 def test_stop_strings_need_the_targets_tokenizer():
@@ -158,3 +174,45 @@ def test_the_output_says_why_the_generation_ended(mode):
     out = pipeline.generate(frames, PROMPT, 24, eos_token_id=None,
                             on_tokens=lambda tokens: True)
     assert (out.tokens, out.finish_reason) == (free.tokens[:1], "callback")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("mode, whose", [("sequential", "target"), ("parallel", "target"),
+                                         ("parallel", "draft")])
+def test_logits_non_finite_only_after_a_stop_string_are_never_refused(monkeypatch, mode, whose,
+                                                                      temperature):
+    """Logits that turn NaN only after the token that completes a stop string: AR stops there
+    and never computes them, and a speculative round that accepted that token among its
+    candidates (an exact copy drafts: every one is accepted) emits the same tokens rather than
+    refusing the round for rows whose tokens are never emitted (as after an accepted eos)."""
+    from hippo.runtime.decoder import LanguageModelRuntime
+    from hippo.speculative import SamplingOptions
+    from speculative_testing import make_pipeline
+
+    name = FAMILY_PRESETS["llava_onevision"][2]
+    target, draft = load_adapter(name, seed=1), load_adapter(name, seed=1)
+    sampling = SamplingOptions(temperature, seed=0 if temperature else None)
+    pipeline = make_pipeline(target, draft, mode, 3, 1.0)
+    prompts = pipeline.prepare(sample_frames("llava_onevision", 4), PROMPT)
+    tokens = pipeline.generate_prepared(*prompts, 12, sampling, None).tokens  # the same seed
+    texts = [target.tokenizer.decode(tokens[:i + 1]) for i in range(len(tokens))]
+    at = next(i for i in range(2, 11) if texts[i] and texts[i][-1] != "\ufffd"
+              and texts[i][-1] not in texts[i - 1])  # the first token that completes it
+    stop = texts[at][-1]
+    assert _first_completion(target.tokenizer, tokens, [stop]) == at
+    prompt_length = prompts[0 if whose == "target" else 1].length
+    step = LanguageModelRuntime.step
+
+    def spoilt_step(self, input_ids, position_ids):
+        logits = step(self, input_ids, position_ids)
+        if self is pipeline.runtime(whose):
+            # row r chooses column length - n + 1 + r after the prompt: spoil those past `at`
+            first = self.length - input_ids.shape[1] + 1 - prompt_length
+            logits = logits.clone()
+            logits[:, max(at + 1 - first, 0):] = float("nan")
+        return logits
+
+    monkeypatch.setattr(LanguageModelRuntime, "step", spoilt_step)
+    out = pipeline.generate_prepared(*prompts, 12, sampling, None, stop=stop)
+    assert (out.tokens, out.finish_reason) == (tokens[:at + 1], "stop_string")
+    assert out.stats.accepted > 0

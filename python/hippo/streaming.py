@@ -21,6 +21,7 @@ StopStrings, on top of it, ends a generation at the token that completes a stop 
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -77,6 +78,12 @@ class IncrementalText:
             return piece
         return self._advance(text)
 
+    def copy(self) -> IncrementalText:
+        """An independent copy (the tokenizer shared): pushing to it leaves this one as it is."""
+        clone = copy.copy(self)
+        clone.tokens = list(self.tokens)
+        return clone
+
     def finish(self) -> str:
         """The text of the tokens not yet handed out, complete or not."""
         return self._advance(self._text_after_given())
@@ -111,7 +118,9 @@ class StopStrings:
     complete a stop string (the eos ids stop those)."""
 
     def __init__(self, tokenizer: PromptTokenizer, strings: Sequence[str]) -> None:
-        self.strings = tuple(strings)
+        self.strings = stop_strings(strings)
+        if not self.strings:
+            raise HippoError("StopStrings needs at least one stop string")
         self._text = IncrementalText(tokenizer)
         # The text before a new piece that a stop string ending in the piece can start in.
         self._reach = max(len(string) for string in self.strings) - 1
@@ -127,6 +136,15 @@ class StopStrings:
         self._tail = window[max(0, len(window) - self._reach):] if self._reach else ""
         self.completed = any(string in window for string in self.strings)
         return self.completed
+
+    def first_completion(self, tokens: list[int]) -> int | None:
+        """The index of the first of `tokens`, were they emitted next, that would complete a
+        stop string (None for none), found on a copy: nothing is emitted here (a speculative
+        round asks before it knows which of its rows it must check)."""
+        probe = copy.copy(self)
+        probe._text = self._text.copy()
+        return next((index for index, token in enumerate(tokens) if probe.completed_by(token)),
+                    None)
 
 
 def stop_strings(stop: object) -> tuple[str, ...]:

@@ -145,8 +145,9 @@ class SpeculativeDecoder:
         It reads the verdict's finite flags too and refuses what is NaN or inf where it chose a
         token the round emits: a target row up to the first rejection (rows after it were fed
         rejected drafts, which AR never computes), and, sampling, the distribution of a
-        candidate the test looked at; neither past an accepted eos nor past max_new_tokens
-        (AR stops there, and the two must agree on what they refuse)."""
+        candidate the test looked at; neither past an accepted eos, nor past an accepted draft
+        that completes a stop string, nor past max_new_tokens (AR stops there, and the two must
+        agree on what they refuse)."""
         flags = [flag for flag in (verdict.target_finite, verdict.draft_finite)
                  if flag is not None]
         values = torch.cat([verdict.num_accepted, verdict.next_token, candidates[0],
@@ -156,6 +157,9 @@ class SpeculativeDecoder:
         drafted = [int(v) for v in values[2:2 + count]]
         emitted = next((index + 1 for index, value in enumerate(drafted[:accepted])
                         if value in self.eos_ids), accepted + 1)
+        if self.stop is not None:
+            completes = self.stop.first_completion(drafted[:min(emitted, accepted)])
+            emitted = emitted if completes is None else completes + 1
         emitted = min(emitted, self.remaining)  # tokens this round can emit
         first = len(self.emitted)  # the column of candidate 0 and of target row 0
         rows = values[2 + count:]
