@@ -55,7 +55,6 @@ def test_generate_prints_json_and_matches_ar(capsys):
     assert {"mean_accepted_tokens", "acceptance_rate", "tokens_per_s"} <= set(hippo["stats"])
 
 
-
 def _stream_spy(monkeypatch, capsys, fail_at: int | None = None) -> list[str]:
     """Wraps the on_tokens callback that `hippo generate` hands the pipeline: records what stdout
     holds after each call (so that the text is seen arriving while the generation runs), and

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from hippo.errors import HippoError
 from hippo.models import load_adapter
 from hippo.models.tokenizer import HFPromptTokenizer
@@ -122,7 +123,7 @@ def test_a_stop_string_is_completed_by_the_last_byte_of_its_last_character():
     assert [stop.completed_by(byte) for byte in data] == [False] * (len(data) - 1) + [True]
 
 
-@pytest.mark.parametrize("bad", ["", [""], [1], ("a", None), {"a"}, 7])
+@pytest.mark.parametrize("bad", ["", [""], [1], ("a", None), {"a"}, 7, b"ab", (s for s in "ab")])
 def test_bad_stop_strings_are_refused_before_the_video_is_read(bad):
     target = load_adapter("tiny-qwen2.5-vl")
     with pytest.raises(HippoError, match="stop must be a non-empty string or a list of them"):
@@ -216,3 +217,36 @@ def test_logits_non_finite_only_after_a_stop_string_are_never_refused(monkeypatc
     out = pipeline.generate_prepared(*prompts, 12, sampling, None, stop=stop)
     assert (out.tokens, out.finish_reason) == (tokens[:at + 1], "stop_string")
     assert out.stats.accepted > 0
+
+
+def test_decoding_functions_take_a_new_stop_strings_only():
+    """generate_autoregressive and decode_after_prefill take a StopStrings, which holds one
+    generation's text: strings alone (no tokenizer) and one told another generation's tokens
+    (it would match a stop string across the two texts) are refused before any step."""
+    from hippo.runtime import generate_autoregressive
+    from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
+    from hippo.speculative.decoder import decode_after_prefill
+    from hippo.speculative.draft_length import DraftLength
+
+    target = load_adapter("tiny-qwen2.5-vl")
+    pipeline = HippoPipeline(target, mode="ar")
+    prompt, _ = pipeline.prepare(sample_frames("qwen2_5_vl", 4), PROMPT, max_new_tokens=12)
+    runtime = pipeline._runtime("target", target, prompt.length + 12)
+    free = generate_autoregressive(runtime, prompt, 12)
+    text = target.tokenizer.decode(free.tokens)
+    across = text[-1] + text[:2]  # the end of one run's text and the start of the next
+    assert across not in text
+    stop = StopStrings(target.tokenizer, [across])
+    assert generate_autoregressive(runtime, prompt, 12, stop=stop).tokens == free.tokens
+    with pytest.raises(HippoError, match="holds another generation's text: make a new one"):
+        generate_autoregressive(runtime, prompt, 12, stop=stop)
+    with pytest.raises(HippoError, match="stop must be a hippo.streaming.StopStrings .* got list"):
+        generate_autoregressive(runtime, prompt, 12, stop=[across])
+    fresh = StopStrings(target.tokenizer, [across])
+    assert generate_autoregressive(runtime, prompt, 12, stop=fresh).tokens == free.tokens
+    with pytest.raises(HippoError, match="holds another generation's text"):
+        decode_after_prefill(runtime, runtime, torch.tensor([5]), torch.arange(3, 19)[None],
+                             mode="sequential",
+                             acceptance=TokenAcceptance(SamplingOptions(), target.vocab_size),
+                             draft_length=DraftLength(3), max_new_tokens=4, eos_ids=(),
+                             stop=fresh)

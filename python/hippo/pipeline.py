@@ -4,8 +4,8 @@ target alone.
 One generation: the target prefills the whole prompt (returning the queries token preservation
 needs); the visual tokens worth keeping are selected (preserve.py); the draft gets a cache of the
 kept tokens (speculative/draft_cache.py); then sequential or parallel speculative decoding runs
-until eos or max_new_tokens. mode="ar" runs the target alone through the same runtime, the
-baseline every speedup is measured against.
+until eos, a stop string or max_new_tokens (or until an on_tokens callback asks). mode="ar" runs
+the target alone through the same runtime, the baseline every speedup is measured against.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
@@ -46,7 +47,8 @@ DEFAULT_FRAMES = 16
 USE_TARGET_EOS = "target"
 # Why a generation ended, in this order where several hold at its last token: an eos token,
 # a stop string, max_new_tokens, an on_tokens callback that returned True.
-FINISH_REASONS = ("eos", "stop_string", "max_new_tokens", "callback")
+FinishReason = Literal["eos", "stop_string", "max_new_tokens", "callback"]
+FINISH_REASONS: tuple[FinishReason, ...] = get_args(FinishReason)
 RUNTIME_OPTIONS = ("use_cuda_graphs", "step_invariant", "gemm_prologues", "draft_device")
 # Which runtimes run the fused GEMM ops, by HippoOptions.gemm_prologues.
 GEMM_PROLOGUE_ROLES = {"none": (), "draft": ("draft",), "both": ("target", "draft")}
@@ -134,7 +136,7 @@ class HippoOutput:
     tokens: list[int]
     text: str | None
     stats: GenerationStats
-    finish_reason: str
+    finish_reason: FinishReason
 
 
 class HippoPipeline:
@@ -562,7 +564,7 @@ class _RuntimesInUse:
 
 
 def finish_reason(tokens: list[int], eos_ids: set[int], stop: StopStrings | None,
-                  max_new_tokens: int) -> str:
+                  max_new_tokens: int) -> FinishReason:
     """Why a generation of `tokens` ended (FINISH_REASONS): nothing but a callback ends one
     before max_new_tokens otherwise."""
     if tokens[-1] in eos_ids:

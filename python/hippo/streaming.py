@@ -5,13 +5,13 @@ A generation calls `on_tokens(tokens)` with each group of tokens it emits, in or
 after the prompt, then what each speculative round accepted (its accepted drafts and the
 target's correction or bonus token; one token per step in autoregressive decoding). Tokens are
 final when handed over (never withdrawn), the groups concatenate to the output's tokens, and
-nothing is handed past an eos or max_new_tokens. The callback runs on the host right after the
-round's one synchronisation, so it adds no synchronisation, but its time counts in the decode
-time and delays the next round: keep it short (hand the tokens to another thread for slow work).
-It may end the generation: returning True (the bool: a callback that returns a count,
-as file.write does, goes on) stops it after the tokens just handed over, as an eos would (a
-client gone, a stop string seen); an exception it raises ends the generation and reaches the
-caller of generate().
+nothing is handed past an eos, a completed stop string or max_new_tokens. The callback runs on
+the host right after the round's one synchronisation, so it adds no synchronisation, but its
+time counts in the generation's (in the decode time, but for the first token's call) and delays
+the next round: keep it short (hand the tokens to another thread for slow work). It may end the generation: returning True (the bool: a callback
+that returns a count, as file.write does, goes on) stops it after the tokens just handed over,
+as an eos would (a client gone, a stop string seen); an exception it raises ends the generation
+and reaches the caller of generate().
 
 IncrementalText turns the growing token list into text that can be printed piece by piece: a
 character whose UTF-8 bytes span several tokens (byte-level BPE, the byte tokenizer of the tiny
@@ -115,7 +115,10 @@ class StopStrings:
     kept (as HF generate's stop_strings and a stop in vLLM's output before it is cut). Told
     every token as it is emitted, so that a speculative round's accepted block is cut exactly
     where decoding one token at a time stops. Special tokens decode to no text: they never
-    complete a stop string (the eos ids stop those)."""
+    complete a stop string (the eos ids stop those). A stop string ending in U+FFFD (the
+    replacement character) matches only once the token after it is there: a trailing one may
+    be a character whose bytes are still to come. It holds one generation's text: make one for
+    each generation (the decoding functions refuse one already told tokens)."""
 
     def __init__(self, tokenizer: PromptTokenizer, strings: Sequence[str]) -> None:
         self.strings = stop_strings(strings)
@@ -126,6 +129,12 @@ class StopStrings:
         self._reach = max(len(string) for string in self.strings) - 1
         self._tail = ""
         self.completed = False  # whether a token completed one
+
+    @property
+    def told(self) -> bool:
+        """Whether tokens were told (then it holds a generation's text, and a stop string could
+        be matched across the end of that generation and the start of another)."""
+        return bool(self._text.tokens)
 
     def completed_by(self, token: int) -> bool:
         """Whether `token`, the next one emitted, completes a stop string."""
@@ -147,12 +156,26 @@ class StopStrings:
                     None)
 
 
+def check_unused_stop(stop: object) -> None:
+    """`stop` of the decoding functions: None, or a StopStrings no generation has told tokens
+    (a list of strings there has no tokenizer to decode the text with)."""
+    if stop is None:
+        return
+    if not isinstance(stop, StopStrings):
+        raise HippoError(f"stop must be a hippo.streaming.StopStrings (the target's tokenizer and "
+                         f"the strings) or None, got {type(stop).__name__}")
+    if stop.told:
+        raise HippoError("this StopStrings holds another generation's text: make a new one for "
+                         "each generation")
+
+
 def stop_strings(stop: object) -> tuple[str, ...]:
-    """The stop strings a caller gave (one string, or a list or tuple of them; None for none)
-    as a tuple, checked: each a non-empty str."""
+    """The stop strings a caller gave (one string, or a sequence of them such as a list; None
+    for none) as a tuple, checked: each a non-empty str."""
     if stop is None:
         return ()
     strings = (stop,) if isinstance(stop, str) else stop
-    if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):
+    if not isinstance(strings, Sequence) or isinstance(strings, (bytes, bytearray)) \
+            or not all(isinstance(s, str) and s for s in strings):
         raise HippoError(f"stop must be a non-empty string or a list of them, got {stop!r}")
     return tuple(strings)

@@ -17,7 +17,8 @@ import torch
 from hippo.errors import HippoError, is_int
 from hippo.models.base import PreparedPrompt
 from hippo.runtime.decoder import LanguageModelRuntime
-from hippo.streaming import StopStrings, TokenCallback, asks_to_stop, check_token_callback
+from hippo.streaming import (StopStrings, TokenCallback, asks_to_stop, check_token_callback,
+                             check_unused_stop)
 
 
 @dataclass
@@ -213,12 +214,13 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     Stops after an eos token (included, as HF generate does). Generated token j sits at
     `prompt.generated_positions(j, 1)`. The runtime's cache is reset first. A sampling
     generator must live on the runtime's device. on_tokens([token]) is called with each token
-    as it is chosen, and stops the generation by returning True; `stop` stops it after the
-    token that completes a stop string (hippo.streaming).
+    as it is chosen, and stops the generation by returning True; `stop` (a new StopStrings)
+    stops it after the token that completes a stop string (hippo.streaming).
     """
     max_new_tokens = _check_request(runtime, prompt, max_new_tokens)
     SamplingOptions(temperature, top_k, top_p)  # validates them
     check_token_callback(on_tokens)
+    check_unused_stop(stop)
     eos_ids = eos_id_set(eos_token_id, runtime.lm_head.out_features)
     runtime.reset()
     synchronize = _synchronizer(runtime.device)

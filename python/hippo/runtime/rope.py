@@ -54,6 +54,7 @@ def reject_step_dependent_rope(rotary_emb: nn.Module) -> None:
 
 
 def reject_dynamic_rope(rotary_emb: nn.Module) -> None:
+    """CUDA graphs replay fixed frequencies; dynamic RoPE recomputes them on the host."""
     if is_dynamic_rope(rotary_emb):
         rope_type = rotary_emb.rope_type
         raise HippoError(f"rope_type {rope_type!r} recomputes frequencies from the positions "

@@ -21,7 +21,8 @@ from hippo.speculative.draft_length import DraftLength
 from hippo.speculative.lanes import Lane
 from hippo.speculative.statistics import GenerationStats
 from hippo.speculative.timing import PhaseClock
-from hippo.streaming import StopStrings, TokenCallback, asks_to_stop, check_token_callback
+from hippo.streaming import (StopStrings, TokenCallback, asks_to_stop, check_token_callback,
+                             check_unused_stop)
 
 
 class SpeculativeDecoder:
@@ -192,8 +193,8 @@ class SpeculativeDecoder:
         """Book-keeping after the round's synchronisation (and its settle): one target step,
         `drafted_steps` draft steps, `accepted` of `candidates` verified drafts; phase times
         and acceptance feed the adaptive g. The statistics count the candidates up to the last
-        token the round emitted: those past an eos or max_new_tokens were verified for
-        nothing."""
+        token the round emitted: those past an eos, a completed stop string or max_new_tokens
+        were verified for nothing."""
         emitted = self.emitted_in_round
         self.stats.rounds += 1
         self.stats.drafted += min(candidates, emitted)
@@ -218,9 +219,9 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
     prompt; positions [..., n] the position ids of generated tokens 0, 1, ... (n at least
     fed_token_count(max_new_tokens), max_new_tokens - 1: no step feeds the last token, and each
     cache needs that much room after its prompt); draft_priority puts the draft's steps on a
-    high-priority CUDA stream; on_tokens is handed each group of emitted tokens and `stop`
-    ends the generation at a stop string (hippo.streaming). Returns the finished decoder
-    (emitted, stats)."""
+    high-priority CUDA stream; on_tokens is handed each group of emitted tokens and `stop` (a
+    new StopStrings) ends the generation at a stop string (hippo.streaming). Returns the
+    finished decoder (emitted, stats)."""
     batches = (target.cache.batch, draft.cache.batch, first_token.numel())
     if batches != (1, 1, 1):
         raise HippoError(f"speculative decoding generates one sequence: it needs runtimes of "
@@ -229,6 +230,7 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
     max_new_tokens = new_token_count(max_new_tokens)
     eos_ids = eos_id_set(eos_ids, acceptance.vocab)
     check_token_callback(on_tokens)
+    check_unused_stop(stop)
     fed = fed_token_count(max_new_tokens)
     if positions.shape[-1] < fed:
         raise HippoError(f"positions hold {positions.shape[-1]} generated positions; "
@@ -258,8 +260,9 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
 
 
 def run_decoding(decoder: SpeculativeDecoder, mode: str) -> None:
-    """Rounds of `mode` ("sequential" or "parallel") until eos or max_new_tokens; the loop's
-    wall time goes to stats.decode_s."""
+    """Rounds of `mode` ("sequential" or "parallel") until the decoder finishes (an eos, a stop
+    string, max_new_tokens or the callback: _emit); the loop's wall time goes to
+    stats.decode_s."""
     from hippo.speculative.parallel import ParallelState, parallel_round
     from hippo.speculative.sequential import sequential_round
 
