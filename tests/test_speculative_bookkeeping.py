@@ -16,6 +16,7 @@ from hippo.speculative.decoder import SpeculativeDecoder, decode_after_prefill
 from hippo.speculative.draft_length import DraftLength
 from hippo.speculative.lanes import UNKNOWN_TOKEN, Lane
 from hippo.speculative.statistics import GenerationStats
+from hippo.streaming import EmittedTokens
 from speculative_testing import make_pair, make_pipeline, sample_frames
 
 MODES = ("sequential", "parallel")
@@ -146,7 +147,8 @@ def test_a_round_feeds_the_adaptive_length_its_step_times():
     decoder hands the verify time as the target's and the draft time per step as the draft's."""
     stats = GenerationStats(mode="parallel")
     decoder = SpeculativeDecoder(None, None, None, DraftLength("auto", initial=4, max_gamma=12),
-                                 stats, _FixedClock(verify=6e-3, draft=3e-3), 64, set())
+                                 stats, _FixedClock(verify=6e-3, draft=3e-3),
+                                 EmittedTokens(64, set()))
     for _ in range(4):
         decoder.emitted_in_round = 3  # what the round's settle emitted: 2 drafts, a correction
         decoder.end_round(4, 3, accepted=2, candidates=3)  # 3 draft steps: 1 ms each

@@ -11,7 +11,7 @@ from hippo.errors import HippoError
 from hippo.models import load_adapter
 from hippo.models.tokenizer import HFPromptTokenizer
 from hippo.pipeline import HippoPipeline
-from hippo.streaming import StopStrings
+from hippo.streaming import EmittedTokens, StopStrings
 from hippo_testing import bpe_tokenizer
 from speculative_testing import FAMILY_PRESETS, make_pair, make_pipeline, sample_frames
 
@@ -103,11 +103,12 @@ def test_stop_strings_match_the_text_decoded_whole(tokenizer_kind):
             strings.append(text[-12:].replace("\ufffd", "") or "x")  # a long one
         stop = StopStrings(tokenizer, strings)
         hits = [i for i, token in enumerate(tokens) if stop.completed_by(token)]
-        # first_completion looks ahead (a speculative round's accepted drafts) and leaves the
-        # state as it was: peeking before every token changes nothing that follows
+        # ending_within looks ahead (a speculative round's accepted drafts) on a copy: peeking
+        # before every token changes nothing that follows
         stop, peeks, peeked_hits = StopStrings(tokenizer, strings), [], []
+        output = EmittedTokens(len(tokens) + 1, set(), stop=stop)
         for i, token in enumerate(tokens):
-            peeks.append(stop.first_completion(tokens[i:]))
+            peeks.append(output.ending_within(tokens[i:]))
             if stop.completed_by(token):
                 peeked_hits.append(i)
         assert peeked_hits == hits
@@ -220,9 +221,10 @@ def test_logits_non_finite_only_after_a_stop_string_are_never_refused(monkeypatc
 
 
 def test_decoding_functions_take_a_new_stop_strings_only():
-    """generate_autoregressive and decode_after_prefill take a StopStrings, which holds one
+    """generate_autoregressive and EmittedTokens take a StopStrings, which holds one
     generation's text: strings alone (no tokenizer) and one told another generation's tokens
-    (it would match a stop string across the two texts) are refused before any step."""
+    (it would match a stop string across the two texts) are refused before any step; and
+    decode_after_prefill takes an EmittedTokens of its own max_new_tokens and eos ids only."""
     from hippo.runtime import generate_autoregressive
     from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
     from hippo.speculative.decoder import decode_after_prefill
@@ -245,8 +247,12 @@ def test_decoding_functions_take_a_new_stop_strings_only():
     fresh = StopStrings(target.tokenizer, [across])
     assert generate_autoregressive(runtime, prompt, 12, stop=fresh).tokens == free.tokens
     with pytest.raises(HippoError, match="holds another generation's text"):
-        decode_after_prefill(runtime, runtime, torch.tensor([5]), torch.arange(3, 19)[None],
-                             mode="sequential",
-                             acceptance=TokenAcceptance(SamplingOptions(), target.vocab_size),
-                             draft_length=DraftLength(3), max_new_tokens=4, eos_ids=(),
-                             stop=fresh)
+        EmittedTokens(4, set(), stop=fresh)
+    arguments = dict(mode="sequential", draft_length=DraftLength(3),
+                     acceptance=TokenAcceptance(SamplingOptions(), target.vocab_size))
+    for output, needle in ((["x"], "output must be a hippo.streaming.EmittedTokens"),
+                           (EmittedTokens(5, set()), "made of this call's max_new_tokens"),
+                           (EmittedTokens(4, {7}), "made of this call's max_new_tokens")):
+        with pytest.raises(HippoError, match=needle):
+            decode_after_prefill(runtime, runtime, torch.tensor([5]), torch.arange(3, 19)[None],
+                                 max_new_tokens=4, eos_ids=(), output=output, **arguments)

@@ -112,6 +112,38 @@ def test_returning_true_stops_after_the_tokens_handed_over(mode):
     assert counts.tokens == free
     assert pipeline.generate(frames, PROMPT, 20, eos_token_id=None).tokens == free
 
+
+@pytest.mark.parametrize("mode", ["sequential", "parallel"])
+def test_the_first_token_comes_before_the_drafts_work(monkeypatch, mode):
+    """Speculative decoding hands over the first token right after the target's prefill, as AR
+    does, before the token selection and the draft's prefill; and a generation that the first
+    token ends (max_new_tokens 1, its eos, a callback returning True) does no draft work."""
+    import hippo.pipeline
+
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    frames = sample_frames("qwen2_5_vl", 4)
+    pipeline = _pipeline(target, draft, mode, 3)
+    events: list[str] = []
+    for name in ("preserve_tokens", "prefill_pruned"):
+        original = getattr(hippo.pipeline, name)
+
+        def spy(*args, name=name, original=original, **kwargs):
+            events.append(name)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(hippo.pipeline, name, spy)
+    free = pipeline.generate(frames, PROMPT, 8, eos_token_id=None,
+                             on_tokens=lambda tokens: events.append("tokens"))
+    assert events[:3] == ["tokens", "preserve_tokens", "prefill_pruned"], events
+    for stops in (dict(max_new_tokens=1), dict(eos_token_id=free.tokens[0]),
+                  dict(on_tokens=lambda tokens: True)):
+        events.clear()
+        kwargs = dict(dict(max_new_tokens=8, eos_token_id=None), **stops)
+        out = pipeline.generate(frames, PROMPT, **kwargs)
+        assert out.tokens == free.tokens[:1] and not events, (stops, events)
+        assert (out.stats.rounds, out.stats.draft_prompt_tokens) == (0, 0)
+    assert pipeline.generate(frames, PROMPT, 8, eos_token_id=None).tokens == free.tokens
+
 def test_tokens_are_handed_over_while_the_generation_runs(monkeypatch):
     """Each group arrives when its round ends, before the next round's target step runs."""
     from hippo.runtime.decoder import LanguageModelRuntime

@@ -16,7 +16,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, get_args
 
 import torch
 
@@ -39,16 +38,13 @@ from hippo.speculative.draft_cache import (DRAFT_PREFILLS, compact_to_kept, copy
                                            prefill_full, prefill_pruned)
 from hippo.speculative.draft_length import DraftLength
 from hippo.speculative.statistics import GenerationStats
-from hippo.streaming import StopStrings, TokenCallback, check_token_callback, stop_strings
+from hippo.streaming import (EmittedTokens, FinishReason, StopStrings, TokenCallback,
+                             check_token_callback, stop_strings)
 from hippo.video import VideoInfo, load_video
 
 MODES = ("ar", "sequential", "parallel")
 DEFAULT_FRAMES = 16
 USE_TARGET_EOS = "target"
-# Why a generation ended, in this order where several hold at its last token: an eos token,
-# a stop string, max_new_tokens, an on_tokens callback that returned True.
-FinishReason = Literal["eos", "stop_string", "max_new_tokens", "callback"]
-FINISH_REASONS: tuple[FinishReason, ...] = get_args(FinishReason)
 RUNTIME_OPTIONS = ("use_cuda_graphs", "step_invariant", "gemm_prologues", "draft_device")
 # Which runtimes run the fused GEMM ops, by HippoOptions.gemm_prologues.
 GEMM_PROLOGUE_ROLES = {"none": (), "draft": ("draft",), "both": ("target", "draft")}
@@ -131,7 +127,7 @@ class HippoOptions:
 @dataclass
 class HippoOutput:
     """tokens: the generated ids; text: their text (None without a tokenizer); stats: the
-    generation's statistics; finish_reason: why it ended, one of FINISH_REASONS."""
+    generation's statistics; finish_reason: why it ended (hippo.streaming.FINISH_REASONS)."""
 
     tokens: list[int]
     text: str | None
@@ -387,11 +383,11 @@ class HippoPipeline:
                 if stop and self.target.tokenizer is not None else None
             try:
                 if self.options.mode == "ar":
-                    stats, tokens = self._generate_autoregressive(target_prompt, max_new_tokens,
+                    stats, tokens, reason = self._generate_autoregressive(target_prompt, max_new_tokens,
                                                                   sampling, eos_ids, on_tokens,
                                                                   stop_at)
                 else:
-                    stats, tokens = self._generate_speculative(target_prompt, draft_prompt,
+                    stats, tokens, reason = self._generate_speculative(target_prompt, draft_prompt,
                                                                max_new_tokens, sampling, eos_ids,
                                                                on_tokens, stop_at)
             except BaseException:
@@ -399,8 +395,7 @@ class HippoPipeline:
                 raise
             stats.total_s = time.perf_counter() - started
         text = self.target.tokenizer.decode(tokens) if self.target.tokenizer is not None else None
-        return HippoOutput(tokens, text, stats,
-                           finish_reason(tokens, eos_ids, stop_at, max_new_tokens))
+        return HippoOutput(tokens, text, stats, reason)
 
     # ---------------------------------------------------------------------------- internals
 
@@ -451,7 +446,7 @@ class HippoPipeline:
     def _generate_autoregressive(self, prompt: PreparedPrompt, max_new_tokens: int,
                                  sampling: SamplingOptions, eos_ids: set[int],
                                  on_tokens: TokenCallback | None, stop: StopStrings | None
-                                 ) -> tuple[GenerationStats, list[int]]:
+                                 ) -> tuple[GenerationStats, list[int], FinishReason]:
         runtime = self._runtime("target", self.target,
                                 prompt.length + fed_token_count(max_new_tokens))
         generator = None
@@ -466,13 +461,14 @@ class HippoPipeline:
                                 rounds=steps, tokens=len(result.tokens),
                                 prefill_s=result.prefill_s, verify_s=result.decode_s,
                                 decode_s=result.decode_s)
-        return stats, result.tokens
+        assert result.finish_reason is not None  # a finished generation says why
+        return stats, result.tokens, result.finish_reason
 
     def _generate_speculative(self, target_prompt: PreparedPrompt,
                               draft_prompt: PreparedPrompt | None, max_new_tokens: int,
                               sampling: SamplingOptions, eos_ids: set[int],
                               on_tokens: TokenCallback | None, stop: StopStrings | None
-                              ) -> tuple[GenerationStats, list[int]]:
+                              ) -> tuple[GenerationStats, list[int], FinishReason]:
         options = self.options
         preservation = options.preservation
         stats = GenerationStats(mode=options.mode, prompt_tokens=target_prompt.length)
@@ -485,26 +481,30 @@ class HippoPipeline:
         draft_model = self.target if self.self_speculative else self.draft
         draft = self._runtime("draft", draft_model, draft_capacity)
         acceptance = TokenAcceptance(sampling, self.vocab)
+        output = EmittedTokens(max_new_tokens, eos_ids, on_tokens, stop)
 
         kept, first_token = self._prefill(target, draft, target_prompt, draft_prompt,
-                                          acceptance, stats)
-        stats.draft_prompt_tokens = kept.length
-
-        decoder = decode_after_prefill(
-            target, draft, first_token, target_prompt.generated_positions(0, fed),
-            mode=options.mode, acceptance=acceptance,
-            draft_length=DraftLength(options.gamma, max_gamma=options.max_gamma,
-                                     mode=options.mode),
-            max_new_tokens=max_new_tokens, eos_ids=eos_ids, stats=stats,
-            draft_priority=options.draft_priority, on_tokens=on_tokens, stop=stop)
-        return stats, decoder.emitted
+                                          acceptance, stats, output)
+        if kept is not None:  # None: the first token ended the generation
+            stats.draft_prompt_tokens = kept.length
+            decode_after_prefill(
+                target, draft, first_token, target_prompt.generated_positions(0, fed),
+                mode=options.mode, acceptance=acceptance,
+                draft_length=DraftLength(options.gamma, max_gamma=options.max_gamma,
+                                         mode=options.mode),
+                max_new_tokens=max_new_tokens, eos_ids=eos_ids, stats=stats,
+                draft_priority=options.draft_priority, output=output)
+        stats.tokens = len(output.tokens)
+        assert output.finish_reason is not None  # a finished generation says why
+        return stats, output.tokens, output.finish_reason
 
     def _prefill(self, target: LanguageModelRuntime, draft: LanguageModelRuntime,
                  target_prompt: PreparedPrompt, draft_prompt: PreparedPrompt | None,
-                 acceptance: TokenAcceptance,
-                 stats: GenerationStats) -> tuple[KeptTokens, torch.Tensor]:
-        """Target prefill, token selection and the draft's cache; (kept tokens, the target's
-        first token [1])."""
+                 acceptance: TokenAcceptance, stats: GenerationStats,
+                 output: EmittedTokens) -> tuple[KeptTokens | None, torch.Tensor]:
+        """Target prefill, its first token emitted into `output`, token selection and the
+        draft's cache; (kept tokens, or None when the first token ended the generation, and the
+        target's first token [1])."""
         options, preservation = self.options, self.options.preservation
         full_draft = options.draft_prefill == "full+compact" and draft_prompt is not None
         overlap = _SideStream(draft.device)
@@ -523,6 +523,12 @@ class HippoPipeline:
                                     query_len=query_len if preservation.needs_queries else 0)
             check_finite_logits(result.logits[:, -1])
             first_token = acceptance.choose(result.logits[:, -1])
+            # Handed over now, before the selection and the draft's prefill (streaming's first
+            # token comes as soon as AR's would), and read anyway by the decoding to come.
+            output.emit([int(first_token.item())])
+        if output.finished:  # the first token ended the generation: no draft is needed
+            overlap.join()
+            return None, first_token
         with _timed(stats, "selection", target.device):
             keys = None
             if preservation.needs_queries:
@@ -561,17 +567,6 @@ class _RuntimesInUse:
     def __exit__(self, *exc: object) -> None:
         self._holder = None
         self._lock.release()
-
-
-def finish_reason(tokens: list[int], eos_ids: set[int], stop: StopStrings | None,
-                  max_new_tokens: int) -> FinishReason:
-    """Why a generation of `tokens` ended (FINISH_REASONS): nothing but a callback ends one
-    before max_new_tokens otherwise."""
-    if tokens[-1] in eos_ids:
-        return "eos"
-    if stop is not None and stop.completed:
-        return "stop_string"
-    return "max_new_tokens" if len(tokens) >= max_new_tokens else "callback"
 
 
 def check_lane_devices(target: torch.device, draft: torch.device, mode: str) -> None:

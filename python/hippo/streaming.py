@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 from hippo.errors import HippoError
 
@@ -146,14 +146,12 @@ class StopStrings:
         self.completed = any(string in window for string in self.strings)
         return self.completed
 
-    def first_completion(self, tokens: list[int]) -> int | None:
-        """The index of the first of `tokens`, were they emitted next, that would complete a
-        stop string (None for none), found on a copy: nothing is emitted here (a speculative
-        round asks before it knows which of its rows it must check)."""
-        probe = copy.copy(self)
-        probe._text = self._text.copy()
-        return next((index for index, token in enumerate(tokens) if probe.completed_by(token)),
-                    None)
+    def copy(self) -> StopStrings:
+        """An independent copy, to try tokens on without telling this one (a speculative round
+        asks before it knows which of its rows it must check)."""
+        clone = copy.copy(self)
+        clone._text = self._text.copy()
+        return clone
 
 
 def check_unused_stop(stop: object) -> None:
@@ -179,3 +177,63 @@ def stop_strings(stop: object) -> tuple[str, ...]:
             or not all(isinstance(s, str) and s for s in strings):
         raise HippoError(f"stop must be a non-empty string or a list of them, got {stop!r}")
     return tuple(strings)
+
+
+# Why a generation ended, in this order where several hold at its last token: an eos token, a
+# stop string, max_new_tokens, an on_tokens callback that returned True.
+FinishReason = Literal["eos", "stop_string", "max_new_tokens", "callback"]
+FINISH_REASONS: tuple[FinishReason, ...] = get_args(FinishReason)
+
+
+class EmittedTokens:
+    """A generation's tokens as they are emitted, and whether (and why) it has ended: after an
+    eos token, the token that completes a stop string, max_new_tokens tokens, or a group after
+    which on_tokens asked to stop. Every decoding loop emits through one, so that they all end
+    at the same token and hand the same tokens to the callback."""
+
+    def __init__(self, max_new_tokens: int, eos_ids: set[int],
+                 on_tokens: TokenCallback | None = None, stop: StopStrings | None = None) -> None:
+        check_token_callback(on_tokens)
+        check_unused_stop(stop)
+        self.max_new_tokens, self.eos_ids = max_new_tokens, eos_ids
+        self.on_tokens, self.stop = on_tokens, stop
+        self.tokens: list[int] = []
+        self.finish_reason: FinishReason | None = None  # None while the generation goes on
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new_tokens - len(self.tokens)
+
+    def emit(self, tokens: list[int]) -> int:
+        """Append tokens up to the one that ends the generation, hand those appended to
+        on_tokens (which may end it after them); how many were appended."""
+        before = len(self.tokens)
+        for token in tokens:
+            if self.finished:
+                break
+            self.tokens.append(token)
+            self.finish_reason = self._ended_by(token)
+        appended = self.tokens[before:]
+        if appended and asks_to_stop(self.on_tokens, appended) and not self.finished:
+            self.finish_reason = "callback"
+        return len(appended)
+
+    def ending_within(self, tokens: list[int]) -> int | None:
+        """The index of the first of `tokens`, were they emitted next, after which an eos or a
+        stop string would end the generation (None for none); nothing is emitted."""
+        probe = None if self.stop is None else self.stop.copy()
+        return next((index for index, token in enumerate(tokens) if token in self.eos_ids
+                     or (probe is not None and probe.completed_by(token))), None)
+
+    def _ended_by(self, token: int) -> FinishReason | None:
+        # The stop string before the count: a string completed by the last token allowed is
+        # why the generation ended, whichever loop emitted it.
+        if token in self.eos_ids:
+            return "eos"
+        if self.stop is not None and self.stop.completed_by(token):
+            return "stop_string"
+        return "max_new_tokens" if len(self.tokens) >= self.max_new_tokens else None

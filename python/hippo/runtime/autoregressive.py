@@ -17,18 +17,19 @@ import torch
 from hippo.errors import HippoError, is_int
 from hippo.models.base import PreparedPrompt
 from hippo.runtime.decoder import LanguageModelRuntime
-from hippo.streaming import (StopStrings, TokenCallback, asks_to_stop, check_token_callback,
-                             check_unused_stop)
+from hippo.streaming import EmittedTokens, FinishReason, StopStrings, TokenCallback
 
 
 @dataclass
 class GenerationResult:
     """tokens: the generated ids (eos included when it stopped the generation).
-    prefill_s / decode_s: wall time of the prefill (to the first token) and of the rest."""
+    prefill_s / decode_s: wall time of the prefill (to the first token) and of the rest.
+    finish_reason: why the generation ended (hippo.streaming.FINISH_REASONS)."""
 
     tokens: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    finish_reason: FinishReason | None = None
 
     @property
     def decode_s_per_token(self) -> float | None:
@@ -219,9 +220,8 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     """
     max_new_tokens = _check_request(runtime, prompt, max_new_tokens)
     SamplingOptions(temperature, top_k, top_p)  # validates them
-    check_token_callback(on_tokens)
-    check_unused_stop(stop)
     eos_ids = eos_id_set(eos_token_id, runtime.lm_head.out_features)
+    output = EmittedTokens(max_new_tokens, eos_ids, on_tokens, stop)  # checks those two
     runtime.reset()
     synchronize = _synchronizer(runtime.device)
 
@@ -229,9 +229,9 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     prefill = runtime.prefill(prompt.inputs_embeds, prompt.position_ids)
     check_finite_logits(prefill.logits[:, -1])
     token = choose_next_token(prefill.logits[:, -1], temperature, top_k, top_p, generator)
-    result = GenerationResult(tokens=[int(token.item())])  # finite: checked above
-    result.prefill_s = time.perf_counter() - started
-    stopped = _stops(result.tokens[0], on_tokens, stop)
+    first = int(token.item())  # finite: checked above
+    result = GenerationResult(tokens=output.tokens, prefill_s=time.perf_counter() - started)
+    output.emit([first])
 
     positions = prompt.generated_positions(0, fed_token_count(max_new_tokens)).to(runtime.device)
     # The step's CUDA graph is captured before decoding is timed, as speculative decoding
@@ -239,25 +239,18 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     runtime.capture_steps((1,) if max_new_tokens > 1 else ())
     started = time.perf_counter()
     for index in range(max_new_tokens - 1):
-        if stopped or result.tokens[-1] in eos_ids:
+        if output.finished:
             break
         logits = runtime.step(token[:, None], positions[..., index:index + 1])
         token = choose_next_token(logits[:, -1], temperature, top_k, top_p, generator)
         value = int(token.item())  # the step's one synchronisation; -1: logits not finite
         if value < 0:
             raise non_finite_logits_error("the model's", len(result.tokens) + 1, logits.dtype)
-        result.tokens.append(value)
-        stopped = _stops(value, on_tokens, stop)
+        output.emit([value])
     synchronize()
     result.decode_s = time.perf_counter() - started
+    result.finish_reason = output.finish_reason
     return result
-
-
-def _stops(token: int, on_tokens: TokenCallback | None, stop: StopStrings | None) -> bool:
-    """Whether decoding stops after `token`, for a stop string it completes or because the
-    callback, which is handed the token either way, asks to."""
-    completes = stop is not None and stop.completed_by(token)
-    return asks_to_stop(on_tokens, [token]) or completes
 
 
 def _check_request(runtime: LanguageModelRuntime, prompt: PreparedPrompt,

@@ -21,64 +21,46 @@ from hippo.speculative.draft_length import DraftLength
 from hippo.speculative.lanes import Lane
 from hippo.speculative.statistics import GenerationStats
 from hippo.speculative.timing import PhaseClock
-from hippo.streaming import (StopStrings, TokenCallback, asks_to_stop, check_token_callback,
-                             check_unused_stop)
+from hippo.streaming import EmittedTokens
 
 
 class SpeculativeDecoder:
     """State of one speculative generation (batch 1).
 
-    emitted: the generated tokens so far, on the host; token j is in column j of both lanes.
-    The target has always consumed every emitted token but the last; the draft may have
-    consumed fewer (it catches up in its next block) or, in parallel decoding, more (drafts
-    that are still unverified).
+    emitted: the generated tokens so far, on the host (output's, which also decides when the
+    generation ends); token j is in column j of both lanes. The target has always consumed
+    every emitted token but the last; the draft may have consumed fewer (it catches up in its
+    next block) or, in parallel decoding, more (drafts that are still unverified).
     """
 
     def __init__(self, target: Lane, draft: Lane, acceptance: TokenAcceptance,
                  draft_length: DraftLength, stats: GenerationStats, clock: PhaseClock,
-                 max_new_tokens: int, eos_ids: set[int],
-                 on_tokens: TokenCallback | None = None,
-                 stop: StopStrings | None = None) -> None:
+                 output: EmittedTokens) -> None:
         self.target, self.draft = target, draft
-        self.on_tokens, self.stop = on_tokens, stop
         self.acceptance = acceptance
         self.draft_length = draft_length
         self.stats, self.clock = stats, clock
-        self.max_new_tokens = max_new_tokens
-        self.eos_ids = eos_ids
-        self.emitted: list[int] = []
+        self.output = output
+        self.emitted = output.tokens
         self.emitted_in_round = 0  # how many tokens the round's settle emitted
-        self.finished = False
 
     # ------------------------------------------------------------------------------ emitting
 
     def start(self, first_token: torch.Tensor) -> None:
-        """The target's token after the prompt ([1], from its prefill logits)."""
-        token = int(first_token.item())
+        """The target's token after the prompt ([1], from its prefill logits), emitted here
+        unless the caller emitted it already (to hand it over before the draft's prefill)."""
+        if not self.emitted:
+            self.output.emit([int(first_token.item())])
         for lane in (self.target, self.draft):
-            lane.write_token(0, token)
-        self._emit([token])
+            lane.write_token(0, self.emitted[0])
+
+    @property
+    def finished(self) -> bool:
+        return self.output.finished
 
     @property
     def remaining(self) -> int:
-        return self.max_new_tokens - len(self.emitted)
-
-    def _emit(self, tokens: list[int]) -> None:
-        """Append tokens, stopping exactly after an eos, at max_new_tokens or after the token
-        that completes a stop string, and hand the ones appended to on_tokens (which may ask
-        to stop after them)."""
-        before = len(self.emitted)
-        for token in tokens:
-            if self.finished:
-                break
-            self.emitted.append(token)
-            # The stop string before the count: a string completed by the last token allowed
-            # is the reason the generation ended, as in AR decoding, which checks every token.
-            self.finished = (token in self.eos_ids
-                             or (self.stop is not None and self.stop.completed_by(token))
-                             or len(self.emitted) >= self.max_new_tokens)
-        if len(self.emitted) > before and asks_to_stop(self.on_tokens, self.emitted[before:]):
-            self.finished = True
+        return self.output.remaining
 
     def settle(self, accepted: list[int], correction: int | None, *,
                draft_stays_ahead: bool = False) -> None:
@@ -88,9 +70,8 @@ class SpeculativeDecoder:
         draft_stays_ahead: the draft's further drafts remain valid (parallel decoding, when
         every candidate was accepted): keep them.
         """
-        before = len(self.emitted)
-        self._emit(accepted + ([correction] if correction is not None else []))
-        self.emitted_in_round = len(self.emitted) - before
+        self.emitted_in_round = self.output.emit(
+            accepted + ([correction] if correction is not None else []))
         if self.finished:
             return
         last = len(self.emitted) - 1
@@ -156,12 +137,9 @@ class SpeculativeDecoder:
         count = candidates.shape[1]
         accepted, token = int(values[0]), int(values[1])
         drafted = [int(v) for v in values[2:2 + count]]
-        emitted = next((index + 1 for index, value in enumerate(drafted[:accepted])
-                        if value in self.eos_ids), accepted + 1)
-        if self.stop is not None:
-            completes = self.stop.first_completion(drafted[:min(emitted, accepted)])
-            emitted = emitted if completes is None else completes + 1
-        emitted = min(emitted, self.remaining)  # tokens this round can emit
+        ending = self.output.ending_within(drafted[:accepted])  # an eos or a stop string
+        emitted = min(accepted + 1 if ending is None else ending + 1,
+                      self.remaining)  # tokens this round can emit
         first = len(self.emitted)  # the column of candidate 0 and of target row 0
         rows = values[2 + count:]
         if verdict.target_finite is not None:
@@ -212,16 +190,16 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
                          max_new_tokens: int, eos_ids: set[int],
                          stats: GenerationStats | None = None,
                          draft_priority: bool = False,
-                         on_tokens: TokenCallback | None = None,
-                         stop: StopStrings | None = None) -> SpeculativeDecoder:
+                         output: EmittedTokens | None = None) -> SpeculativeDecoder:
     """Speculative decoding from prefilled caches: the target's holds the prompt, the draft's its
     view of it (both at their current lengths); first_token [1] is the target's choice after the
     prompt; positions [..., n] the position ids of generated tokens 0, 1, ... (n at least
     fed_token_count(max_new_tokens), max_new_tokens - 1: no step feeds the last token, and each
     cache needs that much room after its prompt); draft_priority puts the draft's steps on a
-    high-priority CUDA stream; on_tokens is handed each group of emitted tokens and `stop` (a
-    new StopStrings) ends the generation at a stop string (hippo.streaming). Returns the
-    finished decoder (emitted, stats)."""
+    high-priority CUDA stream. output: where the tokens are emitted (hippo.streaming: with an
+    on_tokens callback or stop strings), made of max_new_tokens and eos_ids when None; one
+    made of the same may hold the first token already (emitted by the caller, to hand it over
+    before the draft's prefill). Returns the finished decoder (emitted, stats)."""
     batches = (target.cache.batch, draft.cache.batch, first_token.numel())
     if batches != (1, 1, 1):
         raise HippoError(f"speculative decoding generates one sequence: it needs runtimes of "
@@ -229,8 +207,7 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
                          f"batch {batches[1]} and {batches[2]} first tokens")
     max_new_tokens = new_token_count(max_new_tokens)
     eos_ids = eos_id_set(eos_ids, acceptance.vocab)
-    check_token_callback(on_tokens)
-    check_unused_stop(stop)
+    output = _checked_output(output, max_new_tokens, eos_ids)
     fed = fed_token_count(max_new_tokens)
     if positions.shape[-1] < fed:
         raise HippoError(f"positions hold {positions.shape[-1]} generated positions; "
@@ -249,8 +226,7 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
     decoder = SpeculativeDecoder(Lane(target, target.length, positions, capacity),
                                  Lane(draft, draft.length, positions, capacity,
                                       high_priority=draft_priority), acceptance,
-                                 draft_length, stats, clock, max_new_tokens, eos_ids, on_tokens,
-                                 stop)
+                                 draft_length, stats, clock, output)
     decoder.start(first_token)
     run_decoding(decoder, mode)
     stats.draft_s += clock.totals.get("draft", 0.0)
@@ -259,9 +235,24 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
     return decoder
 
 
+def _checked_output(output: object, max_new_tokens: int, eos_ids: set[int]) -> EmittedTokens:
+    """decode_after_prefill's output: a new EmittedTokens of max_new_tokens and eos_ids, or
+    the caller's, made of the same and holding at most the first token."""
+    if output is None:
+        return EmittedTokens(max_new_tokens, eos_ids)
+    if not isinstance(output, EmittedTokens):
+        raise HippoError(f"output must be a hippo.streaming.EmittedTokens or None, got "
+                         f"{type(output).__name__}")
+    if (output.max_new_tokens, output.eos_ids) != (max_new_tokens, eos_ids) or len(output.tokens) > 1:
+        raise HippoError(f"output must be made of this call's max_new_tokens and eos_ids and hold "
+                         f"at most the first token; it was made of {output.max_new_tokens} and "
+                         f"{sorted(output.eos_ids)} and holds {len(output.tokens)} tokens")
+    return output
+
+
 def run_decoding(decoder: SpeculativeDecoder, mode: str) -> None:
     """Rounds of `mode` ("sequential" or "parallel") until the decoder finishes (an eos, a stop
-    string, max_new_tokens or the callback: _emit); the loop's wall time goes to
+    string, max_new_tokens or the callback: EmittedTokens); the loop's wall time goes to
     stats.decode_s."""
     from hippo.speculative.parallel import ParallelState, parallel_round
     from hippo.speculative.sequential import sequential_round
