@@ -144,6 +144,39 @@ def test_the_first_token_comes_before_the_drafts_work(monkeypatch, mode):
         assert (out.stats.rounds, out.stats.draft_prompt_tokens) == (0, 0)
     assert pipeline.generate(frames, PROMPT, 8, eos_token_id=None).tokens == free.tokens
 
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_first_calls_time_is_not_the_prefills(monkeypatch, mode):
+    """The callback's time counts in the generation's, never in stats.prefill_s (the target's
+    time to its first token, which benchmarks and `hippo generate` report): speculative
+    decoding hands the first token over inside its prefill phase, and must leave it out as AR
+    does; with a longer generation and with one that the first token ends."""
+    import time
+    from types import SimpleNamespace
+
+    import hippo.pipeline
+    import hippo.runtime.autoregressive
+
+    hour = 3600.0
+    offset = [0.0]  # the modules' clock, which the first call moves on by an hour
+    for module in (hippo.pipeline, hippo.runtime.autoregressive):
+        monkeypatch.setattr(module, "time",
+                            SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
+
+    def slow_first(tokens):
+        if not offset[0]:
+            offset[0] = hour
+
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    frames = sample_frames("qwen2_5_vl", 4)
+    pipeline = _pipeline(target, draft, mode, 3)
+    for max_new_tokens in (6, 1):
+        offset[0] = 0.0
+        stats = pipeline.generate(frames, PROMPT, max_new_tokens, eos_token_id=None,
+                                  on_tokens=slow_first).stats
+        assert 0 < stats.prefill_s < hour <= stats.total_s, (max_new_tokens, stats)
+
+
 def test_tokens_are_handed_over_while_the_generation_runs(monkeypatch):
     """Each group arrives when its round ends, before the next round's target step runs."""
     from hippo.runtime.decoder import LanguageModelRuntime

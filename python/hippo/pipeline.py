@@ -383,13 +383,12 @@ class HippoPipeline:
                 if stop and self.target.tokenizer is not None else None
             try:
                 if self.options.mode == "ar":
-                    stats, tokens, reason = self._generate_autoregressive(target_prompt, max_new_tokens,
-                                                                  sampling, eos_ids, on_tokens,
-                                                                  stop_at)
+                    stats, tokens, reason = self._generate_autoregressive(
+                        target_prompt, max_new_tokens, sampling, eos_ids, on_tokens, stop_at)
                 else:
-                    stats, tokens, reason = self._generate_speculative(target_prompt, draft_prompt,
-                                                               max_new_tokens, sampling, eos_ids,
-                                                               on_tokens, stop_at)
+                    stats, tokens, reason = self._generate_speculative(
+                        target_prompt, draft_prompt, max_new_tokens, sampling, eos_ids,
+                        on_tokens, stop_at)
             except BaseException:
                 self._finish_device_work()
                 raise
@@ -523,9 +522,14 @@ class HippoPipeline:
                                     query_len=query_len if preservation.needs_queries else 0)
             check_finite_logits(result.logits[:, -1])
             first_token = acceptance.choose(result.logits[:, -1])
+            first = int(first_token.item())  # read anyway by the decoding to come
             # Handed over now, before the selection and the draft's prefill (streaming's first
-            # token comes as soon as AR's would), and read anyway by the decoding to come.
-            output.emit([int(first_token.item())])
+            # token comes as soon as AR's would, not after this block's wait for a full draft
+            # prefill's side stream). The callback's time is not the prefill's, as in AR.
+            handed = time.perf_counter()
+            output.emit([first])
+            callback_s = time.perf_counter() - handed
+        stats.prefill_s -= callback_s
         if output.finished:  # the first token ended the generation: no draft is needed
             overlap.join()
             return None, first_token

@@ -128,7 +128,6 @@ class StopStrings:
         # The text before a new piece that a stop string ending in the piece can start in.
         self._reach = max(len(string) for string in self.strings) - 1
         self._tail = ""
-        self.completed = False  # whether a token completed one
 
     @property
     def told(self) -> bool:
@@ -143,8 +142,7 @@ class StopStrings:
             return False
         window = self._tail + piece
         self._tail = window[max(0, len(window) - self._reach):] if self._reach else ""
-        self.completed = any(string in window for string in self.strings)
-        return self.completed
+        return any(string in window for string in self.strings)
 
     def copy(self) -> StopStrings:
         """An independent copy, to try tokens on without telling this one (a speculative round

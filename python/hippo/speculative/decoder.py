@@ -199,7 +199,8 @@ def decode_after_prefill(target: LanguageModelRuntime, draft: LanguageModelRunti
     high-priority CUDA stream. output: where the tokens are emitted (hippo.streaming: with an
     on_tokens callback or stop strings), made of max_new_tokens and eos_ids when None; one
     made of the same may hold the first token already (emitted by the caller, to hand it over
-    before the draft's prefill). Returns the finished decoder (emitted, stats)."""
+    before the draft's prefill; that token is then the one decoded from, and first_token must
+    be it). Returns the finished decoder (emitted, stats)."""
     batches = (target.cache.batch, draft.cache.batch, first_token.numel())
     if batches != (1, 1, 1):
         raise HippoError(f"speculative decoding generates one sequence: it needs runtimes of "
@@ -243,7 +244,8 @@ def _checked_output(output: object, max_new_tokens: int, eos_ids: set[int]) -> E
     if not isinstance(output, EmittedTokens):
         raise HippoError(f"output must be a hippo.streaming.EmittedTokens or None, got "
                          f"{type(output).__name__}")
-    if (output.max_new_tokens, output.eos_ids) != (max_new_tokens, eos_ids) or len(output.tokens) > 1:
+    if (output.max_new_tokens, output.eos_ids) != (max_new_tokens, eos_ids) \
+            or len(output.tokens) > 1:
         raise HippoError(f"output must be made of this call's max_new_tokens and eos_ids and hold "
                          f"at most the first token; it was made of {output.max_new_tokens} and "
                          f"{sorted(output.eos_ids)} and holds {len(output.tokens)} tokens")
