@@ -78,3 +78,32 @@ def sample_frames(family: str, num_frames: int) -> torch.Tensor:
     # Qwen takes frames in temporal pairs; LLaVA-OneVision any count.
     count = num_frames + (num_frames % 2 if family == "qwen2_5_vl" else 0)
     return load_video(sample_video_path(), num_frames=count)
+
+
+def exact_copy_pair(family: str = "llava_onevision"):
+    """(target, draft): an MHA target and an exact copy of it as the draft, so that every
+    candidate is accepted (rounds that accept an eos, a stop string, a whole block)."""
+    name = FAMILY_PRESETS[family][2]
+    return load_adapter(name, seed=1), load_adapter(name, seed=1)
+
+
+def spoil_rows_from(monkeypatch, pipeline: HippoPipeline, role: str, prompt_length: int,
+                    column: int, spoil=None) -> None:
+    """From now on, every step of the pipeline's `role` runtime ("target" or "draft") returns
+    its rows that choose new-token column `column` or later spoilt (`spoil(rows)` in place;
+    NaN by default). Row r of a step of n tokens chooses column length - n + 1 + r after the
+    prompt of `prompt_length` tokens."""
+    from hippo.runtime.decoder import LanguageModelRuntime
+
+    step = LanguageModelRuntime.step
+
+    def spoilt_step(self, input_ids, position_ids):
+        logits = step(self, input_ids, position_ids)
+        if self is pipeline.runtime(role):
+            first = self.length - input_ids.shape[1] + 1 - prompt_length
+            logits = logits.clone()
+            rows = logits[:, max(column - first, 0):]
+            rows.fill_(float("nan")) if spoil is None else spoil(rows)
+        return logits
+
+    monkeypatch.setattr(LanguageModelRuntime, "step", spoilt_step)

@@ -15,7 +15,7 @@ from hippo.errors import HippoError
 from hippo.pipeline import HippoOptions, HippoPipeline, check_lane_devices
 from hippo.preserve import PreservationOptions, kept_prompt_length
 from hippo_testing import requires_cuda
-from speculative_testing import make_pair, sample_frames
+from speculative_testing import exact_copy_pair, make_pair, sample_frames, spoil_rows_from
 
 
 def test_generate_from_a_video_file_returns_tokens_text_and_stats():
@@ -678,17 +678,8 @@ def test_target_logits_turning_non_finite_mid_generation_are_a_clear_error(
     pipeline = HippoPipeline(target, draft, mode=mode, gamma=3)
     prompts = pipeline.prepare(sample_frames(family, 4), "what moves?")
     step = LanguageModelRuntime.step
-
-    def spoilt_step(self, input_ids, position_ids):
-        logits = step(self, input_ids, position_ids)
-        if self is pipeline.runtime("target"):
-            # row r was fed the token at cache position length - n + r and chooses the next
-            first = self.length - input_ids.shape[1] + 1 - prompts[0].length
-            logits = logits.clone()
-            _spoil(logits[:, max(column - first, 0):], value)
-        return logits
-
-    monkeypatch.setattr(LanguageModelRuntime, "step", spoilt_step)
+    spoil_rows_from(monkeypatch, pipeline, "target", prompts[0].length, column,
+                    lambda rows: _spoil(rows, value))
     sampling = SamplingOptions(temperature, seed=0 if temperature else None)
     whose = "the model's" if mode == "ar" else "the target's"
     with pytest.raises(HippoError, match=f"{whose} next-token logits are not finite .* at new "
@@ -752,12 +743,10 @@ def test_logits_non_finite_only_after_an_accepted_eos_are_never_refused(monkeypa
     is an exact copy: every candidate is accepted), emits the same tokens rather than refusing
     the round for a row or a draft step whose token is never emitted (a parallel round drafts
     past its candidates, and those drafts are tested in the next round, after the eos)."""
-    from hippo.runtime.decoder import LanguageModelRuntime
     from hippo.speculative import SamplingOptions
-    from speculative_testing import FAMILY_PRESETS, make_pipeline
+    from speculative_testing import make_pipeline
 
-    name = FAMILY_PRESETS["llava_onevision"][2]
-    target, draft = load_adapter(name, seed=1), load_adapter(name, seed=1)
+    target, draft = exact_copy_pair()
     sampling = SamplingOptions(temperature, seed=0 if temperature else None)
     pipeline = make_pipeline(target, draft, mode, 3, 1.0)
     prompts = pipeline.prepare(sample_frames("llava_onevision", 4), "what moves?")
@@ -766,19 +755,8 @@ def test_logits_non_finite_only_after_an_accepted_eos_are_never_refused(monkeypa
         ar = make_pipeline(target, draft, "ar", 3, 1.0)
         assert ar.generate_prepared(*prompts, 12, sampling, None).tokens == tokens
     eos = next(i for i in range(2, 11) if tokens[i] not in tokens[:i])  # its first occurrence
-    prompt_length = prompts[0 if whose == "target" else 1].length
-    step = LanguageModelRuntime.step
-
-    def spoilt_step(self, input_ids, position_ids):
-        logits = step(self, input_ids, position_ids)
-        if self is pipeline.runtime(whose):
-            # row r chooses column length - n + 1 + r after the prompt: spoil those past eos
-            first = self.length - input_ids.shape[1] + 1 - prompt_length
-            logits = logits.clone()
-            logits[:, max(eos + 1 - first, 0):] = float("nan")
-        return logits
-
-    monkeypatch.setattr(LanguageModelRuntime, "step", spoilt_step)
+    spoil_rows_from(monkeypatch, pipeline, whose, prompts[0 if whose == "target" else 1].length,
+                    eos + 1)  # the rows past the eos
     out = pipeline.generate_prepared(*prompts, 12, sampling, {tokens[eos]})
     assert out.tokens == tokens[:eos + 1]
     assert out.stats.accepted > 0
@@ -791,10 +769,9 @@ def test_a_non_finite_row_that_chose_an_accepted_eos_is_refused(monkeypatch, mod
     the eos among its candidates refuses it too, rather than stopping on it in silence."""
     from hippo.runtime.decoder import LanguageModelRuntime
     from hippo.speculative import SamplingOptions
-    from speculative_testing import FAMILY_PRESETS, make_pipeline
+    from speculative_testing import make_pipeline
 
-    name = FAMILY_PRESETS["llava_onevision"][2]
-    target, draft = load_adapter(name, seed=1), load_adapter(name, seed=1)
+    target, draft = exact_copy_pair()
     pipeline = make_pipeline(target, draft, mode, 3, 1.0)
     prompts = pipeline.prepare(sample_frames("llava_onevision", 4), "what moves?")
     sampling = SamplingOptions(0.0)

@@ -13,7 +13,8 @@ from hippo.models.tokenizer import HFPromptTokenizer
 from hippo.pipeline import HippoPipeline
 from hippo.streaming import EmittedTokens, StopStrings
 from hippo_testing import bpe_tokenizer
-from speculative_testing import FAMILY_PRESETS, make_pair, make_pipeline, sample_frames
+from speculative_testing import (FAMILY_PRESETS, exact_copy_pair, make_pair, make_pipeline,
+                                 sample_frames, spoil_rows_from)
 
 PROMPT = "what moves?"
 
@@ -187,12 +188,9 @@ def test_logits_non_finite_only_after_a_stop_string_are_never_refused(monkeypatc
     and never computes them, and a speculative round that accepted that token among its
     candidates (an exact copy drafts: every one is accepted) emits the same tokens rather than
     refusing the round for rows whose tokens are never emitted (as after an accepted eos)."""
-    from hippo.runtime.decoder import LanguageModelRuntime
     from hippo.speculative import SamplingOptions
-    from speculative_testing import make_pipeline
 
-    name = FAMILY_PRESETS["llava_onevision"][2]
-    target, draft = load_adapter(name, seed=1), load_adapter(name, seed=1)
+    target, draft = exact_copy_pair()
     sampling = SamplingOptions(temperature, seed=0 if temperature else None)
     pipeline = make_pipeline(target, draft, mode, 3, 1.0)
     prompts = pipeline.prepare(sample_frames("llava_onevision", 4), PROMPT)
@@ -202,19 +200,8 @@ def test_logits_non_finite_only_after_a_stop_string_are_never_refused(monkeypatc
               and texts[i][-1] not in texts[i - 1])  # the first token that completes it
     stop = texts[at][-1]
     assert _first_completion(target.tokenizer, tokens, [stop]) == at
-    prompt_length = prompts[0 if whose == "target" else 1].length
-    step = LanguageModelRuntime.step
-
-    def spoilt_step(self, input_ids, position_ids):
-        logits = step(self, input_ids, position_ids)
-        if self is pipeline.runtime(whose):
-            # row r chooses column length - n + 1 + r after the prompt: spoil those past `at`
-            first = self.length - input_ids.shape[1] + 1 - prompt_length
-            logits = logits.clone()
-            logits[:, max(at + 1 - first, 0):] = float("nan")
-        return logits
-
-    monkeypatch.setattr(LanguageModelRuntime, "step", spoilt_step)
+    spoil_rows_from(monkeypatch, pipeline, whose, prompts[0 if whose == "target" else 1].length,
+                    at + 1)  # the rows past the token that completes it
     out = pipeline.generate_prepared(*prompts, 12, sampling, None, stop=stop)
     assert (out.tokens, out.finish_reason) == (tokens[:at + 1], "stop_string")
     assert out.stats.accepted > 0
