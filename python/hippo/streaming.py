@@ -33,11 +33,6 @@ if TYPE_CHECKING:
 TokenCallback = Callable[[list[int]], object]
 
 
-def asks_to_stop(on_tokens: TokenCallback | None, tokens: list[int]) -> bool:
-    """Hand `tokens` to the callback (when there is one); whether it asked to stop."""
-    return on_tokens is not None and on_tokens(tokens) is True
-
-
 # What a decoder gives for bytes that do not (yet) form a whole UTF-8 character.
 _INCOMPLETE = "\ufffd"
 # Tokens of context decoded before the new ones: enough for a tokenizer's spacing rules.
@@ -216,8 +211,10 @@ class EmittedTokens:
             self.tokens.append(token)
             self.finish_reason = self._ended_by(token)
         appended = self.tokens[before:]
-        if appended and asks_to_stop(self.on_tokens, appended) and not self.finished:
-            self.finish_reason = "callback"
+        if appended and self.on_tokens is not None:
+            asked_to_stop = self.on_tokens(appended) is True
+            if asked_to_stop and not self.finished:
+                self.finish_reason = "callback"
         return len(appended)
 
     def ending_within(self, tokens: list[int]) -> int | None:
