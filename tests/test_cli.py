@@ -111,6 +111,39 @@ def test_generate_stops_at_a_stop_string(capsys):
     assert capsys.readouterr().out == out["text"] + "\n"
     _assert_one_line_error(capsys, _generate("--stop", ""), "--stop must be a non-empty string")
 
+def test_generate_answers_several_prompts_about_one_decoding_of_the_video(capsys, monkeypatch):
+    """--prompt repeated: each question answered in turn as it would be alone (a JSON line each,
+    or the texts with a header per question on stderr), the video decoded once."""
+    from hippo import pipeline
+
+    questions = ["what moves?", "what colour is it?", "why?"]
+    alone = []
+    for question in questions:
+        argv = _generate("--json", "--gamma", "2")
+        argv[argv.index("what moves?")] = question
+        assert main(argv) == 0
+        alone.append(json.loads(capsys.readouterr().out))
+    decoded = []
+    load_video = pipeline.load_video
+    monkeypatch.setattr(pipeline, "load_video",
+                        lambda *args, **kwargs: decoded.append(1) or load_video(*args, **kwargs))
+    several = [argument for question in questions[1:] for argument in ("--prompt", question)]
+    assert main(_generate("--json", "--gamma", "2", *several)) == 0
+    lines = capsys.readouterr().out.splitlines()
+    answers = [json.loads(line) for line in lines]
+    assert [answer["prompt"] for answer in answers] == questions and len(decoded) == 1
+    assert [answer["tokens"] for answer in answers] == [answer["tokens"] for answer in alone]
+    assert main(_generate("--gamma", "2", *several)) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "".join(answer["text"] + "\n" for answer in alone)
+    headers = [line for line in captured.err.splitlines() if line.startswith("[")]
+    assert headers == [f"[{n}/3] {question}" for n, question in enumerate(questions, 1)]
+    assert captured.err.count(" tokens (ended by ") == 3
+    # A bad question among them is one clear error, by its flag's name, before any answer.
+    _assert_one_line_error(capsys, _generate("--prompt", "\ud800"), "--prompt is not valid UTF-8")
+    assert len(decoded) == 2  # one per run that answered
+
+
 def test_generate_sampling_and_self_speculation(capsys):
     # Rounds that do not depend on timing (README): a fixed g (with --gamma auto, g follows
     # measured step times) and sequential mode (on a GPU, a parallel draft runs ahead for as
@@ -435,6 +468,42 @@ def test_bench_runs_a_benchmark_set_from_a_local_copy(capsys, tmp_path, dataset)
             assert row["correct"] == (chosen_letter(row["answer"]) == row["expected"])
     out = capsys.readouterr().out
     assert "| question | task |" in out and "| dataset |" in out  # the rows, then the summary
+
+
+def test_a_benchmark_set_decodes_a_video_once_for_its_questions(tmp_path, monkeypatch):
+    """Video-MME asks several questions about each clip, listed together: the clip is decoded
+    and embedded once for them, and every row is what it is with the clip decoded anew."""
+    import shutil
+
+    from hippo.assets import synthetic_frames, write_video
+    from hippo.bench import dataset_runner
+    from hippo.bench.datasets import read_dataset
+
+    root = tmp_path / "videomme"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "datasets" / "videomme", root)
+    questions = read_dataset("videomme", root)
+    frames = synthetic_frames(8, 56, 56)
+    for index, video in enumerate(sorted({question.video for question in questions})):
+        write_video(video, frames if index == 0 else 255 - frames, fps=4.0)
+    decoded = []
+    load_video = dataset_runner.load_video
+    monkeypatch.setattr(dataset_runner, "load_video",
+                        lambda path, **kwargs: decoded.append(path) or load_video(path, **kwargs))
+
+    def run() -> list[dict]:
+        _, rows = dataset_runner.run_benchmark_set(
+            "videomme", str(root), target="tiny-qwen2.5-vl", draft="tiny-qwen2.5-vl-draft",
+            max_new_tokens=6, num_frames=4, progress=False)
+        return [{key: row[key] for key in ("question", "tokens", "answer", "matched_ar")}
+                for row in rows]
+
+    reused = run()
+    assert [path.name for path in decoded] == ["fFjv93ACGo8.mp4", "Bq7DMH3Mx-A.mp4"]
+    # A LastVideo that forgets its key: every question decodes its clip anew.
+    monkeypatch.setattr(dataset_runner.LastVideo, "key",
+                        property(lambda self: None, lambda self, value: None), raising=False)
+    decoded.clear()
+    assert run() == reused and len(decoded) == len(questions) == 3
 
 
 def test_bench_runs_a_question_whose_video_is_a_folder_of_frames(capsys, tmp_path, monkeypatch):

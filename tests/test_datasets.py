@@ -488,7 +488,11 @@ class _FakePipeline:
     def __init__(self, stats, tokens: list[int], text: str):
         self.result = SimpleNamespace(stats=stats, tokens=tokens, text=text)
 
-    def prepare(self, frames, prompt, *, max_new_tokens):
+    def encode_video(self, frames):
+        return ("encoded", frames)
+
+    def prepare(self, video, prompt, *, max_new_tokens):
+        assert video == ("encoded", "frames")
         return ("prepared",)
 
     def eos_ids(self):
@@ -509,7 +513,7 @@ def test_a_question_row_holds_the_runs_rates_and_the_graded_answer(monkeypatch):
     hippo = _FakePipeline(GenerationStats(
         "parallel", tokens=9, target_steps=3, drafted=9, accepted=5, decode_s=0.3,
         prefill_s=0.0123456, selection_s=0.0015, draft_prefill_s=0.002), [5] * 9, "B. A kite")
-    row = dataset_runner._run_question(question, ar, hippo, 8, 4)
+    row = dataset_runner._run_question(question, ar, hippo, 8, 4, dataset_runner.LastVideo(hippo))
     assert row == {"question": "1_plotQA/0", "task": "plotQA", "tokens": 9, "MAT": 2.67,
                    "acceptance": 0.556, "ar_ms_per_token": 100.0, "hippo_ms_per_token": 37.5,
                    "speedup": 2.67, "matched_ar": True, "answer": "B. A kite", "expected": "B",
@@ -520,7 +524,8 @@ def test_a_question_row_holds_the_runs_rates_and_the_graded_answer(monkeypatch):
         raise HippoError("cannot decode video v.mp4: the file is corrupt\n(decord: ...)")
 
     monkeypatch.setattr(dataset_runner, "load_video", unreadable)
-    assert dataset_runner._run_question(question, ar, hippo, 8, 4) == {
+    assert dataset_runner._run_question(question, ar, hippo, 8, 4,
+                                        dataset_runner.LastVideo(hippo)) == {
         "question": "1_plotQA/0", "task": "plotQA",
         "skipped": "cannot decode video v.mp4: the file is corrupt"}
 

@@ -144,7 +144,7 @@ def test_frames_beyond_the_context_are_refused_before_decoding(monkeypatch):
 
     monkeypatch.setattr(video._OpenCVReader, "frames", no_decoding)
     monkeypatch.setattr(video._DecordReader, "frames", no_decoding)
-    monkeypatch.setattr(Qwen2_5_VLAdapter, "prepare", no_decoding)
+    monkeypatch.setattr(Qwen2_5_VLAdapter, "embed_video", no_decoding)
     assert tokens >= 100
     message = (f"16 frames of 112x112 make {tokens} visual tokens; with the prompt's {text} text "
                f"tokens and 4 new tokens that is {tokens + text + 4}, beyond the 100 positions "
@@ -157,7 +157,7 @@ def test_frames_beyond_the_context_are_refused_before_decoding(monkeypatch):
         pipeline.generate(sample_video_path(), "what moves?", 4, fps=4.0)
     with pytest.raises(HippoError, match=f"text tokens that is {tokens + text}, beyond the 100"):
         pipeline.prepare(frames, "what moves?")  # no new tokens named: the prompt alone
-    # Exactly the context: admitted (reaches the model's prepare); one position less: refused,
+    # Exactly the context: admitted (reaches the vision tower); one position less: refused,
     # also for the prompt's text alone.
     new = 10
     monkeypatch.setattr(Qwen2_5_VLAdapter, "max_positions", property(lambda self: tokens + text + new))

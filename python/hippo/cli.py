@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
-    from hippo.pipeline import HippoOptions
+    from hippo.pipeline import HippoOptions, HippoPipeline
     from hippo.streaming import IncrementalText
 
 EXIT_USER_ERROR = 2
@@ -125,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--draft", help="the draft's checkpoint directory; omitted: the target "
                                      "drafts for itself over its pruned cache")
     gen.add_argument("--video", required=True)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--prompt", required=True, action="append",
+                     help="the question; repeat it to ask several about the video, which is "
+                          "then decoded and embedded once and answered in turn")
     gen.add_argument("--frames", type=int, help="frames sampled uniformly (default 16)")
     gen.add_argument("--fps", type=float, help="sample by rate instead of a frame count")
     gen.add_argument("--start", type=float, help="sample from this second on (default: 0)")
@@ -149,7 +151,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="verify steps round exactly as one-token steps, so the output is the "
                           "target's AR output bit for bit even at near-ties of its top logits "
                           "(CPU; CUDA in bf16/fp16; costs some speed)")
-    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object (one line per --prompt)")
 
     commands.add_parser("info", help="versions, hippo_ext's kernels and whether they run on each "
                                      "GPU, video decoders (for bug reports)")
@@ -174,7 +177,6 @@ def _generate(args: argparse.Namespace) -> None:
 
     from hippo.models import HippoError, load_adapter, resolve_device
     from hippo.pipeline import HippoPipeline
-    from hippo.streaming import IncrementalText
 
     # Everything that needs no model is checked first: loading a 7B pair takes minutes.
     options = _checked_generate_options(args)
@@ -187,21 +189,39 @@ def _generate(args: argparse.Namespace) -> None:
     draft = load_adapter(args.draft, dtype=dtype, device=options.draft_device or device) \
         if args.draft else None
     pipeline = HippoPipeline(target, draft, options)
+    sampling = dict(num_frames=args.frames, fps=args.fps, start=args.start, end=args.end)
+    video = args.video
+    if len(args.prompt) > 1:  # one decode and one vision-tower run for all the questions
+        for prompt in args.prompt:  # each refused, if it must be, before any is answered
+            pipeline.text_tokens(prompt)
+        video, sampling = pipeline.encode_video(args.video, **sampling), {}
+    for number, prompt in enumerate(args.prompt):
+        if len(args.prompt) > 1 and not args.json:  # which question the text below answers
+            blank_line = "\n" if number else ""
+            print(f"{blank_line}[{number + 1}/{len(args.prompt)}] {prompt}", file=sys.stderr,
+                  flush=True)
+        _answer(args, pipeline, video, prompt, sampling)
+
+
+def _answer(args: argparse.Namespace, pipeline: HippoPipeline, video: object, prompt: str,
+            sampling: dict) -> None:
+    """One generation: its text printed as it comes and its statistics, or one JSON line."""
+    from hippo.streaming import IncrementalText
+
     # The text is printed as the tokens are emitted, unless it is wanted as JSON.
-    text = None if args.json else IncrementalText(target.tokenizer)
+    text = None if args.json else IncrementalText(pipeline.target.tokenizer)
     try:
-        out = pipeline.generate(args.video, args.prompt, args.max_new_tokens,
-                                num_frames=args.frames, fps=args.fps, start=args.start,
-                                end=args.end, temperature=args.temperature, top_k=args.top_k,
-                                top_p=args.top_p, seed=args.seed, stop=args.stop,
+        out = pipeline.generate(video, prompt, args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                                stop=args.stop, **sampling,
                                 on_tokens=_printer(text) if text is not None else None)
     finally:
         if text is not None and text.tokens:  # what a failure left unfinished ends its line
             print(text.finish(), flush=True)
     stats = out.stats.as_dict()
     if args.json:
-        print(json.dumps({"text": out.text, "tokens": out.tokens,
-                          "finish_reason": out.finish_reason, "stats": stats}))
+        print(json.dumps({"prompt": prompt, "text": out.text, "tokens": out.tokens,
+                          "finish_reason": out.finish_reason, "stats": stats}), flush=True)
         return
     print(f"\n{out.stats.tokens} tokens (ended by {out.finish_reason.replace('_', ' ')}), "
           f"MAT {_two_places(out.stats.mean_accepted_tokens)}, "
@@ -245,7 +265,8 @@ def _checked_generate_options(args: argparse.Namespace) -> HippoOptions:
     from hippo.video import check_video_request
 
     _refuse_contradictions(args)
-    check_utf8(args.prompt, "--prompt")  # before any model loads
+    for prompt in args.prompt:  # before any model loads
+        check_utf8(prompt, "--prompt")
     check_at_least_one(args, "max_new_tokens")
     SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed)  # validates them
     stop_strings(args.stop)  # validates them

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,7 +22,7 @@ import torch
 import hippo_ext
 from hippo.devices import resolve_device
 from hippo.errors import HippoError, check_positive_rate
-from hippo.models.base import PreparedPrompt, VideoLLMAdapter
+from hippo.models.base import PreparedPrompt, VideoEmbedding, VideoLLMAdapter
 from hippo.models.pairing import check_compatible
 from hippo.models.preprocess import check_frames
 from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, preserve_tokens
@@ -135,6 +135,21 @@ class HippoOutput:
     finish_reason: FinishReason
 
 
+@dataclass(frozen=True, eq=False)
+class EncodedVideo:
+    """A video decoded and embedded by each model of a pipeline (HippoPipeline.encode_video), to
+    ask it several questions: each generation from it skips decoding and the vision towers.
+
+    frames: (T, H, W) of the frames sampled. fps: the rate they were sampled at, as given to the
+    models (None: the family's default). embeddings: each model's VideoEmbedding, by role
+    ("target", and "draft" for a pair); they live on the models' devices.
+    """
+
+    frames: tuple[int, int, int]
+    fps: float | None
+    embeddings: dict[str, VideoEmbedding]
+
+
 class HippoPipeline:
     """A target video-LLM and its draft (same family, shared tokenizer).
 
@@ -203,7 +218,21 @@ class HippoPipeline:
         return pipeline
 
     @autocast_off  # the vision towers too: generate_prepared's tokens must be generate's
-    def prepare(self, video: str | Path | torch.Tensor, prompt: str | list[int], *,
+    def encode_video(self, video: str | Path | torch.Tensor, *, num_frames: int | None = None,
+                     fps: float | None = None, start: float | None = None,
+                     end: float | None = None) -> EncodedVideo:
+        """Decode a video and run each model's vision tower on it once, for any number of
+        prompts: generate(encoded, prompt) and prepare(encoded, prompt) then skip both, and give
+        the tokens that the same call on the video itself gives. Arguments as in prepare().
+        Frames whose visual tokens alone overflow a model's context are refused before they are
+        decoded; each prompt's fit is checked when it is asked."""
+        num_frames = _frame_count(video, num_frames, fps, start, end)
+        admit = functools.partial(self._admit_frames,
+                                  text_tokens={role: 0 for role in self._models()})
+        return self._encode(video, num_frames, fps, start, end, admit)
+
+    @autocast_off  # the vision towers too: generate_prepared's tokens must be generate's
+    def prepare(self, video: str | Path | torch.Tensor | EncodedVideo, prompt: str | list[int], *,
                 num_frames: int | None = None, fps: float | None = None,
                 start: float | None = None, end: float | None = None,
                 max_new_tokens: int = 0) -> tuple[PreparedPrompt, PreparedPrompt | None]:
@@ -215,31 +244,38 @@ class HippoPipeline:
         were sampled at, which spaces Qwen2.5-VL's temporal positions (None: 2 frames per
         second, one second per temporal patch, as qwen-vl-utils assumes for a list of frames;
         a file sampled at num_frames gets the count over its duration instead, so pass that
-        rate to get the same positions from its frames).
+        rate to get the same positions from its frames). An EncodedVideo (encode_video()) is
+        used as it was sampled and embedded: no sampling argument goes with it.
         max_new_tokens: the tokens to be generated after the prompt; frames whose visual tokens
         plus the prompt's text and these cannot fit a model's context are refused before they
         are decoded."""
-        if not isinstance(video, (str, Path, torch.Tensor)):
-            raise HippoError("video must be a file path or decoded frames (a uint8 tensor "
-                             f"[T, H, W, 3]), got {type(video).__name__}")
-        if num_frames is not None and fps is not None:
-            raise HippoError("give num_frames or fps, not both")
-        if isinstance(video, torch.Tensor) and num_frames is not None:
-            # Never ignored in silence: the frames given are the frames used.
-            raise HippoError("num_frames samples a video file; with decoded frames pass the ones "
-                             f"to use (frames[indices]), got num_frames={num_frames!r}")
-        if fps is not None:  # every family, decoded frames too (LLaVA's positions ignore it)
-            check_positive_rate("fps", fps)
-        if num_frames is None and fps is None:
-            num_frames = DEFAULT_FRAMES
+        if isinstance(video, EncodedVideo):
+            self._check_encoded(video, num_frames=num_frames, fps=fps, start=start, end=end)
+        else:
+            num_frames = _frame_count(video, num_frames, fps, start, end)
         new_tokens = new_token_count(max_new_tokens, least=0)
         # The prompt's text is encoded first: a bad prompt is refused before the video is read,
         # and its length counts towards the context before any frame is decoded.
-        text_tokens = self._text_tokens(prompt)
+        text_tokens = self.text_tokens(prompt)
         admit = functools.partial(self._admit_frames, text_tokens=text_tokens, new_tokens=new_tokens)
+        if isinstance(video, EncodedVideo):
+            admit(*video.frames)
+            encoded = video
+        else:
+            encoded = self._encode(video, num_frames, fps, start, end, admit)
+        target_prompt = self.target.prepare_embedded(encoded.embeddings["target"], prompt)
+        if self.draft is None:
+            return target_prompt, None
+        draft_prompt = self.draft.prepare_embedded(encoded.embeddings["draft"], prompt)
+        _check_same_layout(target_prompt, draft_prompt)
+        return target_prompt, draft_prompt
+
+    def _encode(self, video: str | Path | torch.Tensor, num_frames: int | None,
+                fps: float | None, start: float | None, end: float | None,
+                admit: Callable[[int, int, int], None]) -> EncodedVideo:
+        """The frames (decoded from a file, or as given, after admit(T, H, W)) through each
+        model's vision tower."""
         if isinstance(video, torch.Tensor):
-            if start is not None or end is not None:
-                raise HippoError("start and end cut a video file; cut decoded frames yourself")
             check_frames(video)
             admit(*video.shape[:3])
             frames = video
@@ -248,12 +284,21 @@ class HippoPipeline:
             frames = load_video(video, num_frames=num_frames, fps=fps, start=start, end=end, admit=admit,
                                 on_info=sources.append)
             fps = _sampled_rate(sources[-1], fps, frames.shape[0], start, end)
-        target_prompt = self.target.prepare(frames, prompt, fps=fps)
-        if self.draft is None:
-            return target_prompt, None
-        draft_prompt = self.draft.prepare(frames, prompt, fps=fps)
-        _check_same_layout(target_prompt, draft_prompt)
-        return target_prompt, draft_prompt
+        embeddings = {role: model.embed_video(frames, fps) for role, model in self._models().items()}
+        return EncodedVideo(frames=tuple(frames.shape[:3]), fps=fps, embeddings=embeddings)
+
+    def _check_encoded(self, video: EncodedVideo, **sampling: object) -> None:
+        """An EncodedVideo was sampled when it was encoded, by this pair's models."""
+        given = [name for name, value in sampling.items() if value is not None]
+        if given:
+            raise HippoError(f"{', '.join(given)}: this video was sampled when it was encoded "
+                             "(give the sampling to encode_video())")
+        for role, model in self._models().items():
+            embedding = video.embeddings.get(role)
+            if embedding is None or embedding.adapter is not model:
+                raise HippoError(f"this EncodedVideo was not made by this pipeline's {role} model: "
+                                 "encode the video with this pipeline's encode_video() (pipelines "
+                                 "made by with_options share their models and their encodings)")
 
     def _models(self) -> dict[str, VideoLLMAdapter]:
         """The pair's models by role (no "draft" when self-speculating)."""
@@ -269,9 +314,11 @@ class HippoPipeline:
             models.pop("draft", None)
         return models
 
-    def _text_tokens(self, prompt: str | list[int]) -> dict[str, int]:
-        """Each model's count of the prompt's tokens that are not visual. The target's and the
-        draft's text ids must be the same (checked here, before any frame is decoded)."""
+    def text_tokens(self, prompt: str | list[int]) -> dict[str, int]:
+        """Each model's count of the prompt's tokens that are not visual, by role; a prompt
+        that cannot be asked (not UTF-8, ids outside the vocabulary, placeholders in it, or
+        text that the target and the draft tokenize differently) is refused here, before any
+        frame is decoded."""
         ids = {role: adapter.prompt_ids(0, prompt) for role, adapter in self._models().items()}
         if "draft" in ids and ids["draft"] != ids["target"]:
             raise HippoError(
@@ -302,7 +349,7 @@ class HippoPipeline:
 
     @torch.no_grad()
     @autocast_off
-    def generate(self, video: str | Path | torch.Tensor, prompt: str | list[int],
+    def generate(self, video: str | Path | torch.Tensor | EncodedVideo, prompt: str | list[int],
                  max_new_tokens: int = 64, *, num_frames: int | None = None,
                  fps: float | None = None, start: float | None = None, end: float | None = None,
                  temperature: float = 0.0, top_k: int | None = None,
@@ -313,8 +360,9 @@ class HippoPipeline:
         """Generate up to max_new_tokens after (video, prompt); stops after eos (included), or
         after the token that completes one of the `stop` strings in the text (included).
 
-        video: a file path, or frames [T, H, W, 3] uint8 RGB already decoded (fps: the rate
-        they were sampled at); num_frames, fps, start and end as in prepare(). eos_token_id:
+        video: a file path, frames [T, H, W, 3] uint8 RGB already decoded (fps: the rate they
+        were sampled at), or an EncodedVideo (encode_video(): several questions about one video
+        decode and embed it once); num_frames, fps, start and end as in prepare(). eos_token_id:
         the target's by default; None never stops early. Sampling (temperature > 0) is seeded
         by `seed` when given: reproducible where the rounds do not depend on timing (mode
         "ar", or a fixed gamma; parallel mode on a CPU only); with gamma "auto" or parallel
@@ -597,6 +645,26 @@ def _sampled_rate(source: VideoInfo, fps: float | None, count: int, start: float
     first = 0.0 if start is None else start
     last = source.duration if end is None else min(end, source.duration)
     return count / (last - first) if last > first else None
+
+
+def _frame_count(video: object, num_frames: int | None, fps: float | None,
+                 start: float | None, end: float | None) -> int | None:
+    """The sampling arguments checked; the frame count a file is sampled at (None: by fps)."""
+    if not isinstance(video, (str, Path, torch.Tensor)):
+        raise HippoError("video must be a file path, decoded frames (a uint8 tensor [T, H, W, 3]) "
+                         f"or an EncodedVideo (encode_video()), got {type(video).__name__}")
+    if num_frames is not None and fps is not None:
+        raise HippoError("give num_frames or fps, not both")
+    if isinstance(video, torch.Tensor):
+        if num_frames is not None:
+            # Never ignored in silence: the frames given are the frames used.
+            raise HippoError("num_frames samples a video file; with decoded frames pass the ones "
+                             f"to use (frames[indices]), got num_frames={num_frames!r}")
+        if start is not None or end is not None:
+            raise HippoError("start and end cut a video file; cut decoded frames yourself")
+    if fps is not None:  # every family, decoded frames too (LLaVA's positions ignore it)
+        check_positive_rate("fps", fps)
+    return DEFAULT_FRAMES if num_frames is None and fps is None else num_frames
 
 
 def check_rope_lossless(target: VideoLLMAdapter, mode: str) -> None:

@@ -10,7 +10,7 @@ from hippo.bench.datasets import VideoQuestion, chosen_letter, read_dataset
 from hippo.models import load_adapter
 from hippo.devices import device_name, resolve_device
 from hippo.errors import HippoError
-from hippo.pipeline import HippoPipeline
+from hippo.pipeline import EncodedVideo, HippoPipeline
 from hippo.preserve import PreservationOptions
 from hippo.report import in_ms, ratio, rounded
 from hippo.speculative.acceptance import SamplingOptions
@@ -35,13 +35,13 @@ def run_benchmark_set(name: str, root: str, *, target: str, draft: str | None,
     autoregressive = HippoPipeline(target_adapter, draft_adapter, mode="ar")
     hippo = autoregressive.with_options(mode="parallel", gamma="auto",
                                         preservation=PreservationOptions(keep_ratio=keep_ratio))
-    rows = []
+    rows, videos = [], LastVideo(hippo)
     # No bar where stderr is no terminal (a log, a pipe): what it draws there stays, before any
     # error line. On a terminal the `with` clears it before an error propagates.
     with tqdm(questions, desc=name, disable=None if progress else True, leave=False) as bar:
         for question in bar:
             rows.append(_run_question(question, autoregressive, hippo, max_new_tokens,
-                                      num_frames))
+                                      num_frames, videos))
     summary = _summary(name, rows)
     # Where and in what the numbers were made (the models' own, not the options that asked).
     summary.update(device=device_name(where),
@@ -49,18 +49,38 @@ def run_benchmark_set(name: str, root: str, *, target: str, draft: str | None,
     return summary, rows
 
 
+class LastVideo:
+    """The last video a set's question was asked about, decoded and embedded: the sets ask
+    several questions about one clip, listed together (Video-MME three per video), and each
+    after the first skips the decoding and the vision towers (its tokens are the same)."""
+
+    def __init__(self, pipeline: HippoPipeline) -> None:
+        self.pipeline = pipeline
+        self.key: tuple | None = None
+        self.encoded: EncodedVideo | None = None
+
+    def encoded_for(self, question: VideoQuestion, num_frames: int) -> EncodedVideo:
+        key = (question.video, question.start, question.end, question.assumed_fps,
+               question.sampling, num_frames)
+        if key != self.key:
+            self.key = self.encoded = None  # a failure below leaves nothing half-made
+            # A question's window may hold fewer frames than asked: repeat some, as the sets'
+            # own evaluation code does, rather than skip the question.
+            frames = load_video(question.video, num_frames=num_frames, start=question.start,
+                                end=question.end, assumed_fps=question.assumed_fps,
+                                repeat_frames=True, sampling=question.sampling)
+            self.encoded, self.key = self.pipeline.encode_video(frames), key
+        return self.encoded
+
+
 def _run_question(question: VideoQuestion, autoregressive: HippoPipeline, hippo: HippoPipeline,
-                  max_new_tokens: int, num_frames: int) -> dict:
+                  max_new_tokens: int, num_frames: int, videos: LastVideo) -> dict:
     row = dict(question=question.question_id, task=question.task)
     try:
-        # A question's window may hold fewer frames than asked: repeat some, as the sets'
-        # own evaluation code does, rather than skip the question.
-        frames = load_video(question.video, num_frames=num_frames, start=question.start,
-                            end=question.end, assumed_fps=question.assumed_fps,
-                            repeat_frames=True, sampling=question.sampling)
+        video = videos.encoded_for(question, num_frames)
         # max_new_tokens too: a question whose context would overflow is skipped here, rather
         # than refused by generate_prepared, outside this try, aborting the whole set.
-        prompts = hippo.prepare(frames, question.prompt, max_new_tokens=max_new_tokens)
+        prompts = hippo.prepare(video, question.prompt, max_new_tokens=max_new_tokens)
     except HippoError as error:
         return dict(row, skipped=str(error).splitlines()[0])
     greedy, eos = SamplingOptions(), hippo.eos_ids()

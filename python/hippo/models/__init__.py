@@ -7,7 +7,7 @@ import torch
 
 from hippo.devices import check_model_dtype, resolve_device
 from hippo.errors import HippoError, is_int, short_repr
-from hippo.models.base import PreparedPrompt, VideoLLMAdapter
+from hippo.models.base import PreparedPrompt, VideoEmbedding, VideoLLMAdapter
 from hippo.models.checkpoint import read_checkpoint_json
 from hippo.models.pairing import check_compatible
 
@@ -77,5 +77,5 @@ def load_adapter(source: str | os.PathLike[str], *, dtype: torch.dtype | None = 
     return adapter_class(model_type).from_pretrained(source, dtype=dtype or torch.bfloat16, device=device)
 
 
-__all__ = ["HippoError", "PreparedPrompt", "VideoLLMAdapter", "check_compatible", "load_adapter", "adapter_class",
+__all__ = ["HippoError", "PreparedPrompt", "VideoEmbedding", "VideoLLMAdapter", "check_compatible", "load_adapter", "adapter_class",
            "resolve_device"]

@@ -4,7 +4,7 @@ Qwen2-family language model it runs on. One adapter file per model family implem
 and a draft pair up: pairing.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -55,14 +55,41 @@ class PreparedPrompt:
         return positions
 
 
+@dataclass(frozen=True, eq=False)
+class VideoEmbedding:
+    """One model's embedding of one video, to be merged into any number of prompts
+    (VideoLLMAdapter.prepare_embedded): several questions about a video run its vision tower once.
+
+    embeddings: [N, hidden] what fills the prompt's N video placeholders (the model's dtype).
+    grid: (T, Hg, Wg) of the grid tokens, the first T*Hg*Wg of the N.
+    visual_features: [T, Hg, Wg, C] features of the grid tokens for the local semantic scores.
+    frames: (T, H, W) of the frames embedded, which the context checks count from.
+    position_inputs: what the family's positions need besides the prompt's ids (Qwen2.5-VL:
+        video_grid_thw and, when the frames' rate was given, second_per_grid_ts).
+    adapter: the adapter that made it; only that one merges it (another model's embeddings of
+        the same width would otherwise pass unnoticed).
+    """
+
+    embeddings: torch.Tensor
+    grid: tuple[int, int, int]
+    visual_features: torch.Tensor
+    frames: tuple[int, int, int]
+    position_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    adapter: "VideoLLMAdapter | None" = field(default=None, repr=False)
+
+    @property
+    def num_visual(self) -> int:
+        return int(self.embeddings.shape[0])
+
+
 class VideoLLMAdapter:
     """One model family: turns (frames, prompt) into a PreparedPrompt and exposes the Qwen2-family
     language model that the runtime runs on.
 
     Subclasses set: model (the HF *ForConditionalGeneration), tokenizer (PromptTokenizer or None),
     prompt_prefix_ids / prompt_suffix_ids (chat-format ids around the video and the user text), and
-    implement from_preset(), from_pretrained(), prompt_ids(), visual_tokens(), prepare() and
-    generate_kwargs()."""
+    implement from_preset(), from_pretrained(), prompt_ids(), visual_tokens(), embed_video(),
+    positions() and generate_kwargs()."""
 
     family: str = ""
     model: torch.nn.Module
@@ -194,7 +221,48 @@ class VideoLLMAdapter:
     def prepare(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> PreparedPrompt:
         """The prompt's embeddings, positions and visual-token layout. fps: the rate the frames
         were sampled at, for families whose positions depend on it (None: the family's default)."""
+        self.prompt_ids(0, prompt)  # a bad prompt is refused before the vision tower runs
+        return self.prepare_embedded(self.embed_video(frames, fps), prompt)
+
+    def embed_video(self, frames: torch.Tensor, fps: float | None = None) -> VideoEmbedding:
+        """Frames [T, H, W, 3] uint8 through this model's preprocessing and vision tower, ready
+        for prepare_embedded (fps as in prepare)."""
+        raise HippoError(f"the {self.family} adapter has no vision tower: it embeds no video")
+
+    def positions(self, input_ids: torch.Tensor, video: VideoEmbedding) -> tuple[torch.Tensor, int]:
+        """(position_ids, rope_delta) of a prompt holding `video` (PreparedPrompt's fields)."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def prepare_embedded(self, video: VideoEmbedding, prompt: str | list[int]) -> PreparedPrompt:
+        """prepare() for a video this adapter embedded already (embed_video): the prompt's ids,
+        the video's embeddings merged into its placeholders, and positions, as the HF forward
+        computes them. The embedding is read, never modified."""
+        self.check_own_embedding(video)
+        vlm = self.model.model
+        ids = self.prompt_ids(video.num_visual, prompt)
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        embeds = vlm.get_input_embeddings()(input_ids)
+        merged = video.embeddings.to(embeds.device, embeds.dtype)
+        _, video_mask = vlm.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=merged)
+        embeds = embeds.masked_scatter(video_mask, merged)
+        position_ids, rope_delta = self.positions(input_ids, video)
+        start, count = visual_span(input_ids, self.model.config.video_token_id)
+        return PreparedPrompt(input_ids=input_ids, inputs_embeds=embeds, position_ids=position_ids,
+                              rope_delta=rope_delta, visual_start=start, num_visual=count,
+                              grid=video.grid,
+                              visual_features=video.visual_features.to(embeds.device, embeds.dtype))
+
+    def check_own_embedding(self, video: object) -> None:
+        """Only embeddings this adapter made are merged into its prompts."""
+        if not isinstance(video, VideoEmbedding):
+            raise HippoError(f"video must be a VideoEmbedding (from embed_video()), got "
+                             f"{type(video).__name__}")
+        if video.adapter is not self:
+            raise HippoError(f"this video was embedded by another model (a {video.adapter.family} "
+                             f"adapter): embed it with this {self.family} model's embed_video()"
+                             if video.adapter is not None else
+                             "this VideoEmbedding names no adapter: make it with embed_video()")
 
     def generate_kwargs(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> dict:
         """Keyword arguments for the HF model's `generate` (and forward) on the same inputs."""

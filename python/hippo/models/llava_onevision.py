@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hippo.errors import HippoError, check_positive_rate, is_int
-from hippo.models.base import PreparedPrompt, VideoLLMAdapter, visual_span
+from hippo.models.base import VideoEmbedding, VideoLLMAdapter
 from hippo.models.checkpoint import check_text_config, check_token_ids_in_vocabulary, load_local_checkpoint
 from hippo.models.presets import build_random_model, preset_for_family
 from hippo.models.tokenizer import PromptTokenizer
@@ -114,26 +114,25 @@ class LlavaOnevisionAdapter(VideoLLMAdapter):
 
     @torch.no_grad()
     @autocast_off
-    def prepare(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> PreparedPrompt:
+    def embed_video(self, frames: torch.Tensor, fps: float | None = None) -> VideoEmbedding:
         """fps is accepted for a uniform interface (and checked, as Qwen2.5-VL's is); 1-D
         positions do not depend on it."""
         if fps is not None:
             check_positive_rate("fps", fps)
-        inputs = self.hf_inputs(frames, prompt)
-        cfg, vlm = self.model.config, self.model.model
-        input_ids = inputs["input_ids"]
-        embeds = vlm.get_input_embeddings()(input_ids)
-        grid = (int(inputs["pixel_values_videos"].shape[1]), self.pooled_side, self.pooled_side)
-        video = _video_embeddings(vlm, inputs["pixel_values_videos"], cfg, grid)  # [1, T*side^2 + 1, C]
-        features = video[:, :-1]  # the newline closes the video; token selection scores the rest
-        merged = video.flatten(0, 1).to(embeds.device, embeds.dtype)
-        _, video_mask = vlm.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=merged)
-        embeds = embeds.masked_scatter(video_mask, merged)
-        start, count = visual_span(input_ids, cfg.video_token_id)
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-        return PreparedPrompt(input_ids=input_ids, inputs_embeds=embeds, position_ids=positions, rope_delta=0,
-                              visual_start=start, num_visual=count, grid=grid,
-                              visual_features=features.reshape(*grid, -1).to(embeds.dtype))
+        pixels = preprocess_siglip_video(frames, self.preprocess, device=self.device, dtype=self.dtype)
+        vlm = self.model.model
+        table = vlm.get_input_embeddings().weight
+        grid = (int(pixels.shape[1]), self.pooled_side, self.pooled_side)
+        video = _video_embeddings(vlm, pixels, self.model.config, grid)  # [1, T*side^2 + 1, C]
+        embeddings = video.flatten(0, 1).to(table.device, table.dtype)
+        # The newline closes the video; token selection scores the rest.
+        return VideoEmbedding(embeddings=embeddings, grid=grid,
+                              visual_features=embeddings[:-1].reshape(*grid, -1),
+                              frames=tuple(frames.shape[:3]), adapter=self)
+
+    def positions(self, input_ids: torch.Tensor, video: VideoEmbedding) -> tuple[torch.Tensor, int]:
+        """1-D positions 0 .. S-1; generated tokens continue from S."""
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None], 0
 
 
 def _video_embeddings(vlm: torch.nn.Module, pixels: torch.Tensor, cfg: PretrainedConfig,

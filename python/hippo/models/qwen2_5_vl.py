@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from hippo.errors import HippoError, check_positive_rate, is_int
-from hippo.models.base import PreparedPrompt, VideoLLMAdapter, visual_span
+from hippo.models.base import VideoEmbedding, VideoLLMAdapter
 from hippo.models.checkpoint import check_text_config, check_token_ids_in_vocabulary, load_local_checkpoint
 from hippo.models.presets import build_random_model, preset_for_family
 from hippo.models.tokenizer import PromptTokenizer
@@ -100,21 +100,27 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
 
     def hf_inputs(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> dict:
         """The HF model's own inputs for (frames, prompt): what its processor would have produced."""
-        cfg = self.model.config
-        pixels, grid_thw = preprocess_qwen_video(frames, self.preprocess, device=self.device, dtype=self.dtype)
+        pixels, video = self._video_inputs(frames, fps)
         ids = self.prompt_ids(self.visual_tokens(*frames.shape[:3]), prompt)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        inputs = {"input_ids": input_ids,
-                  "attention_mask": torch.ones_like(input_ids),
-                  "pixel_values_videos": pixels,
-                  "video_grid_thw": grid_thw,
-                  "mm_token_type_ids": (input_ids == cfg.video_token_id).to(torch.int32) * VIDEO_MM_TYPE}
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids),
+                "pixel_values_videos": pixels, "mm_token_type_ids": self._token_types(input_ids),
+                **video}
+
+    def _video_inputs(self, frames: torch.Tensor, fps: float | None) -> tuple[torch.Tensor, dict]:
+        """(patchified pixels, {video_grid_thw, second_per_grid_ts when fps is given})."""
+        pixels, grid_thw = preprocess_qwen_video(frames, self.preprocess, device=self.device, dtype=self.dtype)
+        video = {"video_grid_thw": grid_thw}
         if fps is not None:
             self.check_temporal_positions(fps, int(grid_thw[0, 0]))
             # As the HF processor: seconds covered by one temporal patch of sampled frames.
-            inputs["second_per_grid_ts"] = torch.tensor([self.preprocess.temporal_patch_size / fps],
-                                                        device=self.device)
-        return inputs
+            video["second_per_grid_ts"] = torch.tensor([self.preprocess.temporal_patch_size / fps],
+                                                       device=self.device)
+        return pixels, video
+
+    def _token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """mm_token_type_ids: which tokens are video placeholders."""
+        return (input_ids == self.model.config.video_token_id).to(torch.int32) * VIDEO_MM_TYPE
 
     def check_temporal_positions(self, fps: float, groups: int) -> None:
         """M-RoPE spaces the video's temporal patches tokens_per_second * seconds-per-patch
@@ -137,33 +143,33 @@ class Qwen2_5_VLAdapter(VideoLLMAdapter):
 
     @torch.no_grad()
     @autocast_off
-    def prepare(self, frames: torch.Tensor, prompt: str | list[int], fps: float | None = None) -> PreparedPrompt:
+    def embed_video(self, frames: torch.Tensor, fps: float | None = None) -> VideoEmbedding:
         """fps: the rate the frames were sampled at (sets the temporal M-RoPE spacing as the HF processor
         does); None keeps get_rope_index's default of one second per temporal patch (2 frames
         per second, as qwen-vl-utils assumes for a list of frames; HF's processor assumes 24)."""
-        inputs = self.hf_inputs(frames, prompt, fps)
+        pixels, video = self._video_inputs(frames, fps)
         vlm = self.model.model
-        input_ids, grid_thw = inputs["input_ids"], inputs["video_grid_thw"]
-        embeds = vlm.get_input_embeddings()(input_ids)
-        video_embeds = vlm.get_video_features(inputs["pixel_values_videos"], grid_thw).pooler_output
-        video_embeds = torch.cat(video_embeds, dim=0).to(embeds.device, embeds.dtype)
-        _, video_mask = vlm.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=video_embeds)
-        embeds = embeds.masked_scatter(video_mask, video_embeds)
-        position_ids, _ = vlm.get_rope_index(
-            input_ids, mm_token_type_ids=inputs["mm_token_type_ids"], video_grid_thw=grid_thw,
-            second_per_grid_ts=inputs.get("second_per_grid_ts"))
-        # Generated tokens continue from the last prompt token's position, as HF `generate`
-        # does (it extends position_ids by one per token). get_rope_index's rope_deltas count
-        # from the largest position instead, which differs once the video's temporal positions
-        # run past the text after it (few frames per second, a short suffix).
-        last_position = int(position_ids[0, 0, -1])  # a text token: its components are equal
+        table = vlm.get_input_embeddings().weight
+        grid_thw = video["video_grid_thw"]
+        embeddings = torch.cat(vlm.get_video_features(pixels, grid_thw).pooler_output, dim=0)
+        embeddings = embeddings.to(table.device, table.dtype)
         merge = self.preprocess.merge_size
         grid = (int(grid_thw[0, 0]), int(grid_thw[0, 1]) // merge, int(grid_thw[0, 2]) // merge)
-        start, count = visual_span(input_ids, self.model.config.video_token_id)
-        return PreparedPrompt(input_ids=input_ids, inputs_embeds=embeds, position_ids=position_ids,
-                              rope_delta=last_position + 1 - input_ids.shape[1],
-                              visual_start=start, num_visual=count,
-                              grid=grid, visual_features=video_embeds.reshape(*grid, -1))
+        return VideoEmbedding(embeddings=embeddings, grid=grid,
+                              visual_features=embeddings.reshape(*grid, -1),
+                              frames=tuple(frames.shape[:3]), position_inputs=video, adapter=self)
+
+    def positions(self, input_ids: torch.Tensor, video: VideoEmbedding) -> tuple[torch.Tensor, int]:
+        """M-RoPE positions from the model's own get_rope_index. Generated tokens continue from
+        the last prompt token's position, as HF `generate` does (it extends position_ids by one
+        per token). get_rope_index's rope_deltas count from the largest position instead, which
+        differs once the video's temporal positions run past the text after it (few frames per
+        second, a short suffix)."""
+        inputs = {name: value.to(input_ids.device) for name, value in video.position_inputs.items()}
+        position_ids, _ = self.model.model.get_rope_index(
+            input_ids, mm_token_type_ids=self._token_types(input_ids), **inputs)
+        last_position = int(position_ids[0, 0, -1])  # a text token: its components are equal
+        return position_ids, last_position + 1 - input_ids.shape[1]
 
 
 def preprocess_from_checkpoint(path: str) -> QwenVideoPreprocess:
