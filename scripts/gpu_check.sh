@@ -244,7 +244,8 @@ PY
       # distribution-exact), then (`speculative` only) time per round, sequential vs parallel,
       # at a 7B/0.5B agreement pair with 32 frames.
       run_parallel_cuda_tests "-s" test_speculative_cuda test_speculative_greedy \
-        test_speculative_sampling test_preserve test_streaming test_stop_strings test_encoded_video
+        test_speculative_sampling test_preserve test_streaming test_stop_strings test_encoded_video \
+        test_prefix_reuse
       if [ "$phase" = speculative ]; then
         PYTHONPATH=python:. timeout "${SPECULATIVE_TIMEOUT:-400}" $PY benchmarks/bench_speculative.py --preset 7b \
           --json "$LOGS/speculative.json" ${SPECULATIVE_ARGS:-} 2>&1 | tee "$LOGS/speculative.md" | tail -30 \

@@ -139,6 +139,8 @@ def test_generate_answers_several_prompts_about_one_decoding_of_the_video(capsys
     headers = [line for line in captured.err.splitlines() if line.startswith("[")]
     assert headers == [f"[{n}/3] {question}" for n, question in enumerate(questions, 1)]
     assert captured.err.count(" tokens (ended by ") == 3
+    assert captured.err.count(" prompt tokens kept from the last question") == 2
+    assert [answer["stats"]["reused_prompt_tokens"] > 0 for answer in answers] == [False, True, True]
     # A bad question among them is one clear error, by its flag's name, before any answer.
     _assert_one_line_error(capsys, _generate("--prompt", "\ud800"), "--prompt is not valid UTF-8")
     assert len(decoded) == 2  # one per run that answered

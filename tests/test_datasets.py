@@ -488,7 +488,8 @@ class _FakePipeline:
     def __init__(self, stats, tokens: list[int], text: str):
         self.result = SimpleNamespace(stats=stats, tokens=tokens, text=text)
 
-    def encode_video(self, frames):
+    def encode_video(self, frames, *, reuse_prefix):
+        assert reuse_prefix is False  # each question's rows time a whole prefill
         return ("encoded", frames)
 
     def prepare(self, video, prompt, *, max_new_tokens):

@@ -223,10 +223,12 @@ def _answer(args: argparse.Namespace, pipeline: HippoPipeline, video: object, pr
         print(json.dumps({"prompt": prompt, "text": out.text, "tokens": out.tokens,
                           "finish_reason": out.finish_reason, "stats": stats}), flush=True)
         return
+    reused = out.stats.reused_prompt_tokens
+    kept = f" after {reused} prompt tokens kept from the last question" if reused else ""
     print(f"\n{out.stats.tokens} tokens (ended by {out.finish_reason.replace('_', ' ')}), "
           f"MAT {_two_places(out.stats.mean_accepted_tokens)}, "
           f"acceptance {_two_places(out.stats.acceptance_rate)}, {out.stats.tokens_per_s:.1f} tokens/s "
-          f"({args.mode}; prefill {1e3 * out.stats.prefill_s:.0f} ms, selection "
+          f"({args.mode}; prefill {1e3 * out.stats.prefill_s:.0f} ms{kept}, selection "
           f"{1e3 * out.stats.selection_s:.1f} ms, draft {1e3 * out.stats.draft_s:.0f} ms, "
           f"verify {1e3 * out.stats.verify_s:.0f} ms)", file=sys.stderr)
 

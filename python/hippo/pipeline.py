@@ -26,7 +26,7 @@ from hippo.models.base import PreparedPrompt, VideoEmbedding, VideoLLMAdapter
 from hippo.models.pairing import check_compatible
 from hippo.models.preprocess import check_frames
 from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, preserve_tokens
-from hippo.runtime import LanguageModelRuntime, generate_autoregressive
+from hippo.runtime import LanguageModelRuntime, generate_autoregressive, prefill_prompt
 from hippo.runtime.autoregressive import (check_finite_logits, eos_id_set, fed_token_count,
                                           new_token_count)
 from hippo.runtime.decoder import autocast_off, check_flag
@@ -142,12 +142,15 @@ class EncodedVideo:
 
     frames: (T, H, W) of the frames sampled. fps: the rate they were sampled at, as given to the
     models (None: the family's default). embeddings: each model's VideoEmbedding, by role
-    ("target", and "draft" for a pair); they live on the models' devices.
+    ("target", and "draft" for a pair); they live on the models' devices. reuse_prefix: the
+    target's cache keeps the prompt's prefix up to the video's end for the next question
+    (hippo.runtime.prefix_reuse), which is then prefilled from the text after the video.
     """
 
     frames: tuple[int, int, int]
     fps: float | None
     embeddings: dict[str, VideoEmbedding]
+    reuse_prefix: bool
 
 
 class HippoPipeline:
@@ -220,16 +223,22 @@ class HippoPipeline:
     @autocast_off  # the vision towers too: generate_prepared's tokens must be generate's
     def encode_video(self, video: str | Path | torch.Tensor, *, num_frames: int | None = None,
                      fps: float | None = None, start: float | None = None,
-                     end: float | None = None) -> EncodedVideo:
+                     end: float | None = None, reuse_prefix: bool = True) -> EncodedVideo:
         """Decode a video and run each model's vision tower on it once, for any number of
-        prompts: generate(encoded, prompt) and prepare(encoded, prompt) then skip both, and give
-        the tokens that the same call on the video itself gives. Arguments as in prepare().
-        Frames whose visual tokens alone overflow a model's context are refused before they are
-        decoded; each prompt's fit is checked when it is asked."""
+        prompts: generate(encoded, prompt) and prepare(encoded, prompt) then skip both.
+        Arguments as in prepare(). Frames whose visual tokens alone overflow a model's context
+        are refused before they are decoded; each prompt's fit is checked when it is asked.
+
+        reuse_prefix: the target's cache keeps the prompt up to the video's end between
+        questions, so that a question following one about the same video prefills only its own
+        text (AR and speculative decoding alike, which stay equal token for token). That split
+        prefill may round differently from a prefill of the whole prompt: False prefills each
+        prompt whole and gives generate(video, prompt)'s tokens bit for bit."""
+        check_flag("reuse_prefix", reuse_prefix)
         num_frames = _frame_count(video, num_frames, fps, start, end)
         admit = functools.partial(self._admit_frames,
                                   text_tokens={role: 0 for role in self._models()})
-        return self._encode(video, num_frames, fps, start, end, admit)
+        return self._encode(video, num_frames, fps, start, end, admit, reuse_prefix)
 
     @autocast_off  # the vision towers too: generate_prepared's tokens must be generate's
     def prepare(self, video: str | Path | torch.Tensor | EncodedVideo, prompt: str | list[int], *,
@@ -262,8 +271,11 @@ class HippoPipeline:
             admit(*video.frames)
             encoded = video
         else:
-            encoded = self._encode(video, num_frames, fps, start, end, admit)
-        target_prompt = self.target.prepare_embedded(encoded.embeddings["target"], prompt)
+            # Embedded for this prompt alone: prefilled whole, as the HF forward runs it.
+            encoded = self._encode(video, num_frames, fps, start, end, admit, reuse_prefix=False)
+        # Only the target's prefill reuses a prefix: a draft prefills its kept tokens alone.
+        target_prompt = self.target.prepare_embedded(encoded.embeddings["target"], prompt,
+                                                     share_prefix=encoded.reuse_prefix)
         if self.draft is None:
             return target_prompt, None
         draft_prompt = self.draft.prepare_embedded(encoded.embeddings["draft"], prompt)
@@ -272,7 +284,7 @@ class HippoPipeline:
 
     def _encode(self, video: str | Path | torch.Tensor, num_frames: int | None,
                 fps: float | None, start: float | None, end: float | None,
-                admit: Callable[[int, int, int], None]) -> EncodedVideo:
+                admit: Callable[[int, int, int], None], reuse_prefix: bool) -> EncodedVideo:
         """The frames (decoded from a file, or as given, after admit(T, H, W)) through each
         model's vision tower."""
         if isinstance(video, torch.Tensor):
@@ -285,7 +297,8 @@ class HippoPipeline:
                                 on_info=sources.append)
             fps = _sampled_rate(sources[-1], fps, frames.shape[0], start, end)
         embeddings = {role: model.embed_video(frames, fps) for role, model in self._models().items()}
-        return EncodedVideo(frames=tuple(frames.shape[:3]), fps=fps, embeddings=embeddings)
+        return EncodedVideo(frames=tuple(frames.shape[:3]), fps=fps, embeddings=embeddings,
+                            reuse_prefix=reuse_prefix)
 
     def _check_encoded(self, video: EncodedVideo, **sampling: object) -> None:
         """An EncodedVideo was sampled when it was encoded, by this pair's models."""
@@ -505,6 +518,7 @@ class HippoPipeline:
             generator=generator, on_tokens=on_tokens, stop=stop)
         steps = max(len(result.tokens) - 1, 0)
         stats = GenerationStats(mode="ar", prompt_tokens=prompt.length, target_steps=steps,
+                                reused_prompt_tokens=result.reused_prompt_tokens,
                                 rounds=steps, tokens=len(result.tokens),
                                 prefill_s=result.prefill_s, verify_s=result.decode_s,
                                 decode_s=result.decode_s)
@@ -562,12 +576,12 @@ class HippoPipeline:
             with timed, overlap:
                 prefill_full(draft, draft_prompt)
         with _timed(stats, "prefill", target.device):
-            target.reset()
             layers = preservation.selection_layers(len(target.layers))
             query_len = preservation.text_query_len(target_prompt)
-            result = target.prefill(target_prompt.inputs_embeds, target_prompt.position_ids,
-                                    query_layers=layers if preservation.needs_queries else (),
-                                    query_len=query_len if preservation.needs_queries else 0)
+            prefill = prefill_prompt(target, target_prompt,
+                                     query_layers=layers if preservation.needs_queries else (),
+                                     query_len=query_len if preservation.needs_queries else 0)
+            result, stats.reused_prompt_tokens = prefill.result, prefill.reused
             check_finite_logits(result.logits[:, -1])
             first_token = acceptance.choose(result.logits[:, -1])
             first = int(first_token.item())  # read anyway by the decoding to come

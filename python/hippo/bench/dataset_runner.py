@@ -69,7 +69,9 @@ class LastVideo:
             frames = load_video(question.video, num_frames=num_frames, start=question.start,
                                 end=question.end, assumed_fps=question.assumed_fps,
                                 repeat_frames=True, sampling=question.sampling)
-            self.encoded, self.key = self.pipeline.encode_video(frames), key
+            # Each question prefilled whole: its AR and HIPPO rows time the same prefill.
+            self.encoded = self.pipeline.encode_video(frames, reuse_prefix=False)
+            self.key = key
         return self.encoded
 
 

@@ -31,6 +31,10 @@ class PreparedPrompt:
         LLaVA-OneVision's newline) sit outside the grid.
     grid: (T, Hg, Wg) of the grid tokens.
     visual_features: [T, Hg, Wg, C] features of the grid tokens for the local semantic scores.
+    prefix_source: when set, the video embedding this prompt was made from: its first
+        prefix_length tokens (the text before the video, then the video) are those of every
+        prompt made from it, so a runtime whose cache still holds them from such a prompt
+        prefills only the rest (hippo.runtime.prefill_prompt). None: prefilled whole.
     """
 
     input_ids: torch.Tensor
@@ -41,10 +45,16 @@ class PreparedPrompt:
     num_visual: int
     grid: tuple[int, int, int]
     visual_features: torch.Tensor
+    prefix_source: "VideoEmbedding | None" = None
 
     @property
     def length(self) -> int:
         return int(self.input_ids.shape[1])
+
+    @property
+    def prefix_length(self) -> int:
+        """Tokens up to the video's last: the same in every prompt about the same video."""
+        return self.visual_start + self.num_visual
 
     def generated_positions(self, start: int, count: int) -> torch.Tensor:
         """Position ids of generated tokens start .. start+count-1, shaped like position_ids."""
@@ -234,10 +244,13 @@ class VideoLLMAdapter:
         raise NotImplementedError
 
     @torch.no_grad()
-    def prepare_embedded(self, video: VideoEmbedding, prompt: str | list[int]) -> PreparedPrompt:
+    def prepare_embedded(self, video: VideoEmbedding, prompt: str | list[int], *,
+                         share_prefix: bool = False) -> PreparedPrompt:
         """prepare() for a video this adapter embedded already (embed_video): the prompt's ids,
         the video's embeddings merged into its placeholders, and positions, as the HF forward
-        computes them. The embedding is read, never modified."""
+        computes them. The embedding is read, never modified. share_prefix: the prompt names
+        the embedding as its prefix_source, so that a runtime still holding the prefix of an
+        earlier prompt about the video prefills only the text after it."""
         self.check_own_embedding(video)
         vlm = self.model.model
         ids = self.prompt_ids(video.num_visual, prompt)
@@ -251,7 +264,8 @@ class VideoLLMAdapter:
         return PreparedPrompt(input_ids=input_ids, inputs_embeds=embeds, position_ids=position_ids,
                               rope_delta=rope_delta, visual_start=start, num_visual=count,
                               grid=video.grid,
-                              visual_features=video.visual_features.to(embeds.device, embeds.dtype))
+                              visual_features=video.visual_features.to(embeds.device, embeds.dtype),
+                              prefix_source=video if share_prefix else None)
 
     def check_own_embedding(self, video: object) -> None:
         """Only embeddings this adapter made are merged into its prompts."""

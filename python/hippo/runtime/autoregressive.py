@@ -17,6 +17,7 @@ import torch
 from hippo.errors import HippoError, is_int
 from hippo.models.base import PreparedPrompt
 from hippo.runtime.decoder import LanguageModelRuntime
+from hippo.runtime.prefix_reuse import prefill_prompt
 from hippo.streaming import EmittedTokens, FinishReason, StopStrings, TokenCallback
 
 
@@ -24,12 +25,15 @@ from hippo.streaming import EmittedTokens, FinishReason, StopStrings, TokenCallb
 class GenerationResult:
     """tokens: the generated ids (eos included when it stopped the generation).
     prefill_s / decode_s: wall time of the prefill (to the first token) and of the rest.
+    reused_prompt_tokens: the prompt's video prefix the cache held from an earlier prompt
+        (hippo.runtime.prefix_reuse; 0: prefilled whole).
     finish_reason: why the generation ended (hippo.streaming.FINISH_REASONS)."""
 
     tokens: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     decode_s: float = 0.0
     finish_reason: FinishReason | None = None
+    reused_prompt_tokens: int = 0
 
     @property
     def decode_s_per_token(self) -> float | None:
@@ -213,7 +217,8 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     """Generate up to max_new_tokens after the prompt, one runtime step per token.
 
     Stops after an eos token (included, as HF generate does). Generated token j sits at
-    `prompt.generated_positions(j, 1)`. The runtime's cache is reset first. A sampling
+    `prompt.generated_positions(j, 1)`. The runtime's cache is reset first (or rolled back
+    to the prompt's video prefix when it holds it: prefix_reuse.py). A sampling
     generator must live on the runtime's device. on_tokens([token]) is called with each token
     as it is chosen, and stops the generation by returning True; `stop` (a new StopStrings)
     stops it after the token that completes a stop string (hippo.streaming).
@@ -222,15 +227,16 @@ def generate_autoregressive(runtime: LanguageModelRuntime, prompt: PreparedPromp
     SamplingOptions(temperature, top_k, top_p)  # validates them
     eos_ids = eos_id_set(eos_token_id, runtime.lm_head.out_features)
     output = EmittedTokens(max_new_tokens, eos_ids, on_tokens, stop)  # checks those two
-    runtime.reset()
     synchronize = _synchronizer(runtime.device)
 
     started = time.perf_counter()
-    prefill = runtime.prefill(prompt.inputs_embeds, prompt.position_ids)
-    check_finite_logits(prefill.logits[:, -1])
-    token = choose_next_token(prefill.logits[:, -1], temperature, top_k, top_p, generator)
+    prefill = prefill_prompt(runtime, prompt)
+    logits = prefill.result.logits[:, -1]
+    check_finite_logits(logits)
+    token = choose_next_token(logits, temperature, top_k, top_p, generator)
     first = int(token.item())  # finite: checked above
-    result = GenerationResult(tokens=output.tokens, prefill_s=time.perf_counter() - started)
+    result = GenerationResult(tokens=output.tokens, prefill_s=time.perf_counter() - started,
+                              reused_prompt_tokens=prefill.reused)
     output.emit([first])
 
     positions = prompt.generated_positions(0, fed_token_count(max_new_tokens)).to(runtime.device)

@@ -8,6 +8,7 @@ change of the length alone.
 from __future__ import annotations
 
 import operator
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -26,6 +27,10 @@ class StaticKVCache:
     integer rollback keeps it); after a rollback to a device tensor it is None until the next
     integer rollback, and overflow is then no longer checked on the host (writes are clamped to
     the buffer, so memory stays in bounds either way).
+
+    A cache may hold a prompt prefix for the next prompt that starts with it (hold_prefix):
+    every change that could let a later write reach the prefix's positions forgets it (reset,
+    fill_to, a rollback below it or to a device tensor, whose values the host does not know).
     """
 
     def __init__(self, num_layers: int, batch: int, num_kv_heads: int, max_seq_len: int,
@@ -40,6 +45,8 @@ class StaticKVCache:
                                   dtype=dtype, device=device)
         self.length = torch.zeros(batch, dtype=torch.int64, device=device)
         self.host_length: int | None = 0
+        # (a weak reference to what the held prefix was made from, its length), or None.
+        self._prefix: tuple[weakref.ref, int] | None = None
 
     @property
     def max_seq_len(self) -> int:
@@ -124,6 +131,27 @@ class StaticKVCache:
         """Add `count` to the device length (in place, capturable)."""
         self.length.add_(count)
 
+    def hold_prefix(self, source: object, length: int) -> None:
+        """Declare positions [0, length), just written, the prefix that `source` (an object a
+        weak reference can name: the video embedding a prompt was made from) gives every prompt
+        made from it; holds_prefix(source, length) says whether they are still here."""
+        if self.host_length != length:
+            raise HippoError(f"hold_prefix: the cache holds {self.host_length} positions, not "
+                             f"the prefix's {length}")
+        self._prefix = (weakref.ref(source), length)
+
+    def holds_prefix(self, source: object, length: int) -> bool:
+        """Whether positions [0, length) are still the prefix hold_prefix(source, length) named
+        (nothing written to them since; `source` alive)."""
+        held = self._prefix
+        return held is not None and source is not None and held[0]() is source \
+            and held[1] == length
+
+    def _forget_prefix_below(self, length: int | None) -> None:
+        """A rollback to `length` (None: unknown on the host) lets writes below the prefix."""
+        if self._prefix is not None and (length is None or length < self._prefix[1]):
+            self._prefix = None
+
     def rollback(self, new_length: int | torch.Tensor) -> None:
         """Forget every position from new_length on (by length only, no data movement).
 
@@ -141,6 +169,7 @@ class StaticKVCache:
                                  f"[{self.batch}], got shape {tuple(new_length.shape)}")
             self.length.copy_(new_length.to(self.length.dtype).expand_as(self.length))
             self.host_length = None
+            self._forget_prefix_below(None)
             return
         new_length = _length(new_length, "rollback")
         if not 0 <= new_length <= self.max_seq_len:
@@ -153,6 +182,7 @@ class StaticKVCache:
                 f"{new_length}: rollback only forgets positions")
         self.length.fill_(new_length)
         self.host_length = new_length
+        self._forget_prefix_below(new_length)
 
     def fill_to(self, length: int) -> None:
         """Declare positions [0, length) valid after they were written directly into `tensor`
@@ -163,11 +193,13 @@ class StaticKVCache:
                              f"{self.max_seq_len} positions")
         self.length.fill_(length)
         self.host_length = length
+        self._prefix = None  # written from position 0 by someone else
 
     def reset(self) -> None:
         """Empty the cache (length 0 everywhere)."""
         self.length.zero_()
         self.host_length = 0
+        self._prefix = None
 
     def current_length(self) -> int:
         """The valid length as a host int (a device sync when the host mirror is unknown).

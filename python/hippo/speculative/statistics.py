@@ -12,6 +12,8 @@ class GenerationStats:
     target_steps: target forward steps after the prefill (decode or verify steps).
     drafted / accepted: draft candidates that were verified, and how many of them the target
         accepted (candidates drafted past a rejection are neither).
+    reused_prompt_tokens: the prompt tokens (the video's prefix) whose keys and values the
+        target's cache held from an earlier question about the same video (EncodedVideo).
     gammas: the draft length g of each round (mean_gamma: their mean), as a round shrinks it
         near max_new_tokens (0: a round that drafts nothing); a parallel round may draft fewer
         after an early stop (draft_steps counts the draft steps that ran).
@@ -28,6 +30,7 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     prompt_tokens: int = 0
+    reused_prompt_tokens: int = 0
     draft_prompt_tokens: int = 0
     gammas: list[int] = field(default_factory=list)
     prefill_s: float = 0.0

@@ -1,0 +1,229 @@
+"""Prefix reuse (hippo.runtime.prefix_reuse): a question about an encoded video after another
+about it prefills only its own text, the target's cache keeping the prompt up to the video's end.
+The cache forgets the prefix whenever a write could reach it; AR and speculative decoding reuse
+it alike, so they stay equal token for token; a split prefill computes what a whole one does."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+from hippo.assets import sample_video_path
+from hippo.errors import HippoError
+from hippo.pipeline import HippoPipeline
+from hippo.runtime import LanguageModelRuntime, StaticKVCache, prefill_prompt
+from hippo.runtime.prefix_reuse import reusable_prefix_length
+from hippo_testing import rel_error
+from speculative_testing import FAMILY_PRESETS, make_pair, make_pipeline, sample_frames
+
+QUESTIONS = ("what moves?", "describe the colours in one long sentence, please", "why?")
+
+
+class Source:
+    """Something a weak reference can name, standing in for a video embedding."""
+
+
+def _cache(length: int = 0) -> StaticKVCache:
+    cache = StaticKVCache(2, 1, 2, 32, 4, dtype=torch.float32, device="cpu")
+    cache.reserve(length)
+    cache.advance(length)
+    return cache
+
+
+def test_the_cache_holds_a_prefix_until_a_write_could_reach_it():
+    source, other = Source(), Source()
+    cache = _cache(10)
+    assert not cache.holds_prefix(source, 10)
+    with pytest.raises(HippoError, match="holds 10 positions, not the prefix's 8"):
+        cache.hold_prefix(source, 8)
+    cache.hold_prefix(source, 10)
+    assert cache.holds_prefix(source, 10)
+    assert not cache.holds_prefix(other, 10) and not cache.holds_prefix(source, 9)
+    cache.reserve(5)
+    cache.advance(5)
+    cache.rollback(12)
+    cache.rollback(10)  # back to the prefix's end: kept
+    assert cache.holds_prefix(source, 10)
+    cache.rollback(9)  # below it: the next append would overwrite position 9
+    assert not cache.holds_prefix(source, 10)
+    for forget in (lambda c: c.reset(), lambda c: c.fill_to(10),
+                   lambda c: c.rollback(torch.tensor([10]))):  # values unknown on the host
+        cache = _cache(10)
+        cache.hold_prefix(source, 10)
+        forget(cache)
+        assert not cache.holds_prefix(source, 10)
+    cache = _cache(10)
+    cache.hold_prefix(source, 10)
+    del source
+    gc.collect()
+    assert not any(cache.holds_prefix(candidate, 10) for candidate in (other, None))
+
+
+def _runtime_and_prompts(family: str, seed: int):
+    """A tiny target's runtime and prompts of QUESTIONS about one embedded video, sharing it."""
+    target, _ = make_pair(family, "small-draft", seed=seed)
+    runtime = LanguageModelRuntime.from_hf(target.model, max_seq_len=256)
+    video = target.embed_video(sample_frames(family, 4))
+    prompts = [target.prepare_embedded(video, question, share_prefix=True)
+               for question in QUESTIONS]
+    return target, runtime, prompts
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("family", sorted(FAMILY_PRESETS))
+def test_a_split_prefill_computes_the_whole_prefill(family, seed):
+    """Cold, the prefix then the rest; warm, the rest after the held prefix: the same last
+    logits, queries and cache as one prefill of the whole prompt (fp32: to rounding), and a
+    warm prefill is the cold split's bit for bit."""
+    target, runtime, prompts = _runtime_and_prompts(family, seed)
+    whole = LanguageModelRuntime.from_hf(target.model, max_seq_len=256)
+    layers = (0, 1)
+    for index, prompt in enumerate(prompts):
+        split = prompt.prefix_length
+        assert split == prompt.visual_start + prompt.num_visual < prompt.length
+        query_len = prompt.length - split
+        got = prefill_prompt(runtime, prompt, query_layers=layers, query_len=query_len)
+        assert got.reused == (0 if index == 0 else split)
+        whole.reset()
+        want = whole.prefill(prompt.inputs_embeds, prompt.position_ids, query_layers=layers,
+                             query_len=query_len)
+        assert rel_error(got.result.logits, want.logits) < 1e-5
+        assert rel_error(got.result.queries, want.queries) < 1e-5
+        length = prompt.length
+        assert runtime.cache.current_length() == length
+        assert rel_error(runtime.cache.tensor[..., :length, :], whole.cache.tensor[..., :length, :]) < 1e-5
+        cold = LanguageModelRuntime.from_hf(target.model, max_seq_len=256)
+        again = prefill_prompt(cold, prompt, query_layers=layers, query_len=query_len)
+        assert again.reused == 0
+        assert torch.equal(again.result.logits, got.result.logits)
+        assert torch.equal(again.result.queries, got.result.queries)
+
+
+def test_a_prompt_is_prefilled_whole_without_a_prefix_source_or_when_queries_reach_it():
+    target, runtime, prompts = _runtime_and_prompts("qwen2_5_vl", 0)
+    video = prompts[0].prefix_source
+    alone = target.prepare_embedded(video, QUESTIONS[0])  # share_prefix not asked
+    assert alone.prefix_source is None and reusable_prefix_length(alone) == 0
+    whole = runtime.replica()
+    for prompt in (alone, prompts[0]):
+        after = prompts[0].length - prompts[0].prefix_length
+        query_len = after + 1 if prompt is prompts[0] else 0  # one query inside the prefix
+        assert reusable_prefix_length(prompt, query_len) == 0
+        for _ in range(2):  # never held, never reused
+            got = prefill_prompt(runtime, prompt, query_layers=(1,) if query_len else (),
+                                 query_len=query_len)
+            assert got.reused == 0
+        whole.reset()
+        want = whole.prefill(prompt.inputs_embeds, prompt.position_ids,
+                             query_layers=(1,) if query_len else (), query_len=query_len)
+        assert torch.equal(got.result.logits, want.logits)
+    assert reusable_prefix_length(prompts[0], prompts[0].length - prompts[0].prefix_length) > 0
+
+
+PAIRS = [("qwen2_5_vl", "small-draft", 0), ("llava_onevision", "small-draft", 1),
+         ("qwen2_5_vl", "perturbed-copy", 2)]
+SETTINGS = [dict(mode="sequential", gamma=3), dict(mode="parallel", gamma="auto"),
+            dict(mode="sequential", gamma=2, draft_prefill="full+compact"),
+            dict(mode="parallel", gamma=4, self_speculative=True)]
+
+
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: "-".join(map(str, s.values())))
+@pytest.mark.parametrize("family, kind, seed", PAIRS)
+def test_questions_reusing_the_prefix_give_the_targets_own_decoding(device, family, kind, seed,
+                                                                  settings):
+    """Questions about two encoded videos, in an order that reuses, keeps and drops the held
+    prefix (a question about a file in between): every answer equals the target's AR decoding
+    through the same runtimes (reusing alike) and the answer to the video itself, greedy; the
+    statistics say how much of each prompt was reused."""
+    settings = dict(settings)
+    self_speculative = settings.pop("self_speculative", False)
+    target, draft = make_pair(family, kind, seed=seed, device=device)
+    pipeline = make_pipeline(target, None if self_speculative else draft, settings.pop("mode"),
+                             settings.pop("gamma"), 0.3, **settings)
+    autoregressive = pipeline.with_options(mode="ar")
+    assert autoregressive.runtime("target") is pipeline.runtime("target")  # shared
+    first = pipeline.encode_video(sample_video_path(), num_frames=4)
+    second = pipeline.encode_video(sample_frames(family, 2))
+    order = [(first, 0), (first, 1), ("file", 1), (first, 2), (second, 0), (first, 0),
+             (first, 0), (second, 1)]
+    held = None
+    for video, question in order:
+        for runner in (pipeline, autoregressive):
+            if video == "file":
+                out = runner.generate(sample_video_path(), QUESTIONS[question], 10, num_frames=4)
+                expected_reuse, held = 0, None
+            else:
+                out = runner.generate(video, QUESTIONS[question], 10)
+                prefix = runner.prepare(video, QUESTIONS[question])[0].prefix_length
+                expected_reuse, held = (prefix if held is video else 0), video
+            assert out.stats.reused_prompt_tokens == expected_reuse, (video, question)
+            if runner is pipeline:
+                hippo = out
+        assert hippo.tokens == out.tokens, (video, question)
+        reference = (sample_video_path(), dict(num_frames=4)) if video in ("file", first) else \
+            (sample_frames(family, 2), {})
+        fresh = pipeline.with_options(mode="ar", use_cuda_graphs=False)  # runtimes of its own
+        assert fresh.generate(reference[0], QUESTIONS[question], 10,
+                              **reference[1]).tokens == out.tokens
+
+
+def test_without_reuse_every_question_is_prefilled_whole():
+    target, draft = make_pair("llava_onevision", "small-draft", seed=0)
+    pipeline = HippoPipeline(target, draft, mode="sequential", gamma=3)
+    encoded = pipeline.encode_video(sample_video_path(), num_frames=4, reuse_prefix=False)
+    for question in QUESTIONS * 2:
+        out = pipeline.generate(encoded, question, 8)
+        assert out.stats.reused_prompt_tokens == 0
+        assert out.tokens == pipeline.generate(sample_video_path(), question, 8,
+                                               num_frames=4).tokens
+    with pytest.raises(HippoError, match="reuse_prefix must be True or False"):
+        pipeline.encode_video(sample_video_path(), reuse_prefix="yes")
+
+
+@pytest.mark.parametrize("mode", ["ar", "sequential", "parallel"])
+def test_a_generation_failing_part_way_leaves_the_held_prefix_sound(monkeypatch, mode):
+    """A callback raising at the first token, and a prefill of the text after the video
+    failing: the next question still reuses the prefix and gets the answer a fresh pipeline
+    gives."""
+    from hippo.runtime import decoder
+
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=1)
+    pipeline = HippoPipeline(target, mode="ar") if mode == "ar" else \
+        make_pipeline(target, draft, mode, 3, 0.3)
+    encoded = pipeline.encode_video(sample_video_path(), num_frames=4)
+    pipeline.generate(encoded, QUESTIONS[0], 6)
+
+    def refuse(tokens):
+        raise RuntimeError("client gone")
+
+    with pytest.raises(RuntimeError, match="client gone"):
+        pipeline.generate(encoded, QUESTIONS[1], 6, on_tokens=refuse)
+    prefill = decoder.LanguageModelRuntime.prefill
+
+    def failing_prefill(self, embeds, *args, **kwargs):
+        if embeds.shape[1] < 20:  # the text after the video, not the prefix
+            raise RuntimeError("out of memory, say")
+        return prefill(self, embeds, *args, **kwargs)
+
+    monkeypatch.setattr(decoder.LanguageModelRuntime, "prefill", failing_prefill)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pipeline.generate(encoded, QUESTIONS[2], 6)
+    monkeypatch.setattr(decoder.LanguageModelRuntime, "prefill", prefill)
+    fresh = HippoPipeline(target, mode="ar")
+    for question in QUESTIONS:
+        out = pipeline.generate(encoded, question, 6)
+        assert out.stats.reused_prompt_tokens > 0
+        assert out.tokens == fresh.generate(sample_video_path(), question, 6, num_frames=4).tokens
+
+
+def test_a_longer_request_rebuilds_the_runtime_and_prefills_the_prefix_again():
+    target, draft = make_pair("llava_onevision", "perturbed-copy", seed=0)
+    pipeline = HippoPipeline(target, draft, mode="sequential", gamma=3)
+    encoded = pipeline.encode_video(sample_frames("llava_onevision", 2))
+    pipeline.generate(encoded, QUESTIONS[0], 4)
+    runtime = pipeline.runtime("target")
+    long = pipeline.generate(encoded, QUESTIONS[1], 300, eos_token_id=None)
+    assert pipeline.runtime("target") is not runtime and long.stats.reused_prompt_tokens == 0
+    again = pipeline.generate(encoded, QUESTIONS[0], 4)
+    assert again.stats.reused_prompt_tokens > 0
