@@ -15,7 +15,9 @@ Qwen2ForCausalLM models, prefills a context of each requested length and times w
     runtime on the same weights;
   * HF eager forward of the same number of tokens on a DynamicCache holding the same keys and
     values (cropped back after each call);
-  * the runtime's prefill of the context (SDPA);
+  * the runtime's prefill of the context (SDPA), and of a question's QUESTION_TOKENS tokens
+    after the context kept in the cache (what a second question about an encoded video
+    prefills: hippo.runtime.prefix_reuse);
   * per-token time of greedy AR: hippo's generate_autoregressive (one graph step per token,
     one host read of the token) against HF `generate` (prefill subtracted);
   * the floor: (weight bytes + KV bytes read) / copy bandwidth (timing.hbm_bandwidth: recorded
@@ -264,6 +266,27 @@ def time_prefill(runtime: LanguageModelRuntime, context: int, reps: int,
     return time_ms(call, reps, device, warmup=1)
 
 
+# The text after the video of a typical question and chat suffix (Video-MME's run 40-120).
+QUESTION_TOKENS = 64
+
+
+def time_prefill_after_prefix(runtime: LanguageModelRuntime, context: int, reps: int,
+                              device: torch.device) -> float:
+    """A QUESTION_TOKENS prefill at the end of `context` cached positions, rolled back to them
+    after each call, as prefix reuse prefills a question after a kept video prefix."""
+    vocab = runtime.text_model.config.vocab_size
+    prefix = runtime.embed(torch.randint(0, vocab, (1, context), device=device))
+    question = runtime.embed(torch.randint(0, vocab, (1, QUESTION_TOKENS), device=device))
+    positions = torch.arange(context, context + QUESTION_TOKENS, device=device)[None]
+    runtime.reset()
+    runtime.prefill(prefix, torch.arange(context, device=device)[None])
+
+    def call():
+        runtime.rollback(context)
+        runtime.prefill(question, positions)
+    return time_ms(call, reps, device, warmup=1)
+
+
 def time_autoregressive(model, runtime: LanguageModelRuntime, context: int, tokens: int,
                         use_hf: bool, device: torch.device) -> tuple[float, float | None]:
     """Per-token decode time (ms) of hippo's greedy AR and of HF `generate` after a `context`
@@ -313,7 +336,8 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
     contexts = [int(c) for c in args.contexts.split(",")]
     step_sizes = [1] + [int(g) for g in args.verify.split(",")]
     model = build_model(shape, device, dtype)
-    headroom = max(max(step_sizes), args.ar_tokens + 1)  # tokens appended after the context
+    # tokens appended after the context
+    headroom = max(max(step_sizes), args.ar_tokens + 1, QUESTION_TOKENS)
     runtime = LanguageModelRuntime.from_hf(model, max_seq_len=max(contexts) + headroom)
     variants = build_variants(model, max(contexts) + max(step_sizes), args.variants)
     bw = bandwidth(device)
@@ -341,6 +365,9 @@ def bench_model(shape: str, args: argparse.Namespace, device: torch.device,
             what = "decode (1)" if count == 1 else f"verify ({count})"
             rows.append(Row(shape, context, what, hippo, hf, floor, variant_ms))
         rows.append(Row(shape, context, "prefill", prefill_ms, None, None))
+        question_ms = time_prefill_after_prefix(runtime, context, max(args.prefill_reps, 3), device)
+        rows.append(Row(shape, context, f"prefill of {QUESTION_TOKENS} after a kept prefix",
+                        question_ms, None, None))
         if args.ar_tokens > 0:
             hippo_ar, hf_generate = time_autoregressive(model, runtime, context, args.ar_tokens,
                                                         not args.no_hf, device)
