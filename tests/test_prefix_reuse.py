@@ -13,7 +13,7 @@ from hippo.assets import sample_video_path
 from hippo.errors import HippoError
 from hippo.pipeline import HippoPipeline
 from hippo.runtime import LanguageModelRuntime, StaticKVCache, prefill_prompt
-from hippo.runtime.prefix_reuse import reusable_prefix_length
+from hippo.runtime.prefix_reuse import split_length
 from hippo_testing import rel_error
 from speculative_testing import FAMILY_PRESETS, make_pair, make_pipeline, sample_frames
 
@@ -100,25 +100,40 @@ def test_a_split_prefill_computes_the_whole_prefill(family, seed):
         assert torch.equal(again.result.queries, got.result.queries)
 
 
-def test_a_prompt_is_prefilled_whole_without_a_prefix_source_or_when_queries_reach_it():
+def test_a_prompt_is_prefilled_whole_without_a_prefix_source():
     target, runtime, prompts = _runtime_and_prompts("qwen2_5_vl", 0)
-    video = prompts[0].prefix_source
-    alone = target.prepare_embedded(video, QUESTIONS[0])  # share_prefix not asked
-    assert alone.prefix_source is None and reusable_prefix_length(alone) == 0
+    alone = target.prepare_embedded(prompts[0].prefix_source, QUESTIONS[0])  # not shared
+    assert alone.prefix_source is None and split_length(alone) == 0
     whole = runtime.replica()
-    for prompt in (alone, prompts[0]):
-        after = prompts[0].length - prompts[0].prefix_length
-        query_len = after + 1 if prompt is prompts[0] else 0  # one query inside the prefix
-        assert reusable_prefix_length(prompt, query_len) == 0
-        for _ in range(2):  # never held, never reused
-            got = prefill_prompt(runtime, prompt, query_layers=(1,) if query_len else (),
-                                 query_len=query_len)
-            assert got.reused == 0
-        whole.reset()
-        want = whole.prefill(prompt.inputs_embeds, prompt.position_ids,
-                             query_layers=(1,) if query_len else (), query_len=query_len)
-        assert torch.equal(got.result.logits, want.logits)
-    assert reusable_prefix_length(prompts[0], prompts[0].length - prompts[0].prefix_length) > 0
+    for _ in range(2):  # never held, never reused
+        got = prefill_prompt(runtime, alone)
+        assert got.reused == 0
+    want = whole.prefill(alone.inputs_embeds, alone.position_ids)
+    assert torch.equal(got.result.logits, want.logits)
+
+
+def test_queries_reaching_into_the_prefix_keep_the_split_that_ar_decoding_uses():
+    """PreservationOptions(query_len=...) beyond the text after the video: the prefix is not
+    reused (its queries are not kept) but the prompt is still split where AR decoding splits
+    it, so the logits are AR's bit for bit; the queries are a whole prefill's, to rounding."""
+    _, runtime, prompts = _runtime_and_prompts("qwen2_5_vl", 0)
+    prompt = prompts[1]  # long enough after the video for a split to round otherwise
+    after = prompt.length - prompt.prefix_length
+    query_len = after + 5  # five queries inside the prefix
+    assert split_length(prompt) == prompt.prefix_length
+    autoregressive = prefill_prompt(runtime.replica(), prompt)
+    whole = runtime.replica()
+    want = whole.prefill(prompt.inputs_embeds, prompt.position_ids, query_layers=(0, 1),
+                         query_len=query_len)
+    for _ in range(2):  # the prefix held by the first, prefilled again by the second
+        got = prefill_prompt(runtime, prompt, query_layers=(0, 1), query_len=query_len)
+        assert got.reused == 0
+        assert torch.equal(got.result.logits, autoregressive.result.logits)
+        assert got.result.queries.shape == want.queries.shape
+        assert rel_error(got.result.queries, want.queries) < 1e-5
+    assert prefill_prompt(runtime, prompt).reused == prompt.prefix_length
+    with pytest.raises(HippoError, match=rf"query_len must be in 1..{prompt.length} \(the prompt\)"):
+        prefill_prompt(runtime, prompt, query_layers=(1,), query_len=0)
 
 
 PAIRS = [("qwen2_5_vl", "small-draft", 0), ("llava_onevision", "small-draft", 1),
@@ -227,3 +242,42 @@ def test_a_longer_request_rebuilds_the_runtime_and_prefills_the_prefix_again():
     assert pipeline.runtime("target") is not runtime and long.stats.reused_prompt_tokens == 0
     again = pipeline.generate(encoded, QUESTIONS[0], 4)
     assert again.stats.reused_prompt_tokens > 0
+
+
+def test_an_in_place_write_to_the_weights_or_the_embedding_drops_the_held_prefix():
+    """load_state_dict, an optimizer step or copy_ keep the runtime (matches_model), so its
+    cache must not keep a prefix computed with the old weights; nor from an edited embedding."""
+    target, _ = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    pipeline = HippoPipeline(target, mode="ar")
+    encoded = pipeline.encode_video(sample_frames("qwen2_5_vl", 4))
+    pipeline.generate(encoded, QUESTIONS[0], 4)
+    runtime = pipeline.runtime("target")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in target.text_model.layers.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    out = pipeline.generate(encoded, QUESTIONS[1], 6)
+    assert pipeline.runtime("target") is runtime and out.stats.reused_prompt_tokens == 0
+    whole = pipeline.encode_video(sample_frames("qwen2_5_vl", 4), reuse_prefix=False)
+    assert out.tokens == HippoPipeline(target, mode="ar").generate(whole, QUESTIONS[1], 6).tokens
+    assert pipeline.generate(encoded, QUESTIONS[2], 4).stats.reused_prompt_tokens > 0
+    with torch.no_grad():
+        encoded.embeddings["target"].embeddings.mul_(0.5)
+    assert pipeline.generate(encoded, QUESTIONS[0], 4).stats.reused_prompt_tokens == 0
+
+
+def test_other_chat_text_before_the_video_is_another_prefix():
+    """prompt_prefix_ids (public, mutable) make the prefix's text: changed, even to ids of the
+    same length, the held prefix is not the prompt's."""
+    target, runtime, prompts = _runtime_and_prompts("llava_onevision", 0)
+    video = prompts[0].prefix_source
+    assert prefill_prompt(runtime, prompts[0]).reused == 0
+    assert prefill_prompt(runtime, prompts[1]).reused == prompts[1].prefix_length
+    target.prompt_prefix_ids = [(i + 1) % target.vocab_size for i in target.prompt_prefix_ids]
+    other = target.prepare_embedded(video, QUESTIONS[1], share_prefix=True)
+    assert other.prefix_length == prompts[1].prefix_length
+    got = prefill_prompt(runtime, other)
+    assert got.reused == 0
+    assert torch.equal(got.result.logits, prefill_prompt(runtime.replica(), other).result.logits)
+    with pytest.raises(HippoError, match="share_prefix must be True or False, got 'no'"):
+        target.prepare_embedded(video, QUESTIONS[1], share_prefix="no")

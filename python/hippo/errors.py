@@ -39,6 +39,14 @@ def is_int(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def check_flag(name: str, value: object, allow_none: bool = False) -> None:
+    """An on/off option must be a bool (None too where it means "the default for the device"):
+    a truthy string such as "no" would otherwise switch it on."""
+    if not isinstance(value, bool) and not (allow_none and value is None):
+        allowed = "True, False or None" if allow_none else "True or False"
+        raise HippoError(f"{name} must be {allowed}, got {value!r}")
+
+
 def check_positive_rate(name: str, rate: object) -> None:
     """A rate (frames per second) must be a finite positive number (not a bool)."""
     if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not (math.isfinite(rate) and rate > 0):

@@ -21,7 +21,7 @@ import torch
 
 import hippo_ext
 from hippo.devices import resolve_device
-from hippo.errors import HippoError, check_positive_rate
+from hippo.errors import HippoError, check_flag, check_positive_rate
 from hippo.models.base import PreparedPrompt, VideoEmbedding, VideoLLMAdapter
 from hippo.models.pairing import check_compatible
 from hippo.models.preprocess import check_frames
@@ -29,7 +29,7 @@ from hippo.preserve import KeptTokens, PreservationOptions, kept_prompt_length, 
 from hippo.runtime import LanguageModelRuntime, generate_autoregressive, prefill_prompt
 from hippo.runtime.autoregressive import (check_finite_logits, eos_id_set, fed_token_count,
                                           new_token_count)
-from hippo.runtime.decoder import autocast_off, check_flag
+from hippo.runtime.decoder import autocast_off
 from hippo.runtime.kernel_choice import step_invariant_max_rows
 from hippo.runtime.rope import rope_switches_within
 from hippo.speculative.acceptance import SamplingOptions, TokenAcceptance
@@ -150,7 +150,7 @@ class EncodedVideo:
     frames: tuple[int, int, int]
     fps: float | None
     embeddings: dict[str, VideoEmbedding]
-    reuse_prefix: bool
+    reuse_prefix: bool = True
 
 
 class HippoPipeline:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from hippo.errors import HippoError, check_utf8, is_int
+from hippo.errors import HippoError, check_flag, check_utf8, is_int
 
 if TYPE_CHECKING:
     from hippo.models.chat_format import ChatFormat
@@ -252,6 +252,7 @@ class VideoLLMAdapter:
         the embedding as its prefix_source, so that a runtime still holding the prefix of an
         earlier prompt about the video prefills only the text after it."""
         self.check_own_embedding(video)
+        check_flag("share_prefix", share_prefix)
         vlm = self.model.model
         ids = self.prompt_ids(video.num_visual, prompt)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)

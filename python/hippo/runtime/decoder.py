@@ -24,7 +24,7 @@ from typing_extensions import TypedDict, Unpack  # a dependency of torch (typing
 
 import hippo_ext
 from hippo.devices import check_model_dtype
-from hippo.errors import HippoError, is_int
+from hippo.errors import HippoError, check_flag, is_int
 from hippo.runtime.fused_projections import fuse_layer_projections
 from hippo.runtime.kernel_choice import (FMA_GEMM_MAX_ROWS, check_gemm_prologues_possible,
                                          check_row_invariant_gemm_widths,
@@ -84,14 +84,6 @@ def autocast_off(fn: _Function) -> _Function:
     return cast(_Function, wrapper)  # the signature kept: typed callers see fn's
 
 
-def check_flag(name: str, value: object, allow_none: bool = False) -> None:
-    """An on/off option must be a bool (None too where it means "the default for the device"):
-    a truthy string such as "no" would otherwise switch it on."""
-    if not isinstance(value, bool) and not (allow_none and value is None):
-        allowed = "True, False or None" if allow_none else "True or False"
-        raise HippoError(f"{name} must be {allowed}, got {value!r}")
-
-
 def check_index_tensor(name: str, value: object, what: str = "an integer tensor") -> None:
     """Token or position ids must be an integer tensor: floats would be cut to integers in
     silence, and embeddings passed as ids (or ids as embeddings) fail deep in the model."""
@@ -109,6 +101,12 @@ class PrefillResult:
 
     logits: torch.Tensor
     queries: torch.Tensor | None
+
+
+def tensor_version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter (bumped by every in-place write), None for an inference
+    tensor (made under torch.inference_mode), which keeps none."""
+    return None if tensor.is_inference() else tensor._version
 
 
 def find_text_model(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -280,6 +278,12 @@ class LanguageModelRuntime:
         and captured graphs behind: such a runtime must be rebuilt. Writing into them in place
         (load_state_dict, copy_) is seen by the runtime as it is."""
         return self._weights_now() == self._weights_seen
+
+    def weights_version(self) -> tuple[int, ...]:
+        """The version counters of the text model's parameters: an in-place write to any of
+        them (load_state_dict, an optimizer step, copy_), which matches_model() accepts, changes
+        it, so keys and values cached before it are known to be stale (prefix_reuse.py)."""
+        return tuple(tensor_version(t) for t in self.text_model.parameters())
 
     def _weights_now(self) -> list[tuple]:
         # Parameters only: dynamic RoPE re-registers its inv_freq buffer as contexts grow.

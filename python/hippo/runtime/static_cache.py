@@ -45,8 +45,9 @@ class StaticKVCache:
                                   dtype=dtype, device=device)
         self.length = torch.zeros(batch, dtype=torch.int64, device=device)
         self.host_length: int | None = 0
-        # (a weak reference to what the held prefix was made from, its length), or None.
-        self._prefix: tuple[weakref.ref, int] | None = None
+        # (a weak reference to what the held prefix was made from, its length, its stamp), or
+        # None.
+        self._prefix: tuple[weakref.ref, int, object] | None = None
 
     @property
     def max_seq_len(self) -> int:
@@ -131,21 +132,23 @@ class StaticKVCache:
         """Add `count` to the device length (in place, capturable)."""
         self.length.add_(count)
 
-    def hold_prefix(self, source: object, length: int) -> None:
+    def hold_prefix(self, source: object, length: int, stamp: object = None) -> None:
         """Declare positions [0, length), just written, the prefix that `source` (an object a
         weak reference can name: the video embedding a prompt was made from) gives every prompt
-        made from it; holds_prefix(source, length) says whether they are still here."""
+        made from it; holds_prefix(source, length, stamp) says whether they are still here.
+        stamp: what else the keys and values were computed from (the weights' versions): a
+        prefix is held only while the stamp given to holds_prefix equals it."""
         if self.host_length != length:
             raise HippoError(f"hold_prefix: the cache holds {self.host_length} positions, not "
                              f"the prefix's {length}")
-        self._prefix = (weakref.ref(source), length)
+        self._prefix = (weakref.ref(source), length, stamp)
 
-    def holds_prefix(self, source: object, length: int) -> bool:
-        """Whether positions [0, length) are still the prefix hold_prefix(source, length) named
-        (nothing written to them since; `source` alive)."""
+    def holds_prefix(self, source: object, length: int, stamp: object = None) -> bool:
+        """Whether positions [0, length) are still the prefix hold_prefix(source, length,
+        stamp) named (nothing written to them since; `source` alive; the same stamp)."""
         held = self._prefix
         return held is not None and source is not None and held[0]() is source \
-            and held[1] == length
+            and held[1] == length and held[2] == stamp
 
     def _forget_prefix_below(self, length: int | None) -> None:
         """A rollback to `length` (None: unknown on the host) lets writes below the prefix."""
