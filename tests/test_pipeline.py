@@ -486,8 +486,9 @@ def test_resolve_device():
 
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu:0") == torch.device("cpu")  # what its tensors' device says
     for bad, message in [("gpu", "unknown device"), ("meta", "not supported"),
-                         ("cuda:99", "CUDA GPU")]:
+                         ("cuda:99", "CUDA GPU"), ("cpu:1", "there is one CPU device")]:
         with pytest.raises(HippoError, match=message):
             resolve_device(bad)
     with pytest.raises(HippoError, match="dtype"):

@@ -36,6 +36,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         raise HippoError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from err
     if resolved.type not in ("cpu", "cuda"):
         raise HippoError(f"device {device!r} is not supported: use cpu, cuda or cuda:N")
+    if resolved.type == "cpu":
+        # torch takes "cpu:1" and runs on its one CPU device, whose tensors say "cpu": a
+        # device compared with theirs must say so too.
+        if resolved.index not in (None, 0):
+            raise HippoError(f"device {device!r}: there is one CPU device (use cpu)")
+        return torch.device("cpu")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise HippoError(f"device {device!r}: no CUDA GPU is available here (use cpu)")
