@@ -508,6 +508,34 @@ def test_a_benchmark_set_decodes_a_video_once_for_its_questions(tmp_path, monkey
     assert run() == reused and len(decoded) == len(questions) == 3
 
 
+def test_generate_reads_the_questions_from_stdin(capsys, monkeypatch):
+    """--prompt -: one question per non-blank line of stdin, each answered as it is read (the
+    video decoded, embedded and prefilled once), as the same questions given by --prompt."""
+    import io
+
+    questions = ["what moves?", "what colour is it?"]
+    several = [argument for question in questions for argument in ("--prompt", question)]
+    argv = _generate("--json", "--gamma", "2")
+    at = argv.index("--prompt")
+    given = [*argv[:at], *several, *argv[at + 2:]]
+    assert main(given) == 0
+    expected = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("what moves?\n\n   \nwhat colour is it?\r\n"))
+    from_stdin = [*argv[:at], "--prompt", "-", *argv[at + 2:]]
+    assert main(from_stdin) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [a["prompt"] for a in answers] == questions
+    assert [a["tokens"] for a in answers] == [a["tokens"] for a in expected]
+    assert answers[1]["stats"]["reused_prompt_tokens"] > 0
+    monkeypatch.setattr(sys, "stdin", io.StringIO("what moves?\nbad \udc80 bytes\n"))
+    assert main(from_stdin) == EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 1  # the first was answered before the bad line
+    assert "a question read from stdin is not valid UTF-8" in captured.err
+    _assert_one_line_error(capsys, [*from_stdin, "--prompt", "why?"],
+                           "--prompt - reads the questions from stdin: give no other --prompt")
+
+
 def test_bench_runs_a_question_whose_video_is_a_folder_of_frames(capsys, tmp_path, monkeypatch):
     """MVBench's episodic_reasoning clips are folders of JPEG frames in the official layout."""
     from PIL import Image
@@ -1260,15 +1288,17 @@ def test_the_draft_loads_where_it_runs(monkeypatch):
             raise HippoError("recorded")
         return load(name, *args, device=device, **kwargs)
 
-    load = hippo.models.load_adapter
+    load, resolve = hippo.models.load_adapter, hippo.models.resolve_device
     monkeypatch.setattr(hippo.models, "load_adapter", recording)
     assert main(_generate("--device", "cpu", "--mode", "sequential")) == EXIT_USER_ERROR
-    # cpu:1: a device other than the target's that a machine without a GPU has too.
-    assert main(_generate("--device", "cpu", "--draft-device", "cpu:1", "--mode", "sequential")) \
+    # A second GPU, which a machine without one resolves too here (the draft is not loaded).
+    monkeypatch.setattr(hippo.models, "resolve_device",
+                        lambda device: torch.device(device) if device == "cuda:1" else resolve(device))
+    assert main(_generate("--device", "cpu", "--draft-device", "cuda:1", "--mode", "sequential")) \
         == EXIT_USER_ERROR
     cpu = torch.device("cpu")
     assert devices == [(PAIR[1], cpu), (PAIR[3], cpu), (PAIR[1], cpu),
-                       (PAIR[3], torch.device("cpu", 1))]
+                       (PAIR[3], torch.device("cuda", 1))]
 
 
 @pytest.mark.parametrize("gpu", [False, True])

@@ -11,7 +11,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
 if TYPE_CHECKING:
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from hippo.streaming import IncrementalText
 
 EXIT_USER_ERROR = 2
+STDIN = "-"  # --prompt -: the questions are read from stdin
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -127,7 +128,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--video", required=True)
     gen.add_argument("--prompt", required=True, action="append",
                      help="the question; repeat it to ask several about the video, which is "
-                          "then decoded and embedded once and answered in turn")
+                          "then decoded and embedded once and answered in turn; - reads the "
+                          "questions from stdin, one per line, answering each as it comes")
     gen.add_argument("--frames", type=int, help="frames sampled uniformly (default 16)")
     gen.add_argument("--fps", type=float, help="sample by rate instead of a frame count")
     gen.add_argument("--start", type=float, help="sample from this second on (default: 0)")
@@ -190,6 +192,11 @@ def _generate(args: argparse.Namespace) -> None:
         if args.draft else None
     pipeline = HippoPipeline(target, draft, options)
     sampling = dict(num_frames=args.frames, fps=args.fps, start=args.start, end=args.end)
+    if args.prompt == [STDIN]:  # the video first: the questions come while it is kept
+        video = pipeline.encode_video(args.video, **sampling)
+        for prompt in _questions_from_stdin():
+            _answer(args, pipeline, video, prompt, {})
+        return
     video = args.video
     if len(args.prompt) > 1:  # one decode and one vision-tower run for all the questions
         for prompt in args.prompt:  # each refused, if it must be, before any is answered
@@ -201,6 +208,20 @@ def _generate(args: argparse.Namespace) -> None:
             print(f"{blank_line}[{number + 1}/{len(args.prompt)}] {prompt}", file=sys.stderr,
                   flush=True)
         _answer(args, pipeline, video, prompt, sampling)
+
+
+def _questions_from_stdin() -> Iterator[str]:
+    """Each non-blank line of stdin as it is read (undecodable bytes kept as surrogates, for the
+    UTF-8 check to name)."""
+    from hippo.errors import check_utf8
+
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
+    for line in sys.stdin:
+        question = line.rstrip("\r\n")
+        if question.strip():
+            check_utf8(question, "a question read from stdin")
+            yield question
 
 
 def _answer(args: argparse.Namespace, pipeline: HippoPipeline, video: object, prompt: str,
@@ -259,7 +280,7 @@ def _checked_generate_options(args: argparse.Namespace) -> HippoOptions:
     sampling and decoding options, the draft's device, the video and its sampling request, the
     model paths), in the library's own validators; the HippoOptions to decode with."""
     from hippo.models import resolve_device
-    from hippo.errors import check_utf8
+    from hippo.errors import HippoError, check_utf8
     from hippo.pipeline import DEFAULT_FRAMES, HippoOptions, check_draft_model_options
     from hippo.preserve import PreservationOptions
     from hippo.runtime.autoregressive import SamplingOptions
@@ -269,6 +290,8 @@ def _checked_generate_options(args: argparse.Namespace) -> HippoOptions:
     _refuse_contradictions(args)
     for prompt in args.prompt:  # before any model loads
         check_utf8(prompt, "--prompt")
+    if STDIN in args.prompt and len(args.prompt) > 1:
+        raise HippoError("--prompt - reads the questions from stdin: give no other --prompt")
     check_at_least_one(args, "max_new_tokens")
     SamplingOptions(args.temperature, args.top_k, args.top_p, args.seed)  # validates them
     stop_strings(args.stop)  # validates them
