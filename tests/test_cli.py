@@ -159,6 +159,22 @@ def test_generate_sampling_and_self_speculation(capsys):
     assert json.loads(capsys.readouterr().out)["tokens"] == first["tokens"]
 
 
+def test_several_prompts_one_beyond_the_context_answer_none(capsys, monkeypatch):
+    """A question that cannot fit the context with --max-new-tokens is refused before any
+    question is answered (as one --prompt alone would be): no answer, one error line."""
+    from hippo.models import load_adapter
+    from hippo.models.qwen2_5_vl import Qwen2_5_VLAdapter
+
+    target = load_adapter("tiny-qwen2.5-vl")
+    fits = target.visual_tokens(4, 112, 112) + target.text_tokens("what moves?") + 10
+    monkeypatch.setattr(Qwen2_5_VLAdapter, "max_positions", property(lambda self: fits))
+    argv = _generate("--json", "--gamma", "2", "--prompt", "what moves, and why, and where to?")
+    assert main(argv) == EXIT_USER_ERROR
+    captured = capsys.readouterr()
+    assert captured.out == "", captured.out
+    assert "context too long" in captured.err and len(captured.err.strip().splitlines()) == 1
+
+
 def _assert_one_line_error(capsys, argv: list[str], needle: str) -> None:
     assert main(argv) == EXIT_USER_ERROR
     err = capsys.readouterr().err.strip()

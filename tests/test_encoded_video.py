@@ -178,8 +178,11 @@ def test_encode_video_refuses_what_prepare_refuses(monkeypatch, tmp_path):
         pipeline.encode_video(tmp_path / "corrupt.mp4")
     with pytest.raises(HippoError, match="num_frames or fps, not both"):
         pipeline.encode_video(sample_video_path(), num_frames=2, fps=1.0)
-    with pytest.raises(HippoError, match="or an EncodedVideo"):
+    with pytest.raises(HippoError, match=r"file path or decoded frames \(a uint8 tensor \[T, H, W, 3\]\), got int"):
         pipeline.encode_video(42)
+    # An encoding is not encoded again: the error says what to do with it.
+    with pytest.raises(HippoError, match="encoded already: ask it questions with generate"):
+        pipeline.encode_video(pipeline.encode_video(sample_frames("llava_onevision", 2)))
     with pytest.raises(HippoError, match="cut decoded frames yourself"):
         pipeline.encode_video(sample_frames("llava_onevision", 2), start=0.5)
     # Frames whose visual tokens alone overflow a model's context: refused before decoding.
@@ -226,3 +229,40 @@ def test_an_adapter_without_a_vision_tower_says_so():
     pair = AgreementPair(TINY_TARGET, TINY_DRAFT, eps=0.1, vocab=64)
     with pytest.raises(HippoError, match="synthetic adapter has no vision tower"):
         pair.target.embed_video(sample_frames("llava_onevision", 2))
+
+
+def test_a_copied_encoding_shares_the_models_and_pickling_one_is_refused():
+    """copy.deepcopy copies the tensors, never the models (a copy of them would be refused by
+    the pipeline, after doubling its memory); pickle and torch.save say why they cannot."""
+    import copy
+    import io
+    import pickle
+
+    target, draft = make_pair("llava_onevision", "perturbed-copy", seed=0)
+    pipeline = HippoPipeline(target, draft, mode="sequential", gamma=2)
+    encoded = pipeline.encode_video(sample_frames("llava_onevision", 2))
+    shallow = copy.copy(encoded.embeddings["target"])
+    assert shallow.embeddings is encoded.embeddings["target"].embeddings and shallow.adapter is target
+    copied = copy.deepcopy(encoded)
+    assert copied.embeddings["target"].adapter is target and copied.embeddings["draft"].adapter is draft
+    assert copied.embeddings["target"].embeddings is not encoded.embeddings["target"].embeddings
+    assert pipeline.generate(copied, "what moves?", 6).tokens == \
+        pipeline.generate(encoded, "what moves?", 6).tokens
+    for save in (lambda: pickle.dumps(encoded), lambda: torch.save(encoded, io.BytesIO())):
+        with pytest.raises(HippoError, match="cannot be pickled or saved"):
+            save()
+
+
+def test_an_encoding_made_before_the_models_dtype_changed_is_refused():
+    """model.to(another dtype) after encode_video: the embeddings are the old dtype's vision
+    tower's, so they are refused rather than cast (generate(video) would differ)."""
+    target, draft = make_pair("qwen2_5_vl", "perturbed-copy", seed=0)
+    pipeline = HippoPipeline(target, draft, mode="sequential", gamma=2)
+    frames = sample_frames("qwen2_5_vl", 4)
+    encoded = pipeline.encode_video(frames)
+    for adapter in (target, draft):
+        adapter.model.to(torch.bfloat16)
+    with pytest.raises(HippoError, match="embedded in torch.float32, and the model is now torch.bfloat16"):
+        pipeline.generate(encoded, "what moves?", 4)
+    again = pipeline.encode_video(frames)
+    assert pipeline.generate(again, "what moves?", 4).tokens == pipeline.generate(frames, "what moves?", 4).tokens

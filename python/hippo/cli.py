@@ -128,8 +128,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--video", required=True)
     gen.add_argument("--prompt", required=True, action="append",
                      help="the question; repeat it to ask several about the video, which is "
-                          "then decoded and embedded once and answered in turn; - reads the "
-                          "questions from stdin, one per line, answering each as it comes")
+                          "then decoded, embedded and prefilled once and answered in turn (the "
+                          "prefill split at the video's end may round a near-tie otherwise "
+                          "than the question alone: see README); - reads the questions from "
+                          "stdin, one per line, answering each as it comes")
     gen.add_argument("--frames", type=int, help="frames sampled uniformly (default 16)")
     gen.add_argument("--fps", type=float, help="sample by rate instead of a frame count")
     gen.add_argument("--start", type=float, help="sample from this second on (default: 0)")
@@ -202,6 +204,8 @@ def _generate(args: argparse.Namespace) -> None:
         for prompt in args.prompt:  # each refused, if it must be, before any is answered
             pipeline.text_tokens(prompt)
         video, sampling = pipeline.encode_video(args.video, **sampling), {}
+        for prompt in args.prompt:  # and each fits the context with its new tokens
+            pipeline.prepare(video, prompt, max_new_tokens=args.max_new_tokens)
     for number, prompt in enumerate(args.prompt):
         if len(args.prompt) > 1 and not args.json:  # which question the text below answers
             blank_line = "\n" if number else ""

@@ -235,7 +235,10 @@ class HippoPipeline:
         prefill may round differently from a prefill of the whole prompt: False prefills each
         prompt whole and gives generate(video, prompt)'s tokens bit for bit."""
         check_flag("reuse_prefix", reuse_prefix)
-        num_frames = _frame_count(video, num_frames, fps, start, end)
+        if isinstance(video, EncodedVideo):
+            raise HippoError("this video is encoded already: ask it questions with "
+                             "generate(encoded, prompt) or prepare(encoded, prompt)")
+        num_frames = _frame_count(video, num_frames, fps, start, end, encoded_ok=False)
         admit = functools.partial(self._admit_frames,
                                   text_tokens={role: 0 for role in self._models()})
         return self._encode(video, num_frames, fps, start, end, admit, reuse_prefix)
@@ -662,11 +665,13 @@ def _sampled_rate(source: VideoInfo, fps: float | None, count: int, start: float
 
 
 def _frame_count(video: object, num_frames: int | None, fps: float | None,
-                 start: float | None, end: float | None) -> int | None:
-    """The sampling arguments checked; the frame count a file is sampled at (None: by fps)."""
+                 start: float | None, end: float | None, encoded_ok: bool = True) -> int | None:
+    """The sampling arguments checked; the frame count a file is sampled at (None: by fps).
+    encoded_ok: whether the caller takes an EncodedVideo too (its error names it then)."""
     if not isinstance(video, (str, Path, torch.Tensor)):
-        raise HippoError("video must be a file path, decoded frames (a uint8 tensor [T, H, W, 3]) "
-                         f"or an EncodedVideo (encode_video()), got {type(video).__name__}")
+        encoded = " or an EncodedVideo (encode_video())" if encoded_ok else ""
+        raise HippoError(f"video must be a file path{',' if encoded_ok else ' or'} decoded frames "
+                         f"(a uint8 tensor [T, H, W, 3]){encoded}, got {type(video).__name__}")
     if num_frames is not None and fps is not None:
         raise HippoError("give num_frames or fps, not both")
     if isinstance(video, torch.Tensor):

@@ -4,7 +4,8 @@ Qwen2-family language model it runs on. One adapter file per model family implem
 and a draft pair up: pairing.py)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -90,6 +91,21 @@ class VideoEmbedding:
     @property
     def num_visual(self) -> int:
         return int(self.embeddings.shape[0])
+
+    def __copy__(self) -> "VideoEmbedding":
+        return VideoEmbedding(**{f.name: getattr(self, f.name) for f in fields(self)})
+
+    def __deepcopy__(self, memo: dict) -> "VideoEmbedding":
+        """A copy of the tensors for the same adapter: the models are never copied with it
+        (a copy of them would be another model, whose pipeline refuses the embedding)."""
+        memo[id(self.adapter)] = self.adapter
+        copied = {f.name: copy.deepcopy(getattr(self, f.name), memo) for f in fields(self)}
+        return VideoEmbedding(**copied)
+
+    def __reduce__(self) -> object:
+        raise HippoError("a VideoEmbedding (and an EncodedVideo) names the live model that made "
+                         "it and cannot be pickled or saved: save its tensors (embeddings, "
+                         "visual_features, position_inputs), or encode the video again")
 
 
 class VideoLLMAdapter:
@@ -257,6 +273,10 @@ class VideoLLMAdapter:
         ids = self.prompt_ids(video.num_visual, prompt)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         embeds = vlm.get_input_embeddings()(input_ids)
+        if video.embeddings.dtype != embeds.dtype:
+            # Cast in silence, they would be another dtype's vision tower's values.
+            raise HippoError(f"this video was embedded in {video.embeddings.dtype}, and the model "
+                             f"is now {embeds.dtype} (.to()): embed it again")
         merged = video.embeddings.to(embeds.device, embeds.dtype)
         _, video_mask = vlm.get_placeholder_mask(input_ids, inputs_embeds=embeds, video_features=merged)
         embeds = embeds.masked_scatter(video_mask, merged)
