@@ -316,6 +316,40 @@ def test_incremental_text_ends_with_the_bytes_that_never_completed():
     assert text.push([ord("a")]) == "\ufffda"
 
 
+def test_incremental_text_of_endless_invalid_bytes_stays_linear():
+    """A model emitting bytes that never form characters (0xFF, stray continuation bytes), with
+    now and then a character cut across tokens: the replacement characters are handed out a few
+    tokens later rather than held back for ever, each push decodes a bounded window (not every
+    token since the last whole character), and the pieces still join to the decoded text."""
+    tokenizer = load_adapter("tiny-qwen2.5-vl").tokenizer
+    decoded_lengths = []
+
+    class Counting:
+        def decode(self, ids):
+            decoded_lengths.append(len(ids))
+            return tokenizer.decode(ids)
+
+    rng = random.Random(4)
+    for _ in range(20):
+        data = []
+        while len(data) < 400:
+            data += rng.choice(([0xFF], [0x80], [0xE7, 0x8C], list("猫".encode()), [ord("a")],
+                                [0xFF] * 30))
+        decoded_lengths.clear()
+        text, pieces, index = IncrementalText(Counting()), [], 0
+        while index < len(data):
+            size = rng.choice((1, 1, 2, 3))
+            pieces.append(text.push(data[index:index + size]))
+            index += size
+        pieces.append(text.finish())
+        assert "".join(pieces) == tokenizer.decode(data)
+        assert max(decoded_lengths) <= 24, max(decoded_lengths)
+    text = IncrementalText(tokenizer)
+    given = "".join(text.push([0xFF]) for _ in range(100))
+    assert given == "\ufffd" * (100 - 8)  # all but the last few tokens' handed out
+    assert given + text.finish() == "\ufffd" * 100
+
+
 def test_incremental_text_of_a_byte_level_bpe_tokenizer_is_its_decoded_text():
     """Random token sequences of a Qwen2-style byte-level BPE tokenizer (tokens that are parts of
     multi-byte characters, special tokens, which decode skips), pushed in random groups."""

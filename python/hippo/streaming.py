@@ -37,6 +37,10 @@ TokenCallback = Callable[[list[int]], object]
 _INCOMPLETE = "\ufffd"
 # Tokens of context decoded before the new ones: enough for a tokenizer's spacing rules.
 _CONTEXT_TOKENS = 5
+# The most tokens a character still to be completed can span: a UTF-8 character is at most 4
+# bytes, each in a token of its own at worst, with room to spare for special tokens between.
+# Replacement characters ending the text of more tokens than this are invalid bytes, final.
+_PENDING_TOKENS = 8
 
 
 def check_token_callback(on_tokens: object) -> None:
@@ -66,12 +70,14 @@ class IncrementalText:
 
     def push(self, tokens: list[int]) -> str:
         self.tokens.extend(tokens)
-        text = self._text_after_given()
+        text, settled = self._text_after_given(), ""
+        if text.endswith(_INCOMPLETE) and len(self.tokens) - self._given > _PENDING_TOKENS:
+            settled, text = self._settle_invalid_bytes(text)
         if text.endswith(_INCOMPLETE):  # hold the unfinished character back
             final = text.rstrip(_INCOMPLETE)
             piece, self._extra = final[self._extra:], max(self._extra, len(final))
-            return piece
-        return self._advance(text)
+            return settled + piece
+        return settled + self._advance(text)
 
     def copy(self) -> IncrementalText:
         """An independent copy (the tokenizer shared): pushing to it leaves this one as it is."""
@@ -88,10 +94,26 @@ class IncrementalText:
         window = self.tokenizer.decode(self.tokens[self._context:])
         return window[len(self._given_text):]
 
-    def _advance(self, text: str) -> str:
-        """What of `text` is not handed out yet; every token's text is handed out after it."""
+    def _settle_invalid_bytes(self, text: str) -> tuple[str, str]:
+        """(what to hand out, the text after it) when `text`, the text after _given, has ended
+        in replacement characters for more tokens than a character spans: a model emitting
+        invalid bytes, which would otherwise be held back, and decoded again with every push,
+        for ever. The text of all but the last _PENDING_TOKENS tokens is final if it begins
+        the whole text (no byte near its end was completed by the several bytes after it)."""
+        cut = len(self.tokens) - _PENDING_TOKENS
+        head = self.tokenizer.decode(self.tokens[self._context:cut])[len(self._given_text):]
+        if not text.startswith(head):  # the cut falls inside a character: wait for its end
+            return "", text
+        extra = max(0, self._extra - len(head))  # of the text after the cut, handed out already
+        piece = self._advance(head, cut)
+        self._extra = extra
+        return piece, self._text_after_given()
+
+    def _advance(self, text: str, upto: int | None = None) -> str:
+        """What of `text`, the text after _given of the tokens up to `upto` (all: None), is not
+        handed out yet; their text is handed out after it."""
         piece = text[self._extra:]
-        self._given, self._extra = len(self.tokens), 0
+        self._given, self._extra = len(self.tokens) if upto is None else upto, 0
         # Tokens that decode to nothing (special tokens, which decode skips) are no context: a
         # context of them alone would put the next token at the start of a text, where a
         # sentencepiece decoder drops its leading space. The context then stays where it was.
