@@ -552,6 +552,24 @@ def test_generate_reads_the_questions_from_stdin(capsys, monkeypatch):
                            "--prompt - reads the questions from stdin: give no other --prompt")
 
 
+def test_generate_asks_for_each_question_at_a_terminal(capsys, monkeypatch):
+    """At a terminal, "> " on stderr says the next question is awaited (stdout keeps the
+    answers alone); from a pipe or a file nothing is written between them."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    argv = _generate("--mode", "ar", pair=PAIR[:2])
+    argv[argv.index("what moves?")] = "-"
+    monkeypatch.setattr(sys, "stdin", Terminal("what moves?\nwhy?\n"))
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("> ") == 3  # before each question, and before the end of input
+    assert captured.out.count("\n") == 2  # the two answers' lines, nothing else
+
+
 def test_bench_runs_a_question_whose_video_is_a_folder_of_frames(capsys, tmp_path, monkeypatch):
     """MVBench's episodic_reasoning clips are folders of JPEG frames in the official layout."""
     from PIL import Image

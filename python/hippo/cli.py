@@ -221,7 +221,13 @@ def _questions_from_stdin() -> Iterator[str]:
 
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(errors="surrogateescape")
-    for line in sys.stdin:
+    typed = sys.stdin.isatty()  # someone at a terminal: say when the next question is awaited
+    while True:
+        if typed:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input (Ctrl-D at a terminal)
+            return
         question = line.rstrip("\r\n")
         if question.strip():
             check_utf8(question, "a question read from stdin")
