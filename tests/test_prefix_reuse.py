@@ -281,3 +281,23 @@ def test_other_chat_text_before_the_video_is_another_prefix():
     assert torch.equal(got.result.logits, prefill_prompt(runtime.replica(), other).result.logits)
     with pytest.raises(HippoError, match="share_prefix must be True or False, got 'no'"):
         target.prepare_embedded(video, QUESTIONS[1], share_prefix="no")
+
+
+def test_find_partings_recomputation_splits_the_prefill_as_ar_did():
+    """divergence.target_logits_after recomputes the target's logits as AR computed them: for
+    a prompt about an encoded video, with the prefill split at the video's end, bit for bit
+    what the AR runtime's own cache gives after a reused prefix."""
+    from hippo.speculative.divergence import target_logits_after
+
+    target, _ = make_pair("qwen2_5_vl", "small-draft", seed=2)
+    pipeline = HippoPipeline(target, mode="ar")
+    encoded = pipeline.encode_video(sample_video_path(), num_frames=4)
+    pipeline.generate(encoded, QUESTIONS[0], 4)
+    out = pipeline.generate(encoded, QUESTIONS[1], 8, eos_token_id=None)
+    assert out.stats.reused_prompt_tokens > 0
+    prompt = pipeline.prepare(encoded, QUESTIONS[1])[0]
+    runtime = pipeline.runtime("target")
+    runtime.rollback(prompt.length + 3)  # the cache AR left: the prompt, then 3 tokens fed
+    fed = torch.tensor([[out.tokens[3]]])
+    own = runtime.step(fed, prompt.generated_positions(3, 1))[0, -1].float()
+    assert torch.equal(target_logits_after(runtime, prompt, out.tokens[:4]), own)

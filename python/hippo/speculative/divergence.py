@@ -22,6 +22,7 @@ import torch
 
 from hippo.models.base import PreparedPrompt
 from hippo.runtime.decoder import LanguageModelRuntime
+from hippo.runtime.prefix_reuse import prefill_prompt
 
 # A gap of at most this many rounding steps of the logits' dtype counts as a tie. In bf16 and
 # fp16 the logits are rounded to the dtype at the end, so the two computations differ by a step
@@ -77,11 +78,11 @@ def rounding_step(value: float, dtype: torch.dtype) -> float:
 def target_logits_after(ar_runtime: LanguageModelRuntime, prompt: PreparedPrompt,
                         tokens: list[int]) -> torch.Tensor:
     """The target's next-token logits [V] (float32) after the prompt and `tokens`, computed as
-    `ar_runtime` computed them: on an eager replica, a prefill, then one-token steps."""
+    `ar_runtime` computed them: on an eager replica, a prefill (split at the video's end as AR
+    split it, for a prompt about an EncodedVideo: prefix_reuse.py), then one-token steps."""
     runtime = ar_runtime.replica()
     device = runtime.device
-    logits = runtime.prefill(prompt.inputs_embeds.to(device),
-                             prompt.position_ids.to(device)).logits[:, -1]
+    logits = prefill_prompt(runtime, prompt).result.logits[:, -1]
     positions = prompt.generated_positions(0, len(tokens)).to(device)
     for index, token in enumerate(tokens):
         ids = torch.tensor([[token]], device=device)
