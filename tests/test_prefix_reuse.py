@@ -301,3 +301,27 @@ def test_find_partings_recomputation_splits_the_prefill_as_ar_did():
     fed = torch.tensor([[out.tokens[3]]])
     own = runtime.step(fed, prompt.generated_positions(3, 1))[0, -1].float()
     assert torch.equal(target_logits_after(runtime, prompt, out.tokens[:4]), own)
+
+
+def test_a_long_text_after_the_video_is_prefilled_whole(monkeypatch):
+    """Text after the video beyond MAX_TEXT_AFTER_PREFIX (whose prefill at a kept prefix's end
+    would materialise large attention scores on a GPU): the prompt is prefilled whole, and its
+    prefix neither reused nor kept; AR and HIPPO still agree, and shorter questions reuse."""
+    from hippo.runtime import prefix_reuse
+
+    target, draft = make_pair("qwen2_5_vl", "small-draft", seed=0)
+    pipeline = make_pipeline(target, draft, "sequential", 3, 0.3)
+    encoded = pipeline.encode_video(sample_video_path(), num_frames=4)
+    short, long = QUESTIONS[2], QUESTIONS[1]
+    prompt = pipeline.prepare(encoded, long)[0]
+    limit = prompt.length - prompt.prefix_length - 1  # the long question is one token over
+    monkeypatch.setattr(prefix_reuse, "MAX_TEXT_AFTER_PREFIX", limit)
+    assert prefix_reuse.split_length(prompt) == 0
+    autoregressive = pipeline.with_options(mode="ar")
+    reused = []
+    for question in (short, long, long, short, short):
+        hippo = pipeline.generate(encoded, question, 8)
+        ar = autoregressive.generate(encoded, question, 8)
+        assert hippo.tokens == ar.tokens
+        reused.append((hippo.stats.reused_prompt_tokens > 0, ar.stats.reused_prompt_tokens > 0))
+    assert reused == [(False, True), (False, False), (False, False), (False, True), (True, True)]

@@ -20,6 +20,12 @@ from hippo.errors import HippoError, is_int
 from hippo.models.base import PreparedPrompt
 from hippo.runtime.decoder import LanguageModelRuntime, PrefillResult, tensor_version
 
+# The longest text after the video that is prefilled at a kept prefix's end: that prefill runs
+# SDPA with a mask (on CUDA with GQA its math kernel, which materialises the scores: heads x
+# text x (prefix + text) floats, 3.7 GB for a 7B model at 1024 x 32k); a longer text makes the
+# prompt prefilled whole (one causal SDPA), its prefix then neither reused nor kept.
+MAX_TEXT_AFTER_PREFIX = 1024
+
 
 @dataclass
 class PromptPrefill:
@@ -63,8 +69,9 @@ def prefill_prompt(runtime: LanguageModelRuntime, prompt: PreparedPrompt, *,
 
 def split_length(prompt: PreparedPrompt) -> int:
     """Where a prompt about a video is split: the prefix's end (0: prefilled whole, without a
-    prefix_source or when nothing follows the video)."""
-    if prompt.prefix_source is None or prompt.length <= prompt.prefix_length:
+    prefix_source, when nothing follows the video or more than MAX_TEXT_AFTER_PREFIX does)."""
+    after = prompt.length - prompt.prefix_length
+    if prompt.prefix_source is None or not 0 < after <= MAX_TEXT_AFTER_PREFIX:
         return 0
     return prompt.prefix_length
 
