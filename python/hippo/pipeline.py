@@ -669,9 +669,10 @@ def _frame_count(video: object, num_frames: int | None, fps: float | None,
     """The sampling arguments checked; the frame count a file is sampled at (None: by fps).
     encoded_ok: whether the caller takes an EncodedVideo too (its error names it then)."""
     if not isinstance(video, (str, Path, torch.Tensor)):
-        encoded = " or an EncodedVideo (encode_video())" if encoded_ok else ""
-        raise HippoError(f"video must be a file path{',' if encoded_ok else ' or'} decoded frames "
-                         f"(a uint8 tensor [T, H, W, 3]){encoded}, got {type(video).__name__}")
+        frames = "decoded frames (a uint8 tensor [T, H, W, 3])"
+        kinds = (f"a file path, {frames} or an EncodedVideo (encode_video())" if encoded_ok
+                 else f"a file path or {frames}")
+        raise HippoError(f"video must be {kinds}, got {type(video).__name__}")
     if num_frames is not None and fps is not None:
         raise HippoError("give num_frames or fps, not both")
     if isinstance(video, torch.Tensor):

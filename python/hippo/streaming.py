@@ -8,10 +8,10 @@ final when handed over (never withdrawn), the groups concatenate to the output's
 nothing is handed past an eos, a completed stop string or max_new_tokens. The callback runs on
 the host right after the round's one synchronisation, so it adds no synchronisation, but its
 time counts in the generation's (in the decode time, but for the first token's call) and delays
-the next round: keep it short (hand the tokens to another thread for slow work). It may end the generation: returning True (the bool: a callback
-that returns a count, as file.write does, goes on) stops it after the tokens just handed over,
-as an eos would (a client gone, a stop string seen); an exception it raises ends the generation
-and reaches the caller of generate().
+the next round: keep it short (hand the tokens to another thread for slow work). It may end
+the generation: returning True (the bool: a callback that returns a count, as file.write does,
+goes on) stops it after the tokens just handed over, as an eos would (a client gone, a stop
+string seen); an exception it raises ends the generation and reaches the caller of generate().
 
 IncrementalText turns the growing token list into text that can be printed piece by piece: a
 character whose UTF-8 bytes span several tokens (byte-level BPE, the byte tokenizer of the tiny
